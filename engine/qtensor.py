@@ -1,0 +1,64 @@
+"""A weight in its stored GGUF form, and the conversions at its edges.
+
+Everything inside the engine holds weights as `QTensor`: the raw storage of one GGUF tensor (quantized blocks
+stay blocks) plus its logical numpy-order shape. The torch reference path dequantizes on demand; the numba
+kernels compute on the blocks directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES
+from gguf import quants
+
+# types kept in their stored form (others are dequantized to F32 at load, with a notice)
+NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+
+
+@dataclass
+class QTensor:
+    qtype: QT
+    shape: tuple[int, ...]  # logical numpy order: (rows, cols) or (n,)
+    data: np.ndarray  # block types: uint8 (rows, row_bytes); F32: float32; F16: float16; BF16: uint16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def block_size(self) -> int:
+        return GGML_QUANT_SIZES[self.qtype][0]
+
+    def dequantize(self) -> np.ndarray:
+        """float32 array of `shape`."""
+        if self.qtype == QT.F32:
+            return np.asarray(self.data, dtype=np.float32).reshape(self.shape)
+        if self.qtype == QT.F16:
+            return self.data.astype(np.float32).reshape(self.shape)
+        if self.qtype == QT.BF16:
+            return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
+        return quants.dequantize(self.data, self.qtype).astype(np.float32, copy=False).reshape(self.shape)
+
+    def rows(self, idx: np.ndarray) -> QTensor:
+        """A QTensor of the selected rows (row permutation is exact for every type)."""
+        return QTensor(self.qtype, (len(idx),) + tuple(self.shape[1:]), np.ascontiguousarray(self.data[idx]))
+
+    @staticmethod
+    def from_float(a: np.ndarray, qtype: QT = QT.F32) -> QTensor:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if qtype == QT.F32:
+            return QTensor(qtype, a.shape, a)
+        if qtype == QT.F16:
+            return QTensor(qtype, a.shape, a.astype(np.float16))
+        if qtype == QT.BF16:
+            return QTensor(qtype, a.shape, (a.view(np.uint32) >> 16).astype(np.uint16))
+        return QTensor(qtype, a.shape, quants.quantize(a, qtype))
+
+
+def row_bytes(qtype: QT, cols: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    if cols % block:
+        raise ValueError(f"{cols} columns are not a multiple of the {qtype.name} block size {block}")
+    return cols // block * size
