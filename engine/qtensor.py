@@ -41,6 +41,9 @@ class QTensor:
             return (self.data.astype(np.uint32) << 16).view(np.float32).reshape(self.shape)
         return quants.dequantize(self.data, self.qtype).astype(np.float32, copy=False).reshape(self.shape)
 
+    def with_dequantized(self) -> QTensor:
+        return QTensor(QT.F32, self.shape, self.dequantize())
+
     def rows(self, idx: np.ndarray) -> QTensor:
         """A QTensor of the selected rows (row permutation is exact for every type)."""
         return QTensor(self.qtype, (len(idx),) + tuple(self.shape[1:]), np.ascontiguousarray(self.data[idx]))

@@ -1,0 +1,149 @@
+"""The Python API the CLI uses: `load(model) -> Model`, then `generate`, `tokenize`, `perplexity`.
+
+Shaped like llama-cpp-python's `Llama` where that fits.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import HotcoldError
+from .loader import Checkpoint, load_checkpoint
+from .model import TorchModel
+
+DEFAULT_CTX = 2048
+
+
+@dataclass
+class Sampler:
+    temperature: float = 0.8  # <= 0: greedy
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1: off
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.gen = torch.Generator()
+        self.gen.manual_seed(self.seed if self.seed is not None else int(time.time_ns() % 2**63))
+
+    def __call__(self, logits: torch.Tensor) -> int:  # logits (n_vocab,)
+        if self.temperature <= 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1)
+        if self.top_p < 1.0:
+            p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(p, 0) - p < self.top_p  # always keeps the first
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+                "stats": self.stats}
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None) -> Model:
+    set_threads(threads)
+    return Model(load_checkpoint(model), n_ctx)
+
+
+class Model:
+    def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX):
+        self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
+        self.n_ctx = n_ctx
+        self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
+
+    # --- text <-> ids -------------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, special=special, add_bos=add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def logits(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> torch.Tensor:
+        """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
+        return self.net.forward(tokens, pos, all_logits)
+
+    def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
+                 on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
+        """Prefill the prompt in one batch, then decode one token at a time until a stop token or n tokens."""
+        sampler = sampler or Sampler(temperature=0.0)
+        if not prompt_ids:
+            raise HotcoldError("empty prompt")
+        if len(prompt_ids) >= self.n_ctx:
+            raise HotcoldError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}"
+                               " (raise --ctx)")
+        n = min(n, self.n_ctx - len(prompt_ids))
+        stream = self.tokenizer.stream()
+        t0 = time.perf_counter()
+        logits = self.net.forward(prompt_ids, 0)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        pos = len(prompt_ids)
+        while len(out) < n:
+            tok = sampler(logits)
+            out.append(tok)
+            if on_text is not None:
+                piece = stream.step(self.tokenizer.tk, tok)
+                if piece:
+                    on_text(piece)
+            if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
+                break
+            logits = self.net.forward([tok], pos)
+            pos += 1
+        t2 = time.perf_counter()
+        decoded = max(len(out) - 1, 0)  # forward passes after the prefill
+        stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out),
+                 "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                 "prefill_tok_s": len(prompt_ids) / (t1 - t0),
+                 "decode_tok_s": decoded / (t2 - t1) if decoded else 0.0}
+        return Completion(self.detokenize(out), out, list(prompt_ids), stats)
+
+    def decode_bytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
+        return sum(w.numel() * w.element_size() for k, w in self.net.w.items() if k != "token_embd.weight")
+
+    def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
+                   progress: Callable[[int, float], None] | None = None) -> dict:
+        """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
+        available = len(tokens) // ctx
+        if ctx < 4 or ctx > self.n_ctx:
+            raise HotcoldError(f"--ctx {ctx} must be between 4 and the model context {self.n_ctx}")
+        if available <= first_chunk:
+            raise HotcoldError(f"text of {len(tokens)} tokens has {available} chunks of {ctx}; "
+                               f"first chunk {first_chunk} does not exist")
+        last = available if chunks is None else min(available, first_chunk + chunks)
+        nll, count = 0.0, 0
+        start = ctx // 2
+        for k in range(first_chunk, last):
+            chunk = tokens[k * ctx:(k + 1) * ctx]
+            logits = self.logits(chunk, 0, all_logits=True)  # (ctx, n_vocab)
+            logp = torch.log_softmax(logits[start:-1].double(), -1)
+            target = torch.as_tensor(chunk[start + 1:])
+            nll -= float(logp.gather(1, target[:, None]).sum())
+            count += len(target)
+            if progress is not None:
+                progress(k, math.exp(nll / count))
+        return {"ppl": math.exp(nll / count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}

@@ -1,0 +1,108 @@
+"""The one config dataclass, the name tables, and the error type every edge raises."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ACTS = ("silu", "relu", "fatrelu", "drelu")  # FFN activation kinds (DESIGN.md: Models and activations)
+
+
+class HotcoldError(Exception):
+    """A user-facing failure: the CLI prints its one-line message and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_vocab: int
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ctx_train: int = 2048
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    act: str = "silu"  # one of ACTS
+    act_threshold: float = 0.0  # FATReLU threshold
+    ffn_gated: bool = True  # False: down(act(up x))
+    tied_embeddings: bool = False
+    arch: str = "llama"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- GGUF tensor names are the canonical names inside the engine -------------------------------------------
+def blk(i: int, name: str) -> str:
+    return f"blk.{i}.{name}.weight"
+
+
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down")
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the engine needs, in numpy order (rows, cols)."""
+    kv = c.n_head_kv * c.head_dim
+    per_layer = {
+        "attn_norm": (c.n_embd,), "ffn_norm": (c.n_embd,),
+        "attn_q": (c.n_embd, c.n_embd), "attn_k": (kv, c.n_embd), "attn_v": (kv, c.n_embd),
+        "attn_output": (c.n_embd, c.n_embd),
+        "ffn_gate": (c.n_ff, c.n_embd), "ffn_up": (c.n_ff, c.n_embd), "ffn_down": (c.n_embd, c.n_ff),
+    }
+    if not c.ffn_gated:
+        del per_layer["ffn_gate"]
+    shapes = {"token_embd.weight": (c.n_vocab, c.n_embd), "output_norm.weight": (c.n_embd,)}
+    if not c.tied_embeddings:
+        shapes["output.weight"] = (c.n_vocab, c.n_embd)
+    for i in range(c.n_layer):
+        shapes.update({blk(i, k): v for k, v in per_layer.items()})
+    return shapes
+
+
+# --- Hugging Face -> GGUF, used at the loading edge only ----------------------------------------------------
+HF_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    if name in HF_TOP:
+        return HF_TOP[name]
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and parts[-1] == "weight":
+        key = ".".join(parts[3:-1])
+        if key in HF_LAYER:
+            return blk(int(parts[2]), HF_LAYER[key])
+    return None  # rotary inv_freq buffers and the like
+
+
+def gguf_to_hf_name(name: str) -> str:
+    for hf, g in HF_TOP.items():
+        if g == name:
+            return hf
+    _, i, key, _ = name.split(".")
+    inv = {v: k for k, v in HF_LAYER.items()}
+    return f"model.layers.{i}.{inv[key]}.weight"
+
+
+# --- GGUF metadata keys of our own (llama.cpp ignores unknown keys) --------------------------------------
+KEY_ACT = "hotcold.ffn_act"
+KEY_ACT_THRESHOLD = "hotcold.ffn_act_threshold"

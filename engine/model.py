@@ -1,0 +1,118 @@
+"""The dense reference forward in torch: LLaMA decoder with GQA, adjacent-pair rotary, a KV cache allocated once.
+
+No I/O here. Weights arrive as GGUF-named `QTensor`s and are dequantized to float32 once: this is the
+reference path that the numba kernel path is tested against, and the batched prefill.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, blk
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) -> torch.Tensor:
+    """h = act(g) * u for a gated FFN (u None: plain act(g)). dReLU gates both branches."""
+    if act == "silu":
+        h = F.silu(g)
+    elif act == "relu":
+        h = F.relu(g)
+    elif act == "fatrelu":
+        h = torch.where(g > t, g, torch.zeros_like(g))
+    else:  # drelu
+        h = F.relu(g)
+        u = F.relu(u) if u is not None else None
+    return h if u is None else h * u
+
+
+def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale."""
+    xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
+    d = (xb.abs().amax(-1, keepdim=True) / 127).half().float()
+    q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
+    return (q * d).flatten(-2)
+
+
+def rope_tables(c: ModelConfig, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    half = c.head_dim // 2
+    inv = c.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)  # (hd/2,)
+    ang = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv[None, :]  # (n_ctx, hd/2)
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, hd) with rotation on adjacent pairs (x[2i], x[2i+1]); cos/sin (T, hd/2)."""
+    x2 = x.unflatten(-1, (-1, 2))  # (T, H, hd/2, 2)
+    a, b = x2[..., 0], x2[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+
+
+class TorchModel:
+    """Dense forward over a KV cache of n_ctx positions."""
+
+    def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int, quantize_activations: bool = True):
+        self.c, self.n_ctx = c, n_ctx
+        self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()}
+        # ggml multiplies block-quantized weights with 8-bit activations; doing the same tracks llama.cpp closer
+        self.x8 = {k for k, t in tensors.items() if quantize_activations and t.block_size == 32}
+        if c.tied_embeddings:
+            self.w["output.weight"] = self.w["token_embd.weight"]
+            if "token_embd.weight" in self.x8:
+                self.x8.add("output.weight")
+        self.cos, self.sin = rope_tables(c, n_ctx)
+        kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
+        self.k_cache, self.v_cache = torch.zeros(kv), torch.zeros(kv)
+        self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
+
+    def mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x (T, cols) @ W.T -> (T, rows)."""
+        return (quantize_rows_q8(x) if name in self.x8 else x) @ self.w[name].T
+
+    def attention(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        c, T = self.c, x.shape[0]
+        hd = c.head_dim
+        q = self.mm(x, blk(i, "attn_q")).view(T, c.n_head, hd)  # (T, H, hd)
+        k = self.mm(x, blk(i, "attn_k")).view(T, c.n_head_kv, hd)  # (T, Hkv, hd)
+        v = self.mm(x, blk(i, "attn_v")).view(T, c.n_head_kv, hd)
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.k_cache[i, pos:pos + T], self.v_cache[i, pos:pos + T] = k, v
+        keys = self.k_cache[i, :pos + T].transpose(0, 1)  # (Hkv, S, hd)
+        vals = self.v_cache[i, :pos + T].transpose(0, 1)
+        mask = None
+        if T > 1:  # query t sees keys 0..pos+t
+            mask = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask,
+                                           enable_gqa=c.n_head != c.n_head_kv)  # (H, T, hd)
+        return self.mm(o.transpose(0, 1).reshape(T, c.n_embd), blk(i, "attn_output"))
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """h (T, n_ff): the FFN's hidden activations for normed input x (T, n_embd)."""
+        c = self.c
+        u = self.mm(x, blk(i, "ffn_up"))  # (T, n_ff)
+        if not c.ffn_gated:
+            return ffn_activation(u, None, c.act, c.act_threshold)
+        return ffn_activation(self.mm(x, blk(i, "ffn_gate")), u, c.act, c.act_threshold)
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Logits (T, n_vocab) for all positions, or (n_vocab,) for the last one."""
+        c, w = self.c, self.w
+        if pos + len(tokens) > self.n_ctx:
+            raise ValueError(f"{pos + len(tokens)} positions exceed the context of {self.n_ctx}")
+        x = w["token_embd.weight"][torch.as_tensor(tokens)]  # (T, n_embd)
+        for i in range(c.n_layer):
+            x = x + self.attention(i, rms_norm(x, w[blk(i, "attn_norm")], c.rms_eps), pos)
+            xn = rms_norm(x, w[blk(i, "ffn_norm")], c.rms_eps)
+            h = self.ffn(i, xn)  # (T, n_ff)
+            if self.ffn_hook is not None:
+                h = self.ffn_hook(i, x, h)
+            x = x + self.mm(h, blk(i, "ffn_down"))
+        x = rms_norm(x if all_logits else x[-1:], w["output_norm.weight"], c.rms_eps)
+        logits = self.mm(x, "output.weight")
+        return logits if all_logits else logits[0]

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The default model (SmolLM2-135M-Instruct Q4_1), loaded once for the session."""
+    from engine.api import load
+    return load(None, n_ctx=1024, threads=2)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    import json
+    with open(os.path.join(DATA, "smollm2_llamacpp.json")) as fh:
+        return json.load(fh)

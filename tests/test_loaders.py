@@ -1,0 +1,116 @@
+"""GGUF and HF loaders agree on a tiny random LLaMA; bad input gets one clear line and exit code 2."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+
+from engine.api import load
+from tiny_model import tiny_config, tiny_weights, write_gguf, write_hf
+from tools.cli import main
+
+TEXT = "hello there, the cat in a hat sat on the mat"
+
+
+@pytest.mark.parametrize("act,threshold", [("silu", 0.0), ("relu", 0.0), ("fatrelu", 0.05), ("drelu", 0.0)])
+def test_hf_and_gguf_give_same_logits(tmp_path, act, threshold):
+    c = tiny_config(act, threshold)
+    w = tiny_weights(c, seed=1)
+    hf = load(write_hf(str(tmp_path / "hf"), c, w), n_ctx=64)
+    gg = load(write_gguf(str(tmp_path / "m.gguf"), c, w), n_ctx=64)
+    assert (hf.config.act, hf.config.act_threshold) == (act, pytest.approx(threshold))
+    assert (gg.config.act, gg.config.act_threshold) == (act, pytest.approx(threshold))
+    ids = gg.tokenize(TEXT)
+    assert ids == hf.tokenize(TEXT) and ids[0] == 0  # BOS from both tokenizers
+    la, lb = hf.logits(ids), gg.logits(ids)
+    assert float((la - lb).abs().max()) < 1e-4
+    # incremental decode through the KV cache equals the batched prefill
+    gg.logits(ids[:5])
+    step = gg.net.forward(ids[5:6], 5)
+    assert float((step - lb[5]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+def test_quantized_gguf_close_to_f32(tmp_path, qtype):
+    c = tiny_config("relu")
+    w = tiny_weights(c, seed=2)
+    ref = load(write_gguf(str(tmp_path / "f32.gguf"), c, w), n_ctx=64)
+    q = load(write_gguf(str(tmp_path / "q.gguf"), c, w, qtype), n_ctx=64)
+    assert q.ckpt.tensors["blk.0.ffn_up.weight"].qtype == qtype  # kept in its stored form
+    ids = ref.tokenize(TEXT)
+    la, lb = ref.logits(ids), q.logits(ids)
+    tol = {QT.F16: 0.01, QT.Q8_0: 0.08, QT.Q4_0: 0.4, QT.Q4_1: 0.4}[qtype]
+    assert float((la - lb).norm() / la.norm()) < tol
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line(code, err, *words):
+    assert code == 2
+    assert "\n" not in err and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_bad_inputs_give_one_line(tmp_path, capsys):
+    c = tiny_config()
+    w = tiny_weights(c)
+    good = write_gguf(str(tmp_path / "good.gguf"), c, w)
+
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", str(tmp_path / "nope.gguf"), "x"), "nope.gguf", "no such")
+
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not a model")
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", str(text), "x"), "notes.txt", "not a GGUF")
+
+    data = open(good, "rb").read()
+    for cut in (len(data) // 2, 200):
+        trunc = tmp_path / f"trunc{cut}.gguf"
+        trunc.write_bytes(data[:cut])
+        assert_one_line(*run_cli(capsys, "generate", "-m", str(trunc), "-p", "hi"), trunc.name, "truncated")
+
+    wrong = str(tmp_path / "gpt2.gguf")
+    wr = GGUFWriter(wrong, "gpt2")
+    wr.add_block_count(1)
+    wr.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
+    assert_one_line(*run_cli(capsys, "generate", "-m", wrong, "-p", "hi"), "gpt2.gguf", "architecture")
+
+    missing = write_gguf(str(tmp_path / "missing.gguf"), c, w, drop="blk.1.ffn_up.weight")
+    assert_one_line(*run_cli(capsys, "generate", "-m", missing, "-p", "hi"), "blk.1.ffn_up.weight", "missing")
+
+    shaped = write_gguf(str(tmp_path / "shape.gguf"), c, w, reshape="blk.0.attn_k.weight")
+    assert_one_line(*run_cli(capsys, "generate", "-m", shaped, "-p", "hi"), "blk.0.attn_k.weight", "shape")
+
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-c", "16", "-p", "a long prompt " * 10),
+                    "context")
+    assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(tmp_path / "none.txt")), "none.txt")
+
+    hfdir = tmp_path / "hf"
+    write_hf(str(hfdir), c, w)
+    (hfdir / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"]}')
+    assert_one_line(*run_cli(capsys, "generate", "-m", str(hfdir), "-p", "hi"), "GPTNeoXForCausalLM")
+
+
+def test_installed_command_exit_code(tmp_path):
+    """The real console script: exit code 2, one line on stderr, no traceback."""
+    exe = os.path.join(os.path.dirname(sys.executable), "hotcold")
+    r = subprocess.run([exe, "generate", "-m", str(tmp_path / "missing.gguf"), "-p", "hi"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.gguf" in r.stderr
+
+
+def test_hf_generate_and_chat_template(tmp_path):
+    c = tiny_config("relu")
+    m = load(write_hf(str(tmp_path / "hf"), c, tiny_weights(c)), n_ctx=64)
+    prompt = m.tokenizer.apply_chat_template("hi")
+    assert prompt == "<s>user: hi\n<s>assistant: "
+    out = m.generate(m.tokenize(prompt), 5)
+    assert 1 <= len(out.token_ids) <= 5 and isinstance(out.text, str)

@@ -1,0 +1,129 @@
+"""A tiny random LLaMA written both as an HF directory and as a GGUF file, for loader and engine tests."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+
+from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, ModelConfig, gguf_to_hf_name
+from engine.loader import rotary_pairs_to_halves
+from engine.qtensor import QTensor
+
+SPECIALS = ["<s>", "</s>"]
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+
+
+def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    chars = sorted(ByteLevel.alphabet())
+    tokens = SPECIALS + chars + ["".join(m) for m in MERGES]
+    return {t: i for i, t in enumerate(tokens)}, MERGES
+
+
+def tiny_config(act: str = "silu", threshold: float = 0.0, **kw) -> ModelConfig:
+    vocab, _ = tiny_vocab()
+    base = dict(n_vocab=len(vocab), n_embd=64, n_ff=128, n_layer=2, n_head=4, n_head_kv=2, n_ctx_train=256,
+                rope_base=10000.0, rms_eps=1e-5, act=act, act_threshold=threshold, tied_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_weights(c: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """GGUF-named float32 weights, Q/K in GGUF's adjacent-pair rotary layout."""
+    from engine.config import expected_shapes
+    rng = np.random.default_rng(seed)
+    w = {}
+    for name, shape in expected_shapes(c).items():
+        if len(shape) == 1:
+            w[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            w[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    return w
+
+
+def hf_tokenizer() -> Tokenizer:
+    vocab, merges = tiny_vocab()
+    tk = Tokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return tk
+
+
+HF_ACT_NAMES = {"silu": "silu", "relu": "relu", "fatrelu": "fatrelu", "drelu": "dReLU"}
+
+
+def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
+    os.makedirs(path, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.n_vocab,
+           "hidden_size": c.n_embd, "intermediate_size": c.n_ff, "num_hidden_layers": c.n_layer,
+           "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head_kv,
+           "max_position_embeddings": c.n_ctx_train, "rope_theta": c.rope_base, "rms_norm_eps": c.rms_eps,
+           "hidden_act": HF_ACT_NAMES[c.act], "tie_word_embeddings": c.tied_embeddings,
+           "torch_dtype": "float32"}
+    if c.act == "fatrelu":
+        cfg["hidden_act_param"] = c.act_threshold
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    tensors = {}
+    for name, a in w.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            a = rotary_pairs_to_halves(a, c.n_head if "attn_q" in name else c.n_head_kv)
+        tensors[gguf_to_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(a))
+    names = sorted(tensors)  # two shards, as big checkpoints come
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, os.path.join(path, "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in names[half:]}, os.path.join(path, "model-00002-of-00002.safetensors"))
+    hf_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                   "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}<s>assistant: {% endif %}"}, fh)
+    return path
+
+
+def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = QT.F32,
+               arch: str = "llama", drop: str | None = None, reshape: str | None = None) -> str:
+    """The same model as GGUF; 2-D weights stored as `qtype`. `drop`/`reshape` break one tensor for error tests."""
+    vocab, merges = tiny_vocab()
+    wr = GGUFWriter(path, arch)
+    wr.add_block_count(c.n_layer)
+    wr.add_context_length(c.n_ctx_train)
+    wr.add_embedding_length(c.n_embd)
+    wr.add_feed_forward_length(c.n_ff)
+    wr.add_head_count(c.n_head)
+    wr.add_head_count_kv(c.n_head_kv)
+    wr.add_rope_freq_base(c.rope_base)
+    wr.add_layer_norm_rms_eps(c.rms_eps)
+    wr.add_vocab_size(c.n_vocab)
+    wr.add_string(KEY_ACT, c.act)
+    wr.add_float32(KEY_ACT_THRESHOLD, c.act_threshold)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("default")
+    wr.add_token_list(list(vocab))
+    wr.add_token_types([3 if t in SPECIALS else 1 for t in vocab])
+    wr.add_token_merges([f"{a} {b}" for a, b in merges])
+    wr.add_bos_token_id(0)
+    wr.add_eos_token_id(1)
+    wr.add_add_bos_token(True)
+    for name, a in w.items():
+        if name == drop:
+            continue
+        if name == reshape:
+            a = a[: a.shape[0] // 2]
+        if a.ndim == 2 and qtype != QT.F32:
+            q = QTensor.from_float(a, qtype)
+            wr.add_tensor(name, q.data, raw_shape=q.data.shape, raw_dtype=qtype)
+        else:
+            wr.add_tensor(name, a)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return path

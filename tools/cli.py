@@ -1,0 +1,169 @@
+"""`hotcold` command line: argument parsing and printing only; the work is in engine/ and tools/."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from engine.config import HotcoldError
+
+MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
+
+
+def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    if ctx:
+        p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+
+
+def load_model(args, n_ctx: int | None = None):
+    from engine.api import load
+    return load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads)
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise HotcoldError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HotcoldError(f"{path}: unreadable ({e})") from None
+    if not text.strip():
+        raise HotcoldError(f"{path}: empty file")
+    return text
+
+
+def emit_json(obj) -> None:
+    json.dump(obj, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+# --- commands -------------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from engine.api import Sampler
+    model = load_model(args)
+    prompt = model.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
+    ids = model.tokenize(prompt)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    if args.json:
+        emit_json(model.generate(ids, args.n, sampler).to_dict())
+        return
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    out = model.generate(ids, args.n, sampler, on_text=on_text)
+    s = out.stats
+    sys.stdout.write("\n")
+    print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
+          f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+
+
+def cmd_tokenize(args) -> None:
+    from engine.loader import load_checkpoint
+    tok = load_checkpoint(args.model).tokenizer
+    ids = tok.encode(args.text, special=not args.no_special, add_bos=args.bos)
+    if args.json:
+        emit_json({"token_ids": ids, "pieces": [tok.tk.id_to_token(i) for i in ids]})
+    else:
+        print(" ".join(map(str, ids)))
+
+
+def cmd_perplexity(args) -> None:
+    from tqdm import tqdm
+    model = load_model(args, n_ctx=args.ctx)
+    tokens = model.tokenize(read_text(args.file), special=False, add_bos=False)
+    total = len(tokens) // args.ctx - args.first_chunk
+    bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
+               disable=args.json or None, file=sys.stderr)
+
+    def progress(k, ppl):
+        bar.update(1)
+        bar.set_postfix(ppl=f"{ppl:.4f}")
+
+    res = model.perplexity(tokens, args.ctx, args.chunks, args.first_chunk, progress)
+    bar.close()
+    if args.json:
+        emit_json(res)
+    else:
+        print(f"perplexity: {res['ppl']:.4f} over chunks {res['chunks'][0]}-{res['chunks'][-1]} "
+              f"({res['scored_tokens']} scored tokens, ctx {args.ctx})")
+
+
+def cmd_bench(args) -> None:
+    from tools.bench import run_bench, format_bench
+    res = run_bench(args)
+    if args.json:
+        emit_json(res)
+    else:
+        print(format_bench(res))
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hotcold", description="sparse hot/cold LLM inference")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", "--n-predict", dest="n", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="print the token ids of a text")
+    add_model_args(p, ctx=False)
+    p.add_argument("text")
+    p.add_argument("--no-special", action="store_true", help="treat <|...|> control tokens as plain text")
+    p.add_argument("--bos", action="store_true", default=None, help="prepend BOS (default: the model's rule)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
+    add_model_args(p, ctx=False)
+    p.add_argument("-f", "--file", required=True)
+    p.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")
+    p.add_argument("--first-chunk", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill and decode speed")
+    add_model_args(p)
+    p.add_argument("-n", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default 128)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is None and hasattr(args, "threads"):
+        args.threads = os.cpu_count()
+    try:
+        args.func(args)
+    except HotcoldError as e:
+        print(f"hotcold: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hotcold: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
