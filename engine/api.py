@@ -123,7 +123,10 @@ class Model:
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
-        return sum(w.numel() * w.element_size() for k, w in self.net.w.items() if k != "token_embd.weight")
+        w = self.net.w
+        lm_head = w["token_embd.weight" if self.config.tied_embeddings else "output.weight"]
+        return sum(t.numel() * t.element_size() for k, t in w.items() if k != "token_embd.weight") + (
+            lm_head.numel() * lm_head.element_size() if self.config.tied_embeddings else 0)
 
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> dict:

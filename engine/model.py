@@ -5,6 +5,9 @@ reference path that the numba kernel path is tested against, and the batched pre
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,23 +58,60 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class TorchModel:
     """Dense forward over a KV cache of n_ctx positions."""
 
-    def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int, quantize_activations: bool = True):
-        self.c, self.n_ctx = c, n_ctx
-        self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()}
+    def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int, quantize_activations: bool = True,
+                 dequant_rows: Callable[[str, int, int], torch.Tensor] | None = None):
+        """dequant_rows None: every weight is dequantized to float32 once (the reference path). Otherwise a
+        callable(name, r0, r1) -> float32 rows r0:r1, used per matmul in chunks of CHUNK rows, so that no full
+        float32 copy is held (the kernel engine's prefill). `blk.N.ffn_down_t.weight` (n_ff, n_embd) may stand
+        in for ffn_down."""
+        self.c, self.n_ctx, self.q = c, n_ctx, tensors
+        self.dequant_rows = dequant_rows
+        self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()
+                  if dequant_rows is None or len(t.shape) == 1}
         # ggml multiplies block-quantized weights with 8-bit activations; doing the same tracks llama.cpp closer
         self.x8 = {k for k, t in tensors.items() if quantize_activations and t.block_size == 32}
         if c.tied_embeddings:
-            self.w["output.weight"] = self.w["token_embd.weight"]
+            self.alias = {"output.weight": "token_embd.weight"}
             if "token_embd.weight" in self.x8:
                 self.x8.add("output.weight")
+        else:
+            self.alias = {}
+        self.down_t = blk(0, "ffn_down_t") in tensors
         self.cos, self.sin = rope_tables(c, n_ctx)
         kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
         self.k_cache, self.v_cache = torch.zeros(kv), torch.zeros(kv)
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
 
+    CHUNK = 4096
+
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        name = self.alias.get(name, name)
+        if self.dequant_rows is None:
+            return self.w[name][r0:r1]
+        return self.dequant_rows(name, r0, r1)
+
     def mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (T, cols) @ W.T -> (T, rows)."""
-        return (quantize_rows_q8(x) if name in self.x8 else x) @ self.w[name].T
+        x = quantize_rows_q8(x) if name in self.x8 else x
+        n = self.q[self.alias.get(name, name)].shape[0]
+        if self.dequant_rows is None:
+            return x @ self.rows(name, 0, n).T
+        return torch.cat([x @ self.rows(name, r, min(n, r + self.CHUNK)).T for r in range(0, n, self.CHUNK)], 1)
+
+    def down(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h (T, n_ff) through the down projection -> (T, n_embd)."""
+        if not self.down_t:
+            return self.mm(h, blk(i, "ffn_down"))
+        name, n, out = blk(i, "ffn_down_t"), self.c.n_ff, None
+        for r in range(0, n, self.CHUNK):
+            part = h[:, r:r + self.CHUNK] @ self.rows(name, r, min(n, r + self.CHUNK))  # (T, n_embd)
+            out = part if out is None else out + part
+        return out
+
+    def embed(self, tokens: list[int]) -> torch.Tensor:
+        if self.dequant_rows is None:
+            return self.w["token_embd.weight"][torch.as_tensor(tokens)]
+        return torch.from_numpy(self.q["token_embd.weight"].rows(np.asarray(tokens)).dequantize())
 
     def attention(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         c, T = self.c, x.shape[0]
@@ -105,14 +145,14 @@ class TorchModel:
         c, w = self.c, self.w
         if pos + len(tokens) > self.n_ctx:
             raise ValueError(f"{pos + len(tokens)} positions exceed the context of {self.n_ctx}")
-        x = w["token_embd.weight"][torch.as_tensor(tokens)]  # (T, n_embd)
+        x = self.embed(tokens)  # (T, n_embd)
         for i in range(c.n_layer):
             x = x + self.attention(i, rms_norm(x, w[blk(i, "attn_norm")], c.rms_eps), pos)
             xn = rms_norm(x, w[blk(i, "ffn_norm")], c.rms_eps)
             h = self.ffn(i, xn)  # (T, n_ff)
             if self.ffn_hook is not None:
                 h = self.ffn_hook(i, x, h)
-            x = x + self.mm(h, blk(i, "ffn_down"))
+            x = x + self.down(i, h)
         x = rms_norm(x if all_logits else x[-1:], w["output_norm.weight"], c.rms_eps)
         logits = self.mm(x, "output.weight")
         return logits if all_logits else logits[0]
