@@ -1,0 +1,87 @@
+"""The placement solver is optimal against brute force, respects the budget, and writes PowerInfer's .gpuidx."""
+import itertools
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from engine.config import HotcoldError
+from tiny_model import tiny_config
+from tools.split import group_values, plan, solve, write_split
+
+
+def brute_force(counts, nbytes, budget, group):
+    groups = []  # (layer, value, cost, ids)
+    for i, (c, b) in enumerate(zip(counts, nbytes)):
+        order, vals = group_values(np.asarray(c, float), group)
+        for g, v in enumerate(vals):
+            ids = order[g * group:(g + 1) * group]
+            groups.append((i, v, len(ids) * b))
+    best = 0.0
+    for pick in itertools.product([0, 1], repeat=len(groups)):
+        cost = sum(g[2] for g, p in zip(groups, pick) if p)
+        if cost <= budget:
+            best = max(best, sum(g[1] for g, p in zip(groups, pick) if p))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solver_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layer, n_ff, group = 3, int(rng.integers(3, 6)), int(rng.integers(1, 3))
+    counts = [rng.integers(0, 100, n_ff) for _ in range(n_layer)]
+    nbytes = [int(b) for b in rng.integers(1, 5, n_layer)]  # unequal costs: a real knapsack
+    budget = int(rng.integers(0, sum(nbytes) * n_ff))
+    gpu = solve(counts, nbytes, budget, group)
+    assert sum(len(g) * b for g, b in zip(gpu, nbytes)) <= budget
+    got = sum(float(c[g].sum()) for c, g in zip(counts, gpu))
+    assert got == pytest.approx(brute_force(counts, nbytes, budget, group))
+    for g in gpu:
+        assert list(g) == sorted(set(g.tolist()))
+
+
+def test_hot_fraction_takes_the_most_frequent(tmp_path):
+    c = tiny_config("relu")
+    rng = np.random.default_rng(0)
+    counts = [rng.integers(0, 1000, c.n_ff) for _ in range(c.n_layer)]
+    split = plan(c, counts, hot_fraction=0.25, group=8)
+    assert split["ffn_gpu_bytes"] <= split["ffn_budget_bytes"]
+    placed = sum(len(g) for g in split["gpu_neurons"])
+    assert placed == c.n_layer * c.n_ff // 4
+    # with equal costs the optimum is the top groups by summed count, across layers
+    allv = np.sort(np.concatenate([group_values(np.asarray(x, float), 8)[1] for x in counts]))[::-1]
+    served = sum(float(x[g].sum()) for x, g in zip(counts, split["gpu_neurons"]))
+    assert served == pytest.approx(allv[: placed // 8].sum())
+    assert 0.25 < split["gpu_share_expected"] < 1
+
+
+def test_impossible_budget_is_a_clear_error():
+    c = tiny_config("relu")
+    counts = [np.ones(c.n_ff) for _ in range(c.n_layer)]
+    with pytest.raises(HotcoldError, match="does not hold the parts that always go"):
+        plan(c, counts, gpu_budget=1000, n_ctx=256)
+    with pytest.raises(HotcoldError):
+        plan(c, counts, hot_fraction=1.5)
+
+
+def test_gpuidx_format(tmp_path):
+    c = tiny_config("relu")
+    rng = np.random.default_rng(1)
+    counts = [rng.integers(0, 50, c.n_ff) for _ in range(c.n_layer)]
+    split = plan(c, counts, gpu_budget=2**22, n_ctx=64, group=4)
+    js, gi = write_split(str(tmp_path / "split.json"), split)
+    raw = open(gi, "rb").read()
+    assert raw[:4] == b"PWRI"
+    fixed = tmp_path / "fixed.gguf"
+    fixed.write_bytes(b"GGUF" + raw[4:])
+    r = GGUFReader(str(fixed))
+    assert r.fields["general.architecture"].contents() == "generic.gpu_index"
+    assert r.fields["generic.gpu_index.block_count"].contents() == c.n_layer
+    cap = r.fields["split.vram_capacity"]
+    assert cap.types[0].name == "UINT64" and cap.contents() > 0
+    names = [t.name for t in r.tensors]
+    assert names == [f"blk.{i}.{k}" for i in range(c.n_layer) for k in ("gpu_idx", "gpu_bucket")]
+    for i in range(c.n_layer):
+        idx, bucket = r.tensors[2 * i].data, r.tensors[2 * i + 1].data
+        assert r.tensors[2 * i].tensor_type.name == "I32" and len(idx) == c.n_ff
+        assert list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])

@@ -1,0 +1,138 @@
+"""Neuron placement: which FFN neurons of which layers live on the GPU under a memory budget.
+
+The budget first pays for what always goes to the GPU, in PowerInfer's order: attention weights and norms,
+predictors, KV cache. The rest buys FFN neurons. Each layer's neurons are sorted by activation frequency and
+placed in groups of `group` (kernel efficiency); a group's value is the activations it serves, its cost the
+bytes of its gate, up and down rows. Maximising the served activations under the budget is a 0/1 knapsack,
+solved exactly as an integer program with `scipy.optimize.milp` (HiGHS branch and bound).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from engine.config import HotcoldError
+
+GPU_BYTES = 2  # hot rows live on the GPU in float16
+
+
+def group_values(counts: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neurons sorted by count (descending) and the summed count of each consecutive group of that order."""
+    order = np.argsort(-counts, kind="stable")
+    pad = (-len(order)) % group
+    vals = np.concatenate([counts[order], np.zeros(pad)]).reshape(-1, group).sum(1)
+    return order, vals
+
+
+def solve(counts: list[np.ndarray], neuron_bytes: list[int], budget: int, group: int = 32) -> list[np.ndarray]:
+    """Sorted GPU neuron ids per layer maximising the summed counts placed, with sum of bytes <= budget."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    orders, values, costs, layer_of = [], [], [], []
+    for i, (c, b) in enumerate(zip(counts, neuron_bytes)):
+        order, vals = group_values(np.asarray(c, np.float64), group)
+        sizes = np.minimum(group, len(order) - group * np.arange(len(vals)))
+        orders.append(order)
+        values.append(vals)
+        costs.append(sizes * b)
+        layer_of.append(np.full(len(vals), i))
+    v, w = np.concatenate(values), np.concatenate(costs).astype(np.float64)
+    if budget >= w.sum():
+        chosen = np.ones(len(v), bool)
+    elif budget < w.min(initial=np.inf):
+        chosen = np.zeros(len(v), bool)
+    else:
+        res = milp(-v, constraints=LinearConstraint(w[None, :], 0, budget), integrality=np.ones(len(v)),
+                   bounds=Bounds(0, 1))
+        if res.x is None:
+            raise HotcoldError(f"placement solver failed: {res.message}")
+        chosen = res.x > 0.5
+    out, start = [], 0
+    for order, vals in zip(orders, values):
+        pick = chosen[start:start + len(vals)]
+        start += len(vals)
+        ids = np.concatenate([order[g * group:(g + 1) * group] for g in np.flatnonzero(pick)] or [np.zeros(0, int)])
+        out.append(np.sort(ids).astype(np.int32))
+    return out
+
+
+def fixed_gpu_bytes(c, n_ctx: int, predictor_bytes: int) -> dict[str, int]:
+    """What goes to the GPU before any FFN neuron, in order."""
+    kv = c.n_head_kv * c.head_dim
+    attn = c.n_layer * (2 * c.n_embd * c.n_embd + 2 * kv * c.n_embd + 2 * c.n_embd) * GPU_BYTES
+    return {"attention": attn, "predictors": predictor_bytes, "kv_cache": 2 * c.n_layer * n_ctx * kv * GPU_BYTES}
+
+
+def neuron_bytes(c) -> int:
+    return (3 if c.ffn_gated else 2) * c.n_embd * GPU_BYTES
+
+
+def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_fraction: float | None = None,
+         group: int = 32, n_ctx: int = 2048, predictor_bytes: int = 0) -> dict:
+    """The split as a JSON-able dict: per layer the sorted GPU neuron ids, and what the budget paid for."""
+    nb = neuron_bytes(c)
+    ffn_total = c.n_layer * c.n_ff * nb
+    if hot_fraction is not None:
+        if not 0 <= hot_fraction <= 1:
+            raise HotcoldError(f"--hot-fraction {hot_fraction} is not between 0 and 1")
+        fixed, budget = {}, int(hot_fraction * ffn_total)
+    else:
+        fixed = fixed_gpu_bytes(c, n_ctx, predictor_bytes)
+        budget = int(gpu_budget) - sum(fixed.values())
+        if budget < 0:
+            raise HotcoldError(f"GPU budget of {gpu_budget / 2**20:.1f} MiB does not hold the parts that always go "
+                               f"to the GPU ({sum(fixed.values()) / 2**20:.1f} MiB: "
+                               + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fixed.items()) + ")")
+    gpu = solve(counts, [nb] * c.n_layer, budget, group)
+    served = sum(float(np.asarray(cn)[g].sum()) for cn, g in zip(counts, gpu))
+    total = sum(float(np.asarray(cn).sum()) for cn in counts)
+    return {"n_layer": c.n_layer, "n_ff": c.n_ff, "group": group, "gpu_budget": gpu_budget,
+            "hot_fraction": hot_fraction, "fixed_bytes": fixed, "ffn_budget_bytes": budget,
+            "ffn_gpu_bytes": sum(len(g) for g in gpu) * nb,
+            "gpu_share_expected": served / total if total else 0.0,
+            "gpu_neurons": [g.tolist() for g in gpu]}
+
+
+def write_gpuidx(path: str, split: dict, vram_capacity: int) -> None:
+    """PowerInfer's GPU index: GGUF `generic.gpu_index`, per layer gpu_idx (0/1 of n_ff) then gpu_bucket."""
+    from gguf import GGUFWriter
+    tmp = path + ".tmp"
+    wr = GGUFWriter(tmp, "generic.gpu_index")
+    wr.add_block_count(split["n_layer"])
+    wr.add_uint64("split.vram_capacity", int(vram_capacity))
+    for i, ids in enumerate(split["gpu_neurons"]):
+        idx = np.zeros(split["n_ff"], np.int32)
+        idx[ids] = 1
+        wr.add_tensor(f"blk.{i}.gpu_idx", idx)
+        wr.add_tensor(f"blk.{i}.gpu_bucket", np.asarray(ids, np.int32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    with open(tmp, "r+b") as fh:
+        fh.write(b"PWRI")
+    os.replace(tmp, path)
+
+
+def write_split(prefix: str, split: dict) -> tuple[str, str]:
+    """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
+    prefix = prefix[:-5] if prefix.endswith(".json") else prefix
+    js, gi = prefix + ".json", prefix + ".gpuidx"
+    with open(js + ".tmp", "w") as fh:
+        json.dump(split, fh)
+    os.replace(js + ".tmp", js)
+    write_gpuidx(gi, split, split["ffn_gpu_bytes"] + sum(split["fixed_bytes"].values()))
+    return js, gi
+
+
+def read_split(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            split = json.load(fh)
+        split["gpu_neurons"] = [np.asarray(g, np.int32) for g in split["gpu_neurons"]]
+        return split
+    except FileNotFoundError:
+        raise HotcoldError(f"{path}: no such split file") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise HotcoldError(f"{path}: not a hotcold split ({e})") from None
