@@ -24,3 +24,10 @@ def reference():
     import json
     with open(os.path.join(DATA, "smollm2_llamacpp.json")) as fh:
         return json.load(fh)
+
+
+@pytest.fixture(scope="session")
+def smollm_torch():
+    """The same model on the float32 torch reference path."""
+    from engine.api import load
+    return load(None, n_ctx=1024, threads=2, backend="torch")

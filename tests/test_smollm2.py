@@ -21,7 +21,8 @@ def test_detokenize_matches_llamacpp(smollm, reference):
         assert smollm.detokenize(case["greedy_ids"]) == case["greedy_text"]
 
 
-def test_teacher_forced_top1_agrees_with_llamacpp(smollm, reference):
+def test_teacher_forced_top1_agrees_with_llamacpp(smollm_torch, reference):
+    smollm = smollm_torch
     agree = total = 0
     for case in reference["greedy"]:
         seq = case["prompt_ids"] + case["greedy_ids"]
@@ -43,7 +44,8 @@ def test_greedy_generation_prefix(smollm, reference):
 
 
 @pytest.mark.slow
-def test_perplexity_within_1pct_of_llamacpp(smollm, reference, data_dir):
+def test_perplexity_within_1pct_of_llamacpp(smollm_torch, reference, data_dir):
+    smollm = smollm_torch
     with open(os.path.join(data_dir, "wiki.test.raw"), encoding="utf-8") as fh:
         tokens = smollm.tokenize(fh.read(), special=False, add_bos=False)
     assert len(tokens) == reference["perplexity"]["n_tokens_total"]

@@ -1,7 +1,12 @@
-"""`hotcold bench`: prefill and decode speed, and the weight bytes each decoded token reads."""
+"""`hotcold bench`: prefill and decode speed, bytes read per token, and (`--compare`) our dense and sparse
+decode next to llama.cpp on the same GGUF and thread count, with the memory bandwidth measured in the same run.
+"""
 from __future__ import annotations
 
+import os
 import time
+
+import numpy as np
 
 BENCH_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual budget, "
               "and a small village by the river prepares for the spring festival. ")
@@ -12,24 +17,158 @@ def prompt_ids(model, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_bandwidth(threads: int, mib: int = 256) -> float:
+    """Read bandwidth in GB/s: a parallel sum over an array far larger than the caches."""
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True)
+    def total(a):
+        s = 0.0
+        for i in prange(a.size):
+            s += a[i]
+        return s
+
+    a = np.ones(mib * 2**20 // 4, np.float32)
+    total(a)
+    best = min(_timed(lambda: total(a)) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+class RandomActive:
+    """A sparse-decode speed fixture: per layer, a fresh random active set of (1 - sparsity) * n_ff neurons each
+    token, cycling through 16 precomputed sets so that no set stays in cache."""
+
+    def __init__(self, n_layer: int, n_ff: int, sparsity: float, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        k = int(round((1 - sparsity) * n_ff))
+        self.sets = [[np.sort(rng.choice(n_ff, k, replace=False)).astype(np.int32) for _ in range(16)]
+                     for _ in range(n_layer)]
+        self.t = 0
+
+    def __call__(self, layer: int, x, xn):
+        if layer == 0:
+            self.t += 1
+        return self.sets[layer][self.t % 16]
+
+
+def decode_speed(model, ids: list[int], n: int) -> dict:
+    model.generate(ids[:8], 4, ignore_stop=True)  # warm-up
+    out = model.generate(ids, n, ignore_stop=True)
+    return out.stats
+
+
+def ffn_ms_per_token(net, select, reps: int = 20) -> float:
+    """Time of the FFN kernels alone for one token over all layers."""
+    from engine import kernels as K
+    rng = np.random.default_rng(0)
+    xn = rng.standard_normal(net.c.n_embd).astype(np.float32)
+    out = np.zeros(net.c.n_embd, np.float32)
+
+    def one():
+        for i, L in enumerate(net.layers):
+            K.ffn(L.gate, L.up, L.down_t, xn, net.act, net.threshold, out, select(i, None, xn) if select else None)
+
+    one()
+    return min(_timed(one) for _ in range(reps)) * 1e3
+
+
+def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=path, n_ctx=len(ids) + n + 8, n_threads=threads, verbose=False)
+    t = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    return {"prefill_tok_s": len(ids) / (t1 - t), "decode_tok_s": n / (t2 - t1)}
+
+
 def run_bench(args) -> dict:
     from tools.cli import load_model
-    model = load_model(args, n_ctx=args.prompt_tokens + args.n + 1)
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    model = load_model(args, n_ctx=args.prompt_tokens + args.n + 16)
+    load_s = time.perf_counter() - t0
     ids = prompt_ids(model, args.prompt_tokens)
-    model.generate(ids[:8], 4, ignore_stop=True)  # warm-up (JIT, allocator)
-    t = time.perf_counter()
-    out = model.generate(ids, args.n, ignore_stop=True)
-    wall = time.perf_counter() - t
+    stats = decode_speed(model, ids, args.n)
     bpt = model.decode_bytes_per_token()
-    s = out.stats
-    return {"model": model.ckpt.path, "threads": args.threads, "prompt_tokens": len(ids),
-            "decode_tokens": s["generated_tokens"], "prefill_tok_s": s["prefill_tok_s"],
-            "decode_tok_s": s["decode_tok_s"], "bytes_per_token": bpt,
-            "decode_gb_s": bpt * s["decode_tok_s"] / 1e9, "wall_s": wall}
+    path = model.ckpt.path
+    res = {"model": path, "backend": model.backend, "threads": args.threads, "prompt_tokens": len(ids),
+           "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
+           "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
+           "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
+           "model_rss_bytes": rss_bytes() - rss0,
+           "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
+    if getattr(args, "compare", False):
+        res["compare"] = compare(model, args, ids)
+    return res
+
+
+def compare(model, args, ids: list[int]) -> dict:
+    """Rows of decode tok/s: dense, sparse at each level (random active sets), llama.cpp; bandwidth share."""
+    net = model.net
+    bw = memory_bandwidth(args.threads)
+    rows = []
+    dense_ffn = ffn_ms_per_token(net, None)
+    full = model.decode_bytes_per_token()
+    ffn_bytes = sum(L.up.nbytes + L.down_t.nbytes + (L.gate.nbytes if L.gate else 0) for L in net.layers)
+    for s in [0.0] + list(args.sparsity_levels):
+        net.select = RandomActive(net.c.n_layer, net.c.n_ff, s) if s > 0 else None
+        st = decode_speed(model, ids, args.n)
+        bpt = full - s * ffn_bytes
+        rows.append({"engine": "hotcold dense" if s == 0 else f"hotcold sparse {s:.0%}", "sparsity": s,
+                     "decode_tok_s": st["decode_tok_s"], "bytes_per_token": bpt,
+                     "bandwidth_share": bpt * st["decode_tok_s"] / 1e9 / bw,
+                     "ffn_ms_per_token": dense_ffn if s == 0 else ffn_ms_per_token(net, net.select)})
+    net.select = None
+    ref = llamacpp_decode(model.ckpt.path, args.threads, ids, args.n)
+    if ref is not None:
+        rows.append({"engine": "llama.cpp dense", "sparsity": 0.0, "decode_tok_s": ref["decode_tok_s"],
+                     "bytes_per_token": os.path.getsize(model.ckpt.path), "bandwidth_share":
+                         os.path.getsize(model.ckpt.path) * ref["decode_tok_s"] / 1e9 / bw, "ffn_ms_per_token": None})
+        for r in rows:
+            r["vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"]
+    return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None}
 
 
 def format_bench(r: dict) -> str:
-    return (f"model: {r['model']}  threads: {r['threads']}\n"
-            f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f} tok/s\n"
-            f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f} tok/s, "
-            f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)")
+    lines = [f"model: {r['model']}  backend: {r['backend']}  threads: {r['threads']}",
+             f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f} tok/s",
+             f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f} tok/s, "
+             f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)",
+             f"load: {r['load_s']:.2f} s, resident memory of the model: {r['model_rss_bytes'] / 1e6:.1f} MB"
+             + (f" (GGUF file {r['file_bytes'] / 1e6:.1f} MB, {r['model_rss_bytes'] / r['file_bytes']:.2f}x)"
+                if r.get("file_bytes") else "")]
+    cmp = r.get("compare")
+    if cmp:
+        lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")
+        if not cmp["llamacpp"]:
+            lines.append("llama.cpp: llama-cpp-python is not installed (pip install 'hotcold[bench]'); skipped")
+        lines.append(f"{'engine':<22}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}{'of bandwidth':>14}"
+                     f"{'FFN ms/token':>14}")
+        for row in cmp["rows"]:
+            vs = f"{row['vs_llamacpp']:.2f}x" if "vs_llamacpp" in row else "n/a"
+            ffn = f"{row['ffn_ms_per_token']:.2f}" if row["ffn_ms_per_token"] is not None else "-"
+            lines.append(f"{row['engine']:<22}{row['decode_tok_s']:>8.1f}{vs:>14}{row['bytes_per_token'] / 1e6:>10.1f}"
+                         f"{row['bandwidth_share']:>14.0%}{ffn:>14}")
+        lines.append("sparse rows use random active sets (a speed fixture: no quality claim)")
+    return "\n".join(lines)

@@ -1,0 +1,440 @@
+"""Numba CPU kernels on weights in their GGUF block formats: dense and row-subset matvec, axpy over rows of a
+transposed matrix, and the fused sparse FFN of the decode path.
+
+Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1).
+`prepare` only splits each row's blocks into structure-of-arrays form, which costs no extra bytes:
+
+    F32 / F16   w  f32 | u16 (f16 bits)  (rows, cols)
+    Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                    value = d * q
+    Q4_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    value = d * (q - 8)
+    Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  value = d * q + m
+
+with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
+nibble and element j + 16 in its high nibble).
+
+Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
+itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
+on one 32-weight block is written as a few generic LLVM vector instructions (`_dot_block`, `_axpy_block`,
+`_widen`) that LLVM lowers to the host's SIMD and that stay portable (on this AVX-512 host: vpdpbusd for
+Q4 x int8, vpmovsxbw + vpmaddwd for Q8_0 x int8, vcvtph2ps + vfmadd231ps for F16). Around them everything is
+plain numba; the per-row helpers are typed `overload`s inlined into the kernels (a call per row, with numba's
+exploded array arguments, cost a third of the speed).
+
+Block types have two paths for `W @ x`:
+  fast (default)  x is quantized once per call to int8 per 32-block (ggml's Q8_0 activations) and each block is
+                  an integer dot with int32 accumulation; relative error ~5e-3 on random data.
+  exact           f32 x; error at f32 rounding.
+Per-block sums of x are precomputed once per call, so the Q4 offset costs one fma per block:
+  sum_j (d q_j + m) x_j = d * sum_j q_j x_j + m * sum_j x_j.
+
+A KMatrix owns small scratch buffers for the prepared x and per-thread partial sums, so calls allocate nothing;
+one KMatrix must not be used by two Python threads at once. Threads: `numba.set_num_threads` by the caller.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.extending import intrinsic, overload
+
+from engine.qtensor import QTensor
+
+ACT_SILU, ACT_RELU, ACT_FATRELU, ACT_DRELU = 0, 1, 2, 3  # FFN activation codes
+
+BLOCK = 32  # weights per block, for every block type here
+_BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
+_TYPES = (QT.F32, QT.F16) + _BLOCK_TYPES
+_SERIAL = dict(nogil=True, cache=True, fastmath=True)
+_PARALLEL = dict(_SERIAL, parallel=True)
+# numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
+# and reports it from a pedantic internal check; the generated code is unaffected.
+warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
+
+# ---------------------------------------------------------------------------------------------------------
+# LLVM vector code for one 32-weight block (generic IR, no target-specific intrinsics)
+
+_F32, _I32 = ir.FloatType(), ir.IntType(32)
+_FAST = ("fast",)
+
+
+def _vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def _ptr(context, builder, aryty, ary, idx):
+    """Address of ary[idx] for a 1-D C-contiguous array."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(data, [idx], inbounds=True)
+
+
+def _load(context, builder, aryty, ary, idx, n):
+    """<n x dtype> from ary[idx : idx + n]."""
+    elt = context.get_data_type(aryty.dtype)
+    p = _ptr(context, builder, aryty, ary, idx)
+    return builder.load(builder.bitcast(p, _vec(elt, n).as_pointer()), align=1)
+
+
+def _splat(builder, v, n):
+    vec = builder.insert_element(ir.Constant(_vec(v.type, n), None), v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(_vec(_I32, n), [0] * n))
+
+
+def _quants(context, builder, qty, q, b):
+    """<32 x i8> quants of block b of one row, in element order: Q8_0 bytes (i8), or Q4 nibbles (u8)."""
+    if qty.dtype == types.int8:
+        return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK)
+    half = _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK // 2)), BLOCK // 2)
+    lo = builder.and_(half, ir.Constant(half.type, [15] * 16))  # elements 0..15
+    hi = builder.lshr(half, ir.Constant(half.type, [4] * 16))  # elements 16..31
+    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK), list(range(BLOCK))))
+
+
+def _extend(builder, qty, q, ty):
+    """Widen the block's quants to vector type ty (int or float), signed for Q8_0, unsigned for Q4."""
+    signed = qty.dtype == types.int8
+    if isinstance(ty.element, ir.FloatType):
+        return builder.sitofp(q, ty) if signed else builder.uitofp(q, ty)
+    return builder.sext(q, ty) if signed else builder.zext(q, ty)
+
+
+def _reduce(builder, v):
+    n, elt = v.type.count, v.type.element
+    if isinstance(elt, ir.FloatType):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_F32, [_F32, v.type]), f"llvm.vector.reduce.fadd.v{n}f32")
+        return builder.call(fn, [ir.Constant(_F32, 0.0), v], fastmath=_FAST)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(elt, [v.type]), f"llvm.vector.reduce.add.v{n}i{elt.width}")
+    return builder.call(fn, [v])
+
+
+def _is_row(ty, dtypes):
+    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype in dtypes
+
+
+@intrinsic
+def _widen(typingctx, v):
+    """float32 of a stored value: uint16 holds f16 bits (vcvtph2ps), float32 passes through."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.uint16:
+        def codegen(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+        return types.float32(v), codegen
+    return None
+
+
+@intrinsic
+def _dot_block(typingctx, q, b, x):
+    """sum_j q_j * x[32 b + j] over block b of row q (i8 Q8_0 or u8 Q4). f32 x -> f32; int8 x -> int32."""
+    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(x, (types.float32, types.int8))):
+        return None
+    acc = _F32 if x.dtype == types.float32 else _I32
+
+    def codegen(context, builder, sig, args):
+        qty, _, xty = sig.args
+        qv = _extend(builder, qty, _quants(context, builder, qty, args[0], args[1]), _vec(acc, BLOCK))
+        xv = _load(context, builder, xty, args[2], builder.mul(args[1], ir.Constant(args[1].type, BLOCK)), BLOCK)
+        if acc is _F32:
+            return _reduce(builder, builder.fmul(qv, xv, flags=_FAST))
+        return _reduce(builder, builder.mul(qv, builder.sext(xv, qv.type)))  # |q x| < 2^15: vpmaddwd
+    return (types.float32 if acc is _F32 else types.int32)(q, b, x), codegen
+
+
+@intrinsic
+def _axpy_block(typingctx, q, b, scale, offset, out):
+    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q."""
+    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(out, (types.float32,))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        qty, _, _, _, oty = sig.args
+        q, b, scale, offset, out = args
+        qv = _extend(builder, qty, _quants(context, builder, qty, q, b), _vec(_F32, BLOCK))
+        i = builder.mul(b, ir.Constant(b.type, BLOCK))
+        ov = _load(context, builder, oty, out, i, BLOCK)
+        upd = builder.fadd(builder.fmul(qv, _splat(builder, scale, BLOCK), flags=_FAST),
+                           _splat(builder, offset, BLOCK), flags=_FAST)
+        p = _ptr(context, builder, oty, out, i)
+        builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
+    return types.void(q, b, types.float32, types.float32, out), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-row helpers. A weight W = (w, d, m) as in KMatrix.W, with d = m = None for F32/F16 and m = None
+# for Q8_0/Q4_0; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at typing time
+# (one compiled version per combination) and the helpers are inlined into the kernels.
+
+@njit(**_SERIAL)
+def _prep_x(x, xs, xq, xd, xqs):
+    """Per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale xd, and xqs = xd * sum xq."""
+    for b in range(xs.size):
+        blk = x[b * BLOCK:(b + 1) * BLOCK]  # (32,)
+        amax = np.float32(0.0)
+        s = np.float32(0.0)
+        for v in blk:
+            amax = max(amax, abs(v))
+            s += v
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        qsum = 0
+        for j in range(BLOCK):
+            qj = np.int8(np.rint(blk[j] * inv))  # |qj| <= 127
+            xq[b * BLOCK + j] = qj
+            qsum += qj
+        xs[b] = s
+        xd[b] = amax / np.float32(127.0)
+        xqs[b] = xd[b] * np.float32(qsum)
+
+
+def _dense(W):
+    return isinstance(W[1], types.NoneType)
+
+
+def _row_dot(W, r, x, X, exact):
+    """W[r] @ x as float32 (exact: f32 x for block types, else the int8 x of X)."""
+
+
+def _row_axpy(W, r, s, out):
+    """out += s * W[r]."""
+
+
+def _block_min(W, r, b, db):
+    """The offset m of block b of row r: stored (Q4_1), -8 d (Q4_0) or 0 (Q8_0)."""
+
+
+@overload(_block_min, inline="always")
+def _block_min_impl(W, r, b, db):
+    if not isinstance(W[2], types.NoneType):  # Q4_1
+        return lambda W, r, b, db: _widen(W[2][r, b])
+    if W[0].dtype == types.uint8:  # Q4_0
+        return lambda W, r, b, db: np.float32(-8.0) * db
+    return lambda W, r, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
+
+
+@overload(_row_dot, inline="always")
+def _row_dot_impl(W, r, x, X, exact):
+    if _dense(W):
+        def dense(W, r, x, X, exact):
+            wr = W[0][r]  # (cols,)
+            acc = np.float32(0.0)
+            for c in range(wr.size):
+                acc += _widen(wr[c]) * x[c]
+            return acc
+        return dense
+
+    def blocks(W, r, x, X, exact):
+        wr, d = W[0][r], W[1]  # (row quant bytes,), (rows, nb)
+        xs, xq, xd, xqs = X
+        acc = np.float32(0.0)  # sum_b d_b * (q_b . x_b)
+        off = np.float32(0.0)  # sum_b m_b * sum(x_b), a second fma chain that overlaps with acc's
+        if exact:
+            for b in range(d.shape[1]):
+                db = _widen(d[r, b])
+                acc += db * _dot_block(wr, b, x)
+                off += _block_min(W, r, b, db) * xs[b]
+        else:
+            for b in range(d.shape[1]):
+                db = _widen(d[r, b])
+                acc += db * (xd[b] * np.float32(_dot_block(wr, b, xq)))
+                off += _block_min(W, r, b, db) * xqs[b]
+        return acc + off
+    return blocks
+
+
+@overload(_row_axpy, inline="always")
+def _row_axpy_impl(W, r, s, out):
+    if _dense(W):
+        def dense(W, r, s, out):
+            wr = W[0][r]
+            for c in range(out.size):
+                out[c] += s * _widen(wr[c])
+        return dense
+
+    def blocks(W, r, s, out):
+        wr, d = W[0][r], W[1]
+        for b in range(d.shape[1]):
+            db = _widen(d[r, b])
+            _axpy_block(wr, b, s * db, s * _block_min(W, r, b, db), out)
+    return blocks
+
+
+@njit(**_SERIAL)
+def _act(g, act, threshold):
+    if act == ACT_SILU:
+        return g / (np.float32(1.0) + np.exp(-g))
+    if act == ACT_FATRELU:
+        return g if g > threshold else np.float32(0.0)
+    return max(g, np.float32(0.0))  # ReLU, dReLU
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parallel kernels
+
+@njit(**_PARALLEL)
+def _k_matvec(W, rows, x, out, X, exact):
+    """out[j] = W[rows[j]] @ x (rows None: all rows)."""
+    _prep_x(x, *X)
+    for j in prange(out.size):
+        r = np.int64(j) if rows is None else np.int64(rows[j])
+        out[j] = _row_dot(W, r, x, X, exact)
+
+
+@njit(**_SERIAL)
+def _sum_parts(part, nt, out, accumulate):
+    """out (+)= sum of the first nt rows of part."""
+    for c in range(out.size):
+        s = out[c] if accumulate else np.float32(0.0)
+        for t in range(nt):
+            s += part[t, c]
+        out[c] = s
+
+
+@njit(**_PARALLEL)
+def _k_axpy(W, rows, coef, out, part, nt):
+    """out += sum_j coef[j] * W[rows[j]]; each of nt threads sums a slice of the rows into its row of part
+    (faster than splitting the columns of out across threads)."""
+    n = rows.size
+    for t in prange(nt):
+        acc = part[t]  # (cols,)
+        acc[:] = 0.0
+        for j in range(t * n // nt, (t + 1) * n // nt):
+            _row_axpy(W, rows[j], coef[j], acc)
+    _sum_parts(part, nt, out, True)
+
+
+@njit(**_PARALLEL)
+def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, nt, exact):
+    """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons into its row of part."""
+    _prep_x(x, *X)
+    n = U[0].shape[0] if active is None else active.size
+    for t in prange(nt):
+        acc = part[t]  # (n_embd,)
+        acc[:] = 0.0
+        for j in range(t * n // nt, (t + 1) * n // nt):
+            i = np.int64(j) if active is None else np.int64(active[j])
+            if G is None:  # plain FFN: h = act(up x)
+                h = _act(_row_dot(U, i, x, X, exact), act, threshold)
+            else:
+                h = _act(_row_dot(G, i, x, X, exact), act, threshold)
+                if h != 0:  # an inactive gate needs no up row either
+                    u = _row_dot(U, i, x, X, exact)
+                    h *= max(u, np.float32(0.0)) if act == ACT_DRELU else u
+            if h != 0:
+                _row_axpy(D, i, h, acc)
+    _sum_parts(part, nt, out, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight preparation and the public API
+
+class KMatrix:
+    """A weight matrix in kernel layout (see the module docstring), built once at load by `prepare`."""
+
+    def __init__(self, qtype: QT, rows: int, cols: int, w, d=None, m=None):
+        self.qtype, self.rows, self.cols = qtype, rows, cols
+        self.W = (w, d, m)  # what the kernels read
+        self.nbytes = sum(int(a.nbytes) for a in (w, d, m) if a is not None)
+        nb = cols // BLOCK if cols % BLOCK == 0 else 0  # x scratch: per-block sums and int8 quants
+        self.X = (np.zeros(nb, np.float32), np.zeros(nb * BLOCK, np.int8),
+                  np.zeros(nb, np.float32), np.zeros(nb, np.float32))
+        self.part = np.zeros((0, cols), np.float32)  # per-thread partial sums of axpy_rows / ffn, grown on use
+
+    def __repr__(self) -> str:
+        return f"KMatrix({self.qtype.name}, {self.rows}x{self.cols}, {self.nbytes} bytes)"
+
+
+def prepare(qt: QTensor) -> KMatrix:
+    """A KMatrix from a 2-D QTensor of type F32, F16, Q8_0, Q4_0 or Q4_1 (same bytes, blocks split into arrays)."""
+    if qt.qtype not in _TYPES:
+        raise ValueError(f"kernels: {qt.qtype.name} matrix {qt.shape}: type not supported "
+                         f"({', '.join(t.name for t in _TYPES)})")
+    if len(qt.shape) != 2:
+        raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
+    rows, cols = qt.shape
+    if qt.qtype == QT.F32:
+        return KMatrix(qt.qtype, rows, cols, np.ascontiguousarray(qt.data, np.float32).reshape(rows, cols))
+    if qt.qtype == QT.F16:
+        f16 = np.ascontiguousarray(qt.data, np.float16).reshape(rows, cols)
+        return KMatrix(qt.qtype, rows, cols, f16.view(np.uint16))
+    if cols % BLOCK:
+        raise ValueError(f"kernels: {qt.qtype.name} matrix {rows}x{cols}: cols not a multiple of {BLOCK}")
+    nb = cols // BLOCK
+    blocks = np.asarray(qt.data, np.uint8).reshape(rows, nb, -1)  # (rows, nb, block bytes)
+
+    def f16s(a, b):  # header bytes a:b of every block -> (rows, nb) u16
+        return np.ascontiguousarray(blocks[:, :, a:b]).view(np.uint16).reshape(rows, nb)
+
+    def quants(a, dtype):  # bytes a: of every block -> (rows, row quant bytes)
+        return np.ascontiguousarray(blocks[:, :, a:]).reshape(rows, -1).view(dtype)
+
+    if qt.qtype == QT.Q8_0:
+        return KMatrix(qt.qtype, rows, cols, quants(2, np.int8), f16s(0, 2))
+    if qt.qtype == QT.Q4_0:
+        return KMatrix(qt.qtype, rows, cols, quants(2, np.uint8), f16s(0, 2))
+    return KMatrix(qt.qtype, rows, cols, quants(4, np.uint8), f16s(0, 2), f16s(2, 4))
+
+
+def transpose(qt: QTensor, qtype: QT | None = None) -> KMatrix:
+    """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
+    re-quantized to qtype (default: the same type for F32/F16, Q8_0 otherwise)."""
+    if qtype is None:
+        qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.Q8_0
+    if len(qt.shape) != 2:
+        raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
+    return prepare(QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), qtype))
+
+
+def _check(a: np.ndarray, n: int, what: str):
+    if a.dtype != np.float32 or a.shape != (n,):
+        raise ValueError(f"kernels: {what} must be float32 ({n},), got {a.dtype} {a.shape}")
+
+
+def _parts(w: KMatrix) -> int:
+    """The thread count, after making sure w has a partial-sum row per thread (allocated once)."""
+    nt = numba.get_num_threads()
+    if w.part.shape[0] < nt:
+        w.part = np.zeros((nt, w.cols), np.float32)
+    return nt
+
+
+def matvec(w: KMatrix, x: np.ndarray, out: np.ndarray, exact: bool = False) -> None:
+    """out = W @ x.   x f32[cols], out f32[rows]. exact: f32 x instead of int8 x for block types."""
+    _check(x, w.cols, "x")
+    _check(out, w.rows, "out")
+    _k_matvec(w.W, None, x, out, w.X, exact)
+
+
+def matvec_rows(w: KMatrix, rows: np.ndarray, x: np.ndarray, out: np.ndarray, exact: bool = False) -> None:
+    """out[j] = W[rows[j]] @ x.   rows i32[k] (not bounds-checked), x f32[cols], out f32[k]."""
+    _check(x, w.cols, "x")
+    _check(out, rows.size, "out")
+    _k_matvec(w.W, rows, x, out, w.X, exact)
+
+
+def axpy_rows(w_t: KMatrix, rows: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:
+    """out += sum_j coef[j] * W_t[rows[j]].   rows i32[k] (not bounds-checked), coef f32[k], out f32[cols]."""
+    _check(coef, rows.size, "coef")
+    _check(out, w_t.cols, "out")
+    nt = _parts(w_t)
+    _k_axpy(w_t.W, rows, coef, out, w_t.part, nt)
+
+
+def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix, x: np.ndarray, act: int, threshold: float,
+        out: np.ndarray, active: np.ndarray | None = None, exact: bool = False) -> None:
+    """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
+    (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
+    Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
+    active i32[k] (not bounds-checked); exact as in matvec, for the gate and up rows."""
+    _check(x, up.cols, "x")
+    _check(out, down_t.cols, "out")
+    if down_t.rows != up.rows or (gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols)):
+        raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}, down_t {down_t}")
+    nt = _parts(down_t)
+    _k_ffn(None if gate is None else gate.W, up.W, down_t.W, x, act, np.float32(threshold), active, out,
+           up.X, down_t.part, nt, exact)

@@ -1,0 +1,207 @@
+"""The numba kernels against gguf's dequantize + numpy in float64, on small random matrices."""
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from engine import kernels as K
+from engine.qtensor import QTensor
+
+# numba's typed inliner reports the inlined helpers' loop variables from a pedantic internal check (see kernels)
+pytestmark = pytest.mark.filterwarnings("ignore:variable '_row_:numba.core.errors.NumbaIRAssumptionWarning")
+
+TYPES = [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+EXACT_TOL, INT8_TOL = 1e-4, 1e-2  # relative error of the exact paths and of the int8-activation paths
+
+
+def rel(got, ref) -> float:
+    return float(np.linalg.norm(np.asarray(got, np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def tol(qtype: QT, exact: bool) -> float:
+    return EXACT_TOL if exact or qtype in (QT.F32, QT.F16) else INT8_TOL
+
+
+def weight(rng, rows: int, cols: int, qtype: QT) -> tuple[K.KMatrix, np.ndarray]:
+    """A prepared random matrix and its float64 dequantized reference."""
+    qt = QTensor.from_float(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    return K.prepare(qt), qt.dequantize().astype(np.float64)
+
+
+def row_sets(rng, n: int) -> dict[str, np.ndarray]:
+    return {"empty": np.zeros(0, np.int32), "full": np.arange(n, dtype=np.int32),
+            "random": rng.choice(n, n // 3 + 1, replace=False).astype(np.int32)}  # unsorted, odd sizes
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_prepare_keeps_stored_size(qtype, rng):
+    qt = QTensor.from_float(rng.standard_normal((37, 96)).astype(np.float32), qtype)
+    w = K.prepare(qt)
+    assert (w.rows, w.cols, w.qtype) == (37, 96, qtype)
+    assert w.nbytes <= 1.15 * qt.nbytes
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec(qtype, exact, rng):
+    w, ref = weight(rng, 37, 96, qtype)  # odd row count
+    x = rng.standard_normal(96).astype(np.float32)
+    out = np.full(37, np.nan, np.float32)
+    K.matvec(w, x, out, exact=exact)
+    assert rel(out, ref @ x) < tol(qtype, exact)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matvec_rows(qtype, exact, rng):
+    w, ref = weight(rng, 37, 64, qtype)
+    x = rng.standard_normal(64).astype(np.float32)
+    for name, rows in row_sets(rng, 37).items():
+        out = np.full(rows.size, np.nan, np.float32)
+        K.matvec_rows(w, rows, x, out, exact=exact)
+        assert rel(out, ref[rows] @ x) < tol(qtype, exact), name
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_axpy_rows(qtype, rng):
+    w_t, ref = weight(rng, 37, 160, qtype)
+    for name, rows in row_sets(rng, 37).items():
+        coef = rng.standard_normal(rows.size).astype(np.float32)
+        out = rng.standard_normal(160).astype(np.float32)
+        want = out + coef.astype(np.float64) @ ref[rows]  # accumulates into out
+        K.axpy_rows(w_t, rows, coef, out)
+        assert rel(out, want) < EXACT_TOL, name
+
+
+def test_axpy_rows_odd_dense_width(rng):
+    """Dense types take any width."""
+    w_t, ref = weight(rng, 37, 45, QT.F16)
+    rows, coef = np.arange(37, dtype=np.int32), rng.standard_normal(37).astype(np.float32)
+    out = np.zeros(45, np.float32)
+    K.axpy_rows(w_t, rows, coef, out)
+    assert rel(out, coef @ ref) < EXACT_TOL
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_transpose(qtype, rng):
+    a = rng.standard_normal((64, 96)).astype(np.float32)
+    qt = QTensor.from_float(a, qtype)
+    w_t = K.transpose(qt)
+    assert (w_t.rows, w_t.cols) == (96, 64)
+    assert w_t.qtype == (qtype if qtype in (QT.F32, QT.F16) else QT.Q8_0)
+    x = rng.standard_normal(64).astype(np.float32)
+    out = np.zeros(96, np.float32)
+    K.matvec(w_t, x, out, exact=True)
+    want = QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), w_t.qtype).dequantize().astype(np.float64)
+    assert rel(out, want @ x) < EXACT_TOL
+
+
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def ffn_reference(g, u, d_t, x, act, threshold, active):
+    """float64 FFN over the active neurons; g None for a plain FFN."""
+    fns = {K.ACT_SILU: silu, K.ACT_RELU: lambda v: np.maximum(v, 0),
+           K.ACT_FATRELU: lambda v: np.where(v > threshold, v, 0), K.ACT_DRELU: lambda v: np.maximum(v, 0)}
+    f = fns[act]
+    up = u @ x
+    if g is None:
+        h = f(up)
+    else:
+        h = f(g @ x) * (np.maximum(up, 0) if act == K.ACT_DRELU else up)
+    idx = np.arange(len(h)) if active is None else active
+    return h[idx] @ d_t[idx]
+
+
+def ffn_case(rng, qtype, n_embd=64, n_ff=96, gated=True):
+    """gate, up (n_ff, n_embd) of qtype, down_t (n_ff, n_embd) from transposing a (n_embd, n_ff) down."""
+    gate, g = weight(rng, n_ff, n_embd, qtype) if gated else (None, None)
+    up, u = weight(rng, n_ff, n_embd, qtype)
+    down = QTensor.from_float(rng.standard_normal((n_embd, n_ff)).astype(np.float32), qtype)
+    down_t = K.transpose(down)
+    d_t = QTensor.from_float(np.ascontiguousarray(down.dequantize().T), down_t.qtype).dequantize()
+    x = (rng.standard_normal(n_embd) / np.sqrt(n_embd)).astype(np.float32)
+    return (gate, up, down_t, x), (g, u, d_t.astype(np.float64))
+
+
+@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_RELU, K.ACT_FATRELU, K.ACT_DRELU],
+                         ids=["silu", "relu", "fatrelu", "drelu"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_ffn_activations(act, gated, rng):
+    (gate, up, down_t, x), (g, u, d_t) = ffn_case(rng, QT.Q4_1, gated=gated)
+    active_sets = {"all (None)": None, **row_sets(rng, up.rows)}
+    for name, active in active_sets.items():
+        want = ffn_reference(g, u, d_t, x, act, 0.25, active)
+        for exact in (True, False):
+            out = np.full(64, np.nan, np.float32)  # overwritten, not accumulated
+            K.ffn(gate, up, down_t, x, act, 0.25, out, active, exact=exact)
+            if name == "empty":
+                assert not out.any()
+            elif exact or act in (K.ACT_SILU, K.ACT_RELU, K.ACT_DRELU):
+                # int8 x can move FATReLU's g across its threshold, a jump of ~t: only the exact path there
+                assert rel(out, want) < tol(QT.Q4_1, exact), (name, exact)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_ffn_types(qtype, rng):
+    (gate, up, down_t, x), (g, u, d_t) = ffn_case(rng, qtype)
+    active = row_sets(rng, up.rows)["random"]
+    for exact in (True, False):
+        out = np.zeros(64, np.float32)
+        K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, out, active, exact=exact)
+        assert rel(out, ffn_reference(g, u, d_t, x, K.ACT_SILU, 0.0, active)) < tol(qtype, exact)
+
+
+def test_ffn_thread_counts(rng):
+    """Per-thread partial sums give the same result whatever the thread count."""
+    (gate, up, down_t, x), _ = ffn_case(rng, QT.Q4_1)
+    outs = []
+    for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(n)
+        outs.append(np.zeros(64, np.float32))
+        K.ffn(gate, up, down_t, x, K.ACT_RELU, 0.0, outs[-1], exact=True)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert rel(outs[0], outs[-1].astype(np.float64)) < 1e-6
+
+
+def test_rejects_unsupported(rng):
+    a = rng.standard_normal((4, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="BF16"):
+        K.prepare(QTensor.from_float(a, QT.BF16))
+    with pytest.raises(ValueError, match="2-D"):
+        K.prepare(QTensor.from_float(a[0], QT.F32))
+    for qtype, block_bytes in ((QT.Q8_0, 34), (QT.Q4_0, 18), (QT.Q4_1, 20)):
+        bad = QTensor(qtype, (4, 48), np.zeros((4, 2 * block_bytes), np.uint8))  # 48 cols: 1.5 blocks
+        with pytest.raises(ValueError, match=f"{qtype.name}.*4x48"):
+            K.prepare(bad)
+    w = K.prepare(QTensor.from_float(a, QT.Q8_0))
+    with pytest.raises(ValueError, match="x must be"):
+        K.matvec(w, np.zeros(32, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="x must be"):
+        K.matvec(w, np.zeros(64), np.zeros(4, np.float32))
+
+
+def test_jit_cache_is_used_by_a_new_process(rng):
+    """cache=True works from the installed package: a fresh process loads the kernels this one compiled."""
+    w, _ = weight(rng, 8, 64, QT.Q4_1)
+    K.matvec(w, np.ones(64, np.float32), np.zeros(8, np.float32))
+    code = ("import numpy as np; from engine import kernels as K; from engine.qtensor import QTensor; "
+            "from gguf import GGMLQuantizationType as QT; "
+            "w = K.prepare(QTensor.from_float(np.ones((8, 64), np.float32), QT.Q4_1)); "
+            "K.matvec(w, np.ones(64, np.float32), np.zeros(8, np.float32)); "
+            "print(sum(K._k_matvec.stats.cache_hits.values()), sum(K._k_matvec.stats.cache_misses.values()))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    hits, misses = map(int, res.stdout.split())
+    assert (hits, misses) == (1, 0)
