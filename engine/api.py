@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from .config import HotcoldError
 from .loader import Checkpoint, load_checkpoint
 from .model import TorchModel
+from .sparsity import Sparsifier, SparsityConfig, attach, batched_net, down_norms, fingerprint
 
 DEFAULT_CTX = 2048
 
@@ -63,16 +65,39 @@ def set_threads(n: int | None) -> None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None) -> Model:
+BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 torch reference
+
+
+def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
+         sparsity: str | SparsityConfig | None = None, backend: str = "kernels") -> Model:
     set_threads(threads)
-    return Model(load_checkpoint(model), n_ctx)
+    return Model(load_checkpoint(model), n_ctx, sparsity, backend)
 
 
 class Model:
-    def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX):
+    def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX, sparsity: str | SparsityConfig | None = None,
+                 backend: str = "kernels"):
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
-        self.n_ctx = n_ctx
-        self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
+        self.n_ctx, self.backend = n_ctx, backend
+        if backend == "kernels":
+            from .cpu import KernelModel
+            self.net = KernelModel(self.config, ckpt.tensors, n_ctx)
+        else:
+            self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
+        self.set_sparsity(sparsity)
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """Identifies the model to its sparsity configs and profiles (engine/sparsity.py)."""
+        return fingerprint(self.config, self.ckpt.tensors)
+
+    def set_sparsity(self, sparsity: str | SparsityConfig | None) -> None:
+        """Skip FFN neurons below a sparsity config's thresholds (a JSON path or a config); None: dense."""
+        if isinstance(sparsity, str):
+            sparsity = SparsityConfig.load(sparsity, self.fingerprint)
+        self.sparsity = None if sparsity is None else Sparsifier(sparsity.thresholds,
+                                                                  down_norms(batched_net(self.net)))
+        attach(self.net, self.sparsity)
 
     # --- text <-> ids -------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
@@ -97,6 +122,8 @@ class Model:
                                " (raise --ctx)")
         n = min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
+        if self.sparsity is not None:
+            self.sparsity.reset()
         t0 = time.perf_counter()
         logits = self.net.forward(prompt_ids, 0)
         t1 = time.perf_counter()
@@ -119,14 +146,13 @@ class Model:
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
                  "prefill_tok_s": len(prompt_ids) / (t1 - t0),
                  "decode_tok_s": decoded / (t2 - t1) if decoded else 0.0}
+        if self.sparsity is not None:
+            stats["sparsity"] = self.sparsity.sparsity()
         return Completion(self.detokenize(out), out, list(prompt_ids), stats)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
-        w = self.net.w
-        lm_head = w["token_embd.weight" if self.config.tied_embeddings else "output.weight"]
-        return sum(t.numel() * t.element_size() for k, t in w.items() if k != "token_embd.weight") + (
-            lm_head.numel() * lm_head.element_size() if self.config.tied_embeddings else 0)
+        return self.net.decode_bytes_per_token()
 
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> dict:
@@ -139,6 +165,8 @@ class Model:
                                f"first chunk {first_chunk} does not exist")
         last = available if chunks is None else min(available, first_chunk + chunks)
         nll, count = 0.0, 0
+        if self.sparsity is not None:
+            self.sparsity.reset()
         start = ctx // 2
         for k in range(first_chunk, last):
             chunk = tokens[k * ctx:(k + 1) * ctx]
@@ -149,4 +177,7 @@ class Model:
             count += len(target)
             if progress is not None:
                 progress(k, math.exp(nll / count))
-        return {"ppl": math.exp(nll / count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
+        res = {"ppl": math.exp(nll / count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
+        if self.sparsity is not None:
+            res["sparsity"] = self.sparsity.sparsity()
+        return res

@@ -80,9 +80,14 @@ class TorchModel:
         self.cos, self.sin = rope_tables(c, n_ctx)
         kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
         self.k_cache, self.v_cache = torch.zeros(kv), torch.zeros(kv)
+        self.sparsity = None  # optional engine.sparsity.Sparsifier: zeroes h's inactive neurons before `down`
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
 
     CHUNK = 4096
+
+    def decode_bytes_per_token(self) -> int:
+        shapes = [t.shape for k, t in self.q.items() if k != "token_embd.weight" or self.c.tied_embeddings]
+        return sum(int(np.prod(s)) * 4 for s in shapes)
 
     def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         name = self.alias.get(name, name)
@@ -150,6 +155,8 @@ class TorchModel:
             x = x + self.attention(i, rms_norm(x, w[blk(i, "attn_norm")], c.rms_eps), pos)
             xn = rms_norm(x, w[blk(i, "ffn_norm")], c.rms_eps)
             h = self.ffn(i, xn)  # (T, n_ff)
+            if self.sparsity is not None:
+                h = self.sparsity(i, h)  # below-threshold neurons contribute nothing
             if self.ffn_hook is not None:
                 h = self.ffn_hook(i, x, h)
             x = x + self.down(i, h)

@@ -9,18 +9,22 @@ import sys
 from engine.config import HotcoldError
 
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
+SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
 
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--backend", choices=("kernels", "torch"), default="kernels",
+                   help="kernels: numba on the stored blocks (default); torch: float32 reference")
     if ctx:
         p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
 
 
 def load_model(args, n_ctx: int | None = None):
     from engine.api import load
-    return load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads)
+    return load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
+                backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None))
 
 
 def read_text(path: str) -> str:
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text")
@@ -137,14 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed")
     add_model_args(p)
     p.add_argument("-n", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default 128)")
+    p.add_argument("--compare", action="store_true",
+                   help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
+    p.add_argument("--sparsity-levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.5, 0.9],
+                   help="FFN sparsities for --compare's sparse rows (default 0.1,0.5,0.9)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+    __import__("tools.predict").predict.add_command(sub)
+    __import__("tools.calibrate").calibrate.add_commands(sub)  # profile, calibrate
     return ap
 
 

@@ -1,0 +1,197 @@
+"""Which FFN neurons are active: the rule, the per-layer thresholds that set it, and the file that keeps them.
+
+A neuron i is active for a token when its contribution score |h_i| * ||down[:, i]|| is above its layer's
+threshold, h = act(gate x) * up x being the FFN's hidden activation. Threshold 0 means the exact rule of
+ReLU-family models, h_i != 0: skipping the other neurons changes nothing. SiLU models have no natural zeros;
+their thresholds are calibrated (tools/calibrate.py) and saved as JSON together with the fingerprint of the
+model they were calibrated on, so that a config is never applied to another model.
+
+`Sparsifier` is what the engine runs: it zeroes the inactive neurons of h before the down projection (a
+kernel path skips their rows instead) and counts how many stayed active. The profiler uses its `mask`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import HotcoldError, ModelConfig, blk
+
+EXACT_ACTS = ("relu", "fatrelu", "drelu")  # activations with natural zeros: h_i != 0 is exact
+FINGERPRINT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")  # layer 0's, hashed as stored
+CONFIG_KEYS = ("thresholds", "fingerprint")  # required in a sparsity JSON
+
+
+def fingerprint(c: ModelConfig, tensors: dict) -> dict:
+    """What identifies a model for profiles and sparsity configs: its shape, activation and layer 0's FFN."""
+    sha = hashlib.sha256()
+    for name in FINGERPRINT_TENSORS:
+        t = tensors.get(blk(0, name))
+        if t is not None:
+            sha.update(np.ascontiguousarray(t.data).data)
+    return {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "act": c.act,
+            "ffn0_sha256": sha.hexdigest()[:16]}
+
+
+def check_fingerprint(found: dict, expected: dict, path: str, what: str) -> None:
+    """Refuse `what` at `path` when it was made for another model, naming the first difference."""
+    for k, v in expected.items():
+        if found.get(k) != v:
+            raise HotcoldError(f"{path}: {what} of another model ({k} {found.get(k)!r}, this model has {v!r})")
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.write("\n")
+    write_atomic(path, write)
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except FileNotFoundError:
+        raise HotcoldError(f"{path}: no such file") from None
+    except OSError as e:
+        raise HotcoldError(f"{path}: unreadable ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HotcoldError(f"{path}: not a {what} (invalid JSON: {e})") from None
+    if not isinstance(obj, dict):
+        raise HotcoldError(f"{path}: not a {what} (a JSON object expected)")
+    return obj
+
+
+@dataclass
+class SparsityConfig:
+    thresholds: list[float]  # per layer, on the contribution score; 0 = the exact rule h_i != 0
+    fingerprint: dict  # of the model it belongs to (see `fingerprint`)
+    method: str = "exact"  # how the thresholds were found: exact | quantile | cett | greedy
+    cett: float | None = None  # mean CETT of the skipped neurons over the calibration tokens
+    layer_sparsity: list[float] = field(default_factory=list)  # on the calibration tokens
+    calibration: dict = field(default_factory=dict)  # corpus, tokens, target, measured perplexities
+
+    @staticmethod
+    def exact(c: ModelConfig, fp: dict) -> SparsityConfig:
+        return SparsityConfig([0.0] * c.n_layer, fp)
+
+    def save(self, path: str) -> None:
+        write_json(path, asdict(self))
+
+    @staticmethod
+    def load(path: str, expected: dict) -> SparsityConfig:
+        """Read a sparsity JSON and refuse it unless it was made for the model of fingerprint `expected`."""
+        obj = read_json(path, "sparsity config")
+        missing = [k for k in CONFIG_KEYS if k not in obj]
+        if missing:
+            raise HotcoldError(f"{path}: not a sparsity config (no {missing[0]!r})")
+        check_fingerprint(obj["fingerprint"], expected, path, "sparsity config")
+        known = set(SparsityConfig.__dataclass_fields__)
+        cfg = SparsityConfig(**{k: v for k, v in obj.items() if k in known})
+        thr = cfg.thresholds
+        if len(thr) != expected["n_layer"] or not all(isinstance(t, (int, float)) and t >= 0 for t in thr):
+            raise HotcoldError(f"{path}: thresholds must be {expected['n_layer']} numbers >= 0")
+        return cfg
+
+
+def batched_net(net):
+    """The TorchModel that runs batched forwards: the net itself, or the kernel engine's prefill."""
+    return getattr(net, "torch", net)
+
+
+def attach(net, sp: Sparsifier | None) -> None:
+    """Threshold a model's FFN path with `sp` (None: dense): batched forwards, and the kernel engine's decode."""
+    batched_net(net).sparsity = sp
+    if hasattr(net, "select"):
+        net.select = None if sp is None else KernelSelector(net, sp)
+
+
+def down_rows(net, i: int) -> torch.Tensor:
+    """Layer i's down projection of a TorchModel as one output row per neuron: (n_ff, n_embd)."""
+    c = net.c
+    if net.down_t:
+        return net.rows(blk(i, "ffn_down_t"), 0, c.n_ff)
+    return net.rows(blk(i, "ffn_down"), 0, c.n_embd).T
+
+
+def down_norms(net) -> torch.Tensor:
+    """||down[:, i]|| of every neuron of a TorchModel: (n_layer, n_ff)."""
+    return torch.stack([down_rows(net, i).norm(dim=1) for i in range(net.c.n_layer)])
+
+
+def contribution(h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The score |h_i| * ||down[:, i]||: (T, n_ff) for h (T, n_ff) and norm (n_ff,)."""
+    return h.abs() * norm
+
+
+class Sparsifier:
+    """Zeroes inactive neurons of h in the FFN path and counts the active ones per layer."""
+
+    def __init__(self, thresholds: list[float], norms: torch.Tensor):
+        self.thresholds = [float(t) for t in thresholds]
+        self.norms = norms  # (n_layer, n_ff)
+        self.active = torch.zeros(len(thresholds), dtype=torch.float64)  # active neuron-token pairs per layer
+        self.seen = torch.zeros(len(thresholds), dtype=torch.float64)  # all neuron-token pairs per layer
+
+    def mask(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Active neurons of layer i: bool (T, n_ff) for h (T, n_ff)."""
+        t = self.thresholds[i]
+        return h != 0 if t <= 0 else contribution(h, self.norms[i]) > t
+
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        m = self.mask(i, h)  # (T, n_ff)
+        self.active[i] += m.sum()
+        self.seen[i] += m.numel()
+        return h.masked_fill(~m, 0.0)
+
+    def reset(self) -> None:
+        self.active.zero_()
+        self.seen.zero_()
+
+    def layer_sparsity(self) -> list[float]:
+        return (1 - self.active / self.seen.clamp(min=1)).tolist()
+
+    def sparsity(self) -> float:
+        """Inactive / all neurons, per layer averaged over tokens, then over layers (DESIGN.md: Metrics)."""
+        return float(np.mean(self.layer_sparsity()))
+
+
+class KernelSelector:
+    """The kernel engine's per-layer decode hook: active neuron ids of one token by the thresholds.
+
+    It runs the gate and up rows once more to know h: exact, not fast. A predictor replaces it on the fast path."""
+
+    def __init__(self, net, sp: Sparsifier):
+        self.net, self.sp = net, sp
+        self.g = np.zeros(net.c.n_ff, np.float32)  # scratch, allocated once
+        self.u = np.zeros(net.c.n_ff, np.float32)
+
+    def __call__(self, i: int, x: np.ndarray, xn: np.ndarray) -> np.ndarray:
+        from .kernels import matvec
+        from .model import ffn_activation
+        c, layer = self.net.c, self.net.layers[i]
+        matvec(layer.up, xn, self.u)
+        u = torch.from_numpy(self.u)[None]  # (1, n_ff)
+        if layer.gate is None:
+            h = ffn_activation(u, None, c.act, c.act_threshold)
+        else:
+            matvec(layer.gate, xn, self.g)
+            h = ffn_activation(torch.from_numpy(self.g)[None], u, c.act, c.act_threshold)
+        return np.flatnonzero(self.sp(i, h)[0].numpy()).astype(np.int32)

@@ -1,0 +1,255 @@
+"""Predictor bundles (our format) and PowerInfer predictor directories (theirs), read and written.
+
+A bundle is a directory:
+
+  predictors.safetensors   blk.N.fc1.weight (rank_N, n_embd), blk.N.fc2.weight (n_ff, rank_N): F16 when the
+                           weights are float16 values (train_layer rounds them so), else F32; ranks may differ
+  manifest.json            {"format": "hotcold-predictors", "version": 1,
+                            "fingerprint": model_fingerprint(ckpt),  the model the predictors were trained for
+                            "tensors_sha256": of predictors.safetensors, so that a mismatched pair is caught,
+                            "layers": [{"rank", "threshold", "metrics": {...}}],  validation metrics per layer
+                            "sparsity": {...}, "corpus": {...}, "training": {...}}  how the labels were made
+
+Both files are written to a temporary name and renamed, the manifest last. Loading checks the fingerprint before
+anything else, so a bundle is never applied to another model (a SiLU model and its ReLU twin share weights but
+not activations, so the activation is part of the fingerprint).
+
+A PowerInfer directory holds model_N.pt state dicts ({"fc1.weight", "fc2.weight"}) and an optional config.json
+{"sparse_threshold": T}. PowerInfer has one threshold for all layers, ours are per layer: the predictors are
+positively homogeneous (no biases), so fc2 scaled by c > 0 moves layer N's threshold t to c t, and scaling each
+layer's fc2 by T / t_N gives all of them the same T (see `fold_thresholds`).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from engine.config import HotcoldError, blk
+from engine.sparsity import check_fingerprint, read_json, write_atomic, write_json
+
+from .model import Predictor
+
+FORMAT, VERSION = "hotcold-predictors", 1
+TENSORS, MANIFEST = "predictors.safetensors", "manifest.json"
+HASH_BYTES = 1 << 20  # per FFN tensor, hashed whole up to this size; beyond, evenly spaced rows of about this size
+PI_CONFIG = "config.json"
+FOLD_MAX_SCALE = 256.0  # largest factor fold_thresholds puts on fc2 (PowerInfer stores it as F16)
+
+
+# --- which model a bundle belongs to ---------------------------------------------------------------------
+def sample_bytes(a: np.ndarray) -> bytes:
+    """The raw bytes of a stored tensor, or of evenly spaced rows of it when it is bigger than HASH_BYTES."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= HASH_BYTES or a.ndim < 2:
+        return a.tobytes()
+    n = max(1, HASH_BYTES * a.shape[0] // a.nbytes)  # rows to take
+    return a[np.linspace(0, a.shape[0] - 1, n).round().astype(np.int64)].tobytes()
+
+
+def model_fingerprint(ckpt) -> dict:
+    """Architecture, dimensions, activation, and a sha256 of every layer's ffn_gate and ffn_up as stored.
+
+    ckpt: an engine.loader.Checkpoint (anything with .config and .tensors of QTensors). The same model stored in
+    another format (Q4_1 GGUF against F32 safetensors) hashes differently: its predictors would differ too."""
+    c = ckpt.config
+    sha = hashlib.sha256()
+    for i in range(c.n_layer):
+        for name in ("ffn_gate", "ffn_up"):
+            t = ckpt.tensors.get(blk(i, name))
+            if t is None:  # a plain FFN has no gate
+                continue
+            sha.update(f"{blk(i, name)} {t.qtype.name} {tuple(t.shape)}".encode())
+            sha.update(sample_bytes(t.data))
+    return {"arch": c.arch, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "act": c.act,
+            "act_threshold": c.act_threshold, "ffn_gated": c.ffn_gated, "ffn_sha256": sha.hexdigest()[:16]}
+
+
+# --- our bundle ----------------------------------------------------------------------------------------
+@dataclass
+class Bundle:
+    predictors: list[Predictor]
+    thresholds: list[float]  # per layer, on the logits: active when logits >= threshold
+    fingerprint: dict  # model_fingerprint of the model trained for
+    metrics: list[dict] = field(default_factory=list)  # per layer, on the validation split
+    sparsity: dict = field(default_factory=dict)  # the sparsity config that defined "active" in the labels
+    corpus: dict = field(default_factory=dict)  # what the samples came from
+    training: dict = field(default_factory=dict)  # recall target, epochs, lr, ...
+    path: str | None = None  # where it was loaded from
+
+    def __post_init__(self):
+        self.thresholds = [float(t) for t in self.thresholds]
+        where = self.path or "predictor bundle"
+        fp = self.fingerprint
+        if not (len(self.predictors) == len(self.thresholds) == fp.get("n_layer")):
+            raise HotcoldError(f"{where}: {len(self.predictors)} predictors and {len(self.thresholds)} thresholds "
+                               f"for a model of {fp.get('n_layer')} layers")
+        for i, p in enumerate(self.predictors):
+            if (p.n_embd, p.n_ff) != (fp.get("n_embd"), fp.get("n_ff")):
+                raise HotcoldError(f"{where}: layer {i} predictor maps {p.n_embd} -> {p.n_ff}, the model has "
+                                   f"n_embd {fp.get('n_embd')} and n_ff {fp.get('n_ff')}")
+        if not all(np.isfinite(self.thresholds)):
+            raise HotcoldError(f"{where}: thresholds must be finite numbers")
+
+    @property
+    def ranks(self) -> list[int]:
+        return [p.rank for p in self.predictors]
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.n_params for p in self.predictors)
+
+    def active(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """bool (T, n_ff): layer's neurons predicted active for FFN inputs x (T, n_embd)."""
+        return self.predictors[layer].active(x, self.thresholds[layer])
+
+    def save(self, path: str) -> None:
+        """predictors.safetensors, then manifest.json naming its sha256; each written to a temporary and renamed."""
+        os.makedirs(path, exist_ok=True)
+        tensors = {}
+        for i, p in enumerate(self.predictors):
+            for name, w in (("fc1", p.fc1.weight), ("fc2", p.fc2.weight)):
+                w = w.detach().float().cpu()
+                half = w.half()
+                tensors[blk(i, name)] = half if torch.equal(half.float(), w) else w.contiguous()
+        st = os.path.join(path, TENSORS)
+        write_atomic(st, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        layers = [{"rank": p.rank, "threshold": t, "metrics": self.metrics[i] if i < len(self.metrics) else {}}
+                  for i, (p, t) in enumerate(zip(self.predictors, self.thresholds))]
+        write_json(os.path.join(path, MANIFEST), {
+            "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "tensors_sha256": file_sha256(st),
+            "layers": layers, "sparsity": self.sparsity, "corpus": self.corpus, "training": self.training})
+
+
+def file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
+    """Read a bundle; with expect_fingerprint, refuse one trained for another model (HotcoldError, one line)."""
+    mpath, st = os.path.join(path, MANIFEST), os.path.join(path, TENSORS)
+    if not os.path.isdir(path):
+        raise HotcoldError(f"{path}: no such predictor bundle (a directory with {MANIFEST} and {TENSORS})")
+    m = read_json(mpath, "predictor bundle manifest")
+    if m.get("format") != FORMAT:
+        raise HotcoldError(f"{mpath}: not a predictor bundle manifest (format {m.get('format')!r})")
+    if m.get("version") != VERSION:
+        raise HotcoldError(f"{mpath}: bundle version {m.get('version')!r}, this hotcold reads version {VERSION}")
+    missing = [k for k in ("fingerprint", "tensors_sha256", "layers") if k not in m]
+    if missing:
+        raise HotcoldError(f"{mpath}: not a predictor bundle manifest (no {missing[0]!r})")
+    if expect_fingerprint is not None:
+        check_fingerprint(m["fingerprint"], expect_fingerprint, path, "predictor bundle")
+    if not os.path.exists(st):
+        raise HotcoldError(f"{st}: no such file (the bundle is incomplete)")
+    if file_sha256(st) != m["tensors_sha256"]:
+        raise HotcoldError(f"{st}: does not match {MANIFEST} (tensors_sha256 differs); rewrite the bundle")
+    try:
+        tensors = load_file(st)
+    except (SafetensorError, OSError) as e:
+        raise HotcoldError(f"{st}: unreadable safetensors ({e})") from None
+    layers = m["layers"]
+    preds = []
+    for i, layer in enumerate(layers):
+        fc1, fc2 = tensors.get(blk(i, "fc1")), tensors.get(blk(i, "fc2"))
+        if fc1 is None or fc2 is None:
+            raise HotcoldError(f"{st}: missing {blk(i, 'fc1' if fc1 is None else 'fc2')}")
+        if fc1.shape[0] != layer.get("rank"):
+            raise HotcoldError(f"{st}: {blk(i, 'fc1')} has rank {fc1.shape[0]}, the manifest says {layer.get('rank')}")
+        preds.append(from_weights(fc1, fc2, f"{st}: layer {i}"))
+    return Bundle(preds, [layer.get("threshold", float("nan")) for layer in layers], m["fingerprint"],
+                  [layer.get("metrics", {}) for layer in layers], m.get("sparsity", {}), m.get("corpus", {}),
+                  m.get("training", {}), path)
+
+
+def from_weights(fc1: torch.Tensor, fc2: torch.Tensor, where: str) -> Predictor:
+    try:
+        return Predictor.from_weights(fc1.float(), fc2.float())
+    except ValueError as e:
+        raise HotcoldError(f"{where}: {e}") from None
+
+
+# --- PowerInfer predictor directories ------------------------------------------------------------------
+def fold_thresholds(predictors: list[Predictor], thresholds: float | list[float]) -> tuple[list[Predictor], float,
+                                                                                                list[float]]:
+    """Per-layer thresholds folded into fc2 scales under one global threshold T, as PowerInfer wants.
+
+    Returns (scaled copies, T, the threshold each original predictor effectively gets). Exact whenever the
+    thresholds share a sign and none is smaller than 1 / FOLD_MAX_SCALE in size (T = -1 or +1, fc2 times
+    T / t_N). Otherwise a layer whose threshold cannot be reached gets -1 / FOLD_MAX_SCALE under T = -1: lower
+    than it asked for, so its recall can only rise (and its sparsity fall a little); the returned list says so.
+    """
+    ts = [float(thresholds)] * len(predictors) if np.isscalar(thresholds) else [float(t) for t in thresholds]
+    if len(ts) != len(predictors):
+        raise ValueError(f"{len(ts)} thresholds for {len(predictors)} predictors")
+    if len(set(ts)) <= 1:
+        return list(predictors), (ts[0] if ts else 0.0), ts
+    big = 1.0 / FOLD_MAX_SCALE
+    sign = 1.0 if all(t >= big for t in ts) else -1.0
+    scales = [1.0 / abs(t) if sign * t >= big else FOLD_MAX_SCALE for t in ts]
+    out = []
+    for p, c in zip(predictors, scales):
+        out.append(Predictor.from_weights(p.fc1.weight.detach(), p.fc2.weight.detach() * c))
+    return out, sign, [sign / c for c in scales]
+
+
+def write_powerinfer_dir(path: str, predictors: list[Predictor], threshold: float | list[float]) -> list[float]:
+    """model_N.pt ({"fc1.weight", "fc2.weight"}, float32) and config.json {"sparse_threshold": T}.
+
+    threshold: one for all layers, or one per layer (folded into fc2, see `fold_thresholds`). Returns the
+    threshold each layer effectively gets, which differs from the one asked for only where folding was inexact."""
+    scaled, t, effective = fold_thresholds(predictors, threshold)
+    os.makedirs(path, exist_ok=True)
+    for i, f in pt_files(path).items():
+        if i >= len(scaled):  # left by an earlier export of a deeper model: would read as extra layers
+            os.remove(f)
+    for i, p in enumerate(scaled):
+        sd = {"fc1.weight": p.fc1.weight.detach().float().contiguous(),
+              "fc2.weight": p.fc2.weight.detach().float().contiguous()}
+        write_atomic(os.path.join(path, f"model_{i}.pt"), lambda tmp, sd=sd: torch.save(sd, tmp))
+    write_json(os.path.join(path, PI_CONFIG), {"sparse_threshold": t})
+    return effective
+
+
+def pt_files(path: str) -> dict[int, str]:
+    """{N: path of model_N.pt} in a directory."""
+    names = (os.path.basename(f) for f in glob.glob(os.path.join(path, "model_*.pt")))
+    found = (re.fullmatch(r"model_(\d+)\.pt", n) for n in names)
+    return {int(m.group(1)): os.path.join(path, m.group(0)) for m in found if m}
+
+
+def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
+    """Predictors model_0.pt .. model_{L-1}.pt and the threshold of config.json (0 without one) for every layer."""
+    files = pt_files(path)
+    if not files:
+        raise HotcoldError(f"{path}: not a PowerInfer predictor directory (no model_N.pt files)")
+    gaps = sorted(set(range(max(files) + 1)) - set(files))
+    if gaps:
+        raise HotcoldError(f"{path}: model_{gaps[0]}.pt is missing (found layers up to {max(files)})")
+    preds = []
+    for i in range(len(files)):
+        try:
+            sd = torch.load(files[i], map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch's own errors alike: the file is not a plain state dict
+            raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or "fc1.weight" not in sd or "fc2.weight" not in sd:
+            keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+            raise HotcoldError(f"{files[i]}: expected a state dict with fc1.weight and fc2.weight, found {keys}")
+        preds.append(from_weights(sd["fc1.weight"], sd["fc2.weight"], files[i]))
+    t = 0.0
+    if os.path.exists(os.path.join(path, PI_CONFIG)):
+        t = read_json(os.path.join(path, PI_CONFIG), "PowerInfer predictor config").get("sparse_threshold", 0.0)
+        if not isinstance(t, (int, float)):
+            raise HotcoldError(f"{os.path.join(path, PI_CONFIG)}: sparse_threshold must be a number, got {t!r}")
+    return preds, [float(t)] * len(preds)

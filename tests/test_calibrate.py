@@ -1,0 +1,117 @@
+"""`hotcold calibrate` and `--sparsity`: thresholds for a target or a perplexity bound, refused on other models,
+applied in the FFN path of every command."""
+import json
+import os
+
+import pytest
+
+from engine.api import load
+from engine.config import HotcoldError
+from engine.sparsity import SparsityConfig
+from tiny_model import tiny_config, tiny_weights, write_gguf
+from tools.calibrate import calibrate, split_corpus
+from tools.cli import main
+
+CTX = 32
+TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for act, seed in (("silu", 0), ("silu", 1), ("relu", 0)):
+        c = tiny_config(act)
+        paths[act, seed] = write_gguf(str(d / f"{act}{seed}.gguf"), c, tiny_weights(c, seed))
+    corpus = d / "corpus.txt"
+    corpus.write_text(TEXT)
+    return paths, str(corpus)
+
+
+def cli_calibrate(tiny, out, *goal, model=("silu", 0)):
+    return main(["calibrate", "-m", tiny[0][model], "-f", tiny[1], *goal, "--tokens", "96", "--heldout-tokens",
+                 "128", "--ctx", str(CTX), "-o", str(out), "-t", "1", "--json", "--backend", "torch"])
+
+
+def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert cli_calibrate(tiny, out, "--target-sparsity", "0.5") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) >= {"sparsity", "ppl_dense", "ppl_sparse", "cett"}
+    assert abs(res["sparsity"] - 0.5) < 0.1 and 0 < res["cett"] < 1
+    cfg = json.loads(out.read_text())
+    assert cfg["method"] == "quantile" and len(cfg["thresholds"]) == 2 and min(cfg["thresholds"]) > 0
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    # the config applies to its own model in every command, and to no other model
+    assert main(["perplexity", "-m", tiny[0]["silu", 0], "-f", tiny[1], "--ctx", str(CTX), "--sparsity",
+                 str(out), "--json", "-t", "1"]) == 0
+    assert 0.3 < json.loads(capsys.readouterr().out)["sparsity"] < 0.7
+    for other in (("silu", 1), ("relu", 0)):
+        with pytest.raises(HotcoldError, match=f"{out}: sparsity config of another model"):
+            load(tiny[0][other], n_ctx=CTX, threads=1, sparsity=str(out))
+        assert main(["perplexity", "-m", tiny[0][other], "-f", tiny[1], "--ctx", str(CTX), "--sparsity",
+                     str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "another model" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["quantile", "cett", "greedy"])
+def test_ppl_bound_is_met_on_heldout_text(tiny, tmp_path, method):
+    model = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch")
+    tokens, heldout = split_corpus(model, [tiny[1]], 96, 128, CTX)
+    cfg, res = calibrate(model, tokens, heldout, CTX, method, ppl_increase=3.0)
+    assert res["ppl_sparse"] <= res["ppl_dense"] * 1.03 and res["sparsity"] > 0.05
+    path = str(tmp_path / "s.json")
+    cfg.save(path)
+    again = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch", sparsity=path)
+    assert again.perplexity(heldout, CTX)["ppl"] == pytest.approx(res["ppl_sparse"], rel=1e-9)
+    assert again.perplexity(heldout, CTX)["sparsity"] == pytest.approx(res["sparsity"], abs=1e-9)
+
+
+def test_generate_with_sparsity_on_both_backends(tiny, tmp_path):
+    model = load(tiny[0]["silu", 0], n_ctx=64, threads=1, backend="torch")
+    path = str(tmp_path / "s.json")
+    SparsityConfig([0.05, 0.05], model.fingerprint, "manual").save(path)
+    ids = model.tokenize("the cat sat on")
+    outs = []
+    for backend in ("torch", "kernels"):
+        m = load(tiny[0]["silu", 0], n_ctx=64, threads=1, backend=backend, sparsity=path)
+        out = m.generate(ids, 8, ignore_stop=True)
+        assert 0.2 < out.stats["sparsity"] < 0.9
+        outs.append(out.token_ids)
+    assert outs[0] == outs[1]  # the kernel decode skips the same neurons as the torch path zeroes
+
+
+def test_bad_configs_are_refused(tiny, tmp_path):
+    fp = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch").fingerprint
+    cases = {"garbage": "{not json", "list": "[1, 2]", "no thresholds": json.dumps({"fingerprint": fp}),
+             "short": json.dumps({"thresholds": [0.1], "fingerprint": fp}),
+             "negative": json.dumps({"thresholds": [0.1, -1], "fingerprint": fp})}
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        with pytest.raises(HotcoldError, match=str(path)):
+            SparsityConfig.load(str(path), fp)
+    with pytest.raises(HotcoldError, match="no such file"):
+        SparsityConfig.load(str(tmp_path / "missing.json"), fp)
+
+
+def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):
+    assert main(["calibrate", "-m", tiny[0]["silu", 0], "-f", tiny[1], "--target-sparsity", "0.5", "--tokens",
+                 "4096", "--ctx", str(CTX), "-o", str(tmp_path / "s.json")]) == 2
+    assert "fewer than --tokens 4096" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_ppl_bound_holds_on_heldout_text(data_dir, tmp_path):
+    """SmolLM2 calibrated on tiny-shakespeare: the config keeps held-out perplexity within 2% of dense."""
+    model = load(None, n_ctx=256, threads=2, backend="torch")
+    tokens, heldout = split_corpus(model, [os.path.join(data_dir, "tinyshakespeare.txt")], 512, 1024, 256)
+    cfg, res = calibrate(model, tokens, heldout, 256, "quantile", ppl_increase=2.0)
+    assert res["ppl_sparse"] <= res["ppl_dense"] * 1.02 and res["sparsity"] > 0.3
+    path = str(tmp_path / "s.json")
+    cfg.save(path)
+    model.set_sparsity(path)
+    again = model.perplexity(heldout, 256)
+    assert again["ppl"] <= res["ppl_dense"] * 1.02 and again["sparsity"] == pytest.approx(res["sparsity"])

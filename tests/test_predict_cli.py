@@ -1,0 +1,142 @@
+"""train-predictors and eval-predictors end to end: profile -> train -> eval on held-out text, resuming, refusals.
+
+The tiny ReLU model has a learnable structure, as ReLU LLMs do: token embeddings x = s (mu + z P + noise) live
+near a (1 + K)-dimensional subspace with a per-token scale s, attention and FFN outputs are small, and every gate
+row leans against the mean direction mu, so most neurons are inactive most of the time (about 85%). A random
+tiny model instead has ~50% sparsity spread over all 64 input directions, which rank 8 cannot predict.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import Model
+from engine.config import blk
+from engine.loader import load_checkpoint
+from tiny_model import tiny_config, tiny_weights, write_gguf
+from tools.cli import main
+from tools.profile import corpus_tokens, run_profile
+
+K = 3
+
+
+def structured_relu_weights(c, seed: int) -> dict:
+    w = tiny_weights(c, seed)
+    rng = np.random.default_rng(100 + seed)
+    mu = rng.standard_normal(c.n_embd)
+    mu_hat = mu / np.linalg.norm(mu)
+    p = rng.standard_normal((K, c.n_embd)) / np.sqrt(K)  # (K, n_embd)
+    s = np.exp(0.3 * rng.standard_normal((c.n_vocab, 1)))  # (n_vocab, 1)
+    w["token_embd.weight"] = (s * (mu + rng.standard_normal((c.n_vocab, K)) @ p
+                                   + 0.05 * rng.standard_normal((c.n_vocab, c.n_embd)))).astype(np.float32)
+    for i in range(c.n_layer):
+        g = w[blk(i, "ffn_gate")]
+        g -= np.outer(g @ mu_hat + 1.2 / np.linalg.norm(mu), mu_hat)  # g . mu = -1.2: mostly inactive
+        w[blk(i, "attn_output")] *= 0.05
+        w[blk(i, "ffn_down")] *= 0.05
+    return w
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, data_dir):
+    d = tmp_path_factory.mktemp("predict")
+    c = tiny_config(act="relu", n_ff=256)
+    gguf = write_gguf(str(d / "tiny_relu.gguf"), c, structured_relu_weights(c, 0))
+    other = write_gguf(str(d / "other_relu.gguf"), c, structured_relu_weights(c, 1))
+    with open(os.path.join(data_dir, "tinyshakespeare.txt"), encoding="utf-8") as fh:
+        text = fh.read()
+    train, held = d / "train.txt", d / "held.txt"
+    train.write_text(text[:12000])
+    held.write_text(text[-4000:])  # never profiled
+    model = Model(load_checkpoint(gguf), 128, backend="torch")
+    prof = str(d / "profile")
+    run_profile(model, corpus_tokens(model, [str(train)], 8192, 128), prof, ctx=128, n_tokens=8192, progress=False)
+    return {"dir": d, "gguf": gguf, "other": other, "profile": prof, "held": str(held), "empty": str(d / "e.txt")}
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_train_resume_eval(setup, capsys):
+    s = setup
+    bundle = str(s["dir"] / "bundle")
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--layers", "0", "--json")
+    first = json.loads(out)
+    assert rc == 0 and first["trained"] == [0] and not first["complete"]
+    assert not os.path.exists(os.path.join(bundle, "manifest.json"))  # written once every layer is trained
+
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["trained"] == [1] and res["complete"]  # layer 0 resumed, not retrained
+    assert res["budget"]["share"] <= 0.10
+    manifest = json.load(open(os.path.join(bundle, "manifest.json")))
+    assert manifest["sparsity"]["thresholds"] == [0.0, 0.0] and manifest["corpus"]["tokens"] == 8192
+
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--json")
+    assert rc == 0 and json.loads(out)["trained"] == []  # a finished bundle is not retrained
+
+    rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"],
+                     "--ctx", "128", "--json")
+    ev = json.loads(out)
+    assert rc == 0 and set(ev) >= {"recall", "precision", "predicted_sparsity", "actual_sparsity", "per_layer"}
+    assert len(ev["per_layer"]) == 2
+    assert ev["actual_sparsity"] > 0.5
+    assert ev["recall"] >= 0.95
+    assert ev["predicted_sparsity"] >= 0.6 * ev["actual_sparsity"]
+
+    rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"], "--ctx", "128")
+    assert rc == 0 and "recall" in out and "predicted / actual" in out
+
+
+def test_refusals(setup, capsys):
+    s = setup
+    bundle = str(s["dir"] / "bundle_r")
+    assert run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--epochs", "1", "--json")[0] == 0
+    rc, _, err = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["other"], "-f", s["held"], "--ctx", "128")
+    assert rc == 2 and "another model" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b2"),
+                     "-m", s["other"])
+    assert rc == 2 and "another model" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "eval-predictors", "--bundle", str(s["dir"] / "nope"), "-m", s["gguf"], "-f", s["held"])
+    assert rc == 2 and "no such" in err and "Traceback" not in err
+    open(s["empty"], "w").close()
+    rc, _, err = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["empty"])
+    assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
+    assert rc == 2 and "no such" in err
+
+
+@pytest.mark.slow
+def test_smollm2_relu_fixture(tmp_path, data_dir, capsys):
+    """SmolLM2 with ReLU: the real-size path on few tokens (the issue's targets need more; see the report)."""
+    from tools.fixtures import write_relu_gguf
+    gguf = write_relu_gguf(str(tmp_path / "smollm2_relu.gguf"))
+    model = Model(load_checkpoint(gguf), 256, backend="torch")
+    wiki = os.path.join(data_dir, "wiki.test.raw")
+    tokens = corpus_tokens(model, [wiki], None, 256)
+    prof = str(tmp_path / "profile")
+    run_profile(model, tokens[:2048], prof, ctx=256, progress=False)
+    held = tmp_path / "held.txt"
+    held.write_text(model.detokenize(tokens[-600:]))
+    bundle = str(tmp_path / "bundle")
+    rc, out, _ = run(capsys, "train-predictors", "--profile", prof, "-o", bundle, "--epochs", "4",
+                     "--recall", "0.95", "--json")
+    assert rc == 0 and json.loads(out)["complete"]
+    assert json.loads(out)["budget"]["share"] <= 0.10
+    rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", gguf, "-f", str(held), "--json")
+    ev = json.loads(out)
+    assert rc == 0 and len(ev["per_layer"]) == 30
+    assert ev["recall"] >= 0.9 and ev["predicted_sparsity"] >= 0.45 * ev["actual_sparsity"]

@@ -1,0 +1,254 @@
+"""Activation predictors: SVD start, training to the recall target, metrics, bundles and PowerInfer directories.
+
+The data is a synthetic ReLU FFN with learnable structure: residuals x = s (mu + z P + noise) with z from a
+low-rank Gaussian and a per-token scale s (residual norms vary), and a neuron active when its gate
+pre-activation W_gate diag(g) x / rms(x) is positive. Every gate row leans against the mean direction mu, so
+most neurons are inactive most of the time, as in ReLU LLMs (about 89% here).
+"""
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import HotcoldError
+from engine.qtensor import QTensor
+from predictors.bundle import (Bundle, fold_thresholds, load_bundle, model_fingerprint, read_powerinfer_dir,
+                               write_powerinfer_dir)
+from predictors.metrics import format_table, layer_metrics, summarize, tune_threshold
+from predictors.model import Predictor, gate_map
+from predictors.train import rank_cap, rank_ladder, train_layer
+from tiny_model import tiny_config, tiny_weights
+
+N_EMBD, N_FF, K = 64, 256, 16
+
+
+def relu_ffn(seed: int = 0):
+    """A ReLU FFN's gate W (n_ff, n_embd), norm g, and a sampler of (x, active mask) from its residual stream."""
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((K, N_EMBD)) / np.sqrt(K)  # (K, n_embd): the low-rank directions x moves in
+    mu = rng.standard_normal(N_EMBD)
+    mu_hat = mu / np.linalg.norm(mu)
+    w = rng.standard_normal((N_FF, N_EMBD)) / np.sqrt(N_EMBD)
+    w -= np.outer(w @ mu_hat + 1.2 / np.linalg.norm(mu), mu_hat)  # w . mu = -1.2 for every neuron
+    g = 1 + 0.1 * rng.standard_normal(N_EMBD)
+
+    def sample(n: int, seed: int):
+        r = np.random.default_rng(seed)
+        s = np.exp(0.5 * r.standard_normal((n, 1)))  # (n, 1) token scale
+        x = s * (mu + r.standard_normal((n, K)) @ p + 0.05 * r.standard_normal((n, N_EMBD)))  # (n, n_embd)
+        pre = (x / np.sqrt((x ** 2).mean(1, keepdims=True))) @ (w * g).T  # (n, n_ff) gate pre-activation
+        return x.astype(np.float32), pre > 0
+
+    return w.astype(np.float32), g.astype(np.float32), sample
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only waits for a busy core (10-50x slower on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ffn():
+    w, g, sample = relu_ffn()
+    x, y = sample(4000, 1)
+    x_test, y_test = sample(1000, 2)
+    return SimpleNamespace(m=gate_map(w, g), x=x, y=y, x_test=x_test, y_test=y_test)
+
+
+def held_out(pred: Predictor, threshold: float, ffn) -> dict:
+    return layer_metrics(pred.active(torch.from_numpy(ffn.x_test), threshold).numpy(), ffn.y_test)
+
+
+# --- model -----------------------------------------------------------------------------------------------
+def test_svd_init_passes_a_linear_map_through_relu(ffn):
+    x = torch.from_numpy(ffn.x[:50])
+    full = Predictor.from_linear(ffn.m, 2 * N_EMBD)  # every singular direction: exact
+    assert full.rank == 2 * N_EMBD and full.fc1.weight.shape == (2 * N_EMBD, N_EMBD)
+    torch.testing.assert_close(full.logits(x), x @ ffn.m.T, rtol=1e-4, atol=1e-4)
+    whitened = Predictor.from_linear(ffn.m, 2 * N_EMBD, torch.from_numpy(ffn.x))
+    torch.testing.assert_close(whitened.logits(x), x @ ffn.m.T, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="even rank"):
+        Predictor.from_linear(ffn.m, 33)
+
+
+def test_svd_init_alone_reaches_the_targets(ffn):
+    pred, thr, m = train_layer(ffn.x, ffn.y, rank=32, epochs=0, init=ffn.m, recall_target=0.97, progress=False)
+    h = held_out(pred, thr, ffn)
+    assert m["epochs"] == 0 and pred.rank == 32
+    assert h["recall"] >= 0.95
+    assert h["predicted_sparsity"] >= 0.8 * h["actual_sparsity"]
+
+
+def test_training_from_scratch_reaches_the_targets(ffn):
+    pred, thr, m = train_layer(ffn.x, ffn.y, rank=32, epochs=10, recall_target=0.97, progress=False)
+    h = held_out(pred, thr, ffn)
+    assert h["recall"] >= 0.95
+    assert h["predicted_sparsity"] >= 0.6 * h["actual_sparsity"]
+    assert m["recall"] >= 0.97 and 0.8 < m["actual_sparsity"] < 0.95  # validation split, by construction
+    assert set(m) >= {"recall", "precision", "predicted_sparsity", "actual_sparsity", "rank", "threshold", "seconds"}
+    assert torch.equal(pred.fc2.weight, pred.fc2.weight.half().float())  # shipped as float16 values
+
+
+def test_training_improves_on_a_weak_start(ffn):
+    """At rank 8 the SVD start keeps little; training must lift it, and the best epoch is kept."""
+    _, _, start = train_layer(ffn.x, ffn.y, rank=8, epochs=0, init=ffn.m, recall_target=0.97, progress=False)
+    _, _, trained = train_layer(ffn.x, ffn.y, rank=8, epochs=4, init=ffn.m, recall_target=0.97, progress=False)
+    assert trained["predicted_sparsity"] > start["predicted_sparsity"] + 0.02
+
+
+def test_auto_rank_takes_the_smallest_rung_that_is_good_enough(ffn):
+    pred, _, m = train_layer(ffn.x, ffn.y, rank="auto", epochs=0, init=ffn.m, recall_target=0.97,
+                             max_rank=64, sparsity_goal=0.8, progress=False)
+    assert pred.rank == m["rank"] == 32
+    pred, _, _ = train_layer(ffn.x, ffn.y, rank="auto", epochs=0, init=ffn.m, recall_target=0.97,
+                             max_rank=64, sparsity_goal=1.01, progress=False)  # unreachable: best of the ladder
+    assert pred.rank == 64
+
+
+def test_rank_budget():
+    assert rank_cap(576, 1536) == 120  # SmolLM2: 120 * (576 + 1536) <= 10% of 3 * 576 * 1536
+    assert 120 * (576 + 1536) <= 0.1 * 3 * 576 * 1536
+    assert rank_ladder(120) == [32, 64, 120] and rank_ladder(16) == [16]
+    with pytest.raises(HotcoldError, match="budget"):
+        rank_cap(8, 8, budget=0.01)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+def test_metrics_follow_the_design_definitions():
+    true = np.array([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=bool)
+    pred = np.array([[1, 0, 1, 0], [1, 0, 0, 0]], dtype=bool)
+    m = layer_metrics(pred, true)
+    assert m["recall"] == pytest.approx(2 / 3)  # 2 of the 3 active found
+    assert m["precision"] == pytest.approx(2 / 3)  # 2 of the 3 predicted are active
+    assert m["predicted_sparsity"] == pytest.approx(5 / 8)
+    assert m["actual_sparsity"] == pytest.approx(5 / 8)
+    s = summarize([m, {**m, "recall": 1.0}])
+    assert s["recall"] == pytest.approx(5 / 6) and len(s["per_layer"]) == 2
+    assert "all" in format_table([{**m, "rank": 8, "seconds": 1.0}])
+
+
+def test_threshold_keeps_the_recall_target_and_skips_the_most():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    labels = torch.tensor([[True, False, True, False, True, False, True, False]])
+    t = tune_threshold(logits, labels, 0.75)  # 3 of the 4 positives: the third largest positive logit
+    assert t == 1.0
+    t = tune_threshold(logits, labels, 1.0)
+    assert t == -1.0
+    assert tune_threshold(logits, torch.zeros_like(labels), 0.99) > 5.0  # nothing active: skip everything
+
+
+# --- bundles ---------------------------------------------------------------------------------------------
+def tiny_ckpt(seed: int = 0, act: str = "relu"):
+    c = tiny_config(act=act)
+    return SimpleNamespace(config=c, tensors={k: QTensor.from_float(v) for k, v in tiny_weights(c, seed).items()})
+
+
+def tiny_bundle(ckpt, seed: int = 0) -> Bundle:
+    c = ckpt.config
+    gen = torch.Generator().manual_seed(seed)
+    preds = [Predictor.from_weights(torch.randn(r, c.n_embd, generator=gen) / 8,
+                                    torch.randn(c.n_ff, r, generator=gen) / 8).round_to_half()
+             for r in (16, 24)]  # ranks may differ per layer
+    return Bundle(preds, [-0.25, -0.125], model_fingerprint(ckpt), metrics=[{"recall": 0.99}, {"recall": 0.98}],
+                  sparsity={"method": "exact"}, corpus={"tokens": 1000}, training={"recall_target": 0.99})
+
+
+def masks(preds, thresholds, x):
+    return [p.active(x, t) for p, t in zip(preds, thresholds)]
+
+
+def test_bundle_round_trips_through_safetensors(tmp_path):
+    ckpt = tiny_ckpt()
+    b = tiny_bundle(ckpt)
+    path = str(tmp_path / "bundle")
+    b.save(path)
+    assert sorted(os.listdir(path)) == ["manifest.json", "predictors.safetensors"]
+    back = load_bundle(path, model_fingerprint(ckpt))
+    x = torch.randn(64, ckpt.config.n_embd, generator=torch.Generator().manual_seed(1))
+    for p, q in zip(b.predictors, back.predictors):
+        assert torch.equal(p.logits(x), q.logits(x))
+    for i, m in enumerate(masks(b.predictors, b.thresholds, x)):
+        assert torch.equal(m, back.active(i, x))
+    assert back.ranks == [16, 24] and back.thresholds == b.thresholds
+    assert back.metrics[1] == {"recall": 0.98} and back.sparsity == {"method": "exact"}
+    with open(os.path.join(path, "manifest.json")) as fh:
+        assert json.load(fh)["fingerprint"]["act"] == "relu"
+
+
+def test_bundle_for_another_model_is_refused(tmp_path):
+    path = str(tmp_path / "bundle")
+    tiny_bundle(tiny_ckpt()).save(path)
+    with pytest.raises(HotcoldError, match=r"bundle.*another model.*ffn_sha256") as e:
+        load_bundle(path, model_fingerprint(tiny_ckpt(seed=1)))
+    assert "\n" not in str(e.value)
+    with pytest.raises(HotcoldError, match=r"another model \(act 'relu', this model has 'silu'\)"):
+        load_bundle(path, model_fingerprint(tiny_ckpt(act="silu")))  # same weights, other activation
+
+
+def test_damaged_bundles_are_refused(tmp_path):
+    path = str(tmp_path / "bundle")
+    ckpt = tiny_ckpt()
+    with pytest.raises(HotcoldError, match="no such predictor bundle"):
+        load_bundle(path)
+    tiny_bundle(ckpt).save(path)
+    with open(os.path.join(path, "predictors.safetensors"), "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\0\0\0\1")
+    with pytest.raises(HotcoldError, match="does not match manifest.json"):
+        load_bundle(path)
+    with pytest.raises(HotcoldError, match="7 predictors"):
+        Bundle([Predictor(64, 128, 8)] * 7, [0.0] * 7, model_fingerprint(ckpt))
+
+
+# --- PowerInfer directories ------------------------------------------------------------------------------
+def test_powerinfer_directory_round_trip(tmp_path):
+    ckpt = tiny_ckpt()
+    b = tiny_bundle(ckpt)
+    path = str(tmp_path / "pi")
+    effective = write_powerinfer_dir(path, b.predictors, b.thresholds)
+    assert effective == b.thresholds  # same sign: folded exactly
+    with open(os.path.join(path, "config.json")) as fh:
+        assert json.load(fh) == {"sparse_threshold": -1.0}
+    sd = torch.load(os.path.join(path, "model_1.pt"), weights_only=True)
+    assert sorted(sd) == ["fc1.weight", "fc2.weight"] and sd["fc2.weight"].shape == (ckpt.config.n_ff, 24)
+    preds, thresholds = read_powerinfer_dir(path)
+    assert thresholds == [-1.0, -1.0]
+    x = torch.randn(256, ckpt.config.n_embd, generator=torch.Generator().manual_seed(2))
+    for a, c in zip(masks(b.predictors, b.thresholds, x), masks(preds, thresholds, x)):
+        assert torch.equal(a, c)
+    # and back into a bundle
+    Bundle(preds, thresholds, model_fingerprint(ckpt)).save(str(tmp_path / "again"))
+    again = load_bundle(str(tmp_path / "again"), model_fingerprint(ckpt))
+    for a, c in zip(masks(b.predictors, b.thresholds, x), masks(again.predictors, again.thresholds, x)):
+        assert torch.equal(a, c)
+
+
+def test_fold_never_lowers_recall_when_it_cannot_be_exact():
+    preds = [Predictor.from_weights(torch.randn(8, 16), torch.randn(32, 8)) for _ in range(3)]
+    folded, t, effective = fold_thresholds(preds, [-0.5, 0.25, -1e-6])
+    assert t == -1.0
+    assert effective[0] == -0.5 and effective[1] <= 0.25 and effective[2] <= -1e-6
+    x = torch.randn(100, 16)
+    for p, q, want, got in zip(preds, folded, [-0.5, 0.25, -1e-6], effective):
+        assert torch.equal(q.active(x, t), p.active(x, got))
+        assert bool((p.active(x, want) & ~q.active(x, t)).sum() == 0)  # nothing the original kept is dropped
+    _, t, _ = fold_thresholds(preds, 0.0)
+    assert t == 0.0
+
+
+def test_powerinfer_directory_errors(tmp_path):
+    with pytest.raises(HotcoldError, match="not a PowerInfer predictor directory"):
+        read_powerinfer_dir(str(tmp_path))
+    torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_1.pt")
+    with pytest.raises(HotcoldError, match="model_0.pt is missing"):
+        read_powerinfer_dir(str(tmp_path))
+    torch.save({"weight": torch.zeros(4, 8)}, tmp_path / "model_0.pt")
+    with pytest.raises(HotcoldError, match="fc1.weight and fc2.weight"):
+        read_powerinfer_dir(str(tmp_path))

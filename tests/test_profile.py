@@ -1,0 +1,205 @@
+"""`hotcold profile` on tiny random models: counts and samples against a brute-force dense pass, resuming,
+and refusals that leave what was written intact."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine.api import load
+from engine.config import HotcoldError
+from engine.sparsity import SparsityConfig, batched_net
+from tiny_model import tiny_config, tiny_weights, write_gguf
+from tools.cli import main
+from tools.profile import corpus_tokens, read_corpus, run_profile
+
+CTX = 32
+TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens: 10 windows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for act, seed in (("relu", 0), ("silu", 0), ("relu", 1)):
+        c = tiny_config(act)
+        paths[act, seed] = write_gguf(str(d / f"{act}{seed}.gguf"), c, tiny_weights(c, seed))
+    corpus = d / "corpus.txt"
+    corpus.write_text(TEXT)
+    return paths, str(corpus)
+
+
+def relu_model(tiny, seed=0, backend="torch"):
+    return load(tiny[0]["relu", seed], n_ctx=CTX, threads=1, backend=backend)
+
+
+def brute_force(model, tokens, n_windows):
+    """Per layer: active masks (n_tokens, n_ff) = h != 0, and FFN inputs (n_tokens, n_embd), from a dense pass."""
+    net, L = batched_net(model.net), model.config.n_layer
+    masks, xs = [[] for _ in range(L)], [[] for _ in range(L)]
+
+    def hook(i, x, h):
+        masks[i].append((h != 0).numpy())
+        xs[i].append(x.numpy().copy())
+        return h
+
+    net.ffn_hook = hook
+    for w in range(n_windows):
+        net.forward(tokens[w * CTX:(w + 1) * CTX], 0)
+    net.ffn_hook = None
+    return [np.concatenate(m) for m in masks], [np.concatenate(x) for x in xs]
+
+
+def tree_digest(path):
+    """A hash of every file under path, to show that a refused command changed nothing."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            h.update(os.path.join(root, f).encode())
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+def test_counts_and_samples_match_brute_force(tiny, tmp_path, backend):
+    model = relu_model(tiny, backend=backend)
+    tokens = corpus_tokens(model, [tiny[1]], None, CTX)
+    n_windows = len(tokens) // CTX
+    summary = run_profile(model, tokens, str(tmp_path), ctx=CTX, cap=40, seed=3, progress=False)
+    masks, xs = brute_force(model, tokens, n_windows)
+    for i in range(model.config.n_layer):
+        counts = torch.load(tmp_path / "activation" / f"activation_{i}.pt", weights_only=True)
+        assert counts.dtype == torch.int64 and counts.shape == (model.config.n_ff,)
+        assert np.array_equal(counts.numpy(), masks[i].sum(0))
+    assert 0.2 < summary["mean_sparsity"] < 0.8  # a random ReLU FFN: about half the neurons fire
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples"]["rows"] == 40
+    seen = []
+    for chunk in manifest["samples"]["chunks"]:
+        x, packed, pos = (np.load(tmp_path / chunk[k]) for k in ("x", "mask", "pos"))
+        assert x.dtype == np.float16 and packed.dtype == np.uint8 and len(pos) == chunk["rows"]
+        assert np.all(pos // CTX == chunk["window"])
+        mask = np.unpackbits(packed, axis=-1, count=model.config.n_ff).astype(bool)
+        for i in range(model.config.n_layer):
+            assert np.array_equal(mask[i], masks[i][pos])
+            assert np.array_equal(x[i], xs[i][pos].astype(np.float16))
+        seen += pos.tolist()
+    assert len(set(seen)) == 40 and max(seen) < n_windows * CTX
+
+
+def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path):
+    model = relu_model(tiny)
+    tokens = corpus_tokens(model, [tiny[1]], None, CTX)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_profile(model, tokens, str(whole), ctx=CTX, cap=25, seed=1, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(w):
+        if w == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False, on_window=stop_after_3)
+    assert not (parts / "activation").exists()
+    with np.load(parts / "progress.npz") as z:
+        assert int(z["windows_done"]) == 3
+    run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    for i in range(model.config.n_layer):
+        a = torch.load(whole / "activation" / f"activation_{i}.pt", weights_only=True)
+        b = torch.load(parts / "activation" / f"activation_{i}.pt", weights_only=True)
+        assert torch.equal(a, b)
+    for f in sorted(os.listdir(whole / "samples")):
+        assert np.array_equal(np.load(whole / "samples" / f), np.load(parts / "samples" / f)), f
+
+
+def test_profile_cli_and_report(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "--tokens", "128",
+                 "--samples-per-layer", "16", "-o", str(out), "-t", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer  sparsity" in printed and "top10" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"] == 128 and len(summary["sparsity"]) == 2
+    assert all(0 < s < 1 for s in summary["skew"]["top20"])
+    assert main(["profile", "--report", str(out)]) == 0
+    assert "mean" in capsys.readouterr().out
+    # the same command again finds the profile complete and leaves its counts as they were
+    before = tree_digest(out / "activation")
+    assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "--tokens", "128",
+                 "--samples-per-layer", "16", "-o", str(out), "-t", "1"]) == 0
+    assert tree_digest(out / "activation") == before
+
+
+def test_jsonl_corpus(tiny, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "id": n}) for n, t in enumerate(TEXT.split(", "))) + "\n")
+    assert read_corpus([str(path)]) == TEXT.split(", ")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(HotcoldError, match=r"bad.jsonl:2: no \"text\""):
+        read_corpus([str(bad)])
+
+
+def run_cli(tiny, corpus, out, model=("relu", 0), ctx=CTX):
+    return main(["profile", "-m", tiny[0][model], "-f", *corpus, "--ctx", str(ctx), "-o", str(out), "-t", "1"])
+
+
+def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert run_cli(tiny, [tiny[1]], out) == 0
+    capsys.readouterr()
+    digest = tree_digest(out)
+    empty, short, binary = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "binary.txt"
+    empty.write_text("  \n")
+    short.write_text("the cat")
+    binary.write_bytes(b"\xff\xfe\x00 not utf-8")
+    cases = [([str(empty)], out, "model", "empty corpus"),
+             ([str(short)], out, "model", "shorter than one window"),
+             ([str(binary)], out, "model", "unreadable corpus"),
+             ([str(tmp_path / "missing.txt")], out, "model", "no such file"),
+             ([str(tmp_path)], out, "model", "unreadable corpus"),  # a directory
+             ([tiny[1]], out, ("relu", 1), "holds a profile of another model"),
+             ([tiny[1]], out, ("silu", 0), "no natural zeros")]
+    for corpus, o, model, msg in cases:
+        assert run_cli(tiny, corpus, o, model=("relu", 0) if model == "model" else model) == 2, msg
+        assert msg in capsys.readouterr().err
+        assert tree_digest(out) == digest, msg
+    assert run_cli(tiny, [tiny[1]], out, ctx=16) == 2  # other settings: refused too
+    assert "other settings" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert run_cli(tiny, [tiny[1]], foreign) == 2
+    assert "holds no profile" in capsys.readouterr().err
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_silu_profile_with_a_sparsity_config(tiny, tmp_path):
+    """A SiLU model is profiled by the thresholds of its config: counts follow the score rule."""
+    model = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch")
+    tokens = corpus_tokens(model, [tiny[1]], 4 * CTX, CTX)
+    cfg = SparsityConfig([0.05, 0.08], model.fingerprint, "manual")
+    run_profile(model, tokens, str(tmp_path), ctx=CTX, n_tokens=4 * CTX, sparsity=cfg, cap=8, progress=False)
+    net = batched_net(model.net)
+    from engine.sparsity import down_norms
+    norms = down_norms(net)
+    expected = np.zeros((2, model.config.n_ff), dtype=np.int64)
+
+    def hook(i, x, h):
+        expected[i] += ((h.abs() * norms[i]) > cfg.thresholds[i]).sum(0).numpy()
+        return h
+
+    model.set_sparsity(cfg)  # layer 1 reads what layer 0's thresholded FFN wrote
+    net.ffn_hook = hook
+    for w in range(4):
+        net.forward(tokens[w * CTX:(w + 1) * CTX], 0)
+    net.ffn_hook = None
+    for i in range(2):
+        got = torch.load(tmp_path / "activation" / f"activation_{i}.pt", weights_only=True).numpy()
+        assert np.array_equal(got, expected[i])
+    assert 0 < expected.sum() < 4 * CTX * 2 * model.config.n_ff

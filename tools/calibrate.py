@@ -1,0 +1,267 @@
+"""`hotcold calibrate`: per-layer thresholds on the FFN contribution score, for a target sparsity or for a
+perplexity bound on held-out text (the "PPL-p% sparsity" of the Sparsing Law).
+
+1. Statistics: a dense pass over the first --tokens tokens of the corpus keeps a seeded sample of tokens' hidden
+   activations h per layer. Their contribution scores |h_i| * ||down[:, i]||, sorted, turn a sparsity level into
+   a threshold (its quantile); the CETT curve of a layer is, at each level of LEVELS, the mean over tokens of
+   ||sum of the skipped neurons' outputs|| / ||FFN output||.
+2. A method turns one number, the mean level m over layers, into per-layer levels:
+   quantile  every layer at m (CATS-style quantiles, of the contribution score);
+   cett      one CETT value c for all layers, each layer at the level where its CETT curve reaches c, and c set
+             by binary search so that the mean level is m;
+   greedy    TEAL style: starting dense, repeatedly raise by one grid step the level of whichever layer costs
+             least. A layer's cost is the KL divergence from the dense model when that layer alone is sparsified
+             (measured at COST_LEVELS on one window, with exact activations), shaped in between by CETT^2.
+3. --target-sparsity S takes m = S. --ppl-increase P binary-searches the largest m whose perplexity on held-out
+   text (the last --heldout-tokens tokens of the corpus, never seen in 1) is at most (1 + P/100) times dense.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import HotcoldError
+from engine.sparsity import SparsityConfig, batched_net, contribution, down_norms, down_rows
+from tools.profile import corpus_tokens, sample_positions
+
+METHODS = ("quantile", "cett", "greedy")
+LEVELS = np.round(np.arange(0.0, 0.9751, 0.025), 4)  # (40,) the grid of per-layer sparsity levels
+COST_LEVELS = (0.5, 0.8)  # greedy: each layer's KL is measured alone at these levels
+KEEP_TOKENS = 1024  # tokens whose h is kept per layer for the score quantiles
+CETT_TOKENS = 256  # of which this many give the CETT curves
+SEARCH_TOL = 0.005  # binary search on the mean level stops at this width
+MAX_LEVEL = 0.95
+
+
+@dataclass
+class Stats:
+    scores: list[torch.Tensor]  # per layer: sorted contribution scores of the kept tokens, (KEEP * n_ff,)
+    cett: np.ndarray  # (n_layer, len(LEVELS)): mean CETT at each level, non-decreasing
+    cost: np.ndarray | None = None  # (n_layer, len(LEVELS)): greedy's KL cost of each layer alone
+
+    def threshold(self, i: int, level: float) -> float:
+        """Layer i's threshold at this quantile of its scores (level 0: the exact rule h != 0)."""
+        sc = self.scores[i]
+        return 0.0 if level <= 0 else float(sc[min(int(round(level * (len(sc) - 1))), len(sc) - 1)])
+
+    def thresholds(self, levels) -> list[float]:
+        return [self.threshold(i, s) for i, s in enumerate(levels)]
+
+    def cett_of(self, levels) -> float:
+        """Mean over layers of the CETT at these levels."""
+        return float(np.mean([np.interp(s, LEVELS, cv) for s, cv in zip(levels, self.cett)]))
+
+
+# --- statistics -------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def collect(model, tokens: list[int], ctx: int, seed: int) -> Stats:
+    """Dense pass over `tokens` in windows of ctx; scores of a seeded sample and the CETT curves."""
+    c, net = model.config, batched_net(model.net)
+    n_windows = len(tokens) // ctx
+    pos = torch.from_numpy(sample_positions(n_windows * ctx, KEEP_TOKENS, seed))
+    H = torch.zeros(c.n_layer, len(pos), c.n_ff, dtype=torch.float16)  # kept hidden activations
+    model.set_sparsity(None)
+    for w in range(n_windows):
+        sel = (pos >= w * ctx) & (pos < (w + 1) * ctx)
+        rows = pos[sel] - w * ctx
+
+        def hook(i: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # h (T, n_ff)
+            H[i, sel] = h[rows].half()
+            return h
+
+        net.ffn_hook = hook
+        try:
+            net.forward(tokens[w * ctx:(w + 1) * ctx], 0)
+        finally:
+            net.ffn_hook = None
+    norms = down_norms(net)  # (n_layer, n_ff)
+    scores = [contribution(H[i].float(), norms[i]).flatten().sort().values for i in range(c.n_layer)]
+    stats = Stats(scores, np.zeros((c.n_layer, len(LEVELS))))
+    sub = torch.from_numpy(np.random.default_rng(seed).permutation(len(pos))[:CETT_TOKENS])
+    for i in range(c.n_layer):
+        h, d = H[i, sub].float(), down_rows(net, i)  # (T, n_ff), (n_ff, n_embd)
+        sc = contribution(h, norms[i])
+        full = (h @ d).norm(dim=1).clamp(min=1e-30)  # (T,)
+        for k, s in enumerate(LEVELS):
+            stats.cett[i, k] = float((((h * (sc <= stats.threshold(i, s))) @ d).norm(dim=1) / full).mean())
+    stats.cett = np.maximum.accumulate(stats.cett, axis=1)
+    return stats
+
+
+@torch.inference_mode()
+def measure_costs(model, stats: Stats, window: list[int]) -> None:
+    """Greedy's costs: KL(dense || one layer sparsified) at COST_LEVELS, with exact (unquantized) activations
+    so that a tiny change does not flip 8-bit roundings downstream; in between, KL ~ alpha * CETT^2."""
+    c, net = model.config, batched_net(model.net)
+    x8, net.x8 = net.x8, set()
+    try:
+        model.set_sparsity(None)
+        dense = torch.log_softmax(net.forward(window, 0, all_logits=True).double(), -1)  # (T, n_vocab)
+        alpha = np.zeros((c.n_layer, len(COST_LEVELS)))
+        for i in range(c.n_layer):
+            for j, s in enumerate(COST_LEVELS):
+                levels = np.zeros(c.n_layer)
+                levels[i] = s
+                model.set_sparsity(SparsityConfig(stats.thresholds(levels), model.fingerprint))
+                sparse = torch.log_softmax(net.forward(window, 0, all_logits=True).double(), -1)
+                kl = float((dense.exp() * (dense - sparse)).sum(-1).mean())
+                alpha[i, j] = max(kl, 0.0) / max(np.interp(s, LEVELS, stats.cett[i]) ** 2, 1e-12)
+    finally:
+        net.x8 = x8
+        model.set_sparsity(None)
+    stats.cost = np.stack([np.interp(LEVELS, COST_LEVELS, alpha[i]) * stats.cett[i] ** 2
+                           for i in range(c.n_layer)])
+
+
+# --- methods: mean level m -> per-layer levels -------------------------------------------------------------
+def cett_levels(stats: Stats, c: float) -> np.ndarray:
+    """Each layer's level where its CETT curve reaches c."""
+    ramp = LEVELS * 1e-9  # strictly increasing for np.interp where a curve is flat
+    return np.array([np.interp(c, cv + ramp, LEVELS) for cv in stats.cett]).clip(0, MAX_LEVEL)
+
+
+def greedy_path(stats: Stats) -> list[np.ndarray]:
+    """Level vectors from dense upwards, each one grid step above the last in its cheapest layer."""
+    idx = np.zeros(len(stats.cost), dtype=int)
+    top = int(np.searchsorted(LEVELS, MAX_LEVEL))
+    path = [LEVELS[idx]]
+    while (idx < top).any():
+        step = np.where(idx < top, stats.cost[np.arange(len(idx)), np.minimum(idx + 1, top)] -
+                        stats.cost[np.arange(len(idx)), idx], np.inf)
+        idx[int(np.argmin(step))] += 1
+        path.append(LEVELS[idx])
+    return path
+
+
+def method_levels(stats: Stats, method: str, m: float, path: list[np.ndarray] | None) -> np.ndarray:
+    n = len(stats.scores)
+    if method == "quantile":
+        return np.full(n, m)
+    if method == "greedy":
+        return path[min(int(round(m * (len(path) - 1) / MAX_LEVEL)), len(path) - 1)]
+    lo, hi = 0.0, 1.0  # cett: the CETT value whose levels average m
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cett_levels(stats, mid).mean() < m else (lo, mid)
+    return cett_levels(stats, lo)
+
+
+# --- search -----------------------------------------------------------------------------------------------
+def heldout_ppl(model, stats: Stats, levels, heldout: list[int], ctx: int) -> dict:
+    cfg = None if levels is None else SparsityConfig(stats.thresholds(levels), model.fingerprint)
+    model.set_sparsity(cfg)
+    try:
+        return model.perplexity(heldout, ctx)
+    finally:
+        model.set_sparsity(None)
+
+
+def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: str,
+              target_sparsity: float | None = None, ppl_increase: float | None = None, seed: int = 0,
+              log=None) -> tuple[SparsityConfig, dict]:
+    """Thresholds by `method` for a target mean sparsity or a held-out perplexity bound (percent)."""
+    log = log or (lambda msg: None)
+    log(f"statistics over {len(tokens) // ctx * ctx} tokens")
+    stats = collect(model, tokens, ctx, seed)
+    path = None
+    if method == "greedy":
+        log(f"greedy: per-layer costs over {min(ctx, len(tokens))} tokens, {len(COST_LEVELS)} levels a layer")
+        measure_costs(model, stats, tokens[:ctx])
+        path = greedy_path(stats)
+    dense = heldout_ppl(model, stats, None, heldout, ctx)["ppl"]
+    log(f"held-out perplexity, dense: {dense:.4f}")
+    if target_sparsity is not None:
+        m = target_sparsity
+        res = heldout_ppl(model, stats, method_levels(stats, method, m, path), heldout, ctx)
+    else:
+        bound = dense * (1 + ppl_increase / 100)
+        lo, hi, m, res = 0.0, MAX_LEVEL, 0.0, {"ppl": dense, "sparsity": 0.0}
+        while hi - lo > SEARCH_TOL:
+            mid = (lo + hi) / 2
+            r = heldout_ppl(model, stats, method_levels(stats, method, mid, path), heldout, ctx)
+            ok = r["ppl"] <= bound
+            log(f"mean level {mid:.3f}: sparsity {r['sparsity']:.3f}, ppl {r['ppl']:.4f} "
+                f"({100 * (r['ppl'] / dense - 1):+.2f}%) {'ok' if ok else 'over'}")
+            if ok:
+                lo, m, res = mid, mid, r
+            else:
+                hi = mid
+    levels = method_levels(stats, method, m, path)
+    cett = stats.cett_of(levels)
+    summary = {"sparsity": res["sparsity"], "ppl_dense": dense, "ppl_sparse": res["ppl"], "cett": cett,
+               "method": method}
+    target = {"sparsity": target_sparsity} if target_sparsity is not None else {"ppl_increase": ppl_increase}
+    cfg = SparsityConfig(stats.thresholds(levels), model.fingerprint, method, cett, [float(s) for s in levels],
+                         {"target": target, "tokens": len(tokens), "heldout_tokens": len(heldout), "ctx": ctx,
+                          "seed": seed, **{k: summary[k] for k in ("sparsity", "ppl_dense", "ppl_sparse")}})
+    return cfg, summary
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int) -> tuple[list[int], list[int]]:
+    """Statistics from the start of the corpus, held-out text from its end; they never overlap."""
+    if n_stats < ctx or n_heldout < ctx:
+        raise HotcoldError(f"--tokens and --heldout-tokens must each hold one window of --ctx {ctx}")
+    tokens = corpus_tokens(model, files, None, ctx)
+    if len(tokens) < n_stats + n_heldout:
+        raise HotcoldError(f"{', '.join(files)}: {len(tokens)} tokens, fewer than --tokens {n_stats} plus "
+                           f"--heldout-tokens {n_heldout}")
+    return tokens[:n_stats], tokens[len(tokens) - n_heldout:]
+
+
+def cmd_calibrate(args) -> None:
+    from tools.cli import emit_json, load_model
+    if args.target_sparsity is not None and not 0 <= args.target_sparsity <= MAX_LEVEL:
+        raise HotcoldError(f"--target-sparsity must be between 0 and {MAX_LEVEL}")
+    if args.ppl_increase is not None and args.ppl_increase <= 0:
+        raise HotcoldError("--ppl-increase must be a positive percentage")
+    method = args.method or ("quantile" if args.target_sparsity is not None else "greedy")
+    model = load_model(args, n_ctx=args.ctx)
+    tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)
+
+    def log(msg: str) -> None:
+        if not args.json:
+            print(f"calibrate: {msg}", file=sys.stderr, flush=True)
+
+    cfg, summary = calibrate(model, tokens, heldout, args.ctx, method, args.target_sparsity, args.ppl_increase,
+                             args.seed, log)
+    cfg.calibration["corpus"] = args.files
+    cfg.save(args.out)
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"{args.out}: {method}, sparsity {summary['sparsity']:.3f} on held-out text, perplexity "
+              f"{summary['ppl_dense']:.4f} -> {summary['ppl_sparse']:.4f} "
+              f"({100 * (summary['ppl_sparse'] / summary['ppl_dense'] - 1):+.2f}%), CETT {summary['cett']:.3f}")
+
+
+def add_command(sub) -> None:
+    from tools.cli import add_model_args
+    p = sub.add_parser("calibrate", help="sparsity thresholds for a target sparsity or a perplexity bound")
+    add_model_args(p, ctx=False)
+    p.add_argument("-f", "--file", dest="files", nargs="+", required=True, help="calibration corpus (not the "
+                   "evaluation text): text files or .jsonl with a text field")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-sparsity", type=float, default=None, help="mean sparsity over layers, 0..0.95")
+    goal.add_argument("--ppl-increase", type=float, default=None,
+                      help="percent by which held-out perplexity may rise (PPL-p%% sparsity)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="default: quantile for --target-sparsity, greedy for --ppl-increase")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens for the score statistics (default 4096)")
+    p.add_argument("--heldout-tokens", type=int, default=4096,
+                   help="tokens at the corpus end for the perplexity bound (default 4096)")
+    p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", required=True, help="sparsity config to write (JSON)")
+    p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "cett"}')
+    p.set_defaults(func=cmd_calibrate)
+
+
+def add_commands(sub) -> None:
+    """`profile` and `calibrate` on the hotcold command line."""
+    from tools.profile import add_command as add_profile
+    add_profile(sub)
+    add_command(sub)

@@ -1,0 +1,354 @@
+"""`hotcold train-predictors` and `hotcold eval-predictors`: predictors from a profile, measured on new text.
+
+train-predictors reads a finished profile (tools/profile.py: samples/x_W.npy FFN inputs, samples/mask_W.npy
+bit-packed active masks, every window), trains one predictor per layer with `predictors.train.train_layer`
+(SVD start from the gate for ReLU-family FFNs), and writes a bundle (predictors/bundle.py) that carries the model
+fingerprint, the corpus (the profile's settings) and the sparsity config that defined "active", so that later
+commands need no --sparsity.
+
+    budget    predictor bytes at run time (F16, what the bundle stores) <= 10% of the layer's FFN bytes as stored
+              (gate + up + down in their stored format: a Q4_1 model leaves a smaller rank than an F32 one);
+              --rank auto climbs the ladder 32, 64, ... up to that cap (and train.rank_cap's parameter cap)
+    resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
+              by the model, profile and training settings); the same command run again skips those layers, and a
+              finished bundle with the same key is taken as done. --layers trains a subset; the bundle is
+              written once every layer is done
+
+eval-predictors runs the model (torch path, dense) over windows of text and, at every layer, compares the
+predictor's mask on the FFN input (residual before the FFN norm) with the true mask by the bundle's sparsity rule.
+Confusion counts are summed per layer, so the metrics are DESIGN.md's: per layer over all tokens, then the mean
+over layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.config import HotcoldError, blk
+from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
+
+BUDGET = 0.10  # predictor bytes at run time / FFN bytes as stored, per layer
+PRED_BYTES = 2  # bytes per predictor parameter at run time: F16, as bundles store them
+PARTIAL = "partial"
+
+
+# --- model and profile ------------------------------------------------------------------------------------
+def load_profile(path: str) -> dict:
+    """The manifest of a finished profile with samples."""
+    if not os.path.isdir(path):
+        raise HotcoldError(f"{path}: no such profile directory")
+    m = read_json(os.path.join(path, "manifest.json"), "profile manifest")
+    if not m.get("complete"):
+        raise HotcoldError(f"{path}: the profile is not finished; run the same profile command to resume it")
+    chunks = m.get("samples", {}).get("chunks") or []
+    if not chunks:
+        raise HotcoldError(f"{path}: the profile holds no training samples")
+    return m
+
+
+def layer_samples(profile: str, manifest: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """X float32 (N, n_embd) FFN inputs and Y bool (N, n_ff) active masks of one layer, over every window."""
+    n_ff = manifest["fingerprint"]["n_ff"]
+    xs, ys = [], []
+    for ch in manifest["samples"]["chunks"]:
+        try:
+            x = np.load(os.path.join(profile, ch["x"]), mmap_mode="r")  # (n_layer, S, n_embd) f16
+            m = np.load(os.path.join(profile, ch["mask"]), mmap_mode="r")  # (n_layer, S, ceil(n_ff/8)) u8
+        except (OSError, ValueError) as e:
+            raise HotcoldError(f"{profile}: unreadable samples of window {ch.get('window')} ({e})") from None
+        xs.append(np.asarray(x[layer], dtype=np.float32))
+        ys.append(np.unpackbits(np.asarray(m[layer]), axis=-1, count=n_ff).astype(bool))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def ffn_bytes(ckpt, layer: int) -> int:
+    return sum(ckpt.tensors[blk(layer, n)].nbytes for n in ("ffn_gate", "ffn_up", "ffn_down")
+               if blk(layer, n) in ckpt.tensors)
+
+
+def budget_rank(ckpt, layer: int) -> int:
+    """The largest even rank whose F16 predictor fits BUDGET of the layer's FFN bytes (and train.rank_cap)."""
+    from predictors.train import rank_cap
+    c = ckpt.config
+    r = int(BUDGET * ffn_bytes(ckpt, layer) // (PRED_BYTES * (c.n_embd + c.n_ff)))
+    r = min(r - r % 2, rank_cap(c.n_embd, c.n_ff, 3 if c.ffn_gated else 2))
+    if r < 2:
+        raise HotcoldError(f"layer {layer}: a predictor budget of {BUDGET:.0%} of the FFN bytes leaves no rank")
+    return r
+
+
+def init_map(ckpt, layer: int):
+    """The SVD starting point: the gate (up for a plain FFN) times the FFN norm, for activations with zeros."""
+    from predictors.model import gate_map
+    c = ckpt.config
+    if c.act not in EXACT_ACTS:
+        return None
+    w = np.array(ckpt.tensors[blk(layer, "ffn_gate" if c.ffn_gated else "ffn_up")].dequantize())
+    return gate_map(w, np.array(ckpt.tensors[blk(layer, "ffn_norm")].dequantize()))
+
+
+def profile_sparsity(manifest: dict, engine_fp: dict, path: str | None) -> SparsityConfig:
+    """The sparsity config the profile's labels were made with: from --sparsity, checked against the profile's
+    thresholds, or rebuilt from them."""
+    thr = manifest["settings"]["thresholds"]
+    if path:
+        cfg = SparsityConfig.load(path, engine_fp)
+        if [float(t) for t in cfg.thresholds] != [float(t) for t in thr]:
+            raise HotcoldError(f"{path}: thresholds differ from those the profile was made with")
+        return cfg
+    return SparsityConfig(list(thr), engine_fp, method="exact" if all(t <= 0 for t in thr) else "profile")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+def settings_key(fp: dict, manifest: dict, opts: dict) -> str:
+    blob = json.dumps([fp, manifest["settings"], manifest["samples"].get("rows"), opts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def partial_paths(out: str, i: int) -> tuple[str, str]:
+    base = os.path.join(out, PARTIAL, f"layer_{i:03d}")
+    return base + ".safetensors", base + ".json"
+
+
+def load_partial(out: str, i: int, key: str):
+    """(predictor, threshold, metrics) of a layer already trained with these settings, else None."""
+    from predictors.model import Predictor
+    st, js = partial_paths(out, i)
+    if not (os.path.exists(st) and os.path.exists(js)):
+        return None
+    try:
+        meta = read_json(js, "partial layer")
+        if meta.get("key") != key:
+            return None
+        t = load_file(st)
+        return Predictor.from_weights(t["fc1"].float(), t["fc2"].float()), float(meta["threshold"]), meta["metrics"]
+    except Exception:  # a damaged leftover is retrained, not fatal
+        return None
+
+
+def save_partial(out: str, i: int, key: str, pred, threshold: float, metrics: dict) -> None:
+    st, js = partial_paths(out, i)
+    os.makedirs(os.path.dirname(st), exist_ok=True)
+    t = {"fc1": pred.fc1.weight.detach().half().contiguous(), "fc2": pred.fc2.weight.detach().half().contiguous()}
+    write_atomic(st, lambda tmp: save_file(t, tmp))
+    write_json(js, {"key": key, "threshold": threshold, "metrics": metrics})
+
+
+def done_from_bundle(out: str, fp: dict, key: str) -> dict:
+    """{layer: (predictor, threshold, metrics)} of a finished bundle at `out` made with the same settings."""
+    from predictors.bundle import MANIFEST, load_bundle
+    if not os.path.exists(os.path.join(out, MANIFEST)):
+        return {}
+    b = load_bundle(out, fp)
+    if b.training.get("key") != key:
+        return {}
+    return {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}
+
+
+def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
+                     device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
+                     lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None) -> dict:
+    """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`.
+
+    Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
+    "bundle": out or None, "budget": {...}}."""
+    from engine.sparsity import fingerprint
+    from predictors.bundle import Bundle, model_fingerprint
+    from predictors.train import train_layer
+    from tqdm import tqdm
+    log = log or (lambda s: print(s, file=sys.stderr))
+    c = ckpt.config
+    manifest = load_profile(profile)
+    engine_fp = fingerprint(c, ckpt.tensors)
+    check_fingerprint(manifest.get("fingerprint", {}), engine_fp, profile, "profile")
+    fp = model_fingerprint(ckpt)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise HotcoldError(f"{out}: exists and is not a directory")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HotcoldError("--device cuda: CUDA is not available here")
+    sparsity = profile_sparsity(manifest, engine_fp, sparsity_path)
+    want = sorted(set(range(c.n_layer) if layers is None else layers))
+    bad = [i for i in want if not 0 <= i < c.n_layer]
+    if bad:
+        raise HotcoldError(f"--layers: layer {bad[0]} does not exist (the model has {c.n_layer})")
+    opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET}
+    key = settings_key(fp, manifest, opts)
+    done = done_from_bundle(out, fp, key)
+    for i in range(c.n_layer):
+        if i not in done and (p := load_partial(out, i, key)) is not None:
+            done[i] = p
+    todo = [i for i in want if i not in done]
+    if done and want:
+        log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread mostly waits (see tests/test_predictors.py)
+    try:
+        for i in tqdm(todo, desc="train-predictors", unit="layer", disable=not progress or None, file=sys.stderr):
+            X, Y = layer_samples(profile, manifest, i)
+            cap = budget_rank(ckpt, i)
+            pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
+                                       init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
+                                       progress=progress)
+            save_partial(out, i, key, pred, thr, m)
+            done[i] = (pred, thr, m)
+    finally:
+        torch.set_num_threads(threads)
+    per_layer = []
+    for i in want:
+        pred, _, m = done[i]
+        pb, fb = PRED_BYTES * pred.n_params, ffn_bytes(ckpt, i)
+        per_layer.append({**m, "layer": i, "rank": pred.rank, "predictor_bytes": pb, "ffn_bytes": fb,
+                          "budget_share": pb / fb})
+    complete = all(i in done for i in range(c.n_layer))
+    res = {"per_layer": per_layer, "trained": todo, "complete": complete, "bundle": None}
+    if complete:
+        preds, thrs, mets = zip(*(done[i] for i in range(c.n_layer)))
+        corpus = {"profile": os.path.abspath(profile), "model": manifest.get("model"), **manifest["settings"],
+                  "rows": manifest["samples"].get("rows")}
+        corpus.pop("thresholds", None)
+        training = {**opts, "device": device, "key": key, "pred_bytes_per_param": PRED_BYTES}
+        Bundle(list(preds), list(thrs), fp, list(mets), dataclasses.asdict(sparsity), corpus, training).save(out)
+        shutil.rmtree(os.path.join(out, PARTIAL), ignore_errors=True)
+        res["bundle"] = out
+    pb = sum(m["predictor_bytes"] for m in per_layer)
+    fb = sum(m["ffn_bytes"] for m in per_layer)
+    res["budget"] = {"predictor_bytes": pb, "ffn_bytes": fb, "share": pb / fb if fb else 0.0, "limit": BUDGET}
+    return res
+
+
+def format_train(res: dict) -> str:
+    from predictors.metrics import format_table
+    b = res["budget"]
+    lines = [format_table(res["per_layer"]),
+             f"predictor bytes at run time (F16): {b['predictor_bytes']:,} = {b['share']:.1%} of the FFN bytes as "
+             f"stored ({b['ffn_bytes']:,}); budget {b['limit']:.0%}"
+             + ("" if b["share"] <= b["limit"] + 1e-9 else "  ** OVER BUDGET **")]
+    if res["complete"]:
+        lines.append(f"bundle written: {res['bundle']} ({len(res['trained'])} layers trained now)")
+    else:
+        lines.append("bundle not written yet: some layers are untrained (run without --layers to finish)")
+    return "\n".join(lines)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+def eval_predictors(model, bundle, tokens: list[int], ctx: int = 256, n_tokens: int | None = None,
+                    progress: bool = True) -> dict:
+    """Recall, precision, predicted and actual sparsity of `bundle` on `tokens`, running `model` densely."""
+    from engine.sparsity import Sparsifier, down_norms
+    from predictors.metrics import summarize
+    from tqdm import tqdm
+    c = model.config
+    net = getattr(model.net, "torch", model.net)  # the kernel engine's batched path is a TorchModel
+    thr = bundle.sparsity.get("thresholds") or [0.0] * c.n_layer
+    if len(thr) != c.n_layer:
+        raise HotcoldError(f"{bundle.path}: its sparsity config has {len(thr)} thresholds for {c.n_layer} layers")
+    rule = Sparsifier(thr, down_norms(net))
+    n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
+    if n_windows < 1:
+        raise HotcoldError(f"{len(tokens)} tokens of text, shorter than one window of --ctx {ctx}")
+    counts = np.zeros((c.n_layer, 4), dtype=np.int64)  # true positives, predicted active, truly active, all
+
+    def hook(i: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # x (T, n_embd), h (T, n_ff)
+        true = rule.mask(i, h)  # (T, n_ff)
+        pred = bundle.active(i, x.float())  # (T, n_ff)
+        counts[i] += [int((pred & true).sum()), int(pred.sum()), int(true.sum()), true.numel()]
+        return h
+
+    saved = net.sparsity, net.ffn_hook
+    net.sparsity, net.ffn_hook = None, hook  # dense run: the truth is the dense FFN's mask
+    try:
+        for w in tqdm(range(n_windows), desc="eval-predictors", unit="win", disable=not progress or None,
+                      file=sys.stderr):
+            net.forward(tokens[w * ctx:(w + 1) * ctx], 0)
+    finally:
+        net.sparsity, net.ffn_hook = saved
+    per_layer = []
+    for i, (tp, pp, ap, n) in enumerate(counts):
+        per_layer.append({"layer": i, "recall": tp / ap if ap else 1.0, "precision": tp / pp if pp else 1.0,
+                          "predicted_sparsity": 1 - pp / n, "actual_sparsity": 1 - ap / n,
+                          "rank": bundle.predictors[i].rank})
+    res = summarize(per_layer)
+    res["tokens"] = n_windows * ctx
+    return res
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def parse_layers(v: str) -> list[int]:
+    """'0,3,5-7' -> [0, 3, 5, 6, 7]."""
+    out = []
+    for part in v.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
+def cmd_train(args) -> None:
+    from engine.loader import load_checkpoint
+    manifest = load_profile(args.profile)
+    model = args.model or manifest.get("model")
+    ckpt = load_checkpoint(model)
+    if args.rank != "auto" and not (args.rank.isdigit() and int(args.rank) >= 2):
+        raise HotcoldError(f"--rank {args.rank!r}: expected auto or a number >= 2")
+    rank = args.rank if args.rank == "auto" else int(args.rank)
+    res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
+                           args.layers, args.sparsity, progress=not args.json)
+    if args.json:
+        from tools.cli import emit_json
+        emit_json(res)
+    else:
+        print(format_train(res))
+
+
+def cmd_eval(args) -> None:
+    from engine.api import Model
+    from engine.loader import load_checkpoint
+    from predictors.bundle import load_bundle, model_fingerprint
+    from predictors.metrics import format_table
+    from tools.profile import corpus_tokens
+    if not os.path.isdir(args.bundle):
+        raise HotcoldError(f"{args.bundle}: no such predictor bundle")
+    ckpt = load_checkpoint(args.model)
+    bundle = load_bundle(args.bundle, model_fingerprint(ckpt))
+    model = Model(ckpt, args.ctx, backend="torch")
+    tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
+    res = eval_predictors(model, bundle, tokens, args.ctx, args.tokens, progress=not args.json)
+    if args.json:
+        from tools.cli import emit_json
+        emit_json(res)
+    else:
+        print(format_table(res["per_layer"]))
+        print(f"{res['tokens']} held-out tokens; predicted / actual sparsity "
+              f"{res['predicted_sparsity'] / max(res['actual_sparsity'], 1e-12):.3f}")
+
+
+def add_command(sub) -> None:
+    from tools.cli import add_model_args
+    p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile")
+    p.add_argument("--profile", required=True, help="profile directory (hotcold profile -o)")
+    p.add_argument("-o", "--out", required=True, help="bundle directory (resumed when it holds finished layers)")
+    p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
+    p.add_argument("--recall", type=float, default=0.99, help="recall target on validation (default 0.99)")
+    p.add_argument("--rank", default="auto", help="auto (smallest good rank within the budget) or a number")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per rank tried (default 10)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
+    p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-predictors", help="recall and sparsity of a predictor bundle on new text")
+    add_model_args(p, ctx=False)
+    p.add_argument("--bundle", required=True, help="predictor bundle directory")
+    p.add_argument("-f", "--file", dest="files", nargs="+", required=True, help="held-out text or .jsonl")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to evaluate (default: the whole text)")
+    p.add_argument("--ctx", type=int, default=256, help="window size in tokens (default 256)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,364 @@
+"""`hotcold profile`: how often each FFN neuron is active on a corpus, and samples to train predictors on.
+
+The model runs over the corpus in windows of ctx tokens; a hook on the FFN path counts, per layer and neuron,
+the tokens on which the neuron was active (engine/sparsity.py's rule) and keeps a seeded uniform sample of
+tokens: their FFN input and active mask. Output directory:
+
+  manifest.json               model fingerprint, settings, sample format; "complete" once finished
+  progress.npz                counts so far and windows done: the resume point, replaced after every window
+  activation/activation_N.pt  1-D int64 tensor of length n_ff: tokens on which each neuron of layer N fired
+                              (PowerInfer's layout)
+  summary.json                per-layer sparsity and skew, throughput (what --report prints)
+  samples/x_WWWWWW.npy        (n_layer, S, n_embd) float16: FFN input = residual stream after attention,
+                              before the FFN norm, of the S sampled tokens of window W
+  samples/mask_WWWWWW.npy     (n_layer, S, ceil(n_ff / 8)) uint8: their active masks, np.packbits(axis=-1)
+  samples/pos_WWWWWW.npy      (S,) int64: their positions in the corpus token stream
+  activation_frequency.png    sorted activation-frequency curves of every layer (if matplotlib imports)
+
+Every file is written to a temporary name and renamed, the progress record last: interrupted at any point,
+the same command continues from the last finished window and ends with the same counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from engine.config import HotcoldError
+from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, write_atomic,
+                             write_json)
+
+SKEW_TOPS = (0.1, 0.2, 0.5)  # skew: share of all activations covered by the top 10/20/50% most frequent neurons
+MANIFEST, PROGRESS, SUMMARY, PLOT = "manifest.json", "progress.npz", "summary.json", "activation_frequency.png"
+SAMPLE_ARRAYS = ("x", "mask", "pos")
+
+
+# --- corpus ---------------------------------------------------------------------------------------------
+def read_corpus(paths: list[str]) -> list[str]:
+    """Documents: a text file is one; a .jsonl file gives the `text` field of each line. Empty files refused."""
+    docs: list[str] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                found = jsonl_texts(path, fh) if path.endswith(".jsonl") else [fh.read()]
+        except FileNotFoundError:
+            raise HotcoldError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise HotcoldError(f"{path}: unreadable corpus ({e})") from None
+        found = [d for d in found if d.strip()]
+        if not found:
+            raise HotcoldError(f"{path}: empty corpus")
+        docs += found
+    return docs
+
+
+def jsonl_texts(path: str, lines) -> list[str]:
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HotcoldError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise HotcoldError(f"{path}:{n}: no \"text\" string field")
+        texts.append(obj["text"])
+    return texts
+
+
+def corpus_tokens(model, paths: list[str], need: int | None, ctx: int) -> list[int]:
+    """The corpus as one token stream, at least one window of ctx long; tokenizing stops at `need` tokens."""
+    tokens: list[int] = []
+    for doc in read_corpus(paths):
+        tokens += model.tokenize(doc, special=False, add_bos=False)
+        if need is not None and len(tokens) >= need:
+            break
+    if len(tokens) < ctx or (need is not None and need < ctx):
+        raise HotcoldError(f"{', '.join(paths)}: {min(len(tokens), need or len(tokens))} tokens of corpus, "
+                           f"shorter than one window of --ctx {ctx}")
+    return tokens
+
+
+def sample_positions(n_tokens: int, cap: int, seed: int) -> np.ndarray:
+    """Sorted positions of min(cap, n_tokens) tokens drawn uniformly without replacement."""
+    if cap >= n_tokens:
+        return np.arange(n_tokens, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n_tokens, cap, replace=False)).astype(np.int64)
+
+
+# --- output directory -------------------------------------------------------------------------------------
+def open_out_dir(out: str, manifest: dict) -> dict | None:
+    """Check that `out` may receive this profile; the previous manifest when it is one to resume."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise HotcoldError(f"{out}: exists and is not a directory")
+    path = os.path.join(out, MANIFEST)
+    if not os.path.exists(path):
+        if os.path.isdir(out) and os.listdir(out):
+            raise HotcoldError(f"{out}: not empty and holds no profile; choose another -o")
+        return None
+    old = read_json(path, "profile manifest")
+    check_fingerprint(old.get("fingerprint", {}), manifest["fingerprint"], out, "holds a profile")
+    for k, v in manifest["settings"].items():
+        if old.get("settings", {}).get(k) != v:
+            raise HotcoldError(f"{out}: holds a profile made with other settings ({k} differs); "
+                               "choose another -o to start a new one")
+    return old
+
+
+def load_progress(out: str, n_layer: int, n_ff: int) -> tuple[np.ndarray, int]:
+    path = os.path.join(out, PROGRESS)
+    if not os.path.exists(path):
+        return np.zeros((n_layer, n_ff), dtype=np.int64), 0
+    try:
+        with np.load(path) as z:
+            return z["counts"].copy(), int(z["windows_done"])
+    except Exception as e:
+        raise HotcoldError(f"{path}: unreadable progress record ({e}); delete {out} to start over") from None
+
+
+def save_array(path: str, a: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, a)
+    write_atomic(path, write)
+
+
+def save_progress(out: str, counts: np.ndarray, windows_done: int) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, counts=counts, windows_done=windows_done)
+    write_atomic(os.path.join(out, PROGRESS), write)
+
+
+def sample_file(out: str, name: str, w: int) -> str:
+    return os.path.join(out, "samples", f"{name}_{w:06d}.npy")
+
+
+# --- the profile ------------------------------------------------------------------------------------------
+def profile_settings(tokens: list[int], ctx: int, n_windows: int, cap: int, seed: int,
+                     sparsity: SparsityConfig) -> dict:
+    """What the counts depend on: resuming is allowed only when all of it is the same."""
+    used = np.asarray(tokens[:n_windows * ctx], dtype=np.int32)
+    return {"ctx": ctx, "windows": n_windows, "tokens": n_windows * ctx,
+            "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,
+            "samples_per_layer": cap, "thresholds": sparsity.thresholds}
+
+
+def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: int | None = None,
+                sparsity: SparsityConfig | None = None, cap: int = 100_000, seed: int = 0,
+                on_window=None, progress: bool = True) -> dict:
+    """Profile `tokens` into directory `out` (resuming what it holds); returns the summary.
+
+    on_window(w), if given, is called after window w is saved (tests interrupt there)."""
+    from tqdm import tqdm
+    c = model.config
+    if sparsity is None:
+        if c.act not in EXACT_ACTS:
+            raise HotcoldError(f"a {c.act} model has no natural zeros: pass --sparsity CONFIG "
+                               "(made by hotcold calibrate)")
+        sparsity = SparsityConfig.exact(c, model.fingerprint)
+    if ctx > model.n_ctx:
+        raise HotcoldError(f"--ctx {ctx} exceeds the model context {model.n_ctx}")
+    n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
+    manifest = {"fingerprint": model.fingerprint, "model": model.ckpt.path,
+                "settings": profile_settings(tokens, ctx, n_windows, cap, seed, sparsity),
+                "complete": False, "samples": sample_format(c)}
+    if open_out_dir(out, manifest) is None:  # every check passed: only now is anything written
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        write_json(os.path.join(out, MANIFEST), manifest)
+    counts, done = load_progress(out, c.n_layer, c.n_ff)
+    positions = sample_positions(n_windows * ctx, cap, seed)
+    model.set_sparsity(sparsity)
+    bar = tqdm(total=n_windows * ctx, initial=done * ctx, unit="tok", desc="profile", disable=not progress or None,
+               file=sys.stderr)
+    elapsed, dense_s = 0.0, None
+    try:
+        for w in range(done, n_windows):
+            window = tokens[w * ctx:(w + 1) * ctx]
+            pos = positions[(positions >= w * ctx) & (positions < (w + 1) * ctx)]  # (S,)
+            t0 = time.perf_counter()
+            xs, masks = profile_window(model, window, counts, torch.from_numpy(pos - w * ctx))
+            elapsed += time.perf_counter() - t0
+            if len(pos):
+                for name, a in zip(SAMPLE_ARRAYS, (xs, masks, pos)):
+                    save_array(sample_file(out, name, w), a)
+            save_progress(out, counts, w + 1)  # the commit point of window w
+            if dense_s is None:
+                dense_s = dense_time(model, window)
+            bar.update(ctx)
+            if on_window is not None:
+                on_window(w)
+    finally:
+        bar.close()
+        model.set_sparsity(None)
+    speed = {"tokens_profiled": (n_windows - done) * ctx, "profile_tok_s": (n_windows - done) * ctx / elapsed
+             if elapsed else None, "dense_prefill_tok_s": ctx / dense_s if dense_s else None}
+    return finalize(out, manifest, counts, positions, speed)
+
+
+def profile_window(model, window: list[int], counts: np.ndarray, rows: torch.Tensor):
+    """Run one window; add its active counts to counts (n_layer, n_ff); samples of the `rows` positions."""
+    c, sp, net = model.config, model.sparsity, batched_net(model.net)
+    xs = np.zeros((c.n_layer, len(rows), c.n_embd), dtype=np.float16)
+    masks = np.zeros((c.n_layer, len(rows), (c.n_ff + 7) // 8), dtype=np.uint8)
+
+    def hook(i: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # x (T, n_embd), h (T, n_ff)
+        m = sp.mask(i, h)  # (T, n_ff): h comes through the sparsifier, so this is its mask again
+        counts[i] += m.sum(0).numpy()
+        if len(rows):
+            xs[i] = x[rows].half().numpy()
+            masks[i] = np.packbits(m[rows].numpy(), axis=-1)
+        return h
+
+    net.ffn_hook = hook
+    try:
+        net.forward(window, 0)
+    finally:
+        net.ffn_hook = None
+    return xs, masks
+
+
+def dense_time(model, window: list[int]) -> float:
+    """Seconds of a plain dense prefill of the window: the profiler's speed reference."""
+    net = batched_net(model.net)
+    sp, net.sparsity = net.sparsity, None
+    t0 = time.perf_counter()
+    net.forward(window, 0)
+    net.sparsity = sp
+    return time.perf_counter() - t0
+
+
+def sample_format(c) -> dict:
+    return {"x": {"dtype": "float16", "shape": ["n_layer", "rows", c.n_embd],
+                  "what": "FFN input: residual stream after attention, before the FFN norm"},
+            "mask": {"dtype": "uint8", "shape": ["n_layer", "rows", (c.n_ff + 7) // 8], "n_ff": c.n_ff,
+                     "what": "active mask, np.packbits(mask, axis=-1) (big bit order); np.unpackbits to read"},
+            "pos": {"dtype": "int64", "shape": ["rows"], "what": "token positions in the corpus stream"}}
+
+
+def finalize(out: str, manifest: dict, counts: np.ndarray, positions: np.ndarray, speed: dict) -> dict:
+    """PowerInfer's activation files, the sample chunk list, the summary; the manifest marked complete."""
+    ctx, n_windows = manifest["settings"]["ctx"], manifest["settings"]["windows"]
+    os.makedirs(os.path.join(out, "activation"), exist_ok=True)
+    for i, layer in enumerate(counts):
+        write_atomic(os.path.join(out, "activation", f"activation_{i}.pt"),
+                     lambda tmp, a=layer: torch.save(torch.from_numpy(a.copy()), tmp))
+    rows = np.bincount(positions // ctx, minlength=n_windows)
+    manifest["samples"]["chunks"] = [
+        {"window": w, "rows": int(r), **{k: os.path.relpath(sample_file(out, k, w), out) for k in SAMPLE_ARRAYS}}
+        for w, r in enumerate(rows) if r]
+    manifest["samples"]["rows"] = int(rows.sum())
+    old = read_json(os.path.join(out, SUMMARY), "summary") if os.path.exists(os.path.join(out, SUMMARY)) else {}
+    summary = {**summarize(counts, n_windows * ctx), "model": manifest["model"],
+               "speed": speed if speed["tokens_profiled"] else old.get("speed", speed)}
+    write_json(os.path.join(out, SUMMARY), summary)
+    manifest["complete"] = True
+    write_json(os.path.join(out, MANIFEST), manifest)
+    plot(out, counts, n_windows * ctx)
+    return summary
+
+
+# --- report -----------------------------------------------------------------------------------------------
+def summarize(counts: np.ndarray, n_tokens: int) -> dict:
+    """Per layer: sparsity (inactive share of neuron-token pairs) and skew (activations of the top neurons)."""
+    n_ff = counts.shape[1]
+    ranked = -np.sort(-counts, axis=1)  # (n_layer, n_ff), most frequent first
+    total = np.maximum(counts.sum(1), 1)
+    skew = {f"top{int(t * 100)}": (ranked[:, :max(1, round(t * n_ff))].sum(1) / total).tolist() for t in SKEW_TOPS}
+    sparsity = (1 - counts.sum(1) / (n_tokens * n_ff)).tolist()
+    return {"tokens": n_tokens, "n_ff": n_ff, "sparsity": sparsity, "mean_sparsity": float(np.mean(sparsity)),
+            "skew": skew}
+
+
+def load_counts(out: str) -> tuple[dict, np.ndarray]:
+    manifest = read_json(os.path.join(out, MANIFEST), "profile manifest")
+    if not manifest.get("complete"):
+        raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
+    n_layer = manifest["fingerprint"]["n_layer"]
+    try:
+        counts = np.stack([torch.load(os.path.join(out, "activation", f"activation_{i}.pt"), weights_only=True)
+                           .numpy() for i in range(n_layer)])
+    except (OSError, RuntimeError) as e:
+        raise HotcoldError(f"{out}/activation: unreadable activation counts ({e})") from None
+    return manifest, counts
+
+
+def format_report(summary: dict) -> str:
+    tops = list(summary["skew"])
+    lines = [f"model: {summary['model']}", f"{summary['tokens']} tokens profiled, {summary['n_ff']} neurons a layer",
+             "layer  sparsity  " + "  ".join(f"{t:>6}" for t in tops)]
+    for i, s in enumerate(summary["sparsity"]):
+        lines.append(f"{i:5d}  {s:8.3f}  " + "  ".join(f"{summary['skew'][t][i]:6.3f}" for t in tops))
+    lines.append(f" mean  {summary['mean_sparsity']:8.3f}  " +
+                 "  ".join(f"{np.mean(summary['skew'][t]):6.3f}" for t in tops))
+    sp = summary.get("speed") or {}
+    if sp.get("profile_tok_s") and sp.get("dense_prefill_tok_s"):
+        lines.append(f"profiling: {sp['profile_tok_s']:.1f} tok/s; dense prefill {sp['dense_prefill_tok_s']:.1f} "
+                     f"tok/s ({sp['dense_prefill_tok_s'] / sp['profile_tok_s']:.2f}x slower)")
+    return "\n".join(lines)
+
+
+def report(out: str) -> str:
+    manifest, counts = load_counts(out)
+    summary = {**read_json(os.path.join(out, SUMMARY), "summary"),
+               **summarize(counts, manifest["settings"]["tokens"])}
+    plot(out, counts, manifest["settings"]["tokens"])
+    return format_report(summary)
+
+
+def plot(out: str, counts: np.ndarray, n_tokens: int) -> str | None:
+    """Sorted activation-frequency curves, one per layer, to a PNG; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rank = np.arange(counts.shape[1]) / counts.shape[1]
+    for i, layer in enumerate(counts):
+        ax.plot(rank, -np.sort(-layer) / n_tokens, color=plt.cm.viridis(i / max(1, len(counts) - 1)), lw=0.8)
+    ax.set(xlabel="neuron rank (share of n_ff, most frequent first)", ylabel="activation frequency",
+           title="FFN activation frequency per layer (dark: first layer)")
+    path = os.path.join(out, PLOT)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def cmd_profile(args) -> None:
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.files or not args.out:
+        raise HotcoldError("profile needs -f CORPUS and -o DIR (or --report DIR)")
+    from tools.cli import load_model
+    model = load_model(args, n_ctx=args.ctx)
+    sparsity = SparsityConfig.load(args.sparsity, model.fingerprint) if args.sparsity else None
+    tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
+    summary = run_profile(model, tokens, args.out, args.ctx, args.tokens, sparsity, args.samples_per_layer,
+                          args.seed)
+    print(format_report(summary))
+
+
+def add_command(sub) -> None:
+    from tools.cli import add_model_args
+    p = sub.add_parser("profile", help="count FFN neuron activations over a corpus; save predictor samples")
+    add_model_args(p, ctx=False)
+    p.add_argument("-f", "--file", dest="files", nargs="+", help="corpus: text files or .jsonl with a text field")
+    p.add_argument("-o", "--out", help="output directory (resumed when it holds this profile unfinished)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to profile (default: the whole corpus)")
+    p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--sparsity", default=None, help="sparsity config (needed for SiLU models)")
+    p.add_argument("--samples-per-layer", type=int, default=100_000,
+                   help="tokens sampled for predictor training (default 100000)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--report", metavar="DIR", default=None, help="print the report of a finished profile")
+    p.set_defaults(func=cmd_profile)
