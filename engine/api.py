@@ -82,6 +82,7 @@ class Model:
         if backend == "kernels":
             from .cpu import KernelModel
             self.net = KernelModel(self.config, ckpt.tensors, n_ctx)
+            ckpt.drop_pages()
         else:
             self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
         self.set_sparsity(sparsity)

@@ -32,6 +32,14 @@ class Checkpoint:
     tensors: dict[str, QTensor]
     tokenizer: Tokenizer
     metadata: dict = field(default_factory=dict)  # the rest of the GGUF key/values (scalars and strings)
+    mapping: object = None  # the GGUF file's mmap: tensors are views of it
+
+    def drop_pages(self) -> None:
+        """Give the mapped file's pages back to the OS (they fault in again if read): once the kernel engine
+        holds its own prepared copy, the mapped original no longer counts as resident memory."""
+        import mmap
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
     @property
     def nbytes(self) -> int:
@@ -156,7 +164,7 @@ def load_gguf(path: str) -> Checkpoint:
     meta = {k: field_value(r, k) for k in r.fields
             if not k.startswith(("GGUF.", "tokenizer.ggml."))}
     tok = Tokenizer.from_gguf({k: field_value(r, k) for k in r.fields if k.startswith("tokenizer.")}, path)
-    return Checkpoint(path, cfg, tensors, tok, meta)
+    return Checkpoint(path, cfg, tensors, tok, meta, getattr(r.data, "_mmap", None))
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------

@@ -85,3 +85,33 @@ def test_gpuidx_format(tmp_path):
         idx, bucket = r.tensors[2 * i].data, r.tensors[2 * i + 1].data
         assert r.tensors[2 * i].tensor_type.name == "I32" and len(idx) == c.n_ff
         assert list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
+
+
+def test_split_cli_on_a_real_profile(tmp_path, capsys):
+    """profile -> split: the placement follows the measured counts and honours the budget."""
+    import json
+    import torch
+    from tiny_model import write_gguf, tiny_weights
+    from tools.cli import main
+    c = tiny_config("relu")
+    model = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=0))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat, and then the dog ate in the hat. " * 12)
+    prof = tmp_path / "prof"
+    assert main(["profile", "-m", model, "-f", str(corpus), "--ctx", "32", "--tokens", "128",
+                 "--samples-per-layer", "8", "-o", str(prof), "-t", "1", "--backend", "torch"]) == 0
+    capsys.readouterr()
+    assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", "--group", "8",
+                 "-o", str(tmp_path / "s"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    split = json.loads((tmp_path / "s.json").read_text())
+    assert res["gpuidx"].endswith("s.gpuidx") and open(res["gpuidx"], "rb").read(4) == b"PWRI"
+    assert sum(len(g) for g in split["gpu_neurons"]) == c.n_layer * c.n_ff // 2
+    counts = [torch.load(prof / "activation" / f"activation_{i}.pt").numpy() for i in range(c.n_layer)]
+    # hot neurons fire at least as often as cold ones, group granularity aside
+    for cn, g in zip(counts, split["gpu_neurons"]):
+        cold = np.setdiff1d(np.arange(c.n_ff), g)
+        assert cn[g].mean() >= cn[cold].mean()
+    assert split["gpu_share_expected"] >= 0.5
+    assert main(["split", "--profile", str(prof), "--gpu-budget", "1K", "-o", str(tmp_path / "t")]) == 2
+    assert "does not hold" in capsys.readouterr().err

@@ -104,10 +104,13 @@ def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | N
 
 def run_bench(args) -> dict:
     from tools.cli import load_model
+    import engine.api  # noqa: F401  (torch and numba imported before the baseline)
+    import engine.cpu  # noqa: F401
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     model = load_model(args, n_ctx=args.prompt_tokens + args.n + 16)
     load_s = time.perf_counter() - t0
+    model_rss = rss_bytes() - rss0
     ids = prompt_ids(model, args.prompt_tokens)
     stats = decode_speed(model, ids, args.n)
     bpt = model.decode_bytes_per_token()
@@ -116,7 +119,7 @@ def run_bench(args) -> dict:
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
-           "model_rss_bytes": rss_bytes() - rss0,
+           "model_rss_bytes": model_rss,
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)

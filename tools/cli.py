@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     __import__("tools.predict").predict.add_command(sub)
+    __import__("tools.split").split.add_command(sub)
     __import__("tools.calibrate").calibrate.add_commands(sub)  # profile, calibrate
     return ap
 

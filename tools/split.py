@@ -136,3 +136,52 @@ def read_split(path: str) -> dict:
         raise HotcoldError(f"{path}: no such split file") from None
     except (json.JSONDecodeError, KeyError) as e:
         raise HotcoldError(f"{path}: not a hotcold split ({e})") from None
+
+
+def parse_size(v: str) -> int:
+    """Bytes from '1500000', '512M', '2.5G' (binary units)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    v = v.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
+    except ValueError:
+        raise HotcoldError(f"--gpu-budget {v!r}: expected a size such as 512M or 2G") from None
+
+
+def cmd_split(args) -> None:
+    from engine.loader import load_checkpoint
+    from tools.profile import load_counts
+    manifest, counts = load_counts(args.profile)
+    ckpt = load_checkpoint(args.model or manifest.get("model"))
+    if ckpt.config.n_ff != counts.shape[1] or ckpt.config.n_layer != counts.shape[0]:
+        raise HotcoldError(f"{args.profile}: a profile of another model ({counts.shape[0]} layers x {counts.shape[1]}"
+                           f" neurons; {ckpt.path} has {ckpt.config.n_layer} x {ckpt.config.n_ff})")
+    budget = parse_size(args.gpu_budget) if args.gpu_budget is not None else None
+    split = plan(ckpt.config, list(counts), gpu_budget=budget, hot_fraction=args.hot_fraction, group=args.group,
+                 n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
+    split["model"] = ckpt.path
+    js, gi = write_split(args.out, split)
+    if args.json:
+        from tools.cli import emit_json
+        emit_json({k: v for k, v in split.items() if k != "gpu_neurons"} | {"json": js, "gpuidx": gi})
+        return
+    per_layer = " ".join(str(len(g)) for g in split["gpu_neurons"])
+    print(f"GPU neurons per layer: {per_layer}\n"
+          f"FFN on GPU: {split['ffn_gpu_bytes'] / 2**20:.1f} MiB of a {split['ffn_budget_bytes'] / 2**20:.1f} MiB "
+          f"FFN budget; expected share of activations served by the GPU: {split['gpu_share_expected']:.1%}\n"
+          f"wrote {js} and {gi}")
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("split", help="place hot FFN neurons on the GPU under a memory budget")
+    p.add_argument("--profile", required=True, help="a finished `hotcold profile` directory")
+    p.add_argument("-m", "--model", default=None, help="default: the model the profile recorded")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gpu-budget", default=None, help="GPU memory, e.g. 512M or 8G")
+    g.add_argument("--hot-fraction", type=float, default=None, help="share of the FFN bytes to place on the GPU")
+    p.add_argument("--group", type=int, default=32, help="neurons placed together (default 32)")
+    p.add_argument("--ctx", type=int, default=2048, help="context whose KV cache the GPU holds (default 2048)")
+    p.add_argument("--predictor-bytes", type=int, default=0, help="bytes of predictors kept on the GPU")
+    p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_split)
