@@ -8,7 +8,7 @@ tokens: their FFN input and active mask. Output directory:
   progress.npz                counts so far and windows done: the resume point, replaced after every window
   activation/activation_N.pt  1-D int64 tensor of length n_ff: tokens on which each neuron of layer N fired
                               (PowerInfer's layout)
-  summary.json                per-layer sparsity and skew, throughput (what --report prints)
+  summary.json, report.txt    per-layer sparsity and skew, throughput (what --report prints)
   samples/x_WWWWWW.npy        (n_layer, S, n_embd) float16: FFN input = residual stream after attention,
                               before the FFN norm, of the S sampled tokens of window W
   samples/mask_WWWWWW.npy     (n_layer, S, ceil(n_ff / 8)) uint8: their active masks, np.packbits(axis=-1)
@@ -34,7 +34,8 @@ from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fing
                              write_json)
 
 SKEW_TOPS = (0.1, 0.2, 0.5)  # skew: share of all activations covered by the top 10/20/50% most frequent neurons
-MANIFEST, PROGRESS, SUMMARY, PLOT = "manifest.json", "progress.npz", "summary.json", "activation_frequency.png"
+MANIFEST, PROGRESS, SUMMARY, REPORT = "manifest.json", "progress.npz", "summary.json", "report.txt"
+PLOT = "activation_frequency.png"
 SAMPLE_ARRAYS = ("x", "mask", "pos")
 
 
@@ -134,6 +135,13 @@ def save_progress(out: str, counts: np.ndarray, windows_done: int) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, counts=counts, windows_done=windows_done)
     write_atomic(os.path.join(out, PROGRESS), write)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    write_atomic(path, write)
 
 
 def sample_file(out: str, name: str, w: int) -> str:
@@ -258,6 +266,7 @@ def finalize(out: str, manifest: dict, counts: np.ndarray, positions: np.ndarray
     summary = {**summarize(counts, n_windows * ctx), "model": manifest["model"],
                "speed": speed if speed["tokens_profiled"] else old.get("speed", speed)}
     write_json(os.path.join(out, SUMMARY), summary)
+    write_text(os.path.join(out, REPORT), format_report(summary) + "\n")
     manifest["complete"] = True
     write_json(os.path.join(out, MANIFEST), manifest)
     plot(out, counts, n_windows * ctx)
@@ -352,13 +361,16 @@ def add_command(sub) -> None:
     from tools.cli import add_model_args
     p = sub.add_parser("profile", help="count FFN neuron activations over a corpus; save predictor samples")
     add_model_args(p, ctx=False)
-    p.add_argument("-f", "--file", dest="files", nargs="+", help="corpus: text files or .jsonl with a text field")
-    p.add_argument("-o", "--out", help="output directory (resumed when it holds this profile unfinished)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens to profile (default: the whole corpus)")
+    p.add_argument("-f", "--file", dest="files", nargs="+", metavar="CORPUS",
+                   help="corpus: text files or .jsonl with a text field")
+    p.add_argument("-o", "--out", metavar="DIR",
+                   help="output directory (resumed when it holds this profile unfinished)")
+    p.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="tokens to profile (default: the whole corpus)")
     p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
-    p.add_argument("--sparsity", default=None, help="sparsity config (needed for SiLU models)")
-    p.add_argument("--samples-per-layer", type=int, default=100_000,
+    p.add_argument("--sparsity", default=None, metavar="CONFIG", help="sparsity config (needed for SiLU models)")
+    p.add_argument("--samples-per-layer", type=int, default=100_000, metavar="CAP",
                    help="tokens sampled for predictor training (default 100000)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--report", metavar="DIR", default=None, help="print the report of a finished profile")
     p.set_defaults(func=cmd_profile)
