@@ -2,27 +2,42 @@
 
 Both loaders produce a `Checkpoint`: a `ModelConfig`, tensors under GGUF names as `QTensor`s in their stored
 format, and a tokenizer. Q and K rows follow GGUF's rotary layout (adjacent pairs): HF checkpoints, which
-rotate halves, are permuted here and nowhere else.
+rotate halves, are permuted here and nowhere else. Files written by `hotcold export` load here too: PowerInfer's
+`ffn_down_t` stands in for ffn_down, and the predictors they carry become `Checkpoint.predictors`.
 """
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 
-from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, expected_shapes,
+from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, blk, expected_shapes,
                      hf_to_gguf_name)
 from .qtensor import NATIVE_TYPES, QTensor
 from .tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from predictors.bundle import Bundle
+
 DEFAULT_MODEL = "smollm2-135m"
-GGUF_MAGICS = (b"GGUF", b"PWRI")
+PWRI = b"PWRI"  # PowerInfer's magic in place of GGUF: switches its sparse path on
+GGUF_MAGICS = (b"GGUF", PWRI)
+# architecture -> FFN activation when the file has no hotcold.ffn_act (PowerInfer's llama: ReLU; bamboo: dReLU)
+ARCH_ACT = {"llama": "silu", "bamboo": "drelu"}
+POWERINFER_SUFFIX = ".powerinfer.gguf"
+# keys of exported files (tools/export.py): PowerInfer's global predictor threshold, and our bundle's two files
+KEY_SPARSE_THRESHOLD = "powerinfer.sparse_threshold"  # f32; active when fc2 @ relu(fc1 @ x) >= it
+KEY_BUNDLE_MANIFEST = "hotcold.predictors.manifest"  # the bundle's manifest.json, as a string
+KEY_BUNDLE_TENSORS = "hotcold.predictors.safetensors"  # the bundle's predictors.safetensors, base64 (--format gguf)
 
 
 @dataclass
@@ -33,6 +48,8 @@ class Checkpoint:
     tokenizer: Tokenizer
     metadata: dict = field(default_factory=dict)  # the rest of the GGUF key/values (scalars and strings)
     mapping: object = None  # the GGUF file's mmap: tensors are views of it
+    predictors: Bundle | None = None  # the predictors an exported file carries (fingerprint: this checkpoint)
+    gpuidx: str | None = None  # PowerInfer's GPU split beside a *.powerinfer.gguf, when there is one
 
     def drop_pages(self) -> None:
         """Give the mapped file's pages back to the OS (they fault in again if read): once the kernel engine
@@ -67,11 +84,15 @@ def load_checkpoint(model: str | None) -> Checkpoint:
     path = resolve(model)
     ckpt = load_hf(path) if os.path.isdir(path) else load_gguf(path)
     check_tensors(ckpt)
+    ckpt.predictors = embedded_predictors(ckpt)
+    ckpt.gpuidx = gpuidx_beside(path)
     return ckpt
 
 
 def check_tensors(ckpt: Checkpoint) -> None:
     for name, shape in expected_shapes(ckpt.config).items():
+        if name.endswith("ffn_down.weight") and name not in ckpt.tensors:  # PowerInfer's transposed layout
+            name, shape = name.replace("ffn_down", "ffn_down_t"), shape[::-1]
         t = ckpt.tensors.get(name)
         if t is None:
             raise HotcoldError(f"{ckpt.path}: missing tensor {name}")
@@ -97,7 +118,7 @@ def open_gguf(path: str) -> GGUFReader:
     if magic not in GGUF_MAGICS:
         raise HotcoldError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
-        if magic == b"PWRI":
+        if magic == PWRI:
             return _PwriReader(path)
         return GGUFReader(path)
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files
@@ -109,7 +130,7 @@ class _PwriReader(GGUFReader):
 
     def _get(self, offset, dtype, count=1, override_order=None):
         out = super()._get(offset, dtype, count, override_order)
-        if offset == 0 and dtype == np.uint32 and count == 1 and bytes(self.data[:4]) == b"PWRI":
+        if offset == 0 and dtype == np.uint32 and count == 1 and bytes(self.data[:4]) == PWRI:
             return np.array([0x46554747], dtype=np.uint32)
         return out
 
@@ -130,8 +151,9 @@ def tensor_from_reader(t) -> QTensor:
 def load_gguf(path: str) -> Checkpoint:
     r = open_gguf(path)
     arch = field_value(r, "general.architecture")
-    if arch != "llama":
-        raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama)")
+    pwri = r.data[:4].tobytes() == PWRI
+    if arch not in ARCH_ACT or (arch != "llama" and not pwri):
+        raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama; bamboo in PowerInfer files)")
 
     def key(name, default=None):
         v = field_value(r, f"{arch}.{name}", default)
@@ -149,7 +171,7 @@ def load_gguf(path: str) -> Checkpoint:
 
     embd = tensors.get("token_embd.weight")
     n_vocab = int(field_value(r, f"{arch}.vocab_size", 0) or (embd.shape[0] if embd else 0))
-    act = field_value(r, KEY_ACT, "relu" if r.data[:4].tobytes() == b"PWRI" else "silu")
+    act = field_value(r, KEY_ACT, "relu" if pwri and arch == "llama" else ARCH_ACT[arch])
     if act not in ACTS:
         raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
     cfg = ModelConfig(
@@ -165,6 +187,49 @@ def load_gguf(path: str) -> Checkpoint:
             if not k.startswith(("GGUF.", "tokenizer.ggml."))}
     tok = Tokenizer.from_gguf({k: field_value(r, k) for k in r.fields if k.startswith("tokenizer.")}, path)
     return Checkpoint(path, cfg, tensors, tok, meta, getattr(r.data, "_mmap", None))
+
+
+# --- what exported files carry (tools/export.py) --------------------------------------------------------
+def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
+    """The predictor bundle inside an exported file, or None. Either our bundle's two files under hotcold. keys
+    (--format gguf), or PowerInfer's blk.N.fc1/fc2 tensors under one powerinfer.sparse_threshold, with our manifest
+    (metrics, sparsity) when the file has one. They travel with the weights, so they belong to this checkpoint:
+    the bundle gets its fingerprint. fc1/fc2 leave `ckpt.tensors`."""
+    blob, manifest = ckpt.metadata.pop(KEY_BUNDLE_TENSORS, None), ckpt.metadata.get(KEY_BUNDLE_MANIFEST)
+    names = [(blk(i, "fc1"), blk(i, "fc2")) for i in range(ckpt.config.n_layer)]
+    if blob is None and not any(a in ckpt.tensors for a, _ in names):
+        return None
+    import torch
+    from predictors.bundle import MANIFEST, TENSORS, Bundle, from_weights, load_bundle, model_fingerprint
+    if blob is not None:
+        with tempfile.TemporaryDirectory() as d:  # load_bundle's checks (sha256, shapes) on the two files
+            with open(os.path.join(d, TENSORS), "wb") as fh:
+                fh.write(base64.b64decode(blob))
+            with open(os.path.join(d, MANIFEST), "w") as fh:
+                fh.write(manifest or "{}")
+            bundle = load_bundle(d)
+        return replace(bundle, fingerprint=model_fingerprint(ckpt), path=ckpt.path)
+    missing = [n for pair in names for n in pair if n not in ckpt.tensors]
+    if missing:
+        raise HotcoldError(f"{ckpt.path}: predictor tensor {missing[0]} is missing")
+    preds = [from_weights(*(torch.from_numpy(ckpt.tensors.pop(n).dequantize()) for n in pair),
+                          f"{ckpt.path}: layer {i}") for i, pair in enumerate(names)]
+    try:
+        m = json.loads(manifest) if manifest else {}
+    except json.JSONDecodeError as e:
+        raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not JSON ({e})") from None
+    t = float(ckpt.metadata.get(KEY_SPARSE_THRESHOLD, 0.0))
+    metrics = [layer.get("metrics", {}) for layer in m.get("layers", [])]
+    return Bundle(preds, [t] * len(preds), model_fingerprint(ckpt), metrics, m.get("sparsity", {}),
+                  m.get("corpus", {}), m.get("training", {}), ckpt.path)
+
+
+def gpuidx_beside(path: str) -> str | None:
+    """OUT.gpuidx beside OUT.powerinfer.gguf, else the name PowerInfer looks for: the model path + .generated.gpuidx."""
+    if not path.endswith(POWERINFER_SUFFIX):
+        return None
+    found = [p for p in (path[:-len(POWERINFER_SUFFIX)] + ".gpuidx", path + ".generated.gpuidx") if os.path.exists(p)]
+    return found[0] if found else None
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------

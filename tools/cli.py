@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("tools.predict").predict.add_command(sub)
     __import__("tools.split").split.add_command(sub)
     __import__("tools.calibrate").calibrate.add_commands(sub)  # profile, calibrate
+    __import__("tools.export").export.add_command(sub)  # export, inspect
     return ap
 
 

@@ -1,0 +1,281 @@
+"""hotcold export / inspect on the tiny model: round trips per output type, PowerInfer's format byte by byte,
+refusals, an HF directory to GGUF, and (optional) the dense export in llama.cpp."""
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFValueType
+
+from engine.api import Model
+from engine.config import blk
+from engine.loader import load_checkpoint
+from engine.qtensor import QTensor
+from predictors.bundle import Bundle, load_bundle, model_fingerprint
+from predictors.model import Predictor
+from tiny_model import tiny_config, tiny_weights, write_gguf, write_hf
+from tools.cli import main
+from tools.split import plan, write_split
+
+TEXT = "hello there, the cat in a hat sat on the mat"
+THRESHOLDS = [0.5, 2.0]  # per layer; powers of two, so folding them into F16 fc2 is exact
+TOLERANCE = {"f16": 0.01, "q8_0": 0.08, "q4_0": 0.6}  # relative logit error against the float32 source
+OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and loses much to them on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tied ReLU tiny model as GGUF, a bundle of float16-valued predictors for it, and a split."""
+    d = tmp_path_factory.mktemp("export")
+    c = tiny_config("relu", tied_embeddings=True)
+    src = write_gguf(str(d / "tiny.gguf"), c, tiny_weights(c, seed=3))
+    ckpt = load_checkpoint(src)
+    torch.manual_seed(0)
+    preds = [Predictor(c.n_embd, c.n_ff, rank) for rank in (16, 24)]
+    for p in preds:
+        for lin in (p.fc1, p.fc2):
+            lin.weight.data = lin.weight.data.half().float()
+    Bundle(preds, THRESHOLDS, model_fingerprint(ckpt), metrics=[{"recall": 0.9}, {"recall": 0.8}]).save(str(d / "b"))
+    counts = [np.random.default_rng(i).integers(0, 100, c.n_ff) for i in range(c.n_layer)]
+    write_split(str(d / "split"), plan(c, counts, hot_fraction=0.25, group=8))
+    return {"dir": d, "src": src, "config": c, "bundle": str(d / "b"), "split": str(d / "split.json")}
+
+
+def export(capsys, *argv):
+    code = main(["export", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def in_memory(ckpt, qtype, powerinfer):
+    """The checkpoint stored as the export should store it, built without any file: the reference."""
+    t = {k: QTensor.from_float(v.dequantize(), qtype) if len(v.shape) == 2 else v for k, v in ckpt.tensors.items()}
+    if powerinfer:
+        t["output.weight"] = t["token_embd.weight"]
+        for i in range(ckpt.config.n_layer):
+            down = t.pop(blk(i, "ffn_down")) and ckpt.tensors[blk(i, "ffn_down")]
+            t[blk(i, "ffn_down_t")] = QTensor.from_float(down.dequantize().T, qtype)
+    return t
+
+
+def same_active_sets(a: Bundle, b: Bundle) -> bool:
+    x = torch.randn(200, a.predictors[0].n_embd) * 3
+    return all(torch.equal(a.active(i, x), b.active(i, x)) for i in range(len(a.predictors)))
+
+
+@pytest.mark.parametrize("fmt", ["powerinfer", "gguf"])
+@pytest.mark.parametrize("outtype", list(OUTTYPES))
+def test_round_trip(tiny, capsys, fmt, outtype):
+    out = str(tiny["dir"] / f"rt_{fmt}_{outtype}")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out, "--format", fmt,
+                  "--outtype", outtype)[0] == 0
+    path = out + (".powerinfer.gguf" if fmt == "powerinfer" else ".gguf")
+    ckpt = load_checkpoint(path)
+    assert blk(0, "fc1") not in ckpt.tensors  # predictors are lifted out of the weights
+    assert (blk(0, "ffn_down_t") in ckpt.tensors) == (blk(0, "ffn_down") not in ckpt.tensors) == (fmt == "powerinfer")
+    assert ckpt.tensors["blk.0.ffn_up.weight"].qtype == OUTTYPES[outtype]
+
+    # the file holds exactly the model as this output type stores it: same logits, same greedy tokens
+    source = load_checkpoint(tiny["src"])
+    ref = Model(replace(source, tensors=in_memory(source, OUTTYPES[outtype], fmt == "powerinfer")), 64, backend="torch")
+    got = Model(ckpt, 64, backend="torch")
+    ids = got.tokenize(TEXT)
+    assert float((ref.logits(ids) - got.logits(ids)).abs().max()) < 1e-4
+    assert ref.generate(ids, 10, ignore_stop=True).token_ids == got.generate(ids, 10, ignore_stop=True).token_ids
+
+    # and against the float32 source, within the output type's tolerance (random logits are flat: greedy tokens
+    # survive 16 bits, not always 8 or 4)
+    f32 = Model(load_checkpoint(tiny["src"]), 64, backend="torch")
+    la, lb = f32.logits(ids), got.logits(ids)
+    assert float((la - lb).norm() / la.norm()) < TOLERANCE[outtype]
+    if outtype == "f16":
+        assert f32.generate(ids, 10, ignore_stop=True).token_ids == got.generate(ids, 10, ignore_stop=True).token_ids
+
+    # the predictors: same decisions, one folded threshold for PowerInfer, metrics kept, this file's fingerprint
+    b, orig = ckpt.predictors, load_bundle(tiny["bundle"])
+    assert b.ranks == [16, 24] and b.fingerprint == model_fingerprint(ckpt) and b.metrics[1] == {"recall": 0.8}
+    assert b.thresholds == ([1.0, 1.0] if fmt == "powerinfer" else THRESHOLDS)
+    assert same_active_sets(b, orig)
+
+
+def test_powerinfer_format_bytes(tiny, capsys):
+    """Magic, tensor names and shapes, key types, and the .gpuidx order, read with GGUFReader."""
+    c, out = tiny["config"], str(tiny["dir"] / "fmt")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out)[0] == 0
+    path = out + ".powerinfer.gguf"
+    with open(path, "rb") as fh:
+        assert fh.read(4) == b"PWRI"
+    plain = str(tiny["dir"] / "fmt_restored.gguf")
+    shutil.copyfile(path, plain)
+    with open(plain, "r+b") as fh:
+        fh.write(b"GGUF")
+    r = GGUFReader(plain)
+    ggml_shape = {t.name: (tuple(int(n) for n in t.shape), QT(int(t.tensor_type))) for t in r.tensors}
+    kv = c.n_head_kv * c.head_dim
+    want = {"token_embd.weight": ((c.n_embd, c.n_vocab), QT.F16), "output_norm.weight": ((c.n_embd,), QT.F32),
+            "output.weight": ((c.n_embd, c.n_vocab), QT.F16)}  # tied, yet written: PowerInfer requires it
+    for i, rank in enumerate((16, 24)):
+        want.update({blk(i, "attn_norm"): ((c.n_embd,), QT.F32), blk(i, "attn_q"): ((c.n_embd, c.n_embd), QT.F16),
+                     blk(i, "attn_k"): ((c.n_embd, kv), QT.F16), blk(i, "attn_v"): ((c.n_embd, kv), QT.F16),
+                     blk(i, "attn_output"): ((c.n_embd, c.n_embd), QT.F16), blk(i, "ffn_norm"): ((c.n_embd,), QT.F32),
+                     blk(i, "ffn_gate"): ((c.n_embd, c.n_ff), QT.F16), blk(i, "ffn_up"): ((c.n_embd, c.n_ff), QT.F16),
+                     # ggml order (fastest first): numpy (n_ff, n_embd), (rank, n_embd), (n_ff, rank)
+                     blk(i, "ffn_down_t"): ((c.n_embd, c.n_ff), QT.F16), blk(i, "fc1"): ((c.n_embd, rank), QT.F16),
+                     blk(i, "fc2"): ((rank, c.n_ff), QT.F16)})
+    assert ggml_shape == want
+    types = {k: f.types[0] for k, f in r.fields.items()}
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert types["powerinfer.sparse_threshold"] == GGUFValueType.FLOAT32
+    assert r.fields["powerinfer.sparse_threshold"].contents() == 1.0
+    for key in ("block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv"):
+        assert types[f"llama.{key}"] == GGUFValueType.UINT32, key
+    assert types["llama.attention.layer_norm_rms_epsilon"] == types["llama.rope.freq_base"] == GGUFValueType.FLOAT32
+    assert types["tokenizer.ggml.tokens"] == GGUFValueType.ARRAY and r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert json.loads(r.fields["hotcold.predictors.manifest"].contents())["export"]["effective_thresholds"] == THRESHOLDS
+
+    # .gpuidx: PWRI, generic.gpu_index, per layer gpu_idx (I32, n_ff) then gpu_bucket (the sorted GPU ids)
+    gpuidx, split = out + ".gpuidx", json.load(open(tiny["split"]))
+    with open(gpuidx, "rb") as fh:
+        assert fh.read(4) == b"PWRI"
+    assert open(path + ".generated.gpuidx", "rb").read() == open(gpuidx, "rb").read()  # where PowerInfer looks
+    plain = str(tiny["dir"] / "restored.gpuidx")
+    shutil.copyfile(gpuidx, plain)
+    with open(plain, "r+b") as fh:
+        fh.write(b"GGUF")
+    r = GGUFReader(plain)
+    assert r.fields["general.architecture"].contents() == "generic.gpu_index"
+    assert r.fields["split.vram_capacity"].types[0] == GGUFValueType.UINT64
+    assert [t.name for t in r.tensors] == [f"blk.{i}.{n}" for i in range(c.n_layer) for n in ("gpu_idx", "gpu_bucket")]
+    for i in range(c.n_layer):
+        idx, bucket = r.tensors[2 * i], r.tensors[2 * i + 1]
+        assert QT(int(idx.tensor_type)) == QT(int(bucket.tensor_type)) == QT.I32 and len(idx.data) == c.n_ff
+        assert bucket.data.tolist() == sorted(split["gpu_neurons"][i]) == np.flatnonzero(idx.data).tolist()
+    assert load_checkpoint(path).gpuidx == gpuidx
+
+    # the kernel engine decodes the transposed layout as the torch reference does
+    reference = Model(load_checkpoint(path), 64, backend="torch")
+    kernels = Model(load_checkpoint(path), 64)
+    ids = kernels.tokenize(TEXT)
+    kernels.logits(ids[:5])
+    step, want = kernels.net.forward(ids[5:6], 5), reference.logits(ids[:6])[5]
+    assert float((step - want).norm() / want.norm()) < 0.01
+
+
+def test_refusals(tiny, capsys):
+    d, src, bundle = tiny["dir"], tiny["src"], tiny["bundle"]
+
+    def refused(*argv, words=()):
+        code, err = export(capsys, *argv)
+        assert code == 2 and err.startswith("hotcold: error:"), err
+        for w in words:
+            assert w in err, err
+
+    c = tiny_config("silu")
+    silu = write_gguf(str(d / "silu.gguf"), c, tiny_weights(c))
+    refused("-m", silu, "--predictors", bundle, "-o", str(d / "r"), words=("silu", "exactly zero", "--format gguf"))
+    c = tiny_config("fatrelu", 0.05)
+    fat = write_gguf(str(d / "fat.gguf"), c, tiny_weights(c))
+    refused("-m", fat, "--predictors", bundle, "-o", str(d / "r"), words=("FATReLU", "0.05"))
+    c = tiny_config("relu", ffn_gated=False)
+    plain = write_gguf(str(d / "plain.gguf"), c, tiny_weights(c))
+    refused("-m", plain, "-o", str(d / "r"), words=("gated",))
+    refused("-m", src, "-o", str(d / "r"), words=("--predictors",))
+    refused("-m", silu, "--predictors", bundle, "-o", str(d / "r"), "--format", "gguf", words=("another model",))
+    refused("-m", src, "--split", tiny["split"], "-o", str(d / "r"), "--format", "gguf", words=("--split",))
+    c = tiny_config("relu", n_ff=96)
+    other = write_gguf(str(d / "other.gguf"), c, tiny_weights(c))
+    other_bundle = str(d / "other_bundle")
+    Bundle([Predictor(c.n_embd, c.n_ff, 8) for _ in range(c.n_layer)], [0.0, 0.0],
+           model_fingerprint(load_checkpoint(other))).save(other_bundle)
+    refused("-m", other, "--predictors", other_bundle, "--split", tiny["split"], "-o", str(d / "r"),
+            words=("split of another model", "96"))
+    assert not os.path.exists(d / "r.powerinfer.gguf") and not os.path.exists(d / "r.gguf")
+
+    kept = d / "kept.gguf"
+    kept.write_bytes(b"not yours")
+    refused("-m", src, "-o", str(d / "kept"), "--format", "gguf", words=("kept.gguf", "--force"))
+    assert kept.read_bytes() == b"not yours"
+    assert export(capsys, "-m", other, "-o", str(d / "kept"), "--format", "gguf", "--force")[0] == 0
+    assert load_checkpoint(str(kept)).config.n_ff == 96 and load_checkpoint(str(kept)).predictors is None
+    assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []  # no temporary file left behind
+
+
+def test_drelu_exports_as_bamboo(tiny, capsys):
+    """dReLU (ReLU on gate and up) is PowerInfer's bamboo graph; the file loads back as dReLU."""
+    d, c = tiny["dir"], tiny_config("drelu")
+    src = write_gguf(str(d / "drelu.gguf"), c, tiny_weights(c, seed=4))
+    Bundle([Predictor(c.n_embd, c.n_ff, 8) for _ in range(c.n_layer)], [0.0, 0.0],
+           model_fingerprint(load_checkpoint(src))).save(str(d / "drelu_bundle"))
+    assert export(capsys, "-m", src, "--predictors", str(d / "drelu_bundle"), "-o", str(d / "drelu"))[0] == 0
+    ckpt = load_checkpoint(str(d / "drelu.powerinfer.gguf"))
+    assert (ckpt.config.arch, ckpt.config.act, ckpt.predictors.thresholds) == ("bamboo", "drelu", [0.0, 0.0])
+    a, b = Model(load_checkpoint(src), 64, backend="torch"), Model(ckpt, 64, backend="torch")
+    ids = a.tokenize(TEXT)
+    assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
+
+
+def test_hf_directory_to_gguf(tiny, capsys):
+    """HF safetensors (rotate-half Q/K) to a llama.cpp GGUF: same tokens, same logits in our engine."""
+    c = tiny_config("silu", tied_embeddings=False)
+    hf = write_hf(str(tiny["dir"] / "hf"), c, tiny_weights(c, seed=5))
+    assert export(capsys, "-m", hf, "-o", str(tiny["dir"] / "from_hf"), "--format", "gguf")[0] == 0
+    a, b = (Model(load_checkpoint(p), 64, backend="torch") for p in (hf, str(tiny["dir"] / "from_hf.gguf")))
+    text = "<s>user: " + TEXT + " 12 cats</s>"
+    assert a.tokenize(text) == b.tokenize(text) and b.tokenizer.bos_id == 0 and b.tokenizer.add_bos
+    assert b.tokenizer.chat_template == a.tokenizer.chat_template
+    ids = a.tokenize(text)
+    assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
+
+
+def test_inspect(tiny, capsys):
+    out = str(tiny["dir"] / "insp")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out,
+                  "--outtype", "q8_0")[0] == 0
+    capsys.readouterr()
+    assert main(["inspect", out + ".powerinfer.gguf", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["magic"], info["architecture"]) == ("powerinfer", "PWRI", "llama")
+    assert info["predictors"]["ranks"] == [16, 24] and info["predictors"]["thresholds"] == [1.0, 1.0]
+    assert info["gpuidx"] == out + ".gpuidx" and info["metadata"]["powerinfer.sparse_threshold"] == 1.0
+    assert {"name": "blk.1.fc2.weight", "type": "F16", "shape": [tiny["config"].n_ff, 24],
+            "bytes": tiny["config"].n_ff * 24 * 2} in info["tensors"]
+    assert main(["inspect", out + ".gpuidx", "--json"]) == 0
+    split = json.load(open(tiny["split"]))
+    assert json.loads(capsys.readouterr().out)["gpu_neurons"] == [len(g) for g in split["gpu_neurons"]]
+    assert main(["inspect", tiny["bundle"]]) == 0
+    text = capsys.readouterr().out
+    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text
+
+
+def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):
+    """The default model through --format gguf, in llama-cpp-python: its greedy top-1 tokens are ours."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    assert export(capsys, "-m", "smollm2-135m", "-o", str(tmp_path / "smol"), "--format", "gguf",
+                  "--outtype", "q8_0")[0] == 0
+    path = str(tmp_path / "smol.gguf")
+    ours = Model(load_checkpoint(path), 512, backend="torch")
+    llm = llama_cpp.Llama(path, n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    agree = total = 0
+    for case in reference["greedy"]:
+        ids = case["prompt_ids"] + case["greedy_ids"][:16]
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[: len(ids)]).argmax(-1)
+        mine = ours.logits(ids).argmax(-1).numpy()
+        agree += int((theirs == mine).sum())
+        total += len(ids)
+    assert agree / total >= 0.97, f"top-1 agreement {agree}/{total}"

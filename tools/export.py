@@ -1,0 +1,427 @@
+"""`hotcold export` and `hotcold inspect`: one GGUF file that carries a model and its predictors, and a look inside.
+
+--format powerinfer (DESIGN.md, "PowerInfer's file formats"): OUT.powerinfer.gguf, GGUF v3 with its magic then
+overwritten by PWRI; llama keys and tokenizer (architecture bamboo for dReLU, PowerInfer's graph for it);
+output.weight written even when tied; blk.N.ffn_down_t in place of ffn_down; blk.N.fc1/fc2 (F16) under one
+powerinfer.sparse_threshold, per-layer thresholds folded into fc2; our manifest under hotcold.predictors.manifest.
+With --split also OUT.gpuidx, linked as OUT.powerinfer.gguf.generated.gpuidx: the name PowerInfer looks for.
+
+--format gguf: OUT.gguf, a standard llama.cpp file. llama.cpp refuses a file holding tensors it does not use
+("wrong number of tensors"), so a bundle travels in two keys it ignores: hotcold.predictors.manifest (manifest.json)
+and hotcold.predictors.safetensors (predictors.safetensors in base64: gguf-py reads a string in one piece but a
+numeric array element by element).
+
+Each file is written tensor by tensor to a temporary name, read back (every tensor's type, shape and crc32; then
+loaded as a checkpoint whose tokenizer must encode a probe text as the source's does) and only then renamed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType as QT
+
+from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
+from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
+                           POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf)
+from engine.qtensor import QTensor
+from engine.sparsity import write_atomic
+from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
+from tools.cli import MODEL_HELP, emit_json
+
+OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
+POWERINFER_ARCH = {"relu": "llama", "drelu": "bamboo"}  # FFN activation -> PowerInfer's graph (ReLU on gate | both)
+COPIED_KEYS = ("general.", "tokenizer.")  # taken from a GGUF source as they are, except:
+OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+PROBE = "Hello world! It's 2024: 12345 cats,\n\n  naïve café, 東京 — don't <s> stop</s>"
+
+
+# --- what goes into the file -------------------------------------------------------------------------------
+@dataclass
+class Out:
+    """One tensor to write: its source and how it is stored."""
+    name: str
+    src: QTensor
+    qtype: QT
+    transpose: bool = False  # ffn_down <-> ffn_down_t
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # numpy order
+        return tuple(self.src.shape[::-1] if self.transpose else self.src.shape)
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * size
+
+    def data(self) -> np.ndarray:
+        """The stored form: the source's own bytes when type and layout stay (nothing rounded twice)."""
+        if self.src.qtype == self.qtype and not self.transpose:
+            return np.ascontiguousarray(self.src.data)
+        a = self.src.dequantize()
+        return QTensor.from_float(a.T if self.transpose else a, self.qtype).data
+
+
+def stored_type(shape: tuple[int, ...], qtype: QT) -> QT:
+    """1-D tensors are F32; a matrix whose rows are not whole qtype blocks falls back to F16, as in llama.cpp."""
+    if len(shape) == 1:
+        return QT.F32
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else QT.F16
+
+
+def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None = None) -> list[Out]:
+    """The tensors of the file in llama.cpp's order; PowerInfer's layout (explicit output, ffn_down_t, fc1/fc2)."""
+    t = ckpt.tensors
+
+    def out(name: str, src: QTensor, transpose: bool = False) -> Out:
+        return Out(name, src, stored_type(src.shape[::-1] if transpose else src.shape, qtype), transpose)
+
+    items = [out("token_embd.weight", t["token_embd.weight"]), out("output_norm.weight", t["output_norm.weight"])]
+    if powerinfer or "output.weight" in t:  # PowerInfer's loader requires output.weight even when tied
+        items.append(out("output.weight", t.get("output.weight", t["token_embd.weight"])))
+    for i in range(ckpt.config.n_layer):
+        items += [out(blk(i, n), t[blk(i, n)]) for n in LAYER_TENSORS if n != "ffn_down" and blk(i, n) in t]
+        stored_t = blk(i, "ffn_down_t") in t  # the source may itself be a PowerInfer file
+        down = t[blk(i, "ffn_down_t" if stored_t else "ffn_down")]
+        items.append(out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer))
+        if predictors is not None:
+            p = predictors[i]
+            items += [Out(blk(i, n), QTensor.from_float(w.detach().float().numpy()), QT.F16)
+                      for n, w in (("fc1", p.fc1.weight), ("fc2", p.fc2.weight))]  # (rank, n_embd), (n_ff, rank)
+    return items
+
+
+def add_model_keys(wr: GGUFWriter, ckpt: Checkpoint, qtype: QT) -> None:
+    """Hyperparameters from the config (under wr's architecture); general.* and the tokenizer from the source."""
+    c = ckpt.config
+    wr.add_block_count(c.n_layer)
+    wr.add_context_length(c.n_ctx_train)
+    wr.add_embedding_length(c.n_embd)
+    wr.add_feed_forward_length(c.n_ff)
+    wr.add_head_count(c.n_head)
+    wr.add_head_count_kv(c.n_head_kv)
+    wr.add_rope_dimension_count(c.head_dim)
+    wr.add_rope_freq_base(c.rope_base)
+    wr.add_layer_norm_rms_eps(c.rms_eps)
+    wr.add_vocab_size(c.n_vocab)
+    wr.add_file_type(FILE_TYPES[qtype])
+    wr.add_string(KEY_ACT, c.act)
+    wr.add_float32(KEY_ACT_THRESHOLD, c.act_threshold)
+    if os.path.isdir(ckpt.path):
+        wr.add_name(os.path.basename(os.path.normpath(ckpt.path)))
+        add_keys(wr, hf_tokenizer_keys(ckpt))
+        return
+    for key, f in open_gguf(ckpt.path).fields.items():
+        if key.startswith(COPIED_KEYS) and key not in OWN_KEYS:
+            wr.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+
+
+def add_keys(wr: GGUFWriter, keys: dict) -> None:
+    """Python values under GGUF's types: lists are arrays, ints INT32 except token ids (UINT32, as llama.cpp reads)."""
+    for key, v in keys.items():
+        if key in UINT32_KEYS:
+            wr.add_uint32(key, v)
+        elif isinstance(v, list):
+            wr.add_key_value(key, v, GGUFValueType.ARRAY, GGUFValueType.get_type(v[0]))
+        else:
+            wr.add_key_value(key, v, GGUFValueType.get_type(v))
+
+
+def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
+    """tokenizer.ggml.* of an HF directory's byte-level BPE tokenizer; the pre-tokenizer is the first of ours that
+    encodes PROBE as the HF tokenizer does. Ids past the tokenizer up to n_vocab are UNUSED padding tokens."""
+    tok, where = ckpt.tokenizer, ckpt.path
+    spec = json.loads(tok.tk.to_str())
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise HotcoldError(f"{where}: only byte-level BPE tokenizers (GPT-2 style) are converted from Hugging Face "
+                           "directories; convert this one with llama.cpp's convert_hf_to_gguf.py")
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))) or len(tokens) > ckpt.config.n_vocab:
+        raise HotcoldError(f"{where}: token ids are not 0..{ckpt.config.n_vocab - 1} without gaps")
+    added = tok.tk.get_added_tokens_decoder()
+    types = [TOKEN_CONTROL if i in tok.special_ids else TOKEN_USER_DEFINED if i in added else TOKEN_NORMAL
+             for i in range(len(tokens))]
+    pad = range(len(tokens), ckpt.config.n_vocab)
+    keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens + [f"[PAD{i}]" for i in pad],
+            "tokenizer.ggml.token_type": types + [TOKEN_UNUSED] * len(pad),
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])],
+            "tokenizer.ggml.add_bos_token": bool(tok.add_bos)}
+    keys.update({k: v for k, v in (("tokenizer.ggml.bos_token_id", tok.bos_id), ("tokenizer.ggml.eos_token_id",
+                 tok.eos_id), ("tokenizer.chat_template", tok.chat_template)) if v is not None})
+    want = tok.encode(PROBE, add_bos=False)
+    for pre in PRE_TOKENIZERS:
+        keys["tokenizer.ggml.pre"] = pre
+        if Tokenizer.from_gguf(keys, where).encode(PROBE, add_bos=False) == want:
+            return keys
+    raise HotcoldError(f"{where}: its pre-tokenizer is none of {', '.join(PRE_TOKENIZERS)}; convert it with "
+                       "llama.cpp's convert_hf_to_gguf.py")
+
+
+# --- writing and reading back ------------------------------------------------------------------------------
+def write_gguf(path: str, arch: str, write_keys, items: list[Out], magic: bytes) -> dict[str, int]:
+    """GGUF at path, each tensor converted when its turn comes (one in memory at a time); magic overwritten
+    afterwards when it is not GGUF's. Returns each tensor's crc32."""
+    from tqdm import tqdm
+    wr = GGUFWriter(path, arch)
+    write_keys(wr)
+    for it in items:
+        wr.add_tensor_info(it.name, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_ti_data_to_file()
+    crcs = {}
+    for it in tqdm(items, desc="export", unit="tensor", file=sys.stderr, disable=None):
+        data = it.data()
+        crcs[it.name] = zlib.crc32(data)
+        wr.write_tensor_data(data)
+    wr.close()
+    if magic != b"GGUF":
+        with open(path, "r+b") as fh:
+            fh.write(magic)
+    return crcs
+
+
+def verify(path: str, items: list[Out], crcs: dict[str, int], source: Checkpoint, predictors: bool) -> None:
+    """Read the file back: tensor names, types, shapes and bytes as written; it loads; same tokens; predictors."""
+    tensors = open_gguf(path).tensors
+    if [t.name for t in tensors] != [it.name for it in items]:
+        raise HotcoldError(f"{path}: reads back {len(tensors)} tensors, {len(items)} were written")
+    for t, it in zip(tensors, items):
+        if (QT(int(t.tensor_type)), tuple(reversed(t.shape.tolist()))) != (it.qtype, it.shape) or \
+                zlib.crc32(np.ascontiguousarray(t.data)) != crcs[it.name]:
+            raise HotcoldError(f"{path}: tensor {it.name} reads back differently from what was written")
+    ckpt = load_checkpoint(path)
+    if ckpt.tokenizer.encode(PROBE) != source.tokenizer.encode(PROBE):
+        raise HotcoldError(f"{path}: the written tokenizer encodes text differently from {source.path}'s")
+    if predictors and ckpt.predictors is None:
+        raise HotcoldError(f"{path}: the predictors do not read back")
+
+
+def bundle_files(bundle) -> tuple[dict, bytes]:
+    """A bundle's manifest and predictors.safetensors bytes, as Bundle.save writes them."""
+    from predictors.bundle import MANIFEST, TENSORS
+    with tempfile.TemporaryDirectory() as d:
+        bundle.save(d)
+        with open(os.path.join(d, MANIFEST)) as fh, open(os.path.join(d, TENSORS), "rb") as fb:
+            return json.load(fh), fb.read()
+
+
+def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle) -> dict:
+    """OUT.powerinfer.gguf or OUT.gguf, through a verified temporary file. Returns what it wrote about predictors."""
+    from predictors.bundle import fold_thresholds
+    keys, preds, info = {}, None, {}
+    if bundle is not None:
+        manifest, tensors = bundle_files(bundle)
+        if powerinfer:
+            preds, t, effective = fold_thresholds(bundle.predictors, bundle.thresholds)
+            manifest["export"] = info = {"sparse_threshold": t, "effective_thresholds": effective}
+            keys[KEY_SPARSE_THRESHOLD] = float(t)
+        else:
+            keys[KEY_BUNDLE_TENSORS] = base64.b64encode(tensors).decode("ascii")
+        keys[KEY_BUNDLE_MANIFEST] = json.dumps(manifest)
+        info["ranks"] = bundle.ranks
+    items = plan(ckpt, qtype, powerinfer, preds)
+    arch = POWERINFER_ARCH[effective_act(ckpt.config)] if powerinfer else "llama"
+
+    def write_keys(wr: GGUFWriter) -> None:
+        add_model_keys(wr, ckpt, qtype)
+        add_keys(wr, keys)
+
+    def write(tmp: str) -> None:
+        crcs = write_gguf(tmp, arch, write_keys, items, PWRI if powerinfer else b"GGUF")
+        verify(tmp, items, crcs, ckpt, bundle is not None)
+
+    write_atomic(path, write)
+    return info
+
+
+# --- PowerInfer's constraints and its GPU split ----------------------------------------------------------
+def effective_act(c) -> str:
+    return "relu" if c.act == "fatrelu" and c.act_threshold == 0 else c.act
+
+
+def check_powerinfer(ckpt: Checkpoint) -> None:
+    c = ckpt.config
+    if effective_act(c) not in POWERINFER_ARCH:
+        why = (f"FATReLU's threshold {c.act_threshold} would be lost (PowerInfer's graph applies plain ReLU)"
+               if c.act == "fatrelu" else f"its FFN activation {c.act} never gives exact zeros")
+        raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its sparse path skips the FFN neurons whose "
+                           f"ReLU output is exactly zero, and {why}; use --format gguf")
+    if not c.ffn_gated:
+        raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
+
+
+def read_model_split(path: str, ckpt: Checkpoint) -> dict:
+    """A `hotcold split` result (OUT.json; OUT or OUT.gpuidx name it too) made for this model's shape."""
+    from tools.split import read_split
+    split = read_split(path if path.endswith(".json") else path.removesuffix(".gpuidx") + ".json")
+    c = ckpt.config
+    if (split.get("n_layer"), split.get("n_ff"), len(split["gpu_neurons"])) != (c.n_layer, c.n_ff, c.n_layer):
+        raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
+                           f"neurons; {ckpt.path} has {c.n_layer} x {c.n_ff})")
+    return split
+
+
+def write_split_files(paths: list[str], split: dict) -> None:
+    """PowerInfer's .gpuidx at paths[0] (read back: layer order and GPU ids), hard-linked at the other paths."""
+    from tools.split import write_gpuidx
+    write_gpuidx(paths[0], split, split["ffn_gpu_bytes"] + sum(split["fixed_bytes"].values()))
+    tensors = open_gguf(paths[0]).tensors
+    want = [(f"blk.{i}.{n}", ids) for i, ids in enumerate(split["gpu_neurons"]) for n in ("gpu_idx", "gpu_bucket")]
+    if [t.name for t in tensors] != [n for n, _ in want] or any(
+            not np.array_equal(t.data, ids) for t, (n, ids) in zip(tensors, want) if n.endswith("gpu_bucket")):
+        raise HotcoldError(f"{paths[0]}: the GPU split reads back differently from what was written")
+    for p in paths[1:]:
+        tmp = f"{p}.tmp{os.getpid()}"
+        try:
+            os.link(paths[0], tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(paths[0], tmp)
+        os.replace(tmp, p)
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+def cmd_export(args) -> None:
+    from predictors.bundle import load_bundle, model_fingerprint
+    ckpt = load_checkpoint(args.model)
+    powerinfer = args.format == "powerinfer"
+    base = args.out.removesuffix(POWERINFER_SUFFIX if powerinfer else ".gguf")
+    path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
+    split_paths = [base + ".gpuidx", path + ".generated.gpuidx"] if powerinfer else []
+    if powerinfer:
+        check_powerinfer(ckpt)
+    elif args.split:
+        raise HotcoldError("--split: a GPU split is PowerInfer's (.gpuidx); it goes with --format powerinfer")
+    bundle = load_bundle(args.predictors, model_fingerprint(ckpt)) if args.predictors else ckpt.predictors
+    if powerinfer and bundle is None:
+        raise HotcoldError("--format powerinfer needs --predictors BUNDLE: PowerInfer reads blk.N.fc1/fc2 from the "
+                           "model file")
+    split = read_model_split(args.split, ckpt) if args.split else None
+    existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
+    if existing and not args.force:
+        raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
+    info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle)
+    if split is not None:
+        write_split_files(split_paths, split)
+    else:
+        for p in split_paths:
+            if os.path.exists(p):
+                os.remove(p)
+    ranks = info.get("ranks")
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {args.outtype}"
+          + (f", predictors of rank {min(ranks)}-{max(ranks)}" if ranks else ", no predictors")
+          + (f", sparse_threshold {info['sparse_threshold']:g}" if "sparse_threshold" in info else "") + ")")
+    if split is not None:
+        print(f"wrote {split_paths[0]}, linked as {split_paths[1]} for PowerInfer")
+    if not powerinfer and ckpt.config.act != "silu":
+        print(f"hotcold: note: llama.cpp runs every llama FFN as SiLU; this {ckpt.config.act} model gives the right "
+              "outputs in hotcold (and PowerInfer, --format powerinfer) only", file=sys.stderr)
+
+
+def field_summary(f):
+    """A GGUF key's value, or a short description of it when it is a long array or string."""
+    if f.types[0] == GGUFValueType.ARRAY and len(f.data) > 8:
+        return f"[{len(f.data)} x {f.types[-1].name}]"
+    if f.types[0] == GGUFValueType.STRING and len(f.parts[f.data[0]]) > 120:
+        return f"<string of {len(f.parts[f.data[0]])} bytes>"
+    return f.contents()
+
+
+def predictor_summary(bundle) -> dict:
+    return {"n_layer": len(bundle.predictors), "ranks": bundle.ranks, "thresholds": bundle.thresholds,
+            "n_params": bundle.n_params, "metrics": bundle.metrics, "sparsity": bundle.sparsity}
+
+
+def inspect_file(path: str) -> dict:
+    """What a GGUF file (ours, PowerInfer's model or .gpuidx, llama.cpp's) or a predictor directory holds."""
+    from predictors.bundle import MANIFEST, load_bundle, read_powerinfer_dir
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            b = load_bundle(path)
+            return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
+        preds, thresholds = read_powerinfer_dir(path)
+        return {"path": path, "kind": "powerinfer predictors", "predictors": {
+            "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds}}
+    r = open_gguf(path)
+    magic, arch = r.data[:4].tobytes(), field_value(r, "general.architecture")
+    info = {"path": path, "kind": "gpuidx" if arch == "generic.gpu_index" else "powerinfer" if magic == PWRI else
+            "gguf", "magic": magic.decode(), "version": int(field_value(r, "GGUF.version")), "architecture": arch,
+            "bytes": os.path.getsize(path),
+            "metadata": {k: field_summary(f) for k, f in r.fields.items() if not k.startswith("GGUF.")},
+            "tensors": [{"name": t.name, "type": QT(int(t.tensor_type)).name,
+                         "shape": [int(n) for n in reversed(t.shape.tolist())], "bytes": int(t.n_bytes)}
+                        for t in r.tensors]}
+    if info["kind"] == "gpuidx":
+        info["gpu_neurons"] = [int(np.sum(t.data)) for t in r.tensors if t.name.endswith(".gpu_idx")]
+    elif arch in ARCH_ACT:
+        ckpt = load_checkpoint(path)
+        info["predictors"] = predictor_summary(ckpt.predictors) if ckpt.predictors is not None else None
+        info["gpuidx"] = ckpt.gpuidx
+    return info
+
+
+def format_inspect(info: dict) -> str:
+    mib = f", {info['bytes'] / 2**20:.1f} MiB" if "bytes" in info else ""
+    head = f"{info['path']}: {info['kind']}"
+    if "magic" in info:
+        head += (f" (GGUF v{info['version']}, magic {info['magic']}, architecture {info['architecture']}, "
+                 f"{len(info['tensors'])} tensors{mib})")
+    lines = [head]
+    if "metadata" in info:
+        lines += ["metadata:"] + [f"  {k} = {v}" for k, v in info["metadata"].items()]
+        width = max((len(t["name"]) for t in info["tensors"]), default=0)
+        lines += ["tensors:"] + [f"  {t['name']:<{width}}  {t['type']:<5} {str(tuple(t['shape'])):<16} "
+                                 f"{t['bytes'] / 2**10:10.1f} KiB" for t in info["tensors"]]
+    if "gpu_neurons" in info:
+        lines.append("GPU neurons per layer: " + " ".join(map(str, info["gpu_neurons"])))
+    p = info.get("predictors")
+    if p:
+        lines.append(f"predictors: {p['n_layer']} layers, {p.get('n_params', 0) / 1e6:.2f} M parameters")
+        for i, (rank, t) in enumerate(zip(p["ranks"], p["thresholds"])):
+            m = p.get("metrics", [])[i] if i < len(p.get("metrics", [])) else {}
+            extra = " ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+            lines.append(f"  layer {i:>3}: rank {rank:>5}, threshold {t:+.4f}  {extra}".rstrip())
+    elif "predictors" in info:
+        lines.append("predictors: none")
+    if info.get("gpuidx"):
+        lines.append(f"GPU split: {info['gpuidx']}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> None:
+    info = inspect_file(args.file)
+    if args.json:
+        emit_json(info)
+    else:
+        print(format_inspect(info))
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("export", help="write a model and its predictors as one GGUF for PowerInfer or llama.cpp")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("--predictors", default=None,
+                   help="predictor bundle (hotcold train-predictors); default: the ones the model file carries")
+    p.add_argument("--split", default=None, help="a `hotcold split` result (OUT.json): writes PowerInfer's .gpuidx")
+    p.add_argument("-o", "--out", required=True, help="writes OUT.powerinfer.gguf (--format gguf: OUT.gguf)")
+    p.add_argument("--format", choices=("powerinfer", "gguf"), default="powerinfer",
+                   help="powerinfer: PowerInfer's sparse GGUF (default); gguf: llama.cpp's, predictors in hotcold keys")
+    p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="matrix storage (default f16)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="metadata, tensors and predictors of a GGUF file or a predictor bundle")
+    p.add_argument("file", help="GGUF (also PowerInfer's .powerinfer.gguf and .gpuidx) or bundle directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
