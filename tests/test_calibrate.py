@@ -8,24 +8,16 @@ import pytest
 from engine.api import load
 from engine.config import HotcoldError
 from engine.sparsity import SparsityConfig
-from tiny_model import tiny_config, tiny_weights, write_gguf
+from tiny_model import tiny_models
 from tools.calibrate import calibrate, split_corpus
 from tools.cli import main
 
 CTX = 32
-TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    paths = {}
-    for act, seed in (("silu", 0), ("silu", 1), ("relu", 0)):
-        c = tiny_config(act)
-        paths[act, seed] = write_gguf(str(d / f"{act}{seed}.gguf"), c, tiny_weights(c, seed))
-    corpus = d / "corpus.txt"
-    corpus.write_text(TEXT)
-    return paths, str(corpus)
+    return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("silu", 0), ("silu", 1), ("relu", 0)))
 
 
 def cli_calibrate(tiny, out, *goal, model=("silu", 0)):

@@ -15,7 +15,7 @@ import torch
 from engine.api import Model
 from engine.config import blk
 from engine.loader import load_checkpoint
-from tiny_model import tiny_config, tiny_weights, write_gguf
+from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf  # noqa: F401 (autouse fixture)
 from tools.cli import main
 from tools.profile import corpus_tokens, run_profile
 
@@ -37,14 +37,6 @@ def structured_relu_weights(c, seed: int) -> dict:
         w[blk(i, "attn_output")] *= 0.05
         w[blk(i, "ffn_down")] *= 0.05
     return w
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from predictors.bundle import (Bundle, fold_thresholds, load_bundle, model_finge
 from predictors.metrics import format_table, layer_metrics, summarize, tune_threshold
 from predictors.model import Predictor, gate_map
 from predictors.train import rank_cap, rank_ladder, train_layer
-from tiny_model import tiny_config, tiny_weights
+from tiny_model import one_thread, tiny_config, tiny_weights  # noqa: F401 (autouse fixture)
 
 N_EMBD, N_FF, K = 64, 256, 16
 
@@ -43,15 +43,6 @@ def relu_ffn(seed: int = 0):
         return x.astype(np.float32), pre > 0
 
     return w.astype(np.float32), g.astype(np.float32), sample
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only waits for a busy core (10-50x slower on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

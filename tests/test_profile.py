@@ -11,24 +11,16 @@ import torch
 from engine.api import load
 from engine.config import HotcoldError
 from engine.sparsity import SparsityConfig, batched_net
-from tiny_model import tiny_config, tiny_weights, write_gguf
+from tiny_model import CAT_TEXT, tiny_models
 from tools.cli import main
 from tools.profile import corpus_tokens, read_corpus, run_profile
 
 CTX = 32
-TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens: 10 windows
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    paths = {}
-    for act, seed in (("relu", 0), ("silu", 0), ("relu", 1)):
-        c = tiny_config(act)
-        paths[act, seed] = write_gguf(str(d / f"{act}{seed}.gguf"), c, tiny_weights(c, seed))
-    corpus = d / "corpus.txt"
-    corpus.write_text(TEXT)
-    return paths, str(corpus)
+    return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("relu", 0), ("silu", 0), ("relu", 1)))
 
 
 def relu_model(tiny, seed=0, backend="torch"):
@@ -137,8 +129,8 @@ def test_profile_cli_and_report(tiny, tmp_path, capsys):
 
 def test_jsonl_corpus(tiny, tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t, "id": n}) for n, t in enumerate(TEXT.split(", "))) + "\n")
-    assert read_corpus([str(path)]) == TEXT.split(", ")
+    path.write_text("\n".join(json.dumps({"text": t, "id": n}) for n, t in enumerate(CAT_TEXT.split(", "))) + "\n")
+    assert read_corpus([str(path)]) == CAT_TEXT.split(", ")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(HotcoldError, match=r"bad.jsonl:2: no \"text\""):

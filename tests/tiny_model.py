@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
@@ -127,3 +128,29 @@ def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = 
     wr.write_tensors_to_file()
     wr.close()
     return path
+
+
+CAT_TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens
+
+
+def tiny_models(d, specs) -> tuple[dict, str]:
+    """GGUF files of tiny random models, one per (act, seed) of `specs`, and a small corpus, in directory d:
+    ({(act, seed): path}, corpus path)."""
+    paths = {}
+    for act, seed in specs:
+        c = tiny_config(act)
+        paths[act, seed] = write_gguf(os.path.join(d, f"{act}{seed}.gguf"), c, tiny_weights(c, seed))
+    corpus = os.path.join(d, "corpus.txt")
+    with open(corpus, "w") as fh:
+        fh.write(CAT_TEXT)
+    return paths, corpus
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread and lose much to it on a busy machine: a module that
+    imports this fixture runs on one torch thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,9 +6,10 @@ bit-packed active masks, every window), trains one predictor per layer with `pre
 fingerprint, the corpus (the profile's settings) and the sparsity config that defined "active", so that later
 commands need no --sparsity.
 
-    budget    predictor bytes at run time (F16, what the bundle stores) <= 10% of the layer's FFN bytes as stored
-              (gate + up + down in their stored format: a Q4_1 model leaves a smaller rank than an F32 one);
-              --rank auto climbs the ladder 32, 64, ... up to that cap (and train.rank_cap's parameter cap)
+    budget    predictor parameters <= 10% of the layer's FFN parameters (train.rank_cap: rank 120 for SmolLM2);
+              --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes are reported beside it: in F16
+              (what the bundle stores) against a Q4_1 FFN they are 3.2x the parameter share, stored like the FFN
+              the same share
     resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
               by the model, profile and training settings); the same command run again skips those layers, and a
               finished bundle with the same key is taken as done. --layers trains a subset; the bundle is
@@ -35,8 +36,7 @@ from safetensors.torch import load_file, save_file
 from engine.config import HotcoldError, blk
 from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
 
-BUDGET = 0.10  # predictor bytes at run time / FFN bytes as stored, per layer
-PRED_BYTES = 2  # bytes per predictor parameter at run time: F16, as bundles store them
+PRED_BYTES = 2  # bytes per predictor parameter in a bundle: F16
 PARTIAL = "partial"
 
 
@@ -69,20 +69,15 @@ def layer_samples(profile: str, manifest: dict, layer: int) -> tuple[np.ndarray,
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def ffn_bytes(ckpt, layer: int) -> int:
-    return sum(ckpt.tensors[blk(layer, n)].nbytes for n in ("ffn_gate", "ffn_up", "ffn_down")
-               if blk(layer, n) in ckpt.tensors)
+def ffn_tensors(ckpt, layer: int) -> list:
+    return [ckpt.tensors[blk(layer, n)] for n in ("ffn_gate", "ffn_up", "ffn_down") if blk(layer, n) in ckpt.tensors]
 
 
 def budget_rank(ckpt, layer: int) -> int:
-    """The largest even rank whose F16 predictor fits BUDGET of the layer's FFN bytes (and train.rank_cap)."""
+    """The largest rank whose predictor has at most 10% (train.BUDGET) of the layer's FFN parameters (train.rank_cap)."""
     from predictors.train import rank_cap
     c = ckpt.config
-    r = int(BUDGET * ffn_bytes(ckpt, layer) // (PRED_BYTES * (c.n_embd + c.n_ff)))
-    r = min(r - r % 2, rank_cap(c.n_embd, c.n_ff, 3 if c.ffn_gated else 2))
-    if r < 2:
-        raise HotcoldError(f"layer {layer}: a predictor budget of {BUDGET:.0%} of the FFN bytes leaves no rank")
-    return r
+    return rank_cap(c.n_embd, c.n_ff, len(ffn_tensors(ckpt, layer)))
 
 
 def init_map(ckpt, layer: int):
@@ -162,7 +157,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     "bundle": out or None, "budget": {...}}."""
     from engine.sparsity import fingerprint
     from predictors.bundle import Bundle, model_fingerprint
-    from predictors.train import train_layer
+    from predictors.train import BUDGET, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
     c = ckpt.config
@@ -189,7 +184,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     if done and want:
         log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread mostly waits (see tests/test_predictors.py)
+    torch.set_num_threads(1)  # small matmuls: on a busy machine a second thread mostly waits
     try:
         for i in tqdm(todo, desc="train-predictors", unit="layer", disable=not progress or None, file=sys.stderr):
             X, Y = layer_samples(profile, manifest, i)
@@ -204,9 +199,10 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     per_layer = []
     for i in want:
         pred, _, m = done[i]
-        pb, fb = PRED_BYTES * pred.n_params, ffn_bytes(ckpt, i)
-        per_layer.append({**m, "layer": i, "rank": pred.rank, "predictor_bytes": pb, "ffn_bytes": fb,
-                          "budget_share": pb / fb})
+        ffn = ffn_tensors(ckpt, i)
+        per_layer.append({**m, "layer": i, "rank": pred.rank, "predictor_params": pred.n_params,
+                          "ffn_params": sum(int(np.prod(t.shape)) for t in ffn),
+                          "predictor_bytes": PRED_BYTES * pred.n_params, "ffn_bytes": sum(t.nbytes for t in ffn)})
     complete = all(i in done for i in range(c.n_layer))
     res = {"per_layer": per_layer, "trained": todo, "complete": complete, "bundle": None}
     if complete:
@@ -218,9 +214,9 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         Bundle(list(preds), list(thrs), fp, list(mets), dataclasses.asdict(sparsity), corpus, training).save(out)
         shutil.rmtree(os.path.join(out, PARTIAL), ignore_errors=True)
         res["bundle"] = out
-    pb = sum(m["predictor_bytes"] for m in per_layer)
-    fb = sum(m["ffn_bytes"] for m in per_layer)
-    res["budget"] = {"predictor_bytes": pb, "ffn_bytes": fb, "share": pb / fb if fb else 0.0, "limit": BUDGET}
+    tot = {k: sum(m[k] for m in per_layer) for k in ("predictor_params", "ffn_params", "predictor_bytes", "ffn_bytes")}
+    res["budget"] = {**tot, "share": tot["predictor_params"] / max(tot["ffn_params"], 1),
+                     "bytes_share": tot["predictor_bytes"] / max(tot["ffn_bytes"], 1), "limit": BUDGET}
     return res
 
 
@@ -228,9 +224,11 @@ def format_train(res: dict) -> str:
     from predictors.metrics import format_table
     b = res["budget"]
     lines = [format_table(res["per_layer"]),
-             f"predictor bytes at run time (F16): {b['predictor_bytes']:,} = {b['share']:.1%} of the FFN bytes as "
-             f"stored ({b['ffn_bytes']:,}); budget {b['limit']:.0%}"
-             + ("" if b["share"] <= b["limit"] + 1e-9 else "  ** OVER BUDGET **")]
+             f"predictor parameters: {b['predictor_params']:,} = {b['share']:.1%} of the FFN's "
+             f"({b['ffn_params']:,}); budget {b['limit']:.0%}"
+             + ("" if b["share"] <= b["limit"] + 1e-9 else "  ** OVER BUDGET **"),
+             f"predictor bytes in F16: {b['predictor_bytes']:,} = {b['bytes_share']:.1%} of the FFN bytes as stored "
+             f"({b['ffn_bytes']:,})"]
     if res["complete"]:
         lines.append(f"bundle written: {res['bundle']} ({len(res['trained'])} layers trained now)")
     else:
