@@ -373,6 +373,7 @@ def inspect_file(path: str) -> dict:
 
 
 def format_inspect(info: dict) -> str:
+    from predictors.metrics import METRIC_KEYS
     mib = f", {info['bytes'] / 2**20:.1f} MiB" if "bytes" in info else ""
     head = f"{info['path']}: {info['kind']}"
     if "magic" in info:
@@ -391,7 +392,7 @@ def format_inspect(info: dict) -> str:
         lines.append(f"predictors: {p['n_layer']} layers, {p.get('n_params', 0) / 1e6:.2f} M parameters")
         for i, (rank, t) in enumerate(zip(p["ranks"], p["thresholds"])):
             m = p.get("metrics", [])[i] if i < len(p.get("metrics", [])) else {}
-            extra = " ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float))
+            extra = " ".join(f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k in m)
             lines.append(f"  layer {i:>3}: rank {rank:>5}, threshold {t:+.4f}  {extra}".rstrip())
     elif "predictors" in info:
         lines.append("predictors: none")
