@@ -17,7 +17,7 @@ from engine.loader import load_checkpoint
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
 from predictors.model import Predictor
-from tiny_model import tiny_config, tiny_weights, write_gguf, write_hf
+from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
 from tools.cli import main
 from tools.split import plan, write_split
 
@@ -25,15 +25,6 @@ TEXT = "hello there, the cat in a hat sat on the mat"
 THRESHOLDS = [0.5, 2.0]  # per layer; powers of two, so folding them into F16 fc2 is exact
 TOLERANCE = {"f16": 0.01, "q8_0": 0.08, "q4_0": 0.6}  # relative logit error against the float32 source
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and loses much to them on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +100,12 @@ def test_round_trip(tiny, capsys, fmt, outtype):
     assert b.ranks == [16, 24] and b.fingerprint == model_fingerprint(ckpt) and b.metrics[1] == {"recall": 0.8}
     assert b.thresholds == ([1.0, 1.0] if fmt == "powerinfer" else THRESHOLDS)
     assert same_active_sets(b, orig)
+
+    if (fmt, outtype) == ("powerinfer", "f16"):  # and back: ffn_down_t transposed again, predictors carried along
+        assert export(capsys, "-m", path, "-o", out + "_back", "--format", "gguf")[0] == 0
+        back = load_checkpoint(out + "_back.gguf")
+        assert blk(0, "ffn_down") in back.tensors and same_active_sets(back.predictors, orig)
+        assert torch.equal(Model(back, 64, backend="torch").logits(ids), got.logits(ids))
 
 
 def test_powerinfer_format_bytes(tiny, capsys):
