@@ -48,8 +48,10 @@ from engine.qtensor import QTensor
 ACT_SILU, ACT_RELU, ACT_FATRELU, ACT_DRELU = 0, 1, 2, 3  # FFN activation codes
 
 BLOCK = 32  # weights per block, for every block type here
-_BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
-_TYPES = (QT.F32, QT.F16) + _BLOCK_TYPES
+PREFETCH = 2  # the sparse FFN fetches the rows of the neuron this many places ahead
+DENSE_FROM = 0.75  # ffn with `down`: active sets of at least this share of n_ff go through the untransposed down
+BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
+_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
@@ -166,6 +168,23 @@ def _axpy_block(typingctx, q, b, scale, offset, out):
     return types.void(q, b, types.float32, types.float32, out), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Hint the cache line holding byte i of a's data into cache (a hint: no fault past the end)."""
+    if not (isinstance(a, types.Array) and a.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        p = builder.gep(builder.bitcast(data, i8p), [args[1]])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])  # read, keep, data
+        return context.get_dummy_value()
+    return types.void(a, i), codegen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Per-row helpers. A weight W = (w, d, m) as in KMatrix.W, with d = m = None for F32/F16 and m = None
 # for Q8_0/Q4_0; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at typing time
@@ -206,6 +225,14 @@ def _row_axpy(W, r, s, out):
 
 def _block_min(W, r, b, db):
     """The offset m of block b of row r: stored (Q4_1), -8 d (Q4_0) or 0 (Q8_0)."""
+
+
+def _row_prefetch(W, r):
+    """Hint every cache line of row r of W's arrays into cache."""
+
+
+def _row_hidden(G, U, i, x, X, act, threshold, exact):
+    """Neuron i's FFN activation h_i = act(G[i] @ x) * (U[i] @ x) (see `ffn`); 0 skips the up row."""
 
 
 @overload(_block_min, inline="always")
@@ -264,6 +291,44 @@ def _row_axpy_impl(W, r, s, out):
     return blocks
 
 
+@njit(inline="always", **_SERIAL)
+def _prefetch_row(a, r):
+    n = a.shape[1] * a.itemsize
+    for o in range(r * n, (r + 1) * n + 63, 64):  # rows need not start on a line
+        _prefetch(a, o)
+
+
+@overload(_row_prefetch, inline="always")
+def _row_prefetch_impl(W, r):
+    if _dense(W):
+        return lambda W, r: _prefetch_row(W[0], r)
+    if isinstance(W[2], types.NoneType):
+        def wd(W, r):
+            _prefetch_row(W[0], r)
+            _prefetch_row(W[1], r)
+        return wd
+
+    def wdm(W, r):
+        _prefetch_row(W[0], r)
+        _prefetch_row(W[1], r)
+        _prefetch_row(W[2], r)
+    return wdm
+
+
+@overload(_row_hidden, inline="always")
+def _row_hidden_impl(G, U, i, x, X, act, threshold, exact):
+    if isinstance(G, types.NoneType):  # plain FFN: h = act(up x)
+        return lambda G, U, i, x, X, act, threshold, exact: _act(_row_dot(U, i, x, X, exact), act, threshold)
+
+    def gated(G, U, i, x, X, act, threshold, exact):
+        h = _act(_row_dot(G, i, x, X, exact), act, threshold)
+        if h != 0:  # an inactive gate needs no up row either
+            u = _row_dot(U, i, x, X, exact)
+            h *= max(u, np.float32(0.0)) if act == ACT_DRELU else u
+        return h
+    return gated
+
+
 @njit(**_SERIAL)
 def _act(g, act, threshold):
     if act == ACT_SILU:
@@ -310,24 +375,44 @@ def _k_axpy(W, rows, coef, out, part, nt):
 
 @njit(**_PARALLEL)
 def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, nt, exact):
-    """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons into its row of part."""
+    """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons into its row of part.
+    The rows of the neuron PREFETCH places ahead are fetched meanwhile: scattered rows are latency bound."""
     _prep_x(x, *X)
     n = U[0].shape[0] if active is None else active.size
     for t in prange(nt):
         acc = part[t]  # (n_embd,)
         acc[:] = 0.0
-        for j in range(t * n // nt, (t + 1) * n // nt):
+        j1 = (t + 1) * n // nt
+        for j in range(t * n // nt, j1):
+            if active is not None and j + PREFETCH < j1:
+                f = np.int64(active[j + PREFETCH])
+                if G is not None:
+                    _row_prefetch(G, f)
+                _row_prefetch(U, f)
+                _row_prefetch(D, f)
             i = np.int64(j) if active is None else np.int64(active[j])
-            if G is None:  # plain FFN: h = act(up x)
-                h = _act(_row_dot(U, i, x, X, exact), act, threshold)
-            else:
-                h = _act(_row_dot(G, i, x, X, exact), act, threshold)
-                if h != 0:  # an inactive gate needs no up row either
-                    u = _row_dot(U, i, x, X, exact)
-                    h *= max(u, np.float32(0.0)) if act == ACT_DRELU else u
+            h = _row_hidden(G, U, i, x, X, act, threshold, exact)
             if h != 0:
                 _row_axpy(D, i, h, acc)
     _sum_parts(part, nt, out, False)
+
+
+@njit(**_PARALLEL)
+def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact):
+    """out = D @ h with D the untransposed down (n_embd, n_ff): h_i for i in active (None: all), 0 elsewhere.
+    Streams the same bytes as the file's ffn_down (down_t's rows are re-quantized to Q8_0: more bytes)."""
+    _prep_x(x, *X)
+    if active is None:
+        for i in prange(h.size):
+            h[i] = _row_hidden(G, U, np.int64(i), x, X, act, threshold, exact)
+    else:
+        h[:] = 0.0
+        for j in prange(active.size):
+            i = np.int64(active[j])
+            h[i] = _row_hidden(G, U, i, x, X, act, threshold, exact)
+    _prep_x(h, *Xh)
+    for r in prange(out.size):  # f32 h: rounding h to 8 bits as well flips greedy tokens against llama.cpp
+        out[r] = _row_dot(D, np.int64(r), h, Xh, True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,6 +429,7 @@ class KMatrix:
         self.X = (np.zeros(nb, np.float32), np.zeros(nb * BLOCK, np.int8),
                   np.zeros(nb, np.float32), np.zeros(nb, np.float32))
         self.part = np.zeros((0, cols), np.float32)  # per-thread partial sums of axpy_rows / ffn, grown on use
+        self.vec = np.zeros(cols, np.float32)  # an input vector built in a kernel: the FFN's h for down
 
     def __repr__(self) -> str:
         return f"KMatrix({self.qtype.name}, {self.rows}x{self.cols}, {self.nbytes} bytes)"
@@ -426,15 +512,22 @@ def axpy_rows(w_t: KMatrix, rows: np.ndarray, coef: np.ndarray, out: np.ndarray)
 
 
 def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix, x: np.ndarray, act: int, threshold: float,
-        out: np.ndarray, active: np.ndarray | None = None, exact: bool = False) -> None:
+        out: np.ndarray, active: np.ndarray | None = None, exact: bool = False, down: KMatrix | None = None) -> None:
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
     Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
-    active i32[k] (not bounds-checked); exact as in matvec, for the gate and up rows."""
+    active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
+    down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
+    h and then down @ h with f32 h (fewer bytes than down_t's Q8_0 rows when down is block-quantized)."""
     _check(x, up.cols, "x")
     _check(out, down_t.cols, "out")
     if down_t.rows != up.rows or (gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols)):
         raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}, down_t {down_t}")
+    G = None if gate is None else gate.W
+    if down is not None and (active is None or active.size >= DENSE_FROM * up.rows):
+        if (down.rows, down.cols) != (down_t.cols, down_t.rows):
+            raise ValueError(f"kernels: ffn shapes disagree: down {down}, down_t {down_t}")
+        _k_ffn_dense(G, up.W, down.W, x, act, np.float32(threshold), active, down.vec, out, up.X, down.X, exact)
+        return
     nt = _parts(down_t)
-    _k_ffn(None if gate is None else gate.W, up.W, down_t.W, x, act, np.float32(threshold), active, out,
-           up.X, down_t.part, nt, exact)
+    _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, nt, exact)

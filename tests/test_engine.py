@@ -39,14 +39,18 @@ def test_dequantize_rows_is_exact():
         assert np.array_equal(dequantize_rows(K.prepare(qt), 5, 30), qt.dequantize()[5:30])
 
 
-def test_sparse_hook_all_active_is_dense_and_relu_skip_is_exact(tmp_path):
+@pytest.mark.parametrize("dense_from", [0.0, 1.1], ids=["via-down", "via-down_t"])
+def test_sparse_hook_all_active_is_dense_and_relu_skip_is_exact(tmp_path, monkeypatch, dense_from):
+    monkeypatch.setattr(K, "DENSE_FROM", dense_from)  # any active set through down, or none
     c = tiny_config("relu")
     ker = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=4), QT.Q8_0), n_ctx=64)
     ids = ker.tokenize("hello there, the cat")
     ker.logits(ids[:-1])
-    dense = ker.net.forward(ids[-1:], len(ids) - 1).clone()
     ker.net.select = lambda i, x, xn: np.arange(c.n_ff, dtype=np.int32)
-    assert torch.equal(ker.net.forward(ids[-1:], len(ids) - 1), dense)
+    dense = ker.net.forward(ids[-1:], len(ids) - 1).clone()
+    if dense_from == 0.0:  # no set at all takes the same path
+        ker.net.select = None
+        assert torch.equal(ker.net.forward(ids[-1:], len(ids) - 1), dense)
 
     def active_only(i, x, xn):  # the truly active neurons: skipping the rest is exact for ReLU
         L = ker.net.layers[i]

@@ -152,6 +152,28 @@ def test_ffn_activations(act, gated, rng):
                 assert rel(out, want) < tol(QT.Q4_1, exact), (name, exact)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("qtype", K.BLOCK_TYPES, ids=lambda t: t.name)
+def test_ffn_untransposed_down(qtype, exact, rng, monkeypatch):
+    """With the stored down (n_embd, n_ff), dense active sets compute h, then down @ h, against the reference on
+    the stored down; sparser sets still take down_t's rows."""
+    (gate, up, _, x), (g, u, _) = ffn_case(rng, qtype, n_ff=160)
+    qt = QTensor.from_float(rng.standard_normal((64, 160)).astype(np.float32), qtype)
+    down, down_t = K.prepare(qt), K.transpose(qt)
+    d = qt.dequantize().T.astype(np.float64)  # (n_ff, n_embd) as stored
+    d_t = QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), down_t.qtype).dequantize().astype(np.float64)
+    for dense_from in (0.0, K.DENSE_FROM):  # every set through down; only the dense ones
+        monkeypatch.setattr(K, "DENSE_FROM", dense_from)
+        for name, active in {"all (None)": None, **row_sets(rng, up.rows)}.items():
+            out = np.full(64, np.nan, np.float32)
+            K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, out, active, exact=exact, down=down)
+            dense = dense_from == 0.0 or active is None or active.size == up.rows
+            want = ffn_reference(g, u, d if dense else d_t, x, K.ACT_SILU, 0.0, active)
+            assert rel(out, want) < tol(qtype, exact), (name, dense_from)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, np.zeros(64, np.float32), down=K.prepare(qt.rows(np.arange(32))))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_ffn_types(qtype, rng):
     (gate, up, down_t, x), (g, u, d_t) = ffn_case(rng, qtype)
