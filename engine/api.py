@@ -69,9 +69,16 @@ BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 
 
 
 def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
-         sparsity: str | SparsityConfig | None = None, backend: str = "kernels") -> Model:
+         sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
+         hot: list | None = None, hot_device: str | None = None, audit: bool = False) -> Model:
+    """predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
+    hot: per layer the neuron ids computed on hot_device (see Model.set_predictors)."""
     set_threads(threads)
-    return Model(load_checkpoint(model), n_ctx, sparsity, backend)
+    m = Model(load_checkpoint(model), n_ctx, sparsity, backend)
+    predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
+    if predictors is not None:
+        m.set_predictors(predictors, hot, hot_device, audit)
+    return m
 
 
 class Model:
@@ -79,6 +86,7 @@ class Model:
                  backend: str = "kernels"):
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
+        self.runtime = None  # engine.hybrid.Runtime once predictors are set
         if backend == "kernels":
             from .cpu import KernelModel
             self.net = KernelModel(self.config, ckpt.tensors, n_ctx)
@@ -94,11 +102,35 @@ class Model:
 
     def set_sparsity(self, sparsity: str | SparsityConfig | None) -> None:
         """Skip FFN neurons below a sparsity config's thresholds (a JSON path or a config); None: dense."""
+        if sparsity is not None and self.runtime is not None:
+            raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
         if isinstance(sparsity, str):
             sparsity = SparsityConfig.load(sparsity, self.fingerprint)
         self.sparsity = None if sparsity is None else Sparsifier(sparsity.thresholds,
                                                                   down_norms(batched_net(self.net)))
         attach(self.net, self.sparsity)
+
+    def set_predictors(self, bundle, hot: list | None = None, device: str | None = None, audit: bool = False) -> None:
+        """Decode with predictors (a bundle path or Bundle) choosing each token's FFN neurons; hot[i] are layer i's
+        neuron ids computed on torch `device` ("cuda", or "cpu" to exercise the split without a GPU), the rest on
+        the CPU kernels. audit: also compute the true active sets, for recall and precision in the stats."""
+        from predictors.bundle import Bundle, load_bundle, model_fingerprint
+        from .hybrid import Runtime
+        if self.sparsity is not None:
+            raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
+        if self.backend != "kernels":
+            raise HotcoldError("--predictors runs on the kernel backend (drop --backend torch)")
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(bundle, model_fingerprint(self.ckpt))
+        if hot is not None and len(hot) != self.config.n_layer:
+            raise HotcoldError(f"split of {len(hot)} layers for a model of {self.config.n_layer}")
+        rule = None
+        if audit:
+            thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
+            rule = Sparsifier(thr, down_norms(batched_net(self.net)))
+        self.runtime = Runtime(self.net, bundle, hot, device, rule)
+        self.net.runtime = self.runtime
+        batched_net(self.net).predict = self.runtime.mask
 
     # --- text <-> ids -------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
@@ -125,6 +157,8 @@ class Model:
         stream = self.tokenizer.stream()
         if self.sparsity is not None:
             self.sparsity.reset()
+        if self.runtime is not None:
+            self.runtime.reset()
         t0 = time.perf_counter()
         logits = self.net.forward(prompt_ids, 0)
         t1 = time.perf_counter()
@@ -149,6 +183,8 @@ class Model:
                  "decode_tok_s": decoded / (t2 - t1) if decoded else 0.0}
         if self.sparsity is not None:
             stats["sparsity"] = self.sparsity.sparsity()
+        if self.runtime is not None:
+            stats.update(self.runtime.stats())
         return Completion(self.detokenize(out), out, list(prompt_ids), stats)
 
     def decode_bytes_per_token(self) -> int:
@@ -169,10 +205,12 @@ class Model:
         if self.sparsity is not None:
             self.sparsity.reset()
         start = ctx // 2
+        if self.runtime is not None:
+            self.runtime.reset()
         for k in range(first_chunk, last):
             chunk = tokens[k * ctx:(k + 1) * ctx]
-            logits = self.logits(chunk, 0, all_logits=True)  # (ctx, n_vocab)
-            logp = torch.log_softmax(logits[start:-1].double(), -1)
+            logits = self.scored_logits(chunk, start)  # (ctx - 1 - start, n_vocab)
+            logp = torch.log_softmax(logits.double(), -1)
             target = torch.as_tensor(chunk[start + 1:])
             nll -= float(logp.gather(1, target[:, None]).sum())
             count += len(target)
@@ -181,4 +219,17 @@ class Model:
         res = {"ppl": math.exp(nll / count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
         if self.sparsity is not None:
             res["sparsity"] = self.sparsity.sparsity()
+        if self.runtime is not None:
+            res["stats"] = self.runtime.stats()
+            res["sparsity"] = res["stats"]["predicted_sparsity"]
         return res
+
+    def scored_logits(self, chunk: list[int], start: int) -> torch.Tensor:
+        """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
+        With predictors, as generation runs: the prefix chunk[:start+1] batched, then one decode step per token."""
+        if self.runtime is None:
+            return self.logits(chunk, 0, all_logits=True)[start:-1]
+        rows = [self.net.forward(chunk[:start + 1], 0)]
+        for p in range(start + 1, len(chunk) - 1):
+            rows.append(self.net.forward([chunk[p]], p))
+        return torch.stack(rows)

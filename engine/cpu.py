@@ -158,6 +158,7 @@ class KernelModel:
         self.torch.alias = {}
         self.act, self.threshold = ACT_CODES[c.act], float(c.act_threshold)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
+        self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
         kv = c.n_head_kv * c.head_dim
         self.k_cache, self.v_cache = self.torch.k_cache.numpy(), self.torch.v_cache.numpy()  # shared
@@ -209,8 +210,11 @@ class KernelModel:
             K.matvec(L.o, att, tmp)
             x += tmp
             rms_norm_into(x, L.ffn_norm, c.rms_eps, xn)
-            active = self.select(i, x, xn) if self.select is not None else None
-            K.ffn(L.gate, L.up, L.down_t, xn, self.act, self.threshold, tmp, active)
+            if self.runtime is not None:  # predictors, maybe a hot part on another device (engine/hybrid.py)
+                self.runtime.ffn(i, x, xn, tmp)
+            else:
+                active = self.select(i, x, xn) if self.select is not None else None
+                K.ffn(L.gate, L.up, L.down_t, xn, self.act, self.threshold, tmp, active)
             x += tmp
         rms_norm_into(x, self.out_norm, c.rms_eps, xn)
         K.matvec(self.lm_head, xn, self.logits)

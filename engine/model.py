@@ -32,10 +32,15 @@ def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) 
     return h if u is None else h * u
 
 
-def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale."""
+def quantize_rows_q8(x: torch.Tensor, half_scale: bool = True) -> torch.Tensor:
+    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale.
+    half_scale False: a float32 scale, as the numba kernels keep it (engine/kernels.py `_prep_x`)."""
     xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
-    d = (xb.abs().amax(-1, keepdim=True) / 127).half().float()
+    amax = xb.abs().amax(-1, keepdim=True)
+    if not half_scale:
+        q = torch.round(xb * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+        return (q * (amax / 127)).flatten(-2)
+    d = (amax / 127).half().float()
     q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
     return (q * d).flatten(-2)
 
@@ -82,6 +87,7 @@ class TorchModel:
         self.k_cache, self.v_cache = torch.zeros(kv), torch.zeros(kv)
         self.sparsity = None  # optional engine.sparsity.Sparsifier: zeroes h's inactive neurons before `down`
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
+        self.predict = None  # optional callable(layer, x_ffn_in (T, n_embd)) -> bool (T, n_ff) predicted active
 
     CHUNK = 4096
 
@@ -157,6 +163,8 @@ class TorchModel:
             h = self.ffn(i, xn)  # (T, n_ff)
             if self.sparsity is not None:
                 h = self.sparsity(i, h)  # below-threshold neurons contribute nothing
+            if self.predict is not None:
+                h = h.masked_fill(~self.predict(i, x), 0.0)  # neurons the predictors skip
             if self.ffn_hook is not None:
                 h = self.ffn_hook(i, x, h)
             x = x + self.down(i, h)

@@ -7,7 +7,7 @@ from gguf import GGUFReader
 
 from engine.config import HotcoldError
 from tiny_model import tiny_config
-from tools.split import group_values, plan, solve, write_split
+from tools.split import group_values, plan, read_gpuidx, solve, write_split
 
 
 def brute_force(counts, nbytes, budget, group):
@@ -85,6 +85,11 @@ def test_gpuidx_format(tmp_path):
         idx, bucket = r.tensors[2 * i].data, r.tensors[2 * i + 1].data
         assert r.tensors[2 * i].tensor_type.name == "I32" and len(idx) == c.n_ff
         assert list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
+    back = read_gpuidx(gi)  # what the runtime reads beside an export
+    assert [list(b) for b in back] == [list(g) for g in split["gpu_neurons"]]
+    (tmp_path / "bad.gpuidx").write_bytes(raw[:100])
+    with pytest.raises(HotcoldError, match="bad.gpuidx"):
+        read_gpuidx(str(tmp_path / "bad.gpuidx"))
 
 
 def test_split_cli_on_a_real_profile(tmp_path, capsys):

@@ -21,10 +21,33 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
         p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
 
 
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """How the FFN is sparsified: a sparsity config, or predictors with a hot/cold split."""
+    p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
+    p.add_argument("--predictors", default=None, help="predictor bundle (hotcold train-predictors): decode only the "
+                   "FFN neurons it predicts active")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--split", default=None, help="hot/cold split JSON (hotcold split): hot neurons on the GPU")
+    g.add_argument("--gpu-budget", default=None, help="GPU memory for a split solved now, e.g. 512M, from the "
+                   "activation counts of the profile the predictors were trained on")
+    p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where hot neurons run: auto = CUDA when available, else everything on the CPU kernels; "
+                   "cpu = torch on the CPU (exercises the split without a GPU)")
+    p.add_argument("--audit-recall", action="store_true", help="also compute the true active neurons (slower): "
+                   "recall, precision and actual sparsity in the stats")
+
+
 def load_model(args, n_ctx: int | None = None):
     from engine.api import load
-    return load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
-                backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None))
+    model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
+                 backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None))
+    if getattr(args, "predictors", None) is not None or model.runtime is not None:
+        from tools.split import hot_neurons
+        bundle = args.predictors if args.predictors is not None else model.runtime.bundle
+        bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device,
+                                          n_ctx or args.ctx)
+        model.set_predictors(bundle, hot, device, args.audit_recall)
+    return model
 
 
 def read_text(path: str) -> str:
@@ -67,6 +90,20 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
     print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
           f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    if "predicted_sparsity" in s:
+        print(format_runtime_stats(s), file=sys.stderr)
+
+
+def format_runtime_stats(s: dict) -> str:
+    """The predictor runtime's statistics: per layer, then the means (audit columns when measured)."""
+    audit = "recall" in s
+    cols = ("predicted_sparsity",) + (("recall", "precision", "actual_sparsity") if audit else ())
+    lines = ["layer " + " ".join(f"{k.replace('_sparsity', '.sp'):>9}" for k in cols)]
+    lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
+    lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
+    lines.append(f"FFN neurons computed on the GPU: {s['gpu_share']:.1%}, on the CPU: {1 - s['gpu_share']:.1%} "
+                 f"({s['tokens']} decoded tokens)")
+    return "\n".join(lines)
 
 
 def cmd_tokenize(args) -> None:
@@ -98,9 +135,13 @@ def cmd_perplexity(args) -> None:
     else:
         print(f"perplexity: {res['ppl']:.4f} over chunks {res['chunks'][0]}-{res['chunks'][-1]} "
               f"({res['scored_tokens']} scored tokens, ctx {args.ctx})")
+        if "stats" in res:
+            print(format_runtime_stats(res["stats"]))
 
 
 def cmd_bench(args) -> None:
+    if args.hybrid:
+        return __import__("tools.bench_hybrid").bench_hybrid.main_hybrid(args)
     from tools.bench import run_bench, format_bench
     res = run_bench(args)
     if args.json:
@@ -124,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text")
@@ -142,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
+    add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed")
@@ -153,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
     p.add_argument("--sparsity-levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.5, 0.9],
                    help="FFN sparsities for --compare's sparse rows (default 0.1,0.5,0.9)")
+    p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
+                   "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")
     p.add_argument("--json", action="store_true")
+    add_runtime_args(p)
     p.set_defaults(func=cmd_bench)
     __import__("tools.predict").predict.add_command(sub)
     __import__("tools.split").split.add_command(sub)

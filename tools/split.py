@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -115,6 +116,17 @@ def write_gpuidx(path: str, split: dict, vram_capacity: int) -> None:
     os.replace(tmp, path)
 
 
+def read_gpuidx(path: str) -> list[np.ndarray]:
+    """The GPU neuron ids per layer (gpu_bucket, sorted) of PowerInfer's .gpuidx (see `write_gpuidx`)."""
+    from engine.loader import open_gguf
+    r = open_gguf(path)
+    buckets = {t.name: np.sort(np.asarray(t.data, np.int32)) for t in r.tensors if t.name.endswith(".gpu_bucket")}
+    try:
+        return [buckets[f"blk.{i}.gpu_bucket"] for i in range(len(buckets))]
+    except KeyError as e:
+        raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
+
+
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
     """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
@@ -146,6 +158,50 @@ def parse_size(v: str) -> int:
         return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
     except ValueError:
         raise HotcoldError(f"--gpu-budget {v!r}: expected a size such as 512M or 2G") from None
+
+
+def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, hot_device: str,
+                n_ctx: int) -> tuple[object, list[np.ndarray] | None, str | None]:
+    """(bundle, hot neuron ids per layer or None, torch device for them or None) for the runtime's options.
+
+    bundle: a path or Bundle; the hot set comes from a split file, or is solved for gpu_budget from the counts
+    of the profile the bundle was trained on. hot_device auto: CUDA if present, else nothing is hot."""
+    import torch
+    from predictors.bundle import Bundle, load_bundle, model_fingerprint
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, model_fingerprint(model.ckpt))
+    c = model.config
+    if hot_device == "cuda" and not torch.cuda.is_available():
+        raise HotcoldError("--hot-device cuda: CUDA is not available here")
+    device = "cuda" if hot_device == "auto" and torch.cuda.is_available() else hot_device
+    if split_path is None and gpu_budget is None:
+        split_path = model.ckpt.gpuidx if device != "auto" else None  # PowerInfer's split beside an export
+        if split_path is None:
+            return bundle, None, None
+    if device == "auto":
+        print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
+        return bundle, None, None
+    if split_path.endswith(".gpuidx"):
+        hot = read_gpuidx(split_path)
+        if len(hot) != c.n_layer or any(len(h) and h[-1] >= c.n_ff for h in hot):
+            raise HotcoldError(f"{split_path}: a GPU index of another model ({len(hot)} layers; this model has "
+                               f"{c.n_layer} x {c.n_ff} neurons)")
+        return bundle, hot, device
+    if split_path is not None:
+        split = read_split(split_path)
+        if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
+            raise HotcoldError(f"{split_path}: a split of another model ({split.get('n_layer')} layers x "
+                               f"{split.get('n_ff')} neurons; this model has {c.n_layer} x {c.n_ff})")
+        return bundle, split["gpu_neurons"], device
+    from tools.profile import load_counts
+    profile = bundle.corpus.get("profile")
+    if not profile or not os.path.isdir(profile):
+        raise HotcoldError(f"--gpu-budget needs the activation counts of the profile the predictors were trained "
+                           f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
+    _, counts = load_counts(profile)
+    split = plan(c, list(counts), gpu_budget=parse_size(gpu_budget), n_ctx=n_ctx,
+                 predictor_bytes=GPU_BYTES * bundle.n_params)
+    return bundle, [np.asarray(g, np.int32) for g in split["gpu_neurons"]], device
 
 
 def cmd_split(args) -> None:

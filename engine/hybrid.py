@@ -1,0 +1,208 @@
+"""Predictor-driven sparse FFN: hot neurons on an accelerator, cold ones on the CPU, both at once.
+
+Per layer and decoded token (`KernelModel.step` hands its FFN to `Runtime.ffn`):
+
+    x (n_embd,)  the residual before the FFN norm (what PowerInfer's predictors read)
+      -> predictor: logits = fc2 @ relu(fc1 @ x); active = logits >= threshold      (numba, `predict_split`)
+      -> hot active neurons (the split's GPU set): torch on `device` over the hot rows only, which are all
+         that device holds; h masked to the predicted ones, queued (asynchronous on CUDA)
+      -> cold active neurons: the numba fused FFN over just those rows, on the CPU, meanwhile
+      -> out = cold part + hot part
+
+Batched forwards (the prompt, and the first half of each perplexity chunk) run in torch with h masked to the
+predicted set (`Runtime.mask`), so every token's FFN sees the same predictors. Perplexity scores the second
+half of each chunk through the decode step itself, so quality is measured on what actually runs.
+
+Without a hot device (no CUDA, no split, or an empty one) everything runs on the CPU. A torch CPU device can
+stand in for the accelerator: that exercises the hybrid path without a GPU (tests do).
+
+Statistics cover decoded tokens: predicted sparsity per layer, the share of active neurons computed on the
+hot device, and with `audit` the true active set as well (computed densely, so slower): recall, precision and
+actual sparsity, by DESIGN.md's definitions.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from gguf import GGMLQuantizationType as QT
+
+from . import kernels as K
+from .model import ffn_activation, quantize_rows_q8
+from .qtensor import QTensor
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
+    """Predict layer neurons for one token and split them into cold ids and a hot mask.
+
+    fc1 (r, E), fc2t (r, F) as KMatrix.W (F16 or F32), X1 fc1's x scratch; x (E,); hot_pos (F,) int32: index in
+    the hot set or -1; scratch z (r,), logit (F,); out: cold (F,) int32 (first n_cold used), hot_mask (n_hot,)
+    float32 1/0. Returns (n_cold, n_hot).
+    """
+    for j in range(z.size):
+        s = K._row_dot(fc1, np.int64(j), x, X1, True)
+        z[j] = s if s > 0 else 0.0
+    logit[:] = 0.0
+    for j in range(z.size):  # fc2 @ z as a sum of fc2's columns for the nonzero z_j: about half are zero
+        if z[j] != 0.0:
+            K._row_axpy(fc2t, np.int64(j), z[j], logit)
+    hot_mask[:] = 0.0
+    nc, nh = 0, 0
+    for i in range(logit.size):
+        if logit[i] >= thr:
+            p = hot_pos[i]
+            if p >= 0:
+                hot_mask[p] = 1.0
+                nh += 1
+            else:
+                cold[nc] = i
+                nc += 1
+    return nc, nh
+
+
+def predictor_matrix(w: torch.Tensor) -> K.KMatrix:
+    """A predictor weight for the kernels: F16 when its values are float16 values (bundles store them so,
+    half the bytes per token), else F32."""
+    a = np.ascontiguousarray(w.detach().float().numpy())
+    exact = np.array_equal(a.astype(np.float16).astype(np.float32), a)
+    return K.prepare(QTensor.from_float(a, QT.F16 if exact else QT.F32))
+
+
+class HotPart:
+    """The hot neurons' gate, up and down rows on a torch device, and the FFN over them for one token."""
+
+    def __init__(self, net, hot: list[np.ndarray], device: str):
+        from .cpu import dequantize_rows
+        c = net.c
+        self.c, self.dev = c, torch.device(device)
+        dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
+        pin = self.dev.type == "cuda"
+        self.ids = [np.asarray(h, np.int32) for h in hot]
+        self.gate, self.up, self.down = [], [], []  # per layer: (n_hot, n_embd) each (gate None: plain FFN)
+        for L, ids in zip(net.layers, self.ids):
+            def rows(m):
+                return torch.from_numpy(dequantize_rows(m, 0, m.rows)[ids]).to(self.dev, dtype)
+            self.gate.append(None if L.gate is None else rows(L.gate))
+            self.up.append(rows(L.up))
+            self.down.append(rows(L.down_t))
+        self.dtype = dtype
+        # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too
+        self.x8 = net.layers[0].up.qtype.name.startswith("Q")
+        self.x_host = torch.zeros(c.n_embd, pin_memory=pin)  # staging buffers, allocated once
+        self.y_host = torch.zeros(c.n_embd, pin_memory=pin)
+        self.mask_host = [torch.zeros(len(ids), pin_memory=pin) for ids in self.ids]
+        self.done = torch.cuda.Event() if pin else None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in (self.gate, self.up, self.down) for t in ts
+                   if t is not None)
+
+    def launch(self, i: int, xn: np.ndarray) -> None:
+        """Queue layer i's hot FFN for normed input xn, masked by self.mask_host[i]; result via `collect`."""
+        c = self.c
+        self.x_host.numpy()[:] = xn
+        x = self.x_host.to(self.dev, non_blocking=True)[None]  # (1, n_embd)
+        if self.x8:
+            x = quantize_rows_q8(x, half_scale=False)
+        x = x.to(self.dtype)
+        mask = self.mask_host[i].to(self.dev, non_blocking=True).to(self.dtype)  # (n_hot,)
+        u = x @ self.up[i].T  # (1, n_hot)
+        g = None if self.gate[i] is None else x @ self.gate[i].T
+        h = (ffn_activation(u, None, c.act, c.act_threshold) if g is None
+             else ffn_activation(g, u, c.act, c.act_threshold)) * mask
+        self.y_host.copy_((h @ self.down[i])[0].float(), non_blocking=True)
+        if self.done is not None:
+            self.done.record()
+
+    def collect(self, out: np.ndarray) -> None:
+        """out += the launched layer's hot part (waits for the device)."""
+        if self.done is not None:
+            self.done.synchronize()
+        out += self.y_host.numpy()
+
+
+class Runtime:
+    """Predictors (a predictors.bundle.Bundle) driving the sparse FFN of a KernelModel, optionally with a HotPart.
+
+    hot: per layer, the neuron ids placed on `device` (None or empty: all on the CPU). audit: also compute the
+    true active set per token (rule: an engine.sparsity.Sparsifier with the bundle's thresholds)."""
+
+    def __init__(self, net, bundle, hot: list[np.ndarray] | None = None, device: str | None = None,
+                 audit=None):
+        c = net.c
+        self.net, self.bundle, self.c = net, bundle, c
+        self.fc1 = [predictor_matrix(p.fc1.weight) for p in bundle.predictors]  # (r, n_embd)
+        self.fc2t = [predictor_matrix(p.fc2.weight.T) for p in bundle.predictors]  # (r, n_ff)
+        self.thr = [np.float32(t) for t in bundle.thresholds]
+        use_hot = hot is not None and device is not None and sum(len(h) for h in hot) > 0
+        self.hot = HotPart(net, hot, device) if use_hot else None
+        self.hot_pos = []  # per layer (n_ff,) int32: index in the hot set, -1 for cold neurons
+        for i in range(c.n_layer):
+            pos = np.full(c.n_ff, -1, np.int32)
+            if self.hot is not None:
+                pos[self.hot.ids[i]] = np.arange(len(self.hot.ids[i]), dtype=np.int32)
+            self.hot_pos.append(pos)
+        # scratch, allocated once
+        self.z = [np.zeros(p.rank, np.float32) for p in bundle.predictors]
+        self.logit = np.zeros(c.n_ff, np.float32)
+        self.cold = np.zeros(c.n_ff, np.int32)
+        self.no_mask = [np.zeros(0, np.float32)] * c.n_layer
+        self.audit = audit
+        if audit is not None:
+            from .sparsity import KernelSelector
+            self.truth = KernelSelector(net, audit)
+        self.counts = np.zeros((c.n_layer, 4), np.int64)  # predicted active, of which hot, truly active, both
+        self.tokens = 0
+
+    # --- decode: one token -----------------------------------------------------------------------------
+    def ffn(self, i: int, x: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
+        """out = layer i's FFN output for residual x (n_embd,) and normed input xn, on the predicted neurons."""
+        L, hot = self.net.layers[i], self.hot
+        mask = hot.mask_host[i].numpy() if hot is not None else self.no_mask[i]
+        fc1 = self.fc1[i]
+        nc, nh = predict_split(fc1.W, fc1.X, self.fc2t[i].W, self.thr[i], x, self.hot_pos[i], self.z[i],
+                               self.logit, self.cold, mask)
+        if nh:
+            hot.launch(i, xn)
+        K.ffn(L.gate, L.up, L.down_t, xn, self.net.act, self.net.threshold, out, self.cold[:nc])
+        if nh:
+            hot.collect(out)
+        cnt = self.counts[i]
+        cnt[0] += nc + nh
+        cnt[1] += nh
+        if self.audit is not None:
+            true = self.truth(i, x, xn)  # true active ids
+            cnt[2] += len(true)
+            cnt[3] += int(np.count_nonzero(self.logit[true] >= self.thr[i]))
+        if i == self.c.n_layer - 1:
+            self.tokens += 1
+
+    # --- batched forwards ------------------------------------------------------------------------------
+    def mask(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """bool (T, n_ff): layer i's predicted active neurons for residuals x (T, n_embd)."""
+        return self.bundle.active(i, x.float())
+
+    # --- statistics ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.counts[:] = 0
+        self.tokens = 0
+        if self.audit is not None:
+            self.audit.reset()
+
+    def stats(self) -> dict:
+        """DESIGN.md's metrics over the decoded tokens since `reset`, per layer and averaged over layers."""
+        n = max(self.tokens, 1) * self.c.n_ff
+        pred, hot, true, both = (self.counts[:, k].astype(np.float64) for k in range(4))
+        layers = [{"layer": i, "predicted_sparsity": 1 - pred[i] / n} for i in range(self.c.n_layer)]
+        out = {"tokens": self.tokens, "predicted_sparsity": float(np.mean(1 - pred / n)),
+               "gpu_share": float(hot.sum() / pred.sum()) if pred.sum() else 0.0}
+        if self.audit is not None:
+            for i, m in enumerate(layers):
+                m.update(recall=both[i] / true[i] if true[i] else 1.0, precision=both[i] / pred[i] if pred[i] else 1.0,
+                         actual_sparsity=1 - true[i] / n)
+            for k in ("recall", "precision", "actual_sparsity"):
+                out[k] = float(np.mean([m[k] for m in layers]))
+        out["per_layer"] = layers
+        return out

@@ -1,0 +1,151 @@
+"""The predictor-driven runtime (engine/hybrid.py): dense equivalence, the hot part on a second device, audit."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from engine.api import load
+from engine.config import HotcoldError, blk
+from predictors.bundle import Bundle, model_fingerprint
+from predictors.metrics import layer_metrics
+from predictors.model import Predictor, gate_map
+from tiny_model import tiny_config, tiny_weights, write_gguf
+
+TEXT = "the cat in a hat sat on the mat and the hat in the tin sat on a cat in the heat"
+
+
+def tiny_path(tmp_path, act="relu", qtype=QT.Q8_0) -> str:
+    c = tiny_config(act, n_layer=3)
+    return write_gguf(str(tmp_path / f"{act}-{qtype.name}.gguf"), c, tiny_weights(c, seed=7), qtype)
+
+
+def gate_bundle(model, rank: int = 16, threshold: float = 0.0) -> Bundle:
+    """Predictors from the SVD of each layer's gate map: good, not perfect, so recall is below 1."""
+    t = model.ckpt.tensors
+    preds = [Predictor.from_linear(gate_map(t[blk(i, "ffn_gate")].dequantize(), t[blk(i, "ffn_norm")].dequantize()),
+                                   rank) for i in range(model.config.n_layer)]
+    return Bundle(preds, [threshold] * len(preds), model_fingerprint(model.ckpt))
+
+
+def all_active_bundle(model) -> Bundle:
+    """fc1 = 0: every logit is 0 >= threshold 0, so every neuron is predicted active."""
+    c = model.config
+    preds = [Predictor.from_weights(torch.zeros(4, c.n_embd), torch.ones(c.n_ff, 4)) for _ in range(c.n_layer)]
+    return Bundle(preds, [0.0] * c.n_layer, model_fingerprint(model.ckpt))
+
+
+def chunk_of(model, n: int = 40) -> list[int]:
+    ids = model.tokenize(TEXT, special=False, add_bos=False)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_all_active_predictors_give_dense_logits(tmp_path, act):
+    path = tiny_path(tmp_path, act)
+    dense, sparse = load(path, n_ctx=64), load(path, n_ctx=64)
+    sparse.set_predictors(all_active_bundle(sparse))
+    chunk = chunk_of(dense)
+    ref, got = dense.scored_logits(chunk, 20), sparse.scored_logits(chunk, 20)  # dense: batched; sparse: decode
+    assert got.shape == ref.shape == (19, dense.config.n_vocab)
+    assert float((got - ref).norm() / ref.norm()) < 0.03  # batched torch vs kernel decode, as in test_engine
+    stats = sparse.runtime.stats()
+    assert stats["tokens"] == 18 and stats["predicted_sparsity"] == 0.0
+
+
+def test_hot_part_on_a_second_device_matches_all_cpu(tmp_path):
+    path = tiny_path(tmp_path)
+    cpu, hybrid = load(path, n_ctx=64), load(path, n_ctx=64)
+    bundle = gate_bundle(cpu, threshold=0.02)
+    rng = np.random.default_rng(0)
+    hot = [np.sort(rng.choice(cpu.config.n_ff, cpu.config.n_ff // 2, replace=False)).astype(np.int32)
+           for _ in range(cpu.config.n_layer)]
+    cpu.set_predictors(bundle)
+    hybrid.set_predictors(bundle, hot, "cpu")
+    chunk = chunk_of(cpu)
+    a, b = cpu.scored_logits(chunk, 20), hybrid.scored_logits(chunk, 20)
+    err = ((a - b).norm(dim=1) / a.norm(dim=1)).numpy()  # per position
+    # the two parts sum in another order, so a logit within ~1e-7 of its threshold can flip one neuron now and then
+    assert np.median(err) < 1e-5 and err.max() < 1e-2
+    sa, sb = cpu.runtime.stats(), hybrid.runtime.stats()
+    assert abs(sa["predicted_sparsity"] - sb["predicted_sparsity"]) < 1e-3 and sa["predicted_sparsity"] > 0.3
+    assert sa["gpu_share"] == 0.0 and 0.3 < sb["gpu_share"] < 0.7  # half the neurons are hot
+    dense = load(path, n_ctx=64).scored_logits(chunk, 20)
+    assert float((a - dense).norm() / dense.norm()) > 1e-3  # and skipping them changes the logits
+
+
+def test_audit_recall_equals_brute_force(tmp_path):
+    path = tiny_path(tmp_path, qtype=QT.F32)  # F32: kernel decode and torch agree to rounding
+    model = load(path, n_ctx=64)
+    bundle = gate_bundle(model, rank=8, threshold=0.05)
+    model.set_predictors(bundle, audit=True)
+    chunk, start = chunk_of(model), 20
+    model.scored_logits(chunk, start)
+    stats = model.runtime.stats()
+    # brute force: the torch reference with the same predictor masks, all positions at once, true masks h != 0
+    ref = load(path, n_ctx=64, backend="torch")
+    seen = {}
+
+    def hook(i, x, h):  # x (T, n_embd), h (T, n_ff): keep both, then skip what the predictors skip
+        seen[i] = x.clone(), h.clone()
+        return h * bundle.active(i, x)
+
+    ref.net.ffn_hook = hook
+    ref.net.forward(chunk[:-1], 0)
+    decoded = slice(start + 1, len(chunk) - 1)  # the positions the runtime decoded one at a time
+    assert stats["tokens"] == decoded.stop - decoded.start
+    for i, m in enumerate(stats["per_layer"]):
+        x, h = seen[i][0][decoded], seen[i][1][decoded]
+        brute = layer_metrics(bundle.active(i, x), h != 0)
+        for k in ("recall", "precision", "predicted_sparsity", "actual_sparsity"):
+            assert m[k] == pytest.approx(brute[k], abs=1e-9), (i, k)
+    assert 0.5 < stats["recall"] < 1.0  # imperfect predictors, so the audit has something to find
+
+
+def test_perplexity_runs_the_decode_path(tmp_path):
+    path = tiny_path(tmp_path)
+    dense, sparse = load(path, n_ctx=64), load(path, n_ctx=64)
+    sparse.set_predictors(gate_bundle(sparse, threshold=0.02))
+    tokens = chunk_of(dense, 96)
+    d, s = dense.perplexity(tokens, 32), sparse.perplexity(tokens, 32)
+    assert s["stats"]["tokens"] == 3 * 14 and s["sparsity"] == s["stats"]["predicted_sparsity"] > 0.3
+    assert s["ppl"] != d["ppl"]
+    sparse.set_predictors(all_active_bundle(sparse))
+    assert sparse.perplexity(tokens, 32)["ppl"] == pytest.approx(d["ppl"], rel=5e-3)  # decode vs batched numerics
+
+
+def test_refusals(tmp_path):
+    path = tiny_path(tmp_path)
+    other = load(tiny_path(tmp_path, "silu"), n_ctx=64)
+    model = load(path, n_ctx=64)
+    with pytest.raises(HotcoldError, match="another model"):
+        gate_bundle(other).save(str(tmp_path / "b"))
+        model.set_predictors(str(tmp_path / "b"))
+    with pytest.raises(HotcoldError, match="kernel backend"):
+        load(path, n_ctx=64, backend="torch").set_predictors(gate_bundle(model))
+    model.set_predictors(gate_bundle(model))
+    with pytest.raises(HotcoldError, match="own sparsity config"):
+        model.set_sparsity(str(tmp_path / "any.json"))
+
+
+def test_cli_generate_reports_stats(tmp_path):
+    path = tiny_path(tmp_path)
+    model = load(path, n_ctx=64)
+    gate_bundle(model, threshold=0.02).save(str(tmp_path / "bundle"))
+    split = {"n_layer": 3, "n_ff": model.config.n_ff, "gpu_neurons": [list(range(0, 128, 2))] * 3}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    cmd = [sys.executable, "-m", "tools.cli", "generate", "-m", path, "-p", "the cat", "-n", "12", "--temperature",
+           "0", "--json", "--predictors", str(tmp_path / "bundle"), "--audit-recall", "-c", "64", "-t", "1"]
+    out = json.loads(subprocess.run(cmd + ["--split", str(tmp_path / "split.json"), "--hot-device", "cpu"],
+                                    capture_output=True, text=True, check=True).stdout)
+    s = out["stats"]
+    for k in ("decode_tok_s", "predicted_sparsity", "gpu_share", "recall", "precision", "actual_sparsity"):
+        assert isinstance(s[k], float), k
+    assert 0.3 < s["gpu_share"] < 0.7 and len(s["per_layer"]) == 3
+    plain = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    assert plain["token_ids"] == out["token_ids"] and plain["stats"]["gpu_share"] == 0.0
+    bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr

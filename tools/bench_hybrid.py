@@ -1,0 +1,187 @@
+"""`hotcold bench --hybrid`: the predictor runtime's decode speed.
+
+1. Speed against sparsity on the CPU. A speed fixture, not a model: SmolLM2's weights with FATReLU thresholds
+   set for 50/70/90% FFN sparsity, and predictors made without training (the whitened SVD of each layer's gate
+   map, threshold tuned to recall 0.95 on the fixture's own activations). Its text means nothing, so it makes no
+   quality claim; recall and actual sparsity are audited on a short run of the fixture itself.
+2. With `--predictors` (a trained bundle for `-m`): that model with its predictors, beside its dense decode.
+3. With CUDA: tokens/s against the GPU budget (0/25/50/100% of the FFN as float16 hot rows), next to CPU only.
+   Without CUDA those rows are skipped and the output says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import torch
+
+FIXTURE_SPARSITY = (0.5, 0.7, 0.9)
+FIXTURE_RECALL = 0.95
+SAMPLE_TOKENS = 256  # activations the fixture's thresholds and predictors are fitted on
+AUDIT_TOKENS = 32
+GPU_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
+
+
+@torch.inference_mode()
+def gate_samples(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer the FFN inputs x (T, n_embd) and gate pre-activations g (T, n_ff) of a dense batched run."""
+    from engine.config import blk
+    from engine.model import rms_norm
+    from engine.sparsity import batched_net
+    net, c = batched_net(model.net), model.config
+    xs, gs = [None] * c.n_layer, [None] * c.n_layer
+
+    def hook(i, x, h):
+        xn = rms_norm(x, net.w[blk(i, "ffn_norm")], c.rms_eps)
+        xs[i], gs[i] = x.clone(), net.mm(xn, blk(i, "ffn_gate"))
+        return h
+
+    net.ffn_hook = hook
+    try:
+        net.forward(ids, 0)
+    finally:
+        net.ffn_hook = None
+    return xs, gs
+
+
+def quantile(gs: list[torch.Tensor], q: float) -> float:
+    """The q-quantile of the pooled gate pre-activations (a seeded subsample when there are very many)."""
+    g = torch.cat([g.flatten() for g in gs])
+    return float(torch.quantile(g[torch.randperm(len(g), generator=torch.Generator().manual_seed(0))[:2**24]], q))
+
+
+def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
+    """(checkpoint with FATReLU at the threshold that skips `sparsity` of the sampled neurons, its predictors).
+
+    The threshold starts at the quantile of the dense model's gate pre-activations gs, then is re-measured on the
+    fixture's own activations `rounds` times (thresholding changes the residual stream, so the quantile moves);
+    the predictors are fitted on the last round's samples."""
+    from engine.api import Model
+    from engine.config import blk
+    from predictors.bundle import Bundle, model_fingerprint
+    from predictors.metrics import tune_threshold
+    from predictors.model import Predictor, gate_map
+    from tools.predict import budget_rank
+    t = quantile(gs, sparsity)
+    for k in range(rounds + 1):
+        fx = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, act="fatrelu", act_threshold=t))
+        xs, gs = gate_samples(Model(fx, len(ids) + 1, backend="torch"), ids)
+        if k < rounds:
+            t = quantile(gs, sparsity)
+    preds, thrs = [], []
+    for i, (x, g) in enumerate(zip(xs, gs)):
+        m = gate_map(ckpt.tensors[blk(i, "ffn_gate")].dequantize(), ckpt.tensors[blk(i, "ffn_norm")].dequantize())
+        p = Predictor.from_linear(m, budget_rank(ckpt, i), x)
+        preds.append(p)
+        with torch.no_grad():
+            thrs.append(tune_threshold(p.logits(x), g > t, FIXTURE_RECALL))
+    return fx, Bundle(preds, thrs, model_fingerprint(fx))
+
+
+def audited(model, bundle, ids: list[int], hot=None, device=None) -> dict:
+    """Runtime statistics with the true active sets, over AUDIT_TOKENS decoded tokens."""
+    model.set_predictors(bundle, hot, device, audit=True)
+    return model.generate(ids, AUDIT_TOKENS, ignore_stop=True).stats
+
+
+def run_hybrid(args) -> dict:
+    from engine.api import Model
+    from tools.bench import decode_speed, prompt_ids
+    from tools.cli import load_model
+    n_ctx = args.prompt_tokens + args.n + 16
+    base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
+    ids = prompt_ids(base, args.prompt_tokens)
+    res = {"model": base.ckpt.path, "threads": args.threads, "decode_tokens": args.n,
+           "dense_tok_s": decode_speed(base, ids, args.n)["decode_tok_s"], "fixture": [], "given": None, "gpu": None}
+    if args.predictors is not None:
+        from tools.split import hot_neurons
+        bundle, _, _ = hot_neurons(base, args.predictors, None, None, "auto", n_ctx)
+        base.set_predictors(bundle)
+        st = decode_speed(base, ids, args.n)
+        res["given"] = {"bundle": args.predictors, "decode_tok_s": st["decode_tok_s"],
+                        "predicted_sparsity": st["predicted_sparsity"], **audit_keys(audited(base, bundle, ids))}
+    if base.config.act == "silu" and base.config.ffn_gated:
+        sample = prompt_ids(base, SAMPLE_TOKENS)
+        _, gs = gate_samples(base, sample)
+        for s in FIXTURE_SPARSITY:
+            fx, bundle = fatrelu_fixture(base.ckpt, sample, s, gs)
+            model = Model(fx, n_ctx)
+            dense = decode_speed(model, ids, args.n)["decode_tok_s"]
+            model.set_predictors(bundle)
+            st = decode_speed(model, ids, args.n)
+            row = {"target_sparsity": s, "threshold": fx.config.act_threshold, "dense_tok_s": dense,
+                   "predictor_tok_s": st["decode_tok_s"], "predicted_sparsity": st["predicted_sparsity"],
+                   "vs_dense": st["decode_tok_s"] / res["dense_tok_s"], **audit_keys(audited(model, bundle, ids))}
+            if torch.cuda.is_available() and s == max(FIXTURE_SPARSITY):
+                res["gpu"] = gpu_rows(model, bundle, gs, fx.config.act_threshold, ids, args.n)
+            res["fixture"].append(row)
+            del model
+    return res
+
+
+def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int) -> list[dict]:
+    """Decode tok/s with the hot neurons (the most frequently active on the samples) on CUDA, per budget."""
+    from tools.bench import decode_speed
+    from tools.split import plan
+    counts = [(g > t).sum(0).numpy() for g in gs]  # (n_ff,) per layer
+    rows = []
+    for f in GPU_FRACTIONS:
+        split = plan(model.config, counts, hot_fraction=f)
+        hot = [np.asarray(h, np.int32) for h in split["gpu_neurons"]]
+        model.set_predictors(bundle, hot, "cuda")
+        st = decode_speed(model, ids, n)
+        rows.append({"ffn_fraction": f, "vram_bytes": model.runtime.hot.nbytes() if model.runtime.hot else 0,
+                     "decode_tok_s": st["decode_tok_s"], "gpu_share": st["gpu_share"]})
+    cpu = rows[0]["decode_tok_s"]
+    for r in rows:
+        r["vs_cpu_only"] = r["decode_tok_s"] / cpu
+    return rows
+
+
+def audit_keys(stats: dict) -> dict:
+    return {k: stats[k] for k in ("recall", "precision", "actual_sparsity")}
+
+
+def argparse_copy(args, **kw):
+    import argparse
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
+def format_hybrid(r: dict) -> str:
+    lines = [f"model: {r['model']}  threads: {r['threads']}  decode: {r['decode_tokens']} tokens",
+             f"dense decode (the model as given): {r['dense_tok_s']:.1f} tok/s"]
+    if r["given"]:
+        g = r["given"]
+        lines.append(f"with predictors {g['bundle']}: {g['decode_tok_s']:.1f} tok/s "
+                     f"({g['decode_tok_s'] / r['dense_tok_s']:.2f}x dense), predicted sparsity "
+                     f"{g['predicted_sparsity']:.3f}, actual {g['actual_sparsity']:.3f}, recall {g['recall']:.3f}, "
+                     f"precision {g['precision']:.3f}")
+    if r["fixture"]:
+        lines += ["", "CPU speed against sparsity: speed fixture (SmolLM2 weights, FATReLU thresholds; untrained SVD "
+                  "predictors; no quality claim)",
+                  f"{'target':>7}{'threshold':>10}{'dense tok/s':>12}{'pred. tok/s':>12}{'vs dense':>9}"
+                  f"{'pred.sp':>8}{'act.sp':>8}{'recall':>8}{'prec.':>7}"]
+        for x in r["fixture"]:
+            lines.append(f"{x['target_sparsity']:>7.0%}{x['threshold']:>10.3f}{x['dense_tok_s']:>12.1f}"
+                         f"{x['predictor_tok_s']:>12.1f}{x['vs_dense']:>8.2f}x{x['predicted_sparsity']:>8.3f}"
+                         f"{x['actual_sparsity']:>8.3f}{x['recall']:>8.3f}{x['precision']:>7.3f}")
+        lines.append("vs dense: against the dense decode of the model as given")
+    if r["gpu"] is None:
+        lines += ["", "GPU budget rows: no CUDA device here, skipped"]
+    else:
+        lines += ["", f"hybrid on CUDA, {max(FIXTURE_SPARSITY):.0%} fixture: hot neurons = the most active, by budget",
+                  f"{'FFN on GPU':>11}{'VRAM MB':>9}{'tok/s':>8}{'GPU share':>10}{'vs CPU only':>12}"]
+        for x in r["gpu"]:
+            lines.append(f"{x['ffn_fraction']:>11.0%}{x['vram_bytes'] / 1e6:>9.1f}{x['decode_tok_s']:>8.1f}"
+                         f"{x['gpu_share']:>10.1%}{x['vs_cpu_only']:>11.2f}x")
+    return "\n".join(lines)
+
+
+def main_hybrid(args) -> None:
+    from tools.cli import emit_json
+    res = run_hybrid(args)
+    if args.json:
+        emit_json(res)
+    else:
+        print(format_hybrid(res), file=sys.stdout)
