@@ -28,10 +28,10 @@ Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
 
 @njit(nogil=True, cache=True, fastmath=True)
 def rms_norm_into(x, w, eps, out):
-    s = 0.0
+    s = np.float32(0.0)
     for j in range(x.size):
         s += x[j] * x[j]
-    r = 1.0 / math.sqrt(s / x.size + eps)
+    r = np.float32(1.0 / math.sqrt(s / x.size + eps))
     for j in range(x.size):
         out[j] = x[j] * r * w[j]
 
@@ -48,33 +48,55 @@ def rope_into(v, n_head, hd, cos, sin):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def attend_into(q, kc, vc, n_pos, scores, out):
-    """One query over the cache. q (H*hd,), kc/vc (n_ctx, Hkv, hd), scores (H, n_ctx) scratch, out (H*hd,)."""
+def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos, sin, xn, qkv, att, scores,
+                   Xq, Xo):
+    """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, rotated;
+    k, v written to the cache at pos; x += o(attention of q over the cache); then xn = rms_norm(x) * ffn_norm.
+    x, xn (E,); W* weights as KMatrix.W; kc, vc (n_ctx, Hkv, hd) this layer's cache; cos, sin (hd/2,);
+    scratch: qkv (H hd + 2 Hkv hd,), att (H hd,), scores (H, n_ctx), Xq / Xo the prepared x of q and o."""
     n_kv, hd = kc.shape[1], kc.shape[2]
-    n_head = q.size // hd
+    nq, nk = Wq[0].shape[0], Wk[0].shape[0]
+    n_head = nq // hd
+    rms_norm_into(x, attn_norm, eps, xn)
+    K._prep_x(xn, *Xq)
+    for j in prange(qkv.size):
+        if j < nq:
+            qkv[j] = K._row_dot(Wq, np.int64(j), xn, Xq, False)
+        elif j < nq + nk:
+            qkv[j] = K._row_dot(Wk, np.int64(j - nq), xn, Xq, False)
+        else:
+            qkv[j] = K._row_dot(Wv, np.int64(j - nq - nk), xn, Xq, False)
+    rope_into(qkv, n_head + n_kv, hd, cos, sin)  # q then k: both rotate, v is past them
+    for g in range(n_kv):
+        for d in range(hd):
+            kc[pos, g, d] = qkv[nq + g * hd + d]
+            vc[pos, g, d] = qkv[nq + nk + g * hd + d]
     group = n_head // n_kv
-    scale = 1.0 / math.sqrt(hd)
+    scale = np.float32(1.0 / math.sqrt(hd))
     for h in prange(n_head):
         g = h // group
-        m = -np.inf
-        for t in range(n_pos):
-            s = 0.0
+        qh, sc, oh = qkv[h * hd:(h + 1) * hd], scores[h], att[h * hd:(h + 1) * hd]  # (hd,), (n_ctx,), (hd,)
+        m = np.float32(-np.inf)
+        for t in range(pos + 1):
+            kt = kc[t, g]  # (hd,)
+            s = np.float32(0.0)
             for d in range(hd):
-                s += q[h * hd + d] * kc[t, g, d]
-            s *= scale
-            scores[h, t] = s
-            m = max(m, s)
-        tot = 0.0
-        for t in range(n_pos):
-            e = math.exp(scores[h, t] - m)
-            scores[h, t] = e
-            tot += e
-        for d in range(hd):
-            out[h * hd + d] = 0.0
-        for t in range(n_pos):
-            p = scores[h, t] / tot
+                s += qh[d] * kt[d]
+            sc[t] = s * scale
+            m = max(m, sc[t])
+        tot = np.float32(0.0)
+        for t in range(pos + 1):
+            sc[t] = np.exp(sc[t] - m)
+            tot += sc[t]
+        oh[:] = 0.0
+        for t in range(pos + 1):
+            p, vt = sc[t] / tot, vc[t, g]
             for d in range(hd):
-                out[h * hd + d] += p * vc[t, g, d]
+                oh[d] += p * vt[d]
+    K._prep_x(att, *Xo)
+    for r in prange(x.size):
+        x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)
+    rms_norm_into(x, ffn_norm, eps, xn)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
@@ -92,22 +114,18 @@ def dequantize_rows(m: K.KMatrix, r0: int, r1: int) -> np.ndarray:
     return out
 
 
-def down_t_of(down: QTensor) -> QTensor:
-    """ffn_down (n_embd, n_ff) -> ffn_down_t (n_ff, n_embd), one contiguous row per neuron (PowerInfer's layout).
-    Block-quantized inputs are re-quantized to Q8_0 along the new rows, which adds almost no error."""
-    qtype = down.qtype if down.qtype in (QT.F32, QT.F16) else QT.Q8_0
-    return QTensor.from_float(np.ascontiguousarray(down.dequantize().T), qtype)
-
-
 @dataclass
 class Layer:
     attn_norm: np.ndarray
     ffn_norm: np.ndarray
-    proj: list  # (matrix, r0, r1): attn_q, attn_k, attn_v rows stacked into qkv[r0:r1] (one matrix if types agree)
+    q: K.KMatrix
+    k: K.KMatrix
+    v: K.KMatrix
     o: K.KMatrix
     gate: K.KMatrix | None
     up: K.KMatrix
-    down_t: K.KMatrix
+    down_t: K.KMatrix  # (n_ff, n_embd): the sparse FFN's rows
+    down: K.KMatrix | None  # (n_embd, n_ff) as stored, kept when block-quantized: the dense FFN's (fewer bytes)
 
 
 def kernel_ready(t: QTensor) -> QTensor:
@@ -121,100 +139,93 @@ class KernelModel:
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int):
         self.c, self.n_ctx = c, n_ctx
         tensors = {k: kernel_ready(t) if len(t.shape) == 2 else t for k, t in tensors.items()}
-        self.mats: dict[str, tuple[K.KMatrix, int]] = {}  # GGUF name -> (prepared matrix, first row in it)
+        self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
+        keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].qtype in K.BLOCK_TYPES
+                        for i in range(c.n_layer))
         for i in range(c.n_layer):
-            q, k, v = (tensors[blk(i, n)] for n in ("attn_q", "attn_k", "attn_v"))
-            if q.qtype == k.qtype == v.qtype:  # one matvec for all three
-                qkv = K.prepare(QTensor(q.qtype, (q.shape[0] + k.shape[0] + v.shape[0], q.shape[1]),
-                                        np.concatenate([q.data, k.data, v.data])))
-                proj = [(qkv, 0, qkv.rows)]
-                self.mats.update({blk(i, "attn_q"): (qkv, 0), blk(i, "attn_k"): (qkv, q.shape[0]),
-                                  blk(i, "attn_v"): (qkv, q.shape[0] + k.shape[0])})
-            else:
-                proj, r = [], 0
-                for n, t in (("attn_q", q), ("attn_k", k), ("attn_v", v)):
-                    proj.append((K.prepare(t), r, r + t.shape[0]))
-                    self.mats[blk(i, n)] = (proj[-1][0], 0)
-                    r += t.shape[0]
-            down_t = tensors.get(blk(i, "ffn_down_t")) or down_t_of(tensors[blk(i, "ffn_down")])
-            prep = {n: K.prepare(tensors[blk(i, n)])
-                    for n in ("attn_output", "ffn_up") + (("ffn_gate",) if c.ffn_gated else ())}
-            prep["ffn_down_t"] = K.prepare(down_t)
-            self.mats.update({blk(i, n): (m, 0) for n, m in prep.items()})
+            prep = {n: K.prepare(tensors[blk(i, n)]) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up")
+                    + (("ffn_gate",) if c.ffn_gated else ()) + (("ffn_down",) if keep_down else ())}
+            given = tensors.get(blk(i, "ffn_down_t"))  # else transposed here, block types re-quantized to Q8_0
+            down_t = K.prepare(given) if given is not None else K.transpose(tensors[blk(i, "ffn_down")])
+            self.mats.update({blk(i, n): m for n, m in prep.items()})
+            if not keep_down:  # the prefill reads down_t then
+                self.mats[blk(i, "ffn_down_t")] = down_t
             self.layers.append(Layer(
                 attn_norm=tensors[blk(i, "attn_norm")].dequantize(), ffn_norm=tensors[blk(i, "ffn_norm")].dequantize(),
-                proj=proj, o=prep["attn_output"], gate=prep.get("ffn_gate"), up=prep["ffn_up"],
-                down_t=prep["ffn_down_t"]))
+                q=prep["attn_q"], k=prep["attn_k"], v=prep["attn_v"], o=prep["attn_output"],
+                gate=prep.get("ffn_gate"), up=prep["ffn_up"], down_t=down_t, down=prep.get("ffn_down")))
         self.embd = tensors["token_embd.weight"]
         self.lm_head = K.prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
-        self.mats["output.weight"] = (self.lm_head, 0)
+        self.mats["output.weight"] = self.lm_head
         self.out_norm = tensors["output_norm.weight"].dequantize()
         # the torch prefill reads the same prepared matrices, dequantized in row chunks
         small = {k: t for k, t in tensors.items() if len(t.shape) == 1 or k == "token_embd.weight"}
         shapes = {k: QTensor(m.qtype, (tensors[k].shape[0] if k in tensors else m.rows, m.cols), np.empty(0))
-                  for k, (m, _) in self.mats.items()}
+                  for k, m in self.mats.items()}
         self.torch = TorchModel(c, {**small, **shapes}, n_ctx, dequant_rows=self.dequant_rows)
         self.torch.alias = {}
         self.act, self.threshold = ACT_CODES[c.act], float(c.act_threshold)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
-        kv = c.n_head_kv * c.head_dim
         self.k_cache, self.v_cache = self.torch.k_cache.numpy(), self.torch.v_cache.numpy()  # shared
         cos, sin = rope_tables(c, n_ctx)
         self.cos, self.sin = cos.numpy(), sin.numpy()
         self.x = np.zeros(c.n_embd, np.float32)
         self.xn = np.zeros(c.n_embd, np.float32)
-        self.qkv = np.zeros(c.n_embd + 2 * kv, np.float32)
-        self.att = np.zeros(c.n_embd, np.float32)
+        L = self.layers[0]
+        self.qkv = np.zeros(L.q.rows + L.k.rows + L.v.rows, np.float32)
+        self.att = np.zeros(L.o.cols, np.float32)
         self.tmp = np.zeros(c.n_embd, np.float32)
         self.scores = np.zeros((c.n_head, n_ctx), np.float32)
         self.logits = np.zeros(c.n_vocab, np.float32)
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in {id(m): m for m, _ in self.mats.values()}.values())
+        """Bytes of all prepared weights (both FFN down layouts)."""
+        return sum(m.nbytes for m in {id(m): m for L in self.layers for m in self.ffn_mats(L) + self.attn_mats(L)}
+                   .values()) + self.lm_head.nbytes
+
+    @staticmethod
+    def attn_mats(L: Layer) -> list[K.KMatrix]:
+        return [L.q, L.k, L.v, L.o]
+
+    @staticmethod
+    def ffn_mats(L: Layer) -> list[K.KMatrix]:
+        return [m for m in (L.gate, L.up, L.down, L.down_t) if m is not None]
 
     def decode_bytes_per_token(self) -> int:
-        return self.nbytes
+        """Weight bytes a dense decode step reads (down rather than down_t where both are kept)."""
+        return sum(m.nbytes for L in self.layers for m in self.attn_mats(L) + self.ffn_mats(L)
+                   if m is not (L.down_t if L.down is not None else None)) + self.lm_head.nbytes
 
     def dequant_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        m, off = self.mats[name]
-        return torch.from_numpy(dequantize_rows(m, off + r0, off + r1))
+        return torch.from_numpy(dequantize_rows(self.mats[name], r0, r1))
 
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         if len(tokens) > 1 or all_logits:
             return self.torch.forward(tokens, pos, all_logits)
         return torch.from_numpy(self.step(tokens[0], pos).copy())
 
-    def step(self, token: int, pos: int) -> np.ndarray:
-        """One token at position pos through every layer on the kernels; returns the logits buffer."""
-        c, x, xn, qkv, att, tmp = self.c, self.x, self.xn, self.qkv, self.att, self.tmp
+    def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
+        """One token at position pos through layers first.. on the kernels; returns the logits buffer.
+        first > 0: self.x holds the residual entering that layer (the layers before it ran elsewhere)."""
+        c, x, xn, tmp = self.c, self.x, self.xn, self.tmp
         if pos >= self.n_ctx:
             raise ValueError(f"position {pos} is past the context of {self.n_ctx}")
-        x[:] = self.embd.rows(np.array([token])).dequantize()[0]
-        hd, E = c.head_dim, c.n_embd
-        kv = c.n_head_kv * hd
+        if first == 0:
+            x[:] = self.embd.rows(np.array([token])).dequantize()[0]
         cos, sin = self.cos[pos], self.sin[pos]
-        for i, L in enumerate(self.layers):
-            rms_norm_into(x, L.attn_norm, c.rms_eps, xn)
-            for m, r0, r1 in L.proj:
-                K.matvec(m, xn, qkv[r0:r1])
-            q, k, v = qkv[:E], qkv[E:E + kv], qkv[E + kv:]
-            rope_into(q, c.n_head, hd, cos, sin)
-            rope_into(k, c.n_head_kv, hd, cos, sin)
-            self.k_cache[i, pos] = k.reshape(c.n_head_kv, hd)
-            self.v_cache[i, pos] = v.reshape(c.n_head_kv, hd)
-            attend_into(q, self.k_cache[i], self.v_cache[i], pos + 1, self.scores, att)
-            K.matvec(L.o, att, tmp)
-            x += tmp
-            rms_norm_into(x, L.ffn_norm, c.rms_eps, xn)
+        for i in range(first, c.n_layer):
+            L = self.layers[i]
+            attention_into(x, L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.o.W, self.k_cache[i],
+                           self.v_cache[i], pos, cos, sin, xn, self.qkv, self.att, self.scores, L.q.X, L.o.X)
             if self.runtime is not None:  # predictors, maybe a hot part on another device (engine/hybrid.py)
                 self.runtime.ffn(i, x, xn, tmp)
             else:
                 active = self.select(i, x, xn) if self.select is not None else None
-                K.ffn(L.gate, L.up, L.down_t, xn, self.act, self.threshold, tmp, active)
+                K.ffn(L.gate, L.up, L.down_t, xn, self.act, self.threshold, tmp, active, down=L.down)
             x += tmp
         rms_norm_into(x, self.out_norm, c.rms_eps, xn)
         K.matvec(self.lm_head, xn, self.logits)

@@ -22,6 +22,8 @@ actual sparsity, by DESIGN.md's definitions.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from numba import njit
@@ -166,7 +168,7 @@ class Runtime:
                                self.logit, self.cold, mask)
         if nh:
             hot.launch(i, xn)
-        K.ffn(L.gate, L.up, L.down_t, xn, self.net.act, self.net.threshold, out, self.cold[:nc])
+        K.ffn(L.gate, L.up, L.down_t, xn, self.net.act, self.net.threshold, out, self.cold[:nc], down=L.down)
         if nh:
             hot.collect(out)
         cnt = self.counts[i]
@@ -206,3 +208,46 @@ class Runtime:
                 out[k] = float(np.mean([m[k] for m in layers]))
         out["per_layer"] = layers
         return out
+
+
+class LayerOffload:
+    """The layer-offload baseline (llama.cpp's -ngl): layers 0..k-1 whole and dense on a torch device (float16 on
+    CUDA), the rest on the CPU kernels. Wraps a KernelModel's `forward`: prompts run batched on the CPU, and their
+    keys and values are copied to the device."""
+
+    def __init__(self, net, k: int, device: str):
+        from .config import blk
+        from .model import TorchModel
+        self.net, self.k, self.dev = net, k, torch.device(device)
+        self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
+        mine = [n for n in net.mats if n.startswith("blk.") and int(n.split(".")[1]) < k]
+        tensors = {n: QTensor.from_float(net.dequant_rows(n, 0, net.mats[n].rows).numpy(), QT.F32) for n in mine}
+        for i in range(k):
+            tensors[blk(i, "attn_norm")] = QTensor.from_float(net.layers[i].attn_norm, QT.F32)
+            tensors[blk(i, "ffn_norm")] = QTensor.from_float(net.layers[i].ffn_norm, QT.F32)
+        tm = TorchModel(dataclasses.replace(net.c, n_layer=k), tensors, net.n_ctx)
+        tm.w = {n: w.to(self.dev, self.dtype) for n, w in tm.w.items()}
+        tm.cos, tm.sin = tm.cos.to(self.dev, self.dtype), tm.sin.to(self.dev, self.dtype)
+        tm.k_cache, tm.v_cache = tm.k_cache.to(self.dev, self.dtype), tm.v_cache.to(self.dev, self.dtype)
+        self.tm = tm
+
+    def nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w in self.tm.w.values())
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+        from .config import blk
+        from .model import rms_norm
+        net, tm, k = self.net, self.tm, self.k
+        if len(tokens) > 1 or all_logits:
+            out = net.forward(tokens, pos, all_logits)
+            span = slice(pos, pos + len(tokens))
+            tm.k_cache[:, span] = torch.from_numpy(net.k_cache[:k, span]).to(self.dev, self.dtype)
+            tm.v_cache[:, span] = torch.from_numpy(net.v_cache[:k, span]).to(self.dev, self.dtype)
+            return out
+        x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev, self.dtype)  # (1, n_embd)
+        for i in range(k):
+            x = x + tm.attention(i, rms_norm(x, tm.w[blk(i, "attn_norm")], tm.c.rms_eps), pos)
+            x = x + tm.down(i, tm.ffn(i, rms_norm(x, tm.w[blk(i, "ffn_norm")], tm.c.rms_eps)))
+        net.x[:] = x[0].float().cpu().numpy()
+        return torch.from_numpy(net.step(tokens[0], pos, first=k).copy())

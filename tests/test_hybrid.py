@@ -149,3 +149,44 @@ def test_cli_generate_reports_stats(tmp_path):
     assert plain["token_ids"] == out["token_ids"] and plain["stats"]["gpu_share"] == 0.0
     bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_layer_offload_baseline_matches_all_cpu(tmp_path):
+    from engine.hybrid import LayerOffload
+    path = tiny_path(tmp_path, qtype=QT.F32)
+    cpu, off = load(path, n_ctx=64), load(path, n_ctx=64)
+    off.net = LayerOffload(off.net, 2, "cpu")  # layers 0-1 in torch on a second "device", layer 2 on the kernels
+    chunk = chunk_of(cpu)
+
+    def decoded(m):  # prefill 20 tokens, then decode one at a time
+        m.net.forward(chunk[:20], 0)
+        return torch.stack([m.net.forward([chunk[p]], p) for p in range(20, 39)])
+
+    a, b = decoded(cpu), decoded(off)
+    assert float((a - b).norm() / a.norm()) < 1e-4
+    assert off.net.nbytes() == 2 * 4 * sum(cpu.net.mats[blk(0, n)].rows * 64 for n in
+                                           ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")) \
+        + 2 * 4 * (64 * 128 + 2 * 64)  # float32: six matrices, the down projection and two norms per layer
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
+    from engine.hybrid import LayerOffload
+    path = tiny_path(tmp_path)
+    cpu, gpu, off = load(path, n_ctx=64), load(path, n_ctx=64), load(path, n_ctx=64)
+    bundle = gate_bundle(cpu, threshold=0.02)
+    hot = [np.arange(0, cpu.config.n_ff, 2, dtype=np.int32)] * cpu.config.n_layer
+    cpu.set_predictors(bundle)
+    gpu.set_predictors(bundle, hot, "cuda")
+    chunk = chunk_of(cpu)
+    a, b = cpu.scored_logits(chunk, 20), gpu.scored_logits(chunk, 20)
+    assert float((a - b).norm() / a.norm()) < 0.03  # float16 hot rows
+    assert 0.3 < gpu.runtime.stats()["gpu_share"] < 0.7
+    dense = load(path, n_ctx=64)
+    off.net = LayerOffload(off.net, 2, "cuda")
+    for m in (dense, off):
+        m.net.forward(chunk[:20], 0)
+    x = torch.stack([dense.net.forward([chunk[p]], p) for p in range(20, 39)])
+    y = torch.stack([off.net.forward([chunk[p]], p) for p in range(20, 39)])
+    assert float((x - y).norm() / x.norm()) < 0.03

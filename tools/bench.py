@@ -3,7 +3,10 @@ decode next to llama.cpp on the same GGUF and thread count, with the memory band
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -71,6 +74,19 @@ def decode_speed(model, ids: list[int], n: int) -> dict:
     return out.stats
 
 
+def sparse_bytes_per_token(net, sparsity: float) -> float:
+    """Weight bytes a decode step reads with that share of FFN neurons skipped: the gate and up rows of the
+    active neurons, and their down_t rows, or all of down when the set is dense enough for `kernels.ffn` to use it."""
+    from engine import kernels as K
+    total = net.lm_head.nbytes
+    for L in net.layers:
+        total += sum(m.nbytes for m in net.attn_mats(L))
+        total += (1 - sparsity) * (L.up.nbytes + (L.gate.nbytes if L.gate else 0))
+        dense = L.down is not None and (sparsity == 0 or 1 - sparsity >= K.DENSE_FROM)
+        total += L.down.nbytes if dense else (1 - sparsity) * L.down_t.nbytes
+    return total
+
+
 def ffn_ms_per_token(net, select, reps: int = 20) -> float:
     """Time of the FFN kernels alone for one token over all layers."""
     from engine import kernels as K
@@ -80,13 +96,21 @@ def ffn_ms_per_token(net, select, reps: int = 20) -> float:
 
     def one():
         for i, L in enumerate(net.layers):
-            K.ffn(L.gate, L.up, L.down_t, xn, net.act, net.threshold, out, select(i, None, xn) if select else None)
+            K.ffn(L.gate, L.up, L.down_t, xn, net.act, net.threshold, out, select(i, None, xn) if select else None,
+                  down=L.down)
 
     one()
     return min(_timed(one) for _ in range(reps)) * 1e3
 
 
 def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | None:
+    """llama.cpp's prefill and greedy decode speed: llama-cpp-python imported here, or run by the interpreter
+    named in $HOTCOLD_LLAMACPP_PYTHON (a separate environment that has it); None when neither is there."""
+    python = os.environ.get("HOTCOLD_LLAMACPP_PYTHON")
+    if python:
+        res = subprocess.run([python, os.path.abspath(__file__), path, str(threads), str(n)] + [str(i) for i in ids],
+                             capture_output=True, text=True, timeout=600)
+        return json.loads(res.stdout) if res.returncode == 0 else None
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -100,6 +124,17 @@ def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | N
         llm.eval([tok])
     t2 = time.perf_counter()
     return {"prefill_tok_s": len(ids) / (t1 - t), "decode_tok_s": n / (t2 - t1)}
+
+
+def time_to_first_token(args) -> float:
+    """Seconds from starting a new `hotcold generate -n 1` process (JIT cache warm: this run compiled) to its exit:
+    imports, loading, prefill and the first token."""
+    cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c", "64"]
+    cmd += (["-m", args.model] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    return time.perf_counter() - t
 
 
 def run_bench(args) -> dict:
@@ -119,7 +154,7 @@ def run_bench(args) -> dict:
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
-           "model_rss_bytes": model_rss,
+           "model_rss_bytes": model_rss, "ttft_s": time_to_first_token(args),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)
@@ -132,18 +167,16 @@ def compare(model, args, ids: list[int]) -> dict:
     bw = memory_bandwidth(args.threads)
     rows = []
     dense_ffn = ffn_ms_per_token(net, None)
-    full = model.decode_bytes_per_token()
-    ffn_bytes = sum(L.up.nbytes + L.down_t.nbytes + (L.gate.nbytes if L.gate else 0) for L in net.layers)
     for s in [0.0] + list(args.sparsity_levels):
         net.select = RandomActive(net.c.n_layer, net.c.n_ff, s) if s > 0 else None
         st = decode_speed(model, ids, args.n)
-        bpt = full - s * ffn_bytes
+        bpt = sparse_bytes_per_token(net, s)
         rows.append({"engine": "hotcold dense" if s == 0 else f"hotcold sparse {s:.0%}", "sparsity": s,
                      "decode_tok_s": st["decode_tok_s"], "bytes_per_token": bpt,
                      "bandwidth_share": bpt * st["decode_tok_s"] / 1e9 / bw,
                      "ffn_ms_per_token": dense_ffn if s == 0 else ffn_ms_per_token(net, net.select)})
     net.select = None
-    ref = llamacpp_decode(model.ckpt.path, args.threads, ids, args.n)
+    ref = llamacpp_decode(model.ckpt.path, args.threads or os.cpu_count(), ids, args.n)
     if ref is not None:
         rows.append({"engine": "llama.cpp dense", "sparsity": 0.0, "decode_tok_s": ref["decode_tok_s"],
                      "bytes_per_token": os.path.getsize(model.ckpt.path), "bandwidth_share":
@@ -160,7 +193,8 @@ def format_bench(r: dict) -> str:
              f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)",
              f"load: {r['load_s']:.2f} s, resident memory of the model: {r['model_rss_bytes'] / 1e6:.1f} MB"
              + (f" (GGUF file {r['file_bytes'] / 1e6:.1f} MB, {r['model_rss_bytes'] / r['file_bytes']:.2f}x)"
-                if r.get("file_bytes") else "")]
+                if r.get("file_bytes") else ""),
+             f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")
@@ -175,3 +209,7 @@ def format_bench(r: dict) -> str:
                          f"{row['bandwidth_share']:>14.0%}{ffn:>14}")
         lines.append("sparse rows use random active sets (a speed fixture: no quality claim)")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the llama.cpp row in another interpreter: bench.py GGUF THREADS N IDS...
+    print(json.dumps(llamacpp_decode(sys.argv[1], int(sys.argv[2]), [int(i) for i in sys.argv[4:]], int(sys.argv[3]))))

@@ -5,7 +5,8 @@
    map, threshold tuned to recall 0.95 on the fixture's own activations). Its text means nothing, so it makes no
    quality claim; recall and actual sparsity are audited on a short run of the fixture itself.
 2. With `--predictors` (a trained bundle for `-m`): that model with its predictors, beside its dense decode.
-3. With CUDA: tokens/s against the GPU budget (0/25/50/100% of the FFN as float16 hot rows), next to CPU only.
+3. With CUDA: tokens/s against the GPU budget (0/25/50/100% of the FFN as float16 hot rows), next to CPU only
+   and to the layer-offload baseline (whole dense layers on the GPU in the same VRAM, as llama.cpp's -ngl).
    Without CUDA those rows are skipped and the output says so.
 """
 from __future__ import annotations
@@ -131,12 +132,33 @@ def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int) -> list[dict]:
         hot = [np.asarray(h, np.int32) for h in split["gpu_neurons"]]
         model.set_predictors(bundle, hot, "cuda")
         st = decode_speed(model, ids, n)
-        rows.append({"ffn_fraction": f, "vram_bytes": model.runtime.hot.nbytes() if model.runtime.hot else 0,
-                     "decode_tok_s": st["decode_tok_s"], "gpu_share": st["gpu_share"]})
+        vram = model.runtime.hot.nbytes() if model.runtime.hot else 0
+        k, offload = offload_speed(model, vram, ids, n)
+        rows.append({"ffn_fraction": f, "vram_bytes": vram, "decode_tok_s": st["decode_tok_s"],
+                     "gpu_share": st["gpu_share"], "offload_layers": k, "offload_tok_s": offload})
     cpu = rows[0]["decode_tok_s"]
     for r in rows:
         r["vs_cpu_only"] = r["decode_tok_s"] / cpu
+        r["vs_offload"] = r["decode_tok_s"] / r["offload_tok_s"]
     return rows
+
+
+def offload_speed(model, vram: int, ids: list[int], n: int) -> tuple[int, float]:
+    """(layers, dense decode tok/s) of the layer-offload baseline: as many whole float16 layers on CUDA as fit in
+    vram, the rest on the CPU kernels."""
+    from engine.hybrid import LayerOffload
+    from tools.bench import decode_speed
+    net = model.net
+    per_layer = 2 * sum(m.rows * m.cols for name, m in net.mats.items() if name.startswith("blk.0."))
+    k = int(min(model.config.n_layer, vram // per_layer))
+    saved = model.runtime
+    model.runtime = net.runtime = None
+    model.net = LayerOffload(net, k, "cuda") if k else net
+    try:
+        return k, decode_speed(model, ids, n)["decode_tok_s"]
+    finally:
+        model.net = net
+        model.runtime = net.runtime = saved
 
 
 def audit_keys(stats: dict) -> dict:
@@ -171,10 +193,13 @@ def format_hybrid(r: dict) -> str:
         lines += ["", "GPU budget rows: no CUDA device here, skipped"]
     else:
         lines += ["", f"hybrid on CUDA, {max(FIXTURE_SPARSITY):.0%} fixture: hot neurons = the most active, by budget",
-                  f"{'FFN on GPU':>11}{'VRAM MB':>9}{'tok/s':>8}{'GPU share':>10}{'vs CPU only':>12}"]
+                  f"{'FFN on GPU':>11}{'VRAM MB':>9}{'tok/s':>8}{'GPU share':>10}{'vs CPU only':>12}"
+                  f"{'offload layers':>15}{'offload tok/s':>14}{'vs offload':>11}"]
         for x in r["gpu"]:
             lines.append(f"{x['ffn_fraction']:>11.0%}{x['vram_bytes'] / 1e6:>9.1f}{x['decode_tok_s']:>8.1f}"
-                         f"{x['gpu_share']:>10.1%}{x['vs_cpu_only']:>11.2f}x")
+                         f"{x['gpu_share']:>10.1%}{x['vs_cpu_only']:>11.2f}x{x['offload_layers']:>15}"
+                         f"{x['offload_tok_s']:>14.1f}{x['vs_offload']:>10.2f}x")
+        lines.append("offload: whole float16 layers on the GPU in the same VRAM (llama.cpp -ngl), dense")
     return "\n".join(lines)
 
 
