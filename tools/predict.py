@@ -306,13 +306,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from engine.api import Model
+    from engine.api import Model, set_threads
     from engine.loader import load_checkpoint
     from predictors.bundle import load_bundle, model_fingerprint
     from predictors.metrics import format_table
     from tools.profile import corpus_tokens
     if not os.path.isdir(args.bundle):
         raise HotcoldError(f"{args.bundle}: no such predictor bundle")
+    set_threads(args.threads)
     ckpt = load_checkpoint(args.model)
     bundle = load_bundle(args.bundle, model_fingerprint(ckpt))
     model = Model(ckpt, args.ctx, backend="torch")
