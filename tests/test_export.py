@@ -276,3 +276,20 @@ def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):
         agree += int((theirs == mine).sum())
         total += len(ids)
     assert agree / total >= 0.97, f"top-1 agreement {agree}/{total}"
+
+
+def test_generate_runs_an_export_with_its_predictors_and_split(tiny, capsys):
+    """generate -m OUT.powerinfer.gguf: the embedded predictors choose the rows, the .gpuidx beside it the hot ones."""
+    from test_hybrid import gate_bundle
+    out, bundle = str(tiny["dir"] / "run"), str(tiny["dir"] / "gate_bundle")
+    b = gate_bundle(Model(load_checkpoint(tiny["src"]), 64), threshold=0.02)
+    b.predictors = [p.round_to_half() for p in b.predictors]  # PowerInfer files hold float16 predictors
+    b.save(bundle)
+    assert export(capsys, "-m", tiny["src"], "--predictors", bundle, "--split", tiny["split"], "-o", out)[0] == 0
+    argv = ["generate", "-m", out + ".powerinfer.gguf", "-p", "the cat", "-n", "8", "--temperature", "0", "--json",
+            "-c", "64"]
+    assert main(argv + ["--hot-device", "cpu"]) == 0
+    s = json.loads(capsys.readouterr().out)["stats"]
+    assert 0 < s["predicted_sparsity"] < 1 and 0 < s["gpu_share"] < 1  # a quarter of the FFN is hot in the split
+    assert main(argv) == 0  # no CUDA here: the same predictors, every neuron on the CPU
+    assert json.loads(capsys.readouterr().out)["stats"]["gpu_share"] == 0.0 or torch.cuda.is_available()

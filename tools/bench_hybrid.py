@@ -73,7 +73,7 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
     preds, thrs = [], []
     for i, (x, g) in enumerate(zip(xs, gs)):
         m = gate_map(ckpt.tensors[blk(i, "ffn_gate")].dequantize(), ckpt.tensors[blk(i, "ffn_norm")].dequantize())
-        p = Predictor.from_linear(m, budget_rank(ckpt, i), x)
+        p = Predictor.from_linear(m, budget_rank(ckpt, i), x).round_to_half()  # float16, as bundles store them
         preds.append(p)
         with torch.no_grad():
             thrs.append(tune_threshold(p.logits(x), g > t, FIXTURE_RECALL))
