@@ -70,7 +70,8 @@ def layer_samples(profile: str, manifest: dict, layer: int) -> tuple[np.ndarray,
 
 
 def ffn_tensors(ckpt, layer: int) -> list:
-    return [ckpt.tensors[blk(layer, n)] for n in ("ffn_gate", "ffn_up", "ffn_down") if blk(layer, n) in ckpt.tensors]
+    return [ckpt.tensors[blk(layer, n)] for n in ("ffn_gate", "ffn_up", "ffn_down", "ffn_down_t")  # PowerInfer: down_t
+            if blk(layer, n) in ckpt.tensors]
 
 
 def budget_rank(ckpt, layer: int) -> int:
