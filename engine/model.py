@@ -5,6 +5,7 @@ reference path that the numba kernel path is tested against, and the batched pre
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -90,6 +91,15 @@ class TorchModel:
         self.predict = None  # optional callable(layer, x_ffn_in (T, n_embd)) -> bool (T, n_ff) predicted active
 
     CHUNK = 4096
+
+    @contextmanager
+    def hooked(self, hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
+        """`ffn_hook` set to hook inside a with block, restored after it (also on errors)."""
+        saved, self.ffn_hook = self.ffn_hook, hook
+        try:
+            yield self
+        finally:
+            self.ffn_hook = saved
 
     def decode_bytes_per_token(self) -> int:
         shapes = [t.shape for k, t in self.q.items() if k != "token_embd.weight" or self.c.tied_embeddings]

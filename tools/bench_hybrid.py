@@ -38,11 +38,8 @@ def gate_samples(model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.
         xs[i], gs[i] = x.clone(), net.mm(xn, blk(i, "ffn_gate"))
         return h
 
-    net.ffn_hook = hook
-    try:
+    with net.hooked(hook):
         net.forward(ids, 0)
-    finally:
-        net.ffn_hook = None
     return xs, gs
 
 

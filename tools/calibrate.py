@@ -95,11 +95,8 @@ def collect(model, tokens: list[int], ctx: int, seed: int) -> Stats:
             H[i, sel] = h[rows].half()
             return h
 
-        net.ffn_hook = hook
-        try:
+        with net.hooked(hook):
             net.forward(tokens[w * ctx:(w + 1) * ctx], 0)
-        finally:
-            net.ffn_hook = None
     norms = down_norms(net)  # (n_layer, n_ff)
     scores = [contribution(H[i].float(), norms[i]).flatten().sort().values for i in range(c.n_layer)]
     sub = torch.from_numpy(np.random.default_rng(seed).permutation(len(pos))[:CETT_TOKENS])

@@ -224,11 +224,8 @@ def profile_window(model, window: list[int], counts: np.ndarray, rows: torch.Ten
             masks[i] = np.packbits(m[rows].numpy(), axis=-1)
         return h
 
-    net.ffn_hook = hook
-    try:
+    with net.hooked(hook):
         net.forward(window, 0)
-    finally:
-        net.ffn_hook = None
     return xs, masks
 
 
