@@ -511,23 +511,29 @@ def axpy_rows(w_t: KMatrix, rows: np.ndarray, coef: np.ndarray, out: np.ndarray)
     _k_axpy(w_t.W, rows, coef, out, w_t.part, nt)
 
 
-def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix, x: np.ndarray, act: int, threshold: float,
+def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray, act: int, threshold: float,
         out: np.ndarray, active: np.ndarray | None = None, exact: bool = False, down: KMatrix | None = None) -> None:
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
     Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
     active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
-    h and then down @ h with f32 h (fewer bytes than down_t's Q8_0 rows when down is block-quantized)."""
+    h and then down @ h with f32 h (fewer bytes than down_t's Q8_0 rows when down is block-quantized); down_t may
+    be None then."""
     _check(x, up.cols, "x")
-    _check(out, down_t.cols, "out")
-    if down_t.rows != up.rows or (gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols)):
-        raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}, down_t {down_t}")
+    if gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols):
+        raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}")
     G = None if gate is None else gate.W
     if down is not None and (active is None or active.size >= DENSE_FROM * up.rows):
-        if (down.rows, down.cols) != (down_t.cols, down_t.rows):
-            raise ValueError(f"kernels: ffn shapes disagree: down {down}, down_t {down_t}")
+        if (down.rows, down.cols) != (up.cols, up.rows):
+            raise ValueError(f"kernels: ffn shapes disagree: down {down}, up {up}")
+        _check(out, down.rows, "out")
         _k_ffn_dense(G, up.W, down.W, x, act, np.float32(threshold), active, down.vec, out, up.X, down.X, exact)
         return
+    if down_t is None:
+        raise ValueError("kernels: ffn needs down_t for a sparse active set")
+    if (down_t.rows, down_t.cols) != (up.rows, up.cols):
+        raise ValueError(f"kernels: ffn shapes disagree: up {up}, down_t {down_t}")
+    _check(out, down_t.cols, "out")
     nt = _parts(down_t)
     _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, nt, exact)
