@@ -1,21 +1,27 @@
 """The Python API the CLI uses: `load(model) -> Model`, then `generate`, `tokenize`, `perplexity`.
 
-Shaped like llama-cpp-python's `Llama` where that fits.
+Shaped like llama-cpp-python's `Llama` where that fits. torch is imported where a path needs it (the batched
+forward, perplexity, sparsity, predictors), so that generating from a short prompt on the kernels never does.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+import numpy as np
 
 from .config import HotcoldError
 from .loader import Checkpoint, load_checkpoint
-from .model import TorchModel
-from .sparsity import Sparsifier, SparsityConfig, attach, batched_net, down_norms, fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+    from .sparsity import SparsityConfig
 
 DEFAULT_CTX = 2048
 
@@ -28,22 +34,23 @@ class Sampler:
     seed: int | None = None
 
     def __post_init__(self):
-        self.gen = torch.Generator()
-        self.gen.manual_seed(self.seed if self.seed is not None else int(time.time_ns() % 2**63))
+        self.rng = np.random.default_rng(self.seed if self.seed is not None else time.time_ns())
 
-    def __call__(self, logits: torch.Tensor) -> int:  # logits (n_vocab,)
+    def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
         if self.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits.float() / self.temperature
-        if self.top_k > 0:
-            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, -1)
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        if 0 < self.top_k < z.size:
+            z[z < np.partition(z, -self.top_k)[-self.top_k]] = -np.inf
+        p = np.exp(z - z.max())
         if self.top_p < 1.0:
-            p, idx = torch.sort(probs, descending=True)
-            keep = torch.cumsum(p, 0) - p < self.top_p  # always keeps the first
-            probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+            p /= p.sum()
+            order = np.argsort(-p, kind="stable")
+            ps = p[order]
+            drop = order[np.cumsum(ps) - ps >= self.top_p]  # always keeps the first
+            p[drop] = 0.0
+        c = np.cumsum(p)  # (n_vocab,)
+        return int(np.searchsorted(c, self.rng.random() * c[-1], side="right"))
 
 
 @dataclass
@@ -59,10 +66,14 @@ class Completion:
 
 
 def set_threads(n: int | None) -> None:
+    """Threads of the numba kernels and of torch (now if imported, else through OMP_NUM_THREADS when it is)."""
     if n:
-        torch.set_num_threads(n)
         import numba
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(n)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 torch reference
@@ -87,35 +98,43 @@ class Model:
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.runtime = None  # engine.hybrid.Runtime once predictors are set
+        self.sparsity = None  # engine.sparsity.Sparsifier once a sparsity config is set
         if backend == "kernels":
             from .cpu import KernelModel
             self.net = KernelModel(self.config, ckpt.tensors, n_ctx)
             ckpt.drop_pages()
         else:
+            from .model import TorchModel
             self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
-        self.set_sparsity(sparsity)
+        if sparsity is not None:
+            self.set_sparsity(sparsity)
 
     @cached_property
     def fingerprint(self) -> dict:
         """Identifies the model to its sparsity configs and profiles (engine/sparsity.py)."""
+        from .sparsity import fingerprint
         return fingerprint(self.config, self.ckpt.tensors)
 
     def set_sparsity(self, sparsity: str | SparsityConfig | None) -> None:
         """Skip FFN neurons below a sparsity config's thresholds (a JSON path or a config); None: dense."""
         if sparsity is not None and self.runtime is not None:
             raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
+        from .sparsity import Sparsifier, SparsityConfig, attach, batched_net, down_norms
         if isinstance(sparsity, str):
             sparsity = SparsityConfig.load(sparsity, self.fingerprint)
         self.sparsity = None if sparsity is None else Sparsifier(sparsity.thresholds,
                                                                   down_norms(batched_net(self.net)))
         attach(self.net, self.sparsity)
 
-    def set_predictors(self, bundle, hot: list | None = None, device: str | None = None, audit: bool = False) -> None:
+    def set_predictors(self, bundle, hot: list | None = None, device: str | None = None, audit: bool = False,
+                       qtype: str = "F16") -> None:
         """Decode with predictors (a bundle path or Bundle) choosing each token's FFN neurons; hot[i] are layer i's
         neuron ids computed on torch `device` ("cuda", or "cpu" to exercise the split without a GPU), the rest on
-        the CPU kernels. audit: also compute the true active sets, for recall and precision in the stats."""
+        the CPU kernels. audit: also compute the true active sets, for recall and precision in the stats.
+        qtype: how the kernels store the predictor weights (config.PREDICTOR_TYPES)."""
         from predictors.bundle import Bundle, load_bundle, model_fingerprint
         from .hybrid import Runtime
+        from .sparsity import Sparsifier, batched_net, down_norms
         if self.sparsity is not None:
             raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
         if self.backend != "kernels":
@@ -128,7 +147,7 @@ class Model:
         if audit:
             thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
             rule = Sparsifier(thr, down_norms(batched_net(self.net)))
-        self.runtime = Runtime(self.net, bundle, hot, device, rule)
+        self.runtime = Runtime(self.net, bundle, hot, device, rule, qtype)
         self.net.runtime = self.runtime
         batched_net(self.net).predict = self.runtime.mask
 
@@ -146,7 +165,8 @@ class Model:
 
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
-        """Prefill the prompt in one batch, then decode one token at a time until a stop token or n tokens."""
+        """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
+        stop token or n tokens."""
         sampler = sampler or Sampler(temperature=0.0)
         if not prompt_ids:
             raise HotcoldError("empty prompt")
@@ -160,7 +180,7 @@ class Model:
         if self.runtime is not None:
             self.runtime.reset()
         t0 = time.perf_counter()
-        logits = self.net.forward(prompt_ids, 0)
+        logits = self.net.next_logits(prompt_ids, 0)  # (n_vocab,)
         t1 = time.perf_counter()
         out: list[int] = []
         pos = len(prompt_ids)
@@ -173,7 +193,7 @@ class Model:
                     on_text(piece)
             if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
-            logits = self.net.forward([tok], pos)
+            logits = self.net.next_logits([tok], pos)
             pos += 1
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
@@ -207,6 +227,7 @@ class Model:
         start = ctx // 2
         if self.runtime is not None:
             self.runtime.reset()
+        import torch
         for k in range(first_chunk, last):
             chunk = tokens[k * ctx:(k + 1) * ctx]
             logits = self.scored_logits(chunk, start)  # (ctx - 1 - start, n_vocab)
@@ -227,6 +248,7 @@ class Model:
     def scored_logits(self, chunk: list[int], start: int) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
         With predictors, as generation runs: the prefix chunk[:start+1] batched, then one decode step per token."""
+        import torch
         if self.runtime is None:
             return self.logits(chunk, 0, all_logits=True)[start:-1]
         rows = [self.net.forward(chunk[:start + 1], 0)]

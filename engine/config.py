@@ -3,7 +3,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 ACTS = ("silu", "relu", "fatrelu", "drelu")  # FFN activation kinds (DESIGN.md: Models and activations)
+# how decoding stores predictor weights (engine/hybrid.py): F16 as bundles store them (their thresholds were tuned
+# on exactly those values), or Q8_0, about half the bytes read per token, deciding a little differently
+PREDICTOR_TYPES = ("F16", "Q8_0")
 
 
 class HotcoldError(Exception):
@@ -33,6 +38,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def rope_tables(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of the rotary angles: float32 (n_ctx, head_dim / 2), computed in float64."""
+        half = self.head_dim // 2
+        inv = self.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / self.head_dim)  # (hd/2,)
+        ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]  # (n_ctx, hd/2)
+        return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
 # --- GGUF tensor names are the canonical names inside the engine -------------------------------------------

@@ -1,29 +1,32 @@
 """The kernel engine: one-token decode on the numba kernels over weights in their stored GGUF blocks.
 
-Prefill (and perplexity) stays batched in torch (`TorchModel` with non-resident weights): each matmul
+Long prompts (and perplexity) run batched in torch (`TorchModel` with non-resident weights): each matmul
 dequantizes row chunks of the prepared matrices on the fly, so no float32 copy of the model is ever held.
-Both paths share one KV cache. State (cache, scratch vectors) is allocated once here; a decode step
-allocates nothing but its logits copy.
+Short prompts go through the decode step token by token, and torch is not even imported for them: a process
+that generates from a short prompt starts a second sooner. Both paths share one KV cache. State (cache, scratch
+vectors) is allocated once here; a decode step allocates nothing.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import kernels as K
 from .config import ModelConfig, blk
-from .model import TorchModel, rope_tables
 from .qtensor import QTensor
 
 ACT_CODES = {"silu": K.ACT_SILU, "relu": K.ACT_RELU, "fatrelu": K.ACT_FATRELU, "drelu": K.ACT_DRELU}
 # called per layer with (layer, x_resid (n_embd,), xn (n_embd,)); returns active neuron ids (int32) or None
 Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
+# prompts up to this many tokens are prefilled by decode steps: on 2 cores SmolLM2 steps at ~8 ms a token, while
+# the first batched torch forward of a process costs ~0.5 s more than later ones (import and matmul start-up)
+STEP_PREFILL = 48
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -124,8 +127,17 @@ class Layer:
     o: K.KMatrix
     gate: K.KMatrix | None
     up: K.KMatrix
-    down_t: K.KMatrix  # (n_ff, n_embd): the sparse FFN's rows
     down: K.KMatrix | None  # (n_embd, n_ff) as stored, kept when block-quantized: the dense FFN's (fewer bytes)
+    down_src: QTensor | None = None  # ffn_down as stored, while down_t is not built yet
+    built_down_t: K.KMatrix | None = None
+
+    @property
+    def down_t(self) -> K.KMatrix:
+        """(n_ff, n_embd): the sparse FFN's rows, one per neuron. Built from ffn_down on first use (the first sparse
+        step), so that dense decoding neither waits for the transpose at load nor holds a second down."""
+        if self.built_down_t is None:
+            self.built_down_t, self.down_src = K.transpose(self.down_src), None
+        return self.built_down_t
 
 
 def kernel_ready(t: QTensor) -> QTensor:
@@ -146,32 +158,32 @@ class KernelModel:
         for i in range(c.n_layer):
             prep = {n: K.prepare(tensors[blk(i, n)]) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up")
                     + (("ffn_gate",) if c.ffn_gated else ()) + (("ffn_down",) if keep_down else ())}
-            given = tensors.get(blk(i, "ffn_down_t"))  # else transposed here, block types re-quantized to Q8_0
-            down_t = K.prepare(given) if given is not None else K.transpose(tensors[blk(i, "ffn_down")])
-            self.mats.update({blk(i, n): m for n, m in prep.items()})
-            if not keep_down:  # the prefill reads down_t then
-                self.mats[blk(i, "ffn_down_t")] = down_t
-            self.layers.append(Layer(
+            given = tensors.get(blk(i, "ffn_down_t"))  # else transposed on first use, block types to Q8_0
+            L = Layer(
                 attn_norm=tensors[blk(i, "attn_norm")].dequantize(), ffn_norm=tensors[blk(i, "ffn_norm")].dequantize(),
                 q=prep["attn_q"], k=prep["attn_k"], v=prep["attn_v"], o=prep["attn_output"],
-                gate=prep.get("ffn_gate"), up=prep["ffn_up"], down_t=down_t, down=prep.get("ffn_down")))
+                gate=prep.get("ffn_gate"), up=prep["ffn_up"], down=prep.get("ffn_down"),
+                down_src=tensors.get(blk(i, "ffn_down")), built_down_t=None if given is None else K.prepare(given))
+            self.mats.update({blk(i, n): m for n, m in prep.items()})
+            if not keep_down:  # the prefill reads down_t then
+                self.mats[blk(i, "ffn_down_t")] = L.down_t
+            self.layers.append(L)
         self.embd = tensors["token_embd.weight"]
         self.lm_head = K.prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
         self.mats["output.weight"] = self.lm_head
         self.out_norm = tensors["output_norm.weight"].dequantize()
-        # the torch prefill reads the same prepared matrices, dequantized in row chunks
+        # what the torch prefill reads (`torch`): the same prepared matrices, dequantized in row chunks
         small = {k: t for k, t in tensors.items() if len(t.shape) == 1 or k == "token_embd.weight"}
         shapes = {k: QTensor(m.qtype, (tensors[k].shape[0] if k in tensors else m.rows, m.cols), np.empty(0))
                   for k, m in self.mats.items()}
-        self.torch = TorchModel(c, {**small, **shapes}, n_ctx, dequant_rows=self.dequant_rows)
-        self.torch.alias = {}
+        self.batched_tensors = {**small, **shapes}
         self.act, self.threshold = ACT_CODES[c.act], float(c.act_threshold)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
-        self.k_cache, self.v_cache = self.torch.k_cache.numpy(), self.torch.v_cache.numpy()  # shared
-        cos, sin = rope_tables(c, n_ctx)
-        self.cos, self.sin = cos.numpy(), sin.numpy()
+        kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
+        self.k_cache, self.v_cache = np.zeros(kv, np.float32), np.zeros(kv, np.float32)  # shared with `torch`
+        self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)
         self.xn = np.zeros(c.n_embd, np.float32)
         L = self.layers[0]
@@ -183,7 +195,7 @@ class KernelModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all prepared weights (both FFN down layouts)."""
+        """Bytes of all prepared weights (both FFN down layouts once the sparse path has built down_t)."""
         return sum(m.nbytes for m in {id(m): m for L in self.layers for m in self.ffn_mats(L) + self.attn_mats(L)}
                    .values()) + self.lm_head.nbytes
 
@@ -193,20 +205,48 @@ class KernelModel:
 
     @staticmethod
     def ffn_mats(L: Layer) -> list[K.KMatrix]:
-        return [m for m in (L.gate, L.up, L.down, L.down_t) if m is not None]
+        """The FFN matrices held now (down_t once built)."""
+        return [m for m in (L.gate, L.up, L.down, L.built_down_t) if m is not None]
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes a dense decode step reads (down rather than down_t where both are kept)."""
         return sum(m.nbytes for L in self.layers for m in self.attn_mats(L) + self.ffn_mats(L)
-                   if m is not (L.down_t if L.down is not None else None)) + self.lm_head.nbytes
+                   if m is not (L.built_down_t if L.down is not None else None)) + self.lm_head.nbytes
 
-    def dequant_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    @cached_property
+    def torch(self):
+        """The batched forward (engine.model.TorchModel) over the prepared weights and this model's KV cache,
+        built (and torch imported) on first use."""
+        from .model import TorchModel
+        net = TorchModel(self.c, self.batched_tensors, self.n_ctx, dequant_rows=self.dequant_rows,
+                         kv=(self.k_cache, self.v_cache))
+        net.alias = {}
+        return net
+
+    def dequant_rows(self, name: str, r0: int, r1: int):
+        import torch
         return torch.from_numpy(dequantize_rows(self.mats[name], r0, r1))
 
-    def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, tokens: list[int], pos: int, all_logits: bool = False):
+        """torch logits, as TorchModel.forward: (T, n_vocab) for all positions, or (n_vocab,) for the last."""
+        import torch
         if len(tokens) > 1 or all_logits:
             return self.torch.forward(tokens, pos, all_logits)
         return torch.from_numpy(self.step(tokens[0], pos).copy())
+
+    def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (n_vocab,) after tokens placed at pos..: decode steps for up to STEP_PREFILL tokens, else one
+        batched forward. The step's buffer: read it before the next call."""
+        if len(tokens) > max(STEP_PREFILL, 1):
+            return self.torch.forward(tokens, pos).numpy()
+        for j, t in enumerate(tokens):
+            self.step(t, pos + j)
+        return self.logits
+
+    def ffn(self, L: Layer, xn: np.ndarray, out: np.ndarray, active: np.ndarray | None) -> None:
+        """out = layer L's FFN of xn over the active neuron ids (None: all; dense ones read the stored down)."""
+        down_t = None if active is None and L.down is not None else L.down_t  # built on the first sparse use
+        K.ffn(L.gate, L.up, down_t, xn, self.act, self.threshold, out, active, down=L.down)
 
     def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
         """One token at position pos through layers first.. on the kernels; returns the logits buffer.
@@ -224,8 +264,7 @@ class KernelModel:
             if self.runtime is not None:  # predictors, maybe a hot part on another device (engine/hybrid.py)
                 self.runtime.ffn(i, x, xn, tmp)
             else:
-                active = self.select(i, x, xn) if self.select is not None else None
-                K.ffn(L.gate, L.up, L.down_t, xn, self.act, self.threshold, tmp, active, down=L.down)
+                self.ffn(L, xn, tmp, self.select(i, x, xn) if self.select is not None else None)
             x += tmp
         rms_norm_into(x, self.out_norm, c.rms_eps, xn)
         K.matvec(self.lm_head, xn, self.logits)

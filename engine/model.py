@@ -46,13 +46,6 @@ def quantize_rows_q8(x: torch.Tensor, half_scale: bool = True) -> torch.Tensor:
     return (q * d).flatten(-2)
 
 
-def rope_tables(c: ModelConfig, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    half = c.head_dim // 2
-    inv = c.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)  # (hd/2,)
-    ang = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv[None, :]  # (n_ctx, hd/2)
-    return torch.cos(ang).float(), torch.sin(ang).float()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, hd) with rotation on adjacent pairs (x[2i], x[2i+1]); cos/sin (T, hd/2)."""
     x2 = x.unflatten(-1, (-1, 2))  # (T, H, hd/2, 2)
@@ -65,11 +58,12 @@ class TorchModel:
     """Dense forward over a KV cache of n_ctx positions."""
 
     def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int, quantize_activations: bool = True,
-                 dequant_rows: Callable[[str, int, int], torch.Tensor] | None = None):
+                 dequant_rows: Callable[[str, int, int], torch.Tensor] | None = None,
+                 kv: tuple[np.ndarray, np.ndarray] | None = None):
         """dequant_rows None: every weight is dequantized to float32 once (the reference path). Otherwise a
         callable(name, r0, r1) -> float32 rows r0:r1, used per matmul in chunks of CHUNK rows, so that no full
         float32 copy is held (the kernel engine's prefill). `blk.N.ffn_down_t.weight` (n_ff, n_embd) may stand
-        in for ffn_down."""
+        in for ffn_down. kv: the K and V caches to share (float32 (n_layer, n_ctx, n_head_kv, head_dim))."""
         self.c, self.n_ctx, self.q = c, n_ctx, tensors
         self.dequant_rows = dequant_rows
         self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()
@@ -83,9 +77,10 @@ class TorchModel:
         else:
             self.alias = {}
         self.down_t = blk(0, "ffn_down_t") in tensors
-        self.cos, self.sin = rope_tables(c, n_ctx)
-        kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
-        self.k_cache, self.v_cache = torch.zeros(kv), torch.zeros(kv)
+        self.cos, self.sin = (torch.from_numpy(t) for t in c.rope_tables(n_ctx))
+        shape = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
+        self.k_cache, self.v_cache = (torch.zeros(shape), torch.zeros(shape)) if kv is None else \
+            (torch.from_numpy(kv[0]), torch.from_numpy(kv[1]))
         self.sparsity = None  # optional engine.sparsity.Sparsifier: zeroes h's inactive neurons before `down`
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
         self.predict = None  # optional callable(layer, x_ffn_in (T, n_embd)) -> bool (T, n_ff) predicted active
@@ -181,3 +176,7 @@ class TorchModel:
         x = rms_norm(x if all_logits else x[-1:], w["output_norm.weight"], c.rms_eps)
         logits = self.mm(x, "output.weight")
         return logits if all_logits else logits[0]
+
+    def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (n_vocab,) after tokens placed at pos.. (the generate loop's call, as KernelModel's)."""
+        return self.forward(tokens, pos).numpy()

@@ -15,12 +15,14 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from .config import HotcoldError, ModelConfig, blk
+
+if TYPE_CHECKING:
+    import torch
 
 EXACT_ACTS = ("relu", "fatrelu", "drelu")  # activations with natural zeros: h_i != 0 is exact
 FINGERPRINT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")  # layer 0's, hashed as stored
@@ -133,6 +135,7 @@ def down_rows(net, i: int) -> torch.Tensor:
 
 def down_norms(net) -> torch.Tensor:
     """||down[:, i]|| of every neuron of a TorchModel: (n_layer, n_ff)."""
+    import torch
     return torch.stack([down_rows(net, i).norm(dim=1) for i in range(net.c.n_layer)])
 
 
@@ -145,6 +148,7 @@ class Sparsifier:
     """Zeroes inactive neurons of h in the FFN path and counts the active ones per layer."""
 
     def __init__(self, thresholds: list[float], norms: torch.Tensor):
+        import torch
         self.thresholds = [float(t) for t in thresholds]
         self.norms = norms  # (n_layer, n_ff)
         self.active = torch.zeros(len(thresholds), dtype=torch.float64)  # active neuron-token pairs per layer
@@ -184,6 +188,8 @@ class KernelSelector:
         self.u = np.zeros(net.c.n_ff, np.float32)
 
     def __call__(self, i: int, x: np.ndarray, xn: np.ndarray) -> np.ndarray:
+        import torch
+
         from .kernels import matvec
         from .model import ffn_activation
         c, layer = self.net.c, self.net.layers[i]

@@ -63,6 +63,57 @@ def test_sparse_hook_all_active_is_dense_and_relu_skip_is_exact(tmp_path, monkey
     assert float((sparse - dense).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("qtype", [QT.F32, QT.Q4_1])
+def test_short_prompts_prefill_by_decode_steps_like_the_batched_path(tmp_path, monkeypatch, qtype):
+    """A prompt of up to STEP_PREFILL tokens runs through the decode step: same next-token logits (within the
+    kernels' int8 rounding) and the same greedy continuation as the batched torch prefill."""
+    import engine.cpu
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), qtype)
+    ids = load(path, n_ctx=64).tokenize("the cat in a hat sat on the mat")
+    runs = {}
+    for steps in (0, 64):  # prompts longer than STEP_PREFILL go batched
+        monkeypatch.setattr(engine.cpu, "STEP_PREFILL", steps)
+        m = load(path, n_ctx=64)
+        runs[steps] = (m.net.next_logits(ids, 0).copy(), m.generate(ids, 12, ignore_stop=True).token_ids)
+        assert ("torch" in m.net.__dict__) == (steps == 0)  # the batched forward was built only when used
+    (batched, out_b), (stepped, out_s) = runs[0], runs[64]
+    tol = 1e-4 if qtype == QT.F32 else 0.03
+    assert np.linalg.norm(stepped - batched) / np.linalg.norm(batched) < tol
+    assert out_s == out_b
+
+
+def test_generate_from_a_short_prompt_never_imports_torch(tmp_path):
+    """What keeps the time to first token low: the kernels, the tokenizer and the numpy sampler only."""
+    import subprocess
+    import sys
+    c = tiny_config("relu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0)
+    code = ("import sys; from tools.cli import main; "
+            f"rc = main(['generate', '-m', {path!r}, '-p', 'the cat', '-n', '4', '-c', '64', '--seed', '1']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_sampler_follows_temperature_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+
+    def freq(s: Sampler, n: int = 4000) -> np.ndarray:
+        return np.bincount([s(logits) for _ in range(n)], minlength=4) / n
+
+    assert Sampler(temperature=0).__call__(logits) == 0
+    assert np.allclose(freq(Sampler(1.0, top_k=0, top_p=1.0, seed=0)), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    assert np.allclose(freq(Sampler(1.0, top_k=2, top_p=1.0, seed=1)), [0.625, 0.375, 0, 0], atol=0.03)
+    assert np.allclose(freq(Sampler(1.0, top_k=0, top_p=0.7, seed=2)), [0.625, 0.375, 0, 0], atol=0.03)
+    assert np.array_equal(freq(Sampler(1.0, top_k=0, top_p=0.5, seed=3), 200), [1, 0, 0, 0])
+    hot = freq(Sampler(2.0, top_k=0, top_p=1.0, seed=4))  # temperature 2: p ~ sqrt(p)
+    assert np.allclose(hot, np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum(), atol=0.03)
+    a, b = Sampler(0.9, seed=7), Sampler(0.9, seed=7)
+    assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+
+
 def test_resident_bytes_native(smollm):
     """No float32 copies of quantized weights: the prepared model is within 1.3x of the GGUF file."""
     size = os.path.getsize(smollm.ckpt.path)

@@ -85,13 +85,14 @@ def test_audit_recall_equals_brute_force(tmp_path):
     chunk, start = chunk_of(model), 20
     model.scored_logits(chunk, start)
     stats = model.runtime.stats()
+    run = model.runtime.running  # the predictors as the kernels hold them (Q8_0), dequantized
     # brute force: the torch reference with the same predictor masks, all positions at once, true masks h != 0
     ref = load(path, n_ctx=64, backend="torch")
     seen = {}
 
     def hook(i, x, h):  # x (T, n_embd), h (T, n_ff): keep both, then skip what the predictors skip
         seen[i] = x.clone(), h.clone()
-        return h * bundle.active(i, x)
+        return h * run.active(i, x)
 
     ref.net.ffn_hook = hook
     ref.net.forward(chunk[:-1], 0)
@@ -99,10 +100,35 @@ def test_audit_recall_equals_brute_force(tmp_path):
     assert stats["tokens"] == decoded.stop - decoded.start
     for i, m in enumerate(stats["per_layer"]):
         x, h = seen[i][0][decoded], seen[i][1][decoded]
-        brute = layer_metrics(bundle.active(i, x), h != 0)
+        brute = layer_metrics(run.active(i, x), h != 0)
         for k in ("recall", "precision", "predicted_sparsity", "actual_sparsity"):
             assert m[k] == pytest.approx(brute[k], abs=1e-9), (i, k)
     assert 0.5 < stats["recall"] < 1.0  # imperfect predictors, so the audit has something to find
+
+
+@pytest.mark.parametrize("qtype,agree", [("F16", 1.0), ("Q8_0", 0.99)])
+def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, agree):
+    """The kernels' copy of the predictors (Q8_0: about half of F16's bytes) decides as the bundle does on real FFN
+    inputs, at least `agree` of the neuron/token pairs; batched forwards use that same copy."""
+    model = load(tiny_path(tmp_path), n_ctx=64)
+    bundle = gate_bundle(model, rank=32, threshold=0.05)
+    for p in bundle.predictors:
+        p.round_to_half()  # as bundles store them: F16 is then exact
+    model.set_predictors(bundle, qtype=qtype)
+    rt, xs = model.runtime, {}
+
+    def keep(i, x, h):
+        xs[i] = x.clone()
+        return h
+
+    with model.net.torch.hooked(keep):
+        model.logits(chunk_of(model))
+    for i, x in xs.items():  # (T, n_embd)
+        same = (rt.running.active(i, x) == bundle.active(i, x)).float().mean()
+        assert same >= agree, (i, float(same))
+        assert rt.fc1[i].qtype.name == qtype and rt.fc2t[i].qtype.name == qtype
+    f16 = 2 * bundle.n_params
+    assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == {"F16": f16, "Q8_0": f16 * 34 // 64}[qtype]
 
 
 def test_perplexity_runs_the_decode_path(tmp_path):

@@ -77,9 +77,9 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
     return fx, Bundle(preds, thrs, model_fingerprint(fx))
 
 
-def audited(model, bundle, ids: list[int], hot=None, device=None) -> dict:
+def audited(model, bundle, ids: list[int], qtype: str) -> dict:
     """Runtime statistics with the true active sets, over AUDIT_TOKENS decoded tokens."""
-    model.set_predictors(bundle, hot, device, audit=True)
+    model.set_predictors(bundle, audit=True, qtype=qtype)
     return model.generate(ids, AUDIT_TOKENS, ignore_stop=True).stats
 
 
@@ -90,15 +90,16 @@ def run_hybrid(args) -> dict:
     n_ctx = args.prompt_tokens + args.n + 16
     base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
     ids = prompt_ids(base, args.prompt_tokens)
-    res = {"model": base.ckpt.path, "threads": args.threads, "decode_tokens": args.n,
+    qt = args.predictor_type
+    res = {"model": base.ckpt.path, "threads": args.threads, "predictor_type": qt, "decode_tokens": args.n,
            "dense_tok_s": decode_speed(base, ids, args.n)["decode_tok_s"], "fixture": [], "given": None, "gpu": None}
     if args.predictors is not None:
         from tools.split import hot_neurons
         bundle, _, _ = hot_neurons(base, args.predictors, None, None, "auto", n_ctx)
-        base.set_predictors(bundle)
+        base.set_predictors(bundle, qtype=qt)
         st = decode_speed(base, ids, args.n)
         res["given"] = {"bundle": args.predictors, "decode_tok_s": st["decode_tok_s"],
-                        "predicted_sparsity": st["predicted_sparsity"], **audit_keys(audited(base, bundle, ids))}
+                        "predicted_sparsity": st["predicted_sparsity"], **audit_keys(audited(base, bundle, ids, qt))}
     if base.config.act == "silu" and base.config.ffn_gated:
         sample = prompt_ids(base, SAMPLE_TOKENS)
         _, gs = gate_samples(base, sample)
@@ -106,19 +107,19 @@ def run_hybrid(args) -> dict:
             fx, bundle = fatrelu_fixture(base.ckpt, sample, s, gs)
             model = Model(fx, n_ctx)
             dense = decode_speed(model, ids, args.n)["decode_tok_s"]
-            model.set_predictors(bundle)
+            model.set_predictors(bundle, qtype=qt)
             st = decode_speed(model, ids, args.n)
             row = {"target_sparsity": s, "threshold": fx.config.act_threshold, "dense_tok_s": dense,
                    "predictor_tok_s": st["decode_tok_s"], "predicted_sparsity": st["predicted_sparsity"],
-                   "vs_dense": st["decode_tok_s"] / res["dense_tok_s"], **audit_keys(audited(model, bundle, ids))}
+                   "vs_dense": st["decode_tok_s"] / res["dense_tok_s"], **audit_keys(audited(model, bundle, ids, qt))}
             if torch.cuda.is_available() and s == max(FIXTURE_SPARSITY):
-                res["gpu"] = gpu_rows(model, bundle, gs, fx.config.act_threshold, ids, args.n)
+                res["gpu"] = gpu_rows(model, bundle, gs, fx.config.act_threshold, ids, args.n, qt)
             res["fixture"].append(row)
             del model
     return res
 
 
-def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int) -> list[dict]:
+def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int, qtype: str) -> list[dict]:
     """Decode tok/s with the hot neurons (the most frequently active on the samples) on CUDA, per budget."""
     from tools.bench import decode_speed
     from tools.split import plan
@@ -127,7 +128,7 @@ def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int) -> list[dict]:
     for f in GPU_FRACTIONS:
         split = plan(model.config, counts, hot_fraction=f)
         hot = [np.asarray(h, np.int32) for h in split["gpu_neurons"]]
-        model.set_predictors(bundle, hot, "cuda")
+        model.set_predictors(bundle, hot, "cuda", qtype=qtype)
         st = decode_speed(model, ids, n)
         vram = model.runtime.hot.nbytes() if model.runtime.hot else 0
         k, offload = offload_speed(model, vram, ids, n)
@@ -168,7 +169,8 @@ def argparse_copy(args, **kw):
 
 
 def format_hybrid(r: dict) -> str:
-    lines = [f"model: {r['model']}  threads: {r['threads']}  decode: {r['decode_tokens']} tokens",
+    lines = [f"model: {r['model']}  threads: {r['threads']}  decode: {r['decode_tokens']} tokens  "
+             f"predictor weights: {r['predictor_type']}",
              f"dense decode (the model as given): {r['dense_tok_s']:.1f} tok/s"]
     if r["given"]:
         g = r["given"]

@@ -317,9 +317,3 @@ def add_command(sub) -> None:
     p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "cett"}')
     p.set_defaults(func=cmd_calibrate)
 
-
-def add_commands(sub) -> None:
-    """`profile` and `calibrate` on the hotcold command line."""
-    from tools.profile import add_command as add_profile
-    add_profile(sub)
-    add_command(sub)

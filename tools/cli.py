@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 
-from engine.config import HotcoldError
+from engine.config import PREDICTOR_TYPES, HotcoldError
 
+# commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
+# most import torch, which alone takes a second that `generate` from a short prompt does not need
+COMMAND_MODULES = {"train-predictors": "tools.predict", "eval-predictors": "tools.predict", "split": "tools.split",
+                   "profile": "tools.profile", "calibrate": "tools.calibrate", "export": "tools.export",
+                   "inspect": "tools.export"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
@@ -33,6 +39,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where hot neurons run: auto = CUDA when available, else everything on the CPU kernels; "
                    "cpu = torch on the CPU (exercises the split without a GPU)")
+    p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default=PREDICTOR_TYPES[0],
+                   help="how decoding stores the predictor weights it reads every token: F16 (default), as the "
+                   "bundle's thresholds were tuned, or Q8_0: about half the bytes, a little lower recall")
     p.add_argument("--audit-recall", action="store_true", help="also compute the true active neurons (slower): "
                    "recall, precision and actual sparsity in the stats")
 
@@ -46,7 +55,7 @@ def load_model(args, n_ctx: int | None = None):
         bundle = args.predictors if args.predictors is not None else model.runtime.bundle
         bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device,
                                           n_ctx or args.ctx)
-        model.set_predictors(bundle, hot, device, args.audit_recall)
+        model.set_predictors(bundle, hot, device, args.audit_recall, args.predictor_type)
     return model
 
 
@@ -151,7 +160,8 @@ def cmd_bench(args) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All commands; given the command that will run, only the module that defines it is imported."""
     ap = argparse.ArgumentParser(prog="hotcold", description="sparse hot/cold LLM inference")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -199,15 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_runtime_args(p)
     p.set_defaults(func=cmd_bench)
-    __import__("tools.predict").predict.add_command(sub)
-    __import__("tools.split").split.add_command(sub)
-    __import__("tools.calibrate").calibrate.add_commands(sub)  # profile, calibrate
-    __import__("tools.export").export.add_command(sub)  # export, inspect
+    if command in sub.choices:
+        return ap
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else dict.fromkeys(COMMAND_MODULES.values())
+    for name in wanted:
+        importlib.import_module(name).add_command(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     if getattr(args, "threads", None) is None and hasattr(args, "threads"):
         args.threads = os.cpu_count()
     try:
