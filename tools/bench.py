@@ -69,7 +69,7 @@ class RandomActive:
 
 
 def decode_speed(model, ids: list[int], n: int) -> dict:
-    model.generate(ids[:8], 4, ignore_stop=True)  # warm-up
+    model.generate(ids, 4, ignore_stop=True)  # warm-up: the same prefill path (steps or torch), then decode
     out = model.generate(ids, n, ignore_stop=True)
     return out.stats
 
