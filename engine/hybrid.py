@@ -176,6 +176,11 @@ class Runtime:
         self.counts = np.zeros((c.n_layer, 4), np.int64)  # predicted active, of which hot, truly active, both
         self.tokens = 0
 
+    def set_thresholds(self, thresholds: list[float]) -> None:
+        """Per-layer logit thresholds in place of the bundle's (what `calibrate --predictors` searches over)."""
+        self.thr = [np.float32(t) for t in thresholds]
+        self.running.thresholds = [float(t) for t in thresholds]
+
     # --- decode: one token -----------------------------------------------------------------------------
     def ffn(self, i: int, x: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         """out = layer i's FFN output for residual x (n_embd,) and normed input xn, on the predicted neurons."""

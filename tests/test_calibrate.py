@@ -107,3 +107,31 @@ def test_smollm2_ppl_bound_holds_on_heldout_text(data_dir, tmp_path):
     model.set_sparsity(path)
     again = model.perplexity(heldout, 256)
     assert again["ppl"] <= res["ppl_dense"] * 1.02 and again["sparsity"] == pytest.approx(res["sparsity"])
+
+
+def test_predictor_thresholds_tuned_to_a_perplexity_bound(tiny, tmp_path, capsys):
+    """calibrate --predictors: one offset on every layer's threshold, as large as the bound allows on held-out text
+    scored through the predictor runtime; the written bundle reproduces that perplexity when it runs."""
+    from predictors.bundle import load_bundle, model_fingerprint
+    from test_hybrid import gate_bundle
+    path = tiny[0]["relu", 0]
+    model = load(path, n_ctx=CTX)
+    gate_bundle(model, rank=8).save(str(tmp_path / "b"))
+    found = {}
+    for p in (2, 20):
+        out = tmp_path / f"b{p}"
+        assert main(["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--ppl-increase",
+                     str(p), "--tokens", "96", "--heldout-tokens", "128", "--ctx", str(CTX), "-o", str(out), "-t",
+                     "1", "--json"]) == 0
+        res = found[p] = json.loads(capsys.readouterr().out)
+        assert res["ppl_sparse"] <= res["ppl_dense"] * (1 + p / 100) and 0 < res["predicted_sparsity"] < 1
+        tuned = load_bundle(str(out), model_fingerprint(model.ckpt))
+        assert tuned.training["ppl_tuned"]["offset"] == res["offset"]
+        m = load(path, n_ctx=CTX, predictors=str(out))
+        _, heldout = split_corpus(m, [tiny[1]], 96, 128, CTX)
+        assert m.perplexity(heldout, ctx=CTX)["ppl"] == pytest.approx(res["ppl_sparse"], rel=1e-9)
+    assert found[20]["predicted_sparsity"] >= found[2]["predicted_sparsity"]  # a looser bound skips more
+    assert main(["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--target-sparsity",
+                 "0.5", "-o", str(tmp_path / "x"), "--ctx", str(CTX), "--tokens", "96", "--heldout-tokens",
+                 "128"]) == 2
+    assert "--ppl-increase" in capsys.readouterr().err

@@ -18,6 +18,11 @@ perplexity bound on held-out text (the "PPL-p% sparsity" of the Sparsing Law).
 3. --target-sparsity S takes m = S. --ppl-increase P binary-searches the largest m whose perplexity on held-out
    text (the last --heldout-tokens tokens of the corpus, never seen in 1) is at most (1 + P/100) times dense,
    and whose mean KL divergence from the dense model there is at most log(1 + P/100) (see `calibrate`).
+
+With --predictors BUNDLE --ppl-increase P, the same bound is met by predictors instead (`calibrate_predictors`):
+every layer's logit threshold moves by one shared offset, binary-searched, with the held-out text scored through
+the predictor runtime as decoding runs it; the result is a bundle with those thresholds ("predictor-driven
+PPL-P% sparsity", its predicted sparsity).
 """
 from __future__ import annotations
 
@@ -254,6 +259,64 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
     return cfg, summary
 
 
+OFFSET_RANGE = (-8.0, 8.0)  # predictor logit offsets searched (log-odds: from nearly all active to nearly none)
+OFFSET_TOL = 0.05
+
+
+def score_runtime(model, held: Heldout) -> dict:
+    """{"ppl", "kl", "sparsity"} on held-out text with the model's predictor runtime, each chunk's second half
+    decoded one token at a time (`Model.scored_logits`), against the dense reference that `held` recorded."""
+    start, nll, kl, n = held.ctx // 2, 0.0, 0.0, 0
+    model.runtime.reset()
+    with torch.inference_mode():
+        for k in range(len(held.tokens) // held.ctx):
+            chunk = held.tokens[k * held.ctx:(k + 1) * held.ctx]
+            logp = torch.log_softmax(model.scored_logits(chunk, start).double(), -1)  # (S, n_vocab)
+            nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
+            kl += float(top_kl(*held.dense[k], logp).sum())
+            n += logp.shape[0]
+    return {"ppl": math.exp(nll / n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
+
+
+def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increase: float, log=None):
+    """The bundle with every layer's threshold moved by the largest offset (fewest predicted neurons) at which
+    held-out perplexity through the predictor runtime is at most ppl_increase percent above dense, and exp(mean
+    KL from dense) - 1 as well (see `calibrate`). Returns (bundle, summary)."""
+    from dataclasses import replace
+    log = log or (lambda msg: None)
+    held = Heldout(heldout, ctx)
+    dense = held.score(model, None)["ppl"]
+    log(f"held-out perplexity, dense: {dense:.4f}")
+    model.set_predictors(bundle)
+    base, limit = list(bundle.thresholds), 1 + ppl_increase / 100
+
+    def evaluate(offset: float) -> dict:
+        model.runtime.set_thresholds([t + offset for t in base])
+        r = score_runtime(model, held)
+        log(f"offset {offset:+.3f}: predicted sparsity {r['sparsity']:.3f}, ppl {r['ppl']:.4f} "
+            f"({100 * (r['ppl'] / dense - 1):+.2f}%), KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
+        return r
+
+    lo, hi = OFFSET_RANGE
+    best, res = None, None
+    while hi - lo > OFFSET_TOL:
+        mid = (lo + hi) / 2
+        r = evaluate(mid)
+        if r["ppl"] <= dense * limit and math.exp(r["kl"]) <= limit:
+            lo, best, res = mid, mid, r
+        else:
+            hi = mid
+    if best is None:
+        raise HotcoldError(f"no threshold offset down to {OFFSET_RANGE[0]} keeps held-out perplexity within "
+                           f"{ppl_increase}% of dense with these predictors")
+    summary = {"predicted_sparsity": res["sparsity"], "ppl_dense": dense, "ppl_sparse": res["ppl"], "kl": res["kl"],
+               "offset": best}
+    tuned = {"ppl_increase": ppl_increase, "heldout_tokens": len(heldout), "ctx": ctx, **summary}
+    out = replace(bundle, thresholds=[t + best for t in base], training={**bundle.training, "ppl_tuned": tuned},
+                  path=None)
+    return out, summary
+
+
 # --- command line -----------------------------------------------------------------------------------------
 def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int) -> tuple[list[int], list[int]]:
     """Statistics from the start of the corpus, held-out text from its end; they never overlap."""
@@ -282,6 +345,9 @@ def cmd_calibrate(args) -> None:
         if not args.json:
             print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
+    if args.bundle is not None:
+        return calibrate_bundle(args, model, heldout, log)
+
     cfg, summary = calibrate(model, tokens, heldout, args.ctx, method, args.target_sparsity, args.ppl_increase,
                              args.seed, log)
     cfg.calibration["corpus"] = args.files
@@ -292,6 +358,26 @@ def cmd_calibrate(args) -> None:
         print(f"{args.out}: {method}, sparsity {summary['sparsity']:.3f} on held-out text, perplexity "
               f"{summary['ppl_dense']:.4f} -> {summary['ppl_sparse']:.4f} "
               f"({100 * (summary['ppl_sparse'] / summary['ppl_dense'] - 1):+.2f}%), CETT {summary['cett']:.3f}")
+
+
+def calibrate_bundle(args, model, heldout: list[int], log) -> None:
+    """calibrate --predictors: thresholds of a bundle for a perplexity bound, written as a new bundle."""
+    from predictors.bundle import load_bundle, model_fingerprint
+    from tools.cli import emit_json
+    if args.ppl_increase is None:
+        raise HotcoldError("--predictors takes --ppl-increase (the thresholds are tuned to a perplexity bound)")
+    if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
+        raise HotcoldError(f"{args.out}: a bundle is already there (--force to overwrite)")
+    bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
+    tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log)
+    tuned.save(args.out)
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"{args.out}: predicted sparsity {summary['predicted_sparsity']:.3f} on held-out text, perplexity "
+              f"{summary['ppl_dense']:.4f} -> {summary['ppl_sparse']:.4f} "
+              f"({100 * (summary['ppl_sparse'] / summary['ppl_dense'] - 1):+.2f}%), threshold offset "
+              f"{summary['offset']:+.3f}")
 
 
 def add_command(sub) -> None:
@@ -313,7 +399,12 @@ def add_command(sub) -> None:
                    help="tokens at the corpus end for the perplexity bound (default 4096)")
     p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--out", required=True, metavar="CONFIG", help="sparsity config to write (JSON)")
-    p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "cett"}')
+    p.add_argument("--predictors", dest="bundle", default=None, metavar="BUNDLE",
+                   help="tune this predictor bundle's thresholds to --ppl-increase instead; -o is then a bundle")
+    p.add_argument("--force", action="store_true", help="overwrite the bundle at -o (--predictors)")
+    p.add_argument("-o", "--out", required=True, metavar="CONFIG", help="sparsity config to write (JSON), or "
+                   "with --predictors the tuned bundle (a directory)")
+    p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "cett"} '
+                   '(with --predictors: {"predicted_sparsity", "ppl_dense", "ppl_sparse", "kl", "offset"})')
     p.set_defaults(func=cmd_calibrate)
 
