@@ -39,18 +39,16 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
         if self.temperature <= 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
-        if 0 < self.top_k < z.size:
-            z[z < np.partition(z, -self.top_k)[-self.top_k]] = -np.inf
+        ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
+            else np.arange(logits.size)  # (k,) the candidates
+        z = logits[ids].astype(np.float64) / self.temperature
         p = np.exp(z - z.max())
         if self.top_p < 1.0:
-            p /= p.sum()
             order = np.argsort(-p, kind="stable")
-            ps = p[order]
-            drop = order[np.cumsum(ps) - ps >= self.top_p]  # always keeps the first
-            p[drop] = 0.0
-        c = np.cumsum(p)  # (n_vocab,)
-        return int(np.searchsorted(c, self.rng.random() * c[-1], side="right"))
+            ps = p[order] / p.sum()
+            p[order[np.cumsum(ps) - ps >= self.top_p]] = 0.0  # always keeps the first
+        c = np.cumsum(p)
+        return int(ids[min(np.searchsorted(c, self.rng.random() * c[-1], side="right"), c.size - 1)])
 
 
 @dataclass
