@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -151,7 +152,7 @@ def done_from_bundle(out: str, fp: dict, key: str) -> dict:
 
 def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
                      device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
-                     lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None) -> dict:
+                     lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1) -> dict:
     """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`.
 
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
@@ -184,11 +185,15 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     todo = [i for i in want if i not in done]
     if done and want:
         log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: on a busy machine a second thread mostly waits
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # small matmuls: on a busy machine a second thread mostly waits
+    pool = ThreadPoolExecutor(1)  # reads the next layer's samples (disk, float16 -> float32) while one trains
     try:
-        for i in tqdm(todo, desc="train-predictors", unit="layer", disable=not progress or None, file=sys.stderr):
-            X, Y = layer_samples(profile, manifest, i)
+        ahead = pool.submit(layer_samples, profile, manifest, todo[0]) if todo else None
+        for k, i in enumerate(tqdm(todo, desc="train-predictors", unit="layer", disable=not progress or None,
+                                   file=sys.stderr)):
+            X, Y = ahead.result()
+            ahead = pool.submit(layer_samples, profile, manifest, todo[k + 1]) if k + 1 < len(todo) else None
             cap = budget_rank(ckpt, i)
             pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
@@ -196,7 +201,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
             save_partial(out, i, key, pred, thr, m)
             done[i] = (pred, thr, m)
     finally:
-        torch.set_num_threads(threads)
+        pool.shutdown(cancel_futures=True)
+        torch.set_num_threads(saved)
     per_layer = []
     for i in want:
         pred, _, m = done[i]
@@ -297,8 +303,10 @@ def cmd_train(args) -> None:
     if args.rank != "auto" and not (args.rank.isdigit() and int(args.rank) >= 2):
         raise HotcoldError(f"--rank {args.rank!r}: expected auto or a number >= 2")
     rank = args.rank if args.rank == "auto" else int(args.rank)
+    if args.threads < 1:
+        raise HotcoldError(f"-t {args.threads}: need at least one thread")
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
-                           args.layers, args.sparsity, progress=not args.json)
+                           args.layers, args.sparsity, progress=not args.json, threads=args.threads)
     if args.json:
         from tools.cli import emit_json
         emit_json(res)
@@ -341,6 +349,8 @@ def add_command(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
     p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
+    p.add_argument("-t", "--threads", type=int, default=1, help="torch threads for training (default 1; the "
+                   "next layer's samples are read meanwhile in another thread)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
