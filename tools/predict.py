@@ -186,7 +186,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     if done and want:
         log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)  # small matmuls: on a busy machine a second thread mostly waits
+    torch.set_num_threads(threads)
     pool = ThreadPoolExecutor(1)  # reads the next layer's samples (disk, float16 -> float32) while one trains
     try:
         ahead = pool.submit(layer_samples, profile, manifest, todo[0]) if todo else None
@@ -349,8 +349,8 @@ def add_command(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
     p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
-    p.add_argument("-t", "--threads", type=int, default=1, help="torch threads for training (default 1; the "
-                   "next layer's samples are read meanwhile in another thread)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="torch threads for training (default: all "
+                   "cores); the next layer's samples are read meanwhile in another thread")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
