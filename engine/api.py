@@ -243,11 +243,12 @@ class Model:
             res["sparsity"] = res["stats"]["predicted_sparsity"]
         return res
 
-    def scored_logits(self, chunk: list[int], start: int) -> torch.Tensor:
+    def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
-        With predictors, as generation runs: the prefix chunk[:start+1] batched, then one decode step per token."""
+        steps (default: with predictors): as generation runs, the prefix chunk[:start+1] batched, then one decode
+        step per token; else one batched forward."""
         import torch
-        if self.runtime is None:
+        if not (self.runtime is not None if steps is None else steps):
             return self.logits(chunk, 0, all_logits=True)[start:-1]
         rows = [self.net.forward(chunk[:start + 1], 0)]
         for p in range(start + 1, len(chunk) - 1):

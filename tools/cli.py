@@ -97,6 +97,7 @@ def cmd_generate(args) -> None:
     out = model.generate(ids, args.n, sampler, on_text=on_text)
     s = out.stats
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the statistics on stderr
     print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
           f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
     if "predicted_sparsity" in s:
