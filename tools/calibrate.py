@@ -209,6 +209,25 @@ def top_kl(p_log: torch.Tensor, ids: torch.Tensor, q_log_all: torch.Tensor) -> t
     return (p * (p_log - q_log)).sum(1) + p_rest * (p_rest.log() - q_rest.log())
 
 
+def bound_report(r: dict, dense: float) -> str:
+    return (f"ppl {r['ppl']:.4f} ({100 * (r['ppl'] / dense - 1):+.2f}%), "
+            f"KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
+
+
+def largest_within(evaluate, lo: float, hi: float, tol: float, dense: float, limit: float):
+    """Binary search for the largest x in [lo, hi] whose evaluate(x) keeps perplexity, and exp(mean KL from dense),
+    within `limit` times dense (both taken to grow with x). Returns (x, its result), or (None, None)."""
+    best, res = None, None
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        r = evaluate(mid)
+        if r["ppl"] <= dense * limit and math.exp(r["kl"]) <= limit:
+            lo, best, res = mid, mid, r
+        else:
+            hi = mid
+    return best, res
+
+
 def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: str,
               target_sparsity: float | None = None, ppl_increase: float | None = None, seed: int = 0,
               log=None) -> tuple[SparsityConfig, dict]:
@@ -233,22 +252,15 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
 
     def evaluate(m: float) -> dict:
         r = held.score(model, SparsityConfig(stats.thresholds(method_levels(stats, method, m, path)), {}))
-        log(f"mean level {m:.3f}: sparsity {r['sparsity']:.3f}, ppl {r['ppl']:.4f} "
-            f"({100 * (r['ppl'] / dense - 1):+.2f}%), KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
+        log(f"mean level {m:.3f}: sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}")
         return r
 
     if target_sparsity is not None:
         m, res = target_sparsity, evaluate(target_sparsity)
     else:
-        limit = 1 + ppl_increase / 100
-        lo, hi, m, res = 0.0, MAX_LEVEL, 0.0, {"ppl": dense, "kl": 0.0, "sparsity": 0.0}
-        while hi - lo > SEARCH_TOL:
-            mid = (lo + hi) / 2
-            r = evaluate(mid)
-            if r["ppl"] <= dense * limit and math.exp(r["kl"]) <= limit:
-                lo, m, res = mid, mid, r
-            else:
-                hi = mid
+        m, res = largest_within(evaluate, 0.0, MAX_LEVEL, SEARCH_TOL, dense, 1 + ppl_increase / 100)
+        if m is None:  # not even the smallest level: dense
+            m, res = 0.0, {"ppl": dense, "kl": 0.0, "sparsity": 0.0}
     levels = method_levels(stats, method, m, path)
     cett = stats.cett_of(levels)
     summary = {"sparsity": res["sparsity"], "ppl_dense": dense, "ppl_sparse": res["ppl"], "cett": cett,
@@ -291,24 +303,15 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
     dense = held.score(model, None, steps=True)["ppl"]
     log(f"held-out perplexity, dense (decode steps): {dense:.4f}")
     model.set_predictors(bundle)
-    base, limit = list(bundle.thresholds), 1 + ppl_increase / 100
+    base = list(bundle.thresholds)
 
     def evaluate(offset: float) -> dict:
         model.runtime.set_thresholds([t + offset for t in base])
         r = score_runtime(model, held)
-        log(f"offset {offset:+.3f}: predicted sparsity {r['sparsity']:.3f}, ppl {r['ppl']:.4f} "
-            f"({100 * (r['ppl'] / dense - 1):+.2f}%), KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
+        log(f"offset {offset:+.3f}: predicted sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}")
         return r
 
-    lo, hi = OFFSET_RANGE
-    best, res = None, None
-    while hi - lo > OFFSET_TOL:
-        mid = (lo + hi) / 2
-        r = evaluate(mid)
-        if r["ppl"] <= dense * limit and math.exp(r["kl"]) <= limit:
-            lo, best, res = mid, mid, r
-        else:
-            hi = mid
+    best, res = largest_within(evaluate, *OFFSET_RANGE, OFFSET_TOL, dense, 1 + ppl_increase / 100)
     if best is None:
         raise HotcoldError(f"no threshold offset down to {OFFSET_RANGE[0]} keeps held-out perplexity within "
                            f"{ppl_increase}% of dense with these predictors")
