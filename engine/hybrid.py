@@ -153,8 +153,10 @@ class Runtime:
         self.net, self.bundle, self.c = net, bundle, c
         self.fc1 = [predictor_matrix(p.fc1.weight, qtype) for p in bundle.predictors]  # (r, n_embd)
         self.fc2t = [predictor_matrix(p.fc2.weight.T, qtype) for p in bundle.predictors]  # (r, n_ff)
-        self.running = dataclasses.replace(bundle, predictors=[
-            runtime_predictor(p, a, b) for p, a, b in zip(bundle.predictors, self.fc1, self.fc2t)])
+        # F16 (or its F32 fallback) holds the bundle's values exactly: its predictors run as they are
+        preds = bundle.predictors if qtype == "F16" else [
+            runtime_predictor(p, a, b) for p, a, b in zip(bundle.predictors, self.fc1, self.fc2t)]
+        self.running = dataclasses.replace(bundle, predictors=preds)  # a copy: set_thresholds leaves bundle be
         self.thr = [np.float32(t) for t in bundle.thresholds]
         use_hot = hot is not None and device is not None and sum(len(h) for h in hot) > 0
         self.hot = HotPart(net, hot, device) if use_hot else None
