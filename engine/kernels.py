@@ -194,17 +194,17 @@ def _prefetch(typingctx, a, i):
 def _prep_x(x, xs, xq, xd, xqs):
     """Per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale xd, and xqs = xd * sum xq."""
     for b in range(xs.size):
-        blk = x[b * BLOCK:(b + 1) * BLOCK]  # (32,)
+        o = b * BLOCK
         amax = np.float32(0.0)
         s = np.float32(0.0)
-        for v in blk:
-            amax = max(amax, abs(v))
-            s += v
-        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        qsum = 0
         for j in range(BLOCK):
-            qj = np.int8(np.rint(blk[j] * inv))  # |qj| <= 127
-            xq[b * BLOCK + j] = qj
+            amax = max(amax, abs(x[o + j]))
+            s += x[o + j]
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        qsum = np.int32(0)
+        for j in range(BLOCK):
+            qj = np.int32(np.rint(x[o + j] * inv))  # |qj| <= 127
+            xq[o + j] = qj
             qsum += qj
         xs[b] = s
         xd[b] = amax / np.float32(127.0)
@@ -353,11 +353,12 @@ def _k_matvec(W, rows, x, out, X, exact):
 @njit(**_SERIAL)
 def _sum_parts(part, nt, out, accumulate):
     """out (+)= sum of the first nt rows of part."""
-    for c in range(out.size):
-        s = out[c] if accumulate else np.float32(0.0)
-        for t in range(nt):
-            s += part[t, c]
-        out[c] = s
+    if not accumulate:
+        out[:] = 0.0
+    for t in range(nt):
+        p = part[t]
+        for c in range(out.size):
+            out[c] += p[c]
 
 
 @njit(**_PARALLEL)
@@ -374,26 +375,30 @@ def _k_axpy(W, rows, coef, out, part, nt):
 
 
 @njit(**_PARALLEL)
-def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, nt, exact):
-    """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons into its row of part.
-    The rows of the neuron PREFETCH places ahead are fetched meanwhile: scattered rows are latency bound."""
+def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact):
+    """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons, first computing their
+    h into its row of hs, then summing their down rows into its row of part. Two passes, not one per neuron:
+    the dot products of one pass do not wait on each other, and each pass fetches the rows of the neuron
+    PREFETCH places ahead meanwhile (scattered rows are latency bound)."""
     _prep_x(x, *X)
     n = U[0].shape[0] if active is None else active.size
     for t in prange(nt):
-        acc = part[t]  # (n_embd,)
+        acc, h = part[t], hs[t]  # (n_embd,), (n_ff,)
         acc[:] = 0.0
-        j1 = (t + 1) * n // nt
-        for j in range(t * n // nt, j1):
+        j0, j1 = t * n // nt, (t + 1) * n // nt
+        for j in range(j0, j1):
             if active is not None and j + PREFETCH < j1:
                 f = np.int64(active[j + PREFETCH])
                 if G is not None:
                     _row_prefetch(G, f)
                 _row_prefetch(U, f)
-                _row_prefetch(D, f)
             i = np.int64(j) if active is None else np.int64(active[j])
-            h = _row_hidden(G, U, i, x, X, act, threshold, exact)
-            if h != 0:
-                _row_axpy(D, i, h, acc)
+            h[j - j0] = _row_hidden(G, U, i, x, X, act, threshold, exact)
+        for j in range(j0, j1):
+            if active is not None and j + PREFETCH < j1:
+                _row_prefetch(D, np.int64(active[j + PREFETCH]))
+            if h[j - j0] != 0:
+                _row_axpy(D, np.int64(j) if active is None else np.int64(active[j]), h[j - j0], acc)
     _sum_parts(part, nt, out, False)
 
 
@@ -429,6 +434,7 @@ class KMatrix:
         self.X = (np.zeros(nb, np.float32), np.zeros(nb * BLOCK, np.int8),
                   np.zeros(nb, np.float32), np.zeros(nb, np.float32))
         self.part = np.zeros((0, cols), np.float32)  # per-thread partial sums of axpy_rows / ffn, grown on use
+        self.hs = np.zeros((0, rows), np.float32)  # per-thread h of ffn (as down_t: rows = n_ff), grown on use
         self.vec = np.zeros(cols, np.float32)  # an input vector built in a kernel: the FFN's h for down
 
     def __repr__(self) -> str:
@@ -485,7 +491,7 @@ def _parts(w: KMatrix) -> int:
     """The thread count, after making sure w has a partial-sum row per thread (allocated once)."""
     nt = numba.get_num_threads()
     if w.part.shape[0] < nt:
-        w.part = np.zeros((nt, w.cols), np.float32)
+        w.part, w.hs = np.zeros((nt, w.cols), np.float32), np.zeros((nt, w.rows), np.float32)
     return nt
 
 
@@ -536,4 +542,5 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
         raise ValueError(f"kernels: ffn shapes disagree: up {up}, down_t {down_t}")
     _check(out, down_t.cols, "out")
     nt = _parts(down_t)
-    _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, nt, exact)
+    _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, down_t.hs, nt,
+           exact)
