@@ -125,11 +125,12 @@ class Model:
         attach(self.net, self.sparsity)
 
     def set_predictors(self, bundle, hot: list | None = None, device: str | None = None, audit: bool = False,
-                       qtype: str = "F16") -> None:
+                       qtype: str | None = None) -> None:
         """Decode with predictors (a bundle path or Bundle) choosing each token's FFN neurons; hot[i] are layer i's
         neuron ids computed on torch `device` ("cuda", or "cpu" to exercise the split without a GPU), the rest on
         the CPU kernels. audit: also compute the true active sets, for recall and precision in the stats.
-        qtype: how the kernels store the predictor weights (config.PREDICTOR_TYPES)."""
+        qtype: how the kernels store the predictor weights (config.PREDICTOR_TYPES; default: the type the bundle was
+        trained for)."""
         from predictors.bundle import Bundle, load_bundle, model_fingerprint
         from .hybrid import Runtime
         from .sparsity import Sparsifier, batched_net, down_norms
@@ -145,7 +146,7 @@ class Model:
         if audit:
             thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
             rule = Sparsifier(thr, down_norms(batched_net(self.net)))
-        self.runtime = Runtime(self.net, bundle, hot, device, rule, qtype)
+        self.runtime = Runtime(self.net, bundle, hot, device, rule, qtype or bundle.predictor_type)
         self.net.runtime = self.runtime
         batched_net(self.net).predict = self.runtime.mask
 

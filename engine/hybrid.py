@@ -66,9 +66,9 @@ def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
 
 
 def predictor_matrix(w: torch.Tensor, qtype: str = "F16") -> K.KMatrix:
-    """A predictor weight (rows, cols) for the kernels. Q8_0: block-quantized, about half of F16's bytes (read every
-    token); F16 when the values are float16 values (bundles store them so) or the columns are not whole 32-blocks,
-    else F32. (Q4_0 was tried: recall on the ReLU twin fell from 0.966 to 0.705.)"""
+    """A predictor weight (rows, cols) for the kernels in qtype (config.PREDICTOR_TYPES): Q8_0 and Q4_1 are block-
+    quantized (the bytes read every token), exactly so for weights a bundle trained for that type holds; F16 when
+    the values are float16 values (bundles store them so) or the columns are not whole 32-blocks, else F32."""
     a = np.ascontiguousarray(w.detach().float().numpy())
     if qtype == "F16" or a.shape[1] % 32:
         qtype = "F16" if np.array_equal(a.astype(np.float16).astype(np.float32), a) else "F32"
@@ -150,7 +150,7 @@ class Runtime:
     def __init__(self, net, bundle, hot: list[np.ndarray] | None = None, device: str | None = None,
                  audit=None, qtype: str = "F16"):
         c = net.c
-        self.net, self.bundle, self.c = net, bundle, c
+        self.net, self.bundle, self.c, self.qtype = net, bundle, c, qtype
         self.fc1 = [predictor_matrix(p.fc1.weight, qtype) for p in bundle.predictors]  # (r, n_embd)
         self.fc2t = [predictor_matrix(p.fc2.weight.T, qtype) for p in bundle.predictors]  # (r, n_ff)
         # F16 (or its F32 fallback) holds the bundle's values exactly: its predictors run as they are

@@ -103,6 +103,11 @@ class Bundle:
         return [p.rank for p in self.predictors]
 
     @property
+    def predictor_type(self) -> str:
+        """The predictor type it was trained for (engine.config.PREDICTOR_TYPES): what decoding reads by default."""
+        return self.training.get("predictor_type", "F16")
+
+    @property
     def n_params(self) -> int:
         return sum(p.n_params for p in self.predictors)
 

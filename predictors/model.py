@@ -65,6 +65,22 @@ class Predictor(nn.Module):
             p.copy_(p.half().float())
         return self
 
+    @torch.no_grad()
+    def round_to(self, qtype: str) -> Predictor:
+        """Round the weights to the values the kernels hold in qtype (engine.config.PREDICTOR_TYPES): block-quantized
+        along fc1's rows and fc2's columns (the decode step reads fc2 transposed), then to float16 values, as
+        bundles store them. The kernels' own quantization of these values agrees to within 5e-4 of a block's range."""
+        from gguf import GGMLQuantizationType as QT
+
+        from engine.qtensor import QTensor
+        if qtype != "F16":
+            for w, t in ((self.fc1.weight, False), (self.fc2.weight, True)):
+                a = np.ascontiguousarray((w.T if t else w).numpy())
+                if a.shape[1] % 32 == 0:  # else the kernels keep it F16
+                    q = torch.from_numpy(QTensor.from_float(a, QT[qtype]).dequantize().reshape(a.shape).copy())
+                    w.copy_(q.T if t else q)
+        return self.round_to_half()
+
     @staticmethod
     def from_weights(fc1: torch.Tensor, fc2: torch.Tensor) -> Predictor:
         """A float32 predictor from fc1 (rank, n_embd) and fc2 (n_ff, rank), as stored by bundles and PowerInfer."""

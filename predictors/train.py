@@ -12,7 +12,8 @@
                score is the predicted sparsity it reaches there: at a fixed recall, the share of neurons skipped
     schedule   AdamW, one epoch of linear warmup (so that a good start is not thrown away), cosine decay
     stopping   the best-scoring weights are kept; `patience` epochs without improvement stop training
-    shipping   the kept weights are rounded to float16 (what bundles store) and the threshold is tuned once more
+    shipping   the kept weights are rounded to what decoding reads (qtype: float16 values, or Q8_0 / Q4_1 blocks;
+               `Predictor.round_to`) and the threshold is tuned once more on them
     rank       a fixed R, or "auto": the smallest rank of the ladder 32, 64, 128, ... (up to max_rank, by default
                the largest that keeps the predictor within 10% of a gated FFN's parameters) whose predicted
                sparsity reaches sparsity_goal x the actual sparsity at the recall target; when none does, the
@@ -133,7 +134,7 @@ def new_predictor(n_embd: int, n_ff: int, rank: int, init, x_tr: torch.Tensor, s
 def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e-2, device: str = "cpu",
                 init=None, recall_target: float = 0.99, *, max_rank: int | None = None,
                 sparsity_goal: float = 0.9, batch_size: int = 256, val_frac: float = 0.1, max_val: int = 8192,
-                patience: int = 3, seed: int = 0, desc: str = "layer",
+                patience: int = 3, seed: int = 0, desc: str = "layer", qtype: str = "F16",
                 progress: bool = True) -> tuple[Predictor, float, dict]:
     """Train one layer's predictor. Returns (predictor on the CPU, logit threshold, validation metrics).
 
@@ -141,8 +142,9 @@ def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e
     init: None, or a linear map (n_ff, n_embd) to start from by SVD (`model.gate_map` for ReLU-family FFNs).
     rank: an int, or "auto" (see the module docstring); max_rank tops the auto ladder (default: `rank_cap` for a
     gated FFN; pass rank_cap(..., ffn_matrices=2) for a plain one). epochs 0 keeps the starting point and only
-    tunes the threshold. Metrics: recall, precision, predicted_sparsity, actual_sparsity (metrics.py), rank,
-    threshold, epochs (of the kept rank), n_train, n_val, seconds (all ranks tried).
+    tunes the threshold. qtype: the predictor type decoding reads (engine.config.PREDICTOR_TYPES). Metrics: recall,
+    precision, predicted_sparsity, actual_sparsity (metrics.py), rank, threshold, epochs (of the kept rank), n_train,
+    n_val, seconds (all ranks tried).
     """
     t0 = time.perf_counter()
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32)  # (N, n_embd)
@@ -179,7 +181,7 @@ def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e
     pred = pred.cpu()
     with torch.no_grad():
         pred.fc1.weight /= scale  # logits(x) = trained logits(x / scale): the raw residual goes in, as in PowerInfer
-    pred.round_to_half()
+    pred.round_to(qtype)
     logits = val_logits(pred, X[va])  # (N_val, n_ff)
     threshold = tune_threshold(logits, Y[va], recall_target)
     metrics = layer_metrics((logits >= threshold).numpy(), Y[va].numpy())

@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from engine.api import load
-from engine.config import HotcoldError, blk
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from predictors.bundle import Bundle, model_fingerprint
 from predictors.metrics import layer_metrics
 from predictors.model import Predictor, gate_map
@@ -106,16 +106,20 @@ def test_audit_recall_equals_brute_force(tmp_path):
     assert 0.5 < stats["recall"] < 1.0  # imperfect predictors, so the audit has something to find
 
 
-@pytest.mark.parametrize("qtype,agree", [("F16", 1.0), ("Q8_0", 0.99)])
-def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, agree):
-    """The kernels' copy of the predictors (Q8_0: about half of F16's bytes) decides as the bundle does on real FFN
-    inputs, at least `agree` of the neuron/token pairs; batched forwards use that same copy."""
+@pytest.mark.parametrize("qtype,trained,agree", [("F16", "F16", 1.0), ("Q8_0", "F16", 0.99),
+                                                 ("Q4_1", "Q4_1", 0.999), ("Q8_0", "Q8_0", 0.999)])
+def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, trained, agree):
+    """The kernels' copy of the predictors (Q8_0: about half of F16's bytes, Q4_1 a third) decides as the bundle
+    does on real FFN inputs, at least `agree` of the neuron/token pairs; batched forwards use that same copy.
+    A bundle trained for a type (its weights on that type's grid) runs in it by default, nearly exactly."""
     model = load(tiny_path(tmp_path), n_ctx=64)
     bundle = gate_bundle(model, rank=32, threshold=0.05)
     for p in bundle.predictors:
-        p.round_to_half()  # as bundles store them: F16 is then exact
-    model.set_predictors(bundle, qtype=qtype)
+        p.round_to(trained)  # as bundles store them: float16 values, on the grid of the type trained for
+    bundle.training["predictor_type"] = trained
+    model.set_predictors(bundle, qtype=None if qtype == trained else qtype)
     rt, xs = model.runtime, {}
+    assert rt.qtype == qtype
 
     def keep(i, x, h):
         xs[i] = x.clone()
@@ -127,8 +131,7 @@ def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, agree):
         same = (rt.running.active(i, x) == bundle.active(i, x)).float().mean()
         assert same >= agree, (i, float(same))
         assert rt.fc1[i].qtype.name == qtype and rt.fc2t[i].qtype.name == qtype
-    f16 = 2 * bundle.n_params
-    assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == {"F16": f16, "Q8_0": f16 * 34 // 64}[qtype]
+    assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == PREDICTOR_TYPES[qtype] * bundle.n_params
 
 
 def test_perplexity_runs_the_decode_path(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.api import Model
+from engine.api import Model, load
 from engine.config import blk
 from engine.loader import load_checkpoint
 from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf  # noqa: F401 (autouse fixture)
@@ -91,6 +91,25 @@ def test_train_resume_eval(setup, capsys):
 
     rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"], "--ctx", "128")
     assert rc == 0 and "recall" in out and "predicted / actual" in out
+
+
+def test_train_for_q4_1_predictors(setup, capsys):
+    """--predictor-type Q4_1: the bundle records it, reports its bytes, and decoding reads it as Q4_1 by default."""
+    s = setup
+    bundle = str(s["dir"] / "bundle_q4")
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--predictor-type", "Q4_1",
+                     "--json")
+    res = json.loads(out)
+    assert rc == 0 and res["complete"] and res["trained"] == [0, 1]
+    b = res["budget"]
+    assert b["predictor_type"] == "Q4_1" and b["predictor_bytes"] == b["predictor_params"] * 20 // 32
+    assert json.load(open(os.path.join(bundle, "manifest.json")))["training"]["predictor_type"] == "Q4_1"
+    model = load(s["gguf"], n_ctx=128, predictors=bundle)
+    assert model.runtime.qtype == "Q4_1" and model.runtime.fc2t[0].qtype.name == "Q4_1"
+    rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"],
+                     "--ctx", "128", "--json")
+    ev = json.loads(out)
+    assert rc == 0 and ev["recall"] >= 0.95 and ev["predicted_sparsity"] >= 0.6 * ev["actual_sparsity"]
 
 
 def test_refusals(setup, capsys):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from engine.config import HotcoldError
 from engine.qtensor import QTensor
@@ -85,6 +86,25 @@ def test_training_from_scratch_reaches_the_targets(ffn):
     assert m["recall"] >= 0.97 and 0.8 < m["actual_sparsity"] < 0.95  # validation split, by construction
     assert set(m) >= {"recall", "precision", "predicted_sparsity", "actual_sparsity", "rank", "threshold", "seconds"}
     assert torch.equal(pred.fc2.weight, pred.fc2.weight.half().float())  # shipped as float16 values
+
+
+def test_training_for_q4_1_tunes_on_the_weights_decoding_reads(ffn):
+    """qtype Q4_1: the shipped weights lie on Q4_1's grid (fc1 by rows, fc2 by columns, as the kernels block them),
+    the threshold is tuned on them, and the 4-bit predictor keeps nearly all of the float16 one's sparsity."""
+    kw = dict(rank=32, epochs=0, init=ffn.m, recall_target=0.97, progress=False)
+    f16, thr16, m16 = train_layer(ffn.x, ffn.y, **kw)
+    q4, thr4, m4 = train_layer(ffn.x, ffn.y, qtype="Q4_1", **kw)
+    for w in (q4.fc1.weight, q4.fc2.weight.T):  # re-quantizing the shipped values changes them by ulps at most
+        a = np.ascontiguousarray(w.detach().numpy())
+        again = QTensor.from_float(a, QT.Q4_1).dequantize().reshape(a.shape)
+        np.testing.assert_allclose(again, a, atol=1e-3 * np.abs(a).max())
+        assert len(np.unique(a[:, :32])) > 16  # not float16 values alone: 16 levels per block row at most
+        assert all(len(np.unique(row)) <= 16 for row in a[:, :32])
+    assert not torch.equal(q4.fc2.weight, f16.fc2.weight) and thr4 != thr16
+    assert m4["recall"] >= 0.97  # the target, on the 4-bit weights
+    assert m4["predicted_sparsity"] >= 0.9 * m16["predicted_sparsity"]
+    h = held_out(q4, thr4, ffn)
+    assert h["recall"] >= 0.95 and h["predicted_sparsity"] >= 0.6 * h["actual_sparsity"]
 
 
 def test_training_improves_on_a_weak_start(ffn):

@@ -91,14 +91,15 @@ def run_hybrid(args) -> dict:
     base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
-    res = {"model": base.ckpt.path, "threads": args.threads, "predictor_type": qt, "decode_tokens": args.n,
+    res = {"model": base.ckpt.path, "threads": args.threads, "predictor_type": qt or "F16", "decode_tokens": args.n,
            "dense_tok_s": decode_speed(base, ids, args.n)["decode_tok_s"], "fixture": [], "given": None, "gpu": None}
     if args.predictors is not None:
         from tools.split import hot_neurons
         bundle, _, _ = hot_neurons(base, args.predictors, None, None, "auto", n_ctx)
         base.set_predictors(bundle, qtype=qt)
         st = decode_speed(base, ids, args.n)
-        res["given"] = {"bundle": args.predictors, "decode_tok_s": st["decode_tok_s"],
+        res["given"] = {"bundle": args.predictors, "predictor_type": base.runtime.qtype,
+                        "decode_tok_s": st["decode_tok_s"],
                         "predicted_sparsity": st["predicted_sparsity"], **audit_keys(audited(base, bundle, ids, qt))}
     if base.config.act == "silu" and base.config.ffn_gated:
         sample = prompt_ids(base, SAMPLE_TOKENS)
@@ -170,11 +171,11 @@ def argparse_copy(args, **kw):
 
 def format_hybrid(r: dict) -> str:
     lines = [f"model: {r['model']}  threads: {r['threads']}  decode: {r['decode_tokens']} tokens  "
-             f"predictor weights: {r['predictor_type']}",
+             f"fixture predictor weights: {r['predictor_type']}",
              f"dense decode (the model as given): {r['dense_tok_s']:.1f} tok/s"]
     if r["given"]:
         g = r["given"]
-        lines.append(f"with predictors {g['bundle']}: {g['decode_tok_s']:.1f} tok/s "
+        lines.append(f"with predictors {g['bundle']} ({g['predictor_type']}): {g['decode_tok_s']:.1f} tok/s "
                      f"({g['decode_tok_s'] / r['dense_tok_s']:.2f}x dense), predicted sparsity "
                      f"{g['predicted_sparsity']:.3f}, actual {g['actual_sparsity']:.3f}, recall {g['recall']:.3f}, "
                      f"precision {g['precision']:.3f}")

@@ -39,9 +39,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where hot neurons run: auto = CUDA when available, else everything on the CPU kernels; "
                    "cpu = torch on the CPU (exercises the split without a GPU)")
-    p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default=PREDICTOR_TYPES[0],
-                   help="how decoding stores the predictor weights it reads every token: F16 (default), as the "
-                   "bundle's thresholds were tuned, or Q8_0: about half the bytes, a little lower recall")
+    p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default=None,
+                   help="how decoding stores the predictor weights it reads every token (default: the type the "
+                   "bundle was trained for, train-predictors --predictor-type): F16, Q8_0 or Q4_1; a bundle "
+                   "trained for F16 decides a little differently in the others")
     p.add_argument("--audit-recall", action="store_true", help="also compute the true active neurons (slower): "
                    "recall, precision and actual sparsity in the stats")
 

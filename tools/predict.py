@@ -7,9 +7,9 @@ fingerprint, the corpus (the profile's settings) and the sparsity config that de
 commands need no --sparsity.
 
     budget    predictor parameters <= 10% of the layer's FFN parameters (train.rank_cap: rank 120 for SmolLM2);
-              --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes are reported beside it: in F16
-              (what the bundle stores) against a Q4_1 FFN they are 3.2x the parameter share, stored like the FFN
-              the same share
+              --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes decoding reads are reported
+              beside it, by --predictor-type: against a Q4_1 FFN, F16 predictors are 3.2x the parameter share,
+              Q8_0 1.7x, Q4_1 the same share
     resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
               by the model, profile and training settings); the same command run again skips those layers, and a
               finished bundle with the same key is taken as done. --layers trains a subset; the bundle is
@@ -34,10 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import HotcoldError, blk
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
 
-PRED_BYTES = 2  # bytes per predictor parameter in a bundle: F16
 PARTIAL = "partial"
 
 
@@ -152,8 +151,10 @@ def done_from_bundle(out: str, fp: dict, key: str) -> dict:
 
 def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
                      device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
-                     lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1) -> dict:
-    """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`.
+                     lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1,
+                     qtype: str = "F16") -> dict:
+    """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`, for decoding to
+    read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
     "bundle": out or None, "budget": {...}}."""
@@ -176,7 +177,10 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     bad = [i for i in want if not 0 <= i < c.n_layer]
     if bad:
         raise HotcoldError(f"--layers: layer {bad[0]} does not exist (the model has {c.n_layer})")
-    opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET}
+    if qtype not in PREDICTOR_TYPES:
+        raise HotcoldError(f"predictor type {qtype!r}: expected one of {', '.join(PREDICTOR_TYPES)}")
+    opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET,
+            "predictor_type": qtype}
     key = settings_key(fp, manifest, opts)
     done = done_from_bundle(out, fp, key)
     for i in range(c.n_layer):
@@ -197,7 +201,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
             cap = budget_rank(ckpt, i)
             pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
-                                       progress=progress)
+                                       qtype=qtype, progress=progress)
             save_partial(out, i, key, pred, thr, m)
             done[i] = (pred, thr, m)
     finally:
@@ -209,7 +213,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         ffn = ffn_tensors(ckpt, i)
         per_layer.append({**m, "layer": i, "rank": pred.rank, "predictor_params": pred.n_params,
                           "ffn_params": sum(int(np.prod(t.shape)) for t in ffn),
-                          "predictor_bytes": PRED_BYTES * pred.n_params, "ffn_bytes": sum(t.nbytes for t in ffn)})
+                          "predictor_bytes": round(PREDICTOR_TYPES[qtype] * pred.n_params),
+                          "ffn_bytes": sum(t.nbytes for t in ffn)})
     complete = all(i in done for i in range(c.n_layer))
     res = {"per_layer": per_layer, "trained": todo, "complete": complete, "bundle": None}
     if complete:
@@ -217,12 +222,12 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         corpus = {"profile": os.path.abspath(profile), "model": manifest.get("model"), **manifest["settings"],
                   "rows": manifest["samples"].get("rows")}
         corpus.pop("thresholds", None)
-        training = {**opts, "device": device, "key": key, "pred_bytes_per_param": PRED_BYTES}
+        training = {**opts, "device": device, "key": key}
         Bundle(list(preds), list(thrs), fp, list(mets), dataclasses.asdict(sparsity), corpus, training).save(out)
         shutil.rmtree(os.path.join(out, PARTIAL), ignore_errors=True)
         res["bundle"] = out
     tot = {k: sum(m[k] for m in per_layer) for k in ("predictor_params", "ffn_params", "predictor_bytes", "ffn_bytes")}
-    res["budget"] = {**tot, "share": tot["predictor_params"] / max(tot["ffn_params"], 1),
+    res["budget"] = {**tot, "predictor_type": qtype, "share": tot["predictor_params"] / max(tot["ffn_params"], 1),
                      "bytes_share": tot["predictor_bytes"] / max(tot["ffn_bytes"], 1), "limit": BUDGET}
     return res
 
@@ -234,7 +239,8 @@ def format_train(res: dict) -> str:
              f"predictor parameters: {b['predictor_params']:,} = {b['share']:.1%} of the FFN's "
              f"({b['ffn_params']:,}); budget {b['limit']:.0%}"
              + ("" if b["share"] <= b["limit"] + 1e-9 else "  ** OVER BUDGET **"),
-             f"predictor bytes in F16: {b['predictor_bytes']:,} = {b['bytes_share']:.1%} of the FFN bytes as stored "
+             f"predictor bytes in {b['predictor_type']}: {b['predictor_bytes']:,} = {b['bytes_share']:.1%} of the FFN "
+             f"bytes as stored "
              f"({b['ffn_bytes']:,})"]
     if res["complete"]:
         lines.append(f"bundle written: {res['bundle']} ({len(res['trained'])} layers trained now)")
@@ -306,7 +312,8 @@ def cmd_train(args) -> None:
     if args.threads < 1:
         raise HotcoldError(f"-t {args.threads}: need at least one thread")
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
-                           args.layers, args.sparsity, progress=not args.json, threads=args.threads)
+                           args.layers, args.sparsity, progress=not args.json, threads=args.threads,
+                           qtype=args.predictor_type)
     if args.json:
         from tools.cli import emit_json
         emit_json(res)
@@ -349,6 +356,9 @@ def add_command(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
     p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
+    p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default="F16", help="how decoding will read the "
+                   "weights: F16 (default), Q8_0 or Q4_1 (the bytes read per token: 2, 1.06, 0.63 per weight); the "
+                   "weights are rounded to that type and the thresholds tuned on them")
     p.add_argument("-t", "--threads", type=int, default=None, help="torch threads for training (default: all "
                    "cores); the next layer's samples are read meanwhile in another thread")
     p.add_argument("--json", action="store_true")
