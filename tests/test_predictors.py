@@ -107,6 +107,17 @@ def test_training_for_q4_1_tunes_on_the_weights_decoding_reads(ffn):
     assert h["recall"] >= 0.95 and h["predicted_sparsity"] >= 0.6 * h["actual_sparsity"]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_on_cuda_reaches_the_targets(ffn):
+    """--device cuda: trained there, shipped as a CPU predictor that meets the same targets as a CPU-trained one."""
+    pred, thr, m = train_layer(ffn.x, ffn.y, rank=32, epochs=4, init=ffn.m, recall_target=0.97, device="cuda",
+                               progress=False)
+    assert pred.fc1.weight.device.type == "cpu" and m["recall"] >= 0.97
+    h = held_out(pred, thr, ffn)
+    assert h["recall"] >= 0.95 and h["predicted_sparsity"] >= 0.6 * h["actual_sparsity"]
+
+
 def test_training_improves_on_a_weak_start(ffn):
     """At rank 8 the SVD start keeps little; training must lift it, and the best epoch is kept."""
     _, _, start = train_layer(ffn.x, ffn.y, rank=8, epochs=0, init=ffn.m, recall_target=0.97, progress=False)
