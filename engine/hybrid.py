@@ -67,8 +67,9 @@ def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
 
 def predictor_matrix(w: torch.Tensor, qtype: str = "F16") -> K.KMatrix:
     """A predictor weight (rows, cols) for the kernels in qtype (config.PREDICTOR_TYPES): Q8_0 and Q4_1 are block-
-    quantized (the bytes read every token), exactly so for weights a bundle trained for that type holds; F16 when
-    the values are float16 values (bundles store them so) or the columns are not whole 32-blocks, else F32."""
+    quantized (the bytes read every token; a bundle trained for that type holds these values to float16 rounding,
+    Predictor.round_to); F16 when the values are float16 values (bundles store them so) or the columns are not whole
+    32-blocks, else F32."""
     a = np.ascontiguousarray(w.detach().float().numpy())
     if qtype == "F16" or a.shape[1] % 32:
         qtype = "F16" if np.array_equal(a.astype(np.float16).astype(np.float32), a) else "F32"
