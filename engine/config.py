@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ACTS = ("silu", "relu", "fatrelu", "drelu")  # FFN activation kinds (DESIGN.md: Models and activations)
-# how decoding stores predictor weights (engine/hybrid.py), with their bytes per weight. A bundle is trained for
-# one of them (train-predictors --predictor-type): its weights lie on that type's grid and its thresholds were
-# tuned on them, so it runs in that type by default
-PREDICTOR_TYPES = {"F16": 2.0, "Q8_0": 34 / 32, "Q4_1": 20 / 32}
+# how decoding stores predictor weights (engine/hybrid.py; GGUF type names). A bundle is trained for one of them
+# (train-predictors --predictor-type): its weights lie on that type's grid and its thresholds were tuned on them,
+# so it runs in that type by default
+PREDICTOR_TYPES = ("F16", "Q8_0", "Q4_1")
 
 
 class HotcoldError(Exception):

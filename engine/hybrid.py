@@ -76,15 +76,19 @@ def predictor_matrix(w: torch.Tensor, qtype: str = "F16") -> K.KMatrix:
     return K.prepare(QTensor.from_float(a, QT[qtype]))
 
 
-def runtime_predictor(p, fc1: K.KMatrix, fc2t: K.KMatrix):
-    """A copy of predictor p holding the weights the kernels read (dequantized): batched forwards mask with it,
-    so that they predict as the decode step does."""
+@torch.no_grad()
+def load_kernel_weights(p, fc1: K.KMatrix, fc2t: K.KMatrix):
+    """Predictor p, in place, with the weights the kernels read (fc1 and fc2^T as predictor_matrix, dequantized)."""
     from .cpu import dequantize_rows
-    q = copy.deepcopy(p)
-    with torch.no_grad():
-        q.fc1.weight.copy_(torch.from_numpy(dequantize_rows(fc1, 0, fc1.rows)))
-        q.fc2.weight.copy_(torch.from_numpy(dequantize_rows(fc2t, 0, fc2t.rows)).T)
-    return q
+    p.fc1.weight.copy_(torch.from_numpy(dequantize_rows(fc1, 0, fc1.rows)))
+    p.fc2.weight.copy_(torch.from_numpy(dequantize_rows(fc2t, 0, fc2t.rows)).T)
+    return p
+
+
+def runtime_predictor(p, fc1: K.KMatrix, fc2t: K.KMatrix):
+    """A copy of predictor p holding the weights the kernels read: batched forwards mask with it, so that they
+    predict as the decode step does."""
+    return load_kernel_weights(copy.deepcopy(p), fc1, fc2t)
 
 
 class HotPart:

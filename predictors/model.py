@@ -65,20 +65,14 @@ class Predictor(nn.Module):
             p.copy_(p.half().float())
         return self
 
-    @torch.no_grad()
     def round_to(self, qtype: str) -> Predictor:
-        """Round the weights to the values the kernels hold in qtype (engine.config.PREDICTOR_TYPES): block-quantized
-        along fc1's rows and fc2's columns (the decode step reads fc2 transposed), then to float16 values, as
-        bundles store them. The kernels' own quantization of these values agrees to within 5e-4 of a block's range."""
-        from gguf import GGMLQuantizationType as QT
-
-        from engine.qtensor import QTensor
+        """Round the weights to the values the kernels hold in qtype (engine.config.PREDICTOR_TYPES; fc1 and fc2^T
+        block-quantized as engine.hybrid.predictor_matrix stores them for the decode step), then to float16 values,
+        as bundles store them. The kernels' quantization of these values agrees to within 5e-4 of a block's range."""
         if qtype != "F16":
-            for w, t in ((self.fc1.weight, False), (self.fc2.weight, True)):
-                a = np.ascontiguousarray((w.T if t else w).numpy())
-                if a.shape[1] % 32 == 0:  # else the kernels keep it F16
-                    q = torch.from_numpy(QTensor.from_float(a, QT[qtype]).dequantize().reshape(a.shape).copy())
-                    w.copy_(q.T if t else q)
+            from engine.hybrid import load_kernel_weights, predictor_matrix
+            load_kernel_weights(self, predictor_matrix(self.fc1.weight, qtype),
+                                predictor_matrix(self.fc2.weight.T, qtype))
         return self.round_to_half()
 
     @staticmethod

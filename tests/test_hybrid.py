@@ -9,11 +9,12 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from engine.api import load
-from engine.config import PREDICTOR_TYPES, HotcoldError, blk
+from engine.config import HotcoldError, blk
 from predictors.bundle import Bundle, model_fingerprint
 from predictors.metrics import layer_metrics
 from predictors.model import Predictor, gate_map
 from tiny_model import tiny_config, tiny_weights, write_gguf
+from tools.predict import weight_bytes
 
 TEXT = "the cat in a hat sat on the mat and the hat in the tin sat on a cat in the heat"
 
@@ -131,7 +132,7 @@ def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, trained, ag
         same = (rt.running.active(i, x) == bundle.active(i, x)).float().mean()
         assert same >= agree, (i, float(same))
         assert rt.fc1[i].qtype.name == qtype and rt.fc2t[i].qtype.name == qtype
-    assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == PREDICTOR_TYPES[qtype] * bundle.n_params
+    assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == weight_bytes(qtype) * bundle.n_params
 
 
 def test_perplexity_runs_the_decode_path(tmp_path):

@@ -34,10 +34,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
 
 PARTIAL = "partial"
+
+
+def weight_bytes(qtype: str) -> float:
+    """Bytes per weight of a GGUF type (gguf's block table): F16 2, Q8_0 34/32, Q4_1 20/32."""
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return size / block
 
 
 # --- model and profile ------------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         ffn = ffn_tensors(ckpt, i)
         per_layer.append({**m, "layer": i, "rank": pred.rank, "predictor_params": pred.n_params,
                           "ffn_params": sum(int(np.prod(t.shape)) for t in ffn),
-                          "predictor_bytes": round(PREDICTOR_TYPES[qtype] * pred.n_params),
+                          "predictor_bytes": round(weight_bytes(qtype) * pred.n_params),
                           "ffn_bytes": sum(t.nbytes for t in ffn)})
     complete = all(i in done for i in range(c.n_layer))
     res = {"per_layer": per_layer, "trained": todo, "complete": complete, "bundle": None}
