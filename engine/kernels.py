@@ -14,11 +14,13 @@ nibble and element j + 16 in its high nibble).
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
-on one 32-weight block is written as a few generic LLVM vector instructions (`_dot_block`, `_axpy_block`,
-`_widen`) that LLVM lowers to the host's SIMD and that stay portable (on this AVX-512 host: vpdpbusd for
-Q4 x int8, vpmovsxbw + vpmaddwd for Q8_0 x int8, vcvtph2ps + vfmadd231ps for F16). Around them everything is
-plain numba; the per-row helpers are typed `overload`s inlined into the kernels (a call per row, with numba's
-exploded array arguments, cost a third of the speed).
+on a row of 32-weight blocks is written as LLVM vector code (`_dot_row`, `_axpy_block`, `_widen`): each block's
+products go into vector accumulators with the block's scale, and a row ends with one horizontal sum (summing
+every block across its lanes cost as much as its products). Only the int8 dot product of one block depends on
+the host (`ISA`): vpdpbusd with AVX-512 VNNI or AVX-VNNI, vpmaddubsw + vpmaddwd with AVX2, and generic widened
+products elsewhere (a test runs each path); everything else is generic IR (vcvtph2ps + vfmadd231ps for F16 on
+x86). Around them everything is plain numba; the per-row helpers are typed `overload`s inlined into the kernels
+(a call per row, with numba's exploded array arguments, cost a third of the speed).
 
 Block types have two paths for `W @ x`:
   fast (default)  x is quantized once per call to int8 per 32-block (ggml's Q8_0 activations) and each block is
@@ -32,12 +34,13 @@ one KMatrix must not be used by two Python threads at once. Threads: `numba.set_
 """
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from llvmlite import ir
+from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
@@ -52,6 +55,21 @@ PREFETCH = 2  # the sparse FFN fetches the rows of the neuron this many places a
 DENSE_FROM = 0.75  # ffn with `down`: active sets of at least this share of n_ff go through the untransposed down
 BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
 _TYPES = (QT.F32, QT.F16) + BLOCK_TYPES
+
+
+def host_isa() -> str:
+    """The int8 dot product of the block kernels: "vnni" (vpdpbusd: AVX-512 VNNI or AVX-VNNI), "avx2" (vpmaddubsw
+    + vpmaddwd) or "generic" (widened products, any LLVM target). Generic when numba compiles for a named CPU
+    (NUMBA_CPU_NAME, portable caches) rather than this host."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or numba.config.CPU_NAME:
+        return "generic"
+    f = llvm.get_host_cpu_features()
+    if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+        return "vnni"
+    return "avx2" if f.get("avx2") else "generic"
+
+
+ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the host CPU, so it follows
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
@@ -106,14 +124,10 @@ def _extend(builder, qty, q, ty):
 
 
 def _reduce(builder, v):
-    n, elt = v.type.count, v.type.element
-    if isinstance(elt, ir.FloatType):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_F32, [_F32, v.type]), f"llvm.vector.reduce.fadd.v{n}f32")
-        return builder.call(fn, [ir.Constant(_F32, 0.0), v], fastmath=_FAST)
+    """The sum of a float vector's lanes."""
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(elt, [v.type]), f"llvm.vector.reduce.add.v{n}i{elt.width}")
-    return builder.call(fn, [v])
+        builder.module, ir.FunctionType(_F32, [_F32, v.type]), f"llvm.vector.reduce.fadd.v{v.type.count}f32")
+    return builder.call(fn, [ir.Constant(_F32, 0.0), v], fastmath=_FAST)
 
 
 def _is_row(ty, dtypes):
@@ -132,21 +146,69 @@ def _widen(typingctx, v):
     return None
 
 
+def _i8_dot(builder, qty, qv, xv):
+    """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 nibbles or signed
+    Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic)."""
+    i8x32, i32x8 = _vec(ir.IntType(8), BLOCK), _vec(_I32, 8)
+    if ISA == "generic":
+        p = builder.mul(_extend(builder, qty, qv, _vec(_I32, BLOCK)), builder.sext(xv, _vec(_I32, BLOCK)))
+        parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
+        return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    if qty.dtype == types.int8:  # the instructions take unsigned q: |q| * (x with q's sign); |-128| reads as 128
+        neg = builder.icmp_signed("<", qv, ir.Constant(i8x32, None))
+        xv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), xv), xv)
+        qv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), qv), qv)
+    if ISA == "vnni":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i32x8, i8x32, i8x32]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(i32x8, None), qv, xv])
+    i16x16 = _vec(ir.IntType(16), 16)  # pairs of products fit in i16: 128 * 127 * 2 < 2^15
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8x32, i8x32]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    return builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
+
+
 @intrinsic
-def _dot_block(typingctx, q, b, x):
-    """sum_j q_j * x[32 b + j] over block b of row q (i8 Q8_0 or u8 Q4). f32 x -> f32; int8 x -> int32."""
-    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(x, (types.float32, types.int8))):
+def _dot_row(typingctx, q, d, x, xd):
+    """sum_b f16(d[b]) * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0 or u8 Q4),
+    d its u16 scales. x f32, or int8 with per-block scales xd (one more factor xd[b]; unused for f32 x).
+    Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per block."""
+    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(d, (types.uint16,))
+            and _is_row(x, (types.float32, types.int8)) and _is_row(xd, (types.float32,))):
         return None
-    acc = _F32 if x.dtype == types.float32 else _I32
+    exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
-        qty, _, xty = sig.args
-        qv = _extend(builder, qty, _quants(context, builder, qty, args[0], args[1]), _vec(acc, BLOCK))
-        xv = _load(context, builder, xty, args[2], builder.mul(args[1], ir.Constant(args[1].type, BLOCK)), BLOCK)
-        if acc is _F32:
-            return _reduce(builder, builder.fmul(qv, xv, flags=_FAST))
-        return _reduce(builder, builder.mul(qv, builder.sext(xv, qv.type)))  # |q x| < 2^15: vpmaddwd
-    return (types.float32 if acc is _F32 else types.int32)(q, b, x), codegen
+        qty, dty, xty, xdty = sig.args
+        q, d, x, xd = args
+        nb = context.make_array(dty)(context, builder, d).nitems
+        one = ir.Constant(nb.type, 1)
+        width = BLOCK if exact else 8
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
+
+        def block(b, acc):
+            s = builder.fpext(builder.bitcast(builder.load(_ptr(context, builder, dty, d, b)), ir.HalfType()), _F32)
+            qv = _quants(context, builder, qty, q, b)
+            xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK)
+            if exact:
+                v = builder.fmul(_extend(builder, qty, qv, _vec(_F32, BLOCK)), xv, flags=_FAST)
+            else:
+                s = builder.fmul(s, builder.load(_ptr(context, builder, xdty, xd, b)), flags=_FAST)
+                v = builder.sitofp(_i8_dot(builder, qty, qv, xv), _vec(_F32, width))
+            upd = builder.fmul(v, _splat(builder, s, width), flags=_FAST)
+            builder.store(builder.fadd(builder.load(acc), upd, flags=_FAST), acc)
+
+        pairs = builder.lshr(nb, one)
+        with cgutils.for_range(builder, pairs) as loop:
+            b = builder.shl(loop.index, one)
+            block(b, accs[0])
+            block(builder.add(b, one), accs[1])
+        with builder.if_then(builder.icmp_signed("!=", builder.shl(pairs, one), nb)):
+            block(builder.sub(nb, one), accs[0])
+        return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
+    return types.float32(q, d, x, xd), codegen
 
 
 @intrinsic
@@ -256,21 +318,16 @@ def _row_dot_impl(W, r, x, X, exact):
         return dense
 
     def blocks(W, r, x, X, exact):
-        wr, d = W[0][r], W[1]  # (row quant bytes,), (rows, nb)
+        wr, d = W[0][r], W[1][r]  # (row quant bytes,), (nb,)
         xs, xq, xd, xqs = X
-        acc = np.float32(0.0)  # sum_b d_b * (q_b . x_b)
-        off = np.float32(0.0)  # sum_b m_b * sum(x_b), a second fma chain that overlaps with acc's
+        off = np.float32(0.0)  # sum_b m_b * sum(x_b)
         if exact:
-            for b in range(d.shape[1]):
-                db = _widen(d[r, b])
-                acc += db * _dot_block(wr, b, x)
-                off += _block_min(W, r, b, db) * xs[b]
-        else:
-            for b in range(d.shape[1]):
-                db = _widen(d[r, b])
-                acc += db * (xd[b] * np.float32(_dot_block(wr, b, xq)))
-                off += _block_min(W, r, b, db) * xqs[b]
-        return acc + off
+            for b in range(d.size):
+                off += _block_min(W, r, b, _widen(d[b])) * xs[b]
+            return _dot_row(wr, d, x, xd) + off
+        for b in range(d.size):
+            off += _block_min(W, r, b, _widen(d[b])) * xqs[b]
+        return _dot_row(wr, d, xq, xd) + off
     return blocks
 
 

@@ -1,4 +1,5 @@
 """The numba kernels against gguf's dequantize + numpy in float64, on small random matrices."""
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,62 @@ def test_matvec(qtype, exact, rng):
     out = np.full(37, np.nan, np.float32)
     K.matvec(w, x, out, exact=exact)
     assert rel(out, ref @ x) < tol(qtype, exact)
+
+
+def q8_with_min_quants(rng, rows: int, cols: int) -> QTensor:
+    """A random Q8_0 matrix with some quants at -128 (no quantizer writes them; a file may hold them)."""
+    qt = QTensor.from_float(rng.standard_normal((rows, cols)).astype(np.float32), QT.Q8_0)
+    blocks = qt.data.reshape(rows, cols // 32, 34)
+    blocks[:, ::2, 2 + rng.integers(0, 32)] = 0x80
+    return qt
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_matvec_q8_most_negative_quant(exact, rng):
+    qt = q8_with_min_quants(rng, 23, 128)
+    ref = qt.dequantize().astype(np.float64)
+    assert (ref == 0).sum() < ref.size // 20 and (qt.data.view(np.int8) == -128).any()
+    x = rng.standard_normal(128).astype(np.float32)
+    out = np.zeros(23, np.float32)
+    K.matvec(K.prepare(qt), x, out, exact=exact)
+    assert rel(out, ref @ x) < tol(QT.Q8_0, exact)
+
+
+ISA_CHECK = """
+import json, sys
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from engine import kernels as K
+from engine.qtensor import QTensor
+from tests.test_kernels import q8_with_min_quants, rel
+K.ISA = sys.argv[1]
+rng = np.random.default_rng(7)
+errors = {}
+for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+    qt = (q8_with_min_quants(rng, 29, 160) if qtype == QT.Q8_0 else
+          QTensor.from_float(rng.standard_normal((29, 160)).astype(np.float32), qtype))
+    x = rng.standard_normal(160).astype(np.float32)
+    out = np.zeros(29, np.float32)
+    K.matvec(K.prepare(qt), x, out)
+    errors[qtype.name] = rel(out, qt.dequantize().astype(np.float64) @ x)
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.parametrize("isa", ["vnni", "avx2", "generic"])
+def test_int8_dot_product_of_each_isa(isa, tmp_path):
+    """Each host-dependent int8 block dot product (K.ISA), compiled in a new process with its own numba cache
+    (a process compiles one of them), against float64; the host must support the instructions."""
+    order = ["generic", "avx2", "vnni"]
+    if order.index(isa) > order.index(K.host_isa()):
+        pytest.skip(f"this host's CPU runs {K.host_isa()}, not {isa}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], capture_output=True, text=True, timeout=300,
+                         cwd=root, env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    errors = json.loads(res.stdout)
+    assert set(errors) == {"Q8_0", "Q4_0", "Q4_1"}
+    assert all(0 < e < INT8_TOL for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("exact", [True, False])
