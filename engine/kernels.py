@@ -60,8 +60,8 @@ _TYPES = (QT.F32, QT.F16) + BLOCK_TYPES
 def host_isa() -> str:
     """The int8 dot product of the block kernels: "vnni" (vpdpbusd: AVX-512 VNNI or AVX-VNNI), "avx2" (vpmaddubsw
     + vpmaddwd) or "generic" (widened products, any LLVM target). Generic when numba compiles for a named CPU
-    (NUMBA_CPU_NAME, portable caches) rather than this host."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or numba.config.CPU_NAME:
+    (NUMBA_CPU_NAME or NUMBA_CPU_FEATURES, portable caches) rather than for this host."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or numba.config.CPU_NAME or numba.config.CPU_FEATURES:
         return "generic"
     f = llvm.get_host_cpu_features()
     if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
@@ -69,7 +69,8 @@ def host_isa() -> str:
     return "avx2" if f.get("avx2") else "generic"
 
 
-ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the host CPU, so it follows
+ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the CPU name and features, so it
+# follows the host (set by hand only with a cache of its own, as the tests do)
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
@@ -77,7 +78,7 @@ _PARALLEL = dict(_SERIAL, parallel=True)
 warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
 
 # ---------------------------------------------------------------------------------------------------------
-# LLVM vector code for one 32-weight block (generic IR, no target-specific intrinsics)
+# LLVM vector code for a row of 32-weight blocks (generic IR but for the int8 products of `_i8_dot`)
 
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
 _FAST = ("fast",)
@@ -154,15 +155,17 @@ def _i8_dot(builder, qty, qv, xv):
         p = builder.mul(_extend(builder, qty, qv, _vec(_I32, BLOCK)), builder.sext(xv, _vec(_I32, BLOCK)))
         parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
         return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
-    if qty.dtype == types.int8:  # the instructions take unsigned q: |q| * (x with q's sign); |-128| reads as 128
+    # both instructions take unsigned q and signed x; x is never -128 (_prep_x), so negating it cannot wrap and
+    # pairs of products fit vpmaddubsw's i16: 128 * 127 * 2 < 2^15
+    if qty.dtype == types.int8:  # Q8_0: |q| * (x with q's sign); |-128| wraps to 0x80, read as 128
         neg = builder.icmp_signed("<", qv, ir.Constant(i8x32, None))
         xv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), xv), xv)
         qv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), qv), qv)
-    if ISA == "vnni":
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i32x8, i8x32, i8x32]),
+    if ISA == "vnni":  # declared with <8 x i32> operands as LLVM before 22 has it; LLVM 22 upgrades the call
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i32x8, i32x8, i32x8]),
                                             "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(fn, [ir.Constant(i32x8, None), qv, xv])
-    i16x16 = _vec(ir.IntType(16), 16)  # pairs of products fit in i16: 128 * 127 * 2 < 2^15
+        return builder.call(fn, [ir.Constant(i32x8, None), builder.bitcast(qv, i32x8), builder.bitcast(xv, i32x8)])
+    i16x16 = _vec(ir.IntType(16), 16)
     maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8x32, i8x32]),
                                              "llvm.x86.avx2.pmadd.ub.sw")
     maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]),
@@ -242,7 +245,7 @@ def _prefetch(typingctx, a, i):
         p = builder.gep(builder.bitcast(data, i8p), [args[1]])
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        # read, locality 2 (prefetcht1: into L2; into L1 as well, t0, the sparse FFN ran 25% slower), data
+        # read, locality 2 (prefetcht1: into L2; prefetcht0, into L1 as well, was slower for the sparse FFN), data
         builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
     return types.void(a, i), codegen
@@ -255,7 +258,8 @@ def _prefetch(typingctx, a, i):
 
 @njit(**_SERIAL)
 def _prep_x(x, xs, xq, xd, xqs):
-    """Per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale xd, and xqs = xd * sum xq."""
+    """Per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale xd, and xqs = xd * sum xq.
+    |xq| <= 127 (never -128: the int8 products of `_i8_dot` rely on it; NaN and inf quantize to 0)."""
     for b in range(xs.size):
         o = b * BLOCK
         amax = np.float32(0.0)

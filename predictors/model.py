@@ -126,9 +126,9 @@ class Predictor(nn.Module):
 def gate_map(w_gate: torch.Tensor | np.ndarray, ffn_norm: torch.Tensor | np.ndarray) -> torch.Tensor:
     """W_gate diag(ffn_norm): (n_ff, n_embd). The gate pre-activation is gate_map @ x / rms(x) for the raw residual
     x, so its sign (what a ReLU-family FFN's activity hangs on) is the sign of gate_map @ x: a starting point for
-    `Predictor.from_linear`. For a plain FFN, pass W_up."""
-    w = torch.as_tensor(w_gate, dtype=torch.float32)  # (n_ff, n_embd)
-    g = torch.as_tensor(ffn_norm, dtype=torch.float32)  # (n_embd,)
+    `Predictor.from_linear`. For a plain FFN, pass W_up. Read-only arrays (views of the file) are copied."""
+    w, g = (torch.as_tensor(np.array(a, np.float32) if isinstance(a, np.ndarray) and not a.flags.writeable else a,
+                            dtype=torch.float32) for a in (w_gate, ffn_norm))  # (n_ff, n_embd), (n_embd,)
     if w.ndim != 2 or g.shape != (w.shape[1],):
         raise ValueError(f"gate {tuple(w.shape)} and norm {tuple(g.shape)} do not match")
     return w * g[None, :]
