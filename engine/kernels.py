@@ -34,6 +34,8 @@ one KMatrix must not be used by two Python threads at once. Threads: `numba.set_
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 import warnings
 
@@ -69,6 +71,21 @@ def host_isa() -> str:
     return "avx2" if f.get("avx2") else "generic"
 
 
+def _cache_by_source() -> None:
+    """Cache the engine's compiled kernels in a folder named after a digest of the engine's sources. numba checks
+    only a cached function's own file, and cpu.py and hybrid.py inline this module's helpers: after a change here
+    they would load their old code. NUMBA_CACHE_DIR, when set, wins; so does an unwritable package folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get("NUMBA_CACHE_DIR") or not os.access(here, os.W_OK):
+        return
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
+        with open(os.path.join(here, name), "rb") as fh:
+            digest.update(name.encode() + fh.read())
+    numba.config.CACHE_DIR = os.path.join(here, "__pycache__", "numba-" + digest.hexdigest()[:16])
+
+
+_cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated
 ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the CPU name and features, so it
 # follows the host (set by hand only with a cache of its own, as the tests do)
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)

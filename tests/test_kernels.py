@@ -274,6 +274,30 @@ def test_rejects_unsupported(rng):
         K.matvec(w, np.zeros(64), np.zeros(4, np.float32))
 
 
+def test_kernel_cache_follows_every_engine_source(tmp_path):
+    """cpu.py inlines helpers from kernels.py, and numba checks only a function's own file: so the cache folder is
+    named after all of the engine's sources, and editing kernels.py alone moves every kernel to a new one."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "engine"), tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import numba, engine.kernels; print(numba.config.CACHE_DIR)"
+
+    def cache_dir(**env):
+        env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path, env=env)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    first = cache_dir(NUMBA_CACHE_DIR=None)
+    assert first.startswith(str(tmp_path / "engine" / "__pycache__" / "numba-"))
+    assert cache_dir(NUMBA_CACHE_DIR=None) == first
+    with open(tmp_path / "engine" / "kernels.py", "a") as fh:
+        fh.write("# edited\n")
+    assert cache_dir(NUMBA_CACHE_DIR=None) != first
+    assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
+
+
 def test_jit_cache_is_used_by_a_new_process(rng):
     """cache=True works from the installed package: a fresh process loads the kernels this one compiled."""
     w, _ = weight(rng, 8, 64, QT.Q4_1)
