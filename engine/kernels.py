@@ -343,6 +343,7 @@ def _row_dot_impl(W, r, x, X, exact):
         wr, d = W[0][r], W[1][r]  # (row quant bytes,), (nb,)
         xs, xq, xd, xqs = X
         off = np.float32(0.0)  # sum_b m_b * sum(x_b)
+        # one loop per path, not one loop over `xs if exact else xqs`: that form made matvec 1.2-1.5x slower
         if exact:
             for b in range(d.size):
                 off += _block_min(W, r, b, _widen(d[b])) * xs[b]
