@@ -40,6 +40,13 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def kv_shapes(self, n_ctx: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The KV cache, one layout for both engines: keys (n_layer, Hkv, n_ctx, hd), values transposed
+        (n_layer, Hkv, hd, n_ctx). A decode step's scores and weighted value sums then both run over contiguous
+        positions (values by position were 2x slower: each position's sum updated the whole output row)."""
+        return ((self.n_layer, self.n_head_kv, n_ctx, self.head_dim),
+                (self.n_layer, self.n_head_kv, self.head_dim, n_ctx))
+
     def rope_tables(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin of the rotary angles: float32 (n_ctx, head_dim / 2), computed in float64."""
         half = self.head_dim // 2

@@ -55,9 +55,10 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
                    Xq, Xo):
     """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, rotated;
     k, v written to the cache at pos; x += o(attention of q over the cache); then xn = rms_norm(x) * ffn_norm.
-    x, xn (E,); W* weights as KMatrix.W; kc, vc (n_ctx, Hkv, hd) this layer's cache; cos, sin (hd/2,);
-    scratch: qkv (H hd + 2 Hkv hd,), att (H hd,), scores (H, n_ctx), Xq / Xo the prepared x of q and o."""
-    n_kv, hd = kc.shape[1], kc.shape[2]
+    x, xn (E,); W* weights as KMatrix.W; kc (Hkv, n_ctx, hd), vc (Hkv, hd, n_ctx) this layer's cache (see
+    ModelConfig.kv_shapes); cos, sin (hd/2,); scratch: qkv (H hd + 2 Hkv hd,), att (H hd,), scores (H, n_ctx),
+    Xq / Xo the prepared x of q and o."""
+    n_kv, hd = kc.shape[0], kc.shape[2]
     nq, nk = Wq[0].shape[0], Wk[0].shape[0]
     n_head = nq // hd
     rms_norm_into(x, attn_norm, eps, xn)
@@ -72,16 +73,17 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     rope_into(qkv, n_head + n_kv, hd, cos, sin)  # q then k: both rotate, v is past them
     for g in range(n_kv):
         for d in range(hd):
-            kc[pos, g, d] = qkv[nq + g * hd + d]
-            vc[pos, g, d] = qkv[nq + nk + g * hd + d]
+            kc[g, pos, d] = qkv[nq + g * hd + d]
+            vc[g, d, pos] = qkv[nq + nk + g * hd + d]
     group = n_head // n_kv
     scale = np.float32(1.0 / math.sqrt(hd))
     for h in prange(n_head):
         g = h // group
         qh, sc, oh = qkv[h * hd:(h + 1) * hd], scores[h], att[h * hd:(h + 1) * hd]  # (hd,), (n_ctx,), (hd,)
+        kg, vg = kc[g], vc[g]  # (n_ctx, hd), (hd, n_ctx)
         m = np.float32(-np.inf)
         for t in range(pos + 1):
-            kt = kc[t, g]  # (hd,)
+            kt = kg[t]  # (hd,)
             s = np.float32(0.0)
             for d in range(hd):
                 s += qh[d] * kt[d]
@@ -91,11 +93,13 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
         for t in range(pos + 1):
             sc[t] = np.exp(sc[t] - m)
             tot += sc[t]
-        oh[:] = 0.0
-        for t in range(pos + 1):
-            p, vt = sc[t] / tot, vc[t, g]
-            for d in range(hd):
-                oh[d] += p * vt[d]
+        inv = np.float32(1.0) / tot
+        for d in range(hd):
+            vd = vg[d]  # (n_ctx,)
+            s = np.float32(0.0)
+            for t in range(pos + 1):
+                s += sc[t] * vd[t]
+            oh[d] = s * inv
     K._prep_x(att, *Xo)
     for r in prange(x.size):
         x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)
@@ -181,8 +185,7 @@ class KernelModel:
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
-        kv = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
-        self.k_cache, self.v_cache = np.zeros(kv, np.float32), np.zeros(kv, np.float32)  # shared with `torch`
+        self.k_cache, self.v_cache = (np.zeros(s, np.float32) for s in c.kv_shapes(n_ctx))  # shared with `torch`
         self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)
         self.xn = np.zeros(c.n_embd, np.float32)

@@ -78,8 +78,7 @@ class TorchModel:
             self.alias = {}
         self.down_t = blk(0, "ffn_down_t") in tensors
         self.cos, self.sin = (torch.from_numpy(t) for t in c.rope_tables(n_ctx))
-        shape = (c.n_layer, n_ctx, c.n_head_kv, c.head_dim)
-        self.k_cache, self.v_cache = (torch.zeros(shape), torch.zeros(shape)) if kv is None else \
+        self.k_cache, self.v_cache = (torch.zeros(s) for s in c.kv_shapes(n_ctx)) if kv is None else \
             (torch.from_numpy(kv[0]), torch.from_numpy(kv[1]))
         self.sparsity = None  # optional engine.sparsity.Sparsifier: zeroes h's inactive neurons before `down`
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
@@ -137,9 +136,9 @@ class TorchModel:
         v = self.mm(x, blk(i, "attn_v")).view(T, c.n_head_kv, hd)
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.k_cache[i, pos:pos + T], self.v_cache[i, pos:pos + T] = k, v
-        keys = self.k_cache[i, :pos + T].transpose(0, 1)  # (Hkv, S, hd)
-        vals = self.v_cache[i, :pos + T].transpose(0, 1)
+        self.k_cache[i, :, pos:pos + T], self.v_cache[i, :, :, pos:pos + T] = k.transpose(0, 1), v.permute(1, 2, 0)
+        keys = self.k_cache[i, :, :pos + T]  # (Hkv, S, hd)
+        vals = self.v_cache[i, :, :, :pos + T].transpose(1, 2)  # (Hkv, S, hd)
         mask = None
         if T > 1:  # query t sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)

@@ -123,21 +123,27 @@ def test_resident_bytes_native(smollm):
 
 def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):
     """Teacher-forced one token at a time through the kernel decode path. Its top-1 is always among
-    llama.cpp's top 5 and the torch reference's top 5, and equals llama.cpp's at >= 95% of positions. (The
-    8-bit activation rounding makes the last digits chaotic: the torch reference run one token at a time
-    agrees with llama.cpp at 221/230 positions, batched at 227/230; every miss is a near-tie.)"""
+    llama.cpp's top 5 and the torch reference's top 5, it equals llama.cpp's at >= 93% of positions, and its
+    distribution is within a mean KL of 0.01 of the float32 torch reference's. The 8-bit activation rounding
+    makes the last digits chaotic: any change of summation order moves the agreement with llama.cpp between
+    217 and 223 of 230 positions (every miss a near-tie; numba's first, compiling run and later runs from its
+    cache differ in the last bits too), and the KL between 0.0035 and 0.0040. A wrong kernel lands far off both."""
     ref = load(None, n_ctx=256, threads=2, backend="torch")
     agree_cpp = total = 0
+    kl = []
     for case in reference["greedy"]:
         seq = case["prompt_ids"] + case["greedy_ids"]
-        want = ref.logits(seq).topk(5, -1).indices.tolist()  # (T, 5)
+        want = ref.logits(seq).double().log_softmax(-1)  # (T, n_vocab)
         for pos, tok in enumerate(seq):
-            top = int(smollm.net.forward([tok], pos).argmax())
+            got = smollm.net.forward([tok], pos).double().log_softmax(-1)
+            top = int(got.argmax())
             cpp = case["top10_per_position"][pos]["ids"]
-            assert top in cpp[:5] and top in want[pos], (case["prompt"], pos)
+            assert top in cpp[:5] and top in want[pos].topk(5).indices.tolist(), (case["prompt"], pos)
             total += 1
             agree_cpp += top == cpp[0]
-    assert agree_cpp / total >= 0.95, (agree_cpp, total)
+            kl.append(float((want[pos].exp() * (want[pos] - got)).sum()))
+    assert agree_cpp / total >= 0.93, (agree_cpp, total)
+    assert np.mean(kl) < 0.01, np.mean(kl)
     case = reference["greedy"][1]
     out = smollm.generate(case["prompt_ids"], 16, Sampler(temperature=0))
     assert out.token_ids == case["greedy_ids"][:16]
