@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
@@ -181,7 +182,8 @@ class KernelModel:
         shapes = {k: QTensor(m.qtype, (tensors[k].shape[0] if k in tensors else m.rows, m.cols), np.empty(0))
                   for k, m in self.mats.items()}
         self.batched_tensors = {**small, **shapes}
-        self.act, self.threshold = ACT_CODES[c.act], float(c.act_threshold)
+        self.act, self.threshold = ACT_CODES[c.act], np.float32(c.act_threshold)
+        self.nt = numba.get_num_threads()  # the sparse FFN's slices: the thread count at load (engine.api sets it)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
@@ -249,7 +251,7 @@ class KernelModel:
     def ffn(self, L: Layer, xn: np.ndarray, out: np.ndarray, active: np.ndarray | None) -> None:
         """out = layer L's FFN of xn over the active neuron ids (None: all; dense ones read the stored down)."""
         down_t = None if active is None and L.down is not None else L.down_t  # built on the first sparse use
-        K.ffn(L.gate, L.up, down_t, xn, self.act, self.threshold, out, active, down=L.down)
+        K.ffn(L.gate, L.up, down_t, xn, self.act, self.threshold, out, active, down=L.down, nt=self.nt)
 
     def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
         """One token at position pos through layers first.. on the kernels; returns the logits buffer.

@@ -569,9 +569,9 @@ def _check(a: np.ndarray, n: int, what: str):
         raise ValueError(f"kernels: {what} must be float32 ({n},), got {a.dtype} {a.shape}")
 
 
-def _parts(w: KMatrix) -> int:
-    """The thread count, after making sure w has a partial-sum row per thread (allocated once)."""
-    nt = numba.get_num_threads()
+def _parts(w: KMatrix, nt: int | None = None) -> int:
+    """nt (default: numba's thread count now), after making sure w has a partial-sum row per slice (allocated once)."""
+    nt = nt or numba.get_num_threads()
     if w.part.shape[0] < nt:
         w.part, w.hs = np.zeros((nt, w.cols), np.float32), np.zeros((nt, w.rows), np.float32)
     return nt
@@ -600,14 +600,16 @@ def axpy_rows(w_t: KMatrix, rows: np.ndarray, coef: np.ndarray, out: np.ndarray)
 
 
 def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray, act: int, threshold: float,
-        out: np.ndarray, active: np.ndarray | None = None, exact: bool = False, down: KMatrix | None = None) -> None:
+        out: np.ndarray, active: np.ndarray | None = None, exact: bool = False, down: KMatrix | None = None,
+        nt: int | None = None) -> None:
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
     Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
     active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with f32 h (fewer bytes than down_t's Q8_0 rows when down is block-quantized); down_t may
-    be None then."""
+    be None then. nt: the slices of a sparse active set, one a thread (default: numba's thread count, which costs
+    a microsecond to ask; any nt gives the same result up to summation order)."""
     _check(x, up.cols, "x")
     if gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols):
         raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}")
@@ -623,6 +625,6 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     if (down_t.rows, down_t.cols) != (up.rows, up.cols):
         raise ValueError(f"kernels: ffn shapes disagree: up {up}, down_t {down_t}")
     _check(out, down_t.cols, "out")
-    nt = _parts(down_t)
+    nt = _parts(down_t, nt)
     _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, down_t.hs, nt,
            exact)

@@ -246,7 +246,8 @@ def test_ffn_types(qtype, rng):
 
 
 def test_ffn_thread_counts(rng):
-    """Per-thread partial sums give the same result whatever the thread count."""
+    """Per-thread partial sums give the same result whatever the thread count, and whatever the number of slices
+    given (nt: more or fewer than the threads)."""
     (gate, up, down_t, x), _ = ffn_case(rng, QT.Q4_1)
     outs = []
     for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
@@ -254,7 +255,12 @@ def test_ffn_thread_counts(rng):
         outs.append(np.zeros(64, np.float32))
         K.ffn(gate, up, down_t, x, K.ACT_RELU, 0.0, outs[-1], exact=True)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert rel(outs[0], outs[-1].astype(np.float64)) < 1e-6
+    for nt in (1, 3, 7):
+        outs.append(np.zeros(64, np.float32))
+        K.ffn(gate, up, down_t, x, K.ACT_RELU, 0.0, outs[-1], exact=True, nt=nt)
+    assert down_t.part.shape[0] == max(7, numba.config.NUMBA_NUM_THREADS)
+    for out in outs[1:]:
+        assert rel(outs[0], out.astype(np.float64)) < 1e-6
 
 
 def test_rejects_unsupported(rng):
