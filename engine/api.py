@@ -79,11 +79,12 @@ BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 
 
 def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
-         hot: list | None = None, hot_device: str | None = None, audit: bool = False) -> Model:
+         hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
     """predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
-    hot: per layer the neuron ids computed on hot_device (see Model.set_predictors)."""
+    hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
+    backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
     set_threads(threads)
-    m = Model(load_checkpoint(model), n_ctx, sparsity, backend)
+    m = Model(load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
     if predictors is not None:
         m.set_predictors(predictors, hot, hot_device, audit)
@@ -92,14 +93,14 @@ def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None
 
 class Model:
     def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX, sparsity: str | SparsityConfig | None = None,
-                 backend: str = "kernels"):
+                 backend: str = "kernels", cache_type: str = "f16"):
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.runtime = None  # engine.hybrid.Runtime once predictors are set
         self.sparsity = None  # engine.sparsity.Sparsifier once a sparsity config is set
         if backend == "kernels":
             from .cpu import KernelModel
-            self.net = KernelModel(self.config, ckpt.tensors, n_ctx)
+            self.net = KernelModel(self.config, ckpt.tensors, n_ctx, cache_type)
             ckpt.drop_pages()
         else:
             from .model import TorchModel

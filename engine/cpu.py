@@ -25,6 +25,9 @@ from .qtensor import QTensor
 ACT_CODES = {"silu": K.ACT_SILU, "relu": K.ACT_RELU, "fatrelu": K.ACT_FATRELU, "drelu": K.ACT_DRELU}
 # called per layer with (layer, x_resid (n_embd,), xn (n_embd,)); returns active neuron ids (int32) or None
 Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
+# KV cache element types (--cache-type): f16 bits, as llama.cpp's default (half the bytes attention reads), or
+# float32 (the torch reference's)
+CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 # prompts up to this many tokens are prefilled by decode steps: on 2 cores SmolLM2 steps at ~8 ms a token, while
 # the first batched torch forward of a process costs ~0.5 s more than later ones (import and matmul start-up)
 STEP_PREFILL = 48
@@ -57,8 +60,8 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, rotated;
     k, v written to the cache at pos; x += o(attention of q over the cache); then xn = rms_norm(x) * ffn_norm.
     x, xn (E,); W* weights as KMatrix.W; kc (Hkv, n_ctx, hd), vc (Hkv, hd, n_ctx) this layer's cache (see
-    ModelConfig.kv_shapes); cos, sin (hd/2,); scratch: qkv (H hd + 2 Hkv hd,), att (H hd,), scores (H, n_ctx),
-    Xq / Xo the prepared x of q and o."""
+    ModelConfig.kv_shapes), float32 or f16 bits (uint16); cos, sin (hd/2,); scratch: qkv (H hd + 2 Hkv hd,),
+    att (H hd,), scores (H, n_ctx), Xq / Xo the prepared x of q and o."""
     n_kv, hd = kc.shape[0], kc.shape[2]
     nq, nk = Wq[0].shape[0], Wk[0].shape[0]
     n_head = nq // hd
@@ -74,8 +77,8 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     rope_into(qkv, n_head + n_kv, hd, cos, sin)  # q then k: both rotate, v is past them
     for g in range(n_kv):
         for d in range(hd):
-            kc[g, pos, d] = qkv[nq + g * hd + d]
-            vc[g, d, pos] = qkv[nq + nk + g * hd + d]
+            kc[g, pos, d] = K._stored(qkv[nq + g * hd + d], kc)
+            vc[g, d, pos] = K._stored(qkv[nq + nk + g * hd + d], vc)
     group = n_head // n_kv
     scale = np.float32(1.0 / math.sqrt(hd))
     for h in prange(n_head):
@@ -87,7 +90,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
             kt = kg[t]  # (hd,)
             s = np.float32(0.0)
             for d in range(hd):
-                s += qh[d] * kt[d]
+                s += qh[d] * K._widen(kt[d])
             sc[t] = s * scale
             m = max(m, sc[t])
         tot = np.float32(0.0)
@@ -99,7 +102,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
             vd = vg[d]  # (n_ctx,)
             s = np.float32(0.0)
             for t in range(pos + 1):
-                s += sc[t] * vd[t]
+                s += sc[t] * K._widen(vd[t])
             oh[d] = s * inv
     K._prep_x(att, *Xo)
     for r in prange(x.size):
@@ -153,8 +156,8 @@ def kernel_ready(t: QTensor) -> QTensor:
 class KernelModel:
     """Same interface as TorchModel (`forward(tokens, pos, all_logits)`); decode runs on the kernels."""
 
-    def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int):
-        self.c, self.n_ctx = c, n_ctx
+    def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
+        self.c, self.n_ctx, self.cache_type = c, n_ctx, cache_type
         tensors = {k: kernel_ready(t) if len(t.shape) == 2 else t for k, t in tensors.items()}
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
@@ -187,7 +190,7 @@ class KernelModel:
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
-        self.k_cache, self.v_cache = (np.zeros(s, np.float32) for s in c.kv_shapes(n_ctx))  # shared with `torch`
+        self.k_cache, self.v_cache = (np.zeros(s, CACHE_TYPES[cache_type]) for s in c.kv_shapes(n_ctx))  # and `torch`
         self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)
         self.xn = np.zeros(c.n_embd, np.float32)

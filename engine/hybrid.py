@@ -273,8 +273,8 @@ class LayerOffload:
         if len(tokens) > 1 or all_logits:
             out = net.forward(tokens, pos, all_logits)
             span = slice(pos, pos + len(tokens))
-            tm.k_cache[:, :, span] = torch.from_numpy(net.k_cache[:k, :, span]).to(self.dev, self.dtype)
-            tm.v_cache[..., span] = torch.from_numpy(net.v_cache[:k, ..., span]).to(self.dev, self.dtype)
+            tm.k_cache[:, :, span] = net.torch.k_cache[:k, :, span].to(self.dev, self.dtype)
+            tm.v_cache[..., span] = net.torch.v_cache[:k, ..., span].to(self.dev, self.dtype)
             return out
         x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev, self.dtype)  # (1, n_embd)
         for i in range(k):

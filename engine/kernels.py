@@ -191,6 +191,19 @@ def _i8_dot(builder, qty, qv, xv):
 
 
 @intrinsic
+def _stored(typingctx, v, a):
+    """float32 v as array a holds it: f16 bits (vcvtps2ph, round to nearest even) in a uint16 array, else v."""
+    if v != types.float32 or not isinstance(a, types.Array) or a.dtype not in (types.float32, types.uint16):
+        return None
+    if a.dtype == types.float32:
+        return types.float32(v, a), lambda context, builder, sig, args: args[0]
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(v, a), codegen
+
+
+@intrinsic
 def _dot_row(typingctx, q, d, x, xd):
     """sum_b f16(d[b]) * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0 or u8 Q4),
     d its u16 scales. x f32, or int8 with per-block scales xd (one more factor xd[b]; unused for f32 x).

@@ -63,7 +63,7 @@ class TorchModel:
         """dequant_rows None: every weight is dequantized to float32 once (the reference path). Otherwise a
         callable(name, r0, r1) -> float32 rows r0:r1, used per matmul in chunks of CHUNK rows, so that no full
         float32 copy is held (the kernel engine's prefill). `blk.N.ffn_down_t.weight` (n_ff, n_embd) may stand
-        in for ffn_down. kv: the K and V caches to share (float32 (n_layer, n_ctx, n_head_kv, head_dim))."""
+        in for ffn_down. kv: the K and V caches to share (ModelConfig.kv_shapes; float32, or uint16 holding f16)."""
         self.c, self.n_ctx, self.q = c, n_ctx, tensors
         self.dequant_rows = dequant_rows
         self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()
@@ -79,7 +79,7 @@ class TorchModel:
         self.down_t = blk(0, "ffn_down_t") in tensors
         self.cos, self.sin = (torch.from_numpy(t) for t in c.rope_tables(n_ctx))
         self.k_cache, self.v_cache = (torch.zeros(s) for s in c.kv_shapes(n_ctx)) if kv is None else \
-            (torch.from_numpy(kv[0]), torch.from_numpy(kv[1]))
+            (torch.from_numpy(a).view(torch.float16 if a.dtype == np.uint16 else torch.float32) for a in kv)
         self.sparsity = None  # optional engine.sparsity.Sparsifier: zeroes h's inactive neurons before `down`
         self.ffn_hook = None  # optional callable(layer, x_ffn_in (T, n_embd), h (T, n_ff)) -> h, for profiling
         self.predict = None  # optional callable(layer, x_ffn_in (T, n_embd)) -> bool (T, n_ff) predicted active
@@ -137,8 +137,8 @@ class TorchModel:
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.k_cache[i, :, pos:pos + T], self.v_cache[i, :, :, pos:pos + T] = k.transpose(0, 1), v.permute(1, 2, 0)
-        keys = self.k_cache[i, :, :pos + T]  # (Hkv, S, hd)
-        vals = self.v_cache[i, :, :, :pos + T].transpose(1, 2)  # (Hkv, S, hd)
+        keys = self.k_cache[i, :, :pos + T].to(q.dtype)  # (Hkv, S, hd)
+        vals = self.v_cache[i, :, :, :pos + T].transpose(1, 2).to(q.dtype)  # (Hkv, S, hd)
         mask = None
         if T > 1:  # query t sees keys 0..pos+t
             mask = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)

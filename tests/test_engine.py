@@ -19,7 +19,7 @@ def test_kernel_decode_matches_torch_on_tiny(tmp_path, qtype, act):
     c = tiny_config(act, 0.05 if act == "fatrelu" else 0.0)
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), qtype)
     ref = load(path, n_ctx=64, backend="torch")
-    ker = load(path, n_ctx=64, backend="kernels")
+    ker = load(path, n_ctx=64, backend="kernels", cache_type="f32")  # the reference's cache (f16: next test)
     ids = ref.tokenize("the cat in a hat sat on the mat")
     # batched prefill of all but the last token, then one kernel decode step, against the full reference
     full = ref.logits(ids)  # (T, n_vocab)
@@ -29,6 +29,26 @@ def test_kernel_decode_matches_torch_on_tiny(tmp_path, qtype, act):
     assert float((step - full[-1]).norm() / full[-1].norm()) < tol
     # the kernel engine's own batched prefill (row-chunk dequantization) agrees too
     assert float((ker.logits(ids) - full).norm() / full.norm()) < tol
+
+
+def test_f16_kv_cache_holds_the_f32_cache_rounded(tmp_path):
+    """cache_type f16 keeps f16 bits of what the f32 cache holds, written by the batched prefill (torch) and by the
+    decode step (vcvtps2ph), both rounding to nearest even as numpy does; in half the bytes, with logits close."""
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), QT.F32)
+    models = {t: load(path, n_ctx=64, cache_type=t) for t in ("f32", "f16")}
+    ids = models["f32"].tokenize("the cat in a hat sat on the mat")
+    T, logits = len(ids), {}
+    for t, m in models.items():
+        m.logits(ids[:-1])  # batched
+        logits[t] = m.net.forward(ids[-1:], T - 1)  # a decode step
+    n32, n16 = models["f32"].net, models["f16"].net
+    assert n16.k_cache.dtype == np.uint16 and 2 * n16.k_cache.nbytes == n32.k_cache.nbytes
+    # layer 0's keys and values have the same inputs in both models
+    assert np.array_equal(n16.k_cache[0, :, :T], n32.k_cache[0, :, :T].astype(np.float16).view(np.uint16))
+    assert np.array_equal(n16.v_cache[0, ..., :T], n32.v_cache[0, ..., :T].astype(np.float16).view(np.uint16))
+    assert n16.k_cache[1, :, :T].any()
+    assert float((logits["f16"] - logits["f32"]).norm() / logits["f32"].norm()) < 3e-3
 
 
 def test_dequantize_rows_is_exact():

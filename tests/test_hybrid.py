@@ -79,8 +79,8 @@ def test_hot_part_on_a_second_device_matches_all_cpu(tmp_path):
 
 
 def test_audit_recall_equals_brute_force(tmp_path):
-    path = tiny_path(tmp_path, qtype=QT.F32)  # F32: kernel decode and torch agree to rounding
-    model = load(path, n_ctx=64)
+    path = tiny_path(tmp_path, qtype=QT.F32)  # F32 weights and KV cache: kernel decode and torch agree to rounding
+    model = load(path, n_ctx=64, cache_type="f32")
     bundle = gate_bundle(model, rank=8, threshold=0.05)
     model.set_predictors(bundle, audit=True)
     chunk, start = chunk_of(model), 20
@@ -184,7 +184,7 @@ def test_cli_generate_reports_stats(tmp_path):
 def test_layer_offload_baseline_matches_all_cpu(tmp_path):
     from engine.hybrid import LayerOffload
     path = tiny_path(tmp_path, qtype=QT.F32)
-    cpu, off = load(path, n_ctx=64), load(path, n_ctx=64)
+    cpu, off = (load(path, n_ctx=64, cache_type="f32") for _ in range(2))  # the torch layers' cache is float32
     off.net = LayerOffload(off.net, 2, "cpu")  # layers 0-1 in torch on a second "device", layer 2 on the kernels
     chunk = chunk_of(cpu)
 

@@ -147,7 +147,8 @@ def run_bench(args) -> dict:
     stats = decode_speed(model, ids, args.n)
     bpt = model.decode_bytes_per_token()
     path = model.ckpt.path
-    res = {"model": path, "backend": model.backend, "threads": args.threads, "prompt_tokens": len(ids),
+    res = {"model": path, "backend": model.backend, "threads": args.threads,
+           "kv_cache": getattr(model.net, "cache_type", "f32"), "prompt_tokens": len(ids),
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
@@ -190,7 +191,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
 
 
 def format_bench(r: dict) -> str:
-    lines = [f"model: {r['model']}  backend: {r['backend']}  threads: {r['threads']}",
+    lines = [f"model: {r['model']}  backend: {r['backend']}  threads: {r['threads']}  KV cache: {r['kv_cache']}",
              f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f} tok/s",
              f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f} tok/s, "
              f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)",

@@ -23,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--backend", choices=("kernels", "torch"), default="kernels",
                    help="kernels: numba on the stored blocks (default); torch: float32 reference")
+    p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
+                   help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
         p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
 
@@ -50,7 +52,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 def load_model(args, n_ctx: int | None = None):
     from engine.api import load
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
-                 backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None))
+                 backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None),
+                 cache_type=getattr(args, "cache_type", "f16"))
     if getattr(args, "predictors", None) is not None or model.runtime is not None:
         from tools.split import hot_neurons
         bundle = args.predictors if args.predictors is not None else model.runtime.bundle
