@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import HotcoldError
+from .config import CACHE_TYPES, HotcoldError
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None
     """predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
     hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
     backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
+    if cache_type not in CACHE_TYPES:
+        raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
     set_threads(threads)
     m = Model(load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)

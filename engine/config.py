@@ -10,6 +10,9 @@ ACTS = ("silu", "relu", "fatrelu", "drelu")  # FFN activation kinds (DESIGN.md: 
 # (train-predictors --predictor-type): its weights lie on that type's grid and its thresholds were tuned on them,
 # so it runs in that type by default
 PREDICTOR_TYPES = ("F16", "Q8_0", "Q4_1")
+# KV cache element types (--cache-type): f16 bits, as llama.cpp's default (half the bytes attention reads), or
+# float32 (the torch reference's)
+CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 
 
 class HotcoldError(Exception):

@@ -19,15 +19,12 @@ from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import kernels as K
-from .config import ModelConfig, blk
+from .config import CACHE_TYPES, ModelConfig, blk
 from .qtensor import QTensor
 
 ACT_CODES = {"silu": K.ACT_SILU, "relu": K.ACT_RELU, "fatrelu": K.ACT_FATRELU, "drelu": K.ACT_DRELU}
 # called per layer with (layer, x_resid (n_embd,), xn (n_embd,)); returns active neuron ids (int32) or None
 Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
-# KV cache element types (--cache-type): f16 bits, as llama.cpp's default (half the bytes attention reads), or
-# float32 (the torch reference's)
-CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 # prompts up to this many tokens are prefilled by decode steps: on 2 cores SmolLM2 steps at ~8 ms a token, while
 # the first batched torch forward of a process costs ~0.5 s more than later ones (import and matmul start-up)
 STEP_PREFILL = 48

@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from engine.api import Sampler, load
+from engine.config import HotcoldError
 from engine.cpu import KernelModel, dequantize_rows
 from engine import kernels as K
 from tiny_model import tiny_config, tiny_weights, write_gguf
@@ -49,6 +50,8 @@ def test_f16_kv_cache_holds_the_f32_cache_rounded(tmp_path):
     assert np.array_equal(n16.v_cache[0, ..., :T], n32.v_cache[0, ..., :T].astype(np.float16).view(np.uint16))
     assert n16.k_cache[1, :, :T].any()
     assert float((logits["f16"] - logits["f32"]).norm() / logits["f32"].norm()) < 3e-3
+    with pytest.raises(HotcoldError, match="cache type 'bf16'"):
+        load(path, n_ctx=64, cache_type="bf16")
 
 
 def test_dequantize_rows_is_exact():

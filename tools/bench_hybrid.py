@@ -91,7 +91,8 @@ def run_hybrid(args) -> dict:
     base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
-    res = {"model": base.ckpt.path, "threads": args.threads, "predictor_type": qt or "F16", "decode_tokens": args.n,
+    res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": getattr(base.net, "cache_type", "f32"),
+           "predictor_type": qt or "F16", "decode_tokens": args.n,
            "dense_tok_s": decode_speed(base, ids, args.n)["decode_tok_s"], "fixture": [], "given": None, "gpu": None}
     if args.predictors is not None:
         from tools.split import hot_neurons
@@ -106,7 +107,7 @@ def run_hybrid(args) -> dict:
         _, gs = gate_samples(base, sample)
         for s in FIXTURE_SPARSITY:
             fx, bundle = fatrelu_fixture(base.ckpt, sample, s, gs)
-            model = Model(fx, n_ctx)
+            model = Model(fx, n_ctx, cache_type=res["kv_cache"])
             dense = decode_speed(model, ids, args.n)["decode_tok_s"]
             model.set_predictors(bundle, qtype=qt)
             st = decode_speed(model, ids, args.n)
@@ -170,8 +171,8 @@ def argparse_copy(args, **kw):
 
 
 def format_hybrid(r: dict) -> str:
-    lines = [f"model: {r['model']}  threads: {r['threads']}  decode: {r['decode_tokens']} tokens  "
-             f"fixture predictor weights: {r['predictor_type']}",
+    lines = [f"model: {r['model']}  threads: {r['threads']}  KV cache: {r['kv_cache']}  "
+             f"decode: {r['decode_tokens']} tokens  fixture predictor weights: {r['predictor_type']}",
              f"dense decode (the model as given): {r['dense_tok_s']:.1f} tok/s"]
     if r["given"]:
         g = r["given"]

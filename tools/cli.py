@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from engine.config import PREDICTOR_TYPES, HotcoldError
+from engine.config import CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
@@ -23,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--backend", choices=("kernels", "torch"), default="kernels",
                    help="kernels: numba on the stored blocks (default); torch: float32 reference")
-    p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
+    p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                    help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
         p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
