@@ -54,6 +54,24 @@ def test_f16_kv_cache_holds_the_f32_cache_rounded(tmp_path):
         load(path, n_ctx=64, cache_type="bf16")
 
 
+@pytest.mark.parametrize("backend,cache_type", [("torch", "f32"), ("kernels", "f32"), ("kernels", "f16")])
+def test_prefill_in_pieces_then_steps_matches_one_forward(tmp_path, backend, cache_type):
+    """A prompt prefilled batched in two pieces (the second at position 5), then decode steps, gives the logits of
+    one reference forward over all the tokens: batched writes at pos > 0 and steps share the cache's layout
+    (4 query heads on 2 KV heads)."""
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=5), QT.F32)
+    full = load(path, n_ctx=64, backend="torch")
+    m = load(path, n_ctx=64, backend=backend, cache_type=cache_type)
+    ids = full.tokenize("the cat in a hat sat on the mat and the dog")
+    want = full.logits(ids)  # (T, n_vocab)
+    got = torch.cat([m.logits(ids[:5]), m.logits(ids[5:9], 5)]
+                    + [m.net.forward([t], p)[None] for p, t in enumerate(ids[9:], 9)])
+    assert got.shape == want.shape and len(ids) > 10
+    tol = {"f32": 1e-4, "f16": 3e-3}[cache_type]
+    assert float((got - want).norm() / want.norm()) < tol
+
+
 def test_dequantize_rows_is_exact():
     rng = np.random.default_rng(0)
     from engine.qtensor import QTensor
