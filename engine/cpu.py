@@ -30,7 +30,7 @@ Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
 STEP_PREFILL = 48
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(inline="always", nogil=True, cache=True, fastmath=True)
 def rms_norm_into(x, w, eps, out):
     s = np.float32(0.0)
     for j in range(x.size):
@@ -40,7 +40,7 @@ def rms_norm_into(x, w, eps, out):
         out[j] = x[j] * r * w[j]
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(inline="always", nogil=True, cache=True, fastmath=True)
 def rope_into(v, n_head, hd, cos, sin):
     """Rotate adjacent pairs of each head of v (n_head * hd,) in place; cos/sin (hd/2,)."""
     for h in range(n_head):
@@ -63,7 +63,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     nq, nk = Wq[0].shape[0], Wk[0].shape[0]
     n_head = nq // hd
     rms_norm_into(x, attn_norm, eps, xn)
-    K._prep_x(xn, *Xq)
+    K._prep_x(xn, Xq)
     for j in prange(qkv.size):
         if j < nq:
             qkv[j] = K._row_dot(Wq, np.int64(j), xn, Xq, False)
@@ -101,7 +101,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
             for t in range(pos + 1):
                 s += sc[t] * K._widen(vd[t])
             oh[d] = s * inv
-    K._prep_x(att, *Xo)
+    K._prep_x(att, Xo)
     for r in prange(x.size):
         x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)
     rms_norm_into(x, ffn_norm, eps, xn)

@@ -90,6 +90,9 @@ ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by th
 # follows the host (set by hand only with a cache of its own, as the tests do)
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
+# Helpers that kernels call (here, in cpu.py and hybrid.py) are inline="always": each kernel then carries its own
+# copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled copy
+# that rounded float sums differently, and the first (compiling) run decoded differently from the next.
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
 # and reports it from a pedantic internal check; the generated code is unaffected.
 warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
@@ -286,10 +289,12 @@ def _prefetch(typingctx, a, i):
 # for Q8_0/Q4_0; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at typing time
 # (one compiled version per combination) and the helpers are inlined into the kernels.
 
-@njit(**_SERIAL)
-def _prep_x(x, xs, xq, xd, xqs):
-    """Per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale xd, and xqs = xd * sum xq.
-    |xq| <= 127 (never -128: the int8 products of `_i8_dot` rely on it; NaN and inf quantize to 0)."""
+@njit(inline="always", **_SERIAL)
+def _prep_x(x, X):
+    """Into X = (xs, xq, xd, xqs), per 32-block of x (nothing for nb = 0): exact sum xs, int8 quants xq with scale
+    xd, and xqs = xd * sum xq. |xq| <= 127 (never -128: the int8 products of `_i8_dot` rely on it; NaN and inf
+    quantize to 0)."""
+    xs, xq, xd, xqs = X
     for b in range(xs.size):
         o = b * BLOCK
         amax = np.float32(0.0)
@@ -422,7 +427,7 @@ def _row_hidden_impl(G, U, i, x, X, act, threshold, exact):
     return gated
 
 
-@njit(**_SERIAL)
+@njit(inline="always", **_SERIAL)
 def _act(g, act, threshold):
     if act == ACT_SILU:
         return g / (np.float32(1.0) + np.exp(-g))
@@ -437,13 +442,13 @@ def _act(g, act, threshold):
 @njit(**_PARALLEL)
 def _k_matvec(W, rows, x, out, X, exact):
     """out[j] = W[rows[j]] @ x (rows None: all rows)."""
-    _prep_x(x, *X)
+    _prep_x(x, X)
     for j in prange(out.size):
         r = np.int64(j) if rows is None else np.int64(rows[j])
         out[j] = _row_dot(W, r, x, X, exact)
 
 
-@njit(**_SERIAL)
+@njit(inline="always", **_SERIAL)
 def _sum_parts(part, nt, out, accumulate):
     """out (+)= sum of the first nt rows of part."""
     if not accumulate:
@@ -474,7 +479,7 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact):
     the dot products of one pass do not wait on each other. Scattered rows are latency bound, so the first pass
     fetches all three rows of the neuron PREFETCH places ahead (the second finds its down rows in L2), and the
     second fetches ahead again in case they left."""
-    _prep_x(x, *X)
+    _prep_x(x, X)
     n = U[0].shape[0] if active is None else active.size
     for t in prange(nt):
         acc, h = part[t], hs[t]  # (n_embd,), (n_ff,)
@@ -501,7 +506,7 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact):
 def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact):
     """out = D @ h with D the untransposed down (n_embd, n_ff): h_i for i in active (None: all), 0 elsewhere.
     Streams the same bytes as the file's ffn_down (down_t's rows are re-quantized to Q8_0: more bytes)."""
-    _prep_x(x, *X)
+    _prep_x(x, X)
     if active is None:
         for i in prange(h.size):
             h[i] = _row_hidden(G, U, np.int64(i), x, X, act, threshold, exact)
@@ -510,7 +515,7 @@ def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact):
         for j in prange(active.size):
             i = np.int64(active[j])
             h[i] = _row_hidden(G, U, i, x, X, act, threshold, exact)
-    _prep_x(h, *Xh)
+    _prep_x(h, Xh)
     for r in prange(out.size):  # f32 h: rounding h to 8 bits as well flips greedy tokens against llama.cpp
         out[r] = _row_dot(D, np.int64(r), h, Xh, True)
 
