@@ -90,9 +90,9 @@ ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by th
 # follows the host (set by hand only with a cache of its own, as the tests do)
 _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
-# Helpers that kernels call (here, in cpu.py and hybrid.py) are inline="always": each kernel then carries its own
-# copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled copy
-# that rounded float sums differently, and the first (compiling) run decoded differently from the next.
+# Helpers with float sums that kernels call (here and in cpu.py) are inline="always": each kernel then carries its
+# own copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled
+# copy that rounded its sums differently, and the first (compiling) run decoded differently from the next.
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
 # and reports it from a pedantic internal check; the generated code is unaffected.
 warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
@@ -448,7 +448,7 @@ def _k_matvec(W, rows, x, out, X, exact):
         out[j] = _row_dot(W, r, x, X, exact)
 
 
-@njit(inline="always", **_SERIAL)
+@njit(**_SERIAL)  # not inlined: in a parallel kernel its `out[:] = 0.0` becomes one more parallel region
 def _sum_parts(part, nt, out, accumulate):
     """out (+)= sum of the first nt rows of part."""
     if not accumulate:
