@@ -83,8 +83,6 @@ def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None
     """predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
     hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
     backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
-    if cache_type not in CACHE_TYPES:
-        raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
     set_threads(threads)
     m = Model(load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
@@ -96,8 +94,11 @@ def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None
 class Model:
     def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX, sparsity: str | SparsityConfig | None = None,
                  backend: str = "kernels", cache_type: str = "f16"):
+        if cache_type not in CACHE_TYPES:
+            raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
+        self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32
         self.runtime = None  # engine.hybrid.Runtime once predictors are set
         self.sparsity = None  # engine.sparsity.Sparsifier once a sparsity config is set
         if backend == "kernels":

@@ -154,7 +154,7 @@ class KernelModel:
     """Same interface as TorchModel (`forward(tokens, pos, all_logits)`); decode runs on the kernels."""
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
-        self.c, self.n_ctx, self.cache_type = c, n_ctx, cache_type
+        self.c, self.n_ctx = c, n_ctx
         tensors = {k: kernel_ready(t) if len(t.shape) == 2 else t for k, t in tensors.items()}
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
@@ -182,7 +182,7 @@ class KernelModel:
         shapes = {k: QTensor(m.qtype, (tensors[k].shape[0] if k in tensors else m.rows, m.cols), np.empty(0))
                   for k, m in self.mats.items()}
         self.batched_tensors = {**small, **shapes}
-        self.act, self.threshold = ACT_CODES[c.act], np.float32(c.act_threshold)
+        self.act, self.threshold = ACT_CODES[c.act], float(c.act_threshold)
         self.nt = numba.get_num_threads()  # the sparse FFN's slices: the thread count at load (engine.api sets it)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`

@@ -155,15 +155,18 @@ def _is_row(ty, dtypes):
     return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype in dtypes
 
 
+def _f16_to_f32(builder, v):
+    """float32 of an i16 holding f16 bits (vcvtph2ps on x86)."""
+    return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
+
+
 @intrinsic
 def _widen(typingctx, v):
     """float32 of a stored value: uint16 holds f16 bits (vcvtph2ps), float32 passes through."""
     if v == types.float32:
         return types.float32(v), lambda context, builder, sig, args: args[0]
     if v == types.uint16:
-        def codegen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
-        return types.float32(v), codegen
+        return types.float32(v), lambda context, builder, sig, args: _f16_to_f32(builder, args[0])
     return None
 
 
@@ -225,7 +228,7 @@ def _dot_row(typingctx, q, d, x, xd):
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
 
         def block(b, acc):
-            s = builder.fpext(builder.bitcast(builder.load(_ptr(context, builder, dty, d, b)), ir.HalfType()), _F32)
+            s = _f16_to_f32(builder, builder.load(_ptr(context, builder, dty, d, b)))
             qv = _quants(context, builder, qty, q, b)
             xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK)
             if exact:

@@ -148,7 +148,7 @@ def run_bench(args) -> dict:
     bpt = model.decode_bytes_per_token()
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
-           "kv_cache": getattr(model.net, "cache_type", "f32"), "prompt_tokens": len(ids),
+           "kv_cache": model.cache_type, "prompt_tokens": len(ids),
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,

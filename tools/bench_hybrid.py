@@ -91,7 +91,7 @@ def run_hybrid(args) -> dict:
     base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
-    res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": getattr(base.net, "cache_type", "f32"),
+    res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": base.cache_type,
            "predictor_type": qt or "F16", "decode_tokens": args.n,
            "dense_tok_s": decode_speed(base, ids, args.n)["decode_tok_s"], "fixture": [], "given": None, "gpu": None}
     if args.predictors is not None:
