@@ -155,9 +155,53 @@ def _is_row(ty, dtypes):
     return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype in dtypes
 
 
+def _like(v, t):
+    """Type t, or a vector of t as long as v is one."""
+    return _vec(t, v.type.count) if isinstance(v.type, ir.VectorType) else t
+
+
+def _const(ty, value):
+    """A constant of integer or float type ty, splat when ty is a vector."""
+    return ir.Constant(ty, [value] * ty.count) if isinstance(ty, ir.VectorType) else ir.Constant(ty, value)
+
+
 def _f16_to_f32(builder, v):
-    """float32 of an i16 holding f16 bits (vcvtph2ps on x86)."""
-    return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
+    """float32 of an i16 (or a vector of them) holding f16 bits: vcvtph2ps on AVX2 and VNNI hosts (they all have
+    F16C). Elsewhere LLVM may lower it to a call to compiler-rt's __extendhfsf2, which numba's JIT cannot link
+    (NUMBA_CPU_NAME=generic aborted), so the generic path converts the bits with integer ops: the exponent and
+    mantissa moved into place and rescaled by 2^112 (exact, subnormals included), inf and NaN kept."""
+    f32 = _like(v, _F32)
+    if ISA != "generic":
+        return builder.fpext(builder.bitcast(v, _like(v, ir.HalfType())), f32)
+    i32 = _like(v, _I32)
+    h = builder.zext(v, i32)
+    bits = builder.shl(builder.and_(h, _const(i32, 0x7FFF)), _const(i32, 13))
+    finite = builder.bitcast(builder.fmul(builder.bitcast(bits, f32), _const(f32, 2.0 ** 112)), i32)
+    special = builder.icmp_unsigned("==", builder.and_(h, _const(i32, 0x7C00)), _const(i32, 0x7C00))
+    mag = builder.select(special, builder.or_(bits, _const(i32, 0x7F800000)), finite)
+    sign = builder.shl(builder.and_(h, _const(i32, 0x8000)), _const(i32, 16))
+    return builder.bitcast(builder.or_(mag, sign), f32)
+
+
+def _f32_to_f16(builder, x):
+    """f16 bits (i16) of a float32, rounded to nearest even: vcvtps2ph where `_f16_to_f32` uses vcvtph2ps, else
+    integer ops (the call LLVM would emit, __truncsfhf2, is missing too): past 65520 -> inf, NaN -> a quiet NaN,
+    below 2^-14 -> rounded by adding 0.5 in float32 (whose ulp there is f16's subnormal step), else the mantissa
+    rounded in the integer bits, a carry moving into the exponent."""
+    if ISA != "generic":
+        return builder.bitcast(builder.fptrunc(x, ir.HalfType()), ir.IntType(16))
+    c = lambda value: ir.Constant(_I32, value)  # noqa: E731
+    u = builder.bitcast(x, _I32)
+    sign = builder.and_(u, c(0x80000000))
+    a = builder.xor(u, sign)  # |x| bits
+    big = builder.select(builder.icmp_unsigned(">", a, c(0x7F800000)), c(0x7E00), c(0x7C00))
+    half = ir.Constant(_F32, 0.5)
+    small = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(a, _F32), half), _I32), c(126 << 23))
+    odd = builder.and_(builder.lshr(a, c(13)), c(1))
+    normal = builder.lshr(builder.add(builder.add(a, c(((15 - 127) << 23) + 0xFFF)), odd), c(13))
+    o = builder.select(builder.icmp_unsigned(">=", a, c((127 + 16) << 23)), big,
+                       builder.select(builder.icmp_unsigned("<", a, c(113 << 23)), small, normal))
+    return builder.trunc(builder.or_(o, builder.lshr(sign, c(16))), ir.IntType(16))
 
 
 @intrinsic
@@ -203,10 +247,7 @@ def _stored(typingctx, v, a):
         return None
     if a.dtype == types.float32:
         return types.float32(v, a), lambda context, builder, sig, args: args[0]
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-    return types.uint16(v, a), codegen
+    return types.uint16(v, a), lambda context, builder, sig, args: _f32_to_f16(builder, args[0])
 
 
 @intrinsic

@@ -87,7 +87,22 @@ from gguf import GGMLQuantizationType as QT
 from engine import kernels as K
 from engine.qtensor import QTensor
 from tests.test_kernels import q8_with_min_quants, rel
+from numba import njit
 K.ISA = sys.argv[1]
+
+
+@njit
+def widen(h, out):
+    for i in range(h.size):
+        out[i] = K._widen(h[i])
+
+
+@njit
+def store(x, out):
+    for i in range(x.size):
+        out[i] = K._stored(x[i], out)
+
+
 rng = np.random.default_rng(7)
 errors = {}
 for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
@@ -98,25 +113,46 @@ for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
     K.matvec(K.prepare(qt), x, out)
     errors[qtype.name] = rel(out, qt.dequantize().astype(np.float64) @ x)
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
-print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw": "vpmaddubsw" in asm}))
+halves = np.arange(2**16, dtype=np.uint16)  # every f16 bit pattern
+widened = np.zeros(halves.size, np.float32)
+widen(halves, widened)
+finite = halves.view(np.float16).astype(np.float32)
+mid = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32)  # ties between neighbours
+x = np.concatenate([finite, mid, rng.standard_normal(10**5).astype(np.float32) * np.float32(2.0) ** rng.integers(
+    -30, 20, 10**5).astype(np.float32), np.float32([65504, 65519.99, 65520, 65536, 1e10, 2.0**-25, 3e-8, 5.9e-8])])
+stored = np.zeros(x.size, np.uint16)
+store(x, stored)
+with np.errstate(invalid="ignore", over="ignore"):
+    want = x.astype(np.float16)
+print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw": "vpmaddubsw" in asm,
+                  "widen_wrong": int(((widened.view(np.uint32) != finite.view(np.uint32))
+                                      & ~(np.isnan(widened) & np.isnan(finite))).sum()),
+                  "store_wrong": int(((stored != want.view(np.uint16))
+                                      & ~(np.isnan(stored.view(np.float16)) & np.isnan(want))).sum()),
+                  "stored": int(x.size)}))
 """
 
 
 @pytest.mark.parametrize("isa", ["vnni", "avx2", "generic"])
 def test_int8_dot_product_of_each_isa(isa, tmp_path):
     """Each host-dependent int8 block dot product (K.ISA), compiled in a new process with its own numba cache
-    (a process compiles one of them), against float64; the host must support the instructions."""
+    (a process compiles one of them), against float64; the host must support the instructions. Also the f16
+    conversions of each path (`_widen`, `_stored`) against numpy, on every f16 value and on float32 values around
+    them. The generic path compiles for NUMBA_CPU_NAME=generic, where LLVM's f16 conversions call compiler-rt
+    functions numba cannot link (the process aborted before the integer conversions)."""
     order = ["generic", "avx2", "vnni"]
     if order.index(isa) > order.index(K.host_isa()):
         pytest.skip(f"this host's CPU runs {K.host_isa()}, not {isa}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], capture_output=True, text=True, timeout=300,
-                         cwd=root, env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+                         cwd=root, env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path),
+                                        **({"NUMBA_CPU_NAME": "generic"} if isa == "generic" else {})})
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout)
     errors = got["errors"]
     assert set(errors) == {"Q8_0", "Q4_0", "Q4_1"}
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
+    assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
     if isa != "generic":  # the path asked for is the one compiled (x86 hosts)
         assert (got["vpdpbusd"], got["vpmaddubsw"]) == (isa == "vnni", isa == "avx2")
 
