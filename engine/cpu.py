@@ -92,7 +92,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
             m = max(m, sc[t])
         tot = np.float32(0.0)
         for t in range(pos + 1):
-            sc[t] = np.exp(sc[t] - m)
+            sc[t] = K._exp(sc[t] - m)
             tot += sc[t]
         inv = np.float32(1.0) / tot
         for d in range(hd):

@@ -184,11 +184,12 @@ def test_resident_bytes_native(smollm):
 
 def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):
     """Teacher-forced one token at a time through the kernel decode path. Its top-1 is always among
-    llama.cpp's top 5 and the torch reference's top 5, it equals llama.cpp's at >= 93% of positions, and its
-    distribution is within a mean KL of 0.01 of the float32 torch reference's. The 8-bit activation rounding
-    makes the last digits chaotic: any change of summation order moves the agreement with llama.cpp between
-    217 and 223 of 230 positions (every miss a near-tie), and the KL between 0.0035 and 0.0040. A wrong kernel
-    lands far off both."""
+    llama.cpp's top 5 and the torch reference's top 5; it equals llama.cpp's wherever llama.cpp's first choice
+    leads its second by a logit or more, and at >= 93% of all positions; its distribution is within a mean KL of
+    0.01 of the float32 torch reference's. The 8-bit activation rounding makes the last digits chaotic: any change
+    of summation order moves the agreement with llama.cpp between 217 and 223 of 230 positions (every miss a
+    near-tie: llama.cpp's top two within 0.6), and the KL between 0.0035 and 0.0040. A wrong kernel lands far off.
+    `generate` then gives llama.cpp's greedy tokens up to the first near-tie, or through a stop token."""
     ref = load(None, n_ctx=256, threads=2, backend="torch")
     agree_cpp = total = 0
     kl = []
@@ -198,16 +199,24 @@ def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):
         for pos, tok in enumerate(seq):
             got = smollm.net.forward([tok], pos).double().log_softmax(-1)
             top = int(got.argmax())
-            cpp = case["top10_per_position"][pos]["ids"]
-            assert top in cpp[:5] and top in want[pos].topk(5).indices.tolist(), (case["prompt"], pos)
+            cpp = case["top10_per_position"][pos]
+            assert top in cpp["ids"][:5] and top in want[pos].topk(5).indices.tolist(), (case["prompt"], pos)
+            assert top == cpp["ids"][0] or cpp["logits"][0] - cpp["logits"][1] < 1.0, (case["prompt"], pos)
             total += 1
-            agree_cpp += top == cpp[0]
+            agree_cpp += top == cpp["ids"][0]
             kl.append(float((want[pos].exp() * (want[pos] - got)).sum()))
     assert agree_cpp / total >= 0.93, (agree_cpp, total)
     assert np.mean(kl) < 0.01, np.mean(kl)
-    case = reference["greedy"][1]
-    out = smollm.generate(case["prompt_ids"], 16, Sampler(temperature=0))
-    assert out.token_ids == case["greedy_ids"][:16]
+    matched = []
+    for case in reference["greedy"]:
+        p, greedy = len(case["prompt_ids"]), case["greedy_ids"]
+        out = smollm.generate(case["prompt_ids"], len(greedy), Sampler(temperature=0)).token_ids
+        lead = [case["top10_per_position"][p + k - 1]["logits"] for k in range(len(greedy))]
+        sure = next((k for k, lg in enumerate(lead) if lg[0] - lg[1] < 1.0), len(greedy))  # first near-tie
+        stop = next((k + 1 for k, t in enumerate(greedy) if t in smollm.tokenizer.stop_ids), len(greedy))
+        assert out[:min(sure, stop)] == greedy[:min(sure, stop)], case["prompt"]
+        matched.append(min(sure, stop))
+    assert max(matched) >= 8, matched  # at least one case is checked over a whole sentence
 
 
 @pytest.mark.slow
