@@ -189,7 +189,7 @@ def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):
     0.01 of the float32 torch reference's. The 8-bit activation rounding makes the last digits chaotic: any change
     of summation order moves the agreement with llama.cpp between 217 and 223 of 230 positions (every miss a
     near-tie: llama.cpp's top two within 0.6), and the KL between 0.0035 and 0.0040. A wrong kernel lands far off.
-    `generate` then gives llama.cpp's greedy tokens up to the first near-tie, or through a stop token."""
+    (`generate` against llama.cpp's greedy tokens: tests/test_smollm2.py.)"""
     ref = load(None, n_ctx=256, threads=2, backend="torch")
     agree_cpp = total = 0
     kl = []
@@ -207,16 +207,6 @@ def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):
             kl.append(float((want[pos].exp() * (want[pos] - got)).sum()))
     assert agree_cpp / total >= 0.93, (agree_cpp, total)
     assert np.mean(kl) < 0.01, np.mean(kl)
-    matched = []
-    for case in reference["greedy"]:
-        p, greedy = len(case["prompt_ids"]), case["greedy_ids"]
-        out = smollm.generate(case["prompt_ids"], len(greedy), Sampler(temperature=0)).token_ids
-        lead = [case["top10_per_position"][p + k - 1]["logits"] for k in range(len(greedy))]
-        sure = next((k for k, lg in enumerate(lead) if lg[0] - lg[1] < 1.0), len(greedy))  # first near-tie
-        stop = next((k + 1 for k, t in enumerate(greedy) if t in smollm.tokenizer.stop_ids), len(greedy))
-        assert out[:min(sure, stop)] == greedy[:min(sure, stop)], case["prompt"]
-        matched.append(min(sure, stop))
-    assert max(matched) >= 8, matched  # at least one case is checked over a whole sentence
 
 
 @pytest.mark.slow

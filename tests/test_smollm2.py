@@ -37,10 +37,21 @@ def test_teacher_forced_top1_agrees_with_llamacpp(smollm_torch, reference):
 
 
 def test_greedy_generation_prefix(smollm, reference):
-    case = reference["greedy"][1]  # "Once upon a time, ..."
-    out = smollm.generate(case["prompt_ids"], 16, Sampler(temperature=0))
-    assert out.token_ids == case["greedy_ids"][:16]
-    assert out.stats["decode_tok_s"] > 0 and out.stats["prefill_tok_s"] > 0
+    """`generate` on the kernels gives llama.cpp's greedy tokens up to the first near-tie (llama.cpp's top two
+    logits within 1) or through a stop token. Past a near-tie the 8-bit activation rounding may pick the other
+    token: "Once upon a time" matched 16 tokens, to a 0.045 tie, then 10, to a 0.42 one, after a change of rounding."""
+    matched = []
+    for case in reference["greedy"]:
+        p, greedy = len(case["prompt_ids"]), case["greedy_ids"]
+        out = smollm.generate(case["prompt_ids"], len(greedy), Sampler(temperature=0))
+        lead = [case["top10_per_position"][p + k - 1]["logits"] for k in range(len(greedy))]
+        sure = next((k for k, lg in enumerate(lead) if lg[0] - lg[1] < 1.0), len(greedy))
+        stop = next((k + 1 for k, t in enumerate(greedy) if t in smollm.tokenizer.stop_ids), len(greedy))
+        n = min(sure, stop)
+        assert out.token_ids[:n] == greedy[:n], case["prompt"]
+        assert out.stats["decode_tok_s"] > 0 and out.stats["prefill_tok_s"] > 0
+        matched.append(n)
+    assert max(matched) >= 8, matched  # one case is checked over a whole sentence, through its stop token
 
 
 @pytest.mark.slow
