@@ -97,3 +97,18 @@ def test_cli_perplexity_json(capsys, data_dir):
                  "--first-chunk", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["chunks"] == [3, 4] and res["scored_tokens"] == 2 * 63 and 5 < res["ppl"] < 200
+
+
+def test_bench_compare_json(capsys):
+    """`hotcold bench --compare --json` on the default model, short: one row per engine, with the weight bytes a
+    token reads falling as the FFN sparsity rises and every timing measured (no speed is asserted here)."""
+    from tools.cli import main
+    assert main(["bench", "-n", "4", "--prompt-tokens", "8", "--compare", "--sparsity-levels", "0.5,0.9",
+                 "-t", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = res["compare"]["rows"]
+    assert [r["engine"] for r in rows[:3]] == ["hotcold dense", "hotcold sparse 50%", "hotcold sparse 90%"]
+    bpt = [r["bytes_per_token"] for r in rows[:3]]
+    assert res["bytes_per_token"] == bpt[0] > bpt[1] > bpt[2]
+    assert all(r["decode_tok_s"] > 0 and r["ffn_ms_per_token"] > 0 for r in rows[:3])
+    assert res["decode_tokens"] == 4 and res["ttft_s"] > 0 and res["compare"]["bandwidth_gb_s"] > 0
