@@ -215,14 +215,21 @@ def _widen(typingctx, v):
     return None
 
 
+def _widened_dot(builder, q, xv):
+    """<8 x i32> partial sums of the products q_j * x_j, q <32 x i32> and x <32 x i8 or i16> sign-extended: the
+    generic path of `_i8_dot` and `_i16_dot` (any LLVM target)."""
+    p = builder.mul(q, builder.sext(xv, q.type))
+    i32x8 = _vec(_I32, 8)
+    parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
 def _i8_dot(builder, qty, qv, xv):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 nibbles or signed
     Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic)."""
     i8x32, i32x8 = _vec(ir.IntType(8), BLOCK), _vec(_I32, 8)
     if ISA == "generic":
-        p = builder.mul(_extend(builder, qty, qv, _vec(_I32, BLOCK)), builder.sext(xv, _vec(_I32, BLOCK)))
-        parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
-        return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+        return _widened_dot(builder, _extend(builder, qty, qv, _vec(_I32, BLOCK)), xv)
     # both instructions take unsigned q and signed x; x is never -128 (_prep_x), so negating it cannot wrap and
     # pairs of products fit vpmaddubsw's i16: 128 * 127 * 2 < 2^15
     if qty.dtype == types.int8:  # Q8_0: |q| * (x with q's sign); |-128| wraps to 0x80, read as 128
@@ -247,10 +254,7 @@ def _i16_dot(builder, qty, qv, xv):
     i16x16, i32x8 = _vec(ir.IntType(16), 16), _vec(_I32, 8)
     qw = _extend(builder, qty, qv, _vec(ir.IntType(16), BLOCK))
     if ISA == "generic":
-        i32x32 = _vec(_I32, BLOCK)
-        p = builder.mul(builder.sext(qw, i32x32), builder.sext(xv, i32x32))
-        parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
-        return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+        return _widened_dot(builder, builder.sext(qw, _vec(_I32, BLOCK)), xv)
     maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]),
                                             "llvm.x86.avx2.pmadd.wd")
 
@@ -501,21 +505,21 @@ def _float_bits(typingctx, i):
         builder.trunc(args[0], _I32) if i.bitwidth > 32 else args[0], _F32)
 
 
-_EXP2 = tuple(math.log(2) ** k / math.factorial(k) for k in range(7))  # 2^f = e^(f ln 2), Taylor to f^6
+_EXP_TAYLOR = tuple(1 / math.factorial(k) for k in range(7))  # e^r to r^6
 
 
 @njit(inline="always", **_SERIAL)
 def _exp(x):
     """e^x in float32 without a libm call, so that LLVM vectorizes loops over it (numba's np.exp is a scalar
-    call: 30 ns a neuron in the SiLU FFN). x is clamped to [-87, 88]; 2^t, t = x log2(e), is 2^round(t) built
-    in the exponent bits times a polynomial in the rest f (|f| <= 1/2, error under 2e-7). Relative error: below
-    1e-6 for |x| < 10, up to 8e-6 near the ends (the rounding of t)."""
+    call: 30 ns a neuron in the SiLU FFN). x is clamped to [-87, 88]; e^x = 2^t, t = x log2(e), is 2^round(t)
+    built in the exponent bits times e^r, r = (t - round(t)) ln 2, from its Taylor polynomial (|r| <= 0.35, error
+    under 2e-7). Relative error: below 1e-6 for |x| < 10, up to 8e-6 near the ends (the rounding of t)."""
     t = min(max(x, np.float32(-87.0)), np.float32(88.0)) * np.float32(1.4426950408889634)
     n = np.rint(t)
-    f = (t - n) * np.float32(_EXP2[1])
-    p = np.float32(_EXP2[6] / _EXP2[1] ** 6)
-    for k in range(5, -1, -1):  # Horner in f ln 2; unrolled by LLVM
-        p = p * f + np.float32(_EXP2[k] / _EXP2[1] ** k)
+    r = (t - n) * np.float32(math.log(2))
+    p = np.float32(_EXP_TAYLOR[6])
+    for k in range(5, -1, -1):  # Horner; unrolled by LLVM
+        p = p * r + np.float32(_EXP_TAYLOR[k])
     return p * _float_bits((np.int64(n) + 127) << 23)
 
 
@@ -718,8 +722,7 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with h in 16 bits per block, f32 if exact (fewer bytes than down_t's Q8_0 rows when down is
-    block-quantized); down_t may
-    be None then. nt: the slices of a sparse active set, one a thread (default: numba's thread count, which costs
+    block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default: numba's thread count, which costs
     a microsecond to ask; any nt gives the same result up to summation order)."""
     _check(x, up.cols, "x")
     if gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols):
