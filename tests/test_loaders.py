@@ -114,3 +114,42 @@ def test_hf_generate_and_chat_template(tmp_path):
     assert prompt == "<s>user: hi\n<s>assistant: "
     out = m.generate(m.tokenize(prompt), 5)
     assert 1 <= len(out.token_ids) <= 5 and isinstance(out.text, str)
+
+
+def _fields(reader):
+    """Every header field as gguf-py describes it: offset, name, types, data indices, parts' bytes, contents."""
+    return [(f.offset, f.name, f.types, f.data, [(p.dtype, p.shape, p.tobytes()) for p in f.parts], f.contents())
+            for f in reader.fields.values()]
+
+
+def test_header_fast_path_matches_gguf_py(tmp_path):
+    """The loader's reader splits arrays of strings and scalars in one loop: the same fields as gguf-py's own
+    reader, part by part, on the default model's header (vocabulary, merges, token types) and on a file with every
+    kind of array, nested and empty ones included."""
+    from gguf import GGUFReader, GGUFValueType
+    from engine.config import HotcoldError
+    from engine.loader import open_gguf, resolve
+    path = str(tmp_path / "arrays.gguf")
+    wr = GGUFWriter(path, "llama")
+    wr.add_array("t.strings", ["", "a", "\u00e9t\u00e9", "x" * 300])
+    wr.add_array("t.empty", [])
+    wr.add_array("t.ints", [3, -1, 7])
+    wr.add_array("t.floats", [0.5, -2.0])
+    wr.add_array("t.bools", [True, False])
+    wr.add_array("t.nested", [[1, 2], ["u", "v"]])
+    wr.add_key_value("t.u8", 7, GGUFValueType.UINT8)
+    wr.add_string("t.s", "s")
+    wr.add_tensor("w", np.ones((2, 32), np.float32))
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    for p in (path, resolve(None)):
+        fast, ref = open_gguf(p), GGUFReader(p)
+        assert _fields(fast) == _fields(ref)
+        assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
+    head = open(resolve(None), "rb").read(1 << 21)  # the vocabulary and merges lie in the first 2 MB
+    for cut in (100_000, 1_000_000, 1 << 21):
+        (tmp_path / "cut.gguf").write_bytes(head[:cut])
+        with pytest.raises(HotcoldError, match="cut.gguf: truncated or corrupt GGUF"):
+            open_gguf(str(tmp_path / "cut.gguf"))
