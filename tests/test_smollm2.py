@@ -112,3 +112,20 @@ def test_bench_compare_json(capsys):
     assert res["bytes_per_token"] == bpt[0] > bpt[1] > bpt[2]
     assert all(r["decode_tok_s"] > 0 and r["ffn_ms_per_token"] > 0 for r in rows[:3])
     assert res["decode_tokens"] == 4 and res["ttft_s"] > 0 and res["compare"]["bandwidth_gb_s"] > 0
+
+
+def test_bench_hybrid_json(capsys):
+    """`hotcold bench --hybrid --json` on the default model, short: the FATReLU speed fixture's rows reach their
+    target sparsities (its thresholds are calibrated on other tokens than those decoded), the audited statistics
+    are shares, and without CUDA the GPU rows are absent; the text report renders the same result."""
+    from tools.bench_hybrid import FIXTURE_SPARSITY, format_hybrid
+    assert main(["bench", "--hybrid", "-n", "4", "--prompt-tokens", "8", "-t", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = res["fixture"]
+    assert [r["target_sparsity"] for r in rows] == list(FIXTURE_SPARSITY)
+    actual = [r["actual_sparsity"] for r in rows]
+    assert actual == sorted(actual) and all(abs(a - r["target_sparsity"]) < 0.1 for a, r in zip(actual, rows))
+    assert all(0 < r[k] <= 1 for r in rows for k in ("recall", "precision", "predicted_sparsity"))
+    assert all(r["dense_tok_s"] > 0 and r["predictor_tok_s"] > 0 for r in rows) and res["dense_tok_s"] > 0
+    assert res["given"] is None and (res["gpu"] is None) == (not torch.cuda.is_available())
+    assert "speed fixture" in format_hybrid(res) and "no quality claim" in format_hybrid(res)
