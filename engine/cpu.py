@@ -82,25 +82,15 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
         g = h // group
         qh, sc, oh = qkv[h * hd:(h + 1) * hd], scores[h], att[h * hd:(h + 1) * hd]  # (hd,), (n_ctx,), (hd,)
         kg, vg = kc[g], vc[g]  # (n_ctx, hd), (hd, n_ctx)
-        m = np.float32(-np.inf)
+        m = np.float32(-np.inf)  # sums through K._dot: one order in every compiled copy
         for t in range(pos + 1):
-            kt = kg[t]  # (hd,)
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += qh[d] * K._widen(kt[d])
-            sc[t] = s * scale
+            sc[t] = K._dot(qh, kg[t], hd) * scale
             m = max(m, sc[t])
-        tot = np.float32(0.0)
         for t in range(pos + 1):
             sc[t] = K._exp(sc[t] - m)
-            tot += sc[t]
-        inv = np.float32(1.0) / tot
+        inv = np.float32(1.0) / K._dot(sc, None, pos + 1)
         for d in range(hd):
-            vd = vg[d]  # (n_ctx,)
-            s = np.float32(0.0)
-            for t in range(pos + 1):
-                s += sc[t] * K._widen(vd[t])
-            oh[d] = s * inv
+            oh[d] = K._dot(sc, vg[d], pos + 1) * inv  # vg[d]: (n_ctx,)
     K._prep_x(att, Xo)
     for r in prange(x.size):
         x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)

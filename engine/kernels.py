@@ -103,6 +103,7 @@ warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAss
 
 _F32, _I32 = ir.FloatType(), ir.IntType(32)
 _FAST = ("fast",)
+_ORDERED = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")  # fast but for reassoc: sums in the written order
 
 
 def _vec(t, n):
@@ -316,6 +317,58 @@ def _dot_row(typingctx, q, d, x, xd):
 
 
 @intrinsic
+def _dot(typingctx, a, b, n):
+    """sum_{i < n} a[i] * b[i] (a f32; b f32, f16 bits as uint16, or None for sum a[i]) in one fixed order: four
+    8-lane partial sums over 32-element steps, then 8-element steps into the first, the four added pairwise, the
+    lanes pairwise, then the tail in order; no reassociation flags, so LLVM keeps that order. A plain numba sum
+    with fastmath is vectorized as LLVM sees fit, and inside a parallel loop it was vectorized differently in the
+    two compiled copies numba keeps of the loop's body (see test_first_compiling_run...): the first, compiling run
+    decoded other bits than the runs that load numba's cache."""
+    if not (_is_row(a, (types.float32,)) and (b is types.none or _is_row(b, (types.float32, types.uint16)))
+            and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        aty, bty, _ = sig.args
+        a, b, n = args
+        n = context.cast(builder, n, sig.args[2], types.int64)
+        i64, f32x8 = ir.IntType(64), _vec(_F32, 8)
+
+        def term(k, width):  # a[k:k+width] * b[k:k+width]
+            va = _load(context, builder, aty, a, k, width)
+            if bty is types.none:
+                return va
+            vb = _load(context, builder, bty, b, k, width)
+            vb = _f16_to_f32(builder, vb) if bty.dtype == types.uint16 else vb
+            return builder.fmul(va, vb, flags=_ORDERED)
+
+        def add(x, y):
+            return builder.fadd(x, y, flags=_ORDERED)
+
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(f32x8, None)) for _ in range(4)]
+        with cgutils.for_range(builder, builder.lshr(n, ir.Constant(i64, 5))) as loop:
+            k = builder.shl(loop.index, ir.Constant(i64, 5))
+            for j, acc in enumerate(accs):
+                builder.store(add(builder.load(acc), term(builder.add(k, ir.Constant(i64, 8 * j)), 8)), acc)
+        n32, n8 = (builder.and_(n, ir.Constant(i64, ~m)) for m in (31, 7))
+        with cgutils.for_range(builder, builder.lshr(builder.sub(n8, n32), ir.Constant(i64, 3))) as loop:
+            k = builder.add(n32, builder.shl(loop.index, ir.Constant(i64, 3)))
+            builder.store(add(builder.load(accs[0]), term(k, 8)), accs[0])
+        v = add(add(builder.load(accs[0]), builder.load(accs[1])), add(builder.load(accs[2]), builder.load(accs[3])))
+        for w in (4, 2, 1):  # lanes pairwise
+            lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, w), list(range(w))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, w), list(range(w, 2 * w))))
+            v = add(lo, hi)
+        tot = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(_I32, 0)))
+        with cgutils.for_range(builder, builder.sub(n, n8)) as loop:
+            k = builder.add(n8, loop.index)
+            t = builder.extract_element(term(k, 1), ir.Constant(_I32, 0))
+            builder.store(add(builder.load(tot), t), tot)
+        return builder.load(tot)
+    return types.float32(a, b, n), codegen
+
+
+@intrinsic
 def _axpy_block(typingctx, q, b, scale, offset, out):
     """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q."""
     if not (_is_row(q, (types.int8, types.uint8)) and _is_row(out, (types.float32,))):
@@ -418,13 +471,7 @@ def _block_min_impl(W, r, b, db):
 @overload(_row_dot, inline="always")
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
-        def dense(W, r, x, X, exact):
-            wr = W[0][r]  # (cols,)
-            acc = np.float32(0.0)
-            for c in range(wr.size):
-                acc += _widen(wr[c]) * x[c]
-            return acc
-        return dense
+        return lambda W, r, x, X, exact: _dot(x, W[0][r], x.size)
 
     def blocks(W, r, x, X, exact):
         wr, d = W[0][r], W[1][r]  # (row quant bytes,), (nb,)

@@ -284,6 +284,43 @@ def test_exp_against_numpy():
     assert err.max() < 1e-5 and err[np.abs(x) < 10].max() < 1e-6, err.max()
 
 
+def test_dot_against_float64_in_its_fixed_order():
+    """kernels._dot (the attention's sums, and dense rows) against float64 for every length class (32-steps,
+    8-steps, tail) and each b type; plain sums (no products that FMA could fuse) bit for bit against numpy taking
+    them in the documented order."""
+    @numba.njit(fastmath=True)
+    def dot(a, b, n):
+        return K._dot(a, b, n)
+
+    def ordered(a, n):  # the documented order, in float32
+        p = a[:n]
+        n32, n8 = n & ~31, n & ~7
+        acc = [np.zeros(8, np.float32) for _ in range(4)]
+        for k in range(0, n32, 32):
+            for j in range(4):
+                acc[j] = acc[j] + p[k + 8 * j:k + 8 * j + 8]
+        for k in range(n32, n8, 8):
+            acc[0] = acc[0] + p[k:k + 8]
+        v = (acc[0] + acc[1]) + (acc[2] + acc[3])
+        for w in (4, 2, 1):
+            v = v[:w] + v[w:2 * w]
+        t = v[0]
+        for k in range(n8, n):
+            t = np.float32(t + p[k])
+        return t
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 31, 32, 33, 40, 64, 100, 1000):
+        a = rng.standard_normal(n + 3).astype(np.float32)
+        b = rng.standard_normal(n + 3).astype(np.float32)
+        for bb, b64 in ((b, b.astype(np.float64)), (b.astype(np.float16).view(np.uint16), b.astype(np.float16)),
+                        (None, None)):
+            want = a[:n].astype(np.float64) @ (np.float64(b64[:n]) if bb is not None else np.ones(n))
+            got = dot(a, bb, n)
+            assert abs(got - want) <= 1e-5 * max(1.0, np.abs(a[:n]).sum()), (n, got, want)
+        assert dot(a, None, n) == ordered(a, n)
+
+
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("qtype", K.BLOCK_TYPES, ids=lambda t: t.name)
 def test_ffn_untransposed_down(qtype, exact, rng, monkeypatch):
