@@ -93,7 +93,10 @@ _SERIAL = dict(nogil=True, cache=True, fastmath=True)
 _PARALLEL = dict(_SERIAL, parallel=True)
 # Helpers with float sums that kernels call (here and in cpu.py) are inline="always": each kernel then carries its
 # own copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled
-# copy that rounded its sums differently, and the first (compiling) run decoded differently from the next.
+# copy that rounded its sums differently, and the first (compiling) run decoded differently from the next. The
+# body of a parallel loop is such a function too (numba generates it), so long sums inside one go through `_dot`,
+# whose order no optimization changes; the short per-block offset sums of `_row_dot` are left plain (the tests
+# that decode past position 32 in a compiling and a cached run agree).
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
 # and reports it from a pedantic internal check; the generated code is unaffected.
 warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
