@@ -165,8 +165,6 @@ class KernelModel:
             self.layers.append(L)
         self.embd = tensors["token_embd.weight"]
         self.lm_head = K.prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
-        # a token's embedding row: from the prepared lm_head when tied (a kernel), else from the stored tensor
-        self.embd_rows = self.lm_head if c.tied_embeddings else None
         self.mats["output.weight"] = self.lm_head
         self.out_norm = tensors["output_norm.weight"].dequantize()
         # what the torch prefill reads (`torch`): the same prepared matrices, dequantized in row chunks
@@ -252,12 +250,13 @@ class KernelModel:
         c, x, xn, tmp = self.c, self.x, self.xn, self.tmp
         if pos >= self.n_ctx:
             raise ValueError(f"position {pos} is past the context of {self.n_ctx}")
-        if first == 0 and self.embd_rows is not None:
-            if not 0 <= token < self.embd_rows.rows:
-                raise ValueError(f"token id {token} is outside the vocabulary of {self.embd_rows.rows}")
-            _dequant_rows(self.embd_rows.W, np.int64(token), self.x_row)
-        elif first == 0:
-            x[:] = self.embd.rows(np.array([token])).dequantize()[0]
+        if first == 0:
+            if not 0 <= token < self.embd.shape[0]:
+                raise ValueError(f"token id {token} is outside the vocabulary of {self.embd.shape[0]}")
+            if c.tied_embeddings:  # the prepared lm_head holds the embedding rows: the token's row by a kernel
+                _dequant_rows(self.lm_head.W, np.int64(token), self.x_row)
+            else:
+                x[:] = self.embd.rows(np.array([token])).dequantize()[0]
         cos, sin = self.cos[pos], self.sin[pos]
         for i in range(first, c.n_layer):
             L = self.layers[i]

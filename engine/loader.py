@@ -158,10 +158,10 @@ class _Reader(GGUFReader):
         parts, view = [raw_itype, alen], self._view
         if itype == GGUFValueType.STRING:
             u64 = np.dtype(np.uint64)
-            lens = memoryview(view).cast("B")  # the map's bytes, for int.from_bytes without numpy per string
+            raw = memoryview(view).cast("B")  # the map's bytes, for int.from_bytes without numpy per string
             for _ in range(n):  # each string: its u64 length, then its bytes
-                m = offs + 8 + int.from_bytes(lens[offs:offs + 8], sys.byteorder)
-                if m > len(lens):
+                m = offs + 8 + int.from_bytes(raw[offs:offs + 8], sys.byteorder)
+                if m > len(raw):
                     raise ValueError(f"string at offset {offs} runs past the end of the file")
                 parts += (view[offs:offs + 8].view(u64), view[offs + 8:m])
                 offs = m

@@ -102,7 +102,6 @@ def test_cli_perplexity_json(capsys, data_dir):
 def test_bench_compare_json(capsys):
     """`hotcold bench --compare --json` on the default model, short: one row per engine, with the weight bytes a
     token reads falling as the FFN sparsity rises and every timing measured (no speed is asserted here)."""
-    from tools.cli import main
     assert main(["bench", "-n", "4", "--prompt-tokens", "8", "--compare", "--sparsity-levels", "0.5,0.9",
                  "-t", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
