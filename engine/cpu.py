@@ -66,10 +66,13 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     K._prep_x(xn, Xq)
     for j in prange(qkv.size):
         if j < nq:
+            K._prefetch_ahead(Wq, np.int64(j), nq)
             qkv[j] = K._row_dot(Wq, np.int64(j), xn, Xq, False)
         elif j < nq + nk:
+            K._prefetch_ahead(Wk, np.int64(j - nq), nk)
             qkv[j] = K._row_dot(Wk, np.int64(j - nq), xn, Xq, False)
         else:
+            K._prefetch_ahead(Wv, np.int64(j - nq - nk), qkv.size - nq - nk)
             qkv[j] = K._row_dot(Wv, np.int64(j - nq - nk), xn, Xq, False)
     rope_into(qkv, n_head + n_kv, hd, cos, sin)  # q then k: both rotate, v is past them
     for g in range(n_kv):
@@ -93,6 +96,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
             oh[d] = K._dot(sc, vg[d], pos + 1) * inv  # vg[d]: (n_ctx,)
     K._prep_x(att, Xo)
     for r in prange(x.size):
+        K._prefetch_ahead(Wo, np.int64(r), x.size)
         x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)
     rms_norm_into(x, ffn_norm, eps, xn)
 

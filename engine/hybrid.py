@@ -45,10 +45,14 @@ def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
     float32 1/0. Returns (n_cold, n_hot).
     """
     for j in range(z.size):
+        K._prefetch_ahead(fc1, np.int64(j), z.size)
         s = K._row_dot(fc1, np.int64(j), x, X1, True)
         z[j] = s if s > 0 else 0.0
     logit[:] = 0.0
+    ahead = K._ahead(fc2t)
     for j in range(z.size):  # fc2 @ z as a sum of fc2's columns for the nonzero z_j: about half are zero
+        if j + ahead < z.size and z[j + ahead] != 0.0:
+            K._row_prefetch(fc2t, np.int64(j + ahead))
         if z[j] != 0.0:
             K._row_axpy(fc2t, np.int64(j), z[j], logit)
     hot_mask[:] = 0.0
