@@ -606,7 +606,7 @@ def _act(g, act, threshold):
 # Parallel kernels
 
 @njit(**_PARALLEL)
-def _k_matvec(W, rows, x, out, X, exact):
+def _k_matvec(W, rows, x, out, X, exact=False):
     """out[j] = W[rows[j]] @ x (rows None: all rows)."""
     _prep_x(x, X)
     for j in prange(out.size):
@@ -643,7 +643,7 @@ def _k_axpy(W, rows, coef, out, part, nt):
 
 
 @njit(**_PARALLEL)
-def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact):
+def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False):
     """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons, first computing their
     h into its row of hs, then summing their down rows into its row of part. Two passes, not one per neuron:
     the dot products of one pass do not wait on each other. Scattered rows are latency bound, so the first pass
@@ -672,7 +672,7 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact):
 
 
 @njit(**_PARALLEL)
-def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact):
+def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact=False):
     """out = D @ h with D the untransposed down (n_embd, n_ff): h_i for i in active (None: all), 0 elsewhere.
     Streams the same bytes as the file's ffn_down (down_t's rows are re-quantized to Q8_0: more bytes)."""
     _prep_x(x, X)
@@ -758,6 +758,13 @@ def transpose(qt: QTensor, qtype: QT | None = None) -> KMatrix:
     return prepare(QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), qtype))
 
 
+def _exact(exact: bool) -> tuple:
+    """The kernels' trailing `exact` argument: left out unless True. Left out, numba compiles its default, a
+    constant, and the int8 path alone; passed as a runtime bool it cost the dense FFN 9% (5.6-6.1 against
+    5.1-5.4 ms a token, one thread, cache-warm)."""
+    return (True,) if exact else ()
+
+
 def _check(a: np.ndarray, n: int, what: str):
     if a.dtype != np.float32 or a.shape != (n,):
         raise ValueError(f"kernels: {what} must be float32 ({n},), got {a.dtype} {a.shape}")
@@ -775,14 +782,14 @@ def matvec(w: KMatrix, x: np.ndarray, out: np.ndarray, exact: bool = False) -> N
     """out = W @ x.   x f32[cols], out f32[rows]. exact: f32 x instead of int8 x for block types."""
     _check(x, w.cols, "x")
     _check(out, w.rows, "out")
-    _k_matvec(w.W, None, x, out, w.X, exact)
+    _k_matvec(w.W, None, x, out, w.X, *_exact(exact))
 
 
 def matvec_rows(w: KMatrix, rows: np.ndarray, x: np.ndarray, out: np.ndarray, exact: bool = False) -> None:
     """out[j] = W[rows[j]] @ x.   rows i32[k] (not bounds-checked), x f32[cols], out f32[k]."""
     _check(x, w.cols, "x")
     _check(out, rows.size, "out")
-    _k_matvec(w.W, rows, x, out, w.X, exact)
+    _k_matvec(w.W, rows, x, out, w.X, *_exact(exact))
 
 
 def axpy_rows(w_t: KMatrix, rows: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:
@@ -802,8 +809,8 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with h in 16 bits per block, f32 if exact (fewer bytes than down_t's Q8_0 rows when down is
-    block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default: numba's thread count, which costs
-    a microsecond to ask; any nt gives the same result up to summation order)."""
+    block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default:
+    numba's thread count, which costs a microsecond to ask; any nt gives the same result up to summation order)."""
     _check(x, up.cols, "x")
     if gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols):
         raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}")
@@ -812,7 +819,8 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
         if (down.rows, down.cols) != (up.cols, up.rows):
             raise ValueError(f"kernels: ffn shapes disagree: down {down}, up {up}")
         _check(out, down.rows, "out")
-        _k_ffn_dense(G, up.W, down.W, x, act, np.float32(threshold), active, down.vec, out, up.X, down.X16, exact)
+        _k_ffn_dense(G, up.W, down.W, x, act, np.float32(threshold), active, down.vec, out, up.X, down.X16,
+                     *_exact(exact))
         return
     if down_t is None:
         raise ValueError("kernels: ffn needs down_t for a sparse active set")
@@ -821,4 +829,4 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     _check(out, down_t.cols, "out")
     nt = _parts(down_t, nt)
     _k_ffn(G, up.W, down_t.W, x, act, np.float32(threshold), active, out, up.X, down_t.part, down_t.hs, nt,
-           exact)
+           *_exact(exact))
