@@ -40,10 +40,11 @@ from .qtensor import QTensor
 def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
     """Predict layer neurons for one token and split them into cold ids and a hot mask.
 
-    fc1 (r, E), fc2t (r, F) as KMatrix.W (F16 or F32), X1 fc1's x scratch; x (E,); hot_pos (F,) int32: index in
-    the hot set or -1; scratch z (r,), logit (F,); out: cold (F,) int32 (first n_cold used), hot_mask (n_hot,)
-    float32 1/0. Returns (n_cold, n_hot).
+    fc1 (r, E), fc2t (r, F) as KMatrix.W (F16, F32, Q8_0 or Q4_1), X1 fc1's x scratch; x (E,); hot_pos (F,)
+    int32: index in the hot set or -1; scratch z (r,), logit (F,); out: cold (F,) int32 (first n_cold used),
+    hot_mask (n_hot,) float32 1/0. Returns (n_cold, n_hot).
     """
+    K._prep_x(x, X1)  # the per-block sums of x that block-quantized fc1 rows (Q4_1: their offsets) need
     for j in range(z.size):
         K._prefetch_ahead(fc1, np.int64(j), z.size)
         s = K._row_dot(fc1, np.int64(j), x, X1, True)

@@ -135,6 +135,36 @@ def test_predictor_types_keep_the_bundles_decisions(tmp_path, qtype, trained, ag
     assert sum(m.nbytes for m in rt.fc1 + rt.fc2t) == weight_bytes(qtype) * bundle.n_params
 
 
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_1"])
+def test_predict_split_against_float64(qtype):
+    """The decode step's predictor kernel against float64 over the same (dequantized) weights: z = relu(fc1 x),
+    logits = fc2 z, and the split of the predicted set into cold ids and the hot mask. x has a mean far from 0,
+    so that Q4_1's per-block offsets (which need the sums of x per block) weigh."""
+    from engine.cpu import dequantize_rows
+    from engine.hybrid import predict_split, predictor_matrix
+    rng = np.random.default_rng(3)
+    r, E, F = 40, 96, 160
+    fc1 = predictor_matrix(torch.tensor(rng.standard_normal((r, E)) * 0.1, dtype=torch.float32), qtype)
+    fc2t = predictor_matrix(torch.tensor(rng.standard_normal((r, F)) * 0.1, dtype=torch.float32), qtype)
+    assert fc1.qtype.name == ("F32" if qtype == "F16" else qtype)  # random values are not float16 values
+    hot_pos = np.full(F, -1, np.int32)
+    hot_pos[::4] = np.arange(F // 4)
+    z, logit, cold, hot_mask = (np.zeros(r, np.float32), np.zeros(F, np.float32), np.zeros(F, np.int32),
+                                np.zeros(F // 4, np.float32))
+    for _ in range(3):  # fresh x each time: nothing may carry over from the last call
+        x = (rng.standard_normal(E) + 2.0).astype(np.float32)
+        thr = np.float32(np.median(logit)) if logit.any() else np.float32(0.0)
+        nc, nh = predict_split(fc1.W, fc1.X, fc2t.W, thr, x, hot_pos, z, logit, cold, hot_mask)
+        z_ref = np.maximum(dequantize_rows(fc1, 0, r).astype(np.float64) @ x, 0)
+        logit_ref = dequantize_rows(fc2t, 0, r).astype(np.float64).T @ z_ref
+        np.testing.assert_allclose(z, z_ref, rtol=0, atol=1e-5 * np.abs(z_ref).max())
+        np.testing.assert_allclose(logit, logit_ref, rtol=0, atol=1e-5 * np.abs(logit_ref).max())
+        active = np.flatnonzero(logit >= thr)
+        assert list(cold[:nc]) == [i for i in active if hot_pos[i] < 0]
+        hot = [hot_pos[i] for i in active if hot_pos[i] >= 0]
+        assert nh == hot_mask.sum() == len(hot) and list(np.flatnonzero(hot_mask)) == hot
+
+
 def test_perplexity_runs_the_decode_path(tmp_path):
     path = tiny_path(tmp_path)
     dense, sparse = load(path, n_ctx=64), load(path, n_ctx=64)
