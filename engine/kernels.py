@@ -533,6 +533,13 @@ def _prefetch_ahead(W, r, n):
         _row_prefetch(W, a)
 
 
+@njit(inline="always", **_SERIAL)
+def _prefetch_next(W, rows, j, n):
+    """Hint row rows[j + PREFETCH] of W (if j + PREFETCH < n) into cache: loops over gathered rows."""
+    if j + PREFETCH < n:
+        _row_prefetch(W, np.int64(rows[j + PREFETCH]))
+
+
 @overload(_row_prefetch, inline="always")
 def _row_prefetch_impl(W, r):
     if isinstance(W, types.NoneType):  # no gate
@@ -613,8 +620,8 @@ def _k_matvec(W, rows, x, out, X, exact=False):
         r = np.int64(j) if rows is None else np.int64(rows[j])
         if rows is None:
             _prefetch_ahead(W, r, out.size)
-        elif j + PREFETCH < out.size:
-            _row_prefetch(W, np.int64(rows[j + PREFETCH]))
+        else:
+            _prefetch_next(W, rows, j, out.size)
         out[j] = _row_dot(W, r, x, X, exact)
 
 
@@ -656,16 +663,15 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False
         acc[:] = 0.0
         j0, j1 = t * n // nt, (t + 1) * n // nt
         for j in range(j0, j1):
-            if active is not None and j + PREFETCH < j1:
-                f = np.int64(active[j + PREFETCH])
-                _row_prefetch(G, f)
-                _row_prefetch(U, f)
-                _row_prefetch(D, f)
+            if active is not None:
+                _prefetch_next(G, active, j, j1)
+                _prefetch_next(U, active, j, j1)
+                _prefetch_next(D, active, j, j1)
             i = np.int64(j) if active is None else np.int64(active[j])
             h[j - j0] = _row_hidden(G, U, i, x, X, act, threshold, exact)
         for j in range(j0, j1):
-            if active is not None and j + PREFETCH < j1:
-                _row_prefetch(D, np.int64(active[j + PREFETCH]))
+            if active is not None:
+                _prefetch_next(D, active, j, j1)
             if h[j - j0] != 0:
                 _row_axpy(D, np.int64(j) if active is None else np.int64(active[j]), h[j - j0], acc)
     _sum_parts(part, nt, out, False)
@@ -685,9 +691,8 @@ def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact=False)
     else:
         h[:] = 0.0
         for j in prange(active.size):
-            if j + PREFETCH < active.size:
-                _row_prefetch(G, np.int64(active[j + PREFETCH]))
-                _row_prefetch(U, np.int64(active[j + PREFETCH]))
+            _prefetch_next(G, active, j, active.size)
+            _prefetch_next(U, active, j, active.size)
             i = np.int64(active[j])
             h[i] = _row_hidden(G, U, i, x, X, act, threshold, exact)
     _prep_x(h, Xh)
