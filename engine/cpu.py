@@ -9,7 +9,7 @@ vectors) is allocated once here; a decode step allocates nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -129,6 +129,7 @@ class Layer:
     down: K.KMatrix | None  # (n_embd, n_ff) as stored, kept when block-quantized: the dense FFN's (fewer bytes)
     down_src: QTensor | None = None  # ffn_down as stored, while down_t is not built yet
     built_down_t: K.KMatrix | None = None
+    runs: dict = field(default_factory=dict)  # sparse (bool) -> kernels.ffn_runner bound to this layer
 
     @property
     def down_t(self) -> K.KMatrix:
@@ -192,6 +193,10 @@ class KernelModel:
         self.tmp = np.zeros(c.n_embd, np.float32)
         self.scores = np.zeros((c.n_head, n_ctx), np.float32)
         self.logits = np.zeros(c.n_vocab, np.float32)
+        # attention_into's arguments but x, pos, cos, sin, per layer (bound once: 1-2 us a call less)
+        self.attn_args = [(L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.o.W, self.k_cache[i],
+                           self.v_cache[i]) for i, L in enumerate(self.layers)]
+        self.attn_scratch = [(self.xn, self.qkv, self.att, self.scores, L.q.X, L.o.X) for L in self.layers]
 
     @property
     def nbytes(self) -> int:
@@ -245,8 +250,12 @@ class KernelModel:
 
     def ffn(self, L: Layer, xn: np.ndarray, out: np.ndarray, active: np.ndarray | None) -> None:
         """out = layer L's FFN of xn over the active neuron ids (None: all; dense ones read the stored down)."""
-        down_t = None if active is None and L.down is not None else L.down_t  # built on the first sparse use
-        K.ffn(L.gate, L.up, down_t, xn, self.act, self.threshold, out, active, down=L.down, nt=self.nt)
+        sparse = active is not None or L.down is None
+        run = L.runs.get(sparse)
+        if run is None:  # the sparse runner builds down_t (on the first sparse use)
+            run = L.runs[sparse] = K.ffn_runner(L.gate, L.up, L.down_t if sparse else None, self.act,
+                                                self.threshold, down=L.down, nt=self.nt)
+        run(xn, out, active)
 
     def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
         """One token at position pos through layers first.. on the kernels; returns the logits buffer.
@@ -264,8 +273,7 @@ class KernelModel:
         cos, sin = self.cos[pos], self.sin[pos]
         for i in range(first, c.n_layer):
             L = self.layers[i]
-            attention_into(x, L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.o.W, self.k_cache[i],
-                           self.v_cache[i], pos, cos, sin, xn, self.qkv, self.att, self.scores, L.q.X, L.o.X)
+            attention_into(x, *self.attn_args[i], pos, cos, sin, *self.attn_scratch[i])
             if self.runtime is not None:  # predictors, maybe a hot part on another device (engine/hybrid.py)
                 self.runtime.ffn(i, x, xn, tmp)
             else:
