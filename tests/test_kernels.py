@@ -106,12 +106,13 @@ def store(x, out):
 rng = np.random.default_rng(7)
 errors = {}
 for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-    qt = (q8_with_min_quants(rng, 29, 160) if qtype == QT.Q8_0 else
-          QTensor.from_float(rng.standard_normal((29, 160)).astype(np.float32), qtype))
-    x = rng.standard_normal(160).astype(np.float32)
-    out = np.zeros(29, np.float32)
-    K.matvec(K.prepare(qt), x, out)
-    errors[qtype.name] = rel(out, qt.dequantize().astype(np.float64) @ x)
+    for cols in (32, 64, 160, 192, 224):  # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks
+        qt = (q8_with_min_quants(rng, 29, cols) if qtype == QT.Q8_0 else
+              QTensor.from_float(rng.standard_normal((29, cols)).astype(np.float32), qtype))
+        x = rng.standard_normal(cols).astype(np.float32)
+        out = np.zeros(29, np.float32)
+        K.matvec(K.prepare(qt), x, out)
+        errors[qtype.name] = max(errors.get(qtype.name, 0.0), rel(out, qt.dequantize().astype(np.float64) @ x))
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
 halves = np.arange(2**16, dtype=np.uint16)  # every f16 bit pattern
 widened = np.zeros(halves.size, np.float32)
@@ -125,6 +126,7 @@ store(x, stored)
 with np.errstate(invalid="ignore", over="ignore"):
     want = x.astype(np.float16)
 print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw": "vpmaddubsw" in asm,
+                  "zmm_dot": any("vpdpbusd" in line and "zmm" in line for line in asm.splitlines()),
                   "widen_wrong": int(((widened.view(np.uint32) != finite.view(np.uint32))
                                       & ~(np.isnan(widened) & np.isnan(finite))).sum()),
                   "store_wrong": int(((stored != want.view(np.uint16))
@@ -133,14 +135,14 @@ print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw":
 """
 
 
-@pytest.mark.parametrize("isa", ["vnni", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "generic"])
 def test_int8_dot_product_of_each_isa(isa, tmp_path):
     """Each host-dependent int8 block dot product (K.ISA), compiled in a new process with its own numba cache
     (a process compiles one of them), against float64; the host must support the instructions. Also the f16
     conversions of each path (`_widen`, `_stored`) against numpy, on every f16 value and on float32 values around
     them. The generic path compiles for NUMBA_CPU_NAME=generic, where LLVM's f16 conversions call compiler-rt
     functions numba cannot link (the process aborted before the integer conversions)."""
-    order = ["generic", "avx2", "vnni"]
+    order = ["generic", "avx2", "vnni", "vnni512"]
     if order.index(isa) > order.index(K.host_isa()):
         pytest.skip(f"this host's CPU runs {K.host_isa()}, not {isa}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +156,8 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
     assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
     if isa != "generic":  # the path asked for is the one compiled (x86 hosts)
-        assert (got["vpdpbusd"], got["vpmaddubsw"]) == (isa == "vnni", isa == "avx2")
+        assert (got["vpdpbusd"], got["vpmaddubsw"], got["zmm_dot"]) == (isa.startswith("vnni"), isa == "avx2",
+                                                                        isa == "vnni512")
 
 
 @pytest.mark.parametrize("exact", [True, False])
