@@ -238,23 +238,23 @@ def _i8_dot(builder, qty, qv, xv):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 nibbles or signed
     Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic);
     <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512 only)."""
-    i8x32, i32x8 = _vec(ir.IntType(8), qv.type.count), _vec(_I32, qv.type.count // 4)
+    i8s, i32s = _vec(ir.IntType(8), qv.type.count), _vec(_I32, qv.type.count // 4)
     if ISA == "generic":
         return _widened_dot(builder, _extend(builder, qty, qv, _vec(_I32, BLOCK)), xv)
     # both instructions take unsigned q and signed x; x is never -128 (_prep_x), so negating it cannot wrap and
     # pairs of products fit vpmaddubsw's i16: 128 * 127 * 2 < 2^15
     if qty.dtype == types.int8:  # Q8_0: |q| * (x with q's sign); |-128| wraps to 0x80, read as 128
-        neg = builder.icmp_signed("<", qv, ir.Constant(i8x32, None))
-        xv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), xv), xv)
-        qv = builder.select(neg, builder.sub(ir.Constant(i8x32, None), qv), qv)
+        neg = builder.icmp_signed("<", qv, ir.Constant(i8s, None))
+        xv = builder.select(neg, builder.sub(ir.Constant(i8s, None), xv), xv)
+        qv = builder.select(neg, builder.sub(ir.Constant(i8s, None), qv), qv)
     if ISA in ("vnni", "vnni512"):  # declared with i32 operands as LLVM before 22 has it; LLVM 22 upgrades the call
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i32x8, i32x8, i32x8]),
-                                            f"llvm.x86.avx512.vpdpbusd.{i32x8.count * 32}")
-        return builder.call(fn, [ir.Constant(i32x8, None), builder.bitcast(qv, i32x8), builder.bitcast(xv, i32x8)])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i32s, i32s, i32s]),
+                                            f"llvm.x86.avx512.vpdpbusd.{i32s.count * 32}")
+        return builder.call(fn, [ir.Constant(i32s, None), builder.bitcast(qv, i32s), builder.bitcast(xv, i32s)])
     i16x16 = _vec(ir.IntType(16), 16)
-    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8x32, i8x32]),
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8s, i8s]),
                                              "llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]),
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16x16, i16x16]),
                                             "llvm.x86.avx2.pmadd.wd")
     return builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
 
