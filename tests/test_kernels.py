@@ -103,17 +103,28 @@ def store(x, out):
         out[i] = K._stored(x[i], out)
 
 
+@njit
+def dot16(W, x, X, out):  # rows against 16-bit x: the dense FFN's down @ h
+    K._prep_x(x, X)
+    for r in range(out.size):
+        out[r] = K._row_dot(W, np.int64(r), x, X, False)
+
+
 rng = np.random.default_rng(7)
-errors = {}
+errors, errors16 = {}, {}
 for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
     for cols in (32, 64, 160, 192, 224):  # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks
         qt = (q8_with_min_quants(rng, 29, cols) if qtype == QT.Q8_0 else
               QTensor.from_float(rng.standard_normal((29, cols)).astype(np.float32), qtype))
         x = rng.standard_normal(cols).astype(np.float32)
         out = np.zeros(29, np.float32)
-        K.matvec(K.prepare(qt), x, out)
-        errors[qtype.name] = max(errors.get(qtype.name, 0.0), rel(out, qt.dequantize().astype(np.float64) @ x))
+        km, ref = K.prepare(qt), qt.dequantize().astype(np.float64) @ x
+        K.matvec(km, x, out)
+        errors[qtype.name] = max(errors.get(qtype.name, 0.0), rel(out, ref))
+        dot16(km.W, x, km.X16, out)
+        errors16[qtype.name] = max(errors16.get(qtype.name, 0.0), rel(out, ref))
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
+asm16 = "\\n".join(dot16.inspect_asm().values()) if sys.argv[1] != "generic" else ""
 halves = np.arange(2**16, dtype=np.uint16)  # every f16 bit pattern
 widened = np.zeros(halves.size, np.float32)
 widen(halves, widened)
@@ -125,8 +136,11 @@ stored = np.zeros(x.size, np.uint16)
 store(x, stored)
 with np.errstate(invalid="ignore", over="ignore"):
     want = x.astype(np.float16)
-print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw": "vpmaddubsw" in asm,
+print(json.dumps({"errors": errors, "errors16": errors16, "vpdpbusd": "vpdpbusd" in asm,
+                  "vpmaddubsw": "vpmaddubsw" in asm,
                   "zmm_dot": any("vpdpbusd" in line and "zmm" in line for line in asm.splitlines()),
+                  "vpmaddwd16": sorted({r for line in asm16.splitlines() if "vpmaddwd" in line
+                                        for r in ("ymm", "zmm") if r in line}),
                   "widen_wrong": int(((widened.view(np.uint32) != finite.view(np.uint32))
                                       & ~(np.isnan(widened) & np.isnan(finite))).sum()),
                   "store_wrong": int(((stored != want.view(np.uint16))
@@ -137,10 +151,10 @@ print(json.dumps({"errors": errors, "vpdpbusd": "vpdpbusd" in asm, "vpmaddubsw":
 
 @pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "generic"])
 def test_int8_dot_product_of_each_isa(isa, tmp_path):
-    """Each host-dependent int8 block dot product (K.ISA), compiled in a new process with its own numba cache
-    (a process compiles one of them), against float64; the host must support the instructions. Also the f16
-    conversions of each path (`_widen`, `_stored`) against numpy, on every f16 value and on float32 values around
-    them. The generic path compiles for NUMBA_CPU_NAME=generic, where LLVM's f16 conversions call compiler-rt
+    """Each host-dependent int8 block dot product (K.ISA), and the int16 one of the dense FFN's down @ h, compiled
+    in a new process with its own numba cache (a process compiles one of them), against float64; the host must
+    support the instructions. Also the f16 conversions of each path (`_widen`, `_stored`) against numpy, on every
+    f16 value and on float32 values around them. The generic path compiles for NUMBA_CPU_NAME=generic, where LLVM's f16 conversions call compiler-rt
     functions numba cannot link (the process aborted before the integer conversions)."""
     order = ["generic", "avx2", "vnni", "vnni512"]
     if order.index(isa) > order.index(K.host_isa()):
@@ -154,10 +168,13 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     errors = got["errors"]
     assert set(errors) == {"Q8_0", "Q4_0", "Q4_1"}
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
+    assert set(got["errors16"]) == set(errors) and all(0 < e < 1e-4 for e in got["errors16"].values()), got
     assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
     if isa != "generic":  # the path asked for is the one compiled (x86 hosts)
         assert (got["vpdpbusd"], got["vpmaddubsw"], got["zmm_dot"]) == (isa.startswith("vnni"), isa == "avx2",
                                                                         isa == "vnni512")
+        # the 16-bit x path's products: 512-bit over two blocks with vnni512 (256-bit for an odd last block)
+        assert got["vpmaddwd16"] == (["ymm", "zmm"] if isa == "vnni512" else ["ymm"]), got
 
 
 @pytest.mark.parametrize("exact", [True, False])
