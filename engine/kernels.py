@@ -527,7 +527,7 @@ def _row_axpy_impl(W, r, s, out):
     if _dense(W):
         def dense(W, r, s, out):
             wr = W[0][r]
-            for c in range(out.size):
+            for c in range(wr.size):  # out may be longer: a padded row of part (`_thread_rows`)
                 out[c] += s * _widen(wr[c])
         return dense
 
@@ -816,8 +816,9 @@ def _parts(w: KMatrix, nt: int | None = None) -> int:
 
 def _thread_rows(nt: int, n: int) -> np.ndarray:
     """Zeros (nt, n') float32, n' >= n, one row a thread, each row on cache lines of its own. Rows that two threads
-    write must not share a line: with numpy's 16-byte alignment the end of part[0] shared one with the start of
-    part[1], and axpy_rows over 768 cached rows took as long on 2 threads as on 1 (47 us; 34 us aligned)."""
+    write must not share a line: with numpy's 16-byte alignment the end of part[0] could share one with the start
+    of part[1], and axpy_rows over 768 cached Q8_0 rows took 66-72 us on 2 threads (1 thread: 50 us), against
+    33-49 us with the rows apart."""
     stride = -(-n // 16) * 16  # floats: a multiple of 64 bytes
     buf = np.zeros(nt * stride + 15, np.float32)
     off = (-buf.ctypes.data % 64) // 4

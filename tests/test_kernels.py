@@ -154,8 +154,9 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     """Each host-dependent int8 block dot product (K.ISA), and the int16 one of the dense FFN's down @ h, compiled
     in a new process with its own numba cache (a process compiles one of them), against float64; the host must
     support the instructions. Also the f16 conversions of each path (`_widen`, `_stored`) against numpy, on every
-    f16 value and on float32 values around them. The generic path compiles for NUMBA_CPU_NAME=generic, where LLVM's f16 conversions call compiler-rt
-    functions numba cannot link (the process aborted before the integer conversions)."""
+    f16 value and on float32 values around them. The generic path compiles for NUMBA_CPU_NAME=generic, where
+    LLVM's f16 conversions call compiler-rt functions numba cannot link (the process aborted before the integer
+    conversions)."""
     order = ["generic", "avx2", "vnni", "vnni512"]
     if order.index(isa) > order.index(K.host_isa()):
         pytest.skip(f"this host's CPU runs {K.host_isa()}, not {isa}")
