@@ -166,16 +166,20 @@ class Model:
         """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
         return self.net.forward(tokens, pos, all_logits)
 
-    def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
-                 on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
-        """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
-        stop token or n tokens."""
-        sampler = sampler or Sampler(temperature=0.0)
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """HotcoldError unless the prompt is non-empty and leaves room in the context for a token."""
         if not prompt_ids:
             raise HotcoldError("empty prompt")
         if len(prompt_ids) >= self.n_ctx:
             raise HotcoldError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}"
                                " (raise --ctx)")
+
+    def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
+                 on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
+        """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
+        stop token or n tokens."""
+        sampler = sampler or Sampler(temperature=0.0)
+        self.check_prompt(prompt_ids)
         n = min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
         if self.sparsity is not None:

@@ -48,8 +48,9 @@ def test_quantized_gguf_close_to_f32(tmp_path, qtype):
 
 def run_cli(capsys, *argv):
     code = main(list(argv))
-    err = capsys.readouterr().err.strip()
-    return code, err
+    cap = capsys.readouterr()
+    assert code == 0 or cap.out == "", cap.out  # a refused command prints nothing on stdout
+    return code, cap.err.strip()
 
 
 def assert_one_line(code, err, *words):

@@ -87,6 +87,7 @@ def cmd_generate(args) -> None:
     model = load_model(args)
     prompt = model.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
     ids = model.tokenize(prompt)
+    model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     if args.json:
         emit_json(model.generate(ids, args.n, sampler).to_dict())
