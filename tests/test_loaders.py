@@ -100,6 +100,18 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert_one_line(*run_cli(capsys, "generate", "-m", str(hfdir), "-p", "hi"), "GPTNeoXForCausalLM")
 
 
+def test_counts_below_their_minimum_are_refused(capsys):
+    """Thread, token and chunk counts are checked by the argument parser: exit code 2, the argument named."""
+    for argv, name in ((["generate", "-p", "hi", "-n", "-1"], "-n/--n-predict"), (["bench", "-t", "0"], "-t/--threads"),
+                       (["perplexity", "-f", "x.txt", "--chunks", "0"], "--chunks"),
+                       (["profile", "-f", "x.txt", "-o", "out", "--ctx", "1"], "--ctx"),
+                       (["split", "--profile", "p", "-o", "s", "--group", "0", "--hot-fraction", "0.5"], "--group")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {name}: must be at least" in err and "Traceback" not in err, err
+
+
 def test_installed_command_exit_code(tmp_path):
     """The real console script: exit code 2, one line on stderr, no traceback."""
     exe = os.path.join(os.path.dirname(sys.executable), "hotcold")

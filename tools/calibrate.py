@@ -387,7 +387,7 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import add_model_args
+    from tools.cli import add_model_args, at_least
     p = sub.add_parser("calibrate", help="sparsity thresholds for a target sparsity or a perplexity bound")
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
@@ -399,11 +399,11 @@ def add_command(sub) -> None:
                       help="percent by which held-out perplexity may rise (PPL-p%% sparsity)")
     p.add_argument("--method", choices=METHODS, default="quantile",
                    help="quantile (default: measured best on SmolLM2), cett or greedy")
-    p.add_argument("--tokens", type=int, default=4096, metavar="N",
+    p.add_argument("--tokens", type=at_least(1), default=4096, metavar="N",
                    help="tokens for the score statistics (default 4096)")
-    p.add_argument("--heldout-tokens", type=int, default=4096, metavar="N",
+    p.add_argument("--heldout-tokens", type=at_least(1), default=4096, metavar="N",
                    help="tokens at the corpus end for the perplexity bound (default 4096)")
-    p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--ctx", type=at_least(2), default=512, help="window size in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--predictors", dest="bundle", default=None, metavar="BUNDLE",
                    help="tune this predictor bundle's thresholds to --ppl-increase instead; -o is then a bundle")

@@ -15,18 +15,28 @@ COMMAND_MODULES = {"train-predictors": "tools.predict", "eval-predictors": "tool
                    "profile": "tools.profile", "calibrate": "tools.calibrate", "export": "tools.export",
                    "inspect": "tools.export"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
+
+
+def at_least(lo: int):
+    """An argparse type: an integer >= lo (a count of threads, tokens or chunks)."""
+    def parse(text: str) -> int:
+        v = int(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+    return parse
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
 
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
     p.add_argument("--backend", choices=("kernels", "torch"), default="kernels",
                    help="kernels: numba on the stored blocks (default); torch: float32 reference")
     p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                    help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
-        p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens (default 2048)")
+        p.add_argument("-c", "--ctx", type=at_least(2), default=2048, help="context size in tokens (default 2048)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -174,7 +184,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--n-predict", dest="n", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
+                   help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
@@ -195,17 +206,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", required=True)
-    p.add_argument("--ctx", type=int, default=512, help="chunk size in tokens (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")
-    p.add_argument("--first-chunk", type=int, default=0)
+    p.add_argument("--ctx", type=at_least(2), default=512, help="chunk size in tokens (default 512)")
+    p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
+    p.add_argument("--first-chunk", type=at_least(0), default=0)
     p.add_argument("--json", action="store_true")
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed")
     add_model_args(p)
-    p.add_argument("-n", type=int, default=128, help="tokens to decode (default 128)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default 128)")
+    p.add_argument("-n", type=at_least(1), default=128, help="tokens to decode (default 128)")
+    p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
     p.add_argument("--compare", action="store_true",
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
     p.add_argument("--sparsity-levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.5, 0.9],

@@ -353,21 +353,21 @@ def cmd_eval(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import add_model_args
+    from tools.cli import add_model_args, at_least
     p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile")
     p.add_argument("--profile", required=True, help="profile directory (hotcold profile -o)")
     p.add_argument("-o", "--out", required=True, help="bundle directory (resumed when it holds finished layers)")
     p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
     p.add_argument("--recall", type=float, default=0.99, help="recall target on validation (default 0.99)")
     p.add_argument("--rank", default="auto", help="auto (smallest good rank within the budget) or a number")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per rank tried (default 10)")
+    p.add_argument("--epochs", type=at_least(1), default=10, help="epochs per rank tried (default 10)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
     p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
     p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default="F16", help="how decoding will read the "
                    "weights: F16 (default), Q8_0 or Q4_1 (the bytes read per token: 2, 1.06, 0.63 per weight); the "
                    "weights are rounded to that type and the thresholds tuned on them")
-    p.add_argument("-t", "--threads", type=int, default=None, help="torch threads for training (default: all "
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="torch threads for training (default: all "
                    "cores); the next layer's samples are read meanwhile in another thread")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -376,7 +376,7 @@ def add_command(sub) -> None:
     add_model_args(p, ctx=False)
     p.add_argument("--bundle", required=True, help="predictor bundle directory")
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, help="held-out text or .jsonl")
-    p.add_argument("--tokens", type=int, default=None, help="tokens to evaluate (default: the whole text)")
-    p.add_argument("--ctx", type=int, default=256, help="window size in tokens (default 256)")
+    p.add_argument("--tokens", type=at_least(1), default=None, help="tokens to evaluate (default: the whole text)")
+    p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

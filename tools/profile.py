@@ -355,18 +355,18 @@ def cmd_profile(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import add_model_args
+    from tools.cli import add_model_args, at_least
     p = sub.add_parser("profile", help="count FFN neuron activations over a corpus; save predictor samples")
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", dest="files", nargs="+", metavar="CORPUS",
                    help="corpus: text files or .jsonl with a text field")
     p.add_argument("-o", "--out", metavar="DIR",
                    help="output directory (resumed when it holds this profile unfinished)")
-    p.add_argument("--tokens", type=int, default=None, metavar="N",
+    p.add_argument("--tokens", type=at_least(1), default=None, metavar="N",
                    help="tokens to profile (default: the whole corpus)")
-    p.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512)")
+    p.add_argument("--ctx", type=at_least(2), default=512, help="window size in tokens (default 512)")
     p.add_argument("--sparsity", default=None, metavar="CONFIG", help="sparsity config (needed for SiLU models)")
-    p.add_argument("--samples-per-layer", type=int, default=100_000, metavar="CAP",
+    p.add_argument("--samples-per-layer", type=at_least(0), default=100_000, metavar="CAP",
                    help="tokens sampled for predictor training (default 100000)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--report", metavar="DIR", default=None, help="print the report of a finished profile")
