@@ -15,6 +15,7 @@ COMMAND_MODULES = {"train-predictors": "tools.predict", "eval-predictors": "tool
                    "profile": "tools.profile", "calibrate": "tools.calibrate", "export": "tools.export",
                    "inspect": "tools.export"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
+SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
 
 def at_least(lo: int):
@@ -25,7 +26,6 @@ def at_least(lo: int):
             raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
         return v
     return parse
-SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
 
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:

@@ -317,8 +317,6 @@ def cmd_train(args) -> None:
     if args.rank != "auto" and not (args.rank.isdigit() and int(args.rank) >= 2):
         raise HotcoldError(f"--rank {args.rank!r}: expected auto or a number >= 2")
     rank = args.rank if args.rank == "auto" else int(args.rank)
-    if args.threads < 1:
-        raise HotcoldError(f"-t {args.threads}: need at least one thread")
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
                            qtype=args.predictor_type)
