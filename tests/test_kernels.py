@@ -86,7 +86,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from engine import kernels as K
 from engine.qtensor import QTensor
-from tests.test_kernels import q8_with_min_quants, rel
+from tests.test_kernels import _rows_dot, q8_with_min_quants, rel
 from numba import njit
 K.ISA = sys.argv[1]
 
@@ -103,13 +103,6 @@ def store(x, out):
         out[i] = K._stored(x[i], out)
 
 
-@njit
-def dot16(W, x, X, out):  # rows against 16-bit x: the dense FFN's down @ h
-    K._prep_x(x, X)
-    for r in range(out.size):
-        out[r] = K._row_dot(W, np.int64(r), x, X, False)
-
-
 rng = np.random.default_rng(7)
 errors, errors16 = {}, {}
 for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
@@ -121,10 +114,10 @@ for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
         km, ref = K.prepare(qt), qt.dequantize().astype(np.float64) @ x
         K.matvec(km, x, out)
         errors[qtype.name] = max(errors.get(qtype.name, 0.0), rel(out, ref))
-        dot16(km.W, x, km.X16, out)
+        _rows_dot(km.W, x, km.X16, out)  # rows against 16-bit x: the dense FFN's down @ h
         errors16[qtype.name] = max(errors16.get(qtype.name, 0.0), rel(out, ref))
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
-asm16 = "\\n".join(dot16.inspect_asm().values()) if sys.argv[1] != "generic" else ""
+asm16 = "\\n".join(_rows_dot.inspect_asm().values()) if sys.argv[1] != "generic" else ""
 halves = np.arange(2**16, dtype=np.uint16)  # every f16 bit pattern
 widened = np.zeros(halves.size, np.float32)
 widen(halves, widened)
