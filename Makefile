@@ -20,4 +20,20 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-.PHONY: setup run test
+# Optional, for the llama.cpp row of `hotcold bench --compare`: llama-cpp-python built from source in an
+# environment of its own (12-14 minutes on 2 cores), then HOTCOLD_LLAMACPP_PYTHON=$(LLAMACPP)/bin/python.
+# LLAMACPP_CMAKE: llama.cpp's build options (see the README for a host where the native build crashed).
+LLAMACPP := .venv-llamacpp
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON
+LLAMACPP_LEAN := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DLLAMA_CURL=OFF
+
+$(LLAMACPP)/bin/python:
+	$(PY) -m venv $(LLAMACPP)
+	$(LLAMACPP)/bin/pip install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMACPP_CMAKE) $(LLAMACPP_LEAN)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(LLAMACPP)/bin/pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+llamacpp: $(LLAMACPP)/bin/python
+
+.PHONY: setup run test llamacpp
