@@ -259,7 +259,8 @@ def test_inspect(tiny, capsys):
 
 
 def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):
-    """The default model through --format gguf, in llama-cpp-python: its greedy top-1 tokens are ours."""
+    """The default model through --format gguf, in llama-cpp-python: its greedy top-1 tokens are ours but at near
+    ties (on an AVX-512 host 97 of 102 agreed, every miss within 0.16 logits for us; a wrong tensor is far off)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     assert export(capsys, "-m", "smollm2-135m", "-o", str(tmp_path / "smol"), "--format", "gguf",
                   "--outtype", "q8_0")[0] == 0
@@ -272,10 +273,14 @@ def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):
         llm.reset()
         llm.eval(ids)
         theirs = np.asarray(llm.scores[: len(ids)]).argmax(-1)
-        mine = ours.logits(ids).argmax(-1).numpy()
+        logits = ours.logits(ids).numpy()  # (T, n_vocab)
+        mine = logits.argmax(-1)
+        rows = np.arange(len(ids))
+        margin = logits[rows, mine] - logits[rows, theirs]  # how far llama.cpp's choice is behind ours
+        assert margin.max() < 0.5, f"{case['prompt_ids'][:4]}: llama.cpp's token {margin.max():.2f} logits behind"
         agree += int((theirs == mine).sum())
         total += len(ids)
-    assert agree / total >= 0.97, f"top-1 agreement {agree}/{total}"
+    assert agree / total >= 0.9, f"top-1 agreement {agree}/{total}"
 
 
 def test_generate_runs_an_export_with_its_predictors_and_split(tiny, capsys):
