@@ -119,7 +119,10 @@ def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | N
         how = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit code {res.returncode}"
         last = (res.stderr.strip().splitlines() or [""])[-1]
         raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: llama.cpp run failed ({how}) {last}".rstrip())
-    out = json.loads(res.stdout)
+    try:
+        out = json.loads(res.stdout)
+    except ValueError:
+        raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: llama.cpp run printed no result") from None
     if out is None:
         raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: that interpreter has no llama-cpp-python")
     return out
@@ -188,13 +191,15 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     levels = [0.0] + list(args.sparsity_levels)
     selects = [RandomActive(net.c.n_layer, net.c.n_ff, s) if s > 0 else None for s in levels]
     speed, ffn_ms, ref = [0.0] * len(levels), [float("inf")] * len(levels), None
+    path = model.ckpt.path
+    gguf = os.path.isfile(path)  # llama.cpp reads GGUF files, not Hugging Face directories
     for _ in range(rounds):
         for k, select in enumerate(selects):
             net.select = select
             speed[k] = max(speed[k], decode_speed(model, ids, args.n)["decode_tok_s"])
             ffn_ms[k] = min(ffn_ms[k], ffn_ms_per_token(net, select))
         net.select = None
-        r = llamacpp_decode(model.ckpt.path, args.threads or os.cpu_count(), ids, args.n)
+        r = llamacpp_decode(path, args.threads or os.cpu_count(), ids, args.n) if gguf else None
         if r is not None and (ref is None or r["decode_tok_s"] > ref["decode_tok_s"]):
             ref = r
     rows = []
@@ -205,11 +210,14 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
                      "ffn_ms_per_token": ms})
     if ref is not None:
         rows.append({"engine": "llama.cpp dense", "sparsity": 0.0, "decode_tok_s": ref["decode_tok_s"],
-                     "bytes_per_token": os.path.getsize(model.ckpt.path), "bandwidth_share":
-                         os.path.getsize(model.ckpt.path) * ref["decode_tok_s"] / 1e9 / bw, "ffn_ms_per_token": None})
+                     "bytes_per_token": os.path.getsize(path), "bandwidth_share":
+                         os.path.getsize(path) * ref["decode_tok_s"] / 1e9 / bw, "ffn_ms_per_token": None})
         for r in rows:
             r["vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"]
-    return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None}
+    skipped = None if ref is not None else ("the model is not a GGUF file" if not gguf else
+                                             "llama-cpp-python is not installed (pip install 'hotcold[bench]', or "
+                                             f"make llamacpp and {LLAMACPP_PYTHON}=.venv-llamacpp/bin/python)")
+    return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None, "llamacpp_skipped": skipped}
 
 
 def format_bench(r: dict) -> str:
@@ -224,8 +232,8 @@ def format_bench(r: dict) -> str:
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")
-        if not cmp["llamacpp"]:
-            lines.append("llama.cpp: llama-cpp-python is not installed (pip install 'hotcold[bench]'); skipped")
+        if cmp["llamacpp_skipped"]:
+            lines.append(f"llama.cpp: {cmp['llamacpp_skipped']}; skipped")
         lines.append(f"{'engine':<22}{'tok/s':>8}{'vs llama.cpp':>14}{'MB/token':>10}{'of bandwidth':>14}"
                      f"{'FFN ms/token':>14}")
         for row in cmp["rows"]:
