@@ -119,14 +119,17 @@ def test_bench_compare_json(capsys):
     assert res["bytes_per_token"] == bpt[0] > bpt[1] > bpt[2]
     assert all(r["decode_tok_s"] > 0 and r["ffn_ms_per_token"] > 0 for r in rows[:3])
     assert res["decode_tokens"] == 4 and res["ttft_s"] > 0 and res["compare"]["bandwidth_gb_s"] > 0
+    skipped = res["compare"]["llamacpp_skipped"]
+    assert skipped is None or "not installed" in skipped  # the default model is a GGUF that llama.cpp reads
 
 
 def test_bench_llamacpp_interpreter_errors(monkeypatch, tmp_path):
     """$HOTCOLD_LLAMACPP_PYTHON names the interpreter that measures llama.cpp: one that is missing, lacks
     llama-cpp-python or fails is an error naming it, not a silently empty row. (The child once read the same
-    variable and started another child, and so on, without end.)"""
+    variable and started another child, and so on, without end: that would now time out and fail here.)"""
     from engine.config import HotcoldError
-    from tools.bench import LLAMACPP_PYTHON, llamacpp_decode
+    from tools import bench
+    monkeypatch.setattr(bench, "LLAMACPP_TIMEOUT", 60)
     broken = tmp_path / "python"
     broken.write_text("#!/bin/sh\necho 'Segmentation fault' >&2\nexit 139\n")
     broken.chmod(0o755)
@@ -134,9 +137,10 @@ def test_bench_llamacpp_interpreter_errors(monkeypatch, tmp_path):
                          (str(broken), r"\(exit code 139\) Segmentation fault")):
         if python == sys.executable and importlib.util.find_spec("llama_cpp") is not None:
             continue  # this interpreter has it: the child would measure
-        monkeypatch.setenv(LLAMACPP_PYTHON, python)
-        with pytest.raises(HotcoldError, match=f"{LLAMACPP_PYTHON}={re.escape(python)}: .*{says}"):
-            llamacpp_decode(str(tmp_path / "model.gguf"), 1, [1, 2], 1)
+        monkeypatch.setenv(bench.LLAMACPP_PYTHON, python)
+        with pytest.raises(HotcoldError, match=f"{bench.LLAMACPP_PYTHON}={re.escape(python)}: .*{says}"):
+            bench.llamacpp_decode(str(tmp_path / "model.gguf"), 1, [1, 2], 1)
+    assert not bench.llamacpp_reads(str(tmp_path)) and not bench.llamacpp_reads(str(broken))
 
 
 def test_bench_hybrid_json(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import time
 import numpy as np
 
 LLAMACPP_PYTHON = "HOTCOLD_LLAMACPP_PYTHON"  # names an interpreter with llama-cpp-python for the llama.cpp row
+LLAMACPP_TIMEOUT = 600  # seconds for that interpreter's run
 BENCH_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual budget, "
               "and a small village by the river prepares for the spring festival. ")
 
@@ -109,28 +111,46 @@ def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | N
     from engine.config import HotcoldError  # here, not above: the child runs this file alone, without the engine
     python = os.environ.get(LLAMACPP_PYTHON)
     if not python:
-        return llamacpp_here(path, threads, ids, n)
-    try:  # the child measures in its own process (this file's __main__), never handing the work on again
-        res = subprocess.run([python, os.path.abspath(__file__), path, str(threads), str(n)] + [str(i) for i in ids],
-                             capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: llama.cpp run failed ({e})") from None
-    if res.returncode != 0:
-        how = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit code {res.returncode}"
-        last = (res.stderr.strip().splitlines() or [""])[-1]
-        raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: llama.cpp run failed ({how}) {last}".rstrip())
+        try:
+            return llamacpp_here(path, threads, ids, n)
+        except (ValueError, RuntimeError) as e:
+            raise HotcoldError(f"{path}: llama.cpp could not run it ({e})") from None
+    what = f"${LLAMACPP_PYTHON}={python}: llama.cpp run"
+    env = {k: v for k, v in os.environ.items() if k != LLAMACPP_PYTHON}  # the child measures, never hands on
     try:
-        out = json.loads(res.stdout)
+        res = subprocess.run([python, os.path.abspath(__file__), path, str(threads), str(n)] + [str(i) for i in ids],
+                             capture_output=True, text=True, timeout=LLAMACPP_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        raise HotcoldError(f"{what} timed out after {LLAMACPP_TIMEOUT} s") from None
+    except OSError as e:
+        raise HotcoldError(f"{what} failed ({e.strerror}: {python})") from None
+    if res.returncode != 0:
+        how = (f"killed by {signal.Signals(-res.returncode).name}" if res.returncode < 0 else
+               f"exit code {res.returncode}")
+        last = (res.stderr.strip().splitlines() or [""])[-1]
+        raise HotcoldError(f"{what} failed ({how}) {last}".rstrip())
+    try:
+        out = json.loads((res.stdout.strip().splitlines() or [""])[-1])  # the result is the last line
     except ValueError:
-        raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: llama.cpp run printed no result") from None
+        out = ""
     if out is None:
-        raise HotcoldError(f"${LLAMACPP_PYTHON}={python}: that interpreter has no llama-cpp-python")
+        raise HotcoldError(f"{what}: that interpreter has no llama-cpp-python")
+    if not isinstance(out, dict) or "decode_tok_s" not in out:
+        raise HotcoldError(f"{what} printed no result")
     return out
+
+
+def llamacpp_reads(path: str) -> bool:
+    """Whether llama.cpp can open the model: a GGUF file, not a Hugging Face directory nor PowerInfer's (PWRI)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
 
 
 def llamacpp_here(path: str, threads: int, ids: list[int], n: int) -> dict | None:
     """llamacpp_decode in this process (None without llama-cpp-python). Greedy tokens by an argmax over the
-    logits, as our decode takes them: llama-cpp-python's `sample` spends about 0.5 ms a token in Python."""
+    logits, as our decode takes them: llama-cpp-python's `sample` spent 0.5-0.6 ms a token in Python here."""
     try:
         import llama_cpp
     except ImportError:
@@ -192,7 +212,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     selects = [RandomActive(net.c.n_layer, net.c.n_ff, s) if s > 0 else None for s in levels]
     speed, ffn_ms, ref = [0.0] * len(levels), [float("inf")] * len(levels), None
     path = model.ckpt.path
-    gguf = os.path.isfile(path)  # llama.cpp reads GGUF files, not Hugging Face directories
+    gguf = llamacpp_reads(path)
     for _ in range(rounds):
         for k, select in enumerate(selects):
             net.select = select
@@ -214,7 +234,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
                          os.path.getsize(path) * ref["decode_tok_s"] / 1e9 / bw, "ffn_ms_per_token": None})
         for r in rows:
             r["vs_llamacpp"] = r["decode_tok_s"] / ref["decode_tok_s"]
-    skipped = None if ref is not None else ("the model is not a GGUF file" if not gguf else
+    skipped = None if ref is not None else ("the model is not a llama.cpp GGUF file" if not gguf else
                                              "llama-cpp-python is not installed (pip install 'hotcold[bench]', or "
                                              f"make llamacpp and {LLAMACPP_PYTHON}=.venv-llamacpp/bin/python)")
     return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None, "llamacpp_skipped": skipped}
