@@ -13,7 +13,7 @@ from engine.config import CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
 COMMAND_MODULES = {"train-predictors": "tools.predict", "eval-predictors": "tools.predict", "split": "tools.split",
                    "profile": "tools.profile", "calibrate": "tools.calibrate", "export": "tools.export",
-                   "inspect": "tools.export"}
+                   "inspect": "tools.export", "relufy": "tools.relufy"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 

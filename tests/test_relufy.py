@@ -1,0 +1,109 @@
+"""hotcold relufy: fine-tuning a SiLU model into a ReLU one, resumable, written as a GGUF the engine runs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.api import load
+from engine.loader import load_checkpoint
+from tiny_model import tiny_models
+from tools.cli import main
+from tools.relufy import STATE_SUFFIX, Settings, relufy
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("silu", 0),))
+
+
+def tiny_run(tiny, out, steps=6, **kw):
+    ckpt = load_checkpoint(tiny[0]["silu", 0])
+    with open(tiny[1]) as fh:
+        ids = torch.tensor(ckpt.tokenizer.encode(fh.read(), special=False, add_bos=False))
+    s = Settings("tiny", "relu", steps, 2, 16, 1e-2, 0.0, 0, ids.numel() - 64)
+    return relufy(ckpt, s, ids[:-64], ids[-64:], str(out), "f16", save_every=2, **kw), ids[-64:]
+
+
+def tensors(path):
+    return {k: t.data.tobytes() for k, t in load_checkpoint(str(path)).tensors.items()}
+
+
+def test_resumed_run_equals_uninterrupted_and_the_engine_runs_what_was_trained(tiny, tmp_path):
+    whole, heldout = tiny_run(tiny, tmp_path / "whole.gguf")
+    assert whole["after"]["loss"] < whole["swapped"]["loss"] - 1.0  # it learned (the tiny text repeats)
+    assert 0.2 < whole["after"]["sparsity"] < 0.9
+
+    def stop(step, loss):
+        if step == 3:  # after the state of step 4 was saved
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tiny, out, on_step=stop)
+    assert os.path.exists(f"{out}{STATE_SUFFIX}") and not os.path.exists(out)
+    resumed, _ = tiny_run(tiny, out)
+    assert not os.path.exists(f"{out}{STATE_SUFFIX}")
+    assert resumed["losses"] == whole["losses"]
+    assert tensors(out) == tensors(tmp_path / "whole.gguf")
+
+    # the written model is the trained one: the engine's loss on the held-out text is the trainer's (f16 weights)
+    model = load(str(out), n_ctx=128, threads=1)
+    assert model.config.act == "relu"
+    ids, nll = heldout.tolist(), 0.0
+    for a in range(0, len(ids) - 1, 16):  # the trainer's windows of ctx 16
+        win = ids[a:a + 17]
+        nll += float(F.cross_entropy(model.logits(win[:-1]), torch.tensor(win[1:]), reduction="sum"))
+    loss = nll / (len(ids) - 1)
+    assert abs(loss - whole["after"]["loss"]) < 0.02, (loss, whole["after"]["loss"])
+
+
+def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "r.gguf"
+
+    def stop(step, loss):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tiny, out, on_step=stop)
+    state = f"{out}{STATE_SUFFIX}"
+    saved = open(state, "rb").read()
+    argv = ["relufy", "-m", tiny[0]["silu", 0], "-f", tiny[1], "-o", str(out), "--steps", "6", "--batch", "2",
+            "--ctx", "16", "--heldout", "64", "-t", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "r.gguf.train.pt: the state of a run with other settings" in err and "\n" not in err.strip()
+    assert open(state, "rb").read() == saved  # nothing lost
+    with open(state, "r+b") as fh:
+        fh.truncate(len(saved) // 2)
+    assert main(argv) == 2
+    assert "unreadable training state" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    assert main(argv[:4] + [str(short)] + argv[5:] + ["--force"]) == 2
+    assert "tokens of corpus; relufy needs at least" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_relufied_learns_on_held_out_text(tmp_path, capsys):
+    """SmolLM2 with ReLU swapped in writes nonsense (held-out loss far above the SiLU model's); a few steps on
+    tiny-shakespeare already bring the held-out loss down, exactly sparse, and the engine runs the result."""
+    out = tmp_path / "relu.gguf"
+    assert main(["relufy", "-f", os.path.join(DATA, "tinyshakespeare.txt"), "-o", str(out), "--steps", "4",
+                 "--batch", "2", "--ctx", "64", "--heldout", "512", "--lr", "3e-4", "--json", "-t", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["source"]["loss"] < r["swapped"]["loss"] - 1.0
+    assert r["after"]["loss"] < r["swapped"]["loss"] - 1.0
+    assert r["source"]["sparsity"] < 1e-4 and r["after"]["sparsity"] > 0.3
+    model = load(str(out), n_ctx=64, threads=2)
+    assert model.config.act == "relu"
+    done = model.generate(model.tokenize("To be, or not to be"), n=8, ignore_stop=True)
+    assert len(done.token_ids) == 8
+    assert np.isfinite(model.logits(model.tokenize("the king")).numpy()).all()

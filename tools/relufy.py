@@ -1,0 +1,257 @@
+"""`hotcold relufy`: a ReLU model from a SiLU one, by swapping the FFN activation and fine-tuning on a corpus.
+
+SmolLM2 with ReLU put in place of SiLU (tools/fixtures.py) is exactly sparse but writes nonsense: wikitext
+perplexity in the thousands. A short fine-tune brings it back to coherent text while it stays exactly sparse
+(ReLUfication, as in "ReLU Strikes Back" and ProSparse), which makes it a model on which recall, sparsity and the
+perplexity cost of predictors mean something. `--l1 C` adds C times the mean activation to the loss, which
+pushes the sparsity up (ProSparse's penalty).
+
+Training runs the full float32 weights in torch: the computation of engine/model.py's TorchModel.forward (which
+runs in inference mode over a KV cache) from its own pieces, batched, causal and differentiable; a test checks
+that the engine's loss on the written model is the trainer's. AdamW with a short warmup and a cosine decay, on windows drawn from the corpus by a generator seeded with the
+step number. The last `--heldout` tokens of the corpus are never trained on: loss, perplexity and sparsity are
+measured there before and after. The result is written through `hotcold export`'s writer (verified, renamed
+into place); while training, OUT.train.pt holds the weights, the optimizer and the step, replaced every
+`--save-every` steps, and the same command resumes from it (bit for bit the run it would have been).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import HotcoldError, blk
+from engine.loader import Checkpoint, load_checkpoint
+from engine.model import apply_rope, ffn_activation, rms_norm
+from engine.qtensor import QTensor
+from engine.sparsity import write_atomic
+
+ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
+STATE_SUFFIX = ".train.pt"
+WARMUP = 0.1  # share of the steps with a linear warmup of the learning rate (at most 20 steps)
+LR_FLOOR = 0.1  # the cosine decay ends at this share of the peak learning rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a run is: a saved state resumes only under the same settings."""
+    model: str
+    act: str
+    steps: int
+    batch: int
+    ctx: int
+    lr: float
+    l1: float
+    seed: int
+    n_train: int  # corpus tokens trained on
+
+
+def forward(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, cos, sin):
+    """Logits (B, T, n_vocab) for tokens (B, T), each layer's mean act(gate) (n_layer,) for the L1 penalty, and
+    each layer's share of zero activations (n_layer,): the reference forward of engine/model.py, batched, causal,
+    without a cache, differentiable."""
+    c = ckpt.config
+    B, T = tokens.shape
+    hd, cs, sn = c.head_dim, cos[:T], sin[:T]
+    x = w["token_embd.weight"][tokens]  # (B, T, n_embd)
+    means, zeros = [], []
+    for i in range(c.n_layer):
+        xn = rms_norm(x, w[blk(i, "attn_norm")], c.rms_eps)
+        q = apply_rope((xn @ w[blk(i, "attn_q")].T).view(B, T, c.n_head, hd), cs, sn)  # (B, T, H, hd)
+        k = apply_rope((xn @ w[blk(i, "attn_k")].T).view(B, T, c.n_head_kv, hd), cs, sn)  # (B, T, Hkv, hd)
+        v = (xn @ w[blk(i, "attn_v")].T).view(B, T, c.n_head_kv, hd)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=c.n_head != c.n_head_kv)  # (B, H, T, hd)
+        x = x + o.transpose(1, 2).reshape(B, T, c.n_embd) @ w[blk(i, "attn_output")].T
+        xn = rms_norm(x, w[blk(i, "ffn_norm")], c.rms_eps)
+        g = xn @ w[blk(i, "ffn_gate")].T  # (B, T, n_ff)
+        h = ffn_activation(g, xn @ w[blk(i, "ffn_up")].T, act, 0.0)
+        means.append(F.relu(g).mean())
+        zeros.append((h.detach() == 0).float().mean())
+        x = x + h @ w[blk(i, "ffn_down")].T
+    x = rms_norm(x, w["output_norm.weight"], c.rms_eps)
+    return x @ w.get("output.weight", w["token_embd.weight"]).T, torch.stack(means), torch.stack(zeros)
+
+
+def trainable(ckpt: Checkpoint) -> dict[str, torch.nn.Parameter]:
+    """Every weight as a float32 parameter."""
+    c = ckpt.config
+    if c.arch != "llama" or not c.ffn_gated or any("ffn_down_t" in k for k in ckpt.tensors):
+        raise HotcoldError(f"{ckpt.path}: relufy takes a llama model with a gated FFN in llama.cpp's layout")
+    return {k: torch.nn.Parameter(torch.from_numpy(t.dequantize().copy())) for k, t in ckpt.tensors.items()}
+
+
+def learning_rate(s: Settings, step: int) -> float:
+    warm = max(1, min(20, int(WARMUP * s.steps)))
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    t = (step - warm) / max(1, s.steps - warm)
+    return s.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def batch(s: Settings, train: torch.Tensor, step: int) -> torch.Tensor:
+    """(batch, ctx + 1) windows of the training tokens, drawn by a generator seeded with (seed, step)."""
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    starts = torch.randint(0, train.numel() - s.ctx, (s.batch,), generator=g)
+    return torch.stack([train[a:a + s.ctx + 1] for a in starts.tolist()])
+
+
+@torch.no_grad()
+def evaluate(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, ctx: int, cos, sin) -> dict:
+    """Mean loss, perplexity and share of zero FFN activations over consecutive windows of tokens."""
+    from tqdm import tqdm
+    nll, n, zeros = 0.0, 0, 0.0
+    for a in tqdm(range(0, tokens.numel() - 1, ctx), desc="held-out", unit="window", file=sys.stderr, disable=None,
+                  leave=False):
+        win = tokens[a:a + ctx + 1]
+        logits, _, z = forward(ckpt, w, act, win[None, :-1], cos, sin)
+        nll += float(F.cross_entropy(logits[0], win[1:], reduction="sum"))
+        zeros += float(z.mean()) * (win.numel() - 1)
+        n += win.numel() - 1
+    return {"loss": nll / n, "ppl": math.exp(nll / n), "sparsity": zeros / n, "tokens": n}
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
+    """The step to start from and the run's record so far, after loading a saved state into w and opt."""
+    if not os.path.exists(path):
+        return 0, {"losses": [], "sparsity": []}
+    try:
+        st = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        raise HotcoldError(f"{path}: unreadable training state ({type(e).__name__}); remove it to start over") from None
+    if st.get("settings") != dataclasses.asdict(s):
+        diff = next(k for k, v in dataclasses.asdict(s).items() if st.get("settings", {}).get(k) != v)
+        raise HotcoldError(f"{path}: the state of a run with other settings ({diff} "
+                           f"{st.get('settings', {}).get(diff)!r}, now {getattr(s, diff)!r}); remove it to start over")
+    with torch.no_grad():
+        for k, p in w.items():
+            p.copy_(st["weights"][k])
+    opt.load_state_dict(st["opt"])
+    return st["step"], st["record"]
+
+
+def save_state(path: str, s: Settings, step: int, w: dict, opt, record: dict) -> None:
+    state = {"settings": dataclasses.asdict(s), "step": step, "record": record, "opt": opt.state_dict(),
+             "weights": {k: p.detach() for k, p in w.items()}}
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Tensor, out: str, outtype: str,
+           save_every: int = 50, on_step=None) -> dict:
+    """Fine-tune ckpt with s.act in its FFN on the train tokens and write the model to out (GGUF, outtype as in
+    `hotcold export`). Resumes from out + STATE_SUFFIX when it holds this run. on_step(step, loss) after each
+    step. Returns the record: held-out {loss, ppl, sparsity} of the source model, of the activation swapped in
+    before training, and after; each step's training loss and sparsity."""
+    from tqdm import tqdm
+
+    from tools.export import OUTTYPES, write_model
+    w = trainable(ckpt)
+    opt = torch.optim.AdamW(w.values(), lr=s.lr, weight_decay=0.0)
+    cos, sin = (torch.from_numpy(t) for t in ckpt.config.rope_tables(s.ctx))
+    state = out + STATE_SUFFIX
+    start, record = load_state(state, s, w, opt)
+    if start == 0:
+        record["source"] = evaluate(ckpt, w, ckpt.config.act, heldout, s.ctx, cos, sin)
+        record["swapped"] = evaluate(ckpt, w, s.act, heldout, s.ctx, cos, sin)
+    bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="relufy", unit="step", file=sys.stderr,
+               disable=None)
+    t0 = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(s, step)
+        tok = batch(s, train, step)  # (B, ctx + 1)
+        logits, means, zeros = forward(ckpt, w, s.act, tok[:, :-1], cos, sin)
+        loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
+        (loss + s.l1 * means.mean()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss, sparsity = float(loss.detach()), float(zeros.mean())
+        record["losses"].append(loss)
+        record["sparsity"].append(sparsity)
+        bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsity:.3f}")
+        if (step + 1) % save_every == 0 and step + 1 < s.steps:
+            save_state(state, s, step + 1, w, opt, record)
+        if on_step is not None:
+            on_step(step, loss)
+    record["train_s"] = record.get("train_s", 0.0) + time.time() - t0
+    record["after"] = evaluate(ckpt, w, s.act, heldout, s.ctx, cos, sin)
+    c = dataclasses.replace(ckpt.config, act=s.act, act_threshold=0.0)
+    tensors = {k: QTensor.from_float(p.detach().numpy()) for k, p in w.items()}
+    write_model(out, dataclasses.replace(ckpt, config=c, tensors=tensors, predictors=None, gpuidx=None),
+                OUTTYPES[outtype], False, None)
+    if os.path.exists(state):
+        os.remove(state)
+    return record
+
+
+# --- command line -----------------------------------------------------------------------------------------
+def format_record(r: dict) -> str:
+    rows = [("source model", r["source"]), ("activation swapped", r["swapped"]), ("fine-tuned", r["after"])]
+    lines = [f"held-out: {r['after']['tokens']} tokens", f"{'':20} {'loss':>7} {'ppl':>9} {'sparsity':>9}"]
+    lines += [f"{name:20} {m['loss']:7.3f} {m['ppl']:9.2f} {m['sparsity']:9.3f}" for name, m in rows]
+    return "\n".join(lines)
+
+
+def cmd_relufy(args) -> None:
+    import json
+
+    from predictors.bundle import model_fingerprint
+    from tools.profile import read_corpus
+    ckpt = load_checkpoint(args.model)
+    if not args.out.endswith(".gguf"):
+        raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
+    if os.path.exists(args.out) and not args.force:
+        raise HotcoldError(f"{args.out}: already exists (--force overwrites it)")
+    torch.set_num_threads(args.threads)
+    ids: list[int] = []
+    for doc in read_corpus(args.files):
+        ids += ckpt.tokenizer.encode(doc, special=False, add_bos=False)
+    need = args.heldout + args.ctx + 1
+    if len(ids) < need:
+        raise HotcoldError(f"{', '.join(args.files)}: {len(ids)} tokens of corpus; relufy needs at least {need} "
+                           f"(--heldout {args.heldout} plus one window of --ctx {args.ctx})")
+    tokens = torch.tensor(ids, dtype=torch.int64)
+    train, heldout = tokens[:len(ids) - args.heldout], tokens[len(ids) - args.heldout:]
+    s = Settings(json.dumps(model_fingerprint(ckpt), sort_keys=True), args.act, args.steps, args.batch, args.ctx,
+                 args.lr, args.l1, args.seed, train.numel())
+    record = relufy(ckpt, s, train, heldout, args.out, args.outtype, args.save_every)
+    if args.json:
+        from tools.cli import emit_json
+        emit_json(record | {"out": args.out})
+        return
+    print(format_record(record))
+    print(f"trained {s.steps} steps of {s.batch} x {s.ctx} tokens in {record['train_s']:.0f} s; wrote {args.out}")
+
+
+def add_command(sub) -> None:
+    from tools.cli import MODEL_HELP, at_least
+    p = sub.add_parser("relufy", help="fine-tune a SiLU model into an exactly sparse ReLU one")
+    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
+    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
+                   help="training text: text files or .jsonl with a text field")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.gguf",
+                   help="the model to write (OUT.gguf.train.pt holds the run until it ends: rerun to resume)")
+    p.add_argument("--act", choices=ACTS, default="relu", help="the FFN activation to train to (default relu)")
+    p.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch", type=at_least(1), default=4, help="windows a step (default 4)")
+    p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    p.add_argument("--l1", type=float, default=0.0, help="weight of the mean activation in the loss: higher "
+                   "gives sparser models (default 0)")
+    p.add_argument("--heldout", type=at_least(1), default=4096, metavar="N",
+                   help="the corpus's last N tokens are not trained on; loss and sparsity are measured there")
+    p.add_argument("--seed", type=int, default=0, help="seed of the windows drawn (default 0)")
+    p.add_argument("--save-every", type=at_least(1), default=50, metavar="STEPS",
+                   help="steps between saves of the resumable state (default 50)")
+    p.add_argument("--outtype", choices=("f16", "q8_0", "q4_0"), default="q8_0",
+                   help="how the written weights are stored (default q8_0)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_relufy)
