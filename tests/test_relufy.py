@@ -23,11 +23,11 @@ def tiny(tmp_path_factory):
     return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("silu", 0),))
 
 
-def tiny_run(tiny, out, steps=6, **kw):
+def tiny_run(tiny, out, steps=6, l1=0.0, **kw):
     ckpt = load_checkpoint(tiny[0]["silu", 0])
     with open(tiny[1]) as fh:
         ids = torch.tensor(ckpt.tokenizer.encode(fh.read(), special=False, add_bos=False))
-    s = Settings("tiny", "relu", steps, 2, 16, 1e-2, 0.0, 0, ids.numel() - 64)
+    s = Settings("tiny", "relu", steps, 2, 16, 1e-2, l1, 0, "cat text", 1)
     return relufy(ckpt, s, ids[:-64], ids[-64:], str(out), "f16", save_every=2, **kw), ids[-64:]
 
 
@@ -48,7 +48,9 @@ def test_resumed_run_equals_uninterrupted_and_the_engine_runs_what_was_trained(t
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tiny, out, on_step=stop)
     assert os.path.exists(f"{out}{STATE_SUFFIX}") and not os.path.exists(out)
-    resumed, _ = tiny_run(tiny, out)
+    steps = []
+    resumed, _ = tiny_run(tiny, out, on_step=lambda step, loss: steps.append(step))
+    assert steps == [4, 5]  # resumed, not started over
     assert not os.path.exists(f"{out}{STATE_SUFFIX}")
     assert resumed["losses"] == whole["losses"]
     assert tensors(out) == tensors(tmp_path / "whole.gguf")
@@ -62,6 +64,10 @@ def test_resumed_run_equals_uninterrupted_and_the_engine_runs_what_was_trained(t
         nll += float(F.cross_entropy(model.logits(win[:-1]), torch.tensor(win[1:]), reduction="sum"))
     loss = nll / (len(ids) - 1)
     assert abs(loss - whole["after"]["loss"]) < 0.02, (loss, whole["after"]["loss"])
+
+    # the L1 penalty on the activations makes the model sparser
+    sparse, _ = tiny_run(tiny, tmp_path / "l1.gguf", l1=1.0)
+    assert sparse["after"]["sparsity"] > whole["after"]["sparsity"] + 0.05, (sparse["after"], whole["after"])
 
 
 def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, capsys):
@@ -89,6 +95,15 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     short.write_text("the cat sat")
     assert main(argv[:4] + [str(short)] + argv[5:] + ["--force"]) == 2
     assert "tokens of corpus; relufy needs at least" in capsys.readouterr().err
+    out.write_bytes(b"keep")
+    assert main(argv) == 2
+    assert "r.gguf: already exists (--force overwrites it)" in capsys.readouterr().err
+    assert main(argv[:6] + [str(tmp_path / "missing" / "r.gguf")] + argv[7:]) == 2
+    assert "missing: no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--lr", "0"])
+    assert "--lr: must be a number > 0" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep" and open(state, "rb").read()[:8] == saved[:8]
 
 
 @pytest.mark.slow

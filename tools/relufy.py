@@ -16,6 +16,7 @@ into place); while training, OUT.train.pt holds the weights, the optimizer and t
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -48,13 +49,14 @@ class Settings:
     lr: float
     l1: float
     seed: int
-    n_train: int  # corpus tokens trained on
+    corpus: str  # sha256 of the training tokens
+    threads: int  # a resumed run is the uninterrupted one bit for bit only on as many threads
 
 
-def forward(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, cos, sin):
-    """Logits (B, T, n_vocab) for tokens (B, T), each layer's mean act(gate) (n_layer,) for the L1 penalty, and
-    each layer's share of zero activations (n_layer,): the reference forward of engine/model.py, batched, causal,
-    without a cache, differentiable."""
+def forward(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, cos, sin, threshold: float = 0.0):
+    """Logits (B, T, n_vocab) for tokens (B, T), each layer's mean ReLU(gate) (n_layer,) for the L1 penalty (dReLU:
+    its gate branch), and each layer's share of zero activations (n_layer,): the reference forward of
+    engine/model.py, batched, causal, without a cache, differentiable. threshold: FATReLU's."""
     c = ckpt.config
     B, T = tokens.shape
     hd, cs, sn = c.head_dim, cos[:T], sin[:T]
@@ -70,7 +72,7 @@ def forward(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, cos, sin)
         x = x + o.transpose(1, 2).reshape(B, T, c.n_embd) @ w[blk(i, "attn_output")].T
         xn = rms_norm(x, w[blk(i, "ffn_norm")], c.rms_eps)
         g = xn @ w[blk(i, "ffn_gate")].T  # (B, T, n_ff)
-        h = ffn_activation(g, xn @ w[blk(i, "ffn_up")].T, act, 0.0)
+        h = ffn_activation(g, xn @ w[blk(i, "ffn_up")].T, act, threshold)
         means.append(F.relu(g).mean())
         zeros.append((h.detach() == 0).float().mean())
         x = x + h @ w[blk(i, "ffn_down")].T
@@ -87,10 +89,11 @@ def trainable(ckpt: Checkpoint) -> dict[str, torch.nn.Parameter]:
 
 
 def learning_rate(s: Settings, step: int) -> float:
+    """Linear warmup to s.lr, then a cosine decay that reaches LR_FLOOR * s.lr at the last step."""
     warm = max(1, min(20, int(WARMUP * s.steps)))
     if step < warm:
         return s.lr * (step + 1) / warm
-    t = (step - warm) / max(1, s.steps - warm)
+    t = (step - warm) / max(1, s.steps - 1 - warm)
     return s.lr * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -102,14 +105,15 @@ def batch(s: Settings, train: torch.Tensor, step: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, ctx: int, cos, sin) -> dict:
+def evaluate(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, ctx: int, cos, sin,
+             threshold: float = 0.0) -> dict:
     """Mean loss, perplexity and share of zero FFN activations over consecutive windows of tokens."""
     from tqdm import tqdm
     nll, n, zeros = 0.0, 0, 0.0
     for a in tqdm(range(0, tokens.numel() - 1, ctx), desc="held-out", unit="window", file=sys.stderr, disable=None,
                   leave=False):
         win = tokens[a:a + ctx + 1]
-        logits, _, z = forward(ckpt, w, act, win[None, :-1], cos, sin)
+        logits, _, z = forward(ckpt, w, act, win[None, :-1], cos, sin, threshold)
         nll += float(F.cross_entropy(logits[0], win[1:], reduction="sum"))
         zeros += float(z.mean()) * (win.numel() - 1)
         n += win.numel() - 1
@@ -123,17 +127,23 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
         return 0, {"losses": [], "sparsity": []}
     try:
         st = torch.load(path, weights_only=True)
+        found, step, record, weights = st["settings"], st["step"], st["record"], st["weights"]
+        if not isinstance(found, dict) or not isinstance(step, int) or not 0 < step <= s.steps or \
+                set(weights) != set(w):
+            raise ValueError
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise HotcoldError(f"{path}: unreadable training state ({type(e).__name__}); remove it to start over") from None
-    if st.get("settings") != dataclasses.asdict(s):
-        diff = next(k for k, v in dataclasses.asdict(s).items() if st.get("settings", {}).get(k) != v)
-        raise HotcoldError(f"{path}: the state of a run with other settings ({diff} "
-                           f"{st.get('settings', {}).get(diff)!r}, now {getattr(s, diff)!r}); remove it to start over")
+    want = dataclasses.asdict(s)
+    if found != want:
+        diff = next(k for k in want if found.get(k) != want[k])
+        what = "another model" if diff == "model" else "another corpus" if diff == "corpus" else \
+            f"{diff} {found.get(diff)!r}, now {want[diff]!r}"
+        raise HotcoldError(f"{path}: the state of a run with other settings ({what}); remove it to start over")
     with torch.no_grad():
         for k, p in w.items():
-            p.copy_(st["weights"][k])
+            p.copy_(weights[k])
     opt.load_state_dict(st["opt"])
-    return st["step"], st["record"]
+    return step, record
 
 
 def save_state(path: str, s: Settings, step: int, w: dict, opt, record: dict) -> None:
@@ -157,10 +167,11 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
     state = out + STATE_SUFFIX
     start, record = load_state(state, s, w, opt)
     if start == 0:
-        record["source"] = evaluate(ckpt, w, ckpt.config.act, heldout, s.ctx, cos, sin)
+        record["source"] = evaluate(ckpt, w, ckpt.config.act, heldout, s.ctx, cos, sin, ckpt.config.act_threshold)
         record["swapped"] = evaluate(ckpt, w, s.act, heldout, s.ctx, cos, sin)
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="relufy", unit="step", file=sys.stderr,
                disable=None)
+    record.setdefault("train_s", 0.0)
     t0 = time.time()
     for step in bar:
         for group in opt.param_groups:
@@ -175,11 +186,12 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
         record["losses"].append(loss)
         record["sparsity"].append(sparsity)
         bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsity:.3f}")
-        if (step + 1) % save_every == 0 and step + 1 < s.steps:
+        if (step + 1) % save_every == 0 or step + 1 == s.steps:  # the last too: the evaluation and write remain
+            record["train_s"] += time.time() - t0
+            t0 = time.time()
             save_state(state, s, step + 1, w, opt, record)
         if on_step is not None:
             on_step(step, loss)
-    record["train_s"] = record.get("train_s", 0.0) + time.time() - t0
     record["after"] = evaluate(ckpt, w, s.act, heldout, s.ctx, cos, sin)
     c = dataclasses.replace(ckpt.config, act=s.act, act_threshold=0.0)
     tensors = {k: QTensor.from_float(p.detach().numpy()) for k, p in w.items()}
@@ -199,13 +211,18 @@ def format_record(r: dict) -> str:
 
 
 def cmd_relufy(args) -> None:
+    import hashlib
     import json
 
     from predictors.bundle import model_fingerprint
     from tools.profile import read_corpus
     ckpt = load_checkpoint(args.model)
-    if not args.out.endswith(".gguf"):
+    if not args.out.endswith(".gguf") or os.path.isdir(args.out):
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
+    folder = os.path.dirname(args.out) or "."
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise HotcoldError(f"{folder}: no such directory, or not writable (the output and its training state go "
+                           "there)")
     if os.path.exists(args.out) and not args.force:
         raise HotcoldError(f"{args.out}: already exists (--force overwrites it)")
     torch.set_num_threads(args.threads)
@@ -219,7 +236,7 @@ def cmd_relufy(args) -> None:
     tokens = torch.tensor(ids, dtype=torch.int64)
     train, heldout = tokens[:len(ids) - args.heldout], tokens[len(ids) - args.heldout:]
     s = Settings(json.dumps(model_fingerprint(ckpt), sort_keys=True), args.act, args.steps, args.batch, args.ctx,
-                 args.lr, args.l1, args.seed, train.numel())
+                 args.lr, args.l1, args.seed, hashlib.sha256(train.numpy().tobytes()).hexdigest(), args.threads)
     record = relufy(ckpt, s, train, heldout, args.out, args.outtype, args.save_every)
     if args.json:
         from tools.cli import emit_json
@@ -227,6 +244,16 @@ def cmd_relufy(args) -> None:
         return
     print(format_record(record))
     print(f"trained {s.steps} steps of {s.batch} x {s.ctx} tokens in {record['train_s']:.0f} s; wrote {args.out}")
+
+
+def number(lo: float, above: bool = False):
+    """An argparse type: a finite float >= lo (> lo if above)."""
+    def parse(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v) or v < lo or (above and v == lo):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {lo:g}, got {text}")
+        return v
+    return parse
 
 
 def add_command(sub) -> None:
@@ -237,15 +264,17 @@ def add_command(sub) -> None:
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
                    help="training text: text files or .jsonl with a text field")
     p.add_argument("-o", "--out", required=True, metavar="OUT.gguf",
-                   help="the model to write (OUT.gguf.train.pt holds the run until it ends: rerun to resume)")
+                   help="the model to write (OUT.gguf.train.pt holds the run until it ends: rerun to resume; "
+                   "remove it to start over)")
     p.add_argument("--act", choices=ACTS, default="relu", help="the FFN activation to train to (default relu)")
     p.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch", type=at_least(1), default=4, help="windows a step (default 4)")
     p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
-    p.add_argument("--l1", type=float, default=0.0, help="weight of the mean activation in the loss: higher "
-                   "gives sparser models (default 0)")
-    p.add_argument("--heldout", type=at_least(1), default=4096, metavar="N",
+    p.add_argument("--lr", type=number(0.0, above=True), default=1e-4, help="peak learning rate of AdamW "
+                   "(default 1e-4)")
+    p.add_argument("--l1", type=number(0.0), default=0.0, help="weight of the mean ReLU(gate) in the loss: "
+                   "higher gives sparser models (default 0)")
+    p.add_argument("--heldout", type=at_least(2), default=4096, metavar="N",
                    help="the corpus's last N tokens are not trained on; loss and sparsity are measured there")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows drawn (default 0)")
     p.add_argument("--save-every", type=at_least(1), default=50, metavar="STEPS",
