@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,16 @@ def at_least(lo: int):
         v = int(text)
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+    return parse
+
+
+def number(lo: float, above: bool = False):
+    """An argparse type: a finite float >= lo (> lo if above)."""
+    def parse(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v) or v < lo or (above and v == lo):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {lo:g}, got {text}")
         return v
     return parse
 

@@ -16,7 +16,6 @@ into place); while training, OUT.train.pt holds the weights, the optimizer and t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -197,8 +196,7 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
     tensors = {k: QTensor.from_float(p.detach().numpy()) for k, p in w.items()}
     write_model(out, dataclasses.replace(ckpt, config=c, tensors=tensors, predictors=None, gpuidx=None),
                 OUTTYPES[outtype], False, None)
-    if os.path.exists(state):
-        os.remove(state)
+    os.remove(state)  # saved after the last step
     return record
 
 
@@ -246,18 +244,9 @@ def cmd_relufy(args) -> None:
     print(f"trained {s.steps} steps of {s.batch} x {s.ctx} tokens in {record['train_s']:.0f} s; wrote {args.out}")
 
 
-def number(lo: float, above: bool = False):
-    """An argparse type: a finite float >= lo (> lo if above)."""
-    def parse(text: str) -> float:
-        v = float(text)
-        if not math.isfinite(v) or v < lo or (above and v == lo):
-            raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {lo:g}, got {text}")
-        return v
-    return parse
-
-
 def add_command(sub) -> None:
-    from tools.cli import MODEL_HELP, at_least
+    from tools.cli import MODEL_HELP, at_least, number
+    from tools.export import OUTTYPES
     p = sub.add_parser("relufy", help="fine-tune a SiLU model into an exactly sparse ReLU one")
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
@@ -279,7 +268,7 @@ def add_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the windows drawn (default 0)")
     p.add_argument("--save-every", type=at_least(1), default=50, metavar="STEPS",
                    help="steps between saves of the resumable state (default 50)")
-    p.add_argument("--outtype", choices=("f16", "q8_0", "q4_0"), default="q8_0",
+    p.add_argument("--outtype", choices=tuple(OUTTYPES), default="q8_0",
                    help="how the written weights are stored (default q8_0)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
