@@ -6,7 +6,10 @@
                logits so large that training stalls; a constant folds exactly, a per-token 1/rms would not
     start      the whitened SVD of `init` (model.Predictor.from_linear), or PyTorch's default initialisation
     loss       binary cross-entropy with pos_weight = inactive / active labels of the training split (Deja Vu):
-               the rare active neurons weigh as much in total as the common inactive ones
+               the rare active neurons weigh as much in total as the common inactive ones. Weighted by
+               contribution (`WEIGHTINGS`), each active label weighs pos_weight x its neuron's |h_i| ||down_i|| over
+               the mean of those (capped at WEIGHT_CAP): a miss costs what the neuron would have added to the output.
+               On the fine-tuned ReLU SmolLM2 that took the predicted sparsity within +1% perplexity from 29% to 53%
     score      after every epoch (and before the first, so that a good SVD start is never lost) the logit
                threshold is tuned on the validation split to keep recall_target of the active neurons, and the
                score is the predicted sparsity it reaches there: at a fixed recall, the share of neurons skipped
@@ -38,6 +41,8 @@ from .model import Predictor
 
 BUDGET = 0.10  # predictor parameters per layer / FFN parameters per layer
 LADDER_START = 32
+WEIGHTINGS = ("count", "contribution")  # how active labels weigh in the loss (see the module docstring)
+WEIGHT_CAP = 20.0  # contribution weighting: an active label weighs at most this many mean active labels
 
 
 def rank_cap(n_embd: int, n_ff: int, ffn_matrices: int = 3, budget: float = BUDGET) -> int:
@@ -76,11 +81,15 @@ def val_logits(pred: Predictor, x: torch.Tensor, chunk: int = 4096) -> torch.Ten
 
 
 def fit(pred: Predictor, data: tuple, epochs: int, lr: float, batch_size: int, recall_target: float,
-        patience: int, seed: int, bar_desc: str, progress: bool) -> tuple[float, int]:
-    """Train in place, keeping the weights of the best validation score. Returns (best score, epochs run)."""
+        patience: int, seed: int, bar_desc: str, progress: bool, c_tr: torch.Tensor | None = None) -> tuple[float, int]:
+    """Train in place, keeping the weights of the best validation score. Returns (best score, epochs run).
+    c_tr: (N_train, n_ff) contributions of the active neurons (0 elsewhere); given, each active label weighs by its
+    contribution over their mean (capped at WEIGHT_CAP) instead of equally."""
     x_tr, y_tr, x_va, y_va = data
     pos = float(y_tr.sum())
     pos_weight = torch.tensor((y_tr.numel() - pos) / max(pos, 1.0), device=x_tr.device)
+    if c_tr is not None:
+        c_tr = c_tr / c_tr[y_tr].mean().clamp(min=1e-30)
     opt = torch.optim.AdamW(pred.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * -(-len(x_tr) // batch_size))
     warmup = max(1, steps // max(1, epochs))  # one epoch of linear warmup: a good SVD start is not thrown away
@@ -102,7 +111,12 @@ def fit(pred: Predictor, data: tuple, epochs: int, lr: float, batch_size: int, r
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             logits = pred.logits(x_tr[idx])  # (B, n_ff)
-            loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx].float(), pos_weight=pos_weight)
+            if c_tr is None:
+                loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx].float(), pos_weight=pos_weight)
+            else:
+                y = y_tr[idx]
+                w = torch.where(y, pos_weight * c_tr[idx].clamp(max=WEIGHT_CAP), 1.0)
+                loss = F.binary_cross_entropy_with_logits(logits, y.float(), weight=w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -135,10 +149,12 @@ def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e
                 init=None, recall_target: float = 0.99, *, max_rank: int | None = None,
                 sparsity_goal: float = 0.9, batch_size: int = 256, val_frac: float = 0.1, max_val: int = 8192,
                 patience: int = 3, seed: int = 0, desc: str = "layer", qtype: str = "F16",
-                progress: bool = True) -> tuple[Predictor, float, dict]:
+                progress: bool = True, C=None) -> tuple[Predictor, float, dict]:
     """Train one layer's predictor. Returns (predictor on the CPU, logit threshold, validation metrics).
 
     X: float (N, n_embd) FFN inputs (raw residual, before the FFN norm); Y: bool (N, n_ff) true active masks.
+    C: None (every active label weighs the same), or float (N, n_ff) contributions of the active neurons, 0 elsewhere
+    (contribution weighting, see the module docstring).
     init: None, or a linear map (n_ff, n_embd) to start from by SVD (`model.gate_map` for ReLU-family FFNs).
     rank: an int, or "auto" (see the module docstring); max_rank tops the auto ladder (default: `rank_cap` for a
     gated FFN; pass rank_cap(..., ffn_matrices=2) for a plain one). epochs 0 keeps the starting point and only
@@ -158,6 +174,7 @@ def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e
     scale = float(X[tr].pow(2).mean(1).sqrt().median().clamp(min=1e-12))  # typical rms of this layer's input
     x_tr, x_va = X[tr] / scale, X[va] / scale  # trained on a unit-scale input, folded back below
     data = tuple(a.to(device) for a in (x_tr, Y[tr], x_va, Y[va]))
+    c_tr = None if C is None else torch.as_tensor(np.asarray(C), dtype=torch.float32)[tr].to(device)
     actual = 1.0 - float(Y[va].float().mean())
 
     if rank == "auto":
@@ -171,7 +188,7 @@ def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e
     for r in ranks:
         pred = new_predictor(n_embd, n_ff, r, init, x_tr, seed).to(device)
         score, ran = fit(pred, data, epochs, lr, batch_size, recall_target, patience, seed,
-                         f"{desc} r={r}", progress)
+                         f"{desc} r={r}", progress, c_tr)
         if best is None or score > best[0]:
             best = (score, pred, ran)
         if score >= sparsity_goal * actual:

@@ -112,6 +112,29 @@ def test_train_for_q4_1_predictors(setup, capsys):
     assert rc == 0 and ev["recall"] >= 0.95 and ev["predicted_sparsity"] >= 0.6 * ev["actual_sparsity"]
 
 
+def test_train_weighted_by_contribution(setup, capsys):
+    """--weighting contribution: each sample's weights are the engine's |h_i| ||down[:, i]|| on the active neurons
+    (the FFN recomputed from the profiled input), and the bundle records the weighting."""
+    from engine.model import rms_norm
+    from engine.sparsity import down_norms
+    from tools.predict import contributions, layer_samples, load_profile
+    s = setup
+    model = Model(load_checkpoint(s["gguf"]), 128, backend="torch")
+    X, Y = layer_samples(s["profile"], load_profile(s["profile"]), 1)
+    C = contributions(model.ckpt, 1, X, Y)
+    net, c = model.net, model.config
+    h = net.ffn(1, rms_norm(torch.from_numpy(X), net.w[blk(1, "ffn_norm")], c.rms_eps))  # (N, n_ff)
+    want = (h.abs() * down_norms(net)[1]).numpy() * Y
+    np.testing.assert_allclose(C, want, rtol=1e-4, atol=1e-6 * want.max())
+    assert (C[~Y] == 0).all() and (C[Y] > 0).mean() > 0.99
+
+    bundle = str(s["dir"] / "bundle_w")
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--weighting",
+                     "contribution", "--json")
+    assert rc == 0 and json.loads(out)["complete"]
+    assert json.load(open(os.path.join(bundle, "manifest.json")))["training"]["weighting"] == "contribution"
+
+
 def test_refusals(setup, capsys):
     s = setup
     bundle = str(s["dir"] / "bundle_r")

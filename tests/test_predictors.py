@@ -125,6 +125,27 @@ def test_training_improves_on_a_weak_start(ffn):
     assert trained["predicted_sparsity"] > start["predicted_sparsity"] + 0.02
 
 
+def test_contribution_weighting_keeps_more_of_the_output_at_the_same_sparsity(ffn):
+    """Weighted by contribution, the active labels of neurons with large outputs (here: large down norms, heavy
+    tailed) weigh more: at the same predicted sparsity on held-out samples, the predictor keeps a larger share of
+    the total contribution than one trained with every active label equal."""
+    norms = np.exp(1.5 * np.random.default_rng(5).standard_normal(N_FF)).astype(np.float32)  # (n_ff,) ||down_i||
+
+    def contrib(x, y):  # |h_i| ||down_i|| with h_i the gate pre-activation where active
+        pre = (x / np.sqrt((x ** 2).mean(1, keepdims=True))) @ ffn.m.numpy().T
+        return (np.maximum(pre, 0) * norms * y).astype(np.float32)
+
+    kw = dict(rank=8, epochs=4, init=ffn.m, recall_target=0.97, progress=False)
+    kept = {}
+    c_test = contrib(ffn.x_test, ffn.y_test)
+    for name, C in (("count", None), ("contribution", contrib(ffn.x, ffn.y))):
+        pred, _, _ = train_layer(ffn.x, ffn.y, C=C, **kw)
+        logits = pred.logits(torch.from_numpy(ffn.x_test)).detach()
+        t = float(torch.quantile(logits.flatten(), 0.85))  # the same predicted sparsity for both: 85%
+        kept[name] = float((c_test * (logits >= t).numpy()).sum() / c_test.sum())
+    assert kept["contribution"] > kept["count"] + 0.1, kept
+
+
 def test_auto_rank_takes_the_smallest_rung_that_is_good_enough(ffn):
     pred, _, m = train_layer(ffn.x, ffn.y, rank="auto", epochs=0, init=ffn.m, recall_target=0.97,
                              max_rank=64, sparsity_goal=0.8, progress=False)

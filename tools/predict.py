@@ -10,6 +10,9 @@ commands need no --sparsity.
               --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes decoding reads are reported
               beside it, by --predictor-type: against a Q4_1 FFN, F16 predictors are 3.2x the parameter share,
               Q8_0 1.7x, Q4_1 the same share
+    weighting --weighting contribution weighs each active label by |h_i| ||down[:, i]|| (`contributions`: the FFN
+              recomputed from the profiled input with the model's weights), so that the predictor learns which active
+              neurons matter to the output (predictors/train.py)
     resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
               by the model, profile and training settings); the same command run again skips those layers, and a
               finished bundle with the same key is taken as done. --layers trains a subset; the bundle is
@@ -99,6 +102,28 @@ def init_map(ckpt, layer: int):
     return gate_map(w, np.array(ckpt.tensors[blk(layer, "ffn_norm")].dequantize()))
 
 
+@torch.no_grad()
+def contributions(ckpt, layer: int, X: np.ndarray, Y: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """float32 (N, n_ff): each active neuron's contribution |h_i| * ||down[:, i]|| for FFN inputs X (N, n_embd)
+    (raw residuals: the FFN norm applied here), 0 where Y (N, n_ff) says inactive."""
+    from engine.model import ffn_activation, rms_norm
+    c = ckpt.config
+
+    def w(name):
+        return torch.from_numpy(np.array(ckpt.tensors[blk(layer, name)].dequantize(), np.float32))
+    up, norm = w("ffn_up"), w("ffn_norm")
+    gate = w("ffn_gate") if c.ffn_gated else None
+    down = w("ffn_down").norm(dim=0) if blk(layer, "ffn_down") in ckpt.tensors else w("ffn_down_t").norm(dim=1)
+    out = np.zeros(Y.shape, np.float32)
+    for a in range(0, len(X), chunk):
+        xn = rms_norm(torch.from_numpy(X[a:a + chunk]), norm, c.rms_eps)  # (B, n_embd)
+        u = xn @ up.T
+        h = ffn_activation(u, None, c.act, c.act_threshold) if gate is None else \
+            ffn_activation(xn @ gate.T, u, c.act, c.act_threshold)
+        out[a:a + chunk] = (h.abs() * down).numpy() * Y[a:a + chunk]
+    return out
+
+
 def profile_sparsity(manifest: dict, engine_fp: dict, path: str | None) -> SparsityConfig:
     """The sparsity config the profile's labels were made with: from --sparsity, checked against the profile's
     thresholds, or rebuilt from them."""
@@ -160,7 +185,7 @@ def done_from_bundle(out: str, fp: dict, key: str) -> dict:
 def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
                      device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
                      lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1,
-                     qtype: str = "F16") -> dict:
+                     qtype: str = "F16", weighting: str = "count") -> dict:
     """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`, for decoding to
     read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
@@ -188,7 +213,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     if qtype not in PREDICTOR_TYPES:
         raise HotcoldError(f"predictor type {qtype!r}: expected one of {', '.join(PREDICTOR_TYPES)}")
     opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET,
-            "predictor_type": qtype}
+            "predictor_type": qtype, "weighting": weighting}
     key = settings_key(fp, manifest, opts)
     done = done_from_bundle(out, fp, key)
     for i in range(c.n_layer):
@@ -209,7 +234,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
             cap = budget_rank(ckpt, i)
             pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
-                                       qtype=qtype, progress=progress)
+                                       qtype=qtype, progress=progress,
+                                       C=contributions(ckpt, i, X, Y) if weighting == "contribution" else None)
             save_partial(out, i, key, pred, thr, m)
             done[i] = (pred, thr, m)
     finally:
@@ -319,7 +345,7 @@ def cmd_train(args) -> None:
     rank = args.rank if args.rank == "auto" else int(args.rank)
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
-                           qtype=args.predictor_type)
+                           qtype=args.predictor_type, weighting=args.weighting)
     if args.json:
         from tools.cli import emit_json
         emit_json(res)
@@ -351,6 +377,7 @@ def cmd_eval(args) -> None:
 
 
 def add_command(sub) -> None:
+    from predictors.train import WEIGHTINGS
     from tools.cli import add_model_args, at_least
     p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile")
     p.add_argument("--profile", required=True, help="profile directory (hotcold profile -o)")
@@ -365,6 +392,9 @@ def add_command(sub) -> None:
     p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default="F16", help="how decoding will read the "
                    "weights: F16 (default), Q8_0 or Q4_1 (the bytes read per token: 2, 1.06, 0.63 per weight); the "
                    "weights are rounded to that type and the thresholds tuned on them")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="count",
+                   help="count: every active label weighs the same (default); contribution: each by what its neuron "
+                   "adds to the FFN output, |h_i| ||down_i|| (recomputed from the profiled inputs)")
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="torch threads for training (default: all "
                    "cores); the next layer's samples are read meanwhile in another thread")
     p.add_argument("--json", action="store_true")
