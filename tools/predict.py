@@ -10,9 +10,9 @@ commands need no --sparsity.
               --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes decoding reads are reported
               beside it, by --predictor-type: against a Q4_1 FFN, F16 predictors are 3.2x the parameter share,
               Q8_0 1.7x, Q4_1 the same share
-    weighting --weighting contribution weighs each active label by |h_i| ||down[:, i]|| (`contributions`: the FFN
-              recomputed from the profiled input with the model's weights), so that the predictor learns which active
-              neurons matter to the output (predictors/train.py)
+    weighting by default each active label weighs by |h_i| ||down[:, i]|| (`contributions`: the FFN recomputed from
+              the profiled input with the model's weights), so that the predictor learns which active neurons
+              matter to the output; --weighting count weighs them all the same (predictors/train.py)
     resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
               by the model, profile and training settings); the same command run again skips those layers, and a
               finished bundle with the same key is taken as done. --layers trains a subset; the bundle is
@@ -185,7 +185,7 @@ def done_from_bundle(out: str, fp: dict, key: str) -> dict:
 def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
                      device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
                      lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1,
-                     qtype: str = "F16", weighting: str = "count") -> dict:
+                     qtype: str = "F16", weighting: str = "contribution") -> dict:
     """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`, for decoding to
     read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
@@ -392,9 +392,9 @@ def add_command(sub) -> None:
     p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default="F16", help="how decoding will read the "
                    "weights: F16 (default), Q8_0 or Q4_1 (the bytes read per token: 2, 1.06, 0.63 per weight); the "
                    "weights are rounded to that type and the thresholds tuned on them")
-    p.add_argument("--weighting", choices=WEIGHTINGS, default="count",
-                   help="count: every active label weighs the same (default); contribution: each by what its neuron "
-                   "adds to the FFN output, |h_i| ||down_i|| (recomputed from the profiled inputs)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="contribution",
+                   help="contribution (default): each active label weighs by what its neuron adds to the FFN output, "
+                   "|h_i| ||down_i|| (recomputed from the profiled inputs); count: every active label the same")
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="torch threads for training (default: all "
                    "cores); the next layer's samples are read meanwhile in another thread")
     p.add_argument("--json", action="store_true")
