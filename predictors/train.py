@@ -88,8 +88,8 @@ def fit(pred: Predictor, data: tuple, epochs: int, lr: float, batch_size: int, r
     x_tr, y_tr, x_va, y_va = data
     pos = float(y_tr.sum())
     pos_weight = torch.tensor((y_tr.numel() - pos) / max(pos, 1.0), device=x_tr.device)
-    if c_tr is not None:
-        c_tr = c_tr / c_tr[y_tr].mean().clamp(min=1e-30)
+    if c_tr is not None:  # each active label's weight, once: pos_weight x its contribution over the mean, capped
+        c_tr = pos_weight * (c_tr / c_tr[y_tr].mean().clamp(min=1e-30)).clamp(max=WEIGHT_CAP)
     opt = torch.optim.AdamW(pred.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, epochs * -(-len(x_tr) // batch_size))
     warmup = max(1, steps // max(1, epochs))  # one epoch of linear warmup: a good SVD start is not thrown away
@@ -115,8 +115,7 @@ def fit(pred: Predictor, data: tuple, epochs: int, lr: float, batch_size: int, r
                 loss = F.binary_cross_entropy_with_logits(logits, y_tr[idx].float(), pos_weight=pos_weight)
             else:
                 y = y_tr[idx]
-                w = torch.where(y, pos_weight * c_tr[idx].clamp(max=WEIGHT_CAP), 1.0)
-                loss = F.binary_cross_entropy_with_logits(logits, y.float(), weight=w)
+                loss = F.binary_cross_entropy_with_logits(logits, y.float(), weight=torch.where(y, c_tr[idx], 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -107,6 +107,7 @@ def contributions(ckpt, layer: int, X: np.ndarray, Y: np.ndarray, chunk: int = 8
     """float32 (N, n_ff): each active neuron's contribution |h_i| * ||down[:, i]|| for FFN inputs X (N, n_embd)
     (raw residuals: the FFN norm applied here), 0 where Y (N, n_ff) says inactive."""
     from engine.model import ffn_activation, rms_norm
+    from engine.sparsity import contribution
     c = ckpt.config
 
     def w(name):
@@ -120,7 +121,7 @@ def contributions(ckpt, layer: int, X: np.ndarray, Y: np.ndarray, chunk: int = 8
         u = xn @ up.T
         h = ffn_activation(u, None, c.act, c.act_threshold) if gate is None else \
             ffn_activation(xn @ gate.T, u, c.act, c.act_threshold)
-        out[a:a + chunk] = (h.abs() * down).numpy() * Y[a:a + chunk]
+        out[a:a + chunk] = contribution(h, down).numpy() * Y[a:a + chunk]
     return out
 
 
