@@ -112,6 +112,16 @@ def test_counts_below_their_minimum_are_refused(capsys):
         assert e.value.code == 2 and f"argument {name}: must be at least" in err and "Traceback" not in err, err
 
 
+def test_usage_names_every_command(capsys):
+    """An unknown option of a core command (whose run builds only the core parsers) still prints a usage line that
+    names the offline commands too."""
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", "hi", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in err
+    assert all(name in err for name in ("generate", "train-predictors", "split", "relufy")), err
+
+
 def test_installed_command_exit_code(tmp_path):
     """The real console script: exit code 2, one line on stderr, no traceback."""
     exe = os.path.join(os.path.dirname(sys.executable), "hotcold")

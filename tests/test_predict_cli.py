@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from engine.api import Model, load
-from engine.config import blk
+from engine.config import HotcoldError, blk
 from engine.loader import load_checkpoint
 from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf  # noqa: F401 (autouse fixture)
 from tools.cli import main
+from tools.predict import train_predictors
 from tools.profile import corpus_tokens, run_profile
 
 K = 3
@@ -151,6 +152,9 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
     assert rc == 2 and "no such" in err
+    with pytest.raises(HotcoldError, match="weighting 'counts'"):  # the API checks what the CLI's choices do
+        train_predictors(load_checkpoint(s["gguf"]), s["profile"], str(s["dir"] / "b3"), weighting="counts")
+    assert not os.path.exists(s["dir"] / "b3")
 
 
 @pytest.mark.slow

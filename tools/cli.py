@@ -190,7 +190,9 @@ def cmd_bench(args) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands; given the command that will run, only the module that defines it is imported."""
     ap = argparse.ArgumentParser(prog="hotcold", description="sparse hot/cold LLM inference")
-    sub = ap.add_subparsers(dest="command", required=True)
+    # every command in the usage line, also when only the core parsers and the running command's are built
+    names = ("generate", "tokenize", "perplexity", "bench", *COMMAND_MODULES)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)

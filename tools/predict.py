@@ -194,7 +194,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     "bundle": out or None, "budget": {...}}."""
     from engine.sparsity import fingerprint
     from predictors.bundle import Bundle, model_fingerprint
-    from predictors.train import BUDGET, train_layer
+    from predictors.train import BUDGET, WEIGHTINGS, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
     c = ckpt.config
@@ -213,6 +213,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         raise HotcoldError(f"--layers: layer {bad[0]} does not exist (the model has {c.n_layer})")
     if qtype not in PREDICTOR_TYPES:
         raise HotcoldError(f"predictor type {qtype!r}: expected one of {', '.join(PREDICTOR_TYPES)}")
+    if weighting not in WEIGHTINGS:
+        raise HotcoldError(f"weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET,
             "predictor_type": qtype, "weighting": weighting}
     key = settings_key(fp, manifest, opts)
