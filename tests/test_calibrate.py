@@ -88,6 +88,40 @@ def test_bad_configs_are_refused(tiny, tmp_path):
         SparsityConfig.load(str(tmp_path / "missing.json"), fp)
 
 
+def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the search, then the same command: the evaluations done before are read back from
+    OUT.progress.json rather than computed again, and the config is the one an uninterrupted run writes."""
+    import tools.calibrate as cal
+    real, searched = cal.Heldout.score, []  # searched: one entry per sparse evaluation computed
+
+    def counting(self, model, cfg, steps=False):
+        searched.extend([cfg] if cfg is not None else [])
+        return real(self, model, cfg, steps)
+
+    def interrupted(self, model, cfg, steps=False):
+        if cfg is not None and len(searched) == 3:
+            raise KeyboardInterrupt
+        return counting(self, model, cfg, steps)
+
+    full, out = tmp_path / "full.json", tmp_path / "s.json"
+    monkeypatch.setattr(cal.Heldout, "score", counting)
+    assert cli_calibrate(tiny, full, "--ppl-increase", "3") == 0
+    n = len(searched)
+    assert n >= 5
+    searched.clear()
+    monkeypatch.setattr(cal.Heldout, "score", interrupted)
+    assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 130
+    progress = str(out) + ".progress.json"
+    assert not out.exists() and len(json.load(open(progress))["results"]) == 3
+    searched.clear()
+    monkeypatch.setattr(cal.Heldout, "score", counting)
+    assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 0
+    assert len(searched) == n - 3
+    assert json.loads(out.read_text())["thresholds"] == json.loads(full.read_text())["thresholds"]
+    assert not os.path.exists(progress)
+    capsys.readouterr()
+
+
 def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):
     assert main(["calibrate", "-m", tiny[0]["silu", 0], "-f", tiny[1], "--target-sparsity", "0.5", "--tokens",
                  "4096", "--ctx", str(CTX), "-o", str(tmp_path / "s.json")]) == 2
@@ -131,6 +165,7 @@ def test_predictor_thresholds_tuned_to_a_perplexity_bound(tiny, tmp_path, capsys
         _, heldout = split_corpus(m, [tiny[1]], 96, 128, CTX)
         assert m.perplexity(heldout, ctx=CTX)["ppl"] == pytest.approx(res["ppl_sparse"], rel=1e-9)
     assert found[20]["predicted_sparsity"] >= found[2]["predicted_sparsity"]  # a looser bound skips more
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".progress.json")]  # gone once the bundle is written
     assert main(["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--target-sparsity",
                  "0.5", "-o", str(tmp_path / "x"), "--ctx", str(CTX), "--tokens", "96", "--heldout-tokens",
                  "128"]) == 2

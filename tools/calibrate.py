@@ -26,6 +26,9 @@ PPL-P% sparsity", its predicted sparsity).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 import sys
@@ -35,7 +38,8 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError
-from engine.sparsity import SparsityConfig, batched_net, contribution, down_norms, down_rows
+from engine.sparsity import (SparsityConfig, batched_net, contribution, down_norms, down_rows, read_json,
+                             write_atomic)
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")
@@ -167,6 +171,13 @@ def method_levels(stats: Stats, method: str, m: float, path: list[np.ndarray] | 
 
 
 # --- search -----------------------------------------------------------------------------------------------
+def chunk_bar(n: int):
+    """range(n) with a progress bar on a terminal (an evaluation of held-out text takes tens of seconds), cleared
+    when done so that the evaluation's log line follows."""
+    from tqdm import tqdm
+    return tqdm(range(n), desc="held-out chunks", unit="chunk", leave=False, disable=None, file=sys.stderr)
+
+
 @dataclass
 class Heldout:
     """Held-out text scored as `perplexity` scores it (second half of each ctx chunk, from its own prefix),
@@ -183,7 +194,7 @@ class Heldout:
         start, nll, kl, n = self.ctx // 2, 0.0, 0.0, 0
         top = []
         try:
-            for k in range(len(self.tokens) // self.ctx):
+            for k in chunk_bar(len(self.tokens) // self.ctx):
                 chunk = self.tokens[k * self.ctx:(k + 1) * self.ctx]
                 logp = torch.log_softmax(model.scored_logits(chunk, start, steps).double(), -1)  # (S, n_vocab)
                 nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
@@ -214,6 +225,40 @@ def bound_report(r: dict, dense: float) -> str:
             f"KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
 
 
+class Journal:
+    """The evaluations of a search, kept in a file beside its output (OUT.progress.json) so that an interrupted
+    calibrate resumes: the binary search is deterministic, so the same command, given the results it already had,
+    visits the same points and computes only the ones it lacks. `key` is what the results depend on; a file with
+    another key is started over. path None: nothing is kept."""
+
+    def __init__(self, path: str | None, key: dict):
+        self.path, self.key, self.results = path, key, {}
+        if path is not None and os.path.exists(path):
+            try:
+                data = read_json(path, "calibrate progress file")
+            except HotcoldError:  # unreadable: started over, and replaced at the first result
+                data = {}
+            if data.get("key") == key:
+                self.results = data.get("results", {})
+
+    def __call__(self, x: float, compute) -> tuple[dict, bool]:
+        """(compute(x), or the saved result for x; whether it was saved)."""
+        k = repr(float(x))
+        if k in self.results:
+            return self.results[k], True
+        self.results[k] = r = compute(x)
+        if self.path is not None:
+            def write(tmp: str) -> None:
+                with open(tmp, "w") as fh:
+                    json.dump({"key": self.key, "results": self.results}, fh)
+            write_atomic(self.path, write)
+        return r, False
+
+def digest(obj) -> str:
+    """A short sha256 of obj's JSON (token lists, manifests): what a journal key holds in place of the data."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def largest_within(evaluate, lo: float, hi: float, tol: float, dense: float, limit: float):
     """Binary search for the largest x in [lo, hi] whose evaluate(x) keeps perplexity, and exp(mean KL from dense),
     within `limit` times dense (both taken to grow with x). Returns (x, its result), or (None, None)."""
@@ -230,12 +275,12 @@ def largest_within(evaluate, lo: float, hi: float, tol: float, dense: float, lim
 
 def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: str,
               target_sparsity: float | None = None, ppl_increase: float | None = None, seed: int = 0,
-              log=None) -> tuple[SparsityConfig, dict]:
+              log=None, progress: str | None = None) -> tuple[SparsityConfig, dict]:
     """Thresholds by `method` for a target mean sparsity, or for held-out perplexity at most ppl_increase
     percent above dense. The bound also holds for exp(mean KL from the dense model) - 1: calibration text
     that the model finds easy (tiny-shakespeare: +0.35% at 40% sparsity where wikitext-2 rises 1.7%) would
     otherwise admit thresholds that cost far more on other text; the KL is the perplexity rise to expect on
-    text the model predicts well."""
+    text the model predicts well. progress: the `Journal` file (None: none kept)."""
     log = log or (lambda msg: None)
     log(f"statistics over {len(tokens) // ctx * ctx} tokens")
     stats = collect(model, tokens, ctx, seed)
@@ -249,10 +294,15 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
     held = Heldout(heldout, ctx)
     dense = held.score(model, None)["ppl"]
     log(f"held-out perplexity, dense: {dense:.4f}")
+    journal = Journal(progress, {"model": model.fingerprint, "tokens": digest(tokens), "heldout": digest(heldout),
+                                 "ctx": ctx, "method": method, "seed": seed, "dense": dense})
+    if journal.results:
+        log(f"resuming: {len(journal.results)} evaluations saved in {progress}")
 
     def evaluate(m: float) -> dict:
-        r = held.score(model, SparsityConfig(stats.thresholds(method_levels(stats, method, m, path)), {}))
-        log(f"mean level {m:.3f}: sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}")
+        r, saved = journal(m, lambda m: held.score(
+            model, SparsityConfig(stats.thresholds(method_levels(stats, method, m, path)), {})))
+        log(f"mean level {m:.3f}: sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}{' (saved)' if saved else ''}")
         return r
 
     if target_sparsity is not None:
@@ -282,7 +332,7 @@ def score_runtime(model, held: Heldout) -> dict:
     start, nll, kl, n = held.ctx // 2, 0.0, 0.0, 0
     model.runtime.reset()
     with torch.inference_mode():
-        for k in range(len(held.tokens) // held.ctx):
+        for k in chunk_bar(len(held.tokens) // held.ctx):
             chunk = held.tokens[k * held.ctx:(k + 1) * held.ctx]
             logp = torch.log_softmax(model.scored_logits(chunk, start).double(), -1)  # (S, n_vocab)
             nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
@@ -291,10 +341,11 @@ def score_runtime(model, held: Heldout) -> dict:
     return {"ppl": math.exp(nll / n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
 
 
-def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increase: float, log=None):
+def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increase: float, log=None,
+                         progress: str | None = None):
     """The bundle with every layer's threshold moved by the largest offset (fewest predicted neurons) at which
     held-out perplexity through the predictor runtime is at most ppl_increase percent above dense, and exp(mean
-    KL from dense) - 1 as well (see `calibrate`). Returns (bundle, summary)."""
+    KL from dense) - 1 as well (see `calibrate`); progress as there. Returns (bundle, summary)."""
     from dataclasses import replace
     log = log or (lambda msg: None)
     held = Heldout(heldout, ctx)
@@ -304,11 +355,20 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
     log(f"held-out perplexity, dense (decode steps): {dense:.4f}")
     model.set_predictors(bundle)
     base = list(bundle.thresholds)
+    journal = Journal(progress, {"model": model.fingerprint, "heldout": digest(heldout), "ctx": ctx, "dense": dense,
+                                 "bundle": digest({"thresholds": base, "training": bundle.training}),
+                                 "predictor_type": model.runtime.qtype})
+    if journal.results:
+        log(f"resuming: {len(journal.results)} evaluations saved in {progress}")
+
+    def score(offset: float) -> dict:
+        model.runtime.set_thresholds([t + offset for t in base])
+        return score_runtime(model, held)
 
     def evaluate(offset: float) -> dict:
-        model.runtime.set_thresholds([t + offset for t in base])
-        r = score_runtime(model, held)
-        log(f"offset {offset:+.3f}: predicted sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}")
+        r, saved = journal(offset, score)
+        log(f"offset {offset:+.3f}: predicted sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}"
+            f"{' (saved)' if saved else ''}")
         return r
 
     best, res = largest_within(evaluate, *OFFSET_RANGE, OFFSET_TOL, dense, 1 + ppl_increase / 100)
@@ -335,6 +395,11 @@ def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int
     return tokens[:n_stats], tokens[len(tokens) - n_heldout:]
 
 
+def progress_path(out: str) -> str:
+    """Where calibrate keeps its evaluations until -o is written (`Journal`): beside it."""
+    return os.path.normpath(out) + ".progress.json"
+
+
 def cmd_calibrate(args) -> None:
     from tools.cli import emit_json, load_model
     if args.target_sparsity is not None and not 0 <= args.target_sparsity <= MAX_LEVEL:
@@ -355,9 +420,11 @@ def cmd_calibrate(args) -> None:
         return calibrate_bundle(args, model, heldout, log)
 
     cfg, summary = calibrate(model, tokens, heldout, args.ctx, method, args.target_sparsity, args.ppl_increase,
-                             args.seed, log)
+                             args.seed, log, progress_path(args.out))
     cfg.calibration["corpus"] = args.files
     cfg.save(args.out)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(progress_path(args.out))
     if args.json:
         emit_json(summary)
     else:
@@ -375,8 +442,11 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
         raise HotcoldError(f"{args.out}: a bundle is already there (--force to overwrite)")
     bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
-    tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log)
+    tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log,
+                                          progress_path(args.out))
     tuned.save(args.out)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(progress_path(args.out))
     if args.json:
         emit_json(summary)
     else:
