@@ -77,10 +77,12 @@ def set_threads(n: int | None) -> None:
 BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 torch reference
 
 
-def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None = None,
+def load(model: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
          hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
-    """predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
+    """n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
+    that is refused: RoPE past it is not what the model learned, and a batched forward's memory grows with its
+    square); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
     hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
     backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
     set_threads(threads)
@@ -92,10 +94,15 @@ def load(model: str | None = None, n_ctx: int = DEFAULT_CTX, threads: int | None
 
 
 class Model:
-    def __init__(self, ckpt: Checkpoint, n_ctx: int = DEFAULT_CTX, sparsity: str | SparsityConfig | None = None,
+    def __init__(self, ckpt: Checkpoint, n_ctx: int | None = None, sparsity: str | SparsityConfig | None = None,
                  backend: str = "kernels", cache_type: str = "f16"):
         if cache_type not in CACHE_TYPES:
             raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
+        trained = ckpt.config.n_ctx_train
+        n_ctx = min(DEFAULT_CTX, trained) if n_ctx is None else n_ctx
+        if n_ctx > trained:
+            raise HotcoldError(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the {trained} the model was "
+                               f"trained on (--ctx {trained} or less)")
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32

@@ -93,6 +93,13 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert_one_line(*run_cli(capsys, "generate", "-m", good, "-c", "16", "-p", "a long prompt " * 10),
                     "context")
     assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(tmp_path / "none.txt")), "none.txt")
+    # past the context the model was trained on (the tiny model's 256): refused before anything is allocated
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text("the cat sat on the mat. " * 200)
+    assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(wiki), "--ctx", "300"), "good.gguf", "256")
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-c", "257", "-p", "hi"), "good.gguf", "trained on")
+    assert run_cli(capsys, "generate", "-m", good, "-c", "256", "-p", "hi", "-n", "2")[0] == 0
+    assert load(good).n_ctx == 256  # the default context, 2048, shortened to the model's
 
     hfdir = tmp_path / "hf"
     write_hf(str(hfdir), c, w)

@@ -47,7 +47,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                    help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
-        p.add_argument("-c", "--ctx", type=at_least(2), default=2048, help="context size in tokens (default 2048)")
+        p.add_argument("-c", "--ctx", type=at_least(2), default=None,
+                       help="context size in tokens (default 2048, or the model's training context if shorter)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -78,8 +79,7 @@ def load_model(args, n_ctx: int | None = None):
     if getattr(args, "predictors", None) is not None or model.runtime is not None:
         from tools.split import hot_neurons
         bundle = args.predictors if args.predictors is not None else model.runtime.bundle
-        bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device,
-                                          n_ctx or args.ctx)
+        bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device, model.n_ctx)
         model.set_predictors(bundle, hot, device, args.audit_recall, args.predictor_type)
     return model
 
@@ -154,8 +154,9 @@ def cmd_tokenize(args) -> None:
 
 def cmd_perplexity(args) -> None:
     from tqdm import tqdm
+    text = read_text(args.file)  # a bad file is named before the model loads
     model = load_model(args, n_ctx=args.ctx)
-    tokens = model.tokenize(read_text(args.file), special=False, add_bos=False)
+    tokens = model.tokenize(text, special=False, add_bos=False)
     total = len(tokens) // args.ctx - args.first_chunk
     bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
                disable=args.json or None, file=sys.stderr)
