@@ -254,6 +254,7 @@ class Journal:
             write_atomic(self.path, write)
         return r, False
 
+
 def digest(obj) -> str:
     """A short sha256 of obj's JSON (token lists, manifests): what a journal key holds in place of the data."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
