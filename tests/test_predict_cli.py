@@ -111,6 +111,11 @@ def test_train_for_q4_1_predictors(setup, capsys):
                      "--ctx", "128", "--json")
     ev = json.loads(out)
     assert rc == 0 and ev["recall"] >= 0.95 and ev["predicted_sparsity"] >= 0.6 * ev["actual_sparsity"]
+    # --gpu-budget without --split: the hot set solved on the spot from the profile the bundle was trained on, on a
+    # torch CPU device standing in for the GPU
+    rc, out, _ = run(capsys, "generate", "-m", s["gguf"], "-p", "the cat", "-n", "8", "--temperature", "0", "-c",
+                     "128", "--json", "--predictors", bundle, "--gpu-budget", "200K", "--hot-device", "cpu")
+    assert rc == 0 and json.loads(out)["stats"]["gpu_share"] > 0
 
 
 def test_train_weighted_by_contribution(setup, capsys):

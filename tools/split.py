@@ -181,7 +181,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
     if device == "auto":
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
-    if split_path.endswith(".gpuidx"):
+    if split_path is not None and split_path.endswith(".gpuidx"):
         hot = read_gpuidx(split_path)
         if len(hot) != c.n_layer or any(len(h) and h[-1] >= c.n_ff for h in hot):
             raise HotcoldError(f"{split_path}: a GPU index of another model ({len(hot)} layers; this model has "
