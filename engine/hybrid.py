@@ -140,7 +140,7 @@ class HotPart:
              else ffn_activation(g, u, c.act, c.act_threshold)) * mask
         self.y_host.copy_((h @ self.down[i])[0].float(), non_blocking=True)
         if self.done is not None:
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(self.dev))  # the stream the work above went to
 
     def collect(self, out: np.ndarray) -> None:
         """out += the launched layer's hot part (waits for the device)."""
@@ -281,10 +281,13 @@ class LayerOffload:
             tm.k_cache[:, :, span] = net.torch.k_cache[:k, :, span].to(self.dev, self.dtype)
             tm.v_cache[..., span] = net.torch.v_cache[:k, ..., span].to(self.dev, self.dtype)
             return out
-        x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev, self.dtype)  # (1, n_embd)
+        # the residual (1, n_embd) stays float32, the layers' inputs and weights are self.dtype: in float16 the
+        # residual's steps near SmolLM2's 25,000 would be 16 wide
+        dt, eps = self.dtype, tm.c.rms_eps
+        x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev)
         for i in range(k):
-            x = x + tm.attention(i, rms_norm(x, tm.w[blk(i, "attn_norm")], tm.c.rms_eps), pos)
-            x = x + tm.down(i, tm.ffn(i, rms_norm(x, tm.w[blk(i, "ffn_norm")], tm.c.rms_eps)))
+            x = x + tm.attention(i, rms_norm(x, tm.w[blk(i, "attn_norm")], eps).to(dt), pos).float()
+            x = x + tm.down(i, tm.ffn(i, rms_norm(x, tm.w[blk(i, "ffn_norm")], eps).to(dt))).float()
         net.x[:] = x[0].float().cpu().numpy()
         return torch.from_numpy(net.step(tokens[0], pos, first=k).copy())
 

@@ -16,7 +16,10 @@ from .config import ModelConfig, blk
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    """x / rms(x) * w, the rms taken in float32 whatever x's dtype: float16 squares overflow past 256, and
+    SmolLM2's residuals reach 25,000 (the result is then x's dtype, promoted with w's)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) -> torch.Tensor:
@@ -141,7 +144,8 @@ class TorchModel:
         vals = self.v_cache[i, :, :, :pos + T].transpose(1, 2).to(q.dtype)  # (Hkv, S, hd)
         mask = None
         if T > 1:  # query t sees keys 0..pos+t
-            mask = torch.arange(pos + T)[None, :] <= (pos + torch.arange(T))[:, None]  # (T, S)
+            t = torch.arange(pos + T, device=q.device)
+            mask = t[None, :] <= t[pos:, None]  # (T, S)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask,
                                            enable_gqa=c.n_head != c.n_head_kv)  # (H, T, hd)
         return self.mm(o.transpose(0, 1).reshape(T, c.n_embd), blk(i, "attn_output"))

@@ -57,6 +57,24 @@ def test_all_active_predictors_give_dense_logits(tmp_path, act):
     assert stats["tokens"] == 18 and stats["predicted_sparsity"] == 0.0
 
 
+def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
+    """The largest relative difference over layers between a HotPart on `device` (launch, then collect) and the CPU
+    kernels' FFN over the same neurons, for random inputs with a random half of the hot neurons marked active."""
+    from engine.hybrid import HotPart
+    net, c = model.net, model.config
+    part, rng, worst = HotPart(net, hot, device), np.random.default_rng(0), 0.0
+    for i, L in enumerate(net.layers):
+        xn = rng.standard_normal(c.n_embd).astype(np.float32)
+        on = rng.random(len(hot[i])) < 0.5
+        part.mask_host[i].numpy()[:] = on
+        got, want = np.zeros(c.n_embd, np.float32), np.zeros(c.n_embd, np.float32)
+        part.launch(i, xn)
+        part.collect(got)
+        net.ffn(L, xn, want, hot[i][on])
+        worst = max(worst, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    return worst
+
+
 def test_hot_part_on_a_second_device_matches_all_cpu(tmp_path):
     path = tiny_path(tmp_path)
     cpu, hybrid = load(path, n_ctx=64), load(path, n_ctx=64)
@@ -76,6 +94,7 @@ def test_hot_part_on_a_second_device_matches_all_cpu(tmp_path):
     assert sa["gpu_share"] == 0.0 and 0.3 < sb["gpu_share"] < 0.7  # half the neurons are hot
     dense = load(path, n_ctx=64).scored_logits(chunk, 20)
     assert float((a - dense).norm() / dense.norm()) > 1e-3  # and skipping them changes the logits
+    assert hot_part_error(cpu, hot, "cpu") < 1e-5  # the hot part alone: float32 torch against the kernels
 
 
 def test_audit_recall_equals_brute_force(tmp_path):
@@ -229,6 +248,17 @@ def test_layer_offload_baseline_matches_all_cpu(tmp_path):
         + 2 * 4 * (64 * 128 + 2 * 64)  # float32: six matrices, the down projection and two norms per layer
 
 
+def test_rms_norm_of_float16_residuals():
+    """Layers offloaded in float16 norm residuals of SmolLM2's size (hundreds to 25,000): squared in float16 they
+    overflowed to inf and the normed input came out 0."""
+    from engine.model import rms_norm
+    x = torch.tensor([[300.0, -2.0, 0.5, 25000.0]])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    want = rms_norm(x, w, 1e-5)
+    got = rms_norm(x.half(), w.half(), 1e-5)
+    assert got.dtype == torch.float16 and torch.allclose(got.float(), want, rtol=2e-3)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
@@ -239,9 +269,12 @@ def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
     hot = [np.arange(0, cpu.config.n_ff, 2, dtype=np.int32)] * cpu.config.n_layer
     cpu.set_predictors(bundle)
     gpu.set_predictors(bundle, hot, "cuda")
+    assert hot_part_error(cpu, hot, "cuda") < 3e-3  # float16 rows, float32 sums: about 5e-4 expected
     chunk = chunk_of(cpu)
     a, b = cpu.scored_logits(chunk, 20), gpu.scored_logits(chunk, 20)
-    assert float((a - b).norm() / a.norm()) < 0.03  # float16 hot rows
+    # end to end the float16 rows flip some predictor decisions of the next layers: about 0.02 (0.09 at single
+    # positions) from float16 on the CPU; a hot part lost or read a layer late measured 0.56-0.59
+    assert float((a - b).norm() / a.norm()) < 0.1
     assert 0.3 < gpu.runtime.stats()["gpu_share"] < 0.7
     dense = load(path, n_ctx=64)
     off.net = LayerOffload(off.net, 2, "cuda")

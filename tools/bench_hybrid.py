@@ -147,18 +147,21 @@ def offload_speed(model, vram: int, ids: list[int], n: int) -> tuple[int, float]
     """(layers, dense decode tok/s) of the layer-offload baseline: as many whole float16 layers on CUDA as fit in
     vram, the rest on the CPU kernels."""
     from engine.hybrid import LayerOffload
+    from engine.sparsity import batched_net
     from tools.bench import decode_speed
     net = model.net
     per_layer = 2 * sum(m.rows * m.cols for name, m in net.mats.items() if name.startswith("blk.0."))
     k = int(min(model.config.n_layer, vram // per_layer))
-    saved = model.runtime
-    model.runtime = net.runtime = None
+    prefill = batched_net(net)
+    saved = model.runtime, prefill.predict
+    model.runtime = net.runtime = prefill.predict = None  # dense, the prompt too
     model.net = LayerOffload(net, k, "cuda") if k else net
     try:
         return k, decode_speed(model, ids, n)["decode_tok_s"]
     finally:
         model.net = net
-        model.runtime = net.runtime = saved
+        model.runtime = net.runtime = saved[0]
+        prefill.predict = saved[1]
 
 
 def audit_keys(stats: dict) -> dict:
