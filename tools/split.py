@@ -177,6 +177,9 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
     if split_path is None and gpu_budget is None:
         split_path = model.ckpt.gpuidx if device != "auto" else None  # PowerInfer's split beside an export
         if split_path is None:
+            if hot_device != "auto":
+                print(f"hotcold: --hot-device {hot_device} without --split or --gpu-budget: every neuron runs on the "
+                      f"CPU", file=sys.stderr)
             return bundle, None, None
     if device == "auto":
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
