@@ -248,6 +248,26 @@ def test_layer_offload_baseline_matches_all_cpu(tmp_path):
         + 2 * 4 * (64 * 128 + 2 * 64)  # float32: six matrices, the down projection and two norms per layer
 
 
+def test_bench_gpu_rows_run_with_a_cpu_device_standing_in(tmp_path, monkeypatch):
+    """bench --hybrid's GPU rows (hot shares of the FFN beside layer offload in the same memory) run only with
+    CUDA; with torch's CPU device in place of it they run here, so that CI exercises their code."""
+    import engine.hybrid as H
+    import tools.bench_hybrid as B
+    from engine.api import Model
+    for cls in (H.HotPart, H.LayerOffload):
+        monkeypatch.setattr(cls, "__init__", lambda self, net, arg, device, _init=cls.__init__: _init(self, net, arg,
+                                                                                                       "cpu"))
+    base = load(tiny_path(tmp_path, "silu"), n_ctx=128)
+    sample = chunk_of(base, 96)
+    _, gs = B.gate_samples(base, sample)
+    fx, bundle = B.fatrelu_fixture(base.ckpt, sample, 0.7, gs)
+    rows = B.gpu_rows(Model(fx, 64), bundle, gs, fx.config.act_threshold, sample[:8], 4, None)
+    assert [r["ffn_fraction"] for r in rows] == list(B.GPU_FRACTIONS)
+    assert rows[0]["gpu_share"] == 0.0 and rows[-1]["gpu_share"] == 1.0 and rows[-1]["offload_layers"] == 3
+    assert rows[0]["vram_bytes"] == 0 < rows[1]["vram_bytes"] < rows[-1]["vram_bytes"]
+    assert all(r["decode_tok_s"] > 0 and r["offload_tok_s"] > 0 for r in rows)
+
+
 def test_rms_norm_of_float16_residuals():
     """Layers offloaded in float16 norm residuals of SmolLM2's size (hundreds to 25,000): squared in float16 they
     overflowed to inf and the normed input came out 0."""
