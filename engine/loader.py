@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "smollm2-135m"
 PWRI = b"PWRI"  # PowerInfer's magic in place of GGUF: switches its sparse path on
+# PowerInfer's ggml numbers its integer tensor types right after Q8_K; today's ggml (gguf-py) has IQ types there
+# and the integer ones at 24-26. In a PWRI file (its .gpuidx holds I32 tensors) 16-18 are the integer types.
+PWRI_INT_TYPES = {16: QT.I8, 17: QT.I16, 18: QT.I32}
 GGUF_MAGICS = (b"GGUF", PWRI)
 # architecture -> FFN activation when the file has no hotcold.ffn_act (PowerInfer's llama: ReLU; bamboo: dReLU)
 ARCH_ACT = {"llama": "silu", "bamboo": "drelu"}
@@ -177,7 +180,14 @@ class _Reader(GGUFReader):
 
 
 class _PwriReader(_Reader):
-    """Accepts PowerInfer's PWRI magic in place of GGUF."""
+    """Accepts PowerInfer's PWRI magic in place of GGUF, and its numbers for integer tensor types."""
+
+    def _get_tensor_info_field(self, offs):
+        field = super()._get_tensor_info_field(offs)
+        t = int(field.parts[4][0])  # name length, name, n_dims, dims, type, offset
+        if t in PWRI_INT_TYPES:
+            field.parts[4] = np.array([PWRI_INT_TYPES[t]], np.uint32)
+        return field
 
     def _get(self, offset, dtype, count=1, override_order=None):
         out = super()._get(offset, dtype, count, override_order)

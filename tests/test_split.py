@@ -1,11 +1,12 @@
 """The placement solver is optimal against brute force, respects the budget, and writes PowerInfer's .gpuidx."""
 import itertools
+import struct
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
 
 from engine.config import HotcoldError
+from engine.loader import open_gguf
 from tiny_model import tiny_config
 from tools.split import group_values, plan, read_gpuidx, solve, write_split
 
@@ -72,19 +73,19 @@ def test_gpuidx_format(tmp_path):
     js, gi = write_split(str(tmp_path / "split.json"), split)
     raw = open(gi, "rb").read()
     assert raw[:4] == b"PWRI"
-    fixed = tmp_path / "fixed.gguf"
-    fixed.write_bytes(b"GGUF" + raw[4:])
-    r = GGUFReader(str(fixed))
+    r = open_gguf(gi)
     assert r.fields["general.architecture"].contents() == "generic.gpu_index"
     assert r.fields["generic.gpu_index.block_count"].contents() == c.n_layer
     cap = r.fields["split.vram_capacity"]
-    assert cap.types[0].name == "UINT64" and cap.contents() > 0
+    assert cap.types[0].name == "UINT64" and cap.contents() == split["ffn_gpu_bytes"] > 0  # the hot rows' bytes
     names = [t.name for t in r.tensors]
     assert names == [f"blk.{i}.{k}" for i in range(c.n_layer) for k in ("gpu_idx", "gpu_bucket")]
+    for t in r.tensors:  # I32 in PowerInfer's numbering (18, after I8 16 and I16 17), which gguf-py reads as IQ3_XXS
+        assert t.tensor_type.name == "I32"
+        assert struct.unpack_from("<I", raw, t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4]))[0] == 18
     for i in range(c.n_layer):
         idx, bucket = r.tensors[2 * i].data, r.tensors[2 * i + 1].data
-        assert r.tensors[2 * i].tensor_type.name == "I32" and len(idx) == c.n_ff
-        assert list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
+        assert len(idx) == c.n_ff and list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
     back = read_gpuidx(gi)  # what the runtime reads beside an export
     assert [list(b) for b in back] == [list(g) for g in split["gpu_neurons"]]
     (tmp_path / "bad.gpuidx").write_bytes(raw[:100])

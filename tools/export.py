@@ -40,6 +40,7 @@ from tools.cli import MODEL_HELP, emit_json
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
 POWERINFER_ARCH = {"relu": "llama", "drelu": "bamboo"}  # FFN activation -> PowerInfer's graph (ReLU on gate | both)
+POWERINFER_DOWN_T = (QT.F16, QT.Q4_0)  # what PowerInfer's sparse CPU axpy reads ffn_down_t as (else F16 is written)
 COPIED_KEYS = ("general.", "tokenizer.")  # taken from a GGUF source as they are, except:
 OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
@@ -93,7 +94,10 @@ def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None 
         items += [out(blk(i, n), t[blk(i, n)]) for n in LAYER_TENSORS if n != "ffn_down" and blk(i, n) in t]
         stored_t = blk(i, "ffn_down_t") in t  # the source may itself be a PowerInfer file
         down = t[blk(i, "ffn_down_t" if stored_t else "ffn_down")]
-        items.append(out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer))
+        d = out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer)
+        if powerinfer and d.qtype not in POWERINFER_DOWN_T:
+            d.qtype = QT.F16
+        items.append(d)
         if predictors is not None:
             p = predictors[i]
             items += [Out(blk(i, n), QTensor.from_float(w.detach().float().numpy()), QT.F16)
@@ -275,21 +279,17 @@ def read_model_split(path: str, ckpt: Checkpoint) -> dict:
 
 
 def write_split_files(paths: list[str], split: dict) -> None:
-    """PowerInfer's .gpuidx at paths[0] (read back: layer order and GPU ids), hard-linked at the other paths."""
+    """PowerInfer's .gpuidx at paths[0] (read back: layer order and GPU ids), copied to the other paths (copies,
+    not links: PowerInfer rewrites its .generated.gpuidx in place when it solves a split of its own)."""
     from tools.split import write_gpuidx
-    write_gpuidx(paths[0], split, split["ffn_gpu_bytes"] + sum(split["fixed_bytes"].values()))
+    write_gpuidx(paths[0], split)
     tensors = open_gguf(paths[0]).tensors
     want = [(f"blk.{i}.{n}", ids) for i, ids in enumerate(split["gpu_neurons"]) for n in ("gpu_idx", "gpu_bucket")]
     if [t.name for t in tensors] != [n for n, _ in want] or any(
             not np.array_equal(t.data, ids) for t, (n, ids) in zip(tensors, want) if n.endswith("gpu_bucket")):
         raise HotcoldError(f"{paths[0]}: the GPU split reads back differently from what was written")
     for p in paths[1:]:
-        tmp = f"{p}.tmp{os.getpid()}"
-        try:
-            os.link(paths[0], tmp)
-        except OSError:  # a file system without hard links
-            shutil.copyfile(paths[0], tmp)
-        os.replace(tmp, p)
+        write_atomic(p, lambda tmp: shutil.copyfile(paths[0], tmp))
 
 
 # --- commands ------------------------------------------------------------------------------------------------

@@ -95,13 +95,19 @@ def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_frac
             "gpu_neurons": [g.tolist() for g in gpu]}
 
 
-def write_gpuidx(path: str, split: dict, vram_capacity: int) -> None:
-    """PowerInfer's GPU index: GGUF `generic.gpu_index`, per layer gpu_idx (0/1 of n_ff) then gpu_bucket."""
-    from gguf import GGUFWriter
+def write_gpuidx(path: str, split: dict) -> None:
+    """PowerInfer's GPU index: GGUF `generic.gpu_index`, per layer gpu_idx (0/1 of n_ff) then gpu_bucket, I32 as
+    PowerInfer's ggml numbers it (engine.loader.PWRI_INT_TYPES). split.vram_capacity: the bytes of the hot FFN rows;
+    PowerInfer compares it with the memory left once the dense tensors and the KV cache are on the GPU."""
+    import struct
+
+    from gguf import GGMLQuantizationType as QT, GGUFWriter
+
+    from engine.loader import PWRI_INT_TYPES, open_gguf
     tmp = path + ".tmp"
     wr = GGUFWriter(tmp, "generic.gpu_index")
     wr.add_block_count(split["n_layer"])
-    wr.add_uint64("split.vram_capacity", int(vram_capacity))
+    wr.add_uint64("split.vram_capacity", int(split["ffn_gpu_bytes"]))
     for i, ids in enumerate(split["gpu_neurons"]):
         idx = np.zeros(split["n_ff"], np.int32)
         idx[ids] = 1
@@ -111,8 +117,13 @@ def write_gpuidx(path: str, split: dict, vram_capacity: int) -> None:
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
+    i32 = next(k for k, t in PWRI_INT_TYPES.items() if t == QT.I32)
+    types = [t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4]) for t in open_gguf(tmp).tensors]
     with open(tmp, "r+b") as fh:
         fh.write(b"PWRI")
+        for off in types:  # each tensor's type field: name length, name, n_dims and dims come before it
+            fh.seek(off)
+            fh.write(struct.pack("<I", i32))
     os.replace(tmp, path)
 
 
@@ -134,7 +145,7 @@ def write_split(prefix: str, split: dict) -> tuple[str, str]:
     with open(js + ".tmp", "w") as fh:
         json.dump(split, fh)
     os.replace(js + ".tmp", js)
-    write_gpuidx(gi, split, split["ffn_gpu_bytes"] + sum(split["fixed_bytes"].values()))
+    write_gpuidx(gi, split)
     return js, gi
 
 
