@@ -111,6 +111,12 @@ def test_round_trip(tiny, capsys, fmt, outtype):
         assert torch.equal(Model(back, 64, backend="torch").logits(ids), got.logits(ids))
 
 
+def test_export_makes_the_output_directory(tiny, capsys):
+    out = str(tiny["dir"] / "new" / "sub" / "m")  # -o out/smol as in the README, out/ not there yet
+    assert export(capsys, "-m", tiny["src"], "-o", out, "--format", "gguf")[0] == 0
+    assert load_checkpoint(out + ".gguf").config == load_checkpoint(tiny["src"]).config
+
+
 def test_powerinfer_format_bytes(tiny, capsys):
     """Magic, tensor names and shapes, key types, and the .gpuidx order, read with GGUFReader."""
     c, out = tiny["config"], str(tiny["dir"] / "fmt")

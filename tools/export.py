@@ -312,6 +312,7 @@ def cmd_export(args) -> None:
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # -o out/smol: out/ is made
     info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle)
     if split is not None:
         write_split_files(split_paths, split)
@@ -324,7 +325,11 @@ def cmd_export(args) -> None:
           + (f", predictors of rank {min(ranks)}-{max(ranks)}" if ranks else ", no predictors")
           + (f", sparse_threshold {info['sparse_threshold']:g}" if "sparse_threshold" in info else "") + ")")
     if split is not None:
-        print(f"wrote {split_paths[0]}, linked as {split_paths[1]} for PowerInfer")
+        print(f"wrote {split_paths[0]}, copied to {split_paths[1]} for PowerInfer")
+    pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default")
+    if powerinfer and pre not in ("default", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork
+        print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
+              f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     if not powerinfer and ckpt.config.act != "silu":
         print(f"hotcold: note: llama.cpp runs every llama FFN as SiLU; this {ckpt.config.act} model gives the right "
               "outputs in hotcold (and PowerInfer, --format powerinfer) only", file=sys.stderr)
