@@ -407,8 +407,7 @@ def cmd_calibrate(args) -> None:
         raise HotcoldError(f"--target-sparsity must be between 0 and {MAX_LEVEL}")
     if args.ppl_increase is not None and args.ppl_increase <= 0:
         raise HotcoldError("--ppl-increase must be a positive percentage")
-    if not os.path.isdir(os.path.dirname(args.out) or "."):
-        raise HotcoldError(f"{args.out}: its directory does not exist")
+    os.makedirs(os.path.dirname(os.path.normpath(args.out)) or ".", exist_ok=True)  # before the long part
     method = args.method
     model = load_model(args, n_ctx=args.ctx)
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)

@@ -142,6 +142,7 @@ def write_split(prefix: str, split: dict) -> tuple[str, str]:
     """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
     js, gi = prefix + ".json", prefix + ".gpuidx"
+    os.makedirs(os.path.dirname(js) or ".", exist_ok=True)
     with open(js + ".tmp", "w") as fh:
         json.dump(split, fh)
     os.replace(js + ".tmp", js)
