@@ -45,6 +45,20 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
     return [(left, right) for *_, left, right in ranked]
 
 
+def valid_text(text: str) -> str:
+    """text with each lone surrogate replaced by U+FFFD: Python holds argv bytes that are not UTF-8 as surrogates,
+    which neither the tokenizer nor a UTF-8 stdout accepts."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")  # the argv bytes back
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace")
+
+
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
                  chat_template: str | None, special_ids: set[int]):
@@ -132,7 +146,7 @@ class Tokenizer:
     def encode(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids; `special` parses control tokens such as <|im_start|> (else they are plain text)."""
         self.tk.encode_special_tokens = not special
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        ids = self.tk.encode(valid_text(text), add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids

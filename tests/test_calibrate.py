@@ -122,6 +122,16 @@ def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
 
 
+def test_unwritable_outputs_are_refused_before_the_work(tiny, tmp_path, capsys):
+    a_file, a_dir = tmp_path / "file", tmp_path / "dir"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    for out, why in ((a_dir, "is a directory"), (a_file / "s.json", "exists and is not a directory")):
+        assert cli_calibrate(tiny, out, "--target-sparsity", "0.5") == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and "\n" not in err and "Traceback" not in err, err
+
+
 def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):
     assert main(["calibrate", "-m", tiny[0]["silu", 0], "-f", tiny[1], "--target-sparsity", "0.5", "--tokens",
                  "4096", "--ctx", str(CTX), "-o", str(tmp_path / "s.json")]) == 2

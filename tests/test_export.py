@@ -115,6 +115,11 @@ def test_export_makes_the_output_directory(tiny, capsys):
     out = str(tiny["dir"] / "new" / "sub" / "m")  # -o out/smol as in the README, out/ not there yet
     assert export(capsys, "-m", tiny["src"], "-o", out, "--format", "gguf")[0] == 0
     assert load_checkpoint(out + ".gguf").config == load_checkpoint(tiny["src"]).config
+    under_a_file = tiny["dir"] / "afile"
+    under_a_file.write_text("x")
+    rc = main(["export", "-m", tiny["src"], "-o", str(under_a_file / "m"), "--format", "gguf"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"hotcold: error: {under_a_file}: exists and is not a directory"  # one line, no traceback
 
 
 def test_powerinfer_format_bytes(tiny, capsys):

@@ -157,6 +157,11 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
     assert rc == 2 and "no such" in err
+    for opt, why in ((["--recall", "nan"], "--recall nan"), (["--recall", "0"], "--recall 0.0"),
+                     (["--rank", "5000"], "--rank 5000"), (["--device", "gpu0"], "--device 'gpu0'")):
+        rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt)
+        assert rc == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(s["dir"] / "b4")  # refused before anything is written
     with pytest.raises(HotcoldError, match="weighting 'counts'"):  # the API checks what the CLI's choices do
         train_predictors(load_checkpoint(s["gguf"]), s["profile"], str(s["dir"] / "b3"), weighting="counts")
     assert not os.path.exists(s["dir"] / "b3")

@@ -407,7 +407,11 @@ def cmd_calibrate(args) -> None:
         raise HotcoldError(f"--target-sparsity must be between 0 and {MAX_LEVEL}")
     if args.ppl_increase is not None and args.ppl_increase <= 0:
         raise HotcoldError("--ppl-increase must be a positive percentage")
-    os.makedirs(os.path.dirname(os.path.normpath(args.out)) or ".", exist_ok=True)  # before the long part
+    if args.bundle is None and os.path.isdir(args.out):  # refused before the long part, not at its end
+        raise HotcoldError(f"{args.out}: is a directory (the sparsity config is a JSON file)")
+    if args.bundle is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise HotcoldError(f"{args.out}: exists and is not a directory (the tuned bundle is one)")
+    os.makedirs(os.path.dirname(os.path.normpath(args.out)) or ".", exist_ok=True)
     method = args.method
     model = load_model(args, n_ctx=args.ctx)
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)

@@ -105,11 +105,14 @@ def emit_json(obj) -> None:
 # --- commands -------------------------------------------------------------------------------------------
 def cmd_generate(args) -> None:
     from engine.api import Sampler
+    from engine.tokenizer import valid_text
     model = load_model(args)
-    prompt = model.tokenizer.apply_chat_template(args.prompt) if args.chat else args.prompt
+    prompt = valid_text(args.prompt)
+    prompt = model.tokenizer.apply_chat_template(prompt) if args.chat else prompt
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed if args.seed is None or args.seed >= 0
+                      else None)
     if args.json:
         emit_json(model.generate(ids, args.n, sampler).to_dict())
         return
@@ -203,7 +206,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default, or negative as in llama.cpp: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_runtime_args(p)
@@ -263,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # an output path that cannot be written: a directory, under a file, no permission, disk full
+        where = f"{e.filename}: " if e.filename else ""
+        what = e.strerror or str(e)
+        if isinstance(e, FileExistsError) and not os.path.isdir(e.filename):  # os.makedirs under a file
+            what = "exists and is not a directory"
+        print(f"hotcold: error: {where}{what}", file=sys.stderr)
+        return 2
     return 0
 
 

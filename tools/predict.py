@@ -204,8 +204,17 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     fp = model_fingerprint(ckpt)
     if os.path.exists(out) and not os.path.isdir(out):
         raise HotcoldError(f"{out}: exists and is not a directory")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HotcoldError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise HotcoldError("--device cuda: CUDA is not available here")
+    if not 0 < recall <= 1:  # NaN too
+        raise HotcoldError(f"--recall {recall}: expected a share of the active neurons, in (0, 1]")
+    if rank != "auto" and int(rank) > min(c.n_embd, c.n_ff):
+        raise HotcoldError(f"--rank {rank}: above the rank of a layer's {c.n_ff} x {c.n_embd} gate map "
+                           f"({min(c.n_embd, c.n_ff)})")
     sparsity = profile_sparsity(manifest, engine_fp, sparsity_path)
     want = sorted(set(range(c.n_layer) if layers is None else layers))
     bad = [i for i in want if not 0 <= i < c.n_layer]
