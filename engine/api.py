@@ -229,8 +229,10 @@ class Model:
                    progress: Callable[[int, float], None] | None = None) -> dict:
         """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
         available = len(tokens) // ctx
-        if ctx < 4 or ctx > self.n_ctx:
-            raise HotcoldError(f"--ctx {ctx} must be between 4 and the model context {self.n_ctx}")
+        if ctx < 4:
+            raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
+        if ctx > self.n_ctx:
+            raise HotcoldError(f"--ctx {ctx}: longer than the model context {self.n_ctx}")
         if available <= first_chunk:
             raise HotcoldError(f"text of {len(tokens)} tokens has {available} chunks of {ctx}; "
                                f"first chunk {first_chunk} does not exist")

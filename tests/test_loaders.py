@@ -122,14 +122,17 @@ def test_counts_below_their_minimum_are_refused(capsys):
         assert e.value.code == 2 and f"argument {name}: must be at least" in err and "Traceback" not in err, err
 
 
-def test_usage_names_every_command(capsys):
-    """An unknown option of a core command (whose run builds only the core parsers) still prints a usage line that
-    names the offline commands too."""
-    with pytest.raises(SystemExit) as e:
-        main(["tokenize", "hi", "--bogus"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "unrecognized arguments: --bogus" in err
-    assert all(name in err for name in ("generate", "train-predictors", "split", "relufy")), err
+def test_argument_errors_are_one_line(capsys):
+    """The argument parser's refusals: one line naming the argument and where the usage is, exit code 2."""
+    for argv, words in ((["tokenize", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+                        (["generate", "-p", "hi", "--top-p", "2"], "argument --top-p: must be in (0, 1]"),
+                        (["bench", "--sparsity-levels", "nan"], "argument --sparsity-levels"),
+                        (["nosuch"], "invalid choice: 'nosuch'")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("hotcold: error: ") and words in err, err
+        assert err.rstrip().endswith("-h for usage)")
 
 
 def test_installed_command_exit_code(tmp_path):

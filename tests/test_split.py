@@ -63,6 +63,9 @@ def test_impossible_budget_is_a_clear_error():
         plan(c, counts, gpu_budget=1000, n_ctx=256)
     with pytest.raises(HotcoldError):
         plan(c, counts, hot_fraction=1.5)
+    assert c.n_ff % 7
+    with pytest.raises(HotcoldError, match="--group 7 must divide"):  # a ragged group: milp ran for minutes
+        plan(c, counts, hot_fraction=0.5, group=7)
 
 
 def test_gpuidx_format(tmp_path):

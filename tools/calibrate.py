@@ -405,7 +405,7 @@ def cmd_calibrate(args) -> None:
     from tools.cli import emit_json, load_model
     if args.target_sparsity is not None and not 0 <= args.target_sparsity <= MAX_LEVEL:
         raise HotcoldError(f"--target-sparsity must be between 0 and {MAX_LEVEL}")
-    if args.ppl_increase is not None and args.ppl_increase <= 0:
+    if args.ppl_increase is not None and not 0 < args.ppl_increase < math.inf:  # NaN too
         raise HotcoldError("--ppl-increase must be a positive percentage")
     if args.bundle is None and os.path.isdir(args.out):  # refused before the long part, not at its end
         raise HotcoldError(f"{args.out}: is a directory (the sparsity config is a JSON file)")

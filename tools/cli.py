@@ -39,6 +39,32 @@ def number(lo: float, above: bool = False):
     return parse
 
 
+def share(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def sparsity_levels(text: str) -> list[float]:
+    """An argparse type: comma-separated shares of FFN neurons skipped, each in (0, 1)."""
+    try:
+        levels = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.1,0.5,0.9, got {text!r}") from None
+    if not all(0 < v < 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"each level must be in (0, 1), got {text}")
+    return levels
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: the usage block only with -h."""
+
+    def error(self, message: str):
+        self.exit(2, f"hotcold: error: {message} ({self.prog} -h for usage)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
@@ -193,19 +219,17 @@ def cmd_bench(args) -> None:
 # --- parser ---------------------------------------------------------------------------------------------
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands; given the command that will run, only the module that defines it is imported."""
-    ap = argparse.ArgumentParser(prog="hotcold", description="sparse hot/cold LLM inference")
-    # every command in the usage line, also when only the core parsers and the running command's are built
-    names = ("generate", "tokenize", "perplexity", "bench", *COMMAND_MODULES)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(names) + "}")
+    ap = Parser(prog="hotcold", description="sparse hot/cold LLM inference")
+    sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
                    help="tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="0 = off (default 40)")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=at_least(0), default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default, or negative as in llama.cpp: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -236,7 +260,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
     p.add_argument("--compare", action="store_true",
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
-    p.add_argument("--sparsity-levels", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.5, 0.9],
+    p.add_argument("--sparsity-levels", type=sparsity_levels, default=[0.1, 0.5, 0.9],
                    help="FFN sparsities for --compare's sparse rows (default 0.1,0.5,0.9)")
     p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
                    "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")

@@ -25,6 +25,8 @@ over layers.
 """
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import hashlib
 import json
@@ -343,6 +345,8 @@ def parse_layers(v: str) -> list[int]:
     out = []
     for part in v.split(","):
         a, _, b = part.partition("-")
+        if b and int(b) < int(a):
+            raise argparse.ArgumentTypeError(f"range {part} runs backwards")
         out += list(range(int(a), int(b) + 1)) if b else [int(a)]
     return out
 

@@ -72,6 +72,8 @@ def neuron_bytes(c) -> int:
 def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_fraction: float | None = None,
          group: int = 32, n_ctx: int = 2048, predictor_bytes: int = 0) -> dict:
     """The split as a JSON-able dict: per layer the sorted GPU neuron ids, and what the budget paid for."""
+    if c.n_ff % group:  # a ragged last group turns the knapsack hard: milp ran for minutes
+        raise HotcoldError(f"--group {group} must divide the {c.n_ff} FFN neurons of a layer")
     nb = neuron_bytes(c)
     ffn_total = c.n_layer * c.n_ff * nb
     if hot_fraction is not None:
