@@ -124,3 +124,13 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     assert split["gpu_share_expected"] >= 0.5
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1K", "-o", str(tmp_path / "t")]) == 2
     assert "does not hold" in capsys.readouterr().err
+    # a model of the same shape with other weights: its profile and split are refused
+    other = write_gguf(str(tmp_path / "o.gguf"), c, tiny_weights(c, seed=1))
+    assert main(["split", "--profile", str(prof), "-m", other, "--hot-fraction", "0.5", "-o", str(tmp_path / "u")]) == 2
+    assert "profile of another model" in capsys.readouterr().err
+    from engine.api import load
+    from tools.split import hot_neurons
+    from test_hybrid import gate_bundle
+    m = load(other, n_ctx=32)
+    with pytest.raises(HotcoldError, match="split of another model"):
+        hot_neurons(m, gate_bundle(m), str(tmp_path / "s.json"), None, "cpu", 32)

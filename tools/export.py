@@ -33,7 +33,7 @@ from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldErro
 from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf)
 from engine.qtensor import QTensor
-from engine.sparsity import write_atomic
+from engine.sparsity import check_fingerprint, fingerprint, write_atomic
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
 
@@ -275,6 +275,8 @@ def read_model_split(path: str, ckpt: Checkpoint) -> dict:
     if (split.get("n_layer"), split.get("n_ff"), len(split["gpu_neurons"])) != (c.n_layer, c.n_ff, c.n_layer):
         raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
                            f"neurons; {ckpt.path} has {c.n_layer} x {c.n_ff})")
+    if "fingerprint" in split:  # splits written before it was recorded are checked by shape only
+        check_fingerprint(split["fingerprint"], fingerprint(c, ckpt.tensors), path, "split")
     return split
 
 

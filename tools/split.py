@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from engine.config import HotcoldError
+from engine.sparsity import check_fingerprint, fingerprint
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 
@@ -209,6 +210,8 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
         if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
             raise HotcoldError(f"{split_path}: a split of another model ({split.get('n_layer')} layers x "
                                f"{split.get('n_ff')} neurons; this model has {c.n_layer} x {c.n_ff})")
+        if "fingerprint" in split:  # splits written before it was recorded are checked by shape only
+            check_fingerprint(split["fingerprint"], model.fingerprint, split_path, "split")
         return bundle, split["gpu_neurons"], device
     from tools.profile import load_counts
     profile = bundle.corpus.get("profile")
@@ -229,10 +232,12 @@ def cmd_split(args) -> None:
     if ckpt.config.n_ff != counts.shape[1] or ckpt.config.n_layer != counts.shape[0]:
         raise HotcoldError(f"{args.profile}: a profile of another model ({counts.shape[0]} layers x {counts.shape[1]}"
                            f" neurons; {ckpt.path} has {ckpt.config.n_layer} x {ckpt.config.n_ff})")
+    fp = fingerprint(ckpt.config, ckpt.tensors)
+    check_fingerprint(manifest.get("fingerprint", {}), fp, args.profile, "profile")  # same shape, other weights
     budget = parse_size(args.gpu_budget) if args.gpu_budget is not None else None
     split = plan(ckpt.config, list(counts), gpu_budget=budget, hot_fraction=args.hot_fraction, group=args.group,
                  n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
-    split["model"] = ckpt.path
+    split["model"], split["fingerprint"] = ckpt.path, fp
     js, gi = write_split(args.out, split)
     if args.json:
         from tools.cli import emit_json
