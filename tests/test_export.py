@@ -120,6 +120,8 @@ def test_export_makes_the_output_directory(tiny, capsys):
     rc = main(["export", "-m", tiny["src"], "-o", str(under_a_file / "m"), "--format", "gguf"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == f"hotcold: error: {under_a_file}: exists and is not a directory"  # one line, no traceback
+    assert export(capsys, "-m", tiny["src"], "-o", str(tiny["dir"]), "--format", "gguf") == (
+        2, f"hotcold: error: {tiny['dir']}: a directory; -o takes a file name without its suffix, e.g. out/model")
 
 
 def test_powerinfer_format_bytes(tiny, capsys):

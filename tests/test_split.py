@@ -73,6 +73,8 @@ def test_gpuidx_format(tmp_path):
     rng = np.random.default_rng(1)
     counts = [rng.integers(0, 50, c.n_ff) for _ in range(c.n_layer)]
     split = plan(c, counts, gpu_budget=2**22, n_ctx=64, group=4)
+    with pytest.raises(HotcoldError, match="a directory; -o takes a file name"):  # not tmp_path/.json
+        write_split(str(tmp_path) + "/", split)
     js, gi = write_split(str(tmp_path / "splits" / "split.json"), split)  # its directory is made
     raw = open(gi, "rb").read()
     assert raw[:4] == b"PWRI"

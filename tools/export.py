@@ -299,6 +299,8 @@ def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     ckpt = load_checkpoint(args.model)
     powerinfer = args.format == "powerinfer"
+    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
+        raise HotcoldError(f"{args.out}: a directory; -o takes a file name without its suffix, e.g. out/model")
     base = args.out.removesuffix(POWERINFER_SUFFIX if powerinfer else ".gguf")
     path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
     split_paths = [base + ".gpuidx", path + ".generated.gpuidx"] if powerinfer else []

@@ -148,7 +148,10 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
 def save_state(path: str, s: Settings, step: int, w: dict, opt, record: dict) -> None:
     state = {"settings": dataclasses.asdict(s), "step": step, "record": record, "opt": opt.state_dict(),
              "weights": {k: p.detach() for k, p in w.items()}}
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    try:
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except RuntimeError as e:  # torch's writer reports an unwritable path so, not as an OSError
+        raise HotcoldError(f"{path}: cannot be written ({str(e).splitlines()[0]})") from None
 
 
 def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Tensor, out: str, outtype: str,

@@ -143,6 +143,8 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
 
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
     """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise HotcoldError(f"{prefix}: a directory; -o takes a file name without its suffix, e.g. out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
     js, gi = prefix + ".json", prefix + ".gpuidx"
     os.makedirs(os.path.dirname(js) or ".", exist_ok=True)
