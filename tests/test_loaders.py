@@ -100,6 +100,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert_one_line(*run_cli(capsys, "generate", "-m", good, "-c", "257", "-p", "hi"), "good.gguf", "trained on")
     assert run_cli(capsys, "generate", "-m", good, "-c", "256", "-p", "hi", "-n", "2")[0] == 0
     assert load(good).n_ctx == 256  # the default context, 2048, shortened to the model's
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-p", "hi", "--audit-recall"), "--audit-recall",
+                    "--predictors")  # not silently ignored
     # argv bytes that are not UTF-8 reach Python as lone surrogates: tokenized as U+FFFD, not a crash
     assert run_cli(capsys, "tokenize", "-m", good, "ab\udcff\udcfecd")[0] == 0
     assert run_cli(capsys, "generate", "-m", good, "-p", "hi \udcff", "-n", "2", "--seed", "-1")[0] == 0
