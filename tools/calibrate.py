@@ -39,7 +39,7 @@ import torch
 
 from engine.config import HotcoldError
 from engine.sparsity import (SparsityConfig, batched_net, contribution, down_norms, down_rows, read_json,
-                             write_atomic)
+                             write_json)
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")
@@ -231,7 +231,7 @@ class Journal:
     visits the same points and computes only the ones it lacks. `key` is what the results depend on; a file with
     another key is started over. path None: nothing is kept."""
 
-    def __init__(self, path: str | None, key: dict):
+    def __init__(self, path: str | None, key: dict, log):
         self.path, self.key, self.results = path, key, {}
         if path is not None and os.path.exists(path):
             try:
@@ -240,6 +240,8 @@ class Journal:
                 data = {}
             if data.get("key") == key:
                 self.results = data.get("results", {})
+        if self.results:
+            log(f"resuming: {len(self.results)} evaluations saved in {path}")
 
     def __call__(self, x: float, compute) -> tuple[dict, bool]:
         """(compute(x), or the saved result for x; whether it was saved)."""
@@ -248,10 +250,7 @@ class Journal:
             return self.results[k], True
         self.results[k] = r = compute(x)
         if self.path is not None:
-            def write(tmp: str) -> None:
-                with open(tmp, "w") as fh:
-                    json.dump({"key": self.key, "results": self.results}, fh)
-            write_atomic(self.path, write)
+            write_json(self.path, {"key": self.key, "results": self.results})
         return r, False
 
 
@@ -296,9 +295,7 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
     dense = held.score(model, None)["ppl"]
     log(f"held-out perplexity, dense: {dense:.4f}")
     journal = Journal(progress, {"model": model.fingerprint, "tokens": digest(tokens), "heldout": digest(heldout),
-                                 "ctx": ctx, "method": method, "seed": seed, "dense": dense})
-    if journal.results:
-        log(f"resuming: {len(journal.results)} evaluations saved in {progress}")
+                                 "ctx": ctx, "method": method, "seed": seed, "dense": dense}, log)
 
     def evaluate(m: float) -> dict:
         r, saved = journal(m, lambda m: held.score(
@@ -358,9 +355,7 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
     base = list(bundle.thresholds)
     journal = Journal(progress, {"model": model.fingerprint, "heldout": digest(heldout), "ctx": ctx, "dense": dense,
                                  "bundle": digest({"thresholds": base, "training": bundle.training}),
-                                 "predictor_type": model.runtime.qtype})
-    if journal.results:
-        log(f"resuming: {len(journal.results)} evaluations saved in {progress}")
+                                 "predictor_type": model.runtime.qtype}, log)
 
     def score(offset: float) -> dict:
         model.runtime.set_thresholds([t + offset for t in base])
@@ -401,6 +396,12 @@ def progress_path(out: str) -> str:
     return os.path.normpath(out) + ".progress.json"
 
 
+def drop_progress(out: str) -> None:
+    """-o is written: its evaluations are no longer needed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(progress_path(out))
+
+
 def cmd_calibrate(args) -> None:
     from tools.cli import emit_json, load_model
     if args.target_sparsity is not None and not 0 <= args.target_sparsity <= MAX_LEVEL:
@@ -427,8 +428,7 @@ def cmd_calibrate(args) -> None:
                              args.seed, log, progress_path(args.out))
     cfg.calibration["corpus"] = args.files
     cfg.save(args.out)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(progress_path(args.out))
+    drop_progress(args.out)
     if args.json:
         emit_json(summary)
     else:
@@ -449,8 +449,7 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log,
                                           progress_path(args.out))
     tuned.save(args.out)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(progress_path(args.out))
+    drop_progress(args.out)
     if args.json:
         emit_json(summary)
     else:

@@ -330,8 +330,8 @@ def cmd_export(args) -> None:
           + (f", sparse_threshold {info['sparse_threshold']:g}" if "sparse_threshold" in info else "") + ")")
     if split is not None:
         print(f"wrote {split_paths[0]}, copied to {split_paths[1]} for PowerInfer")
-    pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default")
-    if powerinfer and pre not in ("default", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork
+    pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else None
+    if pre not in (None, "default", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     if not powerinfer and ckpt.config.act != "silu":

@@ -26,7 +26,6 @@ over layers.
 from __future__ import annotations
 
 import argparse
-
 import dataclasses
 import hashlib
 import json
