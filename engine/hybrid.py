@@ -249,7 +249,7 @@ class Runtime:
 class LayerOffload:
     """The layer-offload baseline (llama.cpp's -ngl): layers 0..k-1 whole and dense on a torch device (float16 on
     CUDA), the rest on the CPU kernels. Wraps a KernelModel's `forward`: prompts run batched on the CPU, and their
-    keys and values are copied to the device."""
+    keys and values are copied to the device, and the decode steps' keys and values back before the next batch."""
 
     def __init__(self, net, k: int, device: str):
         from .config import blk
@@ -266,6 +266,7 @@ class LayerOffload:
         tm.cos, tm.sin = tm.cos.to(self.dev, self.dtype), tm.sin.to(self.dev, self.dtype)
         tm.k_cache, tm.v_cache = tm.k_cache.to(self.dev, self.dtype), tm.v_cache.to(self.dev, self.dtype)
         self.tm = tm
+        self.synced = 0  # positions below this hold the same keys and values in the CPU and the device caches
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.tm.w.values())
@@ -276,10 +277,15 @@ class LayerOffload:
         from .model import rms_norm
         net, tm, k = self.net, self.tm, self.k
         if len(tokens) > 1 or all_logits:
+            cpu_k, cpu_v = net.torch.k_cache, net.torch.v_cache
+            done = slice(self.synced, pos)  # the decode steps' positions: written on the device only
+            cpu_k[:k, :, done] = tm.k_cache[:, :, done].to("cpu", cpu_k.dtype)
+            cpu_v[:k, ..., done] = tm.v_cache[..., done].to("cpu", cpu_v.dtype)
             out = net.forward(tokens, pos, all_logits)
             span = slice(pos, pos + len(tokens))
-            tm.k_cache[:, :, span] = net.torch.k_cache[:k, :, span].to(self.dev, self.dtype)
-            tm.v_cache[..., span] = net.torch.v_cache[:k, ..., span].to(self.dev, self.dtype)
+            tm.k_cache[:, :, span] = cpu_k[:k, :, span].to(self.dev, self.dtype)
+            tm.v_cache[..., span] = cpu_v[:k, ..., span].to(self.dev, self.dtype)
+            self.synced = pos + len(tokens)
             return out
         # the residual (1, n_embd) stays float32, the layers' inputs and weights are self.dtype: in float16 the
         # residual's steps near SmolLM2's 25,000 would be 16 wide

@@ -237,9 +237,10 @@ def test_layer_offload_baseline_matches_all_cpu(tmp_path):
     off.net = LayerOffload(off.net, 2, "cpu")  # layers 0-1 in torch on a second "device", layer 2 on the kernels
     chunk = chunk_of(cpu)
 
-    def decoded(m):  # prefill 20 tokens, then decode one at a time
+    def decoded(m):  # prefill 20 tokens, decode one at a time, then a batched forward over the decoded keys
         m.net.forward(chunk[:20], 0)
-        return torch.stack([m.net.forward([chunk[p]], p) for p in range(20, 39)])
+        steps = [m.net.forward([chunk[p]], p) for p in range(20, 39)]
+        return torch.cat([torch.stack(steps), m.net.forward(chunk[39:43], 39, all_logits=True)])
 
     a, b = decoded(cpu), decoded(off)
     assert float((a - b).norm() / a.norm()) < 1e-4
