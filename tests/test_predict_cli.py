@@ -162,6 +162,12 @@ def test_refusals(setup, capsys):
         rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt)
         assert rc == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(s["dir"] / "b4")  # refused before anything is written
+    mine = s["dir"] / "mine"  # a user's directory: its own "partial" folder would have been removed after training
+    (mine / "partial").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(mine))
+    assert rc == 2 and "notes.txt" in err and "not a predictor bundle" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(mine)) == ["notes.txt", "partial"] and not os.listdir(mine / "partial")
     with pytest.raises(HotcoldError, match="weighting 'counts'"):  # the API checks what the CLI's choices do
         train_predictors(load_checkpoint(s["gguf"]), s["profile"], str(s["dir"] / "b3"), weighting="counts")
     assert not os.path.exists(s["dir"] / "b3")

@@ -194,7 +194,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
     "bundle": out or None, "budget": {...}}."""
     from engine.sparsity import fingerprint
-    from predictors.bundle import Bundle, model_fingerprint
+    from predictors.bundle import MANIFEST, TENSORS, Bundle, model_fingerprint
     from predictors.train import BUDGET, WEIGHTINGS, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -205,6 +205,11 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     fp = model_fingerprint(ckpt)
     if os.path.exists(out) and not os.path.isdir(out):
         raise HotcoldError(f"{out}: exists and is not a directory")
+    ours = (TENSORS, MANIFEST, PARTIAL)  # and their temporaries, left by a killed write
+    stranger = next((n for n in sorted(os.listdir(out)) if n.split(".tmp")[0] not in ours), None) \
+        if os.path.isdir(out) else None
+    if stranger is not None:
+        raise HotcoldError(f"{out}: holds {stranger!r}, so it is not a predictor bundle; give a new or empty directory")
     try:
         dev = torch.device(device)
     except RuntimeError:
