@@ -102,6 +102,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     assert load(good).n_ctx == 256  # the default context, 2048, shortened to the model's
     assert_one_line(*run_cli(capsys, "generate", "-m", good, "-p", "hi", "--audit-recall"), "--audit-recall",
                     "--predictors")  # not silently ignored
+    assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(wiki), "--ctx", "128", "--predictor-type",
+                             "Q8_0"), "--predictor-type", "--predictors")
     # argv bytes that are not UTF-8 reach Python as lone surrogates: tokenized as U+FFFD, not a crash
     assert run_cli(capsys, "tokenize", "-m", good, "ab\udcff\udcfecd")[0] == 0
     assert run_cli(capsys, "generate", "-m", good, "-p", "hi \udcff", "-n", "2", "--seed", "-1")[0] == 0

@@ -88,7 +88,7 @@ def run_hybrid(args) -> dict:
     from tools.bench import decode_speed, prompt_ids
     from tools.cli import load_model
     n_ctx = args.prompt_tokens + args.n + 16
-    base = load_model(argparse_copy(args, predictors=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
+    base = load_model(argparse_copy(args, predictors=None, predictor_type=None), n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
     res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": base.cache_type,
