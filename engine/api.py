@@ -102,7 +102,7 @@ class Model:
         n_ctx = min(DEFAULT_CTX, trained) if n_ctx is None else n_ctx
         if n_ctx > trained:
             raise HotcoldError(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the {trained} the model was "
-                               f"trained on (--ctx {trained} or less)")
+                               "trained on")  # bench's context is --prompt-tokens + -n + 16: no flag named here
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32

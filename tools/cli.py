@@ -261,7 +261,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill and decode speed")
-    add_model_args(p)
+    add_model_args(p, ctx=False)  # the context is what the run needs
     p.add_argument("-n", type=at_least(1), default=128, help="tokens to decode (default 128)")
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
     p.add_argument("--compare", action="store_true",
