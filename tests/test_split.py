@@ -136,3 +136,11 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     m = load(other, n_ctx=32)
     with pytest.raises(HotcoldError, match="split of another model"):
         hot_neurons(m, gate_bundle(m), str(tmp_path / "s.json"), None, "cpu", 32)
+    own = load(model, n_ctx=32)
+    bad = dict(split, gpu_neurons=[g[:-1] + [c.n_ff] for g in split["gpu_neurons"]])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, why in (("bad.json", "neuron ids outside"), ("list.json", "not a hotcold split")):
+        with pytest.raises(HotcoldError, match=why):
+            hot_neurons(own, gate_bundle(own), str(tmp_path / name), None, "cpu", 32)
+    assert len(hot_neurons(own, gate_bundle(own), str(tmp_path / "s.json"), None, "cpu", 32)[1]) == c.n_layer

@@ -33,9 +33,10 @@ from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldErro
 from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf)
 from engine.qtensor import QTensor
-from engine.sparsity import check_fingerprint, fingerprint, write_atomic
+from engine.sparsity import fingerprint, write_atomic
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
+from tools.split import check_out_prefix, read_model_split, write_gpuidx
 
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
@@ -267,23 +268,9 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
 
 
-def read_model_split(path: str, ckpt: Checkpoint) -> dict:
-    """A `hotcold split` result (OUT.json; OUT or OUT.gpuidx name it too) made for this model's shape."""
-    from tools.split import read_split
-    split = read_split(path if path.endswith(".json") else path.removesuffix(".gpuidx") + ".json")
-    c = ckpt.config
-    if (split.get("n_layer"), split.get("n_ff"), len(split["gpu_neurons"])) != (c.n_layer, c.n_ff, c.n_layer):
-        raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
-                           f"neurons; {ckpt.path} has {c.n_layer} x {c.n_ff})")
-    if "fingerprint" in split:  # splits written before it was recorded are checked by shape only
-        check_fingerprint(split["fingerprint"], fingerprint(c, ckpt.tensors), path, "split")
-    return split
-
-
 def write_split_files(paths: list[str], split: dict) -> None:
     """PowerInfer's .gpuidx at paths[0] (read back: layer order and GPU ids), copied to the other paths (copies,
     not links: PowerInfer rewrites its .generated.gpuidx in place when it solves a split of its own)."""
-    from tools.split import write_gpuidx
     write_gpuidx(paths[0], split)
     tensors = open_gguf(paths[0]).tensors
     want = [(f"blk.{i}.{n}", ids) for i, ids in enumerate(split["gpu_neurons"]) for n in ("gpu_idx", "gpu_bucket")]
@@ -299,8 +286,7 @@ def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     ckpt = load_checkpoint(args.model)
     powerinfer = args.format == "powerinfer"
-    if args.out.endswith(("/", os.sep)) or os.path.isdir(args.out):
-        raise HotcoldError(f"{args.out}: a directory; -o takes a file name without its suffix, e.g. out/model")
+    check_out_prefix(args.out, "out/model")
     base = args.out.removesuffix(POWERINFER_SUFFIX if powerinfer else ".gguf")
     path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
     split_paths = [base + ".gpuidx", path + ".generated.gpuidx"] if powerinfer else []
@@ -312,7 +298,9 @@ def cmd_export(args) -> None:
     if powerinfer and bundle is None:
         raise HotcoldError("--format powerinfer needs --predictors BUNDLE: PowerInfer reads blk.N.fc1/fc2 from the "
                            "model file")
-    split = read_model_split(args.split, ckpt) if args.split else None
+    split = None if args.split is None else read_model_split(  # OUT.json of hotcold split; OUT or OUT.gpuidx name it too
+        args.split if args.split.endswith(".json") else args.split.removesuffix(".gpuidx") + ".json", ckpt.config,
+        fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")

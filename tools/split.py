@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from engine.config import HotcoldError
-from engine.sparsity import check_fingerprint, fingerprint
+from engine.sparsity import check_fingerprint, fingerprint, write_atomic
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 
@@ -141,16 +142,19 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
         raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
 
 
+def check_out_prefix(prefix: str, example: str) -> None:
+    """-o of export and split: a file name without its suffix, not a directory."""
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise HotcoldError(f"{prefix}: a directory; -o takes a file name without its suffix, e.g. {example}")
+
+
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
     """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
-    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
-        raise HotcoldError(f"{prefix}: a directory; -o takes a file name without its suffix, e.g. out/split")
+    check_out_prefix(prefix, "out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
     js, gi = prefix + ".json", prefix + ".gpuidx"
     os.makedirs(os.path.dirname(js) or ".", exist_ok=True)
-    with open(js + ".tmp", "w") as fh:
-        json.dump(split, fh)
-    os.replace(js + ".tmp", js)
+    write_atomic(js, lambda tmp: Path(tmp).write_text(json.dumps(split)))
     write_gpuidx(gi, split)
     return js, gi
 
@@ -163,7 +167,7 @@ def read_split(path: str) -> dict:
         return split
     except FileNotFoundError:
         raise HotcoldError(f"{path}: no such split file") from None
-    except (json.JSONDecodeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError) as e:  # bad JSON or UTF-8, or not a split's keys and ids
         raise HotcoldError(f"{path}: not a hotcold split ({e})") from None
 
 
@@ -175,6 +179,21 @@ def parse_size(v: str) -> int:
         return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
     except ValueError:
         raise HotcoldError(f"--gpu-budget {v!r}: expected a size such as 512M or 2G") from None
+
+
+def read_model_split(path: str, c, fp: dict, model_path: str) -> dict:
+    """A `hotcold split` JSON made for the model of config c and fingerprint fp (engine.sparsity.fingerprint):
+    its shape, its neuron ids, and its fingerprint where recorded (splits written before it are checked by shape)."""
+    split = read_split(path)
+    hot = split["gpu_neurons"]
+    if (split.get("n_layer"), split.get("n_ff"), len(hot)) != (c.n_layer, c.n_ff, c.n_layer):
+        raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
+                           f"neurons; {model_path} has {c.n_layer} x {c.n_ff})")
+    if any(len(h) and not 0 <= h.min() <= h.max() < c.n_ff for h in hot):
+        raise HotcoldError(f"{path}: neuron ids outside 0..{c.n_ff - 1}")
+    if "fingerprint" in split:
+        check_fingerprint(split["fingerprint"], fp, path, "split")
+    return split
 
 
 def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, hot_device: str,
@@ -208,13 +227,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
                                f"{c.n_layer} x {c.n_ff} neurons)")
         return bundle, hot, device
     if split_path is not None:
-        split = read_split(split_path)
-        if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
-            raise HotcoldError(f"{split_path}: a split of another model ({split.get('n_layer')} layers x "
-                               f"{split.get('n_ff')} neurons; this model has {c.n_layer} x {c.n_ff})")
-        if "fingerprint" in split:  # splits written before it was recorded are checked by shape only
-            check_fingerprint(split["fingerprint"], model.fingerprint, split_path, "split")
-        return bundle, split["gpu_neurons"], device
+        return bundle, read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"], device
     from tools.profile import load_counts
     profile = bundle.corpus.get("profile")
     if not profile or not os.path.isdir(profile):
