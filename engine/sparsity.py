@@ -42,6 +42,8 @@ def fingerprint(c: ModelConfig, tensors: dict) -> dict:
 
 def check_fingerprint(found: dict, expected: dict, path: str, what: str) -> None:
     """Refuse `what` at `path` when it was made for another model, naming the first difference."""
+    if not isinstance(found, dict):
+        raise HotcoldError(f"{path}: not a {what} (its fingerprint is not a JSON object)")
     for k, v in expected.items():
         if found.get(k) != v:
             raise HotcoldError(f"{path}: {what} of another model ({k} {found.get(k)!r}, this model has {v!r})")
@@ -108,8 +110,9 @@ class SparsityConfig:
         known = set(SparsityConfig.__dataclass_fields__)
         cfg = SparsityConfig(**{k: v for k, v in obj.items() if k in known})
         thr = cfg.thresholds
-        if len(thr) != expected["n_layer"] or not all(isinstance(t, (int, float)) and t >= 0 for t in thr):
-            raise HotcoldError(f"{path}: thresholds must be {expected['n_layer']} numbers >= 0")
+        if not isinstance(thr, list) or len(thr) != expected["n_layer"] or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < np.inf for t in thr):
+            raise HotcoldError(f"{path}: thresholds must be {expected['n_layer']} finite numbers >= 0")
         return cfg
 
 

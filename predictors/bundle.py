@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import HotcoldError, blk
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from engine.sparsity import check_fingerprint, read_json, write_atomic, write_json
 
 from .model import Predictor
@@ -141,6 +141,26 @@ def file_sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+def manifest_problem(m: dict) -> str | None:
+    """What is missing or of the wrong type in a bundle manifest, or None."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    for key, kind in (("fingerprint", dict), ("tensors_sha256", str), ("layers", list)):
+        if not isinstance(m.get(key), kind):
+            return f"{key!r} missing or not a {kind.__name__}"
+    for key in ("sparsity", "corpus", "training"):
+        if not isinstance(m.get(key, {}), dict):
+            return f"{key!r} not an object"
+    for i, layer in enumerate(m["layers"]):
+        if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold", 0))
+                and isinstance(layer.get("metrics", {}), dict)):
+            return f"layer {i}: expected {{'rank': int, 'threshold': number, 'metrics': {{...}}}}"
+    qtype = m.get("training", {}).get("predictor_type", "F16")
+    if qtype not in PREDICTOR_TYPES:
+        return f"training predictor_type {qtype!r}, expected one of {', '.join(PREDICTOR_TYPES)}"
+    return None
+
+
 def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
     """Read a bundle; with expect_fingerprint, refuse one trained for another model (HotcoldError, one line)."""
     mpath, st = os.path.join(path, MANIFEST), os.path.join(path, TENSORS)
@@ -151,9 +171,9 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         raise HotcoldError(f"{mpath}: not a predictor bundle manifest (format {m.get('format')!r})")
     if m.get("version") != VERSION:
         raise HotcoldError(f"{mpath}: bundle version {m.get('version')!r}, this hotcold reads version {VERSION}")
-    missing = [k for k in ("fingerprint", "tensors_sha256", "layers") if k not in m]
-    if missing:
-        raise HotcoldError(f"{mpath}: not a predictor bundle manifest (no {missing[0]!r})")
+    problem = manifest_problem(m)
+    if problem:
+        raise HotcoldError(f"{mpath}: not a predictor bundle manifest ({problem})")
     if expect_fingerprint is not None:
         check_fingerprint(m["fingerprint"], expect_fingerprint, path, "predictor bundle")
     if not os.path.exists(st):
@@ -179,8 +199,11 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
 
 
 def from_weights(fc1: torch.Tensor, fc2: torch.Tensor, where: str) -> Predictor:
+    fc1, fc2 = fc1.float(), fc2.float()
+    if not (fc1.isfinite().all() and fc2.isfinite().all()):
+        raise HotcoldError(f"{where}: weights that are not finite (NaN or inf)")
     try:
-        return Predictor.from_weights(fc1.float(), fc2.float())
+        return Predictor.from_weights(fc1, fc2)
     except ValueError as e:
         raise HotcoldError(f"{where}: {e}") from None
 

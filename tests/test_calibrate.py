@@ -45,6 +45,13 @@ def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys):
                      str(out)]) == 2
         err = capsys.readouterr().err
         assert "another model" in err and len(err.strip().splitlines()) == 1
+    bad = tmp_path / "bad.json"
+    for key, value, why in (("thresholds", [float("inf"), 0.1], "finite numbers >= 0"),  # inf: every neuron skipped
+                            ("thresholds", 5, "finite numbers >= 0"),
+                            ("fingerprint", "x", "fingerprint is not a JSON object")):
+        bad.write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(HotcoldError, match=why):
+            load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, sparsity=str(bad))
 
 
 @pytest.mark.parametrize("method", ["quantile", "cett", "greedy"])

@@ -12,13 +12,14 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
 from engine.api import Model
-from engine.config import blk
+from engine.config import HotcoldError, blk
 from engine.loader import load_checkpoint, open_gguf
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
 from predictors.model import Predictor
 from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
 from tools.cli import main
+from tools.export import inspect_file
 from tools.split import plan, write_split
 
 TEXT = "hello there, the cat in a hat sat on the mat"
@@ -208,6 +209,12 @@ def test_refusals(tiny, capsys):
     refused("-m", src, "-o", str(d / "r"), words=("--predictors",))
     refused("-m", silu, "--predictors", bundle, "-o", str(d / "r"), "--format", "gguf", words=("another model",))
     refused("-m", src, "--split", tiny["split"], "-o", str(d / "r"), "--format", "gguf", words=("--split",))
+    refused("-m", src, "--predictors", bundle, "--split", str(d / "nosuch.gpuidx"), "-o", str(d / "r"),
+            words=("nosuch.gpuidx: --split reads", "nosuch.json"))
+    os.makedirs(d / "half")  # a bundle without its manifest: named as ours, not as a PowerInfer directory
+    open(d / "half" / "predictors.safetensors", "wb").close()
+    with pytest.raises(HotcoldError, match="manifest.json: no such file"):
+        inspect_file(str(d / "half"))
     c = tiny_config("relu", n_ff=96)
     other = write_gguf(str(d / "other.gguf"), c, tiny_weights(c))
     other_bundle = str(d / "other_bundle")

@@ -249,6 +249,28 @@ def test_damaged_bundles_are_refused(tmp_path):
     with pytest.raises(HotcoldError, match="7 predictors"):
         Bundle([Predictor(64, 128, 8)] * 7, [0.0] * 7, model_fingerprint(ckpt))
 
+    def edited(change):  # a freshly saved bundle whose manifest `change` edits
+        tiny_bundle(ckpt).save(path)
+        mpath = os.path.join(path, "manifest.json")
+        m = json.load(open(mpath))
+        change(m)
+        json.dump(m, open(mpath, "w"))
+        return path
+    for change, why in ((lambda m: m.update(fingerprint="x"), "'fingerprint' missing or not a dict"),
+                        (lambda m: m.update(layers=3), "'layers' missing or not a list"),
+                        (lambda m: m["layers"][1].update(threshold="abc"), "layer 1: expected"),
+                        (lambda m: m["layers"][0].update(rank=None), "layer 0: expected"),
+                        (lambda m: m.update(training="x"), "'training' not an object"),
+                        (lambda m: m.update(training={"predictor_type": "Q9_9"}), "predictor_type 'Q9_9'")):
+        with pytest.raises(HotcoldError, match=f"manifest.json: not a predictor bundle manifest .*{why}"):
+            load_bundle(edited(change), model_fingerprint(ckpt))
+    b = tiny_bundle(ckpt)
+    with torch.no_grad():
+        b.predictors[1].fc2.weight[3, 0] = float("nan")
+    b.save(path)
+    with pytest.raises(HotcoldError, match="layer 1: weights that are not finite"):
+        load_bundle(path)
+
 
 # --- PowerInfer directories ------------------------------------------------------------------------------
 def test_powerinfer_directory_round_trip(tmp_path):

@@ -137,10 +137,20 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     with pytest.raises(HotcoldError, match="split of another model"):
         hot_neurons(m, gate_bundle(m), str(tmp_path / "s.json"), None, "cpu", 32)
     own = load(model, n_ctx=32)
-    bad = dict(split, gpu_neurons=[g[:-1] + [c.n_ff] for g in split["gpu_neurons"]])
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    from tools.split import write_gpuidx
+    hot = split["gpu_neurons"]
+    bad = {"bad.json": [g[:-1] + [c.n_ff] for g in hot], "dup.json": [g[:1] + g for g in hot],
+           "float.json": [[i + 0.5 for i in g] for g in hot], "huge.json": [[2**40] for _ in hot]}
+    for name, ids in bad.items():
+        (tmp_path / name).write_text(json.dumps(dict(split, gpu_neurons=ids)))
+    for name, ids in (("neg.gpuidx", [[-1] + g for g in hot]), ("dup.gpuidx", bad["dup.json"])):
+        write_gpuidx(str(tmp_path / name), dict(split, gpu_neurons=ids))
     (tmp_path / "list.json").write_text("[1, 2]")
-    for name, why in (("bad.json", "neuron ids outside"), ("list.json", "not a hotcold split")):
+    (tmp_path / "fp.json").write_text(json.dumps(dict(split, fingerprint="x")))
+    for name, why in (("bad.json", "layer 0's hot neuron ids are not increasing ids without repeats"),
+                      ("dup.json", "without repeats"), ("neg.gpuidx", f"without repeats in 0..{c.n_ff - 1}"),
+                      ("dup.gpuidx", "without repeats"), ("float.json", "integer ids"), ("huge.json", "without repeats"),
+                      ("list.json", "not a hotcold split"), ("fp.json", "fingerprint is not a JSON object")):
         with pytest.raises(HotcoldError, match=why):
             hot_neurons(own, gate_bundle(own), str(tmp_path / name), None, "cpu", 32)
     assert len(hot_neurons(own, gate_bundle(own), str(tmp_path / "s.json"), None, "cpu", 32)[1]) == c.n_layer

@@ -298,9 +298,13 @@ def cmd_export(args) -> None:
     if powerinfer and bundle is None:
         raise HotcoldError("--format powerinfer needs --predictors BUNDLE: PowerInfer reads blk.N.fc1/fc2 from the "
                            "model file")
-    split = None if args.split is None else read_model_split(  # OUT.json of hotcold split; OUT or OUT.gpuidx name it too
-        args.split if args.split.endswith(".json") else args.split.removesuffix(".gpuidx") + ".json", ckpt.config,
-        fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
+    split = None
+    if args.split is not None:  # OUT.json of hotcold split; OUT or OUT.gpuidx name it too
+        js = args.split if args.split.endswith(".json") else args.split.removesuffix(".gpuidx") + ".json"
+        if js != args.split and not os.path.exists(js):
+            raise HotcoldError(f"{args.split}: --split reads the JSON of hotcold split beside it, {js}, which does "
+                               "not exist")
+        split = read_model_split(js, ckpt.config, fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
@@ -343,9 +347,9 @@ def predictor_summary(bundle) -> dict:
 
 def inspect_file(path: str) -> dict:
     """What a GGUF file (ours, PowerInfer's model or .gpuidx, llama.cpp's) or a predictor directory holds."""
-    from predictors.bundle import MANIFEST, load_bundle, read_powerinfer_dir
+    from predictors.bundle import MANIFEST, TENSORS, load_bundle, read_powerinfer_dir
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, MANIFEST)):
+        if any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, TENSORS)):  # ours, maybe incomplete
             b = load_bundle(path)
             return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
         preds, thresholds = read_powerinfer_dir(path)

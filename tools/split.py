@@ -135,7 +135,7 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
     """The GPU neuron ids per layer (gpu_bucket, sorted) of PowerInfer's .gpuidx (see `write_gpuidx`)."""
     from engine.loader import open_gguf
     r = open_gguf(path)
-    buckets = {t.name: np.sort(np.asarray(t.data, np.int32)) for t in r.tensors if t.name.endswith(".gpu_bucket")}
+    buckets = {t.name: np.sort(np.asarray(t.data).astype(np.int64)) for t in r.tensors if t.name.endswith(".gpu_bucket")}
     try:
         return [buckets[f"blk.{i}.gpu_bucket"] for i in range(len(buckets))]
     except KeyError as e:
@@ -163,7 +163,10 @@ def read_split(path: str) -> dict:
     try:
         with open(path) as fh:
             split = json.load(fh)
-        split["gpu_neurons"] = [np.asarray(g, np.int32) for g in split["gpu_neurons"]]
+        ids = [np.asarray(g) for g in split["gpu_neurons"]]
+        if not all(g.ndim == 1 and (g.size == 0 or g.dtype.kind in "iu") for g in ids):
+            raise ValueError("gpu_neurons: expected a list of integer ids per layer")
+        split["gpu_neurons"] = [g.astype(np.int64) for g in ids]
         return split
     except FileNotFoundError:
         raise HotcoldError(f"{path}: no such split file") from None
@@ -185,15 +188,25 @@ def read_model_split(path: str, c, fp: dict, model_path: str) -> dict:
     """A `hotcold split` JSON made for the model of config c and fingerprint fp (engine.sparsity.fingerprint):
     its shape, its neuron ids, and its fingerprint where recorded (splits written before it are checked by shape)."""
     split = read_split(path)
-    hot = split["gpu_neurons"]
-    if (split.get("n_layer"), split.get("n_ff"), len(hot)) != (c.n_layer, c.n_ff, c.n_layer):
+    if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
         raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
                            f"neurons; {model_path} has {c.n_layer} x {c.n_ff})")
-    if any(len(h) and not 0 <= h.min() <= h.max() < c.n_ff for h in hot):
-        raise HotcoldError(f"{path}: neuron ids outside 0..{c.n_ff - 1}")
+    split["gpu_neurons"] = check_hot(split["gpu_neurons"], c, path, model_path)
     if "fingerprint" in split:
         check_fingerprint(split["fingerprint"], fp, path, "split")
     return split
+
+
+def check_hot(hot: list[np.ndarray], c, path: str, model_path: str) -> list[np.ndarray]:
+    """Hot neuron ids per layer as the runtime takes them: int32, increasing without repeats (a repeated id would
+    be computed twice), within 0..n_ff-1."""
+    if len(hot) != c.n_layer:
+        raise HotcoldError(f"{path}: hot neuron ids for {len(hot)} layers; {model_path} has {c.n_layer}")
+    for i, h in enumerate(hot):
+        if h.size and not (h[0] >= 0 and h[-1] < c.n_ff and (np.diff(h) > 0).all()):
+            raise HotcoldError(f"{path}: layer {i}'s hot neuron ids are not increasing ids without repeats in "
+                               f"0..{c.n_ff - 1}")
+    return [h.astype(np.int32) for h in hot]
 
 
 def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, hot_device: str,
@@ -221,11 +234,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
     if split_path is not None and split_path.endswith(".gpuidx"):
-        hot = read_gpuidx(split_path)
-        if len(hot) != c.n_layer or any(len(h) and h[-1] >= c.n_ff for h in hot):
-            raise HotcoldError(f"{split_path}: a GPU index of another model ({len(hot)} layers; this model has "
-                               f"{c.n_layer} x {c.n_ff} neurons)")
-        return bundle, hot, device
+        return bundle, check_hot(read_gpuidx(split_path), c, split_path, model.ckpt.path), device
     if split_path is not None:
         return bundle, read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"], device
     from tools.profile import load_counts
