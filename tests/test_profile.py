@@ -3,6 +3,7 @@ and refusals that leave what was written intact."""
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -195,3 +196,149 @@ def test_silu_profile_with_a_sparsity_config(tiny, tmp_path):
         got = torch.load(tmp_path / "activation" / f"activation_{i}.pt", weights_only=True).numpy()
         assert np.array_equal(got, expected[i])
     assert 0 < expected.sum() < 4 * CTX * 2 * model.config.n_ff
+
+
+def refused(capsys, argv, path):
+    """Run argv, which must fail as one line `hotcold: error: PATH: ...` with exit code 2; that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hotcold: error: {path}: ") and "\n" not in err, err
+    return err
+
+
+def test_a_damaged_resume_point_is_refused_and_kept(tiny, tmp_path, capsys):
+    """progress.npz and the samples it vouches for are checked before a profile resumes from them."""
+    model = relu_model(tiny)
+    tokens = corpus_tokens(model, [tiny[1]], None, CTX)
+    n_windows = len(tokens) // CTX
+    cut = tmp_path / "cut"
+
+    def stop(w):
+        if w == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the CLI's settings: the whole corpus, every token sampled, seed 0
+        run_profile(model, tokens, str(cut), ctx=CTX, cap=100_000, seed=0, progress=False, on_window=stop)
+    with np.load(cut / "progress.npz") as z:
+        counts = z["counts"]
+
+    def progress(c=counts, done=3):
+        return lambda d: np.savez(d / "progress.npz", counts=c, windows_done=done)
+
+    def truncate(d):
+        with open(d / "samples" / "mask_000001.npy", "r+b") as fh:
+            fh.truncate(200)
+
+    nan = counts.astype(float)
+    nan[0, 0] = np.nan
+    cases = [(progress(done=1000), "progress.npz", f"windows_done 1000, expected 0 to {n_windows}"),
+             (progress(done=-3), "progress.npz", "windows_done -3"),
+             (progress(done=np.array([3, 3])), "progress.npz", "windows_done (2,)"),
+             (progress(c=nan), "progress.npz", "counts float64"),
+             (progress(c=counts[:1]), "progress.npz", "expected int64 (2, 128)"),
+             (progress(c=-counts), "progress.npz", "counts outside 0 to 96"),
+             (progress(c=counts + 1000), "progress.npz", "counts outside 0 to 96"),
+             (lambda d: (d / "progress.npz").write_bytes(b"junk"), "progress.npz", "unreadable progress record"),
+             (lambda d: os.remove(d / "samples" / "x_000002.npy"), "samples/x_000002.npy", "no such file"),
+             (truncate, "samples/mask_000001.npy", "unreadable sample chunk"),
+             (lambda d: np.save(d / "samples" / "x_000000.npy", np.zeros((2, 3, 64), np.float16)),
+              "samples/x_000000.npy", "expected float16 (2, 32, 64)")]
+    for n, (damage, name, msg) in enumerate(cases):
+        d = tmp_path / f"case{n}"
+        shutil.copytree(cut, d)
+        damage(d)
+        digest = tree_digest(d)
+        err = refused(capsys, ["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "-o", str(d),
+                               "-t", "1"], d / name)
+        assert msg in err and err.endswith(f"; delete {d} to start over"), err
+        assert tree_digest(d) == digest, msg
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished profile of the ReLU model: 2 layers of 128 neurons, 64 wide, 40 sampled tokens."""
+    out = tmp_path_factory.mktemp("finished") / "p"
+    model = relu_model(tiny)
+    run_profile(model, corpus_tokens(model, [tiny[1]], None, CTX), str(out), ctx=CTX, cap=40, seed=3, progress=False)
+    return out
+
+
+def damaged(finished, tmp_path, damage):
+    d = tmp_path / "p"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(finished, d)
+    damage(d)
+    return d
+
+
+def test_damaged_activation_counts_are_refused_naming_the_file(finished, tmp_path, capsys):
+    act = "activation/activation_1.pt"
+    tokens = json.loads((finished / "manifest.json").read_text())["settings"]["tokens"]
+
+    def save(obj):
+        return lambda d: torch.save(obj, d / act)
+
+    def write(data):
+        return lambda d: (d / act).write_bytes(data(d))
+
+    def edit_manifest(d):
+        m = json.loads((d / "manifest.json").read_text())
+        del m["fingerprint"]
+        (d / "manifest.json").write_text(json.dumps(m))
+
+    cases = [(write(lambda d: os.urandom(2000)), act, "unreadable activation counts"),
+             (write(lambda d: b""), act, "unreadable activation counts"),
+             (write(lambda d: (d / act).read_bytes()[:300]), act, "unreadable activation counts"),
+             (lambda d: os.remove(d / act), act, "no such file"),
+             (save({"a": torch.zeros(3)}), act, "counts dict"),
+             (save(torch.zeros(1000, dtype=torch.int64)), act, "int64 (1000,), expected int64 (128,)"),
+             (save(torch.full((128,), float("nan"))), act, "counts torch.float32 (128,)"),
+             (save(torch.full((128,), -5)), act, f"counts outside 0 to {tokens}"),
+             (save(torch.full((128,), tokens + 1)), act, f"counts outside 0 to {tokens}"),
+             (edit_manifest, "manifest.json", "not a profile manifest")]
+    for damage, name, msg in cases:
+        d = damaged(finished, tmp_path, damage)
+        err = refused(capsys, ["split", "--profile", str(d), "--hot-fraction", "0.3", "-o", str(tmp_path / "s")],
+                      d / name)
+        assert msg in err, err
+    assert main(["profile", "--report", str(damaged(finished, tmp_path, save(torch.zeros(7))))]) == 2
+    assert "activation_1.pt: not activation counts" in capsys.readouterr().err
+
+
+def test_damaged_sample_chunks_are_refused_naming_the_file(tiny, finished, tmp_path, capsys):
+    """train-predictors reads only sample chunks of the profile's format, inside the profile directory."""
+    chunk = json.loads((finished / "manifest.json").read_text())["samples"]["chunks"][1]
+    x, mask = chunk["x"], chunk["mask"]
+
+    def npy(name, edit):
+        return lambda d: np.save(d / name, edit(np.load(d / name)))
+
+    def nan(a):
+        a = a.copy()
+        a[1, 0, 3] = np.nan
+        return a
+
+    def entry(**kw):
+        def edit(d):
+            m = json.loads((d / "manifest.json").read_text())
+            m["samples"]["chunks"][1].update(kw)
+            (d / "manifest.json").write_text(json.dumps(m))
+        return edit
+
+    rows = chunk["rows"]
+    cases = [(npy(mask, lambda a: a.astype(np.float32)), mask, f"float32 (2, {rows}, 16), expected uint8"),
+             (npy(mask, lambda a: a[:, :1]), mask, f"uint8 (2, 1, 16), expected uint8 (2, {rows}, 16)"),
+             (npy(x, lambda a: a[:, :, :50]), x, f"float16 (2, {rows}, 50), expected float16 (2, {rows}, 64)"),
+             (npy(x, lambda a: a[:1]), x, f"float16 (1, {rows}, 64)"),
+             (npy(x, nan), x, "non-finite FFN inputs of layer 1"),
+             (lambda d: (d / x).write_bytes(os.urandom(3000)), x, "unreadable sample chunk"),
+             (lambda d: os.remove(d / mask), mask, "no such file"),
+             (entry(x="/etc/passwd"), "manifest.json", "sample file '/etc/passwd' is not a path inside"),
+             (entry(mask="../../outside.npy"), "manifest.json", "sample file '../../outside.npy' is not a path inside"),
+             (entry(rows="7"), "manifest.json", "a sample chunk entry without a number of rows")]
+    for damage, name, msg in cases:
+        d = damaged(finished, tmp_path, damage)
+        err = refused(capsys, ["train-predictors", "--profile", str(d), "-o", str(tmp_path / "b"), "--epochs", "1",
+                               "--rank", "4", "--layers", "1", "-t", "1"], d / name)
+        assert msg in err, err
+        assert not (tmp_path / "b").exists()

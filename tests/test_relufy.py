@@ -1,6 +1,7 @@
 """hotcold relufy: fine-tuning a SiLU model into a ReLU one, resumable, written as a GGUF the engine runs."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.api import load
+from engine.config import HotcoldError
 from engine.loader import load_checkpoint
 from tiny_model import tiny_models
 from tools.cli import main
@@ -122,3 +124,47 @@ def test_smollm2_relufied_learns_on_held_out_text(tmp_path, capsys):
     done = model.generate(model.tokenize("To be, or not to be"), n=8, ignore_stop=True)
     assert len(done.token_ids) == 8
     assert np.isfinite(model.logits(model.tokenize("the king")).numpy()).all()
+
+
+def test_a_damaged_state_is_refused_and_kept(tiny, tmp_path):
+    """A saved state of this very run is checked all through before the run resumes from it."""
+    out = tmp_path / "d.gguf"
+
+    def stop(step, loss):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tiny, out, on_step=stop)
+    state = f"{out}{STATE_SUFFIX}"
+    saved = torch.load(state, weights_only=True)
+    name = "blk.0.ffn_gate.weight"
+
+    def nan_weight(st):
+        st["weights"][name][0, 0] = float("nan")
+
+    def nan_moment(st):
+        st["opt"]["state"][0]["exp_avg"].view(-1)[0] = float("nan")
+
+    cases = [(lambda st: st["weights"].update({name: torch.zeros(3)}), f"weight {name} is not finite float32"),
+             (nan_weight, f"weight {name} is not finite float32"),
+             (lambda st: st["weights"].pop(name), "not the weights of this model"),
+             (lambda st: st["opt"].pop("param_groups"), "optimizer state: KeyError"),
+             (lambda st: st["opt"]["param_groups"][0].update(betas=(0.5, 0.5)), "optimizer settings differ"),
+             (nan_moment, "optimizer exp_avg of weight"),
+             (lambda st: st["opt"]["state"][0].update(step=torch.tensor(7.0)), "optimizer step of weight"),
+             (lambda st: st.update(record="x"), "its record of the run"),
+             (lambda st: st["record"]["losses"].pop(), "its record of the run"),
+             (lambda st: st["record"].pop("swapped"), "its record of the run"),
+             (lambda st: st.update(step=99), "step 99")]
+    for damage, msg in cases:
+        st = copy.deepcopy(saved)
+        damage(st)
+        torch.save(st, state)
+        before = open(state, "rb").read()
+        with pytest.raises(HotcoldError) as e:
+            tiny_run(tiny, out)
+        err = str(e.value)
+        assert err.startswith(f"{state}: damaged training state ({msg}") and "\n" not in err, err
+        assert err.endswith("; remove it to start over"), err
+        assert open(state, "rb").read() == before and not out.exists()

@@ -42,6 +42,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
+from tools.profile import load_chunk
 
 PARTIAL = "partial"
 
@@ -60,24 +61,18 @@ def load_profile(path: str) -> dict:
     m = read_json(os.path.join(path, "manifest.json"), "profile manifest")
     if not m.get("complete"):
         raise HotcoldError(f"{path}: the profile is not finished; run the same profile command to resume it")
-    chunks = m.get("samples", {}).get("chunks") or []
-    if not chunks:
+    if not all(isinstance(m.get(k), dict) for k in ("fingerprint", "settings", "samples")) or \
+            not isinstance(m["samples"].get("chunks") or [], list):
+        raise HotcoldError(f"{os.path.join(path, 'manifest.json')}: not a profile manifest (no fingerprint, settings "
+                           "or list of sample chunks)")
+    if not m["samples"].get("chunks"):
         raise HotcoldError(f"{path}: the profile holds no training samples")
     return m
 
 
 def layer_samples(profile: str, manifest: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """X float32 (N, n_embd) FFN inputs and Y bool (N, n_ff) active masks of one layer, over every window."""
-    n_ff = manifest["fingerprint"]["n_ff"]
-    xs, ys = [], []
-    for ch in manifest["samples"]["chunks"]:
-        try:
-            x = np.load(os.path.join(profile, ch["x"]), mmap_mode="r")  # (n_layer, S, n_embd) f16
-            m = np.load(os.path.join(profile, ch["mask"]), mmap_mode="r")  # (n_layer, S, ceil(n_ff/8)) u8
-        except (OSError, ValueError) as e:
-            raise HotcoldError(f"{profile}: unreadable samples of window {ch.get('window')} ({e})") from None
-        xs.append(np.asarray(x[layer], dtype=np.float32))
-        ys.append(np.unpackbits(np.asarray(m[layer]), axis=-1, count=n_ff).astype(bool))
+    xs, ys = zip(*(load_chunk(profile, ch, manifest["fingerprint"], layer) for ch in manifest["samples"]["chunks"]))
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -112,15 +112,40 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
     return old
 
 
-def load_progress(out: str, n_layer: int, n_ff: int) -> tuple[np.ndarray, int]:
+def load_progress(out: str, fp: dict, ctx: int, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """Counts (n_layer, n_ff) and windows done of the resume point, checked against this run: rows[w] tokens of
+    window w are sampled (len(rows) windows in all), and every sample chunk of a window done must be there."""
     path = os.path.join(out, PROGRESS)
     if not os.path.exists(path):
-        return np.zeros((n_layer, n_ff), dtype=np.int64), 0
+        return np.zeros((fp["n_layer"], fp["n_ff"]), dtype=np.int64), 0
     try:
         with np.load(path) as z:
-            return z["counts"].copy(), int(z["windows_done"])
+            counts, done = z["counts"], z["windows_done"]
     except Exception as e:
         raise HotcoldError(f"{path}: unreadable progress record ({e}); delete {out} to start over") from None
+    if done.shape != () or not np.issubdtype(done.dtype, np.integer) or not 0 <= done <= len(rows):
+        problem = f"windows_done {done.item() if done.shape == () else done.shape}, expected 0 to {len(rows)}"
+    else:
+        done = int(done)
+        problem = counts_problem(counts, (fp["n_layer"], fp["n_ff"]), done * ctx)
+    if problem:
+        raise HotcoldError(f"{path}: invalid progress record ({problem}); delete {out} to start over")
+    for chunk in sample_chunks(out, rows[:done]):
+        try:
+            load_chunk(out, chunk, fp)
+        except HotcoldError as e:
+            raise HotcoldError(f"{e}; delete {out} to start over") from None
+    return counts, done
+
+
+def counts_problem(a, shape: tuple, n_tokens: int) -> str | None:
+    """What is wrong with activation counts `a`, expected int64 of `shape`, each in [0, n_tokens]; None if nothing."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.shape != shape:
+        found = f"{a.dtype} {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+        return f"counts {found}, expected int64 {shape}"
+    if a.size and not 0 <= a.min() <= a.max() <= n_tokens:
+        return f"counts outside 0 to {n_tokens}, the tokens profiled"
+    return None
 
 
 def save_array(path: str, a: np.ndarray) -> None:
@@ -146,6 +171,45 @@ def write_text(path: str, text: str) -> None:
 
 def sample_file(out: str, name: str, w: int) -> str:
     return os.path.join(out, "samples", f"{name}_{w:06d}.npy")
+
+
+def sample_chunks(out: str, rows: np.ndarray) -> list[dict]:
+    """The manifest's sample chunk entries: one for each window w with rows[w] > 0 sampled tokens."""
+    return [{"window": w, "rows": int(r), **{k: os.path.relpath(sample_file(out, k, w), out) for k in SAMPLE_ARRAYS}}
+            for w, r in enumerate(rows) if r]
+
+
+def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
+    """The arrays (x, mask, pos) of one sample chunk of profile `out`, memory-mapped, checked against the sample
+    format of a model of fingerprint fp; with `layer`, that layer's FFN inputs float32 (rows, n_embd), checked
+    finite, and active masks bool (rows, n_ff)."""
+    manifest = os.path.join(out, MANIFEST)
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("rows"), int):
+        raise HotcoldError(f"{manifest}: a sample chunk entry without a number of rows ({str(chunk)[:60]})")
+    n_layer, rows, n_ff = fp["n_layer"], chunk["rows"], fp["n_ff"]
+    want = {"x": (np.float16, (n_layer, rows, fp["n_embd"])), "mask": (np.uint8, (n_layer, rows, (n_ff + 7) // 8)),
+            "pos": (np.int64, (rows,))}
+    arrays, root = [], os.path.abspath(out)
+    for name, (dtype, shape) in want.items():
+        rel = chunk.get(name)
+        path = os.path.join(out, rel) if isinstance(rel, str) else None
+        if path is None or os.path.commonpath([root, os.path.abspath(path)]) != root:
+            raise HotcoldError(f"{manifest}: sample file {rel!r} is not a path inside {out}")
+        try:
+            a = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise HotcoldError(f"{path}: no such file (a sample chunk of the profile)") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise HotcoldError(f"{path}: unreadable sample chunk ({str(e).splitlines()[0]})") from None
+        if a.dtype != dtype or a.shape != shape:
+            raise HotcoldError(f"{path}: a sample chunk of {a.dtype} {a.shape}, expected {np.dtype(dtype)} {shape}")
+        arrays.append(a)
+    if layer is None:
+        return arrays
+    x = np.asarray(arrays[0][layer], dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise HotcoldError(f"{os.path.join(out, chunk['x'])}: non-finite FFN inputs of layer {layer}")
+    return x, np.unpackbits(np.asarray(arrays[1][layer]), axis=-1, count=n_ff).astype(bool)
 
 
 # --- the profile ------------------------------------------------------------------------------------------
@@ -180,8 +244,8 @@ def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: in
     if open_out_dir(out, manifest) is None:  # every check passed: only now is anything written
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         write_json(os.path.join(out, MANIFEST), manifest)
-    counts, done = load_progress(out, c.n_layer, c.n_ff)
     positions = sample_positions(n_windows * ctx, cap, seed)
+    counts, done = load_progress(out, model.fingerprint, ctx, np.bincount(positions // ctx, minlength=n_windows))
     model.set_sparsity(sparsity)
     bar = tqdm(total=n_windows * ctx, initial=done * ctx, unit="tok", desc="profile", disable=not progress or None,
                file=sys.stderr)
@@ -255,9 +319,7 @@ def finalize(out: str, manifest: dict, counts: np.ndarray, positions: np.ndarray
         write_atomic(os.path.join(out, "activation", f"activation_{i}.pt"),
                      lambda tmp, a=layer: torch.save(torch.from_numpy(a.copy()), tmp))
     rows = np.bincount(positions // ctx, minlength=n_windows)
-    manifest["samples"]["chunks"] = [
-        {"window": w, "rows": int(r), **{k: os.path.relpath(sample_file(out, k, w), out) for k in SAMPLE_ARRAYS}}
-        for w, r in enumerate(rows) if r]
+    manifest["samples"]["chunks"] = sample_chunks(out, rows)
     manifest["samples"]["rows"] = int(rows.sum())
     old = read_json(os.path.join(out, SUMMARY), "summary") if os.path.exists(os.path.join(out, SUMMARY)) else {}
     summary = {**summarize(counts, n_windows * ctx), "model": manifest["model"],
@@ -283,16 +345,31 @@ def summarize(counts: np.ndarray, n_tokens: int) -> dict:
 
 
 def load_counts(out: str) -> tuple[dict, np.ndarray]:
-    manifest = read_json(os.path.join(out, MANIFEST), "profile manifest")
+    """The manifest of the finished profile `out` and its activation counts (n_layer, n_ff), checked."""
+    path = os.path.join(out, MANIFEST)
+    manifest = read_json(path, "profile manifest")
     if not manifest.get("complete"):
         raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
-    n_layer = manifest["fingerprint"]["n_layer"]
-    try:
-        counts = np.stack([torch.load(os.path.join(out, "activation", f"activation_{i}.pt"), weights_only=True)
-                           .numpy() for i in range(n_layer)])
-    except (OSError, RuntimeError) as e:
-        raise HotcoldError(f"{out}/activation: unreadable activation counts ({e})") from None
-    return manifest, counts
+    fp, settings = manifest.get("fingerprint"), manifest.get("settings")
+    if not isinstance(fp, dict) or not all(isinstance(fp.get(k), int) and fp[k] > 0 for k in ("n_layer", "n_ff")) \
+            or not isinstance(settings, dict) or not isinstance(settings.get("tokens"), int):
+        raise HotcoldError(f"{path}: not a profile manifest (no fingerprint with n_layer and n_ff, or no settings "
+                           "with tokens)")
+    counts = []
+    for i in range(fp["n_layer"]):
+        f = os.path.join(out, "activation", f"activation_{i}.pt")
+        try:
+            t = torch.load(f, weights_only=True)
+        except FileNotFoundError:
+            raise HotcoldError(f"{f}: no such file (the profile's activation counts of layer {i})") from None
+        except Exception as e:  # torch raises many kinds for a truncated or foreign file
+            raise HotcoldError(f"{f}: unreadable activation counts ({type(e).__name__})") from None
+        problem = counts_problem(t.numpy() if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else t,
+                                 (fp["n_ff"],), settings["tokens"])
+        if problem:
+            raise HotcoldError(f"{f}: not activation counts of this profile ({problem})")
+        counts.append(t.numpy())
+    return manifest, np.stack(counts)
 
 
 def format_report(summary: dict) -> str:

@@ -35,6 +35,7 @@ ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zero
 STATE_SUFFIX = ".train.pt"
 WARMUP = 0.1  # share of the steps with a linear warmup of the learning rate (at most 20 steps)
 LR_FLOOR = 0.1  # the cosine decay ends at this share of the peak learning rate
+EVAL_KEYS = ("loss", "ppl", "sparsity", "tokens")  # what `evaluate` measures
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +127,8 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
         return 0, {"losses": [], "sparsity": []}
     try:
         st = torch.load(path, weights_only=True)
-        found, step, record, weights = st["settings"], st["step"], st["record"], st["weights"]
-        if not isinstance(found, dict) or not isinstance(step, int) or not 0 < step <= s.steps or \
-                set(weights) != set(w):
+        found = st["settings"]
+        if not isinstance(found, dict):
             raise ValueError
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
         raise HotcoldError(f"{path}: unreadable training state ({type(e).__name__}); remove it to start over") from None
@@ -138,11 +138,50 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
         what = "another model" if diff == "model" else "another corpus" if diff == "corpus" else \
             f"{diff} {found.get(diff)!r}, now {want[diff]!r}"
         raise HotcoldError(f"{path}: the state of a run with other settings ({what}); remove it to start over")
+    problem = state_problem(st, s, w, opt)
+    if problem:
+        raise HotcoldError(f"{path}: damaged training state ({problem}); remove it to start over")
     with torch.no_grad():
         for k, p in w.items():
-            p.copy_(weights[k])
-    opt.load_state_dict(st["opt"])
-    return step, record
+            p.copy_(st["weights"][k])
+    return st["step"], st["record"]
+
+
+def finite_numbers(xs) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in xs)
+
+
+def state_problem(st: dict, s: Settings, w: dict, opt) -> str | None:
+    """What is wrong with the saved state st of this run, checked all through (its optimizer state is loaded into
+    opt); None if nothing."""
+    step, record, weights = st.get("step"), st.get("record"), st.get("weights")
+    if not isinstance(step, int) or not 0 < step <= s.steps:
+        return f"step {step!r}"
+    if not isinstance(record, dict) or not finite_numbers([record.get("train_s")]) or \
+            any(not isinstance(record.get(k), list) or len(record[k]) != step or not finite_numbers(record[k])
+                for k in ("losses", "sparsity")) or \
+            any(not isinstance(record.get(k), dict) or not finite_numbers(record[k].get(m) for m in EVAL_KEYS)
+                for k in ("source", "swapped")):
+        return "its record of the run"
+    if not isinstance(weights, dict) or set(weights) != set(w):
+        return "not the weights of this model"
+    for k, p in w.items():
+        t = weights[k]
+        if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.shape != p.shape or not torch.isfinite(t).all():
+            return f"weight {k} is not finite float32 of shape {tuple(p.shape)}"
+    fresh = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
+    try:
+        opt.load_state_dict(st.get("opt"))
+        if [{k: g.get(k) for k in f} for g, f in zip(opt.param_groups, fresh)] != fresh:
+            return "optimizer settings differ"
+    except Exception as e:  # a missing or foreign optimizer state: torch raises many kinds
+        return f"optimizer state: {type(e).__name__}"
+    for k, p in w.items():
+        for name, v in opt.state.get(p, {}).items():
+            if not isinstance(v, torch.Tensor) or v.shape != (() if name == "step" else p.shape) or \
+                    not torch.isfinite(v).all() or (name == "step" and float(v) != step):
+                return f"optimizer {name} of weight {k}"
+    return None
 
 
 def save_state(path: str, s: Settings, step: int, w: dict, opt, record: dict) -> None:
