@@ -1,6 +1,7 @@
 """The one config dataclass, the name tables, and the error type every edge raises."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -56,6 +57,43 @@ class ModelConfig:
         inv = self.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / self.head_dim)  # (hd/2,)
         ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]  # (n_ctx, hd/2)
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train")  # integers >= 1
+FLOATS = ("rope_base", "rms_eps", "act_threshold")
+
+
+def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
+    """A ModelConfig from the values a file gives, checked before anything divides by them. HotcoldError naming
+    `where` (the file) and the key a value came from (`keys`: field -> key) unless every count is an integer
+    (not bool or str) of at least 1, the floats are finite, rms eps and rope base above 0, the heads split evenly
+    into an even head size, and flags are booleans."""
+    def bad(f: str, why: str):
+        raise HotcoldError(f"{where}: {keys.get(f, f)} {why}")
+
+    for f, v in values.items():
+        if v is None:
+            bad(f, "has no value")
+        if f in COUNTS and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            bad(f, f"is {v!r}, expected an integer")
+        if f in COUNTS and v < 1:
+            bad(f, f"is {v}, expected at least 1")
+        if f in FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v)):
+            bad(f, f"is {v!r}, expected a finite number")
+        if f in ("ffn_gated", "tied_embeddings") and not isinstance(v, bool):
+            bad(f, f"is {v!r}, expected true or false")
+    c = ModelConfig(**{f: int(v) if f in COUNTS else float(v) if f in FLOATS else v for f, v in values.items()})
+    for f in ("rms_eps", "rope_base"):
+        if getattr(c, f) <= 0:
+            bad(f, f"is {getattr(c, f)}, expected above 0")
+    if c.n_head % c.n_head_kv:
+        bad("n_head_kv", f"is {c.n_head_kv}, which does not divide {keys.get('n_head')} {c.n_head}")
+    if c.n_embd % c.n_head:
+        bad("n_embd", f"is {c.n_embd}, not a multiple of {keys.get('n_head')} {c.n_head}")
+    if c.head_dim % 2:  # rotary embedding turns pairs of a head's dimensions
+        bad("n_embd", f"is {c.n_embd}: over {keys.get('n_head')} {c.n_head}, heads of {c.head_dim} dimensions, "
+                      "expected an even number")
+    return c
 
 
 # --- GGUF tensor names are the canonical names inside the engine -------------------------------------------

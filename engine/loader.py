@@ -20,8 +20,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
-from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, blk, expected_shapes,
-                     hf_to_gguf_name)
+from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, blk, checked_config,
+                     expected_shapes, hf_to_gguf_name)
 from .qtensor import NATIVE_TYPES, QTensor
 from .tokenizer import Tokenizer
 
@@ -93,6 +93,13 @@ def load_checkpoint(model: str | None) -> Checkpoint:
 
 
 def check_tensors(ckpt: Checkpoint) -> None:
+    n = ckpt.config.n_layer
+    for name in ckpt.tensors:  # a layer past the block count would go unused: llama.cpp refuses the file too
+        i = name.split(".")[1] if name.startswith("blk.") else ""
+        if i.isdigit() and int(i) >= n:
+            raise HotcoldError(f"{ckpt.path}: tensor {name} lies past the model's {n} layers (its block count)")
+    if blk(n - 1, "attn_norm") not in ckpt.tensors:  # before listing every layer's tensors: a huge count fails fast
+        raise HotcoldError(f"{ckpt.path}: missing tensor {blk(n - 1, 'attn_norm')}")
     for name, shape in expected_shapes(ckpt.config).items():
         if name.endswith("ffn_down.weight") and name not in ckpt.tensors:  # PowerInfer's transposed layout
             name, shape = name.replace("ffn_down", "ffn_down_t"), shape[::-1]
@@ -121,9 +128,15 @@ def open_gguf(path: str) -> GGUFReader:
     if magic not in GGUF_MAGICS:
         raise HotcoldError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
-        return _PwriReader(path) if magic == PWRI else _Reader(path)
+        r = _PwriReader(path) if magic == PWRI else _Reader(path)
     except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files
         raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    for t in r.tensors:  # GGUF aligns each tensor's data (general.alignment, default 32); gguf-py does not check
+        offset = int(t.data_offset) - int(r.data_offset)
+        if offset % int(r.alignment):
+            raise HotcoldError(f"{path}: tensor {t.name} has data offset {offset}, "
+                               f"not a multiple of the alignment {int(r.alignment)}")
+    return r
 
 
 class _Reader(GGUFReader):
@@ -231,17 +244,23 @@ def load_gguf(path: str) -> Checkpoint:
         print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)
 
     embd = tensors.get("token_embd.weight")
-    n_vocab = int(field_value(r, f"{arch}.vocab_size", 0) or (embd.shape[0] if embd else 0))
+    n_vocab = field_value(r, f"{arch}.vocab_size", 0) or (embd.shape[0] if embd else None)
     act = field_value(r, KEY_ACT, "relu" if pwri and arch == "llama" else ARCH_ACT[arch])
     if act not in ACTS:
         raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
-    cfg = ModelConfig(
-        n_vocab=n_vocab, n_embd=int(key("embedding_length")), n_ff=int(key("feed_forward_length")),
-        n_layer=int(key("block_count")), n_head=int(key("attention.head_count")),
-        n_head_kv=int(key("attention.head_count_kv", key("attention.head_count"))),
-        n_ctx_train=int(key("context_length", 2048)), rope_base=float(key("rope.freq_base", 10000.0)),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        act=act, act_threshold=float(field_value(r, KEY_ACT_THRESHOLD, 0.0)),
+    keys = {f: f"{arch}.{k}" for f, k in (
+        ("n_vocab", "vocab_size"), ("n_embd", "embedding_length"), ("n_ff", "feed_forward_length"),
+        ("n_layer", "block_count"), ("n_head", "attention.head_count"), ("n_head_kv", "attention.head_count_kv"),
+        ("n_ctx_train", "context_length"), ("rope_base", "rope.freq_base"),
+        ("rms_eps", "attention.layer_norm_rms_epsilon"))}
+    cfg = checked_config(
+        path, {**keys, "act_threshold": KEY_ACT_THRESHOLD},
+        n_vocab=n_vocab, n_embd=key("embedding_length"), n_ff=key("feed_forward_length"),
+        n_layer=key("block_count"), n_head=key("attention.head_count"),
+        n_head_kv=key("attention.head_count_kv", key("attention.head_count")),
+        n_ctx_train=key("context_length", 2048), rope_base=key("rope.freq_base", 10000.0),
+        rms_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+        act=act, act_threshold=field_value(r, KEY_ACT_THRESHOLD, 0.0),
         ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
         tied_embeddings="output.weight" not in tensors, arch=arch)
     meta = {k: field_value(r, k) for k in r.fields
@@ -308,23 +327,36 @@ def rotary_pairs_to_halves(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermediate_size",
+           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
+           "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",
+           "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}  # field -> config.json key
+
+
 def hf_config(path: str, c: dict) -> ModelConfig:
+    where = f"{path}/config.json"
+    if not isinstance(c, dict):
+        raise HotcoldError(f"{where}: a JSON {type(c).__name__}, expected an object of keys")
     archs = c.get("architectures") or []
+    if not isinstance(archs, list):
+        raise HotcoldError(f"{where}: architectures is {archs!r}, expected a list such as [\"{HF_ARCHS[0]}\"]")
     if not any(a in HF_ARCHS for a in archs):
-        raise HotcoldError(f"{path}/config.json: unsupported architecture {archs} (supported: {', '.join(HF_ARCHS)})")
-    act = HF_ACT.get(c.get("hidden_act", "silu"))
+        raise HotcoldError(f"{where}: unsupported architecture {archs} (supported: {', '.join(HF_ARCHS)})")
+    hidden_act = c.get("hidden_act", "silu")
+    act = HF_ACT.get(hidden_act) if isinstance(hidden_act, str) else None
     if act is None:
-        raise HotcoldError(f"{path}/config.json: unsupported hidden_act {c.get('hidden_act')!r}")
+        raise HotcoldError(f"{where}: unsupported hidden_act {hidden_act!r}")
     try:
-        n_head = int(c["num_attention_heads"])
-        return ModelConfig(
-            n_vocab=int(c["vocab_size"]), n_embd=int(c["hidden_size"]), n_ff=int(c["intermediate_size"]),
-            n_layer=int(c["num_hidden_layers"]), n_head=n_head,
-            n_head_kv=int(c.get("num_key_value_heads") or n_head),
-            n_ctx_train=int(c.get("max_position_embeddings", 2048)), rope_base=float(c.get("rope_theta", 10000.0)),
-            rms_eps=float(c.get("rms_norm_eps", 1e-5)), act=act,
-            act_threshold=float(c.get("hidden_act_param", c.get("act_threshold", 0.0)) or 0.0),
-            tied_embeddings=bool(c.get("tie_word_embeddings", False)), arch="llama")
+        n_head = c["num_attention_heads"]
+        return checked_config(
+            where, HF_KEYS,
+            n_vocab=c["vocab_size"], n_embd=c["hidden_size"], n_ff=c["intermediate_size"],
+            n_layer=c["num_hidden_layers"], n_head=n_head,
+            n_head_kv=n_head if c.get("num_key_value_heads") is None else c["num_key_value_heads"],
+            n_ctx_train=c.get("max_position_embeddings", 2048), rope_base=c.get("rope_theta", 10000.0),
+            rms_eps=c.get("rms_norm_eps", 1e-5), act=act,
+            act_threshold=c.get("hidden_act_param", c.get("act_threshold", 0.0)) or 0.0,
+            tied_embeddings=c.get("tie_word_embeddings", False), arch="llama")
     except KeyError as e:
         raise HotcoldError(f"{path}/config.json: missing key {e.args[0]}") from None
 

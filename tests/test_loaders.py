@@ -104,6 +104,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
                     "--predictors")  # not silently ignored
     assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(wiki), "--ctx", "128", "--predictor-type",
                              "Q8_0"), "--predictor-type", "--predictors")
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat")
+    assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(short), "--ctx", "128"), "short.txt",
+                    "0 chunks of --ctx 128")
     # argv bytes that are not UTF-8 reach Python as lone surrogates: tokenized as U+FFFD, not a crash
     assert run_cli(capsys, "tokenize", "-m", good, "ab\udcff\udcfecd")[0] == 0
     assert run_cli(capsys, "generate", "-m", good, "-p", "hi \udcff", "-n", "2", "--seed", "-1")[0] == 0
@@ -112,6 +116,96 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     write_hf(str(hfdir), c, w)
     (hfdir / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"]}')
     assert_one_line(*run_cli(capsys, "generate", "-m", str(hfdir), "-p", "hi"), "GPTNeoXForCausalLM")
+
+
+def with_keys(src: str, dst: str, keys: dict) -> str:
+    """A copy of GGUF file `src` with metadata keys replaced: {name: (value, GGUFValueType)}."""
+    from gguf import GGUFReader, GGUFValueType
+    r = GGUFReader(src)
+    wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            value, vtype = keys.get(name, (f.contents(), f.types[0]))
+            wr.add_key_value(name, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        wr.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
+    return dst
+
+
+def test_block_count_must_match_the_layers(tmp_path, capsys):
+    """llama.block_count below the layers the tensors hold would run silently on fewer layers: refused, naming the
+    first tensor past it; above them, the first missing tensor; a huge count fails fast, not after listing 9e9
+    tensor names."""
+    from gguf import GGUFValueType
+    c = tiny_config()
+    fewer = write_gguf(str(tmp_path / "fewer.gguf"), tiny_config(n_layer=1), tiny_weights(c))  # 2 layers' tensors
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", fewer, "hi"), "fewer.gguf", "blk.1.attn_norm.weight", "past")
+    good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+    for n, word in ((3, "blk.2.attn_norm.weight"), (10**9, "blk.999999999.attn_norm.weight")):
+        bad = with_keys(good, str(tmp_path / f"blocks{n}.gguf"), {"llama.block_count": (n, GGUFValueType.UINT32)})
+        assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"blocks{n}.gguf", "missing tensor", word)
+
+
+def test_bad_metadata_values_are_refused(tmp_path, capsys):
+    """Config values of the wrong type or out of range: one line naming the file and the key, before anything
+    divides by them (head_count 0 was a ZeroDivisionError, context_length 0 a complaint about the prompt)."""
+    from gguf import GGUFValueType as VT
+    c = tiny_config()
+    good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+    cases = [("block_count", "thirty", VT.STRING, "expected an integer"), ("block_count", True, VT.BOOL, "integer"),
+             ("feed_forward_length", 128.0, VT.FLOAT32, "expected an integer"),
+             ("attention.head_count", 0, VT.UINT32, "at least 1"), ("context_length", 0, VT.UINT32, "at least 1"),
+             ("attention.head_count_kv", 3, VT.UINT32, "does not divide llama.attention.head_count 4"),
+             ("attention.head_count", 6, VT.UINT32, "not a multiple of llama.attention.head_count 6"),
+             ("attention.head_count", 64, VT.UINT32, "heads of 1 dimensions, expected an even number"),
+             ("attention.layer_norm_rms_epsilon", -1.0, VT.FLOAT32, "above 0"),
+             ("attention.layer_norm_rms_epsilon", float("nan"), VT.FLOAT32, "finite"),
+             ("rope.freq_base", "big", VT.STRING, "finite number")]
+    for i, (key, value, vtype, words) in enumerate(cases):
+        bad = with_keys(good, str(tmp_path / f"bad{i}.gguf"), {f"llama.{key}": (value, vtype)})
+        assert_one_line(*run_cli(capsys, "generate", "-m", bad, "-p", "hi", "-n", "1"), f"bad{i}.gguf", f"llama.{key} ",
+                        words)
+    bad = with_keys(good, str(tmp_path / "thr.gguf"), {"hotcold.ffn_act_threshold": (float("inf"), VT.FLOAT32)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), "thr.gguf", "hotcold.ffn_act_threshold", "finite")
+
+
+def test_misaligned_tensor_offset_is_refused(tmp_path, capsys):
+    """GGUF aligns each tensor's data to general.alignment (32 here): an offset off the grid, though inside the
+    file, is refused naming the tensor (it was a ZeroDivisionError in the kernels, or perplexity nan)."""
+    import struct
+    from gguf import GGUFReader
+    c = tiny_config()
+    good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+    t = GGUFReader(good).tensors[0]  # its data at offset 0; +4 keeps it inside the file
+    pos = t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:5])  # name length, name, n_dims, dims, type
+    data = bytearray(open(good, "rb").read())
+    assert struct.unpack_from("<Q", data, pos) == (0,)
+    struct.pack_into("<Q", data, pos, 4)
+    (tmp_path / "misaligned.gguf").write_bytes(data)
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", str(tmp_path / "misaligned.gguf"), "hi"), "misaligned.gguf",
+                    f"tensor {t.name} ", "offset 4", "alignment 32")
+
+
+def test_bad_hf_config_is_refused(tmp_path, capsys):
+    """config.json of the wrong shape or with values of the wrong type: one line naming config.json and the key."""
+    import json
+    c = tiny_config()
+    hfdir = tmp_path / "hf"
+    write_hf(str(hfdir), c, tiny_weights(c))
+    good = json.loads((hfdir / "config.json").read_text())
+    cases = [(["LlamaForCausalLM"], "a JSON list"), ({**good, "hidden_size": "big"}, "hidden_size is 'big'"),
+             ({**good, "architectures": "LlamaForCausalLM"}, "architectures is 'LlamaForCausalLM', expected a list"),
+             ({**good, "num_attention_heads": 0}, "num_attention_heads is 0"),
+             ({**good, "num_key_value_heads": 3}, "num_key_value_heads is 3"),
+             ({**good, "rms_norm_eps": None}, "rms_norm_eps has no value"),
+             ({**good, "tie_word_embeddings": "false"}, "tie_word_embeddings is 'false'"),
+             ({**good, "hidden_act": ["silu"]}, "hidden_act ['silu']")]
+    for cfg, words in cases:
+        (hfdir / "config.json").write_text(json.dumps(cfg))
+        assert_one_line(*run_cli(capsys, "tokenize", "-m", str(hfdir), "hi"), "hf/config.json: ", words)
+    (hfdir / "config.json").write_text(json.dumps(good))
+    assert run_cli(capsys, "tokenize", "-m", str(hfdir), "hi")[0] == 0
 
 
 def test_counts_below_their_minimum_are_refused(capsys):

@@ -193,6 +193,9 @@ def cmd_perplexity(args) -> None:
     model = load_model(args, n_ctx=args.ctx)
     tokens = model.tokenize(text, special=False, add_bos=False)
     total = len(tokens) // args.ctx - args.first_chunk
+    if total < 1:
+        raise HotcoldError(f"{args.file}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of --ctx "
+                           f"{args.ctx}, so none from --first-chunk {args.first_chunk}")
     bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
                disable=args.json or None, file=sys.stderr)
 
