@@ -72,16 +72,20 @@ def test_resumed_run_equals_uninterrupted_and_the_engine_runs_what_was_trained(t
     assert sparse["after"]["sparsity"] > whole["after"]["sparsity"] + 0.05, (sparse["after"], whole["after"])
 
 
-def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, capsys):
-    out = tmp_path / "r.gguf"
-
+def interrupted(tiny, out) -> str:
+    """The state file of a run to `out` stopped after its first step."""
     def stop(step, loss):
         if step == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tiny, out, on_step=stop)
-    state = f"{out}{STATE_SUFFIX}"
+    return f"{out}{STATE_SUFFIX}"
+
+
+def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "r.gguf"
+    state = interrupted(tiny, out)
     saved = open(state, "rb").read()
     argv = ["relufy", "-m", tiny[0]["silu", 0], "-f", tiny[1], "-o", str(out), "--steps", "6", "--batch", "2",
             "--ctx", "16", "--heldout", "64", "-t", "1"]
@@ -129,14 +133,7 @@ def test_smollm2_relufied_learns_on_held_out_text(tmp_path, capsys):
 def test_a_damaged_state_is_refused_and_kept(tiny, tmp_path):
     """A saved state of this very run is checked all through before the run resumes from it."""
     out = tmp_path / "d.gguf"
-
-    def stop(step, loss):
-        if step == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        tiny_run(tiny, out, on_step=stop)
-    state = f"{out}{STATE_SUFFIX}"
+    state = interrupted(tiny, out)
     saved = torch.load(state, weights_only=True)
     name = "blk.0.ffn_gate.weight"
 
