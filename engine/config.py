@@ -63,6 +63,13 @@ COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_
 FLOATS = ("rope_base", "rms_eps", "act_threshold")
 
 
+def finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
     """A ModelConfig from the values a file gives, checked before anything divides by them. HotcoldError naming
     `where` (the file) and the key a value came from (`keys`: field -> key) unless every count is an integer
@@ -78,7 +85,7 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
             bad(f, f"is {v!r}, expected an integer")
         if f in COUNTS and v < 1:
             bad(f, f"is {v}, expected at least 1")
-        if f in FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(v)):
+        if f in FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not finite(v)):
             bad(f, f"is {v!r}, expected a finite number")
         if f in ("ffn_gated", "tied_embeddings") and not isinstance(v, bool):
             bad(f, f"is {v!r}, expected true or false")

@@ -266,7 +266,7 @@ class LayerOffload:
         tm.cos, tm.sin = tm.cos.to(self.dev, self.dtype), tm.sin.to(self.dev, self.dtype)
         tm.k_cache, tm.v_cache = tm.k_cache.to(self.dev, self.dtype), tm.v_cache.to(self.dev, self.dtype)
         self.tm = tm
-        self.synced = 0  # positions below this hold the same keys and values in the CPU and the device caches
+        self.synced = net.n_ctx  # positions below this hold the same keys and values in the CPU and device caches
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.tm.w.values())
@@ -290,6 +290,7 @@ class LayerOffload:
         # the residual (1, n_embd) stays float32, the layers' inputs and weights are self.dtype: in float16 the
         # residual's steps near SmolLM2's 25,000 would be 16 wide
         dt, eps = self.dtype, tm.c.rms_eps
+        self.synced = min(self.synced, pos)  # this step writes position pos on the device only
         x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev)
         for i in range(k):
             x = x + tm.attention(i, rms_norm(x, tm.w[blk(i, "attn_norm")], eps).to(dt), pos).float()

@@ -152,7 +152,7 @@ def manifest_problem(m: dict) -> str | None:
         if not isinstance(m.get(key, {}), dict):
             return f"{key!r} not an object"
     for i, layer in enumerate(m["layers"]):
-        if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold", 0))
+        if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold"))
                 and isinstance(layer.get("metrics", {}), dict)):
             return f"layer {i}: expected {{'rank': int, 'threshold': number, 'metrics': {{...}}}}"
     qtype = m.get("training", {}).get("predictor_type", "F16")
@@ -193,7 +193,7 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         if fc1.shape[0] != layer.get("rank"):
             raise HotcoldError(f"{st}: {blk(i, 'fc1')} has rank {fc1.shape[0]}, the manifest says {layer.get('rank')}")
         preds.append(from_weights(fc1, fc2, f"{st}: layer {i}"))
-    return Bundle(preds, [layer.get("threshold", float("nan")) for layer in layers], m["fingerprint"],
+    return Bundle(preds, [layer["threshold"] for layer in layers], m["fingerprint"],
                   [layer.get("metrics", {}) for layer in layers], m.get("sparsity", {}), m.get("corpus", {}),
                   m.get("training", {}), path)
 

@@ -240,7 +240,9 @@ def test_layer_offload_baseline_matches_all_cpu(tmp_path):
     def decoded(m):  # prefill 20 tokens, decode one at a time, then a batched forward over the decoded keys
         m.net.forward(chunk[:20], 0)
         steps = [m.net.forward([chunk[p]], p) for p in range(20, 39)]
-        return torch.cat([torch.stack(steps), m.net.forward(chunk[39:43], 39, all_logits=True)])
+        batch = m.net.forward(chunk[39:43], 39, all_logits=True)
+        again = [m.net.forward([chunk[30 + p]], p) for p in range(6)]  # another text from position 0, decoded
+        return torch.cat([torch.stack(steps), batch, torch.stack(again), m.net.forward(chunk[36:39], 6, all_logits=True)])
 
     a, b = decoded(cpu), decoded(off)
     assert float((a - b).norm() / a.norm()) < 1e-4

@@ -200,7 +200,8 @@ def test_bad_hf_config_is_refused(tmp_path, capsys):
              ({**good, "num_key_value_heads": 3}, "num_key_value_heads is 3"),
              ({**good, "rms_norm_eps": None}, "rms_norm_eps has no value"),
              ({**good, "tie_word_embeddings": "false"}, "tie_word_embeddings is 'false'"),
-             ({**good, "hidden_act": ["silu"]}, "hidden_act ['silu']")]
+             ({**good, "hidden_act": ["silu"]}, "hidden_act ['silu']"),
+             ({**good, "rope_theta": 10**400}, "rope_theta is 1000")]  # too large for a float
     for cfg, words in cases:
         (hfdir / "config.json").write_text(json.dumps(cfg))
         assert_one_line(*run_cli(capsys, "tokenize", "-m", str(hfdir), "hi"), "hf/config.json: ", words)

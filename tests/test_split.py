@@ -93,6 +93,17 @@ def test_gpuidx_format(tmp_path):
         assert len(idx) == c.n_ff and list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
     back = read_gpuidx(gi)  # what the runtime reads beside an export
     assert [list(b) for b in back] == [list(g) for g in split["gpu_neurons"]]
+    from gguf import GGUFWriter  # PowerInfer writes gpu_bucket for MoE models only: then gpu_idx says it
+    wr = GGUFWriter(str(tmp_path / "idx_only.gpuidx"), "generic.gpu_index")
+    for i, ids in enumerate(split["gpu_neurons"]):
+        idx = np.zeros(c.n_ff, np.int32)
+        idx[ids] = 1
+        wr.add_tensor(f"blk.{i}.gpu_idx", idx)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    assert [list(b) for b in read_gpuidx(str(tmp_path / "idx_only.gpuidx"))] == [list(g) for g in split["gpu_neurons"]]
     (tmp_path / "bad.gpuidx").write_bytes(raw[:100])
     with pytest.raises(HotcoldError, match="bad.gpuidx"):
         read_gpuidx(str(tmp_path / "bad.gpuidx"))

@@ -42,7 +42,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
 from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
-from tools.profile import load_chunk
+from tools.profile import finished_manifest, load_chunk
 
 PARTIAL = "partial"
 
@@ -56,16 +56,8 @@ def weight_bytes(qtype: str) -> float:
 # --- model and profile ------------------------------------------------------------------------------------
 def load_profile(path: str) -> dict:
     """The manifest of a finished profile with samples."""
-    if not os.path.isdir(path):
-        raise HotcoldError(f"{path}: no such profile directory")
-    m = read_json(os.path.join(path, "manifest.json"), "profile manifest")
-    if not m.get("complete"):
-        raise HotcoldError(f"{path}: the profile is not finished; run the same profile command to resume it")
-    if not all(isinstance(m.get(k), dict) for k in ("fingerprint", "settings", "samples")) or \
-            not isinstance(m["samples"].get("chunks") or [], list):
-        raise HotcoldError(f"{os.path.join(path, 'manifest.json')}: not a profile manifest (no fingerprint, settings "
-                           "or list of sample chunks)")
-    if not m["samples"].get("chunks"):
+    m = finished_manifest(path)
+    if not m.get("samples", {}).get("chunks"):
         raise HotcoldError(f"{path}: the profile holds no training samples")
     return m
 

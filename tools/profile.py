@@ -344,17 +344,27 @@ def summarize(counts: np.ndarray, n_tokens: int) -> dict:
             "skew": skew}
 
 
+def finished_manifest(out: str) -> dict:
+    """The manifest of the finished profile `out`, checked for what its readers take from it."""
+    if not os.path.isdir(out):
+        raise HotcoldError(f"{out}: no such profile directory")
+    path = os.path.join(out, MANIFEST)
+    m = read_json(path, "profile manifest")
+    if not m.get("complete"):
+        raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
+    fp, settings, samples = m.get("fingerprint"), m.get("settings"), m.get("samples", {})
+    if not (isinstance(fp, dict) and all(isinstance(fp.get(k), int) and fp[k] > 0 for k in ("n_layer", "n_embd", "n_ff"))
+            and isinstance(settings, dict) and isinstance(settings.get("tokens"), int)
+            and isinstance(samples, dict) and isinstance(samples.get("chunks", []), list)):
+        raise HotcoldError(f"{path}: not a profile manifest (no fingerprint with n_layer, n_embd and n_ff, settings "
+                           "with tokens, or list of sample chunks)")
+    return m
+
+
 def load_counts(out: str) -> tuple[dict, np.ndarray]:
     """The manifest of the finished profile `out` and its activation counts (n_layer, n_ff), checked."""
-    path = os.path.join(out, MANIFEST)
-    manifest = read_json(path, "profile manifest")
-    if not manifest.get("complete"):
-        raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
-    fp, settings = manifest.get("fingerprint"), manifest.get("settings")
-    if not isinstance(fp, dict) or not all(isinstance(fp.get(k), int) and fp[k] > 0 for k in ("n_layer", "n_ff")) \
-            or not isinstance(settings, dict) or not isinstance(settings.get("tokens"), int):
-        raise HotcoldError(f"{path}: not a profile manifest (no fingerprint with n_layer and n_ff, or no settings "
-                           "with tokens)")
+    manifest = finished_manifest(out)
+    fp, settings = manifest["fingerprint"], manifest["settings"]
     counts = []
     for i in range(fp["n_layer"]):
         f = os.path.join(out, "activation", f"activation_{i}.pt")
@@ -364,11 +374,11 @@ def load_counts(out: str) -> tuple[dict, np.ndarray]:
             raise HotcoldError(f"{f}: no such file (the profile's activation counts of layer {i})") from None
         except Exception as e:  # torch raises many kinds for a truncated or foreign file
             raise HotcoldError(f"{f}: unreadable activation counts ({type(e).__name__})") from None
-        problem = counts_problem(t.numpy() if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else t,
-                                 (fp["n_ff"],), settings["tokens"])
+        a = t.numpy() if isinstance(t, torch.Tensor) and t.dtype == torch.int64 else t
+        problem = counts_problem(a, (fp["n_ff"],), settings["tokens"])
         if problem:
             raise HotcoldError(f"{f}: not activation counts of this profile ({problem})")
-        counts.append(t.numpy())
+        counts.append(a)
     return manifest, np.stack(counts)
 
 

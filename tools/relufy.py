@@ -134,9 +134,9 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
         raise HotcoldError(f"{path}: unreadable training state ({type(e).__name__}); remove it to start over") from None
     want = dataclasses.asdict(s)
     if found != want:
-        diff = next(k for k in want if found.get(k) != want[k])
+        diff = next(k for k in [*want, *found] if found.get(k) != want.get(k))  # found may hold keys want has not
         what = "another model" if diff == "model" else "another corpus" if diff == "corpus" else \
-            f"{diff} {found.get(diff)!r}, now {want[diff]!r}"
+            f"{diff} {found.get(diff)!r}, now {want.get(diff)!r}"
         raise HotcoldError(f"{path}: the state of a run with other settings ({what}); remove it to start over")
     problem = state_problem(st, s, w, opt)
     if problem:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import HotcoldError
-from engine.sparsity import check_fingerprint, fingerprint, write_atomic
+from engine.sparsity import check_fingerprint, fingerprint, read_json, write_atomic
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 
@@ -135,9 +135,11 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
     """The GPU neuron ids per layer (gpu_bucket, sorted) of PowerInfer's .gpuidx (see `write_gpuidx`)."""
     from engine.loader import open_gguf
     r = open_gguf(path)
-    buckets = {t.name: np.sort(np.asarray(t.data).astype(np.int64)) for t in r.tensors if t.name.endswith(".gpu_bucket")}
-    try:
-        return [buckets[f"blk.{i}.gpu_bucket"] for i in range(len(buckets))]
+    t = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
+    n = len([k for k in t if k.endswith(".gpu_idx")])
+    try:  # PowerInfer writes gpu_bucket for MoE models only: else the ids are where gpu_idx is 1
+        return [np.sort(t[f"blk.{i}.gpu_bucket"]) if f"blk.{i}.gpu_bucket" in t else np.flatnonzero(t[f"blk.{i}.gpu_idx"])
+                for i in range(n)]
     except KeyError as e:
         raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
 
@@ -160,18 +162,15 @@ def write_split(prefix: str, split: dict) -> tuple[str, str]:
 
 
 def read_split(path: str) -> dict:
+    split = read_json(path, "hotcold split")
     try:
-        with open(path) as fh:
-            split = json.load(fh)
         ids = [np.asarray(g) for g in split["gpu_neurons"]]
         if not all(g.ndim == 1 and (g.size == 0 or g.dtype.kind in "iu") for g in ids):
-            raise ValueError("gpu_neurons: expected a list of integer ids per layer")
-        split["gpu_neurons"] = [g.astype(np.int64) for g in ids]
-        return split
-    except FileNotFoundError:
-        raise HotcoldError(f"{path}: no such split file") from None
-    except (ValueError, TypeError, KeyError) as e:  # bad JSON or UTF-8, or not a split's keys and ids
-        raise HotcoldError(f"{path}: not a hotcold split ({e})") from None
+            raise ValueError("expected a list of integer ids per layer")
+    except (ValueError, TypeError, KeyError) as e:
+        raise HotcoldError(f"{path}: not a hotcold split (gpu_neurons: {e})") from None
+    split["gpu_neurons"] = [g.astype(np.int64) for g in ids]
+    return split
 
 
 def parse_size(v: str) -> int:
@@ -242,7 +241,8 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
     if not profile or not os.path.isdir(profile):
         raise HotcoldError(f"--gpu-budget needs the activation counts of the profile the predictors were trained "
                            f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
-    _, counts = load_counts(profile)
+    manifest, counts = load_counts(profile)
+    check_fingerprint(manifest["fingerprint"], model.fingerprint, profile, "profile")
     split = plan(c, list(counts), gpu_budget=parse_size(gpu_budget), n_ctx=n_ctx,
                  predictor_bytes=GPU_BYTES * bundle.n_params)
     return bundle, [np.asarray(g, np.int32) for g in split["gpu_neurons"]], device
