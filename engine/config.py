@@ -59,6 +59,17 @@ class ModelConfig:
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
+# --- model metadata: ModelConfig field -> GGUF key (after "ARCH.") and its default; -> HF config.json key -------
+# (a GGUF without vocab_size takes token_embd's rows, one without head_count_kv takes head_count)
+GGUF_KEYS = {"n_vocab": ("vocab_size", None), "n_embd": ("embedding_length", None),
+             "n_ff": ("feed_forward_length", None), "n_layer": ("block_count", None),
+             "n_head": ("attention.head_count", None), "n_head_kv": ("attention.head_count_kv", None),
+             "n_ctx_train": ("context_length", 2048), "rope_base": ("rope.freq_base", 10000.0),
+             "rms_eps": ("attention.layer_norm_rms_epsilon", 1e-5)}
+HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermediate_size",
+           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
+           "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",
+           "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}
 COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train")  # integers >= 1
 FLOATS = ("rope_base", "rms_eps", "act_threshold")
 

@@ -20,8 +20,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
-from .config import (ACTS, HF_ARCHS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig, blk, checked_config,
-                     expected_shapes, hf_to_gguf_name)
+from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
+                     blk, checked_config, expected_shapes, hf_to_gguf_name)
 from .qtensor import NATIVE_TYPES, QTensor
 from .tokenizer import Tokenizer
 
@@ -229,12 +229,6 @@ def load_gguf(path: str) -> Checkpoint:
     if arch not in ARCH_ACT or (arch != "llama" and not pwri):
         raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama; bamboo in PowerInfer files)")
 
-    def key(name, default=None):
-        v = field_value(r, f"{arch}.{name}", default)
-        if v is None:
-            raise HotcoldError(f"{path}: missing metadata key {arch}.{name}")
-        return v
-
     try:
         tensors = {t.name: tensor_from_reader(t) for t in r.tensors}
     except Exception as e:
@@ -243,23 +237,19 @@ def load_gguf(path: str) -> Checkpoint:
     if converted:
         print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)
 
+    keys = {f: f"{arch}.{k}" for f, (k, _) in GGUF_KEYS.items()}
+    vals = {f: field_value(r, keys[f], default) for f, (_, default) in GGUF_KEYS.items()}
+    missing = next((keys[f] for f, v in vals.items() if v is None and f not in ("n_vocab", "n_head_kv")), None)
+    if missing:
+        raise HotcoldError(f"{path}: missing metadata key {missing}")
     embd = tensors.get("token_embd.weight")
-    n_vocab = field_value(r, f"{arch}.vocab_size", 0) or (embd.shape[0] if embd else None)
+    vals["n_vocab"] = vals["n_vocab"] or (embd.shape[0] if embd else None)
+    vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
     act = field_value(r, KEY_ACT, "relu" if pwri and arch == "llama" else ARCH_ACT[arch])
     if act not in ACTS:
         raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
-    keys = {f: f"{arch}.{k}" for f, k in (
-        ("n_vocab", "vocab_size"), ("n_embd", "embedding_length"), ("n_ff", "feed_forward_length"),
-        ("n_layer", "block_count"), ("n_head", "attention.head_count"), ("n_head_kv", "attention.head_count_kv"),
-        ("n_ctx_train", "context_length"), ("rope_base", "rope.freq_base"),
-        ("rms_eps", "attention.layer_norm_rms_epsilon"))}
     cfg = checked_config(
-        path, {**keys, "act_threshold": KEY_ACT_THRESHOLD},
-        n_vocab=n_vocab, n_embd=key("embedding_length"), n_ff=key("feed_forward_length"),
-        n_layer=key("block_count"), n_head=key("attention.head_count"),
-        n_head_kv=key("attention.head_count_kv", key("attention.head_count")),
-        n_ctx_train=key("context_length", 2048), rope_base=key("rope.freq_base", 10000.0),
-        rms_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
+        path, {**keys, "act_threshold": KEY_ACT_THRESHOLD}, **vals,
         act=act, act_threshold=field_value(r, KEY_ACT_THRESHOLD, 0.0),
         ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
         tied_embeddings="output.weight" not in tensors, arch=arch)
@@ -325,12 +315,6 @@ def rotary_halves_to_pairs(w: np.ndarray, n_head: int) -> np.ndarray:
 def rotary_pairs_to_halves(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermediate_size",
-           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
-           "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",
-           "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}  # field -> config.json key
 
 
 def hf_config(path: str, c: dict) -> ModelConfig:

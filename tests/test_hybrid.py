@@ -242,7 +242,8 @@ def test_layer_offload_baseline_matches_all_cpu(tmp_path):
         steps = [m.net.forward([chunk[p]], p) for p in range(20, 39)]
         batch = m.net.forward(chunk[39:43], 39, all_logits=True)
         again = [m.net.forward([chunk[30 + p]], p) for p in range(6)]  # another text from position 0, decoded
-        return torch.cat([torch.stack(steps), batch, torch.stack(again), m.net.forward(chunk[36:39], 6, all_logits=True)])
+        after = m.net.forward(chunk[36:39], 6, all_logits=True)
+        return torch.cat([torch.stack(steps), batch, torch.stack(again), after])
 
     a, b = decoded(cpu), decoded(off)
     assert float((a - b).norm() / a.norm()) < 1e-4

@@ -160,7 +160,8 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     (tmp_path / "fp.json").write_text(json.dumps(dict(split, fingerprint="x")))
     for name, why in (("bad.json", "layer 0's hot neuron ids are not increasing ids without repeats"),
                       ("dup.json", "without repeats"), ("neg.gpuidx", f"without repeats in 0..{c.n_ff - 1}"),
-                      ("dup.gpuidx", "without repeats"), ("float.json", "integer ids"), ("huge.json", "without repeats"),
+                      ("dup.gpuidx", "without repeats"), ("float.json", "integer ids"),
+                      ("huge.json", "without repeats"),
                       ("list.json", "not a hotcold split"), ("fp.json", "fingerprint is not a JSON object")):
         with pytest.raises(HotcoldError, match=why):
             hot_neurons(own, gate_bundle(own), str(tmp_path / name), None, "cpu", 32)

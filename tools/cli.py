@@ -104,7 +104,8 @@ def load_model(args, n_ctx: int | None = None):
                  cache_type=getattr(args, "cache_type", "f16"))
     if hasattr(args, "predictors") and args.predictors is None and model.runtime is None:
         given = [flag for flag, v in (("--split", args.split), ("--gpu-budget", args.gpu_budget),
-                                      ("--audit-recall", args.audit_recall), ("--hot-device", args.hot_device != "auto"),
+                                      ("--audit-recall", args.audit_recall),
+                                      ("--hot-device", args.hot_device != "auto"),
                                       ("--predictor-type", args.predictor_type)) if v]
         if given:
             raise HotcoldError(f"{given[0]} goes with --predictors (or a model exported with its predictors)")

@@ -353,7 +353,8 @@ def finished_manifest(out: str) -> dict:
     if not m.get("complete"):
         raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
     fp, settings, samples = m.get("fingerprint"), m.get("settings"), m.get("samples", {})
-    if not (isinstance(fp, dict) and all(isinstance(fp.get(k), int) and fp[k] > 0 for k in ("n_layer", "n_embd", "n_ff"))
+    dims = ("n_layer", "n_embd", "n_ff")
+    if not (isinstance(fp, dict) and all(isinstance(fp.get(k), int) and fp[k] > 0 for k in dims)
             and isinstance(settings, dict) and isinstance(settings.get("tokens"), int)
             and isinstance(samples, dict) and isinstance(samples.get("chunks", []), list)):
         raise HotcoldError(f"{path}: not a profile manifest (no fingerprint with n_layer, n_embd and n_ff, settings "

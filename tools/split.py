@@ -138,7 +138,7 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
     t = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
     n = len([k for k in t if k.endswith(".gpu_idx")])
     try:  # PowerInfer writes gpu_bucket for MoE models only: else the ids are where gpu_idx is 1
-        return [np.sort(t[f"blk.{i}.gpu_bucket"]) if f"blk.{i}.gpu_bucket" in t else np.flatnonzero(t[f"blk.{i}.gpu_idx"])
+        return [np.sort(t[b]) if (b := f"blk.{i}.gpu_bucket") in t else np.flatnonzero(t[f"blk.{i}.gpu_idx"])
                 for i in range(n)]
     except KeyError as e:
         raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
