@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.config import HotcoldError, blk
+from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
@@ -148,7 +148,7 @@ def load_state(path: str, s: Settings, w: dict, opt) -> tuple[int, dict]:
 
 
 def finite_numbers(xs) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in xs)
+    return all(isinstance(v, (int, float)) and finite(v) for v in xs)
 
 
 def state_problem(st: dict, s: Settings, w: dict, opt) -> str | None:

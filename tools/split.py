@@ -135,10 +135,10 @@ def read_gpuidx(path: str) -> list[np.ndarray]:
     """The GPU neuron ids per layer (gpu_bucket, sorted) of PowerInfer's .gpuidx (see `write_gpuidx`)."""
     from engine.loader import open_gguf
     r = open_gguf(path)
-    t = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
-    n = len([k for k in t if k.endswith(".gpu_idx")])
+    data = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
+    n = len([k for k in data if k.endswith(".gpu_idx")])
     try:  # PowerInfer writes gpu_bucket for MoE models only: else the ids are where gpu_idx is 1
-        return [np.sort(t[b]) if (b := f"blk.{i}.gpu_bucket") in t else np.flatnonzero(t[f"blk.{i}.gpu_idx"])
+        return [np.sort(data[b]) if (b := f"blk.{i}.gpu_bucket") in data else np.flatnonzero(data[f"blk.{i}.gpu_idx"])
                 for i in range(n)]
     except KeyError as e:
         raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
@@ -253,11 +253,8 @@ def cmd_split(args) -> None:
     from tools.profile import load_counts
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(args.model or manifest.get("model"))
-    if ckpt.config.n_ff != counts.shape[1] or ckpt.config.n_layer != counts.shape[0]:
-        raise HotcoldError(f"{args.profile}: a profile of another model ({counts.shape[0]} layers x {counts.shape[1]}"
-                           f" neurons; {ckpt.path} has {ckpt.config.n_layer} x {ckpt.config.n_ff})")
     fp = fingerprint(ckpt.config, ckpt.tensors)
-    check_fingerprint(manifest.get("fingerprint", {}), fp, args.profile, "profile")  # same shape, other weights
+    check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
     budget = parse_size(args.gpu_budget) if args.gpu_budget is not None else None
     split = plan(ckpt.config, list(counts), gpu_budget=budget, hot_fraction=args.hot_fraction, group=args.group,
                  n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
