@@ -59,11 +59,12 @@ def test_all_active_predictors_give_dense_logits(tmp_path, act):
 
 def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
     """The largest relative difference over layers between a HotPart on `device` (launch, then collect) and the CPU
-    kernels' FFN over the same neurons, for random inputs with a random half of the hot neurons marked active."""
+    kernels' FFN over the same neurons, for random inputs with a random half of the hot neurons marked active; two
+    tokens a layer (on CUDA the first captures the layer's graph, the second replays it on new inputs)."""
     from engine.hybrid import HotPart
     net, c = model.net, model.config
     part, rng, worst = HotPart(net, hot, device), np.random.default_rng(0), 0.0
-    for i, L in enumerate(net.layers):
+    for i, L in [(i, L) for i, L in enumerate(net.layers) for _ in range(2)]:
         xn = rng.standard_normal(c.n_embd).astype(np.float32)
         on = rng.random(len(hot[i])) < 0.5
         part.mask_host[i].numpy()[:] = on
@@ -300,6 +301,19 @@ def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
     # positions) from float16 on the CPU; a hot part lost or read a layer late measured 0.56-0.59
     assert float((a - b).norm() / a.norm()) < 0.1
     assert 0.3 < gpu.runtime.stats()["gpu_share"] < 0.7
+    part = gpu.runtime.hot  # each layer's graph, replayed, gives what its ops give one by one
+    assert all(g is not None for g in part.graphs)
+    rng = np.random.default_rng(1)
+    xn = rng.standard_normal(cpu.config.n_embd).astype(np.float32)
+    for i in range(cpu.config.n_layer):
+        part.mask_host[i].numpy()[:] = rng.random(len(hot[i])) < 0.5
+        part.x_host.numpy()[:] = xn
+        part.ffn(i)
+        torch.cuda.synchronize()
+        eager, replayed = part.y_host.numpy().copy(), np.zeros(cpu.config.n_embd, np.float32)
+        part.launch(i, xn)
+        part.collect(replayed)
+        assert np.allclose(replayed, eager, rtol=1e-5, atol=1e-6)
     dense = load(path, n_ctx=64)
     off.net = LayerOffload(off.net, 2, "cuda")
     for m in (dense, off):
