@@ -27,6 +27,7 @@ import dataclasses
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import njit
 
 from gguf import GGMLQuantizationType as QT
@@ -96,6 +97,20 @@ def runtime_predictor(p, fc1: K.KMatrix, fc2t: K.KMatrix):
     return load_kernel_weights(copy.deepcopy(p), fc1, fc2t)
 
 
+def cuda_graph(run, dev: torch.device, pool=None) -> torch.cuda.CUDAGraph:
+    """`run()` (queued work on fixed buffers) captured as a CUDA graph. Its first run, on a side stream as torch
+    asks before a capture, also does this call's work."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        run()
+    return g
+
+
 class HotPart:
     """The hot neurons' gate, up and down rows on a torch device, and the FFN over them for one token."""
 
@@ -137,7 +152,7 @@ class HotPart:
             self.ffn(i)
             return
         if self.graphs[i] is None:
-            self.graphs[i] = self.capture(i)
+            self.graphs[i] = cuda_graph(lambda: self.ffn(i), self.dev, self.pool)
         self.graphs[i].replay()
         self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to
 
@@ -154,18 +169,6 @@ class HotPart:
         h = (ffn_activation(u, None, c.act, c.act_threshold) if g is None
              else ffn_activation(g, u, c.act, c.act_threshold)) * mask
         self.y_host.copy_((h @ self.down[i])[0].float(), non_blocking=True)
-
-    def capture(self, i: int) -> torch.cuda.CUDAGraph:
-        """`ffn(i)` as a CUDA graph (its first run, on a side stream as torch asks, also gives this token's y)."""
-        side = torch.cuda.Stream(self.dev)
-        side.wait_stream(torch.cuda.current_stream(self.dev))
-        with torch.cuda.stream(side):
-            self.ffn(i)
-        torch.cuda.current_stream(self.dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            self.ffn(i)
-        return g
 
     def collect(self, out: np.ndarray) -> None:
         """out += the launched layer's hot part (waits for the device)."""
@@ -274,7 +277,8 @@ class Runtime:
 class LayerOffload:
     """The layer-offload baseline (llama.cpp's -ngl): layers 0..k-1 whole and dense on a torch device (float16 on
     CUDA), the rest on the CPU kernels. Wraps a KernelModel's `forward`: prompts run batched on the CPU, and their
-    keys and values are copied to the device, and the decode steps' keys and values back before the next batch."""
+    keys and values are copied to the device, and the decode steps' keys and values back before the next batch. A
+    decode step's device layers run as one CUDA graph, as llama.cpp's CUDA backend runs its layers."""
 
     def __init__(self, net, k: int, device: str):
         from .config import blk
@@ -292,14 +296,19 @@ class LayerOffload:
         tm.k_cache, tm.v_cache = tm.k_cache.to(self.dev, self.dtype), tm.v_cache.to(self.dev, self.dtype)
         self.tm = tm
         self.synced = net.n_ctx  # positions below this hold the same keys and values in the CPU and device caches
+        pin = self.dev.type == "cuda"
+        self.x_in = torch.zeros(1, net.c.n_embd, pin_memory=pin)  # decode staging buffers, allocated once
+        self.x_out = torch.zeros(1, net.c.n_embd, pin_memory=pin)
+        self.pos_in = torch.zeros(1, dtype=torch.int64, pin_memory=pin)
+        self.span = torch.arange(net.n_ctx, device=self.dev)
+        self.done = torch.cuda.Event() if pin else None
+        self.graph = None  # CUDA: the decode step's layers, made at the first decoded token
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.tm.w.values())
 
     @torch.inference_mode()
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
-        from .config import blk
-        from .model import rms_norm
         net, tm, k = self.net, self.tm, self.k
         if len(tokens) > 1 or all_logits:
             cpu_k, cpu_v = net.torch.k_cache, net.torch.v_cache
@@ -312,16 +321,47 @@ class LayerOffload:
             tm.v_cache[..., span] = cpu_v[:k, ..., span].to(self.dev, self.dtype)
             self.synced = pos + len(tokens)
             return out
-        # the residual (1, n_embd) stays float32, the layers' inputs and weights are self.dtype: in float16 the
-        # residual's steps near SmolLM2's 25,000 would be 16 wide
-        dt, eps = self.dtype, tm.c.rms_eps
         self.synced = min(self.synced, pos)  # this step writes position pos on the device only
-        x = torch.from_numpy(net.embd.rows(np.array(tokens)).dequantize()).to(self.dev)
-        for i in range(k):
-            x = x + tm.attention(i, rms_norm(x, tm.w[blk(i, "attn_norm")], eps).to(dt), pos).float()
-            x = x + tm.down(i, tm.ffn(i, rms_norm(x, tm.w[blk(i, "ffn_norm")], eps).to(dt))).float()
-        net.x[:] = x[0].float().cpu().numpy()
+        self.x_in.numpy()[:] = net.embd.rows(np.array(tokens)).dequantize()
+        self.pos_in[0] = pos
+        if self.done is None:  # a CPU stand-in: op by op
+            self.layers()
+        else:
+            if self.graph is None:
+                self.graph = cuda_graph(self.layers, self.dev)
+            self.graph.replay()
+            self.done.record(torch.cuda.current_stream(self.dev))
+            self.done.synchronize()
+        net.x[:] = self.x_out.numpy()[0]
         return torch.from_numpy(net.step(tokens[0], pos, first=k).copy())
+
+    def layers(self) -> None:
+        """Layers 0..k-1 for one token from the staging buffers, queued: x_in (1, n_embd) and pos_in (1,) in, x_out
+        out. Shapes do not depend on the position (attention reads the whole cache, positions after pos masked),
+        so that on CUDA the step is one graph: launched op by op, a layer's ~40 kernels took about 1.2 ms on the
+        H200 host."""
+        from .config import blk
+        from .model import apply_rope, rms_norm
+        tm, c, dt = self.tm, self.tm.c, self.dtype
+        pos = self.pos_in.to(self.dev, non_blocking=True)  # (1,)
+        seen = (self.span <= pos)[None]  # (1, n_ctx): keys at positions 0..pos
+        cos, sin = tm.cos.index_select(0, pos), tm.sin.index_select(0, pos)  # (1, hd/2)
+        # the residual (1, n_embd) stays float32, the layers' inputs and weights are dt: in float16 the residual's
+        # steps near SmolLM2's 25,000 would be 16 wide
+        x = self.x_in.to(self.dev, non_blocking=True)
+        for i in range(self.k):
+            h = rms_norm(x, tm.w[blk(i, "attn_norm")], c.rms_eps).to(dt)
+            q = tm.mm(h, blk(i, "attn_q")).view(1, c.n_head, c.head_dim)  # (1, H, hd)
+            kk = tm.mm(h, blk(i, "attn_k")).view(1, c.n_head_kv, c.head_dim)  # (1, Hkv, hd)
+            v = tm.mm(h, blk(i, "attn_v")).view(1, c.n_head_kv, c.head_dim)
+            q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+            tm.k_cache[i].index_copy_(1, pos, kk.transpose(0, 1))  # k_cache[i] (Hkv, n_ctx, hd)
+            tm.v_cache[i].index_copy_(2, pos, v.permute(1, 2, 0))  # v_cache[i] (Hkv, hd, n_ctx)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), tm.k_cache[i], tm.v_cache[i].transpose(1, 2),
+                                               attn_mask=seen, enable_gqa=c.n_head != c.n_head_kv)  # (H, 1, hd)
+            x = x + tm.mm(o.transpose(0, 1).reshape(1, c.n_embd), blk(i, "attn_output")).float()
+            x = x + tm.down(i, tm.ffn(i, rms_norm(x, tm.w[blk(i, "ffn_norm")], c.rms_eps).to(dt))).float()
+        self.x_out.copy_(x, non_blocking=True)
 
     def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
         return self.forward(tokens, pos).numpy()
