@@ -102,8 +102,10 @@ _PARALLEL = dict(_SERIAL, parallel=True)
 # whose order no optimization changes; the short per-block offset sums of `_row_dot` are left plain (the tests
 # that decode past position 32 in a compiling and a cached run agree).
 # numba's typed inliner leaves the loop variables of an inlined helper out of the caller's scope bookkeeping
-# and reports it from a pedantic internal check; the generated code is unaffected.
-warnings.filterwarnings("ignore", message="variable '_row_", category=NumbaIRAssumptionWarning)
+# and reports it from a pedantic internal check; the generated code is unaffected. Some numba builds (0.68.0 on a
+# GPU host) put terminal colour codes before the text.
+INLINER_WARNING = r"(\x1b\[[0-9;]*m)*variable '_row_"
+warnings.filterwarnings("ignore", message=INLINER_WARNING, category=NumbaIRAssumptionWarning)
 
 # ---------------------------------------------------------------------------------------------------------
 # LLVM vector code for a row of 32-weight blocks (generic IR but for the int8 products of `_i8_dot`)

@@ -7,6 +7,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
+def pytest_configure(config):
+    """pytest resets warning filters for each test: the engine's filter of numba's inliner warning, again."""
+    from engine.kernels import INLINER_WARNING
+    config.addinivalue_line("filterwarnings", f"ignore:{INLINER_WARNING}:numba.core.errors.NumbaIRAssumptionWarning")
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     return DATA
