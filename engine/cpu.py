@@ -257,15 +257,19 @@ class KernelModel:
                                                 self.threshold, down=L.down, nt=self.nt)
         run(xn, out, active)
 
+    def check_step(self, token: int, pos: int) -> None:
+        """A decode step's token and position, before anything is written (LayerOffload's device layers too)."""
+        if pos >= self.n_ctx:
+            raise ValueError(f"position {pos} is past the context of {self.n_ctx}")
+        if not 0 <= token < self.embd.shape[0]:
+            raise ValueError(f"token id {token} is outside the vocabulary of {self.embd.shape[0]}")
+
     def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
         """One token at position pos through layers first.. on the kernels; returns the logits buffer.
         first > 0: self.x holds the residual entering that layer (the layers before it ran elsewhere)."""
         c, x, xn, tmp = self.c, self.x, self.xn, self.tmp
-        if pos >= self.n_ctx:
-            raise ValueError(f"position {pos} is past the context of {self.n_ctx}")
+        self.check_step(token, pos)
         if first == 0:
-            if not 0 <= token < self.embd.shape[0]:
-                raise ValueError(f"token id {token} is outside the vocabulary of {self.embd.shape[0]}")
             if c.tied_embeddings:  # the prepared lm_head holds the embedding rows: the token's row by a kernel
                 _dequant_rows(self.lm_head.W, np.int64(token), self.x_row)
             else:

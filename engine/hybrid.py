@@ -321,6 +321,7 @@ class LayerOffload:
             tm.v_cache[..., span] = cpu_v[:k, ..., span].to(self.dev, self.dtype)
             self.synced = pos + len(tokens)
             return out
+        net.check_step(tokens[0], pos)  # on the device an index out of range would be an assert that ends the process
         self.synced = min(self.synced, pos)  # this step writes position pos on the device only
         self.x_in.numpy()[:] = net.embd.rows(np.array(tokens)).dequantize()
         self.pos_in[0] = pos
