@@ -64,10 +64,13 @@ class Completion:
 
 
 def set_threads(n: int | None) -> None:
-    """Threads of the numba kernels and of torch (now if imported, else through OMP_NUM_THREADS when it is)."""
+    """Threads of the numba kernels and of torch (now if imported, else through OMP_NUM_THREADS when it is), at
+    most numba's limit, the machine's cores (torch took `-t 100000` as given: one prefill-sized product ran 100x
+    slower)."""
     if n:
         import numba
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        n = min(n, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(n)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(n)
         else:

@@ -218,3 +218,19 @@ def test_kernel_perplexity_close_to_reference(smollm, reference, data_dir):
         tokens = smollm.tokenize(fh.read(), special=False, add_bos=False)
     res = smollm.perplexity(tokens, ctx=512, chunks=8)
     assert abs(res["ppl"] / reference["perplexity"]["ppl"] - 1) < 0.005, res
+
+
+def test_threads_beyond_the_cores_are_capped_for_torch_as_for_numba():
+    """-t 100000: numba refuses more threads than its limit (the cores); torch took them all and one
+    prefill-sized product ran 100x slower."""
+    import numba
+    from engine.api import set_threads
+    saved = (numba.get_num_threads(), torch.get_num_threads())
+    try:
+        set_threads(100000)
+        assert torch.get_num_threads() == numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        set_threads(1)
+        assert torch.get_num_threads() == numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
