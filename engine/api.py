@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import CACHE_TYPES, HotcoldError
+from .config import BACKENDS, CACHE_TYPES, HotcoldError
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ def set_threads(n: int | None) -> None:
             os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | float32 torch reference
 
 
 def load(model: str | None = None, n_ctx: int | None = None, threads: int | None = None,
@@ -101,6 +100,8 @@ class Model:
                  backend: str = "kernels", cache_type: str = "f16"):
         if cache_type not in CACHE_TYPES:
             raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
+        if backend not in BACKENDS:
+            raise HotcoldError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         trained = ckpt.config.n_ctx_train
         n_ctx = min(DEFAULT_CTX, trained) if n_ctx is None else n_ctx
         if n_ctx > trained:

@@ -58,10 +58,3 @@ class QTensor:
         if qtype == QT.BF16:
             return QTensor(qtype, a.shape, (a.view(np.uint32) >> 16).astype(np.uint16))
         return QTensor(qtype, a.shape, quants.quantize(a, qtype))
-
-
-def row_bytes(qtype: QT, cols: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    if cols % block:
-        raise ValueError(f"{cols} columns are not a multiple of the {qtype.name} block size {block}")
-    return cols // block * size

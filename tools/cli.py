@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from engine.config import CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
+from engine.config import BACKENDS, CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
@@ -68,7 +68,7 @@ class Parser(argparse.ArgumentParser):
 def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--backend", choices=("kernels", "torch"), default="kernels",
+    p.add_argument("--backend", choices=BACKENDS, default="kernels",
                    help="kernels: numba on the stored blocks (default); torch: float32 reference")
     p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                    help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
