@@ -77,8 +77,6 @@ def set_threads(n: int | None) -> None:
             os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-
-
 def load(model: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
          hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
