@@ -274,6 +274,10 @@ def test_bench_gpu_rows_run_with_a_cpu_device_standing_in(tmp_path, monkeypatch)
     assert [r["ffn_fraction"] for r in rows] == list(B.GPU_FRACTIONS)
     assert rows[0]["gpu_share"] == 0.0 and rows[-1]["gpu_share"] == 1.0 and rows[-1]["offload_layers"] == 3
     assert rows[0]["vram_bytes"] == 0 < rows[1]["vram_bytes"] < rows[-1]["vram_bytes"]
+    assert rows[0]["hot_layer_us"] is None and all(r["hot_layer_us"] > 0 for r in rows[1:])
+    text = B.format_hybrid({"model": "m", "threads": 2, "kv_cache": "f16", "decode_tokens": 4, "predictor_type": "F16",
+                            "dense_tok_s": 1.0, "given": None, "fixture": [], "gpu": rows})
+    assert "hot us/layer" in text
     assert all(r["decode_tok_s"] > 0 and r["offload_tok_s"] > 0 for r in rows)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import numpy as np
 import torch
@@ -132,15 +133,34 @@ def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int, qtype: str) ->
         hot = [np.asarray(h, np.int32) for h in split["gpu_neurons"]]
         model.set_predictors(bundle, hot, "cuda", qtype=qtype)
         st = decode_speed(model, ids, n)
-        vram = model.runtime.hot.nbytes() if model.runtime.hot else 0
+        hot = model.runtime.hot
+        vram = hot.nbytes() if hot else 0
         k, offload = offload_speed(model, vram, ids, n)
         rows.append({"ffn_fraction": f, "vram_bytes": vram, "decode_tok_s": st["decode_tok_s"],
-                     "gpu_share": st["gpu_share"], "offload_layers": k, "offload_tok_s": offload})
+                     "gpu_share": st["gpu_share"], "hot_layer_us": hot_layer_us(hot) if hot else None,
+                     "offload_layers": k, "offload_tok_s": offload})
     cpu = rows[0]["decode_tok_s"]
     for r in rows:
         r["vs_cpu_only"] = r["decode_tok_s"] / cpu
         r["vs_offload"] = r["decode_tok_s"] / r["offload_tok_s"]
     return rows
+
+
+def hot_layer_us(hot, rounds: int = 20) -> float:
+    """Microseconds a layer's hot part takes from launch to collect (input sent, FFN on the hot rows, result back):
+    what a decode step waits on per layer beside the CPU's cold part."""
+    xn, out = np.ones(hot.c.n_embd, np.float32), np.zeros(hot.c.n_embd, np.float32)
+
+    def all_layers():
+        for i in range(len(hot.ids)):
+            hot.launch(i, xn)
+            hot.collect(out)
+
+    all_layers()  # any layer not captured yet is captured here
+    t = time.perf_counter()
+    for _ in range(rounds):
+        all_layers()
+    return (time.perf_counter() - t) / (rounds * len(hot.ids)) * 1e6
 
 
 def offload_speed(model, vram: int, ids: list[int], n: int) -> tuple[int, float]:
@@ -198,12 +218,14 @@ def format_hybrid(r: dict) -> str:
     else:
         lines += ["", f"hybrid on CUDA, {max(FIXTURE_SPARSITY):.0%} fixture: hot neurons = the most active, by budget",
                   f"{'FFN on GPU':>11}{'VRAM MB':>9}{'tok/s':>8}{'GPU share':>10}{'vs CPU only':>12}"
-                  f"{'offload layers':>15}{'offload tok/s':>14}{'vs offload':>11}"]
+                  f"{'hot us/layer':>13}{'offload layers':>15}{'offload tok/s':>14}{'vs offload':>11}"]
         for x in r["gpu"]:
+            us = "-" if x["hot_layer_us"] is None else f"{x['hot_layer_us']:.0f}"
             lines.append(f"{x['ffn_fraction']:>11.0%}{x['vram_bytes'] / 1e6:>9.1f}{x['decode_tok_s']:>8.1f}"
-                         f"{x['gpu_share']:>10.1%}{x['vs_cpu_only']:>11.2f}x{x['offload_layers']:>15}"
+                         f"{x['gpu_share']:>10.1%}{x['vs_cpu_only']:>11.2f}x{us:>13}{x['offload_layers']:>15}"
                          f"{x['offload_tok_s']:>14.1f}{x['vs_offload']:>10.2f}x")
-        lines.append("offload: whole float16 layers on the GPU in the same VRAM (llama.cpp -ngl), dense")
+        lines += ["hot us/layer: one layer's hot part from launch to collect (x there, hot rows, y back)",
+                  "offload: whole float16 layers on the GPU in the same VRAM (llama.cpp -ngl), dense"]
     return "\n".join(lines)
 
 
