@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .model import ffn_activation, quantize_rows_q8
+from .config import blk
+from .model import TorchModel, apply_rope, ffn_activation, quantize_rows_q8, rms_norm
 from .qtensor import QTensor
 
 
@@ -97,18 +99,28 @@ def runtime_predictor(p, fc1: K.KMatrix, fc2t: K.KMatrix):
     return load_kernel_weights(copy.deepcopy(p), fc1, fc2t)
 
 
-def cuda_graph(run, dev: torch.device, pool=None) -> torch.cuda.CUDAGraph:
-    """`run()` (queued work on fixed buffers) captured as a CUDA graph. Its first run, on a side stream as torch
-    asks before a capture, also does this call's work."""
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
-        run()
-    return g
+class Graphed:
+    """`run()`, queued work on fixed buffers, on device `dev`: op by op on a CPU stand-in; on CUDA captured as a
+    CUDA graph at the first call (whose work the capture's warm-up run, on a side stream as torch asks, does),
+    then replayed on the current stream."""
+
+    def __init__(self, run, dev: torch.device, pool=None):
+        self.run, self.dev, self.pool, self.graph = run, dev, pool, None
+
+    def __call__(self) -> None:
+        if self.dev.type != "cuda":
+            self.run()
+            return
+        if self.graph is None:
+            side = torch.cuda.Stream(self.dev)
+            side.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(side):
+                self.run()
+            torch.cuda.current_stream(self.dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.run()
+        self.graph.replay()
 
 
 class HotPart:
@@ -135,8 +147,8 @@ class HotPart:
         self.y_host = torch.zeros(c.n_embd, pin_memory=pin)
         self.mask_host = [torch.zeros(len(ids), pin_memory=pin) for ids in self.ids]
         self.done = torch.cuda.Event() if pin else None
-        self.graphs = [None] * len(self.ids)  # CUDA: per layer, made at its first token
-        self.pool = torch.cuda.graph_pool_handle() if pin else None  # one memory pool for all of them
+        pool = torch.cuda.graph_pool_handle() if pin else None  # one memory pool for the layers' graphs
+        self.steps = [Graphed(functools.partial(self.ffn, i), self.dev, pool) for i in range(len(self.ids))]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in (self.gate, self.up, self.down) for t in ts
@@ -148,13 +160,9 @@ class HotPart:
         On CUDA it runs as one CUDA graph per layer, captured at the layer's first token: launched op by op its
         ~30 small kernels cost about 20 us each to launch (816 us a layer on an H200 host, 77 us replayed)."""
         self.x_host.numpy()[:] = xn
-        if self.done is None:  # a CPU stand-in: op by op
-            self.ffn(i)
-            return
-        if self.graphs[i] is None:
-            self.graphs[i] = cuda_graph(lambda: self.ffn(i), self.dev, self.pool)
-        self.graphs[i].replay()
-        self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to
+        self.steps[i]()
+        if self.done is not None:
+            self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to
 
     def ffn(self, i: int) -> None:
         """Layer i's hot FFN from the staging buffers, queued: x_host and mask_host[i] in, y_host out."""
@@ -281,8 +289,6 @@ class LayerOffload:
     decode step's device layers run as one CUDA graph, as llama.cpp's CUDA backend runs its layers."""
 
     def __init__(self, net, k: int, device: str):
-        from .config import blk
-        from .model import TorchModel
         self.net, self.k, self.dev = net, k, torch.device(device)
         self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
         mine = [n for n in net.mats if n.startswith("blk.") and int(n.split(".")[1]) < k]
@@ -301,8 +307,7 @@ class LayerOffload:
         self.x_out = torch.zeros(1, net.c.n_embd, pin_memory=pin)
         self.pos_in = torch.zeros(1, dtype=torch.int64, pin_memory=pin)
         self.span = torch.arange(net.n_ctx, device=self.dev)
-        self.done = torch.cuda.Event() if pin else None
-        self.graph = None  # CUDA: the decode step's layers, made at the first decoded token
+        self.device_layers = Graphed(self.layers, self.dev)  # on CUDA captured at the first decoded token
 
     def nbytes(self) -> int:
         return sum(w.numel() * w.element_size() for w in self.tm.w.values())
@@ -325,14 +330,9 @@ class LayerOffload:
         self.synced = min(self.synced, pos)  # this step writes position pos on the device only
         self.x_in.numpy()[:] = net.embd.rows(np.array(tokens)).dequantize()
         self.pos_in[0] = pos
-        if self.done is None:  # a CPU stand-in: op by op
-            self.layers()
-        else:
-            if self.graph is None:
-                self.graph = cuda_graph(self.layers, self.dev)
-            self.graph.replay()
-            self.done.record(torch.cuda.current_stream(self.dev))
-            self.done.synchronize()
+        self.device_layers()
+        if self.dev.type == "cuda":
+            torch.cuda.current_stream(self.dev).synchronize()  # x_out's copy back has landed
         net.x[:] = self.x_out.numpy()[0]
         return torch.from_numpy(net.step(tokens[0], pos, first=k).copy())
 
@@ -341,8 +341,6 @@ class LayerOffload:
         out. Shapes do not depend on the position (attention reads the whole cache, positions after pos masked),
         so that on CUDA the step is one graph: launched op by op, a layer's ~40 kernels took about 1.2 ms on the
         H200 host."""
-        from .config import blk
-        from .model import apply_rope, rms_norm
         tm, c, dt = self.tm, self.tm.c, self.dtype
         pos = self.pos_in.to(self.dev, non_blocking=True)  # (1,)
         seen = (self.span <= pos)[None]  # (1, n_ctx): keys at positions 0..pos

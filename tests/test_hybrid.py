@@ -310,7 +310,7 @@ def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
     assert float((a - b).norm() / a.norm()) < 0.1
     assert 0.3 < gpu.runtime.stats()["gpu_share"] < 0.7
     part = gpu.runtime.hot  # each layer's graph, replayed, gives what its ops give one by one
-    assert all(g is not None for g in part.graphs)
+    assert all(step.graph is not None for step in part.steps)
     rng = np.random.default_rng(1)
     xn = rng.standard_normal(cpu.config.n_embd).astype(np.float32)
     for i in range(cpu.config.n_layer):

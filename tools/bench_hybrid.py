@@ -133,11 +133,11 @@ def gpu_rows(model, bundle, gs, t: float, ids: list[int], n: int, qtype: str) ->
         hot = [np.asarray(h, np.int32) for h in split["gpu_neurons"]]
         model.set_predictors(bundle, hot, "cuda", qtype=qtype)
         st = decode_speed(model, ids, n)
-        hot = model.runtime.hot
-        vram = hot.nbytes() if hot else 0
+        part = model.runtime.hot  # the HotPart (None without hot neurons)
+        vram = part.nbytes() if part else 0
         k, offload = offload_speed(model, vram, ids, n)
         rows.append({"ffn_fraction": f, "vram_bytes": vram, "decode_tok_s": st["decode_tok_s"],
-                     "gpu_share": st["gpu_share"], "hot_layer_us": hot_layer_us(hot) if hot else None,
+                     "gpu_share": st["gpu_share"], "hot_layer_us": hot_layer_us(part) if part else None,
                      "offload_layers": k, "offload_tok_s": offload})
     cpu = rows[0]["decode_tok_s"]
     for r in rows:
