@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
 from .config import blk
-from .model import TorchModel, apply_rope, ffn_activation, quantize_rows_q8, rms_norm
+from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
 
@@ -123,6 +123,19 @@ class Graphed:
         self.graph.replay()
 
 
+@njit(nogil=True, cache=True)
+def stage_x(xn, X, x8, dst):
+    """dst = xn (n_embd,), rounded as the CPU kernels round it for block-quantized rows when x8 (8 bits per 32-block,
+    float32 scale); X is the scratch of `kernels._prep_x`."""
+    if not x8:
+        dst[:] = xn
+        return
+    K._prep_x(xn, X)
+    xq, xd = X[1], X[2]
+    for j in range(dst.size):
+        dst[j] = np.float32(xq[j]) * xd[j // K.BLOCK]
+
+
 class HotPart:
     """The hot neurons' gate, up and down rows on a torch device, and the FFN over them for one token."""
 
@@ -133,50 +146,51 @@ class HotPart:
         dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
         pin = self.dev.type == "cuda"
         self.ids = [np.asarray(h, np.int32) for h in hot]
-        self.gate, self.up, self.down = [], [], []  # per layer: (n_hot, n_embd) each (gate None: plain FFN)
-        for L, ids in zip(net.layers, self.ids):
+        self.gated = net.layers[0].gate is not None
+        self.gate_up, self.down = [], []  # per layer: (2 n_hot, n_embd) gate rows then up rows (plain FFN: up rows)
+        for L, ids in zip(net.layers, self.ids):  # and (n_hot, n_embd)
             def rows(m):
-                return torch.from_numpy(dequantize_rows(m, 0, m.rows)[ids]).to(self.dev, dtype)
-            self.gate.append(None if L.gate is None else rows(L.gate))
-            self.up.append(rows(L.up))
-            self.down.append(rows(L.down_t))
+                return torch.from_numpy(dequantize_rows(m, 0, m.rows)[ids])
+            gu = [rows(L.gate), rows(L.up)] if self.gated else [rows(L.up)]
+            self.gate_up.append(torch.cat(gu).to(self.dev, dtype))
+            self.down.append(rows(L.down_t).to(self.dev, dtype))
         self.dtype = dtype
-        # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too
-        self.x8 = net.layers[0].up.qtype.name.startswith("Q")
-        self.x_host = torch.zeros(c.n_embd, pin_memory=pin)  # staging buffers, allocated once
+        # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too, and so
+        # does `launch`, on the CPU, for the hot rows
+        up = net.layers[0].up
+        self.x8, self.X = up.qtype.name.startswith("Q"), up.X
+        # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back
+        self.in_host = [torch.zeros(c.n_embd + len(ids), pin_memory=pin) for ids in self.ids]
+        self.mask_host = [t[c.n_embd:] for t in self.in_host]  # (n_hot,) 1/0, written by `predict_split`
         self.y_host = torch.zeros(c.n_embd, pin_memory=pin)
-        self.mask_host = [torch.zeros(len(ids), pin_memory=pin) for ids in self.ids]
         self.done = torch.cuda.Event() if pin else None
         pool = torch.cuda.graph_pool_handle() if pin else None  # one memory pool for the layers' graphs
         self.steps = [Graphed(functools.partial(self.ffn, i), self.dev, pool) for i in range(len(self.ids))]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (self.gate, self.up, self.down) for t in ts
-                   if t is not None)
+        return sum(t.numel() * t.element_size() for ts in (self.gate_up, self.down) for t in ts)
 
     def launch(self, i: int, xn: np.ndarray) -> None:
         """Queue layer i's hot FFN for normed input xn, masked by self.mask_host[i]; result via `collect`.
 
         On CUDA it runs as one CUDA graph per layer, captured at the layer's first token: launched op by op its
-        ~30 small kernels cost about 20 us each to launch (816 us a layer on an H200 host, 77 us replayed)."""
-        self.x_host.numpy()[:] = xn
+        small kernels cost about 20 us each to launch (816 us a layer on an H200 host, 77 us replayed). The graph
+        is kept short (one copy in, one matrix product per projection, one copy out): a replayed node still
+        costs microseconds."""
+        stage_x(xn, self.X, self.x8, self.in_host[i].numpy()[:self.c.n_embd])
         self.steps[i]()
         if self.done is not None:
             self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to
 
     def ffn(self, i: int) -> None:
-        """Layer i's hot FFN from the staging buffers, queued: x_host and mask_host[i] in, y_host out."""
+        """Layer i's hot FFN from the staging buffers, queued: in_host[i] in, y_host out."""
         c = self.c
-        x = self.x_host.to(self.dev, non_blocking=True)[None]  # (1, n_embd)
-        if self.x8:
-            x = quantize_rows_q8(x, half_scale=False)
-        x = x.to(self.dtype)
-        mask = self.mask_host[i].to(self.dev, non_blocking=True).to(self.dtype)  # (n_hot,)
-        u = x @ self.up[i].T  # (1, n_hot)
-        g = None if self.gate[i] is None else x @ self.gate[i].T
-        h = (ffn_activation(u, None, c.act, c.act_threshold) if g is None
-             else ffn_activation(g, u, c.act, c.act_threshold)) * mask
-        self.y_host.copy_((h @ self.down[i])[0].float(), non_blocking=True)
+        xm = self.in_host[i].to(self.dev, non_blocking=True).to(self.dtype)  # (n_embd + n_hot,)
+        x, mask = xm[:c.n_embd], xm[c.n_embd:]
+        gu = self.gate_up[i] @ x  # (2 n_hot,) or (n_hot,)
+        g, u = gu.chunk(2) if self.gated else (gu, None)
+        h = ffn_activation(g, u, c.act, c.act_threshold) * mask  # (n_hot,)
+        self.y_host.copy_((h @ self.down[i]).float(), non_blocking=True)
 
     def collect(self, out: np.ndarray) -> None:
         """out += the launched layer's hot part (waits for the device)."""

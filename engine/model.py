@@ -36,14 +36,10 @@ def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) 
     return h if u is None else h * u
 
 
-def quantize_rows_q8(x: torch.Tensor, half_scale: bool = True) -> torch.Tensor:
-    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale.
-    half_scale False: a float32 scale, as the numba kernels keep it (engine/kernels.py `_prep_x`)."""
+def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale."""
     xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    if not half_scale:
-        q = torch.round(xb * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
-        return (q * (amax / 127)).flatten(-2)
     d = (amax / 127).half().float()
     q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
     return (q * d).flatten(-2)
