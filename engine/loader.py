@@ -108,6 +108,10 @@ def check_tensors(ckpt: Checkpoint) -> None:
             raise HotcoldError(f"{ckpt.path}: missing tensor {name}")
         if tuple(t.shape) != shape:
             raise HotcoldError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    for name, t in ckpt.tensors.items():  # llama.cpp checks only when asked (--check-tensors); here it is cheap
+        if not t.finite():
+            what = "block scales" if t.qtype.name.startswith("Q") else "values"
+            raise HotcoldError(f"{ckpt.path}: tensor {name} has NaN or infinite {what} (a corrupt file)")
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from gguf import quants
 
 # types kept in their stored form (others are dequantized to F32 at load, with a notice)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+# the 16-bit floats at the start of each block that scale its values: d (Q8_0, Q4_0), d and m (Q4_1)
+SCALES = {QT.Q8_0: 1, QT.Q4_0: 1, QT.Q4_1: 2}
 
 
 @dataclass
@@ -30,6 +32,20 @@ class QTensor:
     @property
     def block_size(self) -> int:
         return GGML_QUANT_SIZES[self.qtype][0]
+
+    def finite(self, chunk: int = 1 << 22) -> bool:
+        """No NaN or infinity among the values (block types: among the block scales, from which every value comes),
+        read `chunk` floats at a time."""
+        if self.qtype == QT.F32:
+            flat = self.data.reshape(-1)
+            return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
+        if self.qtype in SCALES:  # (blocks, n scales) float16 bits
+            bits = self.data.reshape(-1, GGML_QUANT_SIZES[self.qtype][1])[:, :2 * SCALES[self.qtype]].view(np.uint16)
+        else:  # F16, BF16
+            bits = self.data.reshape(-1).view(np.uint16)[:, None]
+        top = np.uint16(0x7F80 if self.qtype == QT.BF16 else 0x7C00)  # exponent all ones: infinity or NaN
+        step = max(1, chunk // bits.shape[1])
+        return not any(((bits[i:i + step] & top) == top).any() for i in range(0, len(bits), step))
 
     def dequantize(self) -> np.ndarray:
         """float32 array of `shape`."""

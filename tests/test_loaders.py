@@ -187,6 +187,39 @@ def test_misaligned_tensor_offset_is_refused(tmp_path, capsys):
                     f"tensor {t.name} ", "offset 4", "alignment 32")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf's quantize on NaN and infinity
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+def test_non_finite_weights_are_found(qtype):
+    """QTensor.finite: a NaN or infinity anywhere (for block types it makes the block's scale one) is found, also
+    when the chunks read at a time split the tensor."""
+    from engine.qtensor import QTensor
+    rng = np.random.default_rng(0)
+    assert QTensor.from_float(rng.standard_normal((6, 64)), qtype).finite(chunk=5)
+    for pos in ((0, 0), (2, 63), (5, 40)):
+        for bad in (np.nan, np.inf, -np.inf):
+            a = rng.standard_normal((6, 64)).astype(np.float32)
+            a[pos] = bad
+            t = QTensor.from_float(a, qtype)
+            assert not t.finite() and not t.finite(chunk=7) and not t.finite(chunk=1), (pos, bad)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_weights_are_refused(tmp_path, capsys):
+    """A weight of NaN or infinity (perplexity was nan, exit code 0): one line naming the file and the tensor."""
+    c = tiny_config()
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 20)
+    for qtype, name, bad in ((QT.F32, "blk.1.ffn_up.weight", np.nan), (QT.F16, "blk.0.attn_k.weight", np.inf),
+                             (QT.Q8_0, "blk.1.ffn_down.weight", np.nan), (QT.Q4_1, "output.weight", -np.inf),
+                             (QT.F32, "output_norm.weight", np.nan)):
+        w = tiny_weights(c)
+        w[name].reshape(-1)[7] = bad
+        path = write_gguf(str(tmp_path / f"bad-{qtype.name}.gguf"), c, w, qtype)
+        words = "block scales" if qtype.name.startswith("Q") and w[name].ndim == 2 else "values"
+        assert_one_line(*run_cli(capsys, "perplexity", "-m", path, "-f", str(text)), f"bad-{qtype.name}.gguf",
+                        f"tensor {name} has NaN or infinite {words}")
+
+
 def test_bad_hf_config_is_refused(tmp_path, capsys):
     """config.json of the wrong shape or with values of the wrong type: one line naming config.json and the key."""
     import json
