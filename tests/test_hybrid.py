@@ -231,6 +231,22 @@ def test_cli_generate_reports_stats(tmp_path):
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys):
+    """bench --hybrid -m MODEL --predictors BUNDLE (a ReLU model: no FATReLU fixture): the bundle's row beside the
+    dense decode, with audited recall; the text report shows it."""
+    from tools.bench_hybrid import format_hybrid
+    from tools.cli import main
+    path = tiny_path(tmp_path)
+    gate_bundle(load(path, n_ctx=64), threshold=0.02).save(str(tmp_path / "bundle"))
+    assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "-n", "4",
+                 "--prompt-tokens", "8", "-t", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    g = res["given"]
+    assert res["fixture"] == [] and res["gpu"] is None and res["rounds"] == 3 and res["dense_tok_s"] > 0
+    assert g["decode_tok_s"] > 0 and 0.3 < g["predicted_sparsity"] < 1 and 0 < g["recall"] < 1
+    assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
+
+
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:
     """Logits of: 20 tokens prefilled, 19 decoded one at a time, a batched forward over the decoded keys, another
     text decoded from position 0 over the old one's cache entries, and a batch after it."""
@@ -270,15 +286,40 @@ def test_bench_gpu_rows_run_with_a_cpu_device_standing_in(tmp_path, monkeypatch)
     sample = chunk_of(base, 96)
     _, gs = B.gate_samples(base, sample)
     fx, bundle = B.fatrelu_fixture(base.ckpt, sample, 0.7, gs)
-    rows = B.gpu_rows(Model(fx, 64), bundle, gs, fx.config.act_threshold, sample[:8], 4, None)
+    model = Model(fx, 64)
+    setups = B.gpu_setups(model, bundle, gs, fx.config.act_threshold, None)
+    rows = B.gpu_rows(setups, B.best_speeds(setups, sample[:8], 4, rounds=2))
+    assert model.runtime is None and model.net is setups["hybrid", 0.0].net  # left dense, on its own kernels
     assert [r["ffn_fraction"] for r in rows] == list(B.GPU_FRACTIONS)
     assert rows[0]["gpu_share"] == 0.0 and rows[-1]["gpu_share"] == 1.0 and rows[-1]["offload_layers"] == 3
     assert rows[0]["vram_bytes"] == 0 < rows[1]["vram_bytes"] < rows[-1]["vram_bytes"]
     assert rows[0]["hot_layer_us"] is None and all(r["hot_layer_us"] > 0 for r in rows[1:])
     text = B.format_hybrid({"model": "m", "threads": 2, "kv_cache": "f16", "decode_tokens": 4, "predictor_type": "F16",
+                            "rounds": 2,
                             "dense_tok_s": 1.0, "given": None, "fixture": [], "gpu": rows})
     assert "hot us/layer" in text
     assert all(r["decode_tok_s"] > 0 and r["offload_tok_s"] > 0 for r in rows)
+
+
+def test_bench_speeds_are_the_best_of_runs_taken_in_turns(tmp_path, monkeypatch):
+    """bench --hybrid times its configurations in turns and keeps each one's fastest run, also across groups that
+    share one (the dense model as given); each run decodes in its own configuration, and the model is left dense."""
+    import tools.bench as bench
+    import tools.bench_hybrid as B
+    model = load(tiny_path(tmp_path), n_ctx=64)
+    rt = B.Setup.predictors(model, gate_bundle(model))
+    assert model.runtime is None
+    runs = {"dense": B.Setup(model), "pred": B.Setup(model, runtime=rt)}
+    seen, speeds = [], iter([5.0, 1.0, 7.0, 3.0, 6.0, 2.0, 4.0, 9.0])
+
+    def fake(m, ids, n):
+        seen.append(m.runtime is rt and m.net.runtime is rt)
+        return {"decode_tok_s": next(speeds)}
+    monkeypatch.setattr(bench, "decode_speed", fake)
+    best = B.best_speeds(runs, [1, 2], 4, rounds=3)
+    assert seen == [False, True] * 3 and best["dense"]["decode_tok_s"] == 7.0 and best["pred"]["decode_tok_s"] == 3.0
+    B.best_speeds({"dense": runs["dense"]}, [1, 2], 4, best, rounds=2)  # 4.0 then 9.0
+    assert best["dense"]["decode_tok_s"] == 9.0 and model.runtime is None and model.net.runtime is None
 
 
 def test_rms_norm_of_float16_residuals():
