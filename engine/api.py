@@ -77,16 +77,17 @@ def set_threads(n: int | None) -> None:
             os.environ["OMP_NUM_THREADS"] = str(n)
 
 
-def load(model: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
          hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
-    """n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
+    """model: a GGUF file, a model directory, the default's name or None, or a Checkpoint already loaded from one.
+    n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
     that is refused: RoPE past it is not what the model learned, and a batched forward's memory grows with its
     square); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
     hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
     backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
     set_threads(threads)
-    m = Model(load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
+    m = Model(model if isinstance(model, Checkpoint) else load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
     if predictors is not None:
         m.set_predictors(predictors, hot, hot_device, audit)

@@ -123,10 +123,10 @@ class Graphed:
         self.graph.replay()
 
 
-@njit(nogil=True, cache=True)
+@njit(**K._SERIAL)  # the kernels' flags: _prep_x's scale then rounds as theirs does, to the bit
 def stage_x(xn, X, x8, dst):
     """dst = xn (n_embd,), rounded as the CPU kernels round it for block-quantized rows when x8 (8 bits per 32-block,
-    float32 scale); X is the scratch of `kernels._prep_x`."""
+    float32 scale); X: scratch shaped as a KMatrix's X, for `kernels._prep_x`."""
     if not x8:
         dst[:] = xn
         return
@@ -147,8 +147,9 @@ class HotPart:
         pin = self.dev.type == "cuda"
         self.ids = [np.asarray(h, np.int32) for h in hot]
         self.gated = net.layers[0].gate is not None
-        self.gate_up, self.down = [], []  # per layer: (2 n_hot, n_embd) gate rows then up rows (plain FFN: up rows)
-        for L, ids in zip(net.layers, self.ids):  # and (n_hot, n_embd)
+        # per layer: gate_up (2 n_hot, n_embd), gate rows then up rows (plain FFN: up rows only); down (n_hot, n_embd)
+        self.gate_up, self.down = [], []
+        for L, ids in zip(net.layers, self.ids):
             def rows(m):
                 return torch.from_numpy(dequantize_rows(m, 0, m.rows)[ids])
             gu = [rows(L.gate), rows(L.up)] if self.gated else [rows(L.up)]
@@ -156,9 +157,9 @@ class HotPart:
             self.down.append(rows(L.down_t).to(self.dev, dtype))
         self.dtype = dtype
         # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too, and so
-        # does `launch`, on the CPU, for the hot rows
-        up = net.layers[0].up
-        self.x8, self.X = up.qtype.name.startswith("Q"), up.X
+        # does `launch`, on the CPU, for the hot rows (per layer: a converted file can mix types)
+        self.x8 = [L.up.qtype in K.BLOCK_TYPES for L in net.layers]
+        self.X = tuple(np.zeros_like(a) for a in net.layers[0].up.X)  # its own scratch (kernels own theirs)
         # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back
         self.in_host = [torch.zeros(c.n_embd + len(ids), pin_memory=pin) for ids in self.ids]
         self.mask_host = [t[c.n_embd:] for t in self.in_host]  # (n_hot,) 1/0, written by `predict_split`
@@ -174,10 +175,11 @@ class HotPart:
         """Queue layer i's hot FFN for normed input xn, masked by self.mask_host[i]; result via `collect`.
 
         On CUDA it runs as one CUDA graph per layer, captured at the layer's first token: launched op by op its
-        small kernels cost about 20 us each to launch (816 us a layer on an H200 host, 77 us replayed). The graph
-        is kept short (one copy in, one matrix product per projection, one copy out): a replayed node still
-        costs microseconds."""
-        stage_x(xn, self.X, self.x8, self.in_host[i].numpy()[:self.c.n_embd])
+        small kernels cost about 20 us each to launch (816 us a layer on an H200 host). The graph is kept short (one
+        copy in, gate and up in one matrix product, the activation, the mask, down, one copy out): a replayed node
+        still costs microseconds (80 us a layer's round trip with x rounded and the mask sent on the device, 45 us
+        so)."""
+        stage_x(xn, self.X, self.x8[i], self.in_host[i].numpy()[:self.c.n_embd])
         self.steps[i]()
         if self.done is not None:
             self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to

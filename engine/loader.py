@@ -83,16 +83,18 @@ def resolve(model: str | None) -> str:
     return model
 
 
-def load_checkpoint(model: str | None) -> Checkpoint:
+def load_checkpoint(model: str | None, values: bool = True) -> Checkpoint:
+    """values False: skip the scan for NaN and infinity (it reads every tensor) where only the metadata, tokenizer or
+    shapes are used."""
     path = resolve(model)
     ckpt = load_hf(path) if os.path.isdir(path) else load_gguf(path)
-    check_tensors(ckpt)
+    check_tensors(ckpt, values)
     ckpt.predictors = embedded_predictors(ckpt)
     ckpt.gpuidx = gpuidx_beside(path)
     return ckpt
 
 
-def check_tensors(ckpt: Checkpoint) -> None:
+def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
     n = ckpt.config.n_layer
     for name in ckpt.tensors:  # a layer past the block count would go unused: llama.cpp refuses the file too
         i = name.split(".")[1] if name.startswith("blk.") else ""
@@ -108,7 +110,7 @@ def check_tensors(ckpt: Checkpoint) -> None:
             raise HotcoldError(f"{ckpt.path}: missing tensor {name}")
         if tuple(t.shape) != shape:
             raise HotcoldError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-    for name, t in ckpt.tensors.items():  # llama.cpp checks only when asked (--check-tensors); here it is cheap
+    for name, t in ckpt.tensors.items() if values else ():  # llama.cpp checks only when asked (--check-tensors)
         if not t.finite():
             what = "block scales" if t.qtype.name.startswith("Q") else "values"
             raise HotcoldError(f"{ckpt.path}: tensor {name} has NaN or infinite {what} (a corrupt file)")

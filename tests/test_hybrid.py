@@ -76,6 +76,34 @@ def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
     return worst
 
 
+def test_stage_x_rounds_as_the_kernels_do():
+    """The hot part's x, rounded on the CPU (stage_x), is the kernels' own 8-bit x to the bit: the values their
+    x scratch holds after a matvec on a block-quantized matrix (q times the block's scale); unrounded for F16."""
+    from engine import kernels as K
+    from engine.hybrid import stage_x
+    from engine.qtensor import QTensor
+    rng = np.random.default_rng(3)
+    w = K.prepare(QTensor.from_float(rng.standard_normal((8, 576)), QT.Q8_0))
+    X = tuple(np.zeros_like(a) for a in w.X)
+    for scale in (1e-3, 1.0, 300.0):
+        x = (rng.standard_normal(576) * scale).astype(np.float32)
+        K.matvec(w, x, np.zeros(8, np.float32))
+        _, xq, xd, _ = w.X
+        got = np.zeros(576, np.float32)
+        stage_x(x, X, True, got)
+        assert np.array_equal(got, xq.astype(np.float32) * np.repeat(xd, 32)) and not np.array_equal(got, x)
+        stage_x(x, X, False, got)
+        assert np.array_equal(got, x)
+
+
+def test_hot_part_of_a_plain_ffn(tmp_path):
+    """A FFN without a gate (h = act(up x)): the hot part's one matrix product is the up rows alone."""
+    c = tiny_config("relu", n_layer=2, ffn_gated=False)
+    model = load(write_gguf(str(tmp_path / "plain.gguf"), c, tiny_weights(c, seed=5), QT.Q8_0), n_ctx=64)
+    hot = [np.arange(1, c.n_ff, 3, dtype=np.int32)] * c.n_layer
+    assert model.net.layers[0].gate is None and hot_part_error(model, hot, "cpu") < 1e-5
+
+
 def test_hot_part_on_a_second_device_matches_all_cpu(tmp_path):
     path = tiny_path(tmp_path)
     cpu, hybrid = load(path, n_ctx=64), load(path, n_ctx=64)
@@ -287,16 +315,20 @@ def test_bench_gpu_rows_run_with_a_cpu_device_standing_in(tmp_path, monkeypatch)
     _, gs = B.gate_samples(base, sample)
     fx, bundle = B.fatrelu_fixture(base.ckpt, sample, 0.7, gs)
     model = Model(fx, 64)
-    setups = B.gpu_setups(model, bundle, gs, fx.config.act_threshold, None)
-    rows = B.gpu_rows(setups, B.best_speeds(setups, sample[:8], 4, rounds=2))
-    assert model.runtime is None and model.net is setups["hybrid", 0.0].net  # left dense, on its own kernels
+    net = model.net
+    cpu_only = B.Setup(model, runtime=B.Setup.predictors(model, bundle))
+    runs = {(0.7, "dense"): B.Setup(model), (0.7, "predictors"): cpu_only}
+    speed = B.best_speeds(runs, sample[:8], 4, rounds=1)
+    rows = B.gpu_rows(runs, 0.7, bundle, gs, None, sample[:8], 4, speed)
+    assert model.runtime is None and model.net is net  # left dense, on its own kernels
+    assert ("hybrid", 0.5) in speed and ("offload", 0.5) in speed and ("hybrid", 0.0) not in speed
+    assert rows[0]["decode_tok_s"] == speed[0.7, "predictors"]["decode_tok_s"]  # CPU only: its best over all turns
     assert [r["ffn_fraction"] for r in rows] == list(B.GPU_FRACTIONS)
     assert rows[0]["gpu_share"] == 0.0 and rows[-1]["gpu_share"] == 1.0 and rows[-1]["offload_layers"] == 3
     assert rows[0]["vram_bytes"] == 0 < rows[1]["vram_bytes"] < rows[-1]["vram_bytes"]
     assert rows[0]["hot_layer_us"] is None and all(r["hot_layer_us"] > 0 for r in rows[1:])
     text = B.format_hybrid({"model": "m", "threads": 2, "kv_cache": "f16", "decode_tokens": 4, "predictor_type": "F16",
-                            "rounds": 2,
-                            "dense_tok_s": 1.0, "given": None, "fixture": [], "gpu": rows})
+                            "rounds": 1, "dense_tok_s": 1.0, "given": None, "fixture": [], "gpu": rows})
     assert "hot us/layer" in text
     assert all(r["decode_tok_s"] > 0 and r["offload_tok_s"] > 0 for r in rows)
 
@@ -306,6 +338,7 @@ def test_bench_speeds_are_the_best_of_runs_taken_in_turns(tmp_path, monkeypatch)
     share one (the dense model as given); each run decodes in its own configuration, and the model is left dense."""
     import tools.bench as bench
     import tools.bench_hybrid as B
+    from engine.sparsity import batched_net
     model = load(tiny_path(tmp_path), n_ctx=64)
     rt = B.Setup.predictors(model, gate_bundle(model))
     assert model.runtime is None
@@ -320,6 +353,9 @@ def test_bench_speeds_are_the_best_of_runs_taken_in_turns(tmp_path, monkeypatch)
     assert seen == [False, True] * 3 and best["dense"]["decode_tok_s"] == 7.0 and best["pred"]["decode_tok_s"] == 3.0
     B.best_speeds({"dense": runs["dense"]}, [1, 2], 4, best, rounds=2)  # 4.0 then 9.0
     assert best["dense"]["decode_tok_s"] == 9.0 and model.runtime is None and model.net.runtime is None
+    monkeypatch.undo()
+    assert 0 < B.audited(model, gate_bundle(model), [1, 2, 3], None)["recall"] <= 1
+    assert model.runtime is None and batched_net(model.net).predict is None  # an audit leaves the model dense too
 
 
 def test_rms_norm_of_float16_residuals():

@@ -218,6 +218,7 @@ def test_non_finite_weights_are_refused(tmp_path, capsys):
         words = "block scales" if qtype.name.startswith("Q") and w[name].ndim == 2 else "values"
         assert_one_line(*run_cli(capsys, "perplexity", "-m", path, "-f", str(text)), f"bad-{qtype.name}.gguf",
                         f"tensor {name} has NaN or infinite {words}")
+    assert run_cli(capsys, "tokenize", "-m", path, "hi")[0] == 0  # the tokenizer alone: no scan of the weights
 
 
 def test_bad_hf_config_is_refused(tmp_path, capsys):

@@ -9,7 +9,9 @@
    and to the layer-offload baseline (whole dense layers on the GPU in the same VRAM, as llama.cpp's -ngl).
    Without CUDA those rows are skipped and the output says so.
 
-Each speed is the best of ROUNDS runs, taken in turns with the configurations it is compared with.
+Each speed is the best of ROUNDS runs, taken in turns with the configurations it is compared with. The dense model
+as given, and CPU only in the GPU table, are compared with every row, take part in every group, and keep their best
+over all of them (a best of more runs: if anything, a bias against the other rows).
 """
 from __future__ import annotations
 
@@ -82,29 +84,31 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
 
 
 def audited(model, bundle, ids: list[int], qtype: str) -> dict:
-    """Runtime statistics with the true active sets, over AUDIT_TOKENS decoded tokens."""
+    """Runtime statistics with the true active sets, over AUDIT_TOKENS decoded tokens; the model is left dense."""
     model.set_predictors(bundle, audit=True, qtype=qtype)
-    return model.generate(ids, AUDIT_TOKENS, ignore_stop=True).stats
+    try:
+        return model.generate(ids, AUDIT_TOKENS, ignore_stop=True).stats
+    finally:
+        Setup(model).apply()
 
 
 def run_hybrid(args) -> dict:
     from engine.api import Model
-    from engine.config import HotcoldError
+    from engine.loader import load_checkpoint
     from tools.bench import prompt_ids
     from tools.cli import load_model
     n_ctx = args.prompt_tokens + args.n + 16
-    plain = argparse_copy(args, predictors=None, predictor_type=None)
-    try:  # room for the fixture's samples too
-        base = load_model(plain, n_ctx=max(n_ctx, SAMPLE_TOKENS + 8))
-    except HotcoldError:  # a model trained on a shorter context (or a refusal that repeats itself below)
-        base = load_model(plain, n_ctx=n_ctx)
+    ckpt = load_checkpoint(args.model)
+    room = max(n_ctx, min(SAMPLE_TOKENS + 8, ckpt.config.n_ctx_train))  # for the fixture's samples too
+    base = load_model(argparse_copy(args, model=ckpt, predictors=None, predictor_type=None), n_ctx=room)
+    Setup(base).apply()  # dense, also when the file carries predictors
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
     res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": base.cache_type,
            "predictor_type": qt or "F16", "decode_tokens": args.n, "rounds": ROUNDS, "dense_tok_s": None,
            "fixture": [], "given": None, "gpu": None}
     # every speed is timed in turns with the configurations it is compared with (best_speeds); the dense model as
-    # given takes part in each group, and keeps its best
+    # given takes part in each group and keeps its best over all of them
     dense, speed = {"dense": Setup(base)}, {}
     if args.predictors is not None:
         from tools.split import hot_neurons
@@ -121,20 +125,16 @@ def run_hybrid(args) -> dict:
             model = Model(fx, n_ctx, cache_type=res["kv_cache"])
             runs = {**dense, (s, "dense"): Setup(model),
                     (s, "predictors"): Setup(model, runtime=Setup.predictors(model, bundle, qtype=qt))}
-            gpu = None
-            if torch.cuda.is_available() and s == max(FIXTURE_SPARSITY):
-                gpu = gpu_setups(model, bundle, gs, fx.config.act_threshold, qt)
-                runs.update(gpu)
             best_speeds(runs, ids, args.n, speed)
+            if torch.cuda.is_available() and s == max(FIXTURE_SPARSITY):
+                res["gpu"] = gpu_rows(runs, s, bundle, gs, qt, ids, args.n, speed)
             pred = speed[s, "predictors"]
             res["fixture"].append({"target_sparsity": s, "threshold": fx.config.act_threshold,
                                    "dense_tok_s": speed[s, "dense"]["decode_tok_s"],
                                    "predictor_tok_s": pred["decode_tok_s"],
                                    "predicted_sparsity": pred["predicted_sparsity"],
                                    **audit_keys(audited(model, bundle, ids, qt))})
-            if gpu is not None:
-                res["gpu"] = gpu_rows(gpu, speed)
-            del model, runs, gpu
+            del model, runs
     if "dense" not in speed:  # nothing to compare with
         best_speeds(dense, ids, args.n, speed)
     res["dense_tok_s"] = speed["dense"]["decode_tok_s"]
@@ -170,55 +170,61 @@ class Setup:
             m.net = self.device_net
 
 
-def best_speeds(runs: dict, ids: list[int], n: int, best: dict | None = None, rounds: int = 0) -> dict:
+def best_speeds(runs: dict, ids: list[int], n: int, best: dict | None = None, rounds: int | None = None) -> dict:
     """best (updated, or a new dict): key -> the decode stats of the fastest run of each Setup in runs, over its runs
     in best before and `rounds` (default ROUNDS) more here, the setups taking turns, so that a slow spell of a
-    shared host does not land on one row (as `bench --compare`)."""
+    shared host does not land on one row (as `bench --compare`). The models are left dense."""
     from tools.bench import decode_speed
     best = {} if best is None else best
-    for _ in range(rounds or ROUNDS):
-        for key, setup in runs.items():
-            setup.apply()
-            st = decode_speed(setup.model, ids, n)
-            if key not in best or st["decode_tok_s"] > best[key]["decode_tok_s"]:
-                best[key] = st
-    for setup in runs.values():  # the models left as they were built: dense, on their own kernels
-        setup.apply(dense=True)
+    try:
+        for _ in range(ROUNDS if rounds is None else rounds):
+            for key, setup in runs.items():
+                setup.apply()
+                st = decode_speed(setup.model, ids, n)
+                if key not in best or st["decode_tok_s"] > best[key]["decode_tok_s"]:
+                    best[key] = st
+    finally:
+        for setup in runs.values():
+            setup.apply(dense=True)
     return best
 
 
-def gpu_setups(model, bundle, gs, t: float, qtype: str | None) -> dict:
-    """Per GPU_FRACTIONS share f: ("hybrid", f), the hot neurons (the most frequently active on the samples) on CUDA,
-    and ("offload", f), as many whole dense float16 layers on CUDA as fit in the same VRAM."""
+def gpu_rows(runs: dict, s: float, bundle, gs, qtype: str | None, ids: list[int], n: int, speed: dict) -> list[dict]:
+    """The GPU table for the fixture at sparsity s, whose (s, "dense") and (s, "predictors") Setups in runs are timed
+    in speed already. Per GPU_FRACTIONS share f of the FFN: the hot neurons (the most frequently active on the samples)
+    on CUDA, and as many whole dense float16 layers on CUDA as fit in the same VRAM (layer offload), timed in turns with
+    CPU only (the predictors, no GPU). One share's VRAM at a time: each share's parts are freed before the next's."""
+    import gc
     from engine.hybrid import LayerOffload
     from tools.split import plan
+    cpu, dense = runs[s, "predictors"], runs[s, "dense"]
+    model = cpu.model
+    t = model.config.act_threshold
     counts = [(g > t).sum(0).numpy() for g in gs]  # (n_ff,) per layer
-    net = model.net
-    per_layer = 2 * sum(m.rows * m.cols for name, m in net.mats.items() if name.startswith("blk.0."))
-    out = {}
-    for f in GPU_FRACTIONS:
+    per_layer = 2 * sum(m.rows * m.cols for name, m in cpu.net.mats.items() if name.startswith("blk.0."))
+    rows = []
+    for f in [f for f in GPU_FRACTIONS if f > 0]:
         hot = [np.asarray(h, np.int32) for h in plan(model.config, counts, hot_fraction=f)["gpu_neurons"]]
         rt = Setup.predictors(model, bundle, hot, "cuda", qtype)
         vram = rt.hot.nbytes() if rt.hot else 0
         k = int(min(model.config.n_layer, vram // per_layer))
-        out["hybrid", f] = Setup(model, runtime=rt)
-        out["offload", f] = Setup(model, device_net=LayerOffload(net, k, "cuda") if k else None)
-    return out
-
-
-def gpu_rows(setups: dict, speed: dict) -> list[dict]:
-    """bench --hybrid's GPU table from gpu_setups' configurations and their timings (best_speeds)."""
-    rows = []
-    for f in GPU_FRACTIONS:
-        st, part = speed["hybrid", f], setups["hybrid", f].runtime.hot  # the HotPart (None without hot neurons)
-        off = setups["offload", f].device_net
-        rows.append({"ffn_fraction": f, "vram_bytes": part.nbytes() if part else 0,
-                     "decode_tok_s": st["decode_tok_s"], "gpu_share": st["gpu_share"],
-                     "hot_layer_us": hot_layer_us(part) if part else None,
-                     "offload_layers": off.k if off else 0, "offload_tok_s": speed["offload", f]["decode_tok_s"]})
-    cpu = rows[0]["decode_tok_s"]
+        off = Setup(model, device_net=LayerOffload(cpu.net, k, "cuda")) if k else dense
+        best_speeds({(s, "predictors"): cpu, ("hybrid", f): Setup(model, runtime=rt), ("offload", f): off},
+                    ids, n, speed)
+        rows.append({"ffn_fraction": f, "vram_bytes": vram, "decode_tok_s": speed["hybrid", f]["decode_tok_s"],
+                     "gpu_share": speed["hybrid", f]["gpu_share"],
+                     "hot_layer_us": hot_layer_us(rt.hot) if rt.hot else None,
+                     "offload_layers": k, "offload_tok_s": speed["offload", f]["decode_tok_s"]})
+        del rt, off
+        gc.collect()  # the hot part's and the offloaded layers' device memory (graphs and views hold cycles)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    cpu_only = speed[s, "predictors"]  # the best over all the turns above
+    rows.insert(0, {"ffn_fraction": 0.0, "vram_bytes": 0, "decode_tok_s": cpu_only["decode_tok_s"],
+                    "gpu_share": 0.0, "hot_layer_us": None, "offload_layers": 0,
+                    "offload_tok_s": speed[s, "dense"]["decode_tok_s"]})
     for r in rows:
-        r["vs_cpu_only"] = r["decode_tok_s"] / cpu
+        r["vs_cpu_only"] = r["decode_tok_s"] / cpu_only["decode_tok_s"]
         r["vs_offload"] = r["decode_tok_s"] / r["offload_tok_s"]
     return rows
 

@@ -180,7 +180,7 @@ def format_runtime_stats(s: dict) -> str:
 
 def cmd_tokenize(args) -> None:
     from engine.loader import load_checkpoint
-    tok = load_checkpoint(args.model).tokenizer
+    tok = load_checkpoint(args.model, values=False).tokenizer
     ids = tok.encode(args.text, special=not args.no_special, add_bos=args.bos)
     if args.json:
         emit_json({"token_ids": ids, "pieces": [tok.tk.id_to_token(i) for i in ids]})

@@ -252,7 +252,7 @@ def cmd_split(args) -> None:
     from engine.loader import load_checkpoint
     from tools.profile import load_counts
     manifest, counts = load_counts(args.profile)
-    ckpt = load_checkpoint(args.model or manifest.get("model"))
+    ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
     fp = fingerprint(ckpt.config, ckpt.tensors)
     check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
     budget = parse_size(args.gpu_budget) if args.gpu_budget is not None else None
