@@ -273,6 +273,13 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys):
     assert res["fixture"] == [] and res["gpu"] is None and res["rounds"] == 3 and res["dense_tok_s"] > 0
     assert g["decode_tok_s"] > 0 and 0.3 < g["predicted_sparsity"] < 1 and 0 < g["recall"] < 1
     assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
+    assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall"]) == 2
+    assert "--audit-recall: bench --hybrid chooses its own" in capsys.readouterr().err
+    # plain bench with predictors: their statistics beside the speed, and the first token timed with them too
+    assert main(["bench", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall", "-n", "4",
+                 "--prompt-tokens", "8", "-t", "1", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["predictors"]
+    assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
 
 
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:

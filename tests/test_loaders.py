@@ -260,6 +260,12 @@ def test_argument_errors_are_one_line(capsys):
     for argv, words in ((["tokenize", "hi", "--bogus"], "unrecognized arguments: --bogus"),
                         (["generate", "-p", "hi", "--top-p", "2"], "argument --top-p: must be in (0, 1]"),
                         (["bench", "--sparsity-levels", "nan"], "argument --sparsity-levels"),
+                        (["split", "--profile", "p", "-o", "s", "--hot-fraction", "1.5"],
+                         "argument --hot-fraction: must be in [0, 1]"),
+                        (["calibrate", "-f", "x", "-o", "s", "--target-sparsity", "0.99"],
+                         "argument --target-sparsity: must be in [0, 0.95]"),
+                        (["calibrate", "-f", "x", "-o", "s", "--ppl-increase", "nan"],
+                         "argument --ppl-increase: must be a number > 0"),
                         (["nosuch"], "invalid choice: 'nosuch'")):
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -157,8 +157,14 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
     assert rc == 2 and "no such" in err
-    for opt, why in ((["--recall", "nan"], "--recall nan"), (["--recall", "0"], "--recall 0.0"),
-                     (["--rank", "5000"], "--rank 5000"), (["--device", "gpu0"], "--device 'gpu0'")):
+    for opt, why in ((["--recall", "nan"], "argument --recall: must be in (0, 1], got nan"),
+                     (["--recall", "0"], "argument --recall: must be in (0, 1], got 0"),
+                     (["--rank", "1"], "argument --rank: expected auto or a number >= 2")):  # the parser's refusals
+        with pytest.raises(SystemExit) as e:
+            main(["train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and why in err and len(err.strip().splitlines()) == 1, err
+    for opt, why in ((["--rank", "5000"], "--rank 5000"), (["--device", "gpu0"], "--device 'gpu0'")):
         rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt)
         assert rc == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(s["dir"] / "b4")  # refused before anything is written

@@ -172,6 +172,10 @@ def time_to_first_token(args) -> float:
     imports, loading, prefill and the first token."""
     cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c", "64"]
     cmd += (["-m", args.model] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
+    for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
+                "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
+        if getattr(args, key, None) is not None:
+            cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     t = time.perf_counter()
     subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
@@ -197,6 +201,9 @@ def run_bench(args) -> dict:
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
            "model_rss_bytes": model_rss, "ttft_s": time_to_first_token(args),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
+    if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
+        res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share", "recall", "precision",
+                                                   "actual_sparsity") if k in stats}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)
     return res
@@ -250,6 +257,8 @@ def format_bench(r: dict) -> str:
              + (f" (GGUF file {r['file_bytes'] / 1e6:.1f} MB, {r['model_rss_bytes'] / r['file_bytes']:.2f}x)"
                 if r.get("file_bytes") else ""),
              f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
+    if r.get("predictors"):
+        lines.append("predictors: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["predictors"].items()))
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")

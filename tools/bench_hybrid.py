@@ -94,9 +94,14 @@ def audited(model, bundle, ids: list[int], qtype: str) -> dict:
 
 def run_hybrid(args) -> dict:
     from engine.api import Model
+    from engine.config import HotcoldError
     from engine.loader import load_checkpoint
     from tools.bench import prompt_ids
     from tools.cli import load_model
+    given = [f for f, v in (("--split", args.split), ("--gpu-budget", args.gpu_budget), ("--audit-recall",
+             args.audit_recall), ("--hot-device", args.hot_device != "auto"), ("--sparsity", args.sparsity)) if v]
+    if given:
+        raise HotcoldError(f"{given[0]}: bench --hybrid chooses its own GPU shares and audits every row; drop it")
     n_ctx = args.prompt_tokens + args.n + 16
     ckpt = load_checkpoint(args.model)
     room = max(n_ctx, min(SAMPLE_TOKENS + 8, ckpt.config.n_ctx_train))  # for the fixture's samples too

@@ -460,15 +460,15 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import add_model_args, at_least
+    from tools.cli import add_model_args, at_least, between, number
     p = sub.add_parser("calibrate", help="sparsity thresholds for a target sparsity or a perplexity bound")
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
                    help="calibration corpus (not the evaluation text): text files or .jsonl with a text field")
     goal = p.add_mutually_exclusive_group(required=True)
-    goal.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+    goal.add_argument("--target-sparsity", type=between(0, MAX_LEVEL), default=None, metavar="S",
                       help="mean sparsity over layers, 0..0.95")
-    goal.add_argument("--ppl-increase", type=float, default=None, metavar="P",
+    goal.add_argument("--ppl-increase", type=number(0, above=True), default=None, metavar="P",
                       help="percent by which held-out perplexity may rise (PPL-p%% sparsity)")
     p.add_argument("--method", choices=METHODS, default="quantile",
                    help="quantile (default: measured best on SmolLM2), cett or greedy")

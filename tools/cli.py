@@ -39,6 +39,16 @@ def number(lo: float, above: bool = False):
     return parse
 
 
+def between(lo: float, hi: float):
+    """An argparse type: a number in [lo, hi]."""
+    def parse(text: str) -> float:
+        v = float(text)
+        if not lo <= v <= hi:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text}")
+        return v
+    return parse
+
+
 def share(text: str) -> float:
     """An argparse type: a number in (0, 1]."""
     v = float(text)
@@ -65,13 +75,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"hotcold: error: {message} ({self.prog} -h for usage)\n")
 
 
-def add_model_args(p: argparse.ArgumentParser, ctx: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool = True) -> None:
+    """-m, -t; --backend and --cache-type unless backend is False (tokenize loads no weights, eval-predictors always
+    runs the batched torch reference); -c if ctx."""
     p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--backend", choices=BACKENDS, default="kernels",
-                   help="kernels: numba on the stored blocks (default); torch: float32 reference")
-    p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
-                   help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
+    if backend:
+        p.add_argument("--backend", choices=BACKENDS, default="kernels",
+                       help="kernels: numba on the stored blocks (default); torch: the reference (float32 weights, "
+                       "activations rounded as ggml rounds them)")
+        p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
+                       help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
         p.add_argument("-c", "--ctx", type=at_least(2), default=None,
                        help="context size in tokens (default 2048, or the model's training context if shorter)")
@@ -247,7 +261,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text")
-    add_model_args(p, ctx=False)
+    add_model_args(p, ctx=False, backend=False)
     p.add_argument("text")
     p.add_argument("--no-special", action="store_true", help="treat <|...|> control tokens as plain text")
     p.add_argument("--bos", action="store_true", default=None, help="prepend BOS (default: the model's rule)")

@@ -342,13 +342,18 @@ def parse_layers(v: str) -> list[int]:
     return out
 
 
+def rank_arg(text: str) -> str:
+    """An argparse type: auto or an integer >= 2 (kept as text, as train_predictors takes it)."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 2):
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 2, got {text!r}")
+    return text
+
+
 def cmd_train(args) -> None:
     from engine.loader import load_checkpoint
     manifest = load_profile(args.profile)
     model = args.model or manifest.get("model")
     ckpt = load_checkpoint(model)
-    if args.rank != "auto" and not (args.rank.isdigit() and int(args.rank) >= 2):
-        raise HotcoldError(f"--rank {args.rank!r}: expected auto or a number >= 2")
     rank = args.rank if args.rank == "auto" else int(args.rank)
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
@@ -385,13 +390,14 @@ def cmd_eval(args) -> None:
 
 def add_command(sub) -> None:
     from predictors.train import WEIGHTINGS
-    from tools.cli import add_model_args, at_least
+    from tools.cli import add_model_args, at_least, share
     p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile")
     p.add_argument("--profile", required=True, help="profile directory (hotcold profile -o)")
     p.add_argument("-o", "--out", required=True, help="bundle directory (resumed when it holds finished layers)")
     p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
-    p.add_argument("--recall", type=float, default=0.99, help="recall target on validation (default 0.99)")
-    p.add_argument("--rank", default="auto", help="auto (smallest good rank within the budget) or a number")
+    p.add_argument("--recall", type=share, default=0.99, help="recall target on validation (default 0.99)")
+    p.add_argument("--rank", type=rank_arg, default="auto", help="auto (smallest good rank within the budget) or a "
+                   "number >= 2")
     p.add_argument("--epochs", type=at_least(1), default=10, help="epochs per rank tried (default 10)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
@@ -408,7 +414,7 @@ def add_command(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval-predictors", help="recall and sparsity of a predictor bundle on new text")
-    add_model_args(p, ctx=False)
+    add_model_args(p, ctx=False, backend=False)  # it runs the torch reference, batched
     p.add_argument("--bundle", required=True, help="predictor bundle directory")
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, help="held-out text or .jsonl")
     p.add_argument("--tokens", type=at_least(1), default=None, help="tokens to evaluate (default: the whole text)")

@@ -260,9 +260,9 @@ def cmd_relufy(args) -> None:
     if not args.out.endswith(".gguf") or os.path.isdir(args.out):
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
     folder = os.path.dirname(args.out) or "."
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise HotcoldError(f"{folder}: no such directory, or not writable (the output and its training state go "
-                           "there)")
+    os.makedirs(folder, exist_ok=True)  # as the other commands make the folders above their outputs
+    if not os.access(folder, os.W_OK):
+        raise HotcoldError(f"{folder}: not writable (the output and its training state go there)")
     if os.path.exists(args.out) and not args.force:
         raise HotcoldError(f"{args.out}: already exists (--force overwrites it)")
     torch.set_num_threads(args.threads)

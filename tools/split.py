@@ -272,13 +272,13 @@ def cmd_split(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import at_least
+    from tools.cli import at_least, between
     p = sub.add_parser("split", help="place hot FFN neurons on the GPU under a memory budget")
     p.add_argument("--profile", required=True, help="a finished `hotcold profile` directory")
     p.add_argument("-m", "--model", default=None, help="default: the model the profile recorded")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gpu-budget", default=None, help="GPU memory, e.g. 512M or 8G")
-    g.add_argument("--hot-fraction", type=float, default=None, help="share of the FFN bytes to place on the GPU")
+    g.add_argument("--hot-fraction", type=between(0, 1), default=None, help="share of the FFN bytes to place on the GPU")
     p.add_argument("--group", type=at_least(1), default=32, help="neurons placed together (default 32)")
     p.add_argument("--ctx", type=at_least(1), default=2048, help="context whose KV cache the GPU holds (default 2048)")
     p.add_argument("--predictor-bytes", type=at_least(0), default=0, help="bytes of predictors kept on the GPU")
