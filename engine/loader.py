@@ -22,7 +22,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
                      blk, checked_config, expected_shapes, hf_to_gguf_name)
-from .qtensor import NATIVE_TYPES, QTensor
+from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
             raise HotcoldError(f"{ckpt.path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
     for name, t in ckpt.tensors.items() if values else ():  # llama.cpp checks only when asked (--check-tensors)
         if not t.finite():
-            what = "block scales" if t.qtype.name.startswith("Q") else "values"
+            what = "block scales" if t.qtype in SCALES else "values"
             raise HotcoldError(f"{ckpt.path}: tensor {name} has NaN or infinite {what} (a corrupt file)")
 
 

@@ -275,6 +275,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys):
     assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
     assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall"]) == 2
     assert "--audit-recall: bench --hybrid chooses its own" in capsys.readouterr().err
+    assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors
+    assert "--hot-device goes with --predictors" in capsys.readouterr().err
     # plain bench with predictors: their statistics beside the speed, and the first token timed with them too
     assert main(["bench", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall", "-n", "4",
                  "--prompt-tokens", "8", "-t", "1", "--json"]) == 0

@@ -97,9 +97,8 @@ def run_hybrid(args) -> dict:
     from engine.config import HotcoldError
     from engine.loader import load_checkpoint
     from tools.bench import prompt_ids
-    from tools.cli import load_model
-    given = [f for f, v in (("--split", args.split), ("--gpu-budget", args.gpu_budget), ("--audit-recall",
-             args.audit_recall), ("--hot-device", args.hot_device != "auto"), ("--sparsity", args.sparsity)) if v]
+    from tools.cli import load_model, runtime_flags_given
+    given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device", "--sparsity"))
     if given:
         raise HotcoldError(f"{given[0]}: bench --hybrid chooses its own GPU shares and audits every row; drop it")
     n_ctx = args.prompt_tokens + args.n + 16

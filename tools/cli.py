@@ -111,16 +111,22 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    "recall, precision and actual sparsity in the stats")
 
 
+def runtime_flags_given(args, flags: tuple[str, ...]) -> list[str]:
+    """Which of `flags`, options of `add_runtime_args` beside --predictors, the command line set."""
+    given = {"--split": args.split is not None, "--gpu-budget": args.gpu_budget is not None,
+             "--audit-recall": args.audit_recall, "--hot-device": args.hot_device != "auto",
+             "--predictor-type": args.predictor_type is not None, "--sparsity": args.sparsity is not None}
+    return [f for f in flags if given[f]]
+
+
 def load_model(args, n_ctx: int | None = None):
     from engine.api import load
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
                  backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None),
                  cache_type=getattr(args, "cache_type", "f16"))
     if hasattr(args, "predictors") and args.predictors is None and model.runtime is None:
-        given = [flag for flag, v in (("--split", args.split), ("--gpu-budget", args.gpu_budget),
-                                      ("--audit-recall", args.audit_recall),
-                                      ("--hot-device", args.hot_device != "auto"),
-                                      ("--predictor-type", args.predictor_type)) if v]
+        given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device",
+                                           "--predictor-type"))
         if given:
             raise HotcoldError(f"{given[0]} goes with --predictors (or a model exported with its predictors)")
     if getattr(args, "predictors", None) is not None or model.runtime is not None:
