@@ -94,6 +94,13 @@ def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, thread
     return m
 
 
+def check_context(ckpt: Checkpoint, n_ctx: int) -> None:
+    """Refuse a window longer than the model was trained on: RoPE past it is not what the model learned."""
+    if n_ctx > ckpt.config.n_ctx_train:
+        raise HotcoldError(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the "
+                           f"{ckpt.config.n_ctx_train} the model was trained on")
+
+
 class Model:
     def __init__(self, ckpt: Checkpoint, n_ctx: int | None = None, sparsity: str | SparsityConfig | None = None,
                  backend: str = "kernels", cache_type: str = "f16"):
@@ -101,11 +108,8 @@ class Model:
             raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
         if backend not in BACKENDS:
             raise HotcoldError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        trained = ckpt.config.n_ctx_train
-        n_ctx = min(DEFAULT_CTX, trained) if n_ctx is None else n_ctx
-        if n_ctx > trained:
-            raise HotcoldError(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the {trained} the model was "
-                               "trained on")  # bench's context is --prompt-tokens + -n + 16: no flag named here
+        n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if n_ctx is None else n_ctx
+        check_context(ckpt, n_ctx)  # bench's context is --prompt-tokens + -n + 16: no flag named here
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32
@@ -187,10 +191,11 @@ class Model:
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
-        stop token or n tokens."""
+        stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context")."""
         sampler = sampler or Sampler(temperature=0.0)
         self.check_prompt(prompt_ids)
-        n = min(n, self.n_ctx - len(prompt_ids))
+        room = self.n_ctx - len(prompt_ids)
+        n = min(n, room)
         stream = self.tokenizer.stream()
         if self.sparsity is not None:
             self.sparsity.reset()
@@ -214,7 +219,9 @@ class Model:
             pos += 1
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
-        stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out),
+        stop = ("stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
+                else "context" if len(out) == room else "length")
+        stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out), "stop": stop,
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
                  "prefill_tok_s": len(prompt_ids) / (t1 - t0),
                  "decode_tok_s": decoded / (t2 - t1) if decoded else 0.0}

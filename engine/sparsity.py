@@ -51,13 +51,40 @@ def check_fingerprint(found: dict, expected: dict, path: str, what: str) -> None
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """write(tmp) then rename over `path`: readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    write_all([(path, write)])
+
+
+def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
+    """Each write(tmp) to a temporary file beside its path; once all have succeeded, each renamed over its path. A
+    failure leaves every old file as it was and no temporary file behind, and names the path, not its tmp."""
+    tmps = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in outputs:
+            if os.path.isdir(path):
+                raise HotcoldError(f"{path}: a directory is in the way of this output")
+            tmps.append(f"{path}.tmp{os.getpid()}")
+            try:
+                write(tmps[-1])
+            except OSError as e:
+                if e.filename != tmps[-1]:
+                    raise
+                raise HotcoldError(f"{path}: cannot write ({e.strerror or e})") from None
+        for (path, _), tmp in zip(outputs, tmps):
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def check_writable(path: str) -> str:
+    """Refuse, before any long work, an output that could not be written: the folder of path (made if missing), or
+    path itself when it is a directory (a bundle). Returns the folder."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.normpath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise HotcoldError(f"{folder}: not writable (the output {path} goes there)")
+    return folder
 
 
 def write_json(path: str, obj) -> None:

@@ -39,6 +39,7 @@ from .model import Predictor
 
 FORMAT, VERSION = "hotcold-predictors", 1
 TENSORS, MANIFEST = "predictors.safetensors", "manifest.json"
+PARTIAL = "partial"  # train-predictors' finished layers, until the bundle is written
 HASH_BYTES = 1 << 20  # per FFN tensor, hashed whole up to this size; beyond, evenly spaced rows of about this size
 PI_CONFIG = "config.json"
 FOLD_MAX_SCALE = 256.0  # largest factor fold_thresholds puts on fc2 (PowerInfer stores it as F16)
@@ -73,6 +74,19 @@ def model_fingerprint(ckpt) -> dict:
 
 
 # --- our bundle ----------------------------------------------------------------------------------------
+def check_bundle_out(out: str) -> None:
+    """A directory a bundle may be written to: new, or holding a bundle's files alone (and their temporaries, left by
+    a killed write). Anything else there, a profile say, is refused rather than mixed with a bundle."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise HotcoldError(f"{out}: exists and is not a directory")
+    ours = (TENSORS, MANIFEST, PARTIAL)
+    stranger = next((n for n in sorted(os.listdir(out)) if n.split(".tmp")[0] not in ours), None) \
+        if os.path.isdir(out) else None
+    if stranger is not None:
+        raise HotcoldError(f"{out}: holds {stranger!r}, so it is not a predictor bundle; give a new or empty "
+                           "directory")
+
+
 @dataclass
 class Bundle:
     predictors: list[Predictor]

@@ -187,3 +187,10 @@ def test_predictor_thresholds_tuned_to_a_perplexity_bound(tiny, tmp_path, capsys
                  "0.5", "-o", str(tmp_path / "x"), "--ctx", str(CTX), "--tokens", "96", "--heldout-tokens",
                  "128"]) == 2
     assert "--ppl-increase" in capsys.readouterr().err
+    prof = tmp_path / "prof"  # --force overwrites a bundle, never a directory of something else
+    (prof / "activation").mkdir(parents=True)
+    (prof / "manifest.json").write_text("{}")
+    assert main(["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--ppl-increase", "2",
+                 "-o", str(prof), "--force", "--ctx", str(CTX), "--tokens", "96", "--heldout-tokens", "128"]) == 2
+    assert "prof: holds 'activation', so it is not a predictor bundle" in capsys.readouterr().err
+    assert sorted(os.listdir(prof)) == ["activation", "manifest.json"] and (prof / "manifest.json").read_text() == "{}"

@@ -231,6 +231,16 @@ def test_refusals(tiny, capsys):
     assert export(capsys, "-m", other, "-o", str(d / "kept"), "--format", "gguf", "--force")[0] == 0
     assert load_checkpoint(str(kept)).config.n_ff == 96 and load_checkpoint(str(kept)).predictors is None
     assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []  # no temporary file left behind
+    # the model and its .gpuidx files are renamed together: one output that cannot be written leaves all as they were
+    assert export(capsys, "-m", src, "--predictors", bundle, "--split", tiny["split"], "-o", str(d / "pair"))[0] == 0
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.name.startswith("pair")}
+    os.remove(d / "pair.powerinfer.gguf.generated.gpuidx")
+    os.mkdir(d / "pair.powerinfer.gguf.generated.gpuidx")
+    refused("-m", src, "--predictors", bundle, "--split", tiny["split"], "-o", str(d / "pair"), "--outtype", "f16",
+            "--force", words=("pair.powerinfer.gguf.generated.gpuidx: a directory is in the way",))
+    assert (d / "pair.powerinfer.gguf").read_bytes() == before["pair.powerinfer.gguf"]
+    assert (d / "pair.gpuidx").read_bytes() == before["pair.gpuidx"]
+    assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []
 
 
 def test_drelu_exports_as_bamboo(tiny, capsys):

@@ -157,9 +157,11 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
     assert rc == 2 and "no such" in err
+    # the parser's refusals
     for opt, why in ((["--recall", "nan"], "argument --recall: must be in (0, 1], got nan"),
                      (["--recall", "0"], "argument --recall: must be in (0, 1], got 0"),
-                     (["--rank", "1"], "argument --rank: expected auto or a number >= 2")):  # the parser's refusals
+                     (["--rank", "1"], "argument --rank: expected auto or a number >= 2"),
+                     (["--layers", "a-b"], "argument --layers: expected layer numbers such as 0,3,5-7, got 'a-b'")):
         with pytest.raises(SystemExit) as e:
             main(["train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt])
         err = capsys.readouterr().err

@@ -170,6 +170,34 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
     assert run_cli(tiny, [tiny[1]], foreign) == 2
     assert "holds no profile" in capsys.readouterr().err
     assert os.listdir(foreign) == ["notes.txt"]
+    bundle = tmp_path / "bundle"  # a predictor bundle's manifest.json is not taken for a profile's
+    bundle.mkdir()
+    from predictors.bundle import FORMAT
+    (bundle / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    assert run_cli(tiny, [tiny[1]], bundle) == 2
+    assert "bundle: a predictor bundle, not a profile directory" in capsys.readouterr().err
+    assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--tokens", "1", "--ctx", str(CTX), "-o",
+                 str(tmp_path / "few")]) == 2
+    assert f"--tokens 1: fewer than one window of --ctx {CTX}" in capsys.readouterr().err
+
+
+def test_outputs_written_together_or_not_at_all(tmp_path):
+    """write_all: a failure leaves every old file as it was, no temporary file, and names the path it failed on."""
+    from engine.config import HotcoldError
+    from engine.sparsity import write_all
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def fail(tmp):
+        raise PermissionError(13, "Permission denied", tmp)
+    def text(t):
+        return lambda tmp: open(tmp, "w").write(t)
+    with pytest.raises(HotcoldError, match=r"b.json: cannot write \(Permission denied\)"):
+        write_all([(str(a), text("new a")), (str(b), fail)])
+    assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("old a", "old b", ["a.json", "b.json"])
+    write_all([(str(a), text("new a")), (str(b), text("new b"))])
+    assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("new a", "new b", ["a.json", "b.json"])
 
 
 def test_silu_profile_with_a_sparsity_config(tiny, tmp_path):

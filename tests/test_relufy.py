@@ -109,6 +109,8 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     with pytest.raises(SystemExit):
         main(argv + ["--lr", "0"])
     assert "--lr: must be a number > 0" in capsys.readouterr().err
+    assert main(argv[:-4] + ["--ctx", "300"] + argv[-2:]) == 2  # past the model's training context
+    assert "a context of 300 tokens is longer than the 256 the model was trained on" in capsys.readouterr().err
     assert out.read_bytes() == b"keep" and open(state, "rb").read()[:8] == saved[:8]
 
 

@@ -90,7 +90,10 @@ def test_cli_generate_json_and_chat(capsys):
     assert set(out) >= {"text", "token_ids", "prompt_token_ids", "stats"}
     assert {"prefill_tok_s", "decode_tok_s"} <= set(out["stats"])
     assert out["prompt_token_ids"][:1] == [1]  # <|im_start|> parsed as one control token
-    assert 1 <= len(out["token_ids"]) <= 6
+    assert 1 <= len(out["token_ids"]) <= 6 and out["stats"]["stop"] in ("stop_token", "length")
+    assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
+    err = capsys.readouterr().err  # the context, not -n, ended it: said so
+    assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err
 
 
 def test_cli_tokenize(capsys):

@@ -93,17 +93,33 @@ def test_gpuidx_format(tmp_path):
         assert len(idx) == c.n_ff and list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
     back = read_gpuidx(gi)  # what the runtime reads beside an export
     assert [list(b) for b in back] == [list(g) for g in split["gpu_neurons"]]
-    from gguf import GGUFWriter  # PowerInfer writes gpu_bucket for MoE models only: then gpu_idx says it
-    wr = GGUFWriter(str(tmp_path / "idx_only.gpuidx"), "generic.gpu_index")
-    for i, ids in enumerate(split["gpu_neurons"]):
+    from gguf import GGUFWriter
+
+    def gpuidx(name, layer_tensors):
+        wr = GGUFWriter(str(tmp_path / name), "generic.gpu_index")
+        for i, ids in enumerate(split["gpu_neurons"]):
+            for k, v in layer_tensors(ids).items():
+                wr.add_tensor(f"blk.{i}.{k}", np.asarray(v, np.int32))
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+        return str(tmp_path / name)
+
+    def one_hot(ids, value=1):
         idx = np.zeros(c.n_ff, np.int32)
-        idx[ids] = 1
-        wr.add_tensor(f"blk.{i}.gpu_idx", idx)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    assert [list(b) for b in read_gpuidx(str(tmp_path / "idx_only.gpuidx"))] == [list(g) for g in split["gpu_neurons"]]
+        idx[ids] = value
+        return idx
+    # PowerInfer writes gpu_bucket for MoE models only: then gpu_idx says it
+    idx_only = gpuidx("idx_only.gpuidx", lambda ids: {"gpu_idx": one_hot(ids)})
+    assert [list(b) for b in read_gpuidx(idx_only)] == [list(g) for g in split["gpu_neurons"]]
+    for name, tensors, why in (  # PowerInfer reads gpu_idx: garbage there, or a bucket that disagrees, is refused
+            ("garbage.gpuidx", lambda ids: {"gpu_idx": one_hot(ids, 0x7F7F7F7F), "gpu_bucket": ids},
+             "blk.0.gpu_idx holds values other than 0 and 1"),
+            ("disagree.gpuidx", lambda ids: {"gpu_idx": one_hot(ids[1:]), "gpu_bucket": ids},
+             "blk.0.gpu_bucket and blk.0.gpu_idx name different neurons")):
+        with pytest.raises(HotcoldError, match=why):
+            read_gpuidx(gpuidx(name, tensors))
     (tmp_path / "bad.gpuidx").write_bytes(raw[:100])
     with pytest.raises(HotcoldError, match="bad.gpuidx"):
         read_gpuidx(str(tmp_path / "bad.gpuidx"))
@@ -137,6 +153,20 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     assert split["gpu_share_expected"] >= 0.5
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1K", "-o", str(tmp_path / "t")]) == 2
     assert "does not hold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["split", "--profile", str(prof), "--gpu-budget=-5G", "-o", str(tmp_path / "t")])
+    assert "expected a size such as 512M or 2G, got '-5G'" in capsys.readouterr().err
+    (tmp_path / "v.json").write_text("old")  # both files renamed together, or neither
+    (tmp_path / "v.gpuidx").mkdir()
+    assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", "-o", str(tmp_path / "v")]) == 2
+    assert "v.gpuidx: a directory is in the way" in capsys.readouterr().err
+    assert (tmp_path / "v.json").read_text() == "old" and not list(tmp_path.glob("*.tmp*"))
+    bundle = tmp_path / "bundle"  # a predictor bundle where a profile belongs
+    bundle.mkdir()
+    from predictors.bundle import FORMAT
+    (bundle / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    assert main(["split", "--profile", str(bundle), "--hot-fraction", "0.5", "-o", str(tmp_path / "w")]) == 2
+    assert "bundle: a predictor bundle, not a profile directory" in capsys.readouterr().err
     # a model of the same shape with other weights: its profile and split are refused
     other = write_gguf(str(tmp_path / "o.gguf"), c, tiny_weights(c, seed=1))
     assert main(["split", "--profile", str(prof), "-m", other, "--hot-fraction", "0.5", "-o", str(tmp_path / "u")]) == 2
@@ -159,8 +189,8 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "fp.json").write_text(json.dumps(dict(split, fingerprint="x")))
     for name, why in (("bad.json", "layer 0's hot neuron ids are not increasing ids without repeats"),
-                      ("dup.json", "without repeats"), ("neg.gpuidx", f"without repeats in 0..{c.n_ff - 1}"),
-                      ("dup.gpuidx", "without repeats"), ("float.json", "integer ids"),
+                      ("dup.json", "without repeats"), ("neg.gpuidx", "name different neurons"),
+                      ("dup.gpuidx", "name different neurons"), ("float.json", "integer ids"),
                       ("huge.json", "without repeats"),
                       ("list.json", "not a hotcold split"), ("fp.json", "fingerprint is not a JSON object")):
         with pytest.raises(HotcoldError, match=why):

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError
-from engine.sparsity import (SparsityConfig, batched_net, contribution, down_norms, down_rows, read_json,
-                             write_json)
+from engine.sparsity import (SparsityConfig, batched_net, check_writable, contribution, down_norms, down_rows,
+                             read_json, write_json)
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")
@@ -410,9 +410,10 @@ def cmd_calibrate(args) -> None:
         raise HotcoldError("--ppl-increase must be a positive percentage")
     if args.bundle is None and os.path.isdir(args.out):  # refused before the long part, not at its end
         raise HotcoldError(f"{args.out}: is a directory (the sparsity config is a JSON file)")
-    if args.bundle is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise HotcoldError(f"{args.out}: exists and is not a directory (the tuned bundle is one)")
-    os.makedirs(os.path.dirname(os.path.normpath(args.out)) or ".", exist_ok=True)
+    if args.bundle is not None:
+        from predictors.bundle import check_bundle_out
+        check_bundle_out(args.out)
+    check_writable(args.out)  # and progress_path's folder
     method = args.method
     model = load_model(args, n_ctx=args.ctx)
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)

@@ -57,6 +57,19 @@ def share(text: str) -> float:
     return v
 
 
+def size(text: str) -> int:
+    """An argparse type: bytes from '1500000', '512M', '2.5G' (binary units)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    v = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        n = int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
+    except (ValueError, OverflowError):  # NaN, inf
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
+    return n
+
+
 def sparsity_levels(text: str) -> list[float]:
     """An argparse type: comma-separated shares of FFN neurons skipped, each in (0, 1)."""
     try:
@@ -98,8 +111,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    "FFN neurons it predicts active")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--split", default=None, help="hot/cold split JSON (hotcold split): hot neurons on the GPU")
-    g.add_argument("--gpu-budget", default=None, help="GPU memory for a split solved now, e.g. 512M, from the "
-                   "activation counts of the profile the predictors were trained on")
+    g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory for a split solved now, e.g. 512M, from "
+                   "the activation counts of the profile the predictors were trained on")
     p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where hot neurons run: auto = CUDA when available, else everything on the CPU kernels; "
                    "cpu = torch on the CPU (exercises the split without a GPU)")
@@ -182,6 +195,9 @@ def cmd_generate(args) -> None:
     sys.stdout.flush()  # before the statistics on stderr
     print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
           f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+    if s["stop"] == "context":
+        print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
+              file=sys.stderr)
     if "predicted_sparsity" in s:
         print(format_runtime_stats(s), file=sys.stderr)
 

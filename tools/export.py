@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import sys
 import tempfile
 import zlib
@@ -33,7 +32,7 @@ from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldErro
 from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf)
 from engine.qtensor import QTensor
-from engine.sparsity import fingerprint, write_atomic
+from engine.sparsity import check_writable, fingerprint, write_all
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_model_split, write_gpuidx
@@ -223,8 +222,10 @@ def bundle_files(bundle) -> tuple[dict, bytes]:
             return json.load(fh), fb.read()
 
 
-def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle) -> dict:
-    """OUT.powerinfer.gguf or OUT.gguf, through a verified temporary file. Returns what it wrote about predictors."""
+def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle, split_paths: list[str] = (),
+                split: dict | None = None) -> dict:
+    """OUT.powerinfer.gguf or OUT.gguf through a verified temporary file, renamed together with the GPU split's
+    .gpuidx files (`write_split_file`) when a split is given. Returns what it wrote about predictors."""
     from predictors.bundle import fold_thresholds
     keys, preds, info = {}, None, {}
     if bundle is not None:
@@ -248,7 +249,8 @@ def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle
         crcs = write_gguf(tmp, arch, write_keys, items, PWRI if powerinfer else b"GGUF")
         verify(tmp, items, crcs, ckpt, bundle is not None)
 
-    write_atomic(path, write)
+    write_all([(path, write)] + ([(p, lambda tmp: write_split_file(tmp, split)) for p in split_paths]
+                                 if split is not None else []))
     return info
 
 
@@ -268,17 +270,15 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
 
 
-def write_split_files(paths: list[str], split: dict) -> None:
-    """PowerInfer's .gpuidx at paths[0] (read back: layer order and GPU ids), copied to the other paths (copies,
-    not links: PowerInfer rewrites its .generated.gpuidx in place when it solves a split of its own)."""
-    write_gpuidx(paths[0], split)
-    tensors = open_gguf(paths[0]).tensors
+def write_split_file(path: str, split: dict) -> None:
+    """PowerInfer's .gpuidx, read back: layer order and GPU ids. Written at OUT.gpuidx and as a copy at
+    OUT.powerinfer.gguf.generated.gpuidx (not a link: PowerInfer rewrites that one in place when it solves a split)."""
+    write_gpuidx(path, split)
+    tensors = open_gguf(path).tensors
     want = [(f"blk.{i}.{n}", ids) for i, ids in enumerate(split["gpu_neurons"]) for n in ("gpu_idx", "gpu_bucket")]
     if [t.name for t in tensors] != [n for n, _ in want] or any(
             not np.array_equal(t.data, ids) for t, (n, ids) in zip(tensors, want) if n.endswith("gpu_bucket")):
-        raise HotcoldError(f"{paths[0]}: the GPU split reads back differently from what was written")
-    for p in paths[1:]:
-        write_atomic(p, lambda tmp: shutil.copyfile(paths[0], tmp))
+        raise HotcoldError(f"{path}: the GPU split reads back differently from what was written")
 
 
 # --- commands ------------------------------------------------------------------------------------------------
@@ -308,11 +308,9 @@ def cmd_export(args) -> None:
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # -o out/smol: out/ is made
-    info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle)
-    if split is not None:
-        write_split_files(split_paths, split)
-    else:
+    check_writable(path)  # -o out/smol: out/ is made
+    info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle, split_paths, split)
+    if split is None:
         for p in split_paths:
             if os.path.exists(p):
                 os.remove(p)

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
-from engine.sparsity import EXACT_ACTS, SparsityConfig, check_fingerprint, read_json, write_atomic, write_json
+from engine.sparsity import (EXACT_ACTS, SparsityConfig, check_fingerprint, check_writable, read_json, write_atomic,
+                             write_json)
+from predictors.bundle import PARTIAL
 from tools.profile import finished_manifest, load_chunk
-
-PARTIAL = "partial"
 
 
 def weight_bytes(qtype: str) -> float:
@@ -181,7 +181,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
     "bundle": out or None, "budget": {...}}."""
     from engine.sparsity import fingerprint
-    from predictors.bundle import MANIFEST, TENSORS, Bundle, model_fingerprint
+    from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
     from predictors.train import BUDGET, WEIGHTINGS, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -190,19 +190,14 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     engine_fp = fingerprint(c, ckpt.tensors)
     check_fingerprint(manifest.get("fingerprint", {}), engine_fp, profile, "profile")
     fp = model_fingerprint(ckpt)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise HotcoldError(f"{out}: exists and is not a directory")
-    ours = (TENSORS, MANIFEST, PARTIAL)  # and their temporaries, left by a killed write
-    stranger = next((n for n in sorted(os.listdir(out)) if n.split(".tmp")[0] not in ours), None) \
-        if os.path.isdir(out) else None
-    if stranger is not None:
-        raise HotcoldError(f"{out}: holds {stranger!r}, so it is not a predictor bundle; give a new or empty directory")
+    check_bundle_out(out)
+    check_writable(out)
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise HotcoldError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HotcoldError("--device cuda: CUDA is not available here")
+        raise HotcoldError(f"--device {device}: CUDA is not available here")
     if not 0 < recall <= 1:  # NaN too
         raise HotcoldError(f"--recall {recall}: expected a share of the active neurons, in (0, 1]")
     if rank != "auto" and int(rank) > min(c.n_embd, c.n_ff):
@@ -336,9 +331,13 @@ def parse_layers(v: str) -> list[int]:
     out = []
     for part in v.split(","):
         a, _, b = part.partition("-")
-        if b and int(b) < int(a):
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected layer numbers such as 0,3,5-7, got {v!r}") from None
+        if hi < lo:
             raise argparse.ArgumentTypeError(f"range {part} runs backwards")
-        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        out += list(range(lo, hi + 1))
     return out
 
 

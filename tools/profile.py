@@ -32,6 +32,7 @@ import torch
 from engine.config import HotcoldError
 from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, write_atomic,
                              write_json)
+from predictors.bundle import FORMAT as BUNDLE_FORMAT
 
 SKEW_TOPS = (0.1, 0.2, 0.5)  # skew: share of all activations covered by the top 10/20/50% most frequent neurons
 MANIFEST, PROGRESS, SUMMARY, REPORT = "manifest.json", "progress.npz", "summary.json", "report.txt"
@@ -75,14 +76,16 @@ def jsonl_texts(path: str, lines) -> list[str]:
 
 def corpus_tokens(model, paths: list[str], need: int | None, ctx: int) -> list[int]:
     """The corpus as one token stream, at least one window of ctx long; tokenizing stops at `need` tokens."""
+    if need is not None and need < ctx:
+        raise HotcoldError(f"--tokens {need}: fewer than one window of --ctx {ctx}")
     tokens: list[int] = []
     for doc in read_corpus(paths):
         tokens += model.tokenize(doc, special=False, add_bos=False)
         if need is not None and len(tokens) >= need:
             break
-    if len(tokens) < ctx or (need is not None and need < ctx):
-        raise HotcoldError(f"{', '.join(paths)}: {min(len(tokens), need or len(tokens))} tokens of corpus, "
-                           f"shorter than one window of --ctx {ctx}")
+    if len(tokens) < ctx:
+        raise HotcoldError(f"{', '.join(paths)}: {len(tokens)} tokens of corpus, shorter than one window of --ctx "
+                           f"{ctx}")
     return tokens
 
 
@@ -103,7 +106,7 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
         if os.path.isdir(out) and os.listdir(out):
             raise HotcoldError(f"{out}: not empty and holds no profile; choose another -o")
         return None
-    old = read_json(path, "profile manifest")
+    old = read_manifest(out)
     check_fingerprint(old.get("fingerprint", {}), manifest["fingerprint"], out, "holds a profile")
     for k, v in manifest["settings"].items():
         if old.get("settings", {}).get(k) != v:
@@ -344,12 +347,20 @@ def summarize(counts: np.ndarray, n_tokens: int) -> dict:
             "skew": skew}
 
 
+def read_manifest(out: str) -> dict:
+    """The profile manifest in `out`; a predictor bundle's (the same file name) is refused as such."""
+    m = read_json(os.path.join(out, MANIFEST), "profile manifest")
+    if m.get("format") == BUNDLE_FORMAT:
+        raise HotcoldError(f"{out}: a predictor bundle, not a profile directory")
+    return m
+
+
 def finished_manifest(out: str) -> dict:
     """The manifest of the finished profile `out`, checked for what its readers take from it."""
     if not os.path.isdir(out):
         raise HotcoldError(f"{out}: no such profile directory")
     path = os.path.join(out, MANIFEST)
-    m = read_json(path, "profile manifest")
+    m = read_manifest(out)
     if not m.get("complete"):
         raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
     fp, settings, samples = m.get("fingerprint"), m.get("settings"), m.get("samples", {})

@@ -25,11 +25,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine.api import check_context
 from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
-from engine.sparsity import write_atomic
+from engine.sparsity import check_writable, write_atomic
 
 ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"
@@ -257,12 +258,10 @@ def cmd_relufy(args) -> None:
     from predictors.bundle import model_fingerprint
     from tools.profile import read_corpus
     ckpt = load_checkpoint(args.model)
+    check_context(ckpt, args.ctx)
     if not args.out.endswith(".gguf") or os.path.isdir(args.out):
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
-    folder = os.path.dirname(args.out) or "."
-    os.makedirs(folder, exist_ok=True)  # as the other commands make the folders above their outputs
-    if not os.access(folder, os.W_OK):
-        raise HotcoldError(f"{folder}: not writable (the output and its training state go there)")
+    check_writable(args.out)  # its training state goes beside it
     if os.path.exists(args.out) and not args.force:
         raise HotcoldError(f"{args.out}: already exists (--force overwrites it)")
     torch.set_num_threads(args.threads)

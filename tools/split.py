@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import HotcoldError
-from engine.sparsity import check_fingerprint, fingerprint, read_json, write_atomic
+from engine.sparsity import check_fingerprint, check_writable, fingerprint, read_json, write_all
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 
@@ -102,14 +102,14 @@ def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_frac
 def write_gpuidx(path: str, split: dict) -> None:
     """PowerInfer's GPU index: GGUF `generic.gpu_index`, per layer gpu_idx (0/1 of n_ff) then gpu_bucket, I32 as
     PowerInfer's ggml numbers it (engine.loader.PWRI_INT_TYPES). split.vram_capacity: the bytes of the hot FFN rows;
-    PowerInfer compares it with the memory left once the dense tensors and the KV cache are on the GPU."""
+    PowerInfer compares it with the memory left once the dense tensors and the KV cache are on the GPU. Written in
+    place: callers write a temporary file (`write_all`)."""
     import struct
 
     from gguf import GGMLQuantizationType as QT, GGUFWriter
 
     from engine.loader import PWRI_INT_TYPES, open_gguf
-    tmp = path + ".tmp"
-    wr = GGUFWriter(tmp, "generic.gpu_index")
+    wr = GGUFWriter(path, "generic.gpu_index")
     wr.add_block_count(split["n_layer"])
     wr.add_uint64("split.vram_capacity", int(split["ffn_gpu_bytes"]))
     for i, ids in enumerate(split["gpu_neurons"]):
@@ -122,26 +122,32 @@ def write_gpuidx(path: str, split: dict) -> None:
     wr.write_tensors_to_file()
     wr.close()
     i32 = next(k for k, t in PWRI_INT_TYPES.items() if t == QT.I32)
-    types = [t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4]) for t in open_gguf(tmp).tensors]
-    with open(tmp, "r+b") as fh:
+    types = [t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4]) for t in open_gguf(path).tensors]
+    with open(path, "r+b") as fh:
         fh.write(b"PWRI")
         for off in types:  # each tensor's type field: name length, name, n_dims and dims come before it
             fh.seek(off)
             fh.write(struct.pack("<I", i32))
-    os.replace(tmp, path)
 
 
 def read_gpuidx(path: str) -> list[np.ndarray]:
-    """The GPU neuron ids per layer (gpu_bucket, sorted) of PowerInfer's .gpuidx (see `write_gpuidx`)."""
+    """The GPU neuron ids per layer of PowerInfer's .gpuidx (see `write_gpuidx`): where gpu_idx is 1. gpu_bucket,
+    which PowerInfer writes for MoE models only (we always do), must name the same neurons."""
     from engine.loader import open_gguf
     r = open_gguf(path)
     data = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
     n = len([k for k in data if k.endswith(".gpu_idx")])
-    try:  # PowerInfer writes gpu_bucket for MoE models only: else the ids are where gpu_idx is 1
-        return [np.sort(data[b]) if (b := f"blk.{i}.gpu_bucket") in data else np.flatnonzero(data[f"blk.{i}.gpu_idx"])
-                for i in range(n)]
-    except KeyError as e:
-        raise HotcoldError(f"{path}: not a PowerInfer GPU index (no {e.args[0]})") from None
+    ids = []
+    for i in range(n):
+        idx, bucket = data.get(f"blk.{i}.gpu_idx"), data.get(f"blk.{i}.gpu_bucket")
+        if idx is None:
+            raise HotcoldError(f"{path}: not a PowerInfer GPU index (no blk.{i}.gpu_idx)")
+        if not np.isin(idx, (0, 1)).all():
+            raise HotcoldError(f"{path}: blk.{i}.gpu_idx holds values other than 0 and 1")
+        if bucket is not None and not np.array_equal(np.sort(bucket), np.flatnonzero(idx)):
+            raise HotcoldError(f"{path}: blk.{i}.gpu_bucket and blk.{i}.gpu_idx name different neurons")
+        ids.append(np.flatnonzero(idx))
+    return ids
 
 
 def check_out_prefix(prefix: str, example: str) -> None:
@@ -151,13 +157,12 @@ def check_out_prefix(prefix: str, example: str) -> None:
 
 
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
-    """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), each written to a temporary file and renamed."""
+    """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), written to temporary files and renamed together."""
     check_out_prefix(prefix, "out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
     js, gi = prefix + ".json", prefix + ".gpuidx"
-    os.makedirs(os.path.dirname(js) or ".", exist_ok=True)
-    write_atomic(js, lambda tmp: Path(tmp).write_text(json.dumps(split)))
-    write_gpuidx(gi, split)
+    check_writable(js)
+    write_all([(js, lambda tmp: Path(tmp).write_text(json.dumps(split))), (gi, lambda tmp: write_gpuidx(tmp, split))])
     return js, gi
 
 
@@ -171,16 +176,6 @@ def read_split(path: str) -> dict:
         raise HotcoldError(f"{path}: not a hotcold split (gpu_neurons: {e})") from None
     split["gpu_neurons"] = [g.astype(np.int64) for g in ids]
     return split
-
-
-def parse_size(v: str) -> int:
-    """Bytes from '1500000', '512M', '2.5G' (binary units)."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    v = v.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(v)
-    except ValueError:
-        raise HotcoldError(f"--gpu-budget {v!r}: expected a size such as 512M or 2G") from None
 
 
 def read_model_split(path: str, c, fp: dict, model_path: str) -> dict:
@@ -208,7 +203,7 @@ def check_hot(hot: list[np.ndarray], c, path: str, model_path: str) -> list[np.n
     return [h.astype(np.int32) for h in hot]
 
 
-def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, hot_device: str,
+def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, hot_device: str,
                 n_ctx: int) -> tuple[object, list[np.ndarray] | None, str | None]:
     """(bundle, hot neuron ids per layer or None, torch device for them or None) for the runtime's options.
 
@@ -243,7 +238,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: str | None, h
                            f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
     manifest, counts = load_counts(profile)
     check_fingerprint(manifest["fingerprint"], model.fingerprint, profile, "profile")
-    split = plan(c, list(counts), gpu_budget=parse_size(gpu_budget), n_ctx=n_ctx,
+    split = plan(c, list(counts), gpu_budget=gpu_budget, n_ctx=n_ctx,
                  predictor_bytes=GPU_BYTES * bundle.n_params)
     return bundle, [np.asarray(g, np.int32) for g in split["gpu_neurons"]], device
 
@@ -255,9 +250,8 @@ def cmd_split(args) -> None:
     ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
     fp = fingerprint(ckpt.config, ckpt.tensors)
     check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
-    budget = parse_size(args.gpu_budget) if args.gpu_budget is not None else None
-    split = plan(ckpt.config, list(counts), gpu_budget=budget, hot_fraction=args.hot_fraction, group=args.group,
-                 n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
+    split = plan(ckpt.config, list(counts), gpu_budget=args.gpu_budget, hot_fraction=args.hot_fraction,
+                 group=args.group, n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
     split["model"], split["fingerprint"] = ckpt.path, fp
     js, gi = write_split(args.out, split)
     if args.json:
@@ -272,12 +266,12 @@ def cmd_split(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import at_least, between
+    from tools.cli import at_least, between, size
     p = sub.add_parser("split", help="place hot FFN neurons on the GPU under a memory budget")
     p.add_argument("--profile", required=True, help="a finished `hotcold profile` directory")
     p.add_argument("-m", "--model", default=None, help="default: the model the profile recorded")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--gpu-budget", default=None, help="GPU memory, e.g. 512M or 8G")
+    g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory, e.g. 512M or 8G")
     g.add_argument("--hot-fraction", type=between(0, 1), default=None, help="share of the FFN bytes to place on the GPU")
     p.add_argument("--group", type=at_least(1), default=32, help="neurons placed together (default 32)")
     p.add_argument("--ctx", type=at_least(1), default=2048, help="context whose KV cache the GPU holds (default 2048)")
