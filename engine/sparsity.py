@@ -55,13 +55,15 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
 
 
 def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
-    """Each write(tmp) to a temporary file beside its path; once all have succeeded, each renamed over its path. A
-    failure leaves every old file as it was and no temporary file behind, and names the path, not its tmp."""
+    """Each write(tmp) to a temporary file beside its path (its folder made if missing); once all have succeeded, each
+    renamed over its path. A failure leaves every old file as it was and no temporary file behind, and names the
+    path, not its tmp."""
     tmps = []
     try:
         for path, write in outputs:
             if os.path.isdir(path):
                 raise HotcoldError(f"{path}: a directory is in the way of this output")
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmps.append(f"{path}.tmp{os.getpid()}")
             try:
                 write(tmps[-1])
@@ -77,14 +79,17 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
                 os.remove(tmp)
 
 
-def check_writable(path: str) -> str:
-    """Refuse, before any long work, an output that could not be written: the folder of path (made if missing), or
-    path itself when it is a directory (a bundle). Returns the folder."""
+def check_writable(path: str) -> None:
+    """Refuse, before any long work, an output that could not be written: path itself when it is a directory (a
+    bundle), else its folder or, while that is missing, the nearest folder above it (nothing is made here: a command
+    refused later leaves no empty folders)."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.normpath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise HotcoldError(f"{folder}: exists and is not a directory")
     if not os.access(folder, os.W_OK):
         raise HotcoldError(f"{folder}: not writable (the output {path} goes there)")
-    return folder
 
 
 def write_json(path: str, obj) -> None:

@@ -137,6 +137,10 @@ def test_unwritable_outputs_are_refused_before_the_work(tiny, tmp_path, capsys):
         assert cli_calibrate(tiny, out, "--target-sparsity", "0.5") == 2
         err = capsys.readouterr().err.strip()
         assert why in err and "\n" not in err and "Traceback" not in err, err
+    assert main(["calibrate", "-m", tiny[0]["silu", 0], "-f", str(tmp_path / "nosuch.txt"), "--ctx", str(CTX),
+                 "--target-sparsity", "0.5", "-o", str(tmp_path / "new" / "deeper" / "s.json")]) == 2
+    assert "nosuch.txt: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # a refused command makes no folders
 
 
 def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):

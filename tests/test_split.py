@@ -91,7 +91,7 @@ def test_gpuidx_format(tmp_path):
     for i in range(c.n_layer):
         idx, bucket = r.tensors[2 * i].data, r.tensors[2 * i + 1].data
         assert len(idx) == c.n_ff and list(bucket) == list(np.flatnonzero(idx)) == list(split["gpu_neurons"][i])
-    back = read_gpuidx(gi)  # what the runtime reads beside an export
+    back = read_gpuidx(gi, c.n_ff)  # what the runtime reads beside an export
     assert [list(b) for b in back] == [list(g) for g in split["gpu_neurons"]]
     from gguf import GGUFWriter
 
@@ -99,7 +99,7 @@ def test_gpuidx_format(tmp_path):
         wr = GGUFWriter(str(tmp_path / name), "generic.gpu_index")
         for i, ids in enumerate(split["gpu_neurons"]):
             for k, v in layer_tensors(ids).items():
-                wr.add_tensor(f"blk.{i}.{k}", np.asarray(v, np.int32))
+                wr.add_tensor(f"blk.{i}.{k}", v if isinstance(v, np.ndarray) else np.asarray(v, np.int32))
         wr.write_header_to_file()
         wr.write_kv_data_to_file()
         wr.write_tensors_to_file()
@@ -112,17 +112,19 @@ def test_gpuidx_format(tmp_path):
         return idx
     # PowerInfer writes gpu_bucket for MoE models only: then gpu_idx says it
     idx_only = gpuidx("idx_only.gpuidx", lambda ids: {"gpu_idx": one_hot(ids)})
-    assert [list(b) for b in read_gpuidx(idx_only)] == [list(g) for g in split["gpu_neurons"]]
+    assert [list(b) for b in read_gpuidx(idx_only, c.n_ff)] == [list(g) for g in split["gpu_neurons"]]
     for name, tensors, why in (  # PowerInfer reads gpu_idx: garbage there, or a bucket that disagrees, is refused
             ("garbage.gpuidx", lambda ids: {"gpu_idx": one_hot(ids, 0x7F7F7F7F), "gpu_bucket": ids},
              "blk.0.gpu_idx holds values other than 0 and 1"),
             ("disagree.gpuidx", lambda ids: {"gpu_idx": one_hot(ids[1:]), "gpu_bucket": ids},
-             "blk.0.gpu_bucket and blk.0.gpu_idx name different neurons")):
+             "blk.0.gpu_bucket and blk.0.gpu_idx name different neurons"),
+            ("short.gpuidx", lambda ids: {"gpu_idx": one_hot(ids)[:-1]}, f"blk.0.gpu_idx is not {c.n_ff} integers"),
+            ("float.gpuidx", lambda ids: {"gpu_idx": one_hot(ids).astype(np.float32) / 2}, "is not")):
         with pytest.raises(HotcoldError, match=why):
-            read_gpuidx(gpuidx(name, tensors))
+            read_gpuidx(gpuidx(name, tensors), c.n_ff)
     (tmp_path / "bad.gpuidx").write_bytes(raw[:100])
     with pytest.raises(HotcoldError, match="bad.gpuidx"):
-        read_gpuidx(str(tmp_path / "bad.gpuidx"))
+        read_gpuidx(str(tmp_path / "bad.gpuidx"), c.n_ff)
 
 
 def test_split_cli_on_a_real_profile(tmp_path, capsys):

@@ -308,7 +308,7 @@ def cmd_export(args) -> None:
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
-    check_writable(path)  # -o out/smol: out/ is made
+    check_writable(path)  # -o out/smol: out/ is made as the files are written
     info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle, split_paths, split)
     if split is None:
         for p in split_paths:

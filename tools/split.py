@@ -130,18 +130,23 @@ def write_gpuidx(path: str, split: dict) -> None:
             fh.write(struct.pack("<I", i32))
 
 
-def read_gpuidx(path: str) -> list[np.ndarray]:
-    """The GPU neuron ids per layer of PowerInfer's .gpuidx (see `write_gpuidx`): where gpu_idx is 1. gpu_bucket,
-    which PowerInfer writes for MoE models only (we always do), must name the same neurons."""
+def read_gpuidx(path: str, n_ff: int) -> list[np.ndarray]:
+    """The GPU neuron ids per layer of PowerInfer's .gpuidx (see `write_gpuidx`) for a model of n_ff neurons a layer:
+    where gpu_idx is 1. gpu_bucket, which PowerInfer writes for MoE models only (we always do), must name the same
+    neurons."""
     from engine.loader import open_gguf
     r = open_gguf(path)
-    data = {t.name: np.asarray(t.data).astype(np.int64) for t in r.tensors}
+    data = {t.name: np.asarray(t.data) for t in r.tensors}
     n = len([k for k in data if k.endswith(".gpu_idx")])
     ids = []
     for i in range(n):
         idx, bucket = data.get(f"blk.{i}.gpu_idx"), data.get(f"blk.{i}.gpu_bucket")
         if idx is None:
             raise HotcoldError(f"{path}: not a PowerInfer GPU index (no blk.{i}.gpu_idx)")
+        integers = idx.dtype.kind in "iu" and (bucket is None or bucket.dtype.kind in "iu")
+        if not integers or idx.shape != (n_ff,):
+            raise HotcoldError(f"{path}: blk.{i}.gpu_idx is not {n_ff} integers, one per FFN neuron of the model, or "
+                               f"blk.{i}.gpu_bucket not integers")
         if not np.isin(idx, (0, 1)).all():
             raise HotcoldError(f"{path}: blk.{i}.gpu_idx holds values other than 0 and 1")
         if bucket is not None and not np.array_equal(np.sort(bucket), np.flatnonzero(idx)):
@@ -228,7 +233,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
     if split_path is not None and split_path.endswith(".gpuidx"):
-        return bundle, check_hot(read_gpuidx(split_path), c, split_path, model.ckpt.path), device
+        return bundle, check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path), device
     if split_path is not None:
         return bundle, read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"], device
     from tools.profile import load_counts
