@@ -194,8 +194,7 @@ class Model:
         stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context")."""
         sampler = sampler or Sampler(temperature=0.0)
         self.check_prompt(prompt_ids)
-        room = self.n_ctx - len(prompt_ids)
-        n = min(n, room)
+        asked, n = n, min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
         if self.sparsity is not None:
             self.sparsity.reset()
@@ -220,7 +219,7 @@ class Model:
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
         stop = ("stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
-                else "context" if len(out) == room else "length")
+                else "length" if len(out) >= asked else "context")
         stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out), "stop": stop,
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
                  "prefill_tok_s": len(prompt_ids) / (t1 - t0),

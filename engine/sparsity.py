@@ -56,19 +56,20 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
 
 def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
     """Each write(tmp) to a temporary file beside its path (its folder made if missing); once all have succeeded, each
-    renamed over its path. A failure leaves every old file as it was and no temporary file behind, and names the
-    path, not its tmp."""
+    renamed over its path. A failure while writing leaves every old file as it was and no temporary file behind, and
+    names the path, not its tmp. The paths must differ."""
+    blocked = next((path for path, _ in outputs if os.path.isdir(path)), None)
+    if blocked is not None:  # before any write: export's model takes minutes
+        raise HotcoldError(f"{blocked}: a directory is in the way of this output")
     tmps = []
     try:
         for path, write in outputs:
-            if os.path.isdir(path):
-                raise HotcoldError(f"{path}: a directory is in the way of this output")
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmps.append(f"{path}.tmp{os.getpid()}")
             try:
                 write(tmps[-1])
             except OSError as e:
-                if e.filename != tmps[-1]:
+                if e.filename not in (None, tmps[-1]):  # a file the writer reads
                     raise
                 raise HotcoldError(f"{path}: cannot write ({e.strerror or e})") from None
         for (path, _), tmp in zip(outputs, tmps):

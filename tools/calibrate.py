@@ -413,7 +413,8 @@ def cmd_calibrate(args) -> None:
     if args.bundle is not None:
         from predictors.bundle import check_bundle_out
         check_bundle_out(args.out)
-    check_writable(args.out)  # and progress_path's folder
+    check_writable(args.out)
+    check_writable(progress_path(args.out))  # beside it: the parent of a bundle directory
     method = args.method
     model = load_model(args, n_ctx=args.ctx)
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)

@@ -35,7 +35,7 @@ from engine.qtensor import QTensor
 from engine.sparsity import check_writable, fingerprint, write_all
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
-from tools.split import check_out_prefix, read_model_split, write_gpuidx
+from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
@@ -271,13 +271,12 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
 
 
 def write_split_file(path: str, split: dict) -> None:
-    """PowerInfer's .gpuidx, read back: layer order and GPU ids. Written at OUT.gpuidx and as a copy at
-    OUT.powerinfer.gguf.generated.gpuidx (not a link: PowerInfer rewrites that one in place when it solves a split)."""
+    """PowerInfer's .gpuidx, read back as the runtime reads it. Written at OUT.gpuidx and again at
+    OUT.powerinfer.gguf.generated.gpuidx (a file, not a link: PowerInfer rewrites that one in place when it solves a
+    split)."""
     write_gpuidx(path, split)
-    tensors = open_gguf(path).tensors
-    want = [(f"blk.{i}.{n}", ids) for i, ids in enumerate(split["gpu_neurons"]) for n in ("gpu_idx", "gpu_bucket")]
-    if [t.name for t in tensors] != [n for n, _ in want] or any(
-            not np.array_equal(t.data, ids) for t, (n, ids) in zip(tensors, want) if n.endswith("gpu_bucket")):
+    back = read_gpuidx(path, split["n_ff"])
+    if len(back) != split["n_layer"] or any(not np.array_equal(b, g) for b, g in zip(back, split["gpu_neurons"])):
         raise HotcoldError(f"{path}: the GPU split reads back differently from what was written")
 
 

@@ -161,12 +161,17 @@ def check_out_prefix(prefix: str, example: str) -> None:
         raise HotcoldError(f"{prefix}: a directory; -o takes a file name without its suffix, e.g. {example}")
 
 
-def write_split(prefix: str, split: dict) -> tuple[str, str]:
-    """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), written to temporary files and renamed together."""
+def split_paths(prefix: str) -> tuple[str, str]:
+    """PREFIX.json and PREFIX.gpuidx (PREFIX may end in .json), refused before any work if they cannot be written."""
     check_out_prefix(prefix, "out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
-    js, gi = prefix + ".json", prefix + ".gpuidx"
-    check_writable(js)
+    check_writable(prefix + ".json")
+    return prefix + ".json", prefix + ".gpuidx"
+
+
+def write_split(prefix: str, split: dict) -> tuple[str, str]:
+    """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), written to temporary files and renamed together."""
+    js, gi = split_paths(prefix)
     write_all([(js, lambda tmp: Path(tmp).write_text(json.dumps(split))), (gi, lambda tmp: write_gpuidx(tmp, split))])
     return js, gi
 
@@ -251,6 +256,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
 def cmd_split(args) -> None:
     from engine.loader import load_checkpoint
     from tools.profile import load_counts
+    split_paths(args.out)
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
     fp = fingerprint(ckpt.config, ckpt.tensors)
