@@ -28,25 +28,32 @@ DEFAULT_CTX = 2048
 
 @dataclass
 class Sampler:
+    """llama.cpp's sampler chain and defaults: top-k, then top-p and min-p on the candidates' probabilities, then the
+    temperature on those left, then a draw."""
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 40  # 0: off
     top_p: float = 0.95  # 1: off
-    seed: int | None = None
+    min_p: float = 0.05  # 0: off; keeps p >= min_p * max p
+    seed: int | None = None  # None or negative: random
 
     def __post_init__(self):
-        self.rng = np.random.default_rng(self.seed if self.seed is not None else time.time_ns())
+        self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
 
     def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
         if self.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
             else np.arange(logits.size)  # (k,) the candidates
-        z = logits[ids].astype(np.float64) / self.temperature
-        p = np.exp(z - z.max())
+        z = logits[ids].astype(np.float64)
+        z -= z.max()  # <= 0: z / temperature cannot overflow to +inf
+        p = np.exp(z)
+        keep = p >= self.min_p  # p / max p
         if self.top_p < 1.0:
             order = np.argsort(-p, kind="stable")
             ps = p[order] / p.sum()
-            p[order[np.cumsum(ps) - ps >= self.top_p]] = 0.0  # always keeps the first
+            keep[order[np.cumsum(ps) - ps >= self.top_p]] = False  # always keeps the first
+        with np.errstate(over="ignore"):  # a tiny temperature: -inf for all but the top, as greedy
+            p = np.where(keep, np.exp(z / self.temperature), 0.0)
         c = np.cumsum(p)
         return int(ids[min(np.searchsorted(c, self.rng.random() * c[-1], side="right"), c.size - 1)])
 
@@ -194,6 +201,8 @@ class Model:
         stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context")."""
         sampler = sampler or Sampler(temperature=0.0)
         self.check_prompt(prompt_ids)
+        if n < 0:
+            raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
         if self.sparsity is not None:
@@ -204,6 +213,7 @@ class Model:
         logits = self.net.next_logits(prompt_ids, 0)  # (n_vocab,)
         t1 = time.perf_counter()
         out: list[int] = []
+        shown = ""  # what on_text has had
         pos = len(prompt_ids)
         while len(out) < n:
             tok = sampler(logits)
@@ -212,6 +222,7 @@ class Model:
                 piece = stream.step(self.tokenizer.tk, tok)
                 if piece:
                     on_text(piece)
+                    shown += piece
             if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
             logits = self.net.next_logits([tok], pos)
@@ -228,7 +239,10 @@ class Model:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             stats.update(self.runtime.stats())
-        return Completion(self.detokenize(out), out, list(prompt_ids), stats)
+        text = self.detokenize(out)
+        if on_text is not None and text.startswith(shown) and len(text) > len(shown):
+            on_text(text[len(shown):])  # a character cut off by the last token, as the text shows it (U+FFFD)
+        return Completion(text, out, list(prompt_ids), stats)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
@@ -240,6 +254,8 @@ class Model:
         available = len(tokens) // ctx
         if ctx < 4:
             raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
+        if first_chunk < 0 or (chunks is not None and chunks < 1):
+            raise HotcoldError(f"chunks {chunks} from chunk {first_chunk}: at least one, from chunk 0 or later")
         if ctx > self.n_ctx:
             raise HotcoldError(f"--ctx {ctx}: longer than the model context {self.n_ctx}")
         if available <= first_chunk:

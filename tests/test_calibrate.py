@@ -37,7 +37,13 @@ def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys):
     # the config applies to its own model in every command, and to no other model
     assert main(["perplexity", "-m", tiny[0]["silu", 0], "-f", tiny[1], "--ctx", str(CTX), "--sparsity",
                  str(out), "--json", "-t", "1"]) == 0
-    assert 0.3 < json.loads(capsys.readouterr().out)["sparsity"] < 0.7
+    res = json.loads(capsys.readouterr().out)
+    assert 0.3 < res["sparsity"] < 0.7
+    lines = tmp_path / "corpus.jsonl"  # .jsonl: the text fields are scored, as calibrate and profile read them
+    lines.write_text(json.dumps({"text": open(tiny[1]).read()}) + "\n")
+    assert main(["perplexity", "-m", tiny[0]["silu", 0], "-f", str(lines), "--ctx", str(CTX), "--sparsity",
+                 str(out), "--json", "-t", "1"]) == 0
+    assert json.loads(capsys.readouterr().out) == res
     for other in (("silu", 1), ("relu", 0)):
         with pytest.raises(HotcoldError, match=f"{out}: sparsity config of another model"):
             load(tiny[0][other], n_ctx=CTX, threads=1, sparsity=str(out))

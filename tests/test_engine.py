@@ -161,11 +161,11 @@ def test_generate_from_a_short_prompt_never_imports_torch(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_sampler_follows_temperature_top_k_and_top_p():
+def test_sampler_follows_temperature_top_k_top_p_and_min_p():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
 
-    def freq(s: Sampler, n: int = 4000) -> np.ndarray:
-        return np.bincount([s(logits) for _ in range(n)], minlength=4) / n
+    def freq(s: Sampler, n: int = 4000, x=logits) -> np.ndarray:
+        return np.bincount([s(x) for _ in range(n)], minlength=len(x)) / n
 
     assert Sampler(temperature=0).__call__(logits) == 0
     assert np.allclose(freq(Sampler(1.0, top_k=0, top_p=1.0, seed=0)), [0.5, 0.3, 0.15, 0.05], atol=0.03)
@@ -176,6 +176,12 @@ def test_sampler_follows_temperature_top_k_and_top_p():
     assert np.allclose(hot, np.sqrt([0.5, 0.3, 0.15, 0.05]) / np.sqrt([0.5, 0.3, 0.15, 0.05]).sum(), atol=0.03)
     a, b = Sampler(0.9, seed=7), Sampler(0.9, seed=7)
     assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+    # as llama.cpp: top-p on the probabilities before the temperature, which then reshapes what is left
+    cold = freq(Sampler(0.5, top_k=0, top_p=0.6, min_p=0, seed=5))  # keeps 0.5 and 0.3, then p^2
+    assert np.allclose(cold, [0.25 / 0.34, 0.09 / 0.34, 0, 0], atol=0.03)
+    assert np.allclose(freq(Sampler(1.0, top_k=0, top_p=1.0, min_p=0.5, seed=6)), [0.625, 0.375, 0, 0], atol=0.03)
+    assert freq(Sampler(1e-310, top_k=0, top_p=1.0, seed=8), 50).tolist() == [1, 0, 0, 0]  # no overflow: greedy
+    assert Sampler(seed=-1)(logits) in range(4)  # negative: a random seed, as in llama.cpp
 
 
 def test_resident_bytes_native(smollm):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.api import Sampler
+from engine.config import HotcoldError
 from tools.cli import main
 
 
@@ -81,6 +82,21 @@ def test_sampling_seeded_and_topk1_is_greedy(smollm):
     g = smollm.generate(ids, 8, Sampler(temperature=0))
     k1 = smollm.generate(ids, 8, Sampler(temperature=1.3, top_k=1, seed=3))
     assert g.token_ids == k1.token_ids
+
+
+def test_streamed_text_is_the_text(smollm):
+    """A continuation cut inside a character streams what the text holds (U+FFFD), not one character less."""
+    ids = smollm.tokenize("月亮", special=False, add_bos=False)  # 月 and 亮 take two byte-level tokens each
+    for k in range(1, len(ids) + 1):
+        given = iter(ids[:k])
+        shown = []
+        out = smollm.generate(smollm.tokenize("Hi"), k, lambda logits: next(given), on_text=shown.append)
+        assert out.token_ids == ids[:k] and "".join(shown) == out.text == smollm.detokenize(ids[:k])
+    with pytest.raises(HotcoldError, match="n = -1"):
+        smollm.generate(smollm.tokenize("Hi"), -1)
+    for chunks, first in ((0, 0), (1, -1)):
+        with pytest.raises(HotcoldError, match="at least one, from chunk 0 or later"):
+            smollm.perplexity(ids * 64, 16, chunks, first)
 
 
 def test_cli_generate_json_and_chat(capsys):

@@ -150,19 +150,6 @@ def load_model(args, n_ctx: int | None = None):
     return model
 
 
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise HotcoldError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HotcoldError(f"{path}: unreadable ({e})") from None
-    if not text.strip():
-        raise HotcoldError(f"{path}: empty file")
-    return text
-
-
 def emit_json(obj) -> None:
     json.dump(obj, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")
@@ -177,29 +164,29 @@ def cmd_generate(args) -> None:
     prompt = model.tokenizer.apply_chat_template(prompt) if args.chat else prompt
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed if args.seed is None or args.seed >= 0
-                      else None)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
     if args.json:
-        emit_json(model.generate(ids, args.n, sampler).to_dict())
-        return
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-
-    def on_text(piece: str) -> None:
-        sys.stdout.write(piece)
+        out = model.generate(ids, args.n, sampler)
+        emit_json(out.to_dict())
+    else:
+        sys.stdout.write(prompt)
         sys.stdout.flush()
 
-    out = model.generate(ids, args.n, sampler, on_text=on_text)
-    s = out.stats
-    sys.stdout.write("\n")
-    sys.stdout.flush()  # before the statistics on stderr
-    print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
-          f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
-    if s["stop"] == "context":
+        def on_text(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        out = model.generate(ids, args.n, sampler, on_text=on_text)
+        s = out.stats
+        sys.stdout.write("\n")
+        sys.stdout.flush()  # before the statistics on stderr
+        print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
+              f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+        if "predicted_sparsity" in s:
+            print(format_runtime_stats(s), file=sys.stderr)
+    if out.stats["stop"] == "context":
         print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
               file=sys.stderr)
-    if "predicted_sparsity" in s:
-        print(format_runtime_stats(s), file=sys.stderr)
 
 
 def format_runtime_stats(s: dict) -> str:
@@ -226,7 +213,9 @@ def cmd_tokenize(args) -> None:
 
 def cmd_perplexity(args) -> None:
     from tqdm import tqdm
-    text = read_text(args.file)  # a bad file is named before the model loads
+
+    from tools.profile import read_corpus
+    text = "\n\n".join(read_corpus([args.file]))  # a bad file is named before the model loads
     model = load_model(args, n_ctx=args.ctx)
     tokens = model.tokenize(text, special=False, add_bos=False)
     total = len(tokens) // args.ctx - args.first_chunk
@@ -276,6 +265,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=at_least(0), default=40, help="0 = off (default 40)")
     p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--min-p", type=between(0, 1), default=0.05,
+                   help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default, or negative as in llama.cpp: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -292,8 +283,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
     add_model_args(p, ctx=False)
-    p.add_argument("-f", "--file", required=True)
-    p.add_argument("--ctx", type=at_least(2), default=512, help="chunk size in tokens (default 512)")
+    p.add_argument("-f", "--file", required=True, help="a text file, or .jsonl with a text field per line")
+    p.add_argument("--ctx", type=at_least(4), default=512, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=at_least(0), default=0)
     p.add_argument("--json", action="store_true")
