@@ -115,6 +115,12 @@ def test_cli_generate_json_and_chat(capsys):
     assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "length"
 
 
+def test_cli_inspect_takes_the_default_models_name(capsys):
+    assert main(["inspect", "smollm2-135m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "gguf" and info["architecture"] == "llama" and info["path"].endswith(".Q4_1.gguf")
+
+
 def test_cli_tokenize(capsys):
     assert main(["tokenize", "<|im_start|>user\nHi<|im_end|>\n"]) == 0
     assert capsys.readouterr().out.split() == ["1", "4093", "198", "26843", "2", "198"]

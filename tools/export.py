@@ -30,7 +30,8 @@ from gguf import GGMLQuantizationType as QT
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
 from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
-                           POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf)
+                           POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf,
+                           resolve)
 from engine.qtensor import QTensor
 from engine.sparsity import check_writable, fingerprint, write_all
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
@@ -400,7 +401,7 @@ def format_inspect(info: dict) -> str:
 
 
 def cmd_inspect(args) -> None:
-    info = inspect_file(args.file)
+    info = inspect_file(resolve(args.file))  # the default model's name too
     if args.json:
         emit_json(info)
     else:
@@ -421,6 +422,7 @@ def add_command(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="metadata, tensors and predictors of a GGUF file or a predictor bundle")
-    p.add_argument("file", help="GGUF (also PowerInfer's .powerinfer.gguf and .gpuidx) or bundle directory")
+    p.add_argument("file", help="GGUF (also PowerInfer's .powerinfer.gguf and .gpuidx), bundle directory, or "
+                   "smollm2-135m (the default model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
