@@ -119,6 +119,7 @@ def test_cli_inspect_takes_the_default_models_name(capsys):
     assert main(["inspect", "smollm2-135m", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "gguf" and info["architecture"] == "llama" and info["path"].endswith(".Q4_1.gguf")
+    assert info["metadata"]["tokenizer.chat_template"].startswith("{% for message in messages %}")  # whole in --json
 
 
 def test_cli_tokenize(capsys):
