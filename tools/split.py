@@ -161,7 +161,7 @@ def check_out_prefix(prefix: str, example: str) -> None:
         raise HotcoldError(f"{prefix}: a directory; -o takes a file name without its suffix, e.g. {example}")
 
 
-def split_paths(prefix: str) -> tuple[str, str]:
+def split_outputs(prefix: str) -> tuple[str, str]:
     """PREFIX.json and PREFIX.gpuidx (PREFIX may end in .json), refused before any work if they cannot be written."""
     check_out_prefix(prefix, "out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
@@ -171,7 +171,7 @@ def split_paths(prefix: str) -> tuple[str, str]:
 
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
     """PREFIX.json (ours) and PREFIX.gpuidx (PowerInfer's), written to temporary files and renamed together."""
-    js, gi = split_paths(prefix)
+    js, gi = split_outputs(prefix)
     write_all([(js, lambda tmp: Path(tmp).write_text(json.dumps(split))), (gi, lambda tmp: write_gpuidx(tmp, split))])
     return js, gi
 
@@ -256,7 +256,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
 def cmd_split(args) -> None:
     from engine.loader import load_checkpoint
     from tools.profile import load_counts
-    split_paths(args.out)
+    split_outputs(args.out)  # refused before the profile is read and the split solved
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
     fp = fingerprint(ckpt.config, ckpt.tensors)
