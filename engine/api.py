@@ -171,9 +171,14 @@ class Model:
         if audit:
             thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
             rule = Sparsifier(thr, down_norms(batched_net(self.net)))
-        self.runtime = Runtime(self.net, bundle, hot, device, rule, qtype or bundle.predictor_type)
-        self.net.runtime = self.runtime
-        batched_net(self.net).predict = self.runtime.mask
+        self.install_runtime(Runtime(self.net, bundle, hot, device, rule, qtype or bundle.predictor_type))
+
+    def install_runtime(self, rt) -> None:
+        """Decode through the predictor runtime rt (engine.hybrid.Runtime), or densely with None: the kernels' steps
+        and the batched prefill both."""
+        from .sparsity import batched_net
+        self.runtime = self.net.runtime = rt
+        batched_net(self.net).predict = rt.mask if rt is not None else None
 
     # --- text <-> ids -------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:

@@ -165,11 +165,9 @@ class Setup:
 
     def apply(self, dense: bool = False) -> None:
         """Install this configuration; with dense, the model's plain dense decode on its own kernels."""
-        from engine.sparsity import batched_net
-        m, rt = self.model, None if dense else self.runtime
+        m = self.model
         m.net = self.net
-        m.runtime = self.net.runtime = rt
-        batched_net(self.net).predict = rt.mask if rt is not None else None
+        m.install_runtime(None if dense else self.runtime)
         if self.device_net is not None and not dense:
             m.net = self.device_net
 
