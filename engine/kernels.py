@@ -34,10 +34,12 @@ one KMatrix must not be used by two Python threads at once. Threads: `numba.set_
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
 import platform
+import shutil
 import warnings
 
 import numba
@@ -79,7 +81,8 @@ def host_isa() -> str:
 def _cache_by_source() -> None:
     """Cache the engine's compiled kernels in a folder named after a digest of the engine's sources. numba checks
     only a cached function's own file, and cpu.py and hybrid.py inline this module's helpers: after a change here
-    they would load their old code. NUMBA_CACHE_DIR, when set, wins; so does an unwritable package folder."""
+    they would load their old code. The folders of other sources are removed. NUMBA_CACHE_DIR, when set, wins; so
+    does an unwritable package folder."""
     here = os.path.dirname(os.path.abspath(__file__))
     if os.environ.get("NUMBA_CACHE_DIR") or not os.access(here, os.W_OK):
         return
@@ -87,7 +90,11 @@ def _cache_by_source() -> None:
     for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
         with open(os.path.join(here, name), "rb") as fh:
             digest.update(name.encode() + fh.read())
-    numba.config.CACHE_DIR = os.path.join(here, "__pycache__", "numba-" + digest.hexdigest()[:16])
+    cache = os.path.join(here, "__pycache__", "numba-" + digest.hexdigest()[:16])
+    if not os.path.isdir(cache):  # new sources (an upgrade, an edit): the kernels of the old ones are dead weight
+        for old in glob.glob(os.path.join(here, "__pycache__", "numba-*")):
+            shutil.rmtree(old, ignore_errors=True)
+    numba.config.CACHE_DIR = cache
 
 
 _cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated

@@ -404,7 +404,8 @@ def test_rejects_unsupported(rng):
 
 def test_kernel_cache_follows_every_engine_source(tmp_path):
     """cpu.py inlines helpers from kernels.py, and numba checks only a function's own file: so the cache folder is
-    named after all of the engine's sources, and editing kernels.py alone moves every kernel to a new one."""
+    named after all of the engine's sources, and editing kernels.py alone moves every kernel to a new one (and
+    removes the old folder)."""
     import shutil
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shutil.copytree(os.path.join(root, "engine"), tmp_path / "engine", ignore=shutil.ignore_patterns("__pycache__"))
@@ -420,9 +421,11 @@ def test_kernel_cache_follows_every_engine_source(tmp_path):
     first = cache_dir(NUMBA_CACHE_DIR=None)
     assert first.startswith(str(tmp_path / "engine" / "__pycache__" / "numba-"))
     assert cache_dir(NUMBA_CACHE_DIR=None) == first
+    os.makedirs(os.path.join(first, "engine"))  # as a compiling run leaves it
     with open(tmp_path / "engine" / "kernels.py", "a") as fh:
         fh.write("# edited\n")
     assert cache_dir(NUMBA_CACHE_DIR=None) != first
+    assert not os.path.exists(first)  # the old sources' kernels are removed, not left to pile up
     assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
 
 
