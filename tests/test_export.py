@@ -128,7 +128,8 @@ def test_export_makes_the_output_directory(tiny, capsys):
 def test_powerinfer_format_bytes(tiny, capsys):
     """Magic, tensor names and shapes, key types, and the .gpuidx order, read with GGUFReader."""
     c, out = tiny["config"], str(tiny["dir"] / "fmt")
-    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out)[0] == 0
+    code, note = export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out)
+    assert code == 0 and "ranks 16, 24 do not fill; quantize with --outtype" in note  # PowerInfer's quantize: 32 wide
     path = out + ".powerinfer.gguf"
     with open(path, "rb") as fh:
         assert fh.read(4) == b"PWRI"
@@ -178,6 +179,14 @@ def test_powerinfer_format_bytes(tiny, capsys):
         assert QT(int(idx.tensor_type)) == QT(int(bucket.tensor_type)) == QT.I32 and len(idx.data) == c.n_ff
         assert bucket.data.tolist() == sorted(split["gpu_neurons"][i]) == np.flatnonzero(idx.data).tolist()
     assert load_checkpoint(path).gpuidx == gpuidx
+    # in a q4_0 file the hot rows take 18 bytes a block of 32 values, not 2 a value: PowerInfer loads the split only
+    # when the VRAM left holds split.vram_capacity
+    q4 = str(tiny["dir"] / "fmt_q4")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", q4,
+                  "--outtype", "q4_0") == (0, "")  # quantized here: no note
+    hot = sum(len(g) for g in split["gpu_neurons"])
+    assert open_gguf(q4 + ".gpuidx").fields["split.vram_capacity"].contents() == hot * 3 * c.n_embd // 32 * 18
+    assert split["ffn_gpu_bytes"] == hot * 3 * c.n_embd * 2  # the split's own price: float16, as our runtime holds it
 
     # the kernel engine decodes the transposed layout as the torch reference does
     reference = Model(load_checkpoint(path), 64, backend="torch")

@@ -4,7 +4,8 @@
 overwritten by PWRI; llama keys and tokenizer (architecture bamboo for dReLU, PowerInfer's graph for it);
 output.weight written even when tied; blk.N.ffn_down_t in place of ffn_down; blk.N.fc1/fc2 (F16) under one
 powerinfer.sparse_threshold, per-layer thresholds folded into fc2; our manifest under hotcold.predictors.manifest.
-With --split also OUT.gpuidx, linked as OUT.powerinfer.gguf.generated.gpuidx: the name PowerInfer looks for.
+With --split also OUT.gpuidx, copied to OUT.powerinfer.gguf.generated.gpuidx: the name PowerInfer looks for; its
+split.vram_capacity is what the hot rows take in this file's types.
 
 --format gguf: OUT.gguf, a standard llama.cpp file. llama.cpp refuses a file holding tensors it does not use
 ("wrong number of tensors"), so a bundle travels in two keys it ignores: hotcold.predictors.manifest (manifest.json)
@@ -240,6 +241,8 @@ def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle
         keys[KEY_BUNDLE_MANIFEST] = json.dumps(manifest)
         info["ranks"] = bundle.ranks
     items = plan(ckpt, qtype, powerinfer, preds)
+    if split is not None:  # PowerInfer checks split.vram_capacity against the VRAM left: the hot rows as stored here
+        split = dict(split, ffn_gpu_bytes=hot_row_bytes(items, split))
     arch = POWERINFER_ARCH[effective_act(ckpt.config)] if powerinfer else "llama"
 
     def write_keys(wr: GGUFWriter) -> None:
@@ -269,6 +272,15 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
                            f"ReLU output is exactly zero, and {why}; use --format gguf")
     if not c.ffn_gated:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
+
+
+def hot_row_bytes(items: list[Out], split: dict) -> int:
+    """The bytes of the split's hot rows of ffn_gate, ffn_up and ffn_down_t in the types this file stores them in
+    (the split itself prices them in float16, as our runtime holds them)."""
+    per_neuron = [sum(o.nbytes // o.shape[0] for o in items if o.name in (blk(i, "ffn_gate"), blk(i, "ffn_up"),
+                                                                         blk(i, "ffn_down_t")))
+                  for i in range(split["n_layer"])]
+    return sum(len(ids) * b for ids, b in zip(split["gpu_neurons"], per_neuron))
 
 
 def write_split_file(path: str, split: dict) -> None:
@@ -324,6 +336,11 @@ def cmd_export(args) -> None:
     if pre not in (None, "default", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
+    odd = sorted({r for r in ranks or () if r % 32})
+    if powerinfer and odd and args.outtype == "f16":  # fc2's rows are `rank` values long
+        print(f"hotcold: note: PowerInfer's quantize would store fc1/fc2 in blocks of 32 values, which predictor "
+              f"ranks {', '.join(map(str, odd))} do not fill; quantize with --outtype q8_0 or q4_0 here instead",
+              file=sys.stderr)
     if not powerinfer and ckpt.config.act != "silu":
         print(f"hotcold: note: llama.cpp runs every llama FFN as SiLU; this {ckpt.config.act} model gives the right "
               "outputs in hotcold (and PowerInfer, --format powerinfer) only", file=sys.stderr)
