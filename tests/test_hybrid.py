@@ -1,5 +1,6 @@
 """The predictor-driven runtime (engine/hybrid.py): dense equivalence, the hot part on a second device, audit."""
 import json
+import os
 import subprocess
 import sys
 
@@ -259,7 +260,7 @@ def test_cli_generate_reports_stats(tmp_path):
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys):
+def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     """bench --hybrid -m MODEL --predictors BUNDLE (a ReLU model: no FATReLU fixture): the bundle's row beside the
     dense decode, with audited recall; the text report shows it."""
     from tools.bench_hybrid import format_hybrid
@@ -277,11 +278,15 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys):
     assert "--audit-recall: bench --hybrid chooses its own" in capsys.readouterr().err
     assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors
     assert "--hot-device goes with --predictors" in capsys.readouterr().err
-    # plain bench with predictors: their statistics beside the speed, and the first token timed with them too
-    assert main(["bench", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall", "-n", "4",
+    # plain bench with predictors: their statistics beside the speed, and the first token timed with them too, in a
+    # new process that reads the paths as given here (relative ones too)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "-m", os.path.basename(path), "--predictors", "bundle", "--audit-recall", "-n", "4",
                  "--prompt-tokens", "8", "-t", "1", "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)["predictors"]
+    res = json.loads(capsys.readouterr().out)
+    p = res["predictors"]
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
+    assert res["ttft_s"] > 0
 
 
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:

@@ -176,9 +176,14 @@ def time_to_first_token(args) -> float:
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    t = time.perf_counter()
-    subprocess.run(cmd, cwd=root, check=True, capture_output=True, timeout=600)
+    from engine.config import HotcoldError
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable from a checkout, run from the
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))  # user's
+    t = time.perf_counter()  # folder, where the paths given are relative to
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        raise HotcoldError("time to first token: `hotcold generate -n 1` failed: "
+                           + (res.stderr.strip().splitlines() or ["(no output)"])[-1])
     return time.perf_counter() - t
 
 
