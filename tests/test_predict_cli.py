@@ -80,6 +80,21 @@ def test_train_resume_eval(setup, capsys):
 
     rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--json")
     assert rc == 0 and json.loads(out)["trained"] == []  # a finished bundle is not retrained
+    # nor overwritten by a run with other settings, unless asked; an unfinished run's layers neither
+    before = open(os.path.join(bundle, "manifest.json")).read()
+    other = str(s["dir"] / "other_bundle")
+    assert run(capsys, "train-predictors", "--profile", s["profile"], "-o", other, "--recall", "0.9", "--layers",
+               "1", "--json")[0] == 0
+    for out_dir, what in ((bundle, "a bundle"), (other, "layers of an unfinished run")):
+        rc, out, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", out_dir, "--recall", "0.95")
+        assert (rc, out) == (2, "") and err.strip() == (
+            f"hotcold: error: {out_dir}: holds {what} trained with other settings or from another profile or model; "
+            "--force retrains, or give a new directory")
+    assert open(os.path.join(bundle, "manifest.json")).read() == before
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", other, "--recall", "0.95",
+                     "--force", "--json")
+    assert rc == 0 and json.loads(out)["trained"] == [0, 1]
+    assert json.load(open(os.path.join(other, "manifest.json")))["training"]["recall"] == 0.95
 
     rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"],
                      "--ctx", "128", "--json")

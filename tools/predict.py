@@ -136,19 +136,19 @@ def partial_paths(out: str, i: int) -> tuple[str, str]:
     return base + ".safetensors", base + ".json"
 
 
-def load_partial(out: str, i: int, key: str):
-    """(predictor, threshold, metrics) of a layer already trained with these settings, else None."""
+def load_partial(out: str, i: int) -> tuple[str, tuple] | None:
+    """(settings key, (predictor, threshold, metrics)) of a layer an unfinished run saved; None if none or damaged
+    (a damaged leftover is retrained, not fatal)."""
     from predictors.model import Predictor
     st, js = partial_paths(out, i)
     if not (os.path.exists(st) and os.path.exists(js)):
         return None
     try:
         meta = read_json(js, "partial layer")
-        if meta.get("key") != key:
-            return None
         t = load_file(st)
-        return Predictor.from_weights(t["fc1"].float(), t["fc2"].float()), float(meta["threshold"]), meta["metrics"]
-    except Exception:  # a damaged leftover is retrained, not fatal
+        pred = Predictor.from_weights(t["fc1"].float(), t["fc2"].float())
+        return meta["key"], (pred, float(meta["threshold"]), meta["metrics"])
+    except Exception:
         return None
 
 
@@ -160,26 +160,51 @@ def save_partial(out: str, i: int, key: str, pred, threshold: float, metrics: di
     write_json(js, {"key": key, "threshold": threshold, "metrics": metrics})
 
 
-def done_from_bundle(out: str, fp: dict, key: str) -> dict:
-    """{layer: (predictor, threshold, metrics)} of a finished bundle at `out` made with the same settings."""
-    from predictors.bundle import MANIFEST, load_bundle
-    if not os.path.exists(os.path.join(out, MANIFEST)):
-        return {}
-    b = load_bundle(out, fp)
-    if b.training.get("key") != key:
-        return {}
-    return {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}
+def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
+    """{layer: (predictor, threshold, metrics)} that `out` holds from these settings: the layers of a finished bundle,
+    or of an unfinished run. Work from other settings, another profile or another model is refused (nothing is
+    lost unasked); with force it is removed."""
+    from predictors.bundle import MANIFEST, TENSORS, load_bundle
+    refuse = (f"{out}: holds {{}} trained with other settings or from another profile or model; --force retrains, or "
+              "give a new directory")
+    done = {}
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        try:
+            b = load_bundle(out, fp)
+        except HotcoldError:  # another model's, or damaged
+            if not force:
+                raise
+            b = None
+        if b is not None and b.training.get("key") == key:
+            done = {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}
+        elif not force:
+            raise HotcoldError(refuse.format("a bundle"))
+        else:
+            for name in (MANIFEST, TENSORS):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+    for i in range(n_layer):
+        part = None if i in done else load_partial(out, i)
+        if part is not None and part[0] == key:
+            done[i] = part[1]
+        elif part is not None and not force:
+            raise HotcoldError(refuse.format("layers of an unfinished run"))
+        elif part is not None:
+            for path in partial_paths(out, i):
+                os.remove(path)
+    return done
 
 
 def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="auto", epochs: int = 10,
                      device: str = "cpu", layers: list[int] | None = None, sparsity_path: str | None = None,
                      lr: float = 1e-2, seed: int = 0, progress: bool = True, log=None, threads: int = 1,
-                     qtype: str = "F16", weighting: str = "contribution") -> dict:
+                     qtype: str = "F16", weighting: str = "contribution", force: bool = False) -> dict:
     """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`, for decoding to
     read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
-    "bundle": out or None, "budget": {...}}."""
+    "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
+    trained otherwise, by retraining it."""
     from engine.sparsity import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
     from predictors.train import BUDGET, WEIGHTINGS, train_layer
@@ -215,10 +240,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     opts = {"recall": recall, "rank": rank, "epochs": epochs, "lr": lr, "seed": seed, "budget": BUDGET,
             "predictor_type": qtype, "weighting": weighting}
     key = settings_key(fp, manifest, opts)
-    done = done_from_bundle(out, fp, key)
-    for i in range(c.n_layer):
-        if i not in done and (p := load_partial(out, i, key)) is not None:
-            done[i] = p
+    done = kept_work(out, fp, key, c.n_layer, force)
     todo = [i for i in want if i not in done]
     if done and want:
         log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
@@ -356,7 +378,7 @@ def cmd_train(args) -> None:
     rank = args.rank if args.rank == "auto" else int(args.rank)
     res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
-                           qtype=args.predictor_type, weighting=args.weighting)
+                           qtype=args.predictor_type, weighting=args.weighting, force=args.force)
     if args.json:
         from tools.cli import emit_json
         emit_json(res)
@@ -409,6 +431,8 @@ def add_command(sub) -> None:
                    "|h_i| ||down_i|| (recomputed from the profiled inputs); count: every active label the same")
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="torch threads for training (default: all "
                    "cores); the next layer's samples are read meanwhile in another thread")
+    p.add_argument("--force", action="store_true", help="retrain what --out holds from other settings, another "
+                   "profile or another model (refused otherwise)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 
