@@ -258,6 +258,10 @@ def test_cli_generate_reports_stats(tmp_path):
     assert plain["token_ids"] == out["token_ids"] and plain["stats"]["gpu_share"] == 0.0
     bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
+    # a split that cannot be read is refused on any machine, not only where a GPU would use it (--hot-device auto)
+    nosuch = str(tmp_path / "nosuch.json")
+    bad = subprocess.run(cmd + ["--split", nosuch], capture_output=True, text=True)
+    assert (bad.returncode, bad.stdout, bad.stderr) == (2, "", f"hotcold: error: {nosuch}: no such file\n")
 
 
 def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):

@@ -234,13 +234,16 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                 print(f"hotcold: --hot-device {hot_device} without --split or --gpu-budget: every neuron runs on the "
                       f"CPU", file=sys.stderr)
             return bundle, None, None
+    hot = None  # read even when there is no GPU to use it: a wrong --split is refused on every machine
+    if split_path is not None and split_path.endswith(".gpuidx"):
+        hot = check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path)
+    elif split_path is not None:
+        hot = read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"]
     if device == "auto":
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
-    if split_path is not None and split_path.endswith(".gpuidx"):
-        return bundle, check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path), device
-    if split_path is not None:
-        return bundle, read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"], device
+    if hot is not None:
+        return bundle, hot, device
     from tools.profile import load_counts
     profile = bundle.corpus.get("profile")
     if not profile or not os.path.isdir(profile):
