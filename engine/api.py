@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 DEFAULT_CTX = 2048
 
 
+def perplexity_of(nll: float, n: int) -> float:
+    """exp(mean negative log-likelihood); inf where that is past a float (logits far out of range)."""
+    try:
+        return math.exp(nll / n)
+    except OverflowError:
+        return math.inf
+
 @dataclass
 class Sampler:
     """llama.cpp's sampler chain and defaults: top-k, then top-p and min-p on the candidates' probabilities, then the
@@ -282,8 +289,8 @@ class Model:
             nll -= float(logp.gather(1, target[:, None]).sum())
             count += len(target)
             if progress is not None:
-                progress(k, math.exp(nll / count))
-        res = {"ppl": math.exp(nll / count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
+                progress(k, perplexity_of(nll, count))
+        res = {"ppl": perplexity_of(nll, count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
         if self.sparsity is not None:
             res["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:

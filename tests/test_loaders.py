@@ -1,4 +1,5 @@
 """GGUF and HF loaders agree on a tiny random LLaMA; bad input gets one clear line and exit code 2."""
+import json
 import os
 import subprocess
 import sys
@@ -104,6 +105,11 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
                     "--predictors")  # not silently ignored
     assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(wiki), "--ctx", "128", "--predictor-type",
                              "Q8_0"), "--predictor-type", "--predictors")
+    # logits far out of range: a perplexity past a float is inf in text and null in --json (strict JSON), not a crash
+    loud = write_gguf(str(tmp_path / "loud.gguf"), c, {**w, "output_norm.weight": w["output_norm.weight"] * 1e6})
+    assert main(["perplexity", "-m", loud, "-f", str(wiki), "--ctx", "128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))["ppl"] is None
+    assert main(["perplexity", "-m", loud, "-f", str(wiki), "--ctx", "128"]) == 0 and "inf" in capsys.readouterr().out
     short = tmp_path / "short.txt"
     short.write_text("the cat sat")
     assert_one_line(*run_cli(capsys, "perplexity", "-m", good, "-f", str(short), "--ctx", "128"), "short.txt",

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.api import perplexity_of
 from engine.config import HotcoldError
 from engine.sparsity import (SparsityConfig, batched_net, check_writable, contribution, down_norms, down_rows,
                              read_json, write_json)
@@ -208,7 +209,7 @@ class Heldout:
             model.set_sparsity(None)
         if self.dense is None:
             self.dense = top
-        return {"ppl": math.exp(nll / n), "kl": kl / n, "sparsity": sparsity}
+        return {"ppl": perplexity_of(nll, n), "kl": kl / n, "sparsity": sparsity}
 
 
 def top_kl(p_log: torch.Tensor, ids: torch.Tensor, q_log_all: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,7 @@ def top_kl(p_log: torch.Tensor, ids: torch.Tensor, q_log_all: torch.Tensor) -> t
 
 def bound_report(r: dict, dense: float) -> str:
     return (f"ppl {r['ppl']:.4f} ({100 * (r['ppl'] / dense - 1):+.2f}%), "
-            f"KL {r['kl']:.5f} ({100 * math.expm1(r['kl']):+.2f}%)")
+            f"KL {r['kl']:.5f} ({100 * (perplexity_of(r['kl'], 1) - 1):+.2f}%)")
 
 
 class Journal:
@@ -266,7 +267,7 @@ def largest_within(evaluate, lo: float, hi: float, tol: float, dense: float, lim
     while hi - lo > tol:
         mid = (lo + hi) / 2
         r = evaluate(mid)
-        if r["ppl"] <= dense * limit and math.exp(r["kl"]) <= limit:
+        if r["ppl"] <= dense * limit and r["kl"] <= math.log(limit):
             lo, best, res = mid, mid, r
         else:
             hi = mid
@@ -336,7 +337,7 @@ def score_runtime(model, held: Heldout) -> dict:
             nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
             kl += float(top_kl(*held.dense[k], logp).sum())
             n += logp.shape[0]
-    return {"ppl": math.exp(nll / n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
+    return {"ppl": perplexity_of(nll, n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
 
 
 def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increase: float, log=None,

@@ -150,8 +150,19 @@ def load_model(args, n_ctx: int | None = None):
     return model
 
 
+def strict(obj):
+    """obj with each float that is not finite as None (null): strict JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def emit_json(obj) -> None:
-    json.dump(obj, sys.stdout, ensure_ascii=False)
+    json.dump(strict(obj), sys.stdout, ensure_ascii=False, allow_nan=False)
     sys.stdout.write("\n")
 
 

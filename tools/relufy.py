@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.api import check_context
+from engine.api import check_context, perplexity_of
 from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
@@ -118,7 +118,7 @@ def evaluate(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, ctx: int
         nll += float(F.cross_entropy(logits[0], win[1:], reduction="sum"))
         zeros += float(z.mean()) * (win.numel() - 1)
         n += win.numel() - 1
-    return {"loss": nll / n, "ppl": math.exp(nll / n), "sparsity": zeros / n, "tokens": n}
+    return {"loss": nll / n, "ppl": perplexity_of(nll, n), "sparsity": zeros / n, "tokens": n}
 
 
 # --- the run ------------------------------------------------------------------------------------------------
