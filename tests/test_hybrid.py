@@ -280,6 +280,9 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
     assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall"]) == 2
     assert "--audit-recall: bench --hybrid chooses its own" in capsys.readouterr().err
+    for argv, why in ((["--hybrid", "--compare"], "--compare: bench --hybrid measures rows of its own"),
+                      (["--sparsity-levels", "0.5"], "--sparsity-levels: the sparsities of --compare's rows")):
+        assert main(["bench", "-m", path, *argv]) == 2 and why in capsys.readouterr().err  # not silently ignored
     assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors
     assert "--hot-device goes with --predictors" in capsys.readouterr().err
     # plain bench with predictors: their statistics beside the speed, and the first token timed with them too, in a

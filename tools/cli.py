@@ -70,6 +70,9 @@ def size(text: str) -> int:
     return n
 
 
+SPARSITY_LEVELS = [0.1, 0.5, 0.9]  # bench --compare's sparse rows
+
+
 def sparsity_levels(text: str) -> list[float]:
     """An argparse type: comma-separated shares of FFN neurons skipped, each in (0, 1)."""
     try:
@@ -252,6 +255,11 @@ def cmd_perplexity(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.hybrid and args.compare:
+        raise HotcoldError("--compare: bench --hybrid measures rows of its own; run bench --compare apart")
+    if args.sparsity_levels is not None and not args.compare:
+        raise HotcoldError("--sparsity-levels: the sparsities of --compare's rows; it goes with --compare")
+    args.sparsity_levels = args.sparsity_levels or SPARSITY_LEVELS
     if args.hybrid:
         return __import__("tools.bench_hybrid").bench_hybrid.main_hybrid(args)
     from tools.bench import run_bench, format_bench
@@ -308,8 +316,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
     p.add_argument("--compare", action="store_true",
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
-    p.add_argument("--sparsity-levels", type=sparsity_levels, default=[0.1, 0.5, 0.9],
-                   help="FFN sparsities for --compare's sparse rows (default 0.1,0.5,0.9)")
+    p.add_argument("--sparsity-levels", type=sparsity_levels, default=None,
+                   help=f"FFN sparsities for --compare's sparse rows (default {','.join(map(str, SPARSITY_LEVELS))})")
     p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
                    "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")
     p.add_argument("--json", action="store_true")
