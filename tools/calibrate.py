@@ -480,13 +480,13 @@ def add_command(sub) -> None:
     p.add_argument("--heldout-tokens", type=at_least(1), default=4096, metavar="N",
                    help="tokens at the corpus end for the perplexity bound (default 4096)")
     p.add_argument("--ctx", type=at_least(2), default=512, help="window size in tokens (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the statistics' token sample (default 0)")
     p.add_argument("--predictors", dest="bundle", default=None, metavar="BUNDLE",
                    help="tune this predictor bundle's thresholds to --ppl-increase instead; -o is then a bundle")
     p.add_argument("--force", action="store_true", help="overwrite the bundle at -o (--predictors)")
     p.add_argument("-o", "--out", required=True, metavar="CONFIG", help="sparsity config to write (JSON), or "
                    "with --predictors the tuned bundle (a directory)")
-    p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "cett"} '
-                   '(with --predictors: {"predicted_sparsity", "ppl_dense", "ppl_sparse", "kl", "offset"})')
+    p.add_argument("--json", action="store_true", help='print {"sparsity", "ppl_dense", "ppl_sparse", "kl", "cett", '
+                   '"method"} (with --predictors: {"predicted_sparsity", "ppl_dense", "ppl_sparse", "kl", "offset"})')
     p.set_defaults(func=cmd_calibrate)
 

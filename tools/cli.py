@@ -305,7 +305,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True, help="a text file, or .jsonl with a text field per line")
     p.add_argument("--ctx", type=at_least(4), default=512, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
-    p.add_argument("--first-chunk", type=at_least(0), default=0)
+    p.add_argument("--first-chunk", type=at_least(0), default=0, help="first chunk scored (default 0)")
     p.add_argument("--json", action="store_true")
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)

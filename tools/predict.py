@@ -417,10 +417,10 @@ def add_command(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="bundle directory (resumed when it holds finished layers)")
     p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
     p.add_argument("--recall", type=share, default=0.99, help="recall target on validation (default 0.99)")
-    p.add_argument("--rank", type=rank_arg, default="auto", help="auto (smallest good rank within the budget) or a "
-                   "number >= 2")
+    p.add_argument("--rank", type=rank_arg, default="auto", help="auto (default: the smallest good rank within the "
+                   "budget) or a number >= 2")
     p.add_argument("--epochs", type=at_least(1), default=10, help="epochs per rank tried (default 10)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
     p.add_argument("--sparsity", default=None, help="the sparsity config the profile was made with (recorded)")
     p.add_argument("--predictor-type", choices=PREDICTOR_TYPES, default="F16", help="how decoding will read the "

@@ -305,7 +305,8 @@ def add_command(sub) -> None:
     p.add_argument("--l1", type=number(0.0), default=0.0, help="weight of the mean ReLU(gate) in the loss: "
                    "higher gives sparser models (default 0)")
     p.add_argument("--heldout", type=at_least(2), default=4096, metavar="N",
-                   help="the corpus's last N tokens are not trained on; loss and sparsity are measured there")
+                   help="the corpus's last N tokens are not trained on; loss and sparsity are measured there "
+                   "(default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the windows drawn (default 0)")
     p.add_argument("--save-every", type=at_least(1), default=50, metavar="STEPS",
                    help="steps between saves of the resumable state (default 50)")

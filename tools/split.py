@@ -289,7 +289,8 @@ def add_command(sub) -> None:
     g.add_argument("--hot-fraction", type=between(0, 1), default=None, help="share of the FFN bytes to place on the GPU")
     p.add_argument("--group", type=at_least(1), default=32, help="neurons placed together (default 32)")
     p.add_argument("--ctx", type=at_least(1), default=2048, help="context whose KV cache the GPU holds (default 2048)")
-    p.add_argument("--predictor-bytes", type=at_least(0), default=0, help="bytes of predictors kept on the GPU")
+    p.add_argument("--predictor-bytes", type=at_least(0), default=0,
+                   help="bytes of predictors kept on the GPU (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_split)
