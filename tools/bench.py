@@ -189,7 +189,8 @@ def time_to_first_token(args) -> float:
 
 def run_bench(args) -> dict:
     from tools.cli import load_model
-    import engine.cpu  # noqa: F401  (numba imported before the baseline; loading imports no torch)
+    import engine.cpu  # noqa: F401  (numba and torch imported before the baseline: loading a model with predictors
+    import torch  # noqa: F401           or a sparsity config imports torch, and its libraries are not the model's)
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     model = load_model(args, n_ctx=args.prompt_tokens + args.n + 16)

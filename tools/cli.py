@@ -207,7 +207,8 @@ def format_runtime_stats(s: dict) -> str:
     """The predictor runtime's statistics: per layer, then the means (audit columns when measured)."""
     audit = "recall" in s
     cols = ("predicted_sparsity",) + (("recall", "precision", "actual_sparsity") if audit else ())
-    lines = ["layer " + " ".join(f"{k.replace('_sparsity', '.sp'):>9}" for k in cols)]
+    head = {"predicted_sparsity": "pred.sp", "actual_sparsity": "act.sp"}  # as train-predictors' table names them
+    lines = ["layer " + " ".join(f"{head.get(k, k):>9}" for k in cols)]
     lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
     lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
     lines.append(f"FFN neurons computed on the GPU: {s['gpu_share']:.1%}, on the CPU: {1 - s['gpu_share']:.1%} "
