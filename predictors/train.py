@@ -104,7 +104,7 @@ def fit(pred: Predictor, data: tuple, epochs: int, lr: float, batch_size: int, r
     best = score()
     best_state = {k: v.clone() for k, v in pred.state_dict().items()}
     stale, ran = 0, 0
-    bar = tqdm(range(epochs), desc=bar_desc, leave=False, disable=not progress, unit="ep")
+    bar = tqdm(range(epochs), desc=bar_desc, leave=False, disable=not progress or None, unit="ep")
     for _ in bar:
         pred.train()
         perm = torch.randperm(len(x_tr), generator=gen, device=x_tr.device)
