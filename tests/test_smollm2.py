@@ -119,7 +119,11 @@ def test_cli_inspect_takes_the_default_models_name(capsys):
     assert main(["inspect", "smollm2-135m", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "gguf" and info["architecture"] == "llama" and info["path"].endswith(".Q4_1.gguf")
-    assert info["metadata"]["tokenizer.chat_template"].startswith("{% for message in messages %}")  # whole in --json
+    meta = info["metadata"]  # --json gives each key whole, as its type: long strings and arrays too
+    assert meta["tokenizer.chat_template"].startswith("{% for message in messages %}")
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152 and meta["tokenizer.ggml.tokens"][1] == "<|im_start|>"
+    assert main(["inspect", "smollm2-135m"]) == 0
+    assert "tokenizer.ggml.tokens = [49152 x STRING]" in capsys.readouterr().out  # text: described
 
 
 def test_cli_tokenize(capsys):

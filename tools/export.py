@@ -346,11 +346,12 @@ def cmd_export(args) -> None:
               "outputs in hotcold (and PowerInfer, --format powerinfer) only", file=sys.stderr)
 
 
-def field_summary(f, strings: bool = False):
-    """A GGUF key's value, or a short description of it when it is a long array or (unless strings) a long string."""
-    if f.types[0] == GGUFValueType.ARRAY and len(f.data) > 8:
+def field_summary(f, whole: bool = False):
+    """A GGUF key's value; unless whole (--json: each key keeps its type), a short description of it when it is a
+    long array or a long string."""
+    if f.types[0] == GGUFValueType.ARRAY and len(f.data) > 8 and not whole:
         return f"[{len(f.data)} x {f.types[-1].name}]"
-    if f.types[0] == GGUFValueType.STRING and len(f.parts[f.data[0]]) > 120 and not strings:
+    if f.types[0] == GGUFValueType.STRING and len(f.parts[f.data[0]]) > 120 and not whole:
         return f"<string of {len(f.parts[f.data[0]])} bytes>"
     return f.contents()
 
@@ -360,9 +361,9 @@ def predictor_summary(bundle) -> dict:
             "n_params": bundle.n_params, "metrics": bundle.metrics, "sparsity": bundle.sparsity}
 
 
-def inspect_file(path: str, strings: bool = False) -> dict:
-    """What a GGUF file (ours, PowerInfer's model or .gpuidx, llama.cpp's) or a predictor directory holds; strings:
-    long string values whole (the chat template), not described."""
+def inspect_file(path: str, whole: bool = False) -> dict:
+    """What a GGUF file (ours, PowerInfer's model or .gpuidx, llama.cpp's) or a predictor directory holds; whole:
+    long strings (the chat template) and arrays (the vocabulary) given whole, not described."""
     from predictors.bundle import MANIFEST, TENSORS, load_bundle, read_powerinfer_dir
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, TENSORS)):  # ours, maybe incomplete
@@ -376,7 +377,7 @@ def inspect_file(path: str, strings: bool = False) -> dict:
     info = {"path": path, "kind": "gpuidx" if arch == "generic.gpu_index" else "powerinfer" if magic == PWRI else
             "gguf", "magic": magic.decode(), "version": int(field_value(r, "GGUF.version")), "architecture": arch,
             "bytes": os.path.getsize(path),
-            "metadata": {k: field_summary(f, strings) for k, f in r.fields.items() if not k.startswith("GGUF.")},
+            "metadata": {k: field_summary(f, whole) for k, f in r.fields.items() if not k.startswith("GGUF.")},
             "tensors": [{"name": t.name, "type": QT(int(t.tensor_type)).name,
                          "shape": [int(n) for n in reversed(t.shape.tolist())], "bytes": int(t.n_bytes)}
                         for t in r.tensors]}
@@ -419,7 +420,7 @@ def format_inspect(info: dict) -> str:
 
 
 def cmd_inspect(args) -> None:
-    info = inspect_file(resolve(args.file), strings=args.json)  # the default model's name too
+    info = inspect_file(resolve(args.file), whole=args.json)  # the default model's name too
     if args.json:
         emit_json(info)
     else:
