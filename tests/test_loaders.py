@@ -263,7 +263,7 @@ def test_counts_below_their_minimum_are_refused(capsys):
 
 def test_argument_errors_are_one_line(capsys):
     """The argument parser's refusals: one line naming the argument and where the usage is, exit code 2."""
-    for argv, words in ((["tokenize", "hi", "--bogus"], "unrecognized arguments: --bogus"),
+    for argv, words in ((["tokenize", "hi", "--bogus"], "unrecognized arguments: --bogus (hotcold tokenize -h"),
                         (["generate", "-p", "hi", "--top-p", "2"], "argument --top-p: must be in (0, 1]"),
                         (["bench", "--sparsity-levels", "nan"], "argument --sparsity-levels"),
                         (["split", "--profile", "p", "-o", "s", "--hot-fraction", "1.5"],

@@ -275,7 +275,7 @@ def cmd_bench(args) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands; given the command that will run, only the module that defines it is imported."""
     ap = Parser(prog="hotcold", description="sparse hot/cold LLM inference")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.commands = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
@@ -334,7 +334,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    ap = build_parser(argv[0] if argv else None)
+    args, extra = ap.parse_known_args(argv)
+    if extra:  # named by the command's parser, whose -h tells the options
+        ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "threads", None) is None and hasattr(args, "threads"):
         args.threads = os.cpu_count()
     try:
