@@ -259,8 +259,8 @@ def argparse_copy(args, **kw):
 
 def format_hybrid(r: dict) -> str:
     lines = [f"model: {r['model']}  threads: {r['threads']}  KV cache: {r['kv_cache']}  "
-             f"decode: {r['decode_tokens']} tokens (best of {r['rounds']} runs, taking turns)  "
-             f"fixture predictor weights: {r['predictor_type']}",
+             f"decode: {r['decode_tokens']} tokens (best of {r['rounds']} runs, taking turns)"
+             + (f"  fixture predictor weights: {r['predictor_type']}" if r["fixture"] else ""),
              f"dense decode (the model as given): {r['dense_tok_s']:.1f} tok/s"]
     if r["given"]:
         g = r["given"]
@@ -269,8 +269,8 @@ def format_hybrid(r: dict) -> str:
                      f"{g['predicted_sparsity']:.3f}, actual {g['actual_sparsity']:.3f}, recall {g['recall']:.3f}, "
                      f"precision {g['precision']:.3f}")
     if r["fixture"]:
-        lines += ["", "CPU speed against sparsity: speed fixture (SmolLM2 weights, FATReLU thresholds; untrained SVD "
-                  "predictors; no quality claim)",
+        lines += ["", "CPU speed against sparsity: speed fixture (the model's weights, FATReLU "
+                  "thresholds; untrained SVD predictors; no quality claim)",
                   f"{'target':>7}{'threshold':>10}{'dense tok/s':>12}{'pred. tok/s':>12}{'vs dense':>9}"
                   f"{'pred.sp':>8}{'act.sp':>8}{'recall':>8}{'prec.':>7}"]
         for x in r["fixture"]:
