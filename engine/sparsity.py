@@ -11,6 +11,7 @@ kernel path skips their rows instead) and counts how many stayed active. The pro
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -65,6 +66,7 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
     try:
         for path, write in outputs:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            remove_stale_temporaries(path)
             tmps.append(f"{path}.tmp{os.getpid()}")
             try:
                 write(tmps[-1])
@@ -78,6 +80,27 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """The temporary files of `path` that a writer killed outright (SIGKILL, power loss) left: removed once their
+    process is gone (the next write of the path, when a resumed job redoes it, finds them)."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = tmp[len(path) + 4:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            os.remove(tmp)
+
+
+def process_alive(pid: int) -> bool:
+    if os.name != "posix":  # there os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it does, as another user's
+        return True
 
 
 def check_writable(path: str) -> None:

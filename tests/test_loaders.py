@@ -280,6 +280,29 @@ def test_argument_errors_are_one_line(capsys):
         assert err.rstrip().endswith("-h for usage)")
 
 
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """kill (SIGTERM) in the middle of a command: one line, exit code 143, the temporaries of the write under way
+    removed; the process's own SIGTERM handler is back afterwards."""
+    import signal
+
+    import engine.sparsity
+
+    def killed_while_writing(tmp):
+        open(tmp, "w").write("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(engine.sparsity, "write_json", lambda path, obj: engine.sparsity.write_all(
+        [(path, killed_while_writing)]))
+    c = tiny_config()
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["calibrate", "-m", path, "-f", os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt"),
+                 "--tokens", "128", "--heldout-tokens", "128", "--ctx", "64", "--target-sparsity", "0.3", "-o",
+                 str(tmp_path / "s.json"), "-t", "1"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "hotcold: terminated"
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"] and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_installed_command_exit_code(tmp_path):
     """The real console script: exit code 2, one line on stderr, no traceback."""
     exe = os.path.join(os.path.dirname(sys.executable), "hotcold")

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,7 +184,8 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
 
 
 def test_outputs_written_together_or_not_at_all(tmp_path):
-    """write_all: a failure leaves every old file as it was, no temporary file, and names the path it failed on."""
+    """write_all: a failure leaves every old file as it was, no temporary file, and names the path it failed on;
+    the temporaries a killed process left are removed."""
     from engine.config import HotcoldError
     from engine.sparsity import write_all
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -196,8 +199,14 @@ def test_outputs_written_together_or_not_at_all(tmp_path):
     with pytest.raises(HotcoldError, match=r"b.json: cannot write \(Permission denied\)"):
         write_all([(str(a), text("new a")), (str(b), fail)])
     assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("old a", "old b", ["a.json", "b.json"])
+    # a writer killed outright (SIGKILL) left its temporary file: the next write of that path removes it, not
+    # a temporary of a process still running
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"b.json.tmp{int(dead.stdout)}").write_text("half")
+    (tmp_path / f"b.json.tmp{os.getppid()}").write_text("in progress")
     write_all([(str(a), text("new a")), (str(b), text("new b"))])
-    assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("new a", "new b", ["a.json", "b.json"])
+    assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == (
+        "new a", "new b", ["a.json", "b.json", f"b.json.tmp{os.getppid()}"])
 
 
 def test_silu_profile_with_a_sparsity_config(tiny, tmp_path):

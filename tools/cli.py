@@ -6,7 +6,9 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 from engine.config import BACKENDS, CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
 
@@ -332,19 +334,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a job scheduler): a command stops as on Ctrl-C, its temporary files removed."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = build_parser(argv[0] if argv else None)
-    args, extra = ap.parse_known_args(argv)
-    if extra:  # named by the command's parser, whose -h tells the options
-        ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "threads", None) is None and hasattr(args, "threads"):
-        args.threads = os.cpu_count()
-    try:
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    try:  # from the start: a command's module imports torch, which takes seconds
+        ap = build_parser(argv[0] if argv else None)
+        args, extra = ap.parse_known_args(argv)
+        if extra:  # named by the command's parser, whose -h tells the options
+            ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        if getattr(args, "threads", None) is None and hasattr(args, "threads"):
+            args.threads = os.cpu_count()
         args.func(args)
     except HotcoldError as e:
         print(f"hotcold: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("hotcold: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("hotcold: interrupted", file=sys.stderr)
         return 130
@@ -357,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             what = "exists and is not a directory"
         print(f"hotcold: error: {where}{what}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:  # main() called in a program (the tests) leaves its SIGTERM as it was
+            signal.signal(signal.SIGTERM, before)
     return 0
 
 
