@@ -168,7 +168,8 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
     refuse = (f"{out}: holds {{}} trained with other settings or from another profile or model; --force retrains, or "
               "give a new directory")
     done = {}
-    if os.path.exists(os.path.join(out, MANIFEST)):
+    # beside partial/, bundle files are a save cut short between its renames: the partial layers hold that run's work
+    if os.path.exists(os.path.join(out, MANIFEST)) and not os.path.isdir(os.path.join(out, PARTIAL)):
         try:
             b = load_bundle(out, fp)
         except HotcoldError:  # another model's, or damaged
