@@ -85,11 +85,14 @@ def test_counts_and_samples_match_brute_force(tiny, tmp_path, backend):
     assert len(set(seen)) == 40 and max(seen) < n_windows * CTX
 
 
-def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path):
+def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path, capsys):
     model = relu_model(tiny)
     tokens = corpus_tokens(model, [tiny[1]], None, CTX)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir()  # what a run killed while writing its first manifest leaves: not a stranger's folder
+    (whole / "manifest.json.tmp99999999").write_text("{")
     run_profile(model, tokens, str(whole), ctx=CTX, cap=25, seed=1, progress=False)
+    assert not (whole / "manifest.json.tmp99999999").exists()
 
     class Stop(Exception):
         pass
@@ -103,7 +106,12 @@ def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path):
     assert not (parts / "activation").exists()
     with np.load(parts / "progress.npz") as z:
         assert int(z["windows_done"]) == 3
+    # the counts depend on how the model runs: a resume that would mix backends is refused
+    with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(backend differs\\)"):
+        run_profile(relu_model(tiny, backend="kernels"), tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    capsys.readouterr()
     run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    assert f"resuming: 3 of {len(tokens) // CTX} windows profiled in {parts}" in capsys.readouterr().err
     for i in range(model.config.n_layer):
         a = torch.load(whole / "activation" / f"activation_{i}.pt", weights_only=True)
         b = torch.load(parts / "activation" / f"activation_{i}.pt", weights_only=True)
@@ -254,7 +262,8 @@ def test_a_damaged_resume_point_is_refused_and_kept(tiny, tmp_path, capsys):
         if w == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):  # the CLI's settings: the whole corpus, every token sampled, seed 0
+    with pytest.raises(KeyboardInterrupt):  # the CLI's settings: the whole corpus, every token sampled, seed 0 (and
+        # the torch backend on 1 thread, as the command below runs)
         run_profile(model, tokens, str(cut), ctx=CTX, cap=100_000, seed=0, progress=False, on_window=stop)
     with np.load(cut / "progress.npz") as z:
         counts = z["counts"]
@@ -286,7 +295,7 @@ def test_a_damaged_resume_point_is_refused_and_kept(tiny, tmp_path, capsys):
         damage(d)
         digest = tree_digest(d)
         err = refused(capsys, ["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "-o", str(d),
-                               "-t", "1"], d / name)
+                               "-t", "1", "--backend", "torch"], d / name)
         assert msg in err and err.endswith(f"; delete {d} to start over"), err
         assert tree_digest(d) == digest, msg
 

@@ -102,8 +102,8 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise HotcoldError(f"{out}: exists and is not a directory")
     path = os.path.join(out, MANIFEST)
-    if not os.path.exists(path):
-        if os.path.isdir(out) and os.listdir(out):
+    if not os.path.exists(path):  # a new profile; the temporary of a first manifest killed as it was written is ours
+        if os.path.isdir(out) and any(not n.startswith(MANIFEST + ".tmp") for n in os.listdir(out)):
             raise HotcoldError(f"{out}: not empty and holds no profile; choose another -o")
         return None
     old = read_manifest(out)
@@ -216,13 +216,16 @@ def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
 
 
 # --- the profile ------------------------------------------------------------------------------------------
-def profile_settings(tokens: list[int], ctx: int, n_windows: int, cap: int, seed: int,
+def profile_settings(model, tokens: list[int], ctx: int, n_windows: int, cap: int, seed: int,
                      sparsity: SparsityConfig) -> dict:
-    """What the counts depend on: resuming is allowed only when all of it is the same."""
+    """What the counts depend on: resuming is allowed only when all of it is the same. That includes how the model
+    runs: the backend, the cache type and the thread count each move activations near the threshold."""
+    import torch
     used = np.asarray(tokens[:n_windows * ctx], dtype=np.int32)
     return {"ctx": ctx, "windows": n_windows, "tokens": n_windows * ctx,
             "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,
-            "samples_per_layer": cap, "thresholds": sparsity.thresholds}
+            "samples_per_layer": cap, "thresholds": sparsity.thresholds, "backend": model.backend,
+            "cache_type": model.cache_type, "threads": torch.get_num_threads()}
 
 
 def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: int | None = None,
@@ -242,13 +245,15 @@ def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: in
         raise HotcoldError(f"--ctx {ctx} exceeds the model context {model.n_ctx}")
     n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
     manifest = {"fingerprint": model.fingerprint, "model": model.ckpt.path,
-                "settings": profile_settings(tokens, ctx, n_windows, cap, seed, sparsity),
+                "settings": profile_settings(model, tokens, ctx, n_windows, cap, seed, sparsity),
                 "complete": False, "samples": sample_format(c)}
-    if open_out_dir(out, manifest) is None:  # every check passed: only now is anything written
+    if open_out_dir(out, manifest) is None:  # every check passed: only now is anything written (the manifest first,
+        write_json(os.path.join(out, MANIFEST), manifest)  # so that a profile killed now is resumed, not refused)
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        write_json(os.path.join(out, MANIFEST), manifest)
     positions = sample_positions(n_windows * ctx, cap, seed)
     counts, done = load_progress(out, model.fingerprint, ctx, np.bincount(positions // ctx, minlength=n_windows))
+    if 0 < done < n_windows:
+        print(f"resuming: {done} of {n_windows} windows profiled in {out}", file=sys.stderr)
     model.set_sparsity(sparsity)
     bar = tqdm(total=n_windows * ctx, initial=done * ctx, unit="tok", desc="profile", disable=not progress or None,
                file=sys.stderr)

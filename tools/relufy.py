@@ -208,7 +208,9 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
     cos, sin = (torch.from_numpy(t) for t in ckpt.config.rope_tables(s.ctx))
     state = out + STATE_SUFFIX
     start, record = load_state(state, s, w, opt)
-    if start == 0:
+    if start:
+        print(f"resuming: {start} of {s.steps} steps done in {state}", file=sys.stderr)
+    else:
         record["source"] = evaluate(ckpt, w, ckpt.config.act, heldout, s.ctx, cos, sin, ckpt.config.act_threshold)
         record["swapped"] = evaluate(ckpt, w, s.act, heldout, s.ctx, cos, sin)
     bar = tqdm(range(start, s.steps), initial=start, total=s.steps, desc="relufy", unit="step", file=sys.stderr,
