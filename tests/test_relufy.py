@@ -103,7 +103,12 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     assert "tokens of corpus; relufy needs at least" in capsys.readouterr().err
     out.write_bytes(b"keep")
     assert main(argv) == 2
+    assert f"r.gguf: already exists, with {state} of a stopped run beside it (--force resumes that run)" in \
+        capsys.readouterr().err  # a run with --force killed before (or just after) writing r.gguf
+    os.rename(state, state + ".aside")
+    assert main(argv) == 2
     assert "r.gguf: already exists (--force overwrites it)" in capsys.readouterr().err
+    os.rename(state + ".aside", state)
     assert main(argv[:6] + [str(short / "r.gguf")] + argv[7:]) == 2  # a folder above it is a file (missing ones are
     assert "short.txt: exists and is not a directory" in capsys.readouterr().err  # made, as for every output)
     with pytest.raises(SystemExit):

@@ -447,7 +447,9 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     if args.ppl_increase is None:
         raise HotcoldError("--predictors takes --ppl-increase (the thresholds are tuned to a perplexity bound)")
     if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
-        raise HotcoldError(f"{args.out}: a bundle is already there (--force to overwrite)")
+        left = progress_path(args.out) if os.path.exists(progress_path(args.out)) else None  # a stopped --force run's
+        raise HotcoldError(f"{args.out}: a bundle is already there" + (f", with {left} of a stopped run beside it "
+                           "(--force resumes that run)" if left else " (--force to overwrite)"))
     bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
     tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log,
                                           progress_path(args.out))

@@ -265,7 +265,9 @@ def cmd_relufy(args) -> None:
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
     check_writable(args.out)  # its training state goes beside it
     if os.path.exists(args.out) and not args.force:
-        raise HotcoldError(f"{args.out}: already exists (--force overwrites it)")
+        left = os.path.exists(args.out + STATE_SUFFIX)  # a run with --force stopped before (or just after) writing it
+        raise HotcoldError(f"{args.out}: already exists" + (f", with {args.out + STATE_SUFFIX} of a stopped run beside "
+                           "it (--force resumes that run)" if left else " (--force overwrites it)"))
     torch.set_num_threads(args.threads)
     ids: list[int] = []
     for doc in read_corpus(args.files):
