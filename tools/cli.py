@@ -214,7 +214,7 @@ def format_runtime_stats(s: dict) -> str:
     lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
     lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
     lines.append(f"FFN neurons computed on the GPU: {s['gpu_share']:.1%}, on the CPU: {1 - s['gpu_share']:.1%} "
-                 f"({s['tokens']} decoded tokens)")
+                 f"({s['tokens']} tokens through decode steps, a short prompt's included)")
     return "\n".join(lines)
 
 
