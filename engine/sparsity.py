@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 EXACT_ACTS = ("relu", "fatrelu", "drelu")  # activations with natural zeros: h_i != 0 is exact
 FINGERPRINT_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")  # layer 0's, hashed as stored
+HASH_BYTES = 1 << 20  # per tensor, hashed whole up to this size; beyond, evenly spaced rows of about this size
 CONFIG_KEYS = ("thresholds", "fingerprint")  # required in a sparsity JSON
 
 
@@ -39,6 +40,27 @@ def fingerprint(c: ModelConfig, tensors: dict) -> dict:
             sha.update(np.ascontiguousarray(t.data).data)
     return {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "act": c.act,
             "ffn0_sha256": sha.hexdigest()[:16]}
+
+
+def sample_bytes(a: np.ndarray) -> bytes:
+    """The raw bytes of a stored tensor, or of evenly spaced rows of it when it is bigger than HASH_BYTES."""
+    a = np.ascontiguousarray(a)
+    if a.nbytes <= HASH_BYTES or a.ndim < 2:
+        return a.tobytes()
+    n = max(1, HASH_BYTES * a.shape[0] // a.nbytes)  # rows to take
+    return a[np.linspace(0, a.shape[0] - 1, n).round().astype(np.int64)].tobytes()
+
+
+def weights_sha256(tensors: dict) -> str:
+    """A sha256 of every tensor as stored (name, type, shape, `sample_bytes`): it tells apart models that `fingerprint`
+    (layer 0's FFN) and a bundle's (the FFN) take for one, a fine-tune of attention alone say. Long jobs record it:
+    a resume must continue on the same weights."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        sha.update(f"{name} {t.qtype.name} {tuple(t.shape)}".encode())
+        sha.update(sample_bytes(t.data))
+    return sha.hexdigest()[:16]
 
 
 def check_fingerprint(found: dict, expected: dict, path: str, what: str) -> None:

@@ -33,28 +33,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
-from engine.sparsity import check_fingerprint, read_json, write_atomic, write_json
+from engine.sparsity import check_fingerprint, read_json, sample_bytes, write_atomic, write_json
 
 from .model import Predictor
 
 FORMAT, VERSION = "hotcold-predictors", 1
 TENSORS, MANIFEST = "predictors.safetensors", "manifest.json"
 PARTIAL = "partial"  # train-predictors' finished layers, until the bundle is written
-HASH_BYTES = 1 << 20  # per FFN tensor, hashed whole up to this size; beyond, evenly spaced rows of about this size
 PI_CONFIG = "config.json"
 FOLD_MAX_SCALE = 256.0  # largest factor fold_thresholds puts on fc2 (PowerInfer stores it as F16)
 
 
 # --- which model a bundle belongs to ---------------------------------------------------------------------
-def sample_bytes(a: np.ndarray) -> bytes:
-    """The raw bytes of a stored tensor, or of evenly spaced rows of it when it is bigger than HASH_BYTES."""
-    a = np.ascontiguousarray(a)
-    if a.nbytes <= HASH_BYTES or a.ndim < 2:
-        return a.tobytes()
-    n = max(1, HASH_BYTES * a.shape[0] // a.nbytes)  # rows to take
-    return a[np.linspace(0, a.shape[0] - 1, n).round().astype(np.int64)].tobytes()
-
-
 def model_fingerprint(ckpt) -> dict:
     """Architecture, dimensions, activation, and a sha256 of every layer's ffn_gate and ffn_up as stored.
 

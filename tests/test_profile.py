@@ -14,7 +14,7 @@ import torch
 from engine.api import load
 from engine.config import HotcoldError
 from engine.sparsity import SparsityConfig, batched_net
-from tiny_model import CAT_TEXT, tiny_models
+from tiny_model import CAT_TEXT, tiny_config, tiny_models, tiny_weights, write_gguf
 from tools.cli import main
 from tools.profile import corpus_tokens, read_corpus, run_profile
 
@@ -106,9 +106,17 @@ def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path, capsys):
     assert not (parts / "activation").exists()
     with np.load(parts / "progress.npz") as z:
         assert int(z["windows_done"]) == 3
-    # the counts depend on how the model runs: a resume that would mix backends is refused
+    # the counts depend on how the model runs: a resume that would mix backends is refused, and so is a model whose
+    # layer-0 FFN (its fingerprint) is the same but not its attention
     with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(backend differs\\)"):
         run_profile(relu_model(tiny, backend="kernels"), tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    c = tiny_config("relu")
+    w = tiny_weights(c, 0)
+    tuned = write_gguf(str(tmp_path / "tuned.gguf"), c, {**w, "blk.1.attn_q.weight": 1.5 * w["blk.1.attn_q.weight"]})
+    tuned = load(tuned, n_ctx=CTX, threads=1, backend="torch")
+    assert tuned.fingerprint == model.fingerprint
+    with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(weights_sha256 differs\\)"):
+        run_profile(tuned, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     capsys.readouterr()
     run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     assert f"resuming: 3 of {len(tokens) // CTX} windows profiled in {parts}" in capsys.readouterr().err

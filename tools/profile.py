@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError
-from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, write_atomic,
-                             write_json)
+from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, weights_sha256,
+                             write_atomic, write_json)
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
 
 SKEW_TOPS = (0.1, 0.2, 0.5)  # skew: share of all activations covered by the top 10/20/50% most frequent neurons
@@ -219,13 +219,15 @@ def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
 def profile_settings(model, tokens: list[int], ctx: int, n_windows: int, cap: int, seed: int,
                      sparsity: SparsityConfig) -> dict:
     """What the counts depend on: resuming is allowed only when all of it is the same. That includes how the model
-    runs: the backend, the cache type and the thread count each move activations near the threshold."""
+    runs (the backend, the cache type and the thread count each move activations near the threshold) and all of its
+    weights (the fingerprint reads layer 0's FFN only)."""
     import torch
     used = np.asarray(tokens[:n_windows * ctx], dtype=np.int32)
     return {"ctx": ctx, "windows": n_windows, "tokens": n_windows * ctx,
             "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,
             "samples_per_layer": cap, "thresholds": sparsity.thresholds, "backend": model.backend,
-            "cache_type": model.cache_type, "threads": torch.get_num_threads()}
+            "cache_type": model.cache_type, "threads": torch.get_num_threads(),
+            "weights_sha256": weights_sha256(model.ckpt.tensors)}
 
 
 def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: int | None = None,

@@ -30,7 +30,7 @@ from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
-from engine.sparsity import check_writable, write_atomic
+from engine.sparsity import check_writable, weights_sha256, write_atomic
 
 ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"
@@ -278,8 +278,9 @@ def cmd_relufy(args) -> None:
                            f"(--heldout {args.heldout} plus one window of --ctx {args.ctx})")
     tokens = torch.tensor(ids, dtype=torch.int64)
     train, heldout = tokens[:len(ids) - args.heldout], tokens[len(ids) - args.heldout:]
-    s = Settings(json.dumps(model_fingerprint(ckpt), sort_keys=True), args.act, args.steps, args.batch, args.ctx,
-                 args.lr, args.l1, args.seed, hashlib.sha256(train.numpy().tobytes()).hexdigest(), args.threads)
+    model = {**model_fingerprint(ckpt), "weights_sha256": weights_sha256(ckpt.tensors)}  # all of it: attention too
+    s = Settings(json.dumps(model, sort_keys=True), args.act, args.steps, args.batch, args.ctx, args.lr, args.l1,
+                 args.seed, hashlib.sha256(train.numpy().tobytes()).hexdigest(), args.threads)
     record = relufy(ckpt, s, train, heldout, args.out, args.outtype, args.save_every)
     if args.json:
         from tools.cli import emit_json
