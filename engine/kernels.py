@@ -92,8 +92,9 @@ def _cache_by_source() -> None:
             digest.update(name.encode() + fh.read())
     cache = os.path.join(here, "__pycache__", "numba-" + digest.hexdigest()[:16])
     if not os.path.isdir(cache):  # new sources (an upgrade, an edit): the kernels of the old ones are dead weight
-        for old in glob.glob(os.path.join(here, "__pycache__", "numba-*")):
-            shutil.rmtree(old, ignore_errors=True)
+        for old in glob.glob(os.path.join(glob.escape(here), "__pycache__", "numba-*")):
+            if old != cache:  # made meanwhile by a process of these sources
+                shutil.rmtree(old, ignore_errors=True)
     numba.config.CACHE_DIR = cache
 
 

@@ -11,10 +11,12 @@ kernel path skips their rows instead) and counts how many stayed active. The pro
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -42,6 +44,17 @@ def fingerprint(c: ModelConfig, tensors: dict) -> dict:
             "ffn0_sha256": sha.hexdigest()[:16]}
 
 
+def tensors_sha256(tensors: dict, names) -> str:
+    """A sha256 of the named tensors as stored (name, type, shape, `sample_bytes`); names missing are skipped."""
+    sha = hashlib.sha256()
+    for name in names:
+        t = tensors.get(name)
+        if t is not None:
+            sha.update(f"{name} {t.qtype.name} {tuple(t.shape)}".encode())
+            sha.update(sample_bytes(t.data))
+    return sha.hexdigest()[:16]
+
+
 def sample_bytes(a: np.ndarray) -> bytes:
     """The raw bytes of a stored tensor, or of evenly spaced rows of it when it is bigger than HASH_BYTES."""
     a = np.ascontiguousarray(a)
@@ -55,12 +68,7 @@ def weights_sha256(tensors: dict) -> str:
     """A sha256 of every tensor as stored (name, type, shape, `sample_bytes`): it tells apart models that `fingerprint`
     (layer 0's FFN) and a bundle's (the FFN) take for one, a fine-tune of attention alone say. Long jobs record it:
     a resume must continue on the same weights."""
-    sha = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        sha.update(f"{name} {t.qtype.name} {tuple(t.shape)}".encode())
-        sha.update(sample_bytes(t.data))
-    return sha.hexdigest()[:16]
+    return tensors_sha256(tensors, sorted(tensors))
 
 
 def check_fingerprint(found: dict, expected: dict, path: str, what: str) -> None:
@@ -96,12 +104,26 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
                 if e.filename not in (None, tmps[-1]):  # a file the writer reads
                     raise
                 raise HotcoldError(f"{path}: cannot write ({e.strerror or e})") from None
-        for (path, _), tmp in zip(outputs, tmps):
-            os.replace(tmp, path)
+        with signals_held():  # Ctrl-C or kill between two renames would leave new files beside old ones
+            for (path, _), tmp in zip(outputs, tmps):
+                os.replace(tmp, path)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done (where the platform can hold them: POSIX)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def remove_stale_temporaries(path: str) -> None:
@@ -110,7 +132,8 @@ def remove_stale_temporaries(path: str) -> None:
     for tmp in glob.glob(glob.escape(path) + ".tmp*"):
         pid = tmp[len(path) + 4:]
         if pid.isdigit() and not process_alive(int(pid)):
-            os.remove(tmp)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another writer
+                os.remove(tmp)
 
 
 def process_alive(pid: int) -> bool:
@@ -123,6 +146,15 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # it does, as another user's
         return True
+
+
+def exists_error(out: str, what: str, resume_point: str) -> HotcoldError:
+    """The refusal of an output that exists without --force; a resume point beside it is a stopped run with --force
+    (killed before, or just after, it wrote the output), which --force resumes."""
+    if os.path.exists(resume_point):
+        return HotcoldError(f"{out}: {what}, with {resume_point} of a stopped run beside it (--force resumes that run "
+                            "if it had these settings)")
+    return HotcoldError(f"{out}: {what} (--force overwrites it)")
 
 
 def check_writable(path: str) -> None:

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
-from engine.sparsity import check_fingerprint, read_json, sample_bytes, write_atomic, write_json
+from engine.sparsity import check_fingerprint, read_json, tensors_sha256, write_atomic, write_json
 
 from .model import Predictor
 
@@ -51,16 +51,9 @@ def model_fingerprint(ckpt) -> dict:
     ckpt: an engine.loader.Checkpoint (anything with .config and .tensors of QTensors). The same model stored in
     another format (Q4_1 GGUF against F32 safetensors) hashes differently: its predictors would differ too."""
     c = ckpt.config
-    sha = hashlib.sha256()
-    for i in range(c.n_layer):
-        for name in ("ffn_gate", "ffn_up"):
-            t = ckpt.tensors.get(blk(i, name))
-            if t is None:  # a plain FFN has no gate
-                continue
-            sha.update(f"{blk(i, name)} {t.qtype.name} {tuple(t.shape)}".encode())
-            sha.update(sample_bytes(t.data))
+    ffn = tensors_sha256(ckpt.tensors, [blk(i, n) for i in range(c.n_layer) for n in ("ffn_gate", "ffn_up")])
     return {"arch": c.arch, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "act": c.act,
-            "act_threshold": c.act_threshold, "ffn_gated": c.ffn_gated, "ffn_sha256": sha.hexdigest()[:16]}
+            "act_threshold": c.act_threshold, "ffn_gated": c.ffn_gated, "ffn_sha256": ffn}  # a plain FFN: no gate
 
 
 # --- our bundle ----------------------------------------------------------------------------------------

@@ -196,11 +196,11 @@ def test_predictor_thresholds_tuned_to_a_perplexity_bound(tiny, tmp_path, capsys
     again = ["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--ppl-increase", "2",
              "--tokens", "96", "--heldout-tokens", "128", "--ctx", str(CTX), "-o", str(tmp_path / "b2"), "-t", "1"]
     assert main(again) == 2
-    assert "b2: a bundle is already there (--force to overwrite)" in capsys.readouterr().err
+    assert "b2: a bundle is already there (--force overwrites it)" in capsys.readouterr().err
     (tmp_path / "b2.progress.json").write_text("{}")  # what a run with --force killed before it was removed leaves
     assert main(again) == 2
     assert (f"b2: a bundle is already there, with {tmp_path / 'b2.progress.json'} of a stopped run beside it "
-            "(--force resumes that run)") in capsys.readouterr().err
+            "(--force resumes that run if it had these settings)") in capsys.readouterr().err
     os.remove(tmp_path / "b2.progress.json")
     assert main(["calibrate", "-m", path, "-f", tiny[1], "--predictors", str(tmp_path / "b"), "--target-sparsity",
                  "0.5", "-o", str(tmp_path / "x"), "--ctx", str(CTX), "--tokens", "96", "--heldout-tokens",

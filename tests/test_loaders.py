@@ -282,7 +282,7 @@ def test_argument_errors_are_one_line(capsys):
 
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     """kill (SIGTERM) in the middle of a command: one line, exit code 143, the temporaries of the write under way
-    removed; the process's own SIGTERM handler is back afterwards."""
+    removed; SIGTERM's default is back afterwards."""
     import signal
 
     import engine.sparsity
@@ -295,12 +295,17 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
         [(path, killed_while_writing)]))
     c = tiny_config()
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))
-    before = signal.getsignal(signal.SIGTERM)
-    assert main(["calibrate", "-m", path, "-f", os.path.join(os.path.dirname(__file__), "data", "tinyshakespeare.txt"),
-                 "--tokens", "128", "--heldout-tokens", "128", "--ctx", "64", "--target-sparsity", "0.3", "-o",
-                 str(tmp_path / "s.json"), "-t", "1"]) == 143
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a new process (main leaves others' handlers be)
+    try:
+        assert main(["calibrate", "-m", path, "-f", os.path.join(os.path.dirname(__file__), "data",
+                     "tinyshakespeare.txt"), "--tokens", "128", "--heldout-tokens", "128", "--ctx", "64",
+                     "--target-sparsity", "0.3", "-o", str(tmp_path / "s.json"), "-t", "1"]) == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert capsys.readouterr().err.strip().splitlines()[-1] == "hotcold: terminated"
-    assert sorted(os.listdir(tmp_path)) == ["m.gguf"] and signal.getsignal(signal.SIGTERM) == before
+    left = sorted(os.listdir(tmp_path))  # no s.json, no temporary (s.json.progress.json: the resume point, if saved)
+    assert left in (["m.gguf"], ["m.gguf", "s.json.progress.json"])
 
 
 def test_installed_command_exit_code(tmp_path):

@@ -117,6 +117,13 @@ def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path, capsys):
     assert tuned.fingerprint == model.fingerprint
     with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(weights_sha256 differs\\)"):
         run_profile(tuned, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    manifest = (parts / "manifest.json").read_text()
+    older = json.loads(manifest)
+    del older["settings"]["threads"]  # as a hotcold that did not record it wrote it
+    (parts / "manifest.json").write_text(json.dumps(older))
+    with pytest.raises(HotcoldError, match="holds a profile made by an older hotcold, which did not record threads"):
+        run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
+    (parts / "manifest.json").write_text(manifest)
     capsys.readouterr()
     run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     assert f"resuming: 3 of {len(tokens) // CTX} windows profiled in {parts}" in capsys.readouterr().err

@@ -103,8 +103,8 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     assert "tokens of corpus; relufy needs at least" in capsys.readouterr().err
     out.write_bytes(b"keep")
     assert main(argv) == 2
-    assert f"r.gguf: already exists, with {state} of a stopped run beside it (--force resumes that run)" in \
-        capsys.readouterr().err  # a run with --force killed before (or just after) writing r.gguf
+    assert f"r.gguf: already exists, with {state} of a stopped run beside it (--force resumes that run if it had " \
+        "these settings)" in capsys.readouterr().err  # a run with --force killed before (or just after) writing r.gguf
     os.rename(state, state + ".aside")
     assert main(argv) == 2
     assert "r.gguf: already exists (--force overwrites it)" in capsys.readouterr().err

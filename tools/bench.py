@@ -176,11 +176,11 @@ def time_to_first_token(args) -> float:
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:
             cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+    cmd = [os.path.abspath(a) if os.path.exists(a) else a for a in cmd]  # files named relative to the user's folder
     from engine.config import HotcoldError
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable from a checkout, run from the
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))  # user's
-    t = time.perf_counter()  # folder, where the paths given are relative to
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools.cli is importable
+    t = time.perf_counter()
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     if res.returncode:
         raise HotcoldError("time to first token: `hotcold generate -n 1` failed: "
                            + (res.stderr.strip().splitlines() or ["(no output)"])[-1])

@@ -1,9 +1,9 @@
 """`hotcold bench --hybrid`: the predictor runtime's decode speed.
 
-1. Speed against sparsity on the CPU. A speed fixture, not a model: SmolLM2's weights with FATReLU thresholds
-   set for 50/70/90% FFN sparsity, and predictors made without training (the whitened SVD of each layer's gate
-   map, threshold tuned to recall 0.95 on the fixture's own activations). Its text means nothing, so it makes no
-   quality claim; recall and actual sparsity are audited on a short run of the fixture itself.
+1. Speed against sparsity on the CPU. A speed fixture, not a model: the model's weights (SmolLM2's by default) with
+   FATReLU thresholds set for 50/70/90% FFN sparsity, and predictors made without training (the whitened SVD of each
+   layer's gate map, threshold tuned to recall 0.95 on the fixture's own activations). Its text means nothing, so it
+   makes no quality claim; recall and actual sparsity are audited on a short run of the fixture itself.
 2. With `--predictors` (a trained bundle for `-m`): that model with its predictors, beside its dense decode.
 3. With CUDA: tokens/s against the GPU budget (0/25/50/100% of the FFN as float16 hot rows), next to CPU only
    and to the layer-offload baseline (whole dense layers on the GPU in the same VRAM, as llama.cpp's -ngl).

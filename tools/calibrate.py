@@ -40,7 +40,7 @@ import torch
 from engine.api import perplexity_of
 from engine.config import HotcoldError
 from engine.sparsity import (SparsityConfig, batched_net, check_writable, contribution, down_norms, down_rows,
-                             read_json, write_json)
+                             exists_error, read_json, write_json)
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")
@@ -223,7 +223,7 @@ def top_kl(p_log: torch.Tensor, ids: torch.Tensor, q_log_all: torch.Tensor) -> t
 
 def bound_report(r: dict, dense: float) -> str:
     return (f"ppl {r['ppl']:.4f} ({100 * (r['ppl'] / dense - 1):+.2f}%), "
-            f"KL {r['kl']:.5f} ({100 * (perplexity_of(r['kl'], 1) - 1):+.2f}%)")
+            f"KL {r['kl']:.5f} ({100 * math.expm1(min(r['kl'], 700)):+.2f}%)")
 
 
 class Journal:
@@ -293,7 +293,7 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
         measure_costs(model, stats, tokens[:min(COST_TOKENS, ctx)])
         path = greedy_path(stats)
     held = Heldout(heldout, ctx)
-    dense = held.score(model, None)["ppl"]
+    dense = finite_dense(held.score(model, None)["ppl"])
     log(f"held-out perplexity, dense: {dense:.4f}")
     journal = Journal(progress, {"model": model.fingerprint, "tokens": digest(tokens), "heldout": digest(heldout),
                                  "ctx": ctx, "method": method, "seed": seed, "dense": dense}, log)
@@ -350,7 +350,7 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
     held = Heldout(heldout, ctx)
     # the reference through the same decode steps, so that the bound measures the predictors and not the kernels'
     # rounding (activations to 8 bits, as ggml does): SmolLM2's held-out perplexity is 25.063 batched, 25.123 so
-    dense = held.score(model, None, steps=True)["ppl"]
+    dense = finite_dense(held.score(model, None, steps=True)["ppl"])
     log(f"held-out perplexity, dense (decode steps): {dense:.4f}")
     model.set_predictors(bundle)
     base = list(bundle.thresholds)
@@ -390,6 +390,14 @@ def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int
         raise HotcoldError(f"{', '.join(files)}: {len(tokens)} tokens, fewer than --tokens {n_stats} plus "
                            f"--heldout-tokens {n_heldout}")
     return tokens[:n_stats], tokens[len(tokens) - n_heldout:]
+
+
+def finite_dense(ppl: float) -> float:
+    """The dense perplexity a bound is relative to: refused when it is past a float (no bound means anything)."""
+    if not math.isfinite(ppl):
+        raise HotcoldError("the dense model's perplexity on the held-out text is past a float: its logits are far out "
+                           "of range, so no perplexity bound can be calibrated")
+    return ppl
 
 
 def progress_path(out: str) -> str:
@@ -447,9 +455,7 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     if args.ppl_increase is None:
         raise HotcoldError("--predictors takes --ppl-increase (the thresholds are tuned to a perplexity bound)")
     if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
-        left = progress_path(args.out) if os.path.exists(progress_path(args.out)) else None  # a stopped --force run's
-        raise HotcoldError(f"{args.out}: a bundle is already there" + (f", with {left} of a stopped run beside it "
-                           "(--force resumes that run)" if left else " (--force to overwrite)"))
+        raise exists_error(args.out, "a bundle is already there", progress_path(args.out))
     bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
     tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log,
                                           progress_path(args.out))

@@ -339,13 +339,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM, during the cleanup, ends the process
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    main_thread = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, terminate) if main_thread else None
+    # SIGTERM becomes Terminated unless the program calling main (or a parent ignoring it) has its own way with it
+    mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if mine:
+        signal.signal(signal.SIGTERM, terminate)
     try:  # from the start: a command's module imports torch, which takes seconds
         ap = build_parser(argv[0] if argv else None)
         args, extra = ap.parse_known_args(argv)
@@ -373,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hotcold: error: {where}{what}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:  # main() called in a program (the tests) leaves its SIGTERM as it was
-            signal.signal(signal.SIGTERM, before)
+        if mine:  # main() called in a program (the tests) leaves its SIGTERM as it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 

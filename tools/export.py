@@ -338,7 +338,7 @@ def cmd_export(args) -> None:
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     odd = sorted({r for r in ranks or () if r % 32})
     if powerinfer and odd and args.outtype == "f16":  # fc2's rows are `rank` values long
-        print(f"hotcold: note: PowerInfer's quantize would store fc1/fc2 in blocks of 32 values, which predictor "
+        print(f"hotcold: note: PowerInfer's quantize would store fc1/fc2 in blocks of 32 values, which fc2's rows of "
               f"ranks {', '.join(map(str, odd))} do not fill; quantize with --outtype q8_0 or q4_0 here instead",
               file=sys.stderr)
     if not powerinfer and ckpt.config.act != "silu":

@@ -172,9 +172,9 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
     if os.path.exists(os.path.join(out, MANIFEST)) and not os.path.isdir(os.path.join(out, PARTIAL)):
         try:
             b = load_bundle(out, fp)
-        except HotcoldError:  # another model's, or damaged
+        except HotcoldError as e:  # another model's, or damaged
             if not force:
-                raise
+                raise HotcoldError(f"{e}; --force retrains, or give a new directory") from None
             b = None
         if b is not None and b.training.get("key") == key:
             done = {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}

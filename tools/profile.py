@@ -109,7 +109,10 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
     old = read_manifest(out)
     check_fingerprint(old.get("fingerprint", {}), manifest["fingerprint"], out, "holds a profile")
     for k, v in manifest["settings"].items():
-        if old.get("settings", {}).get(k) != v:
+        if k not in old.get("settings", {}):
+            raise HotcoldError(f"{out}: holds a profile made by an older hotcold, which did not record {k}; choose "
+                               "another -o to start a new one")
+        if old["settings"][k] != v:
             raise HotcoldError(f"{out}: holds a profile made with other settings ({k} differs); "
                                "choose another -o to start a new one")
     return old
@@ -221,7 +224,6 @@ def profile_settings(model, tokens: list[int], ctx: int, n_windows: int, cap: in
     """What the counts depend on: resuming is allowed only when all of it is the same. That includes how the model
     runs (the backend, the cache type and the thread count each move activations near the threshold) and all of its
     weights (the fingerprint reads layer 0's FFN only)."""
-    import torch
     used = np.asarray(tokens[:n_windows * ctx], dtype=np.int32)
     return {"ctx": ctx, "windows": n_windows, "tokens": n_windows * ctx,
             "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,

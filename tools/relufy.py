@@ -30,7 +30,7 @@ from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
-from engine.sparsity import check_writable, weights_sha256, write_atomic
+from engine.sparsity import check_writable, exists_error, weights_sha256, write_atomic
 
 ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"
@@ -265,9 +265,7 @@ def cmd_relufy(args) -> None:
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
     check_writable(args.out)  # its training state goes beside it
     if os.path.exists(args.out) and not args.force:
-        left = os.path.exists(args.out + STATE_SUFFIX)  # a run with --force stopped before (or just after) writing it
-        raise HotcoldError(f"{args.out}: already exists" + (f", with {args.out + STATE_SUFFIX} of a stopped run beside "
-                           "it (--force resumes that run)" if left else " (--force overwrites it)"))
+        raise exists_error(args.out, "already exists", args.out + STATE_SUFFIX)
     torch.set_num_threads(args.threads)
     ids: list[int] = []
     for doc in read_corpus(args.files):
