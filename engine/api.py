@@ -33,6 +33,7 @@ def perplexity_of(nll: float, n: int) -> float:
     except OverflowError:
         return math.inf
 
+
 @dataclass
 class Sampler:
     """llama.cpp's sampler chain and defaults: top-k, then top-p and min-p on the candidates' probabilities, then the

@@ -170,13 +170,16 @@ def llamacpp_here(path: str, threads: int, ids: list[int], n: int) -> dict | Non
 def time_to_first_token(args) -> float:
     """Seconds from starting a new `hotcold generate -n 1` process (JIT cache warm: this run compiled) to its exit:
     imports, loading, prefill and the first token."""
+    def given(key: str) -> str:  # the child runs in the checkout: files named relative to the user's folder made whole
+        v = str(getattr(args, key))
+        return os.path.abspath(v) if key in ("model", "sparsity", "predictors", "split") and os.path.exists(v) else v
+
     cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c", "64"]
-    cmd += (["-m", args.model] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
+    cmd += (["-m", given("model")] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
     for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:
-            cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-    cmd = [os.path.abspath(a) if os.path.exists(a) else a for a in cmd]  # files named relative to the user's folder
+            cmd += ["--" + key.replace("_", "-"), given(key)]
     from engine.config import HotcoldError
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where tools.cli is importable
     t = time.perf_counter()
