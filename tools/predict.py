@@ -300,7 +300,8 @@ def format_train(res: dict) -> str:
              f"bytes as stored "
              f"({b['ffn_bytes']:,})"]
     if res["complete"]:
-        lines.append(f"bundle written: {res['bundle']} ({len(res['trained'])} layers trained now)")
+        n = len(res["trained"])
+        lines.append(f"bundle written: {res['bundle']} ({n} layer{'' if n == 1 else 's'} trained now)")
     else:
         lines.append("bundle not written yet: some layers are untrained (run without --layers to finish)")
     return "\n".join(lines)
