@@ -148,10 +148,10 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def exists_error(out: str, what: str, resume_point: str) -> HotcoldError:
+def exists_error(out: str, what: str = "already exists", resume_point: str | None = None) -> HotcoldError:
     """The refusal of an output that exists without --force; a resume point beside it is a stopped run with --force
     (killed before, or just after, it wrote the output), which --force resumes."""
-    if os.path.exists(resume_point):
+    if resume_point is not None and os.path.exists(resume_point):
         return HotcoldError(f"{out}: {what}, with {resume_point} of a stopped run beside it (--force resumes that run "
                             "if it had these settings)")
     return HotcoldError(f"{out}: {what} (--force overwrites it)")

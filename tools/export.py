@@ -34,7 +34,7 @@ from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KE
                            POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf,
                            resolve)
 from engine.qtensor import QTensor
-from engine.sparsity import check_writable, fingerprint, write_all
+from engine.sparsity import check_writable, exists_error, fingerprint, write_all
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
@@ -319,7 +319,7 @@ def cmd_export(args) -> None:
         split = read_model_split(js, ckpt.config, fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
-        raise HotcoldError(f"{existing[0]}: already exists (--force overwrites it)")
+        raise exists_error(existing[0])
     check_writable(path)  # -o out/smol: out/ is made as the files are written
     info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle, split_paths, split)
     if split is None:

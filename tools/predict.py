@@ -165,8 +165,12 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
     or of an unfinished run. Work from other settings, another profile or another model is refused (nothing is
     lost unasked); with force it is removed."""
     from predictors.bundle import MANIFEST, TENSORS, load_bundle
-    refuse = (f"{out}: holds {{}} trained with other settings or from another profile or model; --force retrains, or "
-              "give a new directory")
+    retrain = "--force retrains, or give a new directory"
+
+    def other(what: str) -> HotcoldError:
+        return HotcoldError(f"{out}: holds {what} trained with other settings or from another profile or model; "
+                            f"{retrain}")
+
     done = {}
     # beside partial/, bundle files are a save cut short between its renames: the partial layers hold that run's work
     if os.path.exists(os.path.join(out, MANIFEST)) and not os.path.isdir(os.path.join(out, PARTIAL)):
@@ -174,12 +178,12 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
             b = load_bundle(out, fp)
         except HotcoldError as e:  # another model's, or damaged
             if not force:
-                raise HotcoldError(f"{e}; --force retrains, or give a new directory") from None
+                raise HotcoldError(f"{e}; {retrain}") from None
             b = None
         if b is not None and b.training.get("key") == key:
             done = {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}
         elif not force:
-            raise HotcoldError(refuse.format("a bundle"))
+            raise other("a bundle")
         else:
             for name in (MANIFEST, TENSORS):
                 if os.path.exists(os.path.join(out, name)):
@@ -189,7 +193,7 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
         if part is not None and part[0] == key:
             done[i] = part[1]
         elif part is not None and not force:
-            raise HotcoldError(refuse.format("layers of an unfinished run"))
+            raise other("layers of an unfinished run")
         elif part is not None:
             for path in partial_paths(out, i):
                 os.remove(path)

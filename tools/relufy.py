@@ -265,7 +265,7 @@ def cmd_relufy(args) -> None:
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
     check_writable(args.out)  # its training state goes beside it
     if os.path.exists(args.out) and not args.force:
-        raise exists_error(args.out, "already exists", args.out + STATE_SUFFIX)
+        raise exists_error(args.out, resume_point=args.out + STATE_SUFFIX)
     torch.set_num_threads(args.threads)
     ids: list[int] = []
     for doc in read_corpus(args.files):
