@@ -6,7 +6,7 @@ forward, perplexity, sparsity, predictors), so that generating from a short prom
 from __future__ import annotations
 
 import math
-import os
+import operator
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +45,13 @@ class Sampler:
     seed: int | None = None  # None or negative: random
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise HotcoldError(f"Sampler {name} = {v!r}: a number")
+        if self.min_p > 1:
+            raise HotcoldError(f"Sampler min_p = {self.min_p}: at most 1 (a share of the top token's probability)")
+        self.top_k = as_int(self.top_k, "Sampler top_k")
         self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
 
     def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
@@ -55,11 +62,11 @@ class Sampler:
         z = logits[ids].astype(np.float64)
         z -= z.max()  # <= 0: z / temperature cannot overflow to +inf
         p = np.exp(z)
-        keep = p >= self.min_p  # p / max p
+        keep = p >= self.min_p  # p / max p: keeps the top candidate (p = 1)
         if self.top_p < 1.0:
             order = np.argsort(-p, kind="stable")
             ps = p[order] / p.sum()
-            keep[order[np.cumsum(ps) - ps >= self.top_p]] = False  # always keeps the first
+            keep[order[1:][(np.cumsum(ps) - ps)[1:] >= self.top_p]] = False  # never the top candidate
         with np.errstate(over="ignore"):  # a tiny temperature: -inf for all but the top, as greedy
             p = np.where(keep, np.exp(z / self.temperature), 0.0)
         c = np.cumsum(p)
@@ -78,18 +85,26 @@ class Completion:
                 "stats": self.stats}
 
 
+def as_int(v, what: str) -> int:
+    """v as an int (numpy's too); HotcoldError for a float, a string or None."""
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise HotcoldError(f"{what} = {v!r}: an integer") from None
+
+
 def set_threads(n: int | None) -> None:
-    """Threads of the numba kernels and of torch (now if imported, else through OMP_NUM_THREADS when it is), at
-    most numba's limit, the machine's cores (torch took `-t 100000` as given: one prefill-sized product ran 100x
-    slower)."""
-    if n:
+    """Threads of the numba kernels and of torch (now if imported, else when engine.model is: numba's thread pool
+    leaves OpenMP's default at every core, which torch takes), at most numba's limit, the machine's cores (torch
+    took `-t 100000` as given: one prefill-sized product ran 100x slower). None: as they are."""
+    if n is not None:
+        if as_int(n, "threads") < 1:
+            raise HotcoldError(f"threads = {n}: at least 1")
         import numba
         n = min(n, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(n)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(n)
-        else:
-            os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
@@ -123,7 +138,9 @@ class Model:
             raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
         if backend not in BACKENDS:
             raise HotcoldError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if n_ctx is None else n_ctx
+        n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if n_ctx is None else as_int(n_ctx, "n_ctx")
+        if n_ctx < 2:
+            raise HotcoldError(f"n_ctx = {n_ctx}: a context of at least 2 tokens")
         check_context(ckpt, n_ctx)  # bench's context is --prompt-tokens + -n + 16: no flag named here
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
@@ -153,6 +170,10 @@ class Model:
         from .sparsity import Sparsifier, SparsityConfig, attach, batched_net, down_norms
         if isinstance(sparsity, str):
             sparsity = SparsityConfig.load(sparsity, self.fingerprint)
+        elif isinstance(sparsity, SparsityConfig):
+            sparsity.check(self.fingerprint, "sparsity config")
+        elif sparsity is not None:
+            raise HotcoldError(f"sparsity: a config's path or a SparsityConfig, not {type(sparsity).__name__}")
         self.sparsity = None if sparsity is None else Sparsifier(sparsity.thresholds,
                                                                   down_norms(batched_net(self.net)))
         attach(self.net, self.sparsity)
@@ -193,27 +214,43 @@ class Model:
         return self.tokenizer.encode(text, special=special, add_bos=add_bos)
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(self.check_ids(ids))
 
     # --- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> torch.Tensor:
         """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
         return self.net.forward(tokens, pos, all_logits)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """HotcoldError unless the prompt is non-empty and leaves room in the context for a token."""
+    def check_ids(self, ids) -> list[int]:
+        """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the
+        last row)."""
+        if isinstance(ids, str):
+            raise HotcoldError("token ids, not a string (model.tokenize(text) gives them)")
+        a = np.asarray(ids)
+        if a.size and a.dtype.kind not in "iu" or a.ndim != 1:
+            raise HotcoldError("token ids: a list of integers")
+        bad = a[(a < 0) | (a >= self.config.n_vocab)]
+        if bad.size:
+            raise HotcoldError(f"token id {bad[0]} is outside the vocabulary of {self.config.n_vocab}")
+        return a.tolist()
+
+    def check_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's ids as a list; HotcoldError unless they are in the vocabulary, at least one, and leave room
+        in the context for a token."""
+        prompt_ids = self.check_ids(prompt_ids)
         if not prompt_ids:
             raise HotcoldError("empty prompt")
         if len(prompt_ids) >= self.n_ctx:
             raise HotcoldError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.n_ctx}"
                                " (raise --ctx)")
+        return prompt_ids
 
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
         stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context")."""
         sampler = sampler or Sampler(temperature=0.0)
-        self.check_prompt(prompt_ids)
+        prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         if n < 0:
             raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
@@ -255,7 +292,7 @@ class Model:
         text = self.detokenize(out)
         if on_text is not None and text.startswith(shown) and len(text) > len(shown):
             on_text(text[len(shown):])  # a character cut off by the last token, as the text shows it (U+FFFD)
-        return Completion(text, out, list(prompt_ids), stats)
+        return Completion(text, out, prompt_ids, stats)
 
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
@@ -264,13 +301,14 @@ class Model:
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> dict:
         """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
-        available = len(tokens) // ctx
+        tokens, ctx = self.check_ids(tokens), as_int(ctx, "ctx")
         if ctx < 4:
             raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
         if first_chunk < 0 or (chunks is not None and chunks < 1):
             raise HotcoldError(f"chunks {chunks} from chunk {first_chunk}: at least one, from chunk 0 or later")
         if ctx > self.n_ctx:
             raise HotcoldError(f"--ctx {ctx}: longer than the model context {self.n_ctx}")
+        available = len(tokens) // ctx
         if available <= first_chunk:
             raise HotcoldError(f"text of {len(tokens)} tokens has {available} chunks of {ctx}; "
                                f"first chunk {first_chunk} does not exist")

@@ -216,14 +216,18 @@ class SparsityConfig:
         missing = [k for k in CONFIG_KEYS if k not in obj]
         if missing:
             raise HotcoldError(f"{path}: not a sparsity config (no {missing[0]!r})")
-        check_fingerprint(obj["fingerprint"], expected, path, "sparsity config")
         known = set(SparsityConfig.__dataclass_fields__)
-        cfg = SparsityConfig(**{k: v for k, v in obj.items() if k in known})
-        thr = cfg.thresholds
-        if not isinstance(thr, list) or len(thr) != expected["n_layer"] or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < np.inf for t in thr):
-            raise HotcoldError(f"{path}: thresholds must be {expected['n_layer']} finite numbers >= 0")
-        return cfg
+        return SparsityConfig(**{k: v for k, v in obj.items() if k in known}).check(expected, path)
+
+    def check(self, expected: dict, where: str) -> SparsityConfig:
+        """self, unless made for another model than fingerprint `expected` or its thresholds are not one finite
+        number >= 0 a layer."""
+        check_fingerprint(self.fingerprint, expected, where, "sparsity config")
+        thr = self.thresholds
+        if not isinstance(thr, (list, tuple)) or len(thr) != expected["n_layer"] or not all(
+                isinstance(t, (int, float, np.floating)) and not isinstance(t, bool) and 0 <= t < np.inf for t in thr):
+            raise HotcoldError(f"{where}: thresholds must be {expected['n_layer']} finite numbers >= 0")
+        return self
 
 
 def batched_net(net):

@@ -182,6 +182,45 @@ def test_sampler_follows_temperature_top_k_top_p_and_min_p():
     assert np.allclose(freq(Sampler(1.0, top_k=0, top_p=1.0, min_p=0.5, seed=6)), [0.625, 0.375, 0, 0], atol=0.03)
     assert freq(Sampler(1e-310, top_k=0, top_p=1.0, seed=8), 50).tolist() == [1, 0, 0, 0]  # no overflow: greedy
     assert Sampler(seed=-1)(logits) in range(4)  # negative: a random seed, as in llama.cpp
+    for kw in (dict(top_p=0.0), dict(top_p=-1.0), dict(min_p=1.0)):  # the top candidate always stays, as min_keep=1
+        assert freq(Sampler(1.0, top_k=0, seed=9, **kw), 50).tolist() == [1, 0, 0, 0], kw
+    for kw in (dict(temperature=float("nan")), dict(top_p=float("nan")), dict(min_p=1.5), dict(top_k=2.5)):
+        with pytest.raises(HotcoldError, match="Sampler"):
+            Sampler(**kw)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path, backend):
+    """numpy and torch indexing read -1 as the last row: a long prompt (batched prefill), the torch backend and
+    perplexity gave text from a wrong token without a word."""
+    from engine.sparsity import SparsityConfig
+    c = tiny_config("relu")
+    m = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0), n_ctx=128, threads=1,
+             backend=backend)
+    ids = [3, 5, 7, 9] * 15  # 60 tokens: past the decode-step prefill
+    for bad in (ids[:-1] + [-1], ids[:-1] + [c.n_vocab], [-1]):
+        with pytest.raises(HotcoldError, match=f"token id {bad[-1]} is outside the vocabulary of {c.n_vocab}"):
+            m.generate(bad, n=2)
+        with pytest.raises(HotcoldError, match="outside the vocabulary"):
+            m.perplexity(bad * 2, 16)
+    with pytest.raises(HotcoldError, match="outside the vocabulary"):
+        m.detokenize([-1])
+    with pytest.raises(HotcoldError, match="not a string"):
+        m.generate("the cat", n=2)
+    with pytest.raises(HotcoldError, match="n = 2.5: an integer"):
+        m.generate(ids[:4], n=2.5)
+    with pytest.raises(HotcoldError, match="--ctx 0"):
+        m.perplexity(ids, 0)
+    assert m.generate(np.array(ids[:4]), n=3).token_ids == m.generate(ids[:4], n=3).token_ids
+    for sp in (SparsityConfig([0.0] * (c.n_layer + 1), m.fingerprint), SparsityConfig([-1.0] * c.n_layer,
+               m.fingerprint), SparsityConfig([0.0] * c.n_layer, {**m.fingerprint, "n_ff": 1})):
+        with pytest.raises(HotcoldError, match="thresholds must be|of another model"):
+            m.set_sparsity(sp)
+    with pytest.raises(HotcoldError, match="not int"):
+        m.set_sparsity(3)
+    for kw, msg in ((dict(n_ctx=1), "n_ctx = 1"), (dict(n_ctx=2.5), "n_ctx = 2.5"), (dict(threads=0), "threads = 0")):
+        with pytest.raises(HotcoldError, match=msg):
+            load(m.ckpt, **kw)
 
 
 def test_resident_bytes_native(smollm):
@@ -224,6 +263,19 @@ def test_kernel_perplexity_close_to_reference(smollm, reference, data_dir):
         tokens = smollm.tokenize(fh.read(), special=False, add_bos=False)
     res = smollm.perplexity(tokens, ctx=512, chunks=8)
     assert abs(res["ppl"] / reference["perplexity"]["ppl"] - 1) < 0.005, res
+
+
+def test_torch_imported_after_load_runs_on_the_threads_asked(tmp_path):
+    """numba's OpenMP pool leaves OpenMP's default at every core, and torch imported later took it: `generate -t 1`
+    prefilled a long prompt on all cores (and perplexity through the API differed from the CLI's)."""
+    c = tiny_config("relu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0)
+    code = ("import sys; from engine.api import load; m = load(sys.argv[1], n_ctx=128, threads=1); "
+            "assert 'torch' not in sys.modules; m.generate([3, 5, 7, 9] * 15, n=2); "
+            "import torch; assert torch.get_num_threads() == 1, torch.get_num_threads()")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code, path], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_threads_beyond_the_cores_are_capped_for_torch_as_for_numba():

@@ -300,7 +300,8 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
 
     def evaluate(m: float) -> dict:
         r, saved = journal(m, lambda m: held.score(
-            model, SparsityConfig(stats.thresholds(method_levels(stats, method, m, path)), {})))
+            model, SparsityConfig(stats.thresholds(method_levels(stats, method, m, path)),
+                                  model.fingerprint)))
         log(f"mean level {m:.3f}: sparsity {r['sparsity']:.3f}, {bound_report(r, dense)}{' (saved)' if saved else ''}")
         return r
 
