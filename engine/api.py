@@ -289,7 +289,7 @@ class Model:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             stats.update(self.runtime.stats())
-        text = self.detokenize(out)
+        text = self.tokenizer.decode(out, continuation=True)
         if on_text is not None and text.startswith(shown) and len(text) > len(shown):
             on_text(text[len(shown):])  # a character cut off by the last token, as the text shows it (U+FFFD)
         return Completion(text, out, prompt_ids, stats)

@@ -5,7 +5,6 @@ GGUF vocabularies: `gpt2` (byte-level BPE, with the pre-tokenizer named by `toke
 """
 from __future__ import annotations
 
-import json
 import os
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -17,15 +16,23 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> pre-tokenizer of a byte-level BPE vocabulary
+# llama.cpp's splits for `default` (and a GGUF without tokenizer.ggml.pre), each applied to the pieces of the last
+DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+                  r"\p{N}+", r"[0-9][0-9][0-9]")
+
+
+def split_then_bytes(*patterns: str):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# tokenizer.ggml.pre -> pre-tokenizer of a byte-level BPE vocabulary, in the order export tries them
 BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 PRE_TOKENIZERS = {
-    "default": lambda: BYTE_LEVEL,
     "gpt2": lambda: BYTE_LEVEL,
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), BYTE_LEVEL]),
-    "llama-bpe": lambda: pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
+    "default": lambda: split_then_bytes(*DEFAULT_SPLITS),
 }
 # names of end-of-turn tokens that stop generation besides EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -61,9 +68,11 @@ def valid_text(text: str) -> str:
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 chat_template: str | None, special_ids: set[int]):
+                 chat_template: str | None, special_ids: set[int], space_prefix: bool = False):
+        """space_prefix: encoding puts a space before the text (SentencePiece), which `decode` removes again."""
         self.tk = tk
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.space_prefix = space_prefix
         self.chat_template = chat_template
         vocab = tk.get_vocab()
         self.stop_ids = {i for i in [eos_id] if i is not None} | {vocab[t] for t in END_OF_TURN if t in vocab}
@@ -86,7 +95,7 @@ class Tokenizer:
             pre = meta.get("tokenizer.ggml.pre") or "default"
             if pre not in PRE_TOKENIZERS:
                 import sys
-                print(f"hotcold: note: pre-tokenizer {pre!r} unknown, using gpt2's", file=sys.stderr)
+                print(f"hotcold: note: pre-tokenizer {pre!r} unknown, using llama.cpp's default", file=sys.stderr)
                 pre = "default"
             tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=(pre == "llama-bpe")))
             tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
@@ -102,8 +111,8 @@ class Tokenizer:
             if meta.get("tokenizer.ggml.add_space_prefix", True):
                 norm.insert(0, normalizers.Prepend("▁"))
             tk.normalizer = normalizers.Sequence(norm)
-            tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                            decoders.Strip(" ", 1, 0)])
+            tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+            space_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:
             raise HotcoldError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, llama)")
@@ -112,7 +121,8 @@ class Tokenizer:
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
         if model == "gpt2":
             tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
-        return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control))
+            space_prefix = False
+        return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix)
 
     @classmethod
     def from_hf_dir(cls, path: str) -> Tokenizer:
@@ -123,10 +133,7 @@ class Tokenizer:
             tk = HFTokenizer.from_file(tj)
         except Exception as e:
             raise HotcoldError(f"{tj}: unreadable tokenizer ({e})") from None
-        tc = {}
-        if os.path.exists(os.path.join(path, "tokenizer_config.json")):
-            with open(os.path.join(path, "tokenizer_config.json")) as fh:
-                tc = json.load(fh)
+        tc = read_json_if(os.path.join(path, "tokenizer_config.json"), "tokenizer config") or {}
 
         def token_id(key):
             v = tc.get(key)
@@ -134,9 +141,11 @@ class Tokenizer:
             return tk.token_to_id(v) if v else None
 
         bos, eos = token_id("bos_token"), token_id("eos_token")
-        add_bos = bool(tc.get("add_bos_token", False)) and bos is not None and bos != eos
+        # no add_bos_token: BOS is what the post-processor puts first (Llama 3's TemplateProcessing)
+        add_bos = (bool(tc["add_bos_token"]) if "add_bos_token" in tc
+                   else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        return cls(tk, bos, eos, add_bos, tc.get("chat_template"), special)
+        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special)
 
     # --- use ----------------------------------------------------------------------------------------
     @property
@@ -151,16 +160,20 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], continuation: bool = False) -> str:
+        """The text of ids: of a whole text (the space `encode` put before it removed), or a continuation's (its
+        leading space kept, as llama.cpp prints pieces)."""
+        text = self.tk.decode(list(ids), skip_special_tokens=True)
+        return text[1:] if self.space_prefix and not continuation and text.startswith(" ") else text
 
     def stream(self):
-        """An incremental decoder: `step(id) -> str | None` that never splits a UTF-8 character."""
+        """An incremental decoder of a continuation: `step(id) -> str | None` that never splits a UTF-8 character."""
         return decoders.DecodeStream(skip_special_tokens=True)
 
     def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
         if not self.chat_template:
             raise HotcoldError("this model has no chat template (tokenizer.chat_template)")
+        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
@@ -170,7 +183,32 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = self.tk.id_to_token
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=tok(self.bos_id) if self.bos_id is not None else "",
-            eos_token=tok(self.eos_id) if self.eos_id is not None else "")
+        bos = tok(self.bos_id) if self.bos_id is not None else ""
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=bos,
+                eos_token=tok(self.eos_id) if self.eos_id is not None else "")
+        except jinja2.TemplateError as e:
+            raise HotcoldError(f"chat template: {type(e).__name__}: {e}") from None
+        # encode adds BOS itself: a template's own (Llama 3, Gemma) would make two, so it goes, as in llama.cpp
+        return text[len(bos):] if self.add_bos and bos and text.startswith(bos) else text
+
+
+def read_json_if(path: str, what: str) -> dict | None:
+    """The JSON object in path, None when there is no such file."""
+    from .sparsity import read_json
+    return read_json(path, what) if os.path.exists(path) else None
+
+def hf_chat_template(path: str, tc: dict) -> str | None:
+    """An HF directory's chat template: tokenizer_config.json's (a list of named ones: the one named "default"),
+    else chat_template.jinja's or chat_template.json's, as newer transformers save it."""
+    t = tc.get("chat_template")
+    if t is None:
+        jinja = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja):
+            with open(jinja, encoding="utf-8") as fh:
+                return fh.read()
+        t = (read_json_if(os.path.join(path, "chat_template.json"), "chat template") or {}).get("chat_template")
+    if isinstance(t, list):
+        t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+    return t if isinstance(t, str) else None

@@ -320,9 +320,69 @@ def test_hf_generate_and_chat_template(tmp_path):
     c = tiny_config("relu")
     m = load(write_hf(str(tmp_path / "hf"), c, tiny_weights(c)), n_ctx=64)
     prompt = m.tokenizer.apply_chat_template("hi")
-    assert prompt == "<s>user: hi\n<s>assistant: "
-    out = m.generate(m.tokenize(prompt), 5)
+    assert prompt == "user: hi\n<s>assistant: "  # the template's first <s> left to the BOS encode adds
+    ids = m.tokenize(prompt)
+    assert ids.count(m.tokenizer.bos_id) == 2 and ids[0] == m.tokenizer.bos_id
+    out = m.generate(ids, 5)
     assert 1 <= len(out.token_ids) <= 5 and isinstance(out.text, str)
+
+
+def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
+    """A list of named templates (the one named default), chat_template.jinja beside tokenizer_config.json, and BOS
+    from the post-processor when tokenizer_config.json does not say; a broken template is one line."""
+    from tokenizers import processors
+    from tiny_model import hf_tokenizer
+    c = tiny_config("relu")
+    path = write_hf(str(tmp_path / "hf"), c, tiny_weights(c))
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ messages[0].content }}!"}]
+    with open(cfg_path, "w") as fh:
+        json.dump({**cfg, "chat_template": named}, fh)
+    assert load(path, n_ctx=64).tokenizer.apply_chat_template("hi") == "hi!"
+    del cfg["chat_template"], cfg["add_bos_token"]
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as fh:
+        fh.write("[{{ messages[0].content }}]")
+    m = load(path, n_ctx=64)
+    assert m.tokenizer.apply_chat_template("hi") == "[hi]"
+    assert m.tokenize("hi")[0] != m.tokenizer.bos_id  # neither add_bos_token nor a post-processor adding it
+    tk = hf_tokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tk.save(os.path.join(path, "tokenizer.json"))
+    assert load(path, n_ctx=64).tokenize("hi")[0] == tk.token_to_id("<s>")  # as Llama 3 adds BOS
+    with open(os.path.join(path, "chat_template.jinja"), "w") as fh:
+        fh.write("{{ messages[0].content }")
+    assert main(["generate", "-m", path, "-p", "hi", "--chat", "-n", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip().splitlines() == [
+        "hotcold: error: chat template: TemplateSyntaxError: unexpected '}'"]
+
+
+def test_other_vocabularies_tokenize_and_decode_as_llama_cpp():
+    """A SentencePiece vocabulary keeps the space before a continuation's first word (only a whole text loses the
+    space encoding put before it), and `default` (or no tokenizer.ggml.pre) splits as llama.cpp's default rules."""
+    from engine.tokenizer import Tokenizer
+    words = ["▁", "t", "h", "e", "o", "f", "T", "▁t", "he", "▁o", "▁T", "▁the", "▁of", "▁The"]
+    pieces = ["<unk>", "<s>", "</s>"] + words + [f"<0x{b:02X}>" for b in range(256)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [1] * len(words) + [6] * 256,
+            "tokenizer.ggml.scores": [0.0] * 3 + [-float(i) for i in range(len(words))] + [0.0] * 256,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    spm = Tokenizer.from_gguf(meta, "spm")
+    the, of, The = (pieces.index(w) for w in ("▁the", "▁of", "▁The"))
+    assert spm.encode("The of") == [1, The, of]
+    assert spm.decode([1, The, of]) == "The of"
+    assert spm.decode([the, of], continuation=True) == " the of"
+    stream = spm.stream()
+    assert "".join(stream.step(spm.tk, i) or "" for i in [the, of]) == " the of"
+    split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": [],
+                                 "tokenizer.ggml.pre": "default"}, "x").tk.pre_tokenizer.pre_tokenize_str
+    # llama.cpp: punctuation runs first, then GPT-2's words, then digits in runs of three
+    assert [p for p, _ in split("f(x) = (a + b)")] == ["f", "(", "x", ")", "Ġ", "=", "Ġ", "(", "a", "Ġ", "+", "Ġb", ")"]
+    assert [p for p, _ in split("a==b || c 12345")] == ["a", "==", "b", "Ġ", "||", "Ġc", "Ġ", "123", "45"]
 
 
 def _fields(reader):

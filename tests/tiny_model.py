@@ -106,7 +106,7 @@ def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = 
     wr.add_string(KEY_ACT, c.act)
     wr.add_float32(KEY_ACT_THRESHOLD, c.act_threshold)
     wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
+    wr.add_tokenizer_pre("gpt2")
     wr.add_token_list(list(vocab))
     wr.add_token_types([3 if t in SPECIALS else 1 for t in vocab])
     wr.add_token_merges([f"{a} {b}" for a, b in merges])
