@@ -254,6 +254,8 @@ def test_counts_below_their_minimum_are_refused(capsys):
     for argv, name in ((["generate", "-p", "hi", "-n", "-1"], "-n/--n-predict"), (["bench", "-t", "0"], "-t/--threads"),
                        (["perplexity", "-f", "x.txt", "--chunks", "0"], "--chunks"),
                        (["profile", "-f", "x.txt", "-o", "out", "--ctx", "1"], "--ctx"),
+                       (["calibrate", "-f", "x.txt", "-o", "o.json", "--target-sparsity", "0.5", "--ctx", "3"],
+                        "--ctx"),  # scores the second half of each chunk: a ctx of 2 scored nothing, perplexity 1
                        (["split", "--profile", "p", "-o", "s", "--group", "0", "--hot-fraction", "0.5"], "--group")):
         with pytest.raises(SystemExit) as e:
             main(argv)

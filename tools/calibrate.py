@@ -97,7 +97,7 @@ def collect(model, tokens: list[int], ctx: int, seed: int) -> Stats:
     pos = torch.from_numpy(sample_positions(n_windows * ctx, KEEP_TOKENS, seed))
     H = torch.zeros(c.n_layer, len(pos), c.n_ff, dtype=torch.float16)  # kept hidden activations
     model.set_sparsity(None)
-    for w in range(n_windows):
+    for w in bar(n_windows, "statistics", "window"):
         sel = (pos >= w * ctx) & (pos < (w + 1) * ctx)
         rows = pos[sel] - w * ctx
 
@@ -123,7 +123,7 @@ def measure_costs(model, stats: Stats, window: list[int]) -> None:
         model.set_sparsity(None)
         dense = torch.log_softmax(net.forward(window, 0, all_logits=True).double(), -1)  # (T, n_vocab)
         alpha = np.zeros((c.n_layer, len(COST_LEVELS)))
-        for i in range(c.n_layer):
+        for i in bar(c.n_layer, "greedy costs", "layer"):
             for j, s in enumerate(COST_LEVELS):
                 levels = np.zeros(c.n_layer)
                 levels[i] = s
@@ -172,11 +172,11 @@ def method_levels(stats: Stats, method: str, m: float, path: list[np.ndarray] | 
 
 
 # --- search -----------------------------------------------------------------------------------------------
-def chunk_bar(n: int):
-    """range(n) with a progress bar on a terminal (an evaluation of held-out text takes tens of seconds), cleared
-    when done so that the evaluation's log line follows."""
+def bar(n: int, desc: str = "held-out chunks", unit: str = "chunk"):
+    """range(n) with a progress bar on a terminal (an evaluation of held-out text, the statistics pass and greedy's
+    costs take tens of seconds each), cleared when done so that the next log line follows."""
     from tqdm import tqdm
-    return tqdm(range(n), desc="held-out chunks", unit="chunk", leave=False, disable=None, file=sys.stderr)
+    return tqdm(range(n), desc=desc, unit=unit, leave=False, disable=None, file=sys.stderr)
 
 
 @dataclass
@@ -195,7 +195,7 @@ class Heldout:
         start, nll, kl, n = self.ctx // 2, 0.0, 0.0, 0
         top = []
         try:
-            for k in chunk_bar(len(self.tokens) // self.ctx):
+            for k in bar(len(self.tokens) // self.ctx):
                 chunk = self.tokens[k * self.ctx:(k + 1) * self.ctx]
                 logp = torch.log_softmax(model.scored_logits(chunk, start, steps).double(), -1)  # (S, n_vocab)
                 nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
@@ -289,7 +289,7 @@ def calibrate(model, tokens: list[int], heldout: list[int], ctx: int, method: st
     if method != "quantile":
         stats.measure_cett_curves()
     if method == "greedy":
-        log(f"greedy: per-layer costs over {COST_TOKENS} tokens, {len(COST_LEVELS)} levels a layer")
+        log(f"greedy: per-layer costs over {min(COST_TOKENS, ctx)} tokens, {len(COST_LEVELS)} levels a layer")
         measure_costs(model, stats, tokens[:min(COST_TOKENS, ctx)])
         path = greedy_path(stats)
     held = Heldout(heldout, ctx)
@@ -332,7 +332,7 @@ def score_runtime(model, held: Heldout) -> dict:
     start, nll, kl, n = held.ctx // 2, 0.0, 0.0, 0
     model.runtime.reset()
     with torch.inference_mode():
-        for k in chunk_bar(len(held.tokens) // held.ctx):
+        for k in bar(len(held.tokens) // held.ctx):
             chunk = held.tokens[k * held.ctx:(k + 1) * held.ctx]
             logp = torch.log_softmax(model.scored_logits(chunk, start).double(), -1)  # (S, n_vocab)
             nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
@@ -430,8 +430,7 @@ def cmd_calibrate(args) -> None:
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)
 
     def log(msg: str) -> None:
-        if not args.json:
-            print(f"calibrate: {msg}", file=sys.stderr, flush=True)
+        print(f"calibrate: {msg}", file=sys.stderr, flush=True)
 
     if args.bundle is not None:
         return calibrate_bundle(args, model, heldout, log)
@@ -488,7 +487,8 @@ def add_command(sub) -> None:
                    help="tokens for the score statistics (default 4096)")
     p.add_argument("--heldout-tokens", type=at_least(1), default=4096, metavar="N",
                    help="tokens at the corpus end for the perplexity bound (default 4096)")
-    p.add_argument("--ctx", type=at_least(2), default=512, help="window size in tokens (default 512)")
+    p.add_argument("--ctx", type=at_least(4), default=512,
+                   help="window size in tokens (default 512); held-out chunks score their second half")
     p.add_argument("--seed", type=int, default=0, help="seed of the statistics' token sample (default 0)")
     p.add_argument("--predictors", dest="bundle", default=None, metavar="BUNDLE",
                    help="tune this predictor bundle's thresholds to --ppl-increase instead; -o is then a bundle")

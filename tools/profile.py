@@ -420,8 +420,9 @@ def format_report(summary: dict) -> str:
 
 def report(out: str) -> str:
     manifest, counts = load_counts(out)
-    summary = {**read_json(os.path.join(out, SUMMARY), "summary"),
-               **summarize(counts, manifest["settings"]["tokens"])}
+    speed = read_json(os.path.join(out, SUMMARY), "summary").get("speed")  # the rest comes from the counts
+    summary = {"model": manifest.get("model"), **summarize(counts, manifest["settings"]["tokens"]),
+               "speed": speed if isinstance(speed, dict) else {}}
     plot(out, counts, manifest["settings"]["tokens"])
     return format_report(summary)
 

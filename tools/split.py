@@ -9,16 +9,19 @@ solved exactly as an integer program with `scipy.optimize.milp` (HiGHS branch an
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from engine.api import DEFAULT_CTX, check_context
 from engine.config import HotcoldError
 from engine.sparsity import check_fingerprint, check_writable, fingerprint, read_json, write_all
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
+GROUP = 32  # neurons placed together, by default
 
 
 def group_values(counts: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +50,7 @@ def solve(counts: list[np.ndarray], neuron_bytes: list[int], budget: int, group:
         chosen = np.zeros(len(v), bool)
     else:
         res = milp(-v, constraints=LinearConstraint(w[None, :], 0, budget), integrality=np.ones(len(v)),
-                   bounds=Bounds(0, 1))
+                   bounds=Bounds(0, 1), options={"mip_rel_gap": 0})  # the optimum, not HiGHS's 1e-4 of it
         if res.x is None:
             raise HotcoldError(f"placement solver failed: {res.message}")
         chosen = res.x > 0.5
@@ -72,7 +75,7 @@ def neuron_bytes(c) -> int:
 
 
 def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_fraction: float | None = None,
-         group: int = 32, n_ctx: int = 2048, predictor_bytes: int = 0) -> dict:
+         group: int = GROUP, n_ctx: int = DEFAULT_CTX, predictor_bytes: int = 0) -> dict:
     """The split as a JSON-able dict: per layer the sorted GPU neuron ids, and what the budget paid for."""
     if c.n_ff % group:  # a ragged last group turns the knapsack hard: milp ran for minutes
         raise HotcoldError(f"--group {group} must divide the {c.n_ff} FFN neurons of a layer")
@@ -251,8 +254,8 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                            f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
     manifest, counts = load_counts(profile)
     check_fingerprint(manifest["fingerprint"], model.fingerprint, profile, "profile")
-    split = plan(c, list(counts), gpu_budget=gpu_budget, n_ctx=n_ctx,
-                 predictor_bytes=GPU_BYTES * bundle.n_params)
+    split = plan(c, list(counts), gpu_budget=gpu_budget, n_ctx=n_ctx, group=math.gcd(GROUP, c.n_ff),
+                 predictor_bytes=GPU_BYTES * bundle.n_params)  # these commands have no --group
     return bundle, [np.asarray(g, np.int32) for g in split["gpu_neurons"]], device
 
 
@@ -262,10 +265,12 @@ def cmd_split(args) -> None:
     split_outputs(args.out)  # refused before the profile is read and the split solved
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
+    n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if args.ctx is None else args.ctx
+    check_context(ckpt, n_ctx)
     fp = fingerprint(ckpt.config, ckpt.tensors)
     check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
     split = plan(ckpt.config, list(counts), gpu_budget=args.gpu_budget, hot_fraction=args.hot_fraction,
-                 group=args.group, n_ctx=args.ctx, predictor_bytes=args.predictor_bytes)
+                 group=args.group, n_ctx=n_ctx, predictor_bytes=args.predictor_bytes)
     split["model"], split["fingerprint"] = ckpt.path, fp
     js, gi = write_split(args.out, split)
     if args.json:
@@ -287,8 +292,9 @@ def add_command(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory, e.g. 512M or 8G")
     g.add_argument("--hot-fraction", type=between(0, 1), default=None, help="share of the FFN bytes to place on the GPU")
-    p.add_argument("--group", type=at_least(1), default=32, help="neurons placed together (default 32)")
-    p.add_argument("--ctx", type=at_least(1), default=2048, help="context whose KV cache the GPU holds (default 2048)")
+    p.add_argument("--group", type=at_least(1), default=GROUP, help=f"neurons placed together (default {GROUP})")
+    p.add_argument("--ctx", type=at_least(1), default=None,
+                   help="context whose KV cache the GPU holds (default 2048, or the model's training context if shorter)")
     p.add_argument("--predictor-bytes", type=at_least(0), default=0,
                    help="bytes of predictors kept on the GPU (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
