@@ -9,6 +9,7 @@ vectors) is allocated once here; a decode step allocates nothing.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
@@ -140,9 +141,13 @@ class Layer:
         return self.built_down_t
 
 
-def kernel_ready(t: QTensor) -> QTensor:
-    """The kernels take F32, F16, Q8_0, Q4_0 and Q4_1; anything else (BF16) is widened to F32."""
-    return t if t.qtype in (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1) else t.with_dequantized()
+KERNEL_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)  # anything else (BF16) is widened to F32
+
+
+def vector(t: QTensor) -> np.ndarray:
+    """A norm's weights in float32, copied: an F32 one is a view of the file's map, which the loader lets go of
+    (`Checkpoint.drop_pages`) and each step would fault back in, neighbouring pages with it."""
+    return np.array(t.dequantize(), np.float32)
 
 
 class KernelModel:
@@ -150,7 +155,12 @@ class KernelModel:
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
         self.c, self.n_ctx = c, n_ctx
-        tensors = {k: kernel_ready(t) if len(t.shape) == 2 else t for k, t in tensors.items()}
+        widened = sorted({t.qtype.name for t in tensors.values() if len(t.shape) == 2 and t.qtype not in KERNEL_TYPES})
+        if widened:
+            print(f"hotcold: note: the kernels widen {', '.join(widened)} matrices to F32 (twice their memory); "
+                  "`hotcold export --outtype f16` keeps them at their size", file=sys.stderr)
+        tensors = {k: t if len(t.shape) == 1 or t.qtype in KERNEL_TYPES else t.with_dequantized()
+                   for k, t in tensors.items()}
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
         keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].qtype in K.BLOCK_TYPES
@@ -160,7 +170,7 @@ class KernelModel:
                     + (("ffn_gate",) if c.ffn_gated else ()) + (("ffn_down",) if keep_down else ())}
             given = tensors.get(blk(i, "ffn_down_t"))  # else transposed on first use, block types to Q8_0
             L = Layer(
-                attn_norm=tensors[blk(i, "attn_norm")].dequantize(), ffn_norm=tensors[blk(i, "ffn_norm")].dequantize(),
+                attn_norm=vector(tensors[blk(i, "attn_norm")]), ffn_norm=vector(tensors[blk(i, "ffn_norm")]),
                 q=prep["attn_q"], k=prep["attn_k"], v=prep["attn_v"], o=prep["attn_output"],
                 gate=prep.get("ffn_gate"), up=prep["ffn_up"], down=prep.get("ffn_down"),
                 down_src=tensors.get(blk(i, "ffn_down")), built_down_t=None if given is None else K.prepare(given))
@@ -171,7 +181,7 @@ class KernelModel:
         self.embd = tensors["token_embd.weight"]
         self.lm_head = K.prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
         self.mats["output.weight"] = self.lm_head
-        self.out_norm = tensors["output_norm.weight"].dequantize()
+        self.out_norm = vector(tensors["output_norm.weight"])
         # what the torch prefill reads (`torch`): the same prepared matrices, dequantized in row chunks
         small = {k: t for k, t in tensors.items() if len(t.shape) == 1 or k == "token_embd.weight"}
         shapes = {k: QTensor(m.qtype, (tensors[k].shape[0] if k in tensors else m.rows, m.cols), np.empty(0))

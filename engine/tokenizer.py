@@ -86,12 +86,22 @@ class Tokenizer:
         if tokens is None:
             raise HotcoldError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
         tokens = list(tokens)
+        if not all(isinstance(t, str) for t in tokens):
+            raise HotcoldError(f"{path}: tokenizer.ggml.tokens holds other values than strings")
         types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
+        for key, v in (("bos", bos), ("eos", eos)):
+            if v is not None and not 0 <= v < len(tokens):
+                raise HotcoldError(f"{path}: tokenizer.ggml.{key}_token_id {v} is outside the vocabulary of "
+                                   f"{len(tokens)}")
         vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
-            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+            merges = meta.get("tokenizer.ggml.merges") or []
+            bad = next((m for m in merges if not isinstance(m, str) or " " not in m), None)
+            if bad is not None:
+                raise HotcoldError(f"{path}: tokenizer.ggml.merges holds {bad!r}, not two tokens and a space")
+            merges = [tuple(m.split(" ", 1)) for m in merges]
             pre = meta.get("tokenizer.ggml.pre") or "default"
             if pre not in PRE_TOKENIZERS:
                 import sys

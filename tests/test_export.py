@@ -279,6 +279,30 @@ def test_hf_directory_to_gguf(tiny, capsys):
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 
 
+def test_hf_directory_keeps_its_pre_tokenizer(tiny, capsys):
+    """SmolLM2's digits-apart pre-tokenizer differs from GPT-2's on numerals past ASCII: the export wrote gpt2 for it,
+    and llama.cpp (and we) then split ' ²' into one piece where the HF tokenizer makes two."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from engine.loader import field_value
+    from tiny_model import SPECIALS, tiny_vocab
+    vocab, merges = tiny_vocab()
+    extra = [("Â", "²"), ("Ġ", "Â²")]  # '²' is the bytes Â² in GPT-2's alphabet
+    vocab.update({a + b: len(vocab) + k for k, (a, b) in enumerate(extra)})
+    c = tiny_config("silu", n_vocab=len(vocab))
+    hf = write_hf(str(tiny["dir"] / "hf_digits"), c, tiny_weights(c, seed=5))
+    tk = Tokenizer(models.BPE(vocab, merges + extra))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tk.save(os.path.join(hf, "tokenizer.json"))
+    out = str(tiny["dir"] / "from_hf_digits")
+    assert export(capsys, "-m", hf, "-o", out, "--format", "gguf")[0] == 0
+    assert field_value(open_gguf(out + ".gguf"), "tokenizer.ggml.pre") == "smollm"
+    a, b = (load_checkpoint(p, values=False).tokenizer for p in (hf, out + ".gguf"))
+    assert a.encode("x ²", add_bos=False) == b.encode("x ²", add_bos=False) == [vocab["x"], vocab["Ġ"], vocab["Â²"]]
+
+
 def test_inspect(tiny, capsys):
     out = str(tiny["dir"] / "insp")
     assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out,

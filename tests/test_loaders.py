@@ -122,10 +122,39 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     write_hf(str(hfdir), c, w)
     (hfdir / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"]}')
     assert_one_line(*run_cli(capsys, "generate", "-m", str(hfdir), "-p", "hi"), "GPTNeoXForCausalLM")
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", "", "x"), "-m: an empty path")
+
+
+def test_model_path_with_a_tilde_no_shell_expanded(tmp_path, capsys, monkeypatch):
+    c = tiny_config()
+    write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_cli(capsys, "tokenize", "--model=~/good.gguf", "hi")[0] == 0
+
+
+def test_bad_tokenizer_and_embedded_predictors_are_one_line(tmp_path, capsys):
+    """The tokenizers library raised bare Exceptions (a merge of unknown tokens) and base64 a binascii.Error: now one
+    line naming the file and key; a bundle check failing inside the embedded predictors names the file, not the
+    temporary directory they were checked in."""
+    from gguf import GGUFValueType as VT
+    from engine.loader import KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS
+    c = tiny_config()
+    good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+    cases = [("tokenizer.ggml.merges", (["nospace"], VT.ARRAY), "tokenizer.ggml.merges holds 'nospace'"),
+             ("tokenizer.ggml.merges", (["Ġ zz"], VT.ARRAY), "invalid tokenizer metadata", "zz"),
+             ("tokenizer.ggml.bos_token_id", (10**6, VT.UINT32), "bos_token_id 1000000 is outside the vocabulary"),
+             (KEY_BUNDLE_TENSORS, ("@@ not base64", VT.STRING), f"{KEY_BUNDLE_TENSORS} is not base64"),
+             (KEY_BUNDLE_TENSORS, ("AAAA", VT.STRING), f"its predictors ({KEY_BUNDLE_TENSORS})", "manifest")]
+    for i, (key, value, *words) in enumerate(cases):
+        extra = {KEY_BUNDLE_MANIFEST: ("{}", VT.STRING)} if key == KEY_BUNDLE_TENSORS else {}
+        bad = with_keys(good, str(tmp_path / f"bad{i}.gguf"), {key: value, **extra})
+        code, err = run_cli(capsys, "tokenize", "-m", bad, "hi")
+        assert_one_line(code, err, f"bad{i}.gguf", *words)
+        assert "/tmp" not in err.replace(str(tmp_path), ""), err
 
 
 def with_keys(src: str, dst: str, keys: dict) -> str:
-    """A copy of GGUF file `src` with metadata keys replaced: {name: (value, GGUFValueType)}."""
+    """A copy of GGUF file `src` with metadata keys replaced or added: {name: (value, GGUFValueType)}."""
     from gguf import GGUFReader, GGUFValueType
     r = GGUFReader(src)
     wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
@@ -133,6 +162,9 @@ def with_keys(src: str, dst: str, keys: dict) -> str:
         if not name.startswith("GGUF.") and name != "general.architecture":
             value, vtype = keys.get(name, (f.contents(), f.types[0]))
             wr.add_key_value(name, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for name, (value, vtype) in keys.items():
+        if name not in r.fields:
+            wr.add_key_value(name, value, vtype)
     for t in r.tensors:
         wr.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
