@@ -16,6 +16,7 @@ from predictors.metrics import layer_metrics
 from predictors.model import Predictor, gate_map
 from tiny_model import tiny_config, tiny_weights, write_gguf
 from tools.predict import weight_bytes
+from tools.bench import format_bench
 
 TEXT = "the cat in a hat sat on the mat and the hat in the tin sat on a cat in the heat"
 
@@ -293,7 +294,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     res = json.loads(capsys.readouterr().out)
     p = res["predictors"]
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
-    assert res["ttft_s"] > 0
+    assert res["ttft_s"] > 0 and 0 < res["model_rss_bytes"] <= res["run_rss_bytes"]
+    assert "MB after decoding" in format_bench(res)
 
 
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:

@@ -201,6 +201,7 @@ def run_bench(args) -> dict:
     model_rss = rss_bytes() - rss0
     ids = prompt_ids(model, args.prompt_tokens)
     stats = decode_speed(model, ids, args.n)
+    run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     bpt = model.decode_bytes_per_token()
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
@@ -208,7 +209,7 @@ def run_bench(args) -> dict:
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
-           "model_rss_bytes": model_rss, "ttft_s": time_to_first_token(args),
+           "model_rss_bytes": model_rss, "run_rss_bytes": run_rss, "ttft_s": time_to_first_token(args),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
         res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share", "recall", "precision",
@@ -264,7 +265,8 @@ def format_bench(r: dict) -> str:
              f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)",
              f"load: {r['load_s']:.2f} s, resident memory of the model: {r['model_rss_bytes'] / 1e6:.1f} MB"
              + (f" (GGUF file {r['file_bytes'] / 1e6:.1f} MB, {r['model_rss_bytes'] / r['file_bytes']:.2f}x)"
-                if r.get("file_bytes") else ""),
+                if r.get("file_bytes") else "") + f"; {r['run_rss_bytes'] / 1e6:.1f} MB after decoding (with the "
+             "kernels' machine code and the prefill's buffers)",
              f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
     if r.get("predictors"):
         lines.append("predictors: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["predictors"].items()))
