@@ -6,6 +6,7 @@ forward, perplexity, sparsity, predictors), so that generating from a short prom
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 import time
@@ -47,7 +48,7 @@ class Sampler:
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                 raise HotcoldError(f"Sampler {name} = {v!r}: a number")
         if self.min_p > 1:
             raise HotcoldError(f"Sampler min_p = {self.min_p}: at most 1 (a share of the top token's probability)")
