@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -152,6 +153,14 @@ def manifest_problem(m: dict) -> str | None:
         if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold"))
                 and isinstance(layer.get("metrics", {}), dict)):
             return f"layer {i}: expected {{'rank': int, 'threshold': number, 'metrics': {{...}}}}"
+    thr = m.get("sparsity", {}).get("thresholds")
+    if thr is not None and not (isinstance(thr, list) and len(thr) == len(m["layers"]) and all(
+            number(t) and math.isfinite(t) for t in thr)):
+        return f"sparsity thresholds: expected {len(m['layers'])} finite numbers"
+    for i, layer in enumerate(m["layers"]):
+        bad = next((k for k, v in layer.get("metrics", {}).items() if not (number(v) or v is None)), None)
+        if bad is not None:
+            return f"layer {i}: metric {bad!r} is not a number"
     qtype = m.get("training", {}).get("predictor_type", "F16")
     if qtype not in PREDICTOR_TYPES:
         return f"training predictor_type {qtype!r}, expected one of {', '.join(PREDICTOR_TYPES)}"
@@ -187,6 +196,9 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         fc1, fc2 = tensors.get(blk(i, "fc1")), tensors.get(blk(i, "fc2"))
         if fc1 is None or fc2 is None:
             raise HotcoldError(f"{st}: missing {blk(i, 'fc1' if fc1 is None else 'fc2')}")
+        if fc1.ndim != 2 or fc2.ndim != 2:
+            raise HotcoldError(f"{st}: layer {i}'s fc1 and fc2 must be matrices, not of shapes {tuple(fc1.shape)} and "
+                               f"{tuple(fc2.shape)}")
         if fc1.shape[0] != layer.get("rank"):
             raise HotcoldError(f"{st}: {blk(i, 'fc1')} has rank {fc1.shape[0]}, the manifest says {layer.get('rank')}")
         preds.append(from_weights(fc1, fc2, f"{st}: layer {i}"))
@@ -259,9 +271,9 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
     files = pt_files(path)
     if not files:
         raise HotcoldError(f"{path}: not a PowerInfer predictor directory (no model_N.pt files)")
-    gaps = sorted(set(range(max(files) + 1)) - set(files))
-    if gaps:
-        raise HotcoldError(f"{path}: model_{gaps[0]}.pt is missing (found layers up to {max(files)})")
+    if len(files) != max(files) + 1:  # not range(max + 1): a stray model_99999999999.pt
+        gap = next(i for i in range(len(files) + 1) if i not in files)
+        raise HotcoldError(f"{path}: model_{gap}.pt is missing (found layers up to {max(files)})")
     preds = []
     for i in range(len(files)):
         try:
@@ -275,6 +287,7 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
     t = 0.0
     if os.path.exists(os.path.join(path, PI_CONFIG)):
         t = read_json(os.path.join(path, PI_CONFIG), "PowerInfer predictor config").get("sparse_threshold", 0.0)
-        if not isinstance(t, (int, float)):
-            raise HotcoldError(f"{os.path.join(path, PI_CONFIG)}: sparse_threshold must be a number, got {t!r}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+            raise HotcoldError(f"{os.path.join(path, PI_CONFIG)}: sparse_threshold must be a finite number, "
+                               f"got {t!r}")
     return preds, [float(t)] * len(preds)

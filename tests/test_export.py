@@ -320,7 +320,14 @@ def test_inspect(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["gpu_neurons"] == [len(g) for g in split["gpu_neurons"]]
     assert main(["inspect", tiny["bundle"]]) == 0
     text = capsys.readouterr().out
-    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text
+    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text and "trained for F16" in text
+    assert main(["inspect", tiny["bundle"], "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["predictors"]
+    assert p["predictor_type"] == "F16" and {"training", "corpus", "sparsity", "metrics"} <= set(p)
+    b = load_bundle(tiny["bundle"])  # thresholds moved after validation (calibrate --predictors): said so
+    replace(b, metrics=[{"recall": 0.9, "threshold": 0.25}, {}]).save(str(tiny["dir"] / "moved"))
+    assert main(["inspect", str(tiny["dir"] / "moved")]) == 0
+    assert "threshold +0.5000  recall 0.9000 (on validation at threshold +0.2500)" in capsys.readouterr().out
 
 
 def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):

@@ -179,12 +179,15 @@ def test_refusals(setup, capsys):
     for opt, why in ((["--recall", "nan"], "argument --recall: must be in (0, 1], got nan"),
                      (["--recall", "0"], "argument --recall: must be in (0, 1], got 0"),
                      (["--rank", "1"], "argument --rank: expected auto or a number >= 2"),
-                     (["--layers", "a-b"], "argument --layers: expected layer numbers such as 0,3,5-7, got 'a-b'")):
+                     (["--layers", "a-b"], "argument --layers: expected layer numbers such as 0,3,5-7, got 'a-b'"),
+                     (["--layers", "0-99999999999"], "layer 99999999999: no model has that many")):
         with pytest.raises(SystemExit) as e:
             main(["train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt])
         err = capsys.readouterr().err
         assert e.value.code == 2 and why in err and len(err.strip().splitlines()) == 1, err
-    for opt, why in ((["--rank", "5000"], "--rank 5000"), (["--device", "gpu0"], "--device 'gpu0'")):
+    for opt, why in ((["--rank", "5000"], "--rank 5000"), (["--device", "gpu0"], "--device 'gpu0'"),
+                     (["--device", "meta"], "expected cpu, cuda or cuda:N"),
+                     (["--rank", "3"], "needs an even rank")):  # the SVD start of a ReLU model: [A; -A]
         rc, _, err = run(capsys, "train-predictors", "--profile", s["profile"], "-o", str(s["dir"] / "b4"), *opt)
         assert rc == 2 and why in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(s["dir"] / "b4")  # refused before anything is written

@@ -261,7 +261,9 @@ def test_damaged_bundles_are_refused(tmp_path):
                         (lambda m: m["layers"][1].update(threshold="abc"), "layer 1: expected"),
                         (lambda m: m["layers"][0].update(rank=None), "layer 0: expected"),
                         (lambda m: m.update(training="x"), "'training' not an object"),
-                        (lambda m: m.update(training={"predictor_type": "Q9_9"}), "predictor_type 'Q9_9'")):
+                        (lambda m: m.update(training={"predictor_type": "Q9_9"}), "predictor_type 'Q9_9'"),
+                        (lambda m: m.update(sparsity={"thresholds": "a"}), "sparsity thresholds: expected 2 finite"),
+                        (lambda m: m["layers"][0]["metrics"].update(recall="high"), "metric 'recall' is not a")):
         with pytest.raises(HotcoldError, match=f"manifest.json: not a predictor bundle manifest .*{why}"):
             load_bundle(edited(change), model_fingerprint(ckpt))
     b = tiny_bundle(ckpt)
@@ -314,6 +316,15 @@ def test_powerinfer_directory_errors(tmp_path):
     torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_1.pt")
     with pytest.raises(HotcoldError, match="model_0.pt is missing"):
         read_powerinfer_dir(str(tmp_path))
+    torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_99999999999.pt")
+    with pytest.raises(HotcoldError, match="model_0.pt is missing"):  # not range(10^11) first
+        read_powerinfer_dir(str(tmp_path))
+    os.remove(tmp_path / "model_99999999999.pt")
     torch.save({"weight": torch.zeros(4, 8)}, tmp_path / "model_0.pt")
     with pytest.raises(HotcoldError, match="fc1.weight and fc2.weight"):
         read_powerinfer_dir(str(tmp_path))
+    torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_0.pt")
+    for t in ("NaN", "1e999", "true"):
+        (tmp_path / "config.json").write_text(f'{{"sparse_threshold": {t}}}')
+        with pytest.raises(HotcoldError, match="sparse_threshold must be a finite number"):
+            read_powerinfer_dir(str(tmp_path))

@@ -358,7 +358,8 @@ def field_summary(f, whole: bool = False):
 
 def predictor_summary(bundle) -> dict:
     return {"n_layer": len(bundle.predictors), "ranks": bundle.ranks, "thresholds": bundle.thresholds,
-            "n_params": bundle.n_params, "metrics": bundle.metrics, "sparsity": bundle.sparsity}
+            "n_params": bundle.n_params, "predictor_type": bundle.predictor_type, "metrics": bundle.metrics,
+            "sparsity": bundle.sparsity, "corpus": bundle.corpus, "training": bundle.training}
 
 
 def inspect_file(path: str, whole: bool = False) -> dict:
@@ -371,7 +372,8 @@ def inspect_file(path: str, whole: bool = False) -> dict:
             return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
         preds, thresholds = read_powerinfer_dir(path)
         return {"path": path, "kind": "powerinfer predictors", "predictors": {
-            "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds}}
+            "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds,
+            "n_params": sum(p.n_params for p in preds)}}
     r = open_gguf(path)
     magic, arch = r.data[:4].tobytes(), field_value(r, "general.architecture")
     info = {"path": path, "kind": "gpuidx" if arch == "generic.gpu_index" else "powerinfer" if magic == PWRI else
@@ -407,10 +409,13 @@ def format_inspect(info: dict) -> str:
         lines.append("GPU neurons per layer: " + " ".join(map(str, info["gpu_neurons"])))
     p = info.get("predictors")
     if p:
-        lines.append(f"predictors: {p['n_layer']} layers, {p.get('n_params', 0) / 1e6:.2f} M parameters")
+        kind = f", trained for {p['predictor_type']}" if "predictor_type" in p else ""
+        lines.append(f"predictors: {p['n_layer']} layers, {p['n_params'] / 1e6:.2f} M parameters{kind}")
         for i, (rank, t) in enumerate(zip(p["ranks"], p["thresholds"])):
             m = p.get("metrics", [])[i] if i < len(p.get("metrics", [])) else {}
             extra = " ".join(f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k in m)
+            if extra and m.get("threshold", t) != t:  # thresholds moved since (calibrate --predictors)
+                extra += f" (on validation at threshold {m['threshold']:+.4f})"
             lines.append(f"  layer {i:>3}: rank {rank:>5}, threshold {t:+.4f}  {extra}".rstrip())
     elif "predictors" in info:
         lines.append("predictors: none")

@@ -226,6 +226,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         dev = torch.device(device)
     except RuntimeError:
         raise HotcoldError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HotcoldError(f"--device {device}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HotcoldError(f"--device {device}: CUDA is not available here")
     if not 0 < recall <= 1:  # NaN too
@@ -233,6 +235,9 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     if rank != "auto" and int(rank) > min(c.n_embd, c.n_ff):
         raise HotcoldError(f"--rank {rank}: above the rank of a layer's {c.n_ff} x {c.n_embd} gate map "
                            f"({min(c.n_embd, c.n_ff)})")
+    if rank != "auto" and int(rank) % 2 and c.act in EXACT_ACTS:
+        raise HotcoldError(f"--rank {rank}: predictors of a {c.act} model start from the gate's SVD as [A; -A], "
+                           "which needs an even rank")
     sparsity = profile_sparsity(manifest, engine_fp, sparsity_path)
     want = sorted(set(range(c.n_layer) if layers is None else layers))
     bad = [i for i in want if not 0 <= i < c.n_layer]
@@ -258,7 +263,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
                                    file=sys.stderr)):
             X, Y = ahead.result()
             ahead = pool.submit(layer_samples, profile, manifest, todo[k + 1]) if k + 1 < len(todo) else None
-            cap = budget_rank(ckpt, i)
+            cap = budget_rank(ckpt, i) if rank == "auto" else None  # a given rank is reported against it
             pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
                                        qtype=qtype, progress=progress,
@@ -365,6 +370,8 @@ def parse_layers(v: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected layer numbers such as 0,3,5-7, got {v!r}") from None
         if hi < lo:
             raise argparse.ArgumentTypeError(f"range {part} runs backwards")
+        if hi >= 10**6:
+            raise argparse.ArgumentTypeError(f"layer {hi}: no model has that many")
         out += list(range(lo, hi + 1))
     return out
 
