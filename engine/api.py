@@ -187,7 +187,7 @@ class Model:
         qtype: how the kernels store the predictor weights (config.PREDICTOR_TYPES; default: the type the bundle was
         trained for)."""
         from predictors.bundle import Bundle, load_bundle, model_fingerprint
-        from .hybrid import Runtime
+        from .hybrid import Runtime, check_hot, torch_device
         from .sparsity import Sparsifier, batched_net, down_norms
         if self.sparsity is not None:
             raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
@@ -195,8 +195,11 @@ class Model:
             raise HotcoldError("--predictors runs on the kernel backend (drop --backend torch)")
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(bundle, model_fingerprint(self.ckpt))
-        if hot is not None and len(hot) != self.config.n_layer:
-            raise HotcoldError(f"split of {len(hot)} layers for a model of {self.config.n_layer}")
+        if hot is not None:
+            hot = check_hot(hot, self.config, "hot", self.ckpt.path)
+            if device is None:
+                raise HotcoldError("hot neurons without a device to run them on (device='cuda' or 'cpu')")
+            torch_device(device, "hot device")
         rule = None
         if audit:
             thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
@@ -340,12 +343,10 @@ class Model:
 
     def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
-        steps (default: with predictors): as generation runs, the prefix chunk[:start+1] batched, then one decode
-        step per token; else one batched forward."""
+        steps (default: with predictors): as generation runs, the prefix chunk[:start] batched, then one decode
+        step per scored token (each counted in the runtime's statistics); else one batched forward."""
         import torch
         if not (self.runtime is not None if steps is None else steps):
             return self.logits(chunk, 0, all_logits=True)[start:-1]
-        rows = [self.net.forward(chunk[:start + 1], 0)]
-        for p in range(start + 1, len(chunk) - 1):
-            rows.append(self.net.forward([chunk[p]], p))
-        return torch.stack(rows)
+        self.net.forward(chunk[:start], 0)
+        return torch.stack([self.net.forward([chunk[p]], p) for p in range(start, len(chunk) - 1)])

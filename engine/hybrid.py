@@ -34,7 +34,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .config import blk
+from .config import HotcoldError, blk
 from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
@@ -201,6 +201,33 @@ class HotPart:
         out += self.y_host.numpy()
 
 
+def check_hot(hot: list, c, path: str, model_path: str) -> list[np.ndarray]:
+    """Hot neuron ids per layer as the runtime takes them: int32, increasing without repeats (a repeated id would
+    be computed twice), within 0..n_ff-1."""
+    if len(hot) != c.n_layer:
+        raise HotcoldError(f"{path}: hot neuron ids for {len(hot)} layers; {model_path} has {c.n_layer}")
+    hot = [np.asarray(h) for h in hot]
+    for i, h in enumerate(hot):
+        if h.ndim != 1 or h.size and not (h.dtype.kind in "iu" and h[0] >= 0 and h[-1] < c.n_ff
+                                           and (np.diff(h) > 0).all()):
+            raise HotcoldError(f"{path}: layer {i}'s hot neuron ids are not increasing ids without repeats in "
+                               f"0..{c.n_ff - 1}")
+    return [h.astype(np.int32) for h in hot]
+
+
+def torch_device(name: str, what: str) -> torch.device:
+    """A torch device named for `what` (an option): cpu or cuda[:N], and CUDA there; else HotcoldError."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise HotcoldError(f"{what} {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HotcoldError(f"{what} {name}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HotcoldError(f"{what} {name}: CUDA is not available here")
+    return dev
+
+
 class Runtime:
     """Predictors (a predictors.bundle.Bundle) driving the sparse FFN of a KernelModel, optionally with a HotPart.
 
@@ -282,8 +309,11 @@ class Runtime:
 
     def stats(self) -> dict:
         """DESIGN.md's metrics over the decode steps since `reset` (short prompts are prefilled by decode steps),
-        per layer and averaged over layers."""
-        n = max(self.tokens, 1) * self.c.n_ff
+        per layer and averaged over layers; None where no token went through a step (a long prompt and -n 1)."""
+        if not self.tokens:
+            keys = ("predicted_sparsity", "gpu_share") + (("recall", "precision", "actual_sparsity") if self.audit else ())
+            return {"tokens": 0, **dict.fromkeys(keys), "per_layer": []}
+        n = self.tokens * self.c.n_ff
         pred, hot, true, both = (self.counts[:, k].astype(np.float64) for k in range(4))
         layers = [{"layer": i, "predicted_sparsity": 1 - pred[i] / n} for i in range(self.c.n_layer)]
         out = {"tokens": self.tokens, "predicted_sparsity": float(np.mean(1 - pred / n)),

@@ -56,7 +56,7 @@ def test_all_active_predictors_give_dense_logits(tmp_path, act):
     assert got.shape == ref.shape == (19, dense.config.n_vocab)
     assert float((got - ref).norm() / ref.norm()) < 0.03  # batched torch vs kernel decode, as in test_engine
     stats = sparse.runtime.stats()
-    assert stats["tokens"] == 18 and stats["predicted_sparsity"] == 0.0
+    assert stats["tokens"] == 19 and stats["predicted_sparsity"] == 0.0  # each scored token a decode step
 
 
 def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
@@ -147,7 +147,7 @@ def test_audit_recall_equals_brute_force(tmp_path):
 
     ref.net.ffn_hook = hook
     ref.net.forward(chunk[:-1], 0)
-    decoded = slice(start + 1, len(chunk) - 1)  # the positions the runtime decoded one at a time
+    decoded = slice(start, len(chunk) - 1)  # the positions the runtime decoded one at a time: the scored ones
     assert stats["tokens"] == decoded.stop - decoded.start
     for i, m in enumerate(stats["per_layer"]):
         x, h = seen[i][0][decoded], seen[i][1][decoded]
@@ -221,7 +221,11 @@ def test_perplexity_runs_the_decode_path(tmp_path):
     sparse.set_predictors(gate_bundle(sparse, threshold=0.02))
     tokens = chunk_of(dense, 96)
     d, s = dense.perplexity(tokens, 32), sparse.perplexity(tokens, 32)
-    assert s["stats"]["tokens"] == 3 * 14 and s["sparsity"] == s["stats"]["predicted_sparsity"] > 0.3
+    assert s["stats"]["tokens"] == 3 * 15 and s["sparsity"] == s["stats"]["predicted_sparsity"] > 0.3  # every scored
+    short = sparse.perplexity(tokens, 4, chunks=1)  # token through a decode step, the first too (--ctx 4 had none)
+    assert short["scored_tokens"] == short["stats"]["tokens"] == 1 and 0 <= short["sparsity"] < 1
+    sparse.generate(tokens[:60], n=1)  # a long prompt is prefilled batched: no step, so no statistics, not 100%
+    assert sparse.runtime.stats()["tokens"] == 0 and sparse.runtime.stats()["predicted_sparsity"] is None
     assert s["ppl"] != d["ppl"]
     sparse.set_predictors(all_active_bundle(sparse))
     assert sparse.perplexity(tokens, 32)["ppl"] == pytest.approx(d["ppl"], rel=5e-3)  # decode vs batched numerics
@@ -236,9 +240,25 @@ def test_refusals(tmp_path):
         model.set_predictors(str(tmp_path / "b"))
     with pytest.raises(HotcoldError, match="kernel backend"):
         load(path, n_ctx=64, backend="torch").set_predictors(gate_bundle(model))
+    c = model.config
+    for hot, device, why in (([[300]] + [[1]] * (c.n_layer - 1), "cpu", "not increasing ids without repeats"),
+                             ([[-1]] + [[1]] * (c.n_layer - 1), "cpu", "not increasing ids"),
+                             ([[3.5]] + [[1]] * (c.n_layer - 1), "cpu", "not increasing ids"),
+                             ([[2, 1]] + [[1]] * (c.n_layer - 1), "cpu", "not increasing ids"),
+                             ([[1]] * c.n_layer, None, "without a device"),
+                             ([[1]] * c.n_layer, "tpu", "not a torch device"),
+                             ([[1]] * c.n_layer, "meta", "expected cpu, cuda or cuda:N")):
+        with pytest.raises(HotcoldError, match=why):
+            model.set_predictors(gate_bundle(model), hot, device)
+    if not torch.cuda.is_available():
+        with pytest.raises(HotcoldError, match="CUDA is not available here"):
+            model.set_predictors(gate_bundle(model), [[1]] * c.n_layer, "cuda")
     model.set_predictors(gate_bundle(model))
     with pytest.raises(HotcoldError, match="own sparsity config"):
         model.set_sparsity(str(tmp_path / "any.json"))
+    from tools.split import hot_neurons  # --gpu-budget without a recorded profile: refused with or without CUDA
+    with pytest.raises(HotcoldError, match="--gpu-budget needs the activation counts"):
+        hot_neurons(model, gate_bundle(model), None, 2**30, "auto", 64)
 
 
 def test_cli_generate_reports_stats(tmp_path):
@@ -333,6 +353,7 @@ def test_bench_gpu_rows_run_with_a_cpu_device_standing_in(tmp_path, monkeypatch)
     for cls in (H.HotPart, H.LayerOffload):
         monkeypatch.setattr(cls, "__init__", lambda self, net, arg, device, _init=cls.__init__: _init(self, net, arg,
                                                                                                        "cpu"))
+    monkeypatch.setattr(H, "torch_device", lambda name, what: None)  # "cuda" taken as given
     base = load(tiny_path(tmp_path, "silu"), n_ctx=128)
     sample = chunk_of(base, 96)
     _, gs = B.gate_samples(base, sample)

@@ -207,6 +207,8 @@ def cmd_generate(args) -> None:
 
 def format_runtime_stats(s: dict) -> str:
     """The predictor runtime's statistics: per layer, then the means (audit columns when measured)."""
+    if not s["tokens"]:
+        return "predictors: no token went through a decode step (a long prompt is prefilled batched), no statistics"
     audit = "recall" in s
     cols = ("predicted_sparsity",) + (("recall", "precision", "actual_sparsity") if audit else ())
     head = {"predicted_sparsity": "pred.sp", "actual_sparsity": "act.sp"}  # as train-predictors' table names them

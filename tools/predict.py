@@ -210,6 +210,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
     "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
     trained otherwise, by retraining it."""
+    from engine.hybrid import torch_device
     from engine.sparsity import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
     from predictors.train import BUDGET, WEIGHTINGS, train_layer
@@ -222,14 +223,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     fp = model_fingerprint(ckpt)
     check_bundle_out(out)
     check_writable(out)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HotcoldError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise HotcoldError(f"--device {device}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HotcoldError(f"--device {device}: CUDA is not available here")
+    torch_device(device, "--device")
     if not 0 < recall <= 1:  # NaN too
         raise HotcoldError(f"--recall {recall}: expected a share of the active neurons, in (0, 1]")
     if rank != "auto" and int(rank) > min(c.n_embd, c.n_ff):

@@ -100,7 +100,7 @@ def learning_rate(s: Settings, step: int) -> float:
 
 def batch(s: Settings, train: torch.Tensor, step: int) -> torch.Tensor:
     """(batch, ctx + 1) windows of the training tokens, drawn by a generator seeded with (seed, step)."""
-    g = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed((s.seed * 1_000_003 + step) % 2**63)  # any --seed: torch takes 64 bits
     starts = torch.randint(0, train.numel() - s.ctx, (s.batch,), generator=g)
     return torch.stack([train[a:a + s.ctx + 1] for a in starts.tolist()])
 
@@ -223,16 +223,21 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
         tok = batch(s, train, step)  # (B, ctx + 1)
         logits, means, zeros = forward(ckpt, w, s.act, tok[:, :-1], cos, sin)
         loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise HotcoldError(f"training diverged at step {step + 1} (loss {value}): lower --lr ({s.lr})")
         (loss + s.l1 * means.mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss, sparsity = float(loss.detach()), float(zeros.mean())
+        loss, sparsity = value, float(zeros.mean())
         record["losses"].append(loss)
         record["sparsity"].append(sparsity)
         bar.set_postfix(loss=f"{loss:.3f}", sparsity=f"{sparsity:.3f}")
         if (step + 1) % save_every == 0 or step + 1 == s.steps:  # the last too: the evaluation and write remain
             record["train_s"] += time.time() - t0
             t0 = time.time()
+            if not all(bool(p.isfinite().all()) for p in w.values()):  # never a resume point that cannot resume
+                raise HotcoldError(f"training diverged at step {step + 1} (weights not finite): lower --lr ({s.lr})")
             save_state(state, s, step + 1, w, opt, record)
         if on_step is not None:
             on_step(step, loss)

@@ -198,22 +198,11 @@ def read_model_split(path: str, c, fp: dict, model_path: str) -> dict:
     if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
         raise HotcoldError(f"{path}: a split of another model ({split.get('n_layer')} layers x {split.get('n_ff')} "
                            f"neurons; {model_path} has {c.n_layer} x {c.n_ff})")
+    from engine.hybrid import check_hot
     split["gpu_neurons"] = check_hot(split["gpu_neurons"], c, path, model_path)
     if "fingerprint" in split:
         check_fingerprint(split["fingerprint"], fp, path, "split")
     return split
-
-
-def check_hot(hot: list[np.ndarray], c, path: str, model_path: str) -> list[np.ndarray]:
-    """Hot neuron ids per layer as the runtime takes them: int32, increasing without repeats (a repeated id would
-    be computed twice), within 0..n_ff-1."""
-    if len(hot) != c.n_layer:
-        raise HotcoldError(f"{path}: hot neuron ids for {len(hot)} layers; {model_path} has {c.n_layer}")
-    for i, h in enumerate(hot):
-        if h.size and not (h[0] >= 0 and h[-1] < c.n_ff and (np.diff(h) > 0).all()):
-            raise HotcoldError(f"{path}: layer {i}'s hot neuron ids are not increasing ids without repeats in "
-                               f"0..{c.n_ff - 1}")
-    return [h.astype(np.int32) for h in hot]
 
 
 def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, hot_device: str,
@@ -223,6 +212,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
     bundle: a path or Bundle; the hot set comes from a split file, or is solved for gpu_budget from the counts
     of the profile the bundle was trained on. hot_device auto: CUDA if present, else nothing is hot."""
     import torch
+    from engine.hybrid import check_hot
     from predictors.bundle import Bundle, load_bundle, model_fingerprint
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, model_fingerprint(model.ckpt))
@@ -237,26 +227,26 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                 print(f"hotcold: --hot-device {hot_device} without --split or --gpu-budget: every neuron runs on the "
                       f"CPU", file=sys.stderr)
             return bundle, None, None
-    hot = None  # read even when there is no GPU to use it: a wrong --split is refused on every machine
+    # the split read, or solved, even where no GPU will use it: a command refused on one machine is on every one
     if split_path is not None and split_path.endswith(".gpuidx"):
         hot = check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path)
     elif split_path is not None:
         hot = read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"]
+    else:
+        from tools.profile import load_counts
+        profile = bundle.corpus.get("profile")
+        if not profile or not os.path.isdir(profile):
+            raise HotcoldError(f"--gpu-budget needs the activation counts of the profile the predictors were trained "
+                               f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
+        manifest, counts = load_counts(profile)
+        check_fingerprint(manifest["fingerprint"], model.fingerprint, profile, "profile")
+        split = plan(c, list(counts), gpu_budget=gpu_budget, n_ctx=n_ctx, group=math.gcd(GROUP, c.n_ff),
+                     predictor_bytes=GPU_BYTES * bundle.n_params)  # these commands have no --group
+        hot = [np.asarray(g, np.int32) for g in split["gpu_neurons"]]
     if device == "auto":
         print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
-    if hot is not None:
-        return bundle, hot, device
-    from tools.profile import load_counts
-    profile = bundle.corpus.get("profile")
-    if not profile or not os.path.isdir(profile):
-        raise HotcoldError(f"--gpu-budget needs the activation counts of the profile the predictors were trained "
-                           f"on ({profile or 'not recorded in the bundle'}); run hotcold split and pass --split")
-    manifest, counts = load_counts(profile)
-    check_fingerprint(manifest["fingerprint"], model.fingerprint, profile, "profile")
-    split = plan(c, list(counts), gpu_budget=gpu_budget, n_ctx=n_ctx, group=math.gcd(GROUP, c.n_ff),
-                 predictor_bytes=GPU_BYTES * bundle.n_params)  # these commands have no --group
-    return bundle, [np.asarray(g, np.int32) for g in split["gpu_neurons"]], device
+    return bundle, hot, device
 
 
 def cmd_split(args) -> None:
