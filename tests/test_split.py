@@ -22,16 +22,19 @@ def brute_force(counts, nbytes, budget, group):
     return float((picks @ np.array(vals))[picks @ np.array(costs) <= budget].max())
 
 
-def test_solver_matches_brute_force():
-    """Unequal costs per layer (a real knapsack), counts from a few to a long profile's: HiGHS's default gap (1e-4)
-    stopped short of the optimum on counts near 10^6."""
-    rng = np.random.default_rng(123)
+@pytest.mark.parametrize("equal", [False, True], ids=["unequal-costs", "equal-costs"])
+def test_solver_matches_brute_force(equal):
+    """Unequal costs per layer (a real knapsack: milp), counts from a few to a long profile's (HiGHS's default gap,
+    1e-4, stopped short of the optimum on counts near 10^6); equal costs, as plan makes them: the top groups."""
+    rng = np.random.default_rng(123 + equal)
     for _ in range(120):
         n_layer, n_ff, group = int(rng.integers(1, 4)), int(rng.integers(1, 7)), int(rng.integers(1, 3))
         if n_layer * -(-n_ff // group) > 14:
             continue
+        n_ff += (-n_ff % group) if equal else 0  # no short last group
         counts = [rng.integers(0, rng.choice([3, 100, 10**6]), n_ff) for _ in range(n_layer)]
         nbytes = [int(b) for b in rng.integers(1, 7, n_layer)]
+        nbytes = [nbytes[0]] * n_layer if equal else nbytes
         budget = int(rng.integers(0, sum(nbytes) * n_ff + 2))
         gpu = solve(counts, nbytes, budget, group)
         assert sum(len(g) * b for g, b in zip(gpu, nbytes)) <= budget
