@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import BACKENDS, CACHE_TYPES, HotcoldError
+from .config import BACKENDS, CACHE_TYPES, HotcoldError, as_int, set_threads
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -53,6 +52,7 @@ class Sampler:
         if self.min_p > 1:
             raise HotcoldError(f"Sampler min_p = {self.min_p}: at most 1 (a share of the top token's probability)")
         self.top_k = as_int(self.top_k, "Sampler top_k")
+        self.seed = None if self.seed is None else as_int(self.seed, "Sampler seed")
         self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
 
     def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
@@ -86,28 +86,6 @@ class Completion:
                 "stats": self.stats}
 
 
-def as_int(v, what: str) -> int:
-    """v as an int (numpy's too); HotcoldError for a float, a string or None."""
-    try:
-        return operator.index(v)
-    except TypeError:
-        raise HotcoldError(f"{what} = {v!r}: an integer") from None
-
-
-def set_threads(n: int | None) -> None:
-    """Threads of the numba kernels and of torch (now if imported, else when engine.model is: numba's thread pool
-    leaves OpenMP's default at every core, which torch takes), at most numba's limit, the machine's cores (torch
-    took `-t 100000` as given: one prefill-sized product ran 100x slower). None: as they are."""
-    if n is not None:
-        if as_int(n, "threads") < 1:
-            raise HotcoldError(f"threads = {n}: at least 1")
-        import numba
-        n = min(n, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(n)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(n)
-
-
 def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
          hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
@@ -125,6 +103,11 @@ def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, thread
     return m
 
 
+def default_ctx(c) -> int:
+    """The context when none is given: DEFAULT_CTX, or the model's training context (ModelConfig c) if shorter."""
+    return min(DEFAULT_CTX, c.n_ctx_train)
+
+
 def check_context(ckpt: Checkpoint, n_ctx: int) -> None:
     """Refuse a window longer than the model was trained on: RoPE past it is not what the model learned."""
     if n_ctx > ckpt.config.n_ctx_train:
@@ -139,7 +122,7 @@ class Model:
             raise HotcoldError(f"cache type {cache_type!r}: expected one of {', '.join(CACHE_TYPES)}")
         if backend not in BACKENDS:
             raise HotcoldError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if n_ctx is None else as_int(n_ctx, "n_ctx")
+        n_ctx = default_ctx(ckpt.config) if n_ctx is None else as_int(n_ctx, "n_ctx")
         if n_ctx < 2:
             raise HotcoldError(f"n_ctx = {n_ctx}: a context of at least 2 tokens")
         check_context(ckpt, n_ctx)  # bench's context is --prompt-tokens + -n + 16: no flag named here
@@ -215,6 +198,8 @@ class Model:
 
     # --- text <-> ids -------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise HotcoldError(f"tokenize takes a string, not {type(text).__name__}")
         return self.tokenizer.encode(text, special=special, add_bos=add_bos)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -223,7 +208,7 @@ class Model:
     # --- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> torch.Tensor:
         """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
-        return self.net.forward(tokens, pos, all_logits)
+        return self.net.forward(self.check_ids(tokens), pos, all_logits)
 
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the
@@ -305,7 +290,8 @@ class Model:
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> dict:
         """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
-        tokens, ctx = self.check_ids(tokens), as_int(ctx, "ctx")
+        tokens, ctx, first_chunk = self.check_ids(tokens), as_int(ctx, "ctx"), as_int(first_chunk, "first_chunk")
+        chunks = None if chunks is None else as_int(chunks, "chunks")
         if ctx < 4:
             raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
         if first_chunk < 0 or (chunks is not None and chunks < 1):

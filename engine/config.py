@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import operator
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,6 +75,41 @@ HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermedia
            "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}
 COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train")  # integers >= 1
 FLOATS = ("rope_base", "rms_eps", "act_threshold")
+
+
+def as_int(v, what: str) -> int:
+    """v as an int (numpy's too); HotcoldError for a bool, a float, a string or None."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise HotcoldError(f"{what} = {v!r}: an integer") from None
+
+
+_threads: dict[str, int] = {}  # "n": the count set_threads last asked for
+
+
+def set_threads(n: int | None) -> None:
+    """Threads of the numba kernels and of torch, at most numba's limit, the machine's cores (torch took
+    `-t 100000` as given: one prefill-sized product ran 100x slower). None: as they are."""
+    if n is None:
+        return
+    if as_int(n, "threads") < 1:
+        raise HotcoldError(f"threads = {n}: at least 1")
+    import numba
+    _threads["n"] = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(_threads["n"])
+    torch_threads()
+
+
+def torch_threads() -> None:
+    """torch's threads to what set_threads asked, once torch is imported: called where engine code computes with
+    torch (TorchModel, the predictor Runtime), as torch imported after numba's OpenMP pool started takes OpenMP's
+    default, every core (`generate -t 1` prefilled on all of them)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and "n" in _threads and torch.get_num_threads() != _threads["n"]:
+        torch.set_num_threads(_threads["n"])
 
 
 def finite(v) -> bool:

@@ -141,9 +141,6 @@ class Layer:
         return self.built_down_t
 
 
-KERNEL_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)  # anything else (BF16) is widened to F32
-
-
 def vector(t: QTensor) -> np.ndarray:
     """A norm's weights in float32, copied: an F32 one is a view of the file's map, which the loader lets go of
     (`Checkpoint.drop_pages`) and each step would fault back in, neighbouring pages with it."""
@@ -155,11 +152,11 @@ class KernelModel:
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
         self.c, self.n_ctx = c, n_ctx
-        widened = sorted({t.qtype.name for t in tensors.values() if len(t.shape) == 2 and t.qtype not in KERNEL_TYPES})
+        widened = sorted({t.qtype.name for t in tensors.values() if len(t.shape) == 2 and t.qtype not in K.KERNEL_TYPES})
         if widened:
             print(f"hotcold: note: the kernels widen {', '.join(widened)} matrices to F32 (twice their memory); "
                   "`hotcold export --outtype f16` keeps them at their size", file=sys.stderr)
-        tensors = {k: t if len(t.shape) == 1 or t.qtype in KERNEL_TYPES else t.with_dequantized()
+        tensors = {k: t if len(t.shape) == 1 or t.qtype in K.KERNEL_TYPES else t.with_dequantized()
                    for k, t in tensors.items()}
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []

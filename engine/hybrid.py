@@ -34,7 +34,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .config import HotcoldError, blk
+from .config import HotcoldError, blk, torch_threads
 from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
@@ -239,6 +239,7 @@ class Runtime:
     def __init__(self, net, bundle, hot: list[np.ndarray] | None = None, device: str | None = None,
                  audit=None, qtype: str = "F16"):
         c = net.c
+        torch_threads()
         self.net, self.bundle, self.c, self.qtype = net, bundle, c, qtype
         self.fc1 = [predictor_matrix(p.fc1.weight, qtype) for p in bundle.predictors]  # (r, n_embd)
         self.fc2t = [predictor_matrix(p.fc2.weight.T, qtype) for p in bundle.predictors]  # (r, n_ff)

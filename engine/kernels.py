@@ -60,7 +60,7 @@ PREFETCH = 4  # the sparse FFN fetches the rows of the neuron this many places a
 AHEAD = 4096  # bytes: loops over consecutive rows fetch the row about this far ahead (into L2)
 DENSE_FROM = 0.75  # ffn with `down`: active sets of at least this share of n_ff go through the untransposed down
 BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
-_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES
+KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
 def host_isa() -> str:
@@ -765,9 +765,9 @@ class KMatrix:
 
 def prepare(qt: QTensor) -> KMatrix:
     """A KMatrix from a 2-D QTensor of type F32, F16, Q8_0, Q4_0 or Q4_1 (same bytes, blocks split into arrays)."""
-    if qt.qtype not in _TYPES:
+    if qt.qtype not in KERNEL_TYPES:
         raise ValueError(f"kernels: {qt.qtype.name} matrix {qt.shape}: type not supported "
-                         f"({', '.join(t.name for t in _TYPES)})")
+                         f"({', '.join(t.name for t in KERNEL_TYPES)})")
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
     rows, cols = qt.shape

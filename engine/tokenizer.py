@@ -5,6 +5,7 @@ GGUF vocabularies: `gpt2` (byte-level BPE, with the pre-tokenizer named by `toke
 """
 from __future__ import annotations
 
+import json
 import os
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -155,7 +156,13 @@ class Tokenizer:
         add_bos = (bool(tc["add_bos_token"]) if "add_bos_token" in tc
                    else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special)
+        spec = json.loads(tk.to_str())  # a SentencePiece decoder ends stripping the space before the text: decode's job
+        steps = (spec.get("decoder") or {}).get("decoders") or []
+        space_prefix = bool(steps) and steps[-1] == {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        if space_prefix:
+            spec["decoder"]["decoders"] = steps[:-1]
+            tk = HFTokenizer.from_str(json.dumps(spec))
+        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix)
 
     # --- use ----------------------------------------------------------------------------------------
     @property
@@ -216,8 +223,11 @@ def hf_chat_template(path: str, tc: dict) -> str | None:
     if t is None:
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja):
-            with open(jinja, encoding="utf-8") as fh:
-                return fh.read()
+            try:
+                with open(jinja, encoding="utf-8") as fh:
+                    return fh.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise HotcoldError(f"{jinja}: unreadable ({e})") from None
         t = (read_json_if(os.path.join(path, "chat_template.json"), "chat template") or {}).get("chat_template")
     if isinstance(t, list):
         t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)

@@ -156,7 +156,7 @@ def manifest_problem(m: dict) -> str | None:
     thr = m.get("sparsity", {}).get("thresholds")
     if thr is not None and not (isinstance(thr, list) and len(thr) == len(m["layers"]) and all(
             number(t) and math.isfinite(t) for t in thr)):
-        return f"sparsity thresholds: expected {len(m['layers'])} finite numbers"
+        return f"sparsity thresholds: expected a finite number for each of the {len(m['layers'])} layers listed"
     for i, layer in enumerate(m["layers"]):
         bad = next((k for k, v in layer.get("metrics", {}).items() if not (number(v) or v is None)), None)
         if bad is not None:
@@ -196,12 +196,10 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         fc1, fc2 = tensors.get(blk(i, "fc1")), tensors.get(blk(i, "fc2"))
         if fc1 is None or fc2 is None:
             raise HotcoldError(f"{st}: missing {blk(i, 'fc1' if fc1 is None else 'fc2')}")
-        if fc1.ndim != 2 or fc2.ndim != 2:
-            raise HotcoldError(f"{st}: layer {i}'s fc1 and fc2 must be matrices, not of shapes {tuple(fc1.shape)} and "
-                               f"{tuple(fc2.shape)}")
-        if fc1.shape[0] != layer.get("rank"):
-            raise HotcoldError(f"{st}: {blk(i, 'fc1')} has rank {fc1.shape[0]}, the manifest says {layer.get('rank')}")
-        preds.append(from_weights(fc1, fc2, f"{st}: layer {i}"))
+        pred = from_weights(fc1, fc2, f"{st}: layer {i}")  # two matrices that chain, finite
+        if pred.rank != layer.get("rank"):
+            raise HotcoldError(f"{st}: {blk(i, 'fc1')} has rank {pred.rank}, the manifest says {layer.get('rank')}")
+        preds.append(pred)
     return Bundle(preds, [layer["threshold"] for layer in layers], m["fingerprint"],
                   [layer.get("metrics", {}) for layer in layers], m.get("sparsity", {}), m.get("corpus", {}),
                   m.get("training", {}), path)

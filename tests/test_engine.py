@@ -217,6 +217,14 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
             m.perplexity(bad * 2, 16)
     with pytest.raises(HotcoldError, match="outside the vocabulary"):
         m.detokenize([-1])
+    with pytest.raises(HotcoldError, match="outside the vocabulary"):
+        m.logits(ids[:-1] + [-1])
+    with pytest.raises(HotcoldError, match="takes a string, not NoneType"):
+        m.tokenize(None)
+    with pytest.raises(HotcoldError, match="chunks = 1.5: an integer"):
+        m.perplexity(ids * 2, 16, chunks=1.5)
+    with pytest.raises(HotcoldError, match="model 123: a path"):
+        load(123)
     with pytest.raises(HotcoldError, match="not a string"):
         m.generate("the cat", n=2)
     with pytest.raises(HotcoldError, match="n = 2.5: an integer"):
@@ -277,14 +285,19 @@ def test_kernel_perplexity_close_to_reference(smollm, reference, data_dir):
     assert abs(res["ppl"] / reference["perplexity"]["ppl"] - 1) < 0.005, res
 
 
-def test_torch_imported_after_load_runs_on_the_threads_asked(tmp_path):
+@pytest.mark.parametrize("use", [
+    "m.generate([3, 5, 7, 9] * 15, n=2)",  # a long prompt: the batched prefill
+    "from predictors.bundle import Bundle, model_fingerprint; from predictors.model import Predictor; "
+    "p = Predictor.from_weights(torch.zeros(4, 64), torch.ones(128, 4)); "
+    "m.set_predictors(Bundle([p, p], [0.0, 0.0], model_fingerprint(m.ckpt)))"], ids=["prefill", "predictors"])
+def test_torch_imported_after_load_runs_on_the_threads_asked(tmp_path, use):
     """numba's OpenMP pool leaves OpenMP's default at every core, and torch imported later took it: `generate -t 1`
     prefilled a long prompt on all cores (and perplexity through the API differed from the CLI's)."""
     c = tiny_config("relu")
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0)
     code = ("import sys; from engine.api import load; m = load(sys.argv[1], n_ctx=128, threads=1); "
-            "assert 'torch' not in sys.modules; m.generate([3, 5, 7, 9] * 15, n=2); "
-            "import torch; assert torch.get_num_threads() == 1, torch.get_num_threads()")
+            f"assert 'torch' not in sys.modules; import torch; {use}; "
+            "assert torch.get_num_threads() == 1, torch.get_num_threads()")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", code, path], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -320,7 +320,7 @@ def test_inspect(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["gpu_neurons"] == [len(g) for g in split["gpu_neurons"]]
     assert main(["inspect", tiny["bundle"]]) == 0
     text = capsys.readouterr().out
-    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text and "trained for F16" in text
+    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text and "decoded as F16 by default" in text
     assert main(["inspect", tiny["bundle"], "--json"]) == 0
     p = json.loads(capsys.readouterr().out)["predictors"]
     assert p["predictor_type"] == "F16" and {"training", "corpus", "sparsity", "metrics"} <= set(p)

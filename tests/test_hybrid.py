@@ -316,6 +316,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
     assert res["ttft_s"] > 0 and 0 < res["model_rss_bytes"] <= res["run_rss_bytes"]
     assert "MB after decoding" in format_bench(res)
+    none = dict(res, predictors=dict.fromkeys(p))  # -n 1 after a batched prompt: no decode step, null rates
+    assert "predictors: no decode step, no statistics" in format_bench(none)
 
 
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:

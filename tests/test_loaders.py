@@ -395,7 +395,7 @@ def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
         "hotcold: error: chat template: TemplateSyntaxError: unexpected '}'"]
 
 
-def test_other_vocabularies_tokenize_and_decode_as_llama_cpp():
+def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     """A SentencePiece vocabulary keeps the space before a continuation's first word (only a whole text loses the
     space encoding put before it), and `default` (or no tokenizer.ggml.pre) splits as llama.cpp's default rules."""
     from engine.tokenizer import Tokenizer
@@ -412,6 +412,13 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp():
     assert spm.decode([the, of], continuation=True) == " the of"
     stream = spm.stream()
     assert "".join(stream.step(spm.tk, i) or "" for i in [the, of]) == " the of"
+    from tokenizers import decoders  # the same vocabulary as an HF directory saves it: its decoder strips the space
+    spm.tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    spm.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    hf = Tokenizer.from_hf_dir(str(tmp_path))
+    assert hf.decode([the, of], continuation=True) == " the of" and hf.decode([1, The, of]) == "The of"
     split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": [],
                                  "tokenizer.ggml.pre": "default"}, "x").tk.pre_tokenizer.pre_tokenize_str
     # llama.cpp: punctuation runs first, then GPT-2's words, then digits in runs of three

@@ -268,8 +268,9 @@ def format_bench(r: dict) -> str:
                 if r.get("file_bytes") else "") + f"; {r['run_rss_bytes'] / 1e6:.1f} MB after decoding (with the "
              "kernels' machine code and the prefill's buffers)",
              f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
-    if r.get("predictors"):
-        lines.append("predictors: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["predictors"].items()))
+    if r.get("predictors"):  # null rates when no token went through a decode step (-n 1 after a batched prompt)
+        lines.append("predictors: " + (", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["predictors"].items()
+                                                 if v is not None) or "no decode step, no statistics"))
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")

@@ -333,7 +333,7 @@ def cmd_export(args) -> None:
     if split is not None:
         print(f"wrote {split_paths[0]}, copied to {split_paths[1]} for PowerInfer")
     pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else None
-    if pre not in (None, "default", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork
+    if pre not in (None, "gpt2"):  # the key came to llama.cpp after PowerInfer's fork (its `default` is GPT-2's)
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     odd = sorted({r for r in ranks or () if r % 32})
@@ -409,7 +409,7 @@ def format_inspect(info: dict) -> str:
         lines.append("GPU neurons per layer: " + " ".join(map(str, info["gpu_neurons"])))
     p = info.get("predictors")
     if p:
-        kind = f", trained for {p['predictor_type']}" if "predictor_type" in p else ""
+        kind = f", decoded as {p['predictor_type']} by default" if "predictor_type" in p else ""
         lines.append(f"predictors: {p['n_layer']} layers, {p['n_params'] / 1e6:.2f} M parameters{kind}")
         for i, (rank, t) in enumerate(zip(p["ranks"], p["thresholds"])):
             m = p.get("metrics", [])[i] if i < len(p.get("metrics", [])) else {}

@@ -225,7 +225,8 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
         loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise HotcoldError(f"training diverged at step {step + 1} (loss {value}): lower --lr ({s.lr})")
+            raise HotcoldError(f"training diverged at step {step + 1} (loss {value}): lower --lr ({s.lr}) and remove "
+                               f"{state} to start over")
         (loss + s.l1 * means.mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -237,7 +238,8 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
             record["train_s"] += time.time() - t0
             t0 = time.time()
             if not all(bool(p.isfinite().all()) for p in w.values()):  # never a resume point that cannot resume
-                raise HotcoldError(f"training diverged at step {step + 1} (weights not finite): lower --lr ({s.lr})")
+                raise HotcoldError(f"training diverged at step {step + 1} (weights not finite): lower --lr ({s.lr}) "
+                                   f"and remove {state} to start over")
             save_state(state, s, step + 1, w, opt, record)
         if on_step is not None:
             on_step(step, loss)

@@ -3,8 +3,9 @@
 The budget first pays for what always goes to the GPU, in PowerInfer's order: attention weights and norms,
 predictors, KV cache. The rest buys FFN neurons. Each layer's neurons are sorted by activation frequency and
 placed in groups of `group` (kernel efficiency); a group's value is the activations it serves, its cost the
-bytes of its gate, up and down rows. Maximising the served activations under the budget is a 0/1 knapsack,
-solved exactly as an integer program with `scipy.optimize.milp` (HiGHS branch and bound).
+bytes of its gate, up and down rows. Maximising the served activations under the budget is a 0/1 knapsack whose
+items all cost the same (groups divide a layer, and every layer's neurons weigh alike), which the most valuable
+groups solve exactly (`solve`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.api import DEFAULT_CTX, check_context
+from engine.api import DEFAULT_CTX, check_context, default_ctx
 from engine.config import HotcoldError
 from engine.sparsity import check_fingerprint, check_writable, fingerprint, read_json, write_all
 
@@ -27,41 +28,20 @@ GROUP = 32  # neurons placed together, by default
 def group_values(counts: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """Neurons sorted by count (descending) and the summed count of each consecutive group of that order."""
     order = np.argsort(-counts, kind="stable")
-    pad = (-len(order)) % group
-    vals = np.concatenate([counts[order], np.zeros(pad)]).reshape(-1, group).sum(1)
-    return order, vals
+    return order, counts[order].reshape(-1, group).sum(1)
 
 
-def solve(counts: list[np.ndarray], neuron_bytes: list[int], budget: int, group: int = 32) -> list[np.ndarray]:
-    """Sorted GPU neuron ids per layer maximising the summed counts placed, with sum of bytes <= budget.
+def solve(counts: list[np.ndarray], budget_groups: int, group: int = GROUP) -> list[np.ndarray]:
+    """Sorted GPU neuron ids per layer maximising the summed counts placed, with at most budget_groups groups of
+    `group` neurons (group divides every layer's count of neurons).
 
-    A 0/1 knapsack over groups, solved exactly by `milp`. When every group costs the same w (what `plan` makes:
-    groups divide n_ff and every layer's neurons weigh alike), the k = budget // w most valuable groups are optimal:
-    no feasible set holds more than k groups, and a set of k that leaves out a group more valuable than one it holds
-    gains by swapping the two, so the top k (ties in any order) reach the maximum. That takes no solver time;
-    milp took up to a minute for SmolLM2 at --group 1."""
-    orders, values, costs = [], [], []
-    for c, b in zip(counts, neuron_bytes):
-        order, vals = group_values(np.asarray(c, np.float64), group)
-        sizes = np.minimum(group, len(order) - group * np.arange(len(vals)))
-        orders.append(order)
-        values.append(vals)
-        costs.append(sizes * b)
-    v, w = np.concatenate(values), np.concatenate(costs).astype(np.float64)
-    if budget >= w.sum():
-        chosen = np.ones(len(v), bool)
-    elif budget < w.min(initial=np.inf):
-        chosen = np.zeros(len(v), bool)
-    elif (w == w[0]).all():
-        chosen = np.zeros(len(v), bool)
-        chosen[np.argsort(-v, kind="stable")[:int(budget // w[0])]] = True
-    else:
-        from scipy.optimize import Bounds, LinearConstraint, milp
-        res = milp(-v, constraints=LinearConstraint(w[None, :], 0, budget), integrality=np.ones(len(v)),
-                   bounds=Bounds(0, 1), options={"mip_rel_gap": 0})  # the optimum, not HiGHS's 1e-4 of it
-        if res.x is None:
-            raise HotcoldError(f"placement solver failed: {res.message}")
-        chosen = res.x > 0.5
+    Every group costs the same, so no feasible set holds more than k = budget_groups groups, and a set of k that
+    leaves out a group more valuable than one it holds gains by swapping the two: the k most valuable groups (ties in
+    any order) reach the maximum. The test checks it against trying every set."""
+    orders, values = zip(*(group_values(np.asarray(c, np.float64), group) for c in counts))
+    v = np.concatenate(values)
+    chosen = np.zeros(len(v), bool)
+    chosen[np.argsort(-v, kind="stable")[:max(budget_groups, 0)]] = True
     out, start = [], 0
     for order, vals in zip(orders, values):
         pick = chosen[start:start + len(vals)]
@@ -85,7 +65,7 @@ def neuron_bytes(c) -> int:
 def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_fraction: float | None = None,
          group: int = GROUP, n_ctx: int = DEFAULT_CTX, predictor_bytes: int = 0) -> dict:
     """The split as a JSON-able dict: per layer the sorted GPU neuron ids, and what the budget paid for."""
-    if c.n_ff % group:  # a ragged last group turns the knapsack hard: milp ran for minutes
+    if c.n_ff % group:  # a ragged last group would cost less than the others: a knapsack no longer solved by order
         raise HotcoldError(f"--group {group} must divide the {c.n_ff} FFN neurons of a layer")
     nb = neuron_bytes(c)
     ffn_total = c.n_layer * c.n_ff * nb
@@ -100,7 +80,7 @@ def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_frac
             raise HotcoldError(f"GPU budget of {gpu_budget / 2**20:.1f} MiB does not hold the parts that always go "
                                f"to the GPU ({sum(fixed.values()) / 2**20:.1f} MiB: "
                                + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fixed.items()) + ")")
-    gpu = solve(counts, [nb] * c.n_layer, budget, group)
+    gpu = solve(counts, budget // (group * nb), group)
     served = sum(float(np.asarray(cn)[g].sum()) for cn, g in zip(counts, gpu))
     total = sum(float(np.asarray(cn).sum()) for cn in counts)
     return {"n_layer": c.n_layer, "n_ff": c.n_ff, "group": group, "gpu_budget": gpu_budget,
@@ -220,13 +200,13 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
     bundle: a path or Bundle; the hot set comes from a split file, or is solved for gpu_budget from the counts
     of the profile the bundle was trained on. hot_device auto: CUDA if present, else nothing is hot."""
     import torch
-    from engine.hybrid import check_hot
+    from engine.hybrid import check_hot, torch_device
     from predictors.bundle import Bundle, load_bundle, model_fingerprint
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, model_fingerprint(model.ckpt))
     c = model.config
-    if hot_device == "cuda" and not torch.cuda.is_available():
-        raise HotcoldError("--hot-device cuda: CUDA is not available here")
+    if hot_device != "auto":
+        torch_device(hot_device, "--hot-device")
     device = "cuda" if hot_device == "auto" and torch.cuda.is_available() else hot_device
     if split_path is None and gpu_budget is None:
         split_path = model.ckpt.gpuidx if device != "auto" else None  # PowerInfer's split beside an export
@@ -263,7 +243,7 @@ def cmd_split(args) -> None:
     split_outputs(args.out)  # refused before the profile is read and the split solved
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
-    n_ctx = min(DEFAULT_CTX, ckpt.config.n_ctx_train) if args.ctx is None else args.ctx
+    n_ctx = default_ctx(ckpt.config) if args.ctx is None else args.ctx
     check_context(ckpt, n_ctx)
     fp = fingerprint(ckpt.config, ckpt.tensors)
     check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
