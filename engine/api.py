@@ -311,7 +311,7 @@ class Model:
             self.runtime.reset()
         import torch
         for k in range(first_chunk, last):
-            chunk = tokens[k * ctx:(k + 1) * ctx]
+            chunk = self.chunk(tokens, k, ctx)
             logits = self.scored_logits(chunk, start)  # (ctx - 1 - start, n_vocab)
             logp = torch.log_softmax(logits.double(), -1)
             target = torch.as_tensor(chunk[start + 1:])
@@ -326,6 +326,12 @@ class Model:
             res["stats"] = self.runtime.stats()
             res["sparsity"] = res["stats"]["predicted_sparsity"]
         return res
+
+    def chunk(self, tokens: list[int], k: int, ctx: int) -> list[int]:
+        """Chunk k of llama.cpp's perplexity scheme: tokens[k*ctx:(k+1)*ctx], its first token BOS where the model
+        adds one."""
+        chunk, bos = tokens[k * ctx:(k + 1) * ctx], self.tokenizer.bos_id
+        return [bos] + chunk[1:] if self.tokenizer.add_bos and bos is not None else chunk
 
     def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).

@@ -1,5 +1,6 @@
 """GGUF and HF loaders agree on a tiny random LLaMA; bad input gets one clear line and exit code 2."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -306,12 +307,54 @@ def test_argument_errors_are_one_line(capsys):
                          "argument --target-sparsity: must be in [0, 0.95]"),
                         (["calibrate", "-f", "x", "-o", "s", "--ppl-increase", "nan"],
                          "argument --ppl-increase: must be a number > 0"),
-                        (["nosuch"], "invalid choice: 'nosuch'")):
+                        (["nosuch"], "invalid choice: 'nosuch'"),
+                        (["bench", "-n", "abc"], "argument -n: invalid int value: 'abc'"),  # not "parse value"
+                        (["generate", "-p", "hi", "--top-p", "x"], "argument --top-p: invalid float value: 'x'"),
+                        (["bench", "-n", "1"], "argument -n: must be at least 2")):  # -n 1: no decode step to time
         with pytest.raises(SystemExit) as e:
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("hotcold: error: ") and words in err, err
         assert err.rstrip().endswith("-h for usage)")
+    for argv, words in ((["bench", "--compare", "--backend", "torch"], "--backend torch: bench --compare times the"),
+                        (["bench", "--hybrid", "--backend", "torch"], "--backend torch: bench --hybrid times the")):
+        assert main(argv) == 2 and words in capsys.readouterr().err  # the rows would time other engines
+
+
+def test_perplexity_reads_as_llama_cpp(tmp_path, capsys):
+    """Several files joined by blank lines; "\r\n" kept (llama.cpp reads bytes); .JSONL in any case; BOS at the start
+    of each chunk where the model adds one (the tiny model does)."""
+    import torch
+    from tools.profile import read_corpus
+    c = tiny_config()
+    m = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))
+    (tmp_path / "a.txt").write_bytes(b"the cat sat on the mat.\r\n" * 30)
+    (tmp_path / "b.JSONL").write_text('{"text": "the dog ate in the hat."}\n' * 20)
+    assert read_corpus([str(tmp_path / "a.txt")])[0].count("\r\n") == 30
+    assert read_corpus([str(tmp_path / "b.JSONL")])[0] == "the dog ate in the hat."
+    (tmp_path / "ab.txt").write_text("\n\n".join(read_corpus([str(tmp_path / n) for n in ("a.txt", "b.JSONL")])),
+                                     newline="")
+    ppl = {}
+    for name, files in (("two", ["a.txt", "b.JSONL"]), ("one", ["ab.txt"])):
+        assert main(["perplexity", "-m", m, "-f", *[str(tmp_path / f) for f in files], "--ctx", "32", "--json"]) == 0
+        ppl[name] = json.loads(capsys.readouterr().out)["ppl"]
+    assert ppl["two"] == ppl["one"]
+    model = load(m, n_ctx=64)
+    tokens = model.tokenize(open(tmp_path / "ab.txt", newline="").read(), special=False)
+    assert model.tokenizer.add_bos and tokens[0] == model.tokenizer.bos_id
+    nll = 0.0
+    for k in range(len(tokens) // 32):  # the scheme by hand: chunk k's first token is BOS, its second half scored
+        chunk = [model.tokenizer.bos_id] + tokens[k * 32 + 1:(k + 1) * 32]
+        logp = torch.log_softmax(model.logits(chunk, 0)[16:-1].double(), -1)
+        nll -= float(logp.gather(1, torch.tensor(chunk[17:])[:, None]).sum())
+    assert ppl["one"] == pytest.approx(math.exp(nll / (len(tokens) // 32 * 15)), rel=1e-6)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"hotcold {version('hotcold')}"
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):

@@ -167,14 +167,15 @@ def llamacpp_here(path: str, threads: int, ids: list[int], n: int) -> dict | Non
     return {"prefill_tok_s": len(ids) / (t1 - t), "decode_tok_s": n / (t2 - t1)}
 
 
-def time_to_first_token(args) -> float:
+def time_to_first_token(args, n_ctx: int) -> float:
     """Seconds from starting a new `hotcold generate -n 1` process (JIT cache warm: this run compiled) to its exit:
     imports, loading, prefill and the first token."""
     def given(key: str) -> str:  # the child runs in the checkout: files named relative to the user's folder made whole
         v = str(getattr(args, key))
         return os.path.abspath(v) if key in ("model", "sparsity", "predictors", "split") and os.path.exists(v) else v
 
-    cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c", "64"]
+    cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c",
+           str(n_ctx)]
     cmd += (["-m", given("model")] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
     for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
@@ -209,7 +210,7 @@ def run_bench(args) -> dict:
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
-           "model_rss_bytes": model_rss, "run_rss_bytes": run_rss, "ttft_s": time_to_first_token(args),
+           "model_rss_bytes": model_rss, "run_rss_bytes": run_rss, "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
         res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share", "recall", "precision",
@@ -223,6 +224,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     """Rows of decode tok/s: dense, sparse at each level (random active sets), llama.cpp; bandwidth share.
     Each row's decode speed and FFN time (llama.cpp's too) are the best of `rounds` runs, the rows taking turns,
     so that a slow spell of a shared machine does not land on one row."""
+    model.install_runtime(None)  # the rows time the kernels' own FFN: predictors would choose the neurons instead
     net = model.net
     bw = memory_bandwidth(args.threads)
     levels = [0.0] + list(args.sparsity_levels)

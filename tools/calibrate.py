@@ -196,7 +196,7 @@ class Heldout:
         top = []
         try:
             for k in bar(len(self.tokens) // self.ctx):
-                chunk = self.tokens[k * self.ctx:(k + 1) * self.ctx]
+                chunk = model.chunk(self.tokens, k, self.ctx)
                 logp = torch.log_softmax(model.scored_logits(chunk, start, steps).double(), -1)  # (S, n_vocab)
                 nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
                 n += logp.shape[0]
@@ -333,7 +333,7 @@ def score_runtime(model, held: Heldout) -> dict:
     model.runtime.reset()
     with torch.inference_mode():
         for k in bar(len(held.tokens) // held.ctx):
-            chunk = held.tokens[k * held.ctx:(k + 1) * held.ctx]
+            chunk = model.chunk(held.tokens, k, held.ctx)
             logp = torch.log_softmax(model.scored_logits(chunk, start).double(), -1)  # (S, n_vocab)
             nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
             kl += float(top_kl(*held.dense[k], logp).sum())

@@ -28,6 +28,7 @@ def at_least(lo: int):
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
         return v
+    parse.__name__ = "int"  # argparse names it in "invalid int value: 'abc'"
     return parse
 
 
@@ -38,6 +39,7 @@ def number(lo: float, above: bool = False):
         if not math.isfinite(v) or v < lo or (above and v == lo):
             raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {lo:g}, got {text}")
         return v
+    parse.__name__ = "float"
     return parse
 
 
@@ -48,6 +50,7 @@ def between(lo: float, hi: float):
         if not lo <= v <= hi:  # NaN too
             raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text}")
         return v
+    parse.__name__ = "float"
     return parse
 
 
@@ -57,6 +60,9 @@ def share(text: str) -> float:
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return v
+
+
+share.__name__ = "float"
 
 
 def size(text: str) -> int:
@@ -234,12 +240,12 @@ def cmd_perplexity(args) -> None:
     from tqdm import tqdm
 
     from tools.profile import read_corpus
-    text = "\n\n".join(read_corpus([args.file]))  # a bad file is named before the model loads
+    text = "\n\n".join(read_corpus(args.file))  # a bad file is named before the model loads
     model = load_model(args, n_ctx=args.ctx)
-    tokens = model.tokenize(text, special=False, add_bos=False)
+    tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
     total = len(tokens) // args.ctx - args.first_chunk
     if total < 1:
-        raise HotcoldError(f"{args.file}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of --ctx "
+        raise HotcoldError(f"{', '.join(args.file)}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of --ctx "
                            f"{args.ctx}, so none from --first-chunk {args.first_chunk}")
     bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
                disable=args.json or None, file=sys.stderr)
@@ -260,6 +266,9 @@ def cmd_perplexity(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if (args.hybrid or args.compare) and args.backend != "kernels":
+        raise HotcoldError(f"--backend {args.backend}: bench {'--hybrid' if args.hybrid else '--compare'} times the "
+                           "kernels")
     if args.hybrid and args.compare:
         raise HotcoldError("--compare: bench --hybrid measures rows of its own; run bench --compare apart")
     if args.sparsity_levels is not None and not args.compare:
@@ -279,6 +288,11 @@ def cmd_bench(args) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands; given the command that will run, only the module that defines it is imported."""
     ap = Parser(prog="hotcold", description="sparse hot/cold LLM inference")
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ap.add_argument("--version", action="version", version=f"hotcold {version('hotcold')}")
+    except PackageNotFoundError:  # a checkout run without installing
+        pass
     sub = ap.commands = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -307,7 +321,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
     add_model_args(p, ctx=False)
-    p.add_argument("-f", "--file", required=True, help="a text file, or .jsonl with a text field per line")
+    p.add_argument("-f", "--file", required=True, nargs="+", metavar="FILE",
+                   help="text files, or .jsonl with a text field per line, joined by blank lines")
     p.add_argument("--ctx", type=at_least(4), default=512, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=at_least(0), default=0, help="first chunk scored (default 0)")
@@ -317,7 +332,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode speed")
     add_model_args(p, ctx=False)  # the context is what the run needs
-    p.add_argument("-n", type=at_least(1), default=128, help="tokens to decode (default 128)")
+    p.add_argument("-n", type=at_least(2), default=128,
+                   help="tokens to generate, the first from the prefill (default 128)")
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
     p.add_argument("--compare", action="store_true",
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")

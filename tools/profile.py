@@ -46,8 +46,8 @@ def read_corpus(paths: list[str]) -> list[str]:
     docs: list[str] = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as fh:
-                found = jsonl_texts(path, fh) if path.endswith(".jsonl") else [fh.read()]
+            with open(path, encoding="utf-8", newline="") as fh:  # "\r\n" kept, as llama.cpp reads bytes
+                found = jsonl_texts(path, fh) if path.lower().endswith(".jsonl") else [fh.read()]
         except FileNotFoundError:
             raise HotcoldError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError) as e:
