@@ -312,7 +312,8 @@ class Runtime:
         """DESIGN.md's metrics over the decode steps since `reset` (short prompts are prefilled by decode steps),
         per layer and averaged over layers; None where no token went through a step (a long prompt and -n 1)."""
         if not self.tokens:
-            keys = ("predicted_sparsity", "gpu_share") + (("recall", "precision", "actual_sparsity") if self.audit else ())
+            audit = ("recall", "precision", "actual_sparsity") if self.audit is not None else ()
+            keys = ("predicted_sparsity", "gpu_share") + audit
             return {"tokens": 0, **dict.fromkeys(keys), "per_layer": []}
         n = self.tokens * self.c.n_ff
         pred, hot, true, both = (self.counts[:, k].astype(np.float64) for k in range(4))

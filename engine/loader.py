@@ -271,7 +271,8 @@ def load_gguf(path: str) -> Checkpoint:
     except HotcoldError:
         raise
     except Exception as e:  # the tokenizers library raises bare Exceptions for merges of unknown tokens
-        raise HotcoldError(f"{path}: invalid tokenizer metadata ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise HotcoldError(f"{path}: invalid tokenizer metadata ({why})") from None
     return Checkpoint(path, cfg, tensors, tok, meta, r.mapping)
 
 

@@ -210,7 +210,8 @@ def run_bench(args) -> dict:
            "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
            "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
            "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
-           "model_rss_bytes": model_rss, "run_rss_bytes": run_rss, "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
+           "model_rss_bytes": model_rss, "run_rss_bytes": run_rss,
+           "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
         res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share", "recall", "precision",

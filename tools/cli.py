@@ -245,8 +245,8 @@ def cmd_perplexity(args) -> None:
     tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
     total = len(tokens) // args.ctx - args.first_chunk
     if total < 1:
-        raise HotcoldError(f"{', '.join(args.file)}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of --ctx "
-                           f"{args.ctx}, so none from --first-chunk {args.first_chunk}")
+        raise HotcoldError(f"{', '.join(args.file)}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of "
+                           f"--ctx {args.ctx}, so none from --first-chunk {args.first_chunk}")
     bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
                disable=args.json or None, file=sys.stderr)
 

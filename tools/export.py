@@ -46,7 +46,8 @@ POWERINFER_DOWN_T = (QT.F16, QT.Q4_0)  # what PowerInfer's sparse CPU axpy reads
 COPIED_KEYS = ("general.", "tokenizer.")  # taken from a GGUF source as they are, except:
 OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
-PROBE = "Hello world! It's 2024: 12345 cats,\n\n  naïve café, 東京 — don't <s> stop</s> ²³ ½ ١٢"  # numerals: smollm
+# what tells the pre-tokenizers apart (numerals past ASCII: smollm's digits one at a time)
+PROBE = "Hello world! It's 2024: 12345 cats,\n\n  naïve café, 東京 — don't <s> stop</s> ²³ ½ ١٢"
 
 
 # --- what goes into the file -------------------------------------------------------------------------------
