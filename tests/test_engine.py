@@ -149,15 +149,18 @@ def test_short_prompts_prefill_by_decode_steps_like_the_batched_path(tmp_path, m
 
 def test_generate_from_a_short_prompt_never_imports_torch(tmp_path):
     """What keeps the time to first token low: the kernels, the tokenizer and the numpy sampler only."""
-    import subprocess
-    import sys
     c = tiny_config("relu")
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0)
-    code = ("import sys; from tools.cli import main; "
-            f"rc = main(['generate', '-m', {path!r}, '-p', 'the cat', '-n', '4', '-c', '64', '--seed', '1']); "
-            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+    run_in_new_process(
+        "import sys; from tools.cli import main; "
+        f"rc = main(['generate', '-m', {path!r}, '-p', 'the cat', '-n', '4', '-c', '64', '--seed', '1']); "
+        "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]")
+
+
+def run_in_new_process(code: str, *argv: str) -> None:
+    """code run by a new interpreter in the checkout, argv as its sys.argv[1:]; its stderr when it fails."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code, *argv], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -295,12 +298,9 @@ def test_torch_imported_after_load_runs_on_the_threads_asked(tmp_path, use):
     prefilled a long prompt on all cores (and perplexity through the API differed from the CLI's)."""
     c = tiny_config("relu")
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0)
-    code = ("import sys; from engine.api import load; m = load(sys.argv[1], n_ctx=128, threads=1); "
-            f"assert 'torch' not in sys.modules; import torch; {use}; "
-            "assert torch.get_num_threads() == 1, torch.get_num_threads()")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code, path], cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_in_new_process("import sys; from engine.api import load; m = load(sys.argv[1], n_ctx=128, threads=1); "
+                       f"assert 'torch' not in sys.modules; import torch; {use}; "
+                       "assert torch.get_num_threads() == 1, torch.get_num_threads()", path)
 
 
 def test_threads_beyond_the_cores_are_capped_for_torch_as_for_numba():
