@@ -318,6 +318,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert "MB after decoding" in format_bench(res)
     none = dict(res, predictors=dict.fromkeys(p))  # -n 1 after a batched prompt: no decode step, null rates
     assert "predictors: no decode step, no statistics" in format_bench(none)
+    dense = load(path, n_ctx=32).decode_bytes_per_token()  # the bytes a step reads: the active rows and the predictors
+    assert dense * (1 - p["predicted_sparsity"]) / 3 < res["bytes_per_token"] < dense
 
 
 def offload_sequence(m, chunk: list[int]) -> torch.Tensor:

@@ -204,6 +204,10 @@ def run_bench(args) -> dict:
     stats = decode_speed(model, ids, args.n)
     run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     bpt = model.decode_bytes_per_token()
+    skipped = stats.get("predicted_sparsity", stats.get("sparsity"))  # the FFN share the decode steps skipped
+    if skipped and model.backend == "kernels":  # what they read: active rows, and the predictors' own weights
+        rt = model.runtime
+        bpt = sparse_bytes_per_token(model.net, skipped) + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0)
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
            "kv_cache": model.cache_type, "prompt_tokens": len(ids),
