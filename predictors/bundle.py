@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import PREDICTOR_TYPES, HotcoldError, blk
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite
 from engine.sparsity import check_fingerprint, read_json, tensors_sha256, write_atomic, write_json
 
 from .model import Predictor
@@ -155,7 +154,7 @@ def manifest_problem(m: dict) -> str | None:
             return f"layer {i}: expected {{'rank': int, 'threshold': number, 'metrics': {{...}}}}"
     thr = m.get("sparsity", {}).get("thresholds")
     if thr is not None and not (isinstance(thr, list) and len(thr) == len(m["layers"]) and all(
-            number(t) and math.isfinite(t) for t in thr)):
+            number(t) and finite(t) for t in thr)):
         return f"sparsity thresholds: expected a finite number for each of the {len(m['layers'])} layers listed"
     for i, layer in enumerate(m["layers"]):
         bad = next((k for k, v in layer.get("metrics", {}).items() if not (number(v) or v is None)), None)
@@ -285,7 +284,7 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
     t = 0.0
     if os.path.exists(os.path.join(path, PI_CONFIG)):
         t = read_json(os.path.join(path, PI_CONFIG), "PowerInfer predictor config").get("sparse_threshold", 0.0)
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not finite(t):
             raise HotcoldError(f"{os.path.join(path, PI_CONFIG)}: sparse_threshold must be a finite number, "
                                f"got {t!r}")
     return preds, [float(t)] * len(preds)

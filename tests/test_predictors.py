@@ -324,7 +324,7 @@ def test_powerinfer_directory_errors(tmp_path):
     with pytest.raises(HotcoldError, match="fc1.weight and fc2.weight"):
         read_powerinfer_dir(str(tmp_path))
     torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_0.pt")
-    for t in ("NaN", "1e999", "true"):
+    for t in ("NaN", "1e999", "true", "1" + "0" * 400):  # an integer past a float: math.isfinite raised
         (tmp_path / "config.json").write_text(f'{{"sparse_threshold": {t}}}')
         with pytest.raises(HotcoldError, match="sparse_threshold must be a finite number"):
             read_powerinfer_dir(str(tmp_path))
