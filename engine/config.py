@@ -16,6 +16,7 @@ PREDICTOR_TYPES = ("F16", "Q8_0", "Q4_1")
 # KV cache element types (--cache-type): f16 bits, as llama.cpp's default (half the bytes attention reads), or
 # float32 (the torch reference's)
 CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
+AUDIT_KEYS = ("recall", "precision", "actual_sparsity")  # what the predictor runtime adds to its statistics under audit
 BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | the float32 torch reference
 
 

@@ -34,7 +34,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .config import HotcoldError, blk, torch_threads
+from .config import AUDIT_KEYS, HotcoldError, blk, torch_threads
 from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
@@ -312,8 +312,7 @@ class Runtime:
         """DESIGN.md's metrics over the decode steps since `reset` (short prompts are prefilled by decode steps),
         per layer and averaged over layers; None where no token went through a step (a long prompt and -n 1)."""
         if not self.tokens:
-            audit = ("recall", "precision", "actual_sparsity") if self.audit is not None else ()
-            keys = ("predicted_sparsity", "gpu_share") + audit
+            keys = ("predicted_sparsity", "gpu_share") + (AUDIT_KEYS if self.audit is not None else ())
             return {"tokens": 0, **dict.fromkeys(keys), "per_layer": []}
         n = self.tokens * self.c.n_ff
         pred, hot, true, both = (self.counts[:, k].astype(np.float64) for k in range(4))
@@ -324,7 +323,7 @@ class Runtime:
             for i, m in enumerate(layers):
                 m.update(recall=both[i] / true[i] if true[i] else 1.0, precision=both[i] / pred[i] if pred[i] else 1.0,
                          actual_sparsity=1 - true[i] / n)
-            for k in ("recall", "precision", "actual_sparsity"):
+            for k in AUDIT_KEYS:
                 out[k] = float(np.mean([m[k] for m in layers]))
         out["per_layer"] = layers
         return out

@@ -218,8 +218,8 @@ def run_bench(args) -> dict:
            "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
-        res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share", "recall", "precision",
-                                                   "actual_sparsity") if k in stats}
+        from engine.config import AUDIT_KEYS
+        res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share") + AUDIT_KEYS if k in stats}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)
     return res

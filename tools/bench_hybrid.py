@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from engine.config import AUDIT_KEYS
+
 FIXTURE_SPARSITY = (0.5, 0.7, 0.9)
 FIXTURE_RECALL = 0.95
 SAMPLE_TOKENS = 256  # activations the fixture's thresholds and predictors are fitted on
@@ -249,7 +251,7 @@ def hot_layer_us(hot, rounds: int = 20) -> float:
 
 
 def audit_keys(stats: dict) -> dict:
-    return {k: stats[k] for k in ("recall", "precision", "actual_sparsity")}
+    return {k: stats[k] for k in AUDIT_KEYS}
 
 
 def argparse_copy(args, **kw):
