@@ -285,14 +285,26 @@ def cmd_bench(args) -> None:
 
 
 # --- parser ---------------------------------------------------------------------------------------------
+class Version(argparse.Action):
+    """--version: the installed package's version, looked up only when asked (importlib.metadata takes 20-40 ms,
+    which every command's start would pay)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print hotcold's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            print(f"hotcold {version('hotcold')}")
+        except PackageNotFoundError:  # a checkout run without installing
+            parser.error("--version: hotcold is not installed (pip install -e .)")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """All commands; given the command that will run, only the module that defines it is imported."""
     ap = Parser(prog="hotcold", description="sparse hot/cold LLM inference")
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        ap.add_argument("--version", action="version", version=f"hotcold {version('hotcold')}")
-    except PackageNotFoundError:  # a checkout run without installing
-        pass
+    ap.add_argument("--version", action=Version)
     sub = ap.commands = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
