@@ -339,6 +339,6 @@ class Model:
         step per scored token (each counted in the runtime's statistics); else one batched forward."""
         import torch
         if not (self.runtime is not None if steps is None else steps):
-            return self.logits(chunk, 0, all_logits=True)[start:-1]
+            return self.net.forward(chunk, 0, all_logits=True)[start:-1]  # ids checked by the caller, as below
         self.net.forward(chunk[:start], 0)
         return torch.stack([self.net.forward([chunk[p]], p) for p in range(start, len(chunk) - 1)])
