@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -219,23 +220,27 @@ def fold_thresholds(predictors: list[Predictor], thresholds: float | list[float]
                                                                                                 list[float]]:
     """Per-layer thresholds folded into fc2 scales under one global threshold T, as PowerInfer wants.
 
-    Returns (scaled copies, T, the threshold each original predictor effectively gets). Exact whenever the
-    thresholds share a sign and none is smaller than 1 / FOLD_MAX_SCALE in size (T = -1 or +1, fc2 times
-    T / t_N). Otherwise a layer whose threshold cannot be reached gets -1 / FOLD_MAX_SCALE under T = -1: lower
-    than it asked for, so its recall can only rise (and its sparsity fall a little); the returned list says so.
+    Returns (scaled copies, T, the threshold each original predictor effectively gets). fc2 times T / t_N is exact
+    for the layers of T's sign: when they span at most a factor F^2 (F = FOLD_MAX_SCALE), T is their geometric
+    mean, so that every scale lies within [1/F, F] and float16 keeps fc2's precision; spread wider, T = +1 (all
+    at least 1/F) or -1, exact for the layers at least 1/F in size. Any other layer gets T / F, where T < 0:
+    lower than it asked for, so its recall can only rise (and its sparsity fall a little); the returned list says so.
     """
     ts = [float(thresholds)] * len(predictors) if np.isscalar(thresholds) else [float(t) for t in thresholds]
     if len(ts) != len(predictors):
         raise ValueError(f"{len(ts)} thresholds for {len(predictors)} predictors")
     if len(set(ts)) <= 1:
         return list(predictors), (ts[0] if ts else 0.0), ts
-    big = 1.0 / FOLD_MAX_SCALE
-    sign = 1.0 if all(t >= big for t in ts) else -1.0
-    scales = [1.0 / abs(t) if sign * t >= big else FOLD_MAX_SCALE for t in ts]
-    out = []
-    for p, c in zip(predictors, scales):
-        out.append(Predictor.from_weights(p.fc1.weight.detach(), p.fc2.weight.detach() * c))
-    return out, sign, [sign / c for c in scales]
+    sign = 1.0 if min(ts) > 0 else -1.0
+    same = [sign * t for t in ts if sign * t > 0]  # sizes of the thresholds of T's sign
+    if same and max(same) <= FOLD_MAX_SCALE ** 2 * min(same):
+        t_all = sign * math.sqrt(min(same) * max(same))
+    else:
+        t_all = 1.0 if min(ts) >= 1.0 / FOLD_MAX_SCALE else -1.0
+    exact = [t_all * t > 0 and t_all / t <= FOLD_MAX_SCALE for t in ts]
+    scales = [t_all / t if e else FOLD_MAX_SCALE for t, e in zip(ts, exact)]
+    out = [Predictor.from_weights(p.fc1.weight.detach(), p.fc2.weight.detach() * c) for p, c in zip(predictors, scales)]
+    return out, t_all, [t if e else t_all / FOLD_MAX_SCALE for t, e in zip(ts, exact)]
 
 
 def write_powerinfer_dir(path: str, predictors: list[Predictor], threshold: float | list[float]) -> list[float]:

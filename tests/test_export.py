@@ -57,10 +57,12 @@ def in_memory(ckpt, qtype, powerinfer):
     t = {k: QTensor.from_float(v.dequantize(), qtype) if len(v.shape) == 2 else v for k, v in ckpt.tensors.items()}
     if powerinfer:
         t["output.weight"] = t["token_embd.weight"]
-        down_type = qtype if qtype in (QT.F16, QT.Q4_0) else QT.F16  # what PowerInfer's sparse axpy reads
+        ffn = qtype if qtype in (QT.F16, QT.Q4_0) else QT.F16  # the types PowerInfer's sparse CUDA kernels take
         for i in range(ckpt.config.n_layer):
+            for n in ("ffn_gate", "ffn_up"):
+                t[blk(i, n)] = QTensor.from_float(ckpt.tensors[blk(i, n)].dequantize(), ffn)
             down = t.pop(blk(i, "ffn_down")) and ckpt.tensors[blk(i, "ffn_down")]
-            t[blk(i, "ffn_down_t")] = QTensor.from_float(down.dequantize().T, down_type)
+            t[blk(i, "ffn_down_t")] = QTensor.from_float(down.dequantize().T, ffn)
     return t
 
 
@@ -79,9 +81,12 @@ def test_round_trip(tiny, capsys, fmt, outtype):
     ckpt = load_checkpoint(path)
     assert blk(0, "fc1") not in ckpt.tensors  # predictors are lifted out of the weights
     assert (blk(0, "ffn_down_t") in ckpt.tensors) == (blk(0, "ffn_down") not in ckpt.tensors) == (fmt == "powerinfer")
-    assert ckpt.tensors["blk.0.ffn_up.weight"].qtype == OUTTYPES[outtype]
-    if fmt == "powerinfer":  # PowerInfer's sparse CPU axpy reads ffn_down_t rows as F16 unless they are Q4_0
-        assert ckpt.tensors["blk.0.ffn_down_t.weight"].qtype == (QT.Q4_0 if outtype == "q4_0" else QT.F16)
+    assert ckpt.tensors["blk.0.attn_q.weight"].qtype == OUTTYPES[outtype]
+    if fmt == "powerinfer":  # PowerInfer's sparse CUDA kernels take F16 or Q4_0 only (they assert on Q8_0)
+        for n in ("ffn_gate", "ffn_up", "ffn_down_t"):
+            assert ckpt.tensors[blk(0, n)].qtype == (QT.Q4_0 if outtype == "q4_0" else QT.F16), n
+    else:
+        assert ckpt.tensors["blk.0.ffn_up.weight"].qtype == OUTTYPES[outtype]
 
     # the file holds exactly the model as this output type stores it: same logits, same greedy tokens
     source = load_checkpoint(tiny["src"])
@@ -220,6 +225,12 @@ def test_refusals(tiny, capsys):
     refused("-m", src, "--split", tiny["split"], "-o", str(d / "r"), "--format", "gguf", words=("--split",))
     refused("-m", src, "--predictors", bundle, "--split", str(d / "nosuch.gpuidx"), "-o", str(d / "r"),
             words=("nosuch.gpuidx: --split reads", "nosuch.json"))
+    counts = [np.arange(tiny["config"].n_ff) * (1 + i) for i in range(tiny["config"].n_layer)]
+    odd = plan(tiny["config"], counts, hot_fraction=0.3, group=8)  # PowerInfer's CUDA kernels: 32 rows at a time
+    assert [len(g) for g in odd["gpu_neurons"]] == [8, 64]
+    write_split(str(d / "odd"), odd)
+    refused("-m", src, "--predictors", bundle, "--split", str(d / "odd.json"), "-o", str(d / "r"),
+            words=("odd.json: layer 0 has 8 neurons on the GPU", "--group 32"))
     os.makedirs(d / "half")  # a bundle without its manifest: named as ours, not as a PowerInfer directory
     open(d / "half" / "predictors.safetensors", "wb").close()
     with pytest.raises(HotcoldError, match="manifest.json: no such file"):
@@ -250,6 +261,16 @@ def test_refusals(tiny, capsys):
     assert (d / "pair.powerinfer.gguf").read_bytes() == before["pair.powerinfer.gguf"]
     assert (d / "pair.gpuidx").read_bytes() == before["pair.gpuidx"]
     assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []
+
+
+def test_export_says_which_thresholds_it_lowers(tiny, capsys):
+    """Thresholds of both signs cannot all be folded exactly under one sparse_threshold: the positive one is lowered."""
+    mixed = str(tiny["dir"] / "mixed")
+    b = load_bundle(tiny["bundle"])
+    Bundle(b.predictors, [-0.5, 2.0], b.fingerprint).save(mixed)
+    code, note = export(capsys, "-m", tiny["src"], "--predictors", mixed, "-o", str(tiny["dir"] / "mx"), "--outtype",
+                        "q4_0")
+    assert code == 0 and note.endswith("lowered (recall can only rise) in layers 1 (2 -> -0.00195312)")
 
 
 def test_drelu_exports_as_bamboo(tiny, capsys):

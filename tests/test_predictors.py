@@ -6,6 +6,7 @@ pre-activation W_gate diag(g) x / rms(x) is positive. Every gate row leans again
 most neurons are inactive most of the time, as in ReLU LLMs (about 89% here).
 """
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -281,12 +282,13 @@ def test_powerinfer_directory_round_trip(tmp_path):
     path = str(tmp_path / "pi")
     effective = write_powerinfer_dir(path, b.predictors, b.thresholds)
     assert effective == b.thresholds  # same sign: folded exactly
+    t = -math.sqrt(b.thresholds[0] * b.thresholds[1])  # both negative: their geometric mean
     with open(os.path.join(path, "config.json")) as fh:
-        assert json.load(fh) == {"sparse_threshold": -1.0}
+        assert json.load(fh) == {"sparse_threshold": t}
     sd = torch.load(os.path.join(path, "model_1.pt"), weights_only=True)
     assert sorted(sd) == ["fc1.weight", "fc2.weight"] and sd["fc2.weight"].shape == (ckpt.config.n_ff, 24)
     preds, thresholds = read_powerinfer_dir(path)
-    assert thresholds == [-1.0, -1.0]
+    assert thresholds == [t, t]
     x = torch.randn(256, ckpt.config.n_embd, generator=torch.Generator().manual_seed(2))
     for a, c in zip(masks(b.predictors, b.thresholds, x), masks(preds, thresholds, x)):
         assert torch.equal(a, c)
@@ -308,6 +310,19 @@ def test_fold_never_lowers_recall_when_it_cannot_be_exact():
         assert bool((p.active(x, want) & ~q.active(x, t)).sum() == 0)  # nothing the original kept is dropped
     _, t, _ = fold_thresholds(preds, 0.0)
     assert t == 0.0
+
+
+@pytest.mark.parametrize("ts", [[0.003, 0.04, 0.01], [-0.001, -10.0, -0.5], [0.5, 2.0, 1.0]])
+def test_fold_is_exact_for_thresholds_of_one_sign(ts):
+    """Small thresholds too (T their geometric mean: every fc2 scale within [1/256, 256], float16 keeps it)."""
+    preds = [Predictor.from_weights(torch.randn(8, 16), torch.randn(32, 8)) for _ in range(3)]
+    folded, t, effective = fold_thresholds(preds, ts)
+    assert effective == ts and t == pytest.approx(math.copysign(math.sqrt(min(map(abs, ts)) * max(map(abs, ts))),
+                                                                ts[0]))
+    x = torch.randn(1000, 16)
+    for p, q, want in zip(preds, folded, ts):
+        assert 1 / 256 <= float(q.fc2.weight.abs().max() / p.fc2.weight.abs().max()) <= 256
+        assert torch.equal(q.active(x, t), p.active(x, want))
 
 
 def test_powerinfer_directory_errors(tmp_path):

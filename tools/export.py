@@ -42,7 +42,11 @@ from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_g
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
 POWERINFER_ARCH = {"relu": "llama", "drelu": "bamboo"}  # FFN activation -> PowerInfer's graph (ReLU on gate | both)
-POWERINFER_DOWN_T = (QT.F16, QT.Q4_0)  # what PowerInfer's sparse CPU axpy reads ffn_down_t as (else F16 is written)
+# the types PowerInfer's sparse FFN kernels take (its CUDA ones assert on others) for ffn_gate, ffn_up, ffn_down_t:
+# other --outtypes store these three as F16
+POWERINFER_FFN_TYPES = (QT.F16, QT.Q4_0)
+POWERINFER_SPARSE = ("ffn_gate.weight", "ffn_up.weight", "ffn_down_t.weight")
+POWERINFER_WARP = 32  # PowerInfer's CUDA FFN takes a layer's hot rows 32 at a time (it asserts on a prompt of 100+)
 COPIED_KEYS = ("general.", "tokenizer.")  # taken from a GGUF source as they are, except:
 OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
@@ -88,7 +92,10 @@ def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None 
     t = ckpt.tensors
 
     def out(name: str, src: QTensor, transpose: bool = False) -> Out:
-        return Out(name, src, stored_type(src.shape[::-1] if transpose else src.shape, qtype), transpose)
+        q = qtype
+        if powerinfer and qtype not in POWERINFER_FFN_TYPES and name.endswith(POWERINFER_SPARSE):
+            q = QT.F16
+        return Out(name, src, stored_type(src.shape[::-1] if transpose else src.shape, q), transpose)
 
     items = [out("token_embd.weight", t["token_embd.weight"]), out("output_norm.weight", t["output_norm.weight"])]
     if powerinfer or "output.weight" in t:  # PowerInfer's loader requires output.weight even when tied
@@ -97,10 +104,7 @@ def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None 
         items += [out(blk(i, n), t[blk(i, n)]) for n in LAYER_TENSORS if n != "ffn_down" and blk(i, n) in t]
         stored_t = blk(i, "ffn_down_t") in t  # the source may itself be a PowerInfer file
         down = t[blk(i, "ffn_down_t" if stored_t else "ffn_down")]
-        d = out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer)
-        if powerinfer and d.qtype not in POWERINFER_DOWN_T:
-            d.qtype = QT.F16
-        items.append(d)
+        items.append(out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer))
         if predictors is not None:
             p = predictors[i]
             items += [Out(blk(i, n), QTensor.from_float(w.detach().float().numpy()), QT.F16)
@@ -318,6 +322,10 @@ def cmd_export(args) -> None:
             raise HotcoldError(f"{args.split}: --split reads the JSON of hotcold split beside it, {js}, which does "
                                "not exist")
         split = read_model_split(js, ckpt.config, fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
+        for i, ids in enumerate(split["gpu_neurons"]):
+            if len(ids) % POWERINFER_WARP and len(ids) != ckpt.config.n_ff:
+                raise HotcoldError(f"{js}: layer {i} has {len(ids)} neurons on the GPU; PowerInfer's CUDA kernels "
+                                   f"take a layer's hot rows {POWERINFER_WARP} at a time (hotcold split --group 32)")
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise exists_error(existing[0])
@@ -333,6 +341,12 @@ def cmd_export(args) -> None:
           + (f", sparse_threshold {info['sparse_threshold']:g}" if "sparse_threshold" in info else "") + ")")
     if split is not None:
         print(f"wrote {split_paths[0]}, copied to {split_paths[1]} for PowerInfer")
+    effective = info.get("effective_thresholds")  # powerinfer: the per-layer thresholds under one
+    moved = [f"{i} ({a:g} -> {b:g})" for i, (a, b) in enumerate(zip(bundle.thresholds, effective)) if a != b] \
+        if effective else []
+    if moved:
+        print(f"hotcold: note: one sparse_threshold cannot carry these thresholds exactly; lowered (recall can only "
+              f"rise) in layers {', '.join(moved)}", file=sys.stderr)
     pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else None
     if pre not in (None, "gpt2"):  # the key came to llama.cpp after PowerInfer's fork (its `default` is GPT-2's)
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
@@ -340,7 +354,7 @@ def cmd_export(args) -> None:
     odd = sorted({r for r in ranks or () if r % 32})
     if powerinfer and odd and args.outtype == "f16":  # fc2's rows are `rank` values long
         print(f"hotcold: note: PowerInfer's quantize would store fc1/fc2 in blocks of 32 values, which fc2's rows of "
-              f"ranks {', '.join(map(str, odd))} do not fill; quantize with --outtype q8_0 or q4_0 here instead",
+              f"ranks {', '.join(map(str, odd))} do not fill; quantize with --outtype q4_0 here instead",
               file=sys.stderr)
     if not powerinfer and ckpt.config.act != "silu":
         print(f"hotcold: note: llama.cpp runs every llama FFN as SiLU; this {ckpt.config.act} model gives the right "

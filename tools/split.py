@@ -123,8 +123,8 @@ def write_gpuidx(path: str, split: dict) -> None:
 
 def read_gpuidx(path: str, n_ff: int) -> list[np.ndarray]:
     """The GPU neuron ids per layer of PowerInfer's .gpuidx (see `write_gpuidx`) for a model of n_ff neurons a layer:
-    where gpu_idx is 1. gpu_bucket, which PowerInfer writes for MoE models only (we always do), must name the same
-    neurons."""
+    where gpu_idx is 1. gpu_bucket, which PowerInfer's later splitters always write (early ones for MoE only), must
+    name the same neurons."""
     from engine.loader import open_gguf
     r = open_gguf(path)
     data = {t.name: np.asarray(t.data) for t in r.tensors}
