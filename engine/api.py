@@ -171,7 +171,7 @@ class Model:
         trained for)."""
         from predictors.bundle import Bundle, load_bundle, model_fingerprint
         from .hybrid import Runtime, check_hot, torch_device
-        from .sparsity import Sparsifier, batched_net, down_norms
+        from .sparsity import batched_net, truth_rule
         if self.sparsity is not None:
             raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
         if self.backend != "kernels":
@@ -183,10 +183,7 @@ class Model:
             if device is None:
                 raise HotcoldError("hot neurons without a device to run them on (device='cuda' or 'cpu')")
             torch_device(device, "hot device")
-        rule = None
-        if audit:
-            thr = bundle.sparsity.get("thresholds") or [0.0] * self.config.n_layer
-            rule = Sparsifier(thr, down_norms(batched_net(self.net)))
+        rule = truth_rule(bundle, batched_net(self.net)) if audit else None
         self.install_runtime(Runtime(self.net, bundle, hot, device, rule, qtype or bundle.predictor_type))
 
     def install_runtime(self, rt) -> None:

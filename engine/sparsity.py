@@ -294,6 +294,20 @@ class Sparsifier:
         return float(np.mean(self.layer_sparsity()))
 
 
+def truth_rule(bundle, net) -> Sparsifier:
+    """What "active" meant in the labels `bundle` was trained on, for auditing it on the TorchModel net: its sparsity
+    config's thresholds, or h != 0 where it has none (for a SiLU model that is every neuron: refused)."""
+    c, where = net.c, bundle.path or "predictor bundle"
+    thr = bundle.sparsity.get("thresholds")
+    if thr is None and c.act not in EXACT_ACTS:
+        raise HotcoldError(f"{where}: trained without a sparsity config, and a {c.act} model has no natural zeros: "
+                           "which neurons are active is not defined (train with --sparsity CONFIG)")
+    thr = [0.0] * c.n_layer if thr is None else thr
+    if len(thr) != c.n_layer:
+        raise HotcoldError(f"{where}: its sparsity config has {len(thr)} thresholds for {c.n_layer} layers")
+    return Sparsifier(thr, down_norms(net))
+
+
 class KernelSelector:
     """The kernel engine's per-layer decode hook: active neuron ids of one token by the thresholds.
 

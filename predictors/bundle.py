@@ -141,8 +141,8 @@ def file_sha256(path: str) -> str:
 
 def manifest_problem(m: dict) -> str | None:
     """What is missing or of the wrong type in a bundle manifest, or None."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def number(v) -> bool:  # finite: a JSON integer may be past a float
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v)
     for key, kind in (("fingerprint", dict), ("tensors_sha256", str), ("layers", list)):
         if not isinstance(m.get(key), kind):
             return f"{key!r} missing or not a {kind.__name__}"
@@ -152,15 +152,15 @@ def manifest_problem(m: dict) -> str | None:
     for i, layer in enumerate(m["layers"]):
         if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold"))
                 and isinstance(layer.get("metrics", {}), dict)):
-            return f"layer {i}: expected {{'rank': int, 'threshold': number, 'metrics': {{...}}}}"
+            return f"layer {i}: expected {{'rank': int, 'threshold': finite number, 'metrics': {{...}}}}"
     thr = m.get("sparsity", {}).get("thresholds")
     if thr is not None and not (isinstance(thr, list) and len(thr) == len(m["layers"]) and all(
-            number(t) and finite(t) for t in thr)):
+            number(t) for t in thr)):
         return f"sparsity thresholds: expected a finite number for each of the {len(m['layers'])} layers listed"
     for i, layer in enumerate(m["layers"]):
         bad = next((k for k, v in layer.get("metrics", {}).items() if not (number(v) or v is None)), None)
         if bad is not None:
-            return f"layer {i}: metric {bad!r} is not a number"
+            return f"layer {i}: metric {bad!r} is not a finite number"
     qtype = m.get("training", {}).get("predictor_type", "F16")
     if qtype not in PREDICTOR_TYPES:
         return f"training predictor_type {qtype!r}, expected one of {', '.join(PREDICTOR_TYPES)}"
@@ -281,10 +281,13 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
         try:
             sd = torch.load(files[i], map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch's own errors alike: the file is not a plain state dict
-            raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {e})") from None
-        if not isinstance(sd, dict) or "fc1.weight" not in sd or "fc2.weight" not in sd:
-            keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
-            raise HotcoldError(f"{files[i]}: expected a state dict with fc1.weight and fc2.weight, found {keys}")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch adds paragraphs of advice
+            raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {first})") from None
+        if not (isinstance(sd, dict) and sorted(sd) == ["fc1.weight", "fc2.weight"]
+                and all(isinstance(v, torch.Tensor) for v in sd.values())):
+            found = {k: type(v).__name__ for k, v in sd.items()} if isinstance(sd, dict) else type(sd).__name__
+            raise HotcoldError(f"{files[i]}: expected a state dict of two tensors, fc1.weight and fc2.weight (no "
+                               f"biases), found {found}")
         preds.append(from_weights(sd["fc1.weight"], sd["fc2.weight"], files[i]))
     t = 0.0
     if os.path.exists(os.path.join(path, PI_CONFIG)):

@@ -41,10 +41,10 @@ def predicted_sparsity(logits: torch.Tensor, threshold: float) -> float:
 
 def layer_metrics(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> dict:
     """Recall, precision, predicted and actual sparsity of one layer's masks: bool (T, n_ff) each."""
+    if np.shape(pred) != np.shape(true):
+        raise ValueError(f"predicted mask {np.shape(pred)} and true mask {np.shape(true)} differ in shape")
     p = np.asarray(pred, dtype=bool).ravel()  # (T * n_ff,)
     t = np.asarray(true, dtype=bool).ravel()
-    if p.shape != t.shape:
-        raise ValueError(f"predicted mask {np.shape(pred)} and true mask {np.shape(true)} differ in shape")
     return {
         "recall": float(recall_score(t, p, zero_division=1.0)),  # nothing active: nothing was missed
         "precision": float(precision_score(t, p, zero_division=1.0)),  # nothing predicted: nothing was wrong
@@ -67,11 +67,11 @@ def format_table(per_layer: list[dict]) -> str:
     lines = [head, "-" * len(head)]
 
     def row(name: str, m: dict) -> str:
-        ratio = m["predicted_sparsity"] / m["actual_sparsity"] if m["actual_sparsity"] > 0 else float("nan")
+        ratio = f"{m['predicted_sparsity'] / m['actual_sparsity']:>6.3f}" if m["actual_sparsity"] > 0 else f"{'n/a':>6}"
         rank = f"{m['rank']:>5}" if "rank" in m else f"{'':>5}"
         secs = f"{m['seconds']:>6.1f}" if "seconds" in m else f"{'':>6}"
         return (f"{name:>5} {rank} {m['recall']:>7.4f} {m['precision']:>9.4f} {m['predicted_sparsity']:>7.4f} "
-                f"{m['actual_sparsity']:>7.4f} {ratio:>6.3f} {secs}")
+                f"{m['actual_sparsity']:>7.4f} {ratio} {secs}")
 
     lines += [row(str(m.get("layer", i)), m) for i, m in enumerate(per_layer)]
     if per_layer:

@@ -15,6 +15,8 @@ import torch
 from engine.api import Model, load
 from engine.config import HotcoldError, blk
 from engine.loader import load_checkpoint
+from predictors.bundle import Bundle, model_fingerprint
+from predictors.model import Predictor
 from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf  # noqa: F401 (autouse fixture)
 from tools.cli import main
 from tools.predict import train_predictors
@@ -111,6 +113,16 @@ def test_train_resume_eval(setup, capsys):
     rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"], "--ctx", "128")
     assert rc == 0 and "recall" in out and "predicted / actual" in out
 
+    # without --bundle: the predictors an export carries, as they ship (its weights rounded to f16: another model)
+    exported = str(s["dir"] / "exported")
+    assert run(capsys, "export", "-m", s["gguf"], "--predictors", bundle, "-o", exported, "--format", "gguf")[0] == 0
+    rc, out, _ = run(capsys, "eval-predictors", "-m", exported + ".gguf", "-f", s["held"], "--ctx", "128", "--json")
+    shipped = json.loads(out)
+    assert rc == 0 and shipped["recall"] == pytest.approx(ev["recall"], abs=0.01)
+    assert shipped["actual_sparsity"] == pytest.approx(ev["actual_sparsity"], abs=0.01)
+    assert run(capsys, "eval-predictors", "-m", s["gguf"], "-f", s["held"]) == (
+        2, "", f"hotcold: error: {s['gguf']}: holds no predictors; give --bundle BUNDLE\n")
+
 
 def test_train_for_q4_1_predictors(setup, capsys):
     """--predictor-type Q4_1: the bundle records it, reports its bytes, and decoding reads it as Q4_1 by default."""
@@ -200,6 +212,13 @@ def test_refusals(setup, capsys):
     with pytest.raises(HotcoldError, match="weighting 'counts'"):  # the API checks what the CLI's choices do
         train_predictors(load_checkpoint(s["gguf"]), s["profile"], str(s["dir"] / "b3"), weighting="counts")
     assert not os.path.exists(s["dir"] / "b3")
+    # a SiLU model's bundle without a sparsity config: "active" is undefined (h != 0 held for every neuron)
+    c = tiny_config("silu", n_ff=256)
+    silu = write_gguf(str(s["dir"] / "silu.gguf"), c, tiny_weights(c))
+    Bundle([Predictor(c.n_embd, c.n_ff, 8) for _ in range(c.n_layer)], [0.0, 0.0],
+           model_fingerprint(load_checkpoint(silu))).save(str(s["dir"] / "silu_bundle"))
+    rc, _, err = run(capsys, "eval-predictors", "--bundle", str(s["dir"] / "silu_bundle"), "-m", silu, "-f", s["held"])
+    assert rc == 2 and "trained without a sparsity config, and a silu model has no natural zeros" in err
 
 
 @pytest.mark.slow

@@ -176,6 +176,8 @@ def test_metrics_follow_the_design_definitions():
     s = summarize([m, {**m, "recall": 1.0}])
     assert s["recall"] == pytest.approx(5 / 6) and len(s["per_layer"]) == 2
     assert "all" in format_table([{**m, "rank": 8, "seconds": 1.0}])
+    with pytest.raises(ValueError, match="differ in shape"):  # (4, 2) against (2, 4): as many values, not the same
+        layer_metrics(pred.reshape(4, 2), true)
 
 
 def test_threshold_keeps_the_recall_target_and_skips_the_most():
@@ -264,7 +266,10 @@ def test_damaged_bundles_are_refused(tmp_path):
                         (lambda m: m.update(training="x"), "'training' not an object"),
                         (lambda m: m.update(training={"predictor_type": "Q9_9"}), "predictor_type 'Q9_9'"),
                         (lambda m: m.update(sparsity={"thresholds": "a"}), "sparsity thresholds: expected a finite number for each of the 2 layers"),
-                        (lambda m: m["layers"][0]["metrics"].update(recall="high"), "metric 'recall' is not a")):
+                        (lambda m: m["layers"][0]["metrics"].update(recall="high"), "metric 'recall' is not a"),
+                        # JSON integers past a float (OverflowError tracebacks before)
+                        (lambda m: m["layers"][0].update(threshold=10 ** 400), "layer 0: expected"),
+                        (lambda m: m["layers"][1]["metrics"].update(recall=10 ** 400), "metric 'recall' is not a")):
         with pytest.raises(HotcoldError, match=f"manifest.json: not a predictor bundle manifest .*{why}"):
             load_bundle(edited(change), model_fingerprint(ckpt))
     b = tiny_bundle(ckpt)
@@ -335,9 +340,15 @@ def test_powerinfer_directory_errors(tmp_path):
     with pytest.raises(HotcoldError, match="model_0.pt is missing"):  # not range(10^11) first
         read_powerinfer_dir(str(tmp_path))
     os.remove(tmp_path / "model_99999999999.pt")
-    torch.save({"weight": torch.zeros(4, 8)}, tmp_path / "model_0.pt")
-    with pytest.raises(HotcoldError, match="fc1.weight and fc2.weight"):
+    for sd in ({"weight": torch.zeros(4, 8)}, {"fc1.weight": [[1.0]], "fc2.weight": [[1.0]]},
+               {"fc1.weight": torch.zeros(4, 8), "fc1.bias": torch.zeros(4), "fc2.weight": torch.zeros(16, 4)}):
+        torch.save(sd, tmp_path / "model_0.pt")
+        with pytest.raises(HotcoldError, match="of two tensors, fc1.weight and fc2.weight"):
+            read_powerinfer_dir(str(tmp_path))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model_0.pt")  # a module: torch's error is paragraphs long
+    with pytest.raises(HotcoldError, match="model_0.pt: unreadable predictor") as e:
         read_powerinfer_dir(str(tmp_path))
+    assert "\n" not in str(e.value)
     torch.save({"fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}, tmp_path / "model_0.pt")
     for t in ("NaN", "1e999", "true", "1" + "0" * 400):  # an integer past a float: math.isfinite raised
         (tmp_path / "config.json").write_text(f'{{"sparse_threshold": {t}}}')

@@ -314,15 +314,12 @@ def format_train(res: dict) -> str:
 def eval_predictors(model, bundle, tokens: list[int], ctx: int = 256, n_tokens: int | None = None,
                     progress: bool = True) -> dict:
     """Recall, precision, predicted and actual sparsity of `bundle` on `tokens`, running `model` densely."""
-    from engine.sparsity import Sparsifier, down_norms
+    from engine.sparsity import truth_rule
     from predictors.metrics import summarize
     from tqdm import tqdm
     c = model.config
     net = getattr(model.net, "torch", model.net)  # the kernel engine's batched path is a TorchModel
-    thr = bundle.sparsity.get("thresholds") or [0.0] * c.n_layer
-    if len(thr) != c.n_layer:
-        raise HotcoldError(f"{bundle.path}: its sparsity config has {len(thr)} thresholds for {c.n_layer} layers")
-    rule = Sparsifier(thr, down_norms(net))
+    rule = truth_rule(bundle, net)
     n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
     if n_windows < 1:
         raise HotcoldError(f"{len(tokens)} tokens of text, shorter than one window of --ctx {ctx}")
@@ -399,11 +396,14 @@ def cmd_eval(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     from predictors.metrics import format_table
     from tools.profile import corpus_tokens
-    if not os.path.isdir(args.bundle):
-        raise HotcoldError(f"{args.bundle}: no such predictor bundle")
     set_threads(args.threads)
     ckpt = load_checkpoint(args.model)
-    bundle = load_bundle(args.bundle, model_fingerprint(ckpt))
+    if args.bundle is not None:
+        bundle = load_bundle(args.bundle, model_fingerprint(ckpt))
+    elif ckpt.predictors is not None:  # an export's own predictors, as they ship
+        bundle = ckpt.predictors
+    else:
+        raise HotcoldError(f"{ckpt.path}: holds no predictors; give --bundle BUNDLE")
     model = Model(ckpt, args.ctx, backend="torch")
     tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
     res = eval_predictors(model, bundle, tokens, args.ctx, args.tokens, progress=not args.json)
@@ -412,8 +412,9 @@ def cmd_eval(args) -> None:
         emit_json(res)
     else:
         print(format_table(res["per_layer"]))
+        ratio = res["predicted_sparsity"] / res["actual_sparsity"] if res["actual_sparsity"] else None
         print(f"{res['tokens']} held-out tokens; predicted / actual sparsity "
-              f"{res['predicted_sparsity'] / max(res['actual_sparsity'], 1e-12):.3f}")
+              + ("n/a (nothing inactive)" if ratio is None else f"{ratio:.3f}"))
 
 
 def add_command(sub) -> None:
@@ -445,9 +446,12 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("eval-predictors", help="recall and sparsity of a predictor bundle on new text")
     add_model_args(p, ctx=False, backend=False)  # it runs the torch reference, batched
-    p.add_argument("--bundle", required=True, help="predictor bundle directory")
-    p.add_argument("-f", "--file", dest="files", nargs="+", required=True, help="held-out text or .jsonl")
-    p.add_argument("--tokens", type=at_least(1), default=None, help="tokens to evaluate (default: the whole text)")
+    p.add_argument("--bundle", help="predictor bundle directory (default: the predictors inside the model file, "
+                   "an export's)")
+    p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
+                   help="held-out text or .jsonl")
+    p.add_argument("--tokens", type=at_least(1), default=None, metavar="N",
+                   help="tokens to evaluate (default: the whole text)")
     p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
