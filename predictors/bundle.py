@@ -168,10 +168,15 @@ def manifest_problem(m: dict) -> str | None:
 
 
 def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
-    """Read a bundle; with expect_fingerprint, refuse one trained for another model (HotcoldError, one line)."""
+    """Read a bundle; with expect_fingerprint, refuse one trained for another model (HotcoldError, one line), and
+    take a PowerInfer predictor directory too (model_N.pt, config.json), for a model of its shapes."""
     mpath, st = os.path.join(path, MANIFEST), os.path.join(path, TENSORS)
     if not os.path.isdir(path):
         raise HotcoldError(f"{path}: no such predictor bundle (a directory with {MANIFEST} and {TENSORS})")
+    if not os.path.exists(mpath) and pt_files(path) and expect_fingerprint is not None:
+        preds, thresholds = read_powerinfer_dir(path)  # no fingerprint there: the shapes alone are checked
+        return Bundle(preds, thresholds, expect_fingerprint, training={"source": "PowerInfer predictor directory"},
+                      path=path)
     m = read_json(mpath, "predictor bundle manifest")
     if m.get("format") != FORMAT:
         raise HotcoldError(f"{mpath}: not a predictor bundle manifest (format {m.get('format')!r})")

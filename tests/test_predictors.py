@@ -8,6 +8,7 @@ most neurons are inactive most of the time, as in ReLU LLMs (about 89% here).
 import json
 import math
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -302,6 +303,15 @@ def test_powerinfer_directory_round_trip(tmp_path):
     again = load_bundle(str(tmp_path / "again"), model_fingerprint(ckpt))
     for a, c in zip(masks(b.predictors, b.thresholds, x), masks(again.predictors, again.thresholds, x)):
         assert torch.equal(a, c)
+    # taken where a bundle is (--predictors, --bundle): for a model of its shapes, which alone can be checked
+    direct = load_bundle(path, model_fingerprint(ckpt))
+    for a, c in zip(masks(b.predictors, b.thresholds, x), masks(direct.predictors, direct.thresholds, x)):
+        assert torch.equal(a, c)
+    other = tiny_ckpt()
+    other.config = replace(other.config, n_ff=96)
+    with pytest.raises(HotcoldError, match=f"{path}: layer 0 predictor maps 64 -> 128, the model has n_embd 64 and "
+                                           "n_ff 96"):
+        load_bundle(path, model_fingerprint(other))
 
 
 def test_fold_never_lowers_recall_when_it_cannot_be_exact():
