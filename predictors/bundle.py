@@ -111,6 +111,8 @@ class Bundle:
 
     def active(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """bool (T, n_ff): layer's neurons predicted active for FFN inputs x (T, n_embd)."""
+        if not 0 <= layer < len(self.predictors):
+            raise HotcoldError(f"layer {layer}: the bundle has layers 0-{len(self.predictors) - 1}")
         return self.predictors[layer].active(x, self.thresholds[layer])
 
     def save(self, path: str) -> None:
@@ -234,6 +236,8 @@ def fold_thresholds(predictors: list[Predictor], thresholds: float | list[float]
     ts = [float(thresholds)] * len(predictors) if np.isscalar(thresholds) else [float(t) for t in thresholds]
     if len(ts) != len(predictors):
         raise ValueError(f"{len(ts)} thresholds for {len(predictors)} predictors")
+    if not all(map(finite, ts)):
+        raise HotcoldError(f"thresholds {ts}: each must be a finite number")
     if len(set(ts)) <= 1:
         return list(predictors), (ts[0] if ts else 0.0), ts
     sign = 1.0 if min(ts) > 0 else -1.0

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import HotcoldError
+
 
 class Predictor(nn.Module):
     """fc1 (n_embd -> rank, no bias), ReLU, fc2 (rank -> n_ff, no bias): one FFN layer's activation predictor."""
@@ -55,7 +57,10 @@ class Predictor(nn.Module):
 
     @torch.no_grad()
     def active(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
-        """bool (T, n_ff): the neurons predicted active for x (T, n_embd)."""
+        """bool (T, n_ff): the neurons predicted active for x (T, n_embd), any float dtype or a numpy array."""
+        x = torch.as_tensor(x, dtype=self.fc1.weight.dtype)
+        if x.shape[-1:] != (self.n_embd,):
+            raise HotcoldError(f"predictor input of shape {tuple(x.shape)}, expected (..., {self.n_embd})")
         return self.logits(x) >= threshold
 
     @torch.no_grad()

@@ -314,6 +314,21 @@ def test_powerinfer_directory_round_trip(tmp_path):
         load_bundle(path, model_fingerprint(other))
 
 
+def test_bundle_api_takes_other_dtypes_and_refuses_bad_input():
+    ckpt = tiny_ckpt()
+    b = tiny_bundle(ckpt)
+    x = np.random.default_rng(0).standard_normal((5, ckpt.config.n_embd))  # float64 numpy
+    assert torch.equal(b.active(1, x), b.active(1, torch.from_numpy(x).float()))
+    assert torch.equal(b.active(1, torch.from_numpy(x).half()), b.active(1, torch.from_numpy(x).half().float()))
+    with pytest.raises(HotcoldError, match="predictor input of shape \\(5, 63\\), expected \\(..., 64\\)"):
+        b.active(0, x[:, 1:])
+    with pytest.raises(HotcoldError, match="layer -1: the bundle has layers 0-1"):
+        b.active(-1, x)
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(HotcoldError, match="each must be a finite number"):
+            fold_thresholds(b.predictors, [t, 0.5])
+
+
 def test_fold_never_lowers_recall_when_it_cannot_be_exact():
     preds = [Predictor.from_weights(torch.randn(8, 16), torch.randn(32, 8)) for _ in range(3)]
     folded, t, effective = fold_thresholds(preds, [-0.5, 0.25, -1e-6])
