@@ -135,7 +135,7 @@ def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path, capsys):
         assert np.array_equal(np.load(whole / "samples" / f), np.load(parts / "samples" / f)), f
 
 
-def test_profile_cli_and_report(tiny, tmp_path, capsys):
+def test_profile_cli_and_report(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "p"
     assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "--tokens", "128",
                  "--samples-per-layer", "16", "-o", str(out), "-t", "1"]) == 0
@@ -146,11 +146,27 @@ def test_profile_cli_and_report(tiny, tmp_path, capsys):
     assert all(0 < s < 1 for s in summary["skew"]["top20"])
     assert main(["profile", "--report", str(out)]) == 0
     assert "mean" in capsys.readouterr().out
+    assert main(["profile", "--report", str(out), "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    assert reported["mean_sparsity"] == pytest.approx(np.mean(summary["sparsity"])) and reported["tokens"] == 128
+    assert set(reported) == {"tokens", "n_ff", "sparsity", "mean_sparsity", "skew", "model", "speed", "plot"}
     # the same command again finds the profile complete and leaves its counts as they were
     before = tree_digest(out / "activation")
     assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "--tokens", "128",
                  "--samples-per-layer", "16", "-o", str(out), "-t", "1"]) == 0
     assert tree_digest(out / "activation") == before
+    capsys.readouterr()
+    # --json; a relative -m is recorded absolute (train-predictors takes it from anywhere); --tokens past the text
+    monkeypatch.chdir(os.path.dirname(tiny[0]["relu", 0]))
+    out2 = tmp_path / "p2"
+    assert main(["profile", "-m", os.path.basename(tiny[0]["relu", 0]), "-f", tiny[1], "--ctx", str(CTX), "--tokens",
+                 "100000", "--samples-per-layer", "16", "-o", str(out2), "-t", "1", "--json"]) == 0
+    printed, err = capsys.readouterr()
+    got = json.loads(printed)
+    assert got["model"] == tiny[0]["relu", 0] and os.path.isabs(got["model"]) and got["sparsity"] == [
+        pytest.approx(s) for s in json.loads((out2 / "summary.json").read_text())["sparsity"]]
+    assert f"tokens profiled, fewer than --tokens 100000 (the corpus has " in err
+    assert json.loads((out2 / "manifest.json").read_text())["model"] == tiny[0]["relu", 0]
 
 
 def test_jsonl_corpus(tiny, tmp_path):
@@ -161,6 +177,9 @@ def test_jsonl_corpus(tiny, tmp_path):
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(HotcoldError, match=r"bad.jsonl:2: no \"text\""):
         read_corpus([str(bad)])
+    bom = tmp_path / "bom.jsonl"  # as Windows editors save it
+    bom.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    assert read_corpus([str(bom)]) == CAT_TEXT.split(", ")
 
 
 def run_cli(tiny, corpus, out, model=("relu", 0), ctx=CTX):
@@ -181,7 +200,7 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
              ([str(binary)], out, "model", "unreadable corpus"),
              ([str(tmp_path / "missing.txt")], out, "model", "no such file"),
              ([str(tmp_path)], out, "model", "unreadable corpus"),  # a directory
-             ([tiny[1]], out, ("relu", 1), "holds a profile of another model"),
+             ([tiny[1]], out, ("relu", 1), "profile of another model"),
              ([tiny[1]], out, ("silu", 0), "no natural zeros")]
     for corpus, o, model, msg in cases:
         assert run_cli(tiny, corpus, o, model=("relu", 0) if model == "model" else model) == 2, msg
@@ -204,6 +223,30 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
     assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--tokens", "1", "--ctx", str(CTX), "-o",
                  str(tmp_path / "few")]) == 2
     assert f"--tokens 1: fewer than one window of --ctx {CTX}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # numpy's generator takes seeds >= 0: a traceback, after the manifest
+        main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--seed", "-5", "-o", str(tmp_path / "neg")])
+    assert e.value.code == 2 and "argument --seed" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "neg")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "manifest.json").write_text(json.dumps({"fingerprint": relu_model(tiny).fingerprint, "settings": 5}))
+    assert run_cli(tiny, [tiny[1]], odd) == 2
+    assert "manifest.json: not a profile manifest (its settings are not a JSON object)" in capsys.readouterr().err
+
+
+def test_a_model_of_the_same_weights_and_another_fatrelu_threshold_is_another_profile(tmp_path, capsys):
+    """The fingerprint and the weights' hash are the same; the counts are not: refused, not mixed."""
+    models = []
+    for t in (0.1, 0.3):
+        c = tiny_config("fatrelu", t)
+        models.append(write_gguf(str(tmp_path / f"fat{t}.gguf"), c, tiny_weights(c, seed=0)))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CAT_TEXT * 8)
+    argv = ["-f", str(corpus), "--ctx", str(CTX), "-o", str(tmp_path / "p"), "-t", "1"]
+    assert main(["profile", "-m", models[0], *argv]) == 0
+    capsys.readouterr()
+    assert main(["profile", "-m", models[1], *argv]) == 2
+    assert "holds a profile made with other settings (config differs)" in capsys.readouterr().err
 
 
 def test_outputs_written_together_or_not_at_all(tmp_path):

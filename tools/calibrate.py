@@ -489,7 +489,7 @@ def add_command(sub) -> None:
                    help="tokens at the corpus end for the perplexity bound (default 4096)")
     p.add_argument("--ctx", type=at_least(4), default=512,
                    help="window size in tokens (default 512); held-out chunks score their second half")
-    p.add_argument("--seed", type=int, default=0, help="seed of the statistics' token sample (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the statistics' token sample (default 0)")
     p.add_argument("--predictors", dest="bundle", default=None, metavar="BUNDLE",
                    help="tune this predictor bundle's thresholds to --ppl-increase instead; -o is then a bundle")
     p.add_argument("--force", action="store_true", help="overwrite the bundle at -o (--predictors)")

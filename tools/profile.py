@@ -20,6 +20,7 @@ the same command continues from the last finished window and ends with the same 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ def jsonl_texts(path: str, lines) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.removeprefix("\ufeff") if n == 1 else line)  # a BOM, as editors on Windows write
         except json.JSONDecodeError as e:
             raise HotcoldError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -107,9 +108,11 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
             raise HotcoldError(f"{out}: not empty and holds no profile; choose another -o")
         return None
     old = read_manifest(out)
-    check_fingerprint(old.get("fingerprint", {}), manifest["fingerprint"], out, "holds a profile")
+    check_fingerprint(old.get("fingerprint", {}), manifest["fingerprint"], out, "profile")
+    if not isinstance(old.get("settings"), dict):
+        raise HotcoldError(f"{path}: not a profile manifest (its settings are not a JSON object)")
     for k, v in manifest["settings"].items():
-        if k not in old.get("settings", {}):
+        if k not in old["settings"]:
             raise HotcoldError(f"{out}: holds a profile made by an older hotcold, which did not record {k}; choose "
                                "another -o to start a new one")
         if old["settings"][k] != v:
@@ -222,14 +225,14 @@ def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
 def profile_settings(model, tokens: list[int], ctx: int, n_windows: int, cap: int, seed: int,
                      sparsity: SparsityConfig) -> dict:
     """What the counts depend on: resuming is allowed only when all of it is the same. That includes how the model
-    runs (the backend, the cache type and the thread count each move activations near the threshold) and all of its
-    weights (the fingerprint reads layer 0's FFN only)."""
+    runs (the backend, the cache type and the thread count each move activations near the threshold), all of its
+    weights (the fingerprint reads layer 0's FFN only) and its hyperparameters (a FATReLU threshold, the rope base)."""
     used = np.asarray(tokens[:n_windows * ctx], dtype=np.int32)
     return {"ctx": ctx, "windows": n_windows, "tokens": n_windows * ctx,
             "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,
             "samples_per_layer": cap, "thresholds": sparsity.thresholds, "backend": model.backend,
             "cache_type": model.cache_type, "threads": torch.get_num_threads(),
-            "weights_sha256": weights_sha256(model.ckpt.tensors)}
+            "weights_sha256": weights_sha256(model.ckpt.tensors), "config": dataclasses.asdict(model.config)}
 
 
 def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: int | None = None,
@@ -248,13 +251,14 @@ def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: in
     if ctx > model.n_ctx:
         raise HotcoldError(f"--ctx {ctx} exceeds the model context {model.n_ctx}")
     n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
-    manifest = {"fingerprint": model.fingerprint, "model": model.ckpt.path,
+    path = model.ckpt.path  # absolute: train-predictors reads it from anywhere
+    manifest = {"fingerprint": model.fingerprint, "model": os.path.abspath(path) if os.path.exists(path) else path,
                 "settings": profile_settings(model, tokens, ctx, n_windows, cap, seed, sparsity),
                 "complete": False, "samples": sample_format(c)}
+    positions = sample_positions(n_windows * ctx, cap, seed)
     if open_out_dir(out, manifest) is None:  # every check passed: only now is anything written (the manifest first,
         write_json(os.path.join(out, MANIFEST), manifest)  # so that a profile killed now is resumed, not refused)
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-    positions = sample_positions(n_windows * ctx, cap, seed)
     counts, done = load_progress(out, model.fingerprint, ctx, np.bincount(positions // ctx, minlength=n_windows))
     if 0 < done < n_windows:
         print(f"resuming: {done} of {n_windows} windows profiled in {out}", file=sys.stderr)
@@ -340,8 +344,7 @@ def finalize(out: str, manifest: dict, counts: np.ndarray, positions: np.ndarray
     write_text(os.path.join(out, REPORT), format_report(summary) + "\n")
     manifest["complete"] = True
     write_json(os.path.join(out, MANIFEST), manifest)
-    plot(out, counts, n_windows * ctx)
-    return summary
+    return {**summary, "plot": plot(out, counts, n_windows * ctx)}
 
 
 # --- report -----------------------------------------------------------------------------------------------
@@ -370,8 +373,6 @@ def finished_manifest(out: str) -> dict:
         raise HotcoldError(f"{out}: no such profile directory")
     path = os.path.join(out, MANIFEST)
     m = read_manifest(out)
-    if not m.get("complete"):
-        raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
     fp, settings, samples = m.get("fingerprint"), m.get("settings"), m.get("samples", {})
     dims = ("n_layer", "n_embd", "n_ff")
     if not (isinstance(fp, dict) and all(isinstance(fp.get(k), int) and fp[k] > 0 for k in dims)
@@ -379,6 +380,8 @@ def finished_manifest(out: str) -> dict:
             and isinstance(samples, dict) and isinstance(samples.get("chunks", []), list)):
         raise HotcoldError(f"{path}: not a profile manifest (no fingerprint with n_layer, n_embd and n_ff, settings "
                            "with tokens, or list of sample chunks)")
+    if not m.get("complete"):
+        raise HotcoldError(f"{out}: the profile is not finished; run the same profile command to resume it")
     return m
 
 
@@ -418,17 +421,18 @@ def format_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def report(out: str) -> str:
+def report(out: str) -> dict:
+    """The summary of the finished profile `out`, from its counts (its speed from summary.json), plot redrawn."""
     manifest, counts = load_counts(out)
-    speed = read_json(os.path.join(out, SUMMARY), "summary").get("speed")  # the rest comes from the counts
-    summary = {"model": manifest.get("model"), **summarize(counts, manifest["settings"]["tokens"]),
+    speed = read_json(os.path.join(out, SUMMARY), "summary").get("speed")
+    summary = {**summarize(counts, manifest["settings"]["tokens"]), "model": manifest.get("model"),
                "speed": speed if isinstance(speed, dict) else {}}
-    plot(out, counts, manifest["settings"]["tokens"])
-    return format_report(summary)
+    return {**summary, "plot": plot(out, counts, manifest["settings"]["tokens"])}
 
 
 def plot(out: str, counts: np.ndarray, n_tokens: int) -> str | None:
-    """Sorted activation-frequency curves, one per layer, to a PNG; None when matplotlib is missing."""
+    """Sorted activation-frequency curves, one per layer, to a PNG; None when matplotlib is missing or the file
+    cannot be written (a note says why: the report stands without it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -442,25 +446,36 @@ def plot(out: str, counts: np.ndarray, n_tokens: int) -> str | None:
     ax.set(xlabel="neuron rank (share of n_ff, most frequent first)", ylabel="activation frequency",
            title="FFN activation frequency per layer (dark: first layer)")
     path = os.path.join(out, PLOT)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    except HotcoldError as e:
+        print(f"hotcold: note: no plot: {e}", file=sys.stderr)
+        path = None
     plt.close(fig)
     return path
 
 
 # --- command line -----------------------------------------------------------------------------------------
 def cmd_profile(args) -> None:
+    from tools.cli import emit_json, load_model
     if args.report:
-        print(report(args.report))
-        return
-    if not args.files or not args.out:
+        summary = report(args.report)
+    elif not args.files or not args.out:
         raise HotcoldError("profile needs -f CORPUS and -o DIR (or --report DIR)")
-    from tools.cli import load_model
-    model = load_model(args, n_ctx=args.ctx)
-    sparsity = SparsityConfig.load(args.sparsity, model.fingerprint) if args.sparsity else None
-    tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
-    summary = run_profile(model, tokens, args.out, args.ctx, args.tokens, sparsity, args.samples_per_layer,
-                          args.seed)
-    print(format_report(summary))
+    else:
+        model = load_model(args, n_ctx=args.ctx)
+        sparsity = SparsityConfig.load(args.sparsity, model.fingerprint) if args.sparsity else None
+        tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
+        summary = run_profile(model, tokens, args.out, args.ctx, args.tokens, sparsity, args.samples_per_layer,
+                              args.seed, progress=not args.json)
+        if args.tokens and summary["tokens"] < args.tokens:
+            short = f"the corpus has {len(tokens)}" if len(tokens) < args.tokens else f"whole windows of --ctx {args.ctx}"
+            print(f"hotcold: note: {summary['tokens']} tokens profiled, fewer than --tokens {args.tokens} ({short})",
+                  file=sys.stderr)
+    if args.json:
+        emit_json(summary)
+    else:
+        print(format_report(summary))
 
 
 def add_command(sub) -> None:
@@ -477,6 +492,8 @@ def add_command(sub) -> None:
     p.add_argument("--sparsity", default=None, metavar="CONFIG", help="sparsity config (needed for SiLU models)")
     p.add_argument("--samples-per-layer", type=at_least(0), default=100_000, metavar="CAP",
                    help="tokens sampled for predictor training (default 100000)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--report", metavar="DIR", default=None, help="print the report of a finished profile")
+    p.add_argument("--json", action="store_true", help="the summary as JSON: tokens, n_ff, per-layer sparsity, "
+                   "mean_sparsity, skew, model, speed, plot")
     p.set_defaults(func=cmd_profile)
