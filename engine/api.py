@@ -253,6 +253,10 @@ class Model:
         pos = len(prompt_ids)
         while len(out) < n:
             tok = sampler(logits)
+            if not math.isfinite(logits[tok]):  # NaN logits: argmax and the draw land on one
+                raise HotcoldError(f"token {len(out) + 1}: the logits are not finite (the activations overflowed"
+                                   + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"
+                                      if self.cache_type == "f16" else ")"))
             out.append(tok)
             if on_text is not None:
                 piece = stream.step(self.tokenizer.tk, tok)
@@ -270,7 +274,7 @@ class Model:
         stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out), "stop": stop,
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
                  "prefill_tok_s": len(prompt_ids) / (t1 - t0),
-                 "decode_tok_s": decoded / (t2 - t1) if decoded else 0.0}
+                 "decode_tok_s": decoded / (t2 - t1) if decoded else None}  # None: no forward pass after the prefill
         if self.sparsity is not None:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:

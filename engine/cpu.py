@@ -31,7 +31,7 @@ Selector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
 STEP_PREFILL = 48
 
 
-@njit(inline="always", nogil=True, cache=True, fastmath=True)
+@njit(inline="always", **K._SERIAL)
 def rms_norm_into(x, w, eps, out):
     s = np.float32(0.0)
     for j in range(x.size):
@@ -41,7 +41,7 @@ def rms_norm_into(x, w, eps, out):
         out[j] = x[j] * r * w[j]
 
 
-@njit(inline="always", nogil=True, cache=True, fastmath=True)
+@njit(inline="always", **K._SERIAL)
 def rope_into(v, n_head, hd, cos, sin):
     """Rotate adjacent pairs of each head of v (n_head * hd,) in place; cos/sin (hd/2,)."""
     for h in range(n_head):
@@ -52,7 +52,7 @@ def rope_into(v, n_head, hd, cos, sin):
             v[b + 2 * j + 1] = x0 * sin[j] + x1 * cos[j]
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+@njit(**K._PARALLEL)
 def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos, sin, xn, qkv, att, scores,
                    Xq, Xo):
     """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, rotated;
@@ -102,7 +102,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     rms_norm_into(x, ffn_norm, eps, xn)
 
 
-@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+@njit(**K._PARALLEL)
 def _dequant_rows(W, r0, out):
     for j in prange(out.shape[0]):
         row = out[j]  # (cols,)

@@ -39,7 +39,7 @@ from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(**K._SERIAL)
 def predict_split(fc1, X1, fc2t, thr, x, hot_pos, z, logit, cold, hot_mask):
     """Predict layer neurons for one token and split them into cold ids and a hot mask.
 

@@ -101,7 +101,9 @@ def _cache_by_source() -> None:
 _cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated
 ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the CPU name and features, so it
 # follows the host (set by hand only with a cache of its own, as the tests do)
-_SERIAL = dict(nogil=True, cache=True, fastmath=True)
+# numpy's error model: x / 0 and x / NaN give inf or NaN, as in numpy, and the checks go (numba's Python model,
+# under fastmath, raised ZeroDivisionError on a NaN divisor: an f16 KV cache past 65504 was a traceback mid-decode)
+_SERIAL = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
 _PARALLEL = dict(_SERIAL, parallel=True)
 # Helpers with float sums that kernels call (here and in cpu.py) are inline="always": each kernel then carries its
 # own copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled
@@ -458,7 +460,8 @@ def _prefetch(typingctx, a, i):
 def _prep_x(x, X):
     """Into X = (xs, xq, xd, xqs), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq with scale xd,
     and xqs = xd * sum xq. xq int8 (|xq| <= 127, never -128: the int8 products of `_i8_dot` rely on it) or int16
-    (|xq| <= 32767); NaN and inf quantize to 0."""
+    (|xq| <= 32767). A block below 1e-30 in size quantizes to 0s (top / amax would overflow); NaN and inf to 0, sum
+    included (an int32 conversion of NaN is INT_MIN, whose low bits the stored quant keeps: 0)."""
     xs, xq, xd, xqs = X
     top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
     for b in range(xs.size):
@@ -468,12 +471,11 @@ def _prep_x(x, X):
         for j in range(BLOCK):
             amax = max(amax, abs(x[o + j]))
             s += x[o + j]
-        inv = top / amax if amax > 0 else np.float32(0.0)
+        inv = top / amax if amax > np.float32(1e-30) else np.float32(0.0)
         qsum = np.int32(0)
         for j in range(BLOCK):
-            qj = np.int32(np.rint(x[o + j] * inv))  # |qj| <= top
-            xq[o + j] = qj
-            qsum += qj
+            xq[o + j] = np.int32(np.rint(x[o + j] * inv))  # |xq| <= top
+            qsum += np.int32(xq[o + j])
         xs[b] = s
         xd[b] = amax / top
         xqs[b] = xd[b] * np.float32(qsum)
@@ -891,7 +893,8 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
     Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
-    active i32[k] (not bounds-checked, sorted is fastest); exact as in matvec, for the gate and up rows (and down).
+    active i32[k] (distinct ids, not bounds-checked; sorted is fastest); exact as in matvec, for the gate and up rows
+    (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with h in 16 bits per block, f32 if exact (fewer bytes than down_t's Q8_0 rows when down is
     block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default:

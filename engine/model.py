@@ -40,7 +40,7 @@ def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
     """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale."""
     xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    d = (amax / 127).half().float()
+    d = (amax / 127).clamp(max=65504).half().float()  # past f16's range ggml's scale is inf (NaN values): kept finite
     q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
     return (q * d).flatten(-2)
 

@@ -56,6 +56,20 @@ def test_f16_kv_cache_holds_the_f32_cache_rounded(tmp_path):
         load(path, n_ctx=64, cache_type="bf16")
 
 
+def test_an_overflowing_f16_cache_is_one_line(tmp_path):
+    """Values past f16's 65504 are inf in the cache, then NaN logits: said in one line, not a ZeroDivisionError
+    traceback from the kernels' softmax (numba's Python error model), and the f32 cache holds them."""
+    c = tiny_config("silu")
+    w = tiny_weights(c, seed=3)
+    w["blk.0.attn_v.weight"] *= 2e5
+    path = write_gguf(str(tmp_path / "big.gguf"), c, w, QT.F32)
+    models = {t: load(path, n_ctx=64, cache_type=t) for t in ("f32", "f16")}
+    ids = models["f32"].tokenize("the cat")
+    assert len(models["f32"].generate(ids, 4, ignore_stop=True).token_ids) == 4
+    with pytest.raises(HotcoldError, match="^token 1: the logits are not finite .* try --cache-type f32\\)$"):
+        models["f16"].generate(ids, 4)
+
+
 @pytest.mark.parametrize("backend,cache_type", [("torch", "f32"), ("kernels", "f32"), ("kernels", "f16")])
 def test_prefill_in_pieces_then_steps_matches_one_forward(tmp_path, backend, cache_type):
     """A prompt prefilled batched in two pieces (the second at position 5), then decode steps, gives the logits of
@@ -213,6 +227,8 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
     m = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0), n_ctx=128, threads=1,
              backend=backend)
     ids = [3, 5, 7, 9] * 15  # 60 tokens: past the decode-step prefill
+    one = m.generate(ids, n=1).stats  # no forward pass after the prefill: no decode rate, not 0 tok/s
+    assert one["generated_tokens"] == 1 and one["decode_tok_s"] is None
     for bad in (ids[:-1] + [-1], ids[:-1] + [c.n_vocab], [-1]):
         with pytest.raises(HotcoldError, match=f"token id {bad[-1]} is outside the vocabulary of {c.n_vocab}"):
             m.generate(bad, n=2)

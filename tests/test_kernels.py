@@ -61,6 +61,18 @@ def test_matvec(qtype, exact, rng):
     assert rel(out, ref @ x) < tol(qtype, exact)
 
 
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+def test_matvec_of_a_block_too_small_to_scale(qtype, rng):
+    """A block of x under 1e-30 counts as 0s (127 / its max overflowed to inf, and its quant sum went to INT_MIN:
+    Q4 results of 1e8 where the truth is 1e-36); the other blocks as usual."""
+    w, ref = weight(rng, 37, 96, qtype)
+    x = rng.standard_normal(96).astype(np.float32)
+    x[32:64] *= np.float32(1e-37)
+    out = np.full(37, np.nan, np.float32)
+    K.matvec(w, x, out)
+    assert rel(out, ref @ x) < INT8_TOL
+
+
 def q8_with_min_quants(rng, rows: int, cols: int) -> QTensor:
     """A random Q8_0 matrix with some quants at -128 (no quantizer writes them; a file may hold them)."""
     qt = QTensor.from_float(rng.standard_normal((rows, cols)).astype(np.float32), QT.Q8_0)

@@ -202,8 +202,9 @@ def cmd_generate(args) -> None:
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
+        rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f}"
         print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
-              f"decode: {s['generated_tokens']} tokens, {s['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+              f"decode: {s['generated_tokens']} tokens, {rate} tok/s", file=sys.stderr)
         if "predicted_sparsity" in s:
             print(format_runtime_stats(s), file=sys.stderr)
     if out.stats["stop"] == "context":
