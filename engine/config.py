@@ -40,6 +40,8 @@ class ModelConfig:
     ffn_gated: bool = True  # False: down(act(up x))
     tied_embeddings: bool = False
     arch: str = "llama"
+    rope_scale: float = 1.0  # linear rope scaling: positions divided by it (GGUF rope.scaling.factor)
+    rope_freqs: tuple[float, ...] | None = None  # per rotary pair, its frequency divided by it (Llama 3.1's rope_freqs)
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +61,9 @@ class ModelConfig:
         """cos, sin of the rotary angles: float32 (n_ctx, head_dim / 2), computed in float64."""
         half = self.head_dim // 2
         inv = self.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / self.head_dim)  # (hd/2,)
-        ang = np.arange(n_ctx, dtype=np.float64)[:, None] * inv[None, :]  # (n_ctx, hd/2)
+        if self.rope_freqs is not None:
+            inv /= np.asarray(self.rope_freqs, dtype=np.float64)
+        ang = (np.arange(n_ctx, dtype=np.float64) / self.rope_scale)[:, None] * inv[None, :]  # (n_ctx, hd/2)
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
@@ -75,7 +79,7 @@ HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermedia
            "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",
            "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}
 COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train")  # integers >= 1
-FLOATS = ("rope_base", "rms_eps", "act_threshold")
+FLOATS = ("rope_base", "rms_eps", "act_threshold", "rope_scale")
 
 
 def as_int(v, what: str) -> int:
@@ -129,7 +133,7 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
         raise HotcoldError(f"{where}: {keys.get(f, f)} {why}")
 
     for f, v in values.items():
-        if v is None:
+        if v is None and f != "rope_freqs":  # which is None without frequency factors
             bad(f, "has no value")
         if f in COUNTS and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
             bad(f, f"is {v!r}, expected an integer")
@@ -140,7 +144,7 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
         if f in ("ffn_gated", "tied_embeddings") and not isinstance(v, bool):
             bad(f, f"is {v!r}, expected true or false")
     c = ModelConfig(**{f: int(v) if f in COUNTS else float(v) if f in FLOATS else v for f, v in values.items()})
-    for f in ("rms_eps", "rope_base"):
+    for f in ("rms_eps", "rope_base", "rope_scale"):
         if getattr(c, f) <= 0:
             bad(f, f"is {getattr(c, f)}, expected above 0")
     if c.n_head % c.n_head_kv:
@@ -150,6 +154,9 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
     if c.head_dim % 2:  # rotary embedding turns pairs of a head's dimensions
         bad("n_embd", f"is {c.n_embd}: over {keys.get('n_head')} {c.n_head}, heads of {c.head_dim} dimensions, "
                       "expected an even number")
+    f = c.rope_freqs
+    if f is not None and not (len(f) == c.head_dim // 2 and all(finite(v) and v > 0 for v in f)):
+        bad("rope_freqs", f"holds {len(f)} values, expected {c.head_dim // 2} finite ones above 0 (half a head)")
     return c
 
 
@@ -202,14 +209,18 @@ HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 def hf_to_gguf_name(name: str) -> str | None:
+    """The GGUF name of an HF tensor (a bias too, which the loader then refuses, as anything else it has no place
+    for, under its own name); None for rotary inv_freq buffers, which the config recomputes."""
     if name in HF_TOP:
         return HF_TOP[name]
     parts = name.split(".")
-    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and parts[-1] == "weight":
+    if parts[-1] == "inv_freq":
+        return None
+    if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and parts[-1] in ("weight", "bias"):
         key = ".".join(parts[3:-1])
         if key in HF_LAYER:
-            return blk(int(parts[2]), HF_LAYER[key])
-    return None  # rotary inv_freq buffers and the like
+            return f"blk.{int(parts[2])}.{HF_LAYER[key]}.{parts[-1]}"
+    return name
 
 
 def gguf_to_hf_name(name: str) -> str:

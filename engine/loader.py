@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -107,7 +108,13 @@ def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
             raise HotcoldError(f"{ckpt.path}: tensor {name} lies past the model's {n} layers (its block count)")
     if blk(n - 1, "attn_norm") not in ckpt.tensors:  # before listing every layer's tensors: a huge count fails fast
         raise HotcoldError(f"{ckpt.path}: missing tensor {blk(n - 1, 'attn_norm')}")
-    for name, shape in expected_shapes(ckpt.config).items():
+    shapes = expected_shapes(ckpt.config)
+    extra = {blk(i, t) for i in range(n) for t in ("ffn_down_t", "fc1", "fc2")}  # PowerInfer's layout, predictors
+    stray = next((name for name in ckpt.tensors if name not in shapes and name not in extra), None)
+    if stray is not None:  # as llama.cpp refuses it: computing without it would be another model
+        raise HotcoldError(f"{ckpt.path}: tensor {stray} has no place in hotcold's llama graph (biases, experts and "
+                           "the like are not supported)")
+    for name, shape in shapes.items():
         if name.endswith("ffn_down.weight") and name not in ckpt.tensors:  # PowerInfer's transposed layout
             name, shape = name.replace("ffn_down", "ffn_down_t"), shape[::-1]
         t = ckpt.tensors.get(name)
@@ -240,10 +247,15 @@ def load_gguf(path: str) -> Checkpoint:
     if arch not in ARCH_ACT or (arch != "llama" and not pwri):
         raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama; bamboo in PowerInfer files)")
 
-    try:
-        tensors = {t.name: tensor_from_reader(t) for t in r.tensors}
-    except Exception as e:
-        raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    tensors = {}
+    for t in r.tensors:
+        try:
+            tensors[t.name] = tensor_from_reader(t)
+        except NotImplementedError:  # gguf-py dequantizes most types, not F64, Q8_K, ...
+            raise HotcoldError(f"{path}: tensor {t.name} is of type {QT(int(t.tensor_type)).name}, which hotcold "
+                               "cannot read") from None
+        except Exception as e:
+            raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
     converted = sorted({QT(int(t.tensor_type)).name for t in r.tensors} - {q.name for q in NATIVE_TYPES})
     if converted:
         print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)
@@ -259,11 +271,25 @@ def load_gguf(path: str) -> Checkpoint:
     act = field_value(r, KEY_ACT, "relu" if pwri and arch == "llama" else ARCH_ACT[arch])
     if act not in ACTS:
         raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
+    freqs = tensors.pop("rope_freqs.weight", None)
     cfg = checked_config(
-        path, {**keys, "act_threshold": KEY_ACT_THRESHOLD}, **vals,
+        path, {**keys, "act_threshold": KEY_ACT_THRESHOLD, "rope_freqs": "tensor rope_freqs.weight",
+               "rope_scale": f"{arch}.rope.scaling.factor"}, **vals,
         act=act, act_threshold=field_value(r, KEY_ACT_THRESHOLD, 0.0),
         ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
-        tied_embeddings="output.weight" not in tensors, arch=arch)
+        tied_embeddings="output.weight" not in tensors, arch=arch, rope_scale=gguf_rope_scale(r, arch, path),
+        rope_freqs=None if freqs is None else tuple(float(v) for v in freqs.dequantize().ravel()))
+    for key, want in (("expert_count", 0), ("rope.dimension_count", cfg.head_dim),
+                      ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim)):
+        v = field_value(r, f"{arch}.{key}")
+        if v is not None and v != want:  # llama.cpp's llama graph: no experts, whole heads rotated, of n_embd / heads
+            raise HotcoldError(f"{path}: {arch}.{key} is {v}; hotcold computes "
+                               + ("no mixture of experts" if want == 0 else f"heads of {want} dimensions (n_embd / "
+                                  "head_count), each rotated whole"))
+    tokens = r.fields.get("tokenizer.ggml.tokens")  # its element count, without reading them twice
+    if tokens is not None and len(tokens.data) != cfg.n_vocab:  # ids past the list would vanish from the text
+        raise HotcoldError(f"{path}: tokenizer.ggml.tokens holds {len(tokens.data)} tokens, the model's vocabulary "
+                           f"{cfg.n_vocab} (token_embd.weight's rows): llama.cpp refuses such a file too")
     meta = {k: field_value(r, k) for k in r.fields
             if not k.startswith(("GGUF.", "tokenizer.ggml."))}
     try:
@@ -274,6 +300,18 @@ def load_gguf(path: str) -> Checkpoint:
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise HotcoldError(f"{path}: invalid tokenizer metadata ({why})") from None
     return Checkpoint(path, cfg, tensors, tok, meta, r.mapping)
+
+
+def gguf_rope_scale(r: GGUFReader, arch: str, path: str) -> float:
+    """Positions are divided by rope.scaling.factor (or the older rope.scale_linear) under linear scaling, which
+    llama.cpp takes when no type is given; type none scales nothing; other types (yarn, longrope) are refused."""
+    kind = field_value(r, f"{arch}.rope.scaling.type", "linear")
+    if kind == "none":
+        return 1.0
+    if kind != "linear":
+        raise HotcoldError(f"{path}: {arch}.rope.scaling.type is {kind!r}; hotcold computes linear rope scaling only")
+    factor = field_value(r, f"{arch}.rope.scaling.factor", field_value(r, f"{arch}.rope.scale_linear", 0.0))
+    return 1.0 if factor == 0 else factor  # 0: not given, as llama.cpp reads it
 
 
 # --- what exported files carry (tools/export.py) --------------------------------------------------------
@@ -357,7 +395,7 @@ def hf_config(path: str, c: dict) -> ModelConfig:
         raise HotcoldError(f"{where}: unsupported hidden_act {hidden_act!r}")
     try:
         n_head = c["num_attention_heads"]
-        return checked_config(
+        cfg = checked_config(
             where, HF_KEYS,
             n_vocab=c["vocab_size"], n_embd=c["hidden_size"], n_ff=c["intermediate_size"],
             n_layer=c["num_hidden_layers"], n_head=n_head,
@@ -368,6 +406,34 @@ def hf_config(path: str, c: dict) -> ModelConfig:
             tied_embeddings=c.get("tie_word_embeddings", False), arch="llama")
     except KeyError as e:
         raise HotcoldError(f"{path}/config.json: missing key {e.args[0]}") from None
+    if c.get("head_dim") not in (None, cfg.head_dim):
+        raise HotcoldError(f"{where}: head_dim is {c['head_dim']!r}; hotcold computes heads of hidden_size / "
+                           f"num_attention_heads = {cfg.head_dim} dimensions")
+    rope = hf_rope(c, where, cfg)
+    return checked_config(where, {**HF_KEYS, "rope_scale": "rope_scaling factor"}, **{**cfg.to_dict(), **rope}) \
+        if rope else cfg
+
+
+def hf_rope(c: dict, where: str, cfg: ModelConfig) -> dict:
+    """ModelConfig's rope scaling from config.json's rope_scaling: linear (rope_scale) or Llama 3's per-frequency
+    factors (rope_freqs, what llama.cpp's converter writes as the rope_freqs tensor); other kinds are refused."""
+    rs = c.get("rope_scaling")
+    kind = rs.get("rope_type", rs.get("type")) if isinstance(rs, dict) else None
+    if rs is None or kind == "default":
+        return {}
+    if kind == "linear":
+        return {"rope_scale": rs.get("factor")}
+    if kind != "llama3":
+        raise HotcoldError(f"{where}: rope_scaling {rs!r}; hotcold computes linear and llama3 rope scaling only")
+    try:
+        head, base, factor = cfg.head_dim, cfg.rope_base, float(rs["factor"])
+        low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        ctx = float(rs.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi * base ** (np.arange(0, head, 2) / head)  # (head/2,) of each rotary pair
+        smooth = np.clip((ctx / wavelen - low) / (high - low), 0.0, 1.0)  # 0: long waves, scaled; 1: short, kept
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise HotcoldError(f"{where}: rope_scaling {rs!r} is not Llama 3's ({type(e).__name__}: {e})") from None
+    return {"rope_freqs": tuple(float(v) for v in 1 / ((1 - smooth) / factor + smooth))}
 
 
 def hf_tensor(t) -> QTensor:

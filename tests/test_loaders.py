@@ -506,3 +506,92 @@ def test_header_fast_path_matches_gguf_py(tmp_path):
         (tmp_path / "cut.gguf").write_bytes(head[:cut])
         with pytest.raises(HotcoldError, match="cut.gguf: truncated or corrupt GGUF"):
             open_gguf(str(tmp_path / "cut.gguf"))
+
+
+# --- rope scaling and the tensors llama.cpp's llama graph has no place for -----------------------------------
+def test_rope_tables_scale_positions_and_divide_frequencies():
+    """llama.cpp's angle for pair i at position p: p / factor * base^(-2i/d) / rope_freqs[i]."""
+    from dataclasses import replace
+    c = tiny_config()  # head_dim 16: 8 pairs
+    freqs = tuple(float(f) for f in np.linspace(1.0, 8.0, c.head_dim // 2))
+    p, i = np.arange(64)[:, None], np.arange(c.head_dim // 2)[None, :]
+    for cfg, scale, f in ((c, 1.0, 1.0), (replace(c, rope_scale=4.0), 4.0, 1.0),
+                          (replace(c, rope_freqs=freqs), 1.0, np.array(freqs))):
+        ang = p / scale * c.rope_base ** (-2.0 * i / c.head_dim) / f
+        cos, sin = cfg.rope_tables(64)
+        assert np.allclose(cos, np.cos(ang), atol=1e-6) and np.allclose(sin, np.sin(ang), atol=1e-6)
+
+
+def test_rope_scaling_is_read_from_gguf_and_hf_and_exported(tmp_path, capsys):
+    from gguf import GGUFValueType as VT
+
+    from engine.loader import load_checkpoint
+    c = tiny_config()
+    w = tiny_weights(c, seed=4)
+    plain = write_gguf(str(tmp_path / "plain.gguf"), c, w)
+    freqs = np.linspace(1.0, 8.0, c.head_dim // 2).astype(np.float32)
+    llama31 = write_gguf(str(tmp_path / "llama31.gguf"), c, {**w, "rope_freqs.weight": freqs})
+    linear = with_keys(plain, str(tmp_path / "linear.gguf"), {"llama.rope.scaling.type": ("linear", VT.STRING),
+                                                               "llama.rope.scaling.factor": (4.0, VT.FLOAT32)})
+    unscaled = with_keys(linear, str(tmp_path / "none.gguf"), {"llama.rope.scaling.type": ("none", VT.STRING)})
+    assert load_checkpoint(llama31).config.rope_freqs == tuple(freqs.tolist())
+    assert load_checkpoint(linear).config.rope_scale == 4.0 and load_checkpoint(unscaled).config.rope_scale == 1.0
+    ids = list(range(2, 40))
+    base = load(plain, n_ctx=64, backend="torch").logits(ids)
+    for path in (llama31, linear):
+        torch_logits = load(path, n_ctx=64, backend="torch").logits(ids)
+        assert float((torch_logits - base).abs().max()) > 0.01  # the scaling reaches the logits
+        kernels = load(path, n_ctx=64)  # the kernels' decode steps read the same tables
+        kernels.logits(ids[:-1])
+        step = kernels.net.forward(ids[-1:], len(ids) - 1)
+        assert float((step - torch_logits[-1]).norm() / torch_logits[-1].norm()) < 0.03
+    # an HF directory's llama3 rope_scaling gives Llama 3's factors; export writes them as rope_freqs
+    hf = write_hf(str(tmp_path / "hf"), c, w)
+    cfg = json.load(open(os.path.join(hf, "config.json")))
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    json.dump(cfg, open(os.path.join(hf, "config.json"), "w"))
+    got = load_checkpoint(hf).config.rope_freqs
+    wavelen = 2 * math.pi * c.rope_base ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+    assert got[0] == 1.0 and got[-1] == 8.0  # short waves kept, long ones (beyond 64 positions) stretched 8x
+    mid = [k for k, wl in enumerate(wavelen) if 16 < wl < 64]  # between 64 / high_freq_factor and 64 / low
+    assert mid and all(1.0 < got[k] < 8.0 for k in mid) and list(got) == sorted(got)
+    assert main(["export", "-m", hf, "-o", str(tmp_path / "hf_out"), "--format", "gguf"]) == 0
+    back = load_checkpoint(str(tmp_path / "hf_out.gguf")).config
+    assert np.allclose(back.rope_freqs, got) and back.rope_scale == 1.0
+    capsys.readouterr()
+
+
+def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path, capsys):
+    """Biases, experts, partial rotary, other head sizes, yarn and a vocabulary the token list does not cover loaded
+    and computed another model without a word; llama.cpp refuses each (or computes it: hotcold does not)."""
+    from gguf import GGUFValueType as VT
+    from safetensors.numpy import save_file
+    c = tiny_config()
+    w = tiny_weights(c, seed=4)
+    good = write_gguf(str(tmp_path / "good.gguf"), c, w)
+    bias = write_gguf(str(tmp_path / "bias.gguf"), c, {**w, "blk.0.attn_q.bias": np.ones(c.n_embd, np.float32)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", bias, "hi"), "tensor blk.0.attn_q.bias has no place")
+    for key, value, words in (("expert_count", 4, "no mixture of experts"),
+                              ("rope.dimension_count", 8, "heads of 16 dimensions"),
+                              ("attention.key_length", 32, "heads of 16 dimensions")):
+        bad = with_keys(good, str(tmp_path / "bad.gguf"), {f"llama.{key}": (value, VT.UINT32)})
+        assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"llama.{key} is {value}", words)
+    bad = with_keys(good, str(tmp_path / "yarn.gguf"), {"llama.rope.scaling.type": ("yarn", VT.STRING)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), "llama.rope.scaling.type is 'yarn'")
+    from engine.loader import open_gguf
+    tokens = list(open_gguf(good).fields["tokenizer.ggml.tokens"].contents())
+    bad = with_keys(good, str(tmp_path / "short.gguf"), {"tokenizer.ggml.tokens": (tokens[:-3], VT.ARRAY)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"),
+                    f"tokenizer.ggml.tokens holds {len(tokens) - 3} tokens, the model's vocabulary {c.n_vocab}")
+    # Hugging Face: an attention bias (Qwen-style), another rope scaling, another head size
+    hf = write_hf(str(tmp_path / "hf"), c, w)
+    save_file({"model.layers.0.self_attn.q_proj.bias": np.ones(c.n_embd, np.float32)},
+              os.path.join(hf, "model-bias.safetensors"))
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", hf, "hi"), "tensor blk.0.attn_q.bias has no place")
+    os.remove(os.path.join(hf, "model-bias.safetensors"))
+    cfg = json.load(open(os.path.join(hf, "config.json")))
+    for change, words in (({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling {'rope_type': 'yarn'"),
+                          ({"head_dim": 32}, "head_dim is 32; hotcold computes heads of hidden_size")):
+        json.dump({**cfg, **change}, open(os.path.join(hf, "config.json"), "w"))
+        assert_one_line(*run_cli(capsys, "tokenize", "-m", hf, "hi"), "config.json", words)

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf import GGMLQuantizationType as QT
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
@@ -98,6 +98,8 @@ def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None 
         return Out(name, src, stored_type(src.shape[::-1] if transpose else src.shape, q), transpose)
 
     items = [out("token_embd.weight", t["token_embd.weight"]), out("output_norm.weight", t["output_norm.weight"])]
+    if ckpt.config.rope_freqs is not None:  # Llama 3.1's per-frequency factors, as llama.cpp reads them
+        items.append(out("rope_freqs.weight", QTensor.from_float(np.array(ckpt.config.rope_freqs, np.float32))))
     if powerinfer or "output.weight" in t:  # PowerInfer's loader requires output.weight even when tied
         items.append(out("output.weight", t.get("output.weight", t["token_embd.weight"])))
     for i in range(ckpt.config.n_layer):
@@ -123,6 +125,9 @@ def add_model_keys(wr: GGUFWriter, ckpt: Checkpoint, qtype: QT) -> None:
     wr.add_head_count_kv(c.n_head_kv)
     wr.add_rope_dimension_count(c.head_dim)
     wr.add_rope_freq_base(c.rope_base)
+    if c.rope_scale != 1.0:
+        wr.add_rope_scaling_type(RopeScalingType.LINEAR)
+        wr.add_rope_scaling_factor(c.rope_scale)
     wr.add_layer_norm_rms_eps(c.rms_eps)
     wr.add_vocab_size(c.n_vocab)
     wr.add_file_type(FILE_TYPES[qtype])
@@ -277,6 +282,9 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
                            f"ReLU output is exactly zero, and {why}; use --format gguf")
     if not c.ffn_gated:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
+    if c.rope_freqs is not None:
+        raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama.cpp predates the rope frequency "
+                           "factors (rope_freqs) of this model")
 
 
 def hot_row_bytes(items: list[Out], split: dict) -> int:
