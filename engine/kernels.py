@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import warnings
 
 import numba
@@ -47,7 +48,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
-from numba.core import cgutils
+from numba.core import caching, cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import intrinsic, overload
 
@@ -98,7 +99,25 @@ def _cache_by_source() -> None:
     numba.config.CACHE_DIR = cache
 
 
+def _cache_writes_may_fail() -> None:
+    """A kernel that cannot be cached (a full disk under the cache) costs the next process its compile, not this
+    one its run: numba's OSError there (through Cache.save_overload, its one entry for writing) becomes a note."""
+    save = caching.Cache.save_overload
+    warned = []
+
+    def save_overload(self, sig, data):
+        try:
+            save(self, sig, data)
+        except OSError as e:
+            if not warned:
+                warned.append(e)
+                print(f"hotcold: note: kernels not cached in {numba.config.CACHE_DIR or e.filename} "
+                      f"({e.strerror or e}): the next run compiles them again", file=sys.stderr)
+    caching.Cache.save_overload = save_overload
+
+
 _cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated
+_cache_writes_may_fail()
 ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the CPU name and features, so it
 # follows the host (set by hand only with a cache of its own, as the tests do)
 # numpy's error model: x / 0 and x / NaN give inf or NaN, as in numpy, and the checks go (numba's Python model,

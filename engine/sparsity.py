@@ -16,11 +16,14 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from safetensors import SafetensorError
 
 from .config import HotcoldError, ModelConfig, blk
 
@@ -100,10 +103,10 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
             tmps.append(f"{path}.tmp{os.getpid()}")
             try:
                 write(tmps[-1])
-            except OSError as e:
-                if e.filename not in (None, tmps[-1]):  # a file the writer reads
+            except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors: not OSErrors
+                if isinstance(e, OSError) and e.filename not in (None, tmps[-1]):  # a file the writer reads
                     raise
-                raise HotcoldError(f"{path}: cannot write ({e.strerror or e})") from None
+                raise HotcoldError(f"{path}: cannot write ({write_failure(path, e)})") from None
         with signals_held():  # Ctrl-C or kill between two renames would leave new files beside old ones
             for (path, _), tmp in zip(outputs, tmps):
                 os.replace(tmp, path)
@@ -111,6 +114,42 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def write_failure(path: str, e: Exception) -> str:
+    """Why a write failed, in a few words: the OS's reason, or a full disk where the writer's own error (torch's
+    "unexpected pos", numpy's "8192 requested and 752 written") does not say so."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
+            return "No space left on device"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def output_lock(path: str):
+    """Hold a lock on the output `path` (a file, a prefix or a directory, there yet or not) while a command writes it:
+    a second hotcold writing the same output is refused in one line instead of interleaving with the first. It is
+    an flock on a file named after the absolute path, in the temporary directory: nothing is left beside the output,
+    and the lock goes with the process however it ends. Where no lock file can be made, nothing is locked."""
+    import fcntl
+    folder = os.path.join(tempfile.gettempdir(), f"hotcold-locks-{os.getuid()}")
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HotcoldError(f"{path}: another hotcold is writing this output now; wait for it to end") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -170,12 +209,17 @@ def check_writable(path: str) -> None:
         raise HotcoldError(f"{folder}: not writable (the output {path} goes there)")
 
 
-def write_json(path: str, obj) -> None:
+def json_writer(obj) -> Callable[[str], None]:
+    """write(tmp) of obj as indented JSON, for write_atomic and write_all."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=1)
             fh.write("\n")
-    write_atomic(path, write)
+    return write
+
+
+def write_json(path: str, obj) -> None:
+    write_atomic(path, json_writer(obj))
 
 
 def read_json(path: str, what: str) -> dict:

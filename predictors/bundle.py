@@ -25,16 +25,19 @@ import glob
 import hashlib
 import math
 import os
+import pathlib
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite
-from engine.sparsity import check_fingerprint, read_json, tensors_sha256, write_atomic, write_json
+from engine.sparsity import (check_fingerprint, json_writer, read_json, tensors_sha256, write_all, write_atomic,
+                             write_json)
 
 from .model import Predictor
 
@@ -116,7 +119,8 @@ class Bundle:
         return self.predictors[layer].active(x, self.thresholds[layer])
 
     def save(self, path: str) -> None:
-        """predictors.safetensors, then manifest.json naming its sha256; each written to a temporary and renamed."""
+        """predictors.safetensors and manifest.json naming its sha256, renamed together once both are written (a
+        failure leaves the bundle that was there whole)."""
         os.makedirs(path, exist_ok=True)
         tensors = {}
         for i, p in enumerate(self.predictors):
@@ -124,13 +128,14 @@ class Bundle:
                 w = w.detach().float().cpu()
                 half = w.half()
                 tensors[blk(i, name)] = half if torch.equal(half.float(), w) else w.contiguous()
-        st = os.path.join(path, TENSORS)
-        write_atomic(st, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        data = save_tensors(tensors, metadata={"format": FORMAT})
         layers = [{"rank": p.rank, "threshold": t, "metrics": self.metrics[i] if i < len(self.metrics) else {}}
                   for i, (p, t) in enumerate(zip(self.predictors, self.thresholds))]
-        write_json(os.path.join(path, MANIFEST), {
-            "format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "tensors_sha256": file_sha256(st),
-            "layers": layers, "sparsity": self.sparsity, "corpus": self.corpus, "training": self.training})
+        manifest = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
+                    "tensors_sha256": hashlib.sha256(data).hexdigest(), "layers": layers, "sparsity": self.sparsity,
+                    "corpus": self.corpus, "training": self.training}
+        write_all([(os.path.join(path, TENSORS), lambda tmp: pathlib.Path(tmp).write_bytes(data)),
+                   (os.path.join(path, MANIFEST), json_writer(manifest))])
 
 
 def file_sha256(path: str) -> str:

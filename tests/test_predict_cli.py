@@ -7,6 +7,7 @@ tiny model instead has ~50% sparsity spread over all 64 input directions, which 
 """
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,12 @@ def test_train_resume_eval(setup, capsys):
             f"hotcold: error: {out_dir}: holds {what} trained with other settings or from another profile or model; "
             "--force retrains, or give a new directory")
     assert open(os.path.join(bundle, "manifest.json")).read() == before
+    # --force retrains, the old bundle kept whole until the new one replaces it (it was deleted first: a retrain
+    # stopped early, by --layers here, by Ctrl-C or a full disk, lost it)
+    rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", bundle, "--recall", "0.95",
+                     "--layers", "0", "--force", "--json")
+    assert rc == 0 and not json.loads(out)["complete"] and open(os.path.join(bundle, "manifest.json")).read() == before
+    shutil.rmtree(os.path.join(bundle, "partial"))
     rc, out, _ = run(capsys, "train-predictors", "--profile", s["profile"], "-o", other, "--recall", "0.95",
                      "--force", "--json")
     assert rc == 0 and json.loads(out)["trained"] == [0, 1]

@@ -314,6 +314,26 @@ def test_powerinfer_directory_round_trip(tmp_path):
         load_bundle(path, model_fingerprint(other))
 
 
+def test_a_bundle_save_that_fails_leaves_the_old_bundle_whole(tmp_path, monkeypatch):
+    """Its two files are renamed together: the tensors were renamed before the manifest was written, so a full disk
+    between them left new tensors under the old manifest (a bundle that no longer loads)."""
+    import predictors.bundle as B
+    ckpt = tiny_ckpt()
+    path = str(tmp_path / "b")
+    tiny_bundle(ckpt, seed=0).save(path)
+    before = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+
+    def full(obj):
+        def write(tmp):
+            raise OSError(28, "No space left on device", tmp)
+        return write
+    monkeypatch.setattr(B, "json_writer", full)
+    with pytest.raises(HotcoldError, match="manifest.json: cannot write \\(No space left on device\\)"):
+        tiny_bundle(ckpt, seed=1).save(path)
+    assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == before
+    load_bundle(path, model_fingerprint(ckpt))
+
+
 def test_bundle_api_takes_other_dtypes_and_refuses_bad_input():
     ckpt = tiny_ckpt()
     b = tiny_bundle(ckpt)

@@ -232,6 +232,11 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
     (odd / "manifest.json").write_text(json.dumps({"fingerprint": relu_model(tiny).fingerprint, "settings": 5}))
     assert run_cli(tiny, [tiny[1]], odd) == 2
     assert "manifest.json: not a profile manifest (its settings are not a JSON object)" in capsys.readouterr().err
+    from engine.sparsity import output_lock
+    with output_lock(str(tmp_path / "busy")):  # another hotcold writing it: refused, not interleaved
+        assert run_cli(tiny, [tiny[1]], tmp_path / "busy") == 2
+    assert "busy: another hotcold is writing this output now" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "busy") and run_cli(tiny, [tiny[1]], tmp_path / "busy") == 0
 
 
 def test_a_model_of_the_same_weights_and_another_fatrelu_threshold_is_another_profile(tmp_path, capsys):
@@ -264,6 +269,12 @@ def test_outputs_written_together_or_not_at_all(tmp_path):
         return lambda tmp: open(tmp, "w").write(t)
     with pytest.raises(HotcoldError, match=r"b.json: cannot write \(Permission denied\)"):
         write_all([(str(a), text("new a")), (str(b), fail)])
+    assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("old a", "old b", ["a.json", "b.json"])
+    def torch_full(tmp):  # torch.save on a full disk: a RuntimeError (a traceback before), safetensors' its own
+        open(tmp, "w").write("half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore lines")
+    with pytest.raises(HotcoldError, match=r"^\S*b.json: cannot write \((No space left on device|\[enforce fail .* 598)\)$"):
+        write_all([(str(a), text("new a")), (str(b), torch_full)])
     assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("old a", "old b", ["a.json", "b.json"])
     # a writer killed outright (SIGKILL) left its temporary file: the next write of that path removes it, not
     # a temporary of a process still running

@@ -387,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if getattr(args, "threads", None) is None and hasattr(args, "threads"):
             args.threads = os.cpu_count()
-        args.func(args)
+        if getattr(args, "out", None) and os.name == "posix":  # profile, calibrate, train-predictors, relufy, ...
+            from engine.sparsity import output_lock
+            with output_lock(args.out):
+                args.func(args)
+        else:
+            args.func(args)
     except HotcoldError as e:
         print(f"hotcold: error: {e}", file=sys.stderr)
         return 2

@@ -163,8 +163,8 @@ def save_partial(out: str, i: int, key: str, pred, threshold: float, metrics: di
 def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
     """{layer: (predictor, threshold, metrics)} that `out` holds from these settings: the layers of a finished bundle,
     or of an unfinished run. Work from other settings, another profile or another model is refused (nothing is
-    lost unasked); with force it is removed."""
-    from predictors.bundle import MANIFEST, TENSORS, load_bundle
+    lost unasked); with force it is redone, the old bundle kept until the new one replaces it."""
+    from predictors.bundle import MANIFEST, load_bundle
     retrain = "--force retrains, or give a new directory"
 
     def other(what: str) -> HotcoldError:
@@ -183,11 +183,7 @@ def kept_work(out: str, fp: dict, key: str, n_layer: int, force: bool) -> dict:
         if b is not None and b.training.get("key") == key:
             done = {i: (p, t, m) for i, (p, t, m) in enumerate(zip(b.predictors, b.thresholds, b.metrics))}
         elif not force:
-            raise other("a bundle")
-        else:
-            for name in (MANIFEST, TENSORS):
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
+            raise other("a bundle")  # with --force it stays until the new one replaces it whole
     for i in range(n_layer):
         part = None if i in done else load_partial(out, i)
         if part is not None and part[0] == key:

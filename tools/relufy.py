@@ -16,6 +16,7 @@ into place); while training, OUT.train.pt holds the weights, the optimizer and t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -188,10 +189,7 @@ def state_problem(st: dict, s: Settings, w: dict, opt) -> str | None:
 def save_state(path: str, s: Settings, step: int, w: dict, opt, record: dict) -> None:
     state = {"settings": dataclasses.asdict(s), "step": step, "record": record, "opt": opt.state_dict(),
              "weights": {k: p.detach() for k, p in w.items()}}
-    try:
-        write_atomic(path, lambda tmp: torch.save(state, tmp))
-    except RuntimeError as e:  # torch's writer reports an unwritable path so, not as an OSError
-        raise HotcoldError(f"{path}: cannot be written ({str(e).splitlines()[0]})") from None
+    write_atomic(path, lambda tmp: torch.save(state, tmp))  # torch's RuntimeError of an unwritable path: one line
 
 
 def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Tensor, out: str, outtype: str,
@@ -248,7 +246,8 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
     tensors = {k: QTensor.from_float(p.detach().numpy()) for k, p in w.items()}
     write_model(out, dataclasses.replace(ckpt, config=c, tensors=tensors, predictors=None, gpuidx=None),
                 OUTTYPES[outtype], False, None)
-    os.remove(state)  # saved after the last step
+    with contextlib.suppress(FileNotFoundError):  # saved after the last step (a twin run may have removed it)
+        os.remove(state)
     return record
 
 
