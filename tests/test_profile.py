@@ -252,6 +252,12 @@ def test_a_model_of_the_same_weights_and_another_fatrelu_threshold_is_another_pr
     capsys.readouterr()
     assert main(["profile", "-m", models[1], *argv]) == 2
     assert "holds a profile made with other settings (config differs)" in capsys.readouterr().err
+    # the same model again is the same profile, rope_freqs (a tuple, a list once in JSON) and all
+    c = tiny_config("fatrelu", 0.1)
+    llama31 = write_gguf(str(tmp_path / "llama31.gguf"), c, {**tiny_weights(c, seed=0), "rope_freqs.weight":
+                                                             np.linspace(1, 8, c.head_dim // 2).astype(np.float32)})
+    argv[argv.index("-o") + 1] = str(tmp_path / "p31")
+    assert main(["profile", "-m", llama31, *argv]) == 0 and main(["profile", "-m", llama31, *argv]) == 0
 
 
 def test_outputs_written_together_or_not_at_all(tmp_path):
@@ -273,7 +279,8 @@ def test_outputs_written_together_or_not_at_all(tmp_path):
     def torch_full(tmp):  # torch.save on a full disk: a RuntimeError (a traceback before), safetensors' its own
         open(tmp, "w").write("half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore lines")
-    with pytest.raises(HotcoldError, match=r"^\S*b.json: cannot write \((No space left on device|\[enforce fail .* 598)\)$"):
+    full = r"^\S*b.json: cannot write \((No space left on device|\[enforce fail .* 598)\)$"
+    with pytest.raises(HotcoldError, match=full):
         write_all([(str(a), text("new a")), (str(b), torch_full)])
     assert (a.read_text(), b.read_text(), sorted(os.listdir(tmp_path))) == ("old a", "old b", ["a.json", "b.json"])
     # a writer killed outright (SIGKILL) left its temporary file: the next write of that path removes it, not

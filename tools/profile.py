@@ -232,7 +232,8 @@ def profile_settings(model, tokens: list[int], ctx: int, n_windows: int, cap: in
             "tokens_sha256": hashlib.sha256(used.tobytes()).hexdigest()[:16], "seed": seed,
             "samples_per_layer": cap, "thresholds": sparsity.thresholds, "backend": model.backend,
             "cache_type": model.cache_type, "threads": torch.get_num_threads(),
-            "weights_sha256": weights_sha256(model.ckpt.tensors), "config": dataclasses.asdict(model.config)}
+            "weights_sha256": weights_sha256(model.ckpt.tensors),
+            "config": json.loads(json.dumps(dataclasses.asdict(model.config)))}  # as the manifest reads back
 
 
 def run_profile(model, tokens: list[int], out: str, ctx: int = 512, n_tokens: int | None = None,
@@ -469,7 +470,8 @@ def cmd_profile(args) -> None:
         summary = run_profile(model, tokens, args.out, args.ctx, args.tokens, sparsity, args.samples_per_layer,
                               args.seed, progress=not args.json)
         if args.tokens and summary["tokens"] < args.tokens:
-            short = f"the corpus has {len(tokens)}" if len(tokens) < args.tokens else f"whole windows of --ctx {args.ctx}"
+            short = (f"the corpus has {len(tokens)}" if len(tokens) < args.tokens
+                     else f"whole windows of --ctx {args.ctx}")
             print(f"hotcold: note: {summary['tokens']} tokens profiled, fewer than --tokens {args.tokens} ({short})",
                   file=sys.stderr)
     if args.json:
