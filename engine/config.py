@@ -220,7 +220,7 @@ def hf_to_gguf_name(name: str) -> str | None:
         key = ".".join(parts[3:-1])
         if key in HF_LAYER:
             return f"blk.{int(parts[2])}.{HF_LAYER[key]}.{parts[-1]}"
-    return name
+    return name if parts[0] in ("model", "lm_head") else None  # another file's (a LoRA adapter, Mistral's own)
 
 
 def gguf_to_hf_name(name: str) -> str:

@@ -429,6 +429,8 @@ def hf_rope(c: dict, where: str, cfg: ModelConfig) -> dict:
         head, base, factor = cfg.head_dim, cfg.rope_base, float(rs["factor"])
         low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
         ctx = float(rs.get("original_max_position_embeddings", 8192))
+        if not (factor > 0 and high > low > 0 and ctx > 0):
+            raise ValueError("expected factor > 0, high_freq_factor > low_freq_factor > 0")
         wavelen = 2 * math.pi * base ** (np.arange(0, head, 2) / head)  # (head/2,) of each rotary pair
         smooth = np.clip((ctx / wavelen - low) / (high - low), 0.0, 1.0)  # 0: long waves, scaled; 1: short, kept
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from safetensors import SafetensorError
 
 from .config import HotcoldError, ModelConfig, blk
 
@@ -95,6 +95,7 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
     blocked = next((path for path, _ in outputs if os.path.isdir(path)), None)
     if blocked is not None:  # before any write: export's model takes minutes
         raise HotcoldError(f"{blocked}: a directory is in the way of this output")
+    from safetensors import SafetensorError
     tmps = []
     try:
         for path, write in outputs:
@@ -134,8 +135,9 @@ def output_lock(path: str):
     an flock on a file named after the absolute path, in the temporary directory: nothing is left beside the output,
     and the lock goes with the process however it ends. Where no lock file can be made, nothing is locked."""
     import fcntl
+    base = re.sub(r"(\.powerinfer)?\.gguf$|\.json$|\.gpuidx$", "", os.path.abspath(path))  # -o x, x.gguf: one
     folder = os.path.join(tempfile.gettempdir(), f"hotcold-locks-{os.getuid()}")
-    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
+    name = hashlib.sha256(base.encode()).hexdigest()[:32]
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o600)

@@ -182,8 +182,11 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         raise HotcoldError(f"{path}: no such predictor bundle (a directory with {MANIFEST} and {TENSORS})")
     if not os.path.exists(mpath) and pt_files(path) and expect_fingerprint is not None:
         preds, thresholds = read_powerinfer_dir(path)  # no fingerprint there: the shapes alone are checked
-        return Bundle(preds, thresholds, expect_fingerprint, training={"source": "PowerInfer predictor directory"},
-                      path=path)
+        sha = hashlib.sha256()  # what tells two such directories apart (calibrate's resume key reads `training`)
+        for p in preds:
+            sha.update(p.fc1.weight.detach().numpy().tobytes() + p.fc2.weight.detach().numpy().tobytes())
+        return Bundle(preds, thresholds, expect_fingerprint, path=path,
+                      training={"source": "PowerInfer predictor directory", "weights_sha256": sha.hexdigest()[:16]})
     m = read_json(mpath, "predictor bundle manifest")
     if m.get("format") != FORMAT:
         raise HotcoldError(f"{mpath}: not a predictor bundle manifest (format {m.get('format')!r})")
@@ -297,9 +300,9 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
         except Exception as e:  # pickle, zip and torch's own errors alike: the file is not a plain state dict
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch adds paragraphs of advice
             raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {first})") from None
-        if not (isinstance(sd, dict) and sorted(sd) == ["fc1.weight", "fc2.weight"]
+        if not (isinstance(sd, dict) and set(sd) == {"fc1.weight", "fc2.weight"}
                 and all(isinstance(v, torch.Tensor) for v in sd.values())):
-            found = {k: type(v).__name__ for k, v in sd.items()} if isinstance(sd, dict) else type(sd).__name__
+            found = {repr(k): type(v).__name__ for k, v in sd.items()} if isinstance(sd, dict) else type(sd).__name__
             raise HotcoldError(f"{files[i]}: expected a state dict of two tensors, fc1.weight and fc2.weight (no "
                                f"biases), found {found}")
         preds.append(from_weights(sd["fc1.weight"], sd["fc2.weight"], files[i]))

@@ -572,6 +572,8 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path, capsys):
     good = write_gguf(str(tmp_path / "good.gguf"), c, w)
     bias = write_gguf(str(tmp_path / "bias.gguf"), c, {**w, "blk.0.attn_q.bias": np.ones(c.n_embd, np.float32)})
     assert_one_line(*run_cli(capsys, "tokenize", "-m", bias, "hi"), "tensor blk.0.attn_q.bias has no place")
+    assert main(["inspect", bias]) == 0  # what hotcold refuses to run, inspect still shows, saying why
+    assert "hotcold does not run it: " in capsys.readouterr().out
     for key, value, words in (("expert_count", 4, "no mixture of experts"),
                               ("rope.dimension_count", 8, "heads of 16 dimensions"),
                               ("attention.key_length", 32, "heads of 16 dimensions")):
@@ -590,8 +592,13 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path, capsys):
               os.path.join(hf, "model-bias.safetensors"))
     assert_one_line(*run_cli(capsys, "tokenize", "-m", hf, "hi"), "tensor blk.0.attn_q.bias has no place")
     os.remove(os.path.join(hf, "model-bias.safetensors"))
+    # another program's file beside the shards (Mistral's own consolidated.safetensors, a LoRA adapter) is not ours
+    save_file({"layers.0.attention.wq.weight": np.ones((2, 2), np.float32)},
+              os.path.join(hf, "consolidated.safetensors"))
+    assert run_cli(capsys, "tokenize", "-m", hf, "hi")[0] == 0
     cfg = json.load(open(os.path.join(hf, "config.json")))
     for change, words in (({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling {'rope_type': 'yarn'"),
+                          ({"rope_scaling": {"rope_type": "llama3", "factor": 0.0}}, "high_freq_factor > low_freq"),
                           ({"head_dim": 32}, "head_dim is 32; hotcold computes heads of hidden_size")):
         json.dump({**cfg, **change}, open(os.path.join(hf, "config.json"), "w"))
         assert_one_line(*run_cli(capsys, "tokenize", "-m", hf, "hi"), "config.json", words)

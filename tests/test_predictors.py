@@ -307,6 +307,9 @@ def test_powerinfer_directory_round_trip(tmp_path):
     direct = load_bundle(path, model_fingerprint(ckpt))
     for a, c in zip(masks(b.predictors, b.thresholds, x), masks(direct.predictors, direct.thresholds, x)):
         assert torch.equal(a, c)
+    write_powerinfer_dir(str(tmp_path / "pi2"), tiny_bundle(ckpt, seed=1).predictors, b.thresholds)
+    other_weights = load_bundle(str(tmp_path / "pi2"), model_fingerprint(ckpt))  # what calibrate's resume key reads
+    assert other_weights.training["weights_sha256"] != direct.training["weights_sha256"]
     other = tiny_ckpt()
     other.config = replace(other.config, n_ff=96)
     with pytest.raises(HotcoldError, match=f"{path}: layer 0 predictor maps 64 -> 128, the model has n_embd 64 and "
@@ -386,7 +389,8 @@ def test_powerinfer_directory_errors(tmp_path):
         read_powerinfer_dir(str(tmp_path))
     os.remove(tmp_path / "model_99999999999.pt")
     for sd in ({"weight": torch.zeros(4, 8)}, {"fc1.weight": [[1.0]], "fc2.weight": [[1.0]]},
-               {"fc1.weight": torch.zeros(4, 8), "fc1.bias": torch.zeros(4), "fc2.weight": torch.zeros(16, 4)}):
+               {"fc1.weight": torch.zeros(4, 8), "fc1.bias": torch.zeros(4), "fc2.weight": torch.zeros(16, 4)},
+               {0: torch.zeros(1), "fc1.weight": torch.zeros(4, 8), "fc2.weight": torch.zeros(16, 4)}):
         torch.save(sd, tmp_path / "model_0.pt")
         with pytest.raises(HotcoldError, match="of two tensors, fc1.weight and fc2.weight"):
             read_powerinfer_dir(str(tmp_path))

@@ -237,6 +237,9 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
         assert run_cli(tiny, [tiny[1]], tmp_path / "busy") == 2
     assert "busy: another hotcold is writing this output now" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "busy") and run_cli(tiny, [tiny[1]], tmp_path / "busy") == 0
+    with output_lock(str(tmp_path / "m")), pytest.raises(HotcoldError, match="another hotcold"):
+        with output_lock(str(tmp_path / "m.powerinfer.gguf")):  # export -o m and -o m.powerinfer.gguf: one file
+            pass
 
 
 def test_a_model_of_the_same_weights_and_another_fatrelu_threshold_is_another_profile(tmp_path, capsys):

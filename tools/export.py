@@ -409,9 +409,13 @@ def inspect_file(path: str, whole: bool = False) -> dict:
     if info["kind"] == "gpuidx":
         info["gpu_neurons"] = [int(np.sum(t.data)) for t in r.tensors if t.name.endswith(".gpu_idx")]
     elif arch in ARCH_ACT:
-        ckpt = load_checkpoint(path)
-        info["predictors"] = predictor_summary(ckpt.predictors) if ckpt.predictors is not None else None
-        info["gpuidx"] = ckpt.gpuidx
+        try:
+            ckpt = load_checkpoint(path)
+        except HotcoldError as e:  # what hotcold refuses to run is what one inspects to see why
+            info["loads"] = str(e)
+        else:
+            info["predictors"] = predictor_summary(ckpt.predictors) if ckpt.predictors is not None else None
+            info["gpuidx"] = ckpt.gpuidx
     return info
 
 
@@ -444,6 +448,8 @@ def format_inspect(info: dict) -> str:
         lines.append("predictors: none")
     if info.get("gpuidx"):
         lines.append(f"GPU split: {info['gpuidx']}")
+    if "loads" in info:
+        lines.append(f"hotcold does not run it: {info['loads']}")
     return "\n".join(lines)
 
 
