@@ -69,10 +69,11 @@ def valid_text(text: str) -> str:
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 chat_template: str | None, special_ids: set[int], space_prefix: bool = False):
-        """space_prefix: encoding puts a space before the text (SentencePiece), which `decode` removes again."""
+                 chat_template: str | None, special_ids: set[int], space_prefix: bool = False, add_eos: bool = False):
+        """space_prefix: encoding puts a space before the text (SentencePiece), which `decode` removes again;
+        add_eos: EOS after the text wherever BOS is added before it (llama.cpp's add_special)."""
         self.tk = tk
-        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
         self.space_prefix = space_prefix
         self.chat_template = chat_template
         vocab = tk.get_vocab()
@@ -133,7 +134,8 @@ class Tokenizer:
         if model == "gpt2":
             tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
             space_prefix = False
-        return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix)
+        return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix,
+                   bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None)
 
     @classmethod
     def from_hf_dir(cls, path: str) -> Tokenizer:
@@ -162,7 +164,8 @@ class Tokenizer:
         if space_prefix:
             spec["decoder"]["decoders"] = steps[:-1]
             tk = HFTokenizer.from_str(json.dumps(spec))
-        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix)
+        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix,
+                   bool(tc.get("add_eos_token", False)) and eos is not None)
 
     # --- use ----------------------------------------------------------------------------------------
     @property
@@ -170,11 +173,14 @@ class Tokenizer:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
-        """Token ids; `special` parses control tokens such as <|im_start|> (else they are plain text)."""
+        """Token ids; `special` parses control tokens such as <|im_start|> (else they are plain text); add_bos None:
+        BOS (and EOS) as the model's tokenizer adds them, False: neither, True: BOS."""
         self.tk.encode_special_tokens = not special
         ids = self.tk.encode(valid_text(text), add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
+        if self.add_eos and add_bos is not False:  # add_bos=False: no special tokens at all
+            ids = ids + [self.eos_id]
         return ids
 
     def decode(self, ids: list[int], continuation: bool = False) -> str:

@@ -453,6 +453,8 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     assert spm.encode("The of") == [1, The, of]
     assert spm.decode([1, The, of]) == "The of"
     assert spm.decode([the, of], continuation=True) == " the of"
+    eos = Tokenizer.from_gguf({**meta, "tokenizer.ggml.add_eos_token": True}, "spm")  # llama.cpp's add_special
+    assert eos.encode("The of") == [1, The, of, 2] and eos.encode("The of", add_bos=False) == [The, of]
     stream = spm.stream()
     assert "".join(stream.step(spm.tk, i) or "" for i in [the, of]) == " the of"
     from tokenizers import decoders  # the same vocabulary as an HF directory saves it: its decoder strips the space
