@@ -72,8 +72,8 @@ class ModelConfig:
 GGUF_KEYS = {"n_vocab": ("vocab_size", None), "n_embd": ("embedding_length", None),
              "n_ff": ("feed_forward_length", None), "n_layer": ("block_count", None),
              "n_head": ("attention.head_count", None), "n_head_kv": ("attention.head_count_kv", None),
-             "n_ctx_train": ("context_length", 2048), "rope_base": ("rope.freq_base", 10000.0),
-             "rms_eps": ("attention.layer_norm_rms_epsilon", 1e-5)}
+             "n_ctx_train": ("context_length", None), "rope_base": ("rope.freq_base", 10000.0),
+             "rms_eps": ("attention.layer_norm_rms_epsilon", None)}  # None: required, as llama.cpp requires it
 HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermediate_size",
            "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
            "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",

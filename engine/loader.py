@@ -401,7 +401,7 @@ def hf_config(path: str, c: dict) -> ModelConfig:
             n_layer=c["num_hidden_layers"], n_head=n_head,
             n_head_kv=n_head if c.get("num_key_value_heads") is None else c["num_key_value_heads"],
             n_ctx_train=c.get("max_position_embeddings", 2048), rope_base=c.get("rope_theta", 10000.0),
-            rms_eps=c.get("rms_norm_eps", 1e-5), act=act,
+            rms_eps=c.get("rms_norm_eps", 1e-6), act=act,  # transformers' LlamaConfig default
             act_threshold=c.get("hidden_act_param", c.get("act_threshold", 0.0)) or 0.0,
             tied_embeddings=c.get("tie_word_embeddings", False), arch="llama")
     except KeyError as e:

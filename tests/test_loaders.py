@@ -155,17 +155,18 @@ def test_bad_tokenizer_and_embedded_predictors_are_one_line(tmp_path, capsys):
 
 
 def with_keys(src: str, dst: str, keys: dict) -> str:
-    """A copy of GGUF file `src` with metadata keys replaced or added: {name: (value, GGUFValueType)}."""
+    """A copy of GGUF file `src` with metadata keys replaced or added: {name: (value, GGUFValueType)}; None drops
+    the key."""
     from gguf import GGUFReader, GGUFValueType
     r = GGUFReader(src)
     wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
     for name, f in r.fields.items():
-        if not name.startswith("GGUF.") and name != "general.architecture":
+        if not name.startswith("GGUF.") and name != "general.architecture" and keys.get(name, ()) is not None:
             value, vtype = keys.get(name, (f.contents(), f.types[0]))
             wr.add_key_value(name, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for name, (value, vtype) in keys.items():
-        if name not in r.fields:
-            wr.add_key_value(name, value, vtype)
+    for name, kv in keys.items():
+        if name not in r.fields and kv is not None:
+            wr.add_key_value(name, *kv)
     for t in r.tensors:
         wr.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
@@ -205,6 +206,9 @@ def test_bad_metadata_values_are_refused(tmp_path, capsys):
         bad = with_keys(good, str(tmp_path / f"bad{i}.gguf"), {f"llama.{key}": (value, vtype)})
         assert_one_line(*run_cli(capsys, "generate", "-m", bad, "-p", "hi", "-n", "1"), f"bad{i}.gguf", f"llama.{key} ",
                         words)
+    for key in ("context_length", "attention.layer_norm_rms_epsilon"):  # llama.cpp requires them; no guessing
+        bad = with_keys(good, str(tmp_path / "nokey.gguf"), {f"llama.{key}": None})
+        assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"missing metadata key llama.{key}")
     bad = with_keys(good, str(tmp_path / "thr.gguf"), {"hotcold.ffn_act_threshold": (float("inf"), VT.FLOAT32)})
     assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), "thr.gguf", "hotcold.ffn_act_threshold", "finite")
 
