@@ -117,6 +117,11 @@ def torch_threads() -> None:
         torch.set_num_threads(_threads["n"])
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (torch and tokenizers add paragraphs), or its type's name."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def finite(v) -> bool:
     try:
         return math.isfinite(v)

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
-                     blk, checked_config, expected_shapes, hf_to_gguf_name)
+                     blk, checked_config, expected_shapes, first_line, hf_to_gguf_name)
 from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
@@ -297,8 +297,7 @@ def load_gguf(path: str) -> Checkpoint:
     except HotcoldError:
         raise
     except Exception as e:  # the tokenizers library raises bare Exceptions for merges of unknown tokens
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise HotcoldError(f"{path}: invalid tokenizer metadata ({why})") from None
+        raise HotcoldError(f"{path}: invalid tokenizer metadata ({first_line(e)})") from None
     return Checkpoint(path, cfg, tensors, tok, meta, r.mapping)
 
 

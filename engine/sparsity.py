@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import HotcoldError, ModelConfig, blk
+from .config import HotcoldError, ModelConfig, blk, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +125,7 @@ def write_failure(path: str, e: Exception) -> str:
     with contextlib.suppress(OSError):
         if shutil.disk_usage(os.path.dirname(path) or ".").free < 1 << 20:
             return "No space left on device"
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first_line(e)
 
 
 @contextlib.contextmanager

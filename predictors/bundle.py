@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, first_line
 from engine.sparsity import (check_fingerprint, json_writer, read_json, tensors_sha256, write_all, write_atomic,
                              write_json)
 
@@ -298,8 +298,7 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
         try:
             sd = torch.load(files[i], map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch's own errors alike: the file is not a plain state dict
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch adds paragraphs of advice
-            raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {first})") from None
+            raise HotcoldError(f"{files[i]}: unreadable predictor ({type(e).__name__}: {first_line(e)})") from None
         if not (isinstance(sd, dict) and set(sd) == {"fc1.weight", "fc2.weight"}
                 and all(isinstance(v, torch.Tensor) for v in sd.values())):
             found = {repr(k): type(v).__name__ for k, v in sd.items()} if isinstance(sd, dict) else type(sd).__name__

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from engine.config import HotcoldError
+from engine.config import HotcoldError, first_line
 from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, weights_sha256,
                              write_atomic, write_json)
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
@@ -209,7 +209,7 @@ def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
         except FileNotFoundError:
             raise HotcoldError(f"{path}: no such file (a sample chunk of the profile)") from None
         except (OSError, ValueError, EOFError) as e:
-            raise HotcoldError(f"{path}: unreadable sample chunk ({str(e).splitlines()[0]})") from None
+            raise HotcoldError(f"{path}: unreadable sample chunk ({first_line(e)})") from None
         if a.dtype != dtype or a.shape != shape:
             raise HotcoldError(f"{path}: a sample chunk of {a.dtype} {a.shape}, expected {np.dtype(dtype)} {shape}")
         arrays.append(a)
