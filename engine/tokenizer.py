@@ -158,12 +158,15 @@ class Tokenizer:
         add_bos = (bool(tc["add_bos_token"]) if "add_bos_token" in tc
                    else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        spec = json.loads(tk.to_str())  # a SentencePiece decoder ends stripping the space before the text: decode's job
-        steps = (spec.get("decoder") or {}).get("decoders") or []
+        # a SentencePiece decoder ends stripping the space before the text: decode's job. Its spec alone is read (as
+        # pickling does), not the whole tokenizer's, written out and parsed again
+        spec = json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {}
+        steps = spec.get("decoders") or []
         space_prefix = bool(steps) and steps[-1] == {"type": "Strip", "content": " ", "start": 1, "stop": 0}
         if space_prefix:
-            spec["decoder"]["decoders"] = steps[:-1]
-            tk = HFTokenizer.from_str(json.dumps(spec))
+            trimmed = decoders.Sequence([])
+            trimmed.__setstate__(json.dumps({**spec, "decoders": steps[:-1]}).encode())
+            tk.decoder = trimmed
         return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix,
                    bool(tc.get("add_eos_token", False)) and eos is not None)
 
