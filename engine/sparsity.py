@@ -133,7 +133,11 @@ def output_lock(path: str):
     """Hold a lock on the output `path` (a file, a prefix or a directory, there yet or not) while a command writes it:
     a second hotcold writing the same output is refused in one line instead of interleaving with the first. It is
     an flock on a file named after the absolute path, in the temporary directory: nothing is left beside the output,
-    and the lock goes with the process however it ends. Where no lock file can be made, nothing is locked."""
+    and the lock goes with the process however it ends. Where no lock file can be made (or flock is missing: not
+    POSIX), nothing is locked."""
+    if os.name != "posix":
+        yield
+        return
     import fcntl
     base = re.sub(r"(\.powerinfer)?\.gguf$|\.json$|\.gpuidx$", "", os.path.abspath(path))  # -o x, x.gguf: one
     folder = os.path.join(tempfile.gettempdir(), f"hotcold-locks-{os.getuid()}")

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if getattr(args, "threads", None) is None and hasattr(args, "threads"):
             args.threads = os.cpu_count()
-        if getattr(args, "out", None) and os.name == "posix":  # profile, calibrate, train-predictors, relufy, ...
+        if getattr(args, "out", None):  # profile, calibrate, train-predictors, relufy, ...
             from engine.sparsity import output_lock
             with output_lock(args.out):
                 args.func(args)
