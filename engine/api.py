@@ -249,7 +249,6 @@ class Model:
         logits = self.net.next_logits(prompt_ids, 0)  # (n_vocab,)
         t1 = time.perf_counter()
         out: list[int] = []
-        shown = ""  # what on_text has had
         pos = len(prompt_ids)
         while len(out) < n:
             tok = sampler(logits)
@@ -259,10 +258,9 @@ class Model:
                                       if self.cache_type == "f16" else ")"))
             out.append(tok)
             if on_text is not None:
-                piece = stream.step(self.tokenizer.tk, tok)
+                piece = stream.step(tok)
                 if piece:
                     on_text(piece)
-                    shown += piece
             if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
             logits = self.net.next_logits([tok], pos)
@@ -280,8 +278,9 @@ class Model:
         if self.runtime is not None:
             stats.update(self.runtime.stats())
         text = self.tokenizer.decode(out, continuation=True)
-        if on_text is not None and text.startswith(shown) and len(text) > len(shown):
-            on_text(text[len(shown):])  # a character cut off by the last token, as the text shows it (U+FFFD)
+        rest = stream.end() if on_text is not None else ""
+        if rest:
+            on_text(rest)  # a character cut off by the last token, as the text shows it (U+FFFD)
         return Completion(text, out, prompt_ids, stats)
 
     def decode_bytes_per_token(self) -> int:

@@ -5,15 +5,17 @@ GGUF vocabularies: `gpt2` (byte-level BPE, with the pre-tokenizer named by `toke
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .config import HotcoldError
 
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -35,8 +37,18 @@ PRE_TOKENIZERS = {
     "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
     "default": lambda: split_then_bytes(*DEFAULT_SPLITS),
 }
-# names of end-of-turn tokens that stop generation besides EOS
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+# names of tokens that end generation besides EOS, as llama.cpp finds them (and its eot/eom keys)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+               "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>")
+END_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable stand-in character of each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
 
 
 def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
@@ -69,16 +81,22 @@ def valid_text(text: str) -> str:
 
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 chat_template: str | None, special_ids: set[int], space_prefix: bool = False, add_eos: bool = False):
+                 chat_template: str | None, special_ids: set[int], space_prefix: bool = False, add_eos: bool = False,
+                 end_ids: set[int] = frozenset()):
         """space_prefix: encoding puts a space before the text (SentencePiece), which `decode` removes again;
-        add_eos: EOS after the text wherever BOS is added before it (llama.cpp's add_special)."""
+        add_eos: EOS after the text wherever BOS is added before it (llama.cpp's add_special); end_ids: more tokens
+        that end generation (the model's eot/eom)."""
         self.tk = tk
         self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
         self.space_prefix = space_prefix
         self.chat_template = chat_template
         vocab = tk.get_vocab()
-        self.stop_ids = {i for i in [eos_id] if i is not None} | {vocab[t] for t in END_OF_TURN if t in vocab}
+        self.stop_ids = ({i for i in [eos_id] if i is not None} | {vocab[t] for t in END_OF_TURN if t in vocab}
+                         | set(end_ids))
         self.special_ids = special_ids
+        self.pieces: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
+        self.piece_rule = piece_rule(json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {})
+        self.raw_ids = {i for i, t in tk.get_added_tokens_decoder().items() if not t.special}
 
     # --- construction -------------------------------------------------------------------------------
     @classmethod
@@ -93,10 +111,10 @@ class Tokenizer:
         types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        for key, v in (("bos", bos), ("eos", eos)):
+        ends = {key: meta.get(key) for key in END_KEYS}
+        for key, v in [("tokenizer.ggml.bos_token_id", bos), ("tokenizer.ggml.eos_token_id", eos), *ends.items()]:
             if v is not None and not 0 <= v < len(tokens):
-                raise HotcoldError(f"{path}: tokenizer.ggml.{key}_token_id {v} is outside the vocabulary of "
-                                   f"{len(tokens)}")
+                raise HotcoldError(f"{path}: {key} {v} is outside the vocabulary of {len(tokens)}")
         vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
             merges = meta.get("tokenizer.ggml.merges") or []
@@ -135,7 +153,8 @@ class Tokenizer:
             tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
             space_prefix = False
         return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix,
-                   bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None)
+                   bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,
+                   {v for v in ends.values() if v is not None})
 
     @classmethod
     def from_hf_dir(cls, path: str) -> Tokenizer:
@@ -158,17 +177,19 @@ class Tokenizer:
         add_bos = (bool(tc["add_bos_token"]) if "add_bos_token" in tc
                    else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        # a SentencePiece decoder ends stripping the space before the text: decode's job. Its spec alone is read (as
-        # pickling does), not the whole tokenizer's, written out and parsed again
+        # a SentencePiece decoder strips the space before the text (Strip, or Metaspace's prepend): decode's job
         spec = json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {}
-        steps = spec.get("decoders") or []
-        space_prefix = bool(steps) and steps[-1] == {"type": "Strip", "content": " ", "start": 1, "stop": 0}
-        if space_prefix:
-            trimmed = decoders.Sequence([])
-            trimmed.__setstate__(json.dumps({**spec, "decoders": steps[:-1]}).encode())
-            tk.decoder = trimmed
+        steps = (spec.get("decoders") or []) if spec.get("type") == "Sequence" else [spec]
+        space_prefix = any(s == {"type": "Strip", "content": " ", "start": 1, "stop": 0} or s.get("type") == "Metaspace"
+                           and s.get("prepend_scheme", "always" if s.get("add_prefix_space") else "never") != "never"
+                           for s in steps)
+        # generation_config.json's eos_token_id (an id or a list: Llama 3.1's <|eot_id|>, <|eom_id|>) ends generation
+        ends = (read_json_if(os.path.join(path, "generation_config.json"), "generation config") or {}).get(
+            "eos_token_id")
+        ends = {i for i in (ends if isinstance(ends, list) else [ends])
+                if isinstance(i, int) and 0 <= i < tk.get_vocab_size(with_added_tokens=True)}
         return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix,
-                   bool(tc.get("add_eos_token", False)) and eos is not None)
+                   bool(tc.get("add_eos_token", False)) and eos is not None, ends)
 
     # --- use ----------------------------------------------------------------------------------------
     @property
@@ -186,15 +207,22 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
+    def piece(self, i: int) -> bytes:
+        """Token i's bytes, as llama.cpp prints a token: none for a special token, an added token's own text, a
+        byte-fallback token's byte, else the token with its decoder's stand-ins (Ġ, ▁) undone."""
+        b = self.pieces.get(i)
+        if b is None:
+            b = self.pieces[i] = token_bytes(self, int(i))
+        return b
+
     def decode(self, ids: list[int], continuation: bool = False) -> str:
         """The text of ids: of a whole text (the space `encode` put before it removed), or a continuation's (its
-        leading space kept, as llama.cpp prints pieces)."""
-        text = self.tk.decode(list(ids), skip_special_tokens=True)
+        leading space kept, as llama.cpp prints pieces). Bytes that are not UTF-8 show as U+FFFD, each run alone."""
+        text = b"".join(map(self.piece, ids)).decode("utf-8", "replace")
         return text[1:] if self.space_prefix and not continuation and text.startswith(" ") else text
 
-    def stream(self):
-        """An incremental decoder of a continuation: `step(id) -> str | None` that never splits a UTF-8 character."""
-        return decoders.DecodeStream(skip_special_tokens=True)
+    def stream(self) -> Stream:
+        return Stream(self.piece)
 
     def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
         if not self.chat_template:
@@ -218,6 +246,58 @@ class Tokenizer:
             raise HotcoldError(f"chat template: {type(e).__name__}: {e}") from None
         # encode adds BOS itself: a template's own (Llama 3, Gemma) would make two, so it goes, as in llama.cpp
         return text[len(bos):] if self.add_bos and bos and text.startswith(bos) else text
+
+
+class Stream:
+    """An incremental decoder of a continuation: `step(id)` gives the text that is whole so far, never half a UTF-8
+    character; `end()` what is left (U+FFFD for a character cut off). Together they are decode(ids, True)."""
+
+    def __init__(self, piece):
+        self.piece, self.utf8 = piece, codecs.getincrementaldecoder("utf-8")("replace")
+
+    def step(self, i: int) -> str:
+        return self.utf8.decode(self.piece(i))
+
+    def end(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+BYTE_OF_CHAR = byte_level_chars()
+
+
+def piece_rule(spec: dict) -> tuple[str, list[tuple[str, str]], bool]:
+    """How a decoder (its JSON spec) turns a token into bytes: ("bytes", ...) byte-level BPE; ("text", replacements,
+    byte_fallback) SentencePiece styles; ("hf", ...) anything else, each token decoded alone by the library."""
+    steps = (spec.get("decoders") or []) if spec.get("type") == "Sequence" else [spec] if spec else []
+    kinds = [s.get("type") for s in steps]
+    if "ByteLevel" in kinds:
+        return "bytes", [], False
+    replaces = [(s["pattern"]["String"], s["content"]) for s in steps
+                if s.get("type") == "Replace" and "String" in (s.get("pattern") or {})]
+    replaces += [(s.get("replacement", "▁"), " ") for s in steps if s.get("type") == "Metaspace"]
+    known = len(replaces) == kinds.count("Replace") + kinds.count("Metaspace") and set(kinds) <= {
+        "Replace", "Metaspace", "ByteFallback", "Fuse", "Strip"}
+    return ("text" if known else "hf"), replaces, "ByteFallback" in kinds
+
+
+def token_bytes(tok: Tokenizer, i: int) -> bytes:
+    """Tokenizer.piece's bytes, computed."""
+    t = tok.tk.id_to_token(i)
+    if i in tok.special_ids or t is None:
+        return b""
+    if i in tok.raw_ids:
+        return t.encode()
+    kind, replaces, byte_fallback = tok.piece_rule
+    if kind == "bytes":
+        return b"".join(bytes([BYTE_OF_CHAR[c]]) if c in BYTE_OF_CHAR else c.encode() for c in t)
+    if kind == "text":
+        m = BYTE_PIECE.fullmatch(t) if byte_fallback else None
+        if m:
+            return bytes([int(m[1], 16)])
+        for a, b in replaces:
+            t = t.replace(a, b)
+        return t.encode()
+    return tok.tk.decode([i], skip_special_tokens=True).encode()
 
 
 def read_json_if(path: str, what: str) -> dict | None:

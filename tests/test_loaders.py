@@ -460,7 +460,7 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     eos = Tokenizer.from_gguf({**meta, "tokenizer.ggml.add_eos_token": True}, "spm")  # llama.cpp's add_special
     assert eos.encode("The of") == [1, The, of, 2] and eos.encode("The of", add_bos=False) == [The, of]
     stream = spm.stream()
-    assert "".join(stream.step(spm.tk, i) or "" for i in [the, of]) == " the of"
+    assert "".join(stream.step(i) for i in [the, of]) + stream.end() == " the of"
     from tokenizers import decoders  # the same vocabulary as an HF directory saves it: its decoder strips the space
     spm.tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
@@ -473,6 +473,43 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     # llama.cpp: punctuation runs first, then GPT-2's words, then digits in runs of three
     assert [p for p, _ in split("f(x) = (a + b)")] == ["f", "(", "x", ")", "Ġ", "=", "Ġ", "(", "a", "Ġ", "+", "Ġb", ")"]
     assert [p for p, _ in split("a==b || c 12345")] == ["a", "==", "b", "Ġ", "||", "Ġc", "Ġ", "123", "45"]
+
+
+def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path):
+    """Byte tokens give their bytes (valid UTF-8 runs survive beside invalid ones, as llama.cpp prints them); the
+    stream never raises and its steps join to the decoded text; eot/eom ids and end-of-generation names stop."""
+    import random
+
+    from engine.config import HotcoldError
+    from engine.tokenizer import Tokenizer
+    words = ["▁", "a", "b", "▁a", "<|eom_id|>", "<|end_of_text|>", "<|eot_id|>"]
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * 4 + [3] * 3,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tok = Tokenizer.from_gguf(meta, "spm")
+    byte = {b: 3 + b for b in range(256)}
+    a = pieces.index("▁a")
+    ri = [byte[b] for b in "日".encode()]
+    assert tok.decode([byte[0x45], byte[0x4D], byte[0xD1]]) == "EM\ufffd"
+    assert tok.decode(ri + ri[:1] + [a], continuation=True) == "日\ufffd a"
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice([rng.randrange(len(pieces)), *ri, rng.randrange(3 + 0xC0, 3 + 0xF5)]) for _ in range(8)]
+        stream = tok.stream()
+        assert "".join(map(stream.step, ids)) + stream.end() == tok.decode(ids, continuation=True)
+    eom, eot, end = (pieces.index(t) for t in ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>"))
+    assert tok.stop_ids == {2, eom, eot, end}
+    keyed = Tokenizer.from_gguf({**meta, "tokenizer.ggml.eot_token_id": byte[0], "tokenizer.ggml.eom_token_id": a},
+                                "spm")
+    assert {byte[0], a} < keyed.stop_ids
+    with pytest.raises(HotcoldError, match="spm: tokenizer.ggml.eom_token_id 999 is outside the vocabulary"):
+        Tokenizer.from_gguf({**meta, "tokenizer.ggml.eom_token_id": 999}, "spm")
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, byte[7]]}))
+    hf = Tokenizer.from_hf_dir(str(tmp_path))
+    assert byte[7] in hf.stop_ids and hf.decode(ri[:2] + ri + [a]) == "\ufffd日 a"
 
 
 def _fields(reader):
