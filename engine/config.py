@@ -102,9 +102,12 @@ def set_threads(n: int | None) -> None:
         return
     if as_int(n, "threads") < 1:
         raise HotcoldError(f"threads = {n}: at least 1")
-    import numba
-    _threads["n"] = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(_threads["n"])
+    try:  # NUMBA_NUM_THREADS=0 or a threading layer that is not installed fail here
+        import numba
+        _threads["n"] = min(n, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(_threads["n"])
+    except (ValueError, ImportError) as e:
+        raise HotcoldError(f"numba: {first_line(e)} (see the NUMBA_* environment variables)") from None
     torch_threads()
 
 

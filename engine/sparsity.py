@@ -215,6 +215,18 @@ def check_writable(path: str) -> None:
         raise HotcoldError(f"{folder}: not writable (the output {path} goes there)")
 
 
+def check_replaceable(path: str, what: str, is_kind: Callable[[str], bool]) -> None:
+    """Refuse an output that exists and is not what the command writes (a model, a corpus, a profile's manifest
+    given as -o by mistake): a re-run replaces only its own kind of file."""
+    if os.path.isfile(path):
+        try:
+            ok = is_kind(path)
+        except (HotcoldError, OSError, ValueError):
+            ok = False
+        if not ok:
+            raise HotcoldError(f"{path}: exists and is not {what}; not replaced (remove it or choose another -o)")
+
+
 def json_writer(obj) -> Callable[[str], None]:
     """write(tmp) of obj as indented JSON, for write_atomic and write_all."""
     def write(tmp: str) -> None:

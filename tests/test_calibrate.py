@@ -21,14 +21,20 @@ def tiny(tmp_path_factory):
 
 
 def cli_calibrate(tiny, out, *goal, model=("silu", 0)):
+    out = [str(out)] if str(out).startswith("--out=") else ["-o", str(out)]
     return main(["calibrate", "-m", tiny[0][model], "-f", tiny[1], *goal, "--tokens", "96", "--heldout-tokens",
-                 "128", "--ctx", str(CTX), "-o", str(out), "-t", "1", "--json", "--backend", "torch"])
+                 "128", "--ctx", str(CTX), *out, "-t", "1", "--json", "--backend", "torch"])
 
 
-def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys):
-    out = tmp_path / "configs" / "s.json"  # its directory is made
-    assert cli_calibrate(tiny, out, "--target-sparsity", "0.5") == 0
+def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = tmp_path / "home" / "configs" / "s.json"  # its directory is made; ~ expanded after --out= too
+    assert cli_calibrate(tiny, "--out=~/configs/s.json", "--target-sparsity", "0.5") == 0
     res = json.loads(capsys.readouterr().out)
+    model = open(tiny[0]["silu", 0], "rb").read()
+    assert cli_calibrate(tiny, tiny[0]["silu", 0], "--target-sparsity", "0.5") == 2  # -o onto the model
+    assert "exists and is not a sparsity config; not replaced" in capsys.readouterr().err
+    assert open(tiny[0]["silu", 0], "rb").read() == model
     assert set(res) >= {"sparsity", "ppl_dense", "ppl_sparse", "cett"}
     assert abs(res["sparsity"] - 0.5) < 0.1 and 0 < res["cett"] < 1
     cfg = json.loads(out.read_text())

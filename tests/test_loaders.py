@@ -397,6 +397,28 @@ def test_installed_command_exit_code(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.gguf" in r.stderr
 
 
+def test_stdout_closed_early_or_unable_to_encode(tmp_path):
+    """A reader that goes away (| head) ends the command quietly; a locale that cannot encode the text gets "?" and a
+    --json document in \\u escapes (exact), not a traceback; a closed stdout is one line."""
+    cli, root = [sys.executable, "-m", "tools.cli"], os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = tiny_config("relu")
+    model = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([*cli, "tokenize", "-m", model, "the cat " * 50], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=root)
+    p.stdout.close()  # before the command writes
+    assert p.stderr.read() == b"" and p.wait() == 0
+    enc = dict(env, PYTHONIOENCODING="latin-1")
+    r = subprocess.run([*cli, "tokenize", "-m", model, "日本", "--json"], capture_output=True, env=enc, cwd=root)
+    assert r.returncode == 0 and r.stderr == b"" and json.loads(r.stdout)["token_ids"][0] == 0
+    r = subprocess.run([*cli, "generate", "-m", model, "-p", "日本", "-n", "2", "-t", "1"], capture_output=True,
+                       env=enc, cwd=root)
+    assert r.returncode == 0 and r.stdout.startswith(b"??") and b"Traceback" not in r.stderr
+    r = subprocess.run(f"'{sys.executable}' -m tools.cli tokenize -m '{model}' hi >&-", shell=True,
+                       capture_output=True, text=True, env=env, cwd=root)
+    assert r.returncode == 2 and r.stderr == "hotcold: error: stdout is closed\n"
+
+
 def test_hf_generate_and_chat_template(tmp_path):
     c = tiny_config("relu")
     m = load(write_hf(str(tmp_path / "hf"), c, tiny_weights(c)), n_ctx=64)

@@ -155,11 +155,21 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["split", "--profile", str(prof), "--gpu-budget=-5G", "-o", str(tmp_path / "t")])
     assert "expected a size such as 512M or 2G, got '-5G'" in capsys.readouterr().err
-    (tmp_path / "v.json").write_text("old")  # both files renamed together, or neither
+    old = json.dumps(dict(split, gpu_share_expected=0.25))
+    (tmp_path / "v.json").write_text(old)  # both files renamed together, or neither
     (tmp_path / "v.gpuidx").mkdir()
     assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", "-o", str(tmp_path / "v")]) == 2
     assert "v.gpuidx: a directory is in the way" in capsys.readouterr().err
-    assert (tmp_path / "v.json").read_text() == "old" and not list(tmp_path.glob("*.tmp*"))
+    assert (tmp_path / "v.json").read_text() == old and not list(tmp_path.glob("*.tmp*"))
+    # a split replaces its own files, never another file given as -o (here the profile's manifest)
+    assert main(["split", "--profile", str(prof), "--hot-fraction", "0.25", "-o", str(tmp_path / "s")]) == 0
+    manifest = (prof / "manifest.json").read_text()
+    assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", "-o", str(prof / "manifest")]) == 2
+    assert "manifest.json: exists and is not a hotcold split; not replaced" in capsys.readouterr().err
+    assert (prof / "manifest.json").read_text() == manifest
+    (tmp_path / "x.gpuidx").write_bytes(open(model, "rb").read())
+    assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", "-o", str(tmp_path / "x")]) == 2
+    assert "x.gpuidx: exists and is not a .gpuidx" in capsys.readouterr().err
     bundle = tmp_path / "bundle"  # a predictor bundle where a profile belongs
     bundle.mkdir()
     from predictors.bundle import FORMAT
@@ -195,6 +205,7 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
         with pytest.raises(HotcoldError, match=why):
             hot_neurons(own, gate_bundle(own), str(tmp_path / name), None, "cpu", 32)
     assert len(hot_neurons(own, gate_bundle(own), str(tmp_path / "s.json"), None, "cpu", 32)[1]) == c.n_layer
+    split = json.loads((tmp_path / "s.json").read_text())  # -o s twice: replaced by the second (0.25) split
 
 
 def test_gpu_budget_solved_on_the_spot_when_neurons_are_not_a_multiple_of_32(tmp_path):

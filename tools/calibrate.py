@@ -39,8 +39,8 @@ import torch
 
 from engine.api import perplexity_of
 from engine.config import HotcoldError
-from engine.sparsity import (SparsityConfig, batched_net, check_writable, contribution, down_norms, down_rows,
-                             exists_error, read_json, write_json)
+from engine.sparsity import (SparsityConfig, batched_net, check_replaceable, check_writable, contribution, down_norms,
+                             down_rows, exists_error, read_json, write_json)
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")
@@ -423,6 +423,8 @@ def cmd_calibrate(args) -> None:
     if args.bundle is not None:
         from predictors.bundle import check_bundle_out
         check_bundle_out(args.out)
+    else:
+        check_replaceable(args.out, "a sparsity config", lambda p: "thresholds" in read_json(p, "sparsity config"))
     check_writable(args.out)
     check_writable(progress_path(args.out))  # beside it: the parent of a bundle directory
     method = args.method

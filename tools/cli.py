@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import json
 import math
@@ -173,7 +175,8 @@ def strict(obj):
 
 
 def emit_json(obj) -> None:
-    json.dump(strict(obj), sys.stdout, ensure_ascii=False, allow_nan=False)
+    utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"  # else \u escapes keep the text exact
+    json.dump(strict(obj), sys.stdout, ensure_ascii=not utf8, allow_nan=False)
     sys.stdout.write("\n")
 
 
@@ -369,6 +372,25 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, a job scheduler): a command stops as on Ctrl-C, its temporary files removed."""
 
 
+PATH_ARGS = ("model", "out", "file", "files", "profile", "bundle", "predictors", "sparsity", "split", "report")
+
+
+def expand_paths(args) -> None:
+    """~ in path options: a shell leaves --out=~/x as it is."""
+    for name in PATH_ARGS:
+        v = getattr(args, name, None)
+        if isinstance(v, str):
+            setattr(args, name, os.path.expanduser(v))
+        elif isinstance(v, list):
+            setattr(args, name, [os.path.expanduser(p) if isinstance(p, str) else p for p in v])
+
+
+def drop_stdout() -> None:
+    """What stdout still buffers goes nowhere: the flush at exit would fail again, outside main."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM, during the cleanup, ends the process
     raise Terminated
@@ -387,12 +409,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         if getattr(args, "threads", None) is None and hasattr(args, "threads"):
             args.threads = os.cpu_count()
+        expand_paths(args)
+        if sys.stdout is None:
+            raise HotcoldError("stdout is closed")
+        if hasattr(sys.stdout, "reconfigure"):  # a locale that cannot show a character gets "?", not a traceback
+            sys.stdout.reconfigure(errors="replace")
         if getattr(args, "out", None):  # profile, calibrate, train-predictors, relufy, ...
             from engine.sparsity import output_lock
             with output_lock(args.out):
                 args.func(args)
         else:
             args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe or a full disk is caught, not at exit
     except HotcoldError as e:
         print(f"hotcold: error: {e}", file=sys.stderr)
         return 2
@@ -402,9 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hotcold: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): quietly
+        drop_stdout()
         return 0
     except OSError as e:  # an output path that cannot be written: a directory, under a file, no permission, disk full
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO):  # stdout's file (> file)
+            drop_stdout()
+            e.filename = "stdout"
         where = f"{e.filename}: " if e.filename else ""
         what = e.strerror or str(e)
         if isinstance(e, FileExistsError) and not os.path.isdir(e.filename):  # os.makedirs under a file

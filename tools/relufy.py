@@ -267,7 +267,9 @@ def cmd_relufy(args) -> None:
     from tools.profile import read_corpus
     ckpt = load_checkpoint(args.model)
     check_context(ckpt, args.ctx)
-    if not args.out.endswith(".gguf") or os.path.isdir(args.out):
+    if os.path.isdir(args.out):
+        raise HotcoldError(f"{args.out}: is a directory (the output is a GGUF file)")
+    if not args.out.endswith(".gguf"):
         raise HotcoldError(f"{args.out}: the output is a GGUF file; name it *.gguf")
     check_writable(args.out)  # its training state goes beside it
     if os.path.exists(args.out) and not args.force:

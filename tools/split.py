@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.api import DEFAULT_CTX, check_context, default_ctx
 from engine.config import HotcoldError
-from engine.sparsity import check_fingerprint, check_writable, fingerprint, read_json, write_all
+from engine.sparsity import check_fingerprint, check_replaceable, check_writable, fingerprint, read_json, write_all
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 GROUP = 32  # neurons placed together, by default
@@ -156,8 +156,15 @@ def split_outputs(prefix: str) -> tuple[str, str]:
     """PREFIX.json and PREFIX.gpuidx (PREFIX may end in .json), refused before any work if they cannot be written."""
     check_out_prefix(prefix, "out/split")
     prefix = prefix[:-5] if prefix.endswith(".json") else prefix
+    check_replaceable(prefix + ".json", "a hotcold split", read_split)
+    check_replaceable(prefix + ".gpuidx", "a .gpuidx", is_gpuidx)
     check_writable(prefix + ".json")
     return prefix + ".json", prefix + ".gpuidx"
+
+
+def is_gpuidx(path: str) -> bool:
+    from engine.loader import field_value, open_gguf
+    return field_value(open_gguf(path), "general.architecture") == "generic.gpu_index"
 
 
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
