@@ -417,6 +417,9 @@ def test_stdout_closed_early_or_unable_to_encode(tmp_path):
     r = subprocess.run(f"'{sys.executable}' -m tools.cli tokenize -m '{model}' hi >&-", shell=True,
                        capture_output=True, text=True, env=env, cwd=root)
     assert r.returncode == 2 and r.stderr == "hotcold: error: stdout is closed\n"
+    r = subprocess.run([*cli, "generate", "-m", model, "-p", "hi", "-n", "1", "-t", "1"], capture_output=True,
+                       text=True, env=dict(env, NUMBA_NUM_THREADS="0"), cwd=root)
+    assert r.returncode == 2 and r.stderr.startswith("hotcold: error: numba: ") and r.stderr.count("\n") == 1
 
 
 def test_hf_generate_and_chat_template(tmp_path):
