@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, first_line
-from engine.sparsity import (check_fingerprint, json_writer, read_json, tensors_sha256, write_all, write_atomic,
-                             write_json)
+from engine.sparsity import (check_fingerprint, json_writer, read_json, rope_key, tensors_sha256, write_all,
+                             write_atomic, write_json)
 
 from .model import Predictor
 
@@ -50,14 +50,15 @@ FOLD_MAX_SCALE = 256.0  # largest factor fold_thresholds puts on fc2 (PowerInfer
 
 # --- which model a bundle belongs to ---------------------------------------------------------------------
 def model_fingerprint(ckpt) -> dict:
-    """Architecture, dimensions, activation, and a sha256 of every layer's ffn_gate and ffn_up as stored.
+    """Architecture, dimensions, activation, rope, and a sha256 of every layer's ffn_gate and ffn_up as stored.
 
     ckpt: an engine.loader.Checkpoint (anything with .config and .tensors of QTensors). The same model stored in
     another format (Q4_1 GGUF against F32 safetensors) hashes differently: its predictors would differ too."""
     c = ckpt.config
     ffn = tensors_sha256(ckpt.tensors, [blk(i, n) for i in range(c.n_layer) for n in ("ffn_gate", "ffn_up")])
     return {"arch": c.arch, "n_layer": c.n_layer, "n_embd": c.n_embd, "n_ff": c.n_ff, "act": c.act,
-            "act_threshold": c.act_threshold, "ffn_gated": c.ffn_gated, "ffn_sha256": ffn}  # a plain FFN: no gate
+            "act_threshold": c.act_threshold, "rope": rope_key(c), "ffn_gated": c.ffn_gated,
+            "ffn_sha256": ffn}  # a plain FFN: no gate
 
 
 # --- our bundle ----------------------------------------------------------------------------------------

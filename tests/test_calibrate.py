@@ -66,6 +66,40 @@ def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys, mo
             load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, sparsity=str(bad))
 
 
+def test_the_same_weights_under_another_rope_or_threshold_are_another_model(tiny, tmp_path, capsys):
+    """Sparsity configs, profiles, splits and bundles record the rope and the FATReLU threshold: the same weights with
+    Llama 3.1's rope factors, or another threshold, compute other FFN inputs (files written before these keys were
+    recorded are checked without them)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.loader import load_checkpoint
+    from engine.sparsity import check_fingerprint, fingerprint
+    from predictors.bundle import model_fingerprint
+    from tiny_model import tiny_config, tiny_weights, write_gguf
+    c = tiny_config("silu")
+    freqs = np.linspace(1.0, 8.0, c.head_dim // 2).astype(np.float32)
+    scaled = write_gguf(str(tmp_path / "l31.gguf"), c, {**tiny_weights(c, 0), "rope_freqs.weight": freqs})
+    out = tmp_path / "s.json"
+    assert cli_calibrate(tiny, out, "--target-sparsity", "0.5") == 0  # on the same weights without rope factors
+    capsys.readouterr()
+    assert main(["perplexity", "-m", scaled, "-f", tiny[1], "--ctx", str(CTX), "--sparsity", str(out), "-t", "1"]) == 2
+    assert "s.json: sparsity config of another model (rope 'base 10000.0, scale 1.0, freqs none'" in \
+        capsys.readouterr().err
+    ckpt = load_checkpoint(scaled)
+    for fp in (fingerprint, lambda cf, t: model_fingerprint(SimpleNamespace(config=cf, tensors=t))):
+        plain = fp(replace(ckpt.config, rope_freqs=None), ckpt.tensors)
+        with pytest.raises(HotcoldError, match="of another model .rope"):
+            check_fingerprint(plain, fp(ckpt.config, ckpt.tensors), "p", "profile")
+        fat = fp(replace(ckpt.config, act="fatrelu", act_threshold=0.3), ckpt.tensors)
+        with pytest.raises(HotcoldError, match="of another model .act_threshold 0.3, this model has 0.05"):
+            check_fingerprint(fat, fp(replace(ckpt.config, act="fatrelu", act_threshold=0.05), ckpt.tensors), "p", "x")
+        old = {k: v for k, v in plain.items() if k not in ("rope", "act_threshold")}
+        check_fingerprint(old, fp(ckpt.config, ckpt.tensors), "p", "profile")  # written before they were recorded
+
+
 @pytest.mark.parametrize("method", ["quantile", "cett", "greedy"])
 def test_ppl_bound_is_met_on_heldout_text(tiny, tmp_path, method):
     model = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch")
