@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -88,18 +87,18 @@ class Completion:
 
 def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
-         hot: list | None = None, hot_device: str | None = None, audit: bool = False, cache_type: str = "f16") -> Model:
+         cache_type: str = "f16") -> Model:
     """model: a GGUF file, a model directory, the default's name or None, or a Checkpoint already loaded from one.
     n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
     that is refused: RoPE past it is not what the model learned, and a batched forward's memory grows with its
-    square); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model);
-    hot: per layer the neuron ids computed on hot_device (see Model.set_predictors); cache_type: the kernel
-    backend's KV cache, "f16" or "f32" (the torch backend's is float32)."""
+    square); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model;
+    False: none, or the caller's own `set_predictors` with a split); cache_type: the kernel backend's KV cache, "f16"
+    or "f32" (the torch backend's is float32)."""
     set_threads(threads)
     m = Model(model if isinstance(model, Checkpoint) else load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
-    if predictors is not None:
-        m.set_predictors(predictors, hot, hot_device, audit)
+    if predictors is not False and predictors is not None:
+        m.set_predictors(predictors)
     return m
 
 
@@ -131,13 +130,20 @@ class Model:
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32
         self.runtime = None  # engine.hybrid.Runtime once predictors are set
         self.sparsity = None  # engine.sparsity.Sparsifier once a sparsity config is set
-        if backend == "kernels":
-            from .cpu import KernelModel
-            self.net = KernelModel(self.config, ckpt.tensors, n_ctx, cache_type)
-            ckpt.drop_pages()
-        else:
-            from .model import TorchModel
-            self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
+        try:
+            if backend == "kernels":
+                from .cpu import KernelModel
+                self.net = KernelModel(self.config, ckpt.tensors, n_ctx, cache_type)
+                ckpt.drop_pages()
+            else:
+                from .model import TorchModel
+                self.net = TorchModel(self.config, ckpt.tensors, n_ctx)
+        except (MemoryError, RuntimeError) as e:  # torch's allocator: RuntimeError "can't allocate memory"
+            if isinstance(e, RuntimeError) and "allocate" not in str(e):
+                raise
+            kv = sum(math.prod(s) for s in self.config.kv_shapes(n_ctx)) * (2 if self.cache_type == "f16" else 4)
+            raise HotcoldError(f"{ckpt.path}: out of memory for the model and a context of {n_ctx} tokens (its KV "
+                               f"cache alone {kv / 2**30:.2f} GiB; lower --ctx)") from None
         if sparsity is not None:
             self.set_sparsity(sparsity)
 

@@ -1,5 +1,4 @@
 """The kernel engine (numba on stored blocks) against the torch reference engine."""
-import json
 import os
 import subprocess
 import sys
@@ -107,6 +106,19 @@ def test_first_compiling_run_and_cached_runs_decode_the_same_bits(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert os.listdir(tmp_path / "numba")  # the second run had a cache to load
     assert runs[0].stdout == runs[1].stdout
+
+
+def test_a_context_that_does_not_fit_in_memory_is_one_line(tmp_path, monkeypatch):
+    """MemoryError while allocating the KV cache (a 128k-context model asked for all of it) names the cache's size."""
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))
+
+    def no_memory(*a, **k):
+        raise MemoryError
+    monkeypatch.setattr(KernelModel, "__init__", no_memory)
+    with pytest.raises(HotcoldError, match=r"m.gguf: out of memory for the model and a context of 256 tokens \(its KV "
+                       r"cache alone 0.00 GiB; lower --ctx\)"):
+        load(path, n_ctx=256)
 
 
 def test_dequantize_rows_is_exact():

@@ -392,3 +392,8 @@ def test_generate_runs_an_export_with_its_predictors_and_split(tiny, capsys):
     assert 0 < s["predicted_sparsity"] < 1 and 0 < s["gpu_share"] < 1  # a quarter of the FFN is hot in the split
     assert main(argv) == 0  # no CUDA here: the same predictors, every neuron on the CPU
     assert json.loads(capsys.readouterr().out)["stats"]["gpu_share"] == 0.0 or torch.cuda.is_available()
+    corpus = tiny["dir"] / "corpus.txt"  # profile and calibrate run the model itself, not its predictors
+    corpus.write_text("the cat sat on the mat, and then the dog ate in the hat. " * 12)
+    assert main(["profile", "-m", out + ".powerinfer.gguf", "-f", str(corpus), "--ctx", "32", "--tokens", "64",
+                 "-o", str(tiny["dir"] / "prof"), "-t", "1", "--json"]) == 0
+    assert 0 < json.loads(capsys.readouterr().out)["mean_sparsity"] < 1

@@ -146,20 +146,25 @@ def runtime_flags_given(args, flags: tuple[str, ...]) -> list[str]:
 
 
 def load_model(args, n_ctx: int | None = None):
+    """-m with the command's options. The commands with the runtime's options (add_runtime_args) decode through
+    predictors, --predictors' or those the model file carries, set once with the split; the others (profile,
+    calibrate) run the model itself."""
     from engine.api import load
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
                  backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None),
-                 cache_type=getattr(args, "cache_type", "f16"))
-    if hasattr(args, "predictors") and args.predictors is None and model.runtime is None:
+                 cache_type=getattr(args, "cache_type", "f16"), predictors=False)
+    if not hasattr(args, "predictors"):
+        return model
+    bundle = args.predictors if args.predictors is not None else getattr(model.ckpt, "predictors", None)
+    if bundle is None:
         given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device",
                                            "--predictor-type"))
         if given:
             raise HotcoldError(f"{given[0]} goes with --predictors (or a model exported with its predictors)")
-    if getattr(args, "predictors", None) is not None or model.runtime is not None:
-        from tools.split import hot_neurons
-        bundle = args.predictors if args.predictors is not None else model.runtime.bundle
-        bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device, model.n_ctx)
-        model.set_predictors(bundle, hot, device, args.audit_recall, args.predictor_type)
+        return model
+    from tools.split import hot_neurons
+    bundle, hot, device = hot_neurons(model, bundle, args.split, args.gpu_budget, args.hot_device, model.n_ctx)
+    model.set_predictors(bundle, hot, device, args.audit_recall, args.predictor_type)
     return model
 
 
@@ -430,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hotcold: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("hotcold: error: out of memory", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (| head): quietly
         drop_stdout()
         return 0
