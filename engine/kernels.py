@@ -82,16 +82,22 @@ def host_isa() -> str:
 def _cache_by_source() -> None:
     """Cache the engine's compiled kernels in a folder named after a digest of the engine's sources. numba checks
     only a cached function's own file, and cpu.py and hybrid.py inline this module's helpers: after a change here
-    they would load their old code. The folders of other sources are removed. NUMBA_CACHE_DIR, when set, wins; so
-    does an unwritable package folder."""
+    they would load their old code. The folder is in the package's __pycache__, where the folders of other sources
+    are removed; under NUMBA_CACHE_DIR/hotcold when that is set, or the user's cache when the package is read-only
+    (shared places: nothing is removed there)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if os.environ.get("NUMBA_CACHE_DIR") or not os.access(here, os.W_OK):
-        return
     digest = hashlib.sha256()
     for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
         with open(os.path.join(here, name), "rb") as fh:
             digest.update(name.encode() + fh.read())
-    cache = os.path.join(here, "__pycache__", "numba-" + digest.hexdigest()[:16])
+    name = "numba-" + digest.hexdigest()[:16]
+    shared = os.environ.get("NUMBA_CACHE_DIR") or (
+        None if os.access(here, os.W_OK) else
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+    if shared:
+        numba.config.CACHE_DIR = os.path.join(shared, "hotcold", name)
+        return
+    cache = os.path.join(here, "__pycache__", name)
     if not os.path.isdir(cache):  # new sources (an upgrade, an edit): the kernels of the old ones are dead weight
         for old in glob.glob(os.path.join(glob.escape(here), "__pycache__", "numba-*")):
             if old != cache:  # made meanwhile by a process of these sources
@@ -911,7 +917,7 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
         nt: int | None = None) -> None:
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
-    Fused, one pass per neuron; rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
+    Fused: no full-width intermediate (a thread's slice of h at most); rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
     active i32[k] (distinct ids, not bounds-checked; sorted is fastest); exact as in matvec, for the gate and up rows
     (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute

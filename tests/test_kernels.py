@@ -438,7 +438,9 @@ def test_kernel_cache_follows_every_engine_source(tmp_path):
         fh.write("# edited\n")
     assert cache_dir(NUMBA_CACHE_DIR=None) != first
     assert not os.path.exists(first)  # the old sources' kernels are removed, not left to pile up
-    assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
+    # NUMBA_CACHE_DIR: a folder of these sources under it (stale kernels were loaded from it after an edit)
+    assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(
+        tmp_path / "mine" / "hotcold" / os.path.basename(cache_dir(NUMBA_CACHE_DIR=None)))
 
 
 def test_jit_cache_is_used_by_a_new_process(rng):
