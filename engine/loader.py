@@ -62,10 +62,6 @@ class Checkpoint:
         if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             self.mapping.madvise(mmap.MADV_DONTNEED)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def resolve(model: str | None) -> str:
     """A path from -m: a GGUF file, an HF directory, or the name of the default model."""

@@ -139,7 +139,12 @@ def add_model_keys(wr: GGUFWriter, ckpt: Checkpoint, qtype: QT) -> None:
         return
     for key, f in open_gguf(ckpt.path).fields.items():
         if key.startswith(COPIED_KEYS) and key not in OWN_KEYS:
-            wr.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+            copy_key(wr, key, f)
+
+
+def copy_key(wr: GGUFWriter, key: str, f) -> None:
+    """A key of a GGUFReader (its field f) into a GGUFWriter, of the same type."""
+    wr.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
 
 
 def add_keys(wr: GGUFWriter, keys: dict) -> None:
