@@ -4,7 +4,8 @@ Long prompts (and perplexity) run batched in torch (`TorchModel` with non-reside
 dequantizes row chunks of the prepared matrices on the fly, so no float32 copy of the model is ever held.
 Short prompts go through the decode step token by token, and torch is not even imported for them: a process
 that generates from a short prompt starts a second sooner. Both paths share one KV cache. State (cache, scratch
-vectors) is allocated once here; a decode step allocates nothing.
+vectors) is allocated once here; a decode step allocates nothing but, in a model with an output matrix of its own,
+the embedding row it reads from the file.
 """
 from __future__ import annotations
 
@@ -134,8 +135,9 @@ class Layer:
 
     @property
     def down_t(self) -> K.KMatrix:
-        """(n_ff, n_embd): the sparse FFN's rows, one per neuron. Built from ffn_down on first use (the first sparse
-        step), so that dense decoding neither waits for the transpose at load nor holds a second down."""
+        """(n_ff, n_embd): the sparse FFN's rows, one per neuron. For a block-quantized ffn_down, built on first use
+        (the first sparse step), so that dense decoding neither waits for the transpose at load nor holds a second
+        down; other types are transposed at load, where the dense FFN reads down_t."""
         if self.built_down_t is None:
             self.built_down_t, self.down_src = K.transpose(self.down_src), None
         return self.built_down_t

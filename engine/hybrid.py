@@ -232,7 +232,8 @@ class Runtime:
     """Predictors (a predictors.bundle.Bundle) driving the sparse FFN of a KernelModel, optionally with a HotPart.
 
     hot: per layer, the neuron ids placed on `device` (None or empty: all on the CPU). audit: also compute the
-    true active set per token (rule: an engine.sparsity.Sparsifier with the bundle's thresholds). qtype: how the
+    true active set per token (rule: engine.sparsity.truth_rule, exact for ReLU-family models, else the thresholds of
+    the sparsity config the bundle was trained with). qtype: how the
     predictor weights are stored for the kernels (config.PREDICTOR_TYPES); `bundle` is the bundle as given, `running`
     the predictors as they run (those weights, dequantized)."""
 
@@ -320,9 +321,9 @@ class Runtime:
         out = {"tokens": self.tokens, "predicted_sparsity": float(np.mean(1 - pred / n)),
                "gpu_share": float(hot.sum() / pred.sum()) if pred.sum() else 0.0}
         if self.audit is not None:
+            from predictors.metrics import from_counts
             for i, m in enumerate(layers):
-                m.update(recall=both[i] / true[i] if true[i] else 1.0, precision=both[i] / pred[i] if pred[i] else 1.0,
-                         actual_sparsity=1 - true[i] / n)
+                m.update(from_counts(both[i], pred[i], true[i], n))
             for k in AUDIT_KEYS:
                 out[k] = float(np.mean([m[k] for m in layers]))
         out["per_layer"] = layers

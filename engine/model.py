@@ -87,13 +87,15 @@ class TorchModel:
     CHUNK = 4096
 
     @contextmanager
-    def hooked(self, hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
-        """`ffn_hook` set to hook inside a with block, restored after it (also on errors)."""
-        saved, self.ffn_hook = self.ffn_hook, hook
+    def hooked(self, hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None, dense: bool = False):
+        """`ffn_hook` set to hook inside a with block, restored after it (also on errors); dense: without the
+        sparsity config there too."""
+        saved = self.ffn_hook, self.sparsity
+        self.ffn_hook, self.sparsity = hook, None if dense else self.sparsity
         try:
             yield self
         finally:
-            self.ffn_hook = saved
+            self.ffn_hook, self.sparsity = saved
 
     def decode_bytes_per_token(self) -> int:
         shapes = [t.shape for k, t in self.q.items() if k != "token_embd.weight" or self.c.tied_embeddings]

@@ -14,7 +14,6 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_score, recall_score
 
 METRIC_KEYS = ("recall", "precision", "predicted_sparsity", "actual_sparsity")
 
@@ -40,7 +39,9 @@ def predicted_sparsity(logits: torch.Tensor, threshold: float) -> float:
 
 
 def layer_metrics(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> dict:
-    """Recall, precision, predicted and actual sparsity of one layer's masks: bool (T, n_ff) each."""
+    """Recall, precision, predicted and actual sparsity of one layer's masks: bool (T, n_ff) each (scikit-learn's
+    scores: the reference `from_counts` agrees with)."""
+    from sklearn.metrics import precision_score, recall_score  # imported here: decoding's statistics do without
     if np.shape(pred) != np.shape(true):
         raise ValueError(f"predicted mask {np.shape(pred)} and true mask {np.shape(true)} differ in shape")
     p = np.asarray(pred, dtype=bool).ravel()  # (T * n_ff,)
@@ -51,6 +52,13 @@ def layer_metrics(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarr
         "predicted_sparsity": float(1.0 - p.mean()),
         "actual_sparsity": float(1.0 - t.mean()),
     }
+
+
+def from_counts(both: float, predicted: float, true: float, n: float) -> dict:
+    """layer_metrics from counts over n (token, neuron) pairs: both predicted and truly active, predicted active,
+    truly active (what decoding and eval-predictors count as they go)."""
+    return {"recall": both / true if true else 1.0, "precision": both / predicted if predicted else 1.0,
+            "predicted_sparsity": 1 - predicted / n, "actual_sparsity": 1 - true / n}
 
 
 def summarize(per_layer: list[dict]) -> dict:

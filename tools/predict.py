@@ -310,11 +310,11 @@ def format_train(res: dict) -> str:
 def eval_predictors(model, bundle, tokens: list[int], ctx: int = 256, n_tokens: int | None = None,
                     progress: bool = True) -> dict:
     """Recall, precision, predicted and actual sparsity of `bundle` on `tokens`, running `model` densely."""
-    from engine.sparsity import truth_rule
-    from predictors.metrics import summarize
+    from engine.sparsity import batched_net, truth_rule
+    from predictors.metrics import from_counts, summarize
     from tqdm import tqdm
     c = model.config
-    net = getattr(model.net, "torch", model.net)  # the kernel engine's batched path is a TorchModel
+    net = batched_net(model.net)
     rule = truth_rule(bundle, net)
     n_windows = min(len(tokens), n_tokens or len(tokens)) // ctx
     if n_windows < 1:
@@ -327,19 +327,13 @@ def eval_predictors(model, bundle, tokens: list[int], ctx: int = 256, n_tokens: 
         counts[i] += [int((pred & true).sum()), int(pred.sum()), int(true.sum()), true.numel()]
         return h
 
-    saved = net.sparsity, net.ffn_hook
-    net.sparsity, net.ffn_hook = None, hook  # dense run: the truth is the dense FFN's mask
-    try:
+    with net.hooked(hook, dense=True):  # the truth is the dense FFN's mask
         for w in tqdm(range(n_windows), desc="eval-predictors", unit="win", disable=not progress or None,
                       file=sys.stderr):
             net.forward(tokens[w * ctx:(w + 1) * ctx], 0)
-    finally:
-        net.sparsity, net.ffn_hook = saved
     per_layer = []
     for i, (tp, pp, ap, n) in enumerate(counts):
-        per_layer.append({"layer": i, "recall": tp / ap if ap else 1.0, "precision": tp / pp if pp else 1.0,
-                          "predicted_sparsity": 1 - pp / n, "actual_sparsity": 1 - ap / n,
-                          "rank": bundle.predictors[i].rank})
+        per_layer.append({"layer": i, **from_counts(tp, pp, ap, n), "rank": bundle.predictors[i].rank})
     res = summarize(per_layer)
     res["tokens"] = n_windows * ctx
     return res

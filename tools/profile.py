@@ -312,12 +312,10 @@ def profile_window(model, window: list[int], counts: np.ndarray, rows: torch.Ten
 
 def dense_time(model, window: list[int]) -> float:
     """Seconds of a plain dense prefill of the window: the profiler's speed reference."""
-    net = batched_net(model.net)
-    sp, net.sparsity = net.sparsity, None
-    t0 = time.perf_counter()
-    net.forward(window, 0)
-    net.sparsity = sp
-    return time.perf_counter() - t0
+    with batched_net(model.net).hooked(None, dense=True) as net:
+        t0 = time.perf_counter()
+        net.forward(window, 0)
+        return time.perf_counter() - t0
 
 
 def sample_format(c) -> dict:
