@@ -289,6 +289,17 @@ class Model:
             on_text(rest)  # a character cut off by the last token, as the text shows it (U+FFFD)
         return Completion(text, out, prompt_ids, stats)
 
+    def chunk_logprobs(self, tokens: list[int], ctx: int, chunks, steps: bool | None = None):
+        """For each chunk k of `chunks` (llama.cpp's scheme): (k, logp, nll), logp the log-probabilities of its
+        scored positions (ctx - 1 - ctx // 2, n_vocab) in float64, nll the negative log-likelihood of its tokens
+        there. steps as in scored_logits."""
+        import torch
+        start = ctx // 2
+        for k in chunks:
+            chunk = self.chunk(tokens, k, ctx)
+            logp = torch.log_softmax(self.scored_logits(chunk, start, steps).double(), -1)
+            yield k, logp, -float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
+
     def decode_bytes_per_token(self) -> int:
         """Weight bytes one decode step reads: every layer and the output matrix (one embedding row aside)."""
         return self.net.decode_bytes_per_token()
@@ -312,17 +323,10 @@ class Model:
         nll, count = 0.0, 0
         if self.sparsity is not None:
             self.sparsity.reset()
-        start = ctx // 2
         if self.runtime is not None:
             self.runtime.reset()
-        import torch
-        for k in range(first_chunk, last):
-            chunk = self.chunk(tokens, k, ctx)
-            logits = self.scored_logits(chunk, start)  # (ctx - 1 - start, n_vocab)
-            logp = torch.log_softmax(logits.double(), -1)
-            target = torch.as_tensor(chunk[start + 1:])
-            nll -= float(logp.gather(1, target[:, None]).sum())
-            count += len(target)
+        for k, logp, chunk_nll in self.chunk_logprobs(tokens, ctx, range(first_chunk, last)):
+            nll, count = nll + chunk_nll, count + len(logp)
             if progress is not None:
                 progress(k, perplexity_of(nll, count))
         res = {"ppl": perplexity_of(nll, count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}

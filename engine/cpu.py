@@ -223,10 +223,17 @@ class KernelModel:
         """The FFN matrices held now (down_t once built)."""
         return [m for m in (L.gate, L.up, L.down, L.built_down_t) if m is not None]
 
-    def decode_bytes_per_token(self) -> int:
-        """Weight bytes a dense decode step reads (down rather than down_t where both are kept)."""
-        return sum(m.nbytes for L in self.layers for m in self.attn_mats(L) + self.ffn_mats(L)
-                   if m is not (L.built_down_t if L.down is not None else None)) + self.lm_head.nbytes
+    def decode_bytes_per_token(self, sparsity: float = 0.0) -> int:
+        """Weight bytes a decode step reads with that share of FFN neurons skipped: the active neurons' gate and up
+        rows and their down_t rows, or all of down when the set is dense enough for `kernels.ffn` to read it (a
+        dense step reads down rather than down_t where both are kept)."""
+        total = self.lm_head.nbytes
+        for L in self.layers:
+            total += sum(m.nbytes for m in self.attn_mats(L))
+            total += (1 - sparsity) * (L.up.nbytes + (L.gate.nbytes if L.gate else 0))
+            dense = L.down is not None and (sparsity == 0 or 1 - sparsity >= K.DENSE_FROM)
+            total += L.down.nbytes if dense else (1 - sparsity) * L.down_t.nbytes
+        return round(total)
 
     @cached_property
     def torch(self):

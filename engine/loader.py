@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -320,23 +319,19 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
     if blob is None and not any(a in ckpt.tensors for a, _ in names):
         return None
     import torch
-    from predictors.bundle import MANIFEST, TENSORS, Bundle, from_weights, load_bundle, model_fingerprint
-    if blob is not None:
+    from predictors.bundle import Bundle, check_manifest, from_files, from_weights, model_fingerprint
+    if blob is not None:  # a bundle's two files in two keys: its checks (sha256, shapes) as from a directory
         try:
             raw = base64.b64decode(blob, validate=True)
+            m = json.loads(manifest) if isinstance(manifest, str) else None
         except (TypeError, ValueError) as e:
-            raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_TENSORS} is not base64 ({e})") from None
-        with tempfile.TemporaryDirectory() as d:  # load_bundle's checks (sha256, shapes) on the two files
-            with open(os.path.join(d, TENSORS), "wb") as fh:
-                fh.write(raw)
-            with open(os.path.join(d, MANIFEST), "w") as fh:
-                fh.write(manifest if isinstance(manifest, str) else "{}")
-            try:
-                bundle = load_bundle(d)
-            except HotcoldError as e:  # named after the temporary directory, gone by now
-                raise HotcoldError(f"{ckpt.path}: its predictors ({KEY_BUNDLE_TENSORS}): "
-                                   f"{str(e).replace(d + os.sep, '')}") from None
-        return replace(bundle, fingerprint=model_fingerprint(ckpt), path=ckpt.path)
+            raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_TENSORS} or {KEY_BUNDLE_MANIFEST} is not base64 or "
+                               f"JSON ({e})") from None
+        if not isinstance(m, dict):
+            raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not a JSON object")
+        check_manifest(m, f"{ckpt.path}: {KEY_BUNDLE_MANIFEST}")
+        bundle = from_files(m, raw, f"{ckpt.path}: {KEY_BUNDLE_TENSORS}", ckpt.path)
+        return replace(bundle, fingerprint=model_fingerprint(ckpt))
     missing = [n for pair in names for n in pair if n not in ckpt.tensors]
     if missing:
         raise HotcoldError(f"{ckpt.path}: predictor tensor {missing[0]} is missing")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, first_line
@@ -122,7 +122,13 @@ class Bundle:
     def save(self, path: str) -> None:
         """predictors.safetensors and manifest.json naming its sha256, renamed together once both are written (a
         failure leaves the bundle that was there whole)."""
+        manifest, data = self.files()
         os.makedirs(path, exist_ok=True)
+        write_all([(os.path.join(path, TENSORS), lambda tmp: pathlib.Path(tmp).write_bytes(data)),
+                   (os.path.join(path, MANIFEST), json_writer(manifest))])
+
+    def files(self) -> tuple[dict, bytes]:
+        """The manifest and the bytes of predictors.safetensors, as `save` writes them (and export embeds them)."""
         tensors = {}
         for i, p in enumerate(self.predictors):
             for name, w in (("fc1", p.fc1.weight), ("fc2", p.fc2.weight)):
@@ -135,16 +141,7 @@ class Bundle:
         manifest = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint,
                     "tensors_sha256": hashlib.sha256(data).hexdigest(), "layers": layers, "sparsity": self.sparsity,
                     "corpus": self.corpus, "training": self.training}
-        write_all([(os.path.join(path, TENSORS), lambda tmp: pathlib.Path(tmp).write_bytes(data)),
-                   (os.path.join(path, MANIFEST), json_writer(manifest))])
-
-
-def file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
+        return manifest, data
 
 
 def manifest_problem(m: dict) -> str | None:
@@ -189,22 +186,36 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         return Bundle(preds, thresholds, expect_fingerprint, path=path,
                       training={"source": "PowerInfer predictor directory", "weights_sha256": sha.hexdigest()[:16]})
     m = read_json(mpath, "predictor bundle manifest")
-    if m.get("format") != FORMAT:
-        raise HotcoldError(f"{mpath}: not a predictor bundle manifest (format {m.get('format')!r})")
-    if m.get("version") != VERSION:
-        raise HotcoldError(f"{mpath}: bundle version {m.get('version')!r}, this hotcold reads version {VERSION}")
-    problem = manifest_problem(m)
-    if problem:
-        raise HotcoldError(f"{mpath}: not a predictor bundle manifest ({problem})")
+    check_manifest(m, mpath)
     if expect_fingerprint is not None:
         check_fingerprint(m["fingerprint"], expect_fingerprint, path, "predictor bundle")
     if not os.path.exists(st):
         raise HotcoldError(f"{st}: no such file (the bundle is incomplete)")
-    if file_sha256(st) != m["tensors_sha256"]:
+    try:
+        data = pathlib.Path(st).read_bytes()
+    except OSError as e:
+        raise HotcoldError(f"{st}: unreadable ({e.strerror})") from None
+    return from_files(m, data, st, path)
+
+
+def check_manifest(m: dict, where: str) -> None:
+    if m.get("format") != FORMAT:
+        raise HotcoldError(f"{where}: not a predictor bundle manifest (format {m.get('format')!r})")
+    if m.get("version") != VERSION:
+        raise HotcoldError(f"{where}: bundle version {m.get('version')!r}, this hotcold reads version {VERSION}")
+    problem = manifest_problem(m)
+    if problem:
+        raise HotcoldError(f"{where}: not a predictor bundle manifest ({problem})")
+
+
+def from_files(m: dict, data: bytes, st: str, path: str) -> Bundle:
+    """The bundle of a checked manifest m and the safetensors bytes it names (st: where they come from, for errors;
+    path: the bundle's)."""
+    if hashlib.sha256(data).hexdigest() != m["tensors_sha256"]:
         raise HotcoldError(f"{st}: does not match {MANIFEST} (tensors_sha256 differs); rewrite the bundle")
     try:
-        tensors = load_file(st)
-    except (SafetensorError, OSError) as e:
+        tensors = load_tensors(data)
+    except SafetensorError as e:
         raise HotcoldError(f"{st}: unreadable safetensors ({e})") from None
     layers = m["layers"]
     preds = []

@@ -77,19 +77,6 @@ def decode_speed(model, ids: list[int], n: int) -> dict:
     return out.stats
 
 
-def sparse_bytes_per_token(net, sparsity: float) -> float:
-    """Weight bytes a decode step reads with that share of FFN neurons skipped: the gate and up rows of the
-    active neurons, and their down_t rows, or all of down when the set is dense enough for `kernels.ffn` to use it."""
-    from engine import kernels as K
-    total = net.lm_head.nbytes
-    for L in net.layers:
-        total += sum(m.nbytes for m in net.attn_mats(L))
-        total += (1 - sparsity) * (L.up.nbytes + (L.gate.nbytes if L.gate else 0))
-        dense = L.down is not None and (sparsity == 0 or 1 - sparsity >= K.DENSE_FROM)
-        total += L.down.nbytes if dense else (1 - sparsity) * L.down_t.nbytes
-    return total
-
-
 def ffn_ms_per_token(net, select, reps: int = 10) -> float:
     """Time of the FFN kernels alone for one token over all layers (the best of reps)."""
     rng = np.random.default_rng(0)
@@ -207,7 +194,7 @@ def run_bench(args) -> dict:
     skipped = stats.get("predicted_sparsity", stats.get("sparsity"))  # the FFN share the decode steps skipped
     if skipped and model.backend == "kernels":  # what they read: active rows, and the predictors' own weights
         rt = model.runtime
-        bpt = sparse_bytes_per_token(model.net, skipped) + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0)
+        bpt = model.net.decode_bytes_per_token(skipped) + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0)
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
            "kv_cache": model.cache_type, "prompt_tokens": len(ids),
@@ -249,7 +236,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
         net.select = None
     rows = []
     for s, tok_s, ms in zip(levels, speed, ffn_ms):
-        bpt = sparse_bytes_per_token(net, s)
+        bpt = net.decode_bytes_per_token(s)
         rows.append({"engine": "hotcold dense" if s == 0 else f"hotcold sparse {s:.0%}", "sparsity": s,
                      "decode_tok_s": tok_s, "bytes_per_token": bpt, "bandwidth_share": bpt * tok_s / 1e9 / bw,
                      "ffn_ms_per_token": ms})

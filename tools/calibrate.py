@@ -192,14 +192,12 @@ class Heldout:
         """{"ppl", "kl", "sparsity"} of the model under cfg (None: dense, which records the reference). steps:
         score through decode steps (`Model.scored_logits`), as the predictor runtime is scored."""
         model.set_sparsity(cfg)
-        start, nll, kl, n = self.ctx // 2, 0.0, 0.0, 0
+        nll, kl, n = 0.0, 0.0, 0
         top = []
         try:
-            for k in bar(len(self.tokens) // self.ctx):
-                chunk = model.chunk(self.tokens, k, self.ctx)
-                logp = torch.log_softmax(model.scored_logits(chunk, start, steps).double(), -1)  # (S, n_vocab)
-                nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
-                n += logp.shape[0]
+            for k, logp, chunk_nll in model.chunk_logprobs(self.tokens, self.ctx, bar(len(self.tokens) // self.ctx),
+                                                           steps):  # logp (S, n_vocab)
+                nll, n = nll + chunk_nll, n + len(logp)
                 if self.dense is None:
                     top.append(logp.topk(min(TOP_K, logp.shape[1]), dim=-1))
                 else:
@@ -329,15 +327,12 @@ OFFSET_TOL = 0.05
 def score_runtime(model, held: Heldout) -> dict:
     """{"ppl", "kl", "sparsity"} on held-out text with the model's predictor runtime, each chunk's second half
     decoded one token at a time (`Model.scored_logits`), against the dense reference that `held` recorded."""
-    start, nll, kl, n = held.ctx // 2, 0.0, 0.0, 0
+    nll, kl, n = 0.0, 0.0, 0
     model.runtime.reset()
     with torch.inference_mode():
-        for k in bar(len(held.tokens) // held.ctx):
-            chunk = model.chunk(held.tokens, k, held.ctx)
-            logp = torch.log_softmax(model.scored_logits(chunk, start).double(), -1)  # (S, n_vocab)
-            nll -= float(logp.gather(1, torch.as_tensor(chunk[start + 1:])[:, None]).sum())
+        for k, logp, chunk_nll in model.chunk_logprobs(held.tokens, held.ctx, bar(len(held.tokens) // held.ctx)):
+            nll, n = nll + chunk_nll, n + len(logp)
             kl += float(top_kl(*held.dense[k], logp).sum())
-            n += logp.shape[0]
     return {"ppl": perplexity_of(nll, n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
 
 

@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -230,15 +229,6 @@ def verify(path: str, items: list[Out], crcs: dict[str, int], source: Checkpoint
         raise HotcoldError(f"{path}: the predictors do not read back")
 
 
-def bundle_files(bundle) -> tuple[dict, bytes]:
-    """A bundle's manifest and predictors.safetensors bytes, as Bundle.save writes them."""
-    from predictors.bundle import MANIFEST, TENSORS
-    with tempfile.TemporaryDirectory() as d:
-        bundle.save(d)
-        with open(os.path.join(d, MANIFEST)) as fh, open(os.path.join(d, TENSORS), "rb") as fb:
-            return json.load(fh), fb.read()
-
-
 def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle, split_paths: list[str] = (),
                 split: dict | None = None) -> dict:
     """OUT.powerinfer.gguf or OUT.gguf through a verified temporary file, renamed together with the GPU split's
@@ -246,7 +236,7 @@ def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle
     from predictors.bundle import fold_thresholds
     keys, preds, info = {}, None, {}
     if bundle is not None:
-        manifest, tensors = bundle_files(bundle)
+        manifest, tensors = bundle.files()
         if powerinfer:
             preds, t, effective = fold_thresholds(bundle.predictors, bundle.thresholds)
             manifest["export"] = info = {"sparse_threshold": t, "effective_thresholds": effective}
