@@ -821,11 +821,10 @@ def prepare(qt: QTensor) -> KMatrix:
     return KMatrix(qt.qtype, rows, cols, quants(4, np.uint8), f16s(0, 2), f16s(2, 4))
 
 
-def transpose(qt: QTensor, qtype: QT | None = None) -> KMatrix:
+def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
-    re-quantized to qtype (default: the same type for F32/F16, Q8_0 otherwise)."""
-    if qtype is None:
-        qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.Q8_0
+    re-quantized: the same type for F32/F16, Q8_0 otherwise."""
+    qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.Q8_0
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
     return prepare(QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), qtype))

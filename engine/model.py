@@ -56,7 +56,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class TorchModel:
     """Dense forward over a KV cache of n_ctx positions."""
 
-    def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int, quantize_activations: bool = True,
+    def __init__(self, c: ModelConfig, tensors: dict, n_ctx: int,
                  dequant_rows: Callable[[str, int, int], torch.Tensor] | None = None,
                  kv: tuple[np.ndarray, np.ndarray] | None = None):
         """dequant_rows None: every weight is dequantized to float32 once (the reference path). Otherwise a
@@ -69,7 +69,7 @@ class TorchModel:
         self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()
                   if dequant_rows is None or len(t.shape) == 1}
         # ggml multiplies block-quantized weights with 8-bit activations; doing the same tracks llama.cpp closer
-        self.x8 = {k for k, t in tensors.items() if quantize_activations and t.block_size == 32}
+        self.x8 = {k for k, t in tensors.items() if t.block_size == 32}
         if c.tied_embeddings:
             self.alias = {"output.weight": "token_embd.weight"}
             if "token_embd.weight" in self.x8:
