@@ -118,6 +118,24 @@ def dequantize_rows(m: K.KMatrix, r0: int, r1: int) -> np.ndarray:
     return out
 
 
+@njit(**K._PARALLEL)
+def _dequant_ids(W, ids, out):
+    for j in prange(ids.size):
+        row = out[j]  # (cols,)
+        row[:] = 0.0
+        K._row_axpy(W, np.int64(ids[j]), np.float32(1.0), row)
+
+
+def dequantize_ids(m: K.KMatrix, ids: np.ndarray) -> np.ndarray:
+    """float32 rows `ids` of a prepared matrix (the hot neurons' rows), (len(ids), cols)."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size and not (0 <= ids.min() and ids.max() < m.rows):
+        raise ValueError(f"row ids outside 0..{m.rows - 1}")
+    out = np.empty((ids.size, m.cols), np.float32)
+    _dequant_ids(m.W, ids, out)
+    return out
+
+
 @dataclass
 class Layer:
     attn_norm: np.ndarray

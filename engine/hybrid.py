@@ -140,7 +140,7 @@ class HotPart:
     """The hot neurons' gate, up and down rows on a torch device, and the FFN over them for one token."""
 
     def __init__(self, net, hot: list[np.ndarray], device: str):
-        from .cpu import dequantize_rows
+        from .cpu import dequantize_ids
         c = net.c
         self.c, self.dev = c, torch.device(device)
         dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
@@ -151,7 +151,7 @@ class HotPart:
         self.gate_up, self.down = [], []
         for L, ids in zip(net.layers, self.ids):
             def rows(m):
-                return torch.from_numpy(dequantize_rows(m, 0, m.rows)[ids])
+                return torch.from_numpy(dequantize_ids(m, ids))
             gu = [rows(L.gate), rows(L.up)] if self.gated else [rows(L.up)]
             self.gate_up.append(torch.cat(gu).to(self.dev, dtype))
             self.down.append(rows(L.down_t).to(self.dev, dtype))

@@ -64,11 +64,10 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
     fixture's own activations `rounds` times (thresholding changes the residual stream, so the quantile moves);
     the predictors are fitted on the last round's samples."""
     from engine.api import Model
-    from engine.config import blk
     from predictors.bundle import Bundle, model_fingerprint
     from predictors.metrics import tune_threshold
-    from predictors.model import Predictor, gate_map
-    from tools.predict import budget_rank
+    from predictors.model import Predictor
+    from tools.predict import budget_rank, init_map
     t = quantile(gs, sparsity)
     for k in range(rounds + 1):
         fx = dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, act="fatrelu", act_threshold=t))
@@ -77,8 +76,7 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
             t = quantile(gs, sparsity)
     preds, thrs = [], []
     for i, (x, g) in enumerate(zip(xs, gs)):
-        m = gate_map(ckpt.tensors[blk(i, "ffn_gate")].dequantize(), ckpt.tensors[blk(i, "ffn_norm")].dequantize())
-        p = Predictor.from_linear(m, budget_rank(ckpt, i), x).round_to_half()  # float16, as bundles store them
+        p = Predictor.from_linear(init_map(fx, i), budget_rank(ckpt, i), x).round_to_half()  # float16, as stored
         preds.append(p)
         with torch.no_grad():
             thrs.append(tune_threshold(p.logits(x), g > t, FIXTURE_RECALL))
