@@ -181,6 +181,19 @@ def test_metrics_follow_the_design_definitions():
         layer_metrics(pred.reshape(4, 2), true)
 
 
+def test_metrics_are_scikit_learns():
+    """layer_metrics counts; scikit-learn's recall_score and precision_score (the reference) give the same floats,
+    also with nothing active or nothing predicted."""
+    from sklearn.metrics import precision_score, recall_score
+    rng = np.random.default_rng(0)
+    true, pred = rng.random((300, 77)) < 0.2, rng.random((300, 77)) < 0.4
+    for p, t in ((pred, true), (pred, np.zeros_like(true)), (np.zeros_like(pred), true)):
+        m = layer_metrics(p, t)
+        assert m["recall"] == float(recall_score(t.ravel(), p.ravel(), zero_division=1.0))
+        assert m["precision"] == float(precision_score(t.ravel(), p.ravel(), zero_division=1.0))
+        assert m["predicted_sparsity"] == float(1.0 - p.mean()) and m["actual_sparsity"] == float(1.0 - t.mean())
+
+
 def test_threshold_keeps_the_recall_target_and_skips_the_most():
     logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
     labels = torch.tensor([[True, False, True, False, True, False, True, False]])
