@@ -172,7 +172,9 @@ def scaled(x: torch.Tensor, scale: float | None) -> torch.Tensor:
 
 def input_scale(X: torch.Tensor, rows: torch.Tensor) -> float:
     """The median rms of the inputs of `rows`: the typical scale of this layer's input."""
-    rms = torch.cat([scaled(X[rows[a:a + CHUNK]], None).pow(2).mean(1).sqrt() for a in range(0, len(rows), CHUNK)])
+    rms = torch.empty(len(rows))  # (N_rows,) filled in place: small results kept between big temporaries would
+    for a in range(0, len(rows), CHUNK):  # fragment the heap (1.4 GB more at 90k samples of 4096)
+        rms[a:a + CHUNK] = scaled(X[rows[a:a + CHUNK]], None).pow(2).mean(1).sqrt()
     return float(rms.median().clamp(min=1e-12))
 
 
