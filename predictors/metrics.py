@@ -6,7 +6,8 @@ Per layer, over the flattened (tokens x neurons) masks:
   predicted sparsity = neurons the predictor skips / all neurons
   actual sparsity    = inactive neurons / all neurons
 Every token has n_ff neurons, so the flattened means equal the per-token means averaged over tokens. Model-level
-numbers average the layers.
+numbers average the layers. They are counted directly: scikit-learn's recall_score and precision_score give the
+same numbers (a test says so) but take 2 GB and 30 s on 8192 tokens of 11008 neurons.
 """
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ def layer_metrics(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarr
     from sklearn.metrics import precision_score, recall_score  # imported here: decoding's statistics do without
     if np.shape(pred) != np.shape(true):
         raise ValueError(f"predicted mask {np.shape(pred)} and true mask {np.shape(true)} differ in shape")
-    p = np.asarray(pred, dtype=bool).ravel()  # (T * n_ff,)
-    t = np.asarray(true, dtype=bool).ravel()
+    p, t = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)  # (T, n_ff)
+    tp, pp, ap, n = int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t)), p.size
     return {
-        "recall": float(recall_score(t, p, zero_division=1.0)),  # nothing active: nothing was missed
-        "precision": float(precision_score(t, p, zero_division=1.0)),  # nothing predicted: nothing was wrong
-        "predicted_sparsity": float(1.0 - p.mean()),
-        "actual_sparsity": float(1.0 - t.mean()),
+        "recall": tp / ap if ap else 1.0,  # nothing active: nothing was missed
+        "precision": tp / pp if pp else 1.0,  # nothing predicted: nothing was wrong
+        "predicted_sparsity": 1.0 - pp / n if n else float("nan"),
+        "actual_sparsity": 1.0 - ap / n if n else float("nan"),
     }
 
 

@@ -93,7 +93,8 @@ class Predictor(nn.Module):
         return p
 
     @staticmethod
-    def from_linear(m: torch.Tensor | np.ndarray, rank: int, x: torch.Tensor | None = None) -> Predictor:
+    def from_linear(m: torch.Tensor | np.ndarray, rank: int, x: torch.Tensor | None = None,
+                    moment: torch.Tensor | None = None) -> Predictor:
         """A predictor whose logits are the best rank/2 approximation of the linear map m (n_ff, n_embd).
 
         With a truncated SVD m ~ U S V^T (rank/2 terms), A = S^1/2 V^T and B = U S^1/2, the pair
@@ -103,7 +104,8 @@ class Predictor(nn.Module):
         x (N, n_embd): samples of the input. Then the approximation is best on them rather than on all of
         R^n_embd: the SVD is taken of m L, L L^T = E[x x^T], and A = S^1/2 V^T L^-1 (whitened SVD), so that
         E ||m x - B A x||^2 is the smallest a rank-rank/2 map reaches. Residual streams fill few directions
-        strongly, so this keeps far more of the gate's signal at a small rank.
+        strongly, so this keeps far more of the gate's signal at a small rank. moment (n_embd, n_embd): E[x x^T]
+        (x.T @ x / N in float64) in place of x, so that the samples need not be held through the SVD.
         """
         if rank < 2 or rank % 2:
             raise ValueError(f"SVD initialisation needs an even rank >= 2, got {rank}")
@@ -111,11 +113,13 @@ class Predictor(nn.Module):
         h = rank // 2
         if h > min(m.shape):
             raise ValueError(f"rank {rank} exceeds twice the rank of a {tuple(m.shape)} map")
-        if x is None:
+        if x is not None:
+            x = torch.as_tensor(x, dtype=torch.float64)  # (N, n_embd)
+            moment = x.T @ x / len(x)  # (n_embd, n_embd)
+        if moment is None:
             white, unwhite = None, None
         else:
-            x = torch.as_tensor(x, dtype=torch.float64)  # (N, n_embd)
-            lam, q = torch.linalg.eigh(x.T @ x / len(x))  # second moment = q diag(lam) q^T
+            lam, q = torch.linalg.eigh(torch.as_tensor(moment, dtype=torch.float64))  # moment = q diag(lam) q^T
             lam = lam.clamp(min=1e-6 * float(lam.max().clamp(min=1e-30)))
             white = q * lam.sqrt()[None, :]  # L (n_embd, n_embd), L L^T = E[x x^T]
             unwhite = (q / lam.sqrt()[None, :]).T  # L^-1

@@ -22,7 +22,8 @@ from predictors.bundle import (Bundle, fold_thresholds, load_bundle, model_finge
                                write_powerinfer_dir)
 from predictors.metrics import format_table, from_counts, layer_metrics, summarize, tune_threshold
 from predictors.model import Predictor, gate_map
-from predictors.train import rank_cap, rank_ladder, train_layer
+from predictors.train import (WEIGHT_CAP, Masks, TrainSet, input_scale, rank_cap, rank_ladder, row_blocks, split_rows,
+                              train_layer)
 from tiny_model import one_thread, tiny_config, tiny_weights  # noqa: F401 (autouse fixture)
 
 N_EMBD, N_FF, K = 64, 256, 16
@@ -148,6 +149,43 @@ def test_contribution_weighting_keeps_more_of_the_output_at_the_same_sparsity(ff
     assert kept["contribution"] > kept["count"] + 0.1, kept
 
 
+def test_batches_from_stored_samples_are_the_dense_reference(ffn):
+    """What train_layer keeps (float16 inputs, bit-packed masks, the training split's active contributions in its
+    order) makes, batch by batch, exactly what the dense arrays made: X[tr] / scale, Y[tr], and each active label's
+    weight pos_weight x its contribution over the mean (capped), 1 elsewhere; n_ff 250 is not a whole byte."""
+    x16 = ffn.x.astype(np.float16)  # as profiles store them
+    X, Y = torch.from_numpy(x16.astype(np.float32)), torch.from_numpy(ffn.y[:, :250])  # (N, n_embd), (N, n_ff)
+    C = torch.exp(3 * torch.randn(Y.shape, generator=torch.Generator().manual_seed(3))) * Y  # heavy tailed: capped
+    tr, _ = split_rows(len(X), 0.1, 8192, 0)
+    scale = input_scale(torch.from_numpy(x16), tr)
+    assert scale == float(X[tr].pow(2).mean(1).sqrt().median().clamp(min=1e-12))
+    train = TrainSet(torch.from_numpy(x16), Masks.pack(Y), tr, scale, "cpu", row_blocks(C, 333))
+    y_tr, c_tr = Y[tr], C[tr]
+    pos = float(y_tr.sum())
+    pos_weight = torch.tensor((y_tr.numel() - pos) / max(pos, 1.0))
+    c_tr = pos_weight * (c_tr / c_tr[y_tr].mean().clamp(min=1e-30)).clamp(max=WEIGHT_CAP)
+    assert torch.equal(train.pos_weight, pos_weight) and (c_tr == pos_weight * WEIGHT_CAP).any()
+    for idx in (torch.randperm(len(tr))[:256], torch.arange(len(tr) - 7, len(tr))):
+        x, y, w = train.batch(idx)
+        assert torch.equal(x, X[tr][idx] / scale) and torch.equal(y, y_tr[idx])
+        assert torch.equal(w, torch.where(y_tr[idx], c_tr[idx], 1.0))
+
+
+def test_stored_samples_train_the_predictor_of_the_dense_arrays(ffn):
+    """train_layer on float16 inputs, bit-packed masks and contributions in blocks gives bit for bit the predictor,
+    threshold and metrics of float32 inputs, bool masks and a dense contribution array of the same values."""
+    x16 = ffn.x.astype(np.float16)
+    C = (np.abs(ffn.x @ ffn.m.numpy().T) * ffn.y).astype(np.float32)  # (N, n_ff)
+    kw = dict(rank=8, epochs=2, init=ffn.m, recall_target=0.97, progress=False)
+    dense = train_layer(x16.astype(np.float32), ffn.y, C=C, **kw)
+    stored = train_layer(x16, Masks.pack(ffn.y), C=row_blocks(C, 1000), **kw)
+    for a, b in zip(dense[0].parameters(), stored[0].parameters()):
+        assert torch.equal(a, b)
+    assert dense[1] == stored[1]
+    assert {k: v for k, v in dense[2].items() if k != "seconds"} == {k: v for k, v in stored[2].items()
+                                                                     if k != "seconds"}
+
+
 def test_auto_rank_takes_the_smallest_rung_that_is_good_enough(ffn):
     pred, _, m = train_layer(ffn.x, ffn.y, rank="auto", epochs=0, init=ffn.m, recall_target=0.97,
                              max_rank=64, sparsity_goal=0.8, progress=False)
@@ -182,6 +220,19 @@ def test_metrics_follow_the_design_definitions():
     assert "all" in format_table([{**m, "rank": 8, "seconds": 1.0}])
     with pytest.raises(ValueError, match="differ in shape"):  # (4, 2) against (2, 4): as many values, not the same
         layer_metrics(pred.reshape(4, 2), true)
+
+
+def test_metrics_are_scikit_learns():
+    """layer_metrics counts; scikit-learn's recall_score and precision_score (the reference) give the same floats,
+    also with nothing active or nothing predicted."""
+    from sklearn.metrics import precision_score, recall_score
+    rng = np.random.default_rng(0)
+    true, pred = rng.random((300, 77)) < 0.2, rng.random((300, 77)) < 0.4
+    for p, t in ((pred, true), (pred, np.zeros_like(true)), (np.zeros_like(pred), true)):
+        m = layer_metrics(p, t)
+        assert m["recall"] == float(recall_score(t.ravel(), p.ravel(), zero_division=1.0))
+        assert m["precision"] == float(precision_score(t.ravel(), p.ravel(), zero_division=1.0))
+        assert m["predicted_sparsity"] == float(1.0 - p.mean()) and m["actual_sparsity"] == float(1.0 - t.mean())
 
 
 def test_threshold_keeps_the_recall_target_and_skips_the_most():

@@ -10,8 +10,8 @@ commands need no --sparsity.
               --rank auto climbs the ladder 32, 64, ... up to that cap. The bytes decoding reads are reported
               beside it, by --predictor-type: against a Q4_1 FFN, F16 predictors are 3.2x the parameter share,
               Q8_0 1.7x, Q4_1 the same share
-    weighting by default each active label weighs by |h_i| ||down[:, i]|| (`contributions`: the FFN recomputed from
-              the profiled input with the model's weights), so that the predictor learns which active neurons
+    weighting by default each active label weighs by |h_i| ||down[:, i]|| (`contribution_blocks`: the FFN recomputed
+              from the profiled input with the model's weights), so that the predictor learns which active neurons
               matter to the output; --weighting count weighs them all the same (predictors/train.py)
     resuming  each finished layer is saved at once under BUNDLE/partial/ (layer_NNN.safetensors + .json, keyed
               by the model, profile and training settings); the same command run again skips those layers, and a
@@ -62,10 +62,33 @@ def load_profile(path: str) -> dict:
     return m
 
 
-def layer_samples(profile: str, manifest: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """X float32 (N, n_embd) FFN inputs and Y bool (N, n_ff) active masks of one layer, over every window."""
-    xs, ys = zip(*(load_chunk(profile, ch, manifest["fingerprint"], layer) for ch in manifest["samples"]["chunks"]))
-    return np.concatenate(xs), np.concatenate(ys)
+def layer_samples(profile: str, manifest: dict, layer: int):
+    """X float16 (N, n_embd) FFN inputs and their active masks (predictors.train.Masks, bit-packed) of one layer,
+    over every window, as the profile stores them; read chunk by chunk into one array each."""
+    from predictors.train import Masks
+    fp, chunks = manifest["fingerprint"], manifest["samples"]["chunks"]
+    n = sum(len(load_chunk(profile, ch, fp)[2]) for ch in chunks)  # every chunk checked, its rows counted
+    X = np.empty((n, fp["n_embd"]), np.float16)
+    bits = np.empty((n, (fp["n_ff"] + 7) // 8), np.uint8)
+    a = 0
+    for ch in chunks:
+        x, b = load_chunk(profile, ch, fp, layer)
+        X[a:a + len(x)], bits[a:a + len(x)] = x, b
+        a += len(x)
+    return X, Masks(torch.from_numpy(bits), fp["n_ff"])
+
+
+def warm_samples(profile: str, manifest: dict, layer: int, piece: int = 1 << 20) -> None:
+    """Read one layer's samples into the page cache, not into this process: the next layer then loads from memory
+    (train-predictors calls it in another thread while a layer trains)."""
+    buf = memoryview(bytearray(piece))
+    for ch in manifest["samples"]["chunks"]:
+        for a in load_chunk(profile, ch, manifest["fingerprint"])[:2]:  # x, mask: (n_layer, rows, ...) memory-mapped
+            size = a[0].nbytes
+            with open(a.filename, "rb") as fh:
+                fh.seek(a.offset + layer * size)
+                while size > 0 and (n := fh.readinto(buf[:min(size, piece)])):
+                    size -= n
 
 
 def ffn_tensors(ckpt, layer: int) -> list:
@@ -91,9 +114,10 @@ def init_map(ckpt, layer: int):
 
 
 @torch.no_grad()
-def contributions(ckpt, layer: int, X: np.ndarray, Y: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """float32 (N, n_ff): each active neuron's contribution |h_i| * ||down[:, i]|| for FFN inputs X (N, n_embd)
-    (raw residuals: the FFN norm applied here), 0 where Y (N, n_ff) says inactive."""
+def contribution_blocks(ckpt, layer: int, X: np.ndarray, chunk: int = 8192):
+    """Each neuron's contribution |h_i| * ||down[:, i]|| for FFN inputs X (N, n_embd) (raw residuals, float16 or
+    float32: the FFN norm applied here), float32 (B, n_ff) blocks of `chunk` rows in order. Computed a block at a
+    time as it always was (the same rows in each matrix product: row sums may round otherwise)."""
     from engine.model import ffn_activation, rms_norm
     from engine.sparsity import contribution
     c = ckpt.config
@@ -103,14 +127,12 @@ def contributions(ckpt, layer: int, X: np.ndarray, Y: np.ndarray, chunk: int = 8
     up, norm = w("ffn_up"), w("ffn_norm")
     gate = w("ffn_gate") if c.ffn_gated else None
     down = w("ffn_down").norm(dim=0) if blk(layer, "ffn_down") in ckpt.tensors else w("ffn_down_t").norm(dim=1)
-    out = np.zeros(Y.shape, np.float32)
     for a in range(0, len(X), chunk):
-        xn = rms_norm(torch.from_numpy(X[a:a + chunk]), norm, c.rms_eps)  # (B, n_embd)
+        xn = rms_norm(torch.from_numpy(np.asarray(X[a:a + chunk], np.float32)), norm, c.rms_eps)  # (B, n_embd)
         u = xn @ up.T
         h = ffn_activation(u, None, c.act, c.act_threshold) if gate is None else \
             ffn_activation(xn @ gate.T, u, c.act, c.act_threshold)
-        out[a:a + chunk] = contribution(h, down).numpy() * Y[a:a + chunk]
-    return out
+        yield contribution(h, down)  # (B, n_ff)
 
 
 def profile_sparsity(manifest: dict, engine_fp: dict, path: str | None) -> SparsityConfig:
@@ -246,18 +268,19 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
         log(f"resuming: {len([i for i in want if i in done])} of {len(want)} layers already trained in {out}")
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
-    pool = ThreadPoolExecutor(1)  # reads the next layer's samples (disk, float16 -> float32) while one trains
+    pool = ThreadPoolExecutor(1)  # reads the next layer's samples into the page cache while one trains
     try:
-        ahead = pool.submit(layer_samples, profile, manifest, todo[0]) if todo else None
         for k, i in enumerate(tqdm(todo, desc="train-predictors", unit="layer", disable=not progress or None,
                                    file=sys.stderr)):
-            X, Y = ahead.result()
-            ahead = pool.submit(layer_samples, profile, manifest, todo[k + 1]) if k + 1 < len(todo) else None
+            X, Y = layer_samples(profile, manifest, i)  # float16 (N, n_embd), bit-packed masks (N, n_ff)
+            if k + 1 < len(todo):
+                pool.submit(warm_samples, profile, manifest, todo[k + 1])
             cap = budget_rank(ckpt, i) if rank == "auto" else None  # a given rank is reported against it
             pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
                                        qtype=qtype, progress=progress,
-                                       C=contributions(ckpt, i, X, Y) if weighting == "contribution" else None)
+                                       C=contribution_blocks(ckpt, i, X) if weighting == "contribution" else None)
+            del X, Y  # before the next layer's are read
             save_partial(out, i, key, pred, thr, m)
             done[i] = (pred, thr, m)
     finally:
@@ -428,7 +451,7 @@ def add_command(sub) -> None:
                    help="contribution (default): each active label weighs by what its neuron adds to the FFN output, "
                    "|h_i| ||down_i|| (recomputed from the profiled inputs); count: every active label the same")
     p.add_argument("-t", "--threads", type=at_least(1), default=None, help="torch threads for training (default: all "
-                   "cores); the next layer's samples are read meanwhile in another thread")
+                   "cores); the next layer's samples are read into the page cache meanwhile in another thread")
     p.add_argument("--force", action="store_true", help="retrain what --out holds from other settings, another "
                    "profile or another model (refused otherwise)")
     p.add_argument("--json", action="store_true")

@@ -190,8 +190,8 @@ def sample_chunks(out: str, rows: np.ndarray) -> list[dict]:
 
 def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
     """The arrays (x, mask, pos) of one sample chunk of profile `out`, memory-mapped, checked against the sample
-    format of a model of fingerprint fp; with `layer`, that layer's FFN inputs float32 (rows, n_embd), checked
-    finite, and active masks bool (rows, n_ff)."""
+    format of a model of fingerprint fp; with `layer`, that layer's FFN inputs float16 (rows, n_embd), checked
+    finite, and bit-packed active masks uint8 (rows, ceil(n_ff / 8)), as stored (memory-mapped)."""
     manifest = os.path.join(out, MANIFEST)
     if not isinstance(chunk, dict) or not isinstance(chunk.get("rows"), int):
         raise HotcoldError(f"{manifest}: a sample chunk entry without a number of rows ({str(chunk)[:60]})")
@@ -215,10 +215,10 @@ def load_chunk(out: str, chunk, fp: dict, layer: int | None = None):
         arrays.append(a)
     if layer is None:
         return arrays
-    x = np.asarray(arrays[0][layer], dtype=np.float32)
+    x = arrays[0][layer]  # (rows, n_embd)
     if not np.isfinite(x).all():
         raise HotcoldError(f"{os.path.join(out, chunk['x'])}: non-finite FFN inputs of layer {layer}")
-    return x, np.unpackbits(np.asarray(arrays[1][layer]), axis=-1, count=n_ff).astype(bool)
+    return x, arrays[1][layer]
 
 
 # --- the profile ------------------------------------------------------------------------------------------
