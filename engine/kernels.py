@@ -916,9 +916,9 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
         nt: int | None = None) -> None:
     """out = sum_{i in active (None: all)} h_i * down_t[i], h_i = act(gate[i] @ x) * (up[i] @ x)
     (dReLU: relu(gate[i] @ x) * relu(up[i] @ x); gate None: h_i = act(up[i] @ x)); FATReLU keeps g > threshold.
-    Fused: no full-width intermediate (a thread's slice of h at most); rows with h_i == 0 are skipped. x f32[n_embd], out f32[n_embd] (overwritten),
-    active i32[k] (distinct ids, not bounds-checked; sorted is fastest); exact as in matvec, for the gate and up rows
-    (and down).
+    Fused: no full-width intermediate (a thread's slice of h at most); rows with h_i == 0 are skipped.
+    x f32[n_embd], out f32[n_embd] (overwritten), active i32[k] (distinct ids, not bounds-checked; sorted is
+    fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with h in 16 bits per block, f32 if exact (fewer bytes than down_t's Q8_0 rows when down is
     block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default:
