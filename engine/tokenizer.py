@@ -95,7 +95,7 @@ class Tokenizer:
                          | set(end_ids))
         self.special_ids = special_ids
         self.pieces: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
-        self.piece_rule = piece_rule(json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {})
+        self.piece_rule = piece_rule(decoder_steps(tk))
         self.raw_ids = {i for i, t in tk.get_added_tokens_decoder().items() if not t.special}
 
     # --- construction -------------------------------------------------------------------------------
@@ -178,11 +178,9 @@ class Tokenizer:
                    else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
         # a SentencePiece decoder strips the space before the text (Strip, or Metaspace's prepend): decode's job
-        spec = json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {}
-        steps = (spec.get("decoders") or []) if spec.get("type") == "Sequence" else [spec]
         space_prefix = any(s == {"type": "Strip", "content": " ", "start": 1, "stop": 0} or s.get("type") == "Metaspace"
                            and s.get("prepend_scheme", "always" if s.get("add_prefix_space") else "never") != "never"
-                           for s in steps)
+                           for s in decoder_steps(tk))
         # generation_config.json's eos_token_id (an id or a list: Llama 3.1's <|eot_id|>, <|eom_id|>) ends generation
         ends = (read_json_if(os.path.join(path, "generation_config.json"), "generation config") or {}).get(
             "eos_token_id")
@@ -265,10 +263,16 @@ class Stream:
 BYTE_OF_CHAR = byte_level_chars()
 
 
-def piece_rule(spec: dict) -> tuple[str, list[tuple[str, str]], bool]:
-    """How a decoder (its JSON spec) turns a token into bytes: ("bytes", ...) byte-level BPE; ("text", replacements,
-    byte_fallback) SentencePiece styles; ("hf", ...) anything else, each token decoded alone by the library."""
-    steps = (spec.get("decoders") or []) if spec.get("type") == "Sequence" else [spec] if spec else []
+def decoder_steps(tk: HFTokenizer) -> list[dict]:
+    """The JSON specs of a tokenizer's decoder steps (a Sequence's, or the one decoder; none without a decoder),
+    read from the decoder alone, not from the whole tokenizer written out."""
+    spec = json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else {}
+    return (spec.get("decoders") or []) if spec.get("type") == "Sequence" else [spec] if spec else []
+
+
+def piece_rule(steps: list[dict]) -> tuple[str, list[tuple[str, str]], bool]:
+    """How a decoder (its steps' specs) turns a token into bytes: ("bytes", ...) byte-level BPE; ("text",
+    replacements, byte_fallback) SentencePiece styles; ("hf", ...) anything else, each token decoded alone."""
     kinds = [s.get("type") for s in steps]
     if "ByteLevel" in kinds:
         return "bytes", [], False
