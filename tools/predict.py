@@ -127,12 +127,14 @@ def contribution_blocks(ckpt, layer: int, X: np.ndarray, chunk: int = 8192):
     up, norm = w("ffn_up"), w("ffn_norm")
     gate = w("ffn_gate") if c.ffn_gated else None
     down = w("ffn_down").norm(dim=0) if blk(layer, "ffn_down") in ckpt.tensors else w("ffn_down_t").norm(dim=1)
-    for a in range(0, len(X), chunk):
-        xn = rms_norm(torch.from_numpy(np.asarray(X[a:a + chunk], np.float32)), norm, c.rms_eps)  # (B, n_embd)
+
+    def hidden(x: np.ndarray) -> torch.Tensor:  # (B, n_embd) -> h (B, n_ff); its temporaries go on return
+        xn = rms_norm(torch.from_numpy(np.asarray(x, np.float32)), norm, c.rms_eps)  # (B, n_embd)
         u = xn @ up.T
-        h = ffn_activation(u, None, c.act, c.act_threshold) if gate is None else \
+        return ffn_activation(u, None, c.act, c.act_threshold) if gate is None else \
             ffn_activation(xn @ gate.T, u, c.act, c.act_threshold)
-        yield contribution(h, down)  # (B, n_ff)
+    for a in range(0, len(X), chunk):
+        yield contribution(hidden(X[a:a + chunk]), down)  # (B, n_ff): only this is held while it is used
 
 
 def profile_sparsity(manifest: dict, engine_fp: dict, path: str | None) -> SparsityConfig:
