@@ -149,8 +149,8 @@ class Model:
 
     @cached_property
     def fingerprint(self) -> dict:
-        """Identifies the model to its sparsity configs and profiles (engine/sparsity.py)."""
-        from .sparsity import fingerprint
+        """Identifies the model to its sparsity configs and profiles (engine/fingerprint.py)."""
+        from .fingerprint import fingerprint
         return fingerprint(self.config, self.ckpt.tensors)
 
     def set_sparsity(self, sparsity: str | SparsityConfig | None) -> None:

@@ -17,7 +17,6 @@ from typing import Callable
 
 import numba
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import kernels as K

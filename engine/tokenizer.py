@@ -306,7 +306,7 @@ def token_bytes(tok: Tokenizer, i: int) -> bytes:
 
 def read_json_if(path: str, what: str) -> dict | None:
     """The JSON object in path, None when there is no such file."""
-    from .sparsity import read_json
+    from .files import read_json
     return read_json(path, what) if os.path.exists(path) else None
 
 def hf_chat_template(path: str, tc: dict) -> str | None:

@@ -36,8 +36,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, first_line
-from engine.sparsity import (check_fingerprint, json_writer, read_json, rope_key, tensors_sha256, write_all,
-                             write_atomic, write_json)
+from engine.files import json_writer, read_json, write_all, write_atomic, write_json
+from engine.fingerprint import check_fingerprint, rope_key, tensors_sha256
 
 from .model import Predictor
 

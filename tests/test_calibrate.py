@@ -76,7 +76,7 @@ def test_the_same_weights_under_another_rope_or_threshold_are_another_model(tiny
     import numpy as np
 
     from engine.loader import load_checkpoint
-    from engine.sparsity import check_fingerprint, fingerprint
+    from engine.fingerprint import check_fingerprint, fingerprint
     from predictors.bundle import model_fingerprint
     from tiny_model import tiny_config, tiny_weights, write_gguf
     c = tiny_config("silu")

@@ -366,13 +366,14 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     removed; SIGTERM's default is back afterwards."""
     import signal
 
+    import engine.files
     import engine.sparsity
 
     def killed_while_writing(tmp):
         open(tmp, "w").write("half")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(engine.sparsity, "write_json", lambda path, obj: engine.sparsity.write_all(
+    monkeypatch.setattr(engine.sparsity, "write_json", lambda path, obj: engine.files.write_all(
         [(path, killed_while_writing)]))
     c = tiny_config()
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c))

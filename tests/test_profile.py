@@ -165,7 +165,7 @@ def test_profile_cli_and_report(tiny, tmp_path, capsys, monkeypatch):
     got = json.loads(printed)
     assert got["model"] == tiny[0]["relu", 0] and os.path.isabs(got["model"]) and got["sparsity"] == [
         pytest.approx(s) for s in json.loads((out2 / "summary.json").read_text())["sparsity"]]
-    assert f"tokens profiled, fewer than --tokens 100000 (the corpus has " in err
+    assert "tokens profiled, fewer than --tokens 100000 (the corpus has " in err
     assert json.loads((out2 / "manifest.json").read_text())["model"] == tiny[0]["relu", 0]
 
 
@@ -232,7 +232,7 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
     (odd / "manifest.json").write_text(json.dumps({"fingerprint": relu_model(tiny).fingerprint, "settings": 5}))
     assert run_cli(tiny, [tiny[1]], odd) == 2
     assert "manifest.json: not a profile manifest (its settings are not a JSON object)" in capsys.readouterr().err
-    from engine.sparsity import output_lock
+    from engine.files import output_lock
     with output_lock(str(tmp_path / "busy")):  # another hotcold writing it: refused, not interleaved
         assert run_cli(tiny, [tiny[1]], tmp_path / "busy") == 2
     assert "busy: another hotcold is writing this output now" in capsys.readouterr().err
@@ -267,7 +267,7 @@ def test_outputs_written_together_or_not_at_all(tmp_path):
     """write_all: a failure leaves every old file as it was, no temporary file, and names the path it failed on;
     the temporaries a killed process left are removed."""
     from engine.config import HotcoldError
-    from engine.sparsity import write_all
+    from engine.files import write_all
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text("old a")
     b.write_text("old b")

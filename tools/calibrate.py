@@ -39,8 +39,8 @@ import torch
 
 from engine.api import perplexity_of
 from engine.config import HotcoldError
-from engine.sparsity import (SparsityConfig, batched_net, check_replaceable, check_writable, contribution, down_norms,
-                             down_rows, exists_error, read_json, write_json)
+from engine.files import check_replaceable, check_writable, exists_error, read_json, write_json
+from engine.sparsity import SparsityConfig, batched_net, contribution, down_norms, down_rows
 from tools.profile import corpus_tokens, sample_positions
 
 METHODS = ("quantile", "cett", "greedy")

@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(sys.stdout, "reconfigure"):  # a locale that cannot show a character gets "?", not a traceback
             sys.stdout.reconfigure(errors="replace")
         if getattr(args, "out", None):  # profile, calibrate, train-predictors, relufy, ...
-            from engine.sparsity import output_lock
+            from engine.files import output_lock
             with output_lock(args.out):
                 args.func(args)
         else:

@@ -33,7 +33,8 @@ from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KE
                            POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf,
                            resolve)
 from engine.qtensor import QTensor
-from engine.sparsity import check_writable, exists_error, fingerprint, write_all
+from engine.files import check_writable, exists_error, write_all
+from engine.fingerprint import fingerprint
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx

@@ -41,8 +41,9 @@ from safetensors.torch import load_file, save_file
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, blk
-from engine.sparsity import (EXACT_ACTS, SparsityConfig, check_fingerprint, check_writable, read_json, write_atomic,
-                             write_json)
+from engine.files import check_writable, read_json, write_atomic, write_json
+from engine.fingerprint import check_fingerprint
+from engine.sparsity import EXACT_ACTS, SparsityConfig
 from predictors.bundle import PARTIAL
 from tools.profile import finished_manifest, load_chunk
 
@@ -231,7 +232,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
     trained otherwise, by retraining it."""
     from engine.hybrid import torch_device
-    from engine.sparsity import fingerprint
+    from engine.fingerprint import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
     from predictors.train import BUDGET, WEIGHTINGS, train_layer
     from tqdm import tqdm

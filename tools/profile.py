@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError, first_line
-from engine.sparsity import (EXACT_ACTS, SparsityConfig, batched_net, check_fingerprint, read_json, weights_sha256,
-                             write_atomic, write_json)
+from engine.files import read_json, write_atomic, write_json
+from engine.fingerprint import check_fingerprint, weights_sha256
+from engine.sparsity import EXACT_ACTS, SparsityConfig, batched_net
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
 
 SKEW_TOPS = (0.1, 0.2, 0.5)  # skew: share of all activations covered by the top 10/20/50% most frequent neurons

@@ -31,7 +31,8 @@ from engine.config import HotcoldError, blk, finite
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
-from engine.sparsity import check_writable, exists_error, weights_sha256, write_atomic
+from engine.files import check_writable, exists_error, write_atomic
+from engine.fingerprint import weights_sha256
 
 ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"

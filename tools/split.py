@@ -19,7 +19,8 @@ import numpy as np
 
 from engine.api import DEFAULT_CTX, check_context, default_ctx
 from engine.config import HotcoldError
-from engine.sparsity import check_fingerprint, check_replaceable, check_writable, fingerprint, read_json, write_all
+from engine.files import check_replaceable, check_writable, read_json, write_all
+from engine.fingerprint import check_fingerprint, fingerprint
 
 GPU_BYTES = 2  # hot rows live on the GPU in float16
 GROUP = 32  # neurons placed together, by default
@@ -187,7 +188,7 @@ def read_split(path: str) -> dict:
 
 
 def read_model_split(path: str, c, fp: dict, model_path: str) -> dict:
-    """A `hotcold split` JSON made for the model of config c and fingerprint fp (engine.sparsity.fingerprint):
+    """A `hotcold split` JSON made for the model of config c and fingerprint fp (engine.fingerprint.fingerprint):
     its shape, its neuron ids, and its fingerprint where recorded (splits written before it are checked by shape)."""
     split = read_split(path)
     if (split.get("n_layer"), split.get("n_ff")) != (c.n_layer, c.n_ff):
