@@ -74,10 +74,12 @@ GGUF_KEYS = {"n_vocab": ("vocab_size", None), "n_embd": ("embedding_length", Non
              "n_head": ("attention.head_count", None), "n_head_kv": ("attention.head_count_kv", None),
              "n_ctx_train": ("context_length", None), "rope_base": ("rope.freq_base", 10000.0),
              "rms_eps": ("attention.layer_norm_rms_epsilon", None)}  # None: required, as llama.cpp requires it
-HF_KEYS = {"n_vocab": "vocab_size", "n_embd": "hidden_size", "n_ff": "intermediate_size",
-           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads",
-           "n_ctx_train": "max_position_embeddings", "rope_base": "rope_theta", "rms_eps": "rms_norm_eps",
-           "act_threshold": "hidden_act_param", "tied_embeddings": "tie_word_embeddings"}
+# (defaults: transformers' LlamaConfig's; a config.json without num_key_value_heads has as many as heads)
+HF_KEYS = {"n_vocab": ("vocab_size", None), "n_embd": ("hidden_size", None), "n_ff": ("intermediate_size", None),
+           "n_layer": ("num_hidden_layers", None), "n_head": ("num_attention_heads", None),
+           "n_head_kv": ("num_key_value_heads", None), "n_ctx_train": ("max_position_embeddings", 2048),
+           "rope_base": ("rope_theta", 10000.0), "rms_eps": ("rms_norm_eps", 1e-6),
+           "act_threshold": ("hidden_act_param", 0.0), "tied_embeddings": ("tie_word_embeddings", False)}
 COUNTS = ("n_vocab", "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_ctx_train")  # integers >= 1
 FLOATS = ("rope_base", "rms_eps", "act_threshold", "rope_scale")
 
@@ -171,6 +173,12 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
 # --- GGUF tensor names are the canonical names inside the engine -------------------------------------------
 def blk(i: int, name: str) -> str:
     return f"blk.{i}.{name}.weight"
+
+
+def layer_of(name: str) -> int | None:
+    """i of a layer's tensor blk.i.*, None for the others."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
 
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",

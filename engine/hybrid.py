@@ -34,7 +34,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .config import AUDIT_KEYS, HotcoldError, blk, torch_threads
+from .config import AUDIT_KEYS, HotcoldError, blk, layer_of, torch_threads
 from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
@@ -339,7 +339,7 @@ class LayerOffload:
     def __init__(self, net, k: int, device: str):
         self.net, self.k, self.dev = net, k, torch.device(device)
         self.dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
-        mine = [n for n in net.mats if n.startswith("blk.") and int(n.split(".")[1]) < k]
+        mine = [n for n in net.mats if layer_of(n) in range(k)]  # layers 0..k-1's matrices
         tensors = {n: QTensor.from_float(net.dequant_rows(n, 0, net.mats[n].rows).numpy(), QT.F32) for n in mine}
         for i in range(k):
             tensors[blk(i, "attn_norm")] = QTensor.from_float(net.layers[i].attn_norm, QT.F32)

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
-                     blk, checked_config, expected_shapes, first_line, hf_to_gguf_name)
+                     blk, checked_config, expected_shapes, first_line, hf_to_gguf_name, layer_of)
 from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
@@ -34,8 +34,11 @@ PWRI = b"PWRI"  # PowerInfer's magic in place of GGUF: switches its sparse path 
 # and the integer ones at 24-26. In a PWRI file (its .gpuidx holds I32 tensors) 16-18 are the integer types.
 PWRI_INT_TYPES = {16: QT.I8, 17: QT.I16, 18: QT.I32}
 GGUF_MAGICS = (b"GGUF", PWRI)
-# architecture -> FFN activation when the file has no hotcold.ffn_act (PowerInfer's llama: ReLU; bamboo: dReLU)
-ARCH_ACT = {"llama": "silu", "bamboo": "drelu"}
+# architecture -> FFN activation when the file has no hotcold.ffn_act, in a GGUF file and in PowerInfer's (PWRI)
+ARCH_ACT = {"llama": "silu"}
+POWERINFER_ACT = {"llama": "relu", "bamboo": "drelu"}  # PowerInfer's graphs: ReLU on the gate; on gate and up
+GPU_INDEX_ARCH = "generic.gpu_index"  # general.architecture of PowerInfer's .gpuidx (tools/split.py)
+KEY_VRAM_CAPACITY = "split.vram_capacity"  # u64 in a .gpuidx: the bytes of its hot FFN rows
 POWERINFER_SUFFIX = ".powerinfer.gguf"
 # keys of exported files (tools/export.py): PowerInfer's global predictor threshold, and our bundle's two files
 KEY_SPARSE_THRESHOLD = "powerinfer.sparse_threshold"  # f32; active when fc2 @ relu(fc1 @ x) >= it
@@ -98,8 +101,8 @@ def load_checkpoint(model: str | None, values: bool = True) -> Checkpoint:
 def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
     n = ckpt.config.n_layer
     for name in ckpt.tensors:  # a layer past the block count would go unused: llama.cpp refuses the file too
-        i = name.split(".")[1] if name.startswith("blk.") else ""
-        if i.isdigit() and int(i) >= n:
+        i = layer_of(name)
+        if i is not None and i >= n:
             raise HotcoldError(f"{ckpt.path}: tensor {name} lies past the model's {n} layers (its block count)")
     if blk(n - 1, "attn_norm") not in ckpt.tensors:  # before listing every layer's tensors: a huge count fails fast
         raise HotcoldError(f"{ckpt.path}: missing tensor {blk(n - 1, 'attn_norm')}")
@@ -239,7 +242,8 @@ def load_gguf(path: str) -> Checkpoint:
     r = open_gguf(path)
     arch = field_value(r, "general.architecture")
     pwri = r.data[:4].tobytes() == PWRI
-    if arch not in ARCH_ACT or (arch != "llama" and not pwri):
+    acts = POWERINFER_ACT if pwri else ARCH_ACT
+    if arch not in acts:
         raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama; bamboo in PowerInfer files)")
 
     tensors = {}
@@ -263,7 +267,7 @@ def load_gguf(path: str) -> Checkpoint:
     embd = tensors.get("token_embd.weight")
     vals["n_vocab"] = vals["n_vocab"] or (embd.shape[0] if embd else None)
     vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
-    act = field_value(r, KEY_ACT, "relu" if pwri and arch == "llama" else ARCH_ACT[arch])
+    act = field_value(r, KEY_ACT, acts[arch])
     if act not in ACTS:
         raise HotcoldError(f"{path}: unsupported FFN activation {act!r} in {KEY_ACT}")
     freqs = tensors.pop("rope_freqs.weight", None)
@@ -383,24 +387,20 @@ def hf_config(path: str, c: dict) -> ModelConfig:
     act = HF_ACT.get(hidden_act) if isinstance(hidden_act, str) else None
     if act is None:
         raise HotcoldError(f"{where}: unsupported hidden_act {hidden_act!r}")
-    try:
-        n_head = c["num_attention_heads"]
-        cfg = checked_config(
-            where, HF_KEYS,
-            n_vocab=c["vocab_size"], n_embd=c["hidden_size"], n_ff=c["intermediate_size"],
-            n_layer=c["num_hidden_layers"], n_head=n_head,
-            n_head_kv=n_head if c.get("num_key_value_heads") is None else c["num_key_value_heads"],
-            n_ctx_train=c.get("max_position_embeddings", 2048), rope_base=c.get("rope_theta", 10000.0),
-            rms_eps=c.get("rms_norm_eps", 1e-6), act=act,  # transformers' LlamaConfig default
-            act_threshold=c.get("hidden_act_param", c.get("act_threshold", 0.0)) or 0.0,
-            tied_embeddings=c.get("tie_word_embeddings", False), arch="llama")
-    except KeyError as e:
-        raise HotcoldError(f"{path}/config.json: missing key {e.args[0]}") from None
+    keys = {f: k for f, (k, _) in HF_KEYS.items()}
+    vals = {f: c.get(k, default) for f, (k, default) in HF_KEYS.items()}
+    missing = next((k for f, (k, default) in HF_KEYS.items() if default is None and f != "n_head_kv" and k not in c),
+                   None)
+    if missing:
+        raise HotcoldError(f"{where}: missing key {missing}")
+    vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
+    vals["act_threshold"] = c.get("hidden_act_param", c.get("act_threshold")) or 0.0  # or the older name
+    cfg = checked_config(where, keys, **vals, act=act, arch="llama")
     if c.get("head_dim") not in (None, cfg.head_dim):
         raise HotcoldError(f"{where}: head_dim is {c['head_dim']!r}; hotcold computes heads of hidden_size / "
                            f"num_attention_heads = {cfg.head_dim} dimensions")
     rope = hf_rope(c, where, cfg)
-    return checked_config(where, {**HF_KEYS, "rope_scale": "rope_scaling factor"}, **{**cfg.to_dict(), **rope}) \
+    return checked_config(where, {**keys, "rope_scale": "rope_scaling factor"}, **{**cfg.to_dict(), **rope}) \
         if rope else cfg
 
 

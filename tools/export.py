@@ -29,19 +29,19 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType, Rop
 from gguf import GGMLQuantizationType as QT
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
-from engine.loader import (ARCH_ACT, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
-                           POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint, open_gguf,
-                           resolve)
-from engine.qtensor import QTensor
 from engine.files import check_writable, exists_error, write_all
 from engine.fingerprint import fingerprint
+from engine.loader import (ARCH_ACT, GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
+                           POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint,
+                           open_gguf, resolve)
+from engine.qtensor import QTensor
 from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
-POWERINFER_ARCH = {"relu": "llama", "drelu": "bamboo"}  # FFN activation -> PowerInfer's graph (ReLU on gate | both)
+POWERINFER_ARCH = {act: arch for arch, act in POWERINFER_ACT.items()}  # FFN activation -> PowerInfer's graph
 # the types PowerInfer's sparse FFN kernels take (its CUDA ones assert on others) for ffn_gate, ffn_up, ffn_down_t:
 # other --outtypes store these three as F16
 POWERINFER_FFN_TYPES = (QT.F16, QT.Q4_0)
@@ -395,7 +395,7 @@ def inspect_file(path: str, whole: bool = False) -> dict:
             "n_params": sum(p.n_params for p in preds)}}
     r = open_gguf(path)
     magic, arch = r.data[:4].tobytes(), field_value(r, "general.architecture")
-    info = {"path": path, "kind": "gpuidx" if arch == "generic.gpu_index" else "powerinfer" if magic == PWRI else
+    info = {"path": path, "kind": "gpuidx" if arch == GPU_INDEX_ARCH else "powerinfer" if magic == PWRI else
             "gguf", "magic": magic.decode(), "version": int(field_value(r, "GGUF.version")), "architecture": arch,
             "bytes": os.path.getsize(path),
             "metadata": {k: field_summary(f, whole) for k, f in r.fields.items() if not k.startswith("GGUF.")},
@@ -404,7 +404,7 @@ def inspect_file(path: str, whole: bool = False) -> dict:
                         for t in r.tensors]}
     if info["kind"] == "gpuidx":
         info["gpu_neurons"] = [int(np.sum(t.data)) for t in r.tensors if t.name.endswith(".gpu_idx")]
-    elif arch in ARCH_ACT:
+    elif arch in ARCH_ACT.keys() | POWERINFER_ACT.keys():
         try:
             ckpt = load_checkpoint(path)
         except HotcoldError as e:  # what hotcold refuses to run is what one inspects to see why

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from engine.api import check_context, perplexity_of
 from engine.config import HotcoldError, blk, finite
+from engine.files import check_writable, exists_error, write_atomic
+from engine.fingerprint import weights_sha256
 from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
-from engine.files import check_writable, exists_error, write_atomic
-from engine.fingerprint import weights_sha256
 
 ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"

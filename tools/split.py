@@ -100,10 +100,10 @@ def write_gpuidx(path: str, split: dict) -> None:
 
     from gguf import GGMLQuantizationType as QT, GGUFWriter
 
-    from engine.loader import PWRI_INT_TYPES, open_gguf
-    wr = GGUFWriter(path, "generic.gpu_index")
+    from engine.loader import GPU_INDEX_ARCH, KEY_VRAM_CAPACITY, PWRI, PWRI_INT_TYPES, open_gguf
+    wr = GGUFWriter(path, GPU_INDEX_ARCH)
     wr.add_block_count(split["n_layer"])
-    wr.add_uint64("split.vram_capacity", int(split["ffn_gpu_bytes"]))
+    wr.add_uint64(KEY_VRAM_CAPACITY, int(split["ffn_gpu_bytes"]))
     for i, ids in enumerate(split["gpu_neurons"]):
         idx = np.zeros(split["n_ff"], np.int32)
         idx[ids] = 1
@@ -116,7 +116,7 @@ def write_gpuidx(path: str, split: dict) -> None:
     i32 = next(k for k, t in PWRI_INT_TYPES.items() if t == QT.I32)
     types = [t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4]) for t in open_gguf(path).tensors]
     with open(path, "r+b") as fh:
-        fh.write(b"PWRI")
+        fh.write(PWRI)
         for off in types:  # each tensor's type field: name length, name, n_dims and dims come before it
             fh.seek(off)
             fh.write(struct.pack("<I", i32))
@@ -164,8 +164,8 @@ def split_outputs(prefix: str) -> tuple[str, str]:
 
 
 def is_gpuidx(path: str) -> bool:
-    from engine.loader import field_value, open_gguf
-    return field_value(open_gguf(path), "general.architecture") == "generic.gpu_index"
+    from engine.loader import GPU_INDEX_ARCH, field_value, open_gguf
+    return field_value(open_gguf(path), "general.architecture") == GPU_INDEX_ARCH
 
 
 def write_split(prefix: str, split: dict) -> tuple[str, str]:
