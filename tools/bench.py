@@ -3,6 +3,7 @@ decode next to llama.cpp on the same GGUF and thread count, with the memory band
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -16,6 +17,18 @@ LLAMACPP_PYTHON = "HOTCOLD_LLAMACPP_PYTHON"  # names an interpreter with llama-c
 LLAMACPP_TIMEOUT = 600  # seconds for that interpreter's run
 BENCH_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual budget, "
               "and a small village by the river prepares for the spring festival. ")
+SPARSITY_LEVELS = [0.1, 0.5, 0.9]  # bench --compare's sparse rows
+
+
+def sparsity_levels(text: str) -> list[float]:
+    """An argparse type: comma-separated shares of FFN neurons skipped, each in (0, 1)."""
+    try:
+        levels = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 0.1,0.5,0.9, got {text!r}") from None
+    if not all(0 < v < 1 for v in levels):
+        raise argparse.ArgumentTypeError(f"each level must be in (0, 1), got {text}")
+    return levels
 
 
 def prompt_ids(model, n: int) -> list[int]:
@@ -280,6 +293,44 @@ def format_bench(r: dict) -> str:
         lines.append("sparse rows use random active sets (a speed fixture: no quality claim); tok/s and FFN ms: "
                      "best of 3 interleaved runs")
     return "\n".join(lines)
+
+
+def cmd_bench(args) -> None:
+    from engine.config import HotcoldError
+    from tools.cli import emit_json
+    if (args.hybrid or args.compare) and args.backend != "kernels":
+        raise HotcoldError(f"--backend {args.backend}: bench {'--hybrid' if args.hybrid else '--compare'} times the "
+                           "kernels")
+    if args.hybrid and args.compare:
+        raise HotcoldError("--compare: bench --hybrid measures rows of its own; run bench --compare apart")
+    if args.sparsity_levels is not None and not args.compare:
+        raise HotcoldError("--sparsity-levels: the sparsities of --compare's rows; it goes with --compare")
+    args.sparsity_levels = args.sparsity_levels or SPARSITY_LEVELS
+    if args.hybrid:
+        return __import__("tools.bench_hybrid").bench_hybrid.main_hybrid(args)
+    res = run_bench(args)
+    if args.json:
+        emit_json(res)
+    else:
+        print(format_bench(res))
+
+
+def add_command(sub) -> None:
+    from tools.cli import add_model_args, add_runtime_args, at_least
+    p = sub.add_parser("bench", help="prefill and decode speed")
+    add_model_args(p, ctx=False)  # the context is what the run needs
+    p.add_argument("-n", type=at_least(2), default=128,
+                   help="tokens to generate, the first from the prefill (default 128)")
+    p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
+    p.add_argument("--compare", action="store_true",
+                   help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
+    p.add_argument("--sparsity-levels", type=sparsity_levels, default=None,
+                   help=f"FFN sparsities for --compare's sparse rows (default {','.join(map(str, SPARSITY_LEVELS))})")
+    p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
+                   "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")
+    p.add_argument("--json", action="store_true")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_bench)
 
 
 if __name__ == "__main__":  # the llama.cpp row in another interpreter: bench.py GGUF THREADS N IDS...

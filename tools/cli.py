@@ -16,9 +16,9 @@ from engine.config import AUDIT_KEYS, BACKENDS, CACHE_TYPES, PREDICTOR_TYPES, Ho
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
-COMMAND_MODULES = {"train-predictors": "tools.predict", "eval-predictors": "tools.predict", "split": "tools.split",
-                   "profile": "tools.profile", "calibrate": "tools.calibrate", "export": "tools.export",
-                   "inspect": "tools.export", "relufy": "tools.relufy"}
+COMMAND_MODULES = {"bench": "tools.bench", "train-predictors": "tools.predict", "eval-predictors": "tools.predict",
+                   "split": "tools.split", "profile": "tools.profile", "calibrate": "tools.calibrate",
+                   "export": "tools.export", "inspect": "tools.export", "relufy": "tools.relufy"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
@@ -78,20 +78,6 @@ def size(text: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a size such as 512M or 2G, got {text!r}")
     return n
-
-
-SPARSITY_LEVELS = [0.1, 0.5, 0.9]  # bench --compare's sparse rows
-
-
-def sparsity_levels(text: str) -> list[float]:
-    """An argparse type: comma-separated shares of FFN neurons skipped, each in (0, 1)."""
-    try:
-        levels = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers such as 0.1,0.5,0.9, got {text!r}") from None
-    if not all(0 < v < 1 for v in levels):
-        raise argparse.ArgumentTypeError(f"each level must be in (0, 1), got {text}")
-    return levels
 
 
 class Parser(argparse.ArgumentParser):
@@ -274,25 +260,6 @@ def cmd_perplexity(args) -> None:
             print(format_runtime_stats(res["stats"]))
 
 
-def cmd_bench(args) -> None:
-    if (args.hybrid or args.compare) and args.backend != "kernels":
-        raise HotcoldError(f"--backend {args.backend}: bench {'--hybrid' if args.hybrid else '--compare'} times the "
-                           "kernels")
-    if args.hybrid and args.compare:
-        raise HotcoldError("--compare: bench --hybrid measures rows of its own; run bench --compare apart")
-    if args.sparsity_levels is not None and not args.compare:
-        raise HotcoldError("--sparsity-levels: the sparsities of --compare's rows; it goes with --compare")
-    args.sparsity_levels = args.sparsity_levels or SPARSITY_LEVELS
-    if args.hybrid:
-        return __import__("tools.bench_hybrid").bench_hybrid.main_hybrid(args)
-    from tools.bench import run_bench, format_bench
-    res = run_bench(args)
-    if args.json:
-        emit_json(res)
-    else:
-        print(format_bench(res))
-
-
 # --- parser ---------------------------------------------------------------------------------------------
 class Version(argparse.Action):
     """--version: the installed package's version, looked up only when asked (importlib.metadata takes 20-40 ms,
@@ -351,20 +318,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("bench", help="prefill and decode speed")
-    add_model_args(p, ctx=False)  # the context is what the run needs
-    p.add_argument("-n", type=at_least(2), default=128,
-                   help="tokens to generate, the first from the prefill (default 128)")
-    p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
-    p.add_argument("--compare", action="store_true",
-                   help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
-    p.add_argument("--sparsity-levels", type=sparsity_levels, default=None,
-                   help=f"FFN sparsities for --compare's sparse rows (default {','.join(map(str, SPARSITY_LEVELS))})")
-    p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
-                   "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")
-    p.add_argument("--json", action="store_true")
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_bench)
     if command in sub.choices:
         return ap
     wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else dict.fromkeys(COMMAND_MODULES.values())
