@@ -187,6 +187,12 @@ def test_unwritable_outputs_are_refused_before_the_work(tiny, tmp_path, capsys):
                  "--target-sparsity", "0.5", "-o", str(tmp_path / "new" / "deeper" / "s.json")]) == 2
     assert "nosuch.txt: no such file" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # a refused command makes no folders
+    bundle = ("--predictors", str(tmp_path / "bundle"))  # options that do nothing there: refused, before loading
+    for args, why in (((*bundle, "--target-sparsity", "0.5"), "--predictors takes --ppl-increase"),
+                      ((*bundle, "--ppl-increase", "1", "--method", "cett"), "--method cett: with --predictors"),
+                      (("--target-sparsity", "0.5", "--force"), "--force: overwrites a bundle")):
+        assert cli_calibrate(tiny, tmp_path / "out", *args) == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):

@@ -349,6 +349,9 @@ def test_inspect(tiny, capsys):
     replace(b, metrics=[{"recall": 0.9, "threshold": 0.25}, {}]).save(str(tiny["dir"] / "moved"))
     assert main(["inspect", str(tiny["dir"] / "moved")]) == 0
     assert "threshold +0.5000  recall 0.9000 (on validation at threshold +0.2500)" in capsys.readouterr().out
+    other = write_gguf(str(tiny["dir"] / "gpt2.gguf"), tiny["config"], tiny_weights(tiny["config"]), arch="gpt2")
+    assert main(["inspect", other, "--json"]) == 0  # shown, with the reason hotcold does not run it
+    assert "unsupported architecture 'gpt2'" in json.loads(capsys.readouterr().out)["loads"]
 
 
 def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):

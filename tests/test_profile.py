@@ -227,6 +227,8 @@ def test_bad_inputs_are_refused_and_nothing_written_is_lost(tiny, tmp_path, caps
         main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--seed", "-5", "-o", str(tmp_path / "neg")])
     assert e.value.code == 2 and "argument --seed" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "neg")
+    assert main(["profile", "--report", str(out), "-f", tiny[1], "-o", str(tmp_path / "p2")]) == 2  # not ignored
+    assert "takes no -f or -o" in capsys.readouterr().err and not (tmp_path / "p2").exists()
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "manifest.json").write_text(json.dumps({"fingerprint": relu_model(tiny).fingerprint, "settings": 5}))

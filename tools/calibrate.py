@@ -413,6 +413,13 @@ def cmd_calibrate(args) -> None:
         raise HotcoldError(f"--target-sparsity must be between 0 and {MAX_LEVEL}")
     if args.ppl_increase is not None and not 0 < args.ppl_increase < math.inf:  # NaN too
         raise HotcoldError("--ppl-increase must be a positive percentage")
+    if args.bundle is not None and args.ppl_increase is None:
+        raise HotcoldError("--predictors takes --ppl-increase (the thresholds are tuned to a perplexity bound)")
+    if args.bundle is not None and args.method is not None:
+        raise HotcoldError(f"--method {args.method}: with --predictors, calibrate tunes one offset on the bundle's "
+                           "thresholds; the methods set a sparsity config's")
+    if args.bundle is None and args.force:
+        raise HotcoldError("--force: overwrites a bundle at -o (--predictors); a sparsity config is replaced anyway")
     if args.bundle is None and os.path.isdir(args.out):  # refused before the long part, not at its end
         raise HotcoldError(f"{args.out}: is a directory (the sparsity config is a JSON file)")
     if args.bundle is not None:
@@ -422,7 +429,7 @@ def cmd_calibrate(args) -> None:
         check_replaceable(args.out, "a sparsity config", lambda p: "thresholds" in read_json(p, "sparsity config"))
     check_writable(args.out)
     check_writable(progress_path(args.out))  # beside it: the parent of a bundle directory
-    method = args.method
+    method = args.method or "quantile"
     model = load_model(args, n_ctx=args.ctx)
     tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)
 
@@ -449,8 +456,6 @@ def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     """calibrate --predictors: thresholds of a bundle for a perplexity bound, written as a new bundle."""
     from predictors.bundle import load_bundle, model_fingerprint
     from tools.cli import emit_json
-    if args.ppl_increase is None:
-        raise HotcoldError("--predictors takes --ppl-increase (the thresholds are tuned to a perplexity bound)")
     if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
         raise exists_error(args.out, "a bundle is already there", progress_path(args.out))
     bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
@@ -478,7 +483,7 @@ def add_command(sub) -> None:
                       help="mean sparsity over layers, 0..0.95")
     goal.add_argument("--ppl-increase", type=number(0, above=True), default=None, metavar="P",
                       help="percent by which held-out perplexity may rise (PPL-p%% sparsity)")
-    p.add_argument("--method", choices=METHODS, default="quantile",
+    p.add_argument("--method", choices=METHODS, default=None,
                    help="quantile (default: measured best on SmolLM2), cett or greedy")
     p.add_argument("--tokens", type=at_least(1), default=4096, metavar="N",
                    help="tokens for the score statistics (default 4096)")

@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as QT
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
 from engine.files import check_writable, exists_error, write_all
 from engine.fingerprint import fingerprint
-from engine.loader import (ARCH_ACT, GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
+from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint,
                            open_gguf, resolve)
 from engine.qtensor import QTensor
@@ -404,7 +404,7 @@ def inspect_file(path: str, whole: bool = False) -> dict:
                         for t in r.tensors]}
     if info["kind"] == "gpuidx":
         info["gpu_neurons"] = [int(np.sum(t.data)) for t in r.tensors if t.name.endswith(".gpu_idx")]
-    elif arch in ARCH_ACT.keys() | POWERINFER_ACT.keys():
+    else:
         try:
             ckpt = load_checkpoint(path)
         except HotcoldError as e:  # what hotcold refuses to run is what one inspects to see why

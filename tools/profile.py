@@ -458,6 +458,8 @@ def plot(out: str, counts: np.ndarray, n_tokens: int) -> str | None:
 # --- command line -----------------------------------------------------------------------------------------
 def cmd_profile(args) -> None:
     from tools.cli import emit_json, load_model
+    if args.report and (args.files or args.out):
+        raise HotcoldError("--report DIR prints a finished profile; it takes no -f or -o (profile with those alone)")
     if args.report:
         summary = report(args.report)
     elif not args.files or not args.out:
