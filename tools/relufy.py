@@ -298,11 +298,10 @@ def cmd_relufy(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import MODEL_HELP, at_least, number
+    from tools.cli import add_model_args, at_least, number
     from tools.export import OUTTYPES
     p = sub.add_parser("relufy", help="fine-tune a SiLU model into an exactly sparse ReLU one")
-    p.add_argument("-m", "--model", default=None, help=MODEL_HELP)
-    p.add_argument("-t", "--threads", type=at_least(1), default=None, help="CPU threads (default: all cores)")
+    add_model_args(p, ctx=False, backend=False)  # it trains in torch: no decode backend
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",
                    help="training text: text files or .jsonl with a text field")
     p.add_argument("-o", "--out", required=True, metavar="OUT.gguf",
