@@ -300,6 +300,21 @@ def test_hf_directory_to_gguf(tiny, capsys):
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 
 
+def test_hf_directory_keeps_its_end_tokens(tiny, capsys):
+    """generation_config.json's end tokens besides EOS end generation in the exported GGUF too (eot/eom keys); a
+    third one is named in a note."""
+    c = tiny_config("silu")
+    hf = write_hf(str(tiny["dir"] / "hf_ends"), c, tiny_weights(c, seed=5))
+    ends = [1, 7, 9, 11]  # EOS (</s>) then three tokens of no end-of-turn name
+    open(os.path.join(hf, "generation_config.json"), "w").write(json.dumps({"eos_token_id": ends}))
+    out = str(tiny["dir"] / "from_hf_ends")
+    code, err = export(capsys, "-m", hf, "-o", out, "--format", "gguf")
+    assert code == 0 and "tokens [11] end generation there, not in the GGUF" in err
+    r = open_gguf(out + ".gguf")
+    assert [r.fields[k].contents() for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")] == [7, 9]
+    assert load_checkpoint(out + ".gguf").tokenizer.stop_ids == {1, 7, 9}
+
+
 def test_hf_directory_keeps_its_pre_tokenizer(tiny, capsys):
     """SmolLM2's digits-apart pre-tokenizer differs from GPT-2's on numerals past ASCII: the export wrote gpt2 for it,
     and llama.cpp (and we) then split ' ²' into one piece where the HF tokenizer makes two."""

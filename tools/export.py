@@ -35,7 +35,8 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint,
                            open_gguf, resolve)
 from engine.qtensor import QTensor
-from engine.tokenizer import PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer
+from engine.tokenizer import (END_KEYS, END_OF_TURN, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
+                              TOKEN_USER_DEFINED, Tokenizer)
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
@@ -49,7 +50,7 @@ POWERINFER_SPARSE = ("ffn_gate.weight", "ffn_up.weight", "ffn_down_t.weight")
 POWERINFER_WARP = 32  # PowerInfer's CUDA FFN takes a layer's hot rows 32 at a time (it asserts on a prompt of 100+)
 COPIED_KEYS = ("general.", "tokenizer.")  # taken from a GGUF source as they are, except:
 OWN_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
-UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+UINT32_KEYS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", *END_KEYS)
 # what tells the pre-tokenizers apart (numerals past ASCII: smollm's digits one at a time)
 PROBE = "Hello world! It's 2024: 12345 cats,\n\n  naïve café, 東京 — don't <s> stop</s> ²³ ½ ١٢"
 
@@ -181,6 +182,12 @@ def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
             "tokenizer.ggml.add_bos_token": bool(tok.add_bos)}
     keys.update({k: v for k, v in (("tokenizer.ggml.bos_token_id", tok.bos_id), ("tokenizer.ggml.eos_token_id",
                  tok.eos_id), ("tokenizer.chat_template", tok.chat_template)) if v is not None})
+    # generation_config.json's other end tokens: llama.cpp finds those of END_OF_TURN's names itself
+    ends = sorted(tok.stop_ids - {tok.eos_id} - {vocab[t] for t in END_OF_TURN if t in vocab})
+    keys.update(zip(END_KEYS, ends))
+    if len(ends) > len(END_KEYS):
+        print(f"hotcold: note: {where}: tokens {ends[len(END_KEYS):]} end generation there, not in the GGUF (it has "
+              f"keys for {len(END_KEYS)} end tokens besides EOS)", file=sys.stderr)
     want = tok.encode(PROBE, add_bos=False)
     for pre in PRE_TOKENIZERS:
         keys["tokenizer.ggml.pre"] = pre
