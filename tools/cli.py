@@ -293,7 +293,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
     p.add_argument("--min-p", type=between(0, 1), default=0.05,
                    help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default, or negative as in llama.cpp: random)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default, or negative as in llama.cpp: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_runtime_args(p)

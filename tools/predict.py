@@ -98,7 +98,8 @@ def ffn_tensors(ckpt, layer: int) -> list:
 
 
 def budget_rank(ckpt, layer: int) -> int:
-    """The largest rank whose predictor has at most 10% (train.BUDGET) of the layer's FFN parameters (train.rank_cap)."""
+    """The largest rank whose predictor has at most 10% (train.BUDGET) of the layer's FFN parameters
+    (train.rank_cap)."""
     from predictors.train import rank_cap
     c = ckpt.config
     return rank_cap(c.n_embd, c.n_ff, len(ffn_tensors(ckpt, layer)))

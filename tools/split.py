@@ -277,10 +277,12 @@ def add_command(sub) -> None:
     p.add_argument("-m", "--model", default=None, help="default: the model the profile recorded")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory, e.g. 512M or 8G")
-    g.add_argument("--hot-fraction", type=between(0, 1), default=None, help="share of the FFN bytes to place on the GPU")
+    g.add_argument("--hot-fraction", type=between(0, 1), default=None,
+                   help="share of the FFN bytes to place on the GPU")
     p.add_argument("--group", type=at_least(1), default=GROUP, help=f"neurons placed together (default {GROUP})")
     p.add_argument("--ctx", type=at_least(1), default=None,
-                   help="context whose KV cache the GPU holds (default 2048, or the model's training context if shorter)")
+                   help="context whose KV cache the GPU holds (default 2048, or the model's training context if "
+                   "shorter)")
     p.add_argument("--predictor-bytes", type=at_least(0), default=0,
                    help="bytes of predictors kept on the GPU (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
