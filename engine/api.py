@@ -307,7 +307,29 @@ class Model:
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
                    progress: Callable[[int, float], None] | None = None) -> dict:
         """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
-        tokens, ctx, first_chunk = self.check_ids(tokens), as_int(ctx, "ctx"), as_int(first_chunk, "first_chunk")
+        tokens = self.check_ids(tokens)
+        scored = self.chunk_range(len(tokens), ctx, chunks, first_chunk)
+        nll, count = 0.0, 0
+        if self.sparsity is not None:
+            self.sparsity.reset()
+        if self.runtime is not None:
+            self.runtime.reset()
+        for k, logp, chunk_nll in self.chunk_logprobs(tokens, ctx, scored):
+            nll, count = nll + chunk_nll, count + len(logp)
+            if progress is not None:
+                progress(k, perplexity_of(nll, count))
+        res = {"ppl": perplexity_of(nll, count), "chunks": list(scored), "scored_tokens": count}
+        if self.sparsity is not None:
+            res["sparsity"] = self.sparsity.sparsity()
+        if self.runtime is not None:
+            res["stats"] = self.runtime.stats()
+            res["sparsity"] = res["stats"]["predicted_sparsity"]
+        return res
+
+    def chunk_range(self, n_tokens: int, ctx: int, chunks: int | None = None, first_chunk: int = 0,
+                    source: str = "the text") -> range:
+        """The chunks `perplexity` scores in n_tokens tokens of `source` (named in the error when there are none)."""
+        ctx, first_chunk = as_int(ctx, "ctx"), as_int(first_chunk, "first_chunk")
         chunks = None if chunks is None else as_int(chunks, "chunks")
         if ctx < 4:
             raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
@@ -315,27 +337,11 @@ class Model:
             raise HotcoldError(f"chunks {chunks} from chunk {first_chunk}: at least one, from chunk 0 or later")
         if ctx > self.n_ctx:
             raise HotcoldError(f"--ctx {ctx}: longer than the model context {self.n_ctx}")
-        available = len(tokens) // ctx
+        available = n_tokens // ctx
         if available <= first_chunk:
-            raise HotcoldError(f"text of {len(tokens)} tokens has {available} chunks of {ctx}; "
-                               f"first chunk {first_chunk} does not exist")
-        last = available if chunks is None else min(available, first_chunk + chunks)
-        nll, count = 0.0, 0
-        if self.sparsity is not None:
-            self.sparsity.reset()
-        if self.runtime is not None:
-            self.runtime.reset()
-        for k, logp, chunk_nll in self.chunk_logprobs(tokens, ctx, range(first_chunk, last)):
-            nll, count = nll + chunk_nll, count + len(logp)
-            if progress is not None:
-                progress(k, perplexity_of(nll, count))
-        res = {"ppl": perplexity_of(nll, count), "chunks": list(range(first_chunk, last)), "scored_tokens": count}
-        if self.sparsity is not None:
-            res["sparsity"] = self.sparsity.sparsity()
-        if self.runtime is not None:
-            res["stats"] = self.runtime.stats()
-            res["sparsity"] = res["stats"]["predicted_sparsity"]
-        return res
+            raise HotcoldError(f"{source}: {n_tokens} tokens hold {available} chunks of --ctx {ctx}, so none from "
+                               f"--first-chunk {first_chunk}")
+        return range(first_chunk, available if chunks is None else min(available, first_chunk + chunks))
 
     def chunk(self, tokens: list[int], k: int, ctx: int) -> list[int]:
         """Chunk k of llama.cpp's perplexity scheme: tokens[k*ctx:(k+1)*ctx], its first token BOS where the model

@@ -238,12 +238,8 @@ def cmd_perplexity(args) -> None:
     text = "\n\n".join(read_corpus(args.file))  # a bad file is named before the model loads
     model = load_model(args, n_ctx=args.ctx)
     tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
-    total = len(tokens) // args.ctx - args.first_chunk
-    if total < 1:
-        raise HotcoldError(f"{', '.join(args.file)}: {len(tokens)} tokens hold {len(tokens) // args.ctx} chunks of "
-                           f"--ctx {args.ctx}, so none from --first-chunk {args.first_chunk}")
-    bar = tqdm(total=max(min(total, args.chunks or total), 0), desc="perplexity", unit="chunk",
-               disable=args.json or None, file=sys.stderr)
+    scored = model.chunk_range(len(tokens), args.ctx, args.chunks, args.first_chunk, ", ".join(args.file))
+    bar = tqdm(total=len(scored), desc="perplexity", unit="chunk", disable=args.json or None, file=sys.stderr)
 
     def progress(k, ppl):
         bar.update(1)
