@@ -329,8 +329,11 @@ class Model:
     def chunk_range(self, n_tokens: int, ctx: int, chunks: int | None = None, first_chunk: int = 0,
                     source: str = "the text") -> range:
         """The chunks `perplexity` scores in n_tokens tokens of `source` (named in the error when there are none)."""
-        ctx, first_chunk = as_int(ctx, "ctx"), as_int(first_chunk, "first_chunk")
+        n_tokens, ctx = as_int(n_tokens, "n_tokens"), as_int(ctx, "ctx")
+        first_chunk = as_int(first_chunk, "first_chunk")
         chunks = None if chunks is None else as_int(chunks, "chunks")
+        if n_tokens < 0:
+            raise HotcoldError(f"n_tokens {n_tokens}: a count of tokens, 0 or more")
         if ctx < 4:
             raise HotcoldError(f"--ctx {ctx}: a chunk needs at least 4 tokens")
         if first_chunk < 0 or (chunks is not None and chunks < 1):

@@ -178,7 +178,7 @@ def blk(i: int, name: str) -> str:
 def layer_of(name: str) -> int | None:
     """i of a layer's tensor blk.i.*, None for the others."""
     parts = name.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() else None
 
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",

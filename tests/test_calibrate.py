@@ -200,6 +200,9 @@ def test_corpus_too_short_for_both_parts(tiny, tmp_path, capsys):
                  "4096", "--ctx", str(CTX), "-o", str(tmp_path / "s.json")]) == 2
     assert "fewer than --tokens 4096" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+    model = load(tiny[0]["silu", 0], n_ctx=CTX, backend="torch")  # held-out text alone (--predictors): --tokens
+    stats, heldout = split_corpus(model, [tiny[1]], 0, 128, CTX)  # does not count
+    assert stats == [] and heldout == split_corpus(model, [tiny[1]], 96, 128, CTX)[1]
 
 
 @pytest.mark.slow

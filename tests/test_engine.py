@@ -268,6 +268,12 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
         m.generate(ids[:4], n=2.5)
     with pytest.raises(HotcoldError, match="--ctx 0"):
         m.perplexity(ids, 0)
+    for n, why in ((100.0, "n_tokens = 100.0: an integer"), (-5, "n_tokens -5: a count")):
+        with pytest.raises(HotcoldError, match=why):
+            m.chunk_range(n, 16)
+    assert m.chunk_range(100, 16, chunks=2, first_chunk=3) == range(3, 5) and m.chunk_range(100, 16, 9) == range(6)
+    with pytest.raises(HotcoldError, match="corpus.txt: 47 tokens hold 2 chunks of --ctx 16, so none from --first"):
+        m.chunk_range(47, 16, first_chunk=2, source="corpus.txt")
     assert m.generate(np.array(ids[:4]), n=3).token_ids == m.generate(ids[:4], n=3).token_ids
     for sp in (SparsityConfig([0.0] * (c.n_layer + 1), m.fingerprint), SparsityConfig([-1.0] * c.n_layer,
                m.fingerprint), SparsityConfig([0.0] * c.n_layer, {**m.fingerprint, "n_ff": 1})):

@@ -378,13 +378,14 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
 
 # --- command line -----------------------------------------------------------------------------------------
 def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int) -> tuple[list[int], list[int]]:
-    """Statistics from the start of the corpus, held-out text from its end; they never overlap."""
-    if n_stats < ctx or n_heldout < ctx:
+    """Statistics from the start of the corpus, held-out text from its end; they never overlap. n_stats 0: held-out
+    text alone (calibrate --predictors)."""
+    if 0 < n_stats < ctx or n_heldout < ctx:
         raise HotcoldError(f"--tokens and --heldout-tokens must each hold one window of --ctx {ctx}")
     tokens = corpus_tokens(model, files, None, ctx)
     if len(tokens) < n_stats + n_heldout:
-        raise HotcoldError(f"{', '.join(files)}: {len(tokens)} tokens, fewer than --tokens {n_stats} plus "
-                           f"--heldout-tokens {n_heldout}")
+        stats = f"--tokens {n_stats} plus " if n_stats else ""
+        raise HotcoldError(f"{', '.join(files)}: {len(tokens)} tokens, fewer than {stats}--heldout-tokens {n_heldout}")
     return tokens[:n_stats], tokens[len(tokens) - n_heldout:]
 
 
@@ -431,7 +432,8 @@ def cmd_calibrate(args) -> None:
     check_writable(progress_path(args.out))  # beside it: the parent of a bundle directory
     method = args.method or "quantile"
     model = load_model(args, n_ctx=args.ctx)
-    tokens, heldout = split_corpus(model, args.files, args.tokens, args.heldout_tokens, args.ctx)
+    n_stats = 0 if args.bundle is not None else args.tokens  # predictors are tuned on held-out text alone
+    tokens, heldout = split_corpus(model, args.files, n_stats, args.heldout_tokens, args.ctx)
 
     def log(msg: str) -> None:
         print(f"calibrate: {msg}", file=sys.stderr, flush=True)

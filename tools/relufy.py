@@ -6,13 +6,14 @@ perplexity in the thousands. A short fine-tune brings it back to coherent text w
 perplexity cost of predictors mean something. `--l1 C` adds C times the mean activation to the loss, which
 pushes the sparsity up (ProSparse's penalty).
 
-Training runs the full float32 weights in torch: the computation of engine/model.py's TorchModel.forward (which
-runs in inference mode over a KV cache) from its own pieces, batched, causal and differentiable; a test checks
-that the engine's loss on the written model is the trainer's. AdamW with a short warmup and a cosine decay, on
-windows drawn from the corpus by a generator seeded with the step number. The last `--heldout` tokens of the corpus are never trained on: loss, perplexity and sparsity are
-measured there before and after. The result is written through `hotcold export`'s writer (verified, renamed
-into place); while training, OUT.train.pt holds the weights, the optimizer and the step, replaced every
-`--save-every` steps, and the same command resumes from it (bit for bit the run it would have been).
+Training runs the full float32 weights in torch: the computation of engine/model.py's TorchModel.forward (which runs
+in inference mode over a KV cache) from its own pieces, batched, causal and differentiable; a test checks that the
+engine's loss on the written model is the trainer's. AdamW with a short warmup and a cosine decay, on windows drawn
+from the corpus by a generator seeded with the step number. The last `--heldout` tokens of the corpus are never
+trained on: loss, perplexity and sparsity are measured there before and after. The result is written through
+`hotcold export`'s writer (verified, renamed into place); while training, OUT.train.pt holds the weights, the
+optimizer and the step, replaced every `--save-every` steps, and the same command resumes from it (bit for bit the
+run it would have been).
 """
 from __future__ import annotations
 
