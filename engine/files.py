@@ -21,10 +21,11 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     write_all([(path, write)])
 
 
-def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
+def write_all(outputs: list[tuple[str, Callable[[str], None]]], stale: list[str] = ()) -> None:
     """Each write(tmp) to a temporary file beside its path (its folder made if missing); once all have succeeded, each
-    renamed over its path. A failure while writing leaves every old file as it was and no temporary file behind, and
-    names the path, not its tmp. The paths must differ."""
+    renamed over its path, and the `stale` files (which these outputs make obsolete) removed. A failure while writing
+    leaves every old file as it was and no temporary file behind, and names the path, not its tmp. The paths must
+    differ."""
     blocked = next((path for path, _ in outputs if os.path.isdir(path)), None)
     if blocked is not None:  # before any write: export's model takes minutes
         raise HotcoldError(f"{blocked}: a directory is in the way of this output")
@@ -44,6 +45,9 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]]) -> None:
         with signals_held():  # Ctrl-C or kill between two renames would leave new files beside old ones
             for (path, _), tmp in zip(outputs, tmps):
                 os.replace(tmp, path)
+            for path in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):

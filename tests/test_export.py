@@ -263,6 +263,26 @@ def test_refusals(tiny, capsys):
     assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []
 
 
+def test_a_new_export_without_split_drops_the_old_split_with_its_rename(tiny, capsys, monkeypatch):
+    """--force without --split over an export with one: the old .gpuidx files go in the same step as the model's
+    rename, so a Ctrl-C just after that rename leaves no stale split beside the new model (the engine and PowerInfer
+    would read it with the new model)."""
+    import signal
+    out = str(tiny["dir"] / "race")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out)[0] == 0
+    rename = os.replace
+
+    def interrupted_after(src, dst):
+        rename(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)  # held until the renames are done
+
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out, "--outtype", "f16",
+                  "--force") == (130, "hotcold: interrupted")
+    assert load_checkpoint(out + ".powerinfer.gguf").tensors["blk.0.attn_q.weight"].qtype == QT.F16
+    assert not os.path.exists(out + ".gpuidx") and not os.path.exists(out + ".powerinfer.gguf.generated.gpuidx")
+
+
 def test_export_says_which_thresholds_it_lowers(tiny, capsys):
     """Thresholds of both signs cannot all be folded exactly under one sparse_threshold: the positive one is lowered."""
     mixed = str(tiny["dir"] / "mixed")

@@ -240,7 +240,8 @@ def verify(path: str, items: list[Out], crcs: dict[str, int], source: Checkpoint
 def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle, split_paths: list[str] = (),
                 split: dict | None = None) -> dict:
     """OUT.powerinfer.gguf or OUT.gguf through a verified temporary file, renamed together with the GPU split's
-    .gpuidx files (`write_split_file`) when a split is given. Returns what it wrote about predictors."""
+    .gpuidx files (`write_split_file`) when a split is given, else with old ones at split_paths removed (a stale
+    split beside the new model would be read with it). Returns what it wrote about predictors."""
     from predictors.bundle import fold_thresholds
     keys, preds, info = {}, None, {}
     if bundle is not None:
@@ -266,8 +267,10 @@ def write_model(path: str, ckpt: Checkpoint, qtype: QT, powerinfer: bool, bundle
         crcs = write_gguf(tmp, arch, write_keys, items, PWRI if powerinfer else b"GGUF")
         verify(tmp, items, crcs, ckpt, bundle is not None)
 
-    write_all([(path, write)] + ([(p, lambda tmp: write_split_file(tmp, split)) for p in split_paths]
-                                 if split is not None else []))
+    if split is None:
+        write_all([(path, write)], stale=split_paths)
+    else:
+        write_all([(path, write)] + [(p, lambda tmp: write_split_file(tmp, split)) for p in split_paths])
     return info
 
 
@@ -342,10 +345,6 @@ def cmd_export(args) -> None:
         raise exists_error(existing[0])
     check_writable(path)  # -o out/smol: out/ is made as the files are written
     info = write_model(path, ckpt, OUTTYPES[args.outtype], powerinfer, bundle, split_paths, split)
-    if split is None:
-        for p in split_paths:
-            if os.path.exists(p):
-                os.remove(p)
     ranks = info.get("ranks")
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {args.outtype}"
           + (f", predictors of rank {min(ranks)}-{max(ranks)}" if ranks else ", no predictors")
