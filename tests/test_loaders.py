@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 
 from engine.api import load
+from engine.config import HotcoldError
 from tiny_model import tiny_config, tiny_weights, write_gguf, write_hf
 from tools.cli import main
 
@@ -390,6 +391,38 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     assert left in (["m.gguf"], ["m.gguf", "s.json.progress.json"])
 
 
+def test_after_ctrl_c_the_process_leaves_sigint_to_the_system(monkeypatch, capsys):
+    """`hotcold` (main reading sys.argv) hands SIGINT back to the system after the first Ctrl-C and when it ends: a
+    second one during the cleanup or the interpreter's exit ends the process, not in a traceback. main called by a
+    program, with its argv, leaves SIGINT as it was."""
+    import signal
+
+    import tools.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tools.cli, "cmd_tokenize", interrupted)
+    monkeypatch.setattr(sys, "argv", ["hotcold", "tokenize", "hi"])
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["tokenize", "hi"]) == 130 and signal.getsignal(signal.SIGINT) is before
+        assert main() == 130 and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.splitlines() == ["hotcold: interrupted"] * 2
+    for error in (ValueError("Can't close the ZIP file"), HotcoldError("x.pt: cannot write")):  # cleanup cut short
+
+        def cut_short(args, error=error):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise error from None
+
+        monkeypatch.setattr(tools.cli, "cmd_tokenize", cut_short)
+        assert main(["tokenize", "hi"]) == 130 and capsys.readouterr().err == "hotcold: interrupted\n"
+
+
 def test_installed_command_exit_code(tmp_path):
     """The real console script: exit code 2, one line on stderr, no traceback."""
     exe = os.path.join(os.path.dirname(sys.executable), "hotcold")
@@ -506,7 +539,6 @@ def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path)
     stream never raises and its steps join to the decoded text; eot/eom ids and end-of-generation names stop."""
     import random
 
-    from engine.config import HotcoldError
     from engine.tokenizer import Tokenizer
     words = ["▁", "a", "b", "▁a", "<|eom_id|>", "<|end_of_text|>", "<|eot_id|>"]
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
@@ -549,7 +581,6 @@ def test_header_fast_path_matches_gguf_py(tmp_path):
     reader, part by part, on the default model's header (vocabulary, merges, token types) and on a file with every
     kind of array, nested and empty ones included."""
     from gguf import GGUFReader, GGUFValueType
-    from engine.config import HotcoldError
     from engine.loader import open_gguf, resolve
     path = str(tmp_path / "arrays.gguf")
     wr = GGUFWriter(path, "llama")

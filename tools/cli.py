@@ -346,12 +346,31 @@ def drop_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM during whose handling e was raised, if any."""
+    while e is not None and not isinstance(e, KeyboardInterrupt):
+        e = e.__context__
+    return e
+
+
+def stopped(e: KeyboardInterrupt, process: bool) -> int:
+    """main's end on Ctrl-C (130) or SIGTERM (143, `Terminated`)."""
+    if process:  # a second Ctrl-C ends the process at once, as a second SIGTERM does
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if isinstance(e, Terminated):
+        print("hotcold: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("hotcold: interrupted", file=sys.stderr)
+    return 130
+
+
 def terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM, during the cleanup, ends the process
     raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
+    process = argv is None and threading.current_thread() is threading.main_thread()  # `hotcold`, not a caller's
     argv = sys.argv[1:] if argv is None else argv
     # SIGTERM becomes Terminated unless the program calling main (or a parent ignoring it) has its own way with it
     mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -377,14 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
         sys.stdout.flush()  # here, where a closed pipe or a full disk is caught, not at exit
     except HotcoldError as e:
+        if interruption(e) is not None:  # a write that Ctrl-C cut short: "cannot write (...)"
+            return stopped(interruption(e), process)
         print(f"hotcold: error: {e}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("hotcold: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("hotcold: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return stopped(e, process)
     except MemoryError:
         print("hotcold: error: out of memory", file=sys.stderr)
         return 2
@@ -401,9 +418,15 @@ def main(argv: list[str] | None = None) -> int:
             what = "exists and is not a directory"
         print(f"hotcold: error: {where}{what}", file=sys.stderr)
         return 2
+    except Exception as e:  # raised by cleanup that the interruption cut short (torch.save's zip writer: ValueError)
+        if interruption(e) is None:
+            raise
+        return stopped(interruption(e), process)
     finally:
         if mine:  # main() called in a program (the tests) leaves its SIGTERM as it was
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if process:  # Ctrl-C while the interpreter exits (atexit, tqdm's monitor): the process ends, no traceback
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
     return 0
 
 
