@@ -1,6 +1,7 @@
 """`hotcold calibrate` and `--sparsity`: thresholds for a target or a perplexity bound, refused on other models,
 applied in the FFN path of every command."""
 import json
+import math
 import os
 
 import pytest
@@ -100,11 +101,26 @@ def test_the_same_weights_under_another_rope_or_threshold_are_another_model(tiny
         check_fingerprint(old, fp(ckpt.config, ckpt.tensors), "p", "profile")  # written before they were recorded
 
 
+def dense_ppl(path, tokens):
+    """Perplexity of tokens on a fresh dense torch model, by hand: chunks of CTX, each begun with BOS (as llama.cpp),
+    its tokens CTX/2 + 1 .. CTX - 1 scored from their prefix."""
+    ref = load(path, n_ctx=CTX, threads=1, backend="torch")
+    assert ref.tokenizer.add_bos and ref.sparsity is None
+    nll, n = 0.0, 0
+    for k in range(len(tokens) // CTX):
+        chunk = [ref.tokenizer.bos_id] + tokens[k * CTX + 1:(k + 1) * CTX]
+        logp = ref.logits(chunk).double().log_softmax(-1)  # (CTX, n_vocab)
+        for p in range(CTX // 2, CTX - 1):
+            nll, n = nll - float(logp[p, chunk[p + 1]]), n + 1
+    return math.exp(nll / n)
+
+
 @pytest.mark.parametrize("method", ["quantile", "cett", "greedy"])
 def test_ppl_bound_is_met_on_heldout_text(tiny, tmp_path, method):
     model = load(tiny[0]["silu", 0], n_ctx=CTX, threads=1, backend="torch")
     tokens, heldout = split_corpus(model, [tiny[1]], 96, 128, CTX)
     cfg, res = calibrate(model, tokens, heldout, CTX, method, ppl_increase=3.0)
+    assert res["ppl_dense"] == pytest.approx(dense_ppl(tiny[0]["silu", 0], heldout), rel=1e-9)
     assert res["ppl_sparse"] <= res["ppl_dense"] * 1.03 and res["sparsity"] > 0.05
     path = str(tmp_path / "s.json")
     cfg.save(path)

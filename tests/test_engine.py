@@ -1,4 +1,5 @@
 """The kernel engine (numba on stored blocks) against the torch reference engine."""
+import json
 import os
 import subprocess
 import sys
@@ -286,11 +287,41 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
             load(m.ckpt, **kw)
 
 
-def test_resident_bytes_native(smollm):
-    """No float32 copies of quantized weights: the prepared model is within 1.3x of the GGUF file."""
-    size = os.path.getsize(smollm.ckpt.path)
-    assert smollm.backend == "kernels"
-    assert smollm.net.nbytes <= 1.3 * size
+RESIDENT = """
+import gc, json, sys
+from engine.api import load
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+for path in sys.argv[1:]:  # numba loads or compiles the kernels of the default's types here, not below
+    load(path, n_ctx=64, threads=1).net.forward([1], 0)
+gc.collect()
+before = rss()
+m = load(None, n_ctx=64, threads=1)
+m.net.forward([1], 0)
+print(json.dumps({"rss": rss() - before, "file": m.ckpt.path, "kv": m.net.k_cache.nbytes + m.net.v_cache.nbytes}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
+def test_resident_bytes_native(smollm, tmp_path):
+    """No float32 copies of quantized weights: the memory that a load of the default model and one decode step add
+    to a fresh process (VmRSS, the kernels compiled before) is at most 1.3x the GGUF file plus the KV cache (1.18x
+    measured; the prepared weights alone are 0.98x). Without the warm-up numba's cache loads would count: 4.5x."""
+    assert smollm.backend == "kernels" and smollm.net.nbytes <= 1.3 * os.path.getsize(smollm.ckpt.path)
+    warm = []
+    for qt in (QT.Q4_1, QT.Q8_0):  # SmolLM2's types: Q4_1 layers, a Q8_0 token embedding
+        c = tiny_config("silu", tied_embeddings=True)
+        warm.append(write_gguf(str(tmp_path / f"{qt.name}.gguf"), c, tiny_weights(c), qt))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", RESIDENT, *warm], cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout)
+    size = os.path.getsize(got["file"])
+    assert got["rss"] <= 1.3 * size + got["kv"], (got["rss"] / size, got["kv"] / size)
 
 
 def test_kernel_decode_agrees_with_torch_and_llamacpp(smollm, reference):

@@ -308,10 +308,17 @@ def test_drelu_exports_as_bamboo(tiny, capsys):
 
 
 def test_hf_directory_to_gguf(tiny, capsys):
-    """HF safetensors (rotate-half Q/K) to a llama.cpp GGUF: same tokens, same logits in our engine."""
+    """HF safetensors (rotate-half Q/K) to a llama.cpp GGUF: same tokens, same logits in our engine. The export's
+    Q/K rows are in GGUF's pair layout: they equal the weights that write_hf permuted by their definition."""
     c = tiny_config("silu", tied_embeddings=False)
-    hf = write_hf(str(tiny["dir"] / "hf"), c, tiny_weights(c, seed=5))
+    w = tiny_weights(c, seed=5)
+    hf = write_hf(str(tiny["dir"] / "hf"), c, w)
     assert export(capsys, "-m", hf, "-o", str(tiny["dir"] / "from_hf"), "--format", "gguf")[0] == 0
+    out = load_checkpoint(str(tiny["dir"] / "from_hf.gguf"))
+    for i in range(c.n_layer):
+        for n in ("attn_q", "attn_k"):
+            want = w[blk(i, n)]
+            assert np.abs(out.tensors[blk(i, n)].dequantize() - want).max() < 1e-3 * np.abs(want).max()
     a, b = (Model(load_checkpoint(p), 64, backend="torch") for p in (hf, str(tiny["dir"] / "from_hf.gguf")))
     text = "<s>user: " + TEXT + " 12 cats</s>"
     assert a.tokenize(text) == b.tokenize(text) and b.tokenizer.bos_id == 0 and b.tokenizer.add_bos

@@ -36,6 +36,17 @@ def test_hf_and_gguf_give_same_logits(tmp_path, act, threshold):
     assert float((step - lb[5]).abs().max()) < 1e-4
 
 
+def test_rotary_rows_written_out():
+    """HF pairs dim j with j + hd/2, GGUF 2j with 2j + 1: with 2 heads of 8 rows, GGUF's order of HF's rows."""
+    from engine.loader import rotary_halves_to_pairs, rotary_pairs_to_halves
+    from tiny_model import hf_rotary_rows
+    pairs = [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    assert rotary_halves_to_pairs(np.arange(16), 2).tolist() == pairs
+    assert np.arange(16)[hf_rotary_rows(16, 2)][pairs].tolist() == list(range(16))
+    w = np.arange(16 * 3).reshape(16, 3)
+    assert np.array_equal(rotary_pairs_to_halves(w, 2), w[hf_rotary_rows(16, 2)])
+
+
 @pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
 def test_quantized_gguf_close_to_f32(tmp_path, qtype):
     c = tiny_config("relu")

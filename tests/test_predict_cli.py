@@ -116,6 +116,32 @@ def test_train_resume_eval(setup, capsys):
     assert ev["actual_sparsity"] > 0.5
     assert ev["recall"] >= 0.95
     assert ev["predicted_sparsity"] >= 0.6 * ev["actual_sparsity"]
+    # brute force: a dense torch pass over the same 128-token windows, truth h != 0, the bundle's masks, counted here
+    from predictors.bundle import load_bundle
+    ref = Model(load_checkpoint(s["gguf"]), 128, backend="torch")
+    preds = load_bundle(bundle, model_fingerprint(ref.ckpt))
+    with open(s["held"], encoding="utf-8") as fh:
+        tokens = ref.tokenize(fh.read(), special=False, add_bos=False)
+    counts = np.zeros((2, 4), dtype=np.int64)  # both, predicted, truly active, all
+
+    def hook(i, x, h):  # x (T, n_embd), h (T, n_ff)
+        pred, true = preds.active(i, x).numpy(), (h != 0).numpy()
+        counts[i] += [(pred & true).sum(), pred.sum(), true.sum(), true.size]
+        return h
+
+    ref.net.ffn_hook = hook
+    for w in range(len(tokens) // 128):
+        ref.net.forward(tokens[w * 128:(w + 1) * 128], 0)
+    ref.net.ffn_hook = None
+    assert ev["tokens"] == len(tokens) // 128 * 128
+    for m, (both, pred, true, n) in zip(ev["per_layer"], counts):
+        assert m["recall"] == pytest.approx(both / true, abs=1e-9)
+        assert m["precision"] == pytest.approx(both / pred, abs=1e-9)
+        assert m["predicted_sparsity"] == pytest.approx(1 - pred / n, abs=1e-9)
+        assert m["actual_sparsity"] == pytest.approx(1 - true / n, abs=1e-9)
+    assert ev["recall"] == pytest.approx(np.mean(counts[:, 0] / counts[:, 2]), abs=1e-9)
+    assert ev["actual_sparsity"] == pytest.approx(np.mean(1 - counts[:, 2] / counts[:, 3]), abs=1e-9)
+    assert counts[:, 0].sum() < counts[:, 1].sum()  # some predicted neurons are inactive: precision below 1
 
     rc, out, _ = run(capsys, "eval-predictors", "--bundle", bundle, "-m", s["gguf"], "-f", s["held"], "--ctx", "128")
     assert rc == 0 and "recall" in out and "predicted / actual" in out

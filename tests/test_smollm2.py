@@ -1,6 +1,7 @@
 """The dense engine on the real default model against llama.cpp's own outputs (tests/data/smollm2_llamacpp.json)."""
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -133,11 +134,22 @@ def test_cli_tokenize(capsys):
     assert 2 not in json.loads(capsys.readouterr().out)["token_ids"]
 
 
-def test_cli_perplexity_json(capsys, data_dir):
-    assert main(["perplexity", "-f", os.path.join(data_dir, "wiki.test.raw"), "--ctx", "128", "--chunks", "2",
-                 "--first-chunk", "3", "--json"]) == 0
+def test_cli_perplexity_json(capsys, data_dir, smollm):
+    """--first-chunk 3 --chunks 2 is the perplexity of chunks 3 and 4 alone: the tokens 65..127 of each 128-token
+    chunk scored from their prefix, summed by hand here from the logits of one forward per chunk."""
+    path = os.path.join(data_dir, "wiki.test.raw")
+    assert main(["perplexity", "-f", path, "--ctx", "128", "--chunks", "2", "--first-chunk", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["chunks"] == [3, 4] and res["scored_tokens"] == 2 * 63 and 5 < res["ppl"] < 200
+    assert res["chunks"] == [3, 4] and res["scored_tokens"] == 2 * 63
+    with open(path, encoding="utf-8", newline="") as fh:
+        tokens = smollm.tokenize(fh.read(), special=False)
+    assert not smollm.tokenizer.add_bos  # SmolLM2: the chunks are the text's tokens as they are
+    nll = 0.0
+    for k in (3, 4):
+        chunk = tokens[k * 128:(k + 1) * 128]
+        logp = smollm.logits(chunk).double().log_softmax(-1)  # (128, n_vocab)
+        nll -= sum(float(logp[p, chunk[p + 1]]) for p in range(64, 127))
+    assert res["ppl"] == pytest.approx(math.exp(nll / 126), rel=1e-6) and 5 < res["ppl"] < 200
 
 
 def test_bench_compare_json(capsys):

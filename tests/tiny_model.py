@@ -14,7 +14,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, ModelConfig, gguf_to_hf_name
-from engine.loader import rotary_pairs_to_halves
 from engine.qtensor import QTensor
 
 SPECIALS = ["<s>", "</s>"]
@@ -60,6 +59,19 @@ def hf_tokenizer() -> Tokenizer:
 HF_ACT_NAMES = {"silu": "silu", "relu": "relu", "fatrelu": "fatrelu", "drelu": "dReLU"}
 
 
+def hf_rotary_rows(rows: int, n_head: int) -> np.ndarray:
+    """Row order of HF's rotate-half Q/K taken from the GGUF one, written from the two definitions (not from the
+    engine): within a head of hd rows, HF turns dim j with dim j + hd/2, GGUF (llama.cpp) turns 2j with 2j + 1.
+    So HF row h*hd + a*hd/2 + j is GGUF row h*hd + 2j + a, a in {0, 1}."""
+    hd = rows // n_head
+    idx = np.empty(rows, dtype=np.int64)
+    for h in range(n_head):
+        for a in range(2):
+            for j in range(hd // 2):
+                idx[h * hd + a * hd // 2 + j] = h * hd + 2 * j + a
+    return idx
+
+
 def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
     os.makedirs(path, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.n_vocab,
@@ -75,7 +87,7 @@ def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
     tensors = {}
     for name, a in w.items():
         if name.endswith(("attn_q.weight", "attn_k.weight")):
-            a = rotary_pairs_to_halves(a, c.n_head if "attn_q" in name else c.n_head_kv)
+            a = a[hf_rotary_rows(a.shape[0], c.n_head if "attn_q" in name else c.n_head_kv)]
         tensors[gguf_to_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(a))
     names = sorted(tensors)  # two shards, as big checkpoints come
     half = len(names) // 2
