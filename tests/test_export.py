@@ -164,8 +164,10 @@ def test_powerinfer_format_bytes(tiny, capsys):
                 "attention.head_count_kv"):
         assert types[f"llama.{key}"] == GGUFValueType.UINT32, key
     assert types["llama.attention.layer_norm_rms_epsilon"] == types["llama.rope.freq_base"] == GGUFValueType.FLOAT32
-    assert types["tokenizer.ggml.tokens"] == GGUFValueType.ARRAY and r.fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert json.loads(r.fields["hotcold.predictors.manifest"].contents())["export"]["effective_thresholds"] == THRESHOLDS
+    assert types["tokenizer.ggml.tokens"] == GGUFValueType.ARRAY
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    manifest = json.loads(r.fields["hotcold.predictors.manifest"].contents())
+    assert manifest["export"]["effective_thresholds"] == THRESHOLDS
 
     # .gpuidx: PWRI, generic.gpu_index, per layer gpu_idx (I32, n_ff) then gpu_bucket (the sorted GPU ids)
     gpuidx, split = out + ".gpuidx", json.load(open(tiny["split"]))
@@ -269,7 +271,8 @@ def test_a_new_export_without_split_drops_the_old_split_with_its_rename(tiny, ca
     would read it with the new model)."""
     import signal
     out = str(tiny["dir"] / "race")
-    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out)[0] == 0
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"],
+                  "-o", out)[0] == 0
     rename = os.replace
 
     def interrupted_after(src, dst):
@@ -383,7 +386,8 @@ def test_inspect(tiny, capsys):
     assert json.loads(capsys.readouterr().out)["gpu_neurons"] == [len(g) for g in split["gpu_neurons"]]
     assert main(["inspect", tiny["bundle"]]) == 0
     text = capsys.readouterr().out
-    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text and "decoded as F16 by default" in text
+    assert "bundle" in text and "rank    24, threshold +2.0000  recall 0.8000" in text
+    assert "decoded as F16 by default" in text
     assert main(["inspect", tiny["bundle"], "--json"]) == 0
     p = json.loads(capsys.readouterr().out)["predictors"]
     assert p["predictor_type"] == "F16" and {"training", "corpus", "sparsity", "metrics"} <= set(p)

@@ -538,8 +538,9 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     hf = Tokenizer.from_hf_dir(str(tmp_path))
     assert hf.decode([the, of], continuation=True) == " the of" and hf.decode([1, The, of]) == "The of"
-    split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.merges": [],
-                                 "tokenizer.ggml.pre": "default"}, "x").tk.pre_tokenizer.pre_tokenize_str
+    split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
+                                 "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "default"},
+                                "x").tk.pre_tokenizer.pre_tokenize_str
     # llama.cpp: punctuation runs first, then GPT-2's words, then digits in runs of three
     assert [p for p, _ in split("f(x) = (a + b)")] == ["f", "(", "x", ")", "Ġ", "=", "Ġ", "(", "a", "Ġ", "+", "Ġb", ")"]
     assert [p for p, _ in split("a==b || c 12345")] == ["a", "==", "b", "Ġ", "||", "Ġc", "Ġ", "123", "45"]

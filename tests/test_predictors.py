@@ -317,7 +317,8 @@ def test_damaged_bundles_are_refused(tmp_path):
                         (lambda m: m["layers"][0].update(rank=None), "layer 0: expected"),
                         (lambda m: m.update(training="x"), "'training' not an object"),
                         (lambda m: m.update(training={"predictor_type": "Q9_9"}), "predictor_type 'Q9_9'"),
-                        (lambda m: m.update(sparsity={"thresholds": "a"}), "sparsity thresholds: expected a finite number for each of the 2 layers"),
+                        (lambda m: m.update(sparsity={"thresholds": "a"}),
+                         "sparsity thresholds: expected a finite number for each of the 2 layers"),
                         (lambda m: m["layers"][0]["metrics"].update(recall="high"), "metric 'recall' is not a"),
                         # JSON integers past a float (OverflowError tracebacks before)
                         (lambda m: m["layers"][0].update(threshold=10 ** 400), "layer 0: expected"),

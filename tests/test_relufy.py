@@ -117,7 +117,8 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     assert main(argv[:-4] + ["--ctx", "300"] + argv[-2:]) == 2  # past the model's training context
     assert "a context of 300 tokens is longer than the 256 the model was trained on" in capsys.readouterr().err
     assert out.read_bytes() == b"keep" and open(state, "rb").read()[:8] == saved[:8]
-    diverged = [str(tmp_path / "d.gguf") if a == str(out) else a for a in argv] + ["--lr", "1e30", "--seed", str(10**14)]
+    diverged = [str(tmp_path / "d.gguf") if a == str(out) else a for a in argv]
+    diverged += ["--lr", "1e30", "--seed", str(10**14)]
     assert main(diverged) == 2  # a seed past 64 bits is taken; a NaN loss is said, and no state kept to resume from
     err = capsys.readouterr().err
     assert "training diverged at step" in err and "lower --lr (1e+30)" in err and "\n" not in err.strip(), err
