@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import BACKENDS, CACHE_TYPES, HotcoldError, as_int, set_threads
+from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, HotcoldError, as_int, set_threads
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from .sparsity import SparsityConfig
 
-DEFAULT_CTX = 2048
+BOTH_HOOKS = "--sparsity with --predictors: the predictor bundle carries its own sparsity config"
 
 
 def perplexity_of(nll: float, n: int) -> float:
@@ -156,7 +156,7 @@ class Model:
     def set_sparsity(self, sparsity: str | SparsityConfig | None) -> None:
         """Skip FFN neurons below a sparsity config's thresholds (a JSON path or a config); None: dense."""
         if sparsity is not None and self.runtime is not None:
-            raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
+            raise HotcoldError(BOTH_HOOKS)
         from .sparsity import Sparsifier, SparsityConfig, attach, batched_net, down_norms
         if isinstance(sparsity, str):
             sparsity = SparsityConfig.load(sparsity, self.fingerprint)
@@ -179,7 +179,7 @@ class Model:
         from .hybrid import Runtime, check_hot, torch_device
         from .sparsity import batched_net, truth_rule
         if self.sparsity is not None:
-            raise HotcoldError("--sparsity with --predictors: the predictor bundle carries its own sparsity config")
+            raise HotcoldError(BOTH_HOOKS)
         if self.backend != "kernels":
             raise HotcoldError("--predictors runs on the kernel backend (drop --backend torch)")
         if not isinstance(bundle, Bundle):
@@ -247,10 +247,7 @@ class Model:
             raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
-        if self.sparsity is not None:
-            self.sparsity.reset()
-        if self.runtime is not None:
-            self.runtime.reset()
+        self.reset_counts()
         t0 = time.perf_counter()
         logits = self.net.next_logits(prompt_ids, 0)  # (n_vocab,)
         t1 = time.perf_counter()
@@ -310,10 +307,7 @@ class Model:
         tokens = self.check_ids(tokens)
         scored = self.chunk_range(len(tokens), ctx, chunks, first_chunk)
         nll, count = 0.0, 0
-        if self.sparsity is not None:
-            self.sparsity.reset()
-        if self.runtime is not None:
-            self.runtime.reset()
+        self.reset_counts()
         for k, logp, chunk_nll in self.chunk_logprobs(tokens, ctx, scored):
             nll, count = nll + chunk_nll, count + len(logp)
             if progress is not None:
@@ -345,6 +339,12 @@ class Model:
             raise HotcoldError(f"{source}: {n_tokens} tokens hold {available} chunks of --ctx {ctx}, so none from "
                                f"--first-chunk {first_chunk}")
         return range(first_chunk, available if chunks is None else min(available, first_chunk + chunks))
+
+    def reset_counts(self) -> None:
+        """Zero the sparsity config's and the runtime's counts: each generate or perplexity reports its own."""
+        for hook in (self.sparsity, self.runtime):
+            if hook is not None:
+                hook.reset()
 
     def chunk(self, tokens: list[int], k: int, ctx: int) -> list[int]:
         """Chunk k of llama.cpp's perplexity scheme: tokens[k*ctx:(k+1)*ctx], its first token BOS where the model

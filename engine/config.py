@@ -17,6 +17,7 @@ PREDICTOR_TYPES = ("F16", "Q8_0", "Q4_1")
 # float32 (the torch reference's)
 CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 AUDIT_KEYS = ("recall", "precision", "actual_sparsity")  # what the predictor runtime adds to its statistics under audit
+DEFAULT_CTX = 2048  # tokens of context when none is given (or the model's training context if shorter)
 BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | the float32 torch reference
 
 
@@ -237,15 +238,6 @@ def hf_to_gguf_name(name: str) -> str | None:
         if key in HF_LAYER:
             return f"blk.{int(parts[2])}.{HF_LAYER[key]}.{parts[-1]}"
     return name if parts[0] in ("model", "lm_head") else None  # another file's (a LoRA adapter, Mistral's own)
-
-
-def gguf_to_hf_name(name: str) -> str:
-    for hf, g in HF_TOP.items():
-        if g == name:
-            return hf
-    _, i, key, _ = name.split(".")
-    inv = {v: k for k, v in HF_LAYER.items()}
-    return f"model.layers.{i}.{inv[key]}.weight"
 
 
 # --- GGUF metadata keys of our own (llama.cpp ignores unknown keys) --------------------------------------

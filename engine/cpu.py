@@ -5,7 +5,8 @@ dequantizes row chunks of the prepared matrices on the fly, so no float32 copy o
 Short prompts go through the decode step token by token, and torch is not even imported for them: a process
 that generates from a short prompt starts a second sooner. Both paths share one KV cache. State (cache, scratch
 vectors) is allocated once here; a decode step allocates nothing but, in a model with an output matrix of its own,
-the embedding row it reads from the file.
+the embedding row it reads from the file (and, under a sparsity config, `KernelSelector`'s exact but slow per-layer
+mask: predictors are the fast path).
 """
 from __future__ import annotations
 
@@ -209,17 +210,18 @@ class KernelModel:
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         # state, allocated once
-        self.k_cache, self.v_cache = (np.zeros(s, CACHE_TYPES[cache_type]) for s in c.kv_shapes(n_ctx))  # and `torch`
+        # (n_layer, n_ctx, n_head_kv * head_dim) each (ModelConfig.kv_shapes), shared with the `torch` prefill
+        self.k_cache, self.v_cache = (np.zeros(s, CACHE_TYPES[cache_type]) for s in c.kv_shapes(n_ctx))
         self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)
         self.x_row = self.x.reshape(1, -1)  # (1, n_embd) view of x
         self.xn = np.zeros(c.n_embd, np.float32)
         L = self.layers[0]
-        self.qkv = np.zeros(L.q.rows + L.k.rows + L.v.rows, np.float32)
-        self.att = np.zeros(L.o.cols, np.float32)
-        self.tmp = np.zeros(c.n_embd, np.float32)
-        self.scores = np.zeros((c.n_head, n_ctx), np.float32)
-        self.logits = np.zeros(c.n_vocab, np.float32)
+        self.qkv = np.zeros(L.q.rows + L.k.rows + L.v.rows, np.float32)  # (n_head hd + 2 n_head_kv hd,): q, k, v
+        self.att = np.zeros(L.o.cols, np.float32)  # (n_head hd,)
+        self.tmp = np.zeros(c.n_embd, np.float32)  # (n_embd,): the FFN's output
+        self.scores = np.zeros((c.n_head, n_ctx), np.float32)  # (n_head, n_ctx)
+        self.logits = np.zeros(c.n_vocab, np.float32)  # (n_vocab,)
         # attention_into's arguments but x, pos, cos, sin, per layer (bound once: 1-2 us a call less)
         self.attn_args = [(L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.o.W, self.k_cache[i],
                            self.v_cache[i]) for i, L in enumerate(self.layers)]

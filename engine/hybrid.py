@@ -160,10 +160,12 @@ class HotPart:
         # does `launch`, on the CPU, for the hot rows (per layer: a converted file can mix types)
         self.x8 = [L.up.qtype in K.BLOCK_TYPES for L in net.layers]
         self.X = tuple(np.zeros_like(a) for a in net.layers[0].up.X)  # its own scratch (kernels own theirs)
-        # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back
+        # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back (and numpy views)
         self.in_host = [torch.zeros(c.n_embd + len(ids), pin_memory=pin) for ids in self.ids]
-        self.mask_host = [t[c.n_embd:] for t in self.in_host]  # (n_hot,) 1/0, written by `predict_split`
+        self.x_np = [t.numpy()[:c.n_embd] for t in self.in_host]  # (n_embd,)
+        self.mask_np = [t.numpy()[c.n_embd:] for t in self.in_host]  # (n_hot,) 1/0, written by `predict_split`
         self.y_host = torch.zeros(c.n_embd, pin_memory=pin)
+        self.y_np = self.y_host.numpy()  # (n_embd,)
         self.done = torch.cuda.Event() if pin else None
         pool = torch.cuda.graph_pool_handle() if pin else None  # one memory pool for the layers' graphs
         self.steps = [Graphed(functools.partial(self.ffn, i), self.dev, pool) for i in range(len(self.ids))]
@@ -172,14 +174,14 @@ class HotPart:
         return sum(t.numel() * t.element_size() for ts in (self.gate_up, self.down) for t in ts)
 
     def launch(self, i: int, xn: np.ndarray) -> None:
-        """Queue layer i's hot FFN for normed input xn, masked by self.mask_host[i]; result via `collect`.
+        """Queue layer i's hot FFN for normed input xn, masked by self.mask_np[i]; result via `collect`.
 
         On CUDA it runs as one CUDA graph per layer, captured at the layer's first token: launched op by op its
         small kernels cost about 20 us each to launch (816 us a layer on an H200 host). The graph is kept short (one
         copy in, gate and up in one matrix product, the activation, the mask, down, one copy out): a replayed node
         still costs microseconds (80 us a layer's round trip with x rounded and the mask sent on the device, 45 us
         so)."""
-        stage_x(xn, self.X, self.x8[i], self.in_host[i].numpy()[:self.c.n_embd])
+        stage_x(xn, self.X, self.x8[i], self.x_np[i])
         self.steps[i]()
         if self.done is not None:
             self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to
@@ -198,7 +200,7 @@ class HotPart:
         """out += the launched layer's hot part (waits for the device)."""
         if self.done is not None:
             self.done.synchronize()
-        out += self.y_host.numpy()
+        out += self.y_np
 
 
 def check_hot(hot: list, c, path: str, model_path: str) -> list[np.ndarray]:
@@ -234,14 +236,14 @@ class Runtime:
     hot: per layer, the neuron ids placed on `device` (None or empty: all on the CPU). audit: also compute the
     true active set per token (rule: engine.sparsity.truth_rule, exact for ReLU-family models, else the thresholds of
     the sparsity config the bundle was trained with). qtype: how the
-    predictor weights are stored for the kernels (config.PREDICTOR_TYPES); `bundle` is the bundle as given, `running`
-    the predictors as they run (those weights, dequantized)."""
+    predictor weights are stored for the kernels (config.PREDICTOR_TYPES); `running` the predictors as they run (those
+    weights, dequantized)."""
 
     def __init__(self, net, bundle, hot: list[np.ndarray] | None = None, device: str | None = None,
                  audit=None, qtype: str = "F16"):
         c = net.c
         torch_threads()
-        self.net, self.bundle, self.c, self.qtype = net, bundle, c, qtype
+        self.net, self.c, self.qtype = net, c, qtype
         self.fc1 = [predictor_matrix(p.fc1.weight, qtype) for p in bundle.predictors]  # (r, n_embd)
         self.fc2t = [predictor_matrix(p.fc2.weight.T, qtype) for p in bundle.predictors]  # (r, n_ff)
         # F16 (or its F32 fallback) holds the bundle's values exactly: its predictors run as they are
@@ -258,10 +260,10 @@ class Runtime:
                 pos[self.hot.ids[i]] = np.arange(len(self.hot.ids[i]), dtype=np.int32)
             self.hot_pos.append(pos)
         # scratch, allocated once
-        self.z = [np.zeros(p.rank, np.float32) for p in bundle.predictors]
-        self.logit = np.zeros(c.n_ff, np.float32)
-        self.cold = np.zeros(c.n_ff, np.int32)
-        self.no_mask = [np.zeros(0, np.float32)] * c.n_layer
+        self.z = [np.zeros(p.rank, np.float32) for p in bundle.predictors]  # per layer (rank,): relu(fc1 x)
+        self.logit = np.zeros(c.n_ff, np.float32)  # (n_ff,): fc2 z
+        self.cold = np.zeros(c.n_ff, np.int32)  # (n_ff,): the predicted cold ids, the first nc of them
+        self.no_mask = np.zeros(0, np.float32)  # no hot part
         self.audit = audit
         if audit is not None:
             from .sparsity import KernelSelector
@@ -278,7 +280,7 @@ class Runtime:
     def ffn(self, i: int, x: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         """out = layer i's FFN output for residual x (n_embd,) and normed input xn, on the predicted neurons."""
         L, hot = self.net.layers[i], self.hot
-        mask = hot.mask_host[i].numpy() if hot is not None else self.no_mask[i]
+        mask = hot.mask_np[i] if hot is not None else self.no_mask
         fc1 = self.fc1[i]
         nc, nh = predict_split(fc1.W, fc1.X, self.fc2t[i].W, self.thr[i], x, self.hot_pos[i], self.z[i],
                                self.logit, self.cold, mask)

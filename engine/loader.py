@@ -351,12 +351,17 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
                   m.get("corpus", {}), m.get("training", {}), ckpt.path)
 
 
-def gpuidx_beside(path: str) -> str | None:
-    """OUT.gpuidx beside OUT.powerinfer.gguf, else the name PowerInfer looks for: the model path + .generated.gpuidx."""
+def gpuidx_paths(path: str) -> list[str]:
+    """Where the GPU split of OUT.powerinfer.gguf lies: OUT.gpuidx, then the name PowerInfer looks for, the model path
+    + .generated.gpuidx (none for other files)."""
     if not path.endswith(POWERINFER_SUFFIX):
-        return None
-    found = [p for p in (path[:-len(POWERINFER_SUFFIX)] + ".gpuidx", path + ".generated.gpuidx") if os.path.exists(p)]
-    return found[0] if found else None
+        return []
+    return [path[:-len(POWERINFER_SUFFIX)] + ".gpuidx", path + ".generated.gpuidx"]
+
+
+def gpuidx_beside(path: str) -> str | None:
+    """The first of gpuidx_paths(path) that exists."""
+    return next((p for p in gpuidx_paths(path) if os.path.exists(p)), None)
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------
@@ -367,11 +372,6 @@ def rotary_halves_to_pairs(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder Q/K rows from HF's rotate-half layout to GGUF's adjacent-pair layout, per head."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def rotary_pairs_to_halves(w: np.ndarray, n_head: int) -> np.ndarray:
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_config(path: str, c: dict) -> ModelConfig:
@@ -394,7 +394,9 @@ def hf_config(path: str, c: dict) -> ModelConfig:
     if missing:
         raise HotcoldError(f"{where}: missing key {missing}")
     vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
-    vals["act_threshold"] = c.get("hidden_act_param", c.get("act_threshold")) or 0.0  # or the older name
+    if keys["act_threshold"] not in c:  # the threshold's older name
+        vals["act_threshold"] = c.get("act_threshold", 0.0)
+    vals["act_threshold"] = vals["act_threshold"] or 0.0  # null: none
     cfg = checked_config(where, keys, **vals, act=act, arch="llama")
     if c.get("head_dim") not in (None, cfg.head_dim):
         raise HotcoldError(f"{where}: head_dim is {c['head_dim']!r}; hotcold computes heads of hidden_size / "

@@ -190,10 +190,6 @@ class Tokenizer:
                    bool(tc.get("add_eos_token", False)) and eos is not None, ends)
 
     # --- use ----------------------------------------------------------------------------------------
-    @property
-    def n_vocab(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids; `special` parses control tokens such as <|im_start|> (else they are plain text); add_bos None:
         BOS (and EOS) as the model's tokenizer adds them, False: neither, True: BOS."""

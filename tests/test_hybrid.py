@@ -69,7 +69,7 @@ def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
     for i, L in [(i, L) for i, L in enumerate(net.layers) for _ in range(2)]:
         xn = rng.standard_normal(c.n_embd).astype(np.float32)
         on = rng.random(len(hot[i])) < 0.5
-        part.mask_host[i].numpy()[:] = on
+        part.mask_np[i][:] = on
         got, want = np.zeros(c.n_embd, np.float32), np.zeros(c.n_embd, np.float32)
         part.launch(i, xn)
         part.collect(got)
@@ -439,13 +439,13 @@ def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
     rng = np.random.default_rng(1)
     xn = rng.standard_normal(cpu.config.n_embd).astype(np.float32)
     for i in range(cpu.config.n_layer):
-        part.mask_host[i].numpy()[:] = rng.random(len(hot[i])) < 0.5
+        part.mask_np[i][:] = rng.random(len(hot[i])) < 0.5
         replayed = np.zeros(cpu.config.n_embd, np.float32)
         part.launch(i, xn)
         part.collect(replayed)
         part.ffn(i)  # the same staged input
         torch.cuda.synchronize()
-        assert np.allclose(replayed, part.y_host.numpy(), rtol=1e-5, atol=1e-6)
+        assert np.allclose(replayed, part.y_np, rtol=1e-5, atol=1e-6)
     dense = load(path, n_ctx=64)
     off.net = LayerOffload(off.net, 2, "cuda")  # its decode steps replay one graph
     x, y = offload_sequence(dense, chunk), offload_sequence(off, chunk)

@@ -100,7 +100,7 @@ def test_streamed_text_is_the_text(smollm):
             smollm.perplexity(ids * 64, 16, chunks, first)
 
 
-def test_cli_generate_json_and_chat(capsys):
+def test_cli_generate_json_and_chat(smollm, capsys):
     assert main(["generate", "-p", "What is 2+2?", "--chat", "-n", "6", "--temperature", "0", "--json",
                  "-c", "256"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -108,6 +108,12 @@ def test_cli_generate_json_and_chat(capsys):
     assert {"prefill_tok_s", "decode_tok_s"} <= set(out["stats"])
     assert out["prompt_token_ids"][:1] == [1]  # <|im_start|> parsed as one control token
     assert 1 <= len(out["token_ids"]) <= 6 and out["stats"]["stop"] in ("stop_token", "length")
+    assert main(["generate", "-p", "What is 2+2?", "--chat", "--system", "Answer in French.", "-n", "1", "--json",
+                 "-c", "256"]) == 0  # in place of the template's default system message
+    assert json.loads(capsys.readouterr().out)["prompt_token_ids"] == smollm.tokenize(
+        "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert main(["generate", "-p", "hi", "--system", "x"]) == 2 and "it goes with --chat" in capsys.readouterr().err
     assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
     err = capsys.readouterr().err  # the context, not -n, ended it: said so
     assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 
-from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, ModelConfig, gguf_to_hf_name
+from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, ModelConfig
 from engine.qtensor import QTensor
 
 SPECIALS = ["<s>", "</s>"]
@@ -70,6 +70,21 @@ def hf_rotary_rows(rows: int, n_head: int) -> np.ndarray:
             for j in range(hd // 2):
                 idx[h * hd + a * hd // 2 + j] = h * hd + 2 * j + a
     return idx
+
+
+# transformers' Llama names, written out here: the loader's own table (engine.config.HF_LAYER) is what is tested
+HF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                  "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+                  "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def gguf_to_hf_name(name: str) -> str:
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    _, i, key, _ = name.split(".")
+    return f"model.layers.{i}.{HF_LAYER_NAMES[key]}.weight"
 
 
 def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:

@@ -44,7 +44,7 @@ def rss_bytes() -> int:
     return 0
 
 
-def memory_bandwidth(threads: int, mib: int = 256) -> float:
+def memory_bandwidth(mib: int = 256) -> float:
     """Read bandwidth in GB/s: a parallel sum over an array far larger than the caches."""
     from numba import njit, prange
 
@@ -231,7 +231,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     so that a slow spell of a shared machine does not land on one row."""
     model.install_runtime(None)  # the rows time the kernels' own FFN: predictors would choose the neurons instead
     net = model.net
-    bw = memory_bandwidth(args.threads)
+    bw = memory_bandwidth()
     levels = [0.0] + list(args.sparsity_levels)
     selects = [RandomActive(net.c.n_layer, net.c.n_ff, s) if s > 0 else None for s in levels]
     speed, ffn_ms, ref = [0.0] * len(levels), [float("inf")] * len(levels), None

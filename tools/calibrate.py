@@ -456,9 +456,9 @@ def cmd_calibrate(args) -> None:
 
 def calibrate_bundle(args, model, heldout: list[int], log) -> None:
     """calibrate --predictors: thresholds of a bundle for a perplexity bound, written as a new bundle."""
-    from predictors.bundle import load_bundle, model_fingerprint
+    from predictors.bundle import MANIFEST, load_bundle, model_fingerprint
     from tools.cli import emit_json
-    if os.path.exists(os.path.join(args.out, "manifest.json")) and not args.force:
+    if os.path.exists(os.path.join(args.out, MANIFEST)) and not args.force:
         raise exists_error(args.out, "a bundle is already there", progress_path(args.out))
     bundle = load_bundle(args.bundle, model_fingerprint(model.ckpt))
     tuned, summary = calibrate_predictors(model, bundle, heldout, args.ctx, args.ppl_increase, log,

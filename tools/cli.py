@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from engine.config import AUDIT_KEYS, BACKENDS, CACHE_TYPES, PREDICTOR_TYPES, HotcoldError
+from engine.config import AUDIT_KEYS, BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, HotcoldError
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
@@ -100,7 +100,8 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
                        help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
     if ctx:
         p.add_argument("-c", "--ctx", type=at_least(2), default=None,
-                       help="context size in tokens (default 2048, or the model's training context if shorter)")
+                       help=f"context size in tokens (default {DEFAULT_CTX}, or the model's training context if "
+                       "shorter)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -175,9 +176,13 @@ def emit_json(obj) -> None:
 def cmd_generate(args) -> None:
     from engine.api import Sampler
     from engine.tokenizer import valid_text
+    if args.system is not None and not args.chat:
+        raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
     model = load_model(args)
     prompt = valid_text(args.prompt)
-    prompt = model.tokenizer.apply_chat_template(prompt) if args.chat else prompt
+    if args.chat:
+        system = None if args.system is None else valid_text(args.system)
+        prompt = model.tokenizer.apply_chat_template(prompt, system)
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
@@ -292,6 +297,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed (default, or negative as in llama.cpp: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)

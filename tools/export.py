@@ -32,8 +32,8 @@ from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldErro
 from engine.files import check_writable, exists_error, write_all
 from engine.fingerprint import fingerprint
 from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
-                           POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, load_checkpoint,
-                           open_gguf, resolve)
+                           POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
+                           load_checkpoint, open_gguf, resolve)
 from engine.qtensor import QTensor
 from engine.tokenizer import (END_KEYS, END_OF_TURN, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
                               TOKEN_USER_DEFINED, Tokenizer)
@@ -320,7 +320,7 @@ def cmd_export(args) -> None:
     check_out_prefix(args.out, "out/model")
     base = args.out.removesuffix(POWERINFER_SUFFIX if powerinfer else ".gguf")
     path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
-    split_paths = [base + ".gpuidx", path + ".generated.gpuidx"] if powerinfer else []
+    split_paths = gpuidx_paths(path)  # none for --format gguf
     if powerinfer:
         check_powerinfer(ckpt)
     elif args.split:

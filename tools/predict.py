@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from engine.config import PREDICTOR_TYPES, HotcoldError, blk
+from engine.config import PREDICTOR_TYPES, HotcoldError, as_int, blk
 from engine.files import check_writable, read_json, write_atomic, write_json
 from engine.fingerprint import check_fingerprint
 from engine.sparsity import EXACT_ACTS, SparsityConfig
@@ -248,10 +248,11 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     torch_device(device, "--device")
     if not 0 < recall <= 1:  # NaN too
         raise HotcoldError(f"--recall {recall}: expected a share of the active neurons, in (0, 1]")
-    if rank != "auto" and int(rank) > min(c.n_embd, c.n_ff):
+    rank = rank if rank == "auto" else as_int(rank, "rank")
+    if rank != "auto" and rank > min(c.n_embd, c.n_ff):
         raise HotcoldError(f"--rank {rank}: above the rank of a layer's {c.n_ff} x {c.n_embd} gate map "
                            f"({min(c.n_embd, c.n_ff)})")
-    if rank != "auto" and int(rank) % 2 and c.act in EXACT_ACTS:
+    if rank != "auto" and rank % 2 and c.act in EXACT_ACTS:
         raise HotcoldError(f"--rank {rank}: predictors of a {c.act} model start from the gate's SVD as [A; -A], "
                            "which needs an even rank")
     sparsity = profile_sparsity(manifest, engine_fp, sparsity_path)
@@ -280,7 +281,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
             if k + 1 < len(todo):
                 pool.submit(warm_samples, profile, manifest, todo[k + 1])
             cap = budget_rank(ckpt, i) if rank == "auto" else None  # a given rank is reported against it
-            pred, thr, m = train_layer(X, Y, rank if rank == "auto" else int(rank), epochs, lr, device,
+            pred, thr, m = train_layer(X, Y, rank, epochs, lr, device,
                                        init_map(ckpt, i), recall, max_rank=cap, seed=seed, desc=f"layer {i}",
                                        qtype=qtype, progress=progress,
                                        C=contribution_blocks(ckpt, i, X) if weighting == "contribution" else None)
@@ -384,11 +385,11 @@ def parse_layers(v: str) -> list[int]:
     return out
 
 
-def rank_arg(text: str) -> str:
-    """An argparse type: auto or an integer >= 2 (kept as text, as train_predictors takes it)."""
-    if text != "auto" and not (text.isdigit() and int(text) >= 2):
+def rank_arg(text: str) -> str | int:
+    """An argparse type: auto or an integer >= 2."""
+    if text != "auto" and not (text.isascii() and text.isdigit() and int(text) >= 2):
         raise argparse.ArgumentTypeError(f"expected auto or a number >= 2, got {text!r}")
-    return text
+    return text if text == "auto" else int(text)
 
 
 def cmd_train(args) -> None:
@@ -396,8 +397,7 @@ def cmd_train(args) -> None:
     manifest = load_profile(args.profile)
     model = args.model or manifest.get("model")
     ckpt = load_checkpoint(model)
-    rank = args.rank if args.rank == "auto" else int(args.rank)
-    res = train_predictors(ckpt, args.profile, args.out, args.recall, rank, args.epochs, args.device,
+    res = train_predictors(ckpt, args.profile, args.out, args.recall, args.rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
                            qtype=args.predictor_type, weighting=args.weighting, force=args.force)
     if args.json:

@@ -35,7 +35,7 @@ from engine.loader import Checkpoint, load_checkpoint
 from engine.model import apply_rope, ffn_activation, rms_norm
 from engine.qtensor import QTensor
 
-ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
+RELUFY_ACTS = ("relu", "drelu")  # activations a model can be fine-tuned to (exact zeros)
 STATE_SUFFIX = ".train.pt"
 WARMUP = 0.1  # share of the steps with a linear warmup of the learning rate (at most 20 steps)
 LR_FLOOR = 0.1  # the cosine decay ends at this share of the peak learning rate
@@ -308,7 +308,7 @@ def add_command(sub) -> None:
     p.add_argument("-o", "--out", required=True, metavar="OUT.gguf",
                    help="the model to write (OUT.gguf.train.pt holds the run until it ends: rerun to resume; "
                    "remove it to start over)")
-    p.add_argument("--act", choices=ACTS, default="relu", help="the FFN activation to train to (default relu)")
+    p.add_argument("--act", choices=RELUFY_ACTS, default="relu", help="the FFN activation to train to (default relu)")
     p.add_argument("--steps", type=at_least(1), default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch", type=at_least(1), default=4, help="windows a step (default 4)")
     p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.api import DEFAULT_CTX, check_context, default_ctx
-from engine.config import HotcoldError
+from engine.api import check_context, default_ctx
+from engine.config import DEFAULT_CTX, HotcoldError
 from engine.files import check_replaceable, check_writable, read_json, write_all
 from engine.fingerprint import check_fingerprint, fingerprint
 
@@ -281,8 +281,8 @@ def add_command(sub) -> None:
                    help="share of the FFN bytes to place on the GPU")
     p.add_argument("--group", type=at_least(1), default=GROUP, help=f"neurons placed together (default {GROUP})")
     p.add_argument("--ctx", type=at_least(1), default=None,
-                   help="context whose KV cache the GPU holds (default 2048, or the model's training context if "
-                   "shorter)")
+                   help=f"context whose KV cache the GPU holds (default {DEFAULT_CTX}, or the model's training "
+                   "context if shorter)")
     p.add_argument("--predictor-bytes", type=at_least(0), default=0,
                    help="bytes of predictors kept on the GPU (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
