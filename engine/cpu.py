@@ -5,8 +5,7 @@ dequantizes row chunks of the prepared matrices on the fly, so no float32 copy o
 Short prompts go through the decode step token by token, and torch is not even imported for them: a process
 that generates from a short prompt starts a second sooner. Both paths share one KV cache. State (cache, scratch
 vectors) is allocated once here; a decode step allocates nothing but, in a model with an output matrix of its own,
-the embedding row it reads from the file (and, under a sparsity config, `KernelSelector`'s exact but slow per-layer
-mask: predictors are the fast path).
+the embedding row it reads from the file.
 """
 from __future__ import annotations
 
@@ -209,6 +208,7 @@ class KernelModel:
         self.nt = numba.get_num_threads()  # the sparse FFN's slices: the thread count at load (engine.api sets it)
         self.select: Selector | None = None  # the sparse hook: active FFN neurons per layer
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
+        self.threshold_ffn = None  # engine.sparsity.KernelSelector: a sparsity config's FFN, replaces `select`
         # state, allocated once
         # (n_layer, n_ctx, n_head_kv * head_dim) each (ModelConfig.kv_shapes), shared with the `torch` prefill
         self.k_cache, self.v_cache = (np.zeros(s, CACHE_TYPES[cache_type]) for s in c.kv_shapes(n_ctx))
@@ -242,14 +242,15 @@ class KernelModel:
         """The FFN matrices held now (down_t once built)."""
         return [m for m in (L.gate, L.up, L.down, L.built_down_t) if m is not None]
 
-    def decode_bytes_per_token(self, sparsity: float = 0.0) -> int:
+    def decode_bytes_per_token(self, sparsity: float = 0.0, all_rows: bool = False) -> int:
         """Weight bytes a decode step reads with that share of FFN neurons skipped: the active neurons' gate and up
-        rows and their down_t rows, or all of down when the set is dense enough for `kernels.ffn` to read it (a
-        dense step reads down rather than down_t where both are kept)."""
+        rows (every neuron's with all_rows: a sparsity config's scores need all of h) and their down_t rows, or all
+        of down when the set is dense enough for `kernels.ffn` to read it (a dense step reads down rather than
+        down_t where both are kept)."""
         total = self.lm_head.nbytes
         for L in self.layers:
             total += sum(m.nbytes for m in self.attn_mats(L))
-            total += (1 - sparsity) * (L.up.nbytes + (L.gate.nbytes if L.gate else 0))
+            total += (1 if all_rows else 1 - sparsity) * (L.up.nbytes + (L.gate.nbytes if L.gate else 0))
             dense = L.down is not None and (sparsity == 0 or 1 - sparsity >= K.DENSE_FROM)
             total += L.down.nbytes if dense else (1 - sparsity) * L.down_t.nbytes
         return round(total)
@@ -316,6 +317,8 @@ class KernelModel:
             attention_into(x, *self.attn_args[i], pos, cos, sin, *self.attn_scratch[i])
             if self.runtime is not None:  # predictors, maybe a hot part on another device (engine/hybrid.py)
                 self.runtime.ffn(i, x, xn, tmp)
+            elif self.threshold_ffn is not None:  # a sparsity config (engine/sparsity.py)
+                self.threshold_ffn.ffn(i, xn, tmp)
             else:
                 self.ffn(L, xn, tmp, self.select(i, x, xn) if self.select is not None else None)
             x += tmp

@@ -768,6 +768,43 @@ def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact=False)
         out[r] = _row_dot(D, np.int64(r), h, Xh, exact)
 
 
+@njit(**_PARALLEL)
+def _k_ffn_scored(G, U, DT, D, x, act, threshold, norms, t, dense_from, ids, h, out, X, Xh, part, nt, exact=False):
+    """The FFN under a sparsity config's threshold t: h for every neuron (its score needs it), then down over the
+    neurons whose score |h_i| * norms[i] is above t (h_i != 0 where t is 0), the others' h zeroed. Down: the rows of
+    down_t DT, summed as `_k_ffn` sums an active set (the same slices of ids in the same order), or with D (the
+    untransposed down, None if absent) D @ h once at least dense_from neurons are active, as `_k_ffn_dense` does.
+    Returns the active count; ids[:count] are the active ids, increasing."""
+    _prep_x(x, X)
+    for i in prange(h.size):
+        if G is not None:
+            _prefetch_ahead(G, np.int64(i), h.size)
+        _prefetch_ahead(U, np.int64(i), h.size)
+        h[i] = _row_hidden(G, U, np.int64(i), x, X, act, threshold, exact)
+    n = 0
+    for i in range(h.size):
+        if (h[i] != 0) if t <= 0 else (abs(h[i]) * norms[i] > t):
+            ids[n] = i
+            n += 1
+        else:
+            h[i] = 0.0
+    if D is not None and n >= dense_from:
+        _prep_x(h, Xh)
+        for r in prange(out.size):
+            _prefetch_ahead(D, np.int64(r), out.size)
+            out[r] = _row_dot(D, np.int64(r), h, Xh, exact)
+        return n
+    for q in prange(nt):
+        acc = part[q]  # (n_embd,)
+        acc[:] = 0.0
+        j0, j1 = q * n // nt, (q + 1) * n // nt
+        for j in range(j0, j1):
+            _prefetch_next(DT, ids, j, j1)
+            _row_axpy(DT, np.int64(ids[j]), h[ids[j]], acc)
+    _sum_parts(part, nt, out, False)
+    return n
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Weight preparation and the public API
 
@@ -908,6 +945,27 @@ def ffn_runner(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, act: i
             raise ValueError("kernels: ffn needs down_t for a sparse active set")
         else:
             _k_ffn(G, U, DT, x, act, thr, active, out, up.X, part, hs, nt, *ex)
+    return run
+
+
+def scored_ffn_runner(gate: KMatrix | None, up: KMatrix, down_t: KMatrix, act: int, threshold: float,
+                      down: KMatrix | None = None, nt: int | None = None, exact: bool = False):
+    """`_k_ffn_scored` with its weights bound once: returns run(x, out, norms, t, ids, h) -> the active count, for
+    x, out f32[n_embd], norms f32[n_ff] (||down[:, i]||), t the layer's threshold, ids i32[n_ff] and h f32[n_ff]
+    scratch (ids[:count]: the active ids). The same sums as `ffn` over those ids."""
+    if gate is not None and (gate.rows, gate.cols) != (up.rows, up.cols):
+        raise ValueError(f"kernels: ffn shapes disagree: gate {gate}, up {up}")
+    if (down_t.rows, down_t.cols) != (up.rows, up.cols) or down is not None and (down.rows, down.cols) != (
+            up.cols, up.rows):
+        raise ValueError(f"kernels: ffn shapes disagree: up {up}, down_t {down_t}, down {down}")
+    G, U, DT, thr, ex = None if gate is None else gate.W, up.W, down_t.W, np.float32(threshold), _exact(exact)
+    D, Xh = (None, down_t.X16) if down is None else (down.W, down.X16)
+    dense_from = DENSE_FROM * up.rows if down is not None else float(up.rows + 1)
+    nt = _parts(down_t, nt)
+
+    def run(x: np.ndarray, out: np.ndarray, norms: np.ndarray, t: float, ids: np.ndarray, h: np.ndarray) -> int:
+        return _k_ffn_scored(G, U, DT, D, x, act, thr, norms, np.float32(t), dense_from, ids, h, out, up.X, Xh,
+                             down_t.part, nt, *ex)
     return run
 
 

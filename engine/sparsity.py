@@ -72,8 +72,8 @@ def batched_net(net):
 def attach(net, sp: Sparsifier | None) -> None:
     """Threshold a model's FFN path with `sp` (None: dense): batched forwards, and the kernel engine's decode."""
     batched_net(net).sparsity = sp
-    if hasattr(net, "select"):
-        net.select = None if sp is None else KernelSelector(net, sp)
+    if hasattr(net, "threshold_ffn"):
+        net.threshold_ffn = None if sp is None else KernelSelector(net, sp)
 
 
 def down_rows(net, i: int) -> torch.Tensor:
@@ -99,11 +99,10 @@ class Sparsifier:
     """Zeroes inactive neurons of h in the FFN path and counts the active ones per layer."""
 
     def __init__(self, thresholds: list[float], norms: torch.Tensor):
-        import torch
         self.thresholds = [float(t) for t in thresholds]
         self.norms = norms  # (n_layer, n_ff)
-        self.active = torch.zeros(len(thresholds), dtype=torch.float64)  # active neuron-token pairs per layer
-        self.seen = torch.zeros(len(thresholds), dtype=torch.float64)  # all neuron-token pairs per layer
+        # active and all neuron-token pairs per layer (numpy: a decode step adds its counts, layer by layer)
+        self.active, self.seen = np.zeros(len(thresholds)), np.zeros(len(thresholds))
 
     def mask(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Active neurons of layer i: bool (T, n_ff) for h (T, n_ff)."""
@@ -112,16 +111,16 @@ class Sparsifier:
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         m = self.mask(i, h)  # (T, n_ff)
-        self.active[i] += m.sum()
+        self.active[i] += int(m.sum())
         self.seen[i] += m.numel()
         return h.masked_fill(~m, 0.0)
 
     def reset(self) -> None:
-        self.active.zero_()
-        self.seen.zero_()
+        self.active[:] = 0
+        self.seen[:] = 0
 
     def layer_sparsity(self) -> list[float]:
-        return (1 - self.active / self.seen.clamp(min=1)).tolist()
+        return (1 - self.active / np.maximum(self.seen, 1)).tolist()
 
     def sparsity(self) -> float:
         """Inactive / all neurons, per layer averaged over tokens, then over layers (DESIGN.md: Metrics)."""
@@ -143,14 +142,31 @@ def truth_rule(bundle, net) -> Sparsifier:
 
 
 class KernelSelector:
-    """The kernel engine's per-layer decode hook: active neuron ids of one token by the thresholds.
-
-    It runs the gate and up rows once more to know h: exact, not fast. A predictor replaces it on the fast path."""
+    """The kernel engine's decode hooks under thresholds: `ffn`, a layer's FFN over the neurons above its threshold
+    (what decoding runs), and, called, the active ids of one token (the reference `ffn` is tested against, and the
+    truth of an audit), which runs the gate and up rows once more to know h."""
 
     def __init__(self, net, sp: Sparsifier):
         self.net, self.sp = net, sp
-        self.g = np.zeros(net.c.n_ff, np.float32)  # scratch, allocated once
-        self.u = np.zeros(net.c.n_ff, np.float32)
+        n_ff = net.c.n_ff
+        self.g = np.zeros(n_ff, np.float32)  # scratch, allocated once
+        self.u = np.zeros(n_ff, np.float32)
+        self.h = np.zeros(n_ff, np.float32)
+        self.ids = np.zeros(n_ff, np.int32)
+        self.norms = np.ascontiguousarray(sp.norms.numpy(), np.float32)  # (n_layer, n_ff)
+        self.runs = {}  # layer -> kernels.scored_ffn_runner's run, bound on first use (it builds down_t)
+
+    def ffn(self, i: int, xn: np.ndarray, out: np.ndarray) -> None:
+        """out = layer i's FFN for normed input xn over the neurons above the threshold: h computed once for all
+        (the score needs it), down only for the active ones; counted as `Sparsifier` counts."""
+        run = self.runs.get(i)
+        if run is None:
+            from .kernels import scored_ffn_runner
+            L, net = self.net.layers[i], self.net
+            run = self.runs[i] = scored_ffn_runner(L.gate, L.up, L.down_t, net.act, net.threshold, L.down, net.nt)
+        n = run(xn, out, self.norms[i], self.sp.thresholds[i], self.ids, self.h)
+        self.sp.active[i] += n
+        self.sp.seen[i] += self.h.size
 
     def __call__(self, i: int, x: np.ndarray, xn: np.ndarray) -> np.ndarray:
         import torch

@@ -477,3 +477,31 @@ def test_jit_cache_is_used_by_a_new_process(rng):
     assert res.returncode == 0, res.stderr
     hits, misses = map(int, res.stdout.split())
     assert (hits, misses) == (1, 0)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0], ids=lambda t: t.name)
+def test_scored_ffn_is_the_sparse_ffn_over_the_score_rule(qtype, rng, monkeypatch):
+    """A sparsity config's FFN (h once for every neuron, down for those whose |h_i| * ||down[:, i]|| is above t):
+    its active ids are the rule's on a float64 h, and its output is `ffn`'s over those ids, bit for bit, through
+    down_t's rows or (DENSE_FROM 0) the stored down; t 0 is the exact rule h_i != 0 (ReLU)."""
+    (gate, up, _, x), (g, u, _) = ffn_case(rng, qtype, n_ff=160)
+    qt = QTensor.from_float(rng.standard_normal((64, 160)).astype(np.float32), qtype)
+    d = qt.dequantize().astype(np.float64)  # (n_embd, n_ff) as stored
+    norms = np.linalg.norm(d, axis=0)  # (n_ff,)
+    for act in (K.ACT_SILU, K.ACT_RELU):
+        h = (silu(g @ x) if act == K.ACT_SILU else np.maximum(g @ x, 0)) * (u @ x)  # float64 (n_ff,)
+        s = np.sort(np.abs(h) * norms)
+        k = 64 + int(np.argmax(s[65:97] - s[64:96]))  # the widest gap near the middle: no score near t
+        for t in ((s[k] + s[k + 1]) / 2, 0.0) if act == K.ACT_SILU else (0.0,):
+            want = np.flatnonzero(np.abs(h) * norms > t if t > 0 else h != 0).astype(np.int32)
+            for dense_from in (K.DENSE_FROM, 0.0):
+                monkeypatch.setattr(K, "DENSE_FROM", dense_from)
+                down, down_t = K.prepare(qt), K.transpose(qt)
+                run = K.scored_ffn_runner(gate, up, down_t, act, 0.0, down=down, exact=True)
+                out, ids, hs = np.full(64, np.nan, np.float32), np.zeros(160, np.int32), np.zeros(160, np.float32)
+                n = run(x, out, norms.astype(np.float32), t, ids, hs)
+                assert np.array_equal(ids[:n], want), (act, t, dense_from)
+                ref = np.full(64, np.nan, np.float32)
+                K.ffn(gate, up, down_t, x, act, 0.0, ref, want, exact=True, down=down)
+                assert np.array_equal(out, ref), (act, t, dense_from)
+                assert rel(out, h[want] @ d.T[want]) < 1e-2, (act, t, dense_from)  # down_t's Q8_0 rounding

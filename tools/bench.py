@@ -207,7 +207,8 @@ def run_bench(args) -> dict:
     skipped = stats.get("predicted_sparsity", stats.get("sparsity"))  # the FFN share the decode steps skipped
     if skipped and model.backend == "kernels":  # what they read: active rows, and the predictors' own weights
         rt = model.runtime
-        bpt = model.net.decode_bytes_per_token(skipped) + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0)
+        bpt = (model.net.decode_bytes_per_token(skipped, all_rows=rt is None)
+               + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0))
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
            "kv_cache": model.cache_type, "prompt_tokens": len(ids),
@@ -229,7 +230,8 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     """Rows of decode tok/s: dense, sparse at each level (random active sets), llama.cpp; bandwidth share.
     Each row's decode speed and FFN time (llama.cpp's too) are the best of `rounds` runs, the rows taking turns,
     so that a slow spell of a shared machine does not land on one row."""
-    model.install_runtime(None)  # the rows time the kernels' own FFN: predictors would choose the neurons instead
+    model.install_runtime(None)  # the rows time the kernels' own FFN: predictors or a sparsity config would choose
+    model.set_sparsity(None)  # the neurons instead
     net = model.net
     bw = memory_bandwidth()
     levels = [0.0] + list(args.sparsity_levels)
