@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from typing import Callable
 
 from .config import HotcoldError, first_line
@@ -26,7 +27,7 @@ def write_all(outputs: list[tuple[str, Callable[[str], None]]], stale: list[str]
     renamed over its path, and the `stale` files (which these outputs make obsolete) removed. A failure while writing
     leaves every old file as it was and no temporary file behind, and names the path, not its tmp. The paths must
     differ."""
-    blocked = next((path for path, _ in outputs if os.path.isdir(path)), None)
+    blocked = next((path for path in [p for p, _ in outputs] + list(stale) if os.path.isdir(path)), None)
     if blocked is not None:  # before any write: export's model takes minutes
         raise HotcoldError(f"{blocked}: a directory is in the way of this output")
     from safetensors import SafetensorError
@@ -97,15 +98,22 @@ def output_lock(path: str):
 
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM wait until the block is done (where the platform can hold them: POSIX)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM wait until the block is done: their handlers note them meanwhile, and a noted one is raised
+    again after it. (A signal mask holds them for one thread only, and the kernel hands a process's signal to any
+    thread that does not block it: torch's, numba's or tqdm's threads took them, and Python then ran the handler in
+    the main thread inside the block.) Outside the main thread, where handlers cannot be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted = []
+    old = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
 
 
 def remove_stale_temporaries(path: str) -> None:

@@ -288,7 +288,9 @@ def test_bad_hf_config_is_refused(tmp_path, capsys):
              ({**good, "rms_norm_eps": None}, "rms_norm_eps has no value"),
              ({**good, "tie_word_embeddings": "false"}, "tie_word_embeddings is 'false'"),
              ({**good, "hidden_act": ["silu"]}, "hidden_act ['silu']"),
-             ({**good, "rope_theta": 10**400}, "rope_theta is 1000")]  # too large for a float
+             ({**good, "rope_theta": 10**400}, "rope_theta is 1000"),  # too large for a float
+             ({**good, "act_threshold": "abc"}, "act_threshold is 'abc'"),  # hidden_act_param's older name
+             ({**good, "hidden_act_param": "abc"}, "hidden_act_param is 'abc'")]
     for cfg, words in cases:
         (hfdir / "config.json").write_text(json.dumps(cfg))
         assert_one_line(*run_cli(capsys, "tokenize", "-m", str(hfdir), "hi"), "hf/config.json: ", words)
@@ -400,6 +402,31 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     assert left in (["m.gguf"], ["m.gguf", "s.json.progress.json"])
 
 
+def test_signals_held_also_when_another_thread_takes_the_signal():
+    """write_all's renames run with Ctrl-C held. A signal mask held it for the main thread only: the kernel handed the
+    signal to another thread (torch's, numba's, tqdm's), and Python raised KeyboardInterrupt inside the block."""
+    import signal
+    import threading
+    import time
+
+    from engine.files import signals_held
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # where an unheld signal's handler runs
+                done.append("block")
+            done.append("after")  # not reached: the held signal is raised as the block ends
+    finally:
+        stop.set()
+        other.join()
+    assert done == ["block"]
+
+
 def test_after_ctrl_c_the_process_leaves_sigint_to_the_system(monkeypatch, capsys):
     """`hotcold` (main reading sys.argv) hands SIGINT back to the system after the first Ctrl-C and when it ends: a
     second one during the cleanup or the interpreter's exit ends the process, not in a traceback. main called by a
@@ -417,9 +444,11 @@ def test_after_ctrl_c_the_process_leaves_sigint_to_the_system(monkeypatch, capsy
     try:
         assert main(["tokenize", "hi"]) == 130 and signal.getsignal(signal.SIGINT) is before
         assert main() == 130 and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a parent's ignored SIGINT (cmd & in a script) stays ignored
+        assert main() == 130 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
-    assert capsys.readouterr().err.splitlines() == ["hotcold: interrupted"] * 2
+    assert capsys.readouterr().err.splitlines() == ["hotcold: interrupted"] * 3
     for error in (ValueError("Can't close the ZIP file"), HotcoldError("x.pt: cannot write")):  # cleanup cut short
 
         def cut_short(args, error=error):
