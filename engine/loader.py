@@ -395,6 +395,7 @@ def hf_config(path: str, c: dict) -> ModelConfig:
         raise HotcoldError(f"{where}: missing key {missing}")
     vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
     if keys["act_threshold"] not in c:  # the threshold's older name
+        keys["act_threshold"] = "act_threshold"
         vals["act_threshold"] = c.get("act_threshold", 0.0)
     vals["act_threshold"] = vals["act_threshold"] or 0.0  # null: none
     cfg = checked_config(where, keys, **vals, act=act, arch="llama")

@@ -381,7 +381,8 @@ def split_corpus(model, files: list[str], n_stats: int, n_heldout: int, ctx: int
     """Statistics from the start of the corpus, held-out text from its end; they never overlap. n_stats 0: held-out
     text alone (calibrate --predictors)."""
     if 0 < n_stats < ctx or n_heldout < ctx:
-        raise HotcoldError(f"--tokens and --heldout-tokens must each hold one window of --ctx {ctx}")
+        both = "--tokens and --heldout-tokens must each" if n_stats else "--heldout-tokens must"
+        raise HotcoldError(f"{both} hold one window of --ctx {ctx}")
     tokens = corpus_tokens(model, files, None, ctx)
     if len(tokens) < n_stats + n_heldout:
         stats = f"--tokens {n_stats} plus " if n_stats else ""

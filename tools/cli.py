@@ -376,7 +376,9 @@ def terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    process = argv is None and threading.current_thread() is threading.main_thread()  # `hotcold`, not a caller's
+    # `hotcold` itself (not a program calling main, nor a parent that has SIGINT ignored): hands SIGINT back at the end
+    process = (argv is None and threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     argv = sys.argv[1:] if argv is None else argv
     # SIGTERM becomes Terminated unless the program calling main (or a parent ignoring it) has its own way with it
     mine = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         drop_stdout()
         return 0
     except OSError as e:  # an output path that cannot be written: a directory, under a file, no permission, disk full
+        if interruption(e) is not None:
+            return stopped(interruption(e), process)
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO):  # stdout's file (> file)
             drop_stdout()
             e.filename = "stdout"

@@ -320,7 +320,7 @@ def cmd_export(args) -> None:
     check_out_prefix(args.out, "out/model")
     base = args.out.removesuffix(POWERINFER_SUFFIX if powerinfer else ".gguf")
     path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
-    split_paths = gpuidx_paths(path)  # none for --format gguf
+    split_paths = gpuidx_paths(path) if powerinfer else []
     if powerinfer:
         check_powerinfer(ckpt)
     elif args.split:
