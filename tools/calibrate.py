@@ -188,10 +188,12 @@ class Heldout:
     dense: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per chunk: (values, ids), each (ctx/2-1, K)
 
     @torch.inference_mode()
-    def score(self, model, cfg: SparsityConfig | None, steps: bool = False) -> dict:
-        """{"ppl", "kl", "sparsity"} of the model under cfg (None: dense, which records the reference). steps:
-        score through decode steps (`Model.scored_logits`), as the predictor runtime is scored."""
+    def score(self, model, cfg: SparsityConfig | None, steps: bool | None = None) -> dict:
+        """{"ppl", "kl", "sparsity"} of the model under cfg, or through its predictor runtime where one is installed
+        (its predicted sparsity); None without a runtime: dense, which records the reference. steps as in
+        `Model.scored_logits` (default: decode steps with predictors, one batched forward without)."""
         model.set_sparsity(cfg)
+        model.reset_counts()
         nll, kl, n = 0.0, 0.0, 0
         top = []
         try:
@@ -202,7 +204,8 @@ class Heldout:
                     top.append(logp.topk(min(TOP_K, logp.shape[1]), dim=-1))
                 else:
                     kl += float(top_kl(*self.dense[k], logp).sum())
-            sparsity = model.sparsity.sparsity() if model.sparsity is not None else 0.0
+            sparsity = (model.sparsity.sparsity() if model.sparsity is not None else
+                        model.runtime.stats()["predicted_sparsity"] if model.runtime is not None else 0.0)
         finally:
             model.set_sparsity(None)
         if self.dense is None:
@@ -324,18 +327,6 @@ OFFSET_RANGE = (-8.0, 8.0)  # predictor logit offsets searched (log-odds: from n
 OFFSET_TOL = 0.05
 
 
-def score_runtime(model, held: Heldout) -> dict:
-    """{"ppl", "kl", "sparsity"} on held-out text with the model's predictor runtime, each chunk's second half
-    decoded one token at a time (`Model.scored_logits`), against the dense reference that `held` recorded."""
-    nll, kl, n = 0.0, 0.0, 0
-    model.runtime.reset()
-    with torch.inference_mode():
-        for k, logp, chunk_nll in model.chunk_logprobs(held.tokens, held.ctx, bar(len(held.tokens) // held.ctx)):
-            nll, n = nll + chunk_nll, n + len(logp)
-            kl += float(top_kl(*held.dense[k], logp).sum())
-    return {"ppl": perplexity_of(nll, n), "kl": kl / n, "sparsity": model.runtime.stats()["predicted_sparsity"]}
-
-
 def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increase: float, log=None,
                          progress: str | None = None):
     """The bundle with every layer's threshold moved by the largest offset (fewest predicted neurons) at which
@@ -356,7 +347,7 @@ def calibrate_predictors(model, bundle, heldout: list[int], ctx: int, ppl_increa
 
     def score(offset: float) -> dict:
         model.runtime.set_thresholds([t + offset for t in base])
-        return score_runtime(model, held)
+        return held.score(model, None)  # through the runtime, decode steps, against the dense reference
 
     def evaluate(offset: float) -> dict:
         r, saved = journal(offset, score)
