@@ -102,23 +102,14 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     rms_norm_into(x, ffn_norm, eps, xn)
 
 
-@njit(**K._PARALLEL)
-def _dequant_rows(W, r0, out):
-    for j in prange(out.shape[0]):
-        row = out[j]  # (cols,)
-        row[:] = 0.0
-        K._row_axpy(W, r0 + j, np.float32(1.0), row)
-
-
 def dequantize_rows(m: K.KMatrix, r0: int, r1: int) -> np.ndarray:
     """float32 rows r0:r1 of a prepared matrix (the batched prefill's weights, one chunk at a time)."""
-    out = np.empty((r1 - r0, m.cols), np.float32)
-    _dequant_rows(m.W, np.int64(r0), out)
-    return out
+    return dequantize_ids(m, np.arange(r0, r1))
 
 
 @njit(**K._PARALLEL)
 def _dequant_ids(W, ids, out):
+    """out[j] = row ids[j] of W, float32 (cols,)."""
     for j in prange(ids.size):
         row = out[j]  # (cols,)
         row[:] = 0.0
@@ -215,6 +206,7 @@ class KernelModel:
         self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)
         self.x_row = self.x.reshape(1, -1)  # (1, n_embd) view of x
+        self.token = np.zeros(1, np.int64)  # (1,): the step's token, as the row id of the embedding
         self.xn = np.zeros(c.n_embd, np.float32)
         L = self.layers[0]
         self.qkv = np.zeros(L.q.rows + L.k.rows + L.v.rows, np.float32)  # (n_head hd + 2 n_head_kv hd,): q, k, v
@@ -308,7 +300,8 @@ class KernelModel:
         self.check_step(token, pos)
         if first == 0:
             if c.tied_embeddings:  # the prepared lm_head holds the embedding rows: the token's row by a kernel
-                _dequant_rows(self.lm_head.W, np.int64(token), self.x_row)
+                self.token[0] = token
+                _dequant_ids(self.lm_head.W, self.token, self.x_row)
             else:
                 x[:] = self.embd.rows(np.array([token])).dequantize()[0]
         cos, sin = self.cos[pos], self.sin[pos]
