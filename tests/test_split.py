@@ -7,7 +7,7 @@ import pytest
 
 from engine.config import HotcoldError
 from engine.loader import open_gguf
-from tiny_model import tiny_config
+from tiny_model import tiny_config, tiny_weights
 from tools.split import group_values, plan, read_gpuidx, solve, write_split
 
 
@@ -58,6 +58,25 @@ def test_impossible_budget_is_a_clear_error():
     assert c.n_ff % 7
     with pytest.raises(HotcoldError, match="--group 7 must divide"):  # a ragged group costs less: not solved by order
         plan(c, counts, hot_fraction=0.5, group=7)
+
+
+def test_gpu_budget_first_pays_what_powerinfer_loads_before_its_split():
+    """Attention weights and norms, predictors, the output matrix and norm (written out by an export where the
+    embedding is tied), then the KV cache, priced from the model's tensor shapes: float16 matrices, float32 norms."""
+    c = tiny_config("relu")
+    shapes = {k: v.shape for k, v in tiny_weights(c).items()}
+    attn = sum(2 * np.prod(shapes[f"blk.{i}.attn_{n}.weight"]) for i in range(c.n_layer) for n in ("q", "k", "v",
+                                                                                                   "output"))
+    attn += sum(4 * shapes[f"blk.{i}.{n}_norm.weight"][0] for i in range(c.n_layer) for n in ("attn", "ffn"))
+    out = 2 * np.prod(shapes.get("output.weight", shapes["token_embd.weight"])) + 4 * c.n_embd
+    kv = 2 * c.n_layer * 64 * shapes["blk.0.attn_k.weight"][0] * 2
+    fixed = {"attention": attn, "predictors": 1000, "output": out, "kv_cache": kv}
+    counts = [np.arange(c.n_ff) for _ in range(c.n_layer)]
+    per_group = 4 * 3 * c.n_embd * 2  # gate, up and down rows of 4 neurons in float16
+    for extra, groups in ((5 * per_group, 5), (5 * per_group - 1, 4)):
+        split = plan(c, counts, gpu_budget=sum(fixed.values()) + extra, n_ctx=64, group=4, predictor_bytes=1000)
+        assert split["fixed_bytes"] == fixed and list(fixed) == list(split["fixed_bytes"])  # PowerInfer's order
+        assert split["ffn_gpu_bytes"] == groups * per_group == sum(map(len, split["gpu_neurons"])) * 3 * c.n_embd * 2
 
 
 def test_gpuidx_format(tmp_path):
@@ -147,6 +166,15 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     assert split["gpu_share_expected"] >= 0.5
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1K", "-o", str(tmp_path / "t")]) == 2
     assert "does not hold" in capsys.readouterr().err
+    from engine.api import load
+    from test_hybrid import gate_bundle
+    bundle = gate_bundle(load(model, n_ctx=32), rank=4)
+    bundle.save(str(tmp_path / "preds"))
+    for opts, pred_bytes in ((["--predictors", str(tmp_path / "preds")], 2 * bundle.n_params),
+                             (["--predictor-bytes", "3K"], 3072)):
+        assert main(["split", "--profile", str(prof), "--gpu-budget", "1G", *opts, "-o", str(tmp_path / "p"),
+                     "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["fixed_bytes"]["predictors"] == pred_bytes > 0
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1G", "--ctx", "257", "-o", str(tmp_path / "t")]) == 2
     assert "a context of 257 tokens is longer than the 256 the model was trained on" in capsys.readouterr().err
     (prof / "summary.json").write_text(json.dumps({"speed": 5}))  # the report takes the rest from the counts

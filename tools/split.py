@@ -1,7 +1,8 @@
 """Neuron placement: which FFN neurons of which layers live on the GPU under a memory budget.
 
 The budget first pays for what always goes to the GPU, in PowerInfer's order: attention weights and norms,
-predictors, KV cache. The rest buys FFN neurons. Each layer's neurons are sorted by activation frequency and
+predictors, the output matrix and norm (PowerInfer loads them before its split, and uses a split only where they fit),
+KV cache. The rest buys FFN neurons. Each layer's neurons are sorted by activation frequency and
 placed in groups of `group` (kernel efficiency); a group's value is the activations it serves, its cost the
 bytes of its gate, up and down rows. Maximising the served activations under the budget is a 0/1 knapsack whose
 items all cost the same (groups divide a layer, and every layer's neurons weigh alike), which the most valuable
@@ -22,7 +23,8 @@ from engine.config import DEFAULT_CTX, HotcoldError
 from engine.files import check_replaceable, check_writable, read_json, write_all
 from engine.fingerprint import check_fingerprint, fingerprint
 
-GPU_BYTES = 2  # hot rows live on the GPU in float16
+GPU_BYTES = 2  # hot rows live on the GPU in float16 (matrices priced so)
+NORM_BYTES = 4  # norms stay float32
 GROUP = 32  # neurons placed together, by default
 
 
@@ -53,10 +55,13 @@ def solve(counts: list[np.ndarray], budget_groups: int, group: int = GROUP) -> l
 
 
 def fixed_gpu_bytes(c, n_ctx: int, predictor_bytes: int) -> dict[str, int]:
-    """What goes to the GPU before any FFN neuron, in order."""
+    """What goes to the GPU before any FFN neuron, in order (the output matrix too where the model ties it to the
+    embedding: PowerInfer's files hold it)."""
     kv = c.n_head_kv * c.head_dim
-    attn = c.n_layer * (2 * c.n_embd * c.n_embd + 2 * kv * c.n_embd + 2 * c.n_embd) * GPU_BYTES
-    return {"attention": attn, "predictors": predictor_bytes, "kv_cache": 2 * c.n_layer * n_ctx * kv * GPU_BYTES}
+    attn = c.n_layer * ((2 * c.n_embd * c.n_embd + 2 * kv * c.n_embd) * GPU_BYTES + 2 * c.n_embd * NORM_BYTES)
+    return {"attention": attn, "predictors": predictor_bytes,
+            "output": c.n_vocab * c.n_embd * GPU_BYTES + c.n_embd * NORM_BYTES,
+            "kv_cache": 2 * c.n_layer * n_ctx * kv * GPU_BYTES}
 
 
 def neuron_bytes(c) -> int:
@@ -255,8 +260,12 @@ def cmd_split(args) -> None:
     check_context(ckpt, n_ctx)
     fp = fingerprint(ckpt.config, ckpt.tensors)
     check_fingerprint(manifest["fingerprint"], fp, args.profile, "profile")  # shape (the counts' too) and weights
+    predictor_bytes = args.predictor_bytes
+    if args.predictors is not None:
+        from predictors.bundle import load_bundle, model_fingerprint
+        predictor_bytes = GPU_BYTES * load_bundle(args.predictors, model_fingerprint(ckpt)).n_params
     split = plan(ckpt.config, list(counts), gpu_budget=args.gpu_budget, hot_fraction=args.hot_fraction,
-                 group=args.group, n_ctx=n_ctx, predictor_bytes=args.predictor_bytes)
+                 group=args.group, n_ctx=n_ctx, predictor_bytes=predictor_bytes)
     split["model"], split["fingerprint"] = ckpt.path, fp
     js, gi = write_split(args.out, split)
     if args.json:
@@ -283,8 +292,10 @@ def add_command(sub) -> None:
     p.add_argument("--ctx", type=at_least(1), default=None,
                    help=f"context whose KV cache the GPU holds (default {DEFAULT_CTX}, or the model's training "
                    "context if shorter)")
-    p.add_argument("--predictor-bytes", type=at_least(0), default=0,
-                   help="bytes of predictors kept on the GPU (default 0)")
+    pb = p.add_mutually_exclusive_group()
+    pb.add_argument("--predictors", default=None, help="the predictor bundle whose bytes (in float16) the GPU holds")
+    pb.add_argument("--predictor-bytes", type=size, default=0,
+                    help="bytes of predictors kept on the GPU, e.g. 20M (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_split)
