@@ -332,9 +332,11 @@ def test_hf_directory_to_gguf(tiny, capsys):
 
 def test_hf_directory_keeps_its_end_tokens(tiny, capsys):
     """generation_config.json's end tokens besides EOS end generation in the exported GGUF too (eot/eom keys); a
-    third one is named in a note."""
+    third one is named in a note. add_eos_token is kept (the export checks that both tokenizers encode alike)."""
     c = tiny_config("silu")
     hf = write_hf(str(tiny["dir"] / "hf_ends"), c, tiny_weights(c, seed=5))
+    tc = json.loads(open(os.path.join(hf, "tokenizer_config.json")).read())
+    open(os.path.join(hf, "tokenizer_config.json"), "w").write(json.dumps(tc | {"add_eos_token": True}))
     ends = [1, 7, 9, 11]  # EOS (</s>) then three tokens of no end-of-turn name
     open(os.path.join(hf, "generation_config.json"), "w").write(json.dumps({"eos_token_id": ends}))
     out = str(tiny["dir"] / "from_hf_ends")
@@ -342,7 +344,30 @@ def test_hf_directory_keeps_its_end_tokens(tiny, capsys):
     assert code == 0 and "tokens [11] end generation there, not in the GGUF" in err
     r = open_gguf(out + ".gguf")
     assert [r.fields[k].contents() for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")] == [7, 9]
-    assert load_checkpoint(out + ".gguf").tokenizer.stop_ids == {1, 7, 9}
+    back = load_checkpoint(out + ".gguf").tokenizer
+    assert back.stop_ids == {1, 7, 9} and r.fields["tokenizer.ggml.add_eos_token"].contents() is True
+    assert back.encode("the cat") == load_checkpoint(hf, values=False).tokenizer.encode("the cat") == \
+        [0] + back.encode("the cat", add_bos=False) + [1]  # <s> ... </s>
+
+
+def test_hf_tokenizers_a_gguf_cannot_hold_are_refused(tiny, capsys):
+    """A BPE without merges (GGUF has no empty arrays, llama.cpp needs the key) and a tokenizer that is not byte-level
+    BPE: one line naming the directory, nothing written."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tiny_model import tiny_vocab
+    vocab, merges = tiny_vocab()
+    c = tiny_config("silu", n_vocab=len(vocab))
+    for name, model, decoder, why in (
+            ("hf_nomerge", models.BPE(vocab, []), decoders.ByteLevel(), "its BPE tokenizer has no merges"),
+            ("hf_metaspace", models.BPE(vocab, merges), decoders.Metaspace(), "only byte-level BPE tokenizers")):
+        hf = write_hf(str(tiny["dir"] / name), c, tiny_weights(c, seed=5))
+        tk = Tokenizer(model)
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoder
+        tk.save(os.path.join(hf, "tokenizer.json"))
+        out = str(tiny["dir"] / f"from_{name}")
+        code, err = export(capsys, "-m", hf, "-o", out, "--format", "gguf")
+        assert code == 2 and err.startswith(f"hotcold: error: {hf}: {why}") and "\n" not in err
+        assert not os.path.exists(out + ".gguf")
 
 
 def test_hf_directory_keeps_its_pre_tokenizer(tiny, capsys):

@@ -168,6 +168,8 @@ def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise HotcoldError(f"{where}: only byte-level BPE tokenizers (GPT-2 style) are converted from Hugging Face "
                            "directories; convert this one with llama.cpp's convert_hf_to_gguf.py")
+    if not model.get("merges"):  # GGUF stores no empty array, and llama.cpp needs the key
+        raise HotcoldError(f"{where}: its BPE tokenizer has no merges, which a GGUF cannot hold")
     vocab = tok.tk.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(len(tokens))) or len(tokens) > ckpt.config.n_vocab:
@@ -179,7 +181,7 @@ def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
     keys = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens + [f"[PAD{i}]" for i in pad],
             "tokenizer.ggml.token_type": types + [TOKEN_UNUSED] * len(pad),
             "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])],
-            "tokenizer.ggml.add_bos_token": bool(tok.add_bos)}
+            "tokenizer.ggml.add_bos_token": bool(tok.add_bos), "tokenizer.ggml.add_eos_token": bool(tok.add_eos)}
     keys.update({k: v for k, v in (("tokenizer.ggml.bos_token_id", tok.bos_id), ("tokenizer.ggml.eos_token_id",
                  tok.eos_id), ("tokenizer.chat_template", tok.chat_template)) if v is not None})
     # generation_config.json's other end tokens: llama.cpp finds those of END_OF_TURN's names itself
