@@ -238,6 +238,18 @@ def tensor_from_reader(t) -> QTensor:
     return QTensor(qtype, shape, data)
 
 
+def same_bytes(path: str, offset: int, a: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """Whether the file holds a's bytes at offset, read through the file (no page of it mapped into the process)."""
+    b = np.asarray(a).reshape(-1).view(np.uint8)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for i in range(0, len(b), chunk):
+            part = b[i:i + chunk].tobytes()
+            if fh.read(len(part)) != part:
+                return False
+    return True
+
+
 def load_gguf(path: str) -> Checkpoint:
     r = open_gguf(path)
     arch = field_value(r, "general.architecture")
@@ -264,7 +276,10 @@ def load_gguf(path: str) -> Checkpoint:
     missing = next((keys[f] for f, v in vals.items() if v is None and f not in ("n_vocab", "n_head_kv")), None)
     if missing:
         raise HotcoldError(f"{path}: missing metadata key {missing}")
-    embd = tensors.get("token_embd.weight")
+    embd, out = tensors.get("token_embd.weight"), next((t for t in r.tensors if t.name == "output.weight"), None)
+    if embd is not None and out is not None and tensors["output.weight"].qtype == embd.qtype and \
+            tensors["output.weight"].shape == embd.shape and same_bytes(path, int(out.data_offset), embd.data):
+        del tensors["output.weight"]  # the embedding written out again (PowerInfer's loader wants it): held once
     vals["n_vocab"] = vals["n_vocab"] or (embd.shape[0] if embd else None)
     vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
     act = field_value(r, KEY_ACT, acts[arch])
@@ -339,7 +354,7 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
     missing = [n for pair in names for n in pair if n not in ckpt.tensors]
     if missing:
         raise HotcoldError(f"{ckpt.path}: predictor tensor {missing[0]} is missing")
-    preds = [from_weights(*(torch.from_numpy(ckpt.tensors.pop(n).dequantize()) for n in pair),
+    preds = [from_weights(*(torch.from_numpy(np.array(ckpt.tensors.pop(n).dequantize())) for n in pair),  # F32: a copy
                           f"{ckpt.path}: layer {i}") for i, pair in enumerate(names)]
     try:
         m = json.loads(manifest) if manifest else {}

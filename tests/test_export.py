@@ -80,6 +80,16 @@ def test_round_trip(tiny, capsys, fmt, outtype):
     path = out + (".powerinfer.gguf" if fmt == "powerinfer" else ".gguf")
     ckpt = load_checkpoint(path)
     assert blk(0, "fc1") not in ckpt.tensors  # predictors are lifted out of the weights
+    # PowerInfer's file holds the tied embedding twice (its loader wants output.weight); it is loaded once
+    assert ckpt.config.tied_embeddings and "output.weight" not in ckpt.tensors
+    stored = {t.name: t for t in open_gguf(path).tensors}
+    assert ("output.weight" in stored) == (fmt == "powerinfer")
+    if fmt == "powerinfer":  # compared in chunks through the file; one byte changed tells them apart
+        from engine.loader import same_bytes
+        embd, off = ckpt.tensors["token_embd.weight"].data, int(stored["output.weight"].data_offset)
+        changed = embd.reshape(-1).view(np.uint8).copy()
+        changed[-1] ^= 1
+        assert same_bytes(path, off, embd, chunk=1000) and not same_bytes(path, off, changed, chunk=1000)
     assert (blk(0, "ffn_down_t") in ckpt.tensors) == (blk(0, "ffn_down") not in ckpt.tensors) == (fmt == "powerinfer")
     assert ckpt.tensors["blk.0.attn_q.weight"].qtype == OUTTYPES[outtype]
     if fmt == "powerinfer":  # PowerInfer's sparse CUDA kernels take F16 or Q4_0 only (they assert on Q8_0)
@@ -114,6 +124,7 @@ def test_round_trip(tiny, capsys, fmt, outtype):
         assert export(capsys, "-m", path, "-o", out + "_back", "--format", "gguf")[0] == 0
         back = load_checkpoint(out + "_back.gguf")
         assert blk(0, "ffn_down") in back.tensors and same_active_sets(back.predictors, orig)
+        assert "output.weight" not in [t.name for t in open_gguf(out + "_back.gguf").tensors]
         assert torch.equal(Model(back, 64, backend="torch").logits(ids), got.logits(ids))
 
 
@@ -308,6 +319,38 @@ def test_drelu_exports_as_bamboo(tiny, capsys):
     a, b = Model(load_checkpoint(src), 64, backend="torch"), Model(ckpt, 64, backend="torch")
     ids = a.tokenize(TEXT)
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
+
+
+def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
+    """PowerInfer's own converter may store fc1/fc2 as F32: they load as the same predictors, without a warning."""
+    import warnings
+    from gguf import GGUFWriter
+    out = str(tiny["dir"] / "f32fc")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
+    r = open_gguf(out + ".powerinfer.gguf")
+    wr = GGUFWriter(out + ".f32.gguf", "llama")
+    for k, f in r.fields.items():
+        if not k.startswith(("GGUF.", "general.architecture")):
+            wr.add_key_value(k, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        a = np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
+        if ".fc" in t.name:
+            wr.add_tensor(t.name, a.astype(np.float32))
+        else:
+            wr.add_tensor(t.name, a, raw_dtype=t.tensor_type)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    with open(out + ".f32.gguf", "r+b") as fh:
+        fh.write(b"PWRI")
+    assert {t.name: t.tensor_type.name for t in open_gguf(out + ".f32.gguf").tensors}[blk(0, "fc1")] == "F32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt = load_checkpoint(out + ".f32.gguf")
+    f16 = load_checkpoint(out + ".powerinfer.gguf")
+    assert same_active_sets(ckpt.predictors, f16.predictors)
+    assert all(np.array_equal(ckpt.tensors[k].data, f16.tensors[k].data) for k in f16.tensors)
 
 
 def test_hf_directory_to_gguf(tiny, capsys):
