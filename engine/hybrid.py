@@ -314,14 +314,15 @@ class Runtime:
     def stats(self) -> dict:
         """DESIGN.md's metrics over the decode steps since `reset` (short prompts are prefilled by decode steps),
         per layer and averaged over layers; None where no token went through a step (a long prompt and -n 1)."""
+        device = None if self.hot is None else str(self.hot.dev)  # where gpu_share's neurons ran
         if not self.tokens:
             keys = ("predicted_sparsity", "gpu_share") + (AUDIT_KEYS if self.audit is not None else ())
-            return {"tokens": 0, **dict.fromkeys(keys), "per_layer": []}
+            return {"tokens": 0, **dict.fromkeys(keys), "hot_device": device, "per_layer": []}
         n = self.tokens * self.c.n_ff
         pred, hot, true, both = (self.counts[:, k].astype(np.float64) for k in range(4))
         layers = [{"layer": i, "predicted_sparsity": 1 - pred[i] / n} for i in range(self.c.n_layer)]
         out = {"tokens": self.tokens, "predicted_sparsity": float(np.mean(1 - pred / n)),
-               "gpu_share": float(hot.sum() / pred.sum()) if pred.sum() else 0.0}
+               "gpu_share": float(hot.sum() / pred.sum()) if pred.sum() else 0.0, "hot_device": device}
         if self.audit is not None:
             from predictors.metrics import from_counts
             for i, m in enumerate(layers):

@@ -277,6 +277,10 @@ def test_cli_generate_reports_stats(tmp_path):
     assert 0.3 < s["gpu_share"] < 0.7 and len(s["per_layer"]) == 3
     plain = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert plain["token_ids"] == out["token_ids"] and plain["stats"]["gpu_share"] == 0.0
+    assert s["hot_device"] == "cpu" and plain["stats"]["hot_device"] is None
+    text = subprocess.run([a for a in cmd if a != "--json"] + ["--split", str(tmp_path / "split.json"), "--hot-device",
+                                                            "cpu"], capture_output=True, text=True, check=True).stderr
+    assert f"FFN neurons computed on the hot device (cpu, in torch): {s['gpu_share']:.1%}, on the CPU kernels" in text
     bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
     # a split that cannot be read is refused on any machine, not only where a GPU would use it (--hot-device auto)

@@ -165,8 +165,14 @@ def test_profile_cli_and_report(tiny, tmp_path, capsys, monkeypatch):
     assert main(["profile", "--report", str(out)]) == 0
     assert "mean" in capsys.readouterr().out
     assert main(["profile", "--report", str(out), "--json"]) == 0
-    reported = json.loads(capsys.readouterr().out)
+    res = capsys.readouterr()
+    reported = json.loads(res.out)
     assert reported["mean_sparsity"] == pytest.approx(np.mean(summary["sparsity"])) and reported["tokens"] == 128
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:  # a note says why there is no plot
+        assert reported["plot"] is None and "no plot: matplotlib is not installed" in res.err
+    else:
+        assert reported["plot"] == str(out / "activation_frequency.png") and "no plot" not in res.err
     assert set(reported) == {"tokens", "n_ff", "sparsity", "mean_sparsity", "skew", "model", "speed", "plot"}
     # the same command again finds the profile complete and leaves its counts as they were
     before = tree_digest(out / "activation")

@@ -330,7 +330,7 @@ def add_command(sub) -> None:
                    help=f"FFN sparsities for --compare's sparse rows (default {','.join(map(str, SPARSITY_LEVELS))})")
     p.add_argument("--hybrid", action="store_true", help="the predictor runtime: speed against sparsity on a "
                    "FATReLU speed fixture, --predictors if given, and tok/s against the GPU budget with CUDA")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     add_runtime_args(p)
     p.set_defaults(func=cmd_bench)
 

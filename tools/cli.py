@@ -110,7 +110,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", default=None, help="predictor bundle (hotcold train-predictors): decode only the "
                    "FFN neurons it predicts active")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--split", default=None, help="hot/cold split JSON (hotcold split): hot neurons on the GPU")
+    g.add_argument("--split", default=None, help="hot/cold split (hotcold split's OUT.json, or a PowerInfer "
+                   ".gpuidx): hot neurons on the GPU")
     g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory for a split solved now, e.g. 512M, from "
                    "the activation counts of the profile the predictors were trained on")
     p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -221,7 +222,9 @@ def format_runtime_stats(s: dict) -> str:
     lines = ["layer " + " ".join(f"{head.get(k, k):>9}" for k in cols)]
     lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
     lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
-    lines.append(f"FFN neurons computed on the GPU: {s['gpu_share']:.1%}, on the CPU: {1 - s['gpu_share']:.1%} "
+    dev = s.get("hot_device") or "cuda"
+    hot = "the GPU" if dev.startswith("cuda") else f"the hot device ({dev}, in torch)"
+    lines.append(f"FFN neurons computed on {hot}: {s['gpu_share']:.1%}, on the CPU kernels: {1 - s['gpu_share']:.1%} "
                  f"({s['tokens']} tokens through decode steps, a short prompt's included)")
     return "\n".join(lines)
 
@@ -286,7 +289,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text (with --chat: the user's message)")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
                    help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
@@ -307,7 +310,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--no-special", action="store_true", help="treat <|...|> control tokens as plain text")
     p.add_argument("--bos", action="store_true", default=None, help="prepend BOS (default: the model's rule)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help='print {"token_ids", "pieces"}: each token as the vocabulary '
+                   "spells it (byte-level: Ġ is a space, Ċ a newline)")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
@@ -317,7 +321,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=at_least(4), default=512, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=at_least(0), default=0, help="first chunk scored (default 0)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help='print {"ppl", "chunks", "scored_tokens"}, and "sparsity" '
+                   'with --sparsity, "stats" with --predictors')
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 

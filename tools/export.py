@@ -481,5 +481,5 @@ def add_command(sub) -> None:
     p = sub.add_parser("inspect", help="metadata, tensors and predictors of a GGUF file or a predictor bundle")
     p.add_argument("file", help="GGUF (also PowerInfer's .powerinfer.gguf and .gpuidx), bundle directory, or "
                    "smollm2-135m (the default model)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print every key whole, as its type, in one JSON object")
     p.set_defaults(func=cmd_inspect)

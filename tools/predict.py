@@ -458,7 +458,8 @@ def add_command(sub) -> None:
                    "cores); the next layer's samples are read into the page cache meanwhile in another thread")
     p.add_argument("--force", action="store_true", help="retrain what --out holds from other settings, another "
                    "profile or another model (refused otherwise)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result (per layer: rank, threshold, metrics) as "
+                   "one JSON object")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval-predictors", help="recall and sparsity of a predictor bundle on new text")
@@ -470,5 +471,6 @@ def add_command(sub) -> None:
     p.add_argument("--tokens", type=at_least(1), default=None, metavar="N",
                    help="tokens to evaluate (default: the whole text)")
     p.add_argument("--ctx", type=at_least(2), default=256, help="window size in tokens (default 256)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print recall, precision, predicted and actual sparsity, "
+                   "their means and per layer, as one JSON object")
     p.set_defaults(func=cmd_eval)

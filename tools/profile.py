@@ -438,6 +438,8 @@ def plot(out: str, counts: np.ndarray, n_tokens: int) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("hotcold: note: no plot: matplotlib is not installed (.venv/bin/pip install -e '.[plot]')",
+              file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rank = np.arange(counts.shape[1]) / counts.shape[1]

@@ -297,5 +297,6 @@ def add_command(sub) -> None:
     pb.add_argument("--predictor-bytes", type=size, default=0,
                     help="bytes of predictors kept on the GPU, e.g. 20M (default 0)")
     p.add_argument("-o", "--out", required=True, help="writes OUT.json (ours) and OUT.gpuidx (PowerInfer's)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the split's budget, bytes and expected GPU share "
+                   "(not its neuron ids) and the two paths written, as one JSON object")
     p.set_defaults(func=cmd_split)
