@@ -41,6 +41,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import warnings
 
 import numba
@@ -79,12 +80,22 @@ def host_isa() -> str:
     return "avx2" if f.get("avx2") else "generic"
 
 
-def _cache_by_source() -> None:
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def _cache_by_source() -> bool:
     """Cache the engine's compiled kernels in a folder named after a digest of the engine's sources. numba checks
     only a cached function's own file, and cpu.py and hybrid.py inline this module's helpers: after a change here
     they would load their old code. The folder is in the package's __pycache__, where the folders of other sources
     are removed; under NUMBA_CACHE_DIR/hotcold when that is set, or the user's cache when the package is read-only
-    (shared places: nothing is removed there)."""
+    (shared places: nothing is removed there). Where that folder cannot be made or written (a read-only package
+    run by a user without a home), a folder in the temporary directory, with a note; False (no caching: each run
+    compiles) where none can be written."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
     for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
@@ -94,15 +105,20 @@ def _cache_by_source() -> None:
     shared = os.environ.get("NUMBA_CACHE_DIR") or (
         None if os.access(here, os.W_OK) else
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
-    if shared:
-        numba.config.CACHE_DIR = os.path.join(shared, "hotcold", name)
-        return
-    cache = os.path.join(here, "__pycache__", name)
-    if not os.path.isdir(cache):  # new sources (an upgrade, an edit): the kernels of the old ones are dead weight
+    cache = os.path.join(shared, "hotcold", name) if shared else os.path.join(here, "__pycache__", name)
+    if not shared and not os.path.isdir(cache):  # new sources (an upgrade, an edit): the old kernels are dead weight
         for old in glob.glob(os.path.join(glob.escape(here), "__pycache__", "numba-*")):
             if old != cache:  # made meanwhile by a process of these sources
                 shutil.rmtree(old, ignore_errors=True)
-    numba.config.CACHE_DIR = cache
+    user = f"hotcold-{os.getuid()}" if hasattr(os, "getuid") else "hotcold"
+    for d in (cache, os.path.join(tempfile.gettempdir(), user, name)):
+        if _writable_dir(d):
+            if d != cache:
+                print(f"hotcold: note: kernel cache {cache} cannot be written; using {d}", file=sys.stderr)
+            numba.config.CACHE_DIR = d
+            return True
+    print(f"hotcold: note: no kernel cache can be written ({cache}): each run compiles the kernels", file=sys.stderr)
+    return False
 
 
 def _cache_writes_may_fail() -> None:
@@ -122,13 +138,13 @@ def _cache_writes_may_fail() -> None:
     caching.Cache.save_overload = save_overload
 
 
-_cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated
+CACHED = _cache_by_source()  # before any kernel is defined: numba reads it as each one is decorated
 _cache_writes_may_fail()
 ISA = host_isa()  # read when a kernel is compiled; numba's cache is keyed by the CPU name and features, so it
 # follows the host (set by hand only with a cache of its own, as the tests do)
 # numpy's error model: x / 0 and x / NaN give inf or NaN, as in numpy, and the checks go (numba's Python model,
 # under fastmath, raised ZeroDivisionError on a NaN divisor: an f16 KV cache past 65504 was a traceback mid-decode)
-_SERIAL = dict(nogil=True, cache=True, fastmath=True, error_model="numpy")
+_SERIAL = dict(nogil=True, cache=CACHED, fastmath=True, error_model="numpy")
 _PARALLEL = dict(_SERIAL, parallel=True)
 # Helpers with float sums that kernels call (here and in cpu.py) are inline="always": each kernel then carries its
 # own copy. A called helper could resolve, in a process that loads kernels from numba's cache, to another compiled

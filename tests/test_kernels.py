@@ -461,6 +461,16 @@ def test_kernel_cache_follows_every_engine_source(tmp_path):
     # NUMBA_CACHE_DIR: a folder of these sources under it (stale kernels were loaded from it after an edit)
     assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(
         tmp_path / "mine" / "hotcold" / os.path.basename(cache_dir(NUMBA_CACHE_DIR=None)))
+    # a cache folder that cannot be made (numba raised at import, before any kernel ran): the temporary directory's
+    (tmp_path / "file").write_text("")
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "file"), "TMPDIR": str(tmp_path / "tmp")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
+    name = os.path.basename(cache_dir(NUMBA_CACHE_DIR=None))
+    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "tmp" / f"hotcold-{os.getuid()}" / name)
+    assert res.stderr == f"hotcold: note: kernel cache {tmp_path / 'file' / 'hotcold' / name} cannot be written; " \
+        f"using {res.stdout.strip()}\n"
 
 
 def test_jit_cache_is_used_by_a_new_process(rng):
