@@ -185,6 +185,9 @@ def write_json(path: str, obj) -> None:
     write_atomic(path, json_writer(obj))
 
 
+JSON_ERRORS = (ValueError, RecursionError)  # invalid JSON or UTF-8, numbers past 4300 digits, nesting past the stack
+
+
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path) as fh:
@@ -193,8 +196,8 @@ def read_json(path: str, what: str) -> dict:
         raise HotcoldError(f"{path}: no such file") from None
     except OSError as e:
         raise HotcoldError(f"{path}: unreadable ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HotcoldError(f"{path}: not a {what} (invalid JSON: {e})") from None
+    except JSON_ERRORS as e:
+        raise HotcoldError(f"{path}: not a {what} (invalid JSON: {type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise HotcoldError(f"{path}: not a {what} (a JSON object expected)")
     return obj

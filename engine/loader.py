@@ -22,6 +22,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
                      blk, checked_config, expected_shapes, first_line, hf_to_gguf_name, layer_of)
+from .files import JSON_ERRORS, read_json
 from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
@@ -343,9 +344,9 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
         try:
             raw = base64.b64decode(blob, validate=True)
             m = json.loads(manifest) if isinstance(manifest, str) else None
-        except (TypeError, ValueError) as e:
+        except (TypeError, *JSON_ERRORS) as e:
             raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_TENSORS} or {KEY_BUNDLE_MANIFEST} is not base64 or "
-                               f"JSON ({e})") from None
+                               f"JSON ({type(e).__name__})") from None
         if not isinstance(m, dict):
             raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not a JSON object")
         check_manifest(m, f"{ckpt.path}: {KEY_BUNDLE_MANIFEST}")
@@ -357,10 +358,17 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
     preds = [from_weights(*(torch.from_numpy(np.array(ckpt.tensors.pop(n).dequantize())) for n in pair),  # F32: a copy
                           f"{ckpt.path}: layer {i}") for i, pair in enumerate(names)]
     try:
-        m = json.loads(manifest) if manifest else {}
-    except json.JSONDecodeError as e:
-        raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not JSON ({e})") from None
-    t = float(ckpt.metadata.get(KEY_SPARSE_THRESHOLD, 0.0))
+        m = json.loads(manifest) if manifest else None
+    except (TypeError, *JSON_ERRORS) as e:
+        raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not JSON ({type(e).__name__})") from None
+    if m is not None:  # our export's: the bundle's manifest (PowerInfer's own converter writes none)
+        if not isinstance(m, dict):
+            raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not a JSON object")
+        check_manifest(m, f"{ckpt.path}: {KEY_BUNDLE_MANIFEST}")
+    m = m or {}
+    t = ckpt.metadata.get(KEY_SPARSE_THRESHOLD, 0.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise HotcoldError(f"{ckpt.path}: {KEY_SPARSE_THRESHOLD} is {t!r}, not a finite number")
     metrics = [layer.get("metrics", {}) for layer in m.get("layers", [])]
     return Bundle(preds, [t] * len(preds), model_fingerprint(ckpt), metrics, m.get("sparsity", {}),
                   m.get("corpus", {}), m.get("training", {}), ckpt.path)
@@ -460,11 +468,7 @@ def load_hf(path: str) -> Checkpoint:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise HotcoldError(f"{path}: not a model directory (no config.json)")
-    try:
-        with open(cfg_path) as fh:
-            cfg = hf_config(path, json.load(fh))
-    except json.JSONDecodeError as e:
-        raise HotcoldError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = hf_config(path, read_json(cfg_path, "model config"))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise HotcoldError(f"{path}: no *.safetensors files")

@@ -181,11 +181,17 @@ def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cal.Heldout, "score", interrupted)
     assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 130
     progress = str(out) + ".progress.json"
-    assert not out.exists() and len(json.load(open(progress))["results"]) == 3
+    saved = json.load(open(progress))
+    assert not out.exists() and len(saved["results"]) == 3
+    first = next(iter(saved["results"]))
+    saved["results"][first] = {"ppl": "abc"}  # a damaged entry is computed again, the others are read
+    open(progress, "w").write(json.dumps(saved))
     searched.clear()
+    capsys.readouterr()
     monkeypatch.setattr(cal.Heldout, "score", counting)
     assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 0
-    assert len(searched) == n - 3
+    assert len(searched) == n - 2
+    assert f"{progress}: 1 saved evaluations unreadable, computed again" in capsys.readouterr().err
     assert json.loads(out.read_text())["thresholds"] == json.loads(full.read_text())["thresholds"]
     assert not os.path.exists(progress)
     capsys.readouterr()

@@ -321,20 +321,19 @@ def test_drelu_exports_as_bamboo(tiny, capsys):
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 
 
-def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
-    """PowerInfer's own converter may store fc1/fc2 as F32: they load as the same predictors, without a warning."""
-    import warnings
+def rewrite_powerinfer(src: str, dst: str, keys: dict = {}, fc_f32: bool = False) -> str:
+    """A copy of the PowerInfer file src with some keys replaced (strings), or its fc1/fc2 stored as F32."""
     from gguf import GGUFWriter
-    out = str(tiny["dir"] / "f32fc")
-    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
-    r = open_gguf(out + ".powerinfer.gguf")
-    wr = GGUFWriter(out + ".f32.gguf", "llama")
+    r = open_gguf(src)
+    wr = GGUFWriter(dst, "llama")
     for k, f in r.fields.items():
-        if not k.startswith(("GGUF.", "general.architecture")):
+        if k in keys:
+            wr.add_string(k, keys[k])
+        elif not k.startswith(("GGUF.", "general.architecture")):
             wr.add_key_value(k, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
     for t in r.tensors:
         a = np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
-        if ".fc" in t.name:
+        if fc_f32 and ".fc" in t.name:
             wr.add_tensor(t.name, a.astype(np.float32))
         else:
             wr.add_tensor(t.name, a, raw_dtype=t.tensor_type)
@@ -342,8 +341,17 @@ def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
-    with open(out + ".f32.gguf", "r+b") as fh:
+    with open(dst, "r+b") as fh:
         fh.write(b"PWRI")
+    return dst
+
+
+def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
+    """PowerInfer's own converter may store fc1/fc2 as F32: they load as the same predictors, without a warning."""
+    import warnings
+    out = str(tiny["dir"] / "f32fc")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
+    rewrite_powerinfer(out + ".powerinfer.gguf", out + ".f32.gguf", fc_f32=True)
     assert {t.name: t.tensor_type.name for t in open_gguf(out + ".f32.gguf").tensors}[blk(0, "fc1")] == "F32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -351,6 +359,24 @@ def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
     f16 = load_checkpoint(out + ".powerinfer.gguf")
     assert same_active_sets(ckpt.predictors, f16.predictors)
     assert all(np.array_equal(ckpt.tensors[k].data, f16.tensors[k].data) for k in f16.tensors)
+
+
+def test_bad_predictor_metadata_of_a_powerinfer_file(tiny, capsys):
+    """A manifest that is not a bundle's, or a threshold that is not a number: one line naming the file and key, from
+    every command (inspect still shows the file, with the reason it does not run)."""
+    from engine.loader import KEY_BUNDLE_MANIFEST, KEY_SPARSE_THRESHOLD
+    out = str(tiny["dir"] / "badmeta")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
+    for name, keys, why in (("list", {KEY_BUNDLE_MANIFEST: "[1, 2]"}, f"{KEY_BUNDLE_MANIFEST} is not a JSON object"),
+                            ("layers", {KEY_BUNDLE_MANIFEST: '{"layers": 5}'},
+                             f"{KEY_BUNDLE_MANIFEST}: not a predictor bundle manifest"),
+                            ("big", {KEY_BUNDLE_MANIFEST: "1" * 5000}, f"{KEY_BUNDLE_MANIFEST} is not JSON"),
+                            ("thr", {KEY_SPARSE_THRESHOLD: "abc"}, f"{KEY_SPARSE_THRESHOLD} is 'abc', not a finite")):
+        path = rewrite_powerinfer(out + ".powerinfer.gguf", f"{out}_{name}.powerinfer.gguf", keys)
+        assert main(["tokenize", "-m", path, "hi"]) == 2
+        assert capsys.readouterr().err.startswith(f"hotcold: error: {path}: {why}")
+        assert main(["inspect", path, "--json"]) == 0
+        assert why in json.loads(capsys.readouterr().out)["loads"]
 
 
 def test_hf_directory_to_gguf(tiny, capsys):

@@ -281,7 +281,9 @@ def test_bad_hf_config_is_refused(tmp_path, capsys):
     hfdir = tmp_path / "hf"
     write_hf(str(hfdir), c, tiny_weights(c))
     good = json.loads((hfdir / "config.json").read_text())
-    cases = [(["LlamaForCausalLM"], "a JSON list"), ({**good, "hidden_size": "big"}, "hidden_size is 'big'"),
+    cases = [(["LlamaForCausalLM"], "a JSON object expected"), (b"\xff\xfe{}", "invalid JSON: UnicodeDecodeError"),
+             ('{"hidden_size": ' + "1" * 5000 + "}", "invalid JSON: ValueError: Exceeds the limit"),
+             ("[" * 100000, "invalid JSON: RecursionError"), ({**good, "hidden_size": "big"}, "hidden_size is 'big'"),
              ({**good, "architectures": "LlamaForCausalLM"}, "architectures is 'LlamaForCausalLM', expected a list"),
              ({**good, "num_attention_heads": 0}, "num_attention_heads is 0"),
              ({**good, "num_key_value_heads": 3}, "num_key_value_heads is 3"),
@@ -292,7 +294,8 @@ def test_bad_hf_config_is_refused(tmp_path, capsys):
              ({**good, "act_threshold": "abc"}, "act_threshold is 'abc'"),  # hidden_act_param's older name
              ({**good, "hidden_act_param": "abc"}, "hidden_act_param is 'abc'")]
     for cfg, words in cases:
-        (hfdir / "config.json").write_text(json.dumps(cfg))
+        (hfdir / "config.json").write_bytes(cfg if isinstance(cfg, bytes) else
+                                            (cfg if isinstance(cfg, str) else json.dumps(cfg)).encode())
         assert_one_line(*run_cli(capsys, "tokenize", "-m", str(hfdir), "hi"), "hf/config.json: ", words)
     (hfdir / "config.json").write_text(json.dumps(good))
     assert run_cli(capsys, "tokenize", "-m", str(hfdir), "hi")[0] == 0

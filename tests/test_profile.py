@@ -201,6 +201,11 @@ def test_jsonl_corpus(tiny, tmp_path):
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(HotcoldError, match=r"bad.jsonl:2: no \"text\""):
         read_corpus([str(bad)])
+    for line, why in (('{"text": "a"', "Expecting ',' delimiter"), ('{"n": ' + "1" * 5000 + "}", "ValueError"),
+                      ("[" * 100000, "RecursionError")):
+        bad.write_text('{"text": "a"}\n' + line + "\n")
+        with pytest.raises(HotcoldError, match=f"bad.jsonl:2: invalid JSON \\({why}"):
+            read_corpus([str(bad)])
     bom = tmp_path / "bom.jsonl"  # as Windows editors save it
     bom.write_text("\ufeff" + path.read_text(), encoding="utf-8")
     assert read_corpus([str(bom)]) == CAT_TEXT.split(", ")

@@ -240,8 +240,10 @@ class Journal:
                 data = read_json(path, "calibrate progress file")
             except HotcoldError:  # unreadable: started over, and replaced at the first result
                 data = {}
-            if data.get("key") == key:
-                self.results = data.get("results", {})
+            saved = data.get("results") if data.get("key") == key else None
+            self.results = {k: r for k, r in saved.items() if result_ok(r)} if isinstance(saved, dict) else {}
+            if isinstance(saved, dict) and len(self.results) < len(saved):
+                log(f"{path}: {len(saved) - len(self.results)} saved evaluations unreadable, computed again")
         if self.results:
             log(f"resuming: {len(self.results)} evaluations saved in {path}")
 
@@ -254,6 +256,12 @@ class Journal:
         if self.path is not None:
             write_json(self.path, {"key": self.key, "results": self.results})
         return r, False
+
+
+def result_ok(r) -> bool:
+    """Whether a journal's saved result holds the numbers an evaluation gives."""
+    return isinstance(r, dict) and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
+                                       for k in ("ppl", "kl", "sparsity"))
 
 
 def digest(obj) -> str:

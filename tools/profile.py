@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError, first_line
-from engine.files import read_json, write_atomic, write_json
+from engine.files import JSON_ERRORS, read_json, write_atomic, write_json
 from engine.fingerprint import check_fingerprint, weights_sha256
 from engine.sparsity import EXACT_ACTS, SparsityConfig, batched_net
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
@@ -68,8 +68,8 @@ def jsonl_texts(path: str, lines) -> list[str]:
             continue
         try:
             obj = json.loads(line.removeprefix("\ufeff") if n == 1 else line)  # a BOM, as editors on Windows write
-        except json.JSONDecodeError as e:
-            raise HotcoldError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        except JSON_ERRORS as e:
+            raise HotcoldError(f"{path}:{n}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise HotcoldError(f"{path}:{n}: no \"text\" string field")
         texts.append(obj["text"])
