@@ -114,8 +114,9 @@ def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
         raise HotcoldError(f"{ckpt.path}: tensor {stray} has no place in hotcold's llama graph (biases, experts and "
                            "the like are not supported)")
     for name, shape in shapes.items():
-        if name.endswith("ffn_down.weight") and name not in ckpt.tensors:  # PowerInfer's transposed layout
-            name, shape = name.replace("ffn_down", "ffn_down_t"), shape[::-1]
+        t_name = name.replace("ffn_down", "ffn_down_t")
+        if name.endswith("ffn_down.weight") and name not in ckpt.tensors and t_name in ckpt.tensors:
+            name, shape = t_name, shape[::-1]  # PowerInfer's transposed layout
         t = ckpt.tensors.get(name)
         if t is None:
             raise HotcoldError(f"{ckpt.path}: missing tensor {name}")

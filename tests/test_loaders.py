@@ -96,8 +96,9 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
     assert_one_line(*run_cli(capsys, "generate", "-m", wrong, "-p", "hi"), "gpt2.gguf", "architecture")
 
-    missing = write_gguf(str(tmp_path / "missing.gguf"), c, w, drop="blk.1.ffn_up.weight")
-    assert_one_line(*run_cli(capsys, "generate", "-m", missing, "-p", "hi"), "blk.1.ffn_up.weight", "missing")
+    for name in ("blk.1.ffn_up.weight", "blk.1.ffn_down.weight"):  # named as the file would hold it
+        missing = write_gguf(str(tmp_path / "missing.gguf"), c, w, drop=name)
+        assert_one_line(*run_cli(capsys, "generate", "-m", missing, "-p", "hi"), f"missing tensor {name}")
 
     shaped = write_gguf(str(tmp_path / "shape.gguf"), c, w, reshape="blk.0.attn_k.weight")
     assert_one_line(*run_cli(capsys, "generate", "-m", shaped, "-p", "hi"), "blk.0.attn_k.weight", "shape")
@@ -152,6 +153,7 @@ def test_bad_tokenizer_and_embedded_predictors_are_one_line(tmp_path, capsys):
     c = tiny_config()
     good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
     cases = [("tokenizer.ggml.merges", (["nospace"], VT.ARRAY), "tokenizer.ggml.merges holds 'nospace'"),
+             ("tokenizer.ggml.merges", None, "tokenizer.ggml.merges is missing or empty"),
              ("tokenizer.ggml.merges", (["Ġ zz"], VT.ARRAY), "invalid tokenizer metadata", "zz"),
              ("tokenizer.ggml.bos_token_id", (10**6, VT.UINT32), "bos_token_id 1000000 is outside the vocabulary"),
              (KEY_BUNDLE_TENSORS, ("@@ not base64", VT.STRING), f"{KEY_BUNDLE_TENSORS} or", "is not base64"),
@@ -568,8 +570,8 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     hf = Tokenizer.from_hf_dir(str(tmp_path))
     assert hf.decode([the, of], continuation=True) == " the of" and hf.decode([1, The, of]) == "The of"
-    split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"],
-                                 "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "default"},
+    split = Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+                                 "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.pre": "default"},
                                 "x").tk.pre_tokenizer.pre_tokenize_str
     # llama.cpp: punctuation runs first, then GPT-2's words, then digits in runs of three
     assert [p for p, _ in split("f(x) = (a + b)")] == ["f", "(", "x", ")", "Ġ", "=", "Ġ", "(", "a", "Ġ", "+", "Ġb", ")"]
