@@ -22,14 +22,19 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     write_all([(path, write)])
 
 
+def refuse_directories(paths) -> None:
+    """An output path where a directory stands is refused (before any work, and before asking for --force)."""
+    blocked = next((path for path in paths if os.path.isdir(path)), None)
+    if blocked is not None:
+        raise HotcoldError(f"{blocked}: a directory is in the way of this output")
+
+
 def write_all(outputs: list[tuple[str, Callable[[str], None]]], stale: list[str] = ()) -> None:
     """Each write(tmp) to a temporary file beside its path (its folder made if missing); once all have succeeded, each
     renamed over its path, and the `stale` files (which these outputs make obsolete) removed. A failure while writing
     leaves every old file as it was and no temporary file behind, and names the path, not its tmp. The paths must
     differ."""
-    blocked = next((path for path in [p for p, _ in outputs] + list(stale) if os.path.isdir(path)), None)
-    if blocked is not None:  # before any write: export's model takes minutes
-        raise HotcoldError(f"{blocked}: a directory is in the way of this output")
+    refuse_directories([p for p, _ in outputs] + list(stale))  # before any write: export's model takes minutes
     from safetensors import SafetensorError
     tmps = []
     try:

@@ -269,8 +269,9 @@ def test_refusals(tiny, capsys):
     before = {p.name: p.read_bytes() for p in d.iterdir() if p.name.startswith("pair")}
     os.remove(d / "pair.powerinfer.gguf.generated.gpuidx")
     os.mkdir(d / "pair.powerinfer.gguf.generated.gpuidx")
-    refused("-m", src, "--predictors", bundle, "--split", tiny["split"], "-o", str(d / "pair"), "--outtype", "f16",
-            "--force", words=("pair.powerinfer.gguf.generated.gpuidx: a directory is in the way",))
+    for force in ((), ("--force",)):  # said as such with or without --force, which could not help
+        refused("-m", src, "--predictors", bundle, "--split", tiny["split"], "-o", str(d / "pair"), "--outtype",
+                "f16", *force, words=("pair.powerinfer.gguf.generated.gpuidx: a directory is in the way",))
     assert (d / "pair.powerinfer.gguf").read_bytes() == before["pair.powerinfer.gguf"]
     assert (d / "pair.gpuidx").read_bytes() == before["pair.gpuidx"]
     assert [p.name for p in d.iterdir() if ".tmp" in p.name] == []
@@ -492,6 +493,9 @@ def test_inspect(tiny, capsys):
     other = write_gguf(str(tiny["dir"] / "gpt2.gguf"), tiny["config"], tiny_weights(tiny["config"]), arch="gpt2")
     assert main(["inspect", other, "--json"]) == 0  # shown, with the reason hotcold does not run it
     assert "unsupported architecture 'gpt2'" in json.loads(capsys.readouterr().out)["loads"]
+    hf = write_hf(str(tiny["dir"] / "hf_inspect"), tiny["config"], tiny_weights(tiny["config"]))
+    assert main(["inspect", hf]) == 2
+    assert capsys.readouterr().err.startswith(f"hotcold: error: {hf}: a Hugging Face model directory; inspect reads")
 
 
 def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):

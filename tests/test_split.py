@@ -165,7 +165,7 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
         assert cn[g].mean() >= cn[cold].mean()
     assert split["gpu_share_expected"] >= 0.5
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1K", "-o", str(tmp_path / "t")]) == 2
-    assert "does not hold" in capsys.readouterr().err
+    assert "GPU budget of 1.0 KiB does not hold the parts that always go to the GPU (" in capsys.readouterr().err
     from engine.api import load
     from test_hybrid import gate_bundle
     bundle = gate_bundle(load(model, n_ctx=32), rank=4)
@@ -208,6 +208,15 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     other = write_gguf(str(tmp_path / "o.gguf"), c, tiny_weights(c, seed=1))
     assert main(["split", "--profile", str(prof), "-m", other, "--hot-fraction", "0.5", "-o", str(tmp_path / "u")]) == 2
     assert "profile of another model" in capsys.readouterr().err
+    import shutil
+    moved = tmp_path / "moved_prof"  # the model the profile recorded is gone: -m is asked for
+    shutil.copytree(prof, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps(dict(manifest, model=str(tmp_path / "gone.gguf"))))
+    assert main(["split", "--profile", str(moved), "--hot-fraction", "0.5", "-o", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err == (f"hotcold: error: {tmp_path / 'gone.gguf'}: the model profile {moved} was made "
+                                       "with is not there; give -m MODEL\n")
+    assert main(["split", "--profile", str(moved), "-m", model, "--hot-fraction", "0.5", "-o", str(tmp_path / "g")]) == 0
     from engine.api import load
     from tools.split import hot_neurons
     from test_hybrid import gate_bundle
@@ -224,12 +233,14 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     for name, ids in (("neg.gpuidx", [[-1] + g for g in hot]), ("dup.gpuidx", bad["dup.json"])):
         write_gpuidx(str(tmp_path / name), dict(split, gpu_neurons=ids))
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "none.json").write_text(json.dumps({k: v for k, v in split.items() if k != "gpu_neurons"}))
     (tmp_path / "fp.json").write_text(json.dumps(dict(split, fingerprint="x")))
     for name, why in (("bad.json", "layer 0's hot neuron ids are not increasing ids without repeats"),
                       ("dup.json", "without repeats"), ("neg.gpuidx", "name different neurons"),
                       ("dup.gpuidx", "name different neurons"), ("float.json", "integer ids"),
                       ("huge.json", "without repeats"),
-                      ("list.json", "not a hotcold split"), ("fp.json", "fingerprint is not a JSON object")):
+                      ("list.json", "not a hotcold split"), ("none.json", "not a hotcold split \\(no gpu_neurons\\)"),
+                      ("fp.json", "fingerprint is not a JSON object")):
         with pytest.raises(HotcoldError, match=why):
             hot_neurons(own, gate_bundle(own), str(tmp_path / name), None, "cpu", 32)
     assert len(hot_neurons(own, gate_bundle(own), str(tmp_path / "s.json"), None, "cpu", 32)[1]) == c.n_layer

@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType, Rop
 from gguf import GGMLQuantizationType as QT
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
-from engine.files import check_writable, exists_error, write_all
+from engine.files import check_writable, exists_error, refuse_directories, write_all
 from engine.fingerprint import fingerprint
 from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
@@ -342,6 +342,7 @@ def cmd_export(args) -> None:
             if len(ids) % POWERINFER_WARP and len(ids) != ckpt.config.n_ff:
                 raise HotcoldError(f"{js}: layer {i} has {len(ids)} neurons on the GPU; PowerInfer's CUDA kernels "
                                    f"take a layer's hot rows {POWERINFER_WARP} at a time (hotcold split --group 32)")
+    refuse_directories([path] + split_paths)
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
         raise exists_error(existing[0])
@@ -397,6 +398,9 @@ def inspect_file(path: str, whole: bool = False) -> dict:
         if any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, TENSORS)):  # ours, maybe incomplete
             b = load_bundle(path)
             return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
+        if os.path.exists(os.path.join(path, "config.json")):
+            raise HotcoldError(f"{path}: a Hugging Face model directory; inspect reads GGUF files and predictor "
+                               f"directories (hotcold export -m {path} --format gguf makes a GGUF of it)")
         preds, thresholds = read_powerinfer_dir(path)
         return {"path": path, "kind": "powerinfer predictors", "predictors": {
             "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds,

@@ -45,7 +45,7 @@ from engine.files import check_writable, read_json, write_atomic, write_json
 from engine.fingerprint import check_fingerprint
 from engine.sparsity import EXACT_ACTS, SparsityConfig
 from predictors.bundle import PARTIAL
-from tools.profile import finished_manifest, load_chunk
+from tools.profile import finished_manifest, load_chunk, profiled_model
 
 
 def weight_bytes(qtype: str) -> float:
@@ -395,7 +395,7 @@ def rank_arg(text: str) -> str | int:
 def cmd_train(args) -> None:
     from engine.loader import load_checkpoint
     manifest = load_profile(args.profile)
-    model = args.model or manifest.get("model")
+    model = profiled_model(manifest, args.profile, args.model)
     ckpt = load_checkpoint(model)
     res = train_predictors(ckpt, args.profile, args.out, args.recall, args.rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,

@@ -359,6 +359,14 @@ def summarize(counts: np.ndarray, n_tokens: int) -> dict:
             "skew": skew}
 
 
+def profiled_model(manifest: dict, profile: str, given: str | None) -> str | None:
+    """-m, or else the model the profile recorded (None: the default model), refused in one line where it is gone."""
+    model = given or manifest.get("model")
+    if given is None and model is not None and not os.path.exists(model):
+        raise HotcoldError(f"{model}: the model profile {profile} was made with is not there; give -m MODEL")
+    return model
+
+
 def read_manifest(out: str) -> dict:
     """The profile manifest in `out`; a predictor bundle's (the same file name) is refused as such."""
     m = read_json(os.path.join(out, MANIFEST), "profile manifest")

@@ -225,8 +225,8 @@ def relufy(ckpt: Checkpoint, s: Settings, train: torch.Tensor, heldout: torch.Te
         loss = F.cross_entropy(logits.flatten(0, 1), tok[:, 1:].flatten())
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise HotcoldError(f"training diverged at step {step + 1} (loss {value}): lower --lr ({s.lr}) and remove "
-                               f"{state} to start over")
+            restart = f" and remove {state} to start over" if os.path.exists(state) else ""
+            raise HotcoldError(f"training diverged at step {step + 1} (loss {value}): lower --lr ({s.lr}){restart}")
         (loss + s.l1 * means.mean()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -64,6 +64,12 @@ def fixed_gpu_bytes(c, n_ctx: int, predictor_bytes: int) -> dict[str, int]:
             "kv_cache": 2 * c.n_layer * n_ctx * kv * GPU_BYTES}
 
 
+def size_text(n: int) -> str:
+    """Bytes in binary units, e.g. 1.5 MiB."""
+    unit = next(u for u in range(4, -1, -1) if n >= 1024 ** u or u == 0)
+    return f"{n} B" if unit == 0 else f"{n / 1024 ** unit:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"
+
+
 def neuron_bytes(c) -> int:
     return (3 if c.ffn_gated else 2) * c.n_embd * GPU_BYTES
 
@@ -83,9 +89,9 @@ def plan(c, counts: list[np.ndarray], *, gpu_budget: int | None = None, hot_frac
         fixed = fixed_gpu_bytes(c, n_ctx, predictor_bytes)
         budget = int(gpu_budget) - sum(fixed.values())
         if budget < 0:
-            raise HotcoldError(f"GPU budget of {gpu_budget / 2**20:.1f} MiB does not hold the parts that always go "
-                               f"to the GPU ({sum(fixed.values()) / 2**20:.1f} MiB: "
-                               + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fixed.items()) + ")")
+            raise HotcoldError(f"GPU budget of {size_text(gpu_budget)} does not hold the parts that always go "
+                               f"to the GPU ({size_text(sum(fixed.values()))}: "
+                               + ", ".join(f"{k} {size_text(v)}" for k, v in fixed.items()) + ")")
     gpu = solve(counts, budget // (group * nb), group)
     served = sum(float(np.asarray(cn)[g].sum()) for cn, g in zip(counts, gpu))
     total = sum(float(np.asarray(cn).sum()) for cn in counts)
@@ -182,11 +188,13 @@ def write_split(prefix: str, split: dict) -> tuple[str, str]:
 
 def read_split(path: str) -> dict:
     split = read_json(path, "hotcold split")
+    if "gpu_neurons" not in split:
+        raise HotcoldError(f"{path}: not a hotcold split (no gpu_neurons)")
     try:
         ids = [np.asarray(g) for g in split["gpu_neurons"]]
         if not all(g.ndim == 1 and (g.size == 0 or g.dtype.kind in "iu") for g in ids):
             raise ValueError("expected a list of integer ids per layer")
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError) as e:
         raise HotcoldError(f"{path}: not a hotcold split (gpu_neurons: {e})") from None
     split["gpu_neurons"] = [g.astype(np.int64) for g in ids]
     return split
@@ -252,10 +260,10 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
 
 def cmd_split(args) -> None:
     from engine.loader import load_checkpoint
-    from tools.profile import load_counts
+    from tools.profile import load_counts, profiled_model
     split_outputs(args.out)  # refused before the profile is read and the split solved
     manifest, counts = load_counts(args.profile)
-    ckpt = load_checkpoint(args.model or manifest.get("model"), values=False)
+    ckpt = load_checkpoint(profiled_model(manifest, args.profile, args.model), values=False)
     n_ctx = default_ctx(ckpt.config) if args.ctx is None else args.ctx
     check_context(ckpt, n_ctx)
     fp = fingerprint(ckpt.config, ckpt.tensors)
