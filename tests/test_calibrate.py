@@ -194,7 +194,11 @@ def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
     assert f"{progress}: 1 saved evaluations unreadable, computed again" in capsys.readouterr().err
     assert json.loads(out.read_text())["thresholds"] == json.loads(full.read_text())["thresholds"]
     assert not os.path.exists(progress)
+    open(progress, "w").write("{garbage")  # unreadable as a whole: said, and started over
     capsys.readouterr()
+    searched.clear()
+    assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 0 and len(searched) == n
+    assert f"{progress}: not a calibrate progress file (invalid JSON" in capsys.readouterr().err
 
 
 def test_unwritable_outputs_are_refused_before_the_work(tiny, tmp_path, capsys):

@@ -238,7 +238,8 @@ class Journal:
         if path is not None and os.path.exists(path):
             try:
                 data = read_json(path, "calibrate progress file")
-            except HotcoldError:  # unreadable: started over, and replaced at the first result
+            except HotcoldError as e:  # unreadable: started over, and replaced at the first result
+                log(f"{e}: started over")
                 data = {}
             saved = data.get("results") if data.get("key") == key else None
             self.results = {k: r for k, r in saved.items() if result_ok(r)} if isinstance(saved, dict) else {}
