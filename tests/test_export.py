@@ -13,6 +13,7 @@ from gguf import GGUFReader, GGUFValueType
 
 from engine.api import Model
 from engine.config import HotcoldError, blk
+from engine.fingerprint import fingerprint
 from engine.loader import load_checkpoint, open_gguf
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
@@ -83,6 +84,8 @@ def test_round_trip(tiny, capsys, fmt, outtype):
     # PowerInfer's file holds the tied embedding twice (its loader wants output.weight); it is loaded once
     assert ckpt.config.tied_embeddings and "output.weight" not in ckpt.tensors
     stored = {t.name: t for t in open_gguf(path).tensors}
+    version = open_gguf(path).fields.get("general.quantization_version")  # llama.cpp's quantize writes it for blocks
+    assert (version.contents() if version else None) == (None if outtype == "f16" else 2)
     assert ("output.weight" in stored) == (fmt == "powerinfer")
     if fmt == "powerinfer":  # compared in chunks through the file; one byte changed tells them apart
         from engine.loader import same_bytes
@@ -244,6 +247,15 @@ def test_refusals(tiny, capsys):
     write_split(str(d / "odd"), odd)
     refused("-m", src, "--predictors", bundle, "--split", str(d / "odd.json"), "-o", str(d / "r"),
             words=("odd.json: layer 0 has 8 neurons on the GPU", "--group 32"))
+    c80 = tiny_config("relu", n_ff=80)  # no group of 32 divides it: only whole layers can go to PowerInfer's GPU
+    src80 = write_gguf(str(d / "m80.gguf"), c80, tiny_weights(c80))
+    Bundle([Predictor(c80.n_embd, 80, 4) for _ in range(c80.n_layer)], [0.0] * c80.n_layer,
+           model_fingerprint(load_checkpoint(src80))).save(str(d / "b80"))
+    write_split(str(d / "s80"), dict(plan(c80, [np.arange(80)] * c80.n_layer, hot_fraction=0.5, group=8),
+                                     fingerprint=fingerprint(c80, load_checkpoint(src80).tensors)))
+    refused("-m", src80, "--predictors", str(d / "b80"), "--split", str(d / "s80.json"), "-o", str(d / "r80"),
+            words=("s80.json: layer 0 has", "this model's 80 neurons are no multiple of it: all of a layer or none, "
+                   "--group 80"))
     os.makedirs(d / "half")  # a bundle without its manifest: named as ours, not as a PowerInfer directory
     open(d / "half" / "predictors.safetensors", "wb").close()
     with pytest.raises(HotcoldError, match="manifest.json: no such file"):

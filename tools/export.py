@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf import GGMLQuantizationType as QT
 
 from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
@@ -132,6 +132,8 @@ def add_model_keys(wr: GGUFWriter, ckpt: Checkpoint, qtype: QT) -> None:
     wr.add_layer_norm_rms_eps(c.rms_eps)
     wr.add_vocab_size(c.n_vocab)
     wr.add_file_type(FILE_TYPES[qtype])
+    if qtype != QT.F16:  # the block layout version, as llama.cpp's quantize writes it
+        wr.add_quantization_version(GGML_QUANT_VERSION)
     wr.add_string(KEY_ACT, c.act)
     wr.add_float32(KEY_ACT_THRESHOLD, c.act_threshold)
     if os.path.isdir(ckpt.path):
@@ -340,8 +342,11 @@ def cmd_export(args) -> None:
         split = read_model_split(js, ckpt.config, fingerprint(ckpt.config, ckpt.tensors), ckpt.path)
         for i, ids in enumerate(split["gpu_neurons"]):
             if len(ids) % POWERINFER_WARP and len(ids) != ckpt.config.n_ff:
+                n_ff = ckpt.config.n_ff
+                fix = (f"hotcold split --group {POWERINFER_WARP}" if n_ff % POWERINFER_WARP == 0 else
+                       f"this model's {n_ff} neurons are no multiple of it: all of a layer or none, --group {n_ff}")
                 raise HotcoldError(f"{js}: layer {i} has {len(ids)} neurons on the GPU; PowerInfer's CUDA kernels "
-                                   f"take a layer's hot rows {POWERINFER_WARP} at a time (hotcold split --group 32)")
+                                   f"take a layer's hot rows {POWERINFER_WARP} at a time ({fix})")
     refuse_directories([path] + split_paths)
     existing = [p for p in [path] + split_paths if os.path.exists(p)]  # without --split, old splits are stale
     if existing and not args.force:
