@@ -51,6 +51,10 @@ def test_target_sparsity_and_refusal_on_another_model(tiny, tmp_path, capsys, mo
     assert main(["perplexity", "-m", tiny[0]["silu", 0], "-f", str(lines), "--ctx", str(CTX), "--sparsity",
                  str(out), "--json", "-t", "1"]) == 0
     assert json.loads(capsys.readouterr().out) == res
+    assert main(["perplexity", "-m", tiny[0]["silu", 0], "-f", str(lines), "--ctx", str(CTX), "--sparsity",
+                 str(out), "-t", "1"]) == 0  # the text says the sparsity too
+    assert f"perplexity: {res['ppl']:.4f} " in (text := capsys.readouterr().out)
+    assert text.rstrip().endswith(f"ctx {CTX}, FFN sparsity {res['sparsity']:.1%})")
     for other in (("silu", 1), ("relu", 0)):
         with pytest.raises(HotcoldError, match=f"{out}: sparsity config of another model"):
             load(tiny[0][other], n_ctx=CTX, threads=1, sparsity=str(out))

@@ -258,8 +258,9 @@ def cmd_perplexity(args) -> None:
     if args.json:
         emit_json(res)
     else:
+        sparsity = f", FFN sparsity {res['sparsity']:.1%}" if "sparsity" in res else ""
         print(f"perplexity: {res['ppl']:.4f} over chunks {res['chunks'][0]}-{res['chunks'][-1]} "
-              f"({res['scored_tokens']} scored tokens, ctx {args.ctx})")
+              f"({res['scored_tokens']} scored tokens, ctx {args.ctx}{sparsity})")
         if "stats" in res:
             print(format_runtime_stats(res["stats"]))
 
