@@ -135,6 +135,11 @@ def finite(v) -> bool:
         return False
 
 
+def finite_number(v) -> bool:
+    """A value read from a file (JSON, GGUF metadata) that is a finite number: not a bool, a string or None."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and finite(v)
+
+
 def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
     """A ModelConfig from the values a file gives, checked before anything divides by them. HotcoldError naming
     `where` (the file) and the key a value came from (`keys`: field -> key) unless every count is an integer
@@ -150,7 +155,7 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
             bad(f, f"is {v!r}, expected an integer")
         if f in COUNTS and v < 1:
             bad(f, f"is {v}, expected at least 1")
-        if f in FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not finite(v)):
+        if f in FLOATS and not finite_number(v):
             bad(f, f"is {v!r}, expected a finite number")
         if f in ("ffn_gated", "tied_embeddings") and not isinstance(v, bool):
             bad(f, f"is {v!r}, expected true or false")

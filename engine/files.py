@@ -193,6 +193,11 @@ def write_json(path: str, obj) -> None:
 JSON_ERRORS = (ValueError, RecursionError)  # invalid JSON or UTF-8, numbers past 4300 digits, nesting past the stack
 
 
+def error_text(e: BaseException) -> str:
+    """An exception as one short line: its kind and message."""
+    return f"{type(e).__name__}: {first_line(e)[:200]}"
+
+
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path) as fh:
@@ -202,7 +207,7 @@ def read_json(path: str, what: str) -> dict:
     except OSError as e:
         raise HotcoldError(f"{path}: unreadable ({e.strerror})") from None
     except JSON_ERRORS as e:
-        raise HotcoldError(f"{path}: not a {what} (invalid JSON: {type(e).__name__}: {str(e)[:200]})") from None
+        raise HotcoldError(f"{path}: not a {what} (invalid JSON: {error_text(e)})") from None
     if not isinstance(obj, dict):
         raise HotcoldError(f"{path}: not a {what} (a JSON object expected)")
     return obj

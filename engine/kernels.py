@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -88,14 +89,33 @@ def _writable_dir(path: str) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def _private_dir(path: str) -> bool:
+    """path made (mode 700) or found as a directory of this user's that no one else can write: numba's cache files
+    are pickles, so a folder another user prepared under a guessable name in /tmp would run their code."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _drop_old_caches(folder: str, keep: str) -> None:
+    """New sources (an upgrade, an edit): the kernels of the old ones in folder are dead weight."""
+    if not os.path.isdir(keep):
+        for old in glob.glob(os.path.join(glob.escape(folder), "numba-*")):
+            if old != keep:  # made meanwhile by a process of these sources
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def _cache_by_source() -> bool:
     """Cache the engine's compiled kernels in a folder named after a digest of the engine's sources. numba checks
     only a cached function's own file, and cpu.py and hybrid.py inline this module's helpers: after a change here
     they would load their old code. The folder is in the package's __pycache__, where the folders of other sources
     are removed; under NUMBA_CACHE_DIR/hotcold when that is set, or the user's cache when the package is read-only
     (shared places: nothing is removed there). Where that folder cannot be made or written (a read-only package
-    run by a user without a home), a folder in the temporary directory, with a note; False (no caching: each run
-    compiles) where none can be written."""
+    run by a user without a home), a private folder in the temporary directory, with a note; False (no caching: each
+    run compiles) where none can be written."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
     for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
@@ -106,16 +126,18 @@ def _cache_by_source() -> bool:
         None if os.access(here, os.W_OK) else
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
     cache = os.path.join(shared, "hotcold", name) if shared else os.path.join(here, "__pycache__", name)
-    if not shared and not os.path.isdir(cache):  # new sources (an upgrade, an edit): the old kernels are dead weight
-        for old in glob.glob(os.path.join(glob.escape(here), "__pycache__", "numba-*")):
-            if old != cache:  # made meanwhile by a process of these sources
-                shutil.rmtree(old, ignore_errors=True)
-    user = f"hotcold-{os.getuid()}" if hasattr(os, "getuid") else "hotcold"
-    for d in (cache, os.path.join(tempfile.gettempdir(), user, name)):
-        if _writable_dir(d):
-            if d != cache:
-                print(f"hotcold: note: kernel cache {cache} cannot be written; using {d}", file=sys.stderr)
-            numba.config.CACHE_DIR = d
+    if not shared:
+        _drop_old_caches(os.path.join(here, "__pycache__"), cache)
+    if _writable_dir(cache):
+        numba.config.CACHE_DIR = cache
+        return True
+    private = os.path.join(tempfile.gettempdir(), f"hotcold-{os.getuid()}")
+    if _private_dir(private):
+        _drop_old_caches(private, os.path.join(private, name))
+        if _writable_dir(os.path.join(private, name)):
+            numba.config.CACHE_DIR = os.path.join(private, name)
+            print(f"hotcold: note: kernel cache {cache} cannot be written; using {numba.config.CACHE_DIR}",
+                  file=sys.stderr)
             return True
     print(f"hotcold: note: no kernel cache can be written ({cache}): each run compiles the kernels", file=sys.stderr)
     return False

@@ -21,8 +21,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
-                     blk, checked_config, expected_shapes, first_line, hf_to_gguf_name, layer_of)
-from .files import JSON_ERRORS, read_json
+                     blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name, layer_of)
+from .files import JSON_ERRORS, error_text, read_json
 from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
@@ -113,10 +113,10 @@ def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
     if stray is not None:  # as llama.cpp refuses it: computing without it would be another model
         raise HotcoldError(f"{ckpt.path}: tensor {stray} has no place in hotcold's llama graph (biases, experts and "
                            "the like are not supported)")
+    transposed = any(name.endswith("ffn_down_t.weight") for name in ckpt.tensors)  # PowerInfer's layout
     for name, shape in shapes.items():
-        t_name = name.replace("ffn_down", "ffn_down_t")
-        if name.endswith("ffn_down.weight") and name not in ckpt.tensors and t_name in ckpt.tensors:
-            name, shape = t_name, shape[::-1]  # PowerInfer's transposed layout
+        if transposed and name.endswith("ffn_down.weight") and name not in ckpt.tensors:
+            name, shape = name.replace("ffn_down", "ffn_down_t"), shape[::-1]
         t = ckpt.tensors.get(name)
         if t is None:
             raise HotcoldError(f"{ckpt.path}: missing tensor {name}")
@@ -278,10 +278,12 @@ def load_gguf(path: str) -> Checkpoint:
     missing = next((keys[f] for f, v in vals.items() if v is None and f not in ("n_vocab", "n_head_kv")), None)
     if missing:
         raise HotcoldError(f"{path}: missing metadata key {missing}")
-    embd, out = tensors.get("token_embd.weight"), next((t for t in r.tensors if t.name == "output.weight"), None)
-    if embd is not None and out is not None and tensors["output.weight"].qtype == embd.qtype and \
-            tensors["output.weight"].shape == embd.shape and same_bytes(path, int(out.data_offset), embd.data):
+    stored = {t.name: t for t in r.tensors if t.name in ("token_embd.weight", "output.weight")}  # as in the file
+    e, o = stored.get("token_embd.weight"), stored.get("output.weight")
+    if e is not None and o is not None and (e.tensor_type, e.shape.tolist(), e.n_bytes) == (
+            o.tensor_type, o.shape.tolist(), o.n_bytes) and same_bytes(path, int(o.data_offset), e.data):
         del tensors["output.weight"]  # the embedding written out again (PowerInfer's loader wants it): held once
+    embd = tensors.get("token_embd.weight")
     vals["n_vocab"] = vals["n_vocab"] or (embd.shape[0] if embd else None)
     vals["n_head_kv"] = vals["n_head"] if vals["n_head_kv"] is None else vals["n_head_kv"]
     act = field_value(r, KEY_ACT, acts[arch])
@@ -347,7 +349,7 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
             m = json.loads(manifest) if isinstance(manifest, str) else None
         except (TypeError, *JSON_ERRORS) as e:
             raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_TENSORS} or {KEY_BUNDLE_MANIFEST} is not base64 or "
-                               f"JSON ({type(e).__name__})") from None
+                               f"JSON ({error_text(e)})") from None
         if not isinstance(m, dict):
             raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not a JSON object")
         check_manifest(m, f"{ckpt.path}: {KEY_BUNDLE_MANIFEST}")
@@ -356,19 +358,20 @@ def embedded_predictors(ckpt: Checkpoint) -> Bundle | None:
     missing = [n for pair in names for n in pair if n not in ckpt.tensors]
     if missing:
         raise HotcoldError(f"{ckpt.path}: predictor tensor {missing[0]} is missing")
-    preds = [from_weights(*(torch.from_numpy(np.array(ckpt.tensors.pop(n).dequantize())) for n in pair),  # F32: a copy
+    preds = [from_weights(*(torch.from_numpy(np.require(ckpt.tensors.pop(n).dequantize(), requirements="W"))
+                            for n in pair),  # F32: the file's map, copied
                           f"{ckpt.path}: layer {i}") for i, pair in enumerate(names)]
     try:
         m = json.loads(manifest) if manifest else None
     except (TypeError, *JSON_ERRORS) as e:
-        raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not JSON ({type(e).__name__})") from None
+        raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not JSON ({error_text(e)})") from None
     if m is not None:  # our export's: the bundle's manifest (PowerInfer's own converter writes none)
         if not isinstance(m, dict):
             raise HotcoldError(f"{ckpt.path}: {KEY_BUNDLE_MANIFEST} is not a JSON object")
         check_manifest(m, f"{ckpt.path}: {KEY_BUNDLE_MANIFEST}")
     m = m or {}
     t = ckpt.metadata.get(KEY_SPARSE_THRESHOLD, 0.0)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    if not finite_number(t):
         raise HotcoldError(f"{ckpt.path}: {KEY_SPARSE_THRESHOLD} is {t!r}, not a finite number")
     metrics = [layer.get("metrics", {}) for layer in m.get("layers", [])]
     return Bundle(preds, [t] * len(preds), model_fingerprint(ckpt), metrics, m.get("sparsity", {}),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import HotcoldError, ModelConfig, blk
+from .config import HotcoldError, ModelConfig, blk, finite_number
 from .files import read_json, write_json
 from .fingerprint import check_fingerprint
 
@@ -59,7 +59,7 @@ class SparsityConfig:
         check_fingerprint(self.fingerprint, expected, where, "sparsity config")
         thr = self.thresholds
         if not isinstance(thr, (list, tuple)) or len(thr) != expected["n_layer"] or not all(
-                isinstance(t, (int, float, np.floating)) and not isinstance(t, bool) and 0 <= t < np.inf for t in thr):
+                finite_number(t) and t >= 0 for t in thr):
             raise HotcoldError(f"{where}: thresholds must be {expected['n_layer']} finite numbers >= 0")
         return self
 

@@ -118,8 +118,8 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
             merges = meta.get("tokenizer.ggml.merges")
-            if not merges:  # llama.cpp refuses it too: every word would be cut into bytes
-                raise HotcoldError(f"{path}: tokenizer.ggml.merges is missing or empty (a gpt2 tokenizer needs them)")
+            if merges is None:  # as llama.cpp refuses it (an empty list it takes: no merges)
+                raise HotcoldError(f"{path}: tokenizer.ggml.merges is missing (a gpt2 tokenizer needs the key)")
             bad = next((m for m in merges if not isinstance(m, str) or " " not in m), None)
             if bad is not None:
                 raise HotcoldError(f"{path}: tokenizer.ggml.merges holds {bad!r}, not two tokens and a space")

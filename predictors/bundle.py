@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, first_line
+from engine.config import PREDICTOR_TYPES, HotcoldError, blk, finite, finite_number, first_line
 from engine.files import json_writer, read_json, write_all, write_atomic, write_json
 from engine.fingerprint import check_fingerprint, rope_key, tensors_sha256
 
@@ -146,8 +146,6 @@ class Bundle:
 
 def manifest_problem(m: dict) -> str | None:
     """What is missing or of the wrong type in a bundle manifest, or None."""
-    def number(v) -> bool:  # finite: a JSON integer may be past a float
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v)
     for key, kind in (("fingerprint", dict), ("tensors_sha256", str), ("layers", list)):
         if not isinstance(m.get(key), kind):
             return f"{key!r} missing or not a {kind.__name__}"
@@ -155,15 +153,15 @@ def manifest_problem(m: dict) -> str | None:
         if not isinstance(m.get(key, {}), dict):
             return f"{key!r} not an object"
     for i, layer in enumerate(m["layers"]):
-        if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and number(layer.get("threshold"))
+        if not (isinstance(layer, dict) and isinstance(layer.get("rank"), int) and finite_number(layer.get("threshold"))
                 and isinstance(layer.get("metrics", {}), dict)):
             return f"layer {i}: expected {{'rank': int, 'threshold': finite number, 'metrics': {{...}}}}"
     thr = m.get("sparsity", {}).get("thresholds")
     if thr is not None and not (isinstance(thr, list) and len(thr) == len(m["layers"]) and all(
-            number(t) for t in thr)):
+            finite_number(t) for t in thr)):
         return f"sparsity thresholds: expected a finite number for each of the {len(m['layers'])} layers listed"
     for i, layer in enumerate(m["layers"]):
-        bad = next((k for k, v in layer.get("metrics", {}).items() if not (number(v) or v is None)), None)
+        bad = next((k for k, v in layer.get("metrics", {}).items() if not (finite_number(v) or v is None)), None)
         if bad is not None:
             return f"layer {i}: metric {bad!r} is not a finite number"
     qtype = m.get("training", {}).get("predictor_type", "F16")
@@ -320,7 +318,7 @@ def read_powerinfer_dir(path: str) -> tuple[list[Predictor], list[float]]:
     t = 0.0
     if os.path.exists(os.path.join(path, PI_CONFIG)):
         t = read_json(os.path.join(path, PI_CONFIG), "PowerInfer predictor config").get("sparse_threshold", 0.0)
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not finite(t):
+        if not finite_number(t):
             raise HotcoldError(f"{os.path.join(path, PI_CONFIG)}: sparse_threshold must be a finite number, "
                                f"got {t!r}")
     return preds, [float(t)] * len(preds)

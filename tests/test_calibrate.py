@@ -195,7 +195,7 @@ def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cal.Heldout, "score", counting)
     assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 0
     assert len(searched) == n - 2
-    assert f"{progress}: 1 saved evaluations unreadable, computed again" in capsys.readouterr().err
+    assert f"{progress}: saved evaluations unreadable: 1; computed again" in capsys.readouterr().err
     assert json.loads(out.read_text())["thresholds"] == json.loads(full.read_text())["thresholds"]
     assert not os.path.exists(progress)
     open(progress, "w").write("{garbage")  # unreadable as a whole: said, and started over

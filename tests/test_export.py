@@ -18,7 +18,7 @@ from engine.loader import load_checkpoint, open_gguf
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
 from predictors.model import Predictor
-from tiny_model import one_thread, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
+from tiny_model import DIGIT_LIMIT, one_thread, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
 from tools.cli import main
 from tools.export import inspect_file
 from tools.split import plan, write_split
@@ -334,11 +334,12 @@ def test_drelu_exports_as_bamboo(tiny, capsys):
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 
 
-def rewrite_powerinfer(src: str, dst: str, keys: dict = {}, fc_f32: bool = False) -> str:
-    """A copy of the PowerInfer file src with some keys replaced (strings), or its fc1/fc2 stored as F32."""
+def rewrite_powerinfer(src: str, dst: str, keys: dict | None = None, fc_f32: bool = False, drop: str = "") -> str:
+    """A copy of the PowerInfer file src with some keys replaced (strings), its fc1/fc2 stored as F32, or a tensor
+    dropped."""
     from gguf import GGUFWriter
-    r = open_gguf(src)
-    wr = GGUFWriter(dst, "llama")
+    r, keys = open_gguf(src), keys or {}
+    wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
     for k, f in r.fields.items():
         if k in keys:
             wr.add_string(k, keys[k])
@@ -346,6 +347,8 @@ def rewrite_powerinfer(src: str, dst: str, keys: dict = {}, fc_f32: bool = False
             wr.add_key_value(k, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
     for t in r.tensors:
         a = np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
+        if t.name == drop:
+            continue
         if fc_f32 and ".fc" in t.name:
             wr.add_tensor(t.name, a.astype(np.float32))
         else:
@@ -371,6 +374,7 @@ def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
         ckpt = load_checkpoint(out + ".f32.gguf")
     f16 = load_checkpoint(out + ".powerinfer.gguf")
     assert same_active_sets(ckpt.predictors, f16.predictors)
+    assert set(ckpt.tensors) == set(f16.tensors)
     assert all(np.array_equal(ckpt.tensors[k].data, f16.tensors[k].data) for k in f16.tensors)
 
 
@@ -383,13 +387,17 @@ def test_bad_predictor_metadata_of_a_powerinfer_file(tiny, capsys):
     for name, keys, why in (("list", {KEY_BUNDLE_MANIFEST: "[1, 2]"}, f"{KEY_BUNDLE_MANIFEST} is not a JSON object"),
                             ("layers", {KEY_BUNDLE_MANIFEST: '{"layers": 5}'},
                              f"{KEY_BUNDLE_MANIFEST}: not a predictor bundle manifest"),
-                            ("big", {KEY_BUNDLE_MANIFEST: "1" * 5000}, f"{KEY_BUNDLE_MANIFEST} is not JSON"),
+                            *[("big", {KEY_BUNDLE_MANIFEST: "1" * 5000}, f"{KEY_BUNDLE_MANIFEST} is not JSON")] *
+                            DIGIT_LIMIT,
                             ("thr", {KEY_SPARSE_THRESHOLD: "abc"}, f"{KEY_SPARSE_THRESHOLD} is 'abc', not a finite")):
         path = rewrite_powerinfer(out + ".powerinfer.gguf", f"{out}_{name}.powerinfer.gguf", keys)
         assert main(["tokenize", "-m", path, "hi"]) == 2
         assert capsys.readouterr().err.startswith(f"hotcold: error: {path}: {why}")
         assert main(["inspect", path, "--json"]) == 0
         assert why in json.loads(capsys.readouterr().out)["loads"]
+    path = rewrite_powerinfer(out + ".powerinfer.gguf", f"{out}_drop.powerinfer.gguf", drop="blk.1.ffn_down_t.weight")
+    assert main(["tokenize", "-m", path, "hi"]) == 2  # named as this file would hold it
+    assert capsys.readouterr().err == f"hotcold: error: {path}: missing tensor blk.1.ffn_down_t.weight\n"
 
 
 def test_hf_directory_to_gguf(tiny, capsys):
@@ -433,8 +441,8 @@ def test_hf_directory_keeps_its_end_tokens(tiny, capsys):
 
 
 def test_hf_tokenizers_a_gguf_cannot_hold_are_refused(tiny, capsys):
-    """A BPE without merges (GGUF has no empty arrays, llama.cpp needs the key) and a tokenizer that is not byte-level
-    BPE: one line naming the directory, nothing written."""
+    """A BPE without merges (gguf-py writes no empty array, llama.cpp needs the key) and a tokenizer that is not
+    byte-level BPE: one line naming the directory, nothing written."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tiny_model import tiny_vocab
     vocab, merges = tiny_vocab()
@@ -508,6 +516,11 @@ def test_inspect(tiny, capsys):
     hf = write_hf(str(tiny["dir"] / "hf_inspect"), tiny["config"], tiny_weights(tiny["config"]))
     assert main(["inspect", hf]) == 2
     assert capsys.readouterr().err.startswith(f"hotcold: error: {hf}: a Hugging Face model directory; inspect reads")
+    from predictors.bundle import write_powerinfer_dir  # PowerInfer's predictor directory has a config.json too
+    write_powerinfer_dir(str(tiny["dir"] / "pi_dir"), load_bundle(tiny["bundle"]).predictors, 0.5)
+    assert main(["inspect", str(tiny["dir"] / "pi_dir"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "powerinfer predictors" and info["predictors"]["ranks"] == [16, 24]
 
 
 def test_dense_export_runs_in_llama_cpp(tmp_path, capsys, reference):

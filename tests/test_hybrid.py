@@ -319,7 +319,10 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     p = res["predictors"]
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
     assert res["ttft_s"] > 0 and 0 < res["model_rss_bytes"] <= res["run_rss_bytes"]
-    assert "MB after decoding" in format_bench(res)
+    assert "MB after decoding" in format_bench(res) and p["hot_device"] is None
+    assert ", gpu share 0.000, recall" in format_bench(res) and "hot part on" not in format_bench(res)
+    assert "recall" in (text := format_bench(dict(res, predictors=dict(p, hot_device="cpu"))))
+    assert text.split("predictors: ")[1].splitlines()[0].endswith(" (the hot part on cpu)")
     none = dict(res, predictors=dict.fromkeys(p))  # -n 1 after a batched prompt: no decode step, null rates
     assert "predictors: no decode step, no statistics" in format_bench(none)
     dense = load(path, n_ctx=32).decode_bytes_per_token()  # the bytes a step reads: the active rows and the predictors

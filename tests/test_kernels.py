@@ -461,16 +461,24 @@ def test_kernel_cache_follows_every_engine_source(tmp_path):
     # NUMBA_CACHE_DIR: a folder of these sources under it (stale kernels were loaded from it after an edit)
     assert cache_dir(NUMBA_CACHE_DIR=str(tmp_path / "mine")) == str(
         tmp_path / "mine" / "hotcold" / os.path.basename(cache_dir(NUMBA_CACHE_DIR=None)))
-    # a cache folder that cannot be made (numba raised at import, before any kernel ran): the temporary directory's
+    # a cache folder that cannot be made (numba raised "no locator available" at import, as for a read-only install
+    # run by a user without a home): a private folder of the temporary directory's, or else no cache
     (tmp_path / "file").write_text("")
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "file"), "TMPDIR": str(tmp_path / "tmp")}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env=env)
-    name = os.path.basename(cache_dir(NUMBA_CACHE_DIR=None))
-    assert res.returncode == 0 and res.stdout.strip() == str(tmp_path / "tmp" / f"hotcold-{os.getuid()}" / name)
-    assert res.stderr == f"hotcold: note: kernel cache {tmp_path / 'file' / 'hotcold' / name} cannot be written; " \
-        f"using {res.stdout.strip()}\n"
+    name, private = os.path.basename(cache_dir(NUMBA_CACHE_DIR=None)), tmp_path / "tmp" / f"hotcold-{os.getuid()}"
+
+    def fallback():
+        res = subprocess.run([sys.executable, "-c", code + "; print(engine.kernels.CACHED)"], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path, env=env)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.split()[-1], res.stderr
+    cached, err = fallback()
+    assert cached == "True" and os.stat(private).st_mode & 0o777 == 0o700
+    assert f"kernel cache {tmp_path / 'file' / 'hotcold' / name} cannot be written; using {private / name}" in err
+    os.chmod(private, 0o777)  # a folder others can write (their pickles would run here): not used
+    cached, err = fallback()
+    assert cached == "False" and "no kernel cache can be written" in err
 
 
 def test_jit_cache_is_used_by_a_new_process(rng):

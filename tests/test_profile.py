@@ -14,7 +14,7 @@ import torch
 from engine.api import load
 from engine.config import HotcoldError
 from engine.sparsity import SparsityConfig, batched_net
-from tiny_model import CAT_TEXT, tiny_config, tiny_models, tiny_weights, write_gguf
+from tiny_model import CAT_TEXT, DIGIT_LIMIT, tiny_config, tiny_models, tiny_weights, write_gguf
 from tools.cli import main
 from tools.profile import corpus_tokens, read_corpus, run_profile
 
@@ -201,8 +201,9 @@ def test_jsonl_corpus(tiny, tmp_path):
     bad.write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(HotcoldError, match=r"bad.jsonl:2: no \"text\""):
         read_corpus([str(bad)])
-    for line, why in (('{"text": "a"', "Expecting ',' delimiter"), ('{"n": ' + "1" * 5000 + "}", "ValueError"),
-                      ("[" * 100000, "RecursionError")):
+    for line, why in (('{"text": "a"', "JSONDecodeError: Expecting ',' delimiter"),
+                      ("[" * 100000, "RecursionError"),
+                      *[('{"n": ' + "1" * 5000 + "}", "ValueError: Exceeds the limit")] * DIGIT_LIMIT):
         bad.write_text('{"text": "a"}\n' + line + "\n")
         with pytest.raises(HotcoldError, match=f"bad.jsonl:2: invalid JSON \\({why}"):
             read_corpus([str(bad)])

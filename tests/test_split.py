@@ -175,6 +175,8 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
         assert main(["split", "--profile", str(prof), "--gpu-budget", "1G", *opts, "-o", str(tmp_path / "p"),
                      "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["fixed_bytes"]["predictors"] == pred_bytes > 0
+        assert main(["split", "--profile", str(prof), "--hot-fraction", "0.5", *opts, "-o", str(tmp_path / "p")]) == 2
+        assert "--hot-fraction is a share of the FFN bytes alone" in capsys.readouterr().err
     assert main(["split", "--profile", str(prof), "--gpu-budget", "1G", "--ctx", "257", "-o", str(tmp_path / "t")]) == 2
     assert "a context of 257 tokens is longer than the 256 the model was trained on" in capsys.readouterr().err
     (prof / "summary.json").write_text(json.dumps({"speed": 5}))  # the report takes the rest from the counts
@@ -216,7 +218,8 @@ def test_split_cli_on_a_real_profile(tmp_path, capsys):
     assert main(["split", "--profile", str(moved), "--hot-fraction", "0.5", "-o", str(tmp_path / "g")]) == 2
     assert capsys.readouterr().err == (f"hotcold: error: {tmp_path / 'gone.gguf'}: the model profile {moved} was made "
                                        "with is not there; give -m MODEL\n")
-    assert main(["split", "--profile", str(moved), "-m", model, "--hot-fraction", "0.5", "-o", str(tmp_path / "g")]) == 0
+    assert main(["split", "--profile", str(moved), "-m", model, "--hot-fraction", "0.5", "-o",
+                 str(tmp_path / "g")]) == 0
     from engine.api import load
     from tools.split import hot_neurons
     from test_hybrid import gate_bundle

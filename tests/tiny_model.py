@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -157,6 +158,7 @@ def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = 
     return path
 
 
+DIGIT_LIMIT = hasattr(sys, "get_int_max_str_digits")  # Python 3.10.7+: json refuses integers past 4300 digits
 CAT_TEXT = "the cat sat on the mat, and then the dog ate in the hat. " * 12  # about 350 tokens
 
 

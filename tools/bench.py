@@ -48,7 +48,9 @@ def memory_bandwidth(mib: int = 256) -> float:
     """Read bandwidth in GB/s: a parallel sum over an array far larger than the caches."""
     from numba import njit, prange
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    from engine.kernels import CACHED  # where the kernels' cache goes (nowhere, where none can be written)
+
+    @njit(parallel=True, cache=CACHED, fastmath=True)
     def total(a):  # vectorized: a scalar add chain would time the adder (~5 GB/s a core), not the memory
         s = np.float32(0.0)
         for i in prange(a.size):
@@ -220,7 +222,8 @@ def run_bench(args) -> dict:
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
     if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
         from engine.config import AUDIT_KEYS
-        res["predictors"] = {k: stats[k] for k in ("predicted_sparsity", "gpu_share") + AUDIT_KEYS if k in stats}
+        keys = ("predicted_sparsity", "gpu_share", "hot_device") + AUDIT_KEYS
+        res["predictors"] = {k: stats[k] for k in keys if k in stats}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)
     return res
@@ -278,8 +281,10 @@ def format_bench(r: dict) -> str:
              "kernels' machine code and the prefill's buffers)",
              f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
     if r.get("predictors"):  # null rates when no token went through a decode step (-n 1 after a batched prompt)
-        lines.append("predictors: " + (", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["predictors"].items()
-                                                 if v is not None) or "no decode step, no statistics"))
+        p = r["predictors"]
+        where = f" (the hot part on {p['hot_device']})" if p.get("hot_device") else ""
+        lines.append("predictors: " + (", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in p.items()
+                                                 if isinstance(v, float)) + where or "no decode step, no statistics"))
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")

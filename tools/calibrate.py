@@ -244,7 +244,7 @@ class Journal:
             saved = data.get("results") if data.get("key") == key else None
             self.results = {k: r for k, r in saved.items() if result_ok(r)} if isinstance(saved, dict) else {}
             if isinstance(saved, dict) and len(self.results) < len(saved):
-                log(f"{path}: {len(saved) - len(self.results)} saved evaluations unreadable, computed again")
+                log(f"{path}: saved evaluations unreadable: {len(saved) - len(self.results)}; computed again")
         if self.results:
             log(f"resuming: {len(self.results)} evaluations saved in {path}")
 

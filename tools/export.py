@@ -170,8 +170,8 @@ def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise HotcoldError(f"{where}: only byte-level BPE tokenizers (GPT-2 style) are converted from Hugging Face "
                            "directories; convert this one with llama.cpp's convert_hf_to_gguf.py")
-    if not model.get("merges"):  # GGUF stores no empty array, and llama.cpp needs the key
-        raise HotcoldError(f"{where}: its BPE tokenizer has no merges, which a GGUF cannot hold")
+    if not model.get("merges"):  # gguf-py writes no empty array, and llama.cpp needs the key
+        raise HotcoldError(f"{where}: its BPE tokenizer has no merges, which gguf-py cannot write (an empty array)")
     vocab = tok.tk.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
     if [vocab[t] for t in tokens] != list(range(len(tokens))) or len(tokens) > ckpt.config.n_vocab:
@@ -398,14 +398,14 @@ def predictor_summary(bundle) -> dict:
 def inspect_file(path: str, whole: bool = False) -> dict:
     """What a GGUF file (ours, PowerInfer's model or .gpuidx, llama.cpp's) or a predictor directory holds; whole:
     long strings (the chat template) and arrays (the vocabulary) given whole, not described."""
-    from predictors.bundle import MANIFEST, TENSORS, load_bundle, read_powerinfer_dir
+    from predictors.bundle import MANIFEST, TENSORS, load_bundle, pt_files, read_powerinfer_dir
     if os.path.isdir(path):
         if any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, TENSORS)):  # ours, maybe incomplete
             b = load_bundle(path)
             return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
-        if os.path.exists(os.path.join(path, "config.json")):
+        if not pt_files(path) and os.path.exists(os.path.join(path, "config.json")):  # PowerInfer's has one too
             raise HotcoldError(f"{path}: a Hugging Face model directory; inspect reads GGUF files and predictor "
-                               f"directories (hotcold export -m {path} --format gguf makes a GGUF of it)")
+                               f"directories (hotcold export -m {path} -o OUT --format gguf makes a GGUF of it)")
         preds, thresholds = read_powerinfer_dir(path)
         return {"path": path, "kind": "powerinfer predictors", "predictors": {
             "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError, first_line
-from engine.files import JSON_ERRORS, read_json, write_atomic, write_json
+from engine.files import JSON_ERRORS, error_text, read_json, write_atomic, write_json
 from engine.fingerprint import check_fingerprint, weights_sha256
 from engine.sparsity import EXACT_ACTS, SparsityConfig, batched_net
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
@@ -69,7 +69,7 @@ def jsonl_texts(path: str, lines) -> list[str]:
         try:
             obj = json.loads(line.removeprefix("\ufeff") if n == 1 else line)  # a BOM, as editors on Windows write
         except JSON_ERRORS as e:
-            raise HotcoldError(f"{path}:{n}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+            raise HotcoldError(f"{path}:{n}: invalid JSON ({error_text(e)})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise HotcoldError(f"{path}:{n}: no \"text\" string field")
         texts.append(obj["text"])

@@ -261,6 +261,9 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
 def cmd_split(args) -> None:
     from engine.loader import load_checkpoint
     from tools.profile import load_counts, profiled_model
+    if args.hot_fraction is not None and (args.predictors or args.predictor_bytes):  # a share of the FFN alone
+        raise HotcoldError("--predictors and --predictor-bytes price a --gpu-budget; --hot-fraction is a share of "
+                           "the FFN bytes alone")
     split_outputs(args.out)  # refused before the profile is read and the split solved
     manifest, counts = load_counts(args.profile)
     ckpt = load_checkpoint(profiled_model(manifest, args.profile, args.model), values=False)
@@ -282,7 +285,7 @@ def cmd_split(args) -> None:
         return
     per_layer = " ".join(str(len(g)) for g in split["gpu_neurons"])
     print(f"GPU neurons per layer: {per_layer}\n"
-          f"FFN on GPU: {split['ffn_gpu_bytes'] / 2**20:.1f} MiB of a {split['ffn_budget_bytes'] / 2**20:.1f} MiB "
+          f"FFN on GPU: {size_text(split['ffn_gpu_bytes'])} of a {size_text(split['ffn_budget_bytes'])} "
           f"FFN budget; expected share of activations served by the GPU: {split['gpu_share_expected']:.1%}\n"
           f"wrote {js} and {gi}")
 
