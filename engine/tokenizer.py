@@ -9,6 +9,7 @@ import codecs
 import json
 import os
 import re
+import time
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -37,6 +38,10 @@ PRE_TOKENIZERS = {
     "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
     "default": lambda: split_then_bytes(*DEFAULT_SPLITS),
 }
+# other names llama.cpp gives these pre-tokenizers (ones it splits text alike with); the llama-bpe family adds BOS
+# where the file does not say
+PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "falcon-h1": "llama-bpe",
+               "pixtral": "llama-bpe", "gpt-2": "gpt2", "phi-2": "gpt2"}
 # names of tokens that end generation besides EOS, as llama.cpp finds them (and its eot/eom keys)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>")
@@ -125,6 +130,7 @@ class Tokenizer:
                 raise HotcoldError(f"{path}: tokenizer.ggml.merges holds {bad!r}, not two tokens and a space")
             merges = [tuple(m.split(" ", 1)) for m in merges]
             pre = meta.get("tokenizer.ggml.pre") or "default"
+            pre = PRE_ALIASES.get(pre, pre)
             if pre not in PRE_TOKENIZERS:
                 import sys
                 print(f"hotcold: note: pre-tokenizer {pre!r} unknown, using llama.cpp's default", file=sys.stderr)
@@ -132,8 +138,7 @@ class Tokenizer:
             tk = HFTokenizer(models.BPE(vocab, merges, ignore_merges=(pre == "llama-bpe")))
             tk.pre_tokenizer = PRE_TOKENIZERS[pre]()
             tk.decoder = decoders.ByteLevel()
-            # A BOS equal to EOS (SmolLM2: both <|im_start|>) is no real BOS; llama.cpp's outputs carry none.
-            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos != eos
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre == "llama-bpe"))
         elif model == "llama":
             scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
             unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
@@ -148,8 +153,12 @@ class Tokenizer:
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:
             raise HotcoldError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, llama)")
-        control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL]
-        user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED]
+        # the end-of-turn tokens are control tokens whatever their type, as llama.cpp makes them: not printed, and
+        # parsed in a text only with special tokens on
+        ends_of_turn = ({i for i, t in enumerate(tokens) if t in END_OF_TURN}
+                        | {v for v in ends.values() if v is not None})
+        control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in ends_of_turn]
+        user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in ends_of_turn]
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
         if model == "gpt2":
             tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
@@ -229,8 +238,13 @@ class Tokenizer:
         def raise_exception(msg):
             raise HotcoldError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        def tojson(x, indent=None, separators=None, sort_keys=False):  # as transformers renders it: no HTML escapes
+            return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # {% break %}, {% continue %}
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+        env.filters["tojson"] = tojson
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = self.tk.id_to_token
         bos = tok(self.bos_id) if self.bos_id is not None else ""

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -531,6 +532,10 @@ def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
         fh.write("[{{ messages[0].content }}]")
     m = load(path, n_ctx=64)
     assert m.tokenizer.apply_chat_template("hi") == "[hi]"
+    with open(os.path.join(path, "chat_template.jinja"), "w") as fh:  # what Llama 3.x and tool templates use
+        fh.write("{% for m in messages %}{{ m | tojson }}{% break %}{% endfor %}|{{ strftime_now('%Y') }}")
+    got = load(path, n_ctx=64).tokenizer.apply_chat_template("hé <b>")
+    assert got == '{"role": "user", "content": "hé <b>"}|' + time.strftime("%Y")  # as transformers renders it
     assert m.tokenize("hi")[0] != m.tokenizer.bos_id  # neither add_bos_token nor a post-processor adding it
     tk = hf_tokenizer()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
@@ -542,6 +547,29 @@ def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out == "" and out.err.strip().splitlines() == [
         "hotcold: error: chat template: TemplateSyntaxError: unexpected '}'"]
+
+
+def test_gpt2_vocabulary_names_and_end_tokens_as_llama_cpp():
+    """llama.cpp's other names of a pre-tokenizer split alike (llama3 is llama-bpe, which adds BOS where the file does
+    not say); an end-of-turn token typed user-defined is made a control token, as llama.cpp makes it: not printed, and
+    parsed only with special tokens on."""
+    from engine.tokenizer import TOKEN_USER_DEFINED, Tokenizer
+    from tiny_model import tiny_vocab
+    vocab, merges = tiny_vocab()
+    tokens = sorted(vocab, key=vocab.get) + ["<|im_end|>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3, 3] + [1] * (len(tokens) - 3) + [TOKEN_USER_DEFINED],
+            "tokenizer.ggml.merges": [" ".join(m) for m in merges], "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.eos_token_id": 1}
+    end = len(tokens) - 1
+    for name, twin in (("llama3", "llama-bpe"), ("falcon3", "llama-bpe"), ("gpt-2", "gpt2")):
+        a, b = (Tokenizer.from_gguf({**meta, "tokenizer.ggml.pre": p}, "x") for p in (name, twin))
+        text = "it's 12345 the  cat!!"
+        assert a.encode(text) == b.encode(text) and a.add_bos == (twin == "llama-bpe")
+    tok = Tokenizer.from_gguf({**meta, "tokenizer.ggml.pre": "gpt2"}, "x")
+    assert tok.encode("the<|im_end|>", add_bos=False)[-1] == end and end in tok.stop_ids
+    assert end not in tok.encode("the<|im_end|>", special=False, add_bos=False)
+    assert tok.decode(tok.encode("the<|im_end|>", add_bos=False)) == "the"
 
 
 def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
