@@ -160,8 +160,10 @@ class Tokenizer:
         control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in ends_of_turn]
         user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in ends_of_turn]
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
+        # user-defined tokens are matched whole in any text, as llama.cpp matches them (with SentencePiece, the text
+        # after one gets its space prefix, as after a control token)
+        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
         if model == "gpt2":
-            tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
             space_prefix = False
         return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix,
                    bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,

@@ -591,6 +591,12 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
     assert eos.encode("The of") == [1, The, of, 2] and eos.encode("The of", add_bos=False) == [The, of]
     stream = spm.stream()
     assert "".join(stream.step(i) for i in [the, of]) + stream.end() == " the of"
+    user = Tokenizer.from_gguf({**meta, "tokenizer.ggml.tokens": pieces + ["<|user|>"],
+                                "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"] + [4],
+                                "tokenizer.ggml.scores": meta["tokenizer.ggml.scores"] + [0.0]}, "spm")
+    u = len(pieces)  # a user-defined token: whole, even without special tokens, and a space before what follows
+    assert user.encode("<|user|>the of", special=False) == [1, u, the, of] == user.encode("<|user|>the of")
+    assert user.decode([1, u, the, of]) == "<|user|> the of"
     from tokenizers import decoders  # the same vocabulary as an HF directory saves it: its decoder strips the space
     spm.tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
