@@ -9,7 +9,7 @@ import codecs
 import json
 import os
 import re
-import time
+from datetime import datetime
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -33,15 +33,16 @@ def split_then_bytes(*patterns: str):
 # tokenizer.ggml.pre -> pre-tokenizer of a byte-level BPE vocabulary, in the order export tries them
 BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 PRE_TOKENIZERS = {
-    "gpt2": lambda: BYTE_LEVEL,
+    "gpt-2": lambda: BYTE_LEVEL,
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), BYTE_LEVEL]),
     "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
     "default": lambda: split_then_bytes(*DEFAULT_SPLITS),
 }
-# other names llama.cpp gives these pre-tokenizers (ones it splits text alike with); the llama-bpe family adds BOS
-# where the file does not say
+# other names llama.cpp gives these pre-tokenizers (ones it splits text alike with; gpt2: what hotcold's exports
+# wrote before, which llama.cpp does not know); the llama-bpe family adds BOS where the file does not say
 PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "falcon-h1": "llama-bpe",
-               "pixtral": "llama-bpe", "gpt-2": "gpt2", "phi-2": "gpt2"}
+               "pixtral": "llama-bpe", "midm-2.0": "llama-bpe", "lfm2": "llama-bpe", "gpt2": "gpt-2",
+               "phi-2": "gpt-2", "gigachat": "gpt-2", "a.x-4.0": "gpt-2", "mellum": "gpt-2", "exaone4": "gpt-2"}
 # names of tokens that end generation besides EOS, as llama.cpp finds them (and its eot/eom keys)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>")
@@ -153,10 +154,9 @@ class Tokenizer:
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:
             raise HotcoldError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, llama)")
-        # the end-of-turn tokens are control tokens whatever their type, as llama.cpp makes them: not printed, and
-        # parsed in a text only with special tokens on
-        ends_of_turn = ({i for i, t in enumerate(tokens) if t in END_OF_TURN}
-                        | {v for v in ends.values() if v is not None})
+        # the end-of-turn tokens found by name are control tokens whatever their type, as llama.cpp makes them: not
+        # printed, and parsed in a text only with special tokens on (those of the eot/eom keys keep their type)
+        ends_of_turn = {i for i, t in enumerate(tokens) if t in END_OF_TURN}
         control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in ends_of_turn]
         user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in ends_of_turn]
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
@@ -240,12 +240,12 @@ class Tokenizer:
         def raise_exception(msg):
             raise HotcoldError(f"chat template: {msg}")
 
-        def tojson(x, indent=None, separators=None, sort_keys=False):  # as transformers renders it: no HTML escapes
-            return json.dumps(x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers': no HTML
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])  # {% break %}, {% continue %}
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         env.filters["tojson"] = tojson
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tok = self.tk.id_to_token
@@ -254,7 +254,7 @@ class Tokenizer:
             text = env.from_string(self.chat_template).render(
                 messages=messages, add_generation_prompt=True, bos_token=bos,
                 eos_token=tok(self.eos_id) if self.eos_id is not None else "")
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # tojson of an undefined value: a TypeError
             raise HotcoldError(f"chat template: {type(e).__name__}: {e}") from None
         # encode adds BOS itself: a template's own (Llama 3, Gemma) would make two, so it goes, as in llama.cpp
         return text[len(bos):] if self.add_bos and bos and text.startswith(bos) else text

@@ -416,6 +416,8 @@ def test_hf_directory_to_gguf(tiny, capsys):
     text = "<s>user: " + TEXT + " 12 cats</s>"
     assert a.tokenize(text) == b.tokenize(text) and b.tokenizer.bos_id == 0 and b.tokenizer.add_bos
     assert b.tokenizer.chat_template == a.tokenizer.chat_template
+    from engine.loader import field_value  # GPT-2's split, under the name llama.cpp knows it by
+    assert field_value(open_gguf(str(tiny["dir"] / "from_hf.gguf")), "tokenizer.ggml.pre") == "gpt-2"
     ids = a.tokenize(text)
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 

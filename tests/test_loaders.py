@@ -536,6 +536,10 @@ def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
         fh.write("{% for m in messages %}{{ m | tojson }}{% break %}{% endfor %}|{{ strftime_now('%Y') }}")
     got = load(path, n_ctx=64).tokenizer.apply_chat_template("hé <b>")
     assert got == '{"role": "user", "content": "hé <b>"}|' + time.strftime("%Y")  # as transformers renders it
+    with open(os.path.join(path, "chat_template.jinja"), "w") as fh:
+        fh.write("{{ nothing | tojson }}")
+    with pytest.raises(HotcoldError, match="chat template: TypeError: Object of type Undefined"):
+        load(path, n_ctx=64).tokenizer.apply_chat_template("hi")
     assert m.tokenize("hi")[0] != m.tokenizer.bos_id  # neither add_bos_token nor a post-processor adding it
     tk = hf_tokenizer()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
@@ -562,10 +566,11 @@ def test_gpt2_vocabulary_names_and_end_tokens_as_llama_cpp():
             "tokenizer.ggml.merges": [" ".join(m) for m in merges], "tokenizer.ggml.bos_token_id": 0,
             "tokenizer.ggml.eos_token_id": 1}
     end = len(tokens) - 1
-    for name, twin in (("llama3", "llama-bpe"), ("falcon3", "llama-bpe"), ("gpt-2", "gpt2")):
+    for name, twin in (("llama3", "llama-bpe"), ("falcon3", "llama-bpe"), ("gpt2", "gpt-2"), ("phi-2", "gpt-2")):
         a, b = (Tokenizer.from_gguf({**meta, "tokenizer.ggml.pre": p}, "x") for p in (name, twin))
         text = "it's 12345 the  cat!!"
         assert a.encode(text) == b.encode(text) and a.add_bos == (twin == "llama-bpe")
+        assert a.tk.pre_tokenizer.__getstate__() == b.tk.pre_tokenizer.__getstate__()
     tok = Tokenizer.from_gguf({**meta, "tokenizer.ggml.pre": "gpt2"}, "x")
     assert tok.encode("the<|im_end|>", add_bos=False)[-1] == end and end in tok.stop_ids
     assert end not in tok.encode("the<|im_end|>", special=False, add_bos=False)

@@ -366,7 +366,7 @@ def cmd_export(args) -> None:
         print(f"hotcold: note: one sparse_threshold cannot carry these thresholds exactly; lowered (recall can only "
               f"rise) in layers {', '.join(moved)}", file=sys.stderr)
     pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else None
-    if pre not in (None, "gpt2"):  # the key came to llama.cpp after PowerInfer's fork (its `default` is GPT-2's)
+    if pre not in (None, "gpt-2", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork (its default: GPT-2's)
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     odd = sorted({r for r in ranks or () if r % 32})
