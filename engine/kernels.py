@@ -132,12 +132,12 @@ def _cache_by_source() -> bool:
         numba.config.CACHE_DIR = cache
         return True
     private = os.path.join(tempfile.gettempdir(), f"hotcold-{os.getuid()}")
+    fallback = os.path.join(private, name)
     if _private_dir(private):
-        _drop_old_caches(private, os.path.join(private, name))
-        if _writable_dir(os.path.join(private, name)):
-            numba.config.CACHE_DIR = os.path.join(private, name)
-            print(f"hotcold: note: kernel cache {cache} cannot be written; using {numba.config.CACHE_DIR}",
-                  file=sys.stderr)
+        _drop_old_caches(private, fallback)
+        if _writable_dir(fallback):
+            numba.config.CACHE_DIR = fallback
+            print(f"hotcold: note: kernel cache {cache} cannot be written; using {fallback}", file=sys.stderr)
             return True
     print(f"hotcold: note: no kernel cache can be written ({cache}): each run compiles the kernels", file=sys.stderr)
     return False
