@@ -186,9 +186,19 @@ class Tokenizer:
             return tk.token_to_id(v) if v else None
 
         bos, eos = token_id("bos_token"), token_id("eos_token")
-        # no add_bos_token: BOS is what the post-processor puts first (Llama 3's TemplateProcessing)
-        add_bos = (bool(tc["add_bos_token"]) if "add_bos_token" in tc
-                   else tk.encode("", add_special_tokens=True).ids[:1] == [bos]) and bos is not None and bos != eos
+        # without add_bos_token/add_eos_token: what the post-processor puts around a text (Llama 3's
+        # TemplateProcessing), as llama.cpp's converter reads it
+        plain = tk.encode("a", add_special_tokens=False).ids
+        framed = tk.encode("a", add_special_tokens=True).ids
+        at = next((k for k in range(len(framed) - len(plain) + 1) if framed[k:k + len(plain)] == plain), 0)
+        before, after = framed[:at], framed[at + len(plain):]
+        add_bos = bool(tc.get("add_bos_token", before == [bos])) and bos is not None
+        add_eos = bool(tc.get("add_eos_token", after == [eos])) and eos is not None
+        # the end-of-turn tokens are control tokens even where added as plain ones, as llama.cpp makes them
+        tk.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                          normalized=t.normalized, special=True)
+                               for t in tk.get_added_tokens_decoder().values()
+                               if t.content in END_OF_TURN and not t.special])
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
         # a SentencePiece decoder strips the space before the text (Strip, or Metaspace's prepend): decode's job
         space_prefix = any(s == {"type": "Strip", "content": " ", "start": 1, "stop": 0} or s.get("type") == "Metaspace"
@@ -199,8 +209,7 @@ class Tokenizer:
             "eos_token_id")
         ends = {i for i in (ends if isinstance(ends, list) else [ends])
                 if isinstance(i, int) and 0 <= i < tk.get_vocab_size(with_added_tokens=True)}
-        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix,
-                   bool(tc.get("add_eos_token", False)) and eos is not None, ends)
+        return cls(tk, bos, eos, add_bos, hf_chat_template(path, tc), special, space_prefix, add_eos, ends)
 
     # --- use ----------------------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:

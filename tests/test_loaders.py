@@ -653,6 +653,40 @@ def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path)
     assert byte[7] in hf.stop_ids and hf.decode(ri[:2] + ri + [a]) == "\ufffd日 a"
 
 
+def test_hf_directory_frames_and_ends_as_llama_cpp_reads_it(tmp_path):
+    """An HF directory without add_bos_token/add_eos_token adds what its post-processor puts around a text (a BOS
+    equal to EOS too, and an EOS after the text is not taken for a BOS); the keys win over the post-processor; an
+    end-of-turn token added as a plain one is a control token, as llama.cpp makes it: not printed, parsed only with
+    special tokens."""
+    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers, processors
+    from engine.tokenizer import Tokenizer
+    from tiny_model import tiny_vocab
+    vocab, merges = tiny_vocab()  # <s> 0, </s> 1
+    a = vocab["a"]
+
+    def load(template, bos, eos, **keys):
+        tk = HF(models.BPE(vocab, merges))
+        tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
+        tk.add_tokens([AddedToken("<|im_end|>", special=False, normalized=False)])
+        if template:
+            tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
+        tk.save(str(tmp_path / "tokenizer.json"))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos, **keys}))
+        return Tokenizer.from_hf_dir(str(tmp_path))
+
+    assert load("<s> $A </s>", "<s>", "</s>").encode("a") == [0, a, 1]
+    assert load("<s> $A", "<s>", "<s>").encode("a") == [0, a]  # BOS equal to EOS: still added
+    assert load("$A </s>", "</s>", "</s>").encode("a") == [a, 1]  # not a BOS
+    assert load(None, "<s>", "</s>").encode("a") == [a]
+    assert load("<s> $A </s>", "<s>", "</s>", add_bos_token=False, add_eos_token=False).encode("a") == [a]
+    tok = load(None, "<s>", "<s>", add_bos_token=True)
+    end = len(vocab)  # <|im_end|>
+    assert tok.encode("a") == [0, a] and end in tok.special_ids and end in tok.stop_ids
+    assert tok.encode("a<|im_end|>") == [0, a, end] and end not in tok.encode("a<|im_end|>", special=False)
+    assert tok.decode([a, end]) == "a"
+
+
 def _fields(reader):
     """Every header field as gguf-py describes it: offset, name, types, data indices, parts' bytes, contents."""
     return [(f.offset, f.name, f.types, f.data, [(p.dtype, p.shape, p.tobytes()) for p in f.parts], f.contents())
