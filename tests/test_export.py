@@ -18,7 +18,7 @@ from engine.loader import load_checkpoint, open_gguf
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
 from predictors.model import Predictor
-from tiny_model import DIGIT_LIMIT, one_thread, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
+from tiny_model import DIGIT_LIMIT, one_thread, rewrite_gguf, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
 from tools.cli import main
 from tools.export import inspect_file
 from tools.split import plan, write_split
@@ -334,40 +334,13 @@ def test_drelu_exports_as_bamboo(tiny, capsys):
     assert float((a.logits(ids) - b.logits(ids)).norm() / a.logits(ids).norm()) < 0.01
 
 
-def rewrite_powerinfer(src: str, dst: str, keys: dict | None = None, fc_f32: bool = False, drop: str = "") -> str:
-    """A copy of the PowerInfer file src with some keys replaced (strings), its fc1/fc2 stored as F32, or a tensor
-    dropped."""
-    from gguf import GGUFWriter
-    r, keys = open_gguf(src), keys or {}
-    wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
-    for k, f in r.fields.items():
-        if k in keys:
-            wr.add_string(k, keys[k])
-        elif not k.startswith(("GGUF.", "general.architecture")):
-            wr.add_key_value(k, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        a = np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
-        if t.name == drop:
-            continue
-        if fc_f32 and ".fc" in t.name:
-            wr.add_tensor(t.name, a.astype(np.float32))
-        else:
-            wr.add_tensor(t.name, a, raw_dtype=t.tensor_type)
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
-    with open(dst, "r+b") as fh:
-        fh.write(b"PWRI")
-    return dst
-
-
 def test_float32_predictors_of_a_powerinfer_file(tiny, capsys):
     """PowerInfer's own converter may store fc1/fc2 as F32: they load as the same predictors, without a warning."""
     import warnings
     out = str(tiny["dir"] / "f32fc")
     assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
-    rewrite_powerinfer(out + ".powerinfer.gguf", out + ".f32.gguf", fc_f32=True)
+    rewrite_gguf(out + ".powerinfer.gguf", out + ".f32.gguf",
+                 tensor=lambda name, a: a.astype(np.float32) if ".fc" in name else a)
     assert {t.name: t.tensor_type.name for t in open_gguf(out + ".f32.gguf").tensors}[blk(0, "fc1")] == "F32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -384,18 +357,19 @@ def test_bad_predictor_metadata_of_a_powerinfer_file(tiny, capsys):
     from engine.loader import KEY_BUNDLE_MANIFEST, KEY_SPARSE_THRESHOLD
     out = str(tiny["dir"] / "badmeta")
     assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out)[0] == 0
-    for name, keys, why in (("list", {KEY_BUNDLE_MANIFEST: "[1, 2]"}, f"{KEY_BUNDLE_MANIFEST} is not a JSON object"),
-                            ("layers", {KEY_BUNDLE_MANIFEST: '{"layers": 5}'},
-                             f"{KEY_BUNDLE_MANIFEST}: not a predictor bundle manifest"),
-                            *[("big", {KEY_BUNDLE_MANIFEST: "1" * 5000}, f"{KEY_BUNDLE_MANIFEST} is not JSON")] *
-                            DIGIT_LIMIT,
-                            ("thr", {KEY_SPARSE_THRESHOLD: "abc"}, f"{KEY_SPARSE_THRESHOLD} is 'abc', not a finite")):
-        path = rewrite_powerinfer(out + ".powerinfer.gguf", f"{out}_{name}.powerinfer.gguf", keys)
+    man, thr = KEY_BUNDLE_MANIFEST, KEY_SPARSE_THRESHOLD
+    for name, value, why in (("list", {man: "[1, 2]"}, f"{man} is not a JSON object"),
+                             ("layers", {man: '{"layers": 5}'}, f"{man}: not a predictor bundle manifest"),
+                             *[("big", {man: "1" * 5000}, f"{man} is not JSON")] * DIGIT_LIMIT,
+                             ("thr", {thr: "abc"}, f"{thr} is 'abc', not a finite")):
+        keys = {k: (v, GGUFValueType.STRING) for k, v in value.items()}
+        path = rewrite_gguf(out + ".powerinfer.gguf", f"{out}_{name}.powerinfer.gguf", keys)
         assert main(["tokenize", "-m", path, "hi"]) == 2
         assert capsys.readouterr().err.startswith(f"hotcold: error: {path}: {why}")
         assert main(["inspect", path, "--json"]) == 0
         assert why in json.loads(capsys.readouterr().out)["loads"]
-    path = rewrite_powerinfer(out + ".powerinfer.gguf", f"{out}_drop.powerinfer.gguf", drop="blk.1.ffn_down_t.weight")
+    path = rewrite_gguf(out + ".powerinfer.gguf", f"{out}_drop.powerinfer.gguf",
+                        tensor=lambda n, a: None if n == "blk.1.ffn_down_t.weight" else a)
     assert main(["tokenize", "-m", path, "hi"]) == 2  # named as this file would hold it
     assert capsys.readouterr().err == f"hotcold: error: {path}: missing tensor blk.1.ffn_down_t.weight\n"
 

@@ -13,7 +13,7 @@ from gguf import GGUFWriter
 
 from engine.api import load
 from engine.config import HotcoldError
-from tiny_model import DIGIT_LIMIT, tiny_config, tiny_weights, write_gguf, write_hf
+from tiny_model import DIGIT_LIMIT, rewrite_gguf, tiny_config, tiny_weights, write_gguf, write_hf
 from tools.cli import main
 
 TEXT = "hello there, the cat in a hat sat on the mat"
@@ -161,29 +161,10 @@ def test_bad_tokenizer_and_embedded_predictors_are_one_line(tmp_path, capsys):
              (KEY_BUNDLE_TENSORS, ("AAAA", VT.STRING), f"{KEY_BUNDLE_MANIFEST}: not a predictor bundle manifest")]
     for i, (key, value, *words) in enumerate(cases):
         extra = {KEY_BUNDLE_MANIFEST: ("{}", VT.STRING)} if key == KEY_BUNDLE_TENSORS else {}
-        bad = with_keys(good, str(tmp_path / f"bad{i}.gguf"), {key: value, **extra})
+        bad = rewrite_gguf(good, str(tmp_path / f"bad{i}.gguf"), {key: value, **extra})
         code, err = run_cli(capsys, "tokenize", "-m", bad, "hi")
         assert_one_line(code, err, f"bad{i}.gguf", *words)
         assert "/tmp" not in err.replace(str(tmp_path), ""), err
-
-
-def with_keys(src: str, dst: str, keys: dict) -> str:
-    """A copy of GGUF file `src` with metadata keys replaced or added: {name: (value, GGUFValueType)}; None drops
-    the key."""
-    from gguf import GGUFReader, GGUFValueType
-    r = GGUFReader(src)
-    wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
-    for name, f in r.fields.items():
-        if not name.startswith("GGUF.") and name != "general.architecture" and keys.get(name, ()) is not None:
-            value, vtype = keys.get(name, (f.contents(), f.types[0]))
-            wr.add_key_value(name, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
-    for name, kv in keys.items():
-        if name not in r.fields and kv is not None:
-            wr.add_key_value(name, *kv)
-    for t in r.tensors:
-        wr.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
-    return dst
 
 
 def test_block_count_must_match_the_layers(tmp_path, capsys):
@@ -196,7 +177,7 @@ def test_block_count_must_match_the_layers(tmp_path, capsys):
     assert_one_line(*run_cli(capsys, "tokenize", "-m", fewer, "hi"), "fewer.gguf", "blk.1.attn_norm.weight", "past")
     good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
     for n, word in ((3, "blk.2.attn_norm.weight"), (10**9, "blk.999999999.attn_norm.weight")):
-        bad = with_keys(good, str(tmp_path / f"blocks{n}.gguf"), {"llama.block_count": (n, GGUFValueType.UINT32)})
+        bad = rewrite_gguf(good, str(tmp_path / f"blocks{n}.gguf"), {"llama.block_count": (n, GGUFValueType.UINT32)})
         assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"blocks{n}.gguf", "missing tensor", word)
 
 
@@ -216,13 +197,13 @@ def test_bad_metadata_values_are_refused(tmp_path, capsys):
              ("attention.layer_norm_rms_epsilon", float("nan"), VT.FLOAT32, "finite"),
              ("rope.freq_base", "big", VT.STRING, "finite number")]
     for i, (key, value, vtype, words) in enumerate(cases):
-        bad = with_keys(good, str(tmp_path / f"bad{i}.gguf"), {f"llama.{key}": (value, vtype)})
+        bad = rewrite_gguf(good, str(tmp_path / f"bad{i}.gguf"), {f"llama.{key}": (value, vtype)})
         assert_one_line(*run_cli(capsys, "generate", "-m", bad, "-p", "hi", "-n", "1"), f"bad{i}.gguf", f"llama.{key} ",
                         words)
     for key in ("context_length", "attention.layer_norm_rms_epsilon"):  # llama.cpp requires them; no guessing
-        bad = with_keys(good, str(tmp_path / "nokey.gguf"), {f"llama.{key}": None})
+        bad = rewrite_gguf(good, str(tmp_path / "nokey.gguf"), {f"llama.{key}": None})
         assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"missing metadata key llama.{key}")
-    bad = with_keys(good, str(tmp_path / "thr.gguf"), {"hotcold.ffn_act_threshold": (float("inf"), VT.FLOAT32)})
+    bad = rewrite_gguf(good, str(tmp_path / "thr.gguf"), {"hotcold.ffn_act_threshold": (float("inf"), VT.FLOAT32)})
     assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), "thr.gguf", "hotcold.ffn_act_threshold", "finite")
 
 
@@ -748,9 +729,9 @@ def test_rope_scaling_is_read_from_gguf_and_hf_and_exported(tmp_path, capsys):
     plain = write_gguf(str(tmp_path / "plain.gguf"), c, w)
     freqs = np.linspace(1.0, 8.0, c.head_dim // 2).astype(np.float32)
     llama31 = write_gguf(str(tmp_path / "llama31.gguf"), c, {**w, "rope_freqs.weight": freqs})
-    linear = with_keys(plain, str(tmp_path / "linear.gguf"), {"llama.rope.scaling.type": ("linear", VT.STRING),
+    linear = rewrite_gguf(plain, str(tmp_path / "linear.gguf"), {"llama.rope.scaling.type": ("linear", VT.STRING),
                                                                "llama.rope.scaling.factor": (4.0, VT.FLOAT32)})
-    unscaled = with_keys(linear, str(tmp_path / "none.gguf"), {"llama.rope.scaling.type": ("none", VT.STRING)})
+    unscaled = rewrite_gguf(linear, str(tmp_path / "none.gguf"), {"llama.rope.scaling.type": ("none", VT.STRING)})
     assert load_checkpoint(llama31).config.rope_freqs == tuple(freqs.tolist())
     assert load_checkpoint(linear).config.rope_scale == 4.0 and load_checkpoint(unscaled).config.rope_scale == 1.0
     ids = list(range(2, 40))
@@ -794,13 +775,13 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path, capsys):
     for key, value, words in (("expert_count", 4, "no mixture of experts"),
                               ("rope.dimension_count", 8, "heads of 16 dimensions"),
                               ("attention.key_length", 32, "heads of 16 dimensions")):
-        bad = with_keys(good, str(tmp_path / "bad.gguf"), {f"llama.{key}": (value, VT.UINT32)})
+        bad = rewrite_gguf(good, str(tmp_path / "bad.gguf"), {f"llama.{key}": (value, VT.UINT32)})
         assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), f"llama.{key} is {value}", words)
-    bad = with_keys(good, str(tmp_path / "yarn.gguf"), {"llama.rope.scaling.type": ("yarn", VT.STRING)})
+    bad = rewrite_gguf(good, str(tmp_path / "yarn.gguf"), {"llama.rope.scaling.type": ("yarn", VT.STRING)})
     assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"), "llama.rope.scaling.type is 'yarn'")
     from engine.loader import open_gguf
     tokens = list(open_gguf(good).fields["tokenizer.ggml.tokens"].contents())
-    bad = with_keys(good, str(tmp_path / "short.gguf"), {"tokenizer.ggml.tokens": (tokens[:-3], VT.ARRAY)})
+    bad = rewrite_gguf(good, str(tmp_path / "short.gguf"), {"tokenizer.ggml.tokens": (tokens[:-3], VT.ARRAY)})
     assert_one_line(*run_cli(capsys, "tokenize", "-m", bad, "hi"),
                     f"tokenizer.ggml.tokens holds {len(tokens) - 3} tokens, the model's vocabulary {c.n_vocab}")
     # Hugging Face: an attention bias (Qwen-style), another rope scaling, another head size

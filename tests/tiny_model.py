@@ -117,6 +117,33 @@ def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
     return path
 
 
+def rewrite_gguf(src: str, dst: str, keys: dict | None = None, tensor=None) -> str:
+    """A copy of GGUF file src (a PowerInfer file's magic kept) with metadata keys replaced or added, {name: (value,
+    GGUFValueType)}, None dropping a key; tensor(name, array), where given, returns the array kept, None (dropped) or
+    a new array (written as its dtype: float32 as F32)."""
+    from gguf import GGUFValueType
+    from engine.loader import open_gguf
+    r, keys = open_gguf(src), keys or {}
+    wr = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture" and keys.get(name, ()) is not None:
+            value, vtype = keys.get(name, (f.contents(), f.types[0]))
+            wr.add_key_value(name, value, vtype, f.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for name, kv in keys.items():
+        if name not in r.fields and kv is not None:
+            wr.add_key_value(name, *kv)
+    for t in r.tensors:
+        new = tensor(t.name, t.data) if tensor else t.data
+        if new is t.data:
+            wr.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+        elif new is not None:
+            wr.add_tensor(t.name, new)
+    wr.write_header_to_file(), wr.write_kv_data_to_file(), wr.write_tensors_to_file(), wr.close()
+    with open(src, "rb") as fh, open(dst, "r+b") as out:
+        out.write(fh.read(4))
+    return dst
+
+
 def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = QT.F32,
                arch: str = "llama", drop: str | None = None, reshape: str | None = None) -> str:
     """The same model as GGUF; 2-D weights stored as `qtype`. `drop`/`reshape` break one tensor for error tests."""
