@@ -45,8 +45,19 @@ PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama
                "phi-2": "gpt-2", "gigachat": "gpt-2", "a.x-4.0": "gpt-2", "mellum": "gpt-2", "exaone4": "gpt-2"}
 # names of tokens that end generation besides EOS, as llama.cpp finds them (and its eot/eom keys)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-               "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>")
+               "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>", "<|return|>",
+               "<|call|>")
 END_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+# fill-in-the-middle tokens as llama.cpp finds them by name: the pad, repository and file-separator ones (and those of
+# their keys) end generation too; all are control tokens
+FIM_ENDS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+            "<reponame>", "<|file_sep|>")
+FIM_MARKS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>",
+             "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>",
+             "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>")
+FIM_END_KEYS = ("tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id")
+END_NAMES = END_OF_TURN + FIM_ENDS
+CONTROL_NAMES = END_NAMES + FIM_MARKS
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
 
 
@@ -97,7 +108,7 @@ class Tokenizer:
         self.space_prefix = space_prefix
         self.chat_template = chat_template
         vocab = tk.get_vocab()
-        self.stop_ids = ({i for i in [eos_id] if i is not None} | {vocab[t] for t in END_OF_TURN if t in vocab}
+        self.stop_ids = ({i for i in [eos_id] if i is not None} | {vocab[t] for t in END_NAMES if t in vocab}
                          | set(end_ids))
         self.special_ids = special_ids
         self.pieces: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
@@ -117,7 +128,7 @@ class Tokenizer:
         types = list(meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens))
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        ends = {key: meta.get(key) for key in END_KEYS}
+        ends = {key: meta.get(key) for key in END_KEYS + FIM_END_KEYS}
         for key, v in [("tokenizer.ggml.bos_token_id", bos), ("tokenizer.ggml.eos_token_id", eos), *ends.items()]:
             if v is not None and not 0 <= v < len(tokens):
                 raise HotcoldError(f"{path}: {key} {v} is outside the vocabulary of {len(tokens)}")
@@ -154,11 +165,11 @@ class Tokenizer:
             add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
         else:
             raise HotcoldError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, llama)")
-        # the end-of-turn tokens found by name are control tokens whatever their type, as llama.cpp makes them: not
-        # printed, and parsed in a text only with special tokens on (those of the eot/eom keys keep their type)
-        ends_of_turn = {i for i, t in enumerate(tokens) if t in END_OF_TURN}
-        control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in ends_of_turn]
-        user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in ends_of_turn]
+        # the end-of-turn and FIM tokens found by name are control tokens whatever their type, as llama.cpp makes
+        # them: not printed, and parsed in a text only with special tokens on (those of the keys keep their type)
+        named = {i for i, t in enumerate(tokens) if t in CONTROL_NAMES}
+        control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in named]
+        user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in named]
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
         # user-defined tokens are matched whole in any text, as llama.cpp matches them (with SentencePiece, the text
         # after one gets its space prefix, as after a control token)
@@ -194,11 +205,11 @@ class Tokenizer:
         before, after = framed[:at], framed[at + len(plain):]
         add_bos = bool(tc.get("add_bos_token", before == [bos])) and bos is not None
         add_eos = bool(tc.get("add_eos_token", after == [eos])) and eos is not None
-        # the end-of-turn tokens are control tokens even where added as plain ones, as llama.cpp makes them
+        # the end-of-turn and FIM tokens are control tokens even where added as plain ones, as llama.cpp makes them
         tk.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
                                           normalized=t.normalized, special=True)
                                for t in tk.get_added_tokens_decoder().values()
-                               if t.content in END_OF_TURN and not t.special])
+                               if t.content in CONTROL_NAMES and not t.special])
         special = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
         # a SentencePiece decoder strips the space before the text (Strip, or Metaspace's prepend): decode's job
         space_prefix = any(s == {"type": "Strip", "content": " ", "start": 1, "stop": 0} or s.get("type") == "Metaspace"

@@ -600,14 +600,15 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
 
 def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path):
     """Byte tokens give their bytes (valid UTF-8 runs survive beside invalid ones, as llama.cpp prints them); the
-    stream never raises and its steps join to the decoded text; eot/eom ids and end-of-generation names stop."""
+    stream never raises and its steps join to the decoded text; eot/eom ids and end-of-generation names stop, FIM
+    ones too (pad, repository, file separator: by name or key), and all named ones are control tokens."""
     import random
 
     from engine.tokenizer import Tokenizer
-    words = ["▁", "a", "b", "▁a", "<|eom_id|>", "<|end_of_text|>", "<|eot_id|>"]
+    words = ["▁", "a", "b", "▁a", "<|fim_pad|>", "<|fim_prefix|>", "<|eom_id|>", "<|end_of_text|>", "<|eot_id|>"]
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + words
     meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
-            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * 4 + [3] * 3,
+            "tokenizer.ggml.token_type": [2, 3, 3] + [6] * 256 + [1] * 6 + [3] * 3,
             "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
     tok = Tokenizer.from_gguf(meta, "spm")
     byte = {b: 3 + b for b in range(256)}
@@ -620,11 +621,13 @@ def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path)
         ids = [rng.choice([rng.randrange(len(pieces)), *ri, rng.randrange(3 + 0xC0, 3 + 0xF5)]) for _ in range(8)]
         stream = tok.stream()
         assert "".join(map(stream.step, ids)) + stream.end() == tok.decode(ids, continuation=True)
-    eom, eot, end = (pieces.index(t) for t in ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>"))
-    assert tok.stop_ids == {2, eom, eot, end}
-    keyed = Tokenizer.from_gguf({**meta, "tokenizer.ggml.eot_token_id": byte[0], "tokenizer.ggml.eom_token_id": a},
-                                "spm")
-    assert {byte[0], a} < keyed.stop_ids
+    eom, eot, end, pad, pre = (pieces.index(t) for t in ("<|eom_id|>", "<|eot_id|>", "<|end_of_text|>", "<|fim_pad|>",
+                                                          "<|fim_prefix|>"))
+    assert tok.stop_ids == {2, eom, eot, end, pad} and {pad, pre} < tok.special_ids
+    assert tok.decode([a, pad, pre]) == "a" and tok.encode("<|fim_prefix|>a", special=False)[1] != pre
+    keyed = Tokenizer.from_gguf({**meta, "tokenizer.ggml.eot_token_id": byte[0], "tokenizer.ggml.eom_token_id": a,
+                                 "tokenizer.ggml.fim_sep_token_id": byte[1]}, "spm")
+    assert {byte[0], a, byte[1]} < keyed.stop_ids
     with pytest.raises(HotcoldError, match="spm: tokenizer.ggml.eom_token_id 999 is outside the vocabulary"):
         Tokenizer.from_gguf({**meta, "tokenizer.ggml.eom_token_id": 999}, "spm")
     tok.tk.save(str(tmp_path / "tokenizer.json"))
@@ -637,8 +640,8 @@ def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path)
 def test_hf_directory_frames_and_ends_as_llama_cpp_reads_it(tmp_path):
     """An HF directory without add_bos_token/add_eos_token adds what its post-processor puts around a text (a BOS
     equal to EOS too, and an EOS after the text is not taken for a BOS); the keys win over the post-processor; an
-    end-of-turn token added as a plain one is a control token, as llama.cpp makes it: not printed, parsed only with
-    special tokens."""
+    end-of-turn (or FIM) token added as a plain one is a control token, as llama.cpp makes it: not printed, parsed
+    only with special tokens."""
     from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers, processors
     from engine.tokenizer import Tokenizer
     from tiny_model import tiny_vocab
@@ -649,7 +652,7 @@ def test_hf_directory_frames_and_ends_as_llama_cpp_reads_it(tmp_path):
         tk = HF(models.BPE(vocab, merges))
         tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "</s>")])
-        tk.add_tokens([AddedToken("<|im_end|>", special=False, normalized=False)])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<|im_end|>", "<|file_sep|>")])
         if template:
             tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 0), ("</s>", 1)])
         tk.save(str(tmp_path / "tokenizer.json"))
@@ -662,8 +665,8 @@ def test_hf_directory_frames_and_ends_as_llama_cpp_reads_it(tmp_path):
     assert load(None, "<s>", "</s>").encode("a") == [a]
     assert load("<s> $A </s>", "<s>", "</s>", add_bos_token=False, add_eos_token=False).encode("a") == [a]
     tok = load(None, "<s>", "<s>", add_bos_token=True)
-    end = len(vocab)  # <|im_end|>
-    assert tok.encode("a") == [0, a] and end in tok.special_ids and end in tok.stop_ids
+    end, sep = len(vocab), len(vocab) + 1  # <|im_end|>, <|file_sep|>
+    assert tok.encode("a") == [0, a] and {end, sep} <= tok.special_ids & tok.stop_ids
     assert tok.encode("a<|im_end|>") == [0, a, end] and end not in tok.encode("a<|im_end|>", special=False)
     assert tok.decode([a, end]) == "a"
 

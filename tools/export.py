@@ -35,7 +35,7 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
                            load_checkpoint, open_gguf, resolve)
 from engine.qtensor import QTensor
-from engine.tokenizer import (END_KEYS, END_OF_TURN, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
+from engine.tokenizer import (END_KEYS, END_NAMES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
                               TOKEN_USER_DEFINED, Tokenizer)
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
@@ -186,8 +186,8 @@ def hf_tokenizer_keys(ckpt: Checkpoint) -> dict:
             "tokenizer.ggml.add_bos_token": bool(tok.add_bos), "tokenizer.ggml.add_eos_token": bool(tok.add_eos)}
     keys.update({k: v for k, v in (("tokenizer.ggml.bos_token_id", tok.bos_id), ("tokenizer.ggml.eos_token_id",
                  tok.eos_id), ("tokenizer.chat_template", tok.chat_template)) if v is not None})
-    # generation_config.json's other end tokens: llama.cpp finds those of END_OF_TURN's names itself
-    ends = sorted(tok.stop_ids - {tok.eos_id} - {vocab[t] for t in END_OF_TURN if t in vocab})
+    # generation_config.json's other end tokens: llama.cpp finds those of END_NAMES itself
+    ends = sorted(tok.stop_ids - {tok.eos_id} - {vocab[t] for t in END_NAMES if t in vocab})
     keys.update(zip(END_KEYS, ends))
     if len(ends) > len(END_KEYS):
         print(f"hotcold: note: {where}: tokens {ends[len(END_KEYS):]} end generation there, not in the GGUF (it has "
