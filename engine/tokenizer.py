@@ -255,7 +255,15 @@ class Tokenizer:
         if not self.chat_template:
             raise HotcoldError("this model has no chat template (tokenizer.chat_template)")
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(jinja2.ext.Extension):  # transformers' {% generation %} marks a reply for training: as is
+            tags = {"generation"}
+
+            def parse(self, parser):
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
         def raise_exception(msg):
             raise HotcoldError(f"chat template: {msg}")
@@ -264,7 +272,7 @@ class Tokenizer:
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])  # {% break %}, {% continue %}
+                                            extensions=["jinja2.ext.loopcontrols", Generation])  # {% break %}
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         env.filters["tojson"] = tojson
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -494,7 +494,8 @@ def test_hf_generate_and_chat_template(tmp_path):
 
 def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
     """A list of named templates (the one named default), chat_template.jinja beside tokenizer_config.json, and BOS
-    from the post-processor when tokenizer_config.json does not say; a broken template is one line."""
+    from the post-processor when tokenizer_config.json does not say; transformers' additions (tojson, strftime_now,
+    loop controls, {% generation %}); a broken template is one line."""
     from tokenizers import processors
     from tiny_model import hf_tokenizer
     c = tiny_config("relu")
@@ -514,9 +515,10 @@ def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):
     m = load(path, n_ctx=64)
     assert m.tokenizer.apply_chat_template("hi") == "[hi]"
     with open(os.path.join(path, "chat_template.jinja"), "w") as fh:  # what Llama 3.x and tool templates use
-        fh.write("{% for m in messages %}{{ m | tojson }}{% break %}{% endfor %}|{{ strftime_now('%Y') }}")
+        fh.write("{% for m in messages %}{{ m | tojson }}{% break %}{% endfor %}|{{ strftime_now('%Y') }}"
+                 "{% generation %}{{ '!' }}{% endgeneration %}")
     got = load(path, n_ctx=64).tokenizer.apply_chat_template("hé <b>")
-    assert got == '{"role": "user", "content": "hé <b>"}|' + time.strftime("%Y")  # as transformers renders it
+    assert got == '{"role": "user", "content": "hé <b>"}|' + time.strftime("%Y") + "!"  # as transformers renders it
     with open(os.path.join(path, "chat_template.jinja"), "w") as fh:
         fh.write("{{ nothing | tojson }}")
     with pytest.raises(HotcoldError, match="chat template: TypeError: Object of type Undefined"):
