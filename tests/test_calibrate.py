@@ -133,7 +133,9 @@ def test_ppl_bound_is_met_on_heldout_text(tiny, tmp_path, method):
     assert again.perplexity(heldout, CTX)["sparsity"] == pytest.approx(res["sparsity"], abs=1e-9)
 
 
-def test_generate_with_sparsity_on_both_backends(tiny, tmp_path):
+def test_generate_with_sparsity_on_both_backends(tiny, tmp_path, capsys):
+    """The same tokens from both backends under a sparsity config; generate's text and bench report the measured
+    sparsity."""
     model = load(tiny[0]["silu", 0], n_ctx=64, threads=1, backend="torch")
     path = str(tmp_path / "s.json")
     SparsityConfig([0.05, 0.05], model.fingerprint, "manual").save(path)
@@ -145,6 +147,13 @@ def test_generate_with_sparsity_on_both_backends(tiny, tmp_path):
         assert 0.2 < out.stats["sparsity"] < 0.9
         outs.append(out.token_ids)
     assert outs[0] == outs[1]  # the kernel decode skips the same neurons as the torch path zeroes
+    assert main(["generate", "-m", tiny[0]["silu", 0], "-p", "the cat", "-n", "4", "--sparsity", path, "-t", "1"]) == 0
+    assert " | FFN sparsity " in capsys.readouterr().err
+    assert main(["bench", "-m", tiny[0]["silu", 0], "-n", "4", "--prompt-tokens", "4", "--sparsity", path, "-t", "1",
+                 "--json"]) == 0
+    from tools.bench import format_bench
+    res = json.loads(capsys.readouterr().out)
+    assert 0.2 < res["sparsity"] < 0.9 and f"FFN sparsity {res['sparsity']:.1%}" in format_bench(res)
 
 
 def test_bad_configs_are_refused(tiny, tmp_path):

@@ -311,12 +311,18 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors
     assert "--hot-device goes with --predictors" in capsys.readouterr().err
     # plain bench with predictors: their statistics beside the speed, and the first token timed with them too, in a
-    # new process that reads the paths as given here (relative ones too)
+    # new process that reads the paths as given here (relative ones too); the speed is timed without the audit, whose
+    # true active sets are computed in one more run alone
+    from engine.sparsity import KernelSelector
+    truths = []
+    monkeypatch.setattr(KernelSelector, "__call__", lambda self, i, x, xn, f=KernelSelector.__call__: truths.append(i)
+                        or f(self, i, x, xn))
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "-m", os.path.basename(path), "--predictors", "bundle", "--audit-recall", "-n", "4",
                  "--prompt-tokens", "8", "-t", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     p = res["predictors"]
+    assert len(truths) == len(p["per_layer"]) * p["tokens"] and p["tokens"] > 0  # as generate's statistics
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
     assert res["ttft_s"] > 0 and 0 < res["model_rss_bytes"] <= res["run_rss_bytes"]
     assert "MB after decoding" in format_bench(res) and p["hot_device"] is None

@@ -197,13 +197,22 @@ def run_bench(args) -> dict:
     from tools.cli import load_model
     import engine.cpu  # noqa: F401  (numba and torch imported before the baseline: loading a model with predictors
     import torch  # noqa: F401           or a sparsity config imports torch, and its libraries are not the model's)
-    rss0 = rss_bytes()
+    import numba
+    numba.njit(lambda: 0)()  # numba's compiler (50 MB) started before the baseline too: a sparsity config's load
+    rss0 = rss_bytes()  # runs a kernel, and the model's memory would count it
     t0 = time.perf_counter()
     model = load_model(args, n_ctx=args.prompt_tokens + args.n + 16)
     load_s = time.perf_counter() - t0
     model_rss = rss_bytes() - rss0
     ids = prompt_ids(model, args.prompt_tokens)
+    rt = model.runtime
+    audit = None if rt is None else rt.audit
+    if audit is not None:  # the speed is timed without the audit's extra pass; an audited run gives its statistics
+        rt.audit = None
     stats = decode_speed(model, ids, args.n)
+    if audit is not None:
+        rt.audit = audit
+        audited = model.generate(ids, args.n, ignore_stop=True).stats
     run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     bpt = model.decode_bytes_per_token()
     skipped = stats.get("predicted_sparsity", stats.get("sparsity"))  # the FFN share the decode steps skipped
@@ -220,10 +229,13 @@ def run_bench(args) -> dict:
            "model_rss_bytes": model_rss, "run_rss_bytes": run_rss,
            "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
-    if model.runtime is not None:  # the predictors' statistics over the decoded tokens (audited: recall too)
+    if model.sparsity is not None:  # the measured share of FFN neurons the sparsity config skipped
+        res["sparsity"] = stats["sparsity"]
+    if rt is not None:  # the predictors' statistics over the decoded tokens (audited: recall too), as generate's
         from engine.config import AUDIT_KEYS
-        keys = ("predicted_sparsity", "gpu_share", "hot_device") + AUDIT_KEYS
-        res["predictors"] = {k: stats[k] for k in keys if k in stats}
+        keys = ("tokens", "predicted_sparsity", "gpu_share", "hot_device") + AUDIT_KEYS + ("per_layer",)
+        ps = audited if audit is not None else stats
+        res["predictors"] = {k: ps[k] for k in keys if k in ps}
     if getattr(args, "compare", False):
         res["compare"] = compare(model, args, ids)
     return res
@@ -274,7 +286,8 @@ def format_bench(r: dict) -> str:
     lines = [f"model: {r['model']}  backend: {r['backend']}  threads: {r['threads']}  KV cache: {r['kv_cache']}",
              f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f} tok/s",
              f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f} tok/s, "
-             f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)",
+             f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)"
+             + (f", FFN sparsity {r['sparsity']:.1%}" if r.get("sparsity") is not None else ""),
              f"load: {r['load_s']:.2f} s, resident memory of the model: {r['model_rss_bytes'] / 1e6:.1f} MB"
              + (f" (GGUF file {r['file_bytes'] / 1e6:.1f} MB, {r['model_rss_bytes'] / r['file_bytes']:.2f}x)"
                 if r.get("file_bytes") else "") + f"; {r['run_rss_bytes'] / 1e6:.1f} MB after decoding (with the "

@@ -204,7 +204,8 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()  # before the statistics on stderr
         rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f}"
         print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
-              f"decode: {s['generated_tokens']} tokens, {rate} tok/s", file=sys.stderr)
+              f"decode: {s['generated_tokens']} tokens, {rate} tok/s"
+              + (f" | FFN sparsity {s['sparsity']:.1%}" if s.get("sparsity") is not None else ""), file=sys.stderr)
         if "predicted_sparsity" in s:
             print(format_runtime_stats(s), file=sys.stderr)
     if out.stats["stop"] == "context":
@@ -225,7 +226,7 @@ def format_runtime_stats(s: dict) -> str:
     dev = s.get("hot_device") or "cuda"
     hot = "the GPU" if dev.startswith("cuda") else f"the hot device ({dev}, in torch)"
     lines.append(f"FFN neurons computed on {hot}: {s['gpu_share']:.1%}, on the CPU kernels: {1 - s['gpu_share']:.1%} "
-                 f"({s['tokens']} tokens through decode steps, a short prompt's included)")
+                 f"({s['tokens']} tokens through decode steps)")
     return "\n".join(lines)
 
 
