@@ -183,6 +183,9 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
             sha.update(p.fc1.weight.detach().numpy().tobytes() + p.fc2.weight.detach().numpy().tobytes())
         return Bundle(preds, thresholds, expect_fingerprint, path=path,
                       training={"source": "PowerInfer predictor directory", "weights_sha256": sha.hexdigest()[:16]})
+    if not os.path.exists(mpath) and os.path.isdir(os.path.join(path, PARTIAL)):
+        raise HotcoldError(f"{path}: an unfinished bundle (train-predictors was stopped): run the same "
+                           "train-predictors command to finish it")
     m = read_json(mpath, "predictor bundle manifest")
     check_manifest(m, mpath)
     if expect_fingerprint is not None:

@@ -49,6 +49,8 @@ BUDGET = 0.10  # predictor parameters per layer / FFN parameters per layer
 LADDER_START = 32
 WEIGHTINGS = ("count", "contribution")  # how active labels weigh in the loss (see the module docstring)
 WEIGHT_CAP = 20.0  # contribution weighting: an active label weighs at most this many mean active labels
+VAL_FRAC, MAX_VAL = 0.1, 8192  # the validation split: this share of a layer's samples, at most this many rows
+MIN_SAMPLES = 1000  # fewer samples a layer: train-predictors says its validation metrics say little
 CHUNK = 1024  # rows a time when a pass over the samples makes temporaries of (rows, n_ff) or (rows, n_embd)
 BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # np.packbits' big bit order
 POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)  # (256,) bits set
@@ -290,7 +292,7 @@ def new_predictor(n_embd: int, n_ff: int, rank: int, init, train: TrainSet, seed
 
 def train_layer(X, Y, rank: int | str = "auto", epochs: int = 10, lr: float = 1e-2, device: str = "cpu",
                 init=None, recall_target: float = 0.99, *, max_rank: int | None = None,
-                sparsity_goal: float = 0.9, batch_size: int = 256, val_frac: float = 0.1, max_val: int = 8192,
+                sparsity_goal: float = 0.9, batch_size: int = 256, val_frac: float = VAL_FRAC, max_val: int = MAX_VAL,
                 patience: int = 3, seed: int = 0, desc: str = "layer", qtype: str = "F16",
                 progress: bool = True, C=None) -> tuple[Predictor, float, dict]:
     """Train one layer's predictor. Returns (predictor on the CPU, logit threshold, validation metrics).

@@ -222,6 +222,10 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "empty" in err and len(err.strip().splitlines()) == 1
     rc, _, err = run(capsys, "train-predictors", "--profile", str(s["dir"] / "nope"), "-o", bundle)
     assert rc == 2 and "no such" in err
+    (s["dir"] / "half" / "partial").mkdir(parents=True)  # what a stopped train-predictors leaves
+    rc, _, err = run(capsys, "eval-predictors", "--bundle", str(s["dir"] / "half"), "-m", s["gguf"], "-f", s["held"])
+    assert rc == 2 and err == (f"hotcold: error: {s['dir'] / 'half'}: an unfinished bundle (train-predictors was "
+                               "stopped): run the same train-predictors command to finish it\n")
     # the parser's refusals
     for opt, why in ((["--recall", "nan"], "argument --recall: must be in (0, 1], got nan"),
                      (["--recall", "0"], "argument --recall: must be in (0, 1], got 0"),
@@ -254,6 +258,16 @@ def test_refusals(setup, capsys):
            model_fingerprint(load_checkpoint(silu))).save(str(s["dir"] / "silu_bundle"))
     rc, _, err = run(capsys, "eval-predictors", "--bundle", str(s["dir"] / "silu_bundle"), "-m", silu, "-f", s["held"])
     assert rc == 2 and "trained without a sparsity config, and a silu model has no natural zeros" in err
+    # too few samples: none to hold out (one line), or few (a note: the validation metrics rest on a handful)
+    model = Model(load_checkpoint(s["gguf"]), 128, backend="torch")
+    tokens = corpus_tokens(model, [s["held"]], 128, 128)
+    for cap, code, words in ((1, 2, "1 training sample a layer, too few to hold out a validation split"),
+                             (16, 0, "16 training samples a layer; the recall and sparsity reported are measured on 2")):
+        prof = str(s["dir"] / f"few{cap}")
+        run_profile(model, tokens, prof, ctx=128, n_tokens=128, cap=cap, progress=False)
+        rc, _, err = run(capsys, "train-predictors", "--profile", prof, "-o", str(s["dir"] / f"b_few{cap}"),
+                         "--epochs", "1", "--layers", "0")
+        assert rc == code and f"{prof}: {words}" in err and "Traceback" not in err, err
 
 
 @pytest.mark.slow

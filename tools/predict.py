@@ -235,13 +235,21 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     from engine.hybrid import torch_device
     from engine.fingerprint import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
-    from predictors.train import BUDGET, WEIGHTINGS, train_layer
+    from predictors.train import BUDGET, MAX_VAL, MIN_SAMPLES, VAL_FRAC, WEIGHTINGS, split_rows, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
     c = ckpt.config
     manifest = load_profile(profile)
     engine_fp = fingerprint(c, ckpt.tensors)
     check_fingerprint(manifest.get("fingerprint", {}), engine_fp, profile, "profile")
+    rows = manifest["samples"].get("rows")
+    if isinstance(rows, int) and rows < MIN_SAMPLES:  # a tenth is held out to validate: the metrics need rows
+        more = "profile more --tokens (or raise --samples-per-layer)"
+        if rows < 2:
+            raise HotcoldError(f"{profile}: {rows} training sample a layer, too few to hold out a validation split: "
+                               + more)
+        log(f"hotcold: note: {profile}: {rows} training samples a layer; the recall and sparsity reported are "
+            f"measured on {len(split_rows(rows, VAL_FRAC, MAX_VAL, 0)[1])} of them: {more} for predictors worth using")
     fp = model_fingerprint(ckpt)
     check_bundle_out(out)
     check_writable(out)
