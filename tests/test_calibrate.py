@@ -212,6 +212,14 @@ def test_interrupted_calibrate_resumes(tiny, tmp_path, capsys, monkeypatch):
     searched.clear()
     assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 0 and len(searched) == n
     assert f"{progress}: not a calibrate progress file (invalid JSON" in capsys.readouterr().err
+    searched.clear()  # stopped again, then run with another seed: its evaluations are not taken, and that is said
+    monkeypatch.setattr(cal.Heldout, "score", interrupted)
+    assert cli_calibrate(tiny, out, "--ppl-increase", "3") == 130 and os.path.exists(progress)
+    searched.clear()
+    monkeypatch.setattr(cal.Heldout, "score", counting)
+    capsys.readouterr()
+    assert cli_calibrate(tiny, out, "--ppl-increase", "3", "--seed", "5") == 0 and len(searched) == n
+    assert f"{progress}: saved by a search with other settings (seed): started over" in capsys.readouterr().err
 
 
 def test_unwritable_outputs_are_refused_before_the_work(tiny, tmp_path, capsys):

@@ -124,17 +124,21 @@ def test_interrupted_profile_resumes_to_the_same_counts(tiny, tmp_path, capsys):
         assert int(z["windows_done"]) == 3
     # the counts depend on how the model runs: a resume that would mix backends is refused, and so is a model whose
     # layer-0 FFN (its fingerprint) is the same but not its attention
-    with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(backend differs\\)"):
+    with pytest.raises(HotcoldError, match="with other settings \\(backend differs: torch there, kernels now\\)"):
         run_profile(relu_model(tiny, backend="kernels"), tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     c = tiny_config("relu")
     w = tiny_weights(c, 0)
     tuned = write_gguf(str(tmp_path / "tuned.gguf"), c, {**w, "blk.1.attn_q.weight": 1.5 * w["blk.1.attn_q.weight"]})
     tuned = load(tuned, n_ctx=CTX, threads=1, backend="torch")
     assert tuned.fingerprint == model.fingerprint
-    with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(weights_sha256 differs\\)"):
+    with pytest.raises(HotcoldError, match="holds a profile made with other settings \\(weights_sha256 differs: "):
         run_profile(tuned, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     manifest = (parts / "manifest.json").read_text()
     older = json.loads(manifest)
+    older["settings"]["threads"] = 7  # another -t: the thread count to resume with is said
+    (parts / "manifest.json").write_text(json.dumps(older))
+    with pytest.raises(HotcoldError, match="\\(threads differs: 7 there, 1 now\\); -t 7 to resume it, or choose"):
+        run_profile(model, tokens, str(parts), ctx=CTX, cap=25, seed=1, progress=False)
     del older["settings"]["threads"]  # as a hotcold that did not record it wrote it
     (parts / "manifest.json").write_text(json.dumps(older))
     with pytest.raises(HotcoldError, match="holds a profile made by an older hotcold, which did not record threads"):
@@ -191,6 +195,12 @@ def test_profile_cli_and_report(tiny, tmp_path, capsys, monkeypatch):
         pytest.approx(s) for s in json.loads((out2 / "summary.json").read_text())["sparsity"]]
     assert "tokens profiled, fewer than --tokens 100000 (the corpus has " in err
     assert json.loads((out2 / "manifest.json").read_text())["model"] == tiny[0]["relu", 0]
+    n = int(err.split("the corpus has ")[1].split(")")[0])
+    assert n % CTX and got["tokens"] == n // CTX * CTX  # the tail past the last whole window is not profiled: said
+    assert main(["profile", "-m", tiny[0]["relu", 0], "-f", tiny[1], "--ctx", str(CTX), "--samples-per-layer", "16",
+                 "-o", str(tmp_path / "p3"), "-t", "1", "--json"]) == 0
+    assert f"{got['tokens']} tokens profiled, fewer than the corpus's {n} (whole windows of --ctx {CTX})" in \
+        capsys.readouterr().err
 
 
 def test_jsonl_corpus(tiny, tmp_path):

@@ -240,8 +240,12 @@ class Journal:
                 data = read_json(path, "calibrate progress file")
             except HotcoldError as e:  # unreadable: started over, and replaced at the first result
                 log(f"{e}: started over")
-                data = {}
-            saved = data.get("results") if data.get("key") == key else None
+                data = {"key": key}
+            old = data.get("key") if isinstance(data.get("key"), dict) else {}
+            if old != key:
+                log(f"{path}: saved by a search with other settings "
+                    f"({', '.join(k for k in key if old.get(k) != key[k])}): started over")
+            saved = data.get("results") if old == key else None
             self.results = {k: r for k, r in saved.items() if result_ok(r)} if isinstance(saved, dict) else {}
             if isinstance(saved, dict) and len(self.results) < len(saved):
                 log(f"{path}: saved evaluations unreadable: {len(saved) - len(self.results)}; computed again")

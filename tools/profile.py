@@ -117,8 +117,11 @@ def open_out_dir(out: str, manifest: dict) -> dict | None:
             raise HotcoldError(f"{out}: holds a profile made by an older hotcold, which did not record {k}; choose "
                                "another -o to start a new one")
         if old["settings"][k] != v:
-            raise HotcoldError(f"{out}: holds a profile made with other settings ({k} differs); "
-                               "choose another -o to start a new one")
+            was = old["settings"][k]
+            values = f": {was} there, {v} now" if len(f"{was}{v}") < 40 else ""
+            resume = f"-t {was} to resume it, or " if k == "threads" else ""
+            raise HotcoldError(f"{out}: holds a profile made with other settings ({k} differs{values}); "
+                               f"{resume}choose another -o to start a new one")
     return old
 
 
@@ -480,11 +483,11 @@ def cmd_profile(args) -> None:
         tokens = corpus_tokens(model, args.files, args.tokens, args.ctx)
         summary = run_profile(model, tokens, args.out, args.ctx, args.tokens, sparsity, args.samples_per_layer,
                               args.seed, progress=not args.json)
-        if args.tokens and summary["tokens"] < args.tokens:
-            short = (f"the corpus has {len(tokens)}" if len(tokens) < args.tokens
-                     else f"whole windows of --ctx {args.ctx}")
-            print(f"hotcold: note: {summary['tokens']} tokens profiled, fewer than --tokens {args.tokens} ({short})",
-                  file=sys.stderr)
+        want = args.tokens or len(tokens)
+        if summary["tokens"] < want:
+            short = (f"the corpus has {len(tokens)}" if len(tokens) < want else f"whole windows of --ctx {args.ctx}")
+            asked = f"--tokens {args.tokens}" if args.tokens else f"the corpus's {len(tokens)}"
+            print(f"hotcold: note: {summary['tokens']} tokens profiled, fewer than {asked} ({short})", file=sys.stderr)
     if args.json:
         emit_json(summary)
     else:
@@ -500,7 +503,7 @@ def add_command(sub) -> None:
     p.add_argument("-o", "--out", metavar="DIR",
                    help="output directory (resumed when it holds this profile unfinished)")
     p.add_argument("--tokens", type=at_least(1), default=None, metavar="N",
-                   help="tokens to profile (default: the whole corpus)")
+                   help="tokens to profile, in whole windows of --ctx (default: the whole corpus's)")
     p.add_argument("--ctx", type=at_least(2), default=512, help="window size in tokens (default 512)")
     p.add_argument("--sparsity", default=None, metavar="CONFIG", help="sparsity config (needed for SiLU models)")
     p.add_argument("--samples-per-layer", type=at_least(0), default=100_000, metavar="CAP",
