@@ -253,7 +253,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                      predictor_bytes=GPU_BYTES * bundle.n_params)  # these commands have no --group
         hot = [np.asarray(g, np.int32) for g in split["gpu_neurons"]]
     if device == "auto":
-        print("hotcold: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
+        print("hotcold: note: no CUDA device: every neuron runs on the CPU", file=sys.stderr)
         return bundle, None, None
     return bundle, hot, device
 
