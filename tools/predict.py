@@ -243,13 +243,11 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     engine_fp = fingerprint(c, ckpt.tensors)
     check_fingerprint(manifest.get("fingerprint", {}), engine_fp, profile, "profile")
     rows = manifest["samples"].get("rows")
-    if isinstance(rows, int) and rows < MIN_SAMPLES:  # a tenth is held out to validate: the metrics need rows
-        more = "profile more --tokens (or raise --samples-per-layer)"
-        if rows < 2:
-            raise HotcoldError(f"{profile}: {rows} training sample a layer, too few to hold out a validation split: "
-                               + more)
-        log(f"hotcold: note: {profile}: {rows} training samples a layer; the recall and sparsity reported are "
-            f"measured on {len(split_rows(rows, VAL_FRAC, MAX_VAL, 0)[1])} of them: {more} for predictors worth using")
+    few = isinstance(rows, int) and rows < MIN_SAMPLES  # a tenth is held out to validate: the metrics need rows
+    more = "profile more --tokens (or raise --samples-per-layer)"
+    if few and rows < 2:
+        raise HotcoldError(f"{profile}: {rows} training sample a layer, too few to hold out a validation split: "
+                           + more)
     fp = model_fingerprint(ckpt)
     check_bundle_out(out)
     check_writable(out)
@@ -321,6 +319,9 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     tot = {k: sum(m[k] for m in per_layer) for k in ("predictor_params", "ffn_params", "predictor_bytes", "ffn_bytes")}
     res["budget"] = {**tot, "predictor_type": qtype, "share": tot["predictor_params"] / max(tot["ffn_params"], 1),
                      "bytes_share": tot["predictor_bytes"] / max(tot["ffn_bytes"], 1), "limit": BUDGET}
+    if few:
+        log(f"hotcold: note: {profile}: {rows} training samples a layer; the recall and sparsity reported are "
+            f"measured on {len(split_rows(rows, VAL_FRAC, MAX_VAL, 0)[1])} of them: {more} for predictors worth using")
     return res
 
 
