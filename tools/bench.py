@@ -209,9 +209,12 @@ def run_bench(args) -> dict:
     audit = None if rt is None else rt.audit
     if audit is not None:  # the speed is timed without the audit's extra pass; an audited run gives its statistics
         rt.audit = None
-    stats = decode_speed(model, ids, args.n)
+    try:
+        stats = decode_speed(model, ids, args.n)
+    finally:
+        if rt is not None:
+            rt.audit = audit
     if audit is not None:
-        rt.audit = audit
         audited = model.generate(ids, args.n, ignore_stop=True).stats
     run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     bpt = model.decode_bytes_per_token()
