@@ -56,8 +56,8 @@ FIM_MARKS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin�
              "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>",
              "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>")
 FIM_END_KEYS = ("tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id")
-END_NAMES = END_OF_TURN + FIM_ENDS
-CONTROL_NAMES = END_NAMES + FIM_MARKS
+END_NAMES = frozenset(END_OF_TURN + FIM_ENDS)  # every token of these names (llama.cpp: the first of each FIM kind)
+CONTROL_NAMES = END_NAMES | frozenset(FIM_MARKS)
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
 
 
@@ -199,12 +199,14 @@ class Tokenizer:
         bos, eos = token_id("bos_token"), token_id("eos_token")
         # without add_bos_token/add_eos_token: what the post-processor puts around a text (Llama 3's
         # TemplateProcessing), as llama.cpp's converter reads it
-        plain = tk.encode("a", add_special_tokens=False).ids
-        framed = tk.encode("a", add_special_tokens=True).ids
-        at = next((k for k in range(len(framed) - len(plain) + 1) if framed[k:k + len(plain)] == plain), 0)
-        before, after = framed[:at], framed[at + len(plain):]
-        add_bos = bool(tc.get("add_bos_token", before == [bos])) and bos is not None
-        add_eos = bool(tc.get("add_eos_token", after == [eos])) and eos is not None
+        probe = next((t for t in ("a", "0", ".", " ") if tk.encode(t, add_special_tokens=False).ids), "a")
+        plain = tk.encode(probe, add_special_tokens=False).ids
+        framed = tk.encode(probe, add_special_tokens=True).ids
+        at = next((k for k in range(len(framed) - len(plain) + 1) if framed[k:k + len(plain)] == plain), None)
+        before, after = (framed[:at], framed[at + len(plain):]) if plain and at is not None else ([], [])
+        said = {k: tc[k] for k in ("add_bos_token", "add_eos_token") if isinstance(tc.get(k), bool)}
+        add_bos = said.get("add_bos_token", before == [bos]) and bos is not None
+        add_eos = said.get("add_eos_token", after == [eos]) and eos is not None
         # the end-of-turn and FIM tokens are control tokens even where added as plain ones, as llama.cpp makes them
         tk.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
                                           normalized=t.normalized, special=True)

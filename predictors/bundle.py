@@ -184,8 +184,8 @@ def load_bundle(path: str, expect_fingerprint: dict | None = None) -> Bundle:
         return Bundle(preds, thresholds, expect_fingerprint, path=path,
                       training={"source": "PowerInfer predictor directory", "weights_sha256": sha.hexdigest()[:16]})
     if not os.path.exists(mpath) and os.path.isdir(os.path.join(path, PARTIAL)):
-        raise HotcoldError(f"{path}: an unfinished bundle (train-predictors was stopped): run the same "
-                           "train-predictors command to finish it")
+        raise HotcoldError(f"{path}: an unfinished bundle (layers untrained: train-predictors was stopped, or given "
+                           "--layers): run train-predictors again with the same settings, without --layers")
     m = read_json(mpath, "predictor bundle manifest")
     check_manifest(m, mpath)
     if expect_fingerprint is not None:

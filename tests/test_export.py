@@ -18,7 +18,8 @@ from engine.loader import load_checkpoint, open_gguf
 from engine.qtensor import QTensor
 from predictors.bundle import Bundle, load_bundle, model_fingerprint
 from predictors.model import Predictor
-from tiny_model import DIGIT_LIMIT, one_thread, rewrite_gguf, tiny_config, tiny_weights, write_gguf, write_hf  # noqa: F401 (autouse fixture)
+from tiny_model import one_thread  # noqa: F401 (autouse fixture)
+from tiny_model import DIGIT_LIMIT, rewrite_gguf, tiny_config, tiny_weights, write_gguf, write_hf
 from tools.cli import main
 from tools.export import inspect_file
 from tools.split import plan, write_split

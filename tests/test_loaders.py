@@ -666,6 +666,7 @@ def test_hf_directory_frames_and_ends_as_llama_cpp_reads_it(tmp_path):
     assert load("$A </s>", "</s>", "</s>").encode("a") == [a, 1]  # not a BOS
     assert load(None, "<s>", "</s>").encode("a") == [a]
     assert load("<s> $A </s>", "<s>", "</s>", add_bos_token=False, add_eos_token=False).encode("a") == [a]
+    assert load("<s> $A", "<s>", "</s>", add_bos_token=None).encode("a") == [0, a]  # null: not said, as gguf-py reads
     tok = load(None, "<s>", "<s>", add_bos_token=True)
     end, sep = len(vocab), len(vocab) + 1  # <|im_end|>, <|file_sep|>
     assert tok.encode("a") == [0, a] and {end, sep} <= tok.special_ids & tok.stop_ids

@@ -224,8 +224,9 @@ def test_refusals(setup, capsys):
     assert rc == 2 and "no such" in err
     (s["dir"] / "half" / "partial").mkdir(parents=True)  # what a stopped train-predictors leaves
     rc, _, err = run(capsys, "eval-predictors", "--bundle", str(s["dir"] / "half"), "-m", s["gguf"], "-f", s["held"])
-    assert rc == 2 and err == (f"hotcold: error: {s['dir'] / 'half'}: an unfinished bundle (train-predictors was "
-                               "stopped): run the same train-predictors command to finish it\n")
+    assert rc == 2 and err == (f"hotcold: error: {s['dir'] / 'half'}: an unfinished bundle (layers untrained: "
+                               "train-predictors was stopped, or given --layers): run train-predictors again with "
+                               "the same settings, without --layers\n")
     # the parser's refusals
     for opt, why in ((["--recall", "nan"], "argument --recall: must be in (0, 1], got nan"),
                      (["--recall", "0"], "argument --recall: must be in (0, 1], got 0"),
@@ -262,7 +263,8 @@ def test_refusals(setup, capsys):
     model = Model(load_checkpoint(s["gguf"]), 128, backend="torch")
     tokens = corpus_tokens(model, [s["held"]], 128, 128)
     for cap, code, words in ((1, 2, "1 training sample a layer, too few to hold out a validation split"),
-                             (16, 0, "16 training samples a layer; the recall and sparsity reported are measured on 2")):
+                             (16, 0, "16 training samples a layer; the recall and sparsity reported are measured "
+                                     "on 2")):
         prof = str(s["dir"] / f"few{cap}")
         run_profile(model, tokens, prof, ctx=128, n_tokens=128, cap=cap, progress=False)
         rc, _, err = run(capsys, "train-predictors", "--profile", prof, "-o", str(s["dir"] / f"b_few{cap}"),

@@ -214,9 +214,9 @@ def run_bench(args) -> dict:
     finally:
         if rt is not None:
             rt.audit = audit
+    run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     if audit is not None:
         audited = model.generate(ids, args.n, ignore_stop=True).stats
-    run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     bpt = model.decode_bytes_per_token()
     skipped = stats.get("predicted_sparsity", stats.get("sparsity"))  # the FFN share the decode steps skipped
     if skipped and model.backend == "kernels":  # what they read: active rows, and the predictors' own weights

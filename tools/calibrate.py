@@ -244,7 +244,7 @@ class Journal:
             old = data.get("key") if isinstance(data.get("key"), dict) else {}
             if old != key:
                 log(f"{path}: saved by a search with other settings "
-                    f"({', '.join(k for k in key if old.get(k) != key[k])}): started over")
+                    f"({', '.join(k for k in sorted(set(key) | set(old)) if old.get(k) != key.get(k))}): started over")
             saved = data.get("results") if old == key else None
             self.results = {k: r for k, r in saved.items() if result_ok(r)} if isinstance(saved, dict) else {}
             if isinstance(saved, dict) and len(self.results) < len(saved):

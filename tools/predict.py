@@ -246,8 +246,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     few = isinstance(rows, int) and rows < MIN_SAMPLES  # a tenth is held out to validate: the metrics need rows
     more = "profile more --tokens (or raise --samples-per-layer)"
     if few and rows < 2:
-        raise HotcoldError(f"{profile}: {rows} training sample a layer, too few to hold out a validation split: "
-                           + more)
+        raise HotcoldError(f"{profile}: {rows} training sample{'' if rows == 1 else 's'} a layer, too few to hold out "
+                           f"a validation split: {more}")
     fp = model_fingerprint(ckpt)
     check_bundle_out(out)
     check_writable(out)
