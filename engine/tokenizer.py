@@ -48,16 +48,29 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_tur
                "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>", "<|return|>",
                "<|call|>")
 END_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-# fill-in-the-middle tokens as llama.cpp finds them by name: the pad, repository and file-separator ones (and those of
-# their keys) end generation too; all are control tokens
-FIM_ENDS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
-            "<reponame>", "<|file_sep|>")
-FIM_MARKS = ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>",
-             "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>",
-             "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>")
-FIM_END_KEYS = ("tokenizer.ggml.fim_pad_token_id", "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id")
-END_NAMES = frozenset(END_OF_TURN + FIM_ENDS)  # every token of these names (llama.cpp: the first of each FIM kind)
-CONTROL_NAMES = END_NAMES | frozenset(FIM_MARKS)
+# fill-in-the-middle tokens as llama.cpp finds them by name, each kind where the GGUF has no key for it: control
+# tokens; the pad, repository and file-separator kinds (by name or key) end generation too
+FIM_KINDS = {"tokenizer.ggml.fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+             "tokenizer.ggml.fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+             "tokenizer.ggml.fim_sep_token_id": ("<|file_sep|>",),
+             "tokenizer.ggml.fim_pre_token_id": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>",
+                                                 "<PRE>", "▁<PRE>", "<|code_prefix|>"),
+             "tokenizer.ggml.fim_suf_token_id": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>",
+                                                 "<SUF>", "▁<SUF>", "<|code_suffix|>"),
+             "tokenizer.ggml.fim_mid_token_id": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>",
+                                                 "<MID>", "▁<MID>", "<|code_middle|>")}
+FIM_END_KEYS = tuple(FIM_KINDS)[:3]
+
+
+def named_tokens(keys: dict) -> tuple[frozenset, frozenset]:
+    """(names of tokens that end generation, names of control tokens) for a GGUF's metadata (every kind where it has
+    no key: an HF directory's {}). Every token of these names counts (llama.cpp: the first of each FIM kind)."""
+    fim = {k: names for k, names in FIM_KINDS.items() if keys.get(k) is None}
+    ends = frozenset(END_OF_TURN).union(*(fim[k] for k in FIM_END_KEYS if k in fim))
+    return ends, ends.union(*fim.values())
+
+
+END_NAMES, CONTROL_NAMES = named_tokens({})
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
 
 
@@ -99,16 +112,16 @@ def valid_text(text: str) -> str:
 class Tokenizer:
     def __init__(self, tk: HFTokenizer, bos_id: int | None, eos_id: int | None, add_bos: bool,
                  chat_template: str | None, special_ids: set[int], space_prefix: bool = False, add_eos: bool = False,
-                 end_ids: set[int] = frozenset()):
+                 end_ids: set[int] = frozenset(), end_names: frozenset = END_NAMES):
         """space_prefix: encoding puts a space before the text (SentencePiece), which `decode` removes again;
         add_eos: EOS after the text wherever BOS is added before it (llama.cpp's add_special); end_ids: more tokens
-        that end generation (the model's eot/eom)."""
+        that end generation (the model's eot/eom); end_names: the names of tokens that end it (`named_tokens`)."""
         self.tk = tk
         self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
         self.space_prefix = space_prefix
         self.chat_template = chat_template
         vocab = tk.get_vocab()
-        self.stop_ids = ({i for i in [eos_id] if i is not None} | {vocab[t] for t in END_NAMES if t in vocab}
+        self.stop_ids = ({i for i in [eos_id] if i is not None} | {vocab[t] for t in end_names if t in vocab}
                          | set(end_ids))
         self.special_ids = special_ids
         self.pieces: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
@@ -167,7 +180,8 @@ class Tokenizer:
             raise HotcoldError(f"{path}: unsupported tokenizer model {model!r} (supported: gpt2, llama)")
         # the end-of-turn and FIM tokens found by name are control tokens whatever their type, as llama.cpp makes
         # them: not printed, and parsed in a text only with special tokens on (those of the keys keep their type)
-        named = {i for i, t in enumerate(tokens) if t in CONTROL_NAMES}
+        end_names, control_names = named_tokens(meta)
+        named = {i for i, t in enumerate(tokens) if t in control_names}
         control = [i for i, t in enumerate(types) if t == TOKEN_CONTROL or i in named]
         user = [i for i, t in enumerate(types) if t == TOKEN_USER_DEFINED and i not in named]
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
@@ -178,7 +192,7 @@ class Tokenizer:
             space_prefix = False
         return cls(tk, bos, eos, add_bos, meta.get("tokenizer.chat_template"), set(control), space_prefix,
                    bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None,
-                   {v for v in ends.values() if v is not None})
+                   {v for v in ends.values() if v is not None}, end_names)
 
     @classmethod
     def from_hf_dir(cls, path: str) -> Tokenizer:

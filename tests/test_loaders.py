@@ -603,7 +603,8 @@ def test_other_vocabularies_tokenize_and_decode_as_llama_cpp(tmp_path):
 def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path):
     """Byte tokens give their bytes (valid UTF-8 runs survive beside invalid ones, as llama.cpp prints them); the
     stream never raises and its steps join to the decoded text; eot/eom ids and end-of-generation names stop, FIM
-    ones too (pad, repository, file separator: by name or key), and all named ones are control tokens."""
+    ones too (pad, repository, file separator: by name, or by key, which replaces the names of its kind), and all
+    named ones are control tokens."""
     import random
 
     from engine.tokenizer import Tokenizer
@@ -628,8 +629,11 @@ def test_byte_fallback_decodes_bytes_as_llama_cpp_and_streams_the_same(tmp_path)
     assert tok.stop_ids == {2, eom, eot, end, pad} and {pad, pre} < tok.special_ids
     assert tok.decode([a, pad, pre]) == "a" and tok.encode("<|fim_prefix|>a", special=False)[1] != pre
     keyed = Tokenizer.from_gguf({**meta, "tokenizer.ggml.eot_token_id": byte[0], "tokenizer.ggml.eom_token_id": a,
-                                 "tokenizer.ggml.fim_sep_token_id": byte[1]}, "spm")
-    assert {byte[0], a, byte[1]} < keyed.stop_ids
+                                 "tokenizer.ggml.fim_sep_token_id": byte[1], "tokenizer.ggml.fim_pad_token_id": byte[2],
+                                 "tokenizer.ggml.fim_pre_token_id": byte[3]}, "spm")
+    # a FIM kind's key replaces its names, as in llama.cpp: <|fim_pad|> and <|fim_prefix|> are plain tokens then
+    assert {byte[0], a, byte[1], byte[2]} < keyed.stop_ids and pad not in keyed.stop_ids
+    assert not {pad, pre} & keyed.special_ids and keyed.decode([a, pad, pre]) == "a<|fim_pad|><|fim_prefix|>"
     with pytest.raises(HotcoldError, match="spm: tokenizer.ggml.eom_token_id 999 is outside the vocabulary"):
         Tokenizer.from_gguf({**meta, "tokenizer.ggml.eom_token_id": 999}, "spm")
     tok.tk.save(str(tmp_path / "tokenizer.json"))
