@@ -213,8 +213,8 @@ class Tokenizer:
         bos, eos = token_id("bos_token"), token_id("eos_token")
         # without add_bos_token/add_eos_token: what the post-processor puts around a text (Llama 3's
         # TemplateProcessing), as llama.cpp's converter reads it
-        probe = next((t for t in ("a", "0", ".", " ") if tk.encode(t, add_special_tokens=False).ids), "a")
-        plain = tk.encode(probe, add_special_tokens=False).ids
+        probes = ((t, tk.encode(t, add_special_tokens=False).ids) for t in ("a", "0", ".", " "))  # the first that
+        probe, plain = next(((t, ids) for t, ids in probes if ids), ("a", []))  # encodes to something, else none
         framed = tk.encode(probe, add_special_tokens=True).ids
         at = next((k for k in range(len(framed) - len(plain) + 1) if framed[k:k + len(plain)] == plain), None)
         before, after = (framed[:at], framed[at + len(plain):]) if plain and at is not None else ([], [])

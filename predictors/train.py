@@ -76,9 +76,14 @@ def rank_ladder(cap: int) -> list[int]:
     return ladder + [cap]
 
 
+def held_out(n: int, val_frac: float = VAL_FRAC, max_val: int = MAX_VAL) -> int:
+    """How many of n rows `split_rows` holds out to validate; none are left to train on when it is n."""
+    return min(max_val, max(1, round(n * val_frac)))
+
+
 def split_rows(n: int, val_frac: float, max_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded disjoint (train, validation) row indices."""
-    n_val = min(max_val, max(1, round(n * val_frac)))
+    n_val = held_out(n, val_frac, max_val)
     if n - n_val < 1:
         raise ValueError(f"{n} samples are too few to hold out a validation split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -212,7 +212,7 @@ def run_bench(args) -> dict:
     try:
         stats = decode_speed(model, ids, args.n)
     finally:
-        if rt is not None:
+        if audit is not None:
             rt.audit = audit
     run_rss = rss_bytes() - rss0  # + the kernels' machine code (loaded on the first step), the prefill's buffers
     if audit is not None:

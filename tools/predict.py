@@ -235,7 +235,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     from engine.hybrid import torch_device
     from engine.fingerprint import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
-    from predictors.train import BUDGET, MAX_VAL, MIN_SAMPLES, VAL_FRAC, WEIGHTINGS, split_rows, train_layer
+    from predictors.train import BUDGET, MIN_SAMPLES, WEIGHTINGS, held_out, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
     c = ckpt.config
@@ -245,7 +245,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     rows = manifest["samples"].get("rows")
     few = isinstance(rows, int) and rows < MIN_SAMPLES  # a tenth is held out to validate: the metrics need rows
     more = "profile more --tokens (or raise --samples-per-layer)"
-    if few and rows < 2:
+    if few and rows - held_out(rows) < 1:
         raise HotcoldError(f"{profile}: {rows} training sample{'' if rows == 1 else 's'} a layer, too few to hold out "
                            f"a validation split: {more}")
     fp = model_fingerprint(ckpt)
@@ -321,7 +321,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
                      "bytes_share": tot["predictor_bytes"] / max(tot["ffn_bytes"], 1), "limit": BUDGET}
     if few:
         log(f"hotcold: note: {profile}: {rows} training samples a layer; the recall and sparsity reported are "
-            f"measured on {len(split_rows(rows, VAL_FRAC, MAX_VAL, 0)[1])} of them: {more} for predictors worth using")
+            f"measured on {held_out(rows)} of them: {more} for predictors worth using")
     return res
 
 
