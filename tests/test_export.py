@@ -461,6 +461,18 @@ def test_hf_directory_keeps_its_pre_tokenizer(tiny, capsys):
     assert a.encode("x ²", add_bos=False) == b.encode("x ²", add_bos=False) == [vocab["x"], vocab["Ġ"], vocab["Â²"]]
 
 
+@pytest.mark.parametrize("pre", ["smollm", "phi-2", "gpt2"])
+def test_powerinfer_note_names_a_pre_tokenizer_other_than_gpt2s(tiny, capsys, pre):
+    """PowerInfer knows no tokenizer.ggml.pre and splits as GPT-2 does: the export says so for a pre-tokenizer that
+    splits otherwise, and not for llama.cpp's other names of GPT-2's (phi-2, and gpt2 of hotcold's older exports)."""
+    from gguf import GGUFValueType
+    src = rewrite_gguf(tiny["src"], str(tiny["dir"] / f"pre_{pre}.gguf"),
+                       {"tokenizer.ggml.pre": (pre, GGUFValueType.STRING)})
+    out = str(tiny["dir"] / f"pre_{pre}_out")
+    assert main(["export", "-m", src, "--predictors", tiny["bundle"], "-o", out, "--format", "powerinfer"]) == 0
+    assert ("knows no tokenizer.ggml.pre" in capsys.readouterr().err) == (pre == "smollm")
+
+
 def test_inspect(tiny, capsys):
     out = str(tiny["dir"] / "insp")
     assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "--split", tiny["split"], "-o", out,

@@ -35,7 +35,7 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
                            load_checkpoint, open_gguf, resolve)
 from engine.qtensor import QTensor
-from engine.tokenizer import (END_KEYS, END_NAMES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
+from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
                               TOKEN_USER_DEFINED, Tokenizer)
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
@@ -365,8 +365,8 @@ def cmd_export(args) -> None:
     if moved:
         print(f"hotcold: note: one sparse_threshold cannot carry these thresholds exactly; lowered (recall can only "
               f"rise) in layers {', '.join(moved)}", file=sys.stderr)
-    pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else None
-    if pre not in (None, "gpt-2", "gpt2"):  # the key came to llama.cpp after PowerInfer's fork (its default: GPT-2's)
+    pre = field_value(open_gguf(path), "tokenizer.ggml.pre", "default") if powerinfer else "gpt-2"
+    if PRE_ALIASES.get(pre, pre) != "gpt-2":  # the key came to llama.cpp after PowerInfer's fork (its default: GPT-2's)
         print(f"hotcold: note: PowerInfer splits text before BPE as GPT-2 does and knows no tokenizer.ggml.pre "
               f"({pre!r}): some text tokenizes differently there (smollm: digits one at a time)", file=sys.stderr)
     odd = sorted({r for r in ranks or () if r % 32})
