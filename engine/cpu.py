@@ -103,7 +103,8 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
 
 
 def dequantize_rows(m: K.KMatrix, r0: int, r1: int) -> np.ndarray:
-    """float32 rows r0:r1 of a prepared matrix (the batched prefill's weights, one chunk at a time)."""
+    """float32 rows r0:r1 of a prepared matrix (the batched prefill's weights, one chunk at a time; predictor
+    weights as they run)."""
     return dequantize_ids(m, np.arange(r0, r1))
 
 
@@ -201,7 +202,8 @@ class KernelModel:
         self.runtime = None  # engine.hybrid.Runtime: predictor-driven FFN, replaces `select`
         self.threshold_ffn = None  # engine.sparsity.KernelSelector: a sparsity config's FFN, replaces `select`
         # state, allocated once
-        # (n_layer, n_ctx, n_head_kv * head_dim) each (ModelConfig.kv_shapes), shared with the `torch` prefill
+        # keys (n_layer, Hkv, n_ctx, hd), values (n_layer, Hkv, hd, n_ctx) (ModelConfig.kv_shapes), shared with the
+        # `torch` prefill
         self.k_cache, self.v_cache = (np.zeros(s, CACHE_TYPES[cache_type]) for s in c.kv_shapes(n_ctx))
         self.cos, self.sin = c.rope_tables(n_ctx)
         self.x = np.zeros(c.n_embd, np.float32)

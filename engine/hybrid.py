@@ -233,9 +233,9 @@ def torch_device(name: str, what: str) -> torch.device:
 class Runtime:
     """Predictors (a predictors.bundle.Bundle) driving the sparse FFN of a KernelModel, optionally with a HotPart.
 
-    hot: per layer, the neuron ids placed on `device` (None or empty: all on the CPU). audit: also compute the
-    true active set per token (rule: engine.sparsity.truth_rule, exact for ReLU-family models, else the thresholds of
-    the sparsity config the bundle was trained with). qtype: how the
+    hot: per layer, the neuron ids placed on `device` (None or empty: all on the CPU). audit: None, or the rule
+    (engine.sparsity.truth_rule: exact for ReLU-family models, else the thresholds of the sparsity config the bundle
+    was trained with) by which the true active set is also computed per token. qtype: how the
     predictor weights are stored for the kernels (config.PREDICTOR_TYPES); `running` the predictors as they run (those
     weights, dequantized)."""
 

@@ -31,7 +31,7 @@ CONFIG_KEYS = ("thresholds", "fingerprint")  # required in a sparsity JSON
 class SparsityConfig:
     thresholds: list[float]  # per layer, on the contribution score; 0 = the exact rule h_i != 0
     fingerprint: dict  # of the model it belongs to (see `fingerprint`)
-    method: str = "exact"  # how the thresholds were found: exact | quantile | cett | greedy
+    method: str = "exact"  # how the thresholds were found: exact | quantile | cett | greedy | profile (read back)
     cett: float | None = None  # mean CETT of the skipped neurons over the calibration tokens
     layer_sparsity: list[float] = field(default_factory=list)  # on the calibration tokens
     calibration: dict = field(default_factory=dict)  # corpus, tokens, target, measured perplexities

@@ -7,7 +7,7 @@ Per layer, over the flattened (tokens x neurons) masks:
   actual sparsity    = inactive neurons / all neurons
 Every token has n_ff neurons, so the flattened means equal the per-token means averaged over tokens. Model-level
 numbers average the layers. They are counted directly: scikit-learn's recall_score and precision_score give the
-same numbers (a test says so) but take 2 GB and 30 s on 8192 tokens of 11008 neurons.
+same numbers (a test says so) but take 2 GB and 32 s on 8192 tokens of 11008 neurons.
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def predicted_sparsity(logits: torch.Tensor, threshold: float) -> float:
 
 
 def layer_metrics(pred: torch.Tensor | np.ndarray, true: torch.Tensor | np.ndarray) -> dict:
-    """Recall, precision, predicted and actual sparsity of one layer's masks: bool (T, n_ff) each (counted:
-    scikit-learn's scores, the reference a test compares with, took 2 GB and 32 s on a 7B layer's masks)."""
+    """Recall, precision, predicted and actual sparsity of one layer's masks: bool (T, n_ff) each (counted; see the
+    module's docstring)."""
     if np.shape(pred) != np.shape(true):
         raise ValueError(f"predicted mask {np.shape(pred)} and true mask {np.shape(true)} differ in shape")
     p, t = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)  # (T, n_ff)

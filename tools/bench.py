@@ -239,7 +239,7 @@ def run_bench(args) -> dict:
         keys = ("tokens", "predicted_sparsity", "gpu_share", "hot_device") + AUDIT_KEYS + ("per_layer",)
         ps = audited if audit is not None else stats
         res["predictors"] = {k: ps[k] for k in keys if k in ps}
-    if getattr(args, "compare", False):
+    if args.compare:
         res["compare"] = compare(model, args, ids)
     return res
 
@@ -259,7 +259,7 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     gguf = llamacpp_reads(path)
     for _ in range(rounds):
         # llama.cpp first: an interpreter in $HOTCOLD_LLAMACPP_PYTHON that cannot run it fails before our rows run
-        r = llamacpp_decode(path, args.threads or os.cpu_count(), ids, args.n) if gguf else None
+        r = llamacpp_decode(path, args.threads, ids, args.n) if gguf else None
         if r is not None and (ref is None or r["decode_tok_s"] > ref["decode_tok_s"]):
             ref = r
         for k, select in enumerate(selects):
@@ -282,7 +282,8 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
     skipped = None if ref is not None else ("the model is not a llama.cpp GGUF file" if not gguf else
                                              "llama-cpp-python is not installed (pip install 'hotcold[bench]', or "
                                              f"make llamacpp and {LLAMACPP_PYTHON}=.venv-llamacpp/bin/python)")
-    return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None, "llamacpp_skipped": skipped}
+    return {"bandwidth_gb_s": bw, "rows": rows, "llamacpp": ref is not None, "llamacpp_skipped": skipped,
+            "rounds": rounds}
 
 
 def format_bench(r: dict) -> str:
@@ -314,7 +315,7 @@ def format_bench(r: dict) -> str:
             lines.append(f"{row['engine']:<22}{row['decode_tok_s']:>8.1f}{vs:>14}{row['bytes_per_token'] / 1e6:>10.1f}"
                          f"{row['bandwidth_share']:>14.0%}{ffn:>14}")
         lines.append("sparse rows use random active sets (a speed fixture: no quality claim); tok/s and FFN ms: "
-                     "best of 3 interleaved runs")
+                     f"best of {cmp['rounds']} interleaved runs")
     return "\n".join(lines)
 
 

@@ -139,8 +139,8 @@ def load_model(args, n_ctx: int | None = None):
     calibrate) run the model itself."""
     from engine.api import load
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
-                 backend=getattr(args, "backend", "kernels"), sparsity=getattr(args, "sparsity", None),
-                 cache_type=getattr(args, "cache_type", "f16"), predictors=False)
+                 backend=args.backend, sparsity=getattr(args, "sparsity", None), cache_type=args.cache_type,
+                 predictors=False)
     if not hasattr(args, "predictors"):
         return model
     bundle = args.predictors if args.predictors is not None else getattr(model.ckpt, "predictors", None)
