@@ -313,12 +313,10 @@ class Model:
             if progress is not None:
                 progress(k, perplexity_of(nll, count))
         res = {"ppl": perplexity_of(nll, count), "chunks": list(scored), "scored_tokens": count}
-        if self.sparsity is not None:
-            res["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             res["stats"] = self.runtime.stats()
-            res["sparsity"] = res["stats"]["predicted_sparsity"]
-        return res
+        sparsity = self.measured_sparsity()
+        return res if sparsity is None else {**res, "sparsity": sparsity}
 
     def chunk_range(self, n_tokens: int, ctx: int, chunks: int | None = None, first_chunk: int = 0,
                     source: str = "the text") -> range:
@@ -339,6 +337,13 @@ class Model:
             raise HotcoldError(f"{source}: {n_tokens} tokens hold {available} chunks of --ctx {ctx}, so none from "
                                f"--first-chunk {first_chunk}")
         return range(first_chunk, available if chunks is None else min(available, first_chunk + chunks))
+
+    def measured_sparsity(self) -> float | None:
+        """The FFN sparsity since reset_counts: the predictors' predicted sparsity where a runtime runs the FFN, else
+        the sparsity config's measured one; None for the dense model."""
+        if self.runtime is not None:
+            return self.runtime.stats()["predicted_sparsity"]
+        return self.sparsity.sparsity() if self.sparsity is not None else None
 
     def reset_counts(self) -> None:
         """Zero the sparsity config's and the runtime's counts: each generate or perplexity reports its own."""

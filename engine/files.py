@@ -198,6 +198,11 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)[:200]}"
 
 
+def read_json_if(path: str, what: str) -> dict | None:
+    """The JSON object in path, None when there is no such file."""
+    return read_json(path, what) if os.path.exists(path) else None
+
+
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path) as fh:

@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from .config import HotcoldError
+from .files import read_json_if
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
@@ -361,11 +362,6 @@ def token_bytes(tok: Tokenizer, i: int) -> bytes:
         return t.encode()
     return tok.tk.decode([i], skip_special_tokens=True).encode()
 
-
-def read_json_if(path: str, what: str) -> dict | None:
-    """The JSON object in path, None when there is no such file."""
-    from .files import read_json
-    return read_json(path, what) if os.path.exists(path) else None
 
 def hf_chat_template(path: str, tc: dict) -> str | None:
     """An HF directory's chat template: tokenizer_config.json's (a list of named ones: the one named "default"),

@@ -204,8 +204,7 @@ class Heldout:
                     top.append(logp.topk(min(TOP_K, logp.shape[1]), dim=-1))
                 else:
                     kl += float(top_kl(*self.dense[k], logp).sum())
-            sparsity = (model.sparsity.sparsity() if model.sparsity is not None else
-                        model.runtime.stats()["predicted_sparsity"] if model.runtime is not None else 0.0)
+            sparsity = model.measured_sparsity() or 0.0
         finally:
             model.set_sparsity(None)
         if self.dense is None:

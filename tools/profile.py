@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError, first_line
-from engine.files import JSON_ERRORS, error_text, read_json, write_atomic, write_json
+from engine.files import JSON_ERRORS, error_text, read_json, read_json_if, write_atomic, write_json
 from engine.fingerprint import check_fingerprint, weights_sha256
 from engine.sparsity import EXACT_ACTS, SparsityConfig, batched_net
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
@@ -340,7 +340,7 @@ def finalize(out: str, manifest: dict, counts: np.ndarray, positions: np.ndarray
     rows = np.bincount(positions // ctx, minlength=n_windows)
     manifest["samples"]["chunks"] = sample_chunks(out, rows)
     manifest["samples"]["rows"] = int(rows.sum())
-    old = read_json(os.path.join(out, SUMMARY), "summary") if os.path.exists(os.path.join(out, SUMMARY)) else {}
+    old = read_json_if(os.path.join(out, SUMMARY), "summary") or {}
     summary = {**summarize(counts, n_windows * ctx), "model": manifest["model"],
                "speed": speed if speed["tokens_profiled"] else old.get("speed", speed)}
     write_json(os.path.join(out, SUMMARY), summary)
