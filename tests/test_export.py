@@ -483,6 +483,11 @@ def test_inspect(tiny, capsys):
     assert (info["kind"], info["magic"], info["architecture"]) == ("powerinfer", "PWRI", "llama")
     assert info["predictors"]["ranks"] == [16, 24] and info["predictors"]["thresholds"] == [1.0, 1.0]
     assert info["gpuidx"] == out + ".gpuidx" and info["metadata"]["powerinfer.sparse_threshold"] == 1.0
+    assert info["predictors"]["effective_thresholds"] == load_bundle(tiny["bundle"]).thresholds == [0.5, 2.0]
+    assert main(["inspect", out + ".powerinfer.gguf"]) == 0  # each layer's threshold, as validated: not moved
+    text = capsys.readouterr().out
+    assert "folded into fc2 under sparse_threshold +1.0000" in text and "on validation" not in text
+    assert "rank    24, threshold +2.0000  recall 0.8000" in text
     assert {"name": "blk.1.fc2.weight", "type": "F16", "shape": [tiny["config"].n_ff, 24],
             "bytes": tiny["config"].n_ff * 24 * 2} in info["tensors"]
     assert main(["inspect", out + ".gpuidx", "--json"]) == 0

@@ -429,6 +429,9 @@ def inspect_file(path: str, whole: bool = False) -> dict:
         else:
             info["predictors"] = predictor_summary(ckpt.predictors) if ckpt.predictors is not None else None
             info["gpuidx"] = ckpt.gpuidx
+            folded = json.loads(field_value(r, KEY_BUNDLE_MANIFEST, "{}")).get("export", {})  # our PowerInfer export's
+            if info["predictors"] and isinstance(folded, dict) and "effective_thresholds" in folded:
+                info["predictors"]["effective_thresholds"] = folded["effective_thresholds"]
     return info
 
 
@@ -450,8 +453,10 @@ def format_inspect(info: dict) -> str:
     p = info.get("predictors")
     if p:
         kind = f", decoded as {p['predictor_type']} by default" if "predictor_type" in p else ""
-        lines.append(f"predictors: {p['n_layer']} layers, {p['n_params'] / 1e6:.2f} M parameters{kind}")
-        for i, (rank, t) in enumerate(zip(p["ranks"], p["thresholds"])):
+        folded = p.get("effective_thresholds")  # each layer's, scaled into fc2 for the one threshold PowerInfer takes
+        lines.append(f"predictors: {p['n_layer']} layers, {p['n_params'] / 1e6:.2f} M parameters{kind}" + (
+            f"; thresholds folded into fc2 under sparse_threshold {p['thresholds'][0]:+.4f}" if folded else ""))
+        for i, (rank, t) in enumerate(zip(p["ranks"], folded or p["thresholds"])):
             m = p.get("metrics", [])[i] if i < len(p.get("metrics", [])) else {}
             extra = " ".join(f"{k} {m[k]:.4f}" for k in METRIC_KEYS if k in m)
             if extra and m.get("threshold", t) != t:  # thresholds moved since (calibrate --predictors)
