@@ -145,6 +145,17 @@ def test_export_makes_the_output_directory(tiny, capsys):
         2, f"hotcold: error: {tiny['dir']}: a directory; -o takes a file name without its suffix, e.g. out/model")
 
 
+def test_out_named_with_a_suffix(tiny, capsys):
+    """-o out/m.gguf writes out/m.powerinfer.gguf (not m.gguf.powerinfer.gguf); a llama.cpp GGUF is not written
+    under PowerInfer's file name."""
+    out = str(tiny["dir"] / "suffixed")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out + ".gguf")[0] == 0
+    assert os.path.exists(out + ".powerinfer.gguf") and not os.path.exists(out + ".gguf.powerinfer.gguf")
+    code, err = export(capsys, "-m", tiny["src"], "-o", out + "2.powerinfer.gguf", "--format", "gguf")
+    assert code == 2 and err.startswith(f"hotcold: error: {out}2.powerinfer.gguf: --format gguf writes llama.cpp's")
+    assert not os.path.exists(out + "2.powerinfer.gguf")
+
+
 def test_powerinfer_format_bytes(tiny, capsys):
     """Magic, tensor names and shapes, key types, and the .gpuidx order, read with GGUFReader."""
     c, out = tiny["config"], str(tiny["dir"] / "fmt")
