@@ -22,7 +22,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("silu", 0),))
+    return tiny_models(str(tmp_path_factory.mktemp("tiny")), (("silu", 0), ("drelu", 0)))
 
 
 def tiny_run(tiny, out, steps=6, l1=0.0, **kw):
@@ -117,6 +117,9 @@ def test_a_state_of_other_settings_or_a_corrupt_one_is_refused(tiny, tmp_path, c
     assert main(argv[:-4] + ["--ctx", "300"] + argv[-2:]) == 2  # past the model's training context
     assert "a context of 300 tokens is longer than the 256 the model was trained on" in capsys.readouterr().err
     assert out.read_bytes() == b"keep" and open(state, "rb").read()[:8] == saved[:8]
+    assert main([a if a != tiny[0]["silu", 0] else tiny[0]["drelu", 0] for a in argv[:7]] + ["-t", "1"]) == 2
+    assert "drelu0.gguf: a drelu model, already exactly sparse; relufy fine-tunes a SiLU model" in \
+        capsys.readouterr().err
     diverged = [str(tmp_path / "d.gguf") if a == str(out) else a for a in argv]
     diverged += ["--lr", "1e30", "--seed", str(10**14)]
     assert main(diverged) == 2  # a seed past 64 bits is taken; a NaN loss is said, and no state kept to resume from

@@ -84,11 +84,18 @@ def forward(ckpt: Checkpoint, w: dict, act: str, tokens: torch.Tensor, cos, sin,
     return x @ w.get("output.weight", w["token_embd.weight"]).T, torch.stack(means), torch.stack(zeros)
 
 
-def trainable(ckpt: Checkpoint) -> dict[str, torch.nn.Parameter]:
-    """Every weight as a float32 parameter."""
+def check_source(ckpt: Checkpoint) -> None:
+    """A model relufy can train: a SiLU llama with its gated FFN in llama.cpp's layout."""
     c = ckpt.config
     if c.arch != "llama" or not c.ffn_gated or any("ffn_down_t" in k for k in ckpt.tensors):
         raise HotcoldError(f"{ckpt.path}: relufy takes a llama model with a gated FFN in llama.cpp's layout")
+    if c.act != "silu":  # it would only train a sparse model into ReLU, dropping a dReLU's or FATReLU's own rule
+        raise HotcoldError(f"{ckpt.path}: a {c.act} model, already exactly sparse; relufy fine-tunes a SiLU model")
+
+
+def trainable(ckpt: Checkpoint) -> dict[str, torch.nn.Parameter]:
+    """Every weight as a float32 parameter."""
+    check_source(ckpt)
     return {k: torch.nn.Parameter(torch.from_numpy(t.dequantize().copy())) for k, t in ckpt.tensors.items()}
 
 
@@ -268,6 +275,7 @@ def cmd_relufy(args) -> None:
     from predictors.bundle import model_fingerprint
     from tools.profile import read_corpus
     ckpt = load_checkpoint(args.model)
+    check_source(ckpt)
     check_context(ckpt, args.ctx)
     if os.path.isdir(args.out):
         raise HotcoldError(f"{args.out}: is a directory (the output is a GGUF file)")
