@@ -569,6 +569,13 @@ def test_generate_runs_an_export_with_its_predictors_and_split(tiny, capsys):
     assert 0 < s["predicted_sparsity"] < 1 and 0 < s["gpu_share"] < 1  # a quarter of the FFN is hot in the split
     assert main(argv) == 0  # no CUDA here: the same predictors, every neuron on the CPU
     assert json.loads(capsys.readouterr().out)["stats"]["gpu_share"] == 0.0 or torch.cuda.is_available()
+    assert main(argv + ["--no-predictors"]) == 0  # the export's dense FFN, as the source's would run
+    got = json.loads(capsys.readouterr().out)
+    dense = Model(load_checkpoint(out + ".powerinfer.gguf"), 64)
+    assert "predicted_sparsity" not in got["stats"]
+    assert got["token_ids"] == dense.generate(got["prompt_token_ids"], 8).token_ids
+    assert main(argv + ["--no-predictors", "--split", tiny["split"]]) == 2
+    assert "--split goes with --predictors" in capsys.readouterr().err
     corpus = tiny["dir"] / "corpus.txt"  # profile and calibrate run the model itself, not its predictors
     corpus.write_text("the cat sat on the mat, and then the dog ate in the hat. " * 12)
     assert main(["profile", "-m", out + ".powerinfer.gguf", "-f", str(corpus), "--ctx", "32", "--tokens", "64",

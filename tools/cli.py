@@ -107,8 +107,11 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How the FFN is sparsified: a sparsity config, or predictors with a hot/cold split."""
     p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
-    p.add_argument("--predictors", default=None, help="predictor bundle (hotcold train-predictors): decode only the "
-                   "FFN neurons it predicts active")
+    pg = p.add_mutually_exclusive_group()
+    pg.add_argument("--predictors", default=None, help="predictor bundle (hotcold train-predictors): decode only the "
+                    "FFN neurons it predicts active")
+    pg.add_argument("--no-predictors", action="store_true", help="leave the predictors a model file carries (an "
+                    "export's) unused: the dense FFN, or --sparsity's")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--split", default=None, help="hot/cold split (hotcold split's OUT.json, or a PowerInfer "
                    ".gpuidx): hot neurons on the GPU")
@@ -143,7 +146,7 @@ def load_model(args, n_ctx: int | None = None):
                  predictors=False)
     if not hasattr(args, "predictors"):
         return model
-    bundle = args.predictors if args.predictors is not None else getattr(model.ckpt, "predictors", None)
+    bundle = None if args.no_predictors else args.predictors or model.ckpt.predictors
     if bundle is None:
         given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device",
                                            "--predictor-type"))
