@@ -521,6 +521,11 @@ def test_inspect(tiny, capsys):
     hf = write_hf(str(tiny["dir"] / "hf_inspect"), tiny["config"], tiny_weights(tiny["config"]))
     assert main(["inspect", hf]) == 2
     assert capsys.readouterr().err.startswith(f"hotcold: error: {hf}: a Hugging Face model directory; inspect reads")
+    other = tiny["dir"] / "no_predictors"  # a folder of other files
+    other.mkdir()
+    (other / "m.gguf").write_bytes(open(tiny["src"], "rb").read())
+    assert main(["inspect", str(other)]) == 2
+    assert capsys.readouterr().err.startswith(f"hotcold: error: {other}: a directory without predictors")
     from predictors.bundle import write_powerinfer_dir  # PowerInfer's predictor directory has a config.json too
     write_powerinfer_dir(str(tiny["dir"] / "pi_dir"), load_bundle(tiny["bundle"]).predictors, 0.5)
     assert main(["inspect", str(tiny["dir"] / "pi_dir"), "--json"]) == 0

@@ -406,9 +406,13 @@ def inspect_file(path: str, whole: bool = False) -> dict:
         if any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, TENSORS)):  # ours, maybe incomplete
             b = load_bundle(path)
             return {"path": path, "kind": "bundle", "fingerprint": b.fingerprint, "predictors": predictor_summary(b)}
-        if not pt_files(path) and os.path.exists(os.path.join(path, "config.json")):  # PowerInfer's has one too
-            raise HotcoldError(f"{path}: a Hugging Face model directory; inspect reads GGUF files and predictor "
-                               f"directories (hotcold export -m {path} -o OUT --format gguf makes a GGUF of it)")
+        if not pt_files(path):
+            reads = "inspect reads GGUF files and predictor directories"
+            if os.path.exists(os.path.join(path, "config.json")):  # PowerInfer's predictor directory has one too
+                raise HotcoldError(f"{path}: a Hugging Face model directory; {reads} (hotcold export -m {path} -o OUT "
+                                   "--format gguf makes a GGUF of it)")
+            raise HotcoldError(f"{path}: a directory without predictors ({MANIFEST}, or PowerInfer's model_N.pt); "
+                               f"{reads}")
         preds, thresholds = read_powerinfer_dir(path)
         return {"path": path, "kind": "powerinfer predictors", "predictors": {
             "n_layer": len(preds), "ranks": [p.rank for p in preds], "thresholds": thresholds,
