@@ -415,7 +415,11 @@ def test_bench_speeds_are_the_best_of_runs_taken_in_turns(tmp_path, monkeypatch)
     B.best_speeds({"dense": runs["dense"]}, [1, 2], 4, best, rounds=2)  # 4.0 then 9.0
     assert best["dense"]["decode_tok_s"] == 9.0 and model.runtime is None and model.net.runtime is None
     monkeypatch.undo()
-    assert 0 < B.audited(model, gate_bundle(model), [1, 2, 3], None)["recall"] <= 1
+    audit = B.audited(model, gate_bundle(model), [1, 2, 3], None, 4)
+    assert 0 < audit["recall"] <= 1 and audit.keys() == {"predicted_sparsity", "recall", "precision", "actual_sparsity"}
+    model.install_runtime(rt)  # the timed runs' tokens and predictions: its row is one run's
+    assert audit["predicted_sparsity"] == model.generate([1, 2, 3], 4, ignore_stop=True).stats["predicted_sparsity"]
+    B.Setup(model).apply()
     assert model.runtime is None and batched_net(model.net).predict is None  # an audit leaves the model dense too
 
 

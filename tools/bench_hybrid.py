@@ -3,7 +3,8 @@
 1. Speed against sparsity on the CPU. A speed fixture, not a model: the model's weights (SmolLM2's by default) with
    FATReLU thresholds set for 50/70/90% FFN sparsity, and predictors made without training (the whitened SVD of each
    layer's gate map, threshold tuned to recall 0.95 on the fixture's own activations). Its text means nothing, so it
-   makes no quality claim; recall and actual sparsity are audited on a short run of the fixture itself.
+   makes no quality claim; predicted and actual sparsity, recall and precision come from one more run of the timed
+   tokens, audited.
 2. With `--predictors` (a trained bundle for `-m`): that model with its predictors, beside its dense decode.
 3. With CUDA: tokens/s against the GPU budget (0/25/50/100% of the FFN as float16 hot rows), next to CPU only
    and to the layer-offload baseline (whole dense layers on the GPU in the same VRAM, as llama.cpp's -ngl).
@@ -27,7 +28,6 @@ from engine.config import AUDIT_KEYS
 FIXTURE_SPARSITY = (0.5, 0.7, 0.9)
 FIXTURE_RECALL = 0.95
 SAMPLE_TOKENS = 256  # activations the fixture's thresholds and predictors are fitted on
-AUDIT_TOKENS = 32
 GPU_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
 ROUNDS = 3  # each speed is the best of this many runs, the configurations taking turns
 
@@ -83,11 +83,13 @@ def fatrelu_fixture(ckpt, ids: list[int], sparsity: float, gs, rounds: int = 2):
     return fx, Bundle(preds, thrs, model_fingerprint(fx))
 
 
-def audited(model, bundle, ids: list[int], qtype: str) -> dict:
-    """Runtime statistics with the true active sets, over AUDIT_TOKENS decoded tokens; the model is left dense."""
+def audited(model, bundle, ids: list[int], qtype: str, n: int) -> dict:
+    """Predicted sparsity, recall, precision and actual sparsity of the predictors decoding n tokens after ids (the
+    timed runs' tokens: the same predictions, with the true active sets besides); the model is left dense."""
     model.set_predictors(bundle, audit=True, qtype=qtype)
     try:
-        return model.generate(ids, AUDIT_TOKENS, ignore_stop=True).stats
+        stats = model.generate(ids, n, ignore_stop=True).stats
+        return {k: stats[k] for k in ("predicted_sparsity",) + AUDIT_KEYS}
     finally:
         Setup(model).apply()
 
@@ -120,7 +122,7 @@ def run_hybrid(args) -> dict:
         rt = Setup.predictors(base, given, qtype=qt)
         st = best_speeds({**dense, "given": Setup(base, runtime=rt)}, ids, args.n, speed)["given"]
         res["given"] = {"bundle": args.predictors, "predictor_type": rt.qtype, "decode_tok_s": st["decode_tok_s"],
-                        "predicted_sparsity": st["predicted_sparsity"], **audit_keys(audited(base, given, ids, qt))}
+                        **audited(base, given, ids, qt, args.n)}
     if base.config.act == "silu" and base.config.ffn_gated:
         sample = prompt_ids(base, min(SAMPLE_TOKENS, base.n_ctx - 8))
         _, gs = gate_samples(base, sample)
@@ -136,8 +138,7 @@ def run_hybrid(args) -> dict:
             res["fixture"].append({"target_sparsity": s, "threshold": fx.config.act_threshold,
                                    "dense_tok_s": speed[s, "dense"]["decode_tok_s"],
                                    "predictor_tok_s": pred["decode_tok_s"],
-                                   "predicted_sparsity": pred["predicted_sparsity"],
-                                   **audit_keys(audited(model, bundle, ids, qt))})
+                                   **audited(model, bundle, ids, qt, args.n)})
             del model, runs
     if "dense" not in speed:  # nothing to compare with
         best_speeds(dense, ids, args.n, speed)
@@ -246,10 +247,6 @@ def hot_layer_us(hot, rounds: int = 20) -> float:
     for _ in range(rounds):
         all_layers()
     return (time.perf_counter() - t) / (rounds * len(hot.ids)) * 1e6
-
-
-def audit_keys(stats: dict) -> dict:
-    return {k: stats[k] for k in AUDIT_KEYS}
 
 
 def argparse_copy(args, **kw):
