@@ -259,6 +259,13 @@ def test_refusals(tmp_path):
     from tools.split import hot_neurons  # --gpu-budget without a recorded profile: refused with or without CUDA
     with pytest.raises(HotcoldError, match="--gpu-budget needs the activation counts"):
         hot_neurons(model, gate_bundle(model), None, 2**30, "auto", 64)
+    assert hot_neurons(model, gate_bundle(model), None, 0, "cpu", 64)[1:] == (None, None)  # budget 0: all on the CPU
+    from tools.split import write_gpuidx  # PowerInfer's split under another name: read as one, by its magic
+    hot = [list(range(0, 64, 2))] * c.n_layer
+    write_gpuidx(str(tmp_path / "split.idx"), {"n_layer": c.n_layer, "n_ff": c.n_ff, "gpu_neurons": hot,
+                                                       "ffn_gpu_bytes": 1})
+    got = hot_neurons(model, gate_bundle(model), str(tmp_path / "split.idx"), None, "cpu", 64)[1]
+    assert [list(g) for g in got] == hot
 
 
 def test_cli_generate_reports_stats(tmp_path):
@@ -281,6 +288,9 @@ def test_cli_generate_reports_stats(tmp_path):
     text = subprocess.run([a for a in cmd if a != "--json"] + ["--split", str(tmp_path / "split.json"), "--hot-device",
                                                             "cpu"], capture_output=True, text=True, check=True).stderr
     assert f"FFN neurons computed on the hot device (cpu, in torch): {s['gpu_share']:.1%}, on the CPU kernels" in text
+    from tools.cli import format_runtime_stats  # nothing placed on a hot device: no GPU share of 0.0% to read
+    assert (f"FFN neurons all computed on the CPU kernels (no hot device) ({plain['stats']['tokens']} tokens"
+            in format_runtime_stats(plain["stats"]))
     bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)
     assert bad.returncode == 2 and "another model" in bad.stderr and "Traceback" not in bad.stderr
     # a split that cannot be read is refused on any machine, not only where a GPU would use it (--hot-device auto)

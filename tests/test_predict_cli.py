@@ -81,6 +81,8 @@ def test_train_resume_eval(setup, capsys):
     res = json.loads(out)
     assert rc == 0 and res["trained"] == [1] and res["complete"]  # layer 0 resumed, not retrained
     assert res["budget"]["share"] <= 0.10
+    for k in ("recall", "precision", "predicted_sparsity", "actual_sparsity"):  # the text table's "all" row
+        assert res[k] == pytest.approx(sum(m[k] for m in res["per_layer"]) / 2), k
     manifest = json.load(open(os.path.join(bundle, "manifest.json")))
     assert manifest["sparsity"]["thresholds"] == [0.0, 0.0] and manifest["corpus"]["tokens"] == 8192
 

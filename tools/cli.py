@@ -226,10 +226,10 @@ def format_runtime_stats(s: dict) -> str:
     lines = ["layer " + " ".join(f"{head.get(k, k):>9}" for k in cols)]
     lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
     lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
-    dev = s.get("hot_device") or "cuda"
-    hot = "the GPU" if dev.startswith("cuda") else f"the hot device ({dev}, in torch)"
+    dev, tokens = s.get("hot_device"), f"({s['tokens']} tokens through decode steps)"
+    hot = None if dev is None else "the GPU" if dev.startswith("cuda") else f"the hot device ({dev}, in torch)"
     lines.append(f"FFN neurons computed on {hot}: {s['gpu_share']:.1%}, on the CPU kernels: {1 - s['gpu_share']:.1%} "
-                 f"({s['tokens']} tokens through decode steps)")
+                 f"{tokens}" if hot else f"FFN neurons all computed on the CPU kernels (no hot device) {tokens}")
     return "\n".join(lines)
 
 

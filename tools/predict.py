@@ -229,12 +229,13 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     """Train the predictors of `ckpt` from the profile at `profile` into bundle directory `out`, for decoding to
     read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
-    Returns {"per_layer": [metrics + layer, rank, budget], "complete": bool, "trained": [layers trained now],
-    "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
+    Returns {"per_layer": [metrics + layer, rank, budget], the metrics' means over those layers, "complete": bool,
+    "trained": [layers trained now], "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
     trained otherwise, by retraining it."""
     from engine.hybrid import torch_device
     from engine.fingerprint import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
+    from predictors.metrics import summarize
     from predictors.train import BUDGET, MIN_SAMPLES, WEIGHTINGS, held_out, train_layer
     from tqdm import tqdm
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -306,7 +307,7 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
                           "predictor_bytes": round(weight_bytes(qtype) * pred.n_params),
                           "ffn_bytes": sum(t.nbytes for t in ffn)})
     complete = all(i in done for i in range(c.n_layer))
-    res = {"per_layer": per_layer, "trained": todo, "complete": complete, "bundle": None}
+    res = {**summarize(per_layer), "trained": todo, "complete": complete, "bundle": None}  # means over layers too
     if complete:
         preds, thrs, mets = zip(*(done[i] for i in range(c.n_layer)))
         corpus = {"profile": os.path.abspath(profile), "model": manifest.get("model"), **manifest["settings"],

@@ -174,6 +174,16 @@ def split_outputs(prefix: str) -> tuple[str, str]:
     return prefix + ".json", prefix + ".gpuidx"
 
 
+def gguf_magic(path: str) -> bool:
+    """Whether the file starts as a GGUF or PowerInfer file does (a .gpuidx under another name)."""
+    from engine.loader import GGUF_MAGICS
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in GGUF_MAGICS
+    except OSError:
+        return False  # said by the reader
+
+
 def is_gpuidx(path: str) -> bool:
     from engine.loader import GPU_INDEX_ARCH, field_value, open_gguf
     return field_value(open_gguf(path), "general.architecture") == GPU_INDEX_ARCH
@@ -229,6 +239,8 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
     if hot_device != "auto":
         torch_device(hot_device, "--hot-device")
     device = "cuda" if hot_device == "auto" and torch.cuda.is_available() else hot_device
+    if gpu_budget == 0:  # no GPU memory: every neuron on the CPU (`hotcold split` refuses it: nothing to place)
+        return bundle, None, None
     if split_path is None and gpu_budget is None:
         split_path = model.ckpt.gpuidx if device != "auto" else None  # PowerInfer's split beside an export
         if split_path is None:
@@ -237,7 +249,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                       f"CPU", file=sys.stderr)
             return bundle, None, None
     # the split read, or solved, even where no GPU will use it: a command refused on one machine is on every one
-    if split_path is not None and split_path.endswith(".gpuidx"):
+    if split_path is not None and (split_path.endswith(".gpuidx") or gguf_magic(split_path)):
         hot = check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path)
     elif split_path is not None:
         hot = read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"]
