@@ -35,8 +35,8 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
                            load_checkpoint, open_gguf, resolve)
 from engine.qtensor import QTensor
-from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED,
-                              TOKEN_USER_DEFINED, Tokenizer)
+from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL,
+                              TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer)
 from tools.cli import MODEL_HELP, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
@@ -492,7 +492,8 @@ def add_command(sub) -> None:
     p.add_argument("--predictors", default=None,
                    help="predictor bundle (hotcold train-predictors); default: the ones the model file carries")
     p.add_argument("--split", default=None, help="a `hotcold split` result (OUT.json): writes PowerInfer's .gpuidx")
-    p.add_argument("-o", "--out", required=True, help="writes OUT.powerinfer.gguf (--format gguf: OUT.gguf); a .gguf suffix of OUT is dropped")
+    p.add_argument("-o", "--out", required=True, help="writes OUT.powerinfer.gguf (--format gguf: OUT.gguf); a "
+                   ".gguf suffix of OUT is dropped")
     p.add_argument("--format", choices=("powerinfer", "gguf"), default="powerinfer",
                    help="powerinfer: PowerInfer's sparse GGUF (default); gguf: llama.cpp's, predictors in hotcold keys")
     p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="matrix storage (default f16)")

@@ -230,8 +230,8 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     read them as qtype (engine.config.PREDICTOR_TYPES; recorded in the bundle as training["predictor_type"]).
 
     Returns {"per_layer": [metrics + layer, rank, budget], the metrics' means over those layers, "complete": bool,
-    "trained": [layers trained now], "bundle": out or None, "budget": {...}}. What `out` holds is resumed (`kept_work`); force: even if it was
-    trained otherwise, by retraining it."""
+    "trained": [layers trained now], "bundle": out or None, "budget": {...}}. What `out` holds is resumed
+    (`kept_work`); force: even if it was trained otherwise, by retraining it."""
     from engine.hybrid import torch_device
     from engine.fingerprint import fingerprint
     from predictors.bundle import Bundle, check_bundle_out, model_fingerprint
