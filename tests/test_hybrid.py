@@ -477,3 +477,16 @@ def test_hot_part_and_offload_on_cuda_match_all_cpu(tmp_path):
     off.net = LayerOffload(off.net, 2, "cuda")  # its decode steps replay one graph
     x, y = offload_sequence(dense, chunk), offload_sequence(off, chunk)
     assert float((x - y).norm() / x.norm()) < 0.03  # float16 layers: about 0.014 in an emulation on the CPU
+
+
+def test_bench_times_the_first_token_of_the_model_as_it_runs(monkeypatch):
+    """bench's time-to-first-token child gets the runtime flags the bench ran with: --no-predictors too (it would
+    have decoded through an export's own predictors)."""
+    import tools.bench as bench
+    from tools.cli import build_parser
+    seen = []
+    monkeypatch.setattr(bench.subprocess, "run",
+                        lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    for extra in ([], ["--no-predictors"]):
+        bench.time_to_first_token(build_parser().parse_args(["bench", "-m", "x.gguf", "-t", "1", *extra]), 64)
+    assert "--no-predictors" not in seen[0] and "--no-predictors" in seen[1] and "-t" in seen[1]

@@ -178,7 +178,8 @@ def time_to_first_token(args, n_ctx: int) -> float:
 
     cmd = [sys.executable, "-m", "tools.cli", "generate", "-p", "Hello", "-n", "1", "--temperature", "0", "-c",
            str(n_ctx)]
-    cmd += (["-m", given("model")] if args.model else []) + (["-t", str(args.threads)] if args.threads else [])
+    cmd += (["-m", given("model")] if args.model else []) + ["-t", str(args.threads)]
+    cmd += ["--no-predictors"] if args.no_predictors else []
     for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:
