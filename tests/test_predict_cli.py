@@ -73,6 +73,10 @@ def test_train_resume_eval(setup, capsys):
     first = json.loads(out)
     assert rc == 0 and first["trained"] == [0] and not first["complete"]
     assert not os.path.exists(os.path.join(bundle, "manifest.json"))  # written once every layer is trained
+    from tools.predict import partial_paths
+    umask = os.umask(0)
+    os.umask(umask)  # a layer's file is readable as the finished bundle's are (safetensors' save_file made it 0600)
+    assert {os.stat(p).st_mode & 0o777 for p in partial_paths(bundle, 0)} == {0o666 & ~umask}
     # a save killed between its two renames leaves files that disagree beside partial/: the layers there resume
     for name in ("manifest.json", "predictors.safetensors"):
         (s["dir"] / "bundle" / name).write_text("cut short")
