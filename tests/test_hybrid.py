@@ -263,9 +263,11 @@ def test_refusals(tmp_path):
     from tools.split import write_gpuidx  # PowerInfer's split under another name: read as one, by its magic
     hot = [list(range(0, 64, 2))] * c.n_layer
     write_gpuidx(str(tmp_path / "split.idx"), {"n_layer": c.n_layer, "n_ff": c.n_ff, "gpu_neurons": hot,
-                                                       "ffn_gpu_bytes": 1})
+                                               "ffn_gpu_bytes": 1})
     got = hot_neurons(model, gate_bundle(model), str(tmp_path / "split.idx"), None, "cpu", 64)[1]
     assert [list(g) for g in got] == hot
+    with pytest.raises(HotcoldError, match="a GGUF of architecture 'llama', not a PowerInfer GPU index"):
+        hot_neurons(model, gate_bundle(model), model.ckpt.path, None, "cpu", 64)  # the model given as its split
 
 
 def test_cli_generate_reports_stats(tmp_path):
@@ -315,6 +317,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
     assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall"]) == 2
     assert "--audit-recall: bench --hybrid chooses its own" in capsys.readouterr().err
+    assert main(["bench", "--hybrid", "-m", path, "--no-predictors"]) == 2
+    assert "--no-predictors: bench --hybrid chooses its own" in capsys.readouterr().err
     for argv, why in ((["--hybrid", "--compare"], "--compare: bench --hybrid measures rows of its own"),
                       (["--sparsity-levels", "0.5"], "--sparsity-levels: the sparsities of --compare's rows")):
         assert main(["bench", "-m", path, *argv]) == 2 and why in capsys.readouterr().err  # not silently ignored
@@ -336,7 +340,8 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     assert 0.3 < p["predicted_sparsity"] < 1 and 0 < p["recall"] < 1 and p["gpu_share"] == 0.0
     assert res["ttft_s"] > 0 and 0 < res["model_rss_bytes"] <= res["run_rss_bytes"]
     assert "MB after decoding" in format_bench(res) and p["hot_device"] is None
-    assert ", gpu share 0.000, recall" in format_bench(res) and "hot part on" not in format_bench(res)
+    assert "gpu share" not in format_bench(res) and "hot part on" not in format_bench(res)
+    assert format_bench(res).split("predictors: ")[1].splitlines()[0].endswith(" (all on the CPU kernels)")
     assert "recall" in (text := format_bench(dict(res, predictors=dict(p, hot_device="cpu"))))
     assert text.split("predictors: ")[1].splitlines()[0].endswith(" (the hot part on cpu)")
     none = dict(res, predictors=dict.fromkeys(p))  # -n 1 after a batched prompt: no decode step, null rates

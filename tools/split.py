@@ -137,8 +137,11 @@ def read_gpuidx(path: str, n_ff: int) -> list[np.ndarray]:
     """The GPU neuron ids per layer of PowerInfer's .gpuidx (see `write_gpuidx`) for a model of n_ff neurons a layer:
     where gpu_idx is 1. gpu_bucket, which PowerInfer's later splitters always write (early ones for MoE only), must
     name the same neurons."""
-    from engine.loader import open_gguf
+    from engine.loader import GPU_INDEX_ARCH, field_value, open_gguf
     r = open_gguf(path)
+    arch = field_value(r, "general.architecture")
+    if arch != GPU_INDEX_ARCH:  # a model given as the split
+        raise HotcoldError(f"{path}: a GGUF of architecture {arch!r}, not a PowerInfer GPU index ({GPU_INDEX_ARCH})")
     data = {t.name: np.asarray(t.data) for t in r.tensors}
     n = len([k for k in data if k.endswith(".gpu_idx")])
     ids = []
@@ -229,7 +232,8 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
     """(bundle, hot neuron ids per layer or None, torch device for them or None) for the runtime's options.
 
     bundle: a path or Bundle; the hot set comes from a split file, or is solved for gpu_budget from the counts
-    of the profile the bundle was trained on. hot_device auto: CUDA if present, else nothing is hot."""
+    of the profile the bundle was trained on (a budget of 0: nothing is hot). hot_device auto: CUDA if present, else
+    nothing is hot."""
     import torch
     from engine.hybrid import check_hot, torch_device
     from predictors.bundle import Bundle, load_bundle, model_fingerprint
