@@ -151,9 +151,14 @@ def test_out_named_with_a_suffix(tiny, capsys):
     out = str(tiny["dir"] / "suffixed")
     assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out + ".gguf")[0] == 0
     assert os.path.exists(out + ".powerinfer.gguf") and not os.path.exists(out + ".gguf.powerinfer.gguf")
-    code, err = export(capsys, "-m", tiny["src"], "-o", out + "2.powerinfer.gguf", "--format", "gguf")
-    assert code == 2 and err.startswith(f"hotcold: error: {out}2.powerinfer.gguf: --format gguf writes llama.cpp's")
+    for name in (out + "2.powerinfer.gguf", out + "2.powerinfer"):
+        code, err = export(capsys, "-m", tiny["src"], "-o", name, "--format", "gguf")
+        assert code == 2 and err.startswith(f"hotcold: error: {name}: --format gguf writes llama.cpp's")
     assert not os.path.exists(out + "2.powerinfer.gguf")
+    assert export(capsys, "-m", tiny["src"], "--predictors", tiny["bundle"], "-o", out + "3.powerinfer")[0] == 0
+    assert os.path.exists(out + "3.powerinfer.gguf")
+    code, err = export(capsys, "-m", tiny["src"], "-o", str(tiny["dir"]) + "/.gguf", "--format", "gguf")
+    assert code == 2 and "a directory; -o takes a file name without its suffix" in err
 
 
 def test_powerinfer_format_bytes(tiny, capsys):
@@ -580,7 +585,7 @@ def test_generate_runs_an_export_with_its_predictors_and_split(tiny, capsys):
     assert "predicted_sparsity" not in got["stats"]
     assert got["token_ids"] == dense.generate(got["prompt_token_ids"], 8).token_ids
     assert main(argv + ["--no-predictors", "--split", tiny["split"]]) == 2
-    assert "--split goes with --predictors" in capsys.readouterr().err
+    assert "--split: --no-predictors runs no predictors for it to go with" in capsys.readouterr().err
     corpus = tiny["dir"] / "corpus.txt"  # profile and calibrate run the model itself, not its predictors
     corpus.write_text("the cat sat on the mat, and then the dog ate in the hat. " * 12)
     assert main(["profile", "-m", out + ".powerinfer.gguf", "-f", str(corpus), "--ctx", "32", "--tokens", "64",

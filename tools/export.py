@@ -321,11 +321,11 @@ def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     ckpt = load_checkpoint(args.model)
     powerinfer = args.format == "powerinfer"
-    check_out_prefix(args.out, "out/model")
-    if not powerinfer and args.out.endswith(POWERINFER_SUFFIX):
+    base = args.out.removesuffix(".gguf").removesuffix(".powerinfer")  # -o out/model.gguf: out/model's files
+    check_out_prefix(base, "out/model")
+    if not powerinfer and base != args.out.removesuffix(".gguf"):
         raise HotcoldError(f"{args.out}: --format gguf writes llama.cpp's GGUF, OUT.gguf; {POWERINFER_SUFFIX} names "
                            "--format powerinfer's file")
-    base = args.out.removesuffix(POWERINFER_SUFFIX).removesuffix(".gguf")  # -o out/model.gguf: out/model's files
     path = base + (POWERINFER_SUFFIX if powerinfer else ".gguf")
     split_paths = gpuidx_paths(path) if powerinfer else []
     if powerinfer:
@@ -493,7 +493,7 @@ def add_command(sub) -> None:
                    help="predictor bundle (hotcold train-predictors); default: the ones the model file carries")
     p.add_argument("--split", default=None, help="a `hotcold split` result (OUT.json): writes PowerInfer's .gpuidx")
     p.add_argument("-o", "--out", required=True, help="writes OUT.powerinfer.gguf (--format gguf: OUT.gguf); a "
-                   ".gguf suffix of OUT is dropped")
+                   ".gguf or .powerinfer.gguf suffix of OUT is dropped")
     p.add_argument("--format", choices=("powerinfer", "gguf"), default="powerinfer",
                    help="powerinfer: PowerInfer's sparse GGUF (default); gguf: llama.cpp's, predictors in hotcold keys")
     p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="matrix storage (default f16)")
