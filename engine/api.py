@@ -339,8 +339,9 @@ class Model:
         return range(first_chunk, available if chunks is None else min(available, first_chunk + chunks))
 
     def measured_sparsity(self) -> float | None:
-        """The FFN sparsity since reset_counts: the predictors' predicted sparsity where a runtime runs the FFN, else
-        the sparsity config's measured one; None for the dense model."""
+        """The FFN sparsity since reset_counts: the predictors' predicted sparsity where a runtime runs the FFN (None
+        when no token went through a decode step), else the sparsity config's measured one; None for the dense
+        model."""
         if self.runtime is not None:
             return self.runtime.stats()["predicted_sparsity"]
         return self.sparsity.sparsity() if self.sparsity is not None else None

@@ -300,9 +300,11 @@ def format_bench(r: dict) -> str:
              f"time to first token of a new process (JIT cache warm): {r['ttft_s']:.2f} s"]
     if r.get("predictors"):  # null rates when no token went through a decode step (-n 1 after a batched prompt)
         p = r["predictors"]
-        where = f" (the hot part on {p['hot_device']})" if p.get("hot_device") else ""
-        lines.append("predictors: " + (", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in p.items()
-                                                 if isinstance(v, float)) + where or "no decode step, no statistics"))
+        hot = p.get("hot_device")  # none: all on the CPU kernels, no GPU share to give
+        where = f" (the hot part on {hot})" if hot else " (all on the CPU kernels)"
+        rates = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in p.items()
+                          if isinstance(v, float) and (hot or k != "gpu_share"))
+        lines.append("predictors: " + (rates + where if rates else "no decode step, no statistics"))
     cmp = r.get("compare")
     if cmp:
         lines.append(f"\nmemory read bandwidth (measured now): {cmp['bandwidth_gb_s']:.1f} GB/s")

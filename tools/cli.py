@@ -116,7 +116,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default=None, help="hot/cold split (hotcold split's OUT.json, or a PowerInfer "
                    ".gpuidx): hot neurons on the GPU")
     g.add_argument("--gpu-budget", type=size, default=None, help="GPU memory for a split solved now, e.g. 512M, from "
-                   "the activation counts of the profile the predictors were trained on")
+                   "the activation counts of the profile the predictors were trained on; 0: everything on the CPU")
     p.add_argument("--hot-device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where hot neurons run: auto = CUDA when available, else everything on the CPU kernels; "
                    "cpu = torch on the CPU (exercises the split without a GPU)")
@@ -132,24 +132,27 @@ def runtime_flags_given(args, flags: tuple[str, ...]) -> list[str]:
     """Which of `flags`, options of `add_runtime_args` beside --predictors, the command line set."""
     given = {"--split": args.split is not None, "--gpu-budget": args.gpu_budget is not None,
              "--audit-recall": args.audit_recall, "--hot-device": args.hot_device != "auto",
-             "--predictor-type": args.predictor_type is not None, "--sparsity": args.sparsity is not None}
+             "--predictor-type": args.predictor_type is not None, "--sparsity": args.sparsity is not None,
+             "--no-predictors": args.no_predictors}
     return [f for f in flags if given[f]]
 
 
 def load_model(args, n_ctx: int | None = None):
     """-m with the command's options. The commands with the runtime's options (add_runtime_args) decode through
-    predictors, --predictors' or those the model file carries, set once with the split; the others (profile,
-    calibrate) run the model itself."""
+    predictors, --predictors' or those the model file carries (not with --no-predictors), set once with the split;
+    the others (profile, calibrate) run the model itself."""
     from engine.api import load
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
                  backend=args.backend, sparsity=getattr(args, "sparsity", None), cache_type=args.cache_type,
                  predictors=False)
     if not hasattr(args, "predictors"):
         return model
-    bundle = None if args.no_predictors else args.predictors or model.ckpt.predictors
+    bundle = None if args.no_predictors else args.predictors if args.predictors is not None else model.ckpt.predictors
     if bundle is None:
         given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device",
                                            "--predictor-type"))
+        if given and args.no_predictors:
+            raise HotcoldError(f"{given[0]}: --no-predictors runs no predictors for it to go with")
         if given:
             raise HotcoldError(f"{given[0]} goes with --predictors (or a model exported with its predictors)")
         return model

@@ -184,7 +184,7 @@ def save_partial(out: str, i: int, key: str, pred, threshold: float, metrics: di
     st, js = partial_paths(out, i)
     os.makedirs(os.path.dirname(st), exist_ok=True)
     t = {"fc1": pred.fc1.weight.detach().half().contiguous(), "fc2": pred.fc2.weight.detach().half().contiguous()}
-    write_atomic(st, lambda tmp: Path(tmp).write_bytes(save_tensors(t)))  # save_file would make it 0600, unlike the bundle
+    write_atomic(st, lambda tmp: Path(tmp).write_bytes(save_tensors(t)))  # save_file made it 0600, unlike the bundle
     write_json(js, {"key": key, "threshold": threshold, "metrics": metrics})
 
 
