@@ -291,6 +291,7 @@ def test_cli_generate_reports_stats(tmp_path):
                                                             "cpu"], capture_output=True, text=True, check=True).stderr
     assert f"FFN neurons computed on the hot device (cpu, in torch): {s['gpu_share']:.1%}, on the CPU kernels" in text
     from tools.cli import format_runtime_stats  # nothing placed on a hot device: no GPU share of 0.0% to read
+    assert format_runtime_stats(s).splitlines()[0].split() == ["layer", "recall", "precision", "pred.sp", "act.sp"]
     assert (f"FFN neurons all computed on the CPU kernels (no hot device) ({plain['stats']['tokens']} tokens"
             in format_runtime_stats(plain["stats"]))
     bad = subprocess.run(cmd[:-4] + ["-m", tiny_path(tmp_path, "silu")], capture_output=True, text=True)

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from engine.config import AUDIT_KEYS, BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, HotcoldError
+from engine.config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, HotcoldError
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
@@ -224,8 +224,9 @@ def format_runtime_stats(s: dict) -> str:
     if not s["tokens"]:
         return "predictors: no token went through a decode step (a long prompt is prefilled batched), no statistics"
     audit = "recall" in s
-    cols = ("predicted_sparsity",) + (AUDIT_KEYS if audit else ())
-    head = {"predicted_sparsity": "pred.sp", "actual_sparsity": "act.sp"}  # as train-predictors' table names them
+    from predictors.metrics import METRIC_KEYS  # train- and eval-predictors' columns, in their order and names
+    cols = METRIC_KEYS if audit else ("predicted_sparsity",)
+    head = {"predicted_sparsity": "pred.sp", "actual_sparsity": "act.sp"}
     lines = ["layer " + " ".join(f"{head.get(k, k):>9}" for k in cols)]
     lines += [f"{m['layer']:>5} " + " ".join(f"{m[k]:>9.4f}" for k in cols) for m in s["per_layer"]]
     lines.append("  all " + " ".join(f"{s[k]:>9.4f}" for k in cols))
