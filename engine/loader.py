@@ -136,6 +136,15 @@ def field_value(reader: GGUFReader, key: str, default=None):
     return f.contents()
 
 
+def file_magic(path: str) -> bytes:
+    """A file's first four bytes (b"" where it cannot be read): GGUF, PWRI, or something else."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4)
+    except OSError:
+        return b""
+
+
 def open_gguf(path: str) -> GGUFReader:
     """GGUFReader with clear errors; also reads PowerInfer files (magic PWRI) without touching them."""
     try:

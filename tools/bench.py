@@ -144,10 +144,8 @@ def llamacpp_decode(path: str, threads: int, ids: list[int], n: int) -> dict | N
 
 def llamacpp_reads(path: str) -> bool:
     """Whether llama.cpp can open the model: a GGUF file, not a Hugging Face directory nor PowerInfer's (PWRI)."""
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"GGUF"
+    from engine.loader import file_magic
+    return os.path.isfile(path) and file_magic(path) == b"GGUF"
 
 
 def llamacpp_here(path: str, threads: int, ids: list[int], n: int) -> dict | None:

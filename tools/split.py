@@ -177,16 +177,6 @@ def split_outputs(prefix: str) -> tuple[str, str]:
     return prefix + ".json", prefix + ".gpuidx"
 
 
-def gguf_magic(path: str) -> bool:
-    """Whether the file starts as a GGUF or PowerInfer file does (a .gpuidx under another name)."""
-    from engine.loader import GGUF_MAGICS
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) in GGUF_MAGICS
-    except OSError:
-        return False  # said by the reader
-
-
 def is_gpuidx(path: str) -> bool:
     from engine.loader import GPU_INDEX_ARCH, field_value, open_gguf
     return field_value(open_gguf(path), "general.architecture") == GPU_INDEX_ARCH
@@ -236,6 +226,7 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
     nothing is hot."""
     import torch
     from engine.hybrid import check_hot, torch_device
+    from engine.loader import GGUF_MAGICS, file_magic
     from predictors.bundle import Bundle, load_bundle, model_fingerprint
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, model_fingerprint(model.ckpt))
@@ -252,8 +243,9 @@ def hot_neurons(model, bundle, split_path: str | None, gpu_budget: int | None, h
                 print(f"hotcold: --hot-device {hot_device} without --split or --gpu-budget: every neuron runs on the "
                       f"CPU", file=sys.stderr)
             return bundle, None, None
-    # the split read, or solved, even where no GPU will use it: a command refused on one machine is on every one
-    if split_path is not None and (split_path.endswith(".gpuidx") or gguf_magic(split_path)):
+    # the split read, or solved, even where no GPU will use it: a command refused on one machine is on every one;
+    # a .gpuidx is known by its magic too (an unreadable file is said by the JSON reader)
+    if split_path is not None and (split_path.endswith(".gpuidx") or file_magic(split_path) in GGUF_MAGICS):
         hot = check_hot(read_gpuidx(split_path, c.n_ff), c, split_path, model.ckpt.path)
     elif split_path is not None:
         hot = read_model_split(split_path, c, model.fingerprint, model.ckpt.path)["gpu_neurons"]
