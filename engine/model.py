@@ -53,6 +53,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int, block: int = 128) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with query t (at position pos + t) seeing keys 0..pos+t: q (H, T, hd), k and v
+    (Hkv, S, hd) with S = pos + T, query head h reading key head h // (H / Hkv) -> (H, T, hd).
+    What F.scaled_dot_product_attention computes with that mask (the test's reference), in blocks of queries, each
+    block's heads of one key head in one matmul over the keys it sees: 2x its speed on the CPU for 512 queries and
+    more (its masked path runs each head alone over all the keys), and no (H, T, S) scores."""
+    H, T, hd = q.shape
+    Hkv = k.shape[0]
+    qg = (q * hd ** -0.5).view(Hkv, H // Hkv, T, hd)
+    out = torch.empty_like(qg)
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        n, S = e - s, pos + e  # this block's queries, the keys its last one sees
+        sc = (qg[:, :, s:e].reshape(Hkv, -1, hd) @ k[:, :S].transpose(1, 2)).view(Hkv, -1, n, S)  # (Hkv, g, n, S)
+        if n > 1:
+            t = torch.arange(S)
+            sc.masked_fill_(t[None, :] > t[pos + s:S, None], float("-inf"))  # (n, S): key after the query
+        out[:, :, s:e] = (torch.softmax(sc, -1).view(Hkv, -1, S) @ v[:, :S]).view(Hkv, -1, n, hd)
+    return out.view(H, T, hd)
+
+
 class TorchModel:
     """Dense forward over a KV cache of n_ctx positions."""
 
@@ -141,12 +162,7 @@ class TorchModel:
         self.k_cache[i, :, pos:pos + T], self.v_cache[i, :, :, pos:pos + T] = k.transpose(0, 1), v.permute(1, 2, 0)
         keys = self.k_cache[i, :, :pos + T].to(q.dtype)  # (Hkv, S, hd)
         vals = self.v_cache[i, :, :, :pos + T].transpose(1, 2).to(q.dtype)  # (Hkv, S, hd)
-        mask = None
-        if T > 1:  # query t sees keys 0..pos+t
-            t = torch.arange(pos + T, device=q.device)
-            mask = t[None, :] <= t[pos:, None]  # (T, S)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), keys, vals, attn_mask=mask,
-                                           enable_gqa=c.n_head != c.n_head_kv)  # (H, T, hd)
+        o = causal_attention(q.transpose(0, 1), keys, vals, pos)  # (H, T, hd)
         return self.mm(o.transpose(0, 1).reshape(T, c.n_embd), blk(i, "attn_output"))
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
