@@ -73,6 +73,23 @@ def assert_one_line(code, err, *words):
         assert word in err, err
 
 
+def test_generate_reads_its_prompt_from_a_file_as_llamacpp_does(tmp_path, capsys):
+    """generate -f: the file's text with "\r\n" kept and one final newline dropped (llama.cpp's -f), the prompt -p
+    would give (a file of one newline: the empty prompt, BOS alone)."""
+    c = tiny_config()
+    good = write_gguf(str(tmp_path / "good.gguf"), c, tiny_weights(c))
+
+    def prompt_ids(*argv):
+        assert main(["generate", "-m", good, "-n", "1", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)["prompt_token_ids"]
+
+    (tmp_path / "p.txt").write_bytes(b"the cat\r\nsat on\n\n")
+    got = prompt_ids("-f", str(tmp_path / "p.txt"))
+    assert got == prompt_ids("-p", "the cat\r\nsat on\n") != prompt_ids("-p", "the cat\nsat on\n")
+    (tmp_path / "nl.txt").write_bytes(b"\n")
+    assert prompt_ids("-f", str(tmp_path / "nl.txt")) == prompt_ids("-p", "") == [0]  # BOS
+
+
 def test_bad_inputs_give_one_line(tmp_path, capsys):
     c = tiny_config()
     w = tiny_weights(c)
@@ -130,6 +147,11 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
     # argv bytes that are not UTF-8 reach Python as lone surrogates: tokenized as U+FFFD, not a crash
     assert run_cli(capsys, "tokenize", "-m", good, "ab\udcff\udcfecd")[0] == 0
     assert run_cli(capsys, "generate", "-m", good, "-p", "hi \udcff", "-n", "2", "--seed", "-1")[0] == 0
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-f", str(tmp_path / "none.txt")), "none.txt", "no such")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-f", str(tmp_path / "latin1.txt")), "latin1.txt",
+                    "unreadable prompt file")
+    assert_one_line(*run_cli(capsys, "generate", "-m", good, "-f", str(tmp_path)), tmp_path.name, "unreadable")
 
     hfdir = tmp_path / "hf"
     write_hf(str(hfdir), c, w)
@@ -313,6 +335,8 @@ def test_argument_errors_are_one_line(capsys):
                         (["nosuch"], "invalid choice: 'nosuch'"),
                         (["bench", "-n", "abc"], "argument -n: invalid int value: 'abc'"),  # not "parse value"
                         (["generate", "-p", "hi", "--top-p", "x"], "argument --top-p: invalid float value: 'x'"),
+                        (["generate", "-p", "hi", "-f", "p.txt"], "argument -f/--file: not allowed with argument -p"),
+                        (["generate", "-n", "4"], "one of the arguments -p/--prompt -f/--file is required"),
                         (["bench", "-n", "1"], "argument -n: must be at least 2")):  # -n 1: no decode step to time
         with pytest.raises(SystemExit) as e:
             main(argv)

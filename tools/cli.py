@@ -185,8 +185,9 @@ def cmd_generate(args) -> None:
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
         raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
+    text = args.prompt if args.file is None else read_prompt(args.file)  # a bad file is named before the model loads
     model = load_model(args)
-    prompt = valid_text(args.prompt)
+    prompt = valid_text(text)
     if args.chat:
         system = None if args.system is None else valid_text(args.system)
         prompt = model.tokenizer.apply_chat_template(prompt, system)
@@ -217,6 +218,17 @@ def cmd_generate(args) -> None:
     if out.stats["stop"] == "context":
         print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
               file=sys.stderr)
+
+
+def read_prompt(path: str) -> str:
+    """generate -f: the file's text as it is ("\r\n" kept), one final newline dropped, as llama.cpp's -f reads it."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read().removesuffix("\n")
+    except FileNotFoundError:
+        raise HotcoldError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HotcoldError(f"{path}: unreadable prompt file ({e})") from None
 
 
 def format_runtime_stats(s: dict) -> str:
@@ -298,7 +310,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
-    p.add_argument("-p", "--prompt", required=True, help="the prompt text (with --chat: the user's message)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("-p", "--prompt", help="the prompt text (with --chat: the user's message)")
+    prompt.add_argument("-f", "--file", metavar="FILE", help="the prompt read from a UTF-8 file, as it is but for one "
+                        "final newline, as llama.cpp's -f reads it")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
                    help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
