@@ -90,8 +90,7 @@ def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, thread
          cache_type: str = "f16") -> Model:
     """model: a GGUF file, a model directory, the default's name or None, or a Checkpoint already loaded from one.
     n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
-    that is refused: RoPE past it is not what the model learned, and a batched forward's memory grows with its
-    square); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model;
+    that is refused: RoPE past it is not what the model learned); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model;
     False: none, or the caller's own `set_predictors` with a split); cache_type: the kernel backend's KV cache, "f16"
     or "f32" (the torch backend's is float32)."""
     set_threads(threads)

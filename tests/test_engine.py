@@ -88,20 +88,20 @@ def test_prefill_in_pieces_then_steps_matches_one_forward(tmp_path, backend, cac
     assert float((got - want).norm() / want.norm()) < tol
 
 
-@pytest.mark.parametrize("H,Hkv,T,pos,block", [(9, 3, 300, 0, 128), (9, 3, 1, 57, 128), (4, 4, 130, 7, 64),
-                                                (8, 2, 5, 3, 2)])
-def test_blocked_causal_attention_is_torch_sdpa_with_the_causal_mask(H, Hkv, T, pos, block):
-    """The batched forward's attention, in blocks of queries with a key head's query heads together, computes what
-    torch's scaled_dot_product_attention does with query t seeing keys 0..pos+t (strided inputs as the cache gives)."""
+@pytest.mark.parametrize("H,Hkv,T,pos", [(9, 3, 300, 0), (9, 3, 1, 57), (4, 4, 130, 7), (8, 2, 5, 3), (4, 2, 1, 0)])
+def test_causal_attention_on_cache_layouts_is_the_masked_softmax(H, Hkv, T, pos):
+    """The batched forward's attention, on inputs strided as the forward passes them (values transposed, as the
+    cache holds them), is softmax(q k^T / sqrt(hd)) v with query t seeing keys 0..pos+t, in float64."""
     from engine.model import causal_attention
     g = torch.Generator().manual_seed(T)
     S = pos + T
     q = torch.randn(T, H, 16, generator=g).transpose(0, 1)  # (H, T, hd)
     k, v = torch.randn(Hkv, S, 16, generator=g), torch.randn(Hkv, 16, S, generator=g).transpose(1, 2)
+    kk, vv = (a.double().repeat_interleave(H // Hkv, 0) for a in (k, v))  # (H, S, hd)
     t = torch.arange(S)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=t[None, :] <= t[pos:, None],
-                                                            enable_gqa=H != Hkv)
-    got = causal_attention(q, k, v, pos, block)
+    scores = (q.double() @ kk.transpose(1, 2) / 4.0).masked_fill(t[None, :] > t[pos:, None], float("-inf"))
+    want = scores.softmax(-1) @ vv
+    got = causal_attention(q, k, v, pos)
     assert got.shape == (H, T, 16) and float((got - want).abs().max()) < 1e-5
 
 
