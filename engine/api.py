@@ -359,10 +359,12 @@ class Model:
 
     def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
-        steps (default: with predictors): as generation runs, the prefix chunk[:start] batched, then one decode
-        step per scored token (each counted in the runtime's statistics); else one batched forward."""
+        The prefix chunk[:start] batched, then with steps (default: with predictors), as generation runs, one decode
+        step per scored token (each counted in the runtime's statistics), else the scored positions in one more
+        batch: the output matrix runs on those alone (half the chunk's logits, which the whole chunk in one batch
+        computed and dropped)."""
         import torch
+        self.net.forward(chunk[:start], 0)  # ids checked by the caller
         if not (self.runtime is not None if steps is None else steps):
-            return self.net.forward(chunk, 0, all_logits=True)[start:-1]  # ids checked by the caller, as below
-        self.net.forward(chunk[:start], 0)
+            return self.net.forward(chunk[start:-1], start, all_logits=True)
         return torch.stack([self.net.forward([chunk[p]], p) for p in range(start, len(chunk) - 1)])
