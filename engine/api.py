@@ -106,10 +106,14 @@ def default_ctx(c) -> int:
     return min(DEFAULT_CTX, c.n_ctx_train)
 
 
+class ContextTooLong(HotcoldError):
+    """A context or window longer than the model was trained on."""
+
+
 def check_context(ckpt: Checkpoint, n_ctx: int) -> None:
     """Refuse a window longer than the model was trained on: RoPE past it is not what the model learned."""
     if n_ctx > ckpt.config.n_ctx_train:
-        raise HotcoldError(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the "
+        raise ContextTooLong(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the "
                            f"{ckpt.config.n_ctx_train} the model was trained on")
 
 
@@ -123,7 +127,7 @@ class Model:
         n_ctx = default_ctx(ckpt.config) if n_ctx is None else as_int(n_ctx, "n_ctx")
         if n_ctx < 2:
             raise HotcoldError(f"n_ctx = {n_ctx}: a context of at least 2 tokens")
-        check_context(ckpt, n_ctx)  # bench's context is --prompt-tokens + -n + 16: no flag named here
+        check_context(ckpt, n_ctx)  # bench names its flags in this message (tools.bench.bench_model)
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, ckpt.tokenizer
         self.n_ctx, self.backend = n_ctx, backend
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32

@@ -323,6 +323,11 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     for argv, why in ((["--hybrid", "--compare"], "--compare: bench --hybrid measures rows of its own"),
                       (["--sparsity-levels", "0.5"], "--sparsity-levels: the sparsities of --compare's rows")):
         assert main(["bench", "-m", path, *argv]) == 2 and why in capsys.readouterr().err  # not silently ignored
+    # the context bench takes is what its prompt and tokens fill: all 256 of the model's, past them the flags named
+    assert main(["bench", "-m", path, "--prompt-tokens", "252", "-n", "4", "-t", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode_tokens"] == 4
+    assert main(["bench", "-m", path, "--prompt-tokens", "253", "-n", "4"]) == 2
+    assert "trained on (bench's context: --prompt-tokens 253 + -n 4)" in capsys.readouterr().err
     assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors
     assert "--hot-device goes with --predictors" in capsys.readouterr().err
     # plain bench with predictors: their statistics beside the speed, and the first token timed with them too, in a

@@ -192,15 +192,26 @@ def time_to_first_token(args, n_ctx: int) -> float:
     return time.perf_counter() - t
 
 
-def run_bench(args) -> dict:
+def bench_model(args, n_ctx: int):
+    """load_model for a context of n_ctx tokens (--prompt-tokens + -n and more); past the model's training context
+    the refusal names those flags, which set it."""
+    from engine.api import ContextTooLong
+    from engine.config import HotcoldError
     from tools.cli import load_model
+    try:
+        return load_model(args, n_ctx=n_ctx)
+    except ContextTooLong as e:
+        raise HotcoldError(f"{e} (bench's context: --prompt-tokens {args.prompt_tokens} + -n {args.n})") from None
+
+
+def run_bench(args) -> dict:
     import engine.cpu  # noqa: F401  (numba and torch imported before the baseline: loading a model with predictors
     import torch  # noqa: F401           or a sparsity config imports torch, and its libraries are not the model's)
     import numba
     numba.njit(lambda: 0)()  # numba's compiler (50 MB) started before the baseline too: a sparsity config's load
     rss0 = rss_bytes()  # runs a kernel, and the model's memory would count it
     t0 = time.perf_counter()
-    model = load_model(args, n_ctx=args.prompt_tokens + args.n + 16)
+    model = bench_model(args, args.prompt_tokens + args.n)  # what generate takes for n tokens after the prompt
     load_s = time.perf_counter() - t0
     model_rss = rss_bytes() - rss0
     ids = prompt_ids(model, args.prompt_tokens)

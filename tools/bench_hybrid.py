@@ -98,17 +98,17 @@ def run_hybrid(args) -> dict:
     from engine.api import Model
     from engine.config import HotcoldError
     from engine.loader import load_checkpoint
-    from tools.bench import prompt_ids
-    from tools.cli import load_model, runtime_flags_given
+    from tools.bench import bench_model, prompt_ids
+    from tools.cli import runtime_flags_given
     given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device", "--sparsity",
                                        "--no-predictors"))
     if given:
         raise HotcoldError(f"{given[0]}: bench --hybrid chooses its own GPU shares and audits every row; drop it")
-    n_ctx = args.prompt_tokens + args.n + 16
+    n_ctx = args.prompt_tokens + args.n
     ckpt = load_checkpoint(args.model)
     room = max(n_ctx, min(SAMPLE_TOKENS + 8, ckpt.config.n_ctx_train))  # for the fixture's samples too
-    base = load_model(argparse_copy(args, model=ckpt, predictors=None, predictor_type=None, no_predictors=True),
-                      n_ctx=room)  # dense, also when the file carries predictors
+    base = bench_model(argparse_copy(args, model=ckpt, predictors=None, predictor_type=None, no_predictors=True),
+                       room)  # dense, also when the file carries predictors
     ids = prompt_ids(base, args.prompt_tokens)
     qt = args.predictor_type
     res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": base.cache_type,
