@@ -214,7 +214,10 @@ class Model:
     # --- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> torch.Tensor:
         """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
-        return self.net.forward(self.check_ids(tokens), pos, all_logits)
+        tokens = self.check_ids(tokens)
+        if pos < 0 or pos + len(tokens) > self.n_ctx:
+            raise HotcoldError(f"positions {pos}..{pos + len(tokens) - 1} are outside the context of {self.n_ctx}")
+        return self.net.forward(tokens, pos, all_logits)
 
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the

@@ -274,6 +274,9 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
         m.detokenize([-1])
     with pytest.raises(HotcoldError, match="outside the vocabulary"):
         m.logits(ids[:-1] + [-1])
+    for pos, n in ((100, 29), (-1, 2), (0, 129)):  # past the context of 128 (a ValueError from deep inside)
+        with pytest.raises(HotcoldError, match="outside the context of 128"):
+            m.logits(ids[:1] * n, pos)
     with pytest.raises(HotcoldError, match="takes a string, not NoneType"):
         m.tokenize(None)
     with pytest.raises(HotcoldError, match="chunks = 1.5: an integer"):
