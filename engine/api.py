@@ -90,8 +90,9 @@ def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, thread
          cache_type: str = "f16") -> Model:
     """model: a GGUF file, a model directory, the default's name or None, or a Checkpoint already loaded from one.
     n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
-    that is refused: RoPE past it is not what the model learned); predictors: a bundle path or predictors.bundle.Bundle (default: the one embedded in an exported model;
-    False: none, or the caller's own `set_predictors` with a split); cache_type: the kernel backend's KV cache, "f16"
+    that is refused: RoPE past it is not what the model learned); predictors: a bundle path or
+    predictors.bundle.Bundle (default: the one embedded in an exported model; False: none, or the caller's own
+    `set_predictors` with a split); cache_type: the kernel backend's KV cache, "f16"
     or "f32" (the torch backend's is float32)."""
     set_threads(threads)
     m = Model(model if isinstance(model, Checkpoint) else load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
@@ -114,7 +115,7 @@ def check_context(ckpt: Checkpoint, n_ctx: int) -> None:
     """Refuse a window longer than the model was trained on: RoPE past it is not what the model learned."""
     if n_ctx > ckpt.config.n_ctx_train:
         raise ContextTooLong(f"{ckpt.path}: a context of {n_ctx} tokens is longer than the "
-                           f"{ckpt.config.n_ctx_train} the model was trained on")
+                             f"{ckpt.config.n_ctx_train} the model was trained on")
 
 
 class Model:
@@ -214,7 +215,9 @@ class Model:
     # --- forward ------------------------------------------------------------------------------------
     def logits(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> torch.Tensor:
         """Teacher-forced logits (T, n_vocab) of `tokens` placed at positions pos.. (cache reused below pos)."""
-        tokens = self.check_ids(tokens)
+        tokens, pos = self.check_ids(tokens), as_int(pos, "pos")
+        if not tokens:
+            raise HotcoldError("no tokens")
         if pos < 0 or pos + len(tokens) > self.n_ctx:
             raise HotcoldError(f"positions {pos}..{pos + len(tokens) - 1} are outside the context of {self.n_ctx}")
         return self.net.forward(tokens, pos, all_logits)

@@ -57,14 +57,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int
     """softmax(q k^T / sqrt(hd)) v with query t (at position pos + t) seeing keys 0..pos+t: q (H, T, hd), k and v
     (Hkv, S, hd) with S = pos + T, query head h reading key head h // (H / Hkv) -> (H, T, hd).
     torch's fused CPU kernel (flash attention: blocks of queries and keys, no (H, T, S) scores, causal blocks
-    skipped) takes contiguous 4-D inputs only; given 3-D ones, or the values strided as the cache holds them, torch
-    runs its plain path, which builds every head's (T, S) scores: 2-3x slower from 512 tokens, 5 GB more at 8192."""
+    skipped) takes 4-D inputs with unit stride along hd only; given 3-D ones, or the values strided as the cache
+    holds them, torch runs its plain path, which builds every head's (T, S) scores: 2-3x slower from 512 tokens,
+    5 GB more at 8192."""
     q4, k4, v4 = (t.contiguous()[None] for t in (q, k, v))  # (1, heads, T or S, hd)
     gqa, T = q.shape[0] != k.shape[0], q.shape[1]
     if pos == 0 or T == 1:  # from position 0 the mask is torch's causal one; a single query sees every key
         return F.scaled_dot_product_attention(q4, k4, v4, is_causal=T > 1, enable_gqa=gqa)[0]
-    t = torch.arange(pos + T)
-    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=t[None, :] <= t[pos:, None], enable_gqa=gqa)[0]
+    t = torch.arange(pos + T, device=q.device)
+    seen = t[None, :] <= t[pos:, None]  # (T, S): key s is at or before query t's position
+    return F.scaled_dot_product_attention(q4, k4, v4, attn_mask=seen, enable_gqa=gqa)[0]
 
 
 class TorchModel:

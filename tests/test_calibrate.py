@@ -107,15 +107,17 @@ def test_the_same_weights_under_another_rope_or_threshold_are_another_model(tiny
 
 def dense_ppl(path, tokens):
     """Perplexity of tokens on a fresh dense torch model, by hand: chunks of CTX, each begun with BOS (as llama.cpp),
-    its tokens CTX/2 + 1 .. CTX - 1 scored from their prefix."""
+    its tokens CTX/2 + 1 .. CTX - 1 scored from their prefix, batched as perplexity batches it (the first CTX/2
+    tokens, then the scored positions: one forward over the chunk rounds in other bits)."""
     ref = load(path, n_ctx=CTX, threads=1, backend="torch")
     assert ref.tokenizer.add_bos and ref.sparsity is None
     nll, n = 0.0, 0
     for k in range(len(tokens) // CTX):
         chunk = [ref.tokenizer.bos_id] + tokens[k * CTX + 1:(k + 1) * CTX]
-        logp = ref.logits(chunk).double().log_softmax(-1)  # (CTX, n_vocab)
+        ref.logits(chunk[:CTX // 2])
+        logp = ref.logits(chunk[CTX // 2:-1], CTX // 2).double().log_softmax(-1)  # (CTX/2 - 1, n_vocab)
         for p in range(CTX // 2, CTX - 1):
-            nll, n = nll - float(logp[p, chunk[p + 1]]), n + 1
+            nll, n = nll - float(logp[p - CTX // 2, chunk[p + 1]]), n + 1
     return math.exp(nll / n)
 
 

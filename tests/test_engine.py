@@ -101,7 +101,9 @@ def test_causal_attention_on_cache_layouts_is_the_masked_softmax(H, Hkv, T, pos)
     t = torch.arange(S)
     scores = (q.double() @ kk.transpose(1, 2) / 4.0).masked_fill(t[None, :] > t[pos:, None], float("-inf"))
     want = scores.softmax(-1) @ vv
-    got = causal_attention(q, k, v, pos)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the fused kernel or an error: inputs it cannot take fall back
+        got = causal_attention(q, k, v, pos)
     assert got.shape == (H, T, 16) and float((got - want).abs().max()) < 1e-5
 
 
@@ -274,9 +276,13 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
         m.detokenize([-1])
     with pytest.raises(HotcoldError, match="outside the vocabulary"):
         m.logits(ids[:-1] + [-1])
-    for pos, n in ((100, 29), (-1, 2), (0, 129)):  # past the context of 128 (a ValueError from deep inside)
+    for pos, n in ((100, 29), (-1, 2), (0, 129)):  # a ValueError from deep inside, or none for pos -1
         with pytest.raises(HotcoldError, match="outside the context of 128"):
             m.logits(ids[:1] * n, pos)
+    assert m.logits(ids[:1] * 28, 100).shape == (28, c.n_vocab)  # up to the last position
+    for pos, tokens, why in ((1.5, ids[:2], "pos = 1.5: an integer"), (0, [], "no tokens")):
+        with pytest.raises(HotcoldError, match=why):
+            m.logits(tokens, pos)
     with pytest.raises(HotcoldError, match="takes a string, not NoneType"):
         m.tokenize(None)
     with pytest.raises(HotcoldError, match="chunks = 1.5: an integer"):

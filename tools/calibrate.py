@@ -191,7 +191,8 @@ class Heldout:
     def score(self, model, cfg: SparsityConfig | None, steps: bool | None = None) -> dict:
         """{"ppl", "kl", "sparsity"} of the model under cfg, or through its predictor runtime where one is installed
         (its predicted sparsity); None without a runtime: dense, which records the reference. steps as in
-        `Model.scored_logits` (default: decode steps with predictors, one batched forward without)."""
+        `Model.scored_logits` (default: decode steps with predictors; without, the prefix batched, then the scored
+        positions)."""
         model.set_sparsity(cfg)
         model.reset_counts()
         nll, kl, n = 0.0, 0.0, 0
