@@ -203,6 +203,18 @@ def read_json_if(path: str, what: str) -> dict | None:
     return read_json(path, what) if os.path.exists(path) else None
 
 
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file as it is ("\r\n" kept, as llama.cpp reads bytes); one line naming it where it cannot be
+    read, `what` saying what it was read as."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise HotcoldError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HotcoldError(f"{path}: unreadable {what} ({e})") from None
+
+
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path) as fh:

@@ -182,10 +182,12 @@ def emit_json(obj) -> None:
 # --- commands -------------------------------------------------------------------------------------------
 def cmd_generate(args) -> None:
     from engine.api import Sampler
+    from engine.files import read_text
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
         raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
-    text = args.prompt if args.file is None else read_prompt(args.file)  # a bad file is named before the model loads
+    # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
+    text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
     prompt = valid_text(text)
     if args.chat:
@@ -218,17 +220,6 @@ def cmd_generate(args) -> None:
     if out.stats["stop"] == "context":
         print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
               file=sys.stderr)
-
-
-def read_prompt(path: str) -> str:
-    """generate -f: the file's text as it is ("\r\n" kept), one final newline dropped, as llama.cpp's -f reads it."""
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            return fh.read().removesuffix("\n")
-    except FileNotFoundError:
-        raise HotcoldError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise HotcoldError(f"{path}: unreadable prompt file ({e})") from None
 
 
 def format_runtime_stats(s: dict) -> str:

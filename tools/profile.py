@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from engine.config import HotcoldError, first_line
-from engine.files import JSON_ERRORS, error_text, read_json, read_json_if, write_atomic, write_json
+from engine.files import JSON_ERRORS, error_text, read_json, read_json_if, read_text, write_atomic, write_json
 from engine.fingerprint import check_fingerprint, weights_sha256
 from engine.sparsity import EXACT_ACTS, SparsityConfig, batched_net
 from predictors.bundle import FORMAT as BUNDLE_FORMAT
@@ -47,13 +48,8 @@ def read_corpus(paths: list[str]) -> list[str]:
     """Documents: a text file is one; a .jsonl file gives the `text` field of each line. Empty files refused."""
     docs: list[str] = []
     for path in paths:
-        try:
-            with open(path, encoding="utf-8", newline="") as fh:  # "\r\n" kept, as llama.cpp reads bytes
-                found = jsonl_texts(path, fh) if path.lower().endswith(".jsonl") else [fh.read()]
-        except FileNotFoundError:
-            raise HotcoldError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise HotcoldError(f"{path}: unreadable corpus ({e})") from None
+        text = read_text(path, "corpus")
+        found = jsonl_texts(path, io.StringIO(text, newline="")) if path.lower().endswith(".jsonl") else [text]
         found = [d for d in found if d.strip()]
         if not found:
             raise HotcoldError(f"{path}: empty corpus")
