@@ -134,6 +134,7 @@ class Model:
         self.cache_type = cache_type if backend == "kernels" else "f32"  # the torch backend's cache is float32
         self.runtime = None  # engine.hybrid.Runtime once predictors are set
         self.sparsity = None  # engine.sparsity.Sparsifier once a sparsity config is set
+        self.kv_ids: list[int] = []  # the tokens whose keys and values fill the cache's first positions (`generate`)
         try:
             if backend == "kernels":
                 from .cpu import KernelModel
@@ -171,6 +172,7 @@ class Model:
         self.sparsity = None if sparsity is None else Sparsifier(sparsity.thresholds,
                                                                   down_norms(batched_net(self.net)))
         attach(self.net, self.sparsity)
+        self.kv_ids = []  # computed with the FFN as it was
 
     def set_predictors(self, bundle, hot: list | None = None, device: str | None = None, audit: bool = False,
                        qtype: str | None = None) -> None:
@@ -202,6 +204,7 @@ class Model:
         from .sparsity import batched_net
         self.runtime = self.net.runtime = rt
         batched_net(self.net).predict = rt.mask if rt is not None else None
+        self.kv_ids = []  # computed with the FFN as it was
 
     # --- text <-> ids -------------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
@@ -220,7 +223,11 @@ class Model:
             raise HotcoldError("no tokens")
         if pos < 0 or pos + len(tokens) > self.n_ctx:
             raise HotcoldError(f"positions {pos}..{pos + len(tokens) - 1} are outside the context of {self.n_ctx}")
-        return self.net.forward(tokens, pos, all_logits)
+        del self.kv_ids[pos:]
+        out = self.net.forward(tokens, pos, all_logits)
+        if len(self.kv_ids) == pos:
+            self.kv_ids += tokens
+        return out
 
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the
@@ -247,9 +254,14 @@ class Model:
         return prompt_ids
 
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
-                 on_text: Callable[[str], None] | None = None, ignore_stop: bool = False) -> Completion:
+                 on_text: Callable[[str], None] | None = None, ignore_stop: bool = False,
+                 reuse_cache: bool = False) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
-        stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context")."""
+        stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context").
+        reuse_cache: the prompt's first tokens that are still in the KV cache (`kv_ids`: what the last generate or
+        `logits` put there, the prompt and every generated token but the last) are not computed again
+        (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
+        does: a conversation's next turn prefills only its new tokens."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         if n < 0:
@@ -257,8 +269,11 @@ class Model:
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
         stream = self.tokenizer.stream()
         self.reset_counts()
+        cached = self.cached_prefix(prompt_ids) if reuse_cache else 0
+        del self.kv_ids[cached:]  # what follows is overwritten now
         t0 = time.perf_counter()
-        logits = self.net.next_logits(prompt_ids, 0)  # (n_vocab,)
+        logits = self.net.next_logits(prompt_ids[cached:], cached)  # (n_vocab,)
+        self.kv_ids = list(prompt_ids)
         t1 = time.perf_counter()
         out: list[int] = []
         pos = len(prompt_ids)
@@ -276,14 +291,15 @@ class Model:
             if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
             logits = self.net.next_logits([tok], pos)
+            self.kv_ids.append(tok)
             pos += 1
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
         stop = ("stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
                 else "length" if len(out) >= asked else "context")
-        stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(out), "stop": stop,
+        stats = {"prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": len(out), "stop": stop,
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
-                 "prefill_tok_s": len(prompt_ids) / (t1 - t0),
+                 "prefill_tok_s": (len(prompt_ids) - cached) / (t1 - t0),
                  "decode_tok_s": decoded / (t2 - t1) if decoded else None}  # None: no forward pass after the prefill
         if self.sparsity is not None:
             stats["sparsity"] = self.sparsity.sparsity()
@@ -294,6 +310,14 @@ class Model:
         if rest:
             on_text(rest)  # a character cut off by the last token, as the text shows it (U+FFFD)
         return Completion(text, out, prompt_ids, stats)
+
+    def cached_prefix(self, prompt_ids: list[int]) -> int:
+        """How many of the prompt's first tokens `generate(reuse_cache=True)` takes from the cache: those that match
+        `kv_ids`, all but the last prompt token at most."""
+        k, n = 0, min(len(self.kv_ids), len(prompt_ids) - 1)
+        while k < n and self.kv_ids[k] == prompt_ids[k]:
+            k += 1
+        return k
 
     def chunk_logprobs(self, tokens: list[int], ctx: int, chunks, steps: bool | None = None):
         """For each chunk k of `chunks` (llama.cpp's scheme): (k, logp, nll), logp the log-probabilities of its
@@ -374,6 +398,7 @@ class Model:
         batch: the output matrix runs on those alone (half the chunk's logits, which the whole chunk in one batch
         computed and dropped)."""
         import torch
+        self.kv_ids = []
         self.net.forward(chunk[:start], 0)  # ids checked by the caller
         if not (self.runtime is not None if steps is None else steps):
             return self.net.forward(chunk[start:-1], start, all_logits=True)

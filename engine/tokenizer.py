@@ -268,7 +268,9 @@ class Tokenizer:
     def stream(self) -> Stream:
         return Stream(self.piece)
 
-    def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
+    def apply_chat_template(self, prompt: str | list[dict], system: str | None = None) -> str:
+        """The text of the model's chat template over a user's message (prompt), or over a conversation's messages
+        ({"role", "content"}, the user's last), after a system message if given, ready for the assistant's reply."""
         if not self.chat_template:
             raise HotcoldError("this model has no chat template (tokenizer.chat_template)")
         import jinja2
@@ -292,7 +294,8 @@ class Tokenizer:
                                             extensions=["jinja2.ext.loopcontrols", Generation])  # {% break %}
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         env.filters["tojson"] = tojson
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
         tok = self.tk.id_to_token
         bos = tok(self.bos_id) if self.bos_id is not None else ""
         try:

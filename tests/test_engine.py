@@ -199,6 +199,59 @@ def test_short_prompts_prefill_by_decode_steps_like_the_batched_path(tmp_path, m
     assert out_s == out_b
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_generate_reusing_the_cache_computes_only_the_new_tokens(tmp_path, backend):
+    """generate(reuse_cache=True): a conversation's next turn (the last prompt, its reply, a new message) takes the
+    tokens the cache holds from it and gives a fresh model's tokens; what else wrote the cache since (logits at an
+    earlier position, an interrupted generate, a new sparsity config) is not taken for the conversation's."""
+    from engine.sparsity import SparsityConfig
+    c = tiny_config("relu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=7), QT.F32)
+    m, fresh = (load(path, n_ctx=128, threads=1, backend=backend, cache_type="f32") for _ in range(2))
+
+    def turn(ids, n=6, **kw):
+        got = m.generate(ids, n, ignore_stop=True, reuse_cache=True, **kw)
+        assert got.token_ids == fresh.generate(ids, n, ignore_stop=True).token_ids
+        return got.stats["cached_tokens"], got.token_ids
+
+    first = [3, 5, 7, 9]
+    assert turn(first)[0] == 0
+    cached, reply = turn(first)  # the same prompt again: all but its last token
+    assert cached == 3
+    second = first + reply + [11, 13]
+    assert turn(second)[0] == len(first) + len(reply) - 1  # the reply's last token was never fed
+    third = second + [17, 19] * 30  # 60 new tokens: a batched prefill at a later position
+    assert turn(third)[0] == len(second)
+    m.logits([(third[5] + 1) % c.n_vocab, 1], 5)  # positions 5 and 6 now hold other tokens
+    assert turn(third)[0] == 5
+    shown = []
+
+    def stop(piece):
+        shown.append(piece)
+        if len(shown) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after its prompt and one decode step
+        m.generate(first + [23], 8, on_text=stop, ignore_stop=True, reuse_cache=True)
+    assert m.kv_ids[:len(first) + 1] == first + [23] and len(m.kv_ids) == len(first) + 2
+    assert turn(first + [23, 29])[0] == len(first) + 1
+    prefill = m.net.next_logits
+
+    def cut(tokens, pos):  # Ctrl-C once the prefill has written the cache
+        prefill(tokens, pos)
+        raise KeyboardInterrupt
+
+    m.net.next_logits = cut
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(first[:2] + [31, 37], 4, reuse_cache=True)
+    del m.net.next_logits
+    assert m.kv_ids == first[:2] and turn(first)[0] == 2  # positions 2 and 3 hold 31 and 37 now
+    m.set_sparsity(SparsityConfig([0.0] * c.n_layer, m.fingerprint))  # ReLU's zeros: the same FFN, computed again
+    assert turn(third)[0] == 0
+    m.perplexity(third * 2, 16, chunks=1)
+    assert turn(third)[0] == 0 and m.generate(third, 1).stats["cached_tokens"] == 0  # reuse is asked for
+
+
 def test_generate_from_a_short_prompt_never_imports_torch(tmp_path):
     """What keeps the time to first token low: the kernels, the tokenizer and the numpy sampler only."""
     c = tiny_config("relu")

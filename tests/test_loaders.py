@@ -1,4 +1,5 @@
 """GGUF and HF loaders agree on a tiny random LLaMA; bad input gets one clear line and exit code 2."""
+import io
 import json
 import math
 import os
@@ -514,6 +515,25 @@ def test_hf_generate_and_chat_template(tmp_path):
     assert ids.count(m.tokenizer.bos_id) == 2 and ids[0] == m.tokenizer.bos_id
     out = m.generate(ids, 5)
     assert 1 <= len(out.token_ids) <= 5 and isinstance(out.text, str)
+
+
+def test_cli_chat_renders_the_conversation_and_needs_a_template(tmp_path, monkeypatch, capsys):
+    """hotcold chat on a tiny HF model: the second turn's prompt is the template over both exchanges (the roles and
+    the first reply's text as the model wrote it); a model without a chat template is refused before any input."""
+    c = tiny_config("relu")
+    w = tiny_weights(c)
+    m = load(write_hf(str(tmp_path / "hf"), c, w), n_ctx=64)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you\n"))
+    assert main(["chat", "-m", str(tmp_path / "hf"), "-n", "3", "--json", "-t", "1", "-c", "64"]) == 0
+    one, two = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": one["text"]},
+             {"role": "user", "content": "how are you"}]
+    assert two["prompt_token_ids"] == m.tokenize(m.tokenizer.apply_chat_template(convo))
+    assert m.tokenizer.apply_chat_template(convo).startswith("user: hi\n<s>assistant: " + one["text"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    assert main(["chat", "-m", write_gguf(str(tmp_path / "m.gguf"), c, w), "-t", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "hotcold: error: this model has no chat template (tokenizer.chat_template)\n"
 
 
 def test_hf_chat_templates_as_transformers_saves_them(tmp_path, capsys):

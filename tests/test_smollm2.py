@@ -1,9 +1,11 @@
 """The dense engine on the real default model against llama.cpp's own outputs (tests/data/smollm2_llamacpp.json)."""
 import importlib.util
+import io
 import json
 import math
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -122,6 +124,43 @@ def test_cli_generate_json_and_chat(smollm, capsys):
     assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "length"
 
 
+def chat(monkeypatch, capsys, lines: str, *argv: str):
+    """hotcold chat with `lines` as its input (a pipe): exit code, the replies' JSON objects, stderr."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    rc = main(["chat", "--temperature", "0", "--json", *argv])
+    out = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.out.splitlines()], out.err
+
+
+def test_cli_chat_keeps_the_conversation_and_its_cache(smollm, monkeypatch, capsys):
+    """hotcold chat: the first reply is generate --chat's; the next prompt is the template over the whole conversation
+    (a line that ends in a backslash continued), of which only the tokens after the cached ones are computed."""
+    rc, (one, two), err = chat(monkeypatch, capsys, "What is 2+2?\n\nAnd what is\\\n 3+3?\n", "-n", "12")
+    assert rc == 0 and one["stats"]["cached_tokens"] == 0
+    assert main(["generate", "--chat", "-p", "What is 2+2?", "--temperature", "0", "-n", "12", "--json"]) == 0
+    assert one["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    convo = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": one["text"]},
+             {"role": "user", "content": "And what is\n 3+3?"}]
+    assert two["prompt_token_ids"] == smollm.tokenize(smollm.tokenizer.apply_chat_template(convo))
+    cached = len(one["prompt_token_ids"]) + len(one["token_ids"]) - 1  # all but the first reply's end token
+    assert two["stats"]["cached_tokens"] == cached and one["stats"]["stop"] == "stop_token"
+    assert f"chat: 2 replies | prompt: {len(one['prompt_token_ids']) + len(two['prompt_token_ids'])} tokens, " \
+        f"{cached} of them from the cache" in err
+
+
+def test_cli_chat_drops_the_oldest_exchange_to_fit_and_refuses_a_message_too_long(smollm, monkeypatch, capsys):
+    """A conversation that would leave its reply less than a quarter of the context loses its oldest exchange (said
+    on stderr); a message the context cannot hold alone ends a piped chat in one line, exit code 2."""
+    rc, replies, err = chat(monkeypatch, capsys, "Hi\nName a color\nName a fruit\n", "-n", "4", "-c", "64")
+    assert rc == 0 and len(replies) == 3 and "the oldest exchange left the conversation" in err
+    convo = [{"role": "user", "content": "Name a color"}, {"role": "assistant", "content": replies[1]["text"]},
+             {"role": "user", "content": "Name a fruit"}]
+    assert replies[2]["prompt_token_ids"] == smollm.tokenize(smollm.tokenizer.apply_chat_template(convo))
+    rc, replies, err = chat(monkeypatch, capsys, "Hi\n" + "word " * 60 + "\n", "-n", "4", "-c", "64")
+    assert rc == 2 and len(replies) == 1 and re.search(r"hotcold: error: prompt of \d+ tokens does not fit the "
+                                                       r"context of 64 \(raise --ctx\)\n$", err)
+
+
 def test_cli_inspect_takes_the_default_models_name(capsys):
     assert main(["inspect", "smollm2-135m", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -212,3 +251,55 @@ def test_bench_hybrid_json(capsys):
     assert all(r["dense_tok_s"] > 0 and r["predictor_tok_s"] > 0 for r in rows) and res["dense_tok_s"] > 0
     assert res["given"] is None and (res["gpu"] is None) == (not torch.cuda.is_available())
     assert "speed fixture" in format_hybrid(res) and "no quality claim" in format_hybrid(res)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal as Linux makes it")
+def test_cli_chat_at_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on():
+    """At a terminal: a "> " prompt; Ctrl-C stops the reply that is streaming (said on stderr), what it said stays in
+    the conversation, whose cached tokens the next turn reuses; Ctrl-D ends the chat with exit code 0."""
+    import pty
+    import select
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: hotcold chat on the terminal
+        os.chdir(root)
+        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", "chat", "--temperature", "0", "-n", "400", "-t",
+                                  "1", "-c", "1024"])
+    seen = [""]  # what the terminal showed and no `until` has consumed yet
+
+    def until(text, timeout=300):
+        """The terminal's output up to text's end, waited for."""
+        end = time.time() + timeout
+        while text not in seen[0] and time.time() < end:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    seen[0] += os.read(fd, 4096).decode(errors="replace")
+                except OSError:  # the child has gone
+                    break
+        assert text in seen[0], seen[0][-2000:]
+        i = seen[0].index(text) + len(text)
+        out, seen[0] = seen[0][:i], seen[0][i:]
+        return out
+
+    status = None
+    try:
+        until("> ")
+        os.write(fd, b"Write a long story about a cat.\n")
+        until("Once upon a time")
+        os.write(fd, b"\x03")
+        until("hotcold: reply stopped")
+        until("> ")
+        os.write(fd, b"Thank you!\n")
+        until("> ")
+        os.write(fd, b"\x04")
+        end = until("of them from the cache")
+        status = os.waitpid(pid, 0)[1]
+    finally:
+        os.close(fd)
+        if status is None:  # a step failed: the child may still run
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert status == 0
+    cached = int(re.search(r"chat: 1 reply \| prompt: \d+ tokens, (\d+) of them from the cache", end)[1])
+    assert cached > 40  # the first prompt (37 tokens) and what the stopped reply said

@@ -16,8 +16,8 @@ from engine.config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, H
 
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
-COMMAND_MODULES = {"bench": "tools.bench", "train-predictors": "tools.predict", "eval-predictors": "tools.predict",
-                   "split": "tools.split", "profile": "tools.profile", "calibrate": "tools.calibrate",
+COMMAND_MODULES = {"chat": "tools.chat", "bench": "tools.bench", "train-predictors": "tools.predict",
+                   "eval-predictors": "tools.predict", "split": "tools.split", "profile": "tools.profile", "calibrate": "tools.calibrate",
                    "export": "tools.export", "inspect": "tools.export", "relufy": "tools.relufy"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
@@ -104,6 +104,22 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
                        "shorter)")
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """llama.cpp's sampler options and defaults (`sampler_of` builds the Sampler)."""
+    p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=at_least(0), default=40, help="0 = off (default 40)")
+    p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
+    p.add_argument("--min-p", type=between(0, 1), default=0.05,
+                   help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (default, or negative as in llama.cpp: random)")
+
+
+def sampler_of(args):
+    from engine.api import Sampler
+    return Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """How the FFN is sparsified: a sparsity config, or predictors with a hot/cold split."""
     p.add_argument("--sparsity", default=None, help=SPARSITY_HELP)
@@ -181,7 +197,6 @@ def emit_json(obj) -> None:
 
 # --- commands -------------------------------------------------------------------------------------------
 def cmd_generate(args) -> None:
-    from engine.api import Sampler
     from engine.files import read_text
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
@@ -195,7 +210,7 @@ def cmd_generate(args) -> None:
         prompt = model.tokenizer.apply_chat_template(prompt, system)
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
-    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    sampler = sampler_of(args)
     if args.json:
         out = model.generate(ids, args.n, sampler)
         emit_json(out.to_dict())
@@ -307,13 +322,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "final newline, as llama.cpp's -f reads it")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
                    help="tokens to generate (default 128)")
-    p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=at_least(0), default=40, help="0 = off (default 40)")
-    p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
-    p.add_argument("--min-p", type=between(0, 1), default=0.05,
-                   help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (default, or negative as in llama.cpp: random)")
+    add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")

@@ -1,0 +1,133 @@
+"""hotcold chat: a conversation with the model in the terminal, as llama-cli's conversation mode.
+
+Each turn renders the whole conversation through the model's chat template and generates with the KV cache reused
+(`Model.generate(reuse_cache=True)`): only what follows the tokens the cache holds, the last reply's end and the
+new message, is computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator
+
+ROOM = 4  # the oldest exchanges are dropped when a reply would have less than 1/ROOM of the context (or -n tokens)
+
+
+def input_lines(tty: bool) -> Iterator[str]:
+    """The input's lines without their newline; at a terminal read with a "> " prompt and line editing."""
+    if tty:
+        with contextlib.suppress(ImportError):  # loaded, it gives input() line editing and a history
+            importlib.import_module("readline")
+        while True:
+            try:
+                yield input("> ")
+            except EOFError:  # Ctrl-D
+                print(file=sys.stderr)
+                return
+    for line in sys.stdin:
+        yield line.removesuffix("\n")
+
+
+def messages(lines: Iterator[str]) -> Iterator[str]:
+    """The user's messages: a line each, a line that ends in a backslash continued by the next (as in llama-cli)."""
+    parts: list[str] = []
+    for line in lines:
+        if line.endswith("\\"):
+            parts.append(line[:-1])
+            continue
+        yield "\n".join(parts + [line])
+        parts = []
+    if parts:
+        yield "\n".join(parts)
+
+
+def conversation_ids(model, history: list[dict], user: dict, system: str | None, room: int) -> list[int]:
+    """The tokens of the conversation so far and the user's new message, ready for the reply; while they leave the
+    reply fewer than `room` positions of the context, the oldest exchange goes (a note on stderr). A message too long
+    for the context alone: HotcoldError."""
+    while True:
+        ids = model.tokenize(model.tokenizer.apply_chat_template(history + [user], system))
+        if len(ids) + room <= model.n_ctx or not history:
+            return model.check_prompt(ids)
+        del history[:2]
+        print(f"hotcold: note: the oldest exchange left the conversation, to fit the context of {model.n_ctx} tokens "
+              "(raise --ctx to keep more)", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from engine.config import HotcoldError
+    from engine.tokenizer import valid_text
+    from tools.cli import Terminated, emit_json, load_model, sampler_of
+    model = load_model(args)
+    system = None if args.system is None else valid_text(args.system)
+    model.tokenizer.apply_chat_template("", system)  # a model without a chat template is refused before any input
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"hotcold chat ({model.ckpt.path}, context {model.n_ctx} tokens): a line that ends in \\ continues on "
+              "the next; Ctrl-C stops a reply, Ctrl-D ends the chat", file=sys.stderr)
+    sampler, room = sampler_of(args), min(args.n or model.n_ctx, model.n_ctx // ROOM)
+    history: list[dict] = []
+    total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
+    for text in messages(input_lines(tty)):
+        if not text.strip():
+            continue
+        user = {"role": "user", "content": valid_text(text)}
+        try:
+            ids = conversation_ids(model, history, user, system, room)
+        except HotcoldError as e:
+            if not tty:
+                raise
+            print(f"hotcold: error: {e}", file=sys.stderr)  # at a terminal the chat goes on
+            continue
+        shown: list[str] = []
+
+        def on_text(piece: str) -> None:
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        try:
+            out = model.generate(ids, args.n or model.n_ctx, sampler, on_text=None if args.json else on_text,
+                                 reuse_cache=True)
+        except KeyboardInterrupt as e:  # Ctrl-C at a terminal stops the reply; what it said so far stays said
+            if isinstance(e, Terminated) or not tty or args.json:
+                raise
+            print("\nhotcold: reply stopped", file=sys.stderr)
+            history += [user, {"role": "assistant", "content": "".join(shown)}]
+            continue
+        history += [user, {"role": "assistant", "content": out.text}]
+        s = out.stats
+        total["replies"] += 1
+        total["prompt"] += s["prompt_tokens"]
+        total["cached"] += s["cached_tokens"]
+        total["tokens"] += max(s["generated_tokens"] - 1, 0)
+        total["decode_s"] += s["decode_s"]
+        if args.json:
+            emit_json(out.to_dict())
+        else:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        if s["stop"] == "context":
+            print(f"hotcold: note: the reply stopped at the end of the context of {model.n_ctx} tokens",
+                  file=sys.stderr)
+    n = total["replies"]
+    if n:
+        rate = f"{total['tokens'] / total['decode_s']:.1f} tok/s" if total["decode_s"] > 0 else "n/a"
+        print(f"chat: {n} {'reply' if n == 1 else 'replies'} | prompt: {total['prompt']} tokens, {total['cached']} of "
+              f"them from the cache | decode: {rate}", file=sys.stderr)
+
+
+def add_command(sub) -> None:
+    from tools.cli import add_model_args, add_runtime_args, add_sampling_args, at_least
+    p = sub.add_parser("chat", help="a conversation in the terminal (the model's chat template, the KV cache kept "
+                       "between turns)")
+    add_model_args(p)
+    p.add_argument("-n", "--n-predict", dest="n", type=at_least(1), default=None,
+                   help="most tokens a reply (default: until the model ends its turn or the context is full)")
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the conversation")
+    p.add_argument("--json", action="store_true", help="print each reply as one line of JSON (generate --json's "
+                   "object) instead of streaming")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_chat)
