@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
                      blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name, layer_of)
@@ -156,14 +156,22 @@ def open_gguf(path: str) -> GGUFReader:
         raise HotcoldError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
         r = _PwriReader(path) if magic == PWRI else _Reader(path)
-    except Exception as e:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files
-        raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+    except TensorPastEnd as e:
+        raise HotcoldError(f"{path}: truncated GGUF: the data of tensor {e} runs past the end of the file "
+                           f"({os.path.getsize(path)} bytes)") from None
+    except Exception:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files: numpy's words
+        raise HotcoldError(f"{path}: truncated or corrupt GGUF: its header (metadata and tensor list) does not parse "
+                           f"from the file's {os.path.getsize(path)} bytes") from None
     for t in r.tensors:  # GGUF aligns each tensor's data (general.alignment, default 32); gguf-py does not check
         offset = int(t.data_offset) - int(r.data_offset)
         if offset % int(r.alignment):
             raise HotcoldError(f"{path}: tensor {t.name} has data offset {offset}, "
                                f"not a multiple of the alignment {int(r.alignment)}")
     return r
+
+
+class TensorPastEnd(ValueError):
+    """A tensor's data runs past the end of the file (its name is the message)."""
 
 
 class _Reader(GGUFReader):
@@ -191,6 +199,17 @@ class _Reader(GGUFReader):
         arr = self._view[offset:offset + dt.itemsize * int(count)].view(dt)
         order = self.byte_order if override_order is None else override_order
         return arr if order == "I" else arr.view(dt.newbyteorder(order))
+
+    def _build_tensors(self, start_offs, fields):
+        """gguf-py's, after a check that names the first tensor whose data runs past the end of the file."""
+        for f in fields:  # parts: name length, name, n_dims, dims, type, offset
+            t = int(f.parts[4][0])
+            if t not in QT._value2member_map_:
+                continue  # gguf-py says so
+            block, size = GGML_QUANT_SIZES[QT(t)]
+            if start_offs + int(f.parts[5][0]) + int(np.prod(f.parts[3])) * size // block > len(self._view):
+                raise TensorPastEnd(bytes(f.parts[1]).decode(errors="replace"))
+        super()._build_tensors(start_offs, fields)
 
     def _get_field_parts(self, orig_offs, raw_type):
         """gguf-py's (size, parts, data indices, types) of one value; arrays of strings or scalars in one loop."""
@@ -276,8 +295,9 @@ def load_gguf(path: str) -> Checkpoint:
         except NotImplementedError:  # gguf-py dequantizes most types, not F64, Q8_K, ...
             raise HotcoldError(f"{path}: tensor {t.name} is of type {QT(int(t.tensor_type)).name}, which hotcold "
                                "cannot read") from None
-        except Exception as e:
-            raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
+        except Exception:
+            raise HotcoldError(f"{path}: truncated or corrupt GGUF: the data of tensor {t.name} does not fit in the "
+                               f"file's {os.path.getsize(path)} bytes") from None
     converted = sorted({QT(int(t.tensor_type)).name for t in r.tensors} - {q.name for q in NATIVE_TYPES})
     if converted:
         print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)

@@ -754,10 +754,16 @@ def test_header_fast_path_matches_gguf_py(tmp_path):
         assert _fields(fast) == _fields(ref)
         assert [(t.name, t.data_offset) for t in fast.tensors] == [(t.name, t.data_offset) for t in ref.tensors]
     head = open(resolve(None), "rb").read(1 << 21)  # the vocabulary and merges lie in the first 2 MB
-    for cut in (100_000, 1_000_000, 1 << 21):
+    for cut, why in ((100_000, "truncated or corrupt GGUF: its header"), (1_000_000, "truncated or corrupt GGUF: its "
+                     "header"), (1 << 21, "truncated GGUF: the data of tensor token_embd.weight runs past the end")):
         (tmp_path / "cut.gguf").write_bytes(head[:cut])
-        with pytest.raises(HotcoldError, match="cut.gguf: truncated or corrupt GGUF"):
+        with pytest.raises(HotcoldError, match=f"cut.gguf: {why} .*{cut} bytes"):
             open_gguf(str(tmp_path / "cut.gguf"))
+    whole = open(path, "rb").read()  # cut in the tensor data: the tensor named, not numpy's IndexError
+    (tmp_path / "cut.gguf").write_bytes(whole[:-40])
+    with pytest.raises(HotcoldError, match=f"cut.gguf: truncated GGUF: the data of tensor w runs past the end of the "
+                       rf"file \({len(whole) - 40} bytes\)$"):
+        open_gguf(str(tmp_path / "cut.gguf"))
 
 
 # --- rope scaling and the tensors llama.cpp's llama graph has no place for -----------------------------------
