@@ -455,7 +455,7 @@ def add_command(sub) -> None:
     p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
     p.add_argument("--recall", type=share, default=0.99, help="recall target on validation (default 0.99)")
     p.add_argument("--rank", type=rank_arg, default="auto", help="auto (default: the smallest good rank within the "
-                   "budget) or a number >= 2")
+                   "budget) or a number >= 2, even for ReLU-family models")
     p.add_argument("--epochs", type=at_least(1), default=10, help="epochs per rank tried (default 10)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--layers", type=parse_layers, default=None, help="train only these layers, e.g. 0,2,5-7")
