@@ -35,26 +35,52 @@ def perplexity_of(nll: float, n: int) -> float:
 
 @dataclass
 class Sampler:
-    """llama.cpp's sampler chain and defaults: top-k, then top-p and min-p on the candidates' probabilities, then the
-    temperature on those left, then a draw."""
+    """llama.cpp's sampler chain and defaults: the repetition penalties on the last tokens, then top-k, then top-p and
+    min-p on the candidates' probabilities, then the temperature on those left, then a draw (or the top token)."""
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 40  # 0: off
     top_p: float = 0.95  # 1: off
     min_p: float = 0.05  # 0: off; keeps p >= min_p * max p
     seed: int | None = None  # None or negative: random
+    repeat_penalty: float = 1.0  # 1: off; a recent token's logit is divided by it (positive) or multiplied (not)
+    repeat_last_n: int = 64  # how many of the last tokens (the prompt's too) the penalties look at; 0: off, -1: all
+    frequency_penalty: float = 0.0  # 0: off; subtracted from a recent token's logit once per time it occurs
+    presence_penalty: float = 0.0  # 0: off; subtracted from the logit of each token that occurs
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "min_p"):
+        penalties = ("repeat_penalty", "frequency_penalty", "presence_penalty")  # inf would make logits NaN
+        for name in ("temperature", "top_p", "min_p") + penalties:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
-                raise HotcoldError(f"Sampler {name} = {v!r}: a number")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or (
+                    name in penalties and math.isinf(v)):
+                raise HotcoldError(f"Sampler {name} = {v!r}: a number" + (", finite" if name in penalties else ""))
         if self.min_p > 1:
             raise HotcoldError(f"Sampler min_p = {self.min_p}: at most 1 (a share of the top token's probability)")
+        if self.repeat_penalty <= 0:
+            raise HotcoldError(f"Sampler repeat_penalty = {self.repeat_penalty}: above 0 (1 is off)")
         self.top_k = as_int(self.top_k, "Sampler top_k")
+        self.repeat_last_n = as_int(self.repeat_last_n, "Sampler repeat_last_n")
+        if self.repeat_last_n < -1:
+            raise HotcoldError(f"Sampler repeat_last_n = {self.repeat_last_n}: a count of tokens, 0 (off) or -1 (all)")
         self.seed = None if self.seed is None else as_int(self.seed, "Sampler seed")
         self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
 
-    def __call__(self, logits: np.ndarray) -> int:  # logits (n_vocab,)
+    def penalized(self, logits: np.ndarray, recent) -> np.ndarray:
+        """logits (n_vocab,) after the penalties for the tokens `recent` (the context's, oldest first), as
+        llama.cpp's penalties sampler gives them: the caller's array where none applies, else a copy."""
+        n = self.repeat_last_n
+        off = self.repeat_penalty == 1 and self.frequency_penalty == 0 and self.presence_penalty == 0
+        if off or n == 0 or not len(recent):
+            return logits
+        ids, counts = np.unique(np.asarray(recent[-n:] if n > 0 else recent), return_counts=True)
+        z = logits[ids]
+        out = logits.copy()
+        out[ids] = (np.where(z <= 0, z * self.repeat_penalty, z / self.repeat_penalty)
+                    - counts * self.frequency_penalty - self.presence_penalty)
+        return out
+
+    def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids
+        logits = self.penalized(logits, recent)
         if self.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
@@ -277,8 +303,10 @@ class Model:
         t1 = time.perf_counter()
         out: list[int] = []
         pos = len(prompt_ids)
+        context = list(prompt_ids)  # what the penalties of a Sampler look back on
         while len(out) < n:
-            tok = sampler(logits)
+            tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
+            context.append(tok)
             if not math.isfinite(logits[tok]):  # NaN logits: argmax and the draw land on one
                 raise HotcoldError(f"token {len(out) + 1}: the logits are not finite (the activations overflowed"
                                    + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"

@@ -297,6 +297,33 @@ def test_sampler_follows_temperature_top_k_top_p_and_min_p():
             Sampler(**kw)
 
 
+def test_repetition_penalties_as_llama_cpp_and_generate_feeds_them_the_context(tmp_path):
+    """llama.cpp's penalties on the tokens of the last repeat_last_n (the prompt's included): a positive logit divided
+    by repeat_penalty, another multiplied, then count x frequency_penalty and presence_penalty subtracted; before
+    top-k and greedy alike. generate gives a Sampler its prompt and what it generated."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0, 0.0], np.float32)
+    s = Sampler(0, repeat_penalty=2.0, repeat_last_n=3, frequency_penalty=0.5, presence_penalty=0.5)
+    recent = [1, 1, 0, 3, 3]  # the window: 0, 3, 3
+    want = logits.copy()
+    for i in (0, 3):
+        want[i] = (want[i] * 2.0 if want[i] <= 0 else want[i] / 2.0) - recent[-3:].count(i) * 0.5 - 0.5
+    assert np.allclose(Sampler(repeat_penalty=2.0).penalized(logits, [1, 2]), [2.0, -2.0, 0.25, 3.0, 0.0])
+    assert np.allclose(s.penalized(logits, recent), want) and logits[3] == 3.0  # the caller's logits untouched
+    assert Sampler(0)(logits, recent) == 3 and s(logits, recent) == 2  # 3 was recent
+    assert Sampler(0, repeat_penalty=2.0, repeat_last_n=0)(logits, recent) == 3  # 0: off
+    assert Sampler(0, presence_penalty=9.0, repeat_last_n=-1)(logits, [3, 0, 1, 1, 1, 2]) == 4  # -1: the whole context
+    for kw in (dict(repeat_penalty=0.0), dict(repeat_last_n=-2), dict(frequency_penalty=float("inf"))):
+        with pytest.raises(HotcoldError, match="Sampler"):
+            Sampler(**kw)
+    c = tiny_config("relu")
+    m = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0), n_ctx=64, threads=1)
+    prompt = [3, 5, 7]
+    free = m.generate(prompt, 12, Sampler(0), ignore_stop=True).token_ids
+    assert len(set(prompt + free)) < len(prompt + free)  # greedy repeats on this model
+    out = m.generate(prompt, 12, Sampler(0, presence_penalty=1e9, repeat_last_n=-1), ignore_stop=True).token_ids
+    assert len(set(prompt + out)) == len(prompt + out)  # banned: every token of the prompt and the output so far
+
+
 def test_kernels_hold_no_view_of_the_file_and_say_what_they_widen(tmp_path, capsys):
     """F32 norms were views of the file's map, which the loader lets go of: every step faulted pages back in (1.7x
     the file resident, measured). BF16 matrices become F32 for the kernels: said on stderr."""

@@ -17,8 +17,9 @@ from engine.config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, H
 # commands whose parsers live in other modules, imported only when one of them runs (or for the full --help):
 # most import torch, which alone takes a second that `generate` from a short prompt does not need
 COMMAND_MODULES = {"chat": "tools.chat", "bench": "tools.bench", "train-predictors": "tools.predict",
-                   "eval-predictors": "tools.predict", "split": "tools.split", "profile": "tools.profile", "calibrate": "tools.calibrate",
-                   "export": "tools.export", "inspect": "tools.export", "relufy": "tools.relufy"}
+                   "eval-predictors": "tools.predict", "split": "tools.split", "profile": "tools.profile",
+                   "calibrate": "tools.calibrate", "export": "tools.export", "inspect": "tools.export",
+                   "relufy": "tools.relufy"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
@@ -34,12 +35,14 @@ def at_least(lo: int):
     return parse
 
 
-def number(lo: float, above: bool = False):
+def number(lo: float = -math.inf, above: bool = False):
     """An argparse type: a finite float >= lo (> lo if above)."""
+    want = f"a number {'>' if above else '>='} {lo:g}" if math.isfinite(lo) else "a finite number"
+
     def parse(text: str) -> float:
         v = float(text)
         if not math.isfinite(v) or v < lo or (above and v == lo):
-            raise argparse.ArgumentTypeError(f"must be a number {'>' if above else '>='} {lo:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return v
     parse.__name__ = "float"
     return parse
@@ -113,11 +116,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed (default, or negative as in llama.cpp: random)")
+    p.add_argument("--repeat-penalty", type=number(0, above=True), default=1.0,
+                   help="divide the logit of each of the last --repeat-last-n tokens by this (multiply a negative "
+                   "one); 1 = off (default 1.0)")
+    p.add_argument("--repeat-last-n", type=at_least(-1), default=64,
+                   help="how many of the last tokens, the prompt's included, the penalties look at; 0 = off, -1 = all "
+                   "(default 64)")
+    p.add_argument("--frequency-penalty", type=number(), default=0.0,
+                   help="subtract this from a recent token's logit for each time it occurs; 0 = off (default 0.0)")
+    p.add_argument("--presence-penalty", type=number(), default=0.0,
+                   help="subtract this from the logit of each recent token; 0 = off (default 0.0)")
 
 
 def sampler_of(args):
     from engine.api import Sampler
-    return Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    return Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed, args.repeat_penalty,
+                   args.repeat_last_n, args.frequency_penalty, args.presence_penalty)
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
