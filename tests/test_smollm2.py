@@ -116,6 +116,12 @@ def test_cli_generate_json_and_chat(smollm, capsys):
         "<|im_start|>system\nAnswer in French.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
         "<|im_start|>assistant\n")
     assert main(["generate", "-p", "hi", "--system", "x"]) == 2 and "it goes with --chat" in capsys.readouterr().err
+    assert main(["generate", "-p", "What is 2+2?", "--chat", "-n", "24", "--temperature", "0", "--json", "-c", "256",
+                 "--ignore-eos"]) == 0  # past the end of its turn (within 24 tokens here) to -n
+    past = json.loads(capsys.readouterr().out)
+    assert past["stats"]["stop"] == "length" and len(past["token_ids"]) == 24
+    assert past["token_ids"][:len(out["token_ids"])] == out["token_ids"]
+    assert any(t in smollm.tokenizer.stop_ids for t in past["token_ids"])
     assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
     err = capsys.readouterr().err  # the context, not -n, ended it: said so
     assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err

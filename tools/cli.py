@@ -226,7 +226,7 @@ def cmd_generate(args) -> None:
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = sampler_of(args)
     if args.json:
-        out = model.generate(ids, args.n, sampler)
+        out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -236,7 +236,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        out = model.generate(ids, args.n, sampler, on_text=on_text)
+        out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
@@ -336,6 +336,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "final newline, as llama.cpp's -f reads it")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
                    help="tokens to generate (default 128)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-text and end-of-turn "
+                   "tokens, to -n tokens or the end of the context")
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
