@@ -145,6 +145,10 @@ def file_magic(path: str) -> bytes:
         return b""
 
 
+class TensorPastEnd(ValueError):
+    """A tensor's data runs past the end of the file (its name is the message)."""
+
+
 def open_gguf(path: str) -> GGUFReader:
     """GGUFReader with clear errors; also reads PowerInfer files (magic PWRI) without touching them."""
     try:
@@ -159,19 +163,17 @@ def open_gguf(path: str) -> GGUFReader:
     except TensorPastEnd as e:
         raise HotcoldError(f"{path}: truncated GGUF: the data of tensor {e} runs past the end of the file "
                            f"({os.path.getsize(path)} bytes)") from None
-    except Exception:  # gguf-py raises ValueError/IndexError/... on short or inconsistent files: numpy's words
-        raise HotcoldError(f"{path}: truncated or corrupt GGUF: its header (metadata and tensor list) does not parse "
-                           f"from the file's {os.path.getsize(path)} bytes") from None
+    except IndexError:  # a read past the end of the map: numpy's words would say nothing of the file
+        raise HotcoldError(f"{path}: truncated or corrupt GGUF: its header (metadata and tensor list) runs past the "
+                           f"end of the file ({os.path.getsize(path)} bytes)") from None
+    except Exception as e:  # gguf-py's ValueErrors name what is wrong (an unknown tensor type, a repeated name, ...)
+        raise HotcoldError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from None
     for t in r.tensors:  # GGUF aligns each tensor's data (general.alignment, default 32); gguf-py does not check
         offset = int(t.data_offset) - int(r.data_offset)
         if offset % int(r.alignment):
             raise HotcoldError(f"{path}: tensor {t.name} has data offset {offset}, "
                                f"not a multiple of the alignment {int(r.alignment)}")
     return r
-
-
-class TensorPastEnd(ValueError):
-    """A tensor's data runs past the end of the file (its name is the message)."""
 
 
 class _Reader(GGUFReader):
@@ -295,9 +297,11 @@ def load_gguf(path: str) -> Checkpoint:
         except NotImplementedError:  # gguf-py dequantizes most types, not F64, Q8_K, ...
             raise HotcoldError(f"{path}: tensor {t.name} is of type {QT(int(t.tensor_type)).name}, which hotcold "
                                "cannot read") from None
-        except Exception:
-            raise HotcoldError(f"{path}: truncated or corrupt GGUF: the data of tensor {t.name} does not fit in the "
-                               f"file's {os.path.getsize(path)} bytes") from None
+        except MemoryError:  # main's "out of memory", not a corrupt file
+            raise
+        except Exception as e:
+            raise HotcoldError(f"{path}: truncated or corrupt GGUF: tensor {t.name} ({type(e).__name__}: {e})") \
+                from None
     converted = sorted({QT(int(t.tensor_type)).name for t in r.tensors} - {q.name for q in NATIVE_TYPES})
     if converted:
         print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)

@@ -165,6 +165,28 @@ def test_cli_chat_drops_the_oldest_exchange_to_fit_and_refuses_a_message_too_lon
     rc, replies, err = chat(monkeypatch, capsys, "Hi\n" + "word " * 60 + "\n", "-n", "4", "-c", "64")
     assert rc == 2 and len(replies) == 1 and re.search(r"hotcold: error: prompt of \d+ tokens does not fit the "
                                                        r"context of 64 \(raise --ctx\)\n$", err)
+    from tools.chat import conversation_ids
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": replies[0]["text"]}]
+    kept = list(history)
+    with pytest.raises(HotcoldError, match="does not fit"):  # at a terminal the chat goes on with its conversation
+        conversation_ids(smollm, history, {"role": "user", "content": "word " * 2000}, None, 4)
+    assert history == kept
+    rc, _, err = chat(monkeypatch, capsys, "Hi\n", "--system", "rule " * 80, "-c", "64")
+    bare = len(smollm.tokenize(smollm.tokenizer.apply_chat_template("", "rule " * 80)))
+    assert rc == 2 and err == f"hotcold: error: the chat template and --system alone take {bare} tokens, the whole " \
+        "context of 64 (raise --ctx)\n"
+
+
+def test_cli_chat_reads_bytes_that_are_not_utf8_as_generate_reads_argv(smollm):
+    """stdin bytes that are not UTF-8 become U+FFFD (Python reads a UTF-8 locale's stdin strictly: a traceback)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "tools.cli", "chat", "-n", "2", "--json", "-t", "1", "-c", "128"],
+                       input=b"Hi \xff there\n", capture_output=True, cwd=root, timeout=600,
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0, r.stderr.decode()
+    want = smollm.tokenize(smollm.tokenizer.apply_chat_template("Hi \ufffd there"))
+    assert json.loads(r.stdout)["prompt_token_ids"] == want
 
 
 def test_cli_inspect_takes_the_default_models_name(capsys):
@@ -269,9 +291,12 @@ def test_cli_chat_at_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pid, fd = pty.fork()
     if pid == 0:  # the child: hotcold chat on the terminal
-        os.chdir(root)
-        os.execv(sys.executable, [sys.executable, "-m", "tools.cli", "chat", "--temperature", "0", "-n", "400", "-t",
-                                  "1", "-c", "1024"])
+        try:
+            os.chdir(root)
+            os.execv(sys.executable, [sys.executable, "-m", "tools.cli", "chat", "--temperature", "0", "-n", "400",
+                                      "-t", "1", "-c", "1024"])
+        finally:  # not back into pytest
+            os._exit(127)
     seen = [""]  # what the terminal showed and no `until` has consumed yet
 
     def until(text, timeout=300):
@@ -299,7 +324,7 @@ def test_cli_chat_at_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on():
         os.write(fd, b"Thank you!\n")
         until("> ")
         os.write(fd, b"\x04")
-        end = until("of them from the cache")
+        end = until("of them from the cache")  # the stopped reply counts
         status = os.waitpid(pid, 0)[1]
     finally:
         os.close(fd)
@@ -307,5 +332,5 @@ def test_cli_chat_at_a_terminal_ctrl_c_stops_the_reply_and_the_chat_goes_on():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert status == 0
-    cached = int(re.search(r"chat: 1 reply \| prompt: \d+ tokens, (\d+) of them from the cache", end)[1])
-    assert cached > 40  # the first prompt (37 tokens) and what the stopped reply said
+    cached = int(re.search(r"chat: 2 replies \| prompt: \d+ tokens, (\d+) of them from the cache", end)[1])
+    assert cached > 38  # the first prompt (38 tokens) and what the stopped reply said

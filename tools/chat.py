@@ -15,18 +15,25 @@ ROOM = 4  # the oldest exchanges are dropped when a reply would have less than 1
 
 
 def input_lines(tty: bool) -> Iterator[str]:
-    """The input's lines without their newline; at a terminal read with a "> " prompt and line editing."""
-    if tty:
-        with contextlib.suppress(ImportError):  # loaded, it gives input() line editing and a history
-            importlib.import_module("readline")
-        while True:
-            try:
-                yield input("> ")
-            except EOFError:  # Ctrl-D
-                print(file=sys.stderr)
-                return
-    for line in sys.stdin:
-        yield line.removesuffix("\n")
+    """The input's lines without their newline; at a terminal read with a "> " prompt and line editing (the prompt
+    on stderr when stdout goes elsewhere: a file of replies or JSON holds only them)."""
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become surrogates, then U+FFFD (valid_text)
+        sys.stdin.reconfigure(errors="surrogateescape")
+    if not tty:
+        for line in sys.stdin:
+            yield line.removesuffix("\n")
+        return
+    with contextlib.suppress(ImportError):  # loaded, it gives input() line editing and a history
+        importlib.import_module("readline")
+    while True:
+        if not sys.stdout.isatty():
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        try:
+            yield input("> " if sys.stdout.isatty() else "")
+        except EOFError:  # Ctrl-D
+            print(file=sys.stderr)
+            return
 
 
 def messages(lines: Iterator[str]) -> Iterator[str]:
@@ -42,17 +49,15 @@ def messages(lines: Iterator[str]) -> Iterator[str]:
         yield "\n".join(parts)
 
 
-def conversation_ids(model, history: list[dict], user: dict, system: str | None, room: int) -> list[int]:
-    """The tokens of the conversation so far and the user's new message, ready for the reply; while they leave the
-    reply fewer than `room` positions of the context, the oldest exchange goes (a note on stderr). A message too long
-    for the context alone: HotcoldError."""
-    while True:
-        ids = model.tokenize(model.tokenizer.apply_chat_template(history + [user], system))
-        if len(ids) + room <= model.n_ctx or not history:
-            return model.check_prompt(ids)
-        del history[:2]
-        print(f"hotcold: note: the oldest exchange left the conversation, to fit the context of {model.n_ctx} tokens "
-              "(raise --ctx to keep more)", file=sys.stderr)
+def conversation_ids(model, history: list[dict], user: dict, system: str | None, room: int) -> tuple[list[int], int]:
+    """(the tokens of the conversation so far and the user's new message, ready for the reply; how many of the
+    oldest exchanges they leave out): exchanges go while the reply would have fewer than `room` positions of the
+    context. A message too long for the context alone: HotcoldError."""
+    for dropped in range(0, len(history) + 1, 2):
+        ids = model.tokenize(model.tokenizer.apply_chat_template(history[dropped:] + [user], system))
+        if len(ids) + room <= model.n_ctx:
+            break
+    return model.check_prompt(ids), dropped // 2
 
 
 def cmd_chat(args) -> None:
@@ -61,7 +66,10 @@ def cmd_chat(args) -> None:
     from tools.cli import Terminated, emit_json, load_model, sampler_of
     model = load_model(args)
     system = None if args.system is None else valid_text(args.system)
-    model.tokenizer.apply_chat_template("", system)  # a model without a chat template is refused before any input
+    bare = model.tokenize(model.tokenizer.apply_chat_template("", system))  # no chat template: refused here
+    if len(bare) >= model.n_ctx:
+        raise HotcoldError(f"the chat template{' and --system' if system else ''} alone take {len(bare)} tokens, "
+                           f"the whole context of {model.n_ctx} (raise --ctx)")
     tty = sys.stdin.isatty()
     if tty:
         print(f"hotcold chat ({model.ckpt.path}, context {model.n_ctx} tokens): a line that ends in \\ continues on "
@@ -69,53 +77,62 @@ def cmd_chat(args) -> None:
     sampler, room = sampler_of(args), min(args.n or model.n_ctx, model.n_ctx // ROOM)
     history: list[dict] = []
     total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
-    for text in messages(input_lines(tty)):
-        if not text.strip():
-            continue
-        user = {"role": "user", "content": valid_text(text)}
-        try:
-            ids = conversation_ids(model, history, user, system, room)
-        except HotcoldError as e:
-            if not tty:
-                raise
-            print(f"hotcold: error: {e}", file=sys.stderr)  # at a terminal the chat goes on
-            continue
-        shown: list[str] = []
+    try:
+        for text in messages(input_lines(tty)):
+            if not text.strip():
+                continue
+            user = {"role": "user", "content": valid_text(text)}
+            try:
+                ids, dropped = conversation_ids(model, history, user, system, room)
+            except HotcoldError as e:  # the conversation stays as it was
+                if not tty:
+                    raise
+                print(f"hotcold: error: {e}", file=sys.stderr)  # at a terminal the chat goes on
+                continue
+            if dropped:
+                del history[:2 * dropped]
+                print(f"hotcold: note: the oldest {'exchange' if dropped == 1 else f'{dropped} exchanges'} left the "
+                      f"conversation, to fit the context of {model.n_ctx} tokens (raise --ctx to keep more)",
+                      file=sys.stderr)
+            total["replies"] += 1
+            total["prompt"] += len(ids)
+            total["cached"] += model.cached_prefix(ids)  # what generate(reuse_cache=True) takes from the cache
+            shown: list[str] = []
 
-        def on_text(piece: str) -> None:
-            shown.append(piece)
-            sys.stdout.write(piece)
+            def on_text(piece: str) -> None:
+                shown.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+            try:
+                out = model.generate(ids, args.n or model.n_ctx, sampler, on_text=None if args.json else on_text,
+                                     reuse_cache=True)
+            except KeyboardInterrupt as e:  # Ctrl-C at a terminal stops the reply; what it said so far stays said
+                if isinstance(e, Terminated) or not tty:
+                    raise
+                print("\nhotcold: reply stopped" + ("" if shown else "; the message is left out, as unanswered"),
+                      file=sys.stderr)
+                if shown:
+                    history += [user, {"role": "assistant", "content": "".join(shown)}]
+                continue
+            history += [user, {"role": "assistant", "content": out.text}]
+            s = out.stats
+            total["tokens"] += max(s["generated_tokens"] - 1, 0)
+            total["decode_s"] += s["decode_s"]
+            if args.json:
+                emit_json(out.to_dict())
+            else:
+                sys.stdout.write("\n")
             sys.stdout.flush()
-
-        try:
-            out = model.generate(ids, args.n or model.n_ctx, sampler, on_text=None if args.json else on_text,
-                                 reuse_cache=True)
-        except KeyboardInterrupt as e:  # Ctrl-C at a terminal stops the reply; what it said so far stays said
-            if isinstance(e, Terminated) or not tty or args.json:
-                raise
-            print("\nhotcold: reply stopped", file=sys.stderr)
-            history += [user, {"role": "assistant", "content": "".join(shown)}]
-            continue
-        history += [user, {"role": "assistant", "content": out.text}]
-        s = out.stats
-        total["replies"] += 1
-        total["prompt"] += s["prompt_tokens"]
-        total["cached"] += s["cached_tokens"]
-        total["tokens"] += max(s["generated_tokens"] - 1, 0)
-        total["decode_s"] += s["decode_s"]
-        if args.json:
-            emit_json(out.to_dict())
-        else:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-        if s["stop"] == "context":
-            print(f"hotcold: note: the reply stopped at the end of the context of {model.n_ctx} tokens",
-                  file=sys.stderr)
-    n = total["replies"]
-    if n:
-        rate = f"{total['tokens'] / total['decode_s']:.1f} tok/s" if total["decode_s"] > 0 else "n/a"
-        print(f"chat: {n} {'reply' if n == 1 else 'replies'} | prompt: {total['prompt']} tokens, {total['cached']} of "
-              f"them from the cache | decode: {rate}", file=sys.stderr)
+            if s["stop"] == "context":
+                print(f"hotcold: note: the reply stopped at the end of the context of {model.n_ctx} tokens (raise "
+                      "--ctx)", file=sys.stderr)
+    finally:  # Ctrl-D, the input's end, Ctrl-C at the prompt (then `hotcold: interrupted`)
+        n = total["replies"]
+        if n:
+            rate = f"{total['tokens'] / total['decode_s']:.1f} tok/s" if total["decode_s"] > 0 else "n/a"
+            print(f"chat: {n} {'reply' if n == 1 else 'replies'} | prompt: {total['prompt']} tokens, "
+                  f"{total['cached']} of them from the cache | decode: {rate}", file=sys.stderr)
 
 
 def add_command(sub) -> None:
