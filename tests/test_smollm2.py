@@ -125,6 +125,9 @@ def test_cli_generate_json_and_chat(smollm, capsys):
     assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
     err = capsys.readouterr().err  # the context, not -n, ended it: said so
     assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err
+    assert main(["generate", "-p", "The capital of France is", "-n", "-1", "--temperature", "0", "-c", "12",
+                 "--json", "--ignore-eos"]) == 0  # -1: to the end of the context, as llama.cpp's
+    assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "context"
     assert main(["generate", "-p", "The capital of France is", "-n", "7", "--temperature", "0", "-c", "12",
                  "--json"]) == 0  # -n met as the context fills: -n ended it
     assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "length"

@@ -74,7 +74,8 @@ def cmd_chat(args) -> None:
     if tty:
         print(f"hotcold chat ({model.ckpt.path}, context {model.n_ctx} tokens): a line that ends in \\ continues on "
               "the next; Ctrl-C stops a reply, Ctrl-D ends the chat", file=sys.stderr)
-    sampler, room = sampler_of(args), min(args.n or model.n_ctx, model.n_ctx // ROOM)
+    n = model.n_ctx if args.n == -1 else args.n
+    sampler, room = sampler_of(args), min(n, model.n_ctx // ROOM)
     history: list[dict] = []
     total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
     try:
@@ -105,7 +106,7 @@ def cmd_chat(args) -> None:
                 sys.stdout.flush()
 
             try:
-                out = model.generate(ids, args.n or model.n_ctx, sampler, on_text=None if args.json else on_text,
+                out = model.generate(ids, n, sampler, on_text=None if args.json else on_text,
                                      reuse_cache=True)
             except KeyboardInterrupt as e:  # Ctrl-C at a terminal stops the reply; what it said so far stays said
                 if isinstance(e, Terminated) or not tty:
@@ -140,8 +141,8 @@ def add_command(sub) -> None:
     p = sub.add_parser("chat", help="a conversation in the terminal (the model's chat template, the KV cache kept "
                        "between turns)")
     add_model_args(p)
-    p.add_argument("-n", "--n-predict", dest="n", type=at_least(1), default=None,
-                   help="most tokens a reply (default: until the model ends its turn or the context is full)")
+    p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=-1,
+                   help="most tokens a reply (default -1: until the model ends its turn or the context is full)")
     add_sampling_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the conversation")
     p.add_argument("--json", action="store_true", help="print each reply as one line of JSON (generate --json's "

@@ -218,6 +218,7 @@ def cmd_generate(args) -> None:
     # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
     text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
+    n = model.n_ctx if args.n == -1 else args.n  # as llama.cpp's -n -1
     prompt = valid_text(text)
     if args.chat:
         system = None if args.system is None else valid_text(args.system)
@@ -226,7 +227,7 @@ def cmd_generate(args) -> None:
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = sampler_of(args)
     if args.json:
-        out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos)
+        out = model.generate(ids, n, sampler, ignore_stop=args.ignore_eos)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -236,7 +237,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos)
+        out = model.generate(ids, n, sampler, on_text=on_text, ignore_stop=args.ignore_eos)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
@@ -334,8 +335,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     prompt.add_argument("-p", "--prompt", help="the prompt text (with --chat: the user's message)")
     prompt.add_argument("-f", "--file", metavar="FILE", help="the prompt read from a UTF-8 file, as it is but for one "
                         "final newline, as llama.cpp's -f reads it")
-    p.add_argument("-n", "--n-predict", dest="n", type=at_least(0), default=128,
-                   help="tokens to generate (default 128)")
+    p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=128,
+                   help="tokens to generate (default 128; -1: until a stop token or the end of the context)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-text and end-of-turn "
                    "tokens, to -n tokens or the end of the context")
     add_sampling_args(p)
