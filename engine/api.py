@@ -99,6 +99,33 @@ class Sampler:
         return int(ids[min(np.searchsorted(c, self.rng.random() * c[-1], side="right"), c.size - 1)])
 
 
+class StopText:
+    """A continuation's text as it streams, cut before the first of the stop strings (llama-cpp-python's `stop`):
+    text that may be the start of one is held back until it is not."""
+
+    def __init__(self, stops, on_text: Callable[[str], None] | None):
+        self.stops, self.on_text = [t for t in stops if t], on_text
+        self.text, self.shown = "", 0  # the text so far; how much of it on_text has had
+
+    def add(self, piece: str) -> bool:
+        """Take the next piece of text; True once a stop string is in the text (then cut before it)."""
+        self.text += piece
+        cut = min((i for i in (self.text.find(t) for t in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self.show(cut)
+            return True
+        held = max((k for t in self.stops for k in range(1, min(len(t), len(self.text) + 1))
+                    if self.text.endswith(t[:k])), default=0)
+        self.show(len(self.text) - held)
+        return False
+
+    def show(self, upto: int) -> None:
+        if upto > self.shown and self.on_text is not None:
+            self.on_text(self.text[self.shown:upto])
+        self.shown = max(self.shown, upto)
+
+
 @dataclass
 class Completion:
     text: str
@@ -281,9 +308,10 @@ class Model:
 
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False,
-                 reuse_cache: bool = False) -> Completion:
+                 reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = ()) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
-        stop token, n tokens or the end of the context (stats["stop"]: "stop_token", "length" or "context").
+        stop token, a stop string (the text ends before it), n tokens or the end of the context (stats["stop"]:
+        "stop_token", "stop_string", "length" or "context").
         reuse_cache: the prompt's first tokens that are still in the KV cache (`kv_ids`: what the last generate or
         `logits` put there, the prompt and every generated token but the last) are not computed again
         (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
@@ -293,7 +321,7 @@ class Model:
         if n < 0:
             raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
-        stream = self.tokenizer.stream()
+        stream, shown = self.tokenizer.stream(), StopText(stop, on_text)
         self.reset_counts()
         cached = self.cached_prefix(prompt_ids) if reuse_cache else 0
         del self.kv_ids[cached:]  # what follows is overwritten now
@@ -304,6 +332,7 @@ class Model:
         out: list[int] = []
         pos = len(prompt_ids)
         context = list(prompt_ids)  # what the penalties of a Sampler look back on
+        hit = False  # a stop string
         while len(out) < n:
             tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
@@ -312,18 +341,15 @@ class Model:
                                    + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"
                                       if self.cache_type == "f16" else ")"))
             out.append(tok)
-            if on_text is not None:
-                piece = stream.step(tok)
-                if piece:
-                    on_text(piece)
-            if (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
+            hit = shown.add(stream.step(tok))
+            if hit or (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
             logits = self.net.next_logits([tok], pos)
             self.kv_ids.append(tok)
             pos += 1
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
-        stop = ("stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
+        stop = ("stop_string" if hit else "stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
                 else "length" if len(out) >= asked else "context")
         stats = {"prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": len(out), "stop": stop,
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
@@ -333,11 +359,10 @@ class Model:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             stats.update(self.runtime.stats())
-        text = self.tokenizer.decode(out, continuation=True)
-        rest = stream.end() if on_text is not None else ""
-        if rest:
-            on_text(rest)  # a character cut off by the last token, as the text shows it (U+FFFD)
-        return Completion(text, out, prompt_ids, stats)
+        if not hit:  # the text held back, and a character cut off by the last token (U+FFFD, as decode gives it)
+            shown.add(stream.end())
+            shown.show(len(shown.text))
+        return Completion(shown.text, out, prompt_ids, stats)
 
     def cached_prefix(self, prompt_ids: list[int]) -> int:
         """How many of the prompt's first tokens `generate(reuse_cache=True)` takes from the cache: those that match

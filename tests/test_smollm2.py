@@ -102,6 +102,25 @@ def test_streamed_text_is_the_text(smollm):
             smollm.perplexity(ids * 64, 16, chunks, first)
 
 
+def test_stop_strings_end_the_text_before_them_and_stream_only_what_stays(smollm, capsys):
+    """generate(stop=...): the text ends before the first stop string, also one that starts inside a token; what may
+    begin a stop string is held back from the stream until it cannot, so the stream is always the text."""
+    ids = smollm.tokenize("The capital of France is")
+    free = smollm.generate(ids, 30, Sampler(temperature=0))
+    assert free.text.startswith(" Paris.")
+    for stops, text in (((".",), " Paris"), (("Par", "."), " "), ((" Paris.",), ""), (("Paris, France", "zzz"), free.text),
+                        ((), free.text)):  # " Paris." spans two tokens: " Paris" held back, then cut
+        shown = []
+        out = smollm.generate(ids, 30, Sampler(temperature=0), on_text=shown.append, stop=stops)
+        assert out.text == text and "".join(shown) == text, stops
+        assert out.stats["stop"] == ("stop_string" if text != free.text else free.stats["stop"])
+        assert out.token_ids == free.token_ids[:len(out.token_ids)]
+    assert main(["generate", "-p", "The capital of France is", "--temperature", "0", "-n", "30", "--stop", "xyz",
+                 "--stop", ".", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["text"] == " Paris" and got["stats"]["stop"] == "stop_string" and len(got["token_ids"]) == 2
+
+
 def test_cli_generate_json_and_chat(smollm, capsys):
     assert main(["generate", "-p", "What is 2+2?", "--chat", "-n", "6", "--temperature", "0", "--json",
                  "-c", "256"]) == 0

@@ -227,7 +227,7 @@ def cmd_generate(args) -> None:
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = sampler_of(args)
     if args.json:
-        out = model.generate(ids, n, sampler, ignore_stop=args.ignore_eos)
+        out = model.generate(ids, n, sampler, ignore_stop=args.ignore_eos, stop=args.stop)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -237,7 +237,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        out = model.generate(ids, n, sampler, on_text=on_text, ignore_stop=args.ignore_eos)
+        out = model.generate(ids, n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
@@ -339,6 +339,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="tokens to generate (default 128; -1: until a stop token or the end of the context)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-text and end-of-turn "
                    "tokens, to -n tokens or the end of the context")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the text before this string "
+                   "(repeatable; not shown), as llama-cpp-python's stop")
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
