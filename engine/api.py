@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .sparsity import SparsityConfig
 
+F32_MAX = float(np.finfo(np.float32).max)
 BOTH_HOOKS = "--sparsity with --predictors: the predictor bundle carries its own sparsity config"
 
 
@@ -73,10 +74,11 @@ class Sampler:
         if off or n == 0 or not len(recent):
             return logits
         ids, counts = np.unique(np.asarray(recent[-n:] if n > 0 else recent), return_counts=True)
-        z = logits[ids]
+        z = logits[ids].astype(np.float64)
         out = logits.copy()
-        out[ids] = (np.where(z <= 0, z * self.repeat_penalty, z / self.repeat_penalty)
-                    - counts * self.frequency_penalty - self.presence_penalty)
+        z = np.where(z <= 0, z * self.repeat_penalty, z / self.repeat_penalty) - counts * self.frequency_penalty \
+            - self.presence_penalty
+        out[ids] = np.clip(z, -F32_MAX, F32_MAX)  # finite in float32 whatever the penalties (1e39, 1e-40)
         return out
 
     def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids
@@ -104,13 +106,19 @@ class StopText:
     text that may be the start of one is held back until it is not."""
 
     def __init__(self, stops, on_text: Callable[[str], None] | None):
-        self.stops, self.on_text = [t for t in stops if t], on_text
+        stops = [stops] if isinstance(stops, str) else [] if stops is None else list(stops)  # one string: one stop
+        if not all(isinstance(t, str) for t in stops):
+            raise HotcoldError(f"stop strings: strings, not {stops!r}")
+        self.stops, self.on_text = [t for t in stops if t], on_text  # an empty one is none, as in llama.cpp's server
         self.text, self.shown = "", 0  # the text so far; how much of it on_text has had
 
     def add(self, piece: str) -> bool:
-        """Take the next piece of text; True once a stop string is in the text (then cut before it)."""
+        """Take the next piece of text; True once a stop string is in the text (then cut before the one that starts
+        first)."""
+        old = len(self.text)
         self.text += piece
-        cut = min((i for i in (self.text.find(t) for t in self.stops) if i >= 0), default=-1)
+        cut = min((i for i in (self.text.find(t, max(0, old - len(t) + 1)) for t in self.stops) if i >= 0),
+                  default=-1)
         if cut >= 0:
             self.text = self.text[:cut]
             self.show(cut)
@@ -333,10 +341,13 @@ class Model:
         pos = len(prompt_ids)
         context = list(prompt_ids)  # what the penalties of a Sampler look back on
         hit = False  # a stop string
+        banned = sorted(self.tokenizer.stop_ids) if ignore_stop else []  # llama.cpp's --ignore-eos: never sampled
+        # (by a Sampler; a callable of the caller's may still pick one: it is taken as any token then)
         while len(out) < n:
+            logits[banned] = -np.inf
             tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
-            if not math.isfinite(logits[tok]):  # NaN logits: argmax and the draw land on one
+            if not math.isfinite(logits[tok]) and tok not in banned:  # NaN logits: argmax and the draw land on one
                 raise HotcoldError(f"token {len(out) + 1}: the logits are not finite (the activations overflowed"
                                    + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"
                                       if self.cache_type == "f16" else ")"))
@@ -349,6 +360,8 @@ class Model:
             pos += 1
         t2 = time.perf_counter()
         decoded = max(len(out) - 1, 0)  # forward passes after the prefill
+        hit = hit or shown.add(stream.end())  # the end: a character cut off by the last token (U+FFFD, as decode)
+        shown.show(len(shown.text))  # and the text held back
         stop = ("stop_string" if hit else "stop_token" if out and out[-1] in self.tokenizer.stop_ids and not ignore_stop
                 else "length" if len(out) >= asked else "context")
         stats = {"prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": len(out), "stop": stop,
@@ -359,9 +372,6 @@ class Model:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             stats.update(self.runtime.stats())
-        if not hit:  # the text held back, and a character cut off by the last token (U+FFFD, as decode gives it)
-            shown.add(stream.end())
-            shown.show(len(shown.text))
         return Completion(shown.text, out, prompt_ids, stats)
 
     def cached_prefix(self, prompt_ids: list[int]) -> int:

@@ -312,6 +312,9 @@ def test_repetition_penalties_as_llama_cpp_and_generate_feeds_them_the_context(t
     assert Sampler(0)(logits, recent) == 3 and s(logits, recent) == 2  # 3 was recent
     assert Sampler(0, repeat_penalty=2.0, repeat_last_n=0)(logits, recent) == 3  # 0: off
     assert Sampler(0, presence_penalty=9.0, repeat_last_n=-1)(logits, [3, 0, 1, 1, 1, 2]) == 4  # -1: the whole context
+    with np.errstate(all="raise"):  # finite in float32 however large the penalties
+        for kw in (dict(presence_penalty=1e39), dict(repeat_penalty=1e-40), dict(frequency_penalty=-1e39)):
+            assert np.isfinite(Sampler(**kw).penalized(logits, [3, 0])).all(), kw
     for kw in (dict(repeat_penalty=0.0), dict(repeat_last_n=-2), dict(frequency_penalty=float("inf"))):
         with pytest.raises(HotcoldError, match="Sampler"):
             Sampler(**kw)

@@ -310,7 +310,9 @@ def test_bad_hf_config_is_refused(tmp_path, capsys):
 
 def test_counts_below_their_minimum_are_refused(capsys):
     """Thread, token and chunk counts are checked by the argument parser: exit code 2, the argument named."""
-    for argv, name in ((["generate", "-p", "hi", "-n", "-2"], "-n/--n-predict"), (["bench", "-t", "0"], "-t/--threads"),
+    for argv, name in ((["generate", "-p", "hi", "-n", "-2"], "-n/--n-predict"),
+                       (["chat", "-n", "0"], "-n/--n-predict"),
+                       (["bench", "-t", "0"], "-t/--threads"),
                        (["perplexity", "-f", "x.txt", "--chunks", "0"], "--chunks"),
                        (["profile", "-f", "x.txt", "-o", "out", "--ctx", "1"], "--ctx"),
                        (["calibrate", "-f", "x.txt", "-o", "o.json", "--target-sparsity", "0.5", "--ctx", "3"],

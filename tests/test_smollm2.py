@@ -108,13 +108,21 @@ def test_stop_strings_end_the_text_before_them_and_stream_only_what_stays(smollm
     ids = smollm.tokenize("The capital of France is")
     free = smollm.generate(ids, 30, Sampler(temperature=0))
     assert free.text.startswith(" Paris.")
-    for stops, text in (((".",), " Paris"), (("Par", "."), " "), ((" Paris.",), ""), (("Paris, France", "zzz"), free.text),
-                        ((), free.text)):  # " Paris." spans two tokens: " Paris" held back, then cut
+    for stops, text in (((".",), " Paris"), (("Par", "."), " "), ((" Paris.",), ""),  # " Paris." spans two tokens:
+                        (("Paris, France", "zzz"), free.text), ((), free.text)):  # " Paris" held back, then cut
         shown = []
         out = smollm.generate(ids, 30, Sampler(temperature=0), on_text=shown.append, stop=stops)
         assert out.text == text and "".join(shown) == text, stops
         assert out.stats["stop"] == ("stop_string" if text != free.text else free.stats["stop"])
         assert out.token_ids == free.token_ids[:len(out.token_ids)]
+    assert smollm.generate(ids, 30, Sampler(temperature=0), stop=".").text == " Paris"  # one string: one stop
+    assert smollm.generate(ids, 30, Sampler(temperature=0), stop=None).text == free.text
+    with pytest.raises(HotcoldError, match="stop strings: strings"):
+        smollm.generate(ids, 3, stop=[1])
+    cut = smollm.tokenize("月亮", special=False, add_bos=False)[:1]  # half of 月: U+FFFD at the end, then a stop
+    given = iter(cut)
+    end = smollm.generate(ids, 1, lambda logits: next(given), stop=["\ufffd"])
+    assert end.text == "" and end.stats["stop"] == "stop_string"
     assert main(["generate", "-p", "The capital of France is", "--temperature", "0", "-n", "30", "--stop", "xyz",
                  "--stop", ".", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -136,11 +144,11 @@ def test_cli_generate_json_and_chat(smollm, capsys):
         "<|im_start|>assistant\n")
     assert main(["generate", "-p", "hi", "--system", "x"]) == 2 and "it goes with --chat" in capsys.readouterr().err
     assert main(["generate", "-p", "What is 2+2?", "--chat", "-n", "24", "--temperature", "0", "--json", "-c", "256",
-                 "--ignore-eos"]) == 0  # past the end of its turn (within 24 tokens here) to -n
+                 "--ignore-eos"]) == 0  # its turn ends within 24 tokens, unless its end tokens are never sampled
     past = json.loads(capsys.readouterr().out)
     assert past["stats"]["stop"] == "length" and len(past["token_ids"]) == 24
     assert past["token_ids"][:len(out["token_ids"])] == out["token_ids"]
-    assert any(t in smollm.tokenizer.stop_ids for t in past["token_ids"])
+    assert not any(t in smollm.tokenizer.stop_ids for t in past["token_ids"])  # as llama.cpp's --ignore-eos
     assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
     err = capsys.readouterr().err  # the context, not -n, ended it: said so
     assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err

@@ -6,6 +6,7 @@ new message, is computed.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import sys
@@ -136,13 +137,25 @@ def cmd_chat(args) -> None:
                   f"{total['cached']} of them from the cache | decode: {rate}", file=sys.stderr)
 
 
+def reply_tokens(text: str) -> int:
+    """An argparse type: -n of chat, -1 or at least 1."""
+    v = int(text)
+    if v != -1 and v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or -1: no limit), got {v}")
+    return v
+
+
+reply_tokens.__name__ = "int"  # argparse names it in "invalid int value"
+
+
 def add_command(sub) -> None:
-    from tools.cli import add_model_args, add_runtime_args, add_sampling_args, at_least
+    from tools.cli import add_model_args, add_runtime_args, add_sampling_args
     p = sub.add_parser("chat", help="a conversation in the terminal (the model's chat template, the KV cache kept "
                        "between turns)")
     add_model_args(p)
-    p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=-1,
-                   help="most tokens a reply (default -1: until the model ends its turn or the context is full)")
+    p.add_argument("-n", "--n-predict", dest="n", type=reply_tokens, default=-1,
+                   help="most tokens a reply, at least 1 (default -1: until the model ends its turn or the context is "
+                   "full)")
     add_sampling_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the conversation")
     p.add_argument("--json", action="store_true", help="print each reply as one line of JSON (generate --json's "

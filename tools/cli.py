@@ -337,10 +337,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "final newline, as llama.cpp's -f reads it")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=128,
                    help="tokens to generate (default 128; -1: until a stop token or the end of the context)")
-    p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end-of-text and end-of-turn "
-                   "tokens, to -n tokens or the end of the context")
+    p.add_argument("--ignore-eos", action="store_true", help="never sample the model's end-of-text and end-of-turn "
+                   "tokens (llama.cpp's): on to -n tokens or the end of the context")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the text before this string "
-                   "(repeatable; not shown), as llama-cpp-python's stop")
+                   "(repeatable; the one that starts first; not shown; an empty one is none)")
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
