@@ -226,7 +226,7 @@ class _Reader(GGUFReader):
             for _ in range(n):  # each string: its u64 length, then its bytes
                 m = offs + 8 + int.from_bytes(raw[offs:offs + 8], sys.byteorder)
                 if m > len(raw):
-                    raise ValueError(f"string at offset {offs} runs past the end of the file")
+                    raise IndexError(f"string at offset {offs} runs past the end of the file")
                 parts += (view[offs:offs + 8].view(u64), view[offs + 8:m])
                 offs = m
             return offs - orig_offs, parts, list(range(3, 2 * n + 2, 2)), [GGUFValueType.ARRAY, itype]
@@ -235,7 +235,7 @@ class _Reader(GGUFReader):
             return super()._get_field_parts(orig_offs, raw_type)
         items = self._get(offs, nptype, n)
         if items.size != n:
-            raise ValueError(f"array of {n} at offset {offs} runs past the end of the file")
+            raise IndexError(f"array of {n} at offset {offs} runs past the end of the file")
         parts += (items[j:j + 1] for j in range(n))
         return 12 + int(items.nbytes), parts, list(range(2, n + 2)), [GGUFValueType.ARRAY, itype]
 
