@@ -19,7 +19,7 @@ from engine.config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, H
 COMMAND_MODULES = {"chat": "tools.chat", "bench": "tools.bench", "train-predictors": "tools.predict",
                    "eval-predictors": "tools.predict", "split": "tools.split", "profile": "tools.profile",
                    "calibrate": "tools.calibrate", "export": "tools.export", "inspect": "tools.export",
-                   "relufy": "tools.relufy"}
+                   "relufy": "tools.relufy", "server": "tools.server"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
@@ -107,31 +107,34 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
                        "shorter)")
 
 
+# llama.cpp's sampler options and defaults: the Sampler field NAME, flag --NAME with dashes (generate, chat), and
+# the request field NAME (server): (type, default, help)
+SAMPLING = {
+    "temperature": (number(0), 0.8, "0 = greedy (default 0.8)"),
+    "top_k": (at_least(0), 40, "0 = off (default 40)"),
+    "top_p": (share, 0.95, "1 = off (default 0.95)"),
+    "min_p": (between(0, 1), 0.05, "keep tokens at least this share of the likeliest one's probability; 0 = off "
+              "(default 0.05)"),
+    "seed": (int, None, "sampling seed (default, or negative as in llama.cpp: random)"),
+    "repeat_penalty": (number(0, above=True), 1.0, "divide the logit of each of the last --repeat-last-n tokens by "
+                       "this (multiply a negative one); 1 = off (default 1.0)"),
+    "repeat_last_n": (at_least(-1), 64, "how many of the last tokens, the prompt's included, the penalties look at; "
+                      "0 = off, -1 = all (default 64)"),
+    "frequency_penalty": (number(), 0.0, "subtract this from a recent token's logit for each time it occurs; 0 = off "
+                          "(default 0.0)"),
+    "presence_penalty": (number(), 0.0, "subtract this from the logit of each recent token; 0 = off (default 0.0)"),
+}
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """llama.cpp's sampler options and defaults (`sampler_of` builds the Sampler)."""
-    p.add_argument("--temperature", type=number(0), default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=at_least(0), default=40, help="0 = off (default 40)")
-    p.add_argument("--top-p", type=share, default=0.95, help="1 = off (default 0.95)")
-    p.add_argument("--min-p", type=between(0, 1), default=0.05,
-                   help="keep tokens at least this share of the likeliest one's probability; 0 = off (default 0.05)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (default, or negative as in llama.cpp: random)")
-    p.add_argument("--repeat-penalty", type=number(0, above=True), default=1.0,
-                   help="divide the logit of each of the last --repeat-last-n tokens by this (multiply a negative "
-                   "one); 1 = off (default 1.0)")
-    p.add_argument("--repeat-last-n", type=at_least(-1), default=64,
-                   help="how many of the last tokens, the prompt's included, the penalties look at; 0 = off, -1 = all "
-                   "(default 64)")
-    p.add_argument("--frequency-penalty", type=number(), default=0.0,
-                   help="subtract this from a recent token's logit for each time it occurs; 0 = off (default 0.0)")
-    p.add_argument("--presence-penalty", type=number(), default=0.0,
-                   help="subtract this from the logit of each recent token; 0 = off (default 0.0)")
+    for name, (kind, default, text) in SAMPLING.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
 
 
-def sampler_of(args):
+def sampler_of(args, **given):
+    """The Sampler of the command's sampling options, those `given` in their place."""
     from engine.api import Sampler
-    return Sampler(args.temperature, args.top_k, args.top_p, args.min_p, args.seed, args.repeat_penalty,
-                   args.repeat_last_n, args.frequency_penalty, args.presence_penalty)
+    return Sampler(**{name: given.get(name, getattr(args, name)) for name in SAMPLING})
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

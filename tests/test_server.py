@@ -1,0 +1,188 @@
+"""hotcold server: OpenAI's endpoints over HTTP, answered as generate answers, the cache kept between requests."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from engine.api import Sampler
+from engine.config import HotcoldError
+from tools.cli import build_parser, main
+from tools.server import Server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def server(smollm):
+    srv = Server(smollm, build_parser("server").parse_args(["server"]), "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def call(srv, path: str, body=None, raw: bytes | None = None):
+    """(HTTP status, the JSON answer, or a stream's events as a list of JSON objects and "[DONE]")."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(srv.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            status, text, kind = r.status, r.read().decode(), r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, text, kind = e.code, e.read().decode(), e.headers["Content-Type"]
+    if kind != "text/event-stream":
+        return status, json.loads(text)
+    assert text.endswith("\n\n")
+    events = [e.removeprefix("data: ") for e in text[:-2].split("\n\n")]
+    return status, [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def greedy(model, prompt: str, n: int):
+    return model.generate(model.tokenize(prompt), n, Sampler(temperature=0))
+
+
+def test_server_completions_are_generates(smollm, server):
+    """/v1/completions: generate's text and counts, for a prompt as text or as its token ids; streamed, the pieces
+    make the same text; a stop string ends it."""
+    want = greedy(smollm, "The capital of France is", 12)
+    status, got = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12,
+                                                   "temperature": 0, "model": "any"})
+    assert status == 200 and got["object"] == "text_completion" and got["model"].endswith(".gguf")
+    assert got["choices"] == [{"index": 0, "text": want.text, "logprobs": None, "finish_reason": "length"}]
+    assert got["usage"] == {"prompt_tokens": len(want.prompt_token_ids), "completion_tokens": 12,
+                            "total_tokens": len(want.prompt_token_ids) + 12}
+    status, again = call(server, "/v1/completions", {"prompt": want.prompt_token_ids, "max_tokens": 12,
+                                                     "temperature": 0})
+    assert again["choices"][0]["text"] == want.text  # from token ids; the cache held all but the last
+    assert again["timings"]["cache_n"] == len(want.prompt_token_ids) - 1 and again["timings"]["predicted_n"] == 12
+    status, events = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12,
+                                                      "temperature": 0, "stream": True,
+                                                      "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]" and len(events) > 3
+    *pieces, end, _ = events
+    assert "".join(e["choices"][0]["text"] for e in pieces) == want.text
+    assert all(e["choices"][0]["finish_reason"] is None for e in pieces)
+    assert end["choices"][0]["finish_reason"] == "length" and end["usage"]["completion_tokens"] == 12
+    cut = want.text.index("Paris") + 2
+    status, got = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12,
+                                                   "temperature": 0, "stop": want.text[cut:cut + 3]})
+    assert got["choices"][0]["text"] == want.text[:cut] and got["choices"][0]["finish_reason"] == "stop"
+
+
+def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
+    """/v1/chat/completions: the first reply is generate's over the chat template; the next turn, sent whole with
+    the first reply, computes only what follows the cached tokens; streamed, the deltas make the same reply."""
+    convo = [{"role": "user", "content": "What is 2+2?"}]
+    want = greedy(smollm, smollm.tokenizer.apply_chat_template(convo), 16)
+    status, one = call(server, "/v1/chat/completions", {"messages": convo, "temperature": 0, "max_tokens": 16,
+                                                        "logprobs": False, "n": 1, "tools": []})  # as not asked
+    assert status == 200 and one["object"] == "chat.completion"
+    assert one["choices"][0]["message"] == {"role": "assistant", "content": want.text}
+    assert one["choices"][0]["finish_reason"] == ("stop" if want.stats["stop"] == "stop_token" else "length")
+    convo += [{"role": "assistant", "content": want.text},
+              {"role": "user", "content": [{"type": "text", "text": "And"}, {"type": "text", "text": "3+3?"}]}]
+    status, events = call(server, "/v1/chat/completions", {"messages": convo, "temperature": 0, "max_tokens": 16,
+                                                           "stream": True, "stream_options": {"include_usage": True}})
+    flat = convo[:2] + [{"role": "user", "content": "And\n3+3?"}]  # text parts joined by newlines
+    two = greedy(smollm, smollm.tokenizer.apply_chat_template(flat), 16)
+    first, *pieces, end, done = events
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant",
+                                                                                        "content": ""}
+    assert "".join(e["choices"][0]["delta"]["content"] for e in pieces) == two.text and done == "[DONE]"
+    assert end["choices"][0]["delta"] == {} and end["usage"]["prompt_tokens"] == len(two.prompt_token_ids)
+    assert end["timings"]["cache_n"] == len(want.prompt_token_ids) + len(want.token_ids) - 1 \
+        and want.stats["stop"] == "stop_token"  # all but the first reply's end token, which the template writes
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", b"{not json", 400, "the body is not JSON"),
+    ("/v1/completions", [1, 2], 400, "the body: a JSON object"),
+    ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, "temperature: must be a number >= 0, got -1"),
+    ("/v1/completions", {"prompt": "Hi", "top_k": 1.5}, 400, "top_k: an integer, got 1.5"),
+    ("/v1/completions", {"prompt": "Hi", "top_p": "high"}, 400, 'top_p: a number, got "high"'),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -2}, 400, "max_tokens: must be at least -1, got -2"),
+    ("/v1/completions", {"prompt": "Hi", "stop": 5}, 400, "stop: a string or a list of strings, got 5"),
+    ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, 'stream: true or false, got "yes"'),
+    ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 3}, 400, "logprobs: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt: a string or a list of token ids"),
+    ("/v1/completions", {"prompt": [5, 10 ** 6]}, 400, "1000000"),
+    ("/v1/completions", {"prompt": "word " * 1100}, 400, "does not fit the context of 1024"),
+    ("/v1/chat/completions", {"prompt": "Hi"}, 400, "messages: a list of"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]: an object with"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content: hotcold server takes text only"),
+    ("/v1/embeddings", {"input": "Hi"}, 404, "no endpoint POST /v1/embeddings"),
+    ("/tokenize", {"text": "Hi"}, 400, "tokenize: {"),
+    ("/detokenize", {"tokens": [-1]}, 400, "-1"),
+])
+def test_server_refuses_a_bad_request_in_one_line(server, path, body, status, message):
+    """Each bad request: its status and one line that names the field, in llama-server's error object."""
+    got_status, got = call(server, path, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert got_status == status and message in got["error"]["message"] and "\n" not in got["error"]["message"]
+    assert got["error"]["code"] == status
+
+
+def test_server_goes_on_after_a_client_leaves_a_stream(smollm, server, capsys):
+    """A client that closes its connection mid-stream stops the generation (logged); the next request is answered as
+    on a fresh model, the cache's record cut where the generation stopped."""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection(server.server_address[:2], timeout=600) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        seen = b""
+        while seen.count(b"data: ") < 3:
+            seen += s.recv(4096)
+    want = greedy(smollm, "Once upon a time", 8)
+    status, got = call(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+    assert status == 200 and got["choices"][0]["text"] == want.text
+    assert "POST /v1/completions 499 | the client went away; its generation stopped" in capsys.readouterr().err
+    status, health = call(server, "/health")
+    assert status == 200 and health == {"status": "ok"}
+    status, models = call(server, "/v1/models")
+    assert models["data"][0]["id"] == server.name and models["data"][0]["n_ctx"] == smollm.n_ctx
+
+
+def test_server_tokenize_and_detokenize(smollm, server):
+    status, got = call(server, "/tokenize", {"content": "Hello world"})
+    assert status == 200 and got["tokens"] == smollm.tokenize("Hello world")
+    assert call(server, "/detokenize", {"tokens": got["tokens"]})[1] == {"content": "Hello world"}
+
+
+def test_server_refuses_a_port_in_use(smollm, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(HotcoldError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            Server(smollm, build_parser("server").parse_args(["server"]), "127.0.0.1", port)
+    assert main(["server", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "hotcold: error: --port 70000: at most 65535\n"
+
+
+def test_cli_server_listens_and_stops_on_ctrl_c():
+    """hotcold server --port 0: says where it listens, answers, and Ctrl-C stops it with exit code 0."""
+    p = subprocess.Popen([sys.executable, "-m", "tools.cli", "server", "--port", "0", "-t", "1", "-c", "128"],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        url = re.match(r"hotcold server: listening on (http://127\.0\.0\.1:\d+) \(SmolLM2-135M-Instruct\.Q4_1\.gguf, "
+                       r"context 128 tokens; Ctrl-C stops it\)$", line)
+        assert url, line
+        with urllib.request.urlopen(url[1] + "/health", timeout=60) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0 and p.stderr.read() == "hotcold server: stopped\n"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
