@@ -26,6 +26,17 @@ F32_MAX = float(np.finfo(np.float32).max)
 BOTH_HOOKS = "--sparsity with --predictors: the predictor bundle carries its own sparsity config"
 
 
+def token_logprob(logits: np.ndarray, tok: int, top: int) -> dict:
+    """Token tok's log-probability under logits (n_vocab,), the model's own (log-softmax in float64, before any
+    sampling rule), and the `top` likeliest tokens' ([[id, logprob], ...], best first)."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    z -= math.log(np.exp(z).sum())
+    best = np.argpartition(-z, top - 1)[:top] if 0 < top < z.size else np.arange(z.size if top else 0)
+    best = best[np.argsort(-z[best], kind="stable")]
+    return {"id": int(tok), "logprob": float(z[tok]), "top": [[int(i), float(z[i])] for i in best]}
+
+
 def perplexity_of(nll: float, n: int) -> float:
     """exp(mean negative log-likelihood); inf where that is past a float (logits far out of range)."""
     try:
@@ -140,10 +151,11 @@ class Completion:
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: dict = field(default_factory=dict)
+    logprobs: list[dict] | None = None  # generate(logprobs=k): token_logprob's of each generated token
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
-                "stats": self.stats}
+                "stats": self.stats, **({} if self.logprobs is None else {"logprobs": self.logprobs})}
 
 
 def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
@@ -290,6 +302,13 @@ class Model:
             self.kv_ids += tokens
         return out
 
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[dict]:
+        """token_logprob of each token of ids after the first, given those before it (teacher-forced `logits`; the
+        cache then holds ids, which a `generate(reuse_cache=True)` continuing them reuses)."""
+        ids = self.check_ids(ids)
+        logits = self.logits(ids).float().numpy()  # (T, n_vocab)
+        return [token_logprob(logits[t - 1], ids[t], top) for t in range(1, len(ids))]
+
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the
         last row)."""
@@ -316,18 +335,24 @@ class Model:
 
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False,
-                 reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = ()) -> Completion:
+                 reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = (),
+                 logprobs: int | None = None) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
         stop token, a stop string (the text ends before it), n tokens or the end of the context (stats["stop"]:
         "stop_token", "stop_string", "length" or "context").
         reuse_cache: the prompt's first tokens that are still in the KV cache (`kv_ids`: what the last generate or
         `logits` put there, the prompt and every generated token but the last) are not computed again
         (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
-        does: a conversation's next turn prefills only its new tokens."""
+        does: a conversation's next turn prefills only its new tokens.
+        logprobs=k: each generated token's log-probability and the k likeliest tokens' (`token_logprob`), in
+        Completion.logprobs."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         if n < 0:
             raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
+        if logprobs is not None and as_int(logprobs, "logprobs") < 0:
+            raise HotcoldError(f"logprobs = {logprobs}: a count of likeliest tokens, at least 0")
+        lps = None if logprobs is None else []
         asked, n = n, min(n, self.n_ctx - len(prompt_ids))
         stream, shown = self.tokenizer.stream(), StopText(stop, on_text)
         self.reset_counts()
@@ -344,6 +369,7 @@ class Model:
         banned = sorted(self.tokenizer.stop_ids) if ignore_stop else []  # llama.cpp's --ignore-eos: never sampled
         # (by a Sampler; a callable of the caller's may still pick one: it is taken as any token then)
         while len(out) < n:
+            raw = logits.copy() if lps is not None else None  # the model's, before the bans
             logits[banned] = -np.inf
             tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
@@ -352,6 +378,8 @@ class Model:
                                    + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"
                                       if self.cache_type == "f16" else ")"))
             out.append(tok)
+            if lps is not None:
+                lps.append(token_logprob(raw, tok, logprobs))
             hit = shown.add(stream.step(tok))
             if hit or (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
@@ -372,7 +400,7 @@ class Model:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:
             stats.update(self.runtime.stats())
-        return Completion(shown.text, out, prompt_ids, stats)
+        return Completion(shown.text, out, prompt_ids, stats, lps)
 
     def cached_prefix(self, prompt_ids: list[int]) -> int:
         """How many of the prompt's first tokens `generate(reuse_cache=True)` takes from the cache: those that match

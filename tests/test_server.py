@@ -10,7 +10,9 @@ import threading
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
+import torch
 
 from engine.api import Sampler
 from engine.config import HotcoldError
@@ -113,8 +115,16 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "stop": 5}, 400, "stop: a string or a list of strings, got 5"),
     ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, 'stream: true or false, got "yes"'),
     ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n: not supported by hotcold server"),
-    ("/v1/completions", {"prompt": "Hi", "logprobs": 3}, 400, "logprobs: not supported by hotcold server"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt: a string or a list of token ids"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs: at most 20, got 21"),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 2, "stream": True}, 400, "logprobs: not with stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logprobs": 2}, 400,
+     "logprobs: true or false (top_logprobs: how many), got 2"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400,
+     'top_logprobs: goes with "logprobs": true'),
+    ("/v1/completions", {"prompt": [["a"]]}, 400, "prompt: a string or a list of token ids, or a list of those"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt: a string or a list of token ids, or a list of those"),
+    ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "prompt: 2 prompts; a stream takes one"),
     ("/v1/completions", {"prompt": [5, 10 ** 6]}, 400, "1000000"),
     ("/v1/completions", {"prompt": "word " * 1100}, 400, "does not fit the context of 1024"),
     ("/v1/chat/completions", {"prompt": "Hi"}, 400, "messages: a list of"),
@@ -150,6 +160,72 @@ def test_server_goes_on_after_a_client_leaves_a_stream(smollm, server, capsys):
     assert status == 200 and health == {"status": "ok"}
     status, models = call(server, "/v1/models")
     assert models["data"][0]["id"] == server.name and models["data"][0]["n_ctx"] == smollm.n_ctx
+
+
+def test_generate_logprobs_are_the_models_before_sampling(smollm):
+    """generate(logprobs=k): each token's log-softmax of the logits it was sampled from, and the k likeliest; the
+    teacher-forced prompt_logprobs of a greedy continuation agree with its decode steps' (a batched forward against
+    decode steps with an f16 cache: 0.04 nats apart on average, 0.2 at most, measured)."""
+    seen = []
+
+    def pick(logits):  # the second likeliest: the logprobs are not the sampler's
+        seen.append(logits.copy())
+        return int(np.argsort(logits)[-2])
+
+    ids = smollm.tokenize("The capital of France is")
+    out = smollm.generate(ids, 5, pick, logprobs=3)
+    assert len(out.logprobs) == 5 and out.to_dict()["logprobs"] == out.logprobs
+    for lp, z, tok in zip(out.logprobs, seen, out.token_ids):
+        ref = torch.log_softmax(torch.tensor(z, dtype=torch.float64), -1)
+        assert lp["id"] == tok and lp["logprob"] == pytest.approx(float(ref[tok]), abs=1e-9)
+        assert [i for i, _ in lp["top"]] == ref.topk(3).indices.tolist() and lp["top"][1][0] == tok
+        assert [v for _, v in lp["top"]] == pytest.approx(ref.topk(3).values.tolist(), abs=1e-9)
+    out = smollm.generate(ids, 16, logprobs=0)
+    forced = smollm.prompt_logprobs(ids + out.token_ids, 1)[len(ids) - 1:]
+    assert [lp["id"] for lp in forced] == out.token_ids and all(lp["top"] == [] for lp in out.logprobs)
+    apart = [abs(a["logprob"] - b["logprob"]) for a, b in zip(forced, out.logprobs)]
+    assert np.mean(apart) < 0.1 and max(apart) < 0.5
+    assert all(lp["top"][0][0] == t for lp, t in zip(forced, out.token_ids))  # greedy: the likeliest
+    assert "logprobs" not in smollm.generate(ids, 1).to_dict()
+
+
+def test_server_logprobs_and_echo(smollm, server):
+    """/v1/completions logprobs with echo (lm-evaluation-harness's loglikelihood request: the prompt's tokens scored,
+    the first null); chat's logprobs with top_logprobs: the tokens make the reply."""
+    ids = smollm.tokenize("The capital of France is Paris")
+    status, got = call(server, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    c = got["choices"][0]
+    assert status == 200 and c["text"] == "The capital of France is Paris" and c["finish_reason"] == "length"
+    want = smollm.prompt_logprobs(ids, 1)
+    assert c["logprobs"]["token_logprobs"] == [None] + [lp["logprob"] for lp in want]
+    assert c["logprobs"]["tokens"] == ["The", " capital", " of", " France", " is", " Paris"]
+    assert c["logprobs"]["text_offset"] == [0, 3, 11, 14, 21, 24]
+    assert list(c["logprobs"]["top_logprobs"][-1]) == [" Paris"]  # the greedy choice there
+    batch = [ids[:3], ids]  # lm-evaluation-harness's local-completions: its batch, each with a token more
+    status, got = call(server, "/v1/completions", {"prompt": batch, "max_tokens": 1, "echo": True, "logprobs": 1,
+                                                   "temperature": 0, "seed": 1234})
+    assert status == 200 and [c["index"] for c in got["choices"]] == [0, 1]
+    for c, p in zip(got["choices"], batch):
+        got_lps = c["logprobs"]["token_logprobs"][:len(p)]  # another length: the matmuls round otherwise, and an
+        # activation near a step of its 8-bit rounding takes the other step (0.04 apart, measured)
+        assert got_lps[0] is None and got_lps[1:] == pytest.approx([lp["logprob"] for lp in want[:len(p) - 1]],
+                                                                   abs=0.1)
+        assert len(c["logprobs"]["tokens"]) == len(p) + 1 and c["text"].startswith(smollm.detokenize(p))
+    assert got["usage"]["prompt_tokens"] == 3 + len(ids) and got["usage"]["completion_tokens"] == 2
+    status, got = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 2,
+                                                   "temperature": 0, "logprobs": 2})
+    lps = got["choices"][0]["logprobs"]
+    assert lps["tokens"][0] == " Paris" and lps["text_offset"][0] == len("The capital of France is")
+    assert lps["token_logprobs"][0] == pytest.approx(want[-1]["logprob"], abs=0.2)  # decode step, batched
+    status, got = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                        "temperature": 0, "max_tokens": 6, "logprobs": True,
+                                                        "top_logprobs": 2})
+    c = got["choices"][0]
+    content = c["logprobs"]["content"]
+    assert len(content) == got["usage"]["completion_tokens"] and len(content[0]["top_logprobs"]) == 2
+    assert "".join(e["token"] for e in content) == c["message"]["content"]
+    assert bytes(sum((e["bytes"] for e in content), [])).decode() == c["message"]["content"]
+    assert all(e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content)  # greedy
 
 
 def test_server_tokenize_and_detokenize(smollm, server):

@@ -22,8 +22,9 @@ from tools.cli import SAMPLING, at_least, strict
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
 # request fields hotcold does not do, refused rather than ignored: each with the value that means "not asked for"
-UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None,
-               "tools": None, "tool_choice": None, "functions": None, "logit_bias": None, "grammar": None}
+UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
+               "logit_bias": None, "grammar": None}
+TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
 class BadRequest(Exception):
@@ -66,14 +67,55 @@ def generate_options(body: dict, args, model) -> dict:
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequest(f"stop: a string or a list of strings, got {json.dumps(body.get('stop'))}")
-    for name in ("ignore_eos", "stream"):
+    for name in ("ignore_eos", "stream", "echo"):
         if not isinstance(body.get(name, False), bool):
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     from tools.cli import sampler_of
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
-    return {"n": model.n_ctx if n == -1 else n, "stop": [valid_text(s) for s in stop],
+    return {"n": model.n_ctx if n == -1 else n, "stop": [valid_text(s) for s in stop], "logprobs": logprobs(body),
             "ignore_stop": body.get("ignore_eos", False),
             "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None})}
+
+
+def logprobs(body: dict) -> int | None:
+    """How many likeliest tokens to give with each token's log-probability, None for none: OpenAI's completions take
+    `logprobs` (a count), its chat `logprobs` (true or false) and `top_logprobs` (a count)."""
+    chat = "messages" in body
+    if chat and not isinstance(body.get("logprobs", False), bool):
+        raise BadRequest(f"logprobs: true or false (top_logprobs: how many), got {json.dumps(body['logprobs'])}")
+    name = "top_logprobs" if chat else "logprobs"
+    top = field(body, name, at_least(0), 0 if chat and body.get("logprobs") else None)
+    if chat and top is not None and not body.get("logprobs"):
+        raise BadRequest("top_logprobs: goes with \"logprobs\": true")
+    if top is not None and top > TOP_LOGPROBS:
+        raise BadRequest(f"{name}: at most {TOP_LOGPROBS}, got {top}")
+    if top is not None and body.get("stream"):
+        raise BadRequest(f"{'logprobs' if chat else name}: not with stream in hotcold server")
+    return top
+
+
+def token_text(model, i: int) -> str:
+    """A token as logprobs name it: its text (U+FFFD for a part of a character), or a control token's name."""
+    piece = model.tokenizer.piece(i)
+    return piece.decode("utf-8", "replace") if piece else model.tokenizer.tk.id_to_token(i) or ""
+
+
+def completion_logprobs(model, lps: list[dict | None], start: int) -> dict:
+    """OpenAI's completions logprobs: each token's text, log-probability (null for an echoed prompt's first),
+    likeliest tokens and offset in the text (from `start`)."""
+    tokens = [token_text(model, lp["id"]) for lp in lps]
+    offsets = [start + sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
+            "top_logprobs": [{token_text(model, i): v for i, v in lp["top"]} for lp in lps],
+            "text_offset": offsets}
+
+
+def chat_logprobs(model, lps: list[dict]) -> dict:
+    """OpenAI's chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+    def entry(i: int, v: float) -> dict:
+        return {"token": token_text(model, i), "logprob": v, "bytes": list(model.tokenizer.piece(i))}
+    return {"content": [{**entry(lp["id"], lp["logprob"]), "top_logprobs": [entry(i, v) for i, v in lp["top"]]}
+                        for lp in lps]}
 
 
 def message_text(i: int, m) -> dict:
@@ -94,24 +136,25 @@ def message_text(i: int, m) -> dict:
     return {"role": m["role"], "content": valid_text(content)}
 
 
-def prompt_ids(model, body: dict, chat: bool) -> list[int]:
-    """The tokens to continue: the chat template over `messages`, or `prompt` (a text, one text in a list, or token
-    ids)."""
+def prompts_of(model, body: dict, chat: bool) -> list[tuple[list[int], str]]:
+    """[(the tokens to continue, their text)]: the chat template over `messages`; or each of `prompt`'s prompts (a
+    text or token ids, or a list of them: lm-evaluation-harness sends its batches so)."""
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages: a list of {\"role\", \"content\"} objects, at least one")
-        return model.tokenize(model.tokenizer.apply_chat_template([message_text(i, m)
-                                                                   for i, m in enumerate(messages)]))
+        text = model.tokenizer.apply_chat_template([message_text(i, m) for i, m in enumerate(messages)])
+        return [(model.tokenize(text), text)]
+
+    def ids(p) -> bool:
+        return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return model.tokenize(valid_text(prompt))
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return model.check_ids(prompt)
-    raise BadRequest("prompt: a string or a list of token ids (one prompt: several in one request are not "
-                     "supported)")
+    prompts = [prompt] if isinstance(prompt, str) or ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or ids(p) for p in prompts):
+        raise BadRequest("prompt: a string or a list of token ids, or a list of those")
+    return [(model.tokenize(valid_text(p)), valid_text(p)) if isinstance(p, str)
+            else (model.check_ids(p), model.detokenize(p)) for p in prompts]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -219,53 +262,77 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def generate(self, body: dict, chat: bool) -> None:
         model = self.server.model
         options = generate_options(body, self.server.args, model)
-        ids = model.check_prompt(prompt_ids(model, body, chat))
+        prompts = [(model.check_prompt(ids), text) for ids, text in prompts_of(model, body, chat)]
+        echo = not chat and body.get("echo", False)  # the prompt before the completion, as OpenAI's echo
+        if body.get("stream") and len(prompts) > 1:
+            raise BadRequest(f"prompt: {len(prompts)} prompts; a stream takes one")
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.server.name}
-        usage_too = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+                "model": self.server.name, "object": "chat.completion" if chat else "text_completion"}
 
-        def choice(text: str | None, finish: str | None) -> dict:  # text None: a stream's first chunk (chat)
+        def choice(k: int, text: str | None, finish: str | None, lps=None) -> dict:  # None: a chat stream's first
             if not chat:
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": k, "text": text or "", "logprobs": lps, "finish_reason": finish}
             if not self.streaming:
-                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                return {"index": k, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                        "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-            return {"index": 0, "delta": delta, "finish_reason": finish}
-
-        def chunk(text: str | None, finish: str | None = None) -> dict:
-            return {**head, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "choices": [choice(text, finish)]}
+            return {"index": k, "delta": delta, "finish_reason": finish}
 
         if body.get("stream"):
+            (ids, prompt), = prompts
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
             self.streaming = self.close_connection = True
-            if chat:
-                self.send_event(chunk(None))
+            head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(text: str | None, finish: str | None = None) -> dict:
+                return {**head, "choices": [choice(0, text, finish)]}
+
+            if chat or echo:
+                self.send_event(chunk(None if chat else prompt))
             out = model.generate(ids, on_text=lambda piece: self.send_event(chunk(piece)), reuse_cache=True,
                                  **options)
-        else:
-            out = model.generate(ids, reuse_cache=True, **options)
-        s = out.stats
-        tail = {"usage": {"prompt_tokens": len(ids), "completion_tokens": len(out.token_ids),
-                          "total_tokens": len(ids) + len(out.token_ids)},
-                "timings": {"cache_n": s["cached_tokens"], "prompt_n": len(ids) - s["cached_tokens"],
-                            "prompt_ms": 1e3 * s["prefill_s"], "prompt_per_second": s["prefill_tok_s"],
-                            "predicted_n": len(out.token_ids), "predicted_ms": 1e3 * s["decode_s"],
-                            "predicted_per_second": s["decode_tok_s"]}}
-        finish = FINISH[s["stop"]]
-        if self.streaming:
-            self.send_event({**chunk("", finish), **(tail if usage_too else {})})
+            self.log_reply(ids, out)
+            usage_too = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+            self.send_event({**chunk("", FINISH[out.stats["stop"]]), **(accounts([out]) if usage_too else {})})
             self.wfile.write(b"data: [DONE]\n\n")
-        else:
-            self.send_json(200, {**head, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": [choice(out.text, finish)], **tail})
+            return
+        choices, outs = [], []
+        for k, (ids, prompt) in enumerate(prompts):
+            scored = [] if not echo or options["logprobs"] is None else \
+                [{"id": ids[0], "logprob": None, "top": []}] + model.prompt_logprobs(ids, options["logprobs"])
+            out = model.generate(ids, reuse_cache=True, **options)
+            self.log_reply(ids, out)
+            lps = out.logprobs
+            if lps is not None:
+                lps = chat_logprobs(model, lps) if chat else completion_logprobs(
+                    model, scored + lps, 0 if echo else sum(len(token_text(model, i)) for i in ids))
+            choices.append(choice(k, (prompt if echo else "") + out.text, FINISH[out.stats["stop"]], lps))
+            outs.append(out)
+        self.send_json(200, {**head, "choices": choices, **accounts(outs)})
+
+    def log_reply(self, ids: list[int], out) -> None:
+        """Before the answer is sent: the client's next request may come at once."""
+        s = out.stats
         rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f} tok/s"
         self.log(200, f"prompt {len(ids)} tokens, {s['cached_tokens']} from the cache | reply "
                  f"{len(out.token_ids)} tokens, {rate}, {s['stop']}")
+
+
+def accounts(outs: list) -> dict:
+    """OpenAI's usage and llama-server's timings of the completions `outs` together."""
+    def total(key) -> float:
+        return sum(o.stats[key] for o in outs)
+    prompt, cached, made = total("prompt_tokens"), total("cached_tokens"), total("generated_tokens")
+    steps, prefill_s, decode_s = sum(max(len(o.token_ids) - 1, 0) for o in outs), total("prefill_s"), total("decode_s")
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made},
+            "timings": {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1e3 * prefill_s,
+                        "prompt_per_second": (prompt - cached) / prefill_s if prefill_s else None,
+                        "predicted_n": made, "predicted_ms": 1e3 * decode_s,
+                        "predicted_per_second": steps / decode_s if steps else None}}  # as generate's decode_tok_s
 
 
 class Server(http.server.ThreadingHTTPServer):
