@@ -230,6 +230,27 @@ def test_cli_inspect_takes_the_default_models_name(capsys):
     assert "tokenizer.ggml.tokens = [49152 x STRING]" in capsys.readouterr().out  # text: described
 
 
+def test_a_terminal_is_told_when_numba_compiles(monkeypatch):
+    """At a terminal a compile (a minute on a first run) is said once; a pipe or a file hears nothing."""
+    import io
+
+    import numba
+
+    from tools import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(cli.note_compiles, "on", False, raising=False)
+    cli.note_compiles(io.StringIO())
+    assert not cli.note_compiles.on  # not a terminal: no listener
+    err = Terminal()
+    cli.note_compiles(err)
+    assert numba.njit(lambda x: x + 1)(1) == 2 and numba.njit(lambda x: x * 3)(2) == 6  # two compiles, one note
+    assert err.getvalue() == cli.COMPILE_NOTE + "\n"
+
+
 def test_cli_tokenize(capsys):
     assert main(["tokenize", "<|im_start|>user\nHi<|im_end|>\n"]) == 0
     assert capsys.readouterr().out.split() == ["1", "4093", "198", "26843", "2", "198"]

@@ -170,11 +170,38 @@ def runtime_flags_given(args, flags: tuple[str, ...]) -> list[str]:
     return [f for f in flags if given[f]]
 
 
+COMPILE_NOTE = ("hotcold: compiling the numba kernels for this CPU, once (a minute or so; later runs load them from "
+                "the cache)")
+
+
+def note_compiles(stream=None) -> None:
+    """At a terminal, one line on stderr when numba starts compiling (the first run after an install or update, a
+    model of another weight type): a minute without output otherwise looks hung. Once per process."""
+    stream = stream or sys.stderr
+    if getattr(note_compiles, "on", False) or not stream.isatty():
+        return
+    from numba.core import event
+
+    class Note(event.Listener):
+        def on_start(self, ev):
+            if not note_compiles.said:
+                note_compiles.said = True
+                cut = sys.stdout is not None and sys.stdout.isatty()  # a line of generate's own may be open there
+                print(("\n" if cut else "") + COMPILE_NOTE, file=stream, flush=True)
+
+        def on_end(self, ev):
+            pass
+
+    note_compiles.on, note_compiles.said = True, False
+    event.register("numba:compile", Note())
+
+
 def load_model(args, n_ctx: int | None = None):
     """-m with the command's options. The commands with the runtime's options (add_runtime_args) decode through
     predictors, --predictors' or those the model file carries (not with --no-predictors), set once with the split;
     the others (profile, calibrate) run the model itself."""
     from engine.api import load
+    note_compiles()
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
                  backend=args.backend, sparsity=getattr(args, "sparsity", None), cache_type=args.cache_type,
                  predictors=False)
