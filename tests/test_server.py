@@ -32,10 +32,11 @@ def server(smollm):
     srv.server_close()
 
 
-def call(srv, path: str, body=None, raw: bytes | None = None):
+def call(srv, path: str, body=None, raw: bytes | None = None, key: str | None = None):
     """(HTTP status, the JSON answer, or a stream's events as a list of JSON objects and "[DONE]")."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(srv.url + path, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(srv.url + path, data=data, headers={"Content-Type": "application/json", **(
+        {"Authorization": f"Bearer {key}"} if key else {})})
     try:
         with urllib.request.urlopen(req, timeout=600) as r:
             status, text, kind = r.status, r.read().decode(), r.headers["Content-Type"]
@@ -232,6 +233,22 @@ def test_server_tokenize_and_detokenize(smollm, server):
     status, got = call(server, "/tokenize", {"content": "Hello world"})
     assert status == 200 and got["tokens"] == smollm.tokenize("Hello world")
     assert call(server, "/detokenize", {"tokens": got["tokens"]})[1] == {"content": "Hello world"}
+
+
+def test_server_with_an_api_key_answers_only_requests_that_carry_it(smollm):
+    srv = Server(smollm, build_parser("server").parse_args(["server", "--api-key", "sesame"]), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, got = call(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})
+        assert status == 401 and got["error"]["type"] == "authentication_error"
+        assert call(srv, "/v1/models", key="open")[0] == 401
+        assert call(srv, "/health") == (200, {"status": "ok"})  # as llama-server's: for load balancers
+        assert call(srv, "/v1/models", key="sesame")[0] == 200
+        status, got = call(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, key="sesame")
+        assert status == 200 and got["usage"]["completion_tokens"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_server_refuses_a_port_in_use(smollm, capsys):

@@ -7,6 +7,7 @@ conversation whole each turn, and only the tokens after those the cache holds ar
 from __future__ import annotations
 
 import argparse
+import hmac
 import http.server
 import json
 import os
@@ -183,7 +184,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def fail(self, status: int, message: str, streaming: bool) -> None:
         """The error as llama-server words it: {"error": {"code", "message", "type"}}; inside a stream, an event."""
-        kind = {404: "not_found_error", 500: "server_error"}.get(status, "invalid_request_error")
+        kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(
+            status, "invalid_request_error")
         error = {"error": {"code": status, "message": message, "type": kind}}
         self.log(status, message)
         if streaming:
@@ -191,8 +193,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(status, error)
 
+    def authorized(self) -> bool:
+        """With --api-key: the request's `Authorization: Bearer KEY` is it (else a 401 is sent)."""
+        key = self.server.args.api_key
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if key is None or hmac.compare_digest(given.encode(), key.encode()):
+            return True
+        self.close_connection = True  # a body may be left unread
+        self.fail(401, "a missing or wrong API key (Authorization: Bearer KEY)", False)
+        return False
+
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
+        if path != "/health" and not self.authorized():  # /health answers all, as llama-server's
+            return
         if path == "/health":
             self.send_json(200, {"status": "ok"})
         elif path in ("/v1/models", "/models"):
@@ -223,6 +237,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         routes = {"/v1/completions": self.complete, "/completions": self.complete, "/v1/chat/completions": self.chat,
                   "/chat/completions": self.chat, "/tokenize": self.tokenize, "/detokenize": self.detokenize}
         self.streaming = False
+        if not self.authorized():
+            return
         try:
             if path not in routes:
                 raise BadRequest(f"no endpoint POST {path}", 404)
@@ -376,6 +392,8 @@ def add_command(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0), default=8080, help="port (default 8080; 0: a free one, printed)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="answer only requests with the header "
+                   "'Authorization: Bearer KEY' (/health: all)")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=-1,
                    help="tokens a reply may have when its request gives no max_tokens (default -1: to a stop token "
                    "or the end of the context)")
