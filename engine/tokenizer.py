@@ -268,9 +268,12 @@ class Tokenizer:
     def stream(self) -> Stream:
         return Stream(self.piece)
 
-    def apply_chat_template(self, prompt: str | list[dict], system: str | None = None) -> str:
+    def apply_chat_template(self, prompt: str | list[dict], system: str | None = None,
+                            continue_reply: bool = False) -> str:
         """The text of the model's chat template over a user's message (prompt), or over a conversation's messages
-        ({"role", "content"}, the user's last), after a system message if given, ready for the assistant's reply."""
+        ({"role", "content"}, the user's last), after a system message if given, ready for the assistant's reply.
+        continue_reply: the last message is the assistant's own beginning, which the reply goes on from (the
+        template without its generation prompt, cut after that text, as llama-server continues one)."""
         if not self.chat_template:
             raise HotcoldError("this model has no chat template (tokenizer.chat_template)")
         import jinja2
@@ -300,10 +303,18 @@ class Tokenizer:
         bos = tok(self.bos_id) if self.bos_id is not None else ""
         try:
             text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=bos,
+                messages=messages, add_generation_prompt=not continue_reply, bos_token=bos,
                 eos_token=tok(self.eos_id) if self.eos_id is not None else "")
         except (jinja2.TemplateError, TypeError, ValueError) as e:  # tojson of an undefined value: a TypeError
             raise HotcoldError(f"chat template: {type(e).__name__}: {e}") from None
+        if continue_reply:
+            for last in (messages[-1]["content"], messages[-1]["content"].strip()):  # a template may trim it
+                if last.strip() and last in text:
+                    text = text[:text.rfind(last) + len(last)]
+                    break
+            else:
+                raise HotcoldError("chat template: the last message's text is not in the template's text, so the "
+                                   "reply cannot continue it")
         # encode adds BOS itself: a template's own (Llama 3, Gemma) would make two, so it goes, as in llama.cpp
         return text[len(bos):] if self.add_bos and bos and text.startswith(bos) else text
 

@@ -71,10 +71,11 @@ def test_server_completions_are_generates(smollm, server):
                                                       "temperature": 0, "stream": True,
                                                       "stream_options": {"include_usage": True}})
     assert status == 200 and events[-1] == "[DONE]" and len(events) > 3
-    *pieces, end, _ = events
+    *pieces, end, usage, _ = events
     assert "".join(e["choices"][0]["text"] for e in pieces) == want.text
     assert all(e["choices"][0]["finish_reason"] is None for e in pieces)
-    assert end["choices"][0]["finish_reason"] == "length" and end["usage"]["completion_tokens"] == 12
+    assert end["choices"][0]["finish_reason"] == "length" and "usage" not in end
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12  # OpenAI's last chunk
     cut = want.text.index("Paris") + 2
     status, got = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12,
                                                    "temperature": 0, "stop": want.text[cut:cut + 3]})
@@ -97,12 +98,12 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
                                                            "stream": True, "stream_options": {"include_usage": True}})
     flat = convo[:2] + [{"role": "user", "content": "And\n3+3?"}]  # text parts joined by newlines
     two = greedy(smollm, smollm.tokenizer.apply_chat_template(flat), 16)
-    first, *pieces, end, done = events
+    first, *pieces, end, usage, done = events
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"] == {"role": "assistant",
                                                                                         "content": ""}
     assert "".join(e["choices"][0]["delta"]["content"] for e in pieces) == two.text and done == "[DONE]"
-    assert end["choices"][0]["delta"] == {} and end["usage"]["prompt_tokens"] == len(two.prompt_token_ids)
-    assert end["timings"]["cache_n"] == len(want.prompt_token_ids) + len(want.token_ids) - 1 \
+    assert end["choices"][0]["delta"] == {} and usage["usage"]["prompt_tokens"] == len(two.prompt_token_ids)
+    assert usage["timings"]["cache_n"] == len(want.prompt_token_ids) + len(want.token_ids) - 1 \
         and want.stats["stop"] == "stop_token"  # all but the first reply's end token, which the template writes
 
 
@@ -116,6 +117,11 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "stop": 5}, 400, "stop: a string or a list of strings, got 5"),
     ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, 'stream: true or false, got "yes"'),
     ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n: not supported by hotcold server"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "response_format": {
+        "type": "json_object"}}, 400, "response_format: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": "Hi", "mirostat": 2}, 400, "mirostat: not supported by hotcold server"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "the body is not JSON of UTF-8 text"),
+    ("/v1/completions", {"prompt": "Hi", "cache_prompt": 1}, 400, "cache_prompt: true or false, got 1"),
     ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of: not supported by hotcold server"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs: at most 20, got 21"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 2, "stream": True}, 400, "logprobs: not with stream"),
@@ -233,6 +239,84 @@ def test_server_tokenize_and_detokenize(smollm, server):
     status, got = call(server, "/tokenize", {"content": "Hello world"})
     assert status == 200 and got["tokens"] == smollm.tokenize("Hello world")
     assert call(server, "/detokenize", {"tokens": got["tokens"]})[1] == {"content": "Hello world"}
+    pieces = call(server, "/tokenize", {"content": "Hello world", "with_pieces": True})[1]["tokens"]
+    assert pieces == [{"id": got["tokens"][0], "piece": "Hello"}, {"id": got["tokens"][1], "piece": " world"}]
+
+
+def test_server_chat_roles_continuation_and_cache_prompt(smollm, server):
+    """A last assistant message is the reply's beginning, which it goes on from (llama-server's); developer is
+    OpenAI's new name for system; "cache_prompt": false computes the whole prompt (the same tokens through the same
+    arithmetic: the cached and the computed parts of a prompt may take other paths, batched or by decode steps)."""
+    convo = [{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."},
+             {"role": "assistant", "content": "The colour is"}]
+    text = smollm.tokenizer.apply_chat_template([{"role": "system", "content": "Answer briefly."}, convo[1]])
+    assert text.endswith("<|im_start|>assistant\n")
+    text = text + "The colour is"  # the template's own text of that start, without its end of turn
+    assert smollm.tokenizer.apply_chat_template([{**convo[0], "role": "system"}] + convo[1:],
+                                                continue_reply=True) == text
+    want = greedy(smollm, text, 6)
+    for _ in range(2):
+        status, got = call(server, "/v1/chat/completions", {"messages": convo, "temperature": 0, "max_tokens": 6,
+                                                            "cache_prompt": False})
+        assert status == 200 and got["choices"][0]["message"]["content"] == want.text
+        assert got["usage"]["prompt_tokens"] == len(want.prompt_token_ids) and got["timings"]["cache_n"] == 0
+    with pytest.raises(HotcoldError, match="cannot continue it"):
+        smollm.tokenizer.apply_chat_template([convo[1], {"role": "assistant", "content": " "}], continue_reply=True)
+
+
+def test_server_http_edges(smollm, server):
+    """Connections: an unknown endpoint's unread body closes the connection (not read as the next request); CORS
+    preflight; other methods get JSON errors; /v1/models/ID; completions' logprobs false is none."""
+    def raw(data: bytes) -> bytes:
+        with socket.create_connection(server.server_address[:2], timeout=60) as s:
+            s.sendall(data)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+            return got
+
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    got = raw(b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body) + post)
+    assert got.startswith(b"HTTP/1.1 404") and b"Connection: close" in got and got.count(b"HTTP/1.1") == 1
+    got = raw(post.replace(b"Host: x", b"Host: x\r\nConnection: close"))
+    assert got.startswith(b"HTTP/1.1 200") and b"Access-Control-Allow-Origin: *" in got
+    got = raw(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Headers: Authorization, Content-Type" in got
+    got = raw(b"PUT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 501") and b'"type": "invalid_request_error"' in got
+    got = raw(b"GARBAGE\r\n\r\n")  # no HTTP version: http.server answers as HTTP/0.9, the body alone
+    assert got.startswith(b'{"error": {"code": 400, "message": "Bad request syntax')
+    assert call(server, f"/v1/models/{server.name}") == (200, server.card)
+    assert call(server, "/v1/models/gpt-4")[0] == 404
+    status, got = call(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "logprobs": False})
+    assert status == 200 and got["choices"][0]["logprobs"] is None
+
+
+def test_server_timeout_cap_and_a_client_that_leaves_before_its_answer(smollm, server, capsys):
+    """--timeout drops a client whose body does not come (408), --n-predict caps every request, and a client that
+    closes its connection before its (not streamed) answer stops the generation."""
+    args = build_parser("server").parse_args(["server", "--timeout", "1", "-n", "3"])
+    srv = Server(smollm, args, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(srv.server_address[:2], timeout=60) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+        for n in (10, -1):
+            status, got = call(srv, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": n,
+                                                        "ignore_eos": True})
+            assert status == 200 and got["usage"]["completion_tokens"] == 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}).encode()
+    capsys.readouterr()
+    with socket.create_connection(server.server_address[:2], timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert call(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200  # after the lock
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "hotcold server: POST /v1/completions 499 | the client went away; its generation stopped"
 
 
 def test_server_with_an_api_key_answers_only_requests_that_carry_it(smollm):

@@ -11,20 +11,24 @@ import hmac
 import http.server
 import json
 import os
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 
 from engine.config import HotcoldError
-from engine.tokenizer import valid_text
-from tools.cli import SAMPLING, at_least, strict
+from tools.cli import SAMPLING, at_least, number, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
 # request fields hotcold does not do, refused rather than ignored: each with the value that means "not asked for"
+# (OpenAI's, then llama-server's samplers)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
-               "logit_bias": None, "grammar": None}
+               "function_call": None, "logit_bias": None, "response_format": {"type": "text"}, "json_schema": None,
+               "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0,
+               "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
@@ -64,17 +68,20 @@ def generate_options(body: dict, args, model) -> dict:
         if body.get(name) is not None:
             n = field(body, name, at_least(-1), None)
             break
+    n = model.n_ctx if n == -1 else n
+    if args.n != -1:  # the server's -n caps every request, as llama-server's
+        n = min(n, args.n)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequest(f"stop: a string or a list of strings, got {json.dumps(body.get('stop'))}")
-    for name in ("ignore_eos", "stream", "echo"):
+    for name in ("ignore_eos", "stream", "echo", "cache_prompt"):
         if not isinstance(body.get(name, False), bool):
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     from tools.cli import sampler_of
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
-    return {"n": model.n_ctx if n == -1 else n, "stop": [valid_text(s) for s in stop], "logprobs": logprobs(body),
-            "ignore_stop": body.get("ignore_eos", False),
+    return {"n": n, "stop": stop, "logprobs": logprobs(body),
+            "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
             "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None})}
 
 
@@ -82,6 +89,8 @@ def logprobs(body: dict) -> int | None:
     """How many likeliest tokens to give with each token's log-probability, None for none: OpenAI's completions take
     `logprobs` (a count), its chat `logprobs` (true or false) and `top_logprobs` (a count)."""
     chat = "messages" in body
+    if not chat and body.get("logprobs") is False:
+        return None
     if chat and not isinstance(body.get("logprobs", False), bool):
         raise BadRequest(f"logprobs: true or false (top_logprobs: how many), got {json.dumps(body['logprobs'])}")
     name = "top_logprobs" if chat else "logprobs"
@@ -121,8 +130,9 @@ def chat_logprobs(model, lps: list[dict]) -> dict:
 
 def message_text(i: int, m) -> dict:
     """messages[i] as the chat template takes it: a role and a text (OpenAI's content parts of type text joined)."""
-    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-        raise BadRequest(f"messages[{i}]: an object with a role of system, user or assistant and a content")
+    if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+        raise BadRequest(f"messages[{i}]: an object with a role of system (or developer), user or assistant and a "
+                         "content")
     content = m.get("content")
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -134,7 +144,7 @@ def message_text(i: int, m) -> dict:
         content = ""
     if not isinstance(content, str):
         raise BadRequest(f"messages[{i}].content: a string, got {json.dumps(content)}")
-    return {"role": m["role"], "content": valid_text(content)}
+    return {"role": "system" if m["role"] == "developer" else m["role"], "content": content}  # OpenAI's new name
 
 
 def prompts_of(model, body: dict, chat: bool) -> list[tuple[list[int], str]]:
@@ -144,8 +154,13 @@ def prompts_of(model, body: dict, chat: bool) -> list[tuple[list[int], str]]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages: a list of {\"role\", \"content\"} objects, at least one")
-        text = model.tokenizer.apply_chat_template([message_text(i, m) for i, m in enumerate(messages)])
-        return [(model.tokenize(text), text)]
+        messages = [message_text(i, m) for i, m in enumerate(messages)]
+        if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+            messages.pop()  # an empty start of the reply: a new reply
+        if not messages:
+            raise BadRequest("messages: one empty assistant message, nothing to answer")
+        text = model.tokenizer.apply_chat_template(messages, continue_reply=messages[-1]["role"] == "assistant")
+        return [(model.tokenize(text), text)]  # a last message of the assistant's: the reply goes on from it
 
     def ids(p) -> bool:
         return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
@@ -154,7 +169,7 @@ def prompts_of(model, body: dict, chat: bool) -> list[tuple[list[int], str]]:
     prompts = [prompt] if isinstance(prompt, str) or ids(prompt) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or ids(p) for p in prompts):
         raise BadRequest("prompt: a string or a list of token ids, or a list of those")
-    return [(model.tokenize(valid_text(p)), valid_text(p)) if isinstance(p, str)
+    return [(model.tokenize(p), p) if isinstance(p, str)
             else (model.check_ids(p), model.detokenize(p)) for p in prompts]
 
 
@@ -162,11 +177,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; a stream ends with the connection
     server: Server
 
+    def setup(self) -> None:
+        self.timeout = self.server.args.timeout  # a client that sends or reads nothing for so long is dropped
+        super().setup()
+
     def log_message(self, format, *args):  # http.server's own lines: left to `log`
         pass
 
+    def end_headers(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")  # browser front-ends, as llama-server allows them
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, a method without a handler) as JSON, not HTML."""
+        self.close_connection = True
+        self.fail(code, message or self.responses.get(code, ("error",))[0], False)
+
+    def do_OPTIONS(self) -> None:
+        """A browser's CORS preflight."""
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def log(self, status: int, what: str = "") -> None:
-        print(f"hotcold server: {self.command} {self.path} {status}" + (f" | {what}" if what else ""),
+        request = f"{self.command} {self.path}" if self.command else "(a malformed request)"
+        print(f"hotcold server: {request} {status}" + (f" | {what}" if what else ""),
               file=sys.stderr, flush=True)
 
     def send_json(self, status: int, obj) -> None:
@@ -210,9 +249,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if path == "/health":
             self.send_json(200, {"status": "ok"})
         elif path in ("/v1/models", "/models"):
-            self.send_json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model",
-                                                             "created": self.server.started, "owned_by": "hotcold",
-                                                             "n_ctx": self.server.model.n_ctx}]})
+            self.send_json(200, {"object": "list", "data": [self.server.card]})
+        elif path in (f"/v1/models/{self.server.name}", f"/models/{self.server.name}"):
+            self.send_json(200, self.server.card)
         else:
             self.fail(404, f"no endpoint GET {path}", False)
 
@@ -225,12 +264,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the body is left unread
             raise BadRequest(f"the body of {int(length)} bytes is over the {MAX_BODY} hotcold server takes", 413)
         try:
-            body = json.loads(self.rfile.read(int(length)))
-        except ValueError as e:  # UnicodeDecodeError too
-            raise BadRequest(f"the body is not JSON ({e})") from None
+            data = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise BadRequest(f"the body did not come within {self.timeout:g} s (--timeout)", 408) from None
+        try:
+            body = json.loads(data)
+            json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") is not text
+        except ValueError as e:  # UnicodeDecodeError and UnicodeEncodeError too
+            raise BadRequest(f"the body is not JSON of UTF-8 text ({e})") from None
         if not isinstance(body, dict):
             raise BadRequest("the body: a JSON object")
         return body
+
+    def gone(self) -> bool:
+        """Has the client closed its connection (while its answer is being generated)?"""
+        if not select.select([self.connection], [], [], 0)[0]:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def do_POST(self) -> None:
         path = self.path.split("?")[0]
@@ -241,6 +295,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             if path not in routes:
+                self.close_connection = True  # its body is left unread
                 raise BadRequest(f"no endpoint POST {path}", 404)
             body = self.read_body()
             with self.server.lock:  # one request at a time: the model and its cache are one
@@ -249,19 +304,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(e.status, str(e), self.streaming)
         except HotcoldError as e:  # the model's refusal: a prompt longer than the context, a token id, a template
             self.fail(500 if self.streaming else 400, str(e), self.streaming)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
             self.close_connection = True
-            self.log(499, "the client went away; its generation stopped")
+            self.log(499, "the client " + ("read nothing for --timeout" if isinstance(e, TimeoutError) else
+                                           "went away") + "; its generation stopped")
         except Exception as e:
             self.close_connection = True
             self.fail(500, f"{type(e).__name__}: {e}", self.streaming)
 
     def tokenize(self, body: dict) -> None:
-        """llama-server's /tokenize: {"content", "add_special" (BOS where the model adds one; default false)}."""
-        text, bos = body.get("content"), body.get("add_special", False)
-        if not isinstance(text, str) or not isinstance(bos, bool):
-            raise BadRequest("tokenize: {\"content\": a string, \"add_special\": true or false}")
-        self.send_json(200, {"tokens": self.server.model.tokenize(valid_text(text), add_bos=bos and None)})
+        """llama-server's /tokenize: {"content", "add_special" (BOS where the model adds one; default false),
+        "with_pieces" (each token as {"id", "piece"})}."""
+        text, bos, pieces = body.get("content"), body.get("add_special", False), body.get("with_pieces", False)
+        if not isinstance(text, str) or not isinstance(bos, bool) or not isinstance(pieces, bool):
+            raise BadRequest("tokenize: {\"content\": a string, \"add_special\", \"with_pieces\": true or false}")
+        model = self.server.model
+        ids = model.tokenize(text, add_bos=bos and None)
+        self.send_json(200, {"tokens": [{"id": i, "piece": token_text(model, i)} for i in ids] if pieces else ids})
 
     def detokenize(self, body: dict) -> None:
         ids = body.get("tokens")
@@ -299,9 +358,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
+            self.streaming = self.close_connection = True  # the stream ends with the connection
             self.end_headers()
-            self.streaming = self.close_connection = True
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
             def chunk(text: str | None, finish: str | None = None) -> dict:
@@ -309,18 +367,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
             if chat or echo:
                 self.send_event(chunk(None if chat else prompt))
-            out = model.generate(ids, on_text=lambda piece: self.send_event(chunk(piece)), reuse_cache=True,
-                                 **options)
+            out = model.generate(ids, on_text=lambda piece: self.send_event(chunk(piece)), **options)
             self.log_reply(ids, out)
-            usage_too = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
-            self.send_event({**chunk("", FINISH[out.stats["stop"]]), **(accounts([out]) if usage_too else {})})
+            self.send_event(chunk("", FINISH[out.stats["stop"]]))
+            if isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage"):
+                self.send_event({**head, "choices": [], **accounts([out])})  # OpenAI's last chunk
             self.wfile.write(b"data: [DONE]\n\n")
             return
+
+        def watch(piece: str) -> None:  # a client that left stops its generation, as one that leaves a stream
+            if self.gone():
+                raise ConnectionResetError
+
         choices, outs = [], []
         for k, (ids, prompt) in enumerate(prompts):
             scored = [] if not echo or options["logprobs"] is None else \
                 [{"id": ids[0], "logprob": None, "top": []}] + model.prompt_logprobs(ids, options["logprobs"])
-            out = model.generate(ids, reuse_cache=True, **options)
+            out = model.generate(ids, on_text=watch, **options)
             self.log_reply(ids, out)
             lps = out.logprobs
             if lps is not None:
@@ -357,7 +420,9 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, model, args, host: str = "127.0.0.1", port: int = 8080):
         """model: a loaded Model; args: the server's flags (`-n` and the sampling options: a request's defaults)."""
         self.model, self.args, self.lock = model, args, threading.Lock()
-        self.name, self.started = os.path.basename(str(model.ckpt.path)), int(time.time())
+        self.name = os.path.basename(str(model.ckpt.path))
+        self.card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "hotcold",
+                     "n_ctx": model.n_ctx}  # /v1/models' entry
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
@@ -392,6 +457,8 @@ def add_command(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0), default=8080, help="port (default 8080; 0: a free one, printed)")
+    p.add_argument("--timeout", type=number(0, above=True), default=600.0, help="seconds a client may send or read "
+                   "nothing before its connection is dropped (default 600, as llama-server's)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="answer only requests with the header "
                    "'Authorization: Bearer KEY' (/health: all)")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=-1,
