@@ -426,14 +426,18 @@ class Model:
         return self.net.decode_bytes_per_token()
 
     def perplexity(self, tokens: list[int], ctx: int = 512, chunks: int | None = None, first_chunk: int = 0,
-                   progress: Callable[[int, float], None] | None = None) -> dict:
-        """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix."""
+                   progress: Callable[[int, float], None] | None = None,
+                   each: Callable[[int, torch.Tensor], None] | None = None) -> dict:
+        """llama.cpp's scheme: chunk k = tokens[k*ctx:(k+1)*ctx]; score its second half from its own prefix.
+        each(k, logp): every chunk's log-probabilities (scored positions, n_vocab) in float64, as they come."""
         tokens = self.check_ids(tokens)
         scored = self.chunk_range(len(tokens), ctx, chunks, first_chunk)
         nll, count = 0.0, 0
         self.reset_counts()
         for k, logp, chunk_nll in self.chunk_logprobs(tokens, ctx, scored):
             nll, count = nll + chunk_nll, count + len(logp)
+            if each is not None:
+                each(k, logp)
             if progress is not None:
                 progress(k, perplexity_of(nll, count))
         res = {"ppl": perplexity_of(nll, count), "chunks": list(scored), "scored_tokens": count}

@@ -279,6 +279,51 @@ def test_cli_perplexity_json(capsys, data_dir, smollm):
     assert res["ppl"] == pytest.approx(math.exp(nll / 126), rel=1e-6) and 5 < res["ppl"] < 200
 
 
+def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_path):
+    """--kl-divergence-base FILE -f TEXT writes the base's log-probabilities; --kl-divergence with another model (a
+    sparsity config here) measures the KL divergence from them over the same chunks: the mean a brute-force
+    computation gives, 0 against itself; files that are not bases, truncated, or of another vocabulary are refused."""
+    from engine.api import load
+    from engine.sparsity import SparsityConfig
+    path, base = os.path.join(data_dir, "wiki.test.raw"), str(tmp_path / "base.kld")
+    assert main(["perplexity", "-f", path, "--ctx", "128", "--chunks", "2", "--first-chunk", "1",
+                 "--kl-divergence-base", base, "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["ppl"] == dense["ppl"] and same["chunks"] == [1, 2] and same["kld"]["same_top"] == 1.0
+    assert same["kld"]["mean"] < 1e-5 and same["kld"]["ppl_base"] == pytest.approx(dense["ppl"], rel=1e-3)
+    config = str(tmp_path / "s.json")
+    SparsityConfig([0.1] * smollm.config.n_layer, smollm.fingerprint).save(config)
+    assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--sparsity", config]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"KL divergence from .*base\.kld \(SmolLM2-135M-Instruct\.Q4_1\.gguf, perplexity [\d.]+\): "
+                     r"mean 0\.\d+ ± 0\.\d+, median .*; same likeliest token [\d.]+% ± [\d.]+%", text), text
+    assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--sparsity", config, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["kld"]
+    with open(path, encoding="utf-8", newline="") as fh:
+        tokens = smollm.tokenize(fh.read(), special=False)
+    sparse = load(None, n_ctx=128, threads=2, sparsity=config)
+    kl = torch.cat([(p.exp() * (p - q)).sum(-1) for (_, p, _), (_, q, _) in zip(
+        smollm.chunk_logprobs(tokens, 128, [1, 2]), sparse.chunk_logprobs(tokens, 128, [1, 2]))])
+    assert got["mean"] == pytest.approx(float(kl.mean()), rel=0.02) and 0.001 < got["mean"] < 1  # float16 base
+    assert got["max"] == pytest.approx(float(kl.max()), rel=0.05) and 0.5 < got["same_top"] < 1
+    for argv, err in [(["--kl-divergence"], "--kl-divergence compares with --kl-divergence-base FILE"),
+                      (["-f", path, "--kl-divergence-base", base, "--kl-divergence"], "-f: --kl-divergence takes"),
+                      (["--kl-divergence-base", path, "--kl-divergence"], "not a KL divergence base"),
+                      (["-f", path, "--kl-divergence-base", path], "exists and is not a KL divergence base"),
+                      ([], "-f FILE: the text to score")]:
+        assert main(["perplexity", *argv]) == 2 and err in capsys.readouterr().err
+    with open(base, "rb") as fh:
+        data = fh.read()
+    (tmp_path / "cut.kld").write_bytes(data[:-2])
+    (tmp_path / "other.kld").write_bytes(re.sub(rb'"vocab": "[0-9a-f]{16}"', b'"vocab": "' + b"0" * 16 + b'"', data))
+    assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "cut.kld"), "--kl-divergence"]) == 2
+    assert "where its header makes" in capsys.readouterr().err
+    assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "other.kld"), "--kl-divergence"]) == 2
+    assert "written by a model of another vocabulary" in capsys.readouterr().err
+
+
 def test_bench_compare_json(capsys):
     """`hotcold bench --compare --json` on the default model, short: one row per engine, with the weight bytes a
     token reads falling as the FFN sparsity rises and every timing measured (no speed is asserted here)."""

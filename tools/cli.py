@@ -313,25 +313,53 @@ def cmd_tokenize(args) -> None:
 def cmd_perplexity(args) -> None:
     from tqdm import tqdm
 
+    from tools import kld
     from tools.profile import read_corpus
-    text = "\n\n".join(read_corpus(args.file))  # a bad file is named before the model loads
-    model = load_model(args, n_ctx=args.ctx)
-    tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
-    scored = model.chunk_range(len(tokens), args.ctx, args.chunks, args.first_chunk, ", ".join(args.file))
+    base = args.kl_divergence_base
+    if args.kl_divergence:  # the text, ctx and chunks are the base's
+        if base is None:
+            raise HotcoldError("--kl-divergence compares with --kl-divergence-base FILE, which a run with -f wrote")
+        given = [f for f, v in (("-f", args.file), ("--ctx", args.ctx), ("--chunks", args.chunks),
+                                ("--first-chunk", args.first_chunk)) if v is not None]
+        if given:
+            raise HotcoldError(f"{given[0]}: --kl-divergence takes the text, --ctx and chunks of {base}")
+        tokens, ctx, scored = kld.base_chunks(base)  # a bad file is named before the model loads
+        model = load_model(args, n_ctx=ctx)
+    else:
+        if args.file is None:
+            raise HotcoldError("-f FILE: the text to score (or --kl-divergence with --kl-divergence-base FILE)")
+        if base is not None:
+            kld.refuse_other_file(base)
+        text = "\n\n".join(read_corpus(args.file))  # a bad file is named before the model loads
+        ctx = args.ctx or 512
+        model = load_model(args, n_ctx=ctx)
+        tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
+        scored = model.chunk_range(len(tokens), ctx, args.chunks, args.first_chunk or 0, ", ".join(args.file))
     bar = tqdm(total=len(scored), desc="perplexity", unit="chunk", disable=args.json or None, file=sys.stderr)
 
     def progress(k, ppl):
         bar.update(1)
         bar.set_postfix(ppl=f"{ppl:.4f}")
 
-    res = model.perplexity(tokens, args.ctx, args.chunks, args.first_chunk, progress)
+    def run(each=None):
+        return model.perplexity(tokens, ctx, len(scored), scored.start, progress, each)
+
+    res = (kld.compare(base, model, run) if args.kl_divergence else
+           kld.write_base(base, model, tokens, ctx, scored, run) if base is not None else run())
     bar.close()
     if args.json:
         emit_json(res)
     else:
         sparsity = f", FFN sparsity {res['sparsity']:.1%}" if "sparsity" in res else ""
         print(f"perplexity: {res['ppl']:.4f} over chunks {res['chunks'][0]}-{res['chunks'][-1]} "
-              f"({res['scored_tokens']} scored tokens, ctx {args.ctx}{sparsity})")
+              f"({res['scored_tokens']} scored tokens, ctx {ctx}{sparsity})")
+        if "kld" in res:
+            d = res["kld"]
+            pm = (lambda v: f" ± {v:.5f}") if d["stderr"] is not None else (lambda v: "")
+            print(f"KL divergence from {base} ({os.path.basename(d['base_model'])}, perplexity {d['ppl_base']:.4f}): mean "
+                  f"{d['mean']:.5f}{pm(d['stderr'])}, median {d['median']:.5f}, 99% {d['p99']:.5f}, max "
+                  f"{d['max']:.5f}; same likeliest token {d['same_top']:.2%}"
+                  + (f" ± {d['same_top_stderr']:.2%}" if d["same_top_stderr"] is not None else ""))
         if "stats" in res:
             print(format_runtime_stats(res["stats"]))
 
@@ -389,11 +417,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, llama.cpp's chunk scheme")
     add_model_args(p, ctx=False)
-    p.add_argument("-f", "--file", required=True, nargs="+", metavar="FILE",
+    p.add_argument("-f", "--file", nargs="+", metavar="FILE",
                    help="text files, or .jsonl with a text field per line, joined by blank lines")
-    p.add_argument("--ctx", type=at_least(4), default=512, help="chunk size in tokens (default 512)")
+    p.add_argument("--ctx", type=at_least(4), default=None, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
-    p.add_argument("--first-chunk", type=at_least(0), default=0, help="first chunk scored (default 0)")
+    p.add_argument("--first-chunk", type=at_least(0), default=None, help="first chunk scored (default 0)")
+    p.add_argument("--kl-divergence-base", metavar="FILE", default=None, help="with -f: write the tokens and every "
+                   "scored position's log-probabilities to FILE; with --kl-divergence: compare with them")
+    p.add_argument("--kl-divergence", action="store_true", help="the KL divergence of this model's next-token "
+                   "distributions from --kl-divergence-base's, over its text and chunks (as llama.cpp's)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "chunks", "scored_tokens"}, and "sparsity" '
                    'with --sparsity, "stats" with --predictors')
     add_runtime_args(p)
@@ -411,7 +443,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, a job scheduler): a command stops as on Ctrl-C, its temporary files removed."""
 
 
-PATH_ARGS = ("model", "out", "file", "files", "profile", "bundle", "predictors", "sparsity", "split", "report")
+PATH_ARGS = ("model", "out", "file", "files", "profile", "bundle", "predictors", "sparsity", "split", "report",
+             "kl_divergence_base")
 
 
 def expand_paths(args) -> None:
