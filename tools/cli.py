@@ -354,12 +354,12 @@ def cmd_perplexity(args) -> None:
         print(f"perplexity: {res['ppl']:.4f} over chunks {res['chunks'][0]}-{res['chunks'][-1]} "
               f"({res['scored_tokens']} scored tokens, ctx {ctx}{sparsity})")
         if "kld" in res:
-            d = res["kld"]
-            pm = (lambda v: f" ± {v:.5f}") if d["stderr"] is not None else (lambda v: "")
-            print(f"KL divergence from {base} ({os.path.basename(d['base_model'])}, perplexity {d['ppl_base']:.4f}): mean "
-                  f"{d['mean']:.5f}{pm(d['stderr'])}, median {d['median']:.5f}, 99% {d['p99']:.5f}, max "
-                  f"{d['max']:.5f}; same likeliest token {d['same_top']:.2%}"
-                  + (f" ± {d['same_top_stderr']:.2%}" if d["same_top_stderr"] is not None else ""))
+            d = res["kld"]  # a standard error needs two tokens
+            err, top_err = [("" if v is None else f" ± {v:{f}}") for v, f in ((d["stderr"], ".5f"),
+                                                                                (d["same_top_stderr"], ".2%"))]
+            print(f"KL divergence from {base} ({os.path.basename(d['base_model'])}, perplexity {d['ppl_base']:.4f}): "
+                  f"mean {d['mean']:.5f}{err}, median {d['median']:.5f}, 99% {d['p99']:.5f}, max {d['max']:.5f}; "
+                  f"same likeliest token {d['same_top']:.2%}{top_err}")
         if "stats" in res:
             print(format_runtime_stats(res["stats"]))
 
