@@ -273,7 +273,7 @@ class Tokenizer:
         """The text of the model's chat template over a user's message (prompt), or over a conversation's messages
         ({"role", "content"}, the user's last), after a system message if given, ready for the assistant's reply.
         continue_reply: the last message is the assistant's own beginning, which the reply goes on from (the
-        template without its generation prompt, cut after that text, as llama-server continues one)."""
+        template over the messages before it, then that text as it is, as llama-server continues one)."""
         if not self.chat_template:
             raise HotcoldError("this model has no chat template (tokenizer.chat_template)")
         import jinja2
@@ -299,22 +299,16 @@ class Tokenizer:
         env.filters["tojson"] = tojson
         messages = ([{"role": "system", "content": system}] if system else []) + (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+        start = messages.pop()["content"] if continue_reply else ""
         tok = self.tk.id_to_token
         bos = tok(self.bos_id) if self.bos_id is not None else ""
         try:
             text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=not continue_reply, bos_token=bos,
+                messages=messages, add_generation_prompt=True, bos_token=bos,
                 eos_token=tok(self.eos_id) if self.eos_id is not None else "")
         except (jinja2.TemplateError, TypeError, ValueError) as e:  # tojson of an undefined value: a TypeError
             raise HotcoldError(f"chat template: {type(e).__name__}: {e}") from None
-        if continue_reply:
-            for last in (messages[-1]["content"], messages[-1]["content"].strip()):  # a template may trim it
-                if last.strip() and last in text:
-                    text = text[:text.rfind(last) + len(last)]
-                    break
-            else:
-                raise HotcoldError("chat template: the last message's text is not in the template's text, so the "
-                                   "reply cannot continue it")
+        text += start
         # encode adds BOS itself: a template's own (Llama 3, Gemma) would make two, so it goes, as in llama.cpp
         return text[len(bos):] if self.add_bos and bos and text.startswith(bos) else text
 

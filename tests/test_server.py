@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -122,6 +123,7 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "mirostat": 2}, 400, "mirostat: not supported by hotcold server"),
     ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "the body is not JSON of UTF-8 text"),
     ("/v1/completions", {"prompt": "Hi", "cache_prompt": 1}, 400, "cache_prompt: true or false, got 1"),
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, "the body is JSON nested too deep"),
     ("/v1/completions", {"prompt": "Hi", "best_of": 3}, 400, "best_of: not supported by hotcold server"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs: at most 20, got 21"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 2, "stream": True}, 400, "logprobs: not with stream"),
@@ -162,7 +164,7 @@ def test_server_goes_on_after_a_client_leaves_a_stream(smollm, server, capsys):
     want = greedy(smollm, "Once upon a time", 8)
     status, got = call(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
     assert status == 200 and got["choices"][0]["text"] == want.text
-    assert "POST /v1/completions 499 | the client went away; its generation stopped" in capsys.readouterr().err
+    assert "POST /v1/completions 499 | the client went away; its request stopped" in capsys.readouterr().err
     status, health = call(server, "/health")
     assert status == 200 and health == {"status": "ok"}
     status, models = call(server, "/v1/models")
@@ -241,6 +243,9 @@ def test_server_tokenize_and_detokenize(smollm, server):
     assert call(server, "/detokenize", {"tokens": got["tokens"]})[1] == {"content": "Hello world"}
     pieces = call(server, "/tokenize", {"content": "Hello world", "with_pieces": True})[1]["tokens"]
     assert pieces == [{"id": got["tokens"][0], "piece": "Hello"}, {"id": got["tokens"][1], "piece": " world"}]
+    pieces = call(server, "/tokenize", {"content": "\u0f00", "with_pieces": True})[1]["tokens"]
+    assert b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces) \
+        == "\u0f00".encode() and any(isinstance(p["piece"], list) for p in pieces)  # bytes of part of a character
 
 
 def test_server_chat_roles_continuation_and_cache_prompt(smollm, server):
@@ -260,8 +265,9 @@ def test_server_chat_roles_continuation_and_cache_prompt(smollm, server):
                                                             "cache_prompt": False})
         assert status == 200 and got["choices"][0]["message"]["content"] == want.text
         assert got["usage"]["prompt_tokens"] == len(want.prompt_token_ids) and got["timings"]["cache_n"] == 0
-    with pytest.raises(HotcoldError, match="cannot continue it"):
-        smollm.tokenizer.apply_chat_template([convo[1], {"role": "assistant", "content": " "}], continue_reply=True)
+    end = smollm.tokenizer.apply_chat_template([convo[1], {"role": "assistant", "content": "end"}],
+                                               continue_reply=True)
+    assert end.endswith("<|im_end|>\n<|im_start|>assistant\nend")  # not cut inside the template's own <|im_end|>
 
 
 def test_server_http_edges(smollm, server):
@@ -285,12 +291,53 @@ def test_server_http_edges(smollm, server):
     assert got.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Headers: Authorization, Content-Type" in got
     got = raw(b"PUT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 501") and b'"type": "invalid_request_error"' in got
+    got = raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in got  # its body is not a second request
+    got = raw(post.replace(b"Host: x", b"Host: x\r\nTransfer-Encoding: chunked"))
+    assert got.startswith(b"HTTP/1.1 411") and b"not chunked" in got
+    got = raw(b"OPTIONS / HTTP/1.1\r\nHost: x\r\nAccess-Control-Request-Headers: x-stainless-os\r\n"
+              b"Connection: close\r\n\r\n")
+    assert b"Access-Control-Allow-Headers: x-stainless-os" in got  # the OpenAI client's own headers too
     got = raw(b"GARBAGE\r\n\r\n")  # no HTTP version: http.server answers as HTTP/0.9, the body alone
     assert got.startswith(b'{"error": {"code": 400, "message": "Bad request syntax')
     assert call(server, f"/v1/models/{server.name}") == (200, server.card)
+    assert call(server, "/v1/models/" + urllib.parse.quote(server.name, safe=""))[0] == 200
     assert call(server, "/v1/models/gpt-4")[0] == 404
-    status, got = call(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "logprobs": False})
-    assert status == 200 and got["choices"][0]["logprobs"] is None
+    status, got = call(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "logprobs": False,
+                                                   "tool_choice": "none", "suffix": "", "grammar": ""})
+    assert status == 200 and got["choices"][0]["logprobs"] is None  # each field as not asked for
+
+
+def test_gone_on_a_socket_with_a_timeout_and_a_descriptor_past_1023():
+    """The check for a client that left: false while it is there (also with data pending), true once it closed; on a
+    socket with a timeout, as the handler's, and a descriptor select() would refuse."""
+    import resource
+    import types
+
+    from tools.server import Handler
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= 2000:
+        pytest.skip("fewer than 2001 descriptors allowed here")
+    a, b = socket.socketpair()
+    conn = socket.socket(fileno=os.dup2(a.fileno(), 2000))
+    a.close()
+    conn.settimeout(600)
+    h = types.SimpleNamespace(connection=conn)
+    try:
+        assert not Handler.gone(h)
+        b.sendall(b"x")  # a pipelined request: not gone
+        assert not Handler.gone(h) and conn.recv(1) == b"x"
+        b.close()
+        assert Handler.gone(h)
+    finally:
+        conn.close()
+
+
+def test_server_a_client_that_leaves_mid_body_gets_nothing_and_no_traceback(server, capfd):
+    with socket.create_connection(server.server_address[:2], timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+    assert call(server, "/health")[0] == 200
+    err = capfd.readouterr().err
+    assert "POST /v1/completions 499 | the client went away; its request stopped" in err and "Traceback" not in err
 
 
 def test_server_timeout_cap_and_a_client_that_leaves_before_its_answer(smollm, server, capsys):
@@ -316,7 +363,7 @@ def test_server_timeout_cap_and_a_client_that_leaves_before_its_answer(smollm, s
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     assert call(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200  # after the lock
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "hotcold server: POST /v1/completions 499 | the client went away; its generation stopped"
+    assert err[0] == "hotcold server: POST /v1/completions 499 | the client went away; its request stopped"
 
 
 def test_server_with_an_api_key_answers_only_requests_that_carry_it(smollm):

@@ -16,17 +16,19 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 
 from engine.config import HotcoldError
-from tools.cli import SAMPLING, at_least, number, strict
+from tools.cli import SAMPLING, at_least, between, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
 # request fields hotcold does not do, refused rather than ignored: each with the value that means "not asked for"
 # (OpenAI's, then llama-server's samplers)
-UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": None, "functions": None,
-               "function_call": None, "logit_bias": None, "response_format": {"type": "text"}, "json_schema": None,
+# (null, false, "", [] and {} mean it too)
+UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
+               "function_call": "none", "logit_bias": None, "response_format": {"type": "text"}, "json_schema": None,
                "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0,
                "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
@@ -61,7 +63,7 @@ def generate_options(body: dict, args, model) -> dict:
     """Model.generate's keyword arguments from a request: the server's flags where it is silent."""
     for name, off in UNSUPPORTED.items():
         v = body.get(name)
-        if not (v is None or v is False or v == off or v == [] or v == {}):
+        if not (v is None or v is False or v == off or v in ("", [], {})):
             raise BadRequest(f"{name}: not supported by hotcold server (leave it out)")
     n = args.n
     for name in ("max_completion_tokens", "max_tokens", "n_predict"):  # OpenAI's new and old names, llama-server's
@@ -108,6 +110,14 @@ def token_text(model, i: int) -> str:
     """A token as logprobs name it: its text (U+FFFD for a part of a character), or a control token's name."""
     piece = model.tokenizer.piece(i)
     return piece.decode("utf-8", "replace") if piece else model.tokenizer.tk.id_to_token(i) or ""
+
+
+def piece_of(model, i: int) -> str | list[int]:
+    """/tokenize's piece, as llama-server gives it: the token's text, or its bytes when they are not whole UTF-8."""
+    try:
+        return model.tokenizer.piece(i).decode() or token_text(model, i)
+    except UnicodeDecodeError:
+        return list(model.tokenizer.piece(i))
 
 
 def completion_logprobs(model, lps: list[dict | None], start: int) -> dict:
@@ -184,10 +194,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # http.server's own lines: left to `log`
         pass
 
+    def send_response_only(self, code: int, message: str | None = None) -> None:
+        self.status = code
+        super().send_response_only(code, message)
+
     def end_headers(self) -> None:
-        self.send_header("Access-Control-Allow-Origin", "*")  # browser front-ends, as llama-server allows them
-        if self.close_connection:
-            self.send_header("Connection", "close")
+        if self.status != 100:  # not on curl's interim "100 Continue"
+            self.send_header("Access-Control-Allow-Origin", "*")  # browser front-ends, as llama-server allows them
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            elif self.request_version == "HTTP/1.0":  # one that asked to keep it, told so
+                self.send_header("Connection", "keep-alive")
         super().end_headers()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -195,11 +212,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.fail(code, message or self.responses.get(code, ("error",))[0], False)
 
+    def path_only(self) -> str:
+        """The request's path, %-escapes decoded; a GET or OPTIONS with a body closes the connection after its
+        answer (the body is not read, so it must not be taken for the next request)."""
+        if self.command != "POST" and (self.headers.get("Content-Length", "0") != "0"
+                                       or self.headers.get("Transfer-Encoding")):
+            self.close_connection = True
+        return urllib.parse.unquote(self.path.split("?")[0])
+
     def do_OPTIONS(self) -> None:
-        """A browser's CORS preflight."""
+        """A browser's CORS preflight: any method of these, any header it asks for."""
+        self.path_only()
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers")
+                         or "Authorization, Content-Type")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -227,10 +254,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, "invalid_request_error")
         error = {"error": {"code": status, "message": message, "type": kind}}
         self.log(status, message)
-        if streaming:
-            self.send_event(error)
-        else:
-            self.send_json(status, error)
+        try:
+            if streaming:
+                self.send_event(error)
+            else:
+                self.send_json(status, error)
+        except OSError:  # the client has gone: no one to tell
+            self.close_connection = True
 
     def authorized(self) -> bool:
         """With --api-key: the request's `Authorization: Bearer KEY` is it (else a 401 is sent)."""
@@ -243,7 +273,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:
-        path = self.path.split("?")[0]
+        path = self.path_only()
         if path != "/health" and not self.authorized():  # /health answers all, as llama-server's
             return
         if path == "/health":
@@ -257,9 +287,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self) -> dict:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise BadRequest("a request needs a JSON body with its Content-Length", 411)
+        if length is None or not (length.isascii() and length.isdigit()) or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a chunked body is not read: not to be taken for the next request
+            raise BadRequest("a request needs a JSON body with its Content-Length (not chunked)", 411)
         if int(length) > MAX_BODY:
             self.close_connection = True  # the body is left unread
             raise BadRequest(f"the body of {int(length)} bytes is over the {MAX_BODY} hotcold server takes", 413)
@@ -268,26 +298,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except TimeoutError:
             self.close_connection = True
             raise BadRequest(f"the body did not come within {self.timeout:g} s (--timeout)", 408) from None
+        if len(data) < int(length):  # the client closed its connection before the whole body
+            raise ConnectionResetError
         try:
             body = json.loads(data)
             json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") is not text
         except ValueError as e:  # UnicodeDecodeError and UnicodeEncodeError too
             raise BadRequest(f"the body is not JSON of UTF-8 text ({e})") from None
+        except RecursionError:
+            raise BadRequest("the body is JSON nested too deep") from None
         if not isinstance(body, dict):
             raise BadRequest("the body: a JSON object")
         return body
 
     def gone(self) -> bool:
-        """Has the client closed its connection (while its answer is being generated)?"""
-        if not select.select([self.connection], [], [], 0)[0]:
+        """Has the client closed its connection (while its answer is being generated)? Asked of poll(), which takes
+        any descriptor (select() refuses those past 1023), and the socket's own timeout is not waited on."""
+        ready = select.poll()
+        ready.register(self.connection, select.POLLIN)
+        if not ready.poll(0):
             return False
         try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            return self.connection.recv(1, socket.MSG_PEEK) == b""  # readable: at once, data or the end
         except OSError:
             return True
 
     def do_POST(self) -> None:
-        path = self.path.split("?")[0]
+        path = self.path_only()
         routes = {"/v1/completions": self.complete, "/completions": self.complete, "/v1/chat/completions": self.chat,
                   "/chat/completions": self.chat, "/tokenize": self.tokenize, "/detokenize": self.detokenize}
         self.streaming = False
@@ -307,7 +344,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
             self.close_connection = True
             self.log(499, "the client " + ("read nothing for --timeout" if isinstance(e, TimeoutError) else
-                                           "went away") + "; its generation stopped")
+                                           "went away") + "; its request stopped")
         except Exception as e:
             self.close_connection = True
             self.fail(500, f"{type(e).__name__}: {e}", self.streaming)
@@ -320,7 +357,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("tokenize: {\"content\": a string, \"add_special\", \"with_pieces\": true or false}")
         model = self.server.model
         ids = model.tokenize(text, add_bos=bos and None)
-        self.send_json(200, {"tokens": [{"id": i, "piece": token_text(model, i)} for i in ids] if pieces else ids})
+        self.send_json(200, {"tokens": [{"id": i, "piece": piece_of(model, i)} for i in ids] if pieces else ids})
 
     def detokenize(self, body: dict) -> None:
         ids = body.get("tokens")
@@ -457,13 +494,13 @@ def add_command(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=at_least(0), default=8080, help="port (default 8080; 0: a free one, printed)")
-    p.add_argument("--timeout", type=number(0, above=True), default=600.0, help="seconds a client may send or read "
+    p.add_argument("--timeout", type=between(0.001, 1e6), default=600.0, help="seconds a client may send or read "
                    "nothing before its connection is dropped (default 600, as llama-server's)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="answer only requests with the header "
                    "'Authorization: Bearer KEY' (/health: all)")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=-1,
-                   help="tokens a reply may have when its request gives no max_tokens (default -1: to a stop token "
-                   "or the end of the context)")
+                   help="most tokens a reply may have, and the default when its request gives no max_tokens "
+                   "(default -1: no cap; to a stop token or the end of the context)")
     add_sampling_args(p)  # a request's defaults, as llama-server's flags
     add_runtime_args(p)
     p.set_defaults(func=cmd_server)
