@@ -322,6 +322,9 @@ def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_
     assert "where its header makes" in capsys.readouterr().err
     assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "other.kld"), "--kl-divergence"]) == 2
     assert "written by a model of another vocabulary" in capsys.readouterr().err
+    (tmp_path / "bad.kld").write_bytes(b"hotcold kld\n\x07" + b"\0" * 7 + b'{"a": 1}')
+    assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "bad.kld"), "--kl-divergence"]) == 2
+    assert "a KL divergence base with a corrupt header" in capsys.readouterr().err
 
 
 def test_bench_compare_json(capsys):

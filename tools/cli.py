@@ -427,7 +427,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--kl-divergence", action="store_true", help="the KL divergence of this model's next-token "
                    "distributions from --kl-divergence-base's, over its text and chunks (as llama.cpp's)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "chunks", "scored_tokens"}, and "sparsity" '
-                   'with --sparsity, "stats" with --predictors')
+                   'with --sparsity, "stats" with --predictors, "kld" with --kl-divergence')
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 

@@ -5,7 +5,7 @@ model (a sparsity config, predictors, another quantization) over the same chunks
 distributions are from the base's: the quality cost that perplexity's mean hides.
 
 FILE: MAGIC, an 8-byte little-endian header length, the header (JSON: n_vocab, vocab, ctx, first_chunk, chunks,
-n_tokens, model, ppl), the tokens (int32), then each chunk's log-probabilities, (scored positions, n_vocab) float16.
+n_tokens, model), the tokens (int32), then each chunk's log-probabilities, (scored positions, n_vocab) float16.
 """
 from __future__ import annotations
 
@@ -63,14 +63,15 @@ def read_base(path: str, n_vocab: int | None = None, vocab: str | None = None):
             if magic != MAGIC or len(size) < 8:
                 raise HotcoldError(f"{path}: not a KL divergence base (hotcold perplexity --kl-divergence-base "
                                    "FILE -f TEXT writes one)")
-            head = json.loads(fh.read(struct.unpack("<Q", size)[0]))
+            head = json.loads(fh.read(min(struct.unpack("<Q", size)[0], 1 << 20)))
             start = fh.tell()
+        shape = (int(head["chunks"]), scored(int(head["ctx"])), int(head["n_vocab"]))
+        int(head["first_chunk"]), int(head["n_tokens"]), str(head["vocab"]), str(head["model"])
     except FileNotFoundError:
         raise HotcoldError(f"{path}: no such file (a base is written by hotcold perplexity --kl-divergence-base "
                            "FILE -f TEXT)") from None
-    except (ValueError, UnicodeDecodeError, struct.error):
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError too
         raise HotcoldError(f"{path}: a KL divergence base with a corrupt header") from None
-    shape = (head["chunks"], scored(head["ctx"]), head["n_vocab"])
     want = start + 4 * head["n_tokens"] + 2 * int(np.prod(shape))
     if os.path.getsize(path) != want:
         raise HotcoldError(f"{path}: {os.path.getsize(path)} bytes where its header makes {want} (truncated?)")
