@@ -225,13 +225,21 @@ def test_server_logprobs_and_echo(smollm, server):
                                                    "temperature": 0, "logprobs": 2})
     lps = got["choices"][0]["logprobs"]
     assert lps["tokens"][0] == " Paris" and lps["text_offset"][0] == len("The capital of France is")
+    for stop, text, tokens in ((".", " Paris", [" Paris"]), ("ris", " Pa", [])):  # the tokens that make the text
+        got = call(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 4, "stop": stop,
+                                               "temperature": 0, "logprobs": 1})[1]["choices"][0]
+        assert got["text"] == text and got["logprobs"]["tokens"] == tokens
+    got = call(server, "/v1/completions", {"prompt": "Café 日本", "max_tokens": 0, "echo": True, "logprobs": 0})[1]
+    split = got["choices"][0]["logprobs"]  # 日's bytes in three tokens: each at 日
+    assert split["tokens"][-4:] == [" \ufffd", "\ufffd", "\ufffd", "本"] and split["text_offset"][-4:] == [4, 5, 5, 6]
     assert lps["token_logprobs"][0] == pytest.approx(want[-1]["logprob"], abs=0.2)  # decode step, batched
     status, got = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                                        "temperature": 0, "max_tokens": 6, "logprobs": True,
+                                                        "temperature": 0, "max_tokens": 30, "logprobs": True,
                                                         "top_logprobs": 2})
     c = got["choices"][0]
     content = c["logprobs"]["content"]
-    assert len(content) == got["usage"]["completion_tokens"] and len(content[0]["top_logprobs"]) == 2
+    assert len(content) == got["usage"]["completion_tokens"] - (c["finish_reason"] == "stop")  # the end token: not
+    assert len(content[0]["top_logprobs"]) == 2
     assert "".join(e["token"] for e in content) == c["message"]["content"]
     assert bytes(sum((e["bytes"] for e in content), [])).decode() == c["message"]["content"]
     assert all(e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content)  # greedy
@@ -291,7 +299,8 @@ def test_server_http_edges(smollm, server):
     assert got.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Headers: Authorization, Content-Type" in got
     got = raw(b"PUT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 501") and b'"type": "invalid_request_error"' in got
-    got = raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
+              b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in got  # its body is not a second request
     got = raw(post.replace(b"Host: x", b"Host: x\r\nTransfer-Encoding: chunked"))
     assert got.startswith(b"HTTP/1.1 411") and b"not chunked" in got

@@ -292,7 +292,8 @@ def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_
     assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--json"]) == 0
     same = json.loads(capsys.readouterr().out)
     assert same["ppl"] == dense["ppl"] and same["chunks"] == [1, 2] and same["kld"]["same_top"] == 1.0
-    assert same["kld"]["mean"] < 1e-5 and same["kld"]["ppl_base"] == pytest.approx(dense["ppl"], rel=1e-3)
+    assert same["kld"]["mean"] < 1e-5 and same["kld"]["ppl_base"] == pytest.approx(dense["ppl"], rel=1e-12)
+    assert same["kld"]["ln_ppl_ratio"] == 0 and same["kld"]["rms_dp"] == 0
     config = str(tmp_path / "s.json")
     SparsityConfig([0.1] * smollm.config.n_layer, smollm.fingerprint).save(config)
     assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--sparsity", config]) == 0
@@ -300,7 +301,10 @@ def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_
     assert re.search(r"KL divergence from .*base\.kld \(SmolLM2-135M-Instruct\.Q4_1\.gguf, perplexity [\d.]+\): "
                      r"mean 0\.\d+ ± 0\.\d+, median .*; same likeliest token [\d.]+% ± [\d.]+%", text), text
     assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--sparsity", config, "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)["kld"]
+    res = json.loads(capsys.readouterr().out)
+    got = res["kld"]
+    assert got["ln_ppl_ratio"] == pytest.approx(math.log(res["ppl"] / dense["ppl"]), rel=1e-9, abs=1e-12)
+    assert 0 < got["ln_ppl_ratio_stderr"] < 0.05 and got["p99"] <= got["p999"] <= got["max"]
     with open(path, encoding="utf-8", newline="") as fh:
         tokens = smollm.tokenize(fh.read(), special=False)
     sparse = load(None, n_ctx=128, threads=2, sparsity=config)
@@ -308,6 +312,9 @@ def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_
         smollm.chunk_logprobs(tokens, 128, [1, 2]), sparse.chunk_logprobs(tokens, 128, [1, 2]))])
     assert got["mean"] == pytest.approx(float(kl.mean()), rel=0.02) and 0.001 < got["mean"] < 1  # float16 base
     assert got["max"] == pytest.approx(float(kl.max()), rel=0.05) and 0.5 < got["same_top"] < 1
+    assert main(["perplexity", "--kl-divergence-base", base, "--kl-divergence", "--chunks", "1", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)  # the base's first chunk alone
+    assert one["chunks"] == [1] and one["scored_tokens"] == 63
     for argv, err in [(["--kl-divergence"], "--kl-divergence compares with --kl-divergence-base FILE"),
                       (["-f", path, "--kl-divergence-base", base, "--kl-divergence"], "-f: --kl-divergence takes"),
                       (["--kl-divergence-base", path, "--kl-divergence"], "not a KL divergence base"),
@@ -323,8 +330,10 @@ def test_cli_perplexity_kl_divergence_from_a_base(capsys, data_dir, smollm, tmp_
     assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "other.kld"), "--kl-divergence"]) == 2
     assert "written by a model of another vocabulary" in capsys.readouterr().err
     (tmp_path / "bad.kld").write_bytes(b"hotcold kld\n\x07" + b"\0" * 7 + b'{"a": 1}')
-    assert main(["perplexity", "--kl-divergence-base", str(tmp_path / "bad.kld"), "--kl-divergence"]) == 2
-    assert "a KL divergence base with a corrupt header" in capsys.readouterr().err
+    (tmp_path / "float.kld").write_bytes(re.sub(rb'"n_tokens": (\d+)', rb'"n_tokens": \1.0', data))
+    for name in ("bad.kld", "float.kld"):
+        assert main(["perplexity", "--kl-divergence-base", str(tmp_path / name), "--kl-divergence"]) == 2
+        assert "a KL divergence base with a corrupt header" in capsys.readouterr().err
 
 
 def test_bench_compare_json(capsys):

@@ -170,15 +170,14 @@ def runtime_flags_given(args, flags: tuple[str, ...]) -> list[str]:
     return [f for f in flags if given[f]]
 
 
-COMPILE_NOTE = ("hotcold: compiling the numba kernels for this CPU, once (a minute or so; later runs load them from "
-                "the cache)")
+COMPILE_NOTE = "hotcold: compiling the numba kernels for this CPU (a minute or so; they are cached for later runs)"
 
 
 def note_compiles(stream=None) -> None:
     """At a terminal, one line on stderr when numba starts compiling (the first run after an install or update, a
     model of another weight type): a minute without output otherwise looks hung. Once per process."""
     stream = stream or sys.stderr
-    if getattr(note_compiles, "on", False) or not stream.isatty():
+    if getattr(note_compiles, "on", False) or stream is None or not stream.isatty():  # None: stderr closed
         return
     from numba.core import event
 
@@ -319,12 +318,16 @@ def cmd_perplexity(args) -> None:
     if args.kl_divergence:  # the text, ctx and chunks are the base's
         if base is None:
             raise HotcoldError("--kl-divergence compares with --kl-divergence-base FILE, which a run with -f wrote")
-        given = [f for f, v in (("-f", args.file), ("--ctx", args.ctx), ("--chunks", args.chunks),
-                                ("--first-chunk", args.first_chunk)) if v is not None]
+        given = [f for f, v in (("-f", args.file), ("--ctx", args.ctx), ("--first-chunk", args.first_chunk))
+                 if v is not None]
         if given:
-            raise HotcoldError(f"{given[0]}: --kl-divergence takes the text, --ctx and chunks of {base}")
-        tokens, ctx, scored = kld.base_chunks(base)  # a bad file is named before the model loads
-        model = load_model(args, n_ctx=ctx)
+            raise HotcoldError(f"{given[0]}: --kl-divergence takes the text, --ctx and chunks of {base} (--chunks N: "
+                               "its first N)")
+        tokens, ctx, scored = kld.base_chunks(base, args.chunks)  # a bad file is named before the model loads
+        try:
+            model = load_model(args, n_ctx=ctx)
+        except HotcoldError as e:
+            raise HotcoldError(f"{base} was written with --ctx {ctx}: {e}") from None
     else:
         if args.file is None:
             raise HotcoldError("-f FILE: the text to score (or --kl-divergence with --kl-divergence-base FILE)")
@@ -357,9 +360,11 @@ def cmd_perplexity(args) -> None:
             d = res["kld"]  # a standard error needs two tokens
             err, top_err = [("" if v is None else f" ± {v:{f}}") for v, f in ((d["stderr"], ".5f"),
                                                                                 (d["same_top_stderr"], ".2%"))]
+            ratio = "" if d["ln_ppl_ratio_stderr"] is None else f" ± {d['ln_ppl_ratio_stderr']:.5f}"
             print(f"KL divergence from {base} ({os.path.basename(d['base_model'])}, perplexity {d['ppl_base']:.4f}): "
-                  f"mean {d['mean']:.5f}{err}, median {d['median']:.5f}, 99% {d['p99']:.5f}, max {d['max']:.5f}; "
-                  f"same likeliest token {d['same_top']:.2%}{top_err}")
+                  f"mean {d['mean']:.5f}{err}, median {d['median']:.5f}, 99% {d['p99']:.5f}, 99.9% {d['p999']:.5f}, "
+                  f"max {d['max']:.5f}; same likeliest token {d['same_top']:.2%}{top_err}; ln(PPL/PPL base) "
+                  f"{d['ln_ppl_ratio']:.5f}{ratio}; RMS Δp {d['rms_dp']:.4f}")
         if "stats" in res:
             print(format_runtime_stats(res["stats"]))
 
@@ -419,7 +424,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_args(p, ctx=False)
     p.add_argument("-f", "--file", nargs="+", metavar="FILE",
                    help="text files, or .jsonl with a text field per line, joined by blank lines")
-    p.add_argument("--ctx", type=at_least(4), default=None, help="chunk size in tokens (default 512)")
+    p.add_argument("-c", "--ctx", type=at_least(4), default=None, help="chunk size in tokens (default 512)")
     p.add_argument("--chunks", type=at_least(1), default=None, help="number of chunks (default: all)")
     p.add_argument("--first-chunk", type=at_least(0), default=None, help="first chunk scored (default 0)")
     p.add_argument("--kl-divergence-base", metavar="FILE", default=None, help="with -f: write the tokens and every "

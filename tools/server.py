@@ -120,11 +120,30 @@ def piece_of(model, i: int) -> str | list[int]:
         return list(model.tokenizer.piece(i))
 
 
+def text_logprobs(model, out) -> list[dict]:
+    """out.logprobs of the tokens that make out.text, as OpenAI and llama-server give them: not the end token that
+    stopped it, nor one holding (a part of) a stop string."""
+    lps, stop = out.logprobs, out.stats["stop"]
+    if stop == "stop_token":
+        return lps[:-1]
+    if stop != "stop_string":
+        return lps
+    room, kept = len(out.text.encode()), []
+    for lp in lps:
+        room -= len(model.tokenizer.piece(lp["id"]))
+        if room < 0:
+            break
+        kept.append(lp)
+    return kept
+
+
 def completion_logprobs(model, lps: list[dict | None], start: int) -> dict:
     """OpenAI's completions logprobs: each token's text, log-probability (null for an echoed prompt's first),
-    likeliest tokens and offset in the text (from `start`)."""
-    tokens = [token_text(model, lp["id"]) for lp in lps]
-    offsets = [start + sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    likeliest tokens and offset in the text, from `start` (in characters: a token inside a character is at it)."""
+    tokens, offsets, done = [token_text(model, lp["id"]) for lp in lps], [], b""
+    for lp in lps:
+        offsets.append(start + len(done.decode("utf-8", "ignore")))
+        done += model.tokenizer.piece(lp["id"])
     return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
             "top_logprobs": [{token_text(model, i): v for i, v in lp["top"]} for lp in lps],
             "text_offset": offsets}
@@ -422,10 +441,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 [{"id": ids[0], "logprob": None, "top": []}] + model.prompt_logprobs(ids, options["logprobs"])
             out = model.generate(ids, on_text=watch, **options)
             self.log_reply(ids, out)
-            lps = out.logprobs
+            lps = None if out.logprobs is None else text_logprobs(model, out)
             if lps is not None:
                 lps = chat_logprobs(model, lps) if chat else completion_logprobs(
-                    model, scored + lps, 0 if echo else sum(len(token_text(model, i)) for i in ids))
+                    model, scored + lps, 0 if echo else len(prompt))
             choices.append(choice(k, (prompt if echo else "") + out.text, FINISH[out.stats["stop"]], lps))
             outs.append(out)
         self.send_json(200, {**head, "choices": choices, **accounts(outs)})
