@@ -245,6 +245,11 @@ def test_a_terminal_is_told_when_numba_compiles(monkeypatch):
     monkeypatch.setattr(cli.note_compiles, "on", False, raising=False)
     cli.note_compiles(io.StringIO())
     assert not cli.note_compiles.on  # not a terminal: no listener
+    monkeypatch.setattr(sys, "stderr", None)  # closed (2>&-): Python's None
+    cli.note_compiles()
+    assert not cli.note_compiles.on
+    monkeypatch.undo()
+    monkeypatch.setattr(cli.note_compiles, "on", False, raising=False)
     err = Terminal()
     cli.note_compiles(err)
     assert numba.njit(lambda x: x + 1)(1) == 2 and numba.njit(lambda x: x * 3)(2) == 6  # two compiles, one note
