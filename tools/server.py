@@ -20,7 +20,7 @@ import urllib.parse
 import uuid
 
 from engine.config import HotcoldError
-from tools.cli import SAMPLING, at_least, between, strict
+from tools.cli import SAMPLING, at_least, between, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
@@ -59,7 +59,7 @@ def field(body: dict, name: str, kind, default):
         raise BadRequest(f"{name}: {want}, got {json.dumps(v)}") from None
 
 
-def generate_options(body: dict, args, model) -> dict:
+def generate_options(body: dict, args, model, chat: bool) -> dict:
     """Model.generate's keyword arguments from a request: the server's flags where it is silent."""
     for name, off in UNSUPPORTED.items():
         v = body.get(name)
@@ -80,17 +80,15 @@ def generate_options(body: dict, args, model) -> dict:
     for name in ("ignore_eos", "stream", "echo", "cache_prompt"):
         if not isinstance(body.get(name, False), bool):
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
-    from tools.cli import sampler_of
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
-    return {"n": n, "stop": stop, "logprobs": logprobs(body),
+    return {"n": n, "stop": stop, "logprobs": logprobs(body, chat),
             "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
             "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None})}
 
 
-def logprobs(body: dict) -> int | None:
+def logprobs(body: dict, chat: bool) -> int | None:
     """How many likeliest tokens to give with each token's log-probability, None for none: OpenAI's completions take
     `logprobs` (a count), its chat `logprobs` (true or false) and `top_logprobs` (a count)."""
-    chat = "messages" in body
     if not chat and body.get("logprobs") is False:
         return None
     if chat and not isinstance(body.get("logprobs", False), bool):
@@ -392,7 +390,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def generate(self, body: dict, chat: bool) -> None:
         model = self.server.model
-        options = generate_options(body, self.server.args, model)
+        options = generate_options(body, self.server.args, model, chat)
         prompts = [(model.check_prompt(ids), text) for ids, text in prompts_of(model, body, chat)]
         echo = not chat and body.get("echo", False)  # the prompt before the completion, as OpenAI's echo
         if body.get("stream") and len(prompts) > 1:
