@@ -482,6 +482,10 @@ class Server(http.server.ThreadingHTTPServer):
         except OSError as e:
             raise HotcoldError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client that went away mid-answer: no traceback
+            super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
