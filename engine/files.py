@@ -165,7 +165,7 @@ def check_writable(path: str) -> None:
         raise HotcoldError(f"{folder}: not writable (the output {path} goes there)")
 
 
-def check_replaceable(path: str, what: str, is_kind: Callable[[str], bool]) -> None:
+def check_replaceable(path: str, what: str, is_kind: Callable[[str], bool], flag: str = "-o") -> None:
     """Refuse an output that exists and is not what the command writes (a model, a corpus, a profile's manifest
     given as -o by mistake): a re-run replaces only its own kind of file."""
     if os.path.isfile(path):
@@ -174,7 +174,7 @@ def check_replaceable(path: str, what: str, is_kind: Callable[[str], bool]) -> N
         except (HotcoldError, OSError, ValueError):
             ok = False
         if not ok:
-            raise HotcoldError(f"{path}: exists and is not {what}; not replaced (remove it or choose another -o)")
+            raise HotcoldError(f"{path}: exists and is not {what}; not replaced (remove it or choose another {flag})")
 
 
 def json_writer(obj) -> Callable[[str], None]:

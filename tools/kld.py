@@ -152,17 +152,15 @@ def compare(path: str, model, run) -> dict:
 def refuse_other_file(path: str) -> None:
     """A base is written over an older base or an empty file only: another file at `path` (a model, the text) is
     refused, not replaced; a folder that cannot be written is named (both before the model loads)."""
-    from engine.files import refuse_directories
+    from engine.files import check_replaceable, check_writable, refuse_directories
+
+    def is_base(p: str) -> bool:
+        with open(p, "rb") as fh:
+            return os.path.getsize(p) == 0 or fh.read(len(MAGIC)) == MAGIC
+
     refuse_directories([path])
-    if os.path.isfile(path) and os.path.getsize(path):
-        with open(path, "rb") as fh:
-            if fh.read(len(MAGIC)) != MAGIC:
-                raise HotcoldError(f"{path}: exists and is not a KL divergence base, so it is not replaced")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # made when written
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise HotcoldError(f"{path}: cannot write there ({folder} is not a folder this user can write)")
+    check_replaceable(path, "a KL divergence base", is_base, "--kl-divergence-base")
+    check_writable(path)
 
 
 def base_chunks(path: str, chunks: int | None = None) -> tuple[list[int], int, range]:
