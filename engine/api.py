@@ -47,8 +47,9 @@ def perplexity_of(nll: float, n: int) -> float:
 
 @dataclass
 class Sampler:
-    """llama.cpp's sampler chain and defaults: the repetition penalties on the last tokens, then top-k, then top-p and
-    min-p on the candidates' probabilities, then the temperature on those left, then a draw (or the top token)."""
+    """llama.cpp's sampler chain and defaults: the logit biases, then the repetition penalties on the last tokens, then
+    top-k, then top-p and min-p on the candidates' probabilities, then the temperature on those left, then a draw (or
+    the top token)."""
     temperature: float = 0.8  # <= 0: greedy
     top_k: int = 40  # 0: off
     top_p: float = 0.95  # 1: off
@@ -58,6 +59,7 @@ class Sampler:
     repeat_last_n: int = 64  # how many of the last tokens (the prompt's too) the penalties look at; 0: off, -1: all
     frequency_penalty: float = 0.0  # 0: off; subtracted from a recent token's logit once per time it occurs
     presence_penalty: float = 0.0  # 0: off; subtracted from the logit of each token that occurs
+    logit_bias: dict | None = None  # {token id: added to its logit}; -inf: never that token
 
     def __post_init__(self):
         penalties = ("repeat_penalty", "frequency_penalty", "presence_penalty")  # inf would make logits NaN
@@ -75,7 +77,29 @@ class Sampler:
         if self.repeat_last_n < -1:
             raise HotcoldError(f"Sampler repeat_last_n = {self.repeat_last_n}: a count of tokens, 0 (off) or -1 (all)")
         self.seed = None if self.seed is None else as_int(self.seed, "Sampler seed")
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict):
+            raise HotcoldError(f"Sampler logit_bias = {bias!r}: a dict of token id to bias")
+        for i, v in bias.items():
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
+                raise HotcoldError(f"Sampler logit_bias: token id {i!r}, an integer at least 0")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or v == math.inf:
+                raise HotcoldError(f"Sampler logit_bias[{i}] = {v!r}: a number, or -inf (never that token)")
+        self.bias_ids, self.bias = np.array(list(bias), np.int64), np.array(list(bias.values()), np.float64)
         self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
+
+    def biased(self, logits: np.ndarray) -> np.ndarray:
+        """logits (n_vocab,) with logit_bias added, as llama.cpp's logit-bias sampler gives them: the caller's array
+        where there is none, else a copy."""
+        if not self.bias.size:
+            return logits
+        if self.bias_ids.max() >= logits.size:
+            raise HotcoldError(f"Sampler logit_bias: token id {self.bias_ids.max()} is outside the vocabulary of "
+                               f"{logits.size}")
+        out = logits.copy()
+        z = logits[self.bias_ids] + self.bias  # float64
+        out[self.bias_ids] = np.where(z < -F32_MAX, -np.inf, np.minimum(z, F32_MAX))  # float32: -inf is never
+        return out
 
     def penalized(self, logits: np.ndarray, recent) -> np.ndarray:
         """logits (n_vocab,) after the penalties for the tokens `recent` (the context's, oldest first), as
@@ -93,7 +117,7 @@ class Sampler:
         return out
 
     def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids
-        logits = self.penalized(logits, recent)
+        logits = self.penalized(self.biased(logits), recent)
         if self.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
@@ -309,6 +333,12 @@ class Model:
         logits = self.logits(ids).float().numpy()  # (T, n_vocab)
         return [token_logprob(logits[t - 1], ids[t], top) for t in range(1, len(ids))]
 
+    def check_sampler(self, sampler) -> None:
+        """A Sampler's logit biases are on tokens of the vocabulary; else HotcoldError, before anything runs."""
+        ids = getattr(sampler, "bias_ids", np.zeros(0))
+        if ids.size and ids.max() >= self.config.n_vocab:
+            raise HotcoldError(f"logit bias: token id {ids.max()} is outside the vocabulary of {self.config.n_vocab}")
+
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the
         last row)."""
@@ -338,8 +368,8 @@ class Model:
                  reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = (),
                  logprobs: int | None = None) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
-        stop token, a stop string (the text ends before it), n tokens or the end of the context (stats["stop"]:
-        "stop_token", "stop_string", "length" or "context").
+        stop token, a stop string (the text ends before it), n tokens (-1: no limit, as llama.cpp's -n -1) or the
+        end of the context (stats["stop"]: "stop_token", "stop_string", "length" or "context").
         reuse_cache: the prompt's first tokens that are still in the KV cache (`kv_ids`: what the last generate or
         `logits` put there, the prompt and every generated token but the last) are not computed again
         (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
@@ -348,12 +378,14 @@ class Model:
         Completion.logprobs."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
-        if n < 0:
-            raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0")
+        self.check_sampler(sampler)
+        if n < -1:
+            raise HotcoldError(f"n = {n}: a count of tokens to generate, at least 0 (-1: to the end of the context)")
         if logprobs is not None and as_int(logprobs, "logprobs") < 0:
             raise HotcoldError(f"logprobs = {logprobs}: a count of likeliest tokens, at least 0")
         lps = None if logprobs is None else []
-        asked, n = n, min(n, self.n_ctx - len(prompt_ids))
+        asked = self.n_ctx if n == -1 else n  # -1: what the context holds
+        n = min(asked, self.n_ctx - len(prompt_ids))
         stream, shown = self.tokenizer.stream(), StopText(stop, on_text)
         self.reset_counts()
         cached = self.cached_prefix(prompt_ids) if reuse_cache else 0

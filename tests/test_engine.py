@@ -327,6 +327,36 @@ def test_repetition_penalties_as_llama_cpp_and_generate_feeds_them_the_context(t
     assert len(set(prompt + out)) == len(prompt + out)  # banned: every token of the prompt and the output so far
 
 
+def test_logit_bias_comes_first_in_the_chain_as_llama_cpp(tmp_path):
+    """llama.cpp's logit-bias sampler: each bias added to its token's logit before the penalties and the rest; -inf
+    never picks that token. generate refuses a bias on a token outside the vocabulary before it runs."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0, 0.0], np.float32)
+    s = Sampler(0, logit_bias={3: -2.5, 1: 1.5})
+    assert np.allclose(s.biased(logits), [2.0, 0.5, 0.5, 0.5, 0.0]) and logits[3] == 3.0  # a copy
+    assert s(logits) == 0 and Sampler(0)(logits) == 3 and Sampler(0, logit_bias={3: -np.inf})(logits) == 0
+    # then the penalties: 1's logit, 0.5 after its bias, is divided by 2 (0.25, the top); penalized first it would be
+    # multiplied (-2, then -0.5 with the bias, and 0 the top at 0.1)
+    assert Sampler(0, repeat_penalty=2.0, logit_bias={1: 1.5, 0: -1.9, 2: -0.5, 3: -2.95})(logits, [1]) == 1
+    never = Sampler(1.0, top_k=0, top_p=1.0, min_p=0, seed=3, logit_bias={3: -np.inf, 0: -np.inf})
+    assert {never(logits) for _ in range(300)} == {1, 2, 4}
+    with np.errstate(all="raise"):
+        assert np.isfinite(Sampler(logit_bias={0: 1e39}).biased(logits)).all()
+    assert Sampler(logit_bias={0: -1e39}).biased(logits)[0] == -np.inf
+    for bias in ({0: np.nan}, {0: np.inf}, {-1: 1.0}, {1.5: 1.0}, {True: 1.0}, {0: "1"}, [(0, 1.0)]):
+        with pytest.raises(HotcoldError, match="Sampler logit_bias"):
+            Sampler(logit_bias=bias)
+    with pytest.raises(HotcoldError, match="token id 5 is outside the vocabulary of 5"):
+        Sampler(0, logit_bias={5: 1.0})(logits)
+    c = tiny_config("relu")
+    m = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=6), QT.Q8_0), n_ctx=64, threads=1)
+    free = m.generate([3, 5, 7], 12, Sampler(0), ignore_stop=True).token_ids
+    out = m.generate([3, 5, 7], 12, Sampler(0, logit_bias={free[0]: -np.inf, free[1]: -np.inf}),
+                     ignore_stop=True).token_ids
+    assert out[0] != free[0] and not {free[0], free[1]} & set(out)
+    with pytest.raises(HotcoldError, match=f"^logit bias: token id {c.n_vocab} is outside the vocabulary"):
+        m.generate([3, 5, 7], 2, Sampler(0, logit_bias={c.n_vocab: 1.0}))
+
+
 def test_kernels_hold_no_view_of_the_file_and_say_what_they_widen(tmp_path, capsys):
     """F32 norms were views of the file's map, which the loader lets go of: every step faulted pages back in (1.7x
     the file resident, measured). BF16 matrices become F32 for the kernels: said on stderr."""
@@ -376,6 +406,8 @@ def test_api_refuses_token_ids_outside_the_vocabulary_and_bad_arguments(tmp_path
         m.generate("the cat", n=2)
     with pytest.raises(HotcoldError, match="n = 2.5: an integer"):
         m.generate(ids[:4], n=2.5)
+    whole = m.generate(ids, n=-1, ignore_stop=True)  # llama.cpp's -n -1: on to the end of the context
+    assert len(whole.token_ids) == 128 - len(ids) and whole.stats["stop"] == "context"
     with pytest.raises(HotcoldError, match="--ctx 0"):
         m.perplexity(ids, 0)
     for n, why in ((100.0, "n_tokens = 100.0: an integer"), (-5, "n_tokens -5: a count")):

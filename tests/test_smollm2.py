@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,8 +96,8 @@ def test_streamed_text_is_the_text(smollm):
         shown = []
         out = smollm.generate(smollm.tokenize("Hi"), k, lambda logits: next(given), on_text=shown.append)
         assert out.token_ids == ids[:k] and "".join(shown) == out.text == smollm.detokenize(ids[:k])
-    with pytest.raises(HotcoldError, match="n = -1"):
-        smollm.generate(smollm.tokenize("Hi"), -1)
+    with pytest.raises(HotcoldError, match="n = -2"):
+        smollm.generate(smollm.tokenize("Hi"), -2)
     for chunks, first in ((0, 0), (1, -1)):
         with pytest.raises(HotcoldError, match="at least one, from chunk 0 or later"):
             smollm.perplexity(ids * 64, 16, chunks, first)
@@ -158,6 +159,20 @@ def test_cli_generate_json_and_chat(smollm, capsys):
     assert main(["generate", "-p", "The capital of France is", "-n", "7", "--temperature", "0", "-c", "12",
                  "--json"]) == 0  # -n met as the context fills: -n ended it
     assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "length"
+    assert main(["generate", "-p", "The capital of France is", "-n", "3", "--temperature", "0", "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)["token_ids"]
+    ban = [f"-l={free[0]}-inf", f"--logit-bias={free[1]}-inf", f"-l={free[0]}+2"]  # -inf + 2: still never
+    assert main(["generate", "-p", "The capital of France is", "-n", "3", "--temperature", "0", "--json", *ban]) == 0
+    want = smollm.generate(smollm.tokenize("The capital of France is"), 3, Sampler(0, logit_bias={
+        free[0]: -np.inf, free[1]: -np.inf})).token_ids
+    assert json.loads(capsys.readouterr().out)["token_ids"] == want and not {free[0], free[1]} & set(want)
+    for bad in ("15043*1", "-1+2", "15043+nan", "15043+inf", "15043"):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "-p", "x", f"--logit-bias={bad}"])
+        assert e.value.code == 2 and "expected TOKEN_ID+BIAS or TOKEN_ID-BIAS" in capsys.readouterr().err
+    assert main(["generate", "-p", "The capital", "-l", "49152+1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "hotcold: error: logit bias: token id 49152 is outside the vocabulary of 49152"
 
 
 def chat(monkeypatch, capsys, lines: str, *argv: str):

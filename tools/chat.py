@@ -77,6 +77,7 @@ def cmd_chat(args) -> None:
               "the next; Ctrl-C stops a reply, Ctrl-D ends the chat", file=sys.stderr)
     n = model.n_ctx if args.n == -1 else args.n
     sampler, room = sampler_of(args), min(n, model.n_ctx // ROOM)
+    model.check_sampler(sampler)
     history: list[dict] = []
     total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
     try:

@@ -83,6 +83,19 @@ def size(text: str) -> int:
     return n
 
 
+def logit_bias(text: str) -> tuple[int, float]:
+    """An argparse type: llama.cpp's TOKEN_ID(+|-)BIAS, such as 15043+1 or 15043-inf (never that token)."""
+    digits = len(text) - len(text.lstrip("0123456789"))
+    try:
+        bias = float(text[digits:]) if digits and text[digits:digits + 1] in ("+", "-") else math.nan
+    except ValueError:
+        bias = math.nan
+    if math.isnan(bias) or bias == math.inf:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID+BIAS or TOKEN_ID-BIAS, such as 15043+1 or 15043-inf, got "
+                                         f"{text!r}")
+    return int(text[:digits]), bias
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors: the usage block only with -h."""
 
@@ -129,12 +142,19 @@ SAMPLING = {
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     for name, (kind, default, text) in SAMPLING.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+    p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="ID(+|-)BIAS",
+                   help="add BIAS to token ID's logit before the other samplers, e.g. 15043+1, or 15043-inf: never "
+                   "that token (repeatable; `hotcold tokenize` gives the ids)")
 
 
 def sampler_of(args, **given):
-    """The Sampler of the command's sampling options, those `given` in their place."""
+    """The Sampler of the command's sampling options, those `given` in their place (logit_bias: a dict)."""
     from engine.api import Sampler
-    return Sampler(**{name: given.get(name, getattr(args, name)) for name in SAMPLING})
+    bias: dict[int, float] = {}
+    for i, v in args.logit_bias:  # the same token twice: both added, as llama.cpp's
+        bias[i] = bias.get(i, 0.0) + v
+    return Sampler(**{name: given.get(name, getattr(args, name)) for name in SAMPLING},
+                   logit_bias=given.get("logit_bias", bias))
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -247,7 +267,6 @@ def cmd_generate(args) -> None:
     # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
     text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
-    n = model.n_ctx if args.n == -1 else args.n  # as llama.cpp's -n -1
     prompt = valid_text(text)
     if args.chat:
         system = None if args.system is None else valid_text(args.system)
@@ -255,8 +274,9 @@ def cmd_generate(args) -> None:
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = sampler_of(args)
+    model.check_sampler(sampler)
     if args.json:
-        out = model.generate(ids, n, sampler, ignore_stop=args.ignore_eos, stop=args.stop)
+        out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -266,7 +286,7 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        out = model.generate(ids, n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop)
+        out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
