@@ -108,6 +108,62 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
         and want.stats["stop"] == "stop_token"  # all but the first reply's end token, which the template writes
 
 
+def test_server_native_completion_as_llama_server(smollm, server):
+    """llama-server's own /completion (and /completions): generate's text, llama-server's stop types and counts;
+    streamed, the pieces then the result; several prompts, a list; a mix of text and token ids; n_probs."""
+    want = greedy(smollm, "The capital of France is", 12)
+    ask = {"prompt": "The capital of France is", "n_predict": 12, "temperature": 0}
+    status, got = call(server, "/completion", {**ask, "return_tokens": True})
+    assert status == 200 and got["content"] == want.text and got["tokens"] == want.token_ids
+    assert (got["stop"], got["stop_type"], got["stopping_word"], got["truncated"]) == (True, "limit", "", False)
+    assert got["tokens_predicted"] == 12 and got["tokens_evaluated"] == len(want.prompt_token_ids)
+    assert got["prompt"] == ask["prompt"] and got["generation_settings"]["n_predict"] == 12
+    assert got["generation_settings"]["temperature"] == 0 and got["timings"]["predicted_n"] == 12
+    word = want.text[len(want.text) // 2:][:3]
+    status, got = call(server, "/completions", {**ask, "stop": ["zzz", word]})
+    assert got["content"] == want.text[:want.text.index(word)] and got["tokens"] == []
+    assert (got["stop_type"], got["stopping_word"]) == ("word", word)
+    status, events = call(server, "/completion", {**ask, "stream": True})
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True and "[DONE]" not in events
+    assert "".join(e["content"] for e in events) == want.text and events[-1]["tokens_predicted"] == 12
+    chat = smollm.tokenizer.apply_chat_template("What is 2+2?")
+    status, got = call(server, "/completion", {"prompt": chat, "n_predict": 64, "temperature": 0})
+    assert got["stop_type"] == "eos" and got["content"] == greedy(smollm, chat, 64).text
+    head = smollm.tokenize("The capital of")
+    mixed = smollm.tokenize(" France is", add_bos=False)  # after ids, a text without the model's BOS
+    status, got = call(server, "/completion", {**ask, "prompt": [[*head, " France is"], "Hello"], "n_probs": 2})
+    first = smollm.generate(head + mixed, 12, Sampler(temperature=0), logprobs=2)
+    assert [r["index"] for r in got] == [0, 1] and got[0]["content"] == first.text
+    assert got[1]["content"] == greedy(smollm, "Hello", 12).text
+    probs = got[0]["completion_probabilities"]
+    assert [p["id"] for p in probs] == first.token_ids and [p["logprob"] for p in probs] == pytest.approx(
+        [lp["logprob"] for lp in first.logprobs])
+    assert [t["id"] for t in probs[0]["top_logprobs"]] == [i for i, _ in first.logprobs[0]["top"]]
+    assert probs[0]["token"] == smollm.detokenize(first.token_ids[:1]) and "bytes" in probs[0]
+    status, got = call(server, "/apply-template", {"messages": [{"role": "user", "content": "What is 2+2?"}]})
+    assert status == 200 and got == {"prompt": chat}
+    status, props = call(server, "/props")
+    params = props["default_generation_settings"]["params"]
+    assert status == 200 and (params["temperature"], params["top_k"], params["n_predict"]) == (0.8, 40, -1)
+    assert props["default_generation_settings"]["n_ctx"] == smollm.n_ctx and props["chat_template"]
+
+
+def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
+    """logit_bias: OpenAI's {"token id": bias} (-100 bans) and llama-server's [[token id or text, bias or false]]
+    (every token of a text), as generate with the Sampler's logit_bias."""
+    free = greedy(smollm, "The capital of France is", 4)
+    ask = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    want = smollm.generate(free.prompt_token_ids, 4, Sampler(0, logit_bias={free.token_ids[0]: -100})).text
+    status, got = call(server, "/v1/completions", {**ask, "logit_bias": {str(free.token_ids[0]): -100}})
+    assert status == 200 and got["choices"][0]["text"] == want != free.text
+    never = {i: -np.inf for i in smollm.tokenize(free.text, add_bos=False)}
+    want = smollm.generate(free.prompt_token_ids, 4, Sampler(0, logit_bias=never))
+    status, got = call(server, "/v1/completions", {**ask, "logit_bias": [[free.text, False]]})
+    assert status == 200 and got["choices"][0]["text"] == want.text and not set(never) & set(want.token_ids)
+    status, got = call(server, "/v1/completions", {**ask, "logit_bias": {free.text: False}})  # llama-server's too
+    assert status == 200 and got["choices"][0]["text"] == want.text
+
+
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v1/completions", b"{not json", 400, "the body is not JSON"),
     ("/v1/completions", [1, 2], 400, "the body: a JSON object"),
@@ -131,8 +187,14 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
      "logprobs: true or false (top_logprobs: how many), got 2"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400,
      'top_logprobs: goes with "logprobs": true'),
-    ("/v1/completions", {"prompt": [["a"]]}, 400, "prompt: a string or a list of token ids, or a list of those"),
-    ("/v1/completions", {"prompt": []}, 400, "prompt: a string or a list of token ids, or a list of those"),
+    ("/v1/completions", {"prompt": [[1.5]]}, 400, "prompt: a string, token ids or a mix of both, or a list of those"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt: a string, token ids or a mix of both, or a list of those"),
+    ("/completion", {"prompt": [[]]}, 400, "prompt: a string, token ids or a mix of both, or a list of those"),
+    ("/completion", {"prompt": "Hi", "n_probs": 21}, 400, "n_probs: at most 20, got 21"),
+    ("/completion", {"prompt": "Hi", "n_probs": 2, "stream": True}, 400, "n_probs: not with stream"),
+    ("/completion", {"prompt": "Hi", "return_tokens": 1}, 400, "return_tokens: true or false, got 1"),
+    ("/v1/completions", {"prompt": "Hi", "n_probs": 2}, 400, "n_probs: not supported by hotcold server"),
+    ("/apply-template", {"messages": []}, 400, "messages: a list of"),
     ("/v1/completions", {"prompt": ["a", "b"], "stream": True}, 400, "prompt: 2 prompts; a stream takes one"),
     ("/v1/completions", {"prompt": [5, 10 ** 6]}, 400, "1000000"),
     ("/v1/completions", {"prompt": "word " * 1100}, 400, "does not fit the context of 1024"),
@@ -140,6 +202,12 @@ def test_server_chat_keeps_the_conversation_in_the_cache(smollm, server):
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]: an object with"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content: hotcold server takes text only"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": "1"}}, 400, 'logit_bias: [token id or text, a number'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": [[1, "1"]]}, 400, 'logit_bias: [token id or text, a number'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": [1, 2]}, 400, 'logit_bias: {"token id": bias, ...} or'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"49152": 1}}, 400,
+     "logit_bias: token id 49152 is outside the vocabulary of 49152"),
+    ("/v1/completions", b'{"prompt": "Hi", "logit_bias": {"3": NaN}}', 400, "logit_bias: [token id or text"),
     ("/v1/embeddings", {"input": "Hi"}, 404, "no endpoint POST /v1/embeddings"),
     ("/tokenize", {"text": "Hi"}, 400, "tokenize: {"),
     ("/detokenize", {"tokens": [-1]}, 400, "-1"),

@@ -7,9 +7,11 @@ conversation whole each turn, and only the tokens after those the cache holds ar
 from __future__ import annotations
 
 import argparse
+import codecs
 import hmac
 import http.server
 import json
+import math
 import os
 import select
 import socket
@@ -28,7 +30,7 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
-               "function_call": "none", "logit_bias": None, "response_format": {"type": "text"}, "json_schema": None,
+               "function_call": "none", "response_format": {"type": "text"}, "json_schema": None,
                "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0,
                "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
@@ -59,41 +61,67 @@ def field(body: dict, name: str, kind, default):
         raise BadRequest(f"{name}: {want}, got {json.dumps(v)}") from None
 
 
-def generate_options(body: dict, args, model, chat: bool) -> dict:
-    """Model.generate's keyword arguments from a request: the server's flags where it is silent."""
+def generate_options(body: dict, args, model, chat: bool, native: bool = False) -> dict:
+    """Model.generate's keyword arguments from a request: the server's flags where it is silent. native: llama-server's
+    /completion, which takes n_probs for OpenAI's logprobs."""
     for name, off in UNSUPPORTED.items():
         v = body.get(name)
-        if not (v is None or v is False or v == off or v in ("", [], {})):
+        if not (v is None or v is False or v == off or v in ("", [], {}) or native and name == "n_probs"):
             raise BadRequest(f"{name}: not supported by hotcold server (leave it out)")
     n = args.n
     for name in ("max_completion_tokens", "max_tokens", "n_predict"):  # OpenAI's new and old names, llama-server's
         if body.get(name) is not None:
             n = field(body, name, at_least(-1), None)
             break
-    n = model.n_ctx if n == -1 else n
-    if args.n != -1:  # the server's -n caps every request, as llama-server's
-        n = min(n, args.n)
+    if args.n != -1 and not 0 <= n <= args.n:  # the server's -n caps every request, as llama-server's
+        n = args.n
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise BadRequest(f"stop: a string or a list of strings, got {json.dumps(body.get('stop'))}")
-    for name in ("ignore_eos", "stream", "echo", "cache_prompt"):
+    for name in ("ignore_eos", "stream", "echo", "cache_prompt", "return_tokens"):
         if not isinstance(body.get(name, False), bool):
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
-    return {"n": n, "stop": stop, "logprobs": logprobs(body, chat),
+    given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
+    return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
             "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
             "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None})}
 
 
-def logprobs(body: dict, chat: bool) -> int | None:
+def logit_bias(model, v) -> dict[int, float] | None:
+    """A request's logit_bias as Sampler's: OpenAI's {"token id": bias} or llama-server's [[token id or text, bias or
+    false (never)], ...] (also {"text": bias}), a text's every token biased; None when absent."""
+    if v is None:
+        return None
+    pairs = list(v.items()) if isinstance(v, dict) else v if isinstance(v, list) else None
+    if pairs is None or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise BadRequest(f"logit_bias: {{\"token id\": bias, ...}} or [[token id or text, bias or false], ...], got "
+                         f"{json.dumps(v)}")
+    bias: dict[int, float] = {}
+    for key, b in pairs:
+        key = int(key) if isinstance(v, dict) and key.isascii() and key.isdigit() else key  # OpenAI's ids
+        ids = [key] if is_id(key) else model.tokenize(key, add_bos=False) if isinstance(key, str) else None
+        b = -math.inf if b is False else b
+        if ids is None or isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b == math.inf:
+            raise BadRequest(f"logit_bias: [token id or text, a number or false], got {json.dumps([key, b])}")
+        bad = [i for i in ids if not 0 <= i < model.config.n_vocab]
+        if bad:
+            raise BadRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary of {model.config.n_vocab}")
+        for i in ids:
+            bias[i] = float(b)
+    return bias
+
+
+def logprobs(body: dict, chat: bool, native: bool = False) -> int | None:
     """How many likeliest tokens to give with each token's log-probability, None for none: OpenAI's completions take
-    `logprobs` (a count), its chat `logprobs` (true or false) and `top_logprobs` (a count)."""
-    if not chat and body.get("logprobs") is False:
+    `logprobs` (a count), its chat `logprobs` (true or false) and `top_logprobs` (a count), llama-server's
+    /completion `n_probs` (a count, 0: none)."""
+    if not chat and body.get("logprobs") is False or native and not body.get("n_probs"):
         return None
     if chat and not isinstance(body.get("logprobs", False), bool):
         raise BadRequest(f"logprobs: true or false (top_logprobs: how many), got {json.dumps(body['logprobs'])}")
-    name = "top_logprobs" if chat else "logprobs"
+    name = "top_logprobs" if chat else "n_probs" if native else "logprobs"
     top = field(body, name, at_least(0), 0 if chat and body.get("logprobs") else None)
     if chat and top is not None and not body.get("logprobs"):
         raise BadRequest("top_logprobs: goes with \"logprobs\": true")
@@ -138,21 +166,26 @@ def text_logprobs(model, out) -> list[dict]:
 def completion_logprobs(model, lps: list[dict | None], start: int) -> dict:
     """OpenAI's completions logprobs: each token's text, log-probability (null for an echoed prompt's first),
     likeliest tokens and offset in the text, from `start` (in characters: a token inside a character is at it)."""
-    tokens, offsets, done = [token_text(model, lp["id"]) for lp in lps], [], b""
+    tokens, offsets, chars = [token_text(model, lp["id"]) for lp in lps], [], start
+    text = codecs.getincrementaldecoder("utf-8")("ignore")  # the characters so far, a split one once whole
     for lp in lps:
-        offsets.append(start + len(done.decode("utf-8", "ignore")))
-        done += model.tokenizer.piece(lp["id"])
+        offsets.append(chars)
+        chars += len(text.decode(model.tokenizer.piece(lp["id"])))
     return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in lps],
             "top_logprobs": [{token_text(model, i): v for i, v in lp["top"]} for lp in lps],
             "text_offset": offsets}
 
 
+def token_entry(model, i: int, logprob: float, with_id: bool = False) -> dict:
+    """A token in OpenAI's chat logprobs: {"token", "logprob", "bytes"}; with_id: llama-server's, "id" first."""
+    entry = {"token": token_text(model, i), "logprob": logprob, "bytes": list(model.tokenizer.piece(i))}
+    return {"id": i, **entry} if with_id else entry
+
+
 def chat_logprobs(model, lps: list[dict]) -> dict:
     """OpenAI's chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
-    def entry(i: int, v: float) -> dict:
-        return {"token": token_text(model, i), "logprob": v, "bytes": list(model.tokenizer.piece(i))}
-    return {"content": [{**entry(lp["id"], lp["logprob"]), "top_logprobs": [entry(i, v) for i, v in lp["top"]]}
-                        for lp in lps]}
+    return {"content": [{**token_entry(model, lp["id"], lp["logprob"]), "top_logprobs": [
+        token_entry(model, i, v) for i, v in lp["top"]]} for lp in lps]}
 
 
 def message_text(i: int, m) -> dict:
@@ -174,30 +207,49 @@ def message_text(i: int, m) -> dict:
     return {"role": "system" if m["role"] == "developer" else m["role"], "content": content}  # OpenAI's new name
 
 
+def is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)  # JSON's true and false are not token ids
+
+
+def prompt_tokens(model, p) -> list[int] | None:
+    """One prompt's tokens: a text, token ids, or llama-server's mix of both ([12, "text", 56]: a text first is
+    tokenized as a whole prompt is, with the model's BOS; None when p is none of these."""
+    if isinstance(p, str):
+        return model.tokenize(p)
+    if not isinstance(p, list) or not p or not all(isinstance(t, str) or is_id(t) for t in p):
+        return None
+    ids: list[int] = []
+    for j, t in enumerate(p):
+        ids += [t] if is_id(t) else model.tokenize(t, add_bos=None if j == 0 else False)
+    return model.check_ids(ids)
+
+
+def chat_prompt(model, messages) -> str:
+    """The chat template over OpenAI's `messages`; a last message of the assistant's is continued."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages: a list of {\"role\", \"content\"} objects, at least one")
+    messages = [message_text(i, m) for i, m in enumerate(messages)]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        messages.pop()  # an empty start of the reply: a new reply
+    if not messages:
+        raise BadRequest("messages: one empty assistant message, nothing to answer")
+    return model.tokenizer.apply_chat_template(messages, continue_reply=messages[-1]["role"] == "assistant")
+
+
 def prompts_of(model, body: dict, chat: bool) -> list[tuple[list[int], str]]:
     """[(the tokens to continue, their text)]: the chat template over `messages`; or each of `prompt`'s prompts (a
-    text or token ids, or a list of them: lm-evaluation-harness sends its batches so)."""
+    text, token ids or a mix, or a list of them: lm-evaluation-harness sends its batches so; a list with a token id
+    in it is one prompt)."""
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages: a list of {\"role\", \"content\"} objects, at least one")
-        messages = [message_text(i, m) for i, m in enumerate(messages)]
-        if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
-            messages.pop()  # an empty start of the reply: a new reply
-        if not messages:
-            raise BadRequest("messages: one empty assistant message, nothing to answer")
-        text = model.tokenizer.apply_chat_template(messages, continue_reply=messages[-1]["role"] == "assistant")
+        text = chat_prompt(model, body.get("messages"))
         return [(model.tokenize(text), text)]  # a last message of the assistant's: the reply goes on from it
 
-    def ids(p) -> bool:
-        return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) or ids(prompt) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or ids(p) for p in prompts):
-        raise BadRequest("prompt: a string or a list of token ids, or a list of those")
-    return [(model.tokenize(p), p) if isinstance(p, str)
-            else (model.check_ids(p), model.detokenize(p)) for p in prompts]
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt, list) and any(map(is_id, prompt)) else prompt
+    ids = [prompt_tokens(model, p) for p in prompts] if isinstance(prompts, list) and prompts else [None]
+    if None in ids:
+        raise BadRequest("prompt: a string, token ids or a mix of both, or a list of those")
+    return [(i, p if isinstance(p, str) else model.detokenize(i)) for i, p in zip(ids, prompts)]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -291,10 +343,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path_only()
-        if path != "/health" and not self.authorized():  # /health answers all, as llama-server's
+        if path not in ("/health", "/v1/health") and not self.authorized():  # /health answers all, as llama-server's
             return
-        if path == "/health":
+        if path in ("/health", "/v1/health"):
             self.send_json(200, {"status": "ok"})
+        elif path == "/props":
+            model, args = self.server.model, self.server.args
+            self.send_json(200, {"default_generation_settings": {"n_ctx": model.n_ctx, "params": settings(
+                model, {"n": args.n, "stop": [], "ignore_stop": False, "logprobs": None, "sampler": sampler_of(args)})},
+                "total_slots": 1, "model_path": str(model.ckpt.path), "chat_template": model.tokenizer.chat_template})
         elif path in ("/v1/models", "/models"):
             self.send_json(200, {"object": "list", "data": [self.server.card]})
         elif path in (f"/v1/models/{self.server.name}", f"/models/{self.server.name}"):
@@ -342,8 +399,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path_only()
-        routes = {"/v1/completions": self.complete, "/completions": self.complete, "/v1/chat/completions": self.chat,
-                  "/chat/completions": self.chat, "/tokenize": self.tokenize, "/detokenize": self.detokenize}
+        routes = {"/v1/completions": self.complete, "/completion": self.native, "/completions": self.native,
+                  "/v1/chat/completions": self.chat, "/chat/completions": self.chat, "/tokenize": self.tokenize,
+                  "/detokenize": self.detokenize, "/apply-template": self.apply_template}
         self.streaming = False
         if not self.authorized():
             return
@@ -378,9 +436,48 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def detokenize(self, body: dict) -> None:
         ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, list) or not all(map(is_id, ids)):
             raise BadRequest("detokenize: {\"tokens\": a list of token ids}")
         self.send_json(200, {"content": self.server.model.detokenize(ids)})
+
+    def apply_template(self, body: dict) -> None:
+        """llama-server's /apply-template: {"messages"} -> {"prompt": the chat template's text}."""
+        self.send_json(200, {"prompt": chat_prompt(self.server.model, body.get("messages"))})
+
+    def start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.streaming = self.close_connection = True  # the stream ends with the connection
+        self.end_headers()
+
+    def watch(self, piece: str) -> None:
+        """generate's on_text for an answer that is not streamed: a client that left stops its generation, as one
+        that leaves a stream."""
+        if self.gone():
+            raise ConnectionResetError
+
+    def native(self, body: dict) -> None:
+        """llama-server's own /completion (also /completions): {"content", "stop_type", "timings", ...}, a list of
+        them for several prompts; streamed, events {"content", "stop": false} and the result last (no [DONE])."""
+        model = self.server.model
+        options = generate_options(body, self.server.args, model, chat=False, native=True)
+        prompts = [(model.check_prompt(ids), text) for ids, text in prompts_of(model, body, chat=False)]
+        if body.get("stream") and len(prompts) > 1:
+            raise BadRequest(f"prompt: {len(prompts)} prompts; a stream takes one")
+        results = []
+        for k, (ids, prompt) in enumerate(prompts):
+            if body.get("stream"):
+                self.start_stream()
+            out = model.generate(ids, on_text=self.watch if not self.streaming else lambda piece: self.send_event(
+                {"index": 0, "content": piece, "stop": False}), **options)
+            self.log_reply(ids, out)
+            results.append({"index": k, **result(model, self.server.name, out, prompt, options,
+                                                   body.get("return_tokens", False), self.streaming)})
+        if self.streaming:
+            self.send_event(results[0])
+        else:
+            self.send_json(200, results if len(results) > 1 else results[0])
 
     def complete(self, body: dict) -> None:
         self.generate(body, chat=False)
@@ -409,11 +506,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         if body.get("stream"):
             (ids, prompt), = prompts
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.streaming = self.close_connection = True  # the stream ends with the connection
-            self.end_headers()
+            self.start_stream()
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
             def chunk(text: str | None, finish: str | None = None) -> dict:
@@ -429,15 +522,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             return
 
-        def watch(piece: str) -> None:  # a client that left stops its generation, as one that leaves a stream
-            if self.gone():
-                raise ConnectionResetError
-
         choices, outs = [], []
         for k, (ids, prompt) in enumerate(prompts):
             scored = [] if not echo or options["logprobs"] is None else \
                 [{"id": ids[0], "logprob": None, "top": []}] + model.prompt_logprobs(ids, options["logprobs"])
-            out = model.generate(ids, on_text=watch, **options)
+            out = model.generate(ids, on_text=self.watch, **options)
             self.log_reply(ids, out)
             lps = None if out.logprobs is None else text_logprobs(model, out)
             if lps is not None:
@@ -453,6 +542,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f} tok/s"
         self.log(200, f"prompt {len(ids)} tokens, {s['cached_tokens']} from the cache | reply "
                  f"{len(out.token_ids)} tokens, {rate}, {s['stop']}")
+
+
+STOP_TYPE = {"stop_token": "eos", "stop_string": "word", "length": "limit", "context": "limit"}  # llama-server's
+
+
+def settings(model, options: dict) -> dict:
+    """llama-server's generation_settings of generate's options."""
+    s = options["sampler"]
+    bias = [[int(i), float(b)] for i, b in zip(s.bias_ids, s.bias)]
+    return {"n_predict": options["n"], **{name: getattr(s, name) for name in SAMPLING}, "seed": -1 if s.seed is None
+            else s.seed, "stop": options["stop"], "ignore_eos": options["ignore_stop"], "logit_bias": bias,
+            "n_probs": options["logprobs"] or 0, "n_ctx": model.n_ctx}
+
+
+def result(model, name: str, out, prompt: str, options: dict, tokens: bool, streamed: bool) -> dict:
+    """llama-server's /completion answer for `out`, the completion of `prompt` (streamed: the text and tokens have
+    gone in the events before it)."""
+    s, rest = out.stats, model.detokenize(out.token_ids)[len(out.text):]
+    word = next((w for w in options["stop"] if w and rest.startswith(w)), "") if s["stop"] == "stop_string" else ""
+    answer = {"content": "" if streamed else out.text, "tokens": out.token_ids if tokens and not streamed else [],
+              "id_slot": 0, "stop": True, "model": name, "tokens_predicted": len(out.token_ids),
+              "tokens_evaluated": len(out.prompt_token_ids), "generation_settings": settings(model, options),
+              "prompt": prompt, "has_new_line": "\n" in out.text, "truncated": s["stop"] == "context",
+              "stop_type": STOP_TYPE[s["stop"]], "stopping_word": word, "tokens_cached": s["cached_tokens"],
+              "timings": accounts([out])["timings"]}
+    if out.logprobs is not None:  # n_probs
+        answer["completion_probabilities"] = [
+            {**token_entry(model, lp["id"], lp["logprob"], True), "top_logprobs": [
+                token_entry(model, i, v, True) for i, v in lp["top"]]} for lp in text_logprobs(model, out)]
+    return answer
 
 
 def accounts(outs: list) -> dict:
