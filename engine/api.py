@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, HotcoldError, as_int, set_threads
 from .loader import Checkpoint, load_checkpoint
+from .grammar import constrained_pick, first_bytes, worth_trying
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +118,10 @@ class Sampler:
         return out
 
     def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids
-        logits = self.penalized(self.biased(logits), recent)
+        return self.choose(self.penalized(self.biased(logits), recent))
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The chain after the biases and penalties: greedy, or top-k, top-p, min-p, the temperature and a draw."""
         if self.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
@@ -366,7 +370,7 @@ class Model:
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False,
                  reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = (),
-                 logprobs: int | None = None) -> Completion:
+                 logprobs: int | None = None, grammar=None) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
         stop token, a stop string (the text ends before it), n tokens (-1: no limit, as llama.cpp's -n -1) or the
         end of the context (stats["stop"]: "stop_token", "stop_string", "length" or "context").
@@ -375,7 +379,8 @@ class Model:
         (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
         does: a conversation's next turn prefills only its new tokens.
         logprobs=k: each generated token's log-probability and the k likeliest tokens' (`token_logprob`), in
-        Completion.logprobs."""
+        Completion.logprobs. grammar (engine.grammar.JsonGrammar): the text is JSON, sampled as llama.cpp samples
+        under a grammar (`constrained_pick`); it ends with a stop token once the JSON is whole."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         self.check_sampler(sampler)
@@ -384,6 +389,10 @@ class Model:
         if logprobs is not None and as_int(logprobs, "logprobs") < 0:
             raise HotcoldError(f"logprobs = {logprobs}: a count of likeliest tokens, at least 0")
         lps = None if logprobs is None else []
+        if grammar is not None and (not isinstance(sampler, Sampler) or ignore_stop):
+            raise HotcoldError("JSON output: with a Sampler, and the end token allowed (it ends the text once the JSON "
+                               "is whole; not with ignore_eos)")
+        state = None if grammar is None else grammar.start
         asked = self.n_ctx if n == -1 else n  # -1: what the context holds
         n = min(asked, self.n_ctx - len(prompt_ids))
         stream, shown = self.tokenizer.stream(), StopText(stop, on_text)
@@ -403,7 +412,13 @@ class Model:
         while len(out) < n:
             raw = logits.copy() if lps is not None else None  # the model's, before the bans
             logits[banned] = -np.inf
-            tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
+            if grammar is not None:
+                maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
+                maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
+                tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t))
+                state = state if tok in self.tokenizer.stop_ids else grammar.advance(state, self.tokenizer.piece(tok))
+            else:
+                tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
             if not math.isfinite(logits[tok]) and tok not in banned:  # NaN logits: argmax and the draw land on one
                 raise HotcoldError(f"token {len(out) + 1}: the logits are not finite (the activations overflowed"
@@ -433,6 +448,18 @@ class Model:
         if self.runtime is not None:
             stats.update(self.runtime.stats())
         return Completion(shown.text, out, prompt_ids, stats, lps)
+
+    @cached_property
+    def first_bytes(self) -> np.ndarray:
+        return first_bytes(self.tokenizer, self.config.n_vocab)
+
+    def allows(self, grammar, state, t: int) -> bool:
+        """Whether the grammar in `state` takes token t next: a stop token once the text is whole, else a token whose
+        bytes go on with it (no control token: they have none)."""
+        if t in self.tokenizer.stop_ids:
+            return grammar.complete(state)
+        piece = self.tokenizer.piece(t)
+        return bool(piece) and t not in self.tokenizer.special_ids and grammar.advance(state, piece) is not None
 
     def cached_prefix(self, prompt_ids: list[int]) -> int:
         """How many of the prompt's first tokens `generate(reuse_cache=True)` takes from the cache: those that match

@@ -175,7 +175,9 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, 'stream: true or false, got "yes"'),
     ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, "n: not supported by hotcold server"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "response_format": {
-        "type": "json_object"}}, 400, "response_format: not supported by hotcold server"),
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["a"]}}}}, 400,
+     "json_schema: hotcold takes {} or"),
+    ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= [a-z]+"}, 400, "grammar: not supported by hotcold"),
     ("/v1/completions", {"prompt": "Hi", "mirostat": 2}, 400, "mirostat: not supported by hotcold server"),
     ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "the body is not JSON of UTF-8 text"),
     ("/v1/completions", {"prompt": "Hi", "cache_prompt": 1}, 400, "cache_prompt: true or false, got 1"),

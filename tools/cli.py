@@ -83,6 +83,19 @@ def size(text: str) -> int:
     return n
 
 
+def json_schema(text: str) -> bool:
+    """An argparse type: llama.cpp's -j SCHEMA, of which hotcold takes `{}` and `{"type": "object"}`: any JSON
+    object."""
+    try:
+        schema = json.loads(text)
+    except ValueError:
+        schema = None
+    if schema not in ({}, {"type": "object"}):
+        raise argparse.ArgumentTypeError(f"hotcold takes '{{}}' or '{{\"type\": \"object\"}}' (any JSON object), not "
+                                         f"a schema that asks for more: {text!r}")
+    return True
+
+
 def logit_bias(text: str) -> tuple[int, float]:
     """An argparse type: llama.cpp's TOKEN_ID(+|-)BIAS, such as 15043+1 or 15043-inf (never that token)."""
     digits = len(text) - len(text.lstrip("0123456789"))
@@ -145,6 +158,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="ID(+|-)BIAS",
                    help="add BIAS to token ID's logit before the other samplers, e.g. 15043+1, or 15043-inf: never "
                    "that token (repeatable; `hotcold tokenize` gives the ids)")
+    p.add_argument("-j", "--json-schema", type=json_schema, default=False, metavar="'{}'",
+                   help="the text is one JSON object ('{}' or '{\"type\": \"object\"}'; other schemas are refused), "
+                   "as llama.cpp's -j '{}': only tokens that keep it valid JSON are sampled, and it ends when the "
+                   "object closes")
+
+
+def grammar_of(args):
+    """The grammar generate keeps to: a JsonGrammar with -j, else None."""
+    from engine.grammar import JsonGrammar
+    return JsonGrammar() if args.json_schema else None
 
 
 def sampler_of(args, **given):
@@ -264,6 +287,8 @@ def cmd_generate(args) -> None:
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
         raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
+    if args.json_schema and args.ignore_eos:
+        raise HotcoldError("-j: the text ends when its JSON object closes, with an end token; not with --ignore-eos")
     # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
     text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
@@ -276,7 +301,8 @@ def cmd_generate(args) -> None:
     sampler = sampler_of(args)
     model.check_sampler(sampler)
     if args.json:
-        out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop)
+        out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
+                             grammar=grammar_of(args))
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -286,7 +312,8 @@ def cmd_generate(args) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop)
+        out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop,
+                             grammar=grammar_of(args))
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr

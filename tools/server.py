@@ -22,7 +22,8 @@ import urllib.parse
 import uuid
 
 from engine.config import HotcoldError
-from tools.cli import SAMPLING, at_least, between, sampler_of, strict
+from engine.grammar import JsonGrammar
+from tools.cli import SAMPLING, at_least, between, grammar_of, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
@@ -30,9 +31,8 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
-               "function_call": "none", "response_format": {"type": "text"}, "json_schema": None,
-               "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0,
-               "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
+               "function_call": "none", "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1,
+               "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
@@ -84,9 +84,35 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
     given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
+    grammar = json_grammar(body, args)
+    if grammar is not None and body.get("ignore_eos"):
+        raise BadRequest("ignore_eos: not with JSON output, which ends with an end token when its object closes")
     return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
             "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
-            "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None})}
+            "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None}), "grammar": grammar}
+
+
+def json_grammar(body: dict, args):
+    """The JsonGrammar a request asks for (OpenAI's response_format json_object, or json_schema; llama-server's
+    json_schema) or the server's -j gives; None for free text. Of schemas, `{}` and `{"type": "object"}` (any JSON
+    object)."""
+    fmt, schema = body.get("response_format"), body.get("json_schema")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            schema = fmt.get("schema", {})  # llama-server reads a schema here too
+        elif kind == "json_schema":
+            schema = fmt.get("json_schema", {}).get("schema", {}) if isinstance(fmt.get("json_schema"), dict) else 0
+        elif kind != "text":
+            raise BadRequest(f"response_format: {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                             f"{{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, got "
+                             f"{json.dumps(fmt)}")
+    if schema is None:
+        return grammar_of(args)
+    if schema not in ({}, {"type": "object"}):
+        raise BadRequest(f"json_schema: hotcold takes {{}} or {{\"type\": \"object\"}} (any JSON object), not a "
+                         f"schema that asks for more: {json.dumps(schema)}")
+    return JsonGrammar()
 
 
 def logit_bias(model, v) -> dict[int, float] | None:

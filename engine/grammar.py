@@ -1,0 +1,204 @@
+"""JSON-constrained generation: a byte-level pushdown recognizer of JSON text, and the sampling step that keeps to it.
+
+The recognizer's state is a small tuple, so a token is tried by running its bytes from the state (nothing to undo).
+Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuses are out before the sampler's chain
+(top-k, top-p, min-p, temperature); they are tried in the order of their logits, until the chain has all it can use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import HotcoldError
+
+WS_RUN = 20  # whitespace between JSON tokens: one newline and at most this many spaces or tabs (llama.cpp's json
+# grammar's `ws`): a small model in JSON mode otherwise pads with blank lines until the context is full
+ESCAPES = frozenset(b'"\\/bfnrt')
+HEX = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+
+# modes of the state (stack, mode, aux, ws): stack holds the open containers ("{" or "["), innermost last
+TOP, VALUE, ARRAY0, OBJECT0, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, LITERAL, NUMBER, DONE = range(13)
+# NUMBER's aux: the part of the number read so far
+MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_INT = range(8)
+NUMBER_ENDS = (ZERO, INT, FRAC, EXP_INT)  # a number may end after these
+
+
+class JsonGrammar:
+    """JSON text (RFC 8259) as a byte-level recognizer. top_object: the text is one object, as OpenAI's
+    response_format json_object asks; else any JSON value."""
+
+    def __init__(self, top_object: bool = True):
+        self.top_object = top_object
+        self.start = ("", TOP if top_object else VALUE, 0, 0)
+
+    def complete(self, state) -> bool:
+        return state[1] == DONE
+
+    def advance(self, state, data: bytes):
+        """The state after the bytes `data`, or None if no JSON text goes on so."""
+        for b in data:
+            state = self.step(state, b)
+            if state is None:
+                return None
+        return state
+
+    def step(self, state, b: int):
+        stack, mode, aux, ws = state
+        if mode == STRING:  # aux: 4 in a key's string, plus the UTF-8 continuation bytes still due
+            if aux & 3:
+                return (stack, STRING, aux - 1, 0) if 0x80 <= b <= 0xBF else None
+            if b == 0x22:  # the closing quote
+                return (stack, COLON if aux & 4 else AFTER, 0, 0)
+            if b == 0x5C:
+                return (stack, ESCAPE, aux, 0)
+            if b < 0x20 or 0x80 <= b < 0xC2 or b > 0xF4:  # control characters; not a UTF-8 lead byte
+                return None
+            return (stack, STRING, aux | (0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3), 0)
+        if mode == ESCAPE:
+            if b == ord("u"):
+                return (stack, UNICODE, aux | 4 << 4, 0)  # aux: 4 in a key, plus 16 x the hex digits still due
+            return (stack, STRING, aux, 0) if b in ESCAPES else None
+        if mode == UNICODE:
+            if b not in HEX:
+                return None
+            left = (aux >> 4) - 1
+            return (stack, UNICODE, (aux & 4) | left << 4, 0) if left else (stack, STRING, aux & 4, 0)
+        if mode == LITERAL:  # aux: the literal's first byte x 256 plus how many of the rest have come
+            rest, i = LITERALS[aux >> 8], aux & 0xFF
+            if b != rest[i]:
+                return None
+            return (stack, LITERAL, aux + 1, 0) if i + 1 < len(rest) else self.value_done(stack)
+        if mode == NUMBER:
+            nxt = self.number(aux, b)
+            if nxt is not None:
+                return (stack, NUMBER, nxt, 0)
+            if aux not in NUMBER_ENDS:
+                return None
+            state = self.value_done(stack)  # the byte after the number, read after it
+            return None if state is None else self.step(state, b)
+        if b in (0x20, 0x09, 0x0A) and mode != DONE:  # whitespace between tokens, bounded
+            newline, run = ws >> 8, ws & 0xFF
+            if b == 0x0A:
+                return None if newline else (stack, mode, aux, 1 << 8)
+            if run >= (WS_RUN if newline else 1):
+                return None
+            return (stack, mode, aux, ws + 1)
+        if mode == COLON:
+            return (stack, VALUE, 0, 0) if b == 0x3A else None
+        if mode == AFTER:
+            close = b"}" if stack[-1:] == "{" else b"]"
+            if b == 0x2C:  # a comma: the next key or value
+                return (stack, KEY if stack[-1] == "{" else VALUE, 0, 0)
+            return self.value_done(stack[:-1]) if b == close[0] else None
+        if mode in (OBJECT0, KEY):
+            if b == 0x22:
+                return (stack, STRING, 4, 0)  # a key
+            return self.value_done(stack[:-1]) if b == 0x7D and mode == OBJECT0 else None
+        if mode == ARRAY0 and b == 0x5D:
+            return self.value_done(stack[:-1])
+        if mode == TOP:
+            return (stack + "{", OBJECT0, 0, 0) if b == 0x7B else None
+        if mode in (VALUE, ARRAY0):
+            return self.value(stack, b)
+        return None  # DONE: nothing after the text
+
+    @staticmethod
+    def value(stack: str, b: int):
+        """The state after the first byte of a value."""
+        if b == 0x7B:
+            return (stack + "{", OBJECT0, 0, 0)
+        if b == 0x5B:
+            return (stack + "[", ARRAY0, 0, 0)
+        if b == 0x22:
+            return (stack, STRING, 0, 0)
+        if b in LITERALS:
+            return (stack, LITERAL, b << 8, 0)
+        if b == 0x2D:
+            return (stack, NUMBER, MINUS, 0)
+        if b in DIGITS:
+            return (stack, NUMBER, ZERO if b == 0x30 else INT, 0)
+        return None
+
+    @staticmethod
+    def value_done(stack: str):
+        return (stack, AFTER, 0, 0) if stack else ("", DONE, 0, 0)
+
+    @staticmethod
+    def number(part: int, b: int):
+        """The part of a number after byte b, or None if b does not go on with it."""
+        digit = b in DIGITS
+        if part == MINUS:
+            return (ZERO if b == 0x30 else INT) if digit else None
+        if part in (ZERO, INT):
+            if digit:
+                return INT if part == INT else None  # no digit after a leading zero
+            return DOT if b == 0x2E else EXP if b in (0x65, 0x45) else None
+        if part in (DOT, FRAC):
+            if digit:
+                return FRAC
+            return EXP if part == FRAC and b in (0x65, 0x45) else None
+        if part in (EXP, EXP_SIGN):
+            return EXP_INT if digit else EXP_SIGN if part == EXP and b in (0x2B, 0x2D) else None
+        return EXP_INT if digit else None  # EXP_INT
+
+
+def best_first(z: np.ndarray, ids: np.ndarray, head: int = 256):
+    """ids (ascending) in the order of z, best first, ties by id (as argmax): the best `head` sorted first, the rest
+    only when they are asked for."""
+    parts = [ids]
+    if len(ids) > head:
+        cut = np.partition(z[ids], len(ids) - head)[len(ids) - head]
+        parts = [ids[z[ids] >= cut], ids[z[ids] < cut]]
+    for part in parts:
+        yield from part[np.argsort(-z[part], kind="stable")].tolist()
+
+
+def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, allowed) -> int:
+    """A token the grammar allows, sampled as llama.cpp samples under a grammar: the logit biases and penalties, then
+    the refused tokens out, then the rest of the chain. maybe (n_vocab,) bool: the tokens worth trying
+    (`worth_trying`); allowed(id): whether the grammar takes that token. They are tried best first until the chain
+    has all it uses: the likeliest (greedy), the top-k allowed, those min-p keeps, or (min-p off) all but a share
+    below 1e-9 of the probability."""
+    z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
+    greedy = sampler.temperature <= 0
+    need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
+    ids = np.flatnonzero(maybe & (z > -np.inf))
+    top = float(z[ids].max()) if len(ids) else 0.0
+    left = float(np.exp(z[ids].astype(np.float64) - top).sum())  # the probability not tried yet (unnormalized)
+    kept, best, mass = [], 0.0, 0.0
+    for t in best_first(z, ids):
+        p = float(np.exp(np.float64(z[t]) - top))
+        if need is None and kept and (p < sampler.min_p * best or left < 1e-9 * mass):
+            break  # min-p drops the rest; or what is left is negligible
+        left -= p
+        if allowed(t):
+            kept.append(t)
+            best, mass = max(best, p), mass + p
+            if len(kept) == need:
+                break
+    if not kept:
+        raise HotcoldError("JSON: no token of the vocabulary goes on with the text here")
+    if greedy:
+        return kept[0]
+    masked = np.full_like(z, -np.inf)
+    masked[kept] = z[kept]
+    return sampler.choose(masked)
+
+
+def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:
+    """(2, n_vocab) int16: each token's first two bytes, 256 where it has none (control tokens, one-byte tokens)."""
+    pieces = [tokenizer.piece(i) for i in range(n_vocab)]
+    return np.array([[p[k] if len(p) > k else 256 for p in pieces] for k in (0, 1)], np.int16)
+
+
+def worth_trying(grammar, state, first: np.ndarray) -> np.ndarray:
+    """(n_vocab,) bool: the tokens whose first two bytes (`first_bytes`) go on with the text in `state`; by the first
+    byte alone where many bytes can come next (inside a string), by both where few can (between JSON's tokens, where
+    most of a vocabulary starts with a byte that fits, a space, and fails on the next)."""
+    ok = np.zeros((257, 257), bool)  # [first byte, second byte]; 256: none
+    after = [(b, grammar.step(state, b)) for b in range(256)]
+    after = [(b, s) for b, s in after if s is not None]
+    for b, s in after:
+        ok[b] = True if len(after) > 16 else [grammar.step(s, c) is not None for c in range(256)] + [True]
+    return ok[first[0], first[1]]

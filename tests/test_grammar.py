@@ -1,0 +1,150 @@
+"""JSON output: the byte-level recognizer against Python's json module, and sampling under it against a brute force
+over the whole vocabulary."""
+import json
+import random
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+from engine.api import Sampler
+from engine.config import HotcoldError
+from engine.grammar import JsonGrammar, constrained_pick, worth_trying
+from tools.cli import build_parser, main
+from tools.server import BadRequest, Server, generate_options, json_grammar
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(7 if depth < 3 else 4)
+    if kind == 0:
+        return rng.choice([True, False, None])
+    if kind == 1:
+        return rng.choice([rng.randint(-10 ** 6, 10 ** 6), 0.5, -1e-7, 3.25e10, 0.0, 12.0])
+    if kind in (2, 3):
+        return "".join(rng.choice('ab"\\\n\té€😀/\x01 ') for _ in range(rng.randrange(6)))
+    if kind == 4:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {"".join(rng.choice('kq"é ') for _ in range(rng.randrange(4))): random_value(rng, depth + 1)
+            for _ in range(rng.randrange(4))}
+
+
+def test_json_recognizer_agrees_with_the_json_module():
+    """Every text json.dumps writes (compact, indented, ASCII or not) is whole, and each of its prefixes goes on; a
+    text with a byte changed is whole exactly when json.loads reads an object from it. Whitespace between tokens:
+    one space, or one newline and at most 20 spaces or tabs, as llama.cpp's JSON grammar."""
+    g, rng = JsonGrammar(), random.Random(0)
+    for _ in range(400):
+        doc = {"".join(rng.choice("kq é") for _ in range(3)): random_value(rng) for _ in range(rng.randrange(4))}
+        for kw in ({}, {"indent": 2}, {"separators": (",", ":")}, {"ensure_ascii": False}):
+            text = json.dumps(doc, **kw).encode()
+            assert g.complete(g.advance(g.start, text)), text
+            assert all(g.advance(g.start, text[:k]) is not None for k in range(len(text))), text
+        text = bytearray(json.dumps(doc, ensure_ascii=False).encode())
+        for _ in range(4):
+            text[rng.randrange(len(text))] = rng.choice(b'{}[]",:0123456789.eE+-tfnul\\x')  # no whitespace
+            try:
+                whole = isinstance(json.loads(bytes(text).decode()), dict)
+            except ValueError:
+                whole = False
+            state = g.advance(g.start, bytes(text))
+            assert whole == (state is not None and g.complete(state)), bytes(text)
+    for text in (b'{"a":01}', b'{"a":1.}', b'{"a":-}', b'{"a":"\\u12G4"}', b'{"a":tru}', b'{"a":[1,]}', b'[1]',
+                 b'{"a":1} ', b'{"a":"\xff"}', b'{"a":"\xc3"}', b'{\n\n}', b'{' + b" " * 2 + b"}",
+                 b"{\n" + b" " * 21 + b"}"):
+        state = g.advance(g.start, text)
+        assert state is None or not g.complete(state), text
+    for text in (b'{"a":1e+5}', b'{"a":"\\uD83D"}', b'{"\xc3\xa9":-0.0E-1}', b"{\n" + b" " * 20 + b"}", b'{ }'):
+        assert g.complete(g.advance(g.start, text)), text
+    assert g.complete(JsonGrammar(top_object=False).advance(("", 1, 0, 0), b"[1, true]"))
+
+
+class Keeps(Sampler):
+    """A Sampler that answers the candidates the chain was given (their ids) in place of a draw."""
+
+    def choose(self, logits):
+        return sorted(np.flatnonzero(np.isfinite(logits)).tolist())
+
+
+@pytest.mark.parametrize("text", ['', '{', '{"na', '{"name": ', '{"a": [1, ', '{\n  "b": "x"', '{"a": tru'])
+def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text):
+    """On SmolLM2's logits, in a state of each kind: every token the grammar allows passes the first-bytes filter;
+    greedy picks the likeliest allowed token; top-k gets exactly the k likeliest allowed; with top-k off, min-p gets
+    every allowed token it keeps (the others it would drop). A brute force over all 49152 tokens says which."""
+    g = JsonGrammar()
+    state = g.advance(g.start, text.encode())
+    logits = smollm.logits(smollm.tokenize("Here is a JSON object: " + text), all_logits=False).numpy().copy()
+    n = logits.size
+    allowed = np.array([smollm.allows(g, state, t) for t in range(n)])
+    maybe = worth_trying(g, state, smollm.first_bytes)
+    assert allowed.any() and not (allowed & ~maybe).any()  # the filter loses nothing
+    check = lambda t: bool(allowed[t])  # noqa: E731
+    order = np.argsort(-logits, kind="stable")
+    ranked = order[allowed[order]]  # the allowed tokens, best first
+    assert constrained_pick(Sampler(0), logits, [], maybe, check) == ranked[0]
+    assert constrained_pick(Keeps(1.0, top_k=40), logits, [], maybe, check) == sorted(ranked[:40].tolist())
+    p = np.exp(logits[ranked].astype(np.float64) - logits[ranked[0]])
+    got = set(constrained_pick(Keeps(1.0, top_k=0, min_p=0.05), logits, [], maybe, check))
+    assert set(ranked[p >= 0.05].tolist()) <= got <= set(ranked.tolist())
+    biased = Sampler(0, logit_bias={int(ranked[0]): -np.inf})  # the biases come first, as unconstrained
+    if len(ranked) > 1:
+        assert constrained_pick(biased, logits, [], maybe, check) == ranked[1]
+    else:  # "tru" goes on with one token alone
+        with pytest.raises(HotcoldError, match="no token of the vocabulary goes on with the text here"):
+            constrained_pick(biased, logits, [], maybe, check)
+
+
+def test_generate_json_from_smollm(smollm):
+    """Greedy and sampled, the reply is one JSON object and ends with the end token when it closes (the free reply
+    opens with a ```json fence)."""
+    ids = smollm.tokenize(smollm.tokenizer.apply_chat_template("Give me a JSON object describing a cat with name "
+                                                                "and age."))
+    for sampler in (Sampler(0), Sampler(0.8, seed=3), Sampler(0.7, top_k=0, seed=6)):  # 67, 74 and 66 tokens
+        out = smollm.generate(ids, 128, sampler, grammar=JsonGrammar())
+        assert isinstance(json.loads(out.text), dict) and out.stats["stop"] == "stop_token", out.text
+        assert out.token_ids[-1] in smollm.tokenizer.stop_ids
+    free = smollm.generate(ids, 8, Sampler(0)).text
+    assert free.startswith("```json") and out.text.startswith("{")
+    with pytest.raises(HotcoldError, match="not with ignore_eos"):
+        smollm.generate(ids, 4, Sampler(0), grammar=JsonGrammar(), ignore_stop=True)
+    with pytest.raises(HotcoldError, match="with a Sampler"):
+        smollm.generate(ids, 4, lambda z: 0, grammar=JsonGrammar())
+
+
+def test_cli_and_server_json_output(smollm, capsys):
+    """generate -j '{}' and chat -j; the server's response_format json_object and json_schema, llama-server's
+    json_schema: the reply generate gives under the grammar; schemas that ask for more are refused in one line."""
+    ask = "Give me a JSON object describing a cat with name and age."
+    want = smollm.generate(smollm.tokenize(smollm.tokenizer.apply_chat_template(ask)), 128, Sampler(0),
+                           grammar=JsonGrammar()).text
+    assert main(["generate", "-p", ask, "--chat", "-j", "{}", "--temperature", "0", "--json", "-n", "128"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == want
+    for bad in ('{"type": "string"}', '{"properties": {"a": {}}}', "{", "[]"):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "-p", ask, f"--json-schema={bad}"])
+        assert e.value.code == 2 and "hotcold takes '{}' or '{\"type\": \"object\"}'" in capsys.readouterr().err
+    assert main(["generate", "-p", ask, "-j", "{}", "--ignore-eos"]) == 2
+    assert "not with --ignore-eos" in capsys.readouterr().err
+    args = build_parser("server").parse_args(["server"])
+    for body in ({"response_format": {"type": "json_object"}}, {"json_schema": {"type": "object"}},
+                 {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}):
+        assert isinstance(json_grammar(body, args), JsonGrammar), body
+    assert json_grammar({"response_format": {"type": "text"}}, args) is None
+    assert isinstance(json_grammar({}, build_parser("server").parse_args(["server", "-j", "{}"])), JsonGrammar)
+    for body, why in (({"response_format": {"type": "xml"}}, 'response_format: {"type": "text"}'),
+                      ({"json_schema": {"type": "array"}}, "json_schema: hotcold takes {}"),
+                      ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos: not with JSON")):
+        with pytest.raises(BadRequest, match=why):
+            generate_options(body, args, smollm, chat=True)
+    srv = Server(smollm, args, "127.0.0.1", 0)
+    try:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps({
+            "messages": [{"role": "user", "content": ask}], "temperature": 0, "max_tokens": 128,
+            "response_format": {"type": "json_object"}}).encode())
+        with urllib.request.urlopen(req, timeout=600) as r:
+            got = json.loads(r.read())
+        assert got["choices"][0]["message"]["content"] == want and got["choices"][0]["finish_reason"] == "stop"
+    finally:
+        srv.shutdown()
+        srv.server_close()
