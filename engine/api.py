@@ -38,6 +38,14 @@ def token_logprob(logits: np.ndarray, tok: int, top: int) -> dict:
     return {"id": int(tok), "logprob": float(z[tok]), "top": [[int(i), float(z[i])] for i in best]}
 
 
+def finite(v) -> float:
+    """v as a float; nan for an integer past a float's range (math.isnan would raise OverflowError)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.nan
+
+
 def perplexity_of(nll: float, n: int) -> float:
     """exp(mean negative log-likelihood); inf where that is past a float (logits far out of range)."""
     try:
@@ -82,9 +90,10 @@ class Sampler:
         if not isinstance(bias, dict):
             raise HotcoldError(f"Sampler logit_bias = {bias!r}: a dict of token id to bias")
         for i, v in bias.items():
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0:
-                raise HotcoldError(f"Sampler logit_bias: token id {i!r}, an integer at least 0")
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or v == math.inf:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2 ** 31:
+                raise HotcoldError(f"Sampler logit_bias: token id {i!r}, an integer from 0 to {2 ** 31 - 1}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(finite(v))
+                                                                              or v == -math.inf):
                 raise HotcoldError(f"Sampler logit_bias[{i}] = {v!r}: a number, or -inf (never that token)")
         self.bias_ids, self.bias = np.array(list(bias), np.int64), np.array(list(bias.values()), np.float64)
         self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
@@ -114,7 +123,8 @@ class Sampler:
         out = logits.copy()
         z = np.where(z <= 0, z * self.repeat_penalty, z / self.repeat_penalty) - counts * self.frequency_penalty \
             - self.presence_penalty
-        out[ids] = np.clip(z, -F32_MAX, F32_MAX)  # finite in float32 whatever the penalties (1e39, 1e-40)
+        out[ids] = np.where(z == -np.inf, -np.inf, np.clip(z, -F32_MAX, F32_MAX))  # finite in float32 whatever the
+        # penalties (1e39, 1e-40), but a token the logit biases ban
         return out
 
     def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids

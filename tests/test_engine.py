@@ -342,7 +342,10 @@ def test_logit_bias_comes_first_in_the_chain_as_llama_cpp(tmp_path):
     with np.errstate(all="raise"):
         assert np.isfinite(Sampler(logit_bias={0: 1e39}).biased(logits)).all()
     assert Sampler(logit_bias={0: -1e39}).biased(logits)[0] == -np.inf
-    for bias in ({0: np.nan}, {0: np.inf}, {-1: 1.0}, {1.5: 1.0}, {True: 1.0}, {0: "1"}, [(0, 1.0)]):
+    banned = Sampler(0, repeat_penalty=2.0, frequency_penalty=1.0, logit_bias={3: -np.inf})
+    assert banned.penalized(banned.biased(logits), [3, 3])[3] == -np.inf  # the penalties keep a ban a ban
+    for bias in ({0: np.nan}, {0: np.inf}, {-1: 1.0}, {1.5: 1.0}, {True: 1.0}, {0: "1"}, [(0, 1.0)], {2 ** 63: 1.0},
+                 {0: 10 ** 400}):
         with pytest.raises(HotcoldError, match="Sampler logit_bias"):
             Sampler(logit_bias=bias)
     with pytest.raises(HotcoldError, match="token id 5 is outside the vocabulary of 5"):

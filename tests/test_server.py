@@ -113,8 +113,9 @@ def test_server_native_completion_as_llama_server(smollm, server):
     streamed, the pieces then the result; several prompts, a list; a mix of text and token ids; n_probs."""
     want = greedy(smollm, "The capital of France is", 12)
     ask = {"prompt": "The capital of France is", "n_predict": 12, "temperature": 0}
-    status, got = call(server, "/completion", {**ask, "return_tokens": True})
+    status, got = call(server, "/completion", {**ask, "return_tokens": True, "max_tokens": 3})  # n_predict first
     assert status == 200 and got["content"] == want.text and got["tokens"] == want.token_ids
+    assert got["timings"]["predicted_per_token_ms"] == pytest.approx(got["timings"]["predicted_ms"] / 11)
     assert (got["stop"], got["stop_type"], got["stopping_word"], got["truncated"]) == (True, "limit", "", False)
     assert got["tokens_predicted"] == 12 and got["tokens_evaluated"] == len(want.prompt_token_ids)
     assert got["prompt"] == ask["prompt"] and got["generation_settings"]["n_predict"] == 12
@@ -123,8 +124,9 @@ def test_server_native_completion_as_llama_server(smollm, server):
     status, got = call(server, "/completions", {**ask, "stop": ["zzz", word]})
     assert got["content"] == want.text[:want.text.index(word)] and got["tokens"] == []
     assert (got["stop_type"], got["stopping_word"]) == ("word", word)
-    status, events = call(server, "/completion", {**ask, "stream": True})
+    status, events = call(server, "/completion", {**ask, "stream": True, "return_tokens": True})
     assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True and "[DONE]" not in events
+    assert events[-1]["tokens"] == want.token_ids
     assert "".join(e["content"] for e in events) == want.text and events[-1]["tokens_predicted"] == 12
     chat = smollm.tokenizer.apply_chat_template("What is 2+2?")
     status, got = call(server, "/completion", {"prompt": chat, "n_predict": 64, "temperature": 0})
@@ -162,6 +164,13 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     assert status == 200 and got["choices"][0]["text"] == want.text and not set(never) & set(want.token_ids)
     status, got = call(server, "/v1/completions", {**ask, "logit_bias": {free.text: False}})  # llama-server's too
     assert status == 200 and got["choices"][0]["text"] == want.text
+    first = str(free.token_ids[0])  # the same token twice: both added; an id with a sign or spaces is an id
+    for bias in ([[int(first), -100], [int(first), 100]], {f" +{first} ": 0}):
+        status, got = call(server, "/v1/completions", {**ask, "logit_bias": bias})
+        assert status == 200 and got["choices"][0]["text"] == free.text, bias
+    end = smollm.tokenizer.stop_ids  # a text is text: "<|im_end|>" is not the control token
+    status, got = call(server, "/completion", {**ask, "logit_bias": [["<|im_end|>", 1]]})
+    assert not set(end) & {i for i, _ in got["generation_settings"]["logit_bias"]}
 
 
 @pytest.mark.parametrize("path, body, status, message", [
@@ -204,12 +213,16 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]: an object with"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content: hotcold server takes text only"),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": "1"}}, 400, 'logit_bias: [token id or text, a number'),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": [[1, "1"]]}, 400, 'logit_bias: [token id or text, a number'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": "1"}}, 400,
+     'logit_bias: "x": a bias that is a number, or false (never), got "1"'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": [[1, "1"]]}, 400, 'logit_bias: 1: a bias that is a number'),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": [[None, False]]}, 400, "got false"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": [[1, 10 ** 400]]}, 400, "logit_bias: 1: a bias that is a"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"-1": -100}}, 400, "token id -1 is outside the vocabulary"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": [1, 2]}, 400, 'logit_bias: {"token id": bias, ...} or'),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"49152": 1}}, 400,
      "logit_bias: token id 49152 is outside the vocabulary of 49152"),
-    ("/v1/completions", b'{"prompt": "Hi", "logit_bias": {"3": NaN}}', 400, "logit_bias: [token id or text"),
+    ("/v1/completions", b'{"prompt": "Hi", "logit_bias": {"3": NaN}}', 400, "logit_bias: 3: a bias that is a number"),
     ("/v1/embeddings", {"input": "Hi"}, 404, "no endpoint POST /v1/embeddings"),
     ("/tokenize", {"text": "Hi"}, 400, "tokenize: {"),
     ("/detokenize", {"tokens": [-1]}, 400, "-1"),
@@ -470,6 +483,10 @@ def test_server_refuses_a_port_in_use(smollm, capsys):
             Server(smollm, build_parser("server").parse_args(["server"]), "127.0.0.1", port)
     assert main(["server", "--port", "70000"]) == 2
     assert capsys.readouterr().err == "hotcold: error: --port 70000: at most 65535\n"
+    for flag, why in (("49152+1", "logit bias: token id 49152 is outside the vocabulary of 49152"),
+                      ("99999999999999999999999+1", "Sampler logit_bias: token id 99999999999999999999999, an")):
+        assert main(["server", "--port", "0", "-c", "64", "-l", flag]) == 2  # before it listens, not each request
+        assert capsys.readouterr().err.startswith(f"hotcold: error: {why}")
 
 
 def test_cli_server_listens_and_stops_on_ctrl_c():

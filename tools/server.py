@@ -13,6 +13,7 @@ import http.server
 import json
 import math
 import os
+import re
 import select
 import socket
 import sys
@@ -21,6 +22,7 @@ import time
 import urllib.parse
 import uuid
 
+from engine.api import finite
 from engine.config import HotcoldError
 from engine.grammar import JsonGrammar
 from tools.cli import SAMPLING, at_least, between, grammar_of, sampler_of, strict
@@ -69,7 +71,7 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
         if not (v is None or v is False or v == off or v in ("", [], {}) or native and name == "n_probs"):
             raise BadRequest(f"{name}: not supported by hotcold server (leave it out)")
     n = args.n
-    for name in ("max_completion_tokens", "max_tokens", "n_predict"):  # OpenAI's new and old names, llama-server's
+    for name in ("n_predict", "max_completion_tokens", "max_tokens"):  # llama-server's first, as it reads them
         if body.get(name) is not None:
             n = field(body, name, at_least(-1), None)
             break
@@ -126,16 +128,19 @@ def logit_bias(model, v) -> dict[int, float] | None:
                          f"{json.dumps(v)}")
     bias: dict[int, float] = {}
     for key, b in pairs:
-        key = int(key) if isinstance(v, dict) and key.isascii() and key.isdigit() else key  # OpenAI's ids
-        ids = [key] if is_id(key) else model.tokenize(key, add_bos=False) if isinstance(key, str) else None
-        b = -math.inf if b is False else b
-        if ids is None or isinstance(b, bool) or not isinstance(b, (int, float)) or math.isnan(b) or b == math.inf:
-            raise BadRequest(f"logit_bias: [token id or text, a number or false], got {json.dumps([key, b])}")
+        if isinstance(v, dict) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", key):
+            key = int(key)  # OpenAI's ids, as strings
+        ids = [key] if is_id(key) else model.tokenize(key, special=False, add_bos=False) if isinstance(key, str) \
+            else None  # a text as text, as llama-server: "<|im_end|>" is not the control token
+        value = -math.inf if b is False else finite(b) if isinstance(b, (int, float)) and b is not True else math.nan
+        if ids is None or not (math.isfinite(value) or value == -math.inf):
+            raise BadRequest(f"logit_bias: {json.dumps(key)}: a bias that is a number, or false (never), got "
+                             f"{json.dumps(b)}")
         bad = [i for i in ids if not 0 <= i < model.config.n_vocab]
         if bad:
             raise BadRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary of {model.config.n_vocab}")
-        for i in ids:
-            bias[i] = float(b)
+        for i in ids:  # the same token twice: both added, as llama-server's
+            bias[i] = bias.get(i, 0.0) + value
     return bias
 
 
@@ -583,11 +588,11 @@ def settings(model, options: dict) -> dict:
 
 
 def result(model, name: str, out, prompt: str, options: dict, tokens: bool, streamed: bool) -> dict:
-    """llama-server's /completion answer for `out`, the completion of `prompt` (streamed: the text and tokens have
-    gone in the events before it)."""
+    """llama-server's /completion answer for `out`, the completion of `prompt` (streamed: the text has gone in the
+    events before it; the token ids come here, with return_tokens)."""
     s, rest = out.stats, model.detokenize(out.token_ids)[len(out.text):]
     word = next((w for w in options["stop"] if w and rest.startswith(w)), "") if s["stop"] == "stop_string" else ""
-    answer = {"content": "" if streamed else out.text, "tokens": out.token_ids if tokens and not streamed else [],
+    answer = {"content": "" if streamed else out.text, "tokens": out.token_ids if tokens else [],
               "id_slot": 0, "stop": True, "model": name, "tokens_predicted": len(out.token_ids),
               "tokens_evaluated": len(out.prompt_token_ids), "generation_settings": settings(model, options),
               "prompt": prompt, "has_new_line": "\n" in out.text, "truncated": s["stop"] == "context",
@@ -609,7 +614,9 @@ def accounts(outs: list) -> dict:
     return {"usage": {"prompt_tokens": prompt, "completion_tokens": made, "total_tokens": prompt + made},
             "timings": {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1e3 * prefill_s,
                         "prompt_per_second": (prompt - cached) / prefill_s if prefill_s else None,
+                        "prompt_per_token_ms": 1e3 * prefill_s / (prompt - cached) if prompt > cached else None,
                         "predicted_n": made, "predicted_ms": 1e3 * decode_s,
+                        "predicted_per_token_ms": 1e3 * decode_s / steps if steps else None,
                         "predicted_per_second": steps / decode_s if steps else None}}  # as generate's decode_tok_s
 
 
@@ -642,6 +649,7 @@ def cmd_server(args) -> None:
     if args.port > 65535:
         raise HotcoldError(f"--port {args.port}: at most 65535")
     model = load_model(args)
+    model.check_sampler(sampler_of(args))  # the server's own -l, before a request is answered
     server = Server(model, args, args.host, args.port)
     print(f"hotcold server: listening on {server.url} ({server.name}, context {model.n_ctx} tokens; "
           "Ctrl-C stops it)", file=sys.stderr, flush=True)
