@@ -399,9 +399,9 @@ class Model:
         if logprobs is not None and as_int(logprobs, "logprobs") < 0:
             raise HotcoldError(f"logprobs = {logprobs}: a count of likeliest tokens, at least 0")
         lps = None if logprobs is None else []
-        if grammar is not None and (not isinstance(sampler, Sampler) or ignore_stop):
-            raise HotcoldError("JSON output: with a Sampler, and the end token allowed (it ends the text once the JSON "
-                               "is whole; not with ignore_eos)")
+        if grammar is not None:
+            self.check_grammar(sampler, ignore_stop)
+            self.first_bytes  # built now (0.3 s the first time), not in the decode's time
         state = None if grammar is None else grammar.start
         asked = self.n_ctx if n == -1 else n  # -1: what the context holds
         n = min(asked, self.n_ctx - len(prompt_ids))
@@ -422,6 +422,8 @@ class Model:
         while len(out) < n:
             raw = logits.copy() if lps is not None else None  # the model's, before the bans
             logits[banned] = -np.inf
+            if grammar is not None and np.isnan(logits).any():
+                raise HotcoldError(self.not_finite(len(out)))
             if grammar is not None:
                 maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
                 maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
@@ -431,9 +433,7 @@ class Model:
                 tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
             if not math.isfinite(logits[tok]) and tok not in banned:  # NaN logits: argmax and the draw land on one
-                raise HotcoldError(f"token {len(out) + 1}: the logits are not finite (the activations overflowed"
-                                   + ("; an f16 KV cache holds values up to 65504: try --cache-type f32)"
-                                      if self.cache_type == "f16" else ")"))
+                raise HotcoldError(self.not_finite(len(out)))
             out.append(tok)
             if lps is not None:
                 lps.append(token_logprob(raw, tok, logprobs))
@@ -458,6 +458,20 @@ class Model:
         if self.runtime is not None:
             stats.update(self.runtime.stats())
         return Completion(shown.text, out, prompt_ids, stats, lps)
+
+    def not_finite(self, k: int) -> str:
+        return (f"token {k + 1}: the logits are not finite (the activations overflowed" + (
+            "; an f16 KV cache holds values up to 65504: try --cache-type f32)" if self.cache_type == "f16" else ")"))
+
+    def check_grammar(self, sampler, ignore_stop: bool) -> None:
+        """JSON output ends with an end token once the object closes: a Sampler (the chain is applied to the tokens
+        the grammar allows) that may sample one; else HotcoldError."""
+        if not isinstance(sampler, Sampler):
+            raise HotcoldError("JSON output: with a Sampler, not a callable of the caller's")
+        bias = dict(zip(sampler.bias_ids.tolist(), sampler.bias.tolist()))
+        if ignore_stop or all(bias.get(t) == -math.inf for t in self.tokenizer.stop_ids):
+            raise HotcoldError("JSON output ends with an end token when its object closes: not with ignore_eos, nor "
+                               "with every end token's logit biased to -inf")
 
     @cached_property
     def first_bytes(self) -> np.ndarray:

@@ -6,20 +6,28 @@ Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuse
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .config import HotcoldError
 
-WS_RUN = 20  # whitespace between JSON tokens: one newline and at most this many spaces or tabs (llama.cpp's json
-# grammar's `ws`): a small model in JSON mode otherwise pads with blank lines until the context is full
+WS_RUN = 20  # whitespace before and between JSON's tokens: at most one newline, and at most this many spaces or tabs
+# with one (one without), as llama.cpp's JSON grammar: a small model would pad with blank lines to the context's end
+DIGITS_MAX = 16  # digits of a number's integral part, fraction and exponent, as llama.cpp's -j '{}' (not pi until -n
+# runs out)
 ESCAPES = frozenset(b'"\\/bfnrt')
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+# UTF-8 as RFC 3629 has it: the byte after these lead bytes is in a narrower range (no overlong forms, no
+# surrogates, nothing past U+10FFFF); RANGES[code] = (lowest, highest) continuation byte
+FIRST_RANGE = {0xE0: 1, 0xED: 2, 0xF0: 3, 0xF4: 4}
+RANGES = ((0x80, 0xBF), (0xA0, 0xBF), (0x80, 0x9F), (0x90, 0xBF), (0x80, 0x8F))
 
 # modes of the state (stack, mode, aux, ws): stack holds the open containers ("{" or "["), innermost last
 TOP, VALUE, ARRAY0, OBJECT0, KEY, COLON, AFTER, STRING, ESCAPE, UNICODE, LITERAL, NUMBER, DONE = range(13)
-# NUMBER's aux: the part of the number read so far
+# NUMBER's aux: the part of the number read so far, plus 8 x the digits of that part
 MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_INT = range(8)
 NUMBER_ENDS = (ZERO, INT, FRAC, EXP_INT)  # a number may end after these
 
@@ -33,7 +41,9 @@ class JsonGrammar:
         self.start = ("", TOP if top_object else VALUE, 0, 0)
 
     def complete(self, state) -> bool:
-        return state[1] == DONE
+        """Whether the text so far is whole JSON (a number at the top: whole, though more digits could come)."""
+        stack, mode, aux, _ = state
+        return mode == DONE or mode == NUMBER and not stack and aux & 7 in NUMBER_ENDS
 
     def advance(self, state, data: bytes):
         """The state after the bytes `data`, or None if no JSON text goes on so."""
@@ -45,16 +55,18 @@ class JsonGrammar:
 
     def step(self, state, b: int):
         stack, mode, aux, ws = state
-        if mode == STRING:  # aux: 4 in a key's string, plus the UTF-8 continuation bytes still due
+        if mode == STRING:  # aux: 4 in a key, plus the UTF-8 continuation bytes due, plus 16 x their RANGES code
             if aux & 3:
-                return (stack, STRING, aux - 1, 0) if 0x80 <= b <= 0xBF else None
+                lo, hi = RANGES[aux >> 4]
+                return (stack, STRING, (aux & 7) - 1, 0) if lo <= b <= hi else None
             if b == 0x22:  # the closing quote
-                return (stack, COLON if aux & 4 else AFTER, 0, 0)
+                return (stack, COLON, 0, 0) if aux & 4 else self.value_done(stack)
             if b == 0x5C:
                 return (stack, ESCAPE, aux, 0)
             if b < 0x20 or 0x80 <= b < 0xC2 or b > 0xF4:  # control characters; not a UTF-8 lead byte
                 return None
-            return (stack, STRING, aux | (0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3), 0)
+            due = 0 if b < 0x80 else 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+            return (stack, STRING, aux | due | FIRST_RANGE.get(b, 0) << 4, 0)
         if mode == ESCAPE:
             if b == ord("u"):
                 return (stack, UNICODE, aux | 4 << 4, 0)  # aux: 4 in a key, plus 16 x the hex digits still due
@@ -73,24 +85,22 @@ class JsonGrammar:
             nxt = self.number(aux, b)
             if nxt is not None:
                 return (stack, NUMBER, nxt, 0)
-            if aux not in NUMBER_ENDS:
+            if aux & 7 not in NUMBER_ENDS or not stack:  # a number at the top is the whole text
                 return None
-            state = self.value_done(stack)  # the byte after the number, read after it
-            return None if state is None else self.step(state, b)
+            return self.step(self.value_done(stack), b)  # the byte after the number, read after it
         if b in (0x20, 0x09, 0x0A) and mode != DONE:  # whitespace between tokens, bounded
             newline, run = ws >> 8, ws & 0xFF
             if b == 0x0A:
-                return None if newline else (stack, mode, aux, 1 << 8)
+                return None if newline else (stack, mode, aux, 1 << 8 | run)
             if run >= (WS_RUN if newline else 1):
                 return None
             return (stack, mode, aux, ws + 1)
         if mode == COLON:
             return (stack, VALUE, 0, 0) if b == 0x3A else None
-        if mode == AFTER:
-            close = b"}" if stack[-1:] == "{" else b"]"
+        if mode == AFTER:  # after a value inside a container
             if b == 0x2C:  # a comma: the next key or value
                 return (stack, KEY if stack[-1] == "{" else VALUE, 0, 0)
-            return self.value_done(stack[:-1]) if b == close[0] else None
+            return self.value_done(stack[:-1]) if b == (0x7D if stack[-1] == "{" else 0x5D) else None
         if mode in (OBJECT0, KEY):
             if b == 0x22:
                 return (stack, STRING, 4, 0)  # a key
@@ -117,7 +127,7 @@ class JsonGrammar:
         if b == 0x2D:
             return (stack, NUMBER, MINUS, 0)
         if b in DIGITS:
-            return (stack, NUMBER, ZERO if b == 0x30 else INT, 0)
+            return (stack, NUMBER, (ZERO if b == 0x30 else INT) | 1 << 3, 0)
         return None
 
     @staticmethod
@@ -125,22 +135,20 @@ class JsonGrammar:
         return (stack, AFTER, 0, 0) if stack else ("", DONE, 0, 0)
 
     @staticmethod
-    def number(part: int, b: int):
-        """The part of a number after byte b, or None if b does not go on with it."""
-        digit = b in DIGITS
-        if part == MINUS:
-            return (ZERO if b == 0x30 else INT) if digit else None
-        if part in (ZERO, INT):
-            if digit:
-                return INT if part == INT else None  # no digit after a leading zero
-            return DOT if b == 0x2E else EXP if b in (0x65, 0x45) else None
-        if part in (DOT, FRAC):
-            if digit:
-                return FRAC
-            return EXP if part == FRAC and b in (0x65, 0x45) else None
-        if part in (EXP, EXP_SIGN):
-            return EXP_INT if digit else EXP_SIGN if part == EXP and b in (0x2B, 0x2D) else None
-        return EXP_INT if digit else None  # EXP_INT
+    def number(aux: int, b: int):
+        """A number's aux (part | 8 x its digits) after byte b, or None if b does not go on with it."""
+        part, digits = aux & 7, aux >> 3
+        if b in DIGITS:
+            if part == MINUS:
+                return (ZERO if b == 0x30 else INT) | 1 << 3
+            if part in (INT, FRAC, EXP_INT):
+                return aux + 8 if digits < DIGITS_MAX else None
+            return None if part == ZERO else (FRAC if part == DOT else EXP_INT) | 1 << 3
+        if b == 0x2E:
+            return DOT if part in (ZERO, INT) else None
+        if b in (0x65, 0x45):
+            return EXP if part in (ZERO, INT, FRAC) else None
+        return EXP_SIGN if b in (0x2B, 0x2D) and part == EXP else None
 
 
 def best_first(z: np.ndarray, ids: np.ndarray, head: int = 256):
@@ -164,17 +172,17 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
     greedy = sampler.temperature <= 0
     need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
     ids = np.flatnonzero(maybe & (z > -np.inf))
-    top = float(z[ids].max()) if len(ids) else 0.0
-    left = float(np.exp(z[ids].astype(np.float64) - top).sum())  # the probability not tried yet (unnormalized)
+    top, hot = (float(z[ids].max()) if len(ids) else 0.0), max(sampler.temperature, 1.0)  # a hot draw: a flat tail
+    left = float(np.exp((z[ids].astype(np.float64) - top) / hot).sum())  # what the draw may take, not tried yet
     kept, best, mass = [], 0.0, 0.0
     for t in best_first(z, ids):
-        p = float(np.exp(np.float64(z[t]) - top))
+        p, q = math.exp(float(z[t]) - top), math.exp((float(z[t]) - top) / hot)  # min-p's; the draw's (unnormalized)
         if need is None and kept and (p < sampler.min_p * best or left < 1e-9 * mass):
             break  # min-p drops the rest; or what is left is negligible
-        left -= p
+        left -= q
         if allowed(t):
             kept.append(t)
-            best, mass = max(best, p), mass + p
+            best, mass = max(best, p), mass + q
             if len(kept) == need:
                 break
     if not kept:
@@ -194,11 +202,12 @@ def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:
 
 def worth_trying(grammar, state, first: np.ndarray) -> np.ndarray:
     """(n_vocab,) bool: the tokens whose first two bytes (`first_bytes`) go on with the text in `state`; by the first
-    byte alone where many bytes can come next (inside a string), by both where few can (between JSON's tokens, where
-    most of a vocabulary starts with a byte that fits, a space, and fails on the next)."""
+    byte alone where many bytes can come next (inside a string), by both where few can, and after whitespace between
+    JSON's tokens (most of a BPE vocabulary starts with a space, and fails on the next byte there)."""
     ok = np.zeros((257, 257), bool)  # [first byte, second byte]; 256: none
     after = [(b, grammar.step(state, b)) for b in range(256)]
     after = [(b, s) for b, s in after if s is not None]
     for b, s in after:
-        ok[b] = True if len(after) > 16 else [grammar.step(s, c) is not None for c in range(256)] + [True]
+        two = len(after) <= 16 or b in b" \t\n" and s[1] != STRING
+        ok[b] = [grammar.step(s, c) is not None for c in range(256)] + [True] if two else True
     return ok[first[0], first[1]]

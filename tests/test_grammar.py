@@ -51,12 +51,18 @@ def test_json_recognizer_agrees_with_the_json_module():
             assert whole == (state is not None and g.complete(state)), bytes(text)
     for text in (b'{"a":01}', b'{"a":1.}', b'{"a":-}', b'{"a":"\\u12G4"}', b'{"a":tru}', b'{"a":[1,]}', b'[1]',
                  b'{"a":1} ', b'{"a":"\xff"}', b'{"a":"\xc3"}', b'{\n\n}', b'{' + b" " * 2 + b"}",
-                 b"{\n" + b" " * 21 + b"}"):
-        state = g.advance(g.start, text)
+                 b"{\n" + b" " * 21 + b"}", b'{"a":' + b"1" * 17 + b"}", b'{"a":0.' + b"1" * 17 + b"}",
+                 b'{"a":"\xe0\x80\x80"}', b'{"a":"\xed\xa0\x80"}', b'{"a":"\xf4\x90\x80\x80"}'):  # overlong,
+        state = g.advance(g.start, text)  # a surrogate, past U+10FFFF: not UTF-8 (RFC 3629)
         assert state is None or not g.complete(state), text
-    for text in (b'{"a":1e+5}', b'{"a":"\\uD83D"}', b'{"\xc3\xa9":-0.0E-1}', b"{\n" + b" " * 20 + b"}", b'{ }'):
+    for text in (b'{"a":1e+5}', b'{"a":"\\uD83D"}', b'{"\xc3\xa9":-0.0E-1}', b"{\n" + b" " * 20 + b"}", b'{ }',
+                 b'{"a":' + b"1" * 16 + b"}", b'{"a":"\xe0\xa0\x80\xed\x9f\xbf\xf4\x8f\xbf\xbf"}'):
         assert g.complete(g.advance(g.start, text)), text
-    assert g.complete(JsonGrammar(top_object=False).advance(("", 1, 0, 0), b"[1, true]"))
+    value = JsonGrammar(top_object=False)  # any value at the top
+    for text, whole in ((b"[1, true]", True), (b"-0.5e3", True), (b'"x"', True), (b'"x"]', False), (b'"x",', False),
+                        (b"1 ", False)):
+        state = value.advance(value.start, text)
+        assert (state is not None and value.complete(state)) == whole, text
 
 
 class Keeps(Sampler):
@@ -66,7 +72,8 @@ class Keeps(Sampler):
         return sorted(np.flatnonzero(np.isfinite(logits)).tolist())
 
 
-@pytest.mark.parametrize("text", ['', '{', '{"na', '{"name": ', '{"a": [1, ', '{\n  "b": "x"', '{"a": tru'])
+@pytest.mark.parametrize("text", ['', '{', '{"na', '{"name": ', '{"a":', '{"a": [1, ', '{\n  "b": "x"', '{"a": 1,\n  ',
+                                  '{"a": tru', '{"a": "\xe9'])
 def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text):
     """On SmolLM2's logits, in a state of each kind: every token the grammar allows passes the first-bytes filter;
     greedy picks the likeliest allowed token; top-k gets exactly the k likeliest allowed; with top-k off, min-p gets
@@ -107,8 +114,18 @@ def test_generate_json_from_smollm(smollm):
     assert free.startswith("```json") and out.text.startswith("{")
     with pytest.raises(HotcoldError, match="not with ignore_eos"):
         smollm.generate(ids, 4, Sampler(0), grammar=JsonGrammar(), ignore_stop=True)
+    never = Sampler(0, logit_bias={t: -np.inf for t in smollm.tokenizer.stop_ids})  # as ignore_eos: refused first
+    with pytest.raises(HotcoldError, match="nor with every end token's logit biased to -inf"):
+        smollm.generate(ids, 4, never, grammar=JsonGrammar())
     with pytest.raises(HotcoldError, match="with a Sampler"):
         smollm.generate(ids, 4, lambda z: 0, grammar=JsonGrammar())
+
+
+def test_json_output_says_when_the_logits_are_not_finite(smollm, monkeypatch):
+    """NaN logits (an overflow): the error that names them, not "no token goes on"."""
+    monkeypatch.setattr(smollm.net, "next_logits", lambda ids, pos: np.full(smollm.config.n_vocab, np.nan, np.float32))
+    with pytest.raises(HotcoldError, match="token 1: the logits are not finite"):
+        smollm.generate(smollm.tokenize("Hi"), 4, Sampler(0), grammar=JsonGrammar())
 
 
 def test_cli_and_server_json_output(smollm, capsys):
@@ -129,12 +146,15 @@ def test_cli_and_server_json_output(smollm, capsys):
     for body in ({"response_format": {"type": "json_object"}}, {"json_schema": {"type": "object"}},
                  {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}):
         assert isinstance(json_grammar(body, args), JsonGrammar), body
+    for body in ({"response_format": {"type": "json_object", "schema": None}}, {"response_format": {
+            "type": "json_schema"}}):  # no schema: any object
+        assert isinstance(json_grammar(body, args), JsonGrammar), body
     assert json_grammar({"response_format": {"type": "text"}}, args) is None
     assert isinstance(json_grammar({}, build_parser("server").parse_args(["server", "-j", "{}"])), JsonGrammar)
     for body, why in (({"response_format": {"type": "xml"}}, 'response_format: {"type": "text"}'),
                       ({"json_schema": {"type": "array"}}, "json_schema: hotcold takes {}"),
-                      ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos: not with JSON")):
-        with pytest.raises(BadRequest, match=why):
+                      ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "not with ignore_eos")):
+        with pytest.raises((BadRequest, HotcoldError), match=why):
             generate_options(body, args, smollm, chat=True)
     srv = Server(smollm, args, "127.0.0.1", 0)
     try:

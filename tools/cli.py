@@ -86,13 +86,13 @@ def size(text: str) -> int:
 def json_schema(text: str) -> bool:
     """An argparse type: llama.cpp's -j SCHEMA, of which hotcold takes `{}` and `{"type": "object"}`: any JSON
     object."""
+    takes = "hotcold takes '{}' or '{\"type\": \"object\"}' (any JSON object)"
     try:
         schema = json.loads(text)
     except ValueError:
-        schema = None
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({takes})") from None
     if schema not in ({}, {"type": "object"}):
-        raise argparse.ArgumentTypeError(f"hotcold takes '{{}}' or '{{\"type\": \"object\"}}' (any JSON object), not "
-                                         f"a schema that asks for more: {text!r}")
+        raise argparse.ArgumentTypeError(f"{takes}, not a schema that asks for more: {text!r}")
     return True
 
 

@@ -86,12 +86,12 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
     given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
-    grammar = json_grammar(body, args)
-    if grammar is not None and body.get("ignore_eos"):
-        raise BadRequest("ignore_eos: not with JSON output, which ends with an end token when its object closes")
+    grammar, sampler = json_grammar(body, args), sampler_of(args, **{k: v for k, v in given.items() if v is not None})
+    if grammar is not None:
+        model.check_grammar(sampler, body.get("ignore_eos", False))  # a 400 before a stream starts
     return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
             "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
-            "sampler": sampler_of(args, **{k: v for k, v in given.items() if v is not None}), "grammar": grammar}
+            "sampler": sampler, "grammar": grammar}
 
 
 def json_grammar(body: dict, args):
@@ -101,10 +101,11 @@ def json_grammar(body: dict, args):
     fmt, schema = body.get("response_format"), body.get("json_schema")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
+        inner = fmt.get("json_schema") if kind == "json_schema" else None
         if kind == "json_object":
-            schema = fmt.get("schema", {})  # llama-server reads a schema here too
+            schema = fmt.get("schema") or {}  # llama-server reads a schema here too
         elif kind == "json_schema":
-            schema = fmt.get("json_schema", {}).get("schema", {}) if isinstance(fmt.get("json_schema"), dict) else 0
+            schema = (inner.get("schema") or {}) if isinstance(inner, dict) else inner or {}
         elif kind != "text":
             raise BadRequest(f"response_format: {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                              f"{{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, got "
