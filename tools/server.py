@@ -245,7 +245,7 @@ def is_id(t) -> bool:
 
 def prompt_tokens(model, p) -> list[int] | None:
     """One prompt's tokens: a text, token ids, or llama-server's mix of both ([12, "text", 56]: a text first is
-    tokenized as a whole prompt is, with the model's BOS; None when p is none of these."""
+    tokenized as a whole prompt is, with the model's BOS); None when p is none of these."""
     if isinstance(p, str):
         return model.tokenize(p)
     if not isinstance(p, list) or not p or not all(isinstance(t, str) or is_id(t) for t in p):
