@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, HotcoldError, as_int, set_threads
+from .grammar import constrained_pick, first_bytes, plain_tokens, surely, worth_trying
 from .loader import Checkpoint, load_checkpoint
-from .grammar import constrained_pick, first_bytes, worth_trying
 
 if TYPE_CHECKING:
     import torch
@@ -401,7 +401,7 @@ class Model:
         lps = None if logprobs is None else []
         if grammar is not None:
             self.check_grammar(sampler, ignore_stop)
-            self.first_bytes  # built now (0.3 s the first time), not in the decode's time
+            self.first_bytes, self.plain_tokens  # built now (0.3 s the first time), not in the decode's time
         state = None if grammar is None else grammar.start
         asked = self.n_ctx if n == -1 else n  # -1: what the context holds
         n = min(asked, self.n_ctx - len(prompt_ids))
@@ -427,7 +427,8 @@ class Model:
             if grammar is not None:
                 maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
                 maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
-                tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t))
+                tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t),
+                                       surely(state, self.plain_tokens))
                 state = state if tok in self.tokenizer.stop_ids else grammar.advance(state, self.tokenizer.piece(tok))
             else:
                 tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
@@ -476,6 +477,10 @@ class Model:
     @cached_property
     def first_bytes(self) -> np.ndarray:
         return first_bytes(self.tokenizer, self.config.n_vocab)
+
+    @cached_property
+    def plain_tokens(self) -> np.ndarray:
+        return plain_tokens(self.tokenizer, self.config.n_vocab)
 
     def allows(self, grammar, state, t: int) -> bool:
         """Whether the grammar in `state` takes token t next: a stop token once the text is whole, else a token whose

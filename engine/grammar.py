@@ -6,8 +6,6 @@ Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuse
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .config import HotcoldError
@@ -162,36 +160,54 @@ def best_first(z: np.ndarray, ids: np.ndarray, head: int = 256):
         yield from part[np.argsort(-z[part], kind="stable")].tolist()
 
 
-def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, allowed) -> int:
+def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, allowed,
+                     sure: np.ndarray | None = None) -> int:
     """A token the grammar allows, sampled as llama.cpp samples under a grammar: the logit biases and penalties, then
     the refused tokens out, then the rest of the chain. maybe (n_vocab,) bool: the tokens worth trying
-    (`worth_trying`); allowed(id): whether the grammar takes that token. They are tried best first until the chain
-    has all it uses: the likeliest (greedy), the top-k allowed, those min-p keeps, or (min-p off) all but a share
-    below 1e-9 of the probability."""
+    (`worth_trying`); sure (n_vocab,) bool or None: tokens known to be allowed (`surely`); allowed(id): whether the
+    grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest k; else the
+    chain uses every allowed token (top-p's sum is over them all), and all are found."""
     z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
     greedy = sampler.temperature <= 0
     need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
     ids = np.flatnonzero(maybe & (z > -np.inf))
-    top, hot = (float(z[ids].max()) if len(ids) else 0.0), max(sampler.temperature, 1.0)  # a hot draw: a flat tail
-    left = float(np.exp((z[ids].astype(np.float64) - top) / hot).sum())  # what the draw may take, not tried yet
-    kept, best, mass = [], 0.0, 0.0
-    for t in best_first(z, ids):
-        p, q = math.exp(float(z[t]) - top), math.exp((float(z[t]) - top) / hot)  # min-p's; the draw's (unnormalized)
-        if need is None and kept and (p < sampler.min_p * best or left < 1e-9 * mass):
-            break  # min-p drops the rest; or what is left is negligible
-        left -= q
-        if allowed(t):
-            kept.append(t)
-            best, mass = max(best, p), mass + q
-            if len(kept) == need:
-                break
-    if not kept:
+    if need is None:
+        ok = sure[ids] if sure is not None else np.zeros(len(ids), bool)
+        ok[~ok] = [allowed(t) for t in ids[~ok].tolist()]
+        kept = ids[ok]
+    else:
+        kept = []
+        for t in best_first(z, ids):
+            if sure is not None and sure[t] or allowed(t):
+                kept.append(t)
+                if len(kept) == need:
+                    break
+        kept = np.array(kept, np.int64)
+    if not len(kept):
         raise HotcoldError("JSON: no token of the vocabulary goes on with the text here")
     if greedy:
-        return kept[0]
+        return int(kept[0])
     masked = np.full_like(z, -np.inf)
     masked[kept] = z[kept]
     return sampler.choose(masked)
+
+
+def plain_tokens(tokenizer, n_vocab: int) -> np.ndarray:
+    """(n_vocab,) bool: tokens a JSON string takes whole wherever it has no character half done: UTF-8 (strict) without
+    a quote, a backslash or a control character."""
+    def plain(p: bytes) -> bool:
+        try:
+            p.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return bool(p) and not any(b < 0x20 or b in (0x22, 0x5C) for b in p)
+    return np.array([plain(tokenizer.piece(i)) for i in range(n_vocab)])
+
+
+def surely(state, plain: np.ndarray) -> np.ndarray | None:
+    """The tokens known to be allowed in `state` (`constrained_pick`'s sure): the plain tokens inside a string with no
+    character half done; None elsewhere."""
+    return plain if state[1] == STRING and not state[2] & 3 else None
 
 
 def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:

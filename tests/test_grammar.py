@@ -10,7 +10,7 @@ import pytest
 
 from engine.api import Sampler
 from engine.config import HotcoldError
-from engine.grammar import JsonGrammar, constrained_pick, worth_trying
+from engine.grammar import JsonGrammar, constrained_pick, surely, worth_trying
 from tools.cli import build_parser, main
 from tools.server import BadRequest, Server, generate_options, json_grammar
 
@@ -75,9 +75,10 @@ class Keeps(Sampler):
 @pytest.mark.parametrize("text", ['', '{', '{"na', '{"name": ', '{"a":', '{"a": [1, ', '{\n  "b": "x"', '{"a": 1,\n  ',
                                   '{"a": tru', '{"a": "\xe9'])
 def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text):
-    """On SmolLM2's logits, in a state of each kind: every token the grammar allows passes the first-bytes filter;
-    greedy picks the likeliest allowed token; top-k gets exactly the k likeliest allowed; with top-k off, min-p gets
-    every allowed token it keeps (the others it would drop). A brute force over all 49152 tokens says which."""
+    """On SmolLM2's logits, in a state of each kind: every token the grammar allows passes the first-bytes filter,
+    and every token said to be surely allowed is; greedy picks the likeliest allowed token; top-k gets exactly the k
+    likeliest allowed; with top-k off, the chain gets every allowed token. A brute force over all 49152 tokens says
+    which."""
     g = JsonGrammar()
     state = g.advance(g.start, text.encode())
     logits = smollm.logits(smollm.tokenize("Here is a JSON object: " + text), all_logits=False).numpy().copy()
@@ -85,14 +86,16 @@ def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text
     allowed = np.array([smollm.allows(g, state, t) for t in range(n)])
     maybe = worth_trying(g, state, smollm.first_bytes)
     assert allowed.any() and not (allowed & ~maybe).any()  # the filter loses nothing
+    sure = surely(state, smollm.plain_tokens)
+    assert sure is None or not (sure & ~allowed).any()
+    assert (sure is not None) == (text.count('"') % 2 == 1)  # inside a string: most of the vocabulary, known at once
     check = lambda t: bool(allowed[t])  # noqa: E731
     order = np.argsort(-logits, kind="stable")
     ranked = order[allowed[order]]  # the allowed tokens, best first
-    assert constrained_pick(Sampler(0), logits, [], maybe, check) == ranked[0]
-    assert constrained_pick(Keeps(1.0, top_k=40), logits, [], maybe, check) == sorted(ranked[:40].tolist())
-    p = np.exp(logits[ranked].astype(np.float64) - logits[ranked[0]])
-    got = set(constrained_pick(Keeps(1.0, top_k=0, min_p=0.05), logits, [], maybe, check))
-    assert set(ranked[p >= 0.05].tolist()) <= got <= set(ranked.tolist())
+    for known in (None, sure):
+        assert constrained_pick(Sampler(0), logits, [], maybe, check, known) == ranked[0]
+        assert constrained_pick(Keeps(1.0, top_k=40), logits, [], maybe, check, known) == sorted(ranked[:40].tolist())
+        assert constrained_pick(Keeps(1.0, top_k=0), logits, [], maybe, check, known) == sorted(ranked.tolist())
     biased = Sampler(0, logit_bias={int(ranked[0]): -np.inf})  # the biases come first, as unconstrained
     if len(ranked) > 1:
         assert constrained_pick(biased, logits, [], maybe, check) == ranked[1]
@@ -140,8 +143,10 @@ def test_cli_and_server_json_output(smollm, capsys):
         with pytest.raises(SystemExit) as e:
             main(["generate", "-p", ask, f"--json-schema={bad}"])
         assert e.value.code == 2 and "hotcold takes '{}' or '{\"type\": \"object\"}'" in capsys.readouterr().err
-    assert main(["generate", "-p", ask, "-j", "{}", "--ignore-eos"]) == 2
-    assert "not with --ignore-eos" in capsys.readouterr().err
+    for flags in (["--ignore-eos"], ["-l", "2-inf", "-l", "0-inf", "-l", "4-inf"]):  # no end token: refused at once
+        assert main(["generate", "-p", ask, "-j", "{}", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "JSON output ends with an end token when its object closes" in err
     args = build_parser("server").parse_args(["server"])
     for body in ({"response_format": {"type": "json_object"}}, {"json_schema": {"type": "object"}},
                  {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}):

@@ -78,6 +78,8 @@ def cmd_chat(args) -> None:
     n = model.n_ctx if args.n == -1 else args.n
     sampler, room = sampler_of(args), min(n, model.n_ctx // ROOM)
     model.check_sampler(sampler)
+    if args.json_schema:
+        model.check_grammar(sampler, False)
     history: list[dict] = []
     total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
     try:

@@ -287,8 +287,6 @@ def cmd_generate(args) -> None:
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
         raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
-    if args.json_schema and args.ignore_eos:
-        raise HotcoldError("-j: the text ends when its JSON object closes, with an end token; not with --ignore-eos")
     # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
     text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
@@ -300,6 +298,8 @@ def cmd_generate(args) -> None:
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = sampler_of(args)
     model.check_sampler(sampler)
+    if args.json_schema:
+        model.check_grammar(sampler, args.ignore_eos)
     if args.json:
         out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
                              grammar=grammar_of(args))
