@@ -2,7 +2,8 @@
 
 The recognizer's state is a small tuple, so a token is tried by running its bytes from the state (nothing to undo).
 Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuses are out before the sampler's chain
-(top-k, top-p, min-p, temperature); they are tried in the order of their logits, until the chain has all it can use.
+(top-k, top-p, min-p, temperature): greedy and top-k try tokens in the order of their logits until they have what they
+keep, and otherwise every allowed token is found (inside a string most are known at once).
 """
 from __future__ import annotations
 
