@@ -422,9 +422,9 @@ class Model:
         while len(out) < n:
             raw = logits.copy() if lps is not None else None  # the model's, before the bans
             logits[banned] = -np.inf
-            if grammar is not None and np.isnan(logits).any():
-                raise HotcoldError(self.not_finite(len(out)))
             if grammar is not None:
+                if np.isnan(logits).any():  # named, not taken for "no token goes on"
+                    raise HotcoldError(self.not_finite(len(out)))
                 maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
                 maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
                 tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t),
