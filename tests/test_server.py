@@ -487,6 +487,8 @@ def test_server_refuses_a_port_in_use(smollm, capsys):
                       ("99999999999999999999999+1", "Sampler logit_bias: token id 99999999999999999999999, an")):
         assert main(["server", "--port", "0", "-c", "64", "-l", flag]) == 2  # before it listens, not each request
         assert capsys.readouterr().err.startswith(f"hotcold: error: {why}")
+    assert main(["server", "--port", "0", "-c", "64", "-j", "{}", "-l", "0-inf", "-l", "2-inf", "-l", "4-inf"]) == 2
+    assert "JSON output ends with an end token when its object closes" in capsys.readouterr().err  # no end token
 
 
 def test_cli_server_listens_and_stops_on_ctrl_c():

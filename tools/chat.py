@@ -64,7 +64,7 @@ def conversation_ids(model, history: list[dict], user: dict, system: str | None,
 def cmd_chat(args) -> None:
     from engine.config import HotcoldError
     from engine.tokenizer import valid_text
-    from tools.cli import Terminated, emit_json, grammar_of, load_model, sampler_of
+    from tools.cli import Terminated, checked_sampler, emit_json, grammar_of, load_model
     model = load_model(args)
     system = None if args.system is None else valid_text(args.system)
     bare = model.tokenize(model.tokenizer.apply_chat_template("", system))  # no chat template: refused here
@@ -76,10 +76,7 @@ def cmd_chat(args) -> None:
         print(f"hotcold chat ({model.ckpt.path}, context {model.n_ctx} tokens): a line that ends in \\ continues on "
               "the next; Ctrl-C stops a reply, Ctrl-D ends the chat", file=sys.stderr)
     n = model.n_ctx if args.n == -1 else args.n
-    sampler, room = sampler_of(args), min(n, model.n_ctx // ROOM)
-    model.check_sampler(sampler)
-    if args.json_schema:
-        model.check_grammar(sampler, False)
+    sampler, room = checked_sampler(model, args), min(n, model.n_ctx // ROOM)
     history: list[dict] = []
     total = {"replies": 0, "prompt": 0, "cached": 0, "tokens": 0, "decode_s": 0.0}
     try:

@@ -170,6 +170,16 @@ def grammar_of(args):
     return JsonGrammar() if args.json_schema else None
 
 
+def checked_sampler(model, args):
+    """The command's Sampler, its -l and -j checked against the model before anything runs (a bias outside the
+    vocabulary; JSON output with no end token to end it)."""
+    sampler = sampler_of(args)
+    model.check_sampler(sampler)
+    if args.json_schema:
+        model.check_grammar(sampler, getattr(args, "ignore_eos", False))
+    return sampler
+
+
 def sampler_of(args, **given):
     """The Sampler of the command's sampling options, those `given` in their place (logit_bias: a dict)."""
     from engine.api import Sampler
@@ -296,10 +306,7 @@ def cmd_generate(args) -> None:
         prompt = model.tokenizer.apply_chat_template(prompt, system)
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
-    sampler = sampler_of(args)
-    model.check_sampler(sampler)
-    if args.json_schema:
-        model.check_grammar(sampler, args.ignore_eos)
+    sampler = checked_sampler(model, args)
     if args.json:
         out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
                              grammar=grammar_of(args))

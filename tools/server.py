@@ -382,7 +382,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/props":
             model, args = self.server.model, self.server.args
             self.send_json(200, {"default_generation_settings": {"n_ctx": model.n_ctx, "params": settings(
-                model, {"n": args.n, "stop": [], "ignore_stop": False, "logprobs": None, "sampler": sampler_of(args)})},
+                model, generate_options({}, args, model, chat=False))},  # a request that gives nothing
                 "total_slots": 1, "model_path": str(model.ckpt.path), "chat_template": model.tokenizer.chat_template})
         elif path in ("/v1/models", "/models"):
             self.send_json(200, {"object": "list", "data": [self.server.card]})
@@ -591,8 +591,10 @@ def settings(model, options: dict) -> dict:
 def result(model, name: str, out, prompt: str, options: dict, tokens: bool, streamed: bool) -> dict:
     """llama-server's /completion answer for `out`, the completion of `prompt` (streamed: the text has gone in the
     events before it; the token ids come here, with return_tokens)."""
-    s, rest = out.stats, model.detokenize(out.token_ids)[len(out.text):]
-    word = next((w for w in options["stop"] if w and rest.startswith(w)), "") if s["stop"] == "stop_string" else ""
+    s, word = out.stats, ""
+    if s["stop"] == "stop_string":  # which stop string: the one the rest of the decoded tokens starts with
+        rest = model.detokenize(out.token_ids)[len(out.text):]
+        word = next((w for w in options["stop"] if w and rest.startswith(w)), "")
     answer = {"content": "" if streamed else out.text, "tokens": out.token_ids if tokens else [],
               "id_slot": 0, "stop": True, "model": name, "tokens_predicted": len(out.token_ids),
               "tokens_evaluated": len(out.prompt_token_ids), "generation_settings": settings(model, options),
@@ -646,11 +648,11 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 def cmd_server(args) -> None:
-    from tools.cli import load_model
+    from tools.cli import checked_sampler, load_model
     if args.port > 65535:
         raise HotcoldError(f"--port {args.port}: at most 65535")
     model = load_model(args)
-    model.check_sampler(sampler_of(args))  # the server's own -l, before a request is answered
+    checked_sampler(model, args)  # the server's own -l and -j, before a request is answered
     server = Server(model, args, args.host, args.port)
     print(f"hotcold server: listening on {server.url} ({server.name}, context {model.n_ctx} tokens; "
           "Ctrl-C stops it)", file=sys.stderr, flush=True)
