@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, HotcoldError, as_int, set_threads
-from .grammar import constrained_pick, first_bytes, plain_tokens, surely, worth_trying
+from .grammar import constrained_pick, first_bytes, plain_tokens, worth_trying
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -389,8 +389,9 @@ class Model:
         (stats["cached_tokens"]; the last prompt token always is, for its logits), as llama-cpp-python's generate
         does: a conversation's next turn prefills only its new tokens.
         logprobs=k: each generated token's log-probability and the k likeliest tokens' (`token_logprob`), in
-        Completion.logprobs. grammar (engine.grammar.JsonGrammar): the text is JSON, sampled as llama.cpp samples
-        under a grammar (`constrained_pick`); it ends with a stop token once the JSON is whole."""
+        Completion.logprobs. grammar (engine.grammar.JsonGrammar, or engine.gbnf.Gbnf: a GBNF grammar or a JSON
+        schema's): the text keeps to it, sampled as llama.cpp samples under a grammar (`constrained_pick`); a stop
+        token only once the text is whole."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         self.check_sampler(sampler)
@@ -428,7 +429,7 @@ class Model:
                 maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
                 maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
                 tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t),
-                                       surely(state, self.plain_tokens))
+                                       grammar.sure(state, self.plain_tokens))
                 state = state if tok in self.tokenizer.stop_ids else grammar.advance(state, self.tokenizer.piece(tok))
             else:
                 tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
@@ -465,14 +466,14 @@ class Model:
             "; an f16 KV cache holds values up to 65504: try --cache-type f32)" if self.cache_type == "f16" else ")"))
 
     def check_grammar(self, sampler, ignore_stop: bool) -> None:
-        """JSON output ends with an end token once the object closes: a Sampler (the chain is applied to the tokens
-        the grammar allows) that may sample one; else HotcoldError."""
+        """Output under a grammar ends with an end token once its text is whole: a Sampler (the chain is applied to
+        the tokens the grammar allows) that may sample one; else HotcoldError."""
         if not isinstance(sampler, Sampler):
-            raise HotcoldError("JSON output: with a Sampler, not a callable of the caller's")
+            raise HotcoldError("a grammar (JSON output): with a Sampler, not a callable of the caller's")
         bias = dict(zip(sampler.bias_ids.tolist(), sampler.bias.tolist()))
         if ignore_stop or all(bias.get(t) == -math.inf for t in self.tokenizer.stop_ids):
-            raise HotcoldError("JSON output ends with an end token when its object closes: not with ignore_eos, nor "
-                               "with every end token's logit biased to -inf")
+            raise HotcoldError("output under a grammar (JSON output) ends with an end token once its text is whole: "
+                               "not with ignore_eos, nor with every end token's logit biased to -inf")
 
     @cached_property
     def first_bytes(self) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""JSON-constrained generation: a byte-level pushdown recognizer of JSON text, and the sampling step that keeps to it.
+"""Constrained generation: a byte-level pushdown recognizer of JSON text, and the sampling step that keeps to it or to
+a GBNF grammar (engine.gbnf). A grammar object has start, step(state, byte), advance(state, bytes) (None: refused),
+complete(state), and for the search nexts(state) (the bytes worth trying), wide(state) and sure(state, plain).
 
 The recognizer's state is a small tuple, so a token is tried by running its bytes from the state (nothing to undo).
 Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuses are out before the sampler's chain
@@ -38,6 +40,22 @@ class JsonGrammar:
     def __init__(self, top_object: bool = True):
         self.top_object = top_object
         self.start = ("", TOP if top_object else VALUE, 0, 0)
+
+    @staticmethod
+    def nexts(state) -> range:
+        """The bytes worth trying after `state`: all."""
+        return range(256)
+
+    @staticmethod
+    def wide(state) -> bool:
+        """Whether nearly every byte goes on from here (`worth_trying`): inside a string."""
+        return state[1] == STRING
+
+    @staticmethod
+    def sure(state, plain: np.ndarray) -> np.ndarray | None:
+        """The tokens known to be allowed in `state` (`constrained_pick`'s sure): the plain tokens (`plain_tokens`)
+        inside a string with no character half done; None elsewhere."""
+        return plain if state[1] == STRING and not state[2] & 3 else None
 
     def complete(self, state) -> bool:
         """Whether the text so far is whole JSON (a number at the top: whole, though more digits could come)."""
@@ -165,9 +183,9 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
                      sure: np.ndarray | None = None) -> int:
     """A token the grammar allows, sampled as llama.cpp samples under a grammar: the logit biases and penalties, then
     the refused tokens out, then the rest of the chain. maybe (n_vocab,) bool: the tokens worth trying
-    (`worth_trying`); sure (n_vocab,) bool or None: tokens known to be allowed (`surely`); allowed(id): whether the
-    grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest k; else the
-    chain uses every allowed token (top-p's sum is over them all), and all are found."""
+    (`worth_trying`); sure (n_vocab,) bool or None: tokens known to be allowed (the grammar's `sure`); allowed(id):
+    whether the grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest
+    k; else the chain uses every allowed token (top-p's sum is over them all), and all are found."""
     z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
     greedy = sampler.temperature <= 0
     need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
@@ -185,7 +203,7 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
                     break
         kept = np.array(kept, np.int64)
     if not len(kept):
-        raise HotcoldError("JSON: no token of the vocabulary goes on with the text here")
+        raise HotcoldError("grammar: no token of the vocabulary goes on with the text here")
     if greedy:
         return int(kept[0])
     masked = np.full_like(z, -np.inf)
@@ -205,12 +223,6 @@ def plain_tokens(tokenizer, n_vocab: int) -> np.ndarray:
     return np.array([plain(tokenizer.piece(i)) for i in range(n_vocab)])
 
 
-def surely(state, plain: np.ndarray) -> np.ndarray | None:
-    """The tokens known to be allowed in `state` (`constrained_pick`'s sure): the plain tokens inside a string with no
-    character half done; None elsewhere."""
-    return plain if state[1] == STRING and not state[2] & 3 else None
-
-
 def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:
     """(2, n_vocab) int16: each token's first two bytes, 256 where it has none (control tokens, one-byte tokens)."""
     pieces = [tokenizer.piece(i) for i in range(n_vocab)]
@@ -218,13 +230,18 @@ def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:
 
 
 def worth_trying(grammar, state, first: np.ndarray) -> np.ndarray:
-    """(n_vocab,) bool: the tokens whose first two bytes (`first_bytes`) go on with the text in `state`; by the first
-    byte alone where many bytes can come next (inside a string), by both where few can, and after whitespace between
-    JSON's tokens (most of a BPE vocabulary starts with a space, and fails on the next byte there)."""
+    """(n_vocab,) bool: the tokens whose first two bytes (`first_bytes`) go on with the text in `state` (of a
+    JsonGrammar or an engine.gbnf.Gbnf); by the first byte alone where many bytes can come next, by both where few
+    can, and after whitespace outside a string (most of a BPE vocabulary starts with a space, and fails on the next
+    byte there)."""
     ok = np.zeros((257, 257), bool)  # [first byte, second byte]; 256: none
-    after = [(b, grammar.step(state, b)) for b in range(256)]
+    after = [(b, grammar.step(state, b)) for b in grammar.nexts(state)]
     after = [(b, s) for b, s in after if s is not None]
     for b, s in after:
-        two = len(after) <= 16 or b in b" \t\n" and s[1] != STRING
-        ok[b] = [grammar.step(s, c) is not None for c in range(256)] + [True] if two else True
+        if len(after) <= 16 or b in b" \t\n" and not grammar.wide(s):
+            ok[b, 256] = True
+            for c in grammar.nexts(s):
+                ok[b, c] = grammar.step(s, c) is not None
+        else:
+            ok[b] = True
     return ok[first[0], first[1]]

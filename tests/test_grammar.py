@@ -10,9 +10,9 @@ import pytest
 
 from engine.api import Sampler
 from engine.config import HotcoldError
-from engine.grammar import JsonGrammar, constrained_pick, surely, worth_trying
+from engine.grammar import JsonGrammar, constrained_pick, worth_trying
 from tools.cli import build_parser, main
-from tools.server import BadRequest, Server, generate_options, json_grammar
+from tools.server import BadRequest, Server, generate_options, request_grammar
 
 
 def random_value(rng: random.Random, depth: int = 0):
@@ -86,7 +86,7 @@ def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text
     allowed = np.array([smollm.allows(g, state, t) for t in range(n)])
     maybe = worth_trying(g, state, smollm.first_bytes)
     assert allowed.any() and not (allowed & ~maybe).any()  # the filter loses nothing
-    sure = surely(state, smollm.plain_tokens)
+    sure = g.sure(state, smollm.plain_tokens)
     assert sure is None or not (sure & ~allowed).any()
     assert (sure is not None) == (text.count('"') % 2 == 1)  # inside a string: most of the vocabulary, known at once
     check = lambda t: bool(allowed[t])  # noqa: E731
@@ -120,7 +120,7 @@ def test_generate_json_from_smollm(smollm):
     never = Sampler(0, logit_bias={t: -np.inf for t in smollm.tokenizer.stop_ids})  # as ignore_eos: refused first
     with pytest.raises(HotcoldError, match="nor with every end token's logit biased to -inf"):
         smollm.generate(ids, 4, never, grammar=JsonGrammar())
-    with pytest.raises(HotcoldError, match="with a Sampler"):
+    with pytest.raises(HotcoldError, match="a grammar \\(JSON output\\): with a Sampler"):
         smollm.generate(ids, 4, lambda z: 0, grammar=JsonGrammar())
 
 
@@ -139,25 +139,26 @@ def test_cli_and_server_json_output(smollm, capsys):
                            grammar=JsonGrammar()).text
     assert main(["generate", "-p", ask, "--chat", "-j", "{}", "--temperature", "0", "--json", "-n", "128"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == want
-    for bad in ('{"type": "string"}', '{"properties": {"a": {}}}', "{", "[]"):
+    for bad, why in (('{"type": "strin"}', "type: one of object, array"), ('{"pattern": "a+"}', "keyword 'pattern'"),
+                     ("{", "not JSON"), ("[]", "a schema is an object")):
         with pytest.raises(SystemExit) as e:
             main(["generate", "-p", ask, f"--json-schema={bad}"])
-        assert e.value.code == 2 and "hotcold takes '{}' or '{\"type\": \"object\"}'" in capsys.readouterr().err
+        assert e.value.code == 2 and why in capsys.readouterr().err
     for flags in (["--ignore-eos"], ["-l", "2-inf", "-l", "0-inf", "-l", "4-inf"]):  # no end token: refused at once
         assert main(["generate", "-p", ask, "-j", "{}", *flags]) == 2
         out, err = capsys.readouterr()
-        assert out == "" and "JSON output ends with an end token when its object closes" in err
+        assert out == "" and "ends with an end token once its text is whole" in err
     args = build_parser("server").parse_args(["server"])
     for body in ({"response_format": {"type": "json_object"}}, {"json_schema": {"type": "object"}},
                  {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}):
-        assert isinstance(json_grammar(body, args), JsonGrammar), body
+        assert isinstance(request_grammar(body, args), JsonGrammar), body
     for body in ({"response_format": {"type": "json_object", "schema": None}}, {"response_format": {
             "type": "json_schema"}}):  # no schema: any object
-        assert isinstance(json_grammar(body, args), JsonGrammar), body
-    assert json_grammar({"response_format": {"type": "text"}}, args) is None
-    assert isinstance(json_grammar({}, build_parser("server").parse_args(["server", "-j", "{}"])), JsonGrammar)
+        assert isinstance(request_grammar(body, args), JsonGrammar), body
+    assert request_grammar({"response_format": {"type": "text"}}, args) is None
+    assert isinstance(request_grammar({}, build_parser("server").parse_args(["server", "-j", "{}"])), JsonGrammar)
     for body, why in (({"response_format": {"type": "xml"}}, 'response_format: {"type": "text"}'),
-                      ({"json_schema": {"type": "array"}}, "json_schema: hotcold takes {}"),
+                      ({"json_schema": {"format": "date"}}, "keyword 'format' is not supported"),
                       ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "not with ignore_eos")):
         with pytest.raises((BadRequest, HotcoldError), match=why):
             generate_options(body, args, smollm, chat=True)

@@ -64,7 +64,7 @@ def conversation_ids(model, history: list[dict], user: dict, system: str | None,
 def cmd_chat(args) -> None:
     from engine.config import HotcoldError
     from engine.tokenizer import valid_text
-    from tools.cli import Terminated, checked_sampler, emit_json, grammar_of, load_model
+    from tools.cli import Terminated, checked_sampler, emit_json, load_model
     model = load_model(args)
     system = None if args.system is None else valid_text(args.system)
     bare = model.tokenize(model.tokenizer.apply_chat_template("", system))  # no chat template: refused here
@@ -108,7 +108,7 @@ def cmd_chat(args) -> None:
 
             try:
                 out = model.generate(ids, n, sampler, on_text=None if args.json else on_text,
-                                     reuse_cache=True, grammar=grammar_of(args))
+                                     reuse_cache=True, grammar=args.grammar)
             except KeyboardInterrupt as e:  # Ctrl-C at a terminal stops the reply; what it said so far stays said
                 if isinstance(e, Terminated) or not tty:
                     raise

@@ -83,17 +83,31 @@ def size(text: str) -> int:
     return n
 
 
-def json_schema(text: str) -> bool:
-    """An argparse type: llama.cpp's -j SCHEMA, of which hotcold takes `{}` and `{"type": "object"}`: any JSON
-    object."""
-    takes = "hotcold takes '{}' or '{\"type\": \"object\"}' (any JSON object)"
+def grammar_type(make, from_file: bool):
+    """An argparse type: the grammar `make` builds from the text (or from the file it names), its errors one line."""
+    def parse(text: str):
+        from engine.files import read_text
+        try:
+            return make(read_text(os.path.expanduser(text), "file") if from_file else text)
+        except HotcoldError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "grammar"
+    return parse
+
+
+def schema_text(text: str):
+    """llama.cpp's -j SCHEMA: the grammar of a JSON schema (engine.schema.grammar_for)."""
+    from engine.schema import grammar_for
     try:
         schema = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({takes})") from None
-    if schema not in ({}, {"type": "object"}):
-        raise argparse.ArgumentTypeError(f"{takes}, not a schema that asks for more: {text!r}")
-    return True
+    except ValueError as e:
+        raise HotcoldError(f"not JSON ({e})") from None
+    return grammar_for(schema)
+
+
+def gbnf_text(text: str):
+    from engine.gbnf import Gbnf
+    return Gbnf(text)
 
 
 def logit_bias(text: str) -> tuple[int, float]:
@@ -158,16 +172,16 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="ID(+|-)BIAS",
                    help="add BIAS to token ID's logit before the other samplers, e.g. 15043+1, or 15043-inf: never "
                    "that token (repeatable; `hotcold tokenize` gives the ids)")
-    p.add_argument("-j", "--json-schema", type=json_schema, default=False, metavar="'{}'",
-                   help="the text is one JSON object ('{}' or '{\"type\": \"object\"}'; other schemas are refused), "
-                   "as llama.cpp's -j '{}': only tokens that keep it valid JSON are sampled, and it ends when the "
-                   "object closes")
-
-
-def grammar_of(args):
-    """The grammar generate keeps to: a JsonGrammar with -j, else None."""
-    from engine.grammar import JsonGrammar
-    return JsonGrammar() if args.json_schema else None
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("-j", "--json-schema", dest="grammar", type=grammar_type(schema_text, False), metavar="SCHEMA",
+                      help="the text is JSON that the schema describes ('{}': any JSON object), as llama.cpp's -j: "
+                      "only tokens that keep to it are sampled, and it ends when the JSON is whole")
+    keep.add_argument("-jf", "--json-schema-file", dest="grammar", type=grammar_type(schema_text, True),
+                      metavar="FILE", help="-j with the schema read from a file")
+    keep.add_argument("--grammar", dest="grammar", type=grammar_type(gbnf_text, False), metavar="GBNF",
+                      help="the text keeps to a GBNF grammar (llama.cpp's format, from its rule root)")
+    keep.add_argument("--grammar-file", dest="grammar", type=grammar_type(gbnf_text, True), metavar="FILE",
+                      help="--grammar read from a file (llama.cpp's grammars/*.gbnf)")
 
 
 def checked_sampler(model, args):
@@ -175,7 +189,7 @@ def checked_sampler(model, args):
     vocabulary; JSON output with no end token to end it)."""
     sampler = sampler_of(args)
     model.check_sampler(sampler)
-    if args.json_schema:
+    if args.grammar is not None:
         model.check_grammar(sampler, getattr(args, "ignore_eos", False))
     return sampler
 
@@ -309,7 +323,7 @@ def cmd_generate(args) -> None:
     sampler = checked_sampler(model, args)
     if args.json:
         out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=grammar_of(args))
+                             grammar=args.grammar)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -320,7 +334,7 @@ def cmd_generate(args) -> None:
             sys.stdout.flush()
 
         out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=grammar_of(args))
+                             grammar=args.grammar)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import functools
 import hmac
 import http.server
 import json
@@ -24,8 +25,9 @@ import uuid
 
 from engine.api import finite
 from engine.config import HotcoldError
-from engine.grammar import JsonGrammar
-from tools.cli import SAMPLING, at_least, between, grammar_of, sampler_of, strict
+from engine.gbnf import Gbnf
+from engine.schema import grammar_for
+from tools.cli import SAMPLING, at_least, between, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
@@ -33,7 +35,7 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
-               "function_call": "none", "grammar": None, "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1,
+               "function_call": "none", "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1,
                "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
@@ -86,7 +88,8 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
     given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
-    grammar, sampler = json_grammar(body, args), sampler_of(args, **{k: v for k, v in given.items() if v is not None})
+    grammar = request_grammar(body, args)
+    sampler = sampler_of(args, **{k: v for k, v in given.items() if v is not None})
     if grammar is not None:
         model.check_grammar(sampler, body.get("ignore_eos", False))  # a 400 before a stream starts
     return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
@@ -94,11 +97,11 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             "sampler": sampler, "grammar": grammar}
 
 
-def json_grammar(body: dict, args):
-    """The JsonGrammar a request asks for (OpenAI's response_format json_object, or json_schema; llama-server's
-    json_schema) or the server's -j gives; None for free text. Of schemas, `{}` and `{"type": "object"}` (any JSON
-    object)."""
-    fmt, schema = body.get("response_format"), body.get("json_schema")
+def request_grammar(body: dict, args):
+    """The grammar a request asks for: llama-server's grammar (GBNF) or json_schema, OpenAI's response_format
+    (json_object: any JSON object, or the schema llama-server reads there; json_schema: its schema); else the
+    server's -j or --grammar; None for free text."""
+    fmt, schema, gbnf = body.get("response_format"), body.get("json_schema"), body.get("grammar") or None
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
         inner = fmt.get("json_schema") if kind == "json_schema" else None
@@ -110,12 +113,22 @@ def json_grammar(body: dict, args):
             raise BadRequest(f"response_format: {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
                              f"{{\"type\": \"json_schema\", \"json_schema\": {{\"schema\": ...}}}}, got "
                              f"{json.dumps(fmt)}")
-    if schema is None:
-        return grammar_of(args)
-    if schema not in ({}, {"type": "object"}):
-        raise BadRequest(f"json_schema: hotcold takes {{}} or {{\"type\": \"object\"}} (any JSON object), not a "
-                         f"schema that asks for more: {json.dumps(schema)}")
-    return JsonGrammar()
+    if gbnf is not None and schema is not None:
+        raise BadRequest("grammar and a JSON schema: give one of them")
+    if gbnf is not None and not isinstance(gbnf, str):
+        raise BadRequest(f"grammar: GBNF text, got {json.dumps(gbnf)}")
+    if gbnf is None and schema is None:
+        return args.grammar
+    try:
+        return cached_grammar("gbnf", gbnf) if gbnf is not None else cached_grammar("schema", json.dumps(schema))
+    except HotcoldError as e:
+        raise BadRequest(str(e)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def cached_grammar(kind: str, text: str):
+    """A request's grammar, kept for the next requests that give the same (with what it has learnt of its states)."""
+    return Gbnf(text) if kind == "gbnf" else grammar_for(json.loads(text))
 
 
 def logit_bias(model, v) -> dict[int, float] | None:

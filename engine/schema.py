@@ -1,0 +1,179 @@
+"""JSON schemas as GBNF grammars (llama.cpp's --json-schema), for the schemas' shapes: types, properties, items, enum,
+const, anyOf/oneOf and $ref. Keywords that bound values without shaping them (pattern, format, minimum, ...) are
+refused by name rather than ignored: the text would not keep to them.
+
+Objects hold their properties in the schema's order, the required ones always, the others when the model gives them,
+and no other properties unless additionalProperties allows them (as llama.cpp's converter). Whitespace between
+JSON's tokens is bounded as in engine.grammar (at most one newline and 20 spaces or tabs), and numbers' parts to 16
+digits.
+"""
+from __future__ import annotations
+
+import json
+
+from .config import HotcoldError
+
+ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "readOnly", "writeOnly",
+               "deprecated", "$defs", "definitions"}
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+BASE = r'''ws ::= [ \t]? ("\n" [ \t]{0,20})?
+value ::= object | array | string | number | "true" | "false" | "null"
+object ::= "{" ws (string ws ":" ws value ws ("," ws string ws ":" ws value ws)*)? "}"
+array ::= "[" ws (value ws ("," ws value ws)*)? "]"
+string ::= "\"" char* "\""
+char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
+integer ::= "-"? ("0" | [1-9] [0-9]{0,15})
+number ::= integer ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,16})?
+boolean ::= "true" | "false"
+null ::= "null"
+'''
+KEYS = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
+        "string": {"minLength", "maxLength"}}
+
+
+def literal(text: str) -> str:
+    """A GBNF literal matching text exactly."""
+    return '"' + "".join("\\" + c if c in '"\\' else c if c.isprintable() else f"\\U{ord(c):08X}"
+                         for c in text) + '"'
+
+
+def schema_grammar(schema) -> str:
+    """GBNF text for the JSON texts a schema describes (whitespace before the value allowed); HotcoldError for a
+    schema or keyword hotcold does not do."""
+    return Converter(schema).text
+
+
+class Converter:
+    def __init__(self, schema):
+        self.root, self.rules, self.refs = schema, {}, {}
+        self.text = "root ::= ws " + self.rule(schema, "#") + "\n" + BASE + "".join(
+            f"{name} ::= {body}\n" for name, body in self.rules.items())
+
+    def fail(self, where: str, what: str) -> HotcoldError:
+        return HotcoldError(f"JSON schema at {where}: {what}")
+
+    def new(self, body: str) -> str:
+        name = f"s{len(self.rules)}"
+        self.rules[name] = body
+        return name
+
+    def rule(self, schema, where: str) -> str:
+        """A GBNF expression (a rule name or a group) for a value of the schema."""
+        if schema is True or schema == {}:
+            return "value"
+        if not isinstance(schema, dict):
+            raise self.fail(where, f"a schema is an object, got {json.dumps(schema)}")
+        if "$ref" in schema:
+            return self.ref(schema, where)
+        if "const" in schema:
+            return literal(json.dumps(schema["const"], ensure_ascii=False, separators=(",", ":")))
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise self.fail(where, "enum: a list of values")
+            return "(" + " | ".join(literal(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
+                                    for v in schema["enum"]) + ")"
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                subs = schema[key]
+                if not isinstance(subs, list) or not subs:
+                    raise self.fail(where, f"{key}: a list of schemas")
+                self.check(schema, where, {key})
+                return "(" + " | ".join(self.rule(s, f"{where}/{key}/{i}") for i, s in enumerate(subs)) + ")"
+        implied = next((k for k, keys in KEYS.items() if keys & schema.keys()), None)  # as llama.cpp's converter
+        kind = schema["type"] if "type" in schema else implied
+        if kind is None:
+            self.check(schema, where, set())
+            return "value"
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or any(k not in TYPES for k in kinds):
+            raise self.fail(where, f"type: one of {', '.join(TYPES)} (or a list of them), got {json.dumps(kind)}")
+        self.check(schema, where, {"type"}.union(*(KEYS.get(k, set()) for k in kinds)))
+        alts = [self.typed(schema, k, where) for k in kinds]
+        return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
+
+    def check(self, schema: dict, where: str, known: set) -> None:
+        for key in schema:
+            if key not in known and key not in ANNOTATIONS:
+                raise self.fail(where, f"the keyword {key!r} is not supported (hotcold takes type, properties, "
+                                "required, additionalProperties, items, minItems, maxItems, minLength, maxLength, "
+                                "enum, const, anyOf, oneOf and $ref)")
+
+    def ref(self, schema: dict, where: str) -> str:
+        target = schema["$ref"]
+        self.check(schema, where, {"$ref"})
+        if target not in self.refs:
+            if not isinstance(target, str) or not target.startswith("#"):
+                raise self.fail(where, f"$ref: a reference inside the schema (#/$defs/NAME), got {json.dumps(target)}")
+            node = self.root
+            for part in filter(None, target[1:].split("/")):
+                part = part.replace("~1", "/").replace("~0", "~")
+                if not isinstance(node, dict) or part not in node:
+                    raise self.fail(where, f"$ref: {target} is not in the schema")
+                node = node[part]
+            name = self.refs[target] = self.new("")
+            self.rules[name] = self.rule(node, target)
+        return self.refs[target]
+
+    def count(self, schema: dict, key: str, where: str, default: int | None) -> int | None:
+        v = schema.get(key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise self.fail(where, f"{key}: a count, got {json.dumps(v)}")
+        return v
+
+    def repeat(self, item: str, lo: int, hi: int | None, sep: str) -> str:
+        """lo to hi (None: any number of) items, with sep between them."""
+        if hi is not None and hi < lo:
+            raise HotcoldError(f"JSON schema: at most {hi} of something asked for at least {lo}")
+        if hi == 0:
+            return '""'
+        more = f"({sep} {item})" if sep else item
+        first = f"{item} {more}{{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+        return first if lo else f"({first})?"
+
+    def typed(self, schema: dict, kind: str, where: str) -> str:
+        if kind == "string":
+            lo = self.count(schema, "minLength", where, 0)
+            hi = self.count(schema, "maxLength", where, None)
+            return "string" if (lo, hi) == (0, None) else self.new('"\\"" ' + self.repeat("char", lo, hi, "") +
+                                                                   ' "\\""')
+        if kind == "array":
+            items = schema.get("items", True)
+            lo = self.count(schema, "minItems", where, 0)
+            hi = self.count(schema, "maxItems", where, None)
+            item = self.rule(items, f"{where}/items") + " ws"
+            return self.new('"[" ws ' + self.repeat(item, lo, hi, '"," ws') + ' "]"')
+        if kind == "object":
+            return self.object(schema, where)
+        return kind
+
+    def object(self, schema: dict, where: str) -> str:
+        props = schema.get("properties", {})
+        required = schema.get("required", [])
+        extra = schema.get("additionalProperties", "properties" not in schema)
+        if not isinstance(props, dict) or not isinstance(required, list) or \
+                not all(isinstance(r, str) and r in props for r in required):
+            raise self.fail(where, "properties: an object of schemas; required: a list of those properties' names")
+        if extra is False and not props:
+            return '("{" ws "}")'
+        pairs = [(literal(json.dumps(k, ensure_ascii=False)) + ' ws ":" ws ' +
+                  self.rule(v, f"{where}/properties/{k}") + " ws", k in required) for k, v in props.items()]
+        other = None
+        if extra is not False:
+            value = "value" if extra is True else self.rule(extra, f"{where}/additionalProperties")
+            other = self.new(f"string ws \":\" ws {value} ws")  # (a name of the listed ones too, as llama.cpp)
+        # some[i]: the properties from i on after one has been written; none[i]: before any has
+        some, none = ['("," ws ' + other + ")*" if other else '""'], [
+            f"({other} (\",\" ws {other})*)?" if other else '""']
+        for pair, needed in reversed(pairs):
+            after = self.new(some[-1])
+            some.append(f'"," ws {pair} {after}' if needed else f'("," ws {pair})? {after}')
+            none.append(f"{pair} {after}" if needed else f"{pair} {after} | {self.new(none[-1])}")
+        return self.new('"{" ws (' + none[-1] + ') "}"')
+
+
+def grammar_for(schema):
+    """The grammar of a JSON schema: any JSON object for `{}` and `{"type": "object"}` (engine.grammar's JsonGrammar,
+    as llama.cpp's -j '{}'), else the schema's GBNF (engine.gbnf.Gbnf)."""
+    from .gbnf import Gbnf
+    from .grammar import JsonGrammar
+    return JsonGrammar() if schema in ({}, {"type": "object"}) else Gbnf(schema_grammar(schema))

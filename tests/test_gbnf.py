@@ -1,0 +1,273 @@
+"""GBNF grammars and JSON schemas: the recognizer against Python's re and json modules, the schema's grammar against
+named and random instances, and sampling under them on SmolLM2."""
+import itertools
+import json
+import random
+import re
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+
+from engine.api import Sampler
+from engine.config import HotcoldError
+from engine.gbnf import Gbnf
+from engine.grammar import constrained_pick, worth_trying
+from engine.schema import grammar_for, schema_grammar
+from test_grammar import random_value
+from tools.cli import build_parser, main
+from tools.server import BadRequest, Server, request_grammar
+
+
+def whole(g, text: str | bytes) -> bool:
+    state = g.advance(g.start, text.encode() if isinstance(text, str) else text)
+    return state is not None and g.complete(state)
+
+
+# (GBNF, the same language as a Python regular expression)
+PAIRS = [
+    ('root ::= "a"{2,4} "b"? [^x-z]', r"a{2,4}b?[^x-z]"),
+    ('root ::= ("ab" | "é" | [0-9]+)* "!"', r"(ab|é|[0-9]+)*!"),
+    ('root ::= x{3}\nx ::= [a-c] | "日"', r"([a-c]|日){3}"),
+    ('root ::= ("x" | ) (y "," )+ # comment\ny ::= [^,\\n]{1,2}', r"x?([^,\n]{1,2},)+"),
+    ('root ::= . "z"{0,} "!"?', r".z*!?"),
+    ('root ::= "(" root ")" | [a-z]', None),  # nested parentheses: no regular expression
+    ('root ::= [\\x41-\\u0043] "\\t" [\\]\\[]', r"[A-C]\t[\]\[]"),
+]
+ALPHABET = ["a", "b", "c", "x", "z", "é", "日", "😀", "0", "7", ",", "!", "\n", "(", ")", "A", "\t", "[", "]"]
+
+
+@pytest.mark.parametrize("gbnf,regex", PAIRS)
+def test_gbnf_agrees_with_regular_expressions(gbnf, regex):
+    """On 4000 strings, random ones (multi-byte characters among them) and random walks through the recognizer's
+    states: whole exactly when the regular expression matches, and every prefix of a whole one goes on; a walk never
+    reaches a state from which no character goes on and the text is not whole."""
+    g, rng = Gbnf(gbnf + "\n"), random.Random(1)
+    rx = re.compile(regex, re.S) if regex else None
+    seen = 0
+    for i in range(4000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randrange(9)))
+        if i % 2:
+            text, state = "", g.start
+            while True:
+                nxt = [c for c in ALPHABET if g.advance(state, c.encode()) is not None]
+                assert nxt or g.complete(state), (gbnf, text)
+                if not nxt or g.complete(state) and rng.random() < 0.3 or len(text) > 40:
+                    break
+                assert {b for b in range(256) if g.step(state, b) is not None} <= set(g.nexts(state))
+                text += rng.choice(nxt)
+                state = g.advance(state, text[-1].encode())
+        if rx is None:  # a letter in balanced parentheses
+            m = re.fullmatch(r"(\(*)[a-z](\)*)", text)
+            want = bool(m) and len(m[1]) == len(m[2])
+        else:
+            want = bool(rx.fullmatch(text))
+        assert whole(g, text) == want, (gbnf, text)
+        if want:
+            seen += 1
+            data = text.encode()
+            assert all(g.advance(g.start, data[:k]) is not None for k in range(len(data))), text
+    assert seen > 1000, gbnf  # the test saw the language, not only its complement
+
+
+def test_gbnf_json_value_grammar_agrees_with_the_json_module():
+    """The schema module's JSON value grammar (schema `true`) on json.dumps texts and one-byte mutations of them:
+    whole exactly when json.loads reads them."""
+    g, rng = Gbnf(schema_grammar(True)), random.Random(2)
+    for _ in range(300):
+        doc = random_value(rng)
+        for kw in ({}, {"indent": 2}, {"ensure_ascii": False}):
+            assert whole(g, json.dumps(doc, **kw)), doc
+        text = bytearray(json.dumps(doc, ensure_ascii=False).encode())
+        for _ in range(3):
+            text[rng.randrange(len(text))] = rng.choice(b'{}[]",:0123456789.eE+-tfnul\\x')
+            try:
+                json.loads(bytes(text).decode())
+                ok = True
+            except ValueError:
+                ok = False
+            assert whole(g, bytes(text)) == ok, bytes(text)
+
+
+def test_partial_characters_go_on_only_toward_a_character_the_grammar_takes():
+    g = Gbnf('root ::= "é" | [a-c] | [^\\u0000-\\u3000]\n')
+    assert g.advance(g.start, b"\xc3") is not None  # é may follow
+    assert g.advance(g.start, b"\xc3\xa8") is None  # è: not in the grammar
+    assert g.advance(g.start, b"\xc4") is None  # U+0100..U+013F: none taken
+    assert g.advance(g.start, b"\xe6\x97") is not None and whole(g, "日")  # past U+3000
+    assert not g.complete(g.advance(g.start, b"\xe6\x97"))  # half a character is not a whole text
+    letters = Gbnf("root ::= [a-z]+\n")
+    assert all(letters.advance(letters.start, bytes([b])) is None for b in range(0x80, 0x100))
+    few = Gbnf('root ::= [\\u0800-\\u0801] | "\\uD7FF" | "\\U00010000" | "\\U0010FFFF"\n')  # edges of each length
+    for lead in range(0xC0, 0x100):  # half characters go on exactly when some whole one they begin is taken
+        for tail in [b""] + [bytes([c]) for c in range(0x80, 0xC0)]:
+            half = bytes([lead]) + tail
+            edges = (0x80, 0x81, 0x8F, 0x90, 0x9F, 0xA0, 0xBF)
+            ends = [half + bytes(more) for k in range(4) for more in itertools.product(edges, repeat=k)]
+            can = any(whole(few, e) for e in ends)
+            state = few.advance(few.start, half)
+            assert (state is not None) == can, half
+            if state is not None:  # nexts: every byte that goes on (worth_trying tries no other)
+                assert {b for b in range(256) if few.step(state, b) is not None} <= set(few.nexts(state)), half
+    for bad in (b"\xff", b"\xc0\x80", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80"):
+        assert g.advance(Gbnf("root ::= .*\n").start, bad) is None, bad  # not UTF-8 (RFC 3629)
+
+
+@pytest.mark.parametrize("text,why", [
+    ('root ::= "a"\nroot ::= "b"\n', "rule 'root' is defined twice at line 2"),
+    ('root ::= x\n', "rule 'x' is used but not defined"),
+    ('x ::= "a"\n', "no rule 'root'"),
+    ('root ::= root "a"\n', "rule 'root' is left-recursive"),
+    ('root ::= ("a"?)*\n', "rule 'root' is left-recursive"),
+    ('root ::= "a\n', "unexpected end of the grammar"),
+    ('root ::= "\\q"\n', "unknown escape \\q at line 1, column 11"),
+    ('root ::= "a"{3,2}\n', "the largest count is below the smallest"),
+    ('root ::= "a"{2001}\n', "a count above 2000"),
+    ('root ::= * "a"\n', "nothing before '*' to repeat"),
+    ('root := "a"\n', "'::=' expected at line 1, column 6"),
+    ('root ::= ("a"\n', "')' expected"),
+    ('root ::= <[42]>\n', "token references (<...>) are not supported"),
+    ('root ::= "a" ) "b"\n', "unexpected ')'"),
+])
+def test_bad_grammars_are_one_line(text, why):
+    with pytest.raises(HotcoldError, match=re.escape(why)):
+        Gbnf(text)
+
+
+CAT = {"type": "object", "properties": {
+    "name": {"type": "string", "minLength": 1, "maxLength": 8}, "age": {"type": "integer"},
+    "color": {"enum": ["black", "white", None]}, "toys": {"type": "array", "items": {"$ref": "#/$defs/toy"},
+                                                          "maxItems": 2},
+    "weight": {"type": ["number", "null"]}, "kind": {"const": "cat"}},
+    "required": ["name", "age"],
+    "$defs": {"toy": {"anyOf": [{"type": "string", "maxLength": 12}, {"$ref": "#/$defs/box"}]},
+              "box": {"type": "object", "properties": {"in": {"$ref": "#/$defs/toy"}}, "required": ["in"]}}}
+
+
+def random_cat(rng: random.Random) -> dict:
+    def toy(depth=0):
+        if depth > 2 or rng.random() < 0.5:
+            return "".join(rng.choice("ab é") for _ in range(3))
+        return {"in": toy(depth + 1)}
+    cat = {"name": "".join(rng.choice("Tom é") for _ in range(rng.randint(1, 8))), "age": rng.randint(-99, 99)}
+    for key, value in (("color", rng.choice(["black", "white", None])),
+                       ("toys", [toy() for _ in range(rng.randrange(3))]),
+                       ("weight", rng.choice([None, 4.5, -1e-3, 12])), ("kind", "cat")):
+        if rng.random() < 0.5:
+            cat[key] = value
+    return cat
+
+
+def test_schema_grammar_takes_its_instances_and_refuses_others():
+    g, rng = grammar_for(CAT), random.Random(3)
+    for _ in range(200):  # properties in the schema's order, each optional one there or not
+        cat = random_cat(rng)
+        assert whole(g, json.dumps(cat)) and whole(g, json.dumps(cat, indent=2, ensure_ascii=False)), cat
+    for cat in ({"name": "Tom"}, {"age": 3, "name": "Tom"}, {"name": "", "age": 1}, {"name": "123456789", "age": 1},
+                {"name": "T", "age": 1.5}, {"name": "T", "age": 1, "color": "red"}, {"name": "T", "age": 1, "x": 0},
+                {"name": "T", "age": 1, "toys": ["a", "b", "c"]}, {"name": "T", "age": 1, "toys": [{"on": "a"}]},
+                {"name": "T", "age": 1, "weight": "4"}, {"name": "T", "age": 1, "kind": "dog"}, [], "Tom"):
+        assert not whole(g, json.dumps(cat)), cat
+    extra = grammar_for({"properties": {"a": {"type": "null"}}, "additionalProperties": {"type": "integer"}})
+    assert whole(extra, '{"a": null, "b": 1, "c": 2}') and whole(extra, '{"b": 1}')
+    assert not whole(extra, '{"b": "x"}') and not whole(extra, '{"b": 1, "a": null}')
+    assert whole(grammar_for({"type": "array", "minItems": 2}), "[1, {}]")
+    assert not whole(grammar_for({"type": "array", "minItems": 2}), "[1]")
+
+
+@pytest.mark.parametrize("schema,why", [
+    ({"type": "string", "pattern": "^a"}, "at #: the keyword 'pattern' is not supported"),
+    ({"properties": {"d": {"type": "string", "format": "date"}}}, "at #/properties/d: the keyword 'format'"),
+    ({"type": "strng"}, "type: one of object, array, string"),
+    ({"$ref": "#/$defs/none"}, "$ref: #/$defs/none is not in the schema"),
+    ({"$ref": "https://example.com/s.json"}, "$ref: a reference inside the schema"),
+    ({"$ref": "#"}, "left-recursive"),
+    ({"properties": {"a": {}}, "required": ["b"]}, "required: a list of those properties' names"),
+    ({"type": "array", "minItems": 3, "maxItems": 2}, "at most 2 of something asked for at least 3"),
+    ({"enum": []}, "enum: a list of values"),
+    (False, "a schema is an object"),
+])
+def test_unsupported_schemas_are_named(schema, why):
+    with pytest.raises(HotcoldError, match=re.escape(why)):
+        grammar_for(schema)
+
+
+def test_sampling_under_a_schema_keeps_every_allowed_token(smollm):
+    """In states of the schema's grammar, on SmolLM2's logits: the first-bytes filter loses no token a brute force
+    over the vocabulary allows; greedy and top-k are the likeliest allowed."""
+    g = grammar_for(CAT)
+    for text in ("", '{"name": "T', '{"name": "Tom", "age": 1', '{"name": "Tom", "age": 12, ', '{\n  "name": "é'):
+        state = g.advance(g.start, text.encode())
+        logits = smollm.logits(smollm.tokenize("A cat: " + text), all_logits=False).numpy().copy()
+        allowed = np.array([smollm.allows(g, state, t) for t in range(logits.size)])
+        maybe = worth_trying(g, state, smollm.first_bytes)
+        assert allowed.any() and not (allowed & ~maybe).any(), text
+        ranked = [t for t in np.argsort(-logits, kind="stable").tolist() if allowed[t]]
+        check = lambda t: bool(allowed[t])  # noqa: E731
+        assert constrained_pick(Sampler(0), logits, [], maybe, check) == ranked[0]
+
+
+def test_generate_under_a_schema_and_a_grammar(smollm):
+    """Greedy and sampled replies keep to the schema, the properties in its order, and end with the end token; a
+    GBNF grammar's reply is one of its sentences."""
+    ids = smollm.tokenize(smollm.tokenizer.apply_chat_template("Describe a cat as JSON."))
+    g = grammar_for(CAT)
+    for sampler in (Sampler(0), Sampler(0.8, seed=1), Sampler(0.9, top_k=0, seed=2)):
+        out = smollm.generate(ids, 200, sampler, grammar=g)
+        print(out.text)
+        cat = json.loads(out.text)
+        assert out.stats["stop"] == "stop_token" and whole(g, out.text), out.text
+        assert list(cat)[:2] == ["name", "age"] and 1 <= len(cat["name"]) <= 8 and isinstance(cat["age"], int)
+    yes_no = Gbnf('root ::= ("yes" | "no") "."\n')
+    ask = smollm.tokenize(smollm.tokenizer.apply_chat_template("Is the sky blue? Answer yes or no."))
+    for sampler in (Sampler(0), Sampler(1.0, seed=4)):
+        out = smollm.generate(ask, 16, sampler, grammar=yes_no)
+        assert out.text in ("yes.", "no.") and out.stats["stop"] == "stop_token", out.text
+
+
+def test_cli_and_server_take_grammars_and_schemas(smollm, tmp_path, capsys):
+    """--grammar-file and -jf give Model.generate's reply under the grammar; bad ones are one line (exit 2); the
+    server's grammar field and response_format json_schema keep to theirs, and refuse bad ones with a 400."""
+    ask = "Is the sky blue? Answer yes or no."
+    gbnf = tmp_path / "yn.gbnf"
+    gbnf.write_text('root ::= ("yes" | "no") "."\n')
+    schema = tmp_path / "cat.json"
+    schema.write_text(json.dumps(CAT))
+    ids = smollm.tokenize(smollm.tokenizer.apply_chat_template(ask))
+    for flags, grammar in ((["--grammar-file", str(gbnf)], Gbnf(gbnf.read_text())),
+                           (["-jf", str(schema)], grammar_for(CAT))):
+        want = smollm.generate(ids, 64, Sampler(0), grammar=grammar).text
+        assert main(["generate", "-p", ask, "--chat", "--temperature", "0", "-n", "64", "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["text"] == want
+    for flags, why in ((["--grammar", "root ::= x"], "argument --grammar: grammar: rule 'x' is used but not defined"),
+                       (["--grammar-file", str(tmp_path / "no.gbnf")], f"{tmp_path / 'no.gbnf'}: no such file"),
+                       (["-jf", str(gbnf)], "argument -jf/--json-schema-file: not JSON"),
+                       (["-j", "{}", "--grammar", 'root ::= "a"'], "not allowed with argument")):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "-p", ask, *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and why in err and err.count("\n") <= 2, err  # argparse's usage line, then it
+    args = build_parser("server").parse_args(["server"])
+    for body, why in (({"grammar": "root ::= ("}, "grammar: ')' expected"), ({"grammar": 3}, "grammar: GBNF text"),
+                      ({"grammar": 'root ::= "a"', "json_schema": {}}, "grammar and a JSON schema"),
+                      ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {}}}}},
+                       "the keyword 'not' is not supported")):
+        with pytest.raises(BadRequest, match=re.escape(why)):
+            request_grammar(body, args)
+    srv = Server(smollm, args, "127.0.0.1", 0)
+    try:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        for body, check in (({"grammar": gbnf.read_text()}, lambda t: t in ("yes.", "no.")),
+                            ({"response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "cat", "schema": CAT}}},
+                             lambda t: whole(grammar_for(CAT), t))):
+            req = urllib.request.Request(srv.url + "/v1/chat/completions", data=json.dumps({
+                "messages": [{"role": "user", "content": ask}], "temperature": 0.7, "seed": 5, "max_tokens": 160,
+                **body}).encode())
+            with urllib.request.urlopen(req, timeout=600) as r:
+                got = json.loads(r.read())["choices"][0]
+            assert check(got["message"]["content"]) and got["finish_reason"] == "stop", got
+    finally:
+        srv.shutdown()
+        srv.server_close()
