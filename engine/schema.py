@@ -38,15 +38,15 @@ def literal(text: str) -> str:
 
 
 def schema_grammar(schema) -> str:
-    """GBNF text for the JSON texts a schema describes (whitespace before the value allowed); HotcoldError for a
-    schema or keyword hotcold does not do."""
+    """GBNF text for the JSON texts a schema describes (no whitespace before or after the value); HotcoldError for
+    a schema or keyword hotcold does not do."""
     return Converter(schema).text
 
 
 class Converter:
     def __init__(self, schema):
         self.root, self.rules, self.refs = schema, {}, {}
-        self.text = "root ::= ws " + self.rule(schema, "#") + "\n" + BASE + "".join(
+        self.text = "root ::= " + self.rule(schema, "#") + "\n" + BASE + "".join(
             f"{name} ::= {body}\n" for name, body in self.rules.items())
 
     def fail(self, where: str, what: str) -> HotcoldError:
