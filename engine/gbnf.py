@@ -3,11 +3,14 @@
 A grammar is parsed into rules whose alternatives are sequences of character sets and rule references, each ended by
 END in one flat list of elements, the repetitions (`*`, `+`, `?`, `{m,n}`) and groups rewritten into rules of their
 own as llama.cpp rewrites them. The recognizer's state is llama.cpp's: the set of stacks of positions in that list
-(the innermost last, each top a character set; an empty stack: the text may end here), plus the bytes of a character
-not yet whole. Characters are Unicode code points read from strict UTF-8. States are interned and their transitions
-memoized, so a token is tried by a few dictionary lookups once the grammar's common states have been seen.
+(each top a character set; None, the empty stack: the text may end here), plus the bytes of a character not yet
+whole. A stack is a linked list (top, rest), so stacks share their tails and a state costs the same at any depth.
+Characters are Unicode code points read from strict UTF-8. States are interned and their transitions memoized, so a
+token is tried by a few dictionary lookups once the grammar's common states have been seen.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from .config import HotcoldError
 
@@ -15,7 +18,8 @@ END, REF, CHARS = range(3)  # element kinds: (END,), (REF, rule id), (CHARS, ((l
 MAX_REPEAT = 2000  # the largest count in {m,n}, as llama.cpp's
 MAX_UNICODE = 0x10FFFF
 ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]"}
-MEMO_MAX = 1 << 20  # transitions kept before the memo starts over
+MEMO_MAX = 1 << 20  # transitions kept before the memo and the interned states start over
+MAX_STACKS = 10000  # ways of reading the text at once (an ambiguous grammar can double them each character)
 # UTF-8 as RFC 3629 has it: the byte after these lead bytes is in a narrower range (no overlong forms, no
 # surrogates, nothing past U+10FFFF)
 SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
@@ -118,8 +122,8 @@ class Parser:
                 raise self.error(f"{digits} hex digits expected after \\{kind}")
             self.pos += 2 + digits
             v = int(hexa, 16)
-            if v > MAX_UNICODE:
-                raise self.error(f"\\{kind}{hexa} is past U+10FFFF")
+            if v > MAX_UNICODE or 0xD800 <= v <= 0xDFFF:
+                raise self.error(f"\\{kind}{hexa} is not a character (past U+10FFFF, or a surrogate no UTF-8 holds)")
             return v
         if kind not in ESCAPES:
             raise self.error(f"unknown escape \\{kind}")
@@ -150,6 +154,8 @@ class Parser:
                         hi = self.char()
                     ranges.append((lo, hi))
                 self.pos += 1
+                if not ranges:
+                    raise self.error("an empty set of characters")
                 last = len(seq)
                 seq.append((CHARS, tuple(ranges), negated))
             elif c == ".":
@@ -174,8 +180,7 @@ class Parser:
                     raise self.error(f"nothing before {c!r} to repeat")
                 self.pos += 1
                 lo, hi = {"*": (0, -1), "+": (1, -1), "?": (0, 1)}.get(c) or self.counts()
-                self.repeat(seq, last, lo, hi, name)
-                last = None
+                self.repeat(seq, last, lo, hi, name)  # a repetition after it repeats this (llama.cpp's "a"{2}{2})
             elif c == "<":
                 raise self.error("token references (<...>) are not supported")
             else:
@@ -231,11 +236,14 @@ class Gbnf:
     engine.grammar: start, step, advance, complete, wide, sure."""
 
     def __init__(self, text: str, root: str = "root"):
-        p = Parser(text)
-        if root not in p.ids:
-            raise HotcoldError(f"grammar: no rule '{root}'")
+        try:
+            p = Parser(text)
+            if root not in p.ids:
+                raise HotcoldError(f"grammar: no rule '{root}'")
+            check_left_recursion(p.rules, p.names)
+        except RecursionError:
+            raise HotcoldError("grammar: nested too deeply (parentheses or rules inside one another)") from None
         self.names = p.names
-        check_left_recursion(p.rules, p.names)
         self.elements: list[tuple] = []
         self.starts: dict[int, list[int]] = {}  # rule id -> where each of its alternatives starts in elements
         for rid, alts in p.rules.items():
@@ -245,40 +253,40 @@ class Gbnf:
                 self.elements += alt + [(END,)]
         self.memo: dict = {}
         self.interned: dict = {}
-        self.firsts = {pos: self.first_bytes(pos) for pos, e in enumerate(self.elements) if e[0] == CHARS}
+        masks: dict = {}  # the same set (a literal's letters) computed once
+        self.firsts = {pos: masks.get(e) or masks.setdefault(e, first_bytes(e[1], e[2]))
+                       for pos, e in enumerate(self.elements) if e[0] == CHARS}
         stacks: set = set()
         for s in self.starts[p.ids[root]]:
-            self.push((), s, stacks)
+            self.push(None, s, stacks)
         self.start = self.intern(frozenset(stacks), b"")
 
     def intern(self, stacks: frozenset, partial: bytes):
         """The state (stacks, partial, first): first, a 256-bit mask of the bytes that may come next where no
         character is half read (the union of the top sets' `first_bytes`)."""
         first = 0
-        for top in {s[-1] for s in stacks if s} if not partial else ():
+        for top in {s[0] for s in stacks if s is not None} if not partial else ():
             first |= self.firsts[top]
         state = (stacks, partial, first)
         return self.interned.setdefault(state, state)
 
-    def first_bytes(self, pos: int) -> int:
-        """The bytes that begin a character the set at pos takes, as a 256-bit mask."""
-        return sum(1 << b for b in range(0xF5) if utf8_length(b) and self.matches(pos, *span(bytes([b]))))
-
-    def push(self, rest: tuple, pos: int, out: set) -> None:
-        """Into out: the stacks that read the sequence from element pos on, then what `rest` reads, each down to a
-        character set on top (or empty: the end)."""
-        kind = self.elements[pos][0]
-        if kind == CHARS:
-            out.add(rest + (pos,))
-        elif kind == END:
-            if rest:
-                self.push(rest[:-1], rest[-1], out)
+    def push(self, rest, pos: int, out: set) -> None:
+        """Into out: the stacks that read the sequence from element pos on, then what the stack `rest` reads, each
+        down to a character set on top (or None: the end)."""
+        work = [(rest, pos)]
+        while work:
+            rest, pos = work.pop()
+            e = self.elements[pos]
+            if e[0] == CHARS:
+                out.add((pos, rest))
+            elif e[0] == END:
+                if rest is None:
+                    out.add(None)
+                else:
+                    work.append((rest[1], rest[0]))
             else:
-                out.add(())
-        else:
-            after = rest if self.elements[pos + 1][0] == END else rest + (pos + 1,)
-            for s in self.starts[self.elements[pos][1]]:
-                self.push(after, s, out)
+                after = rest if self.elements[pos + 1][0] == END else (pos + 1, rest)
+                work.extend((after, s) for s in self.starts[e[1]])
 
     def matches(self, pos: int, lo: int, hi: int) -> bool:
         """Whether the character set at pos takes some code point in [lo, hi]."""
@@ -295,7 +303,7 @@ class Gbnf:
 
     def complete(self, state) -> bool:
         """Whether the text so far is a whole sentence of the grammar."""
-        return not state[1] and () in state[0]
+        return not state[1] and None in state[0]
 
     @staticmethod
     def nexts(state) -> list[int]:
@@ -317,10 +325,17 @@ class Gbnf:
         """Whether nearly every byte goes on from here (engine.grammar.worth_trying): not known for a grammar."""
         return False
 
-    @staticmethod
-    def sure(state, plain):
-        """Tokens known to be allowed without trying them: none known for a grammar."""
-        return None
+    def sure(self, state, tables):
+        """The tokens known to be allowed in `state` without trying them (engine.grammar's constrained_pick): those
+        made of ASCII bytes that each lead back to this same state (inside a string, `char*`); None when there are
+        none such."""
+        if state[1]:
+            return None
+        loop = sum(1 << b for b in range(128) if self.step(state, b) is state)
+        if not loop:
+            return None
+        lo, hi = np.uint64(loop & 2**64 - 1), np.uint64(loop >> 64)
+        return ((tables.ascii[:, 0] & ~lo) == 0) & ((tables.ascii[:, 1] & ~hi) == 0)
 
     def advance(self, state, data: bytes):
         """The state after the bytes `data`, or None if no sentence of the grammar goes on so."""
@@ -336,8 +351,9 @@ class Gbnf:
             return self.memo[key]
         except KeyError:
             pass
-        if len(self.memo) >= MEMO_MAX:
+        if len(self.memo) >= MEMO_MAX:  # (states in use stay whole: each holds its stacks)
             self.memo.clear()
+            self.interned.clear()
         nxt = self.memo[key] = self.read(state, b)
         return nxt
 
@@ -352,15 +368,46 @@ class Gbnf:
         if len(data) == 2 and data[0] in SECOND and not SECOND[data[0]][0] <= b <= SECOND[data[0]][1]:
             return None
         if len(data) < need:  # a character begun: kept if some set could take a code point it may become
-            if len(data) > 1 and not any(s and self.matches(s[-1], *span(data)) for s in stacks):
+            if len(data) > 1 and not any(s is not None and self.matches(s[0], *span(data)) for s in stacks):
                 return None  # (one byte: `first` said so)
             return self.intern(stacks, data)
         c = ord(data.decode("utf-8"))
         out: set = set()
         for s in stacks:
-            if s and self.matches(s[-1], c, c):
-                self.push(s[:-1], s[-1] + 1, out)
+            if s is not None and self.matches(s[0], c, c):
+                self.push(s[1], s[0] + 1, out)
+        if len(out) > MAX_STACKS:
+            raise HotcoldError(f"grammar: more than {MAX_STACKS} ways to read the text at once (an ambiguous "
+                               "grammar, such as two alternatives that go on alike)")
         return self.intern(frozenset(out), b"") if out else None
+
+
+def first_bytes(ranges: tuple, negated: bool) -> int:
+    """The bytes that begin the UTF-8 of a code point a set takes, as a 256-bit mask (from its ranges: a UTF-8 lead
+    byte grows with the code point)."""
+    taken, lo = [], 0
+    if negated:  # the complement's ranges
+        for a, b in sorted(ranges):
+            if a > lo:
+                taken.append((lo, a - 1))
+            lo = max(lo, b + 1)
+        taken.append((lo, MAX_UNICODE))
+    mask = 0
+    for lo, hi in ranges if not negated else taken:
+        hi = min(hi, MAX_UNICODE)
+        if lo <= min(hi, 0x7F):
+            mask |= ((1 << (min(hi, 0x7F) - lo + 1)) - 1) << lo
+        lo = max(lo, 0x80)
+        for lead in range(lead_byte(lo), lead_byte(hi) + 1) if lo <= hi else ():
+            a, b = span(bytes([lead]))
+            if utf8_length(lead) and a <= hi and lo <= b:
+                mask |= 1 << lead
+    return mask
+
+
+def lead_byte(c: int) -> int:
+    """The first byte of the UTF-8 of code point c (at least U+0080)."""
+    return 0xC0 | c >> 6 if c < 0x800 else 0xE0 | c >> 12 if c < 0x10000 else 0xF0 | c >> 18
 
 
 def span(data: bytes) -> tuple[int, int]:

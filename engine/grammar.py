@@ -1,6 +1,6 @@
 """Constrained generation: a byte-level pushdown recognizer of JSON text, and the sampling step that keeps to it or to
 a GBNF grammar (engine.gbnf). A grammar object has start, step(state, byte), advance(state, bytes) (None: refused),
-complete(state), and for the search nexts(state) (the bytes worth trying), wide(state) and sure(state, plain).
+complete(state), and for the search nexts(state) (the bytes worth trying), wide(state) and sure(state, tables).
 
 The recognizer's state is a small tuple, so a token is tried by running its bytes from the state (nothing to undo).
 Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuses are out before the sampler's chain
@@ -8,6 +8,8 @@ Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuse
 keep, and otherwise every allowed token is found (inside a string most are known at once).
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -52,10 +54,10 @@ class JsonGrammar:
         return state[1] == STRING
 
     @staticmethod
-    def sure(state, plain: np.ndarray) -> np.ndarray | None:
-        """The tokens known to be allowed in `state` (`constrained_pick`'s sure): the plain tokens (`plain_tokens`)
-        inside a string with no character half done; None elsewhere."""
-        return plain if state[1] == STRING and not state[2] & 3 else None
+    def sure(state, tables: TokenTables) -> np.ndarray | None:
+        """The tokens known to be allowed in `state` (`constrained_pick`'s sure): the plain tokens inside a string
+        with no character half done; None elsewhere."""
+        return tables.plain if state[1] == STRING and not state[2] & 3 else None
 
     def complete(self, state) -> bool:
         """Whether the text so far is whole JSON (a number at the top: whole, though more digits could come)."""
@@ -180,10 +182,11 @@ def best_first(z: np.ndarray, ids: np.ndarray, head: int = 256):
 
 
 def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, allowed,
-                     sure: np.ndarray | None = None) -> int:
+                     sure: Callable[[], np.ndarray | None] | None = None) -> int:
     """A token the grammar allows, sampled as llama.cpp samples under a grammar: the logit biases and penalties, then
     the refused tokens out, then the rest of the chain. maybe (n_vocab,) bool: the tokens worth trying
-    (`worth_trying`); sure (n_vocab,) bool or None: tokens known to be allowed (the grammar's `sure`); allowed(id):
+    (`worth_trying`); sure() (n_vocab,) bool or None: tokens known to be allowed (the grammar's `sure`, asked for
+    only with top-k off, where it spares trying most of the vocabulary inside a string); allowed(id):
     whether the grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest
     k; else the chain uses every allowed token (top-p's sum is over them all), and all are found."""
     z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
@@ -191,13 +194,14 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
     need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
     ids = np.flatnonzero(maybe & (z > -np.inf))
     if need is None:
-        ok = sure[ids] if sure is not None else np.zeros(len(ids), bool)
+        known = sure() if sure is not None else None
+        ok = known[ids] if known is not None else np.zeros(len(ids), bool)
         ok[~ok] = [allowed(t) for t in ids[~ok].tolist()]
         kept = ids[ok]
     else:
         kept = []
         for t in best_first(z, ids):
-            if sure is not None and sure[t] or allowed(t):
+            if allowed(t):
                 kept.append(t)
                 if len(kept) == need:
                     break
@@ -211,16 +215,30 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
     return sampler.choose(masked)
 
 
-def plain_tokens(tokenizer, n_vocab: int) -> np.ndarray:
-    """(n_vocab,) bool: tokens a JSON string takes whole wherever it has no character half done: UTF-8 (strict) without
-    a quote, a backslash or a control character."""
+class TokenTables(NamedTuple):
+    """What grammars' `sure` reads of the vocabulary. plain (n_vocab,) bool: tokens a JSON string takes whole wherever
+    it has no character half done (strict UTF-8 without a quote, a backslash or a control character); ascii
+    (n_vocab, 2) uint64: a bit for each ASCII byte a token holds, all bits set for a token with another byte or none
+    (control tokens are never sure)."""
+    plain: np.ndarray
+    ascii: np.ndarray
+
+
+def token_tables(tokenizer, n_vocab: int) -> TokenTables:
     def plain(p: bytes) -> bool:
         try:
             p.decode("utf-8")
         except UnicodeDecodeError:
             return False
         return bool(p) and not any(b < 0x20 or b in (0x22, 0x5C) for b in p)
-    return np.array([plain(tokenizer.piece(i)) for i in range(n_vocab)])
+
+    def bits(p: bytes) -> tuple[int, int]:
+        if not p or max(p) > 0x7F:
+            return (2**64 - 1, 2**64 - 1)
+        m = sum(1 << b for b in set(p))
+        return (m & 2**64 - 1, m >> 64)
+    pieces = [b"" if i in tokenizer.special_ids else tokenizer.piece(i) for i in range(n_vocab)]
+    return TokenTables(np.array([plain(p) for p in pieces]), np.array([bits(p) for p in pieces], np.uint64))
 
 
 def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:

@@ -10,8 +10,10 @@ digits.
 from __future__ import annotations
 
 import json
+import re
 
 from .config import HotcoldError
+from .gbnf import MAX_REPEAT
 
 ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "readOnly", "writeOnly",
                "deprecated", "$defs", "definitions"}
@@ -37,10 +39,29 @@ def literal(text: str) -> str:
                          for c in text) + '"'
 
 
+def json_text(v) -> str:
+    """A value as compact JSON (an enum's or const's text); HotcoldError for what no JSON text holds."""
+    try:
+        text = json.dumps(v, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise HotcoldError(f"JSON schema: {v!r} is not a number JSON holds (NaN, infinity)") from None
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise HotcoldError(f"JSON schema: {text!r} holds a lone surrogate, which no UTF-8 text holds")
+    return text
+
+
+def set_char(c: str) -> str:
+    """A character inside a GBNF set, escaped."""
+    return c if c.isalnum() and c.isascii() else f"\\u{ord(c):04X}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08X}"
+
+
 def schema_grammar(schema) -> str:
     """GBNF text for the JSON texts a schema describes (no whitespace before or after the value); HotcoldError for
     a schema or keyword hotcold does not do."""
-    return Converter(schema).text
+    try:
+        return Converter(schema).text
+    except RecursionError:
+        raise HotcoldError("JSON schema: nested too deeply") from None
 
 
 class Converter:
@@ -52,8 +73,8 @@ class Converter:
     def fail(self, where: str, what: str) -> HotcoldError:
         return HotcoldError(f"JSON schema at {where}: {what}")
 
-    def new(self, body: str) -> str:
-        name = f"s{len(self.rules)}"
+    def new(self, body: str, name: str = "s") -> str:
+        name = f"{name}{len(self.rules)}"
         self.rules[name] = body
         return name
 
@@ -65,13 +86,12 @@ class Converter:
             raise self.fail(where, f"a schema is an object, got {json.dumps(schema)}")
         if "$ref" in schema:
             return self.ref(schema, where)
-        if "const" in schema:
-            return literal(json.dumps(schema["const"], ensure_ascii=False, separators=(",", ":")))
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
+        if "const" in schema or "enum" in schema:
+            self.check(schema, where, {"const", "enum", "type"})  # (a type beside them: what they hold)
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
                 raise self.fail(where, "enum: a list of values")
-            return "(" + " | ".join(literal(json.dumps(v, ensure_ascii=False, separators=(",", ":")))
-                                    for v in schema["enum"]) + ")"
+            return "(" + " | ".join(literal(json_text(v)) for v in values) + ")"
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 subs = schema[key]
@@ -110,7 +130,7 @@ class Converter:
                 if not isinstance(node, dict) or part not in node:
                     raise self.fail(where, f"$ref: {target} is not in the schema")
                 node = node[part]
-            name = self.refs[target] = self.new("")
+            name = self.refs[target] = self.new("", "ref-" + re.sub(r"[^a-zA-Z0-9]+", "-", target[1:]).strip("-"))
             self.rules[name] = self.rule(node, target)
         return self.refs[target]
 
@@ -118,6 +138,8 @@ class Converter:
         v = schema.get(key, default)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise self.fail(where, f"{key}: a count, got {json.dumps(v)}")
+        if v is not None and v > MAX_REPEAT:
+            raise self.fail(where, f"{key} {v}: at most {MAX_REPEAT} (llama.cpp's grammars' largest count)")
         return v
 
     def repeat(self, item: str, lo: int, hi: int | None, sep: str) -> str:
@@ -151,8 +173,12 @@ class Converter:
         required = schema.get("required", [])
         extra = schema.get("additionalProperties", "properties" not in schema)
         if not isinstance(props, dict) or not isinstance(required, list) or \
-                not all(isinstance(r, str) and r in props for r in required):
-            raise self.fail(where, "properties: an object of schemas; required: a list of those properties' names")
+                not all(isinstance(r, str) for r in required):
+            raise self.fail(where, "properties: an object of schemas; required: a list of names")
+        missing = [r for r in required if r not in props]
+        if missing:
+            raise self.fail(where, f"required: {missing[0]!r} is not among the properties (hotcold writes the required "
+                            "properties from their schemas)")
         if extra is False and not props:
             return '("{" ws "}")'
         pairs = [(literal(json.dumps(k, ensure_ascii=False)) + ' ws ":" ws ' +
@@ -160,7 +186,10 @@ class Converter:
         other = None
         if extra is not False:
             value = "value" if extra is True else self.rule(extra, f"{where}/additionalProperties")
-            other = self.new(f"string ws \":\" ws {value} ws")  # (a name of the listed ones too, as llama.cpp)
+            if any(not c.isprintable() or c in '"\\' for k in props for c in k):
+                raise self.fail(where, "additionalProperties beside a property whose name JSON escapes")
+            key = '"\\"" (' + not_strings(list(props)) + ') "\\""'  # not one of the listed names, as llama.cpp
+            other = self.new(f'{key} ws ":" ws {value} ws')
         # some[i]: the properties from i on after one has been written; none[i]: before any has
         some, none = ['("," ws ' + other + ")*" if other else '""'], [
             f"({other} (\",\" ws {other})*)?" if other else '""']
@@ -169,6 +198,26 @@ class Converter:
             some.append(f'"," ws {pair} {after}' if needed else f'("," ws {pair})? {after}')
             none.append(f"{pair} {after}" if needed else f"{pair} {after} | {self.new(none[-1])}")
         return self.new('"{" ws (' + none[-1] + ') "}"')
+
+
+def not_strings(names: list[str]) -> str:
+    """A GBNF expression for the contents of a JSON string that is none of `names` (a name's characters, then a
+    different one or more; or a string that stops short of every name), as llama.cpp's converter keys its additional
+    properties."""
+    trie: dict = {}
+    for name in names:
+        node = trie
+        for c in name:
+            node = node.setdefault(c, {})
+        node[""] = {}  # the end of a name
+
+    def visit(node: dict) -> str:
+        kids = [c for c in node if c]
+        alts = [r'[^"\\\x7F\x00-\x1F' + "".join(map(set_char, kids)) + "] char*",
+                r'"\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) char*']  # something else from here on
+        alts += [f"{literal(c)} ({visit(node[c])})" for c in kids]
+        return " | ".join(alts + ([] if "" in node else ['""']))
+    return visit(trie)
 
 
 def grammar_for(schema):

@@ -128,6 +128,9 @@ def test_partial_characters_go_on_only_toward_a_character_the_grammar_takes():
     ('root := "a"\n', "'::=' expected at line 1, column 6"),
     ('root ::= ("a"\n', "')' expected"),
     ('root ::= <[42]>\n', "token references (<...>) are not supported"),
+    ('root ::= []\n', "an empty set of characters"),
+    ('root ::= "\\uD800"\n', "\\uD800 is not a character"),
+    ("root ::= " + "(" * 2000 + '"a"' + ")" * 2000 + "\n", "nested too deeply"),
     ('root ::= "a" ) "b"\n', "unexpected ')'"),
 ])
 def test_bad_grammars_are_one_line(text, why):
@@ -169,9 +172,11 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
                 {"name": "T", "age": 1, "toys": ["a", "b", "c"]}, {"name": "T", "age": 1, "toys": [{"on": "a"}]},
                 {"name": "T", "age": 1, "weight": "4"}, {"name": "T", "age": 1, "kind": "dog"}, [], "Tom"):
         assert not whole(g, json.dumps(cat)), cat
-    extra = grammar_for({"properties": {"a": {"type": "null"}}, "additionalProperties": {"type": "integer"}})
-    assert whole(extra, '{"a": null, "b": 1, "c": 2}') and whole(extra, '{"b": 1}')
+    extra = grammar_for({"properties": {"a": {"type": "null"}, "ab": {}}, "additionalProperties": {"type": "integer"}})
+    assert whole(extra, '{"a": null, "b": 1, "c": 2}') and whole(extra, '{"b": 1}') and whole(extra, '{"abc": 1}')
     assert not whole(extra, '{"b": "x"}') and not whole(extra, '{"b": 1, "a": null}')
+    for listed in ('{"a": 1}', '{"a": null, "a": 2}', '{"ab": 1, "ab": 2}'):  # the listed names are theirs alone
+        assert not whole(extra, listed), listed
     assert whole(grammar_for({"type": "array", "minItems": 2}), "[1, {}]")
     assert not whole(grammar_for({"type": "array", "minItems": 2}), "[1]")
 
@@ -183,7 +188,15 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
     ({"$ref": "#/$defs/none"}, "$ref: #/$defs/none is not in the schema"),
     ({"$ref": "https://example.com/s.json"}, "$ref: a reference inside the schema"),
     ({"$ref": "#"}, "left-recursive"),
-    ({"properties": {"a": {}}, "required": ["b"]}, "required: a list of those properties' names"),
+    ({"properties": {"a": {}}, "required": ["b"]}, "required: 'b' is not among the properties"),
+    ({"enum": ["a", "bb"], "maxLength": 1}, "the keyword 'maxLength' is not supported"),
+    ({"const": float("nan")}, "nan is not a number JSON holds"),
+    ({"enum": ["\ud800"]}, "holds a lone surrogate"),
+    ({"type": "string", "minLength": 3000}, "at #: minLength 3000: at most 2000"),
+    ({"anyOf": [{"$ref": "#/$defs/x"}], "$defs": {"x": {"$ref": "#/$defs/x"}}}, "rule 'ref-defs-x"),
+    ({"properties": {'"q"': {}}, "additionalProperties": True}, "beside a property whose name JSON escapes"),
+    ({"type": "array", "items": {"type": "array", "items": {}}, "minItems": 1} | {"items": json.loads(
+        '{"items":' * 900 + "{}" + "}" * 900)}, "JSON schema: nested too deeply"),
     ({"type": "array", "minItems": 3, "maxItems": 2}, "at most 2 of something asked for at least 3"),
     ({"enum": []}, "enum: a list of values"),
     (False, "a schema is an object"),
@@ -195,14 +208,20 @@ def test_unsupported_schemas_are_named(schema, why):
 
 def test_sampling_under_a_schema_keeps_every_allowed_token(smollm):
     """In states of the schema's grammar, on SmolLM2's logits: the first-bytes filter loses no token a brute force
-    over the vocabulary allows; greedy and top-k are the likeliest allowed."""
-    g = grammar_for(CAT)
-    for text in ("", '{"name": "T', '{"name": "Tom", "age": 1', '{"name": "Tom", "age": 12, ', '{\n  "name": "é'):
+    over the vocabulary allows, and the tokens said to be surely allowed are (inside a string without a length
+    bound, most of the vocabulary); greedy is the likeliest allowed."""
+    story = grammar_for({"properties": {"story": {"type": "string"}, "cat": CAT}, "$defs": CAT["$defs"]})
+    for g, text in [(grammar_for(CAT), t) for t in ("", '{"name": "T', '{"name": "Tom", "age": 1',
+                                                    '{"name": "Tom", "age": 12, ', '{\n  "name": "é')] + [
+            (story, '{"story": "Once'), (story, '{"story": "x", "cat": {"name": "a')]:
         state = g.advance(g.start, text.encode())
         logits = smollm.logits(smollm.tokenize("A cat: " + text), all_logits=False).numpy().copy()
         allowed = np.array([smollm.allows(g, state, t) for t in range(logits.size)])
         maybe = worth_trying(g, state, smollm.first_bytes)
         assert allowed.any() and not (allowed & ~maybe).any(), text
+        sure = g.sure(state, smollm.token_tables)
+        assert sure is None or not (sure & ~allowed).any(), text
+        assert (sure is not None and sure.sum() > 30000) == (text == '{"story": "Once'), text
         ranked = [t for t in np.argsort(-logits, kind="stable").tolist() if allowed[t]]
         check = lambda t: bool(allowed[t])  # noqa: E731
         assert constrained_pick(Sampler(0), logits, [], maybe, check) == ranked[0]
@@ -271,3 +290,16 @@ def test_cli_and_server_take_grammars_and_schemas(smollm, tmp_path, capsys):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_deep_ambiguous_and_repeated_grammars():
+    """Nesting 3000 deep reads (stacks share their tails); an ambiguous grammar that doubles its ways of reading each
+    character stops in one line; a repetition repeats what comes before it, repetitions included (llama.cpp's)."""
+    g = Gbnf(schema_grammar(True))
+    assert whole(g, "[" * 3000 + "]" * 3000) and not whole(g, "[" * 3000 + "]" * 2999)
+    twice = Gbnf('root ::= "a" root "b" | "a" root "c" | "x"\n')
+    assert whole(twice, "aaxbc")
+    with pytest.raises(HotcoldError, match="more than 10000 ways to read the text at once"):
+        twice.advance(twice.start, b"a" * 14)
+    four = Gbnf('root ::= "a"{2}{2} "b"*?\n')
+    assert [whole(four, "a" * k) for k in range(6)] == [False] * 4 + [True, False] and whole(four, "aaaabbb")

@@ -86,13 +86,13 @@ def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text
     allowed = np.array([smollm.allows(g, state, t) for t in range(n)])
     maybe = worth_trying(g, state, smollm.first_bytes)
     assert allowed.any() and not (allowed & ~maybe).any()  # the filter loses nothing
-    sure = g.sure(state, smollm.plain_tokens)
+    sure = g.sure(state, smollm.token_tables)
     assert sure is None or not (sure & ~allowed).any()
     assert (sure is not None) == (text.count('"') % 2 == 1)  # inside a string: most of the vocabulary, known at once
     check = lambda t: bool(allowed[t])  # noqa: E731
     order = np.argsort(-logits, kind="stable")
     ranked = order[allowed[order]]  # the allowed tokens, best first
-    for known in (None, sure):
+    for known in (None, lambda: sure):
         assert constrained_pick(Sampler(0), logits, [], maybe, check, known) == ranked[0]
         assert constrained_pick(Keeps(1.0, top_k=40), logits, [], maybe, check, known) == sorted(ranked[:40].tolist())
         assert constrained_pick(Keeps(1.0, top_k=0), logits, [], maybe, check, known) == sorted(ranked.tolist())
