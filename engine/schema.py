@@ -29,8 +29,13 @@ number ::= integer ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,16})?
 boolean ::= "true" | "false"
 null ::= "null"
 '''
-KEYS = {"object": {"properties", "required", "additionalProperties"}, "array": {"items", "minItems", "maxItems"},
-        "string": {"minLength", "maxLength"}}
+KEYS = {"object": {"properties", "required", "additionalProperties"},
+        "array": {"items", "minItems", "maxItems", "prefixItems"}, "string": {"minLength", "maxLength", "format"}}
+HOUR = r'([01] [0-9] | "2" [0-3])'
+TIME = HOUR + r' ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? ("Z" | [+-] ' + HOUR + r' ":" [0-5] [0-9])'
+DATE = r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])'
+FORMATS = {"date": DATE, "time": TIME, "date-time": f'{DATE} "T" {TIME}',  # RFC 3339's, as llama.cpp's converter
+           "uuid": r'[0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12}'}
 
 
 def literal(text: str) -> str:
@@ -84,6 +89,14 @@ class Converter:
             return "value"
         if not isinstance(schema, dict):
             raise self.fail(where, f"a schema is an object, got {json.dumps(schema)}")
+        if "nullable" in schema:  # OpenAPI's: the schema, or null
+            rest = {k: v for k, v in schema.items() if k != "nullable"}
+            return f"({self.rule(rest, where)} | null)" if schema["nullable"] is True else self.rule(rest, where)
+        if "allOf" in schema:  # one schema (Pydantic v1 wraps a $ref so): that schema; several are not merged
+            if not isinstance(schema["allOf"], list) or len(schema["allOf"]) != 1:
+                raise self.fail(where, "allOf: hotcold takes one schema there (it does not merge several)")
+            self.check(schema, where, {"allOf"})
+            return self.rule(schema["allOf"][0], f"{where}/allOf/0")
         if "$ref" in schema:
             return self.ref(schema, where)
         if "const" in schema or "enum" in schema:
@@ -115,8 +128,8 @@ class Converter:
         for key in schema:
             if key not in known and key not in ANNOTATIONS:
                 raise self.fail(where, f"the keyword {key!r} is not supported (hotcold takes type, properties, "
-                                "required, additionalProperties, items, minItems, maxItems, minLength, maxLength, "
-                                "enum, const, anyOf, oneOf and $ref)")
+                                "required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
+                                "maxLength, format, enum, const, anyOf, oneOf, allOf of one, nullable and $ref)")
 
     def ref(self, schema: dict, where: str) -> str:
         target = schema["$ref"]
@@ -156,8 +169,20 @@ class Converter:
         if kind == "string":
             lo = self.count(schema, "minLength", where, 0)
             hi = self.count(schema, "maxLength", where, None)
+            if "format" in schema:
+                if schema["format"] not in FORMATS or (lo, hi) != (0, None):
+                    raise self.fail(where, f"format {json.dumps(schema['format'])}: hotcold takes "
+                                    f"{', '.join(FORMATS)}, without minLength or maxLength")
+                return self.new('"\\"" ' + FORMATS[schema["format"]] + ' "\\""')
             return "string" if (lo, hi) == (0, None) else self.new('"\\"" ' + self.repeat("char", lo, hi, "") +
                                                                    ' "\\""')
+        if kind == "array" and "prefixItems" in schema:  # a tuple: each of these, then items' (none by default)
+            firsts, items = schema["prefixItems"], schema.get("items", False)
+            if not isinstance(firsts, list) or not firsts or {"minItems", "maxItems"} & schema.keys():
+                raise self.fail(where, "prefixItems: a list of schemas (without minItems or maxItems)")
+            parts = [self.rule(s, f"{where}/prefixItems/{i}") + " ws" for i, s in enumerate(firsts)]
+            more = "" if items is False else f' ("," ws {self.rule(items, where + "/items")} ws)*'
+            return self.new('"[" ws ' + ' "," ws '.join(parts) + more + ' "]"')
         if kind == "array":
             items = schema.get("items", True)
             lo = self.count(schema, "minItems", where, 0)

@@ -183,7 +183,9 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
 
 @pytest.mark.parametrize("schema,why", [
     ({"type": "string", "pattern": "^a"}, "at #: the keyword 'pattern' is not supported"),
-    ({"properties": {"d": {"type": "string", "format": "date"}}}, "at #/properties/d: the keyword 'format'"),
+    ({"properties": {"d": {"type": "string", "format": "email"}}}, 'at #/properties/d: format "email": hotcold takes'),
+    ({"properties": {"d": {"type": "integer", "minimum": 0}}}, "at #/properties/d: the keyword 'minimum'"),
+    ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf: hotcold takes one schema there"),
     ({"type": "strng"}, "type: one of object, array, string"),
     ({"$ref": "#/$defs/none"}, "$ref: #/$defs/none is not in the schema"),
     ({"$ref": "https://example.com/s.json"}, "$ref: a reference inside the schema"),
@@ -303,3 +305,20 @@ def test_deep_ambiguous_and_repeated_grammars():
         twice.advance(twice.start, b"a" * 14)
     four = Gbnf('root ::= "a"{2}{2} "b"*?\n')
     assert [whole(four, "a" * k) for k in range(6)] == [False] * 4 + [True, False] and whole(four, "aaaabbb")
+
+
+def test_schema_formats_tuples_nullable_and_allof():
+    """What Pydantic and OpenAPI write: RFC 3339 dates and times, UUIDs, tuples (prefixItems), nullable, allOf of one
+    $ref."""
+    g = grammar_for({"properties": {"when": {"type": "string", "format": "date-time"}, "id": {"format": "uuid"},
+                                    "n": {"type": "integer", "nullable": True},
+                                    "p": {"allOf": [{"$ref": "#/$defs/P"}]},
+                                    "t": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}]}},
+                     "$defs": {"P": {"enum": ["x", "y"]}}})
+    for text, ok in (('{"when": "2024-02-29T13:05:09Z"}', True), ('{"when": "2024-13-01T00:00:00Z"}', False),
+                     ('{"when": "2024-01-01T23:59:60Z"}', False), ('{"when": "2024-01-01T00:00:00.5+05:30"}', True),
+                     ('{"id": "123e4567-e89b-12d3-a456-426614174000"}', True), ('{"id": "123e4567"}', False),
+                     ('{"n": null}', True), ('{"n": 5}', True), ('{"n": "5"}', False), ('{"p": "y"}', True),
+                     ('{"p": "z"}', False), ('{"t": [1, "a"]}', True), ('{"t": [1]}', False),
+                     ('{"t": [1, "a", 2]}', False)):
+        assert whole(g, text) == ok, text

@@ -158,7 +158,7 @@ def test_cli_and_server_json_output(smollm, capsys):
     assert request_grammar({"response_format": {"type": "text"}}, args) is None
     assert isinstance(request_grammar({}, build_parser("server").parse_args(["server", "-j", "{}"])), JsonGrammar)
     for body, why in (({"response_format": {"type": "xml"}}, 'response_format: {"type": "text"}'),
-                      ({"json_schema": {"format": "date"}}, "keyword 'format' is not supported"),
+                      ({"json_schema": {"minimum": 3}}, "keyword 'minimum' is not supported"),
                       ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "not with ignore_eos")):
         with pytest.raises((BadRequest, HotcoldError), match=why):
             generate_options(body, args, smollm, chat=True)
