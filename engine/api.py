@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, HotcoldError, as_int, set_threads
+from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, POOLINGS, HotcoldError, as_int, set_threads
 from .grammar import constrained_pick, first_bytes, token_tables, worth_trying
 from .loader import Checkpoint, load_checkpoint
 
@@ -44,6 +44,16 @@ def finite(v) -> float:
         return float(v)
     except OverflowError:
         return math.nan
+
+
+def normalized(v: np.ndarray, norm: float) -> np.ndarray:
+    """Vectors along the last axis normalized as llama.cpp's --embd-normalize: 2 Euclidean, 1 taxicab, p > 2 the
+    p-norm, 0 scaled so that the largest magnitude is 32760 (its int16 range), -1 as they are."""
+    if norm < 0:
+        return v
+    a = np.abs(v.astype(np.float64))
+    scale = a.max(-1, keepdims=True) / 32760.0 if norm == 0 else (a ** norm).sum(-1, keepdims=True) ** (1 / norm)
+    return (v / np.where(scale > 0, scale, 1.0)).astype(np.float32)
 
 
 def perplexity_of(nll: float, n: int) -> float:
@@ -339,6 +349,23 @@ class Model:
         if len(self.kv_ids) == pos:
             self.kv_ids += tokens
         return out
+
+    def embed(self, ids: list[int], pooling: str = "mean", normalize: float = 2) -> np.ndarray:
+        """A text's embedding (n_embd,) float32, as llama.cpp's: the hidden states after the output norm, pooled over
+        its tokens (mean; last: the last token's; cls: the first's; none: every token's, (T, n_embd)), then
+        `normalized` (2: to unit length). The KV cache then holds ids, as after `logits`."""
+        ids = self.check_ids(ids)
+        if pooling not in POOLINGS:
+            raise HotcoldError(f"pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+        if not ids:
+            raise HotcoldError("no tokens to embed (an empty text)")
+        if len(ids) > self.n_ctx:
+            raise HotcoldError(f"text of {len(ids)} tokens does not fit the context of {self.n_ctx} (raise --ctx)")
+        del self.kv_ids[:]
+        x = self.net.hidden(ids, 0).double().numpy()  # (T, n_embd)
+        self.kv_ids = list(ids)
+        v = {"mean": lambda: x.mean(0), "last": lambda: x[-1], "cls": lambda: x[0], "none": lambda: x}[pooling]()
+        return normalized(v.astype(np.float32), normalize)
 
     def prompt_logprobs(self, ids: list[int], top: int) -> list[dict]:
         """token_logprob of each token of ids after the first, given those before it (teacher-forced `logits`; the

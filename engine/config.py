@@ -19,6 +19,7 @@ CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 AUDIT_KEYS = ("recall", "precision", "actual_sparsity")  # what the predictor runtime adds to its statistics under audit
 DEFAULT_CTX = 2048  # tokens of context when none is given (or the model's training context if shorter)
 BACKENDS = ("kernels", "torch")  # numba kernels on the stored blocks | the float32 torch reference
+POOLINGS = ("mean", "last", "cls", "none")  # an embedding from the tokens' hidden states (llama.cpp's --pooling)
 
 
 class HotcoldError(Exception):

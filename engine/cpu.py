@@ -270,6 +270,10 @@ class KernelModel:
             return self.torch.forward(tokens, pos, all_logits)
         return torch.from_numpy(self.step(tokens[0], pos).copy())
 
+    def hidden(self, tokens: list[int], pos: int, last: bool = False):
+        """TorchModel.hidden: the batched forward's hidden states after the output norm."""
+        return self.torch.hidden(tokens, pos, last)
+
     def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
         """Logits (n_vocab,) after tokens placed at pos..: decode steps for up to STEP_PREFILL tokens, else one
         batched forward. The step's buffer: read it before the next call."""

@@ -171,6 +171,13 @@ class TorchModel:
     @torch.inference_mode()
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Logits (T, n_vocab) for all positions, or (n_vocab,) for the last one."""
+        logits = self.mm(self.hidden(tokens, pos, last=not all_logits), "output.weight")
+        return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def hidden(self, tokens: list[int], pos: int, last: bool = False) -> torch.Tensor:
+        """The hidden states after the output norm (T, n_embd) of tokens placed at pos.. (last: the last position's
+        alone, (1, n_embd)): what the output matrix reads, and the embeddings' per-token vectors."""
         c, w = self.c, self.w
         if pos + len(tokens) > self.n_ctx:
             raise ValueError(f"{pos + len(tokens)} positions exceed the context of {self.n_ctx}")
@@ -186,9 +193,7 @@ class TorchModel:
             if self.ffn_hook is not None:
                 h = self.ffn_hook(i, x, h)
             x = x + self.down(i, h)
-        x = rms_norm(x if all_logits else x[-1:], w["output_norm.weight"], c.rms_eps)
-        logits = self.mm(x, "output.weight")
-        return logits if all_logits else logits[0]
+        return rms_norm(x[-1:] if last else x, w["output_norm.weight"], c.rms_eps)
 
     def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
         """Logits (n_vocab,) after tokens placed at pos.. (the generate loop's call, as KernelModel's)."""

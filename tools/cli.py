@@ -19,7 +19,7 @@ from engine.config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, PREDICTOR_TYPES, H
 COMMAND_MODULES = {"chat": "tools.chat", "bench": "tools.bench", "train-predictors": "tools.predict",
                    "eval-predictors": "tools.predict", "split": "tools.split", "profile": "tools.profile",
                    "calibrate": "tools.calibrate", "export": "tools.export", "inspect": "tools.export",
-                   "relufy": "tools.relufy", "server": "tools.server"}
+                   "relufy": "tools.relufy", "server": "tools.server", "embedding": "tools.embedding"}
 MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 

@@ -7,6 +7,7 @@ conversation whole each turn, and only the tokens after those the cache holds ar
 from __future__ import annotations
 
 import argparse
+import base64
 import codecs
 import functools
 import hmac
@@ -24,7 +25,7 @@ import urllib.parse
 import uuid
 
 from engine.api import finite
-from engine.config import HotcoldError
+from engine.config import POOLINGS, HotcoldError
 from engine.gbnf import Gbnf
 from engine.schema import grammar_for
 from tools.cli import SAMPLING, at_least, between, sampler_of, strict
@@ -446,7 +447,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = self.path_only()
         routes = {"/v1/completions": self.complete, "/completion": self.native, "/completions": self.native,
                   "/v1/chat/completions": self.chat, "/chat/completions": self.chat, "/tokenize": self.tokenize,
-                  "/detokenize": self.detokenize, "/apply-template": self.apply_template}
+                  "/detokenize": self.detokenize, "/apply-template": self.apply_template,
+                  "/v1/embeddings": self.embeddings, "/embeddings": self.embeddings}
         self.streaming = False
         if not self.authorized():
             return
@@ -484,6 +486,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(ids, list) or not all(map(is_id, ids)):
             raise BadRequest("detokenize: {\"tokens\": a list of token ids}")
         self.send_json(200, {"content": self.server.model.detokenize(ids)})
+
+    def embeddings(self, body: dict) -> None:
+        """OpenAI's /v1/embeddings: {"input": a text, token ids, or a list of those, "encoding_format": "float" or
+        "base64" (little-endian float32, as OpenAI's client asks by default), "dimensions": the model's if given} ->
+        {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "model", "usage"}: each vector
+        pooled by the server's --pooling, of unit length (Model.embed)."""
+        model, given = self.server.model, body.get("input")
+        items = [given] if isinstance(given, str) or isinstance(given, list) and any(map(is_id, given)) else given
+        ids = [prompt_tokens(model, p) for p in items] if isinstance(items, list) and items else [None]
+        if None in ids or [] in ids:
+            raise BadRequest("input: a text that is not empty, token ids, or a list of those")
+        fmt, dims = body.get("encoding_format") or "float", body.get("dimensions")
+        if fmt not in ("float", "base64"):
+            raise BadRequest(f"encoding_format: \"float\" or \"base64\", got {json.dumps(fmt)}")
+        if dims is not None and dims != model.config.n_embd:
+            raise BadRequest(f"dimensions: this model's embeddings have {model.config.n_embd}, not {json.dumps(dims)}")
+        data = []
+        for k, i in enumerate(ids):
+            v = model.embed(i, self.server.args.pooling)
+            data.append({"object": "embedding", "index": k, "embedding": v.tolist() if fmt == "float" else
+                         base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")})
+        n = sum(map(len, ids))
+        self.log(200, f"embeddings of {len(ids)} inputs, {n} tokens")
+        self.send_json(200, {"object": "list", "data": data, "model": self.server.name,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def apply_template(self, body: dict) -> None:
         """llama-server's /apply-template: {"messages"} -> {"prompt": the chat template's text}."""
@@ -692,6 +719,8 @@ def add_command(sub) -> None:
                    help="most tokens a reply may have, and the default when its request gives no max_tokens "
                    "(default -1: no cap; to a stop token or the end of the context)")
     add_sampling_args(p)  # a request's defaults, as llama-server's flags
+    p.add_argument("--pooling", choices=POOLINGS[:3], default="mean", help="the embeddings' (/v1/embeddings): the "
+                   "mean of the tokens' hidden states (default), the last token's, or the first's (cls)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_server)
 
