@@ -367,6 +367,17 @@ class Model:
         v = {"mean": lambda: x.mean(0), "last": lambda: x[-1], "cls": lambda: x[0], "none": lambda: x}[pooling]()
         return normalized(v.astype(np.float32), normalize)
 
+    def save_state(self, path: str, n: int | None = None) -> int:
+        """The KV cache's first n positions (default: all `kv_ids`) to a prompt cache file (engine.state)."""
+        from .state import save_state
+        return save_state(self, path, n)
+
+    def load_state(self, path: str) -> int:
+        """The KV cache's first positions from a prompt cache file; `generate(reuse_cache=True)` then computes only
+        what follows the part of them the prompt begins with. Returns how many tokens the file held."""
+        from .state import load_state
+        return load_state(self, path)
+
     def prompt_logprobs(self, ids: list[int], top: int) -> list[dict]:
         """token_logprob of each token of ids after the first, given those before it (teacher-forced `logits`; the
         cache then holds ids, which a `generate(reuse_cache=True)` continuing them reuses)."""

@@ -321,9 +321,10 @@ def cmd_generate(args) -> None:
     ids = model.tokenize(prompt)
     model.check_prompt(ids)  # before the prompt is echoed: a refused prompt prints nothing on stdout
     sampler = checked_sampler(model, args)
+    reuse = prompt_cache(model, args, ids)
     if args.json:
         out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=args.grammar)
+                             grammar=args.grammar, reuse_cache=reuse)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -334,19 +335,42 @@ def cmd_generate(args) -> None:
             sys.stdout.flush()
 
         out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=args.grammar)
+                             grammar=args.grammar, reuse_cache=reuse)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
         rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f}"
-        print(f"prefill: {s['prompt_tokens']} tokens, {s['prefill_tok_s']:.1f} tok/s | "
+        cached = f" ({s['cached_tokens']} from the cache)" if s["cached_tokens"] else ""
+        print(f"prefill: {s['prompt_tokens']} tokens{cached}, {s['prefill_tok_s']:.1f} tok/s | "
               f"decode: {s['generated_tokens']} tokens, {rate} tok/s"
               + (f" | FFN sparsity {s['sparsity']:.1%}" if s.get("sparsity") is not None else ""), file=sys.stderr)
         if "predicted_sparsity" in s:
             print(format_runtime_stats(s), file=sys.stderr)
+    if args.prompt_cache is not None and not args.prompt_cache_ro:
+        model.save_state(args.prompt_cache, len(ids))  # the prompt's positions: those the generation left alone
     if out.stats["stop"] == "context":
         print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
               file=sys.stderr)
+
+
+def prompt_cache(model, args, ids: list[int]) -> bool:
+    """--prompt-cache: the KV cache filled from the file where it exists (a note says how much of the prompt it
+    holds), and the prompt's keys and values written to it after generate (not with --prompt-cache-ro); whether
+    generate reuses the cache."""
+    from engine.files import check_writable
+    from engine.state import check_dense
+    if args.prompt_cache is None:
+        if args.prompt_cache_ro:
+            raise HotcoldError("--prompt-cache-ro: with --prompt-cache FILE")
+        return False
+    check_dense(model)
+    if not args.prompt_cache_ro:
+        check_writable(args.prompt_cache)
+    if os.path.exists(args.prompt_cache) or args.prompt_cache_ro:
+        held = model.load_state(args.prompt_cache)
+        print(f"prompt cache: {args.prompt_cache} holds {held} tokens, of which the prompt begins with "
+              f"{model.cached_prefix(ids)} (of its {len(ids)})", file=sys.stderr)
+    return True
 
 
 def format_runtime_stats(s: dict) -> str:
@@ -476,6 +500,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--prompt-cache", metavar="FILE", default=None, help="take the prompt's first tokens' keys and "
+                   "values from FILE where they are there, and write the prompt's to it (llama.cpp's)")
+    p.add_argument("--prompt-cache-ro", action="store_true", help="read --prompt-cache, do not write it")
     add_runtime_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -517,7 +544,7 @@ class Terminated(KeyboardInterrupt):
 
 
 PATH_ARGS = ("model", "out", "file", "files", "profile", "bundle", "predictors", "sparsity", "split", "report",
-             "kl_divergence_base")
+             "kl_divergence_base", "prompt_cache")
 
 
 def expand_paths(args) -> None:

@@ -1,0 +1,91 @@
+"""Prompt caches (generate --prompt-cache, Model.save_state/load_state): a later run continues from the file's keys
+and values as the run that wrote them would have, and a file of another model or kind is refused."""
+import json
+import os
+
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from engine.api import Sampler, load
+from engine.config import HotcoldError
+from tiny_model import tiny_config, tiny_weights, write_gguf
+from tools.cli import main
+
+TEXT = "The history of the Roman Empire is long. " * 12
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch"])
+def test_a_loaded_prompt_cache_continues_as_the_model_that_wrote_it(tmp_path, backend):
+    """On a tiny model: a second model that loads the file continues the prompt with the same logits, bit for bit,
+    as the first, which computed it; only the prompt's tokens are kept; the cache holds no more than it says."""
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), QT.Q8_0)
+    a, b = (load(path, n_ctx=128, threads=1, backend=backend) for _ in range(2))
+    prompt, more = [3, 5, 7, 9, 11, 2, 4, 6], [8, 10, 12]
+    a.generate(prompt, 5, ignore_stop=True)  # the cache: the prompt, then 4 generated tokens
+    assert a.save_state(str(tmp_path / "p.cache"), len(prompt)) == len(prompt)
+    assert b.load_state(str(tmp_path / "p.cache")) == len(prompt) and b.kv_ids == prompt
+    want = a.generate(prompt + more, 6, ignore_stop=True, reuse_cache=True, logprobs=0)
+    got = b.generate(prompt + more, 6, ignore_stop=True, reuse_cache=True, logprobs=0)
+    assert got.stats["cached_tokens"] == want.stats["cached_tokens"] == len(prompt)
+    assert got.token_ids == want.token_ids and [x["logprob"] for x in got.logprobs] == [
+        x["logprob"] for x in want.logprobs]
+    other = load(path, n_ctx=6, threads=1, backend=backend)  # the file's 8 tokens do not fit
+    with pytest.raises(HotcoldError, match="holds 8 tokens, as many as the context of 6"):
+        other.load_state(str(tmp_path / "p.cache"))
+
+
+def test_prompt_caches_of_another_model_or_kind_are_refused(tmp_path, smollm, smollm_torch):
+    c = tiny_config("silu")
+    tiny = load(write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), QT.Q8_0), n_ctx=64, threads=1)
+    tiny.generate([3, 5, 7], 1)
+    good = str(tmp_path / "tiny.cache")
+    tiny.save_state(good)
+    data = open(good, "rb").read()
+    trunc, text = tmp_path / "trunc.cache", tmp_path / "text.cache"
+    trunc.write_bytes(data[:len(data) // 2])
+    text.write_text("hello")
+    for path, model, why in ((good, smollm, "a prompt cache of another model"),
+                             (str(trunc), tiny, "not a hotcold prompt cache, or a truncated one"),
+                             (str(text), tiny, "not a hotcold prompt cache"),
+                             (str(tmp_path / "none.cache"), tiny, "no such file")):
+        with pytest.raises(HotcoldError, match=why):
+            model.load_state(path)
+    smollm.generate(smollm.tokenize("Hi"), 1)
+    smollm.save_state(str(tmp_path / "f16.cache"))
+    with pytest.raises(HotcoldError, match="a prompt cache of a f16 KV cache; this one is f32"):
+        smollm_torch.load_state(str(tmp_path / "f16.cache"))
+    tiny.sparsity = "a config"  # the keys and values of a sparse FFN: not what a dense run reads
+    for act in (lambda: tiny.save_state(good), lambda: tiny.load_state(good)):
+        with pytest.raises(HotcoldError, match="not with --sparsity or predictors"):
+            act()
+
+
+def test_cli_prompt_cache(smollm, tmp_path, capsys):
+    """The first run writes the prompt's keys and values; the second takes all but the prompt's last token from the
+    file and says what a model that computed the prompt itself says; -ro reads and does not write; a file that is
+    not a prompt cache is refused and left as it was."""
+    cache = str(tmp_path / "roman.cache")
+    run = ["generate", "-p", TEXT, "-n", "12", "--temperature", "0", "--json", "-c", "1024", "--prompt-cache", cache]
+    assert main(run) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["stats"]["cached_tokens"] == 0 and os.path.exists(cache)
+    ids = smollm.tokenize(TEXT)
+    smollm.generate(ids, 1)  # the prompt computed in one batch, as the first run computed it
+    want = smollm.generate(ids, 12, Sampler(0), reuse_cache=True)
+    stamp = os.stat(cache).st_mtime_ns
+    assert main(run + ["--prompt-cache-ro"]) == 0
+    out, err = capsys.readouterr()
+    second = json.loads(out)
+    assert second["stats"]["cached_tokens"] == len(ids) - 1 and second["token_ids"] == want.token_ids
+    assert f"prompt cache: {cache} holds {len(ids)} tokens, of which the prompt begins with {len(ids) - 1}" in err
+    assert os.stat(cache).st_mtime_ns == stamp
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    for flags, why in ((["--prompt-cache", str(other)], "not a hotcold prompt cache"),
+                       (["--prompt-cache-ro"], "--prompt-cache-ro: with --prompt-cache FILE"),
+                       (["--prompt-cache", str(tmp_path / "new.cache"), "--prompt-cache-ro"], "no such file")):
+        assert main(["generate", "-p", "Hi", "-n", "2", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and why in err and err.count("\n") == 1, err
+    assert other.read_text() == "keep me" and not os.path.exists(tmp_path / "new.cache")
