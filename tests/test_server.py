@@ -223,7 +223,7 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"49152": 1}}, 400,
      "logit_bias: token id 49152 is outside the vocabulary of 49152"),
     ("/v1/completions", b'{"prompt": "Hi", "logit_bias": {"3": NaN}}', 400, "logit_bias: 3: a bias that is a number"),
-    ("/v1/embeddings", {"input": "Hi"}, 404, "no endpoint POST /v1/embeddings"),
+    ("/v1/rerank", {"query": "Hi"}, 404, "no endpoint POST /v1/rerank"),
     ("/tokenize", {"text": "Hi"}, 400, "tokenize: {"),
     ("/detokenize", {"tokens": [-1]}, 400, "-1"),
 ])
