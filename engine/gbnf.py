@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import HotcoldError
+from .grammar import ByteGrammar
 
 END, REF, CHARS = range(3)  # element kinds: (END,), (REF, rule id), (CHARS, ((lo, hi), ...), negated)
 MAX_REPEAT = 2000  # the largest count in {m,n}, as llama.cpp's
@@ -231,9 +232,8 @@ class Parser:
             seq.append((REF, tail))
 
 
-class Gbnf:
-    """A GBNF grammar (llama.cpp's format) over the text, from rule `root`; the grammar-object protocol of
-    engine.grammar: start, step, advance, complete, wide, sure."""
+class Gbnf(ByteGrammar):
+    """A GBNF grammar (llama.cpp's format) over the text, from rule `root`."""
 
     def __init__(self, text: str, root: str = "root"):
         try:
@@ -320,11 +320,6 @@ class Gbnf:
             first ^= low
         return out
 
-    @staticmethod
-    def wide(state) -> bool:
-        """Whether nearly every byte goes on from here (engine.grammar.worth_trying): not known for a grammar."""
-        return False
-
     def sure(self, state, tables):
         """The tokens known to be allowed in `state` without trying them (engine.grammar's constrained_pick): those
         made of ASCII bytes that each lead back to this same state (inside a string, `char*`); None when there are
@@ -336,14 +331,6 @@ class Gbnf:
             return None
         lo, hi = np.uint64(loop & 2**64 - 1), np.uint64(loop >> 64)
         return ((tables.ascii[:, 0] & ~lo) == 0) & ((tables.ascii[:, 1] & ~hi) == 0)
-
-    def advance(self, state, data: bytes):
-        """The state after the bytes `data`, or None if no sentence of the grammar goes on so."""
-        for b in data:
-            state = self.step(state, b)
-            if state is None:
-                return None
-        return state
 
     def step(self, state, b: int):
         key = (state, b)

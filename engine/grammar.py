@@ -1,6 +1,5 @@
 """Constrained generation: a byte-level pushdown recognizer of JSON text, and the sampling step that keeps to it or to
-a GBNF grammar (engine.gbnf). A grammar object has start, step(state, byte), advance(state, bytes) (None: refused),
-complete(state), and for the search nexts(state) (the bytes worth trying), wide(state) and sure(state, tables).
+a GBNF grammar (engine.gbnf), both ByteGrammars.
 
 The recognizer's state is a small tuple, so a token is tried by running its bytes from the state (nothing to undo).
 Sampling under it is llama.cpp's grammar sampling: the tokens the grammar refuses are out before the sampler's chain
@@ -35,18 +34,39 @@ MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_INT = range(8)
 NUMBER_ENDS = (ZERO, INT, FRAC, EXP_INT)  # a number may end after these
 
 
-class JsonGrammar:
+class ByteGrammar:
+    """What sampling under a grammar asks of it: start (a state), step(state, byte) -> the next state or None (the
+    byte is refused), complete(state); and for the search of candidates nexts(state) (the bytes worth trying after
+    it), wide(state) (nearly every byte goes on) and sure(state, TokenTables) (tokens allowed without trying them:
+    an (n_vocab,) bool mask, or None), whose defaults here know nothing."""
+
+    def advance(self, state, data: bytes):
+        """The state after the bytes `data`, or None if the grammar's text does not go on so."""
+        for b in data:
+            state = self.step(state, b)
+            if state is None:
+                return None
+        return state
+
+    @staticmethod
+    def nexts(state) -> range:
+        return range(256)
+
+    @staticmethod
+    def wide(state) -> bool:
+        return False
+
+    def sure(self, state, tables: TokenTables) -> np.ndarray | None:
+        return None
+
+
+class JsonGrammar(ByteGrammar):
     """JSON text (RFC 8259) as a byte-level recognizer. top_object: the text is one object, as OpenAI's
     response_format json_object asks; else any JSON value."""
 
     def __init__(self, top_object: bool = True):
         self.top_object = top_object
         self.start = ("", TOP if top_object else VALUE, 0, 0)
-
-    @staticmethod
-    def nexts(state) -> range:
-        """The bytes worth trying after `state`: all."""
-        return range(256)
 
     @staticmethod
     def wide(state) -> bool:
@@ -63,14 +83,6 @@ class JsonGrammar:
         """Whether the text so far is whole JSON (a number at the top: whole, though more digits could come)."""
         stack, mode, aux, _ = state
         return mode == DONE or mode == NUMBER and not stack and aux & 7 in NUMBER_ENDS
-
-    def advance(self, state, data: bytes):
-        """The state after the bytes `data`, or None if no JSON text goes on so."""
-        for b in data:
-            state = self.step(state, b)
-            if state is None:
-                return None
-        return state
 
     def step(self, state, b: int):
         stack, mode, aux, ws = state
