@@ -10,6 +10,7 @@ digits.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .config import HotcoldError
@@ -30,7 +31,9 @@ boolean ::= "true" | "false"
 null ::= "null"
 '''
 KEYS = {"object": {"properties", "required", "additionalProperties"},
-        "array": {"items", "minItems", "maxItems", "prefixItems"}, "string": {"minLength", "maxLength", "format"}}
+        "array": {"items", "minItems", "maxItems", "prefixItems"}, "string": {"minLength", "maxLength", "format"},
+        "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
+INT_DIGITS = 16  # digits of an integer, as the number rule's parts (engine.grammar's DIGITS_MAX)
 HOUR = r'([01] [0-9] | "2" [0-3])'
 TIME = HOUR + r' ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? ("Z" | [+-] ' + HOUR + r' ":" [0-5] [0-9])'
 DATE = r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])'
@@ -129,7 +132,8 @@ class Converter:
             if key not in known and key not in ANNOTATIONS:
                 raise self.fail(where, f"the keyword {key!r} is not supported (hotcold takes type, properties, "
                                 "required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                                "maxLength, format, enum, const, anyOf, oneOf, allOf of one, nullable and $ref)")
+                                "maxLength, format, an integer's minimum and maximum, enum, const, anyOf, oneOf, allOf "
+                                "of one, nullable and $ref)")
 
     def ref(self, schema: dict, where: str) -> str:
         target = schema["$ref"]
@@ -191,7 +195,34 @@ class Converter:
             return self.new('"[" ws ' + self.repeat(item, lo, hi, '"," ws') + ' "]"')
         if kind == "object":
             return self.object(schema, where)
+        if kind == "integer" and KEYS["integer"] & schema.keys():
+            return self.new(self.integer_range(schema, where))
         return kind
+
+    def integer_range(self, schema: dict, where: str) -> str:
+        """A GBNF expression for the integers within the schema's minimum/maximum (exclusive ones moved by one), as
+        llama.cpp's converter: digit by digit, without leading zeros."""
+        bound = {}
+        for key in KEYS["integer"]:
+            v = schema.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or
+                                  abs(v) >= 10 ** INT_DIGITS):
+                raise self.fail(where, f"{key}: a number of at most {INT_DIGITS} digits, got {json.dumps(v)}")
+            bound[key] = v
+        lo = max([math.ceil(bound[k]) + (k[0] == "e" and bound[k] == math.ceil(bound[k]))
+                  for k in ("minimum", "exclusiveMinimum") if bound[k] is not None], default=None)
+        hi = min([math.floor(bound[k]) - (k[0] == "e" and bound[k] == math.floor(bound[k]))
+                  for k in ("maximum", "exclusiveMaximum") if bound[k] is not None], default=None)
+        top = 10 ** INT_DIGITS - 1
+        lo, hi = -top if lo is None else lo, top if hi is None else hi
+        if lo > hi:
+            raise self.fail(where, f"no integer lies between the minimum {lo} and the maximum {hi}")
+        alts = []
+        if lo < 0:  # the negatives: "-" then a magnitude in [max(1, -hi), -lo]
+            alts += [f'"-" ({a})' for a in [digits_between(max(1, -hi), -lo)]]
+        if hi >= 0:
+            alts.append(digits_between(max(0, lo), hi))
+        return " | ".join(f"({a})" for a in alts)
 
     def object(self, schema: dict, where: str) -> str:
         props = schema.get("properties", {})
@@ -223,6 +254,33 @@ class Converter:
             some.append(f'"," ws {pair} {after}' if needed else f'("," ws {pair})? {after}')
             none.append(f"{pair} {after}" if needed else f"{pair} {after} | {self.new(none[-1])}")
         return self.new('"{" ws (' + none[-1] + ') "}"')
+
+
+def digits_between(lo: int, hi: int) -> str:
+    """A GBNF expression for the decimal numbers lo..hi (0 <= lo <= hi), without leading zeros."""
+    alts = []
+    for n in range(len(str(lo)), len(str(hi)) + 1):  # each length: a fixed-width range
+        a, b = max(lo, 10 ** (n - 1) if n > 1 else 0), min(hi, 10 ** n - 1)
+        if a <= b:
+            alts.append(same_length(str(a), str(b)))
+    return " | ".join(alts)
+
+
+def same_length(a: str, b: str) -> str:
+    """A GBNF sequence for the numbers a..b written with the same count of digits."""
+    if not a:
+        return '""'
+    if a[0] == b[0]:
+        return f'"{a[0]}" ' + same_length(a[1:], b[1:]) if len(a) > 1 else f'"{a[0]}"'
+    rest = len(a) - 1
+    tail = f" [0-9]{{{rest}}}" if rest else ""
+    if a[1:] == "0" * rest and b[1:] == "9" * rest:
+        return f"[{a[0]}-{b[0]}]" + tail
+    alts = [f'"{a[0]}" ({same_length(a[1:], "9" * rest)})']
+    if int(a[0]) + 1 <= int(b[0]) - 1:
+        alts.append(f"[{int(a[0]) + 1}-{int(b[0]) - 1}]" + tail)
+    alts.append(f'"{b[0]}" ({same_length("0" * rest, b[1:])})')
+    return "(" + " | ".join(alts) + ")"
 
 
 def not_strings(names: list[str]) -> str:

@@ -2,6 +2,7 @@
 named and random instances, and sampling under them on SmolLM2."""
 import itertools
 import json
+import math
 import random
 import re
 import threading
@@ -184,7 +185,8 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
 @pytest.mark.parametrize("schema,why", [
     ({"type": "string", "pattern": "^a"}, "at #: the keyword 'pattern' is not supported"),
     ({"properties": {"d": {"type": "string", "format": "email"}}}, 'at #/properties/d: format "email": hotcold takes'),
-    ({"properties": {"d": {"type": "integer", "minimum": 0}}}, "at #/properties/d: the keyword 'minimum'"),
+    ({"properties": {"d": {"type": "number", "minimum": 0}}}, "at #/properties/d: the keyword 'minimum'"),
+    ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer lies between the minimum 5 and the maximum 4"),
     ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "allOf: hotcold takes one schema there"),
     ({"type": "strng"}, "type: one of object, array, string"),
     ({"$ref": "#/$defs/none"}, "$ref: #/$defs/none is not in the schema"),
@@ -322,3 +324,19 @@ def test_schema_formats_tuples_nullable_and_allof():
                      ('{"p": "z"}', False), ('{"t": [1, "a"]}', True), ('{"t": [1]}', False),
                      ('{"t": [1, "a", 2]}', False)):
         assert whole(g, text) == ok, text
+
+
+@pytest.mark.parametrize("bounds", [{"minimum": 0}, {"minimum": 1, "maximum": 10}, {"maximum": -5},
+                                    {"minimum": -123, "maximum": 4567}, {"minimum": 2.5, "maximum": 7.5},
+                                    {"exclusiveMinimum": 0, "exclusiveMaximum": 100}, {"minimum": 100, "maximum": 100}])
+def test_integer_bounds_take_exactly_the_integers_between(bounds):
+    """minimum/maximum (exclusive ones too, fractional ones rounded inward) on integers, against Python on 700
+    integers near and far from the bounds; no leading zeros, no -0."""
+    g, rng = grammar_for({"type": "integer", **bounds}), random.Random(4)
+    top = 10 ** 16 - 1  # an unbounded side: 16 digits, as a number's parts
+    lo = max([math.ceil(v) + (k == "exclusiveMinimum") for k, v in bounds.items() if "inimum" in k], default=-top)
+    hi = min([math.floor(v) - (k == "exclusiveMaximum") for k, v in bounds.items() if "aximum" in k], default=top)
+    for x in [rng.randint(-10 ** 6, 10 ** 6) for _ in range(350)] + [rng.randint(-200, 200) for _ in range(350)] + [
+            lo, hi, lo - 1, hi + 1, 0, -1, 1]:
+        assert whole(g, str(x)) == (lo <= x <= hi), x
+    assert not any(whole(g, t) for t in ("01", "-0", "+1", "1.0", "-", ""))
