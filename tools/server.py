@@ -28,6 +28,7 @@ from engine.api import finite
 from engine.config import POOLINGS, HotcoldError
 from engine.gbnf import Gbnf
 from engine.schema import grammar_for
+from tools import tool_calls
 from tools.cli import SAMPLING, at_least, between, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
@@ -35,9 +36,9 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # request fields hotcold does not do, refused rather than ignored: each with the value that means "not asked for"
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
-UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "tool_choice": "none", "functions": None,
-               "function_call": "none", "n_probs": 0, "mirostat": 0, "typical_p": 1, "tfs_z": 1,
-               "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
+UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "functions": None, "function_call": "none", "n_probs": 0,
+               "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0, "xtc_probability": 0,
+               "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
@@ -560,6 +561,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def generate(self, body: dict, chat: bool) -> None:
         model = self.server.model
         options = generate_options(body, self.server.args, model, chat)
+        tools = self.tools(body, options) if chat else None
+        if chat:
+            body = {**body, "messages": tool_calls.conversation(body.get("messages"), tools)}
+        elif body.get("tools"):
+            raise BadRequest("tools: with /v1/chat/completions")
         prompts = [(model.check_prompt(ids), text) for ids, text in prompts_of(model, body, chat)]
         echo = not chat and body.get("echo", False)  # the prompt before the completion, as OpenAI's echo
         if body.get("stream") and len(prompts) > 1:
@@ -567,14 +573,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.server.name, "object": "chat.completion" if chat else "text_completion"}
 
-        def choice(k: int, text: str | None, finish: str | None, lps=None) -> dict:  # None: a chat stream's first
+        def choice(k: int, text: str | None, finish: str | None, lps=None, calls=None) -> dict:
+            """text None: a chat stream's first chunk; calls: the tool_calls of a reply under tools."""
             if not chat:
                 return {"index": k, "text": text or "", "logprobs": lps, "finish_reason": finish}
             if not self.streaming:
-                return {"index": k, "message": {"role": "assistant", "content": text}, "logprobs": lps,
-                        "finish_reason": finish}
+                return {"index": k, "message": {"role": "assistant", "content": text,
+                                                **({"tool_calls": calls} if calls else {})},
+                        "logprobs": lps, "finish_reason": finish}
             delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+            if calls:
+                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
             return {"index": k, "delta": delta, "finish_reason": finish}
+
+        def answer(out) -> tuple[str | None, list | None, str]:
+            """The reply's content, tool calls and finish_reason."""
+            content, calls = tool_calls.reply(out.text) if tools else (out.text, None)
+            return content, calls, "tool_calls" if calls else FINISH[out.stats["stop"]]
 
         if body.get("stream"):
             (ids, prompt), = prompts
@@ -586,9 +601,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
             if chat or echo:
                 self.send_event(chunk(None if chat else prompt))
-            out = model.generate(ids, on_text=lambda piece: self.send_event(chunk(piece)), **options)
+            out = model.generate(ids, on_text=self.watch if tools else lambda piece: self.send_event(chunk(piece)),
+                                 **options)  # under tools: the reply is read whole, then sent
             self.log_reply(ids, out)
-            self.send_event(chunk("", FINISH[out.stats["stop"]]))
+            content, calls, finish = answer(out)
+            if tools:
+                self.send_event({**head, "choices": [choice(0, content, None, calls=calls)]})
+            self.send_event(chunk("", finish))
             if isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage"):
                 self.send_event({**head, "choices": [], **accounts([out])})  # OpenAI's last chunk
             self.wfile.write(b"data: [DONE]\n\n")
@@ -604,9 +623,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if lps is not None:
                 lps = chat_logprobs(model, lps) if chat else completion_logprobs(
                     model, scored + lps, 0 if echo else len(prompt))
-            choices.append(choice(k, (prompt if echo else "") + out.text, FINISH[out.stats["stop"]], lps))
+            content, calls, finish = answer(out)
+            choices.append(choice(k, (prompt if echo else "") + content if content is not None else None, finish,
+                                  lps, calls))
             outs.append(out)
         self.send_json(200, {**head, "choices": choices, **accounts(outs)})
+
+    def tools(self, body: dict, options: dict):
+        """The request's tools (tool_calls.plan), their grammar in options; a response_format, json_schema or grammar
+        beside them is refused."""
+        tools = tool_calls.plan(body)
+        if tools is None:
+            return None
+        if any(body.get(k) not in (None, "", {"type": "text"}) for k in ("response_format", "json_schema", "grammar")):
+            raise BadRequest("tools and a response_format, json_schema or grammar: give one")
+        options["grammar"] = cached_grammar("schema", json.dumps(tools.schema))
+        self.server.model.check_grammar(options["sampler"], options["ignore_stop"])
+        return tools
 
     def log_reply(self, ids: list[int], out) -> None:
         """Before the answer is sent: the client's next request may come at once."""
