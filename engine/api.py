@@ -353,17 +353,19 @@ class Model:
     def embed(self, ids: list[int], pooling: str = "mean", normalize: float = 2) -> np.ndarray:
         """A text's embedding (n_embd,) float32, as llama.cpp's: the hidden states after the output norm, pooled over
         its tokens (mean; last: the last token's; cls: the first's; none: every token's, (T, n_embd)), then
-        `normalized` (2: to unit length). The KV cache then holds ids, as after `logits`."""
+        `normalized` (2: to unit length). The dense FFN's (not with a sparsity config or predictors). The KV cache's
+        positions are overwritten and not reused after (`kv_ids` empty)."""
         ids = self.check_ids(ids)
+        if self.sparsity is not None or self.runtime is not None:
+            raise HotcoldError("embeddings come from the dense FFN: not with --sparsity or predictors")
         if pooling not in POOLINGS:
             raise HotcoldError(f"pooling {pooling!r}: one of {', '.join(POOLINGS)}")
         if not ids:
             raise HotcoldError("no tokens to embed (an empty text)")
         if len(ids) > self.n_ctx:
             raise HotcoldError(f"text of {len(ids)} tokens does not fit the context of {self.n_ctx} (raise --ctx)")
-        del self.kv_ids[:]
+        del self.kv_ids[:]  # (a generate that reused them would split its prompt elsewhere than a fresh one)
         x = self.net.hidden(ids, 0).double().numpy()  # (T, n_embd)
-        self.kv_ids = list(ids)
         v = {"mean": lambda: x.mean(0), "last": lambda: x[-1], "cls": lambda: x[0], "none": lambda: x}[pooling]()
         return normalized(v.astype(np.float32), normalize)
 

@@ -271,8 +271,16 @@ class KernelModel:
         return torch.from_numpy(self.step(tokens[0], pos).copy())
 
     def hidden(self, tokens: list[int], pos: int, last: bool = False):
-        """TorchModel.hidden: the batched forward's hidden states after the output norm."""
-        return self.torch.hidden(tokens, pos, last)
+        """TorchModel.hidden: the hidden states after the output norm (T, n_embd) (last: (1, n_embd)), from decode
+        steps for up to STEP_PREFILL tokens (no output matrix read), else from the batched forward, as next_logits."""
+        import torch
+        if len(tokens) > max(STEP_PREFILL, 1):
+            return self.torch.hidden(tokens, pos, last)
+        rows = []
+        for j, t in enumerate(tokens):
+            self.step(t, pos + j, head=False)
+            rows.append(self.xn.copy())
+        return torch.from_numpy(np.stack(rows[-1:] if last else rows))
 
     def next_logits(self, tokens: list[int], pos: int) -> np.ndarray:
         """Logits (n_vocab,) after tokens placed at pos..: decode steps for up to STEP_PREFILL tokens, else one
@@ -299,8 +307,9 @@ class KernelModel:
         if not 0 <= token < self.embd.shape[0]:
             raise ValueError(f"token id {token} is outside the vocabulary of {self.embd.shape[0]}")
 
-    def step(self, token: int, pos: int, first: int = 0) -> np.ndarray:
-        """One token at position pos through layers first.. on the kernels; returns the logits buffer.
+    def step(self, token: int, pos: int, first: int = 0, head: bool = True) -> np.ndarray:
+        """One token at position pos through layers first.. on the kernels; returns the logits buffer (head False:
+        not computed; self.xn holds the hidden state after the output norm).
         first > 0: self.x holds the residual entering that layer (the layers before it ran elsewhere)."""
         c, x, xn, tmp = self.c, self.x, self.xn, self.tmp
         self.check_step(token, pos)
@@ -322,5 +331,6 @@ class KernelModel:
                 self.ffn(L, xn, tmp, self.select(i, x, xn) if self.select is not None else None)
             x += tmp
         rms_norm_into(x, self.out_norm, c.rms_eps, xn)
-        K.matvec(self.lm_head, xn, self.logits)
+        if head:
+            K.matvec(self.lm_head, xn, self.logits)
         return self.logits

@@ -7,16 +7,18 @@ them (config.kv_shapes).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import zipfile
 
 import numpy as np
 
-from .config import HotcoldError, blk
-from .files import write_atomic
-from .fingerprint import tensors_sha256
+from .config import HotcoldError
+from .files import refuse_directories, write_atomic
 
 FORMAT = "hotcold prompt cache 1"
+SAMPLE = 4096  # bytes of each tensor's beginning and end that identify the model
 
 
 def arrays(net):
@@ -26,11 +28,14 @@ def arrays(net):
 
 
 def identity(model) -> dict:
-    """What the keys and values depend on beyond the fingerprint (layer 0's FFN): the embedding and the first and
-    last layers' attention, as stored."""
-    names = ["token_embd.weight"] + [blk(i, t) for i in (0, model.config.n_layer - 1)
-                                     for t in ("attn_norm", "attn_q", "attn_k", "attn_v")]
-    return {**model.fingerprint, "tensors": tensors_sha256(model.ckpt.tensors, names)}
+    """What the keys and values depend on beyond the fingerprint (layer 0's FFN): every tensor as stored, by its
+    name, type, shape and first and last SAMPLE bytes (a fine-tune moves them all)."""
+    sha = hashlib.sha256()
+    for name, t in sorted(model.ckpt.tensors.items()):
+        data = np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
+        sha.update(f"{name} {t.qtype.name} {tuple(t.shape)}".encode())
+        sha.update(data[:SAMPLE].tobytes() + data[-SAMPLE:].tobytes())
+    return {**model.fingerprint, "tensors": sha.hexdigest()[:16]}
 
 
 def check_dense(model) -> None:
@@ -42,6 +47,7 @@ def save_state(model, path: str, n: int | None = None) -> int:
     """The first n positions the KV cache holds (`kv_ids`; default all of them) to path, written to a temporary
     file and renamed; returns how many."""
     check_dense(model)
+    refuse_directories([path])
     n = len(model.kv_ids) if n is None else min(n, len(model.kv_ids))
     k, v = arrays(model.net)
     header = {"format": FORMAT, "model": identity(model), "cache_type": model.cache_type}
@@ -58,6 +64,8 @@ def load_state(model, path: str) -> int:
     """Fill the KV cache's first positions from a file `save_state` wrote for this model and cache type; returns
     how many tokens it held (`kv_ids` then lists them)."""
     check_dense(model)
+    if os.path.isdir(path):
+        raise HotcoldError(f"{path}: a directory, not a prompt cache")
     try:
         with np.load(path, allow_pickle=False) as f:
             header = json.loads(f["header"].tobytes())

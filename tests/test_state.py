@@ -62,30 +62,53 @@ def test_prompt_caches_of_another_model_or_kind_are_refused(tmp_path, smollm, sm
 
 
 def test_cli_prompt_cache(smollm, tmp_path, capsys):
-    """The first run writes the prompt's keys and values; the second takes all but the prompt's last token from the
-    file and says what a model that computed the prompt itself says; -ro reads and does not write; a file that is
-    not a prompt cache is refused and left as it was."""
+    """The first run writes the prompt's keys and values before it generates; the second takes all but the prompt's
+    last token from the file and says what the first said, and what a model that computed the prompt itself says; a
+    prompt the file holds whole (itself, or a shorter one it begins with) does not rewrite it, a longer one does;
+    -ro reads and does not write; a file that is not a prompt cache, or a directory, is refused and left as it was."""
     cache = str(tmp_path / "roman.cache")
     run = ["generate", "-p", TEXT, "-n", "12", "--temperature", "0", "--json", "-c", "1024", "--prompt-cache", cache]
     assert main(run) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["stats"]["cached_tokens"] == 0 and os.path.exists(cache)
     ids = smollm.tokenize(TEXT)
+    assert first["stats"]["cached_tokens"] == len(ids) - 1 and os.path.exists(cache)
     smollm.generate(ids, 1)  # the prompt computed in one batch, as the first run computed it
     want = smollm.generate(ids, 12, Sampler(0), reuse_cache=True)
     stamp = os.stat(cache).st_mtime_ns
-    assert main(run + ["--prompt-cache-ro"]) == 0
-    out, err = capsys.readouterr()
-    second = json.loads(out)
-    assert second["stats"]["cached_tokens"] == len(ids) - 1 and second["token_ids"] == want.token_ids
-    assert f"prompt cache: {cache} holds {len(ids)} tokens, of which the prompt begins with {len(ids) - 1}" in err
-    assert os.stat(cache).st_mtime_ns == stamp
+    for flags in (["--prompt-cache-ro"], []):
+        assert main(run + flags) == 0
+        out, err = capsys.readouterr()
+        second = json.loads(out)
+        assert second["stats"]["cached_tokens"] == len(ids) - 1
+        assert second["token_ids"] == want.token_ids == first["token_ids"]
+        assert f"prompt cache: {cache} holds {len(ids)} tokens, of which the prompt begins with {len(ids)}" in err
+    short = ["generate", "-p", TEXT[:40], "-n", "2", "-c", "1024", "--prompt-cache", cache]
+    assert main(short) == 0 and os.stat(cache).st_mtime_ns == stamp  # held whole: the file keeps the longer prompt
+    assert main(run[:2] + [TEXT + " And"] + run[3:]) == 0
+    capsys.readouterr()
+    assert smollm.load_state(cache) == len(smollm.tokenize(TEXT + " And"))
     other = tmp_path / "notes.txt"
     other.write_text("keep me")
     for flags, why in ((["--prompt-cache", str(other)], "not a hotcold prompt cache"),
+                       (["--prompt-cache", str(tmp_path)], "a directory, not a prompt cache"),
                        (["--prompt-cache-ro"], "--prompt-cache-ro: with --prompt-cache FILE"),
                        (["--prompt-cache", str(tmp_path / "new.cache"), "--prompt-cache-ro"], "no such file")):
         assert main(["generate", "-p", "Hi", "-n", "2", *flags]) == 2
         out, err = capsys.readouterr()
         assert out == "" and why in err and err.count("\n") == 1, err
     assert other.read_text() == "keep me" and not os.path.exists(tmp_path / "new.cache")
+
+
+def test_a_model_changed_in_a_middle_layer_is_another_model(tmp_path):
+    """Two tiny models that differ in one middle layer's attention alone: the prompt cache of one is refused by the
+    other (its keys and values would be another model's)."""
+    c = tiny_config("silu", n_layer=4)
+    w = tiny_weights(c, seed=3)
+    a = load(write_gguf(str(tmp_path / "a.gguf"), c, w, QT.Q8_0), n_ctx=32, threads=1)
+    w["blk.1.attn_v.weight"] = w["blk.1.attn_v.weight"] * 1.5
+    b = load(write_gguf(str(tmp_path / "b.gguf"), c, w, QT.Q8_0), n_ctx=32, threads=1)
+    a.generate([3, 5, 7], 1)
+    a.save_state(str(tmp_path / "a.cache"))
+    assert a.load_state(str(tmp_path / "a.cache")) == 3
+    with pytest.raises(HotcoldError, match="a prompt cache of another model"):
+        b.load_state(str(tmp_path / "a.cache"))

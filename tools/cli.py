@@ -346,8 +346,6 @@ def cmd_generate(args) -> None:
               + (f" | FFN sparsity {s['sparsity']:.1%}" if s.get("sparsity") is not None else ""), file=sys.stderr)
         if "predicted_sparsity" in s:
             print(format_runtime_stats(s), file=sys.stderr)
-    if args.prompt_cache is not None and not args.prompt_cache_ro:
-        model.save_state(args.prompt_cache, len(ids))  # the prompt's positions: those the generation left alone
     if out.stats["stop"] == "context":
         print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
               file=sys.stderr)
@@ -355,8 +353,9 @@ def cmd_generate(args) -> None:
 
 def prompt_cache(model, args, ids: list[int]) -> bool:
     """--prompt-cache: the KV cache filled from the file where it exists (a note says how much of the prompt it
-    holds), and the prompt's keys and values written to it after generate (not with --prompt-cache-ro); whether
-    generate reuses the cache."""
+    holds); where the file does not hold the whole prompt, the rest computed and the prompt's keys and values written
+    to it before generating (not with --prompt-cache-ro), as llama.cpp's; whether generate reuses the cache (then the
+    prompt's last token is computed again by a decode step, the file or not, so every run says the same)."""
     from engine.files import check_writable
     from engine.state import check_dense
     if args.prompt_cache is None:
@@ -366,10 +365,16 @@ def prompt_cache(model, args, ids: list[int]) -> bool:
     check_dense(model)
     if not args.prompt_cache_ro:
         check_writable(args.prompt_cache)
+    whole = 0  # how many of the prompt's tokens the file holds
     if os.path.exists(args.prompt_cache) or args.prompt_cache_ro:
         held = model.load_state(args.prompt_cache)
-        print(f"prompt cache: {args.prompt_cache} holds {held} tokens, of which the prompt begins with "
-              f"{model.cached_prefix(ids)} (of its {len(ids)})", file=sys.stderr)
+        while whole < min(held, len(ids)) and model.kv_ids[whole] == ids[whole]:
+            whole += 1
+        print(f"prompt cache: {args.prompt_cache} holds {held} tokens, of which the prompt begins with {whole} (of "
+              f"its {len(ids)})", file=sys.stderr)
+    if whole < len(ids) and not args.prompt_cache_ro:
+        model.generate(ids, 0, reuse_cache=True)  # the prompt alone, then written
+        model.save_state(args.prompt_cache, len(ids))
     return True
 
 

@@ -63,7 +63,7 @@ def cmd_embedding(args) -> None:
 
 
 def add_command(sub) -> None:
-    from tools.cli import add_model_args, number
+    from tools.cli import add_model_args, at_least
     p = sub.add_parser("embedding", help="embeddings of texts from the model's hidden states (llama-embedding)")
     add_model_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -71,7 +71,7 @@ def add_command(sub) -> None:
     prompt.add_argument("-f", "--file", metavar="FILE", help="the texts read from a UTF-8 file")
     p.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean of the tokens' hidden states "
                    "(default), the last token's, the first's (cls), or none: one vector a token")
-    p.add_argument("--embd-normalize", type=number(-1), default=2.0, metavar="P", help="2: unit Euclidean length "
+    p.add_argument("--embd-normalize", type=at_least(-1), default=2, metavar="P", help="2: unit Euclidean length "
                    "(default); 1: taxicab; p > 2: p-norm; 0: largest magnitude 32760; -1: none")
     p.add_argument("--embd-separator", default="\n", metavar="TEXT", help="what separates the texts (default a "
                    "newline)")
