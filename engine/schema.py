@@ -304,8 +304,9 @@ def not_strings(names: list[str]) -> str:
 
 
 def grammar_for(schema):
-    """The grammar of a JSON schema: any JSON object for `{}` and `{"type": "object"}` (engine.grammar's JsonGrammar,
-    as llama.cpp's -j '{}'), else the schema's GBNF (engine.gbnf.Gbnf)."""
+    """The grammar of a JSON schema: any JSON object for `{}` and `{"type": "object"}`, annotations aside
+    (engine.grammar's JsonGrammar, as llama.cpp's -j '{}'), else the schema's GBNF (engine.gbnf.Gbnf)."""
     from .gbnf import Gbnf
     from .grammar import JsonGrammar
-    return JsonGrammar() if schema in ({}, {"type": "object"}) else Gbnf(schema_grammar(schema))
+    bare = {k: v for k, v in schema.items() if k not in ANNOTATIONS} if isinstance(schema, dict) else schema
+    return JsonGrammar() if bare in ({}, {"type": "object"}) else Gbnf(schema_grammar(schema))
