@@ -210,7 +210,7 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     ("/v1/completions", {"prompt": [5, 10 ** 6]}, 400, "1000000"),
     ("/v1/completions", {"prompt": "word " * 1100}, 400, "does not fit the context of 1024"),
     ("/v1/chat/completions", {"prompt": "Hi"}, 400, "messages: a list of"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]: an object with"),
+    ("/v1/chat/completions", {"messages": [{"role": "narrator", "content": "x"}]}, 400, "messages[0]: an object with"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content: hotcold server takes text only"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"x": "1"}}, 400,
