@@ -1,6 +1,7 @@
-"""JSON schemas as GBNF grammars (llama.cpp's --json-schema), for the schemas' shapes: types, properties, items, enum,
-const, anyOf/oneOf and $ref. Keywords that bound values without shaping them (pattern, format, minimum, ...) are
-refused by name rather than ignored: the text would not keep to them.
+"""JSON schemas as GBNF grammars (llama.cpp's --json-schema): types, properties, items and tuples, lengths and counts,
+the RFC 3339 date and time formats and UUIDs, integers' bounds, enum, const, anyOf/oneOf, allOf of one schema,
+nullable and $ref. Other keywords (pattern, other formats, bounds on other numbers, ...) are refused by name rather
+than ignored: the text would not keep to them.
 
 Objects hold their properties in the schema's order, the required ones always, the others when the model gives them,
 and no other properties unless additionalProperties allows them (as llama.cpp's converter). Whitespace between
@@ -209,17 +210,17 @@ class Converter:
                                   abs(v) >= 10 ** INT_DIGITS):
                 raise self.fail(where, f"{key}: a number of at most {INT_DIGITS} digits, got {json.dumps(v)}")
             bound[key] = v
-        lo = max([math.ceil(bound[k]) + (k[0] == "e" and bound[k] == math.ceil(bound[k]))
-                  for k in ("minimum", "exclusiveMinimum") if bound[k] is not None], default=None)
-        hi = min([math.floor(bound[k]) - (k[0] == "e" and bound[k] == math.floor(bound[k]))
-                  for k in ("maximum", "exclusiveMaximum") if bound[k] is not None], default=None)
+        lo = max([math.ceil(v) + (k == "exclusiveMinimum" and v == math.ceil(v))  # an integer bound excluded
+                  for k, v in bound.items() if k.endswith("inimum") and v is not None], default=None)
+        hi = min([math.floor(v) - (k == "exclusiveMaximum" and v == math.floor(v))
+                  for k, v in bound.items() if k.endswith("aximum") and v is not None], default=None)
         top = 10 ** INT_DIGITS - 1
         lo, hi = -top if lo is None else lo, top if hi is None else hi
         if lo > hi:
             raise self.fail(where, f"no integer lies between the minimum {lo} and the maximum {hi}")
         alts = []
         if lo < 0:  # the negatives: "-" then a magnitude in [max(1, -hi), -lo]
-            alts += [f'"-" ({a})' for a in [digits_between(max(1, -hi), -lo)]]
+            alts.append(f'"-" ({digits_between(max(1, -hi), -lo)})')
         if hi >= 0:
             alts.append(digits_between(max(0, lo), hi))
         return " | ".join(f"({a})" for a in alts)

@@ -84,7 +84,8 @@ def load_state(model, path: str) -> int:
     n = len(ids)
     mine_k, mine_v = arrays(model.net)
     if n >= model.n_ctx:
-        raise HotcoldError(f"{path}: holds {n} tokens, as many as the context of {model.n_ctx} (raise --ctx)")
+        raise HotcoldError(f"{path}: holds {n} tokens, which leave no room in the context of {model.n_ctx} (raise "
+                           "--ctx)")
     if k.shape != mine_k.shape[:2] + (n, mine_k.shape[3]) or v.shape != mine_v.shape[:3] + (n,) or \
             k.dtype != mine_k.dtype or v.dtype != mine_v.dtype:
         raise HotcoldError(f"{path}: a prompt cache whose keys and values do not fit this model's cache")

@@ -31,7 +31,7 @@ def test_a_loaded_prompt_cache_continues_as_the_model_that_wrote_it(tmp_path, ba
     assert got.token_ids == want.token_ids and [x["logprob"] for x in got.logprobs] == [
         x["logprob"] for x in want.logprobs]
     other = load(path, n_ctx=6, threads=1, backend=backend)  # the file's 8 tokens do not fit
-    with pytest.raises(HotcoldError, match="holds 8 tokens, as many as the context of 6"):
+    with pytest.raises(HotcoldError, match="holds 8 tokens, which leave no room in the context of 6"):
         other.load_state(str(tmp_path / "p.cache"))
 
 
