@@ -254,7 +254,7 @@ class Gbnf(ByteGrammar):
         self.memo: dict = {}
         self.interned: dict = {}
         masks: dict = {}  # the same set (a literal's letters) computed once
-        self.firsts = {pos: masks.get(e) or masks.setdefault(e, first_bytes(e[1], e[2]))
+        self.firsts = {pos: masks.get(e) or masks.setdefault(e, lead_mask(e[1], e[2]))
                        for pos, e in enumerate(self.elements) if e[0] == CHARS}
         stacks: set = set()
         for s in self.starts[p.ids[root]]:
@@ -263,7 +263,7 @@ class Gbnf(ByteGrammar):
 
     def intern(self, stacks: frozenset, partial: bytes):
         """The state (stacks, partial, first): first, a 256-bit mask of the bytes that may come next where no
-        character is half read (the union of the top sets' `first_bytes`)."""
+        character is half read (the union of the top sets' `lead_mask`)."""
         first = 0
         for top in {s[0] for s in stacks if s is not None} if not partial else ():
             first |= self.firsts[top]
@@ -369,7 +369,7 @@ class Gbnf(ByteGrammar):
         return self.intern(frozenset(out), b"") if out else None
 
 
-def first_bytes(ranges: tuple, negated: bool) -> int:
+def lead_mask(ranges: tuple, negated: bool) -> int:
     """The bytes that begin the UTF-8 of a code point a set takes, as a 256-bit mask (from its ranges: a UTF-8 lead
     byte grows with the code point)."""
     taken, lo = [], 0
