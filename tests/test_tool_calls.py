@@ -44,7 +44,11 @@ def test_the_reply_schema_calls_the_tools_or_answers():
         plan = tool_calls.plan(body)
         g = grammar_for(plan.schema)
         assert all(whole(g, t) for t in takes) and not any(whole(g, t) for t in refuses), body
-        assert "get_weather" in plan.system or "get_weather" not in takes[0]
+        choice = body.get("tool_choice")
+        named = [choice["function"]["name"]] if isinstance(choice, dict) else [t["function"]["name"] for t in body[
+            "tools"]]
+        assert all(f'"name": "{n}"' in plan.system for n in named)  # the tools it may call, described
+        assert ("to answer the user" in plan.system) == (choice is None)
     assert tool_calls.plan({"tools": [WEATHER], "tool_choice": "none"}) is None and tool_calls.plan({}) is None
     for body, why in (({"tools": [{"function": {"name": "bad name"}}]}, "tools: a list of"),
                       ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice: "),
