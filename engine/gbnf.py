@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import HotcoldError
-from .grammar import ByteGrammar
+from .grammar import FIRST_RANGE, RANGES, ByteGrammar
 
 END, REF, CHARS = range(3)  # element kinds: (END,), (REF, rule id), (CHARS, ((lo, hi), ...), negated)
 MAX_REPEAT = 2000  # the largest count in {m,n}, as llama.cpp's
@@ -21,9 +21,8 @@ MAX_UNICODE = 0x10FFFF
 ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]"}
 MEMO_MAX = 1 << 20  # transitions kept before the memo and the interned states start over
 MAX_STACKS = 10000  # ways of reading the text at once (an ambiguous grammar can double them each character)
-# UTF-8 as RFC 3629 has it: the byte after these lead bytes is in a narrower range (no overlong forms, no
-# surrogates, nothing past U+10FFFF)
-SECOND = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+SECOND = {lead: RANGES[code] for lead, code in FIRST_RANGE.items()}  # lead byte -> the narrower range of the byte
+# after it (engine.grammar's strict UTF-8)
 
 
 def utf8_length(lead: int) -> int:
