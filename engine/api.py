@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, POOLINGS, HotcoldError, as_int, set_threads
-from .grammar import constrained_pick, first_bytes, token_tables, worth_trying
+from .grammar import constrained_pick, token_tables, worth_trying
 from .loader import Checkpoint, load_checkpoint
 
 if TYPE_CHECKING:
@@ -442,7 +442,7 @@ class Model:
         lps = None if logprobs is None else []
         if grammar is not None:
             self.check_grammar(sampler, ignore_stop)
-            self.first_bytes, self.token_tables  # built now (0.5 s the first time), not in the decode's time
+            self.token_tables  # built now (0.5 s the first time), not in the decode's time
         state = None if grammar is None else grammar.start
         asked = self.n_ctx if n == -1 else n  # -1: what the context holds
         n = min(asked, self.n_ctx - len(prompt_ids))
@@ -466,7 +466,7 @@ class Model:
             if grammar is not None:
                 if np.isnan(logits).any():  # named, not taken for "no token goes on"
                     raise HotcoldError(self.not_finite(len(out)))
-                maybe = worth_trying(grammar, state, self.first_bytes)  # (n_vocab,)
+                maybe = worth_trying(grammar, state, self.token_tables.first)  # (n_vocab,)
                 maybe[sorted(self.tokenizer.stop_ids)] = grammar.complete(state)
                 tok = constrained_pick(sampler, logits, context, maybe, lambda t: self.allows(grammar, state, t),
                                        lambda: grammar.sure(state, self.token_tables))
@@ -514,10 +514,6 @@ class Model:
         if ignore_stop or all(bias.get(t) == -math.inf for t in self.tokenizer.stop_ids):
             raise HotcoldError("output under a grammar (JSON output) ends with an end token once its text is whole: "
                                "not with ignore_eos, nor with every end token's logit biased to -inf")
-
-    @cached_property
-    def first_bytes(self) -> np.ndarray:
-        return first_bytes(self.tokenizer, self.config.n_vocab)
 
     @cached_property
     def token_tables(self):

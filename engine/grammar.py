@@ -228,10 +228,13 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
 
 
 class TokenTables(NamedTuple):
-    """What grammars' `sure` reads of the vocabulary. plain (n_vocab,) bool: tokens a JSON string takes whole wherever
-    it has no character half done (strict UTF-8 without a quote, a backslash or a control character); ascii
-    (n_vocab, 2) uint64: a bit for each ASCII byte a token holds, all bits set for a token with another byte or none
-    (control tokens are never sure)."""
+    """What the search under a grammar reads of the vocabulary, from one pass over its tokens (control tokens count
+    as having no bytes). first (2, n_vocab) int16: each token's first two bytes, 256 where it has none (control
+    tokens, one-byte tokens), for `worth_trying`; and for grammars' `sure`: plain (n_vocab,) bool, tokens a JSON
+    string takes whole wherever it has no character half done (strict UTF-8 without a quote, a backslash or a control
+    character); ascii (n_vocab, 2) uint64, a bit for each ASCII byte a token holds, all bits set for a token with
+    another byte or none."""
+    first: np.ndarray
     plain: np.ndarray
     ascii: np.ndarray
 
@@ -250,17 +253,12 @@ def token_tables(tokenizer, n_vocab: int) -> TokenTables:
         m = sum(1 << b for b in set(p))
         return (m & 2**64 - 1, m >> 64)
     pieces = [b"" if i in tokenizer.special_ids else tokenizer.piece(i) for i in range(n_vocab)]
-    return TokenTables(np.array([plain(p) for p in pieces]), np.array([bits(p) for p in pieces], np.uint64))
-
-
-def first_bytes(tokenizer, n_vocab: int) -> np.ndarray:
-    """(2, n_vocab) int16: each token's first two bytes, 256 where it has none (control tokens, one-byte tokens)."""
-    pieces = [tokenizer.piece(i) for i in range(n_vocab)]
-    return np.array([[p[k] if len(p) > k else 256 for p in pieces] for k in (0, 1)], np.int16)
+    return TokenTables(np.array([[p[k] if len(p) > k else 256 for p in pieces] for k in (0, 1)], np.int16),
+                       np.array([plain(p) for p in pieces]), np.array([bits(p) for p in pieces], np.uint64))
 
 
 def worth_trying(grammar, state, first: np.ndarray) -> np.ndarray:
-    """(n_vocab,) bool: the tokens whose first two bytes (`first_bytes`) go on with the text in `state` (of a
+    """(n_vocab,) bool: the tokens whose first two bytes (TokenTables.first) go on with the text in `state` (of a
     JsonGrammar or an engine.gbnf.Gbnf); by the first byte alone where many bytes can come next, by both where few
     can, and after whitespace outside a string (most of a BPE vocabulary starts with a space, and fails on the next
     byte there)."""

@@ -221,7 +221,7 @@ def test_sampling_under_a_schema_keeps_every_allowed_token(smollm):
         state = g.advance(g.start, text.encode())
         logits = smollm.logits(smollm.tokenize("A cat: " + text), all_logits=False).numpy().copy()
         allowed = np.array([smollm.allows(g, state, t) for t in range(logits.size)])
-        maybe = worth_trying(g, state, smollm.first_bytes)
+        maybe = worth_trying(g, state, smollm.token_tables.first)
         assert allowed.any() and not (allowed & ~maybe).any(), text
         sure = g.sure(state, smollm.token_tables)
         assert sure is None or not (sure & ~allowed).any(), text

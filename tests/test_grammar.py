@@ -84,7 +84,7 @@ def test_sampling_under_json_is_the_chain_over_the_tokens_it_allows(smollm, text
     logits = smollm.logits(smollm.tokenize("Here is a JSON object: " + text), all_logits=False).numpy().copy()
     n = logits.size
     allowed = np.array([smollm.allows(g, state, t) for t in range(n)])
-    maybe = worth_trying(g, state, smollm.first_bytes)
+    maybe = worth_trying(g, state, smollm.token_tables.first)
     assert allowed.any() and not (allowed & ~maybe).any()  # the filter loses nothing
     sure = g.sure(state, smollm.token_tables)
     assert sure is None or not (sure & ~allowed).any()
