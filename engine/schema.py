@@ -1,7 +1,7 @@
 """JSON schemas as GBNF grammars (llama.cpp's --json-schema): types, properties, items and tuples, lengths and counts,
-the RFC 3339 date and time formats and UUIDs, integers' bounds, enum, const, anyOf/oneOf, allOf of one schema,
-nullable and $ref. Other keywords (pattern, other formats, bounds on other numbers, ...) are refused by name rather
-than ignored: the text would not keep to them.
+the RFC 3339 date and time formats and UUIDs, patterns (engine.pattern), integers' bounds, enum, const, anyOf/oneOf,
+allOf of one schema, nullable and $ref. Other keywords (other formats, bounds on other numbers, ...) are refused by
+name rather than ignored: the text would not keep to them.
 
 Objects hold their properties in the schema's order, the required ones always, the others when the model gives them,
 and no other properties unless additionalProperties allows them (as llama.cpp's converter). Whitespace between
@@ -16,6 +16,7 @@ import re
 
 from .config import HotcoldError
 from .gbnf import MAX_REPEAT
+from .pattern import pattern_expr, set_char
 
 ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "readOnly", "writeOnly",
                "deprecated", "$defs", "definitions"}
@@ -32,7 +33,8 @@ boolean ::= "true" | "false"
 null ::= "null"
 '''
 KEYS = {"object": {"properties", "required", "additionalProperties"},
-        "array": {"items", "minItems", "maxItems", "prefixItems"}, "string": {"minLength", "maxLength", "format"},
+        "array": {"items", "minItems", "maxItems", "prefixItems"},
+        "string": {"minLength", "maxLength", "format", "pattern"},
         "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 INT_DIGITS = 16  # digits of an integer, as the number rule's parts (engine.grammar's DIGITS_MAX)
 HOUR = r'([01] [0-9] | "2" [0-3])'
@@ -57,11 +59,6 @@ def json_text(v) -> str:
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
         raise HotcoldError(f"JSON schema: {text!r} holds a lone surrogate, which no UTF-8 text holds")
     return text
-
-
-def set_char(c: str) -> str:
-    """A character inside a GBNF set, escaped."""
-    return c if c.isalnum() and c.isascii() else f"\\u{ord(c):04X}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08X}"
 
 
 def schema_grammar(schema) -> str:
@@ -133,8 +130,8 @@ class Converter:
             if key not in known and key not in ANNOTATIONS:
                 raise self.fail(where, f"the keyword {key!r} is not supported (hotcold takes type, properties, "
                                 "required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                                "maxLength, format, an integer's minimum and maximum, enum, const, anyOf, oneOf, allOf "
-                                "of one, nullable and $ref)")
+                                "maxLength, format, pattern, an integer's minimum and maximum, enum, const, anyOf, "
+                                "oneOf, allOf of one, nullable and $ref)")
 
     def ref(self, schema: dict, where: str) -> str:
         target = schema["$ref"]
@@ -174,6 +171,13 @@ class Converter:
         if kind == "string":
             lo = self.count(schema, "minLength", where, 0)
             hi = self.count(schema, "maxLength", where, None)
+            if "pattern" in schema:
+                if {"format", "minLength", "maxLength"} & schema.keys():
+                    raise self.fail(where, "pattern: hotcold takes it without format, minLength or maxLength")
+                try:
+                    return self.new('"\\"" ' + pattern_expr(schema["pattern"]) + ' "\\""')
+                except HotcoldError as e:
+                    raise self.fail(where, str(e)) from None
             if "format" in schema:
                 if schema["format"] not in FORMATS or (lo, hi) != (0, None):
                     raise self.fail(where, f"format {json.dumps(schema['format'])}: hotcold takes "
@@ -297,7 +301,7 @@ def not_strings(names: list[str]) -> str:
 
     def visit(node: dict) -> str:
         kids = [c for c in node if c]
-        alts = [r'[^"\\\x7F\x00-\x1F' + "".join(map(set_char, kids)) + "] char*",
+        alts = [r'[^"\\\x7F\x00-\x1F' + "".join((set_char(ord(c)) for c in kids)) + "] char*",
                 r'"\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) char*']  # something else from here on
         alts += [f"{literal(c)} ({visit(node[c])})" for c in kids]
         return " | ".join(alts + ([] if "" in node else ['""']))

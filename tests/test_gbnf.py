@@ -183,7 +183,14 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
 
 
 @pytest.mark.parametrize("schema,why", [
-    ({"type": "string", "pattern": "^a"}, "at #: the keyword 'pattern' is not supported"),
+    ({"type": "string", "pattern": "(?=a)b"}, 'at #: pattern "(?=a)b" at 1: lookarounds and inline flags'),
+    ({"properties": {"p": {"pattern": "a^b"}}}, "at #/properties/p: pattern \"a^b\" at 1: an anchor (^ or $) inside"),
+    ({"pattern": r"(a)\1"}, "\\1 (backreferences, word boundaries and other escapes) is not supported"),
+    ({"pattern": "[]"}, "a set that matches no character"), ({"pattern": "a**"}, "a quantifier after a quantifier"),
+    ({"pattern": "(a"}, "unbalanced parenthesis"), ({"pattern": "a)"}, "unbalanced parenthesis"),
+    ({"pattern": "[z-a]"}, "a range out of order"), ({"pattern": "*a"}, "nothing for * to repeat"),
+    ({"pattern": "^a", "maxLength": 3}, "pattern: hotcold takes it without format, minLength or maxLength"),
+    ({"pattern": "\\ud800"}, "lone surrogate"), ({"pattern": 5}, "pattern: a regular expression, got 5"),
     ({"properties": {"d": {"type": "string", "format": "email"}}}, 'at #/properties/d: format "email": hotcold takes'),
     ({"properties": {"d": {"type": "number", "minimum": 0}}}, "at #/properties/d: the keyword 'minimum'"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "no integer lies between the minimum 5 and the maximum 4"),
@@ -307,6 +314,38 @@ def test_deep_ambiguous_and_repeated_grammars():
         twice.advance(twice.start, b"a" * 14)
     four = Gbnf('root ::= "a"{2}{2} "b"*?\n')
     assert [whole(four, "a" * k) for k in range(6)] == [False] * 4 + [True, False] and whole(four, "aaaabbb")
+
+
+# (pattern, the same for Python's re on these strings: `$` there also matches before a final newline, named groups)
+PATTERNS = [r"^[a-z]+$", r"\d{2,3}-\d", r"^(ab|c)*é?$", r'^"[^"\\]*"$', r"^a.b|\t$", r"^(?:x|y){2,3}?\W$",
+            r"^\s*\S+$", r"😀|[^\n\d]{3}", r"^(?<w>\w{1,3})$", r"^$", r"^[\]a-c-]+\\?$", r"^a{2,}|b{1}$"]
+CHARS = ["a", "b", "c", "x", "y", "é", "😀", "0", "7", "-", '"', "\\", "\n", "\t", " ", "A", "_", "\x01", "]"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_schema_patterns_agree_with_regular_expressions(pattern):
+    """A string schema's pattern (unanchored without ^ and $, as JSON schema says) against Python's re.search on
+    4000 strings, random ones and random walks through the grammar's states, written as json.dumps writes them
+    (escapes for quotes, backslashes and control characters), other characters as they are (not \\u escapes)."""
+    g, rng = grammar_for({"type": "string", "pattern": pattern}), random.Random(5)
+    rx = re.compile(re.sub(r"\$$", r"\\Z", pattern.replace("(?<", "(?P<")), re.ASCII)
+    seen = 0
+    for i in range(4000):
+        text = "".join(rng.choice(CHARS + ["12-3", "ab", "xy", "aa"]) for _ in range(rng.randrange(7)))
+        if i % 2:
+            text, state = "", g.advance(g.start, b'"')
+            while len(text) < 12 and rng.random() < 0.85:
+                nxt = [c for c in CHARS if g.advance(state, json.dumps(c)[1:-1].encode()) is not None]
+                if not nxt:
+                    break
+                text += rng.choice(nxt)
+                state = g.advance(state, json.dumps(text[-1])[1:-1].encode())
+        want = bool(rx.search(text))
+        assert whole(g, json.dumps(text, ensure_ascii=False)) == want, (pattern, text)
+        seen += want
+    assert 100 < seen < 3900, (pattern, seen)  # the test saw the language and its complement
+    assert whole(grammar_for({"pattern": r"^\ud83d\ude00\x7f$"}), '"😀\\u007f"')  # a surrogate pair: one character
+    assert whole(grammar_for({"pattern": ""}), '"any \\n"') and not whole(grammar_for({"pattern": "^a"}), '"\\u0061"')
 
 
 def test_schema_formats_tuples_nullable_and_allof():
