@@ -17,6 +17,7 @@ import numpy as np
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, POOLINGS, HotcoldError, as_int, set_threads
 from .grammar import constrained_pick, token_tables, worth_trying
 from .loader import Checkpoint, load_checkpoint
+from .state import load_state, save_state, shift_context
 
 if TYPE_CHECKING:
     import torch
@@ -371,13 +372,11 @@ class Model:
 
     def save_state(self, path: str, n: int | None = None) -> int:
         """The KV cache's first n positions (default: all `kv_ids`) to a prompt cache file (engine.state)."""
-        from .state import save_state
         return save_state(self, path, n)
 
     def load_state(self, path: str) -> int:
         """The KV cache's first positions from a prompt cache file; `generate(reuse_cache=True)` then computes only
         what follows the part of them the prompt begins with. Returns how many tokens the file held."""
-        from .state import load_state
         return load_state(self, path)
 
     def prompt_logprobs(self, ids: list[int], top: int) -> list[dict]:
@@ -420,7 +419,7 @@ class Model:
     def generate(self, prompt_ids: list[int], n: int = 128, sampler: Sampler | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_stop: bool = False,
                  reuse_cache: bool = False, stop: tuple[str, ...] | list[str] = (),
-                 logprobs: int | None = None, grammar=None) -> Completion:
+                 logprobs: int | None = None, grammar=None, context_shift: bool = False, keep: int = 0) -> Completion:
         """Prefill the prompt (batched, or by decode steps when short), then decode one token at a time until a
         stop token, a stop string (the text ends before it), n tokens (-1: no limit, as llama.cpp's -n -1) or the
         end of the context (stats["stop"]: "stop_token", "stop_string", "length" or "context").
@@ -431,7 +430,10 @@ class Model:
         logprobs=k: each generated token's log-probability and the k likeliest tokens' (`token_logprob`), in
         Completion.logprobs. grammar (engine.grammar.JsonGrammar, or engine.gbnf.Gbnf: a GBNF grammar or a JSON
         schema's): the text keeps to it, sampled as llama.cpp samples under a grammar (`constrained_pick`); a stop
-        token only once the text is whole."""
+        token only once the text is whole.
+        context_shift: at the end of the context, forget half of the positions after the prompt's first `keep`
+        tokens (-1: the whole prompt; a BOS is always kept) and go on, as llama.cpp's --context-shift
+        (engine.state.shift_context; stats["context_shifts"]); n = -1 then runs to a stop token."""
         sampler = sampler or Sampler(temperature=0.0)
         prompt_ids, n = self.check_prompt(prompt_ids), as_int(n, "n")
         self.check_sampler(sampler)
@@ -444,8 +446,13 @@ class Model:
             self.check_grammar(sampler, ignore_stop)
             self.token_tables  # built now (0.5 s the first time), not in the decode's time
         state = None if grammar is None else grammar.start
-        asked = self.n_ctx if n == -1 else n  # -1: what the context holds
-        n = min(asked, self.n_ctx - len(prompt_ids))
+        if context_shift:
+            keep = as_int(keep, "keep")
+            bos = prompt_ids[0] == self.tokenizer.bos_id
+            keep = len(prompt_ids) if keep < 0 else min(len(prompt_ids), keep + bos)
+        asked = (math.inf if context_shift else self.n_ctx) if n == -1 else n  # -1: what the context holds
+        n = asked if context_shift else min(asked, self.n_ctx - len(prompt_ids))
+        shifts = 0
         stream, shown = self.tokenizer.stream(), StopText(stop, on_text)
         self.reset_counts()
         cached = self.cached_prefix(prompt_ids) if reuse_cache else 0
@@ -482,6 +489,12 @@ class Model:
             hit = shown.add(stream.step(tok))
             if hit or (tok in self.tokenizer.stop_ids and not ignore_stop) or len(out) == n:
                 break
+            if pos == self.n_ctx - 1:  # full, as llama.cpp counts it (with context_shift): make room, or stop
+                discard = (pos - keep) // 2
+                if not discard:
+                    break
+                shift_context(self, keep, discard)
+                pos, shifts = pos - discard, shifts + 1
             logits = self.net.next_logits([tok], pos)
             self.kv_ids.append(tok)
             pos += 1
@@ -495,6 +508,8 @@ class Model:
                  "prefill_s": t1 - t0, "decode_s": t2 - t1,
                  "prefill_tok_s": (len(prompt_ids) - cached) / (t1 - t0),
                  "decode_tok_s": decoded / (t2 - t1) if decoded else None}  # None: no forward pass after the prefill
+        if context_shift:
+            stats["context_shifts"] = shifts
         if self.sparsity is not None:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:

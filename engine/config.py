@@ -60,12 +60,17 @@ class ModelConfig:
                 (self.n_layer, self.n_head_kv, self.head_dim, n_ctx))
 
     def rope_tables(self, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin of the rotary angles: float32 (n_ctx, head_dim / 2), computed in float64."""
+        """cos, sin of the rotary angles of positions 0..n_ctx-1: float32 (n_ctx, head_dim / 2)."""
+        return self.rope_angles(np.arange(n_ctx))
+
+    def rope_angles(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of the rotary angles of the positions (P,) (negative ones too: a rotation back): float32
+        (P, head_dim / 2), computed in float64."""
         half = self.head_dim // 2
         inv = self.rope_base ** (-np.arange(half, dtype=np.float64) * 2 / self.head_dim)  # (hd/2,)
         if self.rope_freqs is not None:
             inv /= np.asarray(self.rope_freqs, dtype=np.float64)
-        ang = (np.arange(n_ctx, dtype=np.float64) / self.rope_scale)[:, None] * inv[None, :]  # (n_ctx, hd/2)
+        ang = (np.asarray(positions, dtype=np.float64) / self.rope_scale)[:, None] * inv[None, :]  # (P, hd/2)
         return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 

@@ -1,5 +1,6 @@
-"""Prompt caches (llama.cpp's --prompt-cache): the KV cache's first positions and their tokens in a file, so that a
-later run whose prompt begins with those tokens does not compute them again.
+"""The KV cache as state: prompt caches (llama.cpp's --prompt-cache), the cache's first positions and their tokens in
+a file, so that a later run whose prompt begins with those tokens does not compute them again; and the context shift
+(llama.cpp's --context-shift), which forgets positions to make room.
 
 The file is an .npz: `header` (UTF-8 JSON: format, the model's fingerprint, the cache type), `ids` (n,) int32, and
 the keys (n_layer, Hkv, n, hd) and transposed values (n_layer, Hkv, hd, n) of positions 0..n-1, as the engines keep
@@ -25,6 +26,21 @@ def arrays(net):
     """The net's KV cache as numpy arrays that write through (the torch backend's tensors share their memory)."""
     k, v = net.k_cache, net.v_cache
     return (k, v) if isinstance(k, np.ndarray) else (k.numpy(), v.numpy())
+
+
+def shift_context(model, keep: int, discard: int) -> None:
+    """Forget the cached positions keep..keep+discard-1 and move the ones after them back by discard, as llama.cpp's
+    context shift: the values as they are, the keys rotated back by discard positions (RoPE's rotations compose,
+    R(p - d) = R(-d) R(p); in float32, as llama.cpp's K-shift, then stored as the cache's type)."""
+    n = len(model.kv_ids)
+    k, v = (a.view(np.float16) if a.dtype == np.uint16 else a for a in arrays(model.net))
+    cos, sin = model.config.rope_angles([-discard])  # (1, hd/2)
+    pairs = k[:, :, keep + discard:n].astype(np.float32).reshape(*k.shape[:2], n - keep - discard, -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]  # (L, Hkv, n - keep - discard, hd/2): adjacent pairs, as apply_rope's
+    k[:, :, keep:n - discard] = np.stack((a * cos - b * sin, a * sin + b * cos), -1).reshape(
+        *k.shape[:2], n - keep - discard, -1)
+    v[..., keep:n - discard] = v[..., keep + discard:n]  # (numpy copies overlapping slices as if through a buffer)
+    del model.kv_ids[keep:keep + discard]
 
 
 def identity(model) -> dict:

@@ -152,10 +152,20 @@ def test_cli_generate_json_and_chat(smollm, capsys):
     assert not any(t in smollm.tokenizer.stop_ids for t in past["token_ids"])  # as llama.cpp's --ignore-eos
     assert main(["generate", "-p", "The capital of France is", "-n", "50", "--temperature", "0", "-c", "12"]) == 0
     err = capsys.readouterr().err  # the context, not -n, ended it: said so
-    assert "decode: 7 tokens" in err and "stopped at the end of the context of 12 tokens (raise --ctx)" in err
+    assert "decode: 7 tokens" in err and "context of 12 tokens (raise --ctx, or --context-shift)" in err
     assert main(["generate", "-p", "The capital of France is", "-n", "-1", "--temperature", "0", "-c", "12",
                  "--json", "--ignore-eos"]) == 0  # -1: to the end of the context, as llama.cpp's
-    assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "context"
+    full = json.loads(capsys.readouterr().out)
+    assert full["stats"]["stop"] == "context" and len(full["token_ids"]) == 7
+    assert main(["generate", "-p", "The capital of France is", "-n", "30", "--temperature", "0", "-c", "12",
+                 "--json", "--ignore-eos", "--context-shift", "--keep", "-1"]) == 0  # on past the context's end
+    shifted = json.loads(capsys.readouterr().out)  # the 5 prompt tokens kept, 3 of the 6 others forgotten each time
+    assert shifted["stats"]["stop"] == "length" and len(shifted["token_ids"]) == 30
+    assert shifted["token_ids"][:7] == full["token_ids"] and shifted["stats"]["context_shifts"] == 8
+    assert main(["generate", "-p", "The capital of France is", "-n", "9", "-c", "6", "--context-shift", "--keep",
+                 "-1"]) == 0  # nothing to forget: the context's end stops it
+    assert "decode: 1 tokens" in capsys.readouterr().err  # as without --context-shift
+    assert main(["generate", "-p", "hi", "--keep", "3"]) == 2 and "goes with --context-shift" in capsys.readouterr().err
     assert main(["generate", "-p", "The capital of France is", "-n", "7", "--temperature", "0", "-c", "12",
                  "--json"]) == 0  # -n met as the context fills: -n ended it
     assert json.loads(capsys.readouterr().out)["stats"]["stop"] == "length"

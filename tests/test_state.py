@@ -1,13 +1,16 @@
-"""Prompt caches (generate --prompt-cache, Model.save_state/load_state): a later run continues from the file's keys
-and values as the run that wrote them would have, and a file of another model or kind is refused."""
+"""The KV cache as state. Prompt caches (generate --prompt-cache, Model.save_state/load_state): a later run continues
+from the file's keys and values as the run that wrote them would have, and a file of another model or kind is
+refused. Context shifts (generate --context-shift): the keys moved back are those of their new positions."""
 import json
 import os
 
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
 from engine.api import Sampler, load
 from engine.config import HotcoldError
+from engine.state import arrays, shift_context
 from tiny_model import tiny_config, tiny_weights, write_gguf
 from tools.cli import main
 
@@ -33,6 +36,30 @@ def test_a_loaded_prompt_cache_continues_as_the_model_that_wrote_it(tmp_path, ba
     other = load(path, n_ctx=6, threads=1, backend=backend)  # the file's 8 tokens do not fit
     with pytest.raises(HotcoldError, match="holds 8 tokens, which leave no room in the context of 6"):
         other.load_state(str(tmp_path / "p.cache"))
+
+
+@pytest.mark.parametrize("backend,cache_type", [("kernels", "f16"), ("kernels", "f32"), ("torch", "f32")])
+def test_a_context_shift_moves_keys_as_computed_at_their_new_positions(tmp_path, backend, cache_type):
+    """Layer 0's keys depend on a token and its position alone: after a shift (4 positions kept, 8 forgotten) they
+    are those a fresh model computes for the remaining tokens at their new positions; the values are the ones before,
+    moved back; kv_ids says which tokens are there, and a generate reusing them computes only what follows."""
+    c = tiny_config("silu")
+    path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), QT.Q8_0)
+    a, b = (load(path, n_ctx=32, threads=1, backend=backend, cache_type=cache_type) for _ in range(2))
+    ids = list(range(3, 23))
+    a.logits(ids)
+    k0, v0 = (x.copy() for x in arrays(a.net))
+    shift_context(a, 4, 8)
+    kept = ids[:4] + ids[12:]
+    b.logits(kept)
+    (ka, va), (kb, vb) = arrays(a.net), arrays(b.net)
+    assert a.kv_ids == kept and np.array_equal(va[..., 4:12], v0[..., 12:20]) and np.array_equal(ka[:, :, :4],
+                                                                                                 k0[:, :, :4])
+    real = (lambda x: x.view(np.float16).astype(np.float32)) if cache_type == "f16" else (lambda x: x)
+    tol = 2e-3 if cache_type == "f16" else 1e-5
+    np.testing.assert_allclose(real(ka[0, :, :12]), real(kb[0, :, :12]), rtol=tol, atol=tol)
+    np.testing.assert_allclose(real(va[0, ..., :12]), real(vb[0, ..., :12]), rtol=tol, atol=tol)
+    assert a.generate(kept + [30], 1, reuse_cache=True).stats["cached_tokens"] == 12
 
 
 def test_prompt_caches_of_another_model_or_kind_are_refused(tmp_path, smollm, smollm_torch):

@@ -311,6 +311,8 @@ def cmd_generate(args) -> None:
     from engine.tokenizer import valid_text
     if args.system is not None and not args.chat:
         raise HotcoldError("--system: the system message of --chat's template; it goes with --chat")
+    if args.keep and not args.context_shift:
+        raise HotcoldError("--keep: the prompt's tokens a context shift keeps; it goes with --context-shift")
     # -f as llama.cpp's: the file as it is but for one final newline; a bad file is named before the model loads
     text = args.prompt if args.file is None else read_text(args.file, "prompt file").removesuffix("\n")
     model = load_model(args)
@@ -324,7 +326,8 @@ def cmd_generate(args) -> None:
     reuse = prompt_cache(model, args, ids)
     if args.json:
         out = model.generate(ids, args.n, sampler, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=args.grammar, reuse_cache=reuse)
+                             grammar=args.grammar, reuse_cache=reuse, context_shift=args.context_shift,
+                             keep=args.keep)
         emit_json(out.to_dict())
     else:
         sys.stdout.write(prompt)
@@ -335,7 +338,8 @@ def cmd_generate(args) -> None:
             sys.stdout.flush()
 
         out = model.generate(ids, args.n, sampler, on_text=on_text, ignore_stop=args.ignore_eos, stop=args.stop,
-                             grammar=args.grammar, reuse_cache=reuse)
+                             grammar=args.grammar, reuse_cache=reuse, context_shift=args.context_shift,
+                             keep=args.keep)
         s = out.stats
         sys.stdout.write("\n")
         sys.stdout.flush()  # before the statistics on stderr
@@ -343,12 +347,14 @@ def cmd_generate(args) -> None:
         cached = f" ({s['cached_tokens']} from the cache)" if s["cached_tokens"] else ""
         print(f"prefill: {s['prompt_tokens']} tokens{cached}, {s['prefill_tok_s']:.1f} tok/s | "
               f"decode: {s['generated_tokens']} tokens, {rate} tok/s"
-              + (f" | FFN sparsity {s['sparsity']:.1%}" if s.get("sparsity") is not None else ""), file=sys.stderr)
+              + (f" | FFN sparsity {s['sparsity']:.1%}" if s.get("sparsity") is not None else "")
+              + (f" | context shifts: {s['context_shifts']}" if s.get("context_shifts") else ""), file=sys.stderr)
         if "predicted_sparsity" in s:
             print(format_runtime_stats(s), file=sys.stderr)
     if out.stats["stop"] == "context":
-        print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens (raise --ctx)",
-              file=sys.stderr)
+        why = "the kept prompt leaves nothing to forget: lower --keep or raise --ctx" if args.context_shift else \
+            "raise --ctx, or --context-shift"
+        print(f"hotcold: note: stopped at the end of the context of {model.n_ctx} tokens ({why})", file=sys.stderr)
 
 
 def prompt_cache(model, args, ids: list[int]) -> bool:
@@ -496,11 +502,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     prompt.add_argument("-f", "--file", metavar="FILE", help="the prompt read from a UTF-8 file, as it is but for one "
                         "final newline, as llama.cpp's -f reads it")
     p.add_argument("-n", "--n-predict", dest="n", type=at_least(-1), default=128,
-                   help="tokens to generate (default 128; -1: until a stop token or the end of the context)")
+                   help="tokens to generate (default 128; -1: until a stop token or the end of the context, "
+                   "with --context-shift until a stop token)")
     p.add_argument("--ignore-eos", action="store_true", help="never sample the model's end-of-text and end-of-turn "
                    "tokens (llama.cpp's): on to -n tokens or the end of the context")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the text before this string "
                    "(repeatable; the one that starts first; not shown; an empty one is none)")
+    p.add_argument("--context-shift", action="store_true", help="at the end of the context, forget half of what "
+                   "follows the kept prompt tokens and go on (llama.cpp's; -n -1: until a stop token)")
+    p.add_argument("--keep", type=at_least(-1), default=0, metavar="N", help="with --context-shift: the prompt's "
+                   "first N tokens are never forgotten (default 0, -1: the whole prompt; a BOS always is)")
     add_sampling_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the prompt (with --chat)")
