@@ -328,6 +328,59 @@ def test_server_logprobs_and_echo(smollm, server):
     assert all(e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content)  # greedy
 
 
+def test_server_context_shift(smollm):
+    """With --context-shift, a reply goes on past the context's end (llama-server's `truncated` then true), its first
+    tokens those of a reply that the context's end stops; n_keep is checked as a count."""
+    srv = Server(smollm, build_parser("server").parse_args(["server", "--context-shift"]), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        ids = smollm.tokenize("The history of the Roman Empire is long. " * 130)[:smollm.n_ctx - 8]
+        ask = {"prompt": ids, "n_predict": 20, "temperature": 0, "ignore_eos": True, "n_keep": 4}
+        short = smollm.generate(ids, 20, Sampler(temperature=0), ignore_stop=True)
+        status, got = call(srv, "/completion", ask)
+        assert status == 200 and got["tokens_predicted"] == 20 and got["truncated"] is True
+        assert short.stats["stop"] == "context" and got["content"].startswith(short.text) and len(short.token_ids) < 20
+        status, got = call(srv, "/completion", {**ask, "n_keep": -2})
+        assert status == 400 and "n_keep: must be at least -1" in got["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_server_slots_save_restore_and_erase(smollm, server, tmp_path):
+    """llama-server's /slots actions: the KV cache's tokens saved to a file in --slot-save-path, erased, restored, and
+    a request then takes its prompt from the cache; bad names, slots and actions are a 400, no directory a 501."""
+    status, got = call(server, "/slots/0?action=save", {"filename": "a.bin"})
+    assert status == 501 and "Start it with `--slot-save-path`" in got["error"]["message"]
+    srv = Server(smollm, build_parser("server").parse_args(["server", "--slot-save-path", str(tmp_path)]),
+                 "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        ask = {"prompt": "The history of the Roman Empire is long. " * 8, "n_predict": 8, "temperature": 0}
+        status, first = call(srv, "/completion", ask)
+        held = len(smollm.kv_ids)
+        status, got = call(srv, "/slots/0?action=save", {"filename": "a.bin"})
+        assert status == 200 and got["n_saved"] == held and got["n_written"] == os.path.getsize(tmp_path / "a.bin")
+        status, got = call(srv, "/slots/0?action=erase", raw=b"")
+        assert status == 200 and got == {"id_slot": 0, "n_erased": held} and smollm.kv_ids == []
+        status, got = call(srv, "/slots")
+        assert status == 200 and got[0]["n_cached"] == 0 and got[0]["n_ctx"] == smollm.n_ctx
+        status, got = call(srv, "/slots/0?action=restore", {"filename": "a.bin"})
+        assert status == 200 and got["n_restored"] == held and len(smollm.kv_ids) == held
+        status, again = call(srv, "/completion", ask)
+        assert again["content"] == first["content"] and again["tokens_cached"] == first["tokens_evaluated"] - 1
+        for path, body, why in (("/slots/0?action=save", {"filename": "../x"}, "Invalid filename"),
+                                ("/slots/0?action=save", {}, "Invalid filename"),
+                                ("/slots/1?action=save", {"filename": "b"}, "has one slot, 0"),
+                                ("/slots/0?action=load", {"filename": "a.bin"}, "Invalid action"),
+                                ("/slots/0?action=restore", {"filename": "none.bin"}, "no such file")):
+            status, got = call(srv, path, body)
+            assert status == 400 and why in got["error"]["message"], (path, got)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_server_tokenize_and_detokenize(smollm, server):
     status, got = call(server, "/tokenize", {"content": "Hello world"})
     assert status == 200 and got["tokens"] == smollm.tokenize("Hello world")

@@ -96,7 +96,8 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
         model.check_grammar(sampler, body.get("ignore_eos", False))  # a 400 before a stream starts
     return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
             "ignore_stop": body.get("ignore_eos", False), "reuse_cache": body.get("cache_prompt", True),
-            "sampler": sampler, "grammar": grammar}
+            "sampler": sampler, "grammar": grammar, "context_shift": args.context_shift,
+            "keep": field(body, "n_keep", at_least(-1), 0)}
 
 
 def request_grammar(body: dict, args):
@@ -366,8 +367,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def fail(self, status: int, message: str, streaming: bool) -> None:
         """The error as llama-server words it: {"error": {"code", "message", "type"}}; inside a stream, an event."""
-        kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(
-            status, "invalid_request_error")
+        kind = {401: "authentication_error", 404: "not_found_error", 500: "server_error",
+                501: "not_supported_error"}.get(status, "invalid_request_error")
         error = {"error": {"code": status, "message": message, "type": kind}}
         self.log(status, message)
         try:
@@ -399,6 +400,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, {"default_generation_settings": {"n_ctx": model.n_ctx, "params": settings(
                 model, generate_options({}, args, model, chat=False))},  # a request that gives nothing
                 "total_slots": 1, "model_path": str(model.ckpt.path), "chat_template": model.tokenizer.chat_template})
+        elif path == "/slots":  # llama-server's one slot, as it lists its slots
+            model, args = self.server.model, self.server.args
+            self.send_json(200, [{"id": 0, "n_ctx": model.n_ctx, "is_processing": self.server.lock.locked(),
+                                  "params": settings(model, generate_options({}, args, model, chat=False)),
+                                  "n_cached": len(model.kv_ids)}])
         elif path in ("/v1/models", "/models"):
             self.send_json(200, {"object": "list", "data": [self.server.card]})
         elif path in (f"/v1/models/{self.server.name}", f"/models/{self.server.name}"):
@@ -406,8 +412,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.fail(404, f"no endpoint GET {path}", False)
 
-    def read_body(self) -> dict:
+    def read_body(self, empty_ok: bool = False) -> dict:
+        """The request's JSON object; empty_ok: {} for a body of no bytes."""
         length = self.headers.get("Content-Length")
+        if empty_ok and length == "0" and not self.headers.get("Transfer-Encoding"):
+            return {}
         if length is None or not (length.isascii() and length.isdigit()) or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a chunked body is not read: not to be taken for the next request
             raise BadRequest("a request needs a JSON body with its Content-Length (not chunked)", 411)
@@ -450,6 +459,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                   "/v1/chat/completions": self.chat, "/chat/completions": self.chat, "/tokenize": self.tokenize,
                   "/detokenize": self.detokenize, "/apply-template": self.apply_template,
                   "/v1/embeddings": self.embeddings, "/embeddings": self.embeddings}
+        slot = re.fullmatch(r"/slots/([^/]*)", path)
+        if slot:
+            routes[path] = functools.partial(self.slot_action, slot[1])
         self.streaming = False
         if not self.authorized():
             return
@@ -457,7 +469,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if path not in routes:
                 self.close_connection = True  # its body is left unread
                 raise BadRequest(f"no endpoint POST {path}", 404)
-            body = self.read_body()
+            body = self.read_body(empty_ok=bool(slot))
             with self.server.lock:  # one request at a time: the model and its cache are one
                 routes[path](body)
         except BadRequest as e:
@@ -512,6 +524,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log(200, f"embeddings of {len(ids)} inputs, {n} tokens")
         self.send_json(200, {"object": "list", "data": data, "model": self.server.name,
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def slot_action(self, slot: str, body: dict) -> None:
+        """llama-server's POST /slots/0?action=save|restore|erase: the KV cache's tokens to or from {"filename"} in
+        the --slot-save-path directory (a prompt cache file, engine.state), or forgotten."""
+        folder, model = self.server.args.slot_save_path, self.server.model
+        if folder is None:
+            raise BadRequest("This server does not support slots action. Start it with `--slot-save-path`", 501)
+        if slot != "0":
+            raise BadRequest(f"Invalid slot ID {json.dumps(slot)}: hotcold server has one slot, 0")
+        action = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("action", [""])[-1]
+        if action == "erase":
+            n, model.kv_ids = len(model.kv_ids), []
+            self.send_json(200, {"id_slot": 0, "n_erased": n})
+            return
+        if action not in ("save", "restore"):
+            raise BadRequest(f"Invalid action {json.dumps(action)}: save, restore or erase")
+        name = body.get("filename")
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise BadRequest(f"Invalid filename {json.dumps(name)}: a file name in --slot-save-path, not a path")
+        path, t0 = os.path.join(folder, name), time.perf_counter()
+        n = model.save_state(path) if action == "save" else model.load_state(path)
+        ms = (time.perf_counter() - t0) * 1000
+        self.log(200, f"slot {action}d: {n} tokens, {name}")
+        self.send_json(200, {"id_slot": 0, "filename": name, **({"n_saved": n, "n_written": os.path.getsize(path),
+                             "timings": {"save_ms": ms}} if action == "save" else {
+                             "n_restored": n, "n_read": os.path.getsize(path), "timings": {"restore_ms": ms}})})
 
     def apply_template(self, body: dict) -> None:
         """llama-server's /apply-template: {"messages"} -> {"prompt": the chat template's text}."""
@@ -671,7 +709,8 @@ def result(model, name: str, out, prompt: str, options: dict, tokens: bool, stre
     answer = {"content": "" if streamed else out.text, "tokens": out.token_ids if tokens else [],
               "id_slot": 0, "stop": True, "model": name, "tokens_predicted": len(out.token_ids),
               "tokens_evaluated": len(out.prompt_token_ids), "generation_settings": settings(model, options),
-              "prompt": prompt, "has_new_line": "\n" in out.text, "truncated": s["stop"] == "context",
+              "prompt": prompt, "has_new_line": "\n" in out.text,
+              "truncated": s["stop"] == "context" or bool(s.get("context_shifts")),
               "stop_type": STOP_TYPE[s["stop"]], "stopping_word": word, "tokens_cached": s["cached_tokens"],
               "timings": accounts([out])["timings"]}
     if out.logprobs is not None:  # n_probs
@@ -724,6 +763,8 @@ def cmd_server(args) -> None:
     from tools.cli import checked_sampler, load_model
     if args.port > 65535:
         raise HotcoldError(f"--port {args.port}: at most 65535")
+    if args.slot_save_path is not None and not os.path.isdir(args.slot_save_path):
+        raise HotcoldError(f"--slot-save-path {args.slot_save_path}: not a directory")
     model = load_model(args)
     checked_sampler(model, args)  # the server's own -l and -j, before a request is answered
     server = Server(model, args, args.host, args.port)
@@ -752,6 +793,11 @@ def add_command(sub) -> None:
                    help="most tokens a reply may have, and the default when its request gives no max_tokens "
                    "(default -1: no cap; to a stop token or the end of the context)")
     add_sampling_args(p)  # a request's defaults, as llama-server's flags
+    p.add_argument("--slot-save-path", metavar="DIR", default=None, help="the directory where POST "
+                   "/slots/0?action=save and restore keep the KV cache's tokens (llama-server's; off by default)")
+    p.add_argument("--context-shift", action="store_true", help="at the end of the context, forget half of what "
+                   "follows a request's first n_keep prompt tokens (default 0, -1: all) and go on (llama-server's; "
+                   "off by default, as there: it can cut a chat template's structure)")
     p.add_argument("--pooling", choices=POOLINGS[:3], default="mean", help="the embeddings' (/v1/embeddings): the "
                    "mean of the tokens' hidden states (default), the last token's, or the first's (cls)")
     add_runtime_args(p)
