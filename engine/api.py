@@ -510,6 +510,8 @@ class Model:
                  "decode_tok_s": decoded / (t2 - t1) if decoded else None}  # None: no forward pass after the prefill
         if context_shift:
             stats["context_shifts"] = shifts
+            if shifts:  # past `keep`, keys and values computed beside forgotten tokens: not for another prompt
+                del self.kv_ids[keep:]
         if self.sparsity is not None:
             stats["sparsity"] = self.sparsity.sparsity()
         if self.runtime is not None:

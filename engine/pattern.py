@@ -75,8 +75,8 @@ def class_expr(ranges: Ranges) -> str:
                 by_digit[text[4]] = by_digit.get(text[4], "") + text[5]
             else:
                 alts.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    if by_digit:
-        alts.append('"\\\\u00" (' + " | ".join(f'"{d}" [{hs}]' for d, hs in by_digit.items()) + ")")
+    if by_digit:  # (a sequence: grouped, so that a quantifier after it repeats it whole)
+        alts.append('("\\\\u00" (' + " | ".join(f'"{d}" [{hs}]' for d, hs in by_digit.items()) + "))")
     return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
 
 
@@ -106,19 +106,22 @@ class Pattern:
             seq = self.sequence(top=True)
             end = self.peek() == "$"  # (sequence stops at one only before | or the end)
             self.pos += end
-            branches.append(" ".join(([] if start else ["char*"]) + seq + ([] if end else ["char*"])) or '""')
+            parts = [expr for expr, _ in seq]
+            branches.append(" ".join(([] if start else ["char*"]) + parts + ([] if end else ["char*"])) or '""')
             if not self.peek():
                 return "(" + " | ".join(branches) + ")"
             self.pos += 1
 
-    def alternatives(self) -> str:
-        alts = [" ".join(self.sequence()) or '""']
+    def alternatives(self) -> tuple[str, bool]:
+        """(a GBNF group, whether it matches the empty string) for alternatives up to ) or the end."""
+        alts = [self.sequence()]
         while self.peek() == "|":
             self.pos += 1
-            alts.append(" ".join(self.sequence()) or '""')
-        return "(" + " | ".join(alts) + ")"
+            alts.append(self.sequence())
+        return ("(" + " | ".join(" ".join(e for e, _ in seq) or '""' for seq in alts) + ")",
+                any(all(empty for _, empty in seq) for seq in alts))
 
-    def sequence(self, top: bool = False) -> list[str]:
+    def sequence(self, top: bool = False) -> list[tuple[str, bool]]:
         seq = []
         while self.peek() and self.peek() not in "|)" and not (top and self.at_branch_end()):
             if self.peek() in "^$":
@@ -131,26 +134,29 @@ class Pattern:
     def at_branch_end(self) -> bool:
         return self.peek() == "$" and self.peek(1) in ("|", "")
 
-    def quantified(self, atom: str) -> str:
-        c = self.peek()
+    def quantified(self, atom: tuple[str, bool]) -> tuple[str, bool]:
+        """The atom (expression, whether it matches the empty string) with the quantifier at pos, if any."""
+        (expr, empty), c = atom, self.peek()
         m = QUANTIFIER.match(self.text, self.pos)
         if c and c in "*+?":
-            self.pos += 1
-            out = f"{atom}{c}"
+            lo, hi, out = int(c == "+"), 1 if c == "?" else None, f"{expr}{c}"
         elif m:
             lo, hi = int(m[1]), (int(m[3]) if m[3] else None) if m[2] else int(m[1])
             if max(lo, hi or 0) > MAX_REPEAT or hi is not None and hi < lo:
                 raise self.fail(f"{m[0]}: counts up to {MAX_REPEAT}, the smaller first")
-            self.pos = m.end()
-            out = f"{atom}{{{lo},{'' if hi is None else hi}}}" if m[2] else f"{atom}{{{lo}}}"
+            out = f"{expr}{{{lo},{'' if hi is None else hi}}}" if m[2] else f"{expr}{{{lo}}}"
         else:
             return atom
+        if empty and (hi is None or hi > 1):  # GBNF's rewrite would be left-recursive, or ambiguous past counting
+            raise self.fail("a repetition of a part that can match nothing; write the part so that it matches at "
+                            "least one character")
+        self.pos = m.end() if m and c not in "*+?" else self.pos + 1
         self.pos += self.peek() == "?"  # lazy: the same strings
         if self.peek() in ("*", "+", "?") or QUANTIFIER.match(self.text, self.pos):
             raise self.fail("a quantifier after a quantifier")
-        return out
+        return out, empty or lo == 0
 
-    def atom(self) -> str:
+    def atom(self) -> tuple[str, bool]:
         c = self.peek()
         if c == "(":
             self.pos += 1
@@ -172,14 +178,14 @@ class Pattern:
         if c in "*+?" or QUANTIFIER.match(self.text, self.pos):
             raise self.fail(f"nothing for {c} to repeat")
         if c == "[":
-            return class_expr(self.set())
+            return class_expr(self.set()), False
         if c == ".":
             self.pos += 1
-            return class_expr(complement(LINE_ENDS))
+            return class_expr(complement(LINE_ENDS)), False
         if c == "\\":
-            return class_expr(self.escape(in_set=False))
+            return class_expr(self.escape(in_set=False)), False
         self.pos += 1
-        return class_expr(normal([(ord(c), ord(c))]))
+        return class_expr(normal([(ord(c), ord(c))])), False
 
     def escape(self, in_set: bool) -> Ranges:
         """The characters of the escape at pos (a class, or one character)."""

@@ -36,6 +36,10 @@ KEYS = {"object": {"properties", "required", "additionalProperties"},
         "array": {"items", "minItems", "maxItems", "prefixItems"},
         "string": {"minLength", "maxLength", "format", "pattern"},
         "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
+STRUCTURE = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "nullable"}  # keywords of any type
+TAKEN = ("hotcold takes type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, "
+         "minLength, maxLength, format, pattern, an integer's minimum and maximum, enum, const, anyOf, oneOf, allOf of "
+         "one, nullable and $ref")
 INT_DIGITS = 16  # digits of an integer, as the number rule's parts (engine.grammar's DIGITS_MAX)
 HOUR = r'([01] [0-9] | "2" [0-3])'
 TIME = HOUR + r' ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? ("Z" | [+-] ' + HOUR + r' ":" [0-5] [0-9])'
@@ -127,11 +131,12 @@ class Converter:
 
     def check(self, schema: dict, where: str, known: set) -> None:
         for key in schema:
-            if key not in known and key not in ANNOTATIONS:
-                raise self.fail(where, f"the keyword {key!r} is not supported (hotcold takes type, properties, "
-                                "required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                                "maxLength, format, pattern, an integer's minimum and maximum, enum, const, anyOf, "
-                                "oneOf, allOf of one, nullable and $ref)")
+            if key in known or key in ANNOTATIONS:
+                continue
+            if key in STRUCTURE.union(*KEYS.values()):
+                others = ", ".join(f"type {json.dumps(schema[k])}" if k == "type" else k for k in schema if k in known)
+                raise self.fail(where, f"the keyword {key!r} does not go with {others or 'the rest'} there ({TAKEN})")
+            raise self.fail(where, f"the keyword {key!r} is not supported ({TAKEN})")
 
     def ref(self, schema: dict, where: str) -> str:
         target = schema["$ref"]

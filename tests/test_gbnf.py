@@ -189,6 +189,7 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
     ({"pattern": "[]"}, "a set that matches no character"), ({"pattern": "a**"}, "a quantifier after a quantifier"),
     ({"pattern": "(a"}, "unbalanced parenthesis"), ({"pattern": "a)"}, "unbalanced parenthesis"),
     ({"pattern": "[z-a]"}, "a range out of order"), ({"pattern": "*a"}, "nothing for * to repeat"),
+    ({"pattern": "^(a?b?)*$"}, 'pattern "^(a?b?)*$" at 7: a repetition of a part that can match nothing'),
     ({"pattern": "^a", "maxLength": 3}, "pattern: hotcold takes it without format, minLength or maxLength"),
     ({"pattern": "\\ud800"}, "lone surrogate"), ({"pattern": 5}, "pattern: a regular expression, got 5"),
     ({"properties": {"d": {"type": "string", "format": "email"}}}, 'at #/properties/d: format "email": hotcold takes'),
@@ -200,7 +201,8 @@ def test_schema_grammar_takes_its_instances_and_refuses_others():
     ({"$ref": "https://example.com/s.json"}, "$ref: a reference inside the schema"),
     ({"$ref": "#"}, "left-recursive"),
     ({"properties": {"a": {}}, "required": ["b"]}, "required: 'b' is not among the properties"),
-    ({"enum": ["a", "bb"], "maxLength": 1}, "the keyword 'maxLength' is not supported"),
+    ({"enum": ["a", "bb"], "maxLength": 1}, "the keyword 'maxLength' does not go with enum there"),
+    ({"type": "number", "minimum": 1}, 'the keyword \'minimum\' does not go with type "number" there (hotcold takes'),
     ({"const": float("nan")}, "nan is not a number JSON holds"),
     ({"enum": ["\ud800"]}, "holds a lone surrogate"),
     ({"type": "string", "minLength": 3000}, "at #: minLength 3000: at most 2000"),
@@ -318,7 +320,8 @@ def test_deep_ambiguous_and_repeated_grammars():
 
 # (pattern, the same for Python's re on these strings: `$` there also matches before a final newline, named groups)
 PATTERNS = [r"^[a-z]+$", r"\d{2,3}-\d", r"^(ab|c)*é?$", r'^"[^"\\]*"$', r"^a.b|\t$", r"^(?:x|y){2,3}?\W$",
-            r"^\s*\S+$", r"😀|[^\n\d]{3}", r"^(?<w>\w{1,3})$", r"^$", r"^[\]a-c-]+\\?$", r"^a{2,}|b{1}$"]
+            r"^\s*\S+$", r"😀|[^\n\d]{3}", r"^(?<w>\w{1,3})$", r"^$", r"^[\]a-c-]+\\?$", r"^a{2,}|b{1}$",
+            r"^(\x01{2}|a)+\x01?$"]
 CHARS = ["a", "b", "c", "x", "y", "é", "😀", "0", "7", "-", '"', "\\", "\n", "\t", " ", "A", "_", "\x01", "]"]
 
 

@@ -357,19 +357,26 @@ def test_server_slots_save_restore_and_erase(smollm, server, tmp_path):
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         ask = {"prompt": "The history of the Roman Empire is long. " * 8, "n_predict": 8, "temperature": 0}
-        status, first = call(srv, "/completion", ask)
+        call(srv, "/completion", ask)
+        status, first = call(srv, "/completion", ask)  # the prompt from the cache but its last token, as below
         held = len(smollm.kv_ids)
         status, got = call(srv, "/slots/0?action=save", {"filename": "a.bin"})
         assert status == 200 and got["n_saved"] == held and got["n_written"] == os.path.getsize(tmp_path / "a.bin")
-        status, got = call(srv, "/slots/0?action=erase", raw=b"")
-        assert status == 200 and got == {"id_slot": 0, "n_erased": held} and smollm.kv_ids == []
+        req = urllib.request.Request(srv.url + "/slots/0?action=erase", method="POST")  # no body, as curl -X POST
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read()) == {"id_slot": 0, "n_erased": held} and smollm.kv_ids == []
         status, got = call(srv, "/slots")
         assert status == 200 and got[0]["n_cached"] == 0 and got[0]["n_ctx"] == smollm.n_ctx
         status, got = call(srv, "/slots/0?action=restore", {"filename": "a.bin"})
         assert status == 200 and got["n_restored"] == held and len(smollm.kv_ids) == held
         status, again = call(srv, "/completion", ask)
         assert again["content"] == first["content"] and again["tokens_cached"] == first["tokens_evaluated"] - 1
+        status, got = call(srv, "/slots/0?action=restore", {"filename": "a.bin"})
+        assert status == 200 and got["n_restored"] == held  # a second time: the same
+        (tmp_path / "t.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:100])
         for path, body, why in (("/slots/0?action=save", {"filename": "../x"}, "Invalid filename"),
+                                ("/slots/0?action=save", {"filename": "a\nb"}, "Invalid filename"),
+                                ("/slots/0?action=restore", {"filename": "t.bin"}, "t.bin: not a hotcold prompt"),
                                 ("/slots/0?action=save", {}, "Invalid filename"),
                                 ("/slots/1?action=save", {"filename": "b"}, "has one slot, 0"),
                                 ("/slots/0?action=load", {"filename": "a.bin"}, "Invalid action"),
@@ -434,7 +441,7 @@ def test_server_http_edges(smollm, server):
     got = raw(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Headers: Authorization, Content-Type" in got
     got = raw(b"PUT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert got.startswith(b"HTTP/1.1 501") and b'"type": "invalid_request_error"' in got
+    assert got.startswith(b"HTTP/1.1 501") and b'"type": "not_supported_error"' in got
     got = raw(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
               b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.count(b"HTTP/1.1 200") == 1 and b"Connection: close" in got  # its body is not a second request

@@ -42,7 +42,8 @@ def test_a_loaded_prompt_cache_continues_as_the_model_that_wrote_it(tmp_path, ba
 def test_a_context_shift_moves_keys_as_computed_at_their_new_positions(tmp_path, backend, cache_type):
     """Layer 0's keys depend on a token and its position alone: after a shift (4 positions kept, 8 forgotten) they
     are those a fresh model computes for the remaining tokens at their new positions; the values are the ones before,
-    moved back; kv_ids says which tokens are there, and a generate reusing them computes only what follows."""
+    moved back; kv_ids says which tokens are there, and a generate reusing them computes only what follows; after a
+    generate that shifted, only the kept positions are offered to the next."""
     c = tiny_config("silu")
     path = write_gguf(str(tmp_path / "m.gguf"), c, tiny_weights(c, seed=3), QT.Q8_0)
     a, b = (load(path, n_ctx=32, threads=1, backend=backend, cache_type=cache_type) for _ in range(2))
@@ -60,6 +61,9 @@ def test_a_context_shift_moves_keys_as_computed_at_their_new_positions(tmp_path,
     np.testing.assert_allclose(real(ka[0, :, :12]), real(kb[0, :, :12]), rtol=tol, atol=tol)
     np.testing.assert_allclose(real(va[0, ..., :12]), real(vb[0, ..., :12]), rtol=tol, atol=tol)
     assert a.generate(kept + [30], 1, reuse_cache=True).stats["cached_tokens"] == 12
+    out = a.generate(ids, 30, ignore_stop=True, context_shift=True, keep=4)  # 20 + 30 tokens in a context of 32
+    assert out.stats["context_shifts"] == 2 and len(out.token_ids) == 30
+    assert a.kv_ids == ids[:4]  # what follows was computed beside forgotten tokens: no other prompt reuses it
 
 
 def test_prompt_caches_of_another_model_or_kind_are_refused(tmp_path, smollm, smollm_torch):

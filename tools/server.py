@@ -413,9 +413,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(404, f"no endpoint GET {path}", False)
 
     def read_body(self, empty_ok: bool = False) -> dict:
-        """The request's JSON object; empty_ok: {} for a body of no bytes."""
+        """The request's JSON object; empty_ok: {} for no body (of no bytes, or none: curl -X POST)."""
         length = self.headers.get("Content-Length")
-        if empty_ok and length == "0" and not self.headers.get("Transfer-Encoding"):
+        if empty_ok and length in (None, "0") and not self.headers.get("Transfer-Encoding"):
             return {}
         if length is None or not (length.isascii() and length.isdigit()) or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a chunked body is not read: not to be taken for the next request
@@ -541,10 +541,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if action not in ("save", "restore"):
             raise BadRequest(f"Invalid action {json.dumps(action)}: save, restore or erase")
         name = body.get("filename")
-        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
             raise BadRequest(f"Invalid filename {json.dumps(name)}: a file name in --slot-save-path, not a path")
         path, t0 = os.path.join(folder, name), time.perf_counter()
-        n = model.save_state(path) if action == "save" else model.load_state(path)
+        try:
+            n = model.save_state(path) if action == "save" else model.load_state(path)
+        except HotcoldError as e:  # named as the client named it, not by the server's directory
+            raise BadRequest(str(e).replace(path, name)) from None
         ms = (time.perf_counter() - t0) * 1000
         self.log(200, f"slot {action}d: {n} tokens, {name}")
         self.send_json(200, {"id_slot": 0, "filename": name, **({"n_saved": n, "n_written": os.path.getsize(path),
