@@ -6,7 +6,6 @@ forward, perplexity, sparsity, predictors), so that generating from a short prom
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,6 +16,7 @@ import numpy as np
 from .config import BACKENDS, CACHE_TYPES, DEFAULT_CTX, POOLINGS, HotcoldError, as_int, set_threads
 from .grammar import constrained_pick, token_tables, worth_trying
 from .loader import Checkpoint, load_checkpoint
+from .sampling import Sampler, breaker_tokens
 from .state import load_state, save_state, shift_context
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from .sparsity import SparsityConfig
 
-F32_MAX = float(np.finfo(np.float32).max)
 BOTH_HOOKS = "--sparsity with --predictors: the predictor bundle carries its own sparsity config"
 
 
@@ -37,14 +36,6 @@ def token_logprob(logits: np.ndarray, tok: int, top: int) -> dict:
     best = np.argpartition(-z, top - 1)[:top] if 0 < top < z.size else np.arange(z.size if top else 0)
     best = best[np.argsort(-z[best], kind="stable")]
     return {"id": int(tok), "logprob": float(z[tok]), "top": [[int(i), float(z[i])] for i in best]}
-
-
-def finite(v) -> float:
-    """v as a float; nan for an integer past a float's range (math.isnan would raise OverflowError)."""
-    try:
-        return float(v)
-    except OverflowError:
-        return math.nan
 
 
 def normalized(v: np.ndarray, norm: float) -> np.ndarray:
@@ -63,102 +54,6 @@ def perplexity_of(nll: float, n: int) -> float:
         return math.exp(nll / n)
     except OverflowError:
         return math.inf
-
-
-@dataclass
-class Sampler:
-    """llama.cpp's sampler chain and defaults: the logit biases, then the repetition penalties on the last tokens, then
-    top-k, then top-p and min-p on the candidates' probabilities, then the temperature on those left, then a draw (or
-    the top token)."""
-    temperature: float = 0.8  # <= 0: greedy
-    top_k: int = 40  # 0: off
-    top_p: float = 0.95  # 1: off
-    min_p: float = 0.05  # 0: off; keeps p >= min_p * max p
-    seed: int | None = None  # None or negative: random
-    repeat_penalty: float = 1.0  # 1: off; a recent token's logit is divided by it (positive) or multiplied (not)
-    repeat_last_n: int = 64  # how many of the last tokens (the prompt's too) the penalties look at; 0: off, -1: all
-    frequency_penalty: float = 0.0  # 0: off; subtracted from a recent token's logit once per time it occurs
-    presence_penalty: float = 0.0  # 0: off; subtracted from the logit of each token that occurs
-    logit_bias: dict | None = None  # {token id: added to its logit}; -inf: never that token
-
-    def __post_init__(self):
-        penalties = ("repeat_penalty", "frequency_penalty", "presence_penalty")  # inf would make logits NaN
-        for name in ("temperature", "top_p", "min_p") + penalties:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v) or (
-                    name in penalties and math.isinf(v)):
-                raise HotcoldError(f"Sampler {name} = {v!r}: a number" + (", finite" if name in penalties else ""))
-        if self.min_p > 1:
-            raise HotcoldError(f"Sampler min_p = {self.min_p}: at most 1 (a share of the top token's probability)")
-        if self.repeat_penalty <= 0:
-            raise HotcoldError(f"Sampler repeat_penalty = {self.repeat_penalty}: above 0 (1 is off)")
-        self.top_k = as_int(self.top_k, "Sampler top_k")
-        self.repeat_last_n = as_int(self.repeat_last_n, "Sampler repeat_last_n")
-        if self.repeat_last_n < -1:
-            raise HotcoldError(f"Sampler repeat_last_n = {self.repeat_last_n}: a count of tokens, 0 (off) or -1 (all)")
-        self.seed = None if self.seed is None else as_int(self.seed, "Sampler seed")
-        bias = self.logit_bias or {}
-        if not isinstance(bias, dict):
-            raise HotcoldError(f"Sampler logit_bias = {bias!r}: a dict of token id to bias")
-        for i, v in bias.items():
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < 2 ** 31:
-                raise HotcoldError(f"Sampler logit_bias: token id {i!r}, an integer from 0 to {2 ** 31 - 1}")
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(finite(v))
-                                                                              or v == -math.inf):
-                raise HotcoldError(f"Sampler logit_bias[{i}] = {v!r}: a number, or -inf (never that token)")
-        self.bias_ids, self.bias = np.array(list(bias), np.int64), np.array(list(bias.values()), np.float64)
-        self.rng = np.random.default_rng(self.seed if self.seed is not None and self.seed >= 0 else time.time_ns())
-
-    def biased(self, logits: np.ndarray) -> np.ndarray:
-        """logits (n_vocab,) with logit_bias added, as llama.cpp's logit-bias sampler gives them: the caller's array
-        where there is none, else a copy."""
-        if not self.bias.size:
-            return logits
-        if self.bias_ids.max() >= logits.size:
-            raise HotcoldError(f"Sampler logit_bias: token id {self.bias_ids.max()} is outside the vocabulary of "
-                               f"{logits.size}")
-        out = logits.copy()
-        z = logits[self.bias_ids] + self.bias  # float64
-        out[self.bias_ids] = np.where(z < -F32_MAX, -np.inf, np.minimum(z, F32_MAX))  # float32: -inf is never
-        return out
-
-    def penalized(self, logits: np.ndarray, recent) -> np.ndarray:
-        """logits (n_vocab,) after the penalties for the tokens `recent` (the context's, oldest first), as
-        llama.cpp's penalties sampler gives them: the caller's array where none applies, else a copy."""
-        n = self.repeat_last_n
-        off = self.repeat_penalty == 1 and self.frequency_penalty == 0 and self.presence_penalty == 0
-        if off or n == 0 or not len(recent):
-            return logits
-        ids, counts = np.unique(np.asarray(recent[-n:] if n > 0 else recent), return_counts=True)
-        z = logits[ids].astype(np.float64)
-        out = logits.copy()
-        z = np.where(z <= 0, z * self.repeat_penalty, z / self.repeat_penalty) - counts * self.frequency_penalty \
-            - self.presence_penalty
-        out[ids] = np.where(z == -np.inf, -np.inf, np.clip(z, -F32_MAX, F32_MAX))  # finite in float32 whatever the
-        # penalties (1e39, 1e-40), but a token the logit biases ban
-        return out
-
-    def __call__(self, logits: np.ndarray, recent=()) -> int:  # logits (n_vocab,); recent: the context's token ids
-        return self.choose(self.penalized(self.biased(logits), recent))
-
-    def choose(self, logits: np.ndarray) -> int:
-        """The chain after the biases and penalties: greedy, or top-k, top-p, min-p, the temperature and a draw."""
-        if self.temperature <= 0:
-            return int(np.argmax(logits))
-        ids = np.argpartition(logits, -self.top_k)[-self.top_k:] if 0 < self.top_k < logits.size \
-            else np.arange(logits.size)  # (k,) the candidates
-        z = logits[ids].astype(np.float64)
-        z -= z.max()  # <= 0: z / temperature cannot overflow to +inf
-        p = np.exp(z)
-        keep = p >= self.min_p  # p / max p: keeps the top candidate (p = 1)
-        if self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            ps = p[order] / p.sum()
-            keep[order[1:][(np.cumsum(ps) - ps)[1:] >= self.top_p]] = False  # never the top candidate
-        with np.errstate(over="ignore"):  # a tiny temperature: -inf for all but the top, as greedy
-            p = np.where(keep, np.exp(z / self.temperature), 0.0)
-        c = np.cumsum(p)
-        return int(ids[min(np.searchsorted(c, self.rng.random() * c[-1], side="right"), c.size - 1)])
 
 
 class StopText:
@@ -387,10 +282,13 @@ class Model:
         return [token_logprob(logits[t - 1], ids[t], top) for t in range(1, len(ids))]
 
     def check_sampler(self, sampler) -> None:
-        """A Sampler's logit biases are on tokens of the vocabulary; else HotcoldError, before anything runs."""
+        """A Sampler's logit biases are on tokens of the vocabulary (else HotcoldError, before anything runs), and
+        it knows the vocabulary's tokens that hold a DRY sequence breaker."""
         ids = getattr(sampler, "bias_ids", np.zeros(0))
         if ids.size and ids.max() >= self.config.n_vocab:
             raise HotcoldError(f"logit bias: token id {ids.max()} is outside the vocabulary of {self.config.n_vocab}")
+        if getattr(sampler, "dry_multiplier", 0):
+            sampler.breaker_ids = breaker_tokens(self.tokenizer, self.config.n_vocab, sampler.dry_sequence_breakers)
 
     def check_ids(self, ids) -> list[int]:
         """ids as a list of ints, each in the vocabulary; else HotcoldError (torch and numpy would read -1 as the

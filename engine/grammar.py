@@ -200,10 +200,10 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
     (`worth_trying`); sure() (n_vocab,) bool or None: tokens known to be allowed (the grammar's `sure`, asked for
     only with top-k off, where it spares trying most of the vocabulary inside a string); allowed(id):
     whether the grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest
-    k; else the chain uses every allowed token (top-p's sum is over them all), and all are found."""
+    k (Sampler.reach); else the chain uses every allowed token (top-p's sum is over them all), and all are found."""
     z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
     greedy = sampler.temperature <= 0
-    need = 1 if greedy else sampler.top_k if 0 < sampler.top_k < z.size else None
+    need = sampler.reach if sampler.reach is None or sampler.reach < z.size else None
     ids = np.flatnonzero(maybe & (z > -np.inf))
     if need is None:
         known = sure() if sure is not None else None

@@ -187,7 +187,9 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
         "type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["a"]}}}}, 400,
      "JSON schema at #: required: 'a' is not among the properties"),
     ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= [a-z"}, 400, "grammar: unexpected end of the grammar"),
-    ("/v1/completions", {"prompt": "Hi", "mirostat": 2}, 400, "mirostat: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": "Hi", "tfs_z": 0.5}, 400, "tfs_z: not supported by hotcold server"),
+    ("/v1/completions", {"prompt": "Hi", "mirostat": 3}, 400, "mirostat: must be from 0 to 2, got 3"),
+    ("/completion", {"prompt": "Hi", "dry_sequence_breakers": "\n"}, 400, "dry_sequence_breakers: a list of strings"),
     ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "the body is not JSON of UTF-8 text"),
     ("/v1/completions", {"prompt": "Hi", "cache_prompt": 1}, 400, "cache_prompt: true or false, got 1"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, "the body is JSON nested too deep"),
@@ -326,6 +328,22 @@ def test_server_logprobs_and_echo(smollm, server):
     assert "".join(e["token"] for e in content) == c["message"]["content"]
     assert bytes(sum((e["bytes"] for e in content), [])).decode() == c["message"]["content"]
     assert all(e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content)  # greedy
+
+
+def test_server_takes_llama_cpps_other_samplers(smollm, server):
+    """DRY, XTC, typical, top-n-sigma, dynamic temperature and mirostat by llama-server's field names: a greedy reply
+    under DRY is generate's, and generation_settings says what the request asked for."""
+    ask = {"prompt": "one, two, three, one, two, three, one, two, three,", "n_predict": 24, "temperature": 0,
+           "dry_multiplier": 0.8, "dry_sequence_breakers": ["\n"], "typical_p": 0.9, "xtc_probability": 0.5,
+           "top_n_sigma": 2, "dynatemp_range": 0.2, "mirostat_tau": 4}
+    dry = Sampler(temperature=0, dry_multiplier=0.8, dry_sequence_breakers=("\n",))
+    smollm.check_sampler(dry)
+    status, got = call(server, "/completion", ask)
+    assert status == 200 and got["content"] == smollm.generate(smollm.tokenize(ask["prompt"]), 24, dry).text
+    assert {k: got["generation_settings"][k] for k in ask if k not in ("prompt", "n_predict")} == {
+        **{k: v for k, v in ask.items() if k not in ("prompt", "n_predict")}}
+    status, got = call(server, "/completion", {**ask, "temperature": 0.8, "mirostat": 2, "seed": 3})
+    assert status == 200 and got["tokens_predicted"] == 24
 
 
 def test_server_context_shift(smollm):

@@ -24,12 +24,13 @@ MODEL_HELP = "GGUF file, Hugging Face directory, or smollm2-135m (default)"
 SPARSITY_HELP = "sparsity config (hotcold calibrate): FFN neurons below its thresholds are skipped"
 
 
-def at_least(lo: int):
-    """An argparse type: an integer >= lo (a count of threads, tokens or chunks)."""
+def at_least(lo: int, hi: int | None = None):
+    """An argparse type: an integer >= lo (a count of threads, tokens or chunks), and <= hi if given."""
     def parse(text: str) -> int:
         v = int(text)
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        if v < lo or hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}" if hi is None else
+                                             f"must be from {lo} to {hi}, got {v}")
         return v
     parse.__name__ = "int"  # argparse names it in "invalid int value: 'abc'"
     return parse
@@ -163,12 +164,37 @@ SAMPLING = {
     "frequency_penalty": (number(), 0.0, "subtract this from a recent token's logit for each time it occurs; 0 = off "
                           "(default 0.0)"),
     "presence_penalty": (number(), 0.0, "subtract this from the logit of each recent token; 0 = off (default 0.0)"),
+    "dry_multiplier": (number(0), 0.0, "DRY: subtract this * --dry-base ** (length - --dry-allowed-length) from the "
+                       "logit of a token that would extend a repeat of the last tokens; 0 = off (default 0.0)"),
+    "dry_base": (number(1), 1.75, "DRY's base (default 1.75)"),
+    "dry_allowed_length": (at_least(0), 2, "repeats this long go unpunished by DRY (default 2)"),
+    "dry_penalty_last_n": (at_least(-1), -1, "how many of the last tokens DRY looks at; 0 = off, -1 = all (default "
+                           "-1)"),
+    "top_n_sigma": (number(), -1.0, "keep the tokens whose logit is at least the largest minus this many standard "
+                    "deviations of the logits; <= 0 = off (default -1)"),
+    "typical_p": (between(0, 1), 1.0, "locally typical sampling's mass; 1 = off (default 1.0)"),
+    "xtc_probability": (between(0, 1), 0.0, "XTC: how often the likeliest tokens are removed, all but the least of "
+                        "those at least --xtc-threshold likely; 0 = off (default 0.0)"),
+    "xtc_threshold": (between(0, 1), 0.1, "XTC's threshold; above 0.5 = off (default 0.1)"),
+    "dynatemp_range": (number(0), 0.0, "dynamic temperature: from the entropy, between --temperature minus and plus "
+                       "this; 0 = off (default 0.0)"),
+    "dynatemp_exponent": (number(0), 1.0, "dynamic temperature's exponent (default 1.0)"),
+    "mirostat": (at_least(0, 2), 0, "1 or 2: mirostat v1 or v2 after the temperature, in place of the other "
+                 "samplers and the penalties, as llama.cpp; 0 = off (default 0)"),
+    "mirostat_tau": (number(0), 5.0, "mirostat's target entropy (default 5.0)"),
+    "mirostat_eta": (number(0), 0.1, "mirostat's learning rate (default 0.1)"),
 }
+ALIASES = {"top_n_sigma": "--top-nsigma", "typical_p": "--typical", "dynatemp_exponent": "--dynatemp-exp",
+           "mirostat_tau": "--mirostat-ent", "mirostat_eta": "--mirostat-lr"}  # llama.cpp's spellings of those flags
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     for name, (kind, default, text) in SAMPLING.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+        flags = ["--" + name.replace("_", "-")] + ([ALIASES[name]] if name in ALIASES else [])
+        p.add_argument(*flags, dest=name, type=kind, default=default, help=text)
+    p.add_argument("--dry-sequence-breaker", action="append", default=None, metavar="TEXT", help="a DRY repeat does "
+                   "not run across a token holding TEXT (repeatable; default: newline, colon, double quote, asterisk "
+                   "as llama.cpp's; 'none': no breakers)")
     p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="ID(+|-)BIAS",
                    help="add BIAS to token ID's logit before the other samplers, e.g. 15043+1, or 15043-inf: never "
                    "that token (repeatable; `hotcold tokenize` gives the ids)")
@@ -196,12 +222,15 @@ def checked_sampler(model, args):
 
 def sampler_of(args, **given):
     """The Sampler of the command's sampling options, those `given` in their place (logit_bias: a dict)."""
-    from engine.api import Sampler
+    from engine.sampling import DRY_BREAKERS, Sampler
     bias: dict[int, float] = {}
     for i, v in args.logit_bias:  # the same token twice: both added, as llama.cpp's
         bias[i] = bias.get(i, 0.0) + v
+    breakers = args.dry_sequence_breaker
+    breakers = DRY_BREAKERS if breakers is None else () if breakers == ["none"] else tuple(breakers)
     return Sampler(**{name: given.get(name, getattr(args, name)) for name in SAMPLING},
-                   logit_bias=given.get("logit_bias", bias))
+                   logit_bias=given.get("logit_bias", bias),
+                   dry_sequence_breakers=given.get("dry_sequence_breakers", breakers))
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

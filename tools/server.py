@@ -24,9 +24,9 @@ import time
 import urllib.parse
 import uuid
 
-from engine.api import finite
 from engine.config import POOLINGS, HotcoldError
 from engine.gbnf import Gbnf
+from engine.sampling import finite
 from engine.schema import grammar_for
 from tools import tool_calls
 from tools.cli import SAMPLING, at_least, between, sampler_of, strict
@@ -37,8 +37,7 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "functions": None, "function_call": "none", "n_probs": 0,
-               "mirostat": 0, "typical_p": 1, "tfs_z": 1, "dynatemp_range": 0, "xtc_probability": 0,
-               "dry_multiplier": 0, "top_n_sigma": -1, "n_indent": 0}
+               "tfs_z": 1, "n_indent": 0}
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
@@ -90,6 +89,10 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
     given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None and (not isinstance(breakers, list) or not all(isinstance(b, str) and b for b in breakers)):
+        raise BadRequest(f"dry_sequence_breakers: a list of strings that are not empty, got {json.dumps(breakers)}")
+    given["dry_sequence_breakers"] = None if breakers is None else tuple(breakers)
     grammar = request_grammar(body, args)
     sampler = sampler_of(args, **{k: v for k, v in given.items() if v is not None})
     if grammar is not None:
@@ -697,7 +700,8 @@ def settings(model, options: dict) -> dict:
     """llama-server's generation_settings of generate's options."""
     s = options["sampler"]
     bias = [[int(i), float(b)] for i, b in zip(s.bias_ids, s.bias)]
-    return {"n_predict": options["n"], **{name: getattr(s, name) for name in SAMPLING}, "seed": -1 if s.seed is None
+    return {"n_predict": options["n"], **{name: getattr(s, name) for name in SAMPLING},
+            "dry_sequence_breakers": list(s.dry_sequence_breakers), "seed": -1 if s.seed is None
             else s.seed, "stop": options["stop"], "ignore_eos": options["ignore_stop"], "logit_bias": bias,
             "n_probs": options["logprobs"] or 0, "n_ctx": model.n_ctx}
 
