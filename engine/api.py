@@ -379,6 +379,8 @@ class Model:
             else:
                 tok = sampler(logits, context) if isinstance(sampler, Sampler) else sampler(logits)
             context.append(tok)
+            if len(context) > 2 * self.n_ctx:  # (with context_shift) the samplers look back a context at most
+                del context[:-self.n_ctx]
             if not math.isfinite(logits[tok]) and tok not in banned:  # NaN logits: argmax and the draw land on one
                 raise HotcoldError(self.not_finite(len(out)))
             out.append(tok)

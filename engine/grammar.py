@@ -202,7 +202,7 @@ def constrained_pick(sampler, logits: np.ndarray, recent, maybe: np.ndarray, all
     whether the grammar takes that token. Greedy and top-k try the tokens best first until they have the likeliest
     k (Sampler.reach); else the chain uses every allowed token (top-p's sum is over them all), and all are found."""
     z = sampler.penalized(sampler.biased(logits), recent)  # (n_vocab,)
-    greedy = sampler.temperature <= 0
+    greedy = sampler.greedy
     need = sampler.reach if sampler.reach is None or sampler.reach < z.size else None
     ids = np.flatnonzero(maybe & (z > -np.inf))
     if need is None:

@@ -109,10 +109,17 @@ class Sampler:
         self.mu = 2 * self.mirostat_tau  # mirostat's running surprise bound, as llama.cpp starts it
 
     @property
+    def greedy(self) -> bool:
+        """Whether the chain takes the top token: temperature <= 0 with mirostat, or with no step that can drop the
+        top token (typical, XTC) or warm the distribution again (a dynamic temperature's range), as llama.cpp's."""
+        return self.temperature <= 0 and (self.mirostat > 0 or self.typical_p >= 1 and self.xtc_probability <= 0
+                                          and self.dynatemp_range <= 0)
+
+    @property
     def reach(self) -> int | None:
         """How many of the likeliest tokens the chain can choose among (a grammar's search stops there): 1 greedy,
         top-k, or None: all (top-k off, or top-n-sigma or mirostat, which read every token's logit)."""
-        if self.temperature <= 0:
+        if self.greedy:
             return 1
         return None if self.top_k <= 0 or self.top_n_sigma > 0 or self.mirostat else self.top_k
 
@@ -179,8 +186,11 @@ class Sampler:
         return self.choose(self.penalized(self.biased(logits), recent))
 
     def choose(self, logits: np.ndarray) -> int:
-        """The chain after the biases, penalties and DRY: greedy, mirostat, or a draw from `distribution`."""
-        if self.temperature <= 0:
+        """The chain after the biases, penalties and DRY: greedy, mirostat, or a draw from `distribution` (at
+        temperature <= 0 its likeliest token: typical or XTC may have dropped the top one)."""
+        if self.greedy:
+            if self.mirostat:  # the one candidate left by the temperature: surprise 0
+                self.mu += self.mirostat_eta * self.mirostat_tau
             return int(np.argmax(logits))
         if self.mirostat:
             return self.mirostat_pick(logits)
@@ -261,9 +271,14 @@ class Sampler:
 @functools.lru_cache(maxsize=8)
 def breaker_tokens(tokenizer, n_vocab: int, breakers: tuple[str, ...]) -> np.ndarray:
     """The tokens whose bytes hold one of DRY's sequence breakers: a repeat does not run across one (llama.cpp's
-    restart sequences of one token; a breaker of several characters split across tokens is not seen)."""
-    marks = [b.encode() for b in breakers]
-    return np.array([i for i in range(n_vocab) if any(m in tokenizer.piece(i) for m in marks)], np.int64)
+    restart sequences of one token). HotcoldError for a breaker that no token holds whole (llama.cpp also matches one
+    split across tokens, which hotcold does not: refused rather than ignored)."""
+    held = {b: [i for i in range(n_vocab) if b.encode() in tokenizer.piece(i)] for b in breakers}
+    missing = [b for b, ids in held.items() if not ids]
+    if missing:
+        raise HotcoldError(f"DRY sequence breaker {missing[0]!r}: no token of the vocabulary holds it whole (hotcold "
+                           "takes breakers that one token holds, such as single characters)")
+    return np.unique(np.array([i for ids in held.values() for i in ids], np.int64))
 
 
 def sigma_kept(logits: np.ndarray, n: float) -> np.ndarray:

@@ -89,6 +89,17 @@ def test_the_chain_agrees_with_llama_cpps_steps():
         [0, 0, 1, 0.5])  # 0.4 and 0.3 out, 0.2 (the least of those >= 0.15) kept, and 0.1
 
 
+def test_temperature_zero_takes_the_likeliest_token_the_chain_leaves():
+    """Greedy is the top token, unless typical or XTC dropped it (then the likeliest they left) or a dynamic
+    temperature's range warms the draw again, as llama.cpp's chain at temperature 0."""
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    assert Sampler(temperature=0).greedy and Sampler(temperature=0, mirostat=2).choose(logits) == 0
+    xtc = Sampler(temperature=0, top_p=1, min_p=0, xtc_probability=1, xtc_threshold=0.1)
+    assert not xtc.greedy and xtc.reach == 40 and {xtc.choose(logits) for _ in range(20)} == {2}
+    warm = Sampler(temperature=0, top_p=1, min_p=0, dynatemp_range=1.5, seed=1)
+    assert len({warm.choose(logits) for _ in range(200)}) > 1
+
+
 def dry_reference(recent: list, s: Sampler, breakers: set, n_vocab: int) -> np.ndarray:
     """DRY's penalties by brute force: for every earlier place, how many of the context's last tokens (none a breaker)
     also end there; the token that came next would repeat that many, and loses multiplier * base ** (n - allowed)
@@ -189,6 +200,8 @@ def test_samplers_on_smollm2_cli_and_server(smollm, capsys):
     dry = Sampler(temperature=0, dry_multiplier=0.8)
     smollm.check_sampler(dry)  # the breakers: tokens holding a newline, a colon, a quote or an asterisk
     assert smollm.tokenize("\n", add_bos=False)[0] in dry.breaker_ids.tolist()
+    with pytest.raises(HotcoldError, match="DRY sequence breaker 'User:': no token of the vocabulary holds it whole"):
+        smollm.check_sampler(Sampler(dry_multiplier=0.8, dry_sequence_breakers=("\n", "User:")))
     unlooped = smollm.generate(ids, 48, dry, ignore_stop=True).token_ids
     assert repeats(plain) > 30 and repeats(unlooped) < 5, (smollm.detokenize(plain), smollm.detokenize(unlooped))
     assert main(["generate", "-p", prompt, "-n", "48", "--temperature", "0", "--ignore-eos", "--json",
@@ -206,7 +219,9 @@ def test_samplers_on_smollm2_cli_and_server(smollm, capsys):
                          {"dry_multiplier": 0.5, "dry_base": 2, "dry_allowed_length": 3, "dry_penalty_last_n": 64,
                           "dry_sequence_breakers": ()}),
                         (["--dry-sequence-breaker", "a", "--dry-sequence-breaker", "bc"],
-                         {"dry_sequence_breakers": ("a", "bc")})):
+                         {"dry_sequence_breakers": ("a", "bc")}),
+                        (["--dry-sequence-breaker", "a", "--dry-sequence-breaker", "none", "--dry-sequence-breaker",
+                          "b"], {"dry_sequence_breakers": ("b",)})):
         sampler = sampler_of(build_parser("generate").parse_args(["generate", "-p", "Hello", *flags]))
         assert {k: getattr(sampler, k) for k in want} == want, flags
     assert main(["generate", "-p", "Hello", "-n", "4", "--seed", "1", "--json", "--mirostat", "2"]) == 0

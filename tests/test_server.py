@@ -189,7 +189,12 @@ def test_server_logit_bias_as_openai_and_llama_server(smollm, server):
     ("/v1/completions", {"prompt": "Hi", "grammar": "root ::= [a-z"}, 400, "grammar: unexpected end of the grammar"),
     ("/v1/completions", {"prompt": "Hi", "tfs_z": 0.5}, 400, "tfs_z: not supported by hotcold server"),
     ("/v1/completions", {"prompt": "Hi", "mirostat": 3}, 400, "mirostat: must be from 0 to 2, got 3"),
+    ("/v1/completions", {"prompt": "Hi", "samplers": ["top_k", "temperature"]}, 400,
+     "samplers: hotcold runs llama.cpp's default order only"),
+    ("/v1/completions", {"prompt": "Hi", "min_keep": 2}, 400, "min_keep: not supported by hotcold server"),
     ("/completion", {"prompt": "Hi", "dry_sequence_breakers": "\n"}, 400, "dry_sequence_breakers: a list of strings"),
+    ("/completion", {"prompt": "Hi", "stream": True, "dry_multiplier": 1, "dry_sequence_breakers": ["User:"]}, 400,
+     "DRY sequence breaker 'User:': no token of the vocabulary holds it whole"),
     ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "the body is not JSON of UTF-8 text"),
     ("/v1/completions", {"prompt": "Hi", "cache_prompt": 1}, 400, "cache_prompt: true or false, got 1"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, "the body is JSON nested too deep"),
@@ -334,15 +339,17 @@ def test_server_takes_llama_cpps_other_samplers(smollm, server):
     """DRY, XTC, typical, top-n-sigma, dynamic temperature and mirostat by llama-server's field names: a greedy reply
     under DRY is generate's, and generation_settings says what the request asked for."""
     ask = {"prompt": "one, two, three, one, two, three, one, two, three,", "n_predict": 24, "temperature": 0,
-           "dry_multiplier": 0.8, "dry_sequence_breakers": ["\n"], "typical_p": 0.9, "xtc_probability": 0.5,
-           "top_n_sigma": 2, "dynatemp_range": 0.2, "mirostat_tau": 4}
+           "dry_multiplier": 0.8, "dry_sequence_breakers": ["\n"]}
     dry = Sampler(temperature=0, dry_multiplier=0.8, dry_sequence_breakers=("\n",))
     smollm.check_sampler(dry)
     status, got = call(server, "/completion", ask)
     assert status == 200 and got["content"] == smollm.generate(smollm.tokenize(ask["prompt"]), 24, dry).text
+    ask = {**ask, "typical_p": 0.9, "xtc_probability": 0.5, "top_n_sigma": 2, "dynatemp_range": 0.2, "mirostat_tau": 4}
+    status, got = call(server, "/completion", ask)
     assert {k: got["generation_settings"][k] for k in ask if k not in ("prompt", "n_predict")} == {
         **{k: v for k, v in ask.items() if k not in ("prompt", "n_predict")}}
-    status, got = call(server, "/completion", {**ask, "temperature": 0.8, "mirostat": 2, "seed": 3})
+    status, got = call(server, "/completion", {**ask, "temperature": 0.8, "mirostat": 2, "seed": 3,
+                                               "samplers": "edskypmxt", "min_keep": 0})
     assert status == 200 and got["tokens_predicted"] == 24
 
 

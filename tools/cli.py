@@ -226,11 +226,12 @@ def sampler_of(args, **given):
     bias: dict[int, float] = {}
     for i, v in args.logit_bias:  # the same token twice: both added, as llama.cpp's
         bias[i] = bias.get(i, 0.0) + v
-    breakers = args.dry_sequence_breaker
-    breakers = DRY_BREAKERS if breakers is None else () if breakers == ["none"] else tuple(breakers)
+    breakers = list(DRY_BREAKERS if args.dry_sequence_breaker is None else ())
+    for b in args.dry_sequence_breaker or ():  # "none" clears those before it, as llama.cpp's
+        breakers = [] if b == "none" else breakers + [b]
     return Sampler(**{name: given.get(name, getattr(args, name)) for name in SAMPLING},
                    logit_bias=given.get("logit_bias", bias),
-                   dry_sequence_breakers=given.get("dry_sequence_breakers", breakers))
+                   dry_sequence_breakers=given.get("dry_sequence_breakers", tuple(breakers)))
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

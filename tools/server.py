@@ -37,7 +37,9 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "functions": None, "function_call": "none", "n_probs": 0,
-               "tfs_z": 1, "n_indent": 0}
+               "tfs_z": 1, "n_indent": 0, "min_keep": 0}
+CHAIN = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]  # llama.cpp's
+# default --samplers, the order hotcold's Sampler runs (a request's "samplers": that list, its letters, or refused)
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
 
 
@@ -89,12 +91,17 @@ def generate_options(body: dict, args, model, chat: bool, native: bool = False) 
             raise BadRequest(f"{name}: true or false, got {json.dumps(body[name])}")
     given = {name: field(body, name, kind, None) for name, (kind, _, _) in SAMPLING.items()}
     given["logit_bias"] = logit_bias(model, body.get("logit_bias"))
+    order = body.get("samplers")
+    if order not in (None, CHAIN, ";".join(CHAIN), "edskypmxt"):
+        raise BadRequest(f"samplers: hotcold runs llama.cpp's default order only, {json.dumps(CHAIN)}, got "
+                         f"{json.dumps(order)}")
     breakers = body.get("dry_sequence_breakers")
     if breakers is not None and (not isinstance(breakers, list) or not all(isinstance(b, str) and b for b in breakers)):
         raise BadRequest(f"dry_sequence_breakers: a list of strings that are not empty, got {json.dumps(breakers)}")
     given["dry_sequence_breakers"] = None if breakers is None else tuple(breakers)
     grammar = request_grammar(body, args)
     sampler = sampler_of(args, **{k: v for k, v in given.items() if v is not None})
+    model.check_sampler(sampler)  # a 400 before a stream starts: its biases, DRY's breakers
     if grammar is not None:
         model.check_grammar(sampler, body.get("ignore_eos", False))  # a 400 before a stream starts
     return {"n": n, "stop": stop, "logprobs": logprobs(body, chat, native),
