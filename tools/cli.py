@@ -194,7 +194,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(*flags, dest=name, type=kind, default=default, help=text)
     p.add_argument("--dry-sequence-breaker", action="append", default=None, metavar="TEXT", help="a DRY repeat does "
                    "not run across a token holding TEXT (repeatable; default: newline, colon, double quote, asterisk "
-                   "as llama.cpp's; 'none': no breakers)")
+                   "as llama.cpp's; 'none' drops those before it; one token must hold it whole)")
     p.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="ID(+|-)BIAS",
                    help="add BIAS to token ID's logit before the other samplers, e.g. 15043+1, or 15043-inf: never "
                    "that token (repeatable; `hotcold tokenize` gives the ids)")
