@@ -25,6 +25,17 @@ SECOND = {lead: RANGES[code] for lead, code in FIRST_RANGE.items()}  # lead byte
 # after it (engine.grammar's strict UTF-8)
 
 
+def literal(text: str) -> str:
+    """A GBNF literal matching text exactly."""
+    return '"' + "".join("\\" + c if c in '"\\' else c if c.isprintable() else f"\\U{ord(c):08X}"
+                         for c in text) + '"'
+
+
+def set_char(c: int) -> str:
+    """A code point inside a GBNF set."""
+    return chr(c) if chr(c).isascii() and chr(c).isalnum() else f"\\u{c:04X}" if c <= 0xFFFF else f"\\U{c:08X}"
+
+
 def utf8_length(lead: int) -> int:
     """Bytes of the UTF-8 character that starts with `lead`; 0 for a byte no character starts with."""
     return 1 if lead < 0x80 else 0 if lead < 0xC2 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else \

@@ -13,7 +13,7 @@ import json
 import re
 
 from .config import HotcoldError
-from .gbnf import MAX_REPEAT
+from .gbnf import MAX_REPEAT, literal, set_char
 
 TOP = 0x10FFFF
 Ranges = list[tuple[int, int]]  # sorted, disjoint, no surrogates
@@ -55,18 +55,13 @@ def intersect(a: Ranges, b: Ranges) -> Ranges:
     return normal((max(x, u), min(y, v)) for x, y in a for u, v in b if max(x, u) <= min(y, v))
 
 
-def set_char(c: int) -> str:
-    """A code point inside a GBNF set."""
-    return chr(c) if chr(c).isascii() and chr(c).isalnum() else f"\\u{c:04X}" if c <= 0xFFFF else f"\\U{c:08X}"
-
-
 def class_expr(ranges: Ranges) -> str:
     """A GBNF expression for one character of the ranges, as JSON text: the others as they are, `"` `\\` and the
     control characters by JSON's short escapes or \\u00hh (grouped by their first h)."""
     raw = intersect(ranges, RAW)
     members = "".join(set_char(lo) + (f"-{set_char(hi)}" if hi > lo else "") for lo, hi in raw)
     single = len(raw) == 1 and raw[0][0] == raw[0][1] and chr(raw[0][0]).isalnum()
-    alts = [f'"{chr(raw[0][0])}"' if single else f"[{members}]"] if raw else []
+    alts = [literal(chr(raw[0][0])) if single else f"[{members}]"] if raw else []
     by_digit: dict[str, str] = {}
     for lo, hi in intersect(ranges, complement(RAW)):
         for c in range(lo, hi + 1):
@@ -74,9 +69,9 @@ def class_expr(ranges: Ranges) -> str:
             if text.startswith("\\u"):
                 by_digit[text[4]] = by_digit.get(text[4], "") + text[5]
             else:
-                alts.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+                alts.append(literal(text))
     if by_digit:  # (a sequence: grouped, so that a quantifier after it repeats it whole)
-        alts.append('("\\\\u00" (' + " | ".join(f'"{d}" [{hs}]' for d, hs in by_digit.items()) + "))")
+        alts.append("(" + literal("\\u00") + " (" + " | ".join(f'"{d}" [{hs}]' for d, hs in by_digit.items()) + "))")
     return alts[0] if len(alts) == 1 else "(" + " | ".join(alts) + ")"
 
 
@@ -139,18 +134,18 @@ class Pattern:
         (expr, empty), c = atom, self.peek()
         m = QUANTIFIER.match(self.text, self.pos)
         if c and c in "*+?":
-            lo, hi, out = int(c == "+"), 1 if c == "?" else None, f"{expr}{c}"
+            lo, hi, out, end = int(c == "+"), 1 if c == "?" else None, f"{expr}{c}", self.pos + 1
         elif m:
             lo, hi = int(m[1]), (int(m[3]) if m[3] else None) if m[2] else int(m[1])
             if max(lo, hi or 0) > MAX_REPEAT or hi is not None and hi < lo:
                 raise self.fail(f"{m[0]}: counts up to {MAX_REPEAT}, the smaller first")
-            out = f"{expr}{{{lo},{'' if hi is None else hi}}}" if m[2] else f"{expr}{{{lo}}}"
+            out, end = f"{expr}{{{lo},{'' if hi is None else hi}}}" if m[2] else f"{expr}{{{lo}}}", m.end()
         else:
             return atom
         if empty and (hi is None or hi > 1):  # GBNF's rewrite would be left-recursive, or ambiguous past counting
             raise self.fail("a repetition of a part that can match nothing; write the part so that it matches at "
                             "least one character")
-        self.pos = m.end() if m and c not in "*+?" else self.pos + 1
+        self.pos = end
         self.pos += self.peek() == "?"  # lazy: the same strings
         if self.peek() in ("*", "+", "?") or QUANTIFIER.match(self.text, self.pos):
             raise self.fail("a quantifier after a quantifier")

@@ -15,8 +15,8 @@ import math
 import re
 
 from .config import HotcoldError
-from .gbnf import MAX_REPEAT
-from .pattern import pattern_expr, set_char
+from .gbnf import MAX_REPEAT, literal, set_char
+from .pattern import pattern_expr
 
 ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples", "readOnly", "writeOnly",
                "deprecated", "$defs", "definitions"}
@@ -46,12 +46,6 @@ TIME = HOUR + r' ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,9})? ("Z" | [+-] '
 DATE = r'[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])'
 FORMATS = {"date": DATE, "time": TIME, "date-time": f'{DATE} "T" {TIME}',  # RFC 3339's, as llama.cpp's converter
            "uuid": r'[0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12}'}
-
-
-def literal(text: str) -> str:
-    """A GBNF literal matching text exactly."""
-    return '"' + "".join("\\" + c if c in '"\\' else c if c.isprintable() else f"\\U{ord(c):08X}"
-                         for c in text) + '"'
 
 
 def json_text(v) -> str:
@@ -306,7 +300,7 @@ def not_strings(names: list[str]) -> str:
 
     def visit(node: dict) -> str:
         kids = [c for c in node if c]
-        alts = [r'[^"\\\x7F\x00-\x1F' + "".join((set_char(ord(c)) for c in kids)) + "] char*",
+        alts = [r'[^"\\\x7F\x00-\x1F' + "".join(set_char(ord(c)) for c in kids) + "] char*",
                 r'"\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) char*']  # something else from here on
         alts += [f"{literal(c)} ({visit(node[c])})" for c in kids]
         return " | ".join(alts + ([] if "" in node else ['""']))
