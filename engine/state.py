@@ -32,13 +32,14 @@ def shift_context(model, keep: int, discard: int) -> None:
     """Forget the cached positions keep..keep+discard-1 and move the ones after them back by discard, as llama.cpp's
     context shift: the values as they are, the keys rotated back by discard positions (RoPE's rotations compose,
     R(p - d) = R(-d) R(p); in float32, as llama.cpp's K-shift, then stored as the cache's type)."""
+    import torch
+
+    from .model import apply_rope
     n = len(model.kv_ids)
     k, v = (a.view(np.float16) if a.dtype == np.uint16 else a for a in arrays(model.net))
-    cos, sin = model.config.rope_angles([-discard])  # (1, hd/2)
-    pairs = k[:, :, keep + discard:n].astype(np.float32).reshape(*k.shape[:2], n - keep - discard, -1, 2)
-    a, b = pairs[..., 0], pairs[..., 1]  # (L, Hkv, n - keep - discard, hd/2): adjacent pairs, as apply_rope's
-    k[:, :, keep:n - discard] = np.stack((a * cos - b * sin, a * sin + b * cos), -1).reshape(
-        *k.shape[:2], n - keep - discard, -1)
+    cos, sin = (torch.from_numpy(t) for t in model.config.rope_angles([-discard]))  # (1, hd/2)
+    moved = torch.from_numpy(k[:, :, keep + discard:n].astype(np.float32))  # (L, Hkv, n - keep - discard, hd)
+    k[:, :, keep:n - discard] = apply_rope(moved.reshape(-1, 1, k.shape[-1]), cos, sin).reshape(moved.shape).numpy()
     v[..., keep:n - discard] = v[..., keep + discard:n]  # (numpy copies overlapping slices as if through a buffer)
     del model.kv_ids[keep:keep + discard]
 
