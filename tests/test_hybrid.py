@@ -16,7 +16,7 @@ from predictors.metrics import layer_metrics
 from predictors.model import Predictor, gate_map
 from tiny_model import tiny_config, tiny_weights, write_gguf
 from tools.predict import weight_bytes
-from tools.bench import format_bench
+from tools.bench import decode_speed, format_bench
 
 TEXT = "the cat in a hat sat on the mat and the hat in the tin sat on a cat in the heat"
 
@@ -314,6 +314,12 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
     res = json.loads(capsys.readouterr().out)
     g = res["given"]
     assert res["fixture"] == [] and res["gpu"] is None and res["rounds"] == 3 and res["dense_tok_s"] > 0
+    runs = []
+    monkeypatch.setattr("tools.bench.decode_speed", lambda *a, f=decode_speed: runs.append(1) or f(*a))
+    assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "-n", "4",
+                 "--prompt-tokens", "8", "-t", "1", "-r", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rounds"] == 1 and len(runs) == 2  # -r 1: dense and the bundle once
+    monkeypatch.undo()
     assert g["decode_tok_s"] > 0 and 0.3 < g["predicted_sparsity"] < 1 and 0 < g["recall"] < 1
     assert f"with predictors {tmp_path / 'bundle'}" in format_hybrid(res)
     assert main(["bench", "--hybrid", "-m", path, "--predictors", str(tmp_path / "bundle"), "--audit-recall"]) == 2
@@ -324,8 +330,20 @@ def test_bench_hybrid_with_a_given_bundle(tmp_path, capsys, monkeypatch):
                       (["--sparsity-levels", "0.5"], "--sparsity-levels: the sparsities of --compare's rows")):
         assert main(["bench", "-m", path, *argv]) == 2 and why in capsys.readouterr().err  # not silently ignored
     # the context bench takes is what its prompt and tokens fill: all 256 of the model's, past them the flags named
-    assert main(["bench", "-m", path, "--prompt-tokens", "252", "-n", "4", "-t", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["decode_tokens"] == 4
+    assert main(["bench", "-m", path, "--prompt-tokens", "252", "-n", "4", "-t", "1", "-r", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["decode_tokens"] == 4 and res["repetitions"] == 3  # llama-bench's -r: the runs' mean and sd
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        xs = res["samples"][key]
+        assert len(xs) == 3 and min(xs) > 0 and res[key] == pytest.approx(sum(xs) / 3)
+        assert res[key + "_sd"] == pytest.approx(np.std(xs, ddof=1)) and res[key + "_sd"] > 0
+    assert f"at {res['decode_tok_s']:.1f} ± {res['decode_tok_s_sd']:.1f} tok/s," in format_bench(res)
+    assert "(3 runs: mean ± sd)" in format_bench(res)
+    one = dict(res, repetitions=1, prefill_tok_s_sd=0.0, decode_tok_s_sd=0.0)
+    assert "±" not in format_bench(one) and f"at {res['decode_tok_s']:.1f} tok/s," in format_bench(one)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "-m", path, "-r", "0"])
+    assert e.value.code == 2 and "-r/--repetitions: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["bench", "-m", path, "--prompt-tokens", "253", "-n", "4"]) == 2
     assert "trained on (bench's context: --prompt-tokens 253 + -n 4)" in capsys.readouterr().err
     assert main(["generate", "-m", path, "-p", "hi", "-n", "1", "--hot-device", "cpu"]) == 2  # no predictors

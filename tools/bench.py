@@ -18,6 +18,8 @@ LLAMACPP_TIMEOUT = 600  # seconds for that interpreter's run
 BENCH_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the annual budget, "
               "and a small village by the river prepares for the spring festival. ")
 SPARSITY_LEVELS = [0.1, 0.5, 0.9]  # bench --compare's sparse rows
+REPETITIONS = 5  # bench's timed runs (-r), as llama-bench's
+ROUNDS = 3  # --compare's and --hybrid's rows: each one's best of this many runs (-r), the rows taking turns
 
 
 def sparsity_levels(text: str) -> list[float]:
@@ -90,6 +92,23 @@ def decode_speed(model, ids: list[int], n: int) -> dict:
     model.generate(ids, 4, ignore_stop=True)  # warm-up: the same prefill path (steps or torch), then decode
     out = model.generate(ids, n, ignore_stop=True)
     return out.stats
+
+
+def spread(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as llama-bench's avg_ts and stddev_ts."""
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def repeated_speed(model, ids: list[int], n: int, reps: int) -> tuple[dict, dict]:
+    """decode_speed's warm-up, then reps runs of n >= 2 tokens: the last run's stats, and the runs' prefill and
+    decode tok/s (mean, sd, samples), llama-bench's -r."""
+    model.generate(ids, 4, ignore_stop=True)
+    runs = [model.generate(ids, n, ignore_stop=True).stats for _ in range(reps)]
+    speeds = {}
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        xs = [r[key] for r in runs]
+        speeds[key] = dict(zip(("mean", "sd"), spread(xs)), samples=xs)
+    return runs[-1], speeds
 
 
 def ffn_ms_per_token(net, select, reps: int = 10) -> float:
@@ -220,7 +239,7 @@ def run_bench(args) -> dict:
     if audit is not None:  # the speed is timed without the audit's extra pass; an audited run gives its statistics
         rt.audit = None
     try:
-        stats = decode_speed(model, ids, args.n)
+        stats, speeds = repeated_speed(model, ids, args.n, args.repetitions or REPETITIONS)
     finally:
         if audit is not None:
             rt.audit = audit
@@ -236,9 +255,11 @@ def run_bench(args) -> dict:
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
            "kv_cache": model.cache_type, "prompt_tokens": len(ids),
-           "decode_tokens": stats["generated_tokens"], "prefill_tok_s": stats["prefill_tok_s"],
-           "decode_tok_s": stats["decode_tok_s"], "bytes_per_token": bpt,
-           "decode_gb_s": bpt * stats["decode_tok_s"] / 1e9, "load_s": load_s,
+           "decode_tokens": stats["generated_tokens"], "repetitions": args.repetitions or REPETITIONS,
+           "prefill_tok_s": speeds["prefill_tok_s"]["mean"], "prefill_tok_s_sd": speeds["prefill_tok_s"]["sd"],
+           "decode_tok_s": speeds["decode_tok_s"]["mean"], "decode_tok_s_sd": speeds["decode_tok_s"]["sd"],
+           "samples": {k: v["samples"] for k, v in speeds.items()}, "bytes_per_token": bpt,
+           "decode_gb_s": bpt * speeds["decode_tok_s"]["mean"] / 1e9, "load_s": load_s,
            "model_rss_bytes": model_rss, "run_rss_bytes": run_rss,
            "ttft_s": time_to_first_token(args, min(64, model.config.n_ctx_train)),
            "file_bytes": os.path.getsize(path) if os.path.isfile(path) else None}
@@ -250,11 +271,11 @@ def run_bench(args) -> dict:
         ps = audited if audit is not None else stats
         res["predictors"] = {k: ps[k] for k in keys if k in ps}
     if args.compare:
-        res["compare"] = compare(model, args, ids)
+        res["compare"] = compare(model, args, ids, args.repetitions or ROUNDS)
     return res
 
 
-def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
+def compare(model, args, ids: list[int], rounds: int = ROUNDS) -> dict:
     """Rows of decode tok/s: dense, sparse at each level (random active sets), llama.cpp; bandwidth share.
     Each row's decode speed and FFN time (llama.cpp's too) are the best of `rounds` runs, the rows taking turns,
     so that a slow spell of a shared machine does not land on one row."""
@@ -297,9 +318,13 @@ def compare(model, args, ids: list[int], rounds: int = 3) -> dict:
 
 
 def format_bench(r: dict) -> str:
+    runs = r["repetitions"]
+    pm = f" ({runs} runs: mean ± sd)" if runs > 1 else ""
     lines = [f"model: {r['model']}  backend: {r['backend']}  threads: {r['threads']}  KV cache: {r['kv_cache']}",
-             f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f} tok/s",
-             f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f} tok/s, "
+             f"prefill: {r['prompt_tokens']} tokens at {r['prefill_tok_s']:.1f}"
+             + (f" ± {r['prefill_tok_s_sd']:.1f}" if runs > 1 else "") + f" tok/s{pm}",
+             f"decode:  {r['decode_tokens']} tokens at {r['decode_tok_s']:.1f}"
+             + (f" ± {r['decode_tok_s_sd']:.1f}" if runs > 1 else "") + " tok/s, "
              f"{r['bytes_per_token'] / 1e6:.1f} MB of weights read per token ({r['decode_gb_s']:.1f} GB/s)"
              + (f", FFN sparsity {r['sparsity']:.1%}" if r.get("sparsity") is not None else ""),
              f"load: {r['load_s']:.2f} s, resident memory of the model: {r['model_rss_bytes'] / 1e6:.1f} MB"
@@ -358,6 +383,10 @@ def add_command(sub) -> None:
     p.add_argument("-n", type=at_least(2), default=128,
                    help="tokens to generate, the first from the prefill (default 128)")
     p.add_argument("--prompt-tokens", type=at_least(1), default=128, help="prefill length (default 128)")
+    p.add_argument("-r", "--repetitions", type=at_least(1), default=None,
+                   help=f"timed runs after a warm-up: prefill and decode tok/s as their mean ± standard deviation, as "
+                   f"llama-bench's -r (default {REPETITIONS}); --compare and --hybrid: each row's best of this many "
+                   f"runs, the rows taking turns (default {ROUNDS})")
     p.add_argument("--compare", action="store_true",
                    help="dense and sparse decode next to llama.cpp (if llama-cpp-python is installed)")
     p.add_argument("--sparsity-levels", type=sparsity_levels, default=None,

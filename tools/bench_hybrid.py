@@ -10,9 +10,9 @@
    and to the layer-offload baseline (whole dense layers on the GPU in the same VRAM, as llama.cpp's -ngl).
    Without CUDA those rows are skipped and the output says so.
 
-Each speed is the best of ROUNDS runs, taken in turns with the configurations it is compared with. The dense model
-as given, and CPU only in the GPU table, are compared with every row, take part in every group, and keep their best
-over all of them (a best of more runs: if anything, a bias against the other rows).
+Each speed is the best of ROUNDS runs (`bench -r N`: N), taken in turns with the configurations it is compared with.
+The dense model as given, and CPU only in the GPU table, are compared with every row, take part in every group, and
+keep their best over all of them (a best of more runs: if anything, a bias against the other rows).
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from engine.config import AUDIT_KEYS
+from tools.bench import ROUNDS  # each speed is the best of this many runs, the configurations taking turns
 
 FIXTURE_SPARSITY = (0.5, 0.7, 0.9)
 FIXTURE_RECALL = 0.95
 SAMPLE_TOKENS = 256  # activations the fixture's thresholds and predictors are fitted on
 GPU_FRACTIONS = (0.0, 0.25, 0.5, 1.0)
-ROUNDS = 3  # each speed is the best of this many runs, the configurations taking turns
 
 
 @torch.inference_mode()
@@ -110,9 +110,9 @@ def run_hybrid(args) -> dict:
     base = bench_model(argparse_copy(args, model=ckpt, predictors=None, predictor_type=None, no_predictors=True),
                        room)  # dense, also when the file carries predictors
     ids = prompt_ids(base, args.prompt_tokens)
-    qt = args.predictor_type
+    qt, rounds = args.predictor_type, args.repetitions or ROUNDS
     res = {"model": base.ckpt.path, "threads": args.threads, "kv_cache": base.cache_type,
-           "predictor_type": qt or "F16", "decode_tokens": args.n, "rounds": ROUNDS, "dense_tok_s": None,
+           "predictor_type": qt or "F16", "decode_tokens": args.n, "rounds": rounds, "dense_tok_s": None,
            "fixture": [], "given": None, "gpu": None}
     # every speed is timed in turns with the configurations it is compared with (best_speeds); the dense model as
     # given takes part in each group and keeps its best over all of them
@@ -121,7 +121,7 @@ def run_hybrid(args) -> dict:
         from tools.split import hot_neurons
         given, _, _ = hot_neurons(base, args.predictors, None, None, "auto", n_ctx)
         rt = Setup.predictors(base, given, qtype=qt)
-        st = best_speeds({**dense, "given": Setup(base, runtime=rt)}, ids, args.n, speed)["given"]
+        st = best_speeds({**dense, "given": Setup(base, runtime=rt)}, ids, args.n, speed, rounds)["given"]
         res["given"] = {"bundle": args.predictors, "predictor_type": rt.qtype, "decode_tok_s": st["decode_tok_s"],
                         **audited(base, given, ids, qt, args.n)}
     if base.config.act == "silu" and base.config.ffn_gated:
@@ -132,9 +132,9 @@ def run_hybrid(args) -> dict:
             model = Model(fx, n_ctx, cache_type=res["kv_cache"])
             runs = {**dense, (s, "dense"): Setup(model),
                     (s, "predictors"): Setup(model, runtime=Setup.predictors(model, bundle, qtype=qt))}
-            best_speeds(runs, ids, args.n, speed)
+            best_speeds(runs, ids, args.n, speed, rounds)
             if torch.cuda.is_available() and s == max(FIXTURE_SPARSITY):
-                res["gpu"] = gpu_rows(runs, s, bundle, gs, qt, ids, args.n, speed)
+                res["gpu"] = gpu_rows(runs, s, bundle, gs, qt, ids, args.n, speed, rounds)
             pred = speed[s, "predictors"]
             res["fixture"].append({"target_sparsity": s, "threshold": fx.config.act_threshold,
                                    "dense_tok_s": speed[s, "dense"]["decode_tok_s"],
@@ -142,7 +142,7 @@ def run_hybrid(args) -> dict:
                                    **audited(model, bundle, ids, qt, args.n)})
             del model, runs
     if "dense" not in speed:  # nothing to compare with
-        best_speeds(dense, ids, args.n, speed)
+        best_speeds(dense, ids, args.n, speed, rounds)
     res["dense_tok_s"] = speed["dense"]["decode_tok_s"]
     for row in res["fixture"]:
         row["vs_dense"] = row["predictor_tok_s"] / res["dense_tok_s"]
@@ -174,14 +174,14 @@ class Setup:
             m.net = self.device_net
 
 
-def best_speeds(runs: dict, ids: list[int], n: int, best: dict | None = None, rounds: int | None = None) -> dict:
+def best_speeds(runs: dict, ids: list[int], n: int, best: dict | None = None, rounds: int = ROUNDS) -> dict:
     """best (updated, or a new dict): key -> the decode stats of the fastest run of each Setup in runs, over its runs
-    in best before and `rounds` (default ROUNDS) more here, the setups taking turns, so that a slow spell of a
+    in best before and `rounds` more here, the setups taking turns, so that a slow spell of a
     shared host does not land on one row (as `bench --compare`). The models are left dense."""
     from tools.bench import decode_speed
     best = {} if best is None else best
     try:
-        for _ in range(ROUNDS if rounds is None else rounds):
+        for _ in range(rounds):
             for key, setup in runs.items():
                 setup.apply()
                 st = decode_speed(setup.model, ids, n)
@@ -193,7 +193,8 @@ def best_speeds(runs: dict, ids: list[int], n: int, best: dict | None = None, ro
     return best
 
 
-def gpu_rows(runs: dict, s: float, bundle, gs, qtype: str | None, ids: list[int], n: int, speed: dict) -> list[dict]:
+def gpu_rows(runs: dict, s: float, bundle, gs, qtype: str | None, ids: list[int], n: int, speed: dict,
+             rounds: int = ROUNDS) -> list[dict]:
     """The GPU table for the fixture at sparsity s, whose (s, "dense") and (s, "predictors") Setups in runs are timed
     in speed already. Per GPU_FRACTIONS share f of the FFN: the hot neurons (the most frequently active on the samples)
     on CUDA, and as many whole dense float16 layers on CUDA as fit in the same VRAM (layer offload), timed in turns with
@@ -214,7 +215,7 @@ def gpu_rows(runs: dict, s: float, bundle, gs, qtype: str | None, ids: list[int]
         k = int(min(model.config.n_layer, vram // per_layer))
         off = Setup(model, device_net=LayerOffload(cpu.net, k, "cuda")) if k else dense
         best_speeds({(s, "predictors"): cpu, ("hybrid", f): Setup(model, runtime=rt), ("offload", f): off},
-                    ids, n, speed)
+                    ids, n, speed, rounds)
         rows.append({"ffn_fraction": f, "vram_bytes": vram, "decode_tok_s": speed["hybrid", f]["decode_tok_s"],
                      "gpu_share": speed["hybrid", f]["gpu_share"],
                      "hot_layer_us": hot_layer_us(rt.hot) if rt.hot else None,
