@@ -17,6 +17,7 @@ from .grammar import FIRST_RANGE, RANGES, ByteGrammar
 
 END, REF, CHARS = range(3)  # element kinds: (END,), (REF, rule id), (CHARS, ((lo, hi), ...), negated)
 MAX_REPEAT = 2000  # the largest count in {m,n}, as llama.cpp's
+MAX_COPIES = 100_000  # items the counts may write in all: "a"{2000}{2000} would be 4 million (a group is one item)
 MAX_UNICODE = 0x10FFFF
 ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]"}
 MEMO_MAX = 1 << 20  # transitions kept before the memo and the interned states start over
@@ -50,6 +51,7 @@ class Parser:
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         self.rules: dict[int, list[list[tuple]]] = {}
+        self.copies = 0  # items written by counts (MAX_COPIES at most)
         self.space(True)
         while self.pos < len(text):
             self.rule()
@@ -230,8 +232,12 @@ class Parser:
         optional rules (S' ::= S S' | for no limit)."""
         item = seq[last:]
         del seq[last:]
-        seq += item * lo
         optional = 1 if hi < 0 else hi - lo
+        self.copies += len(item) * (lo + optional)
+        if self.copies > MAX_COPIES:
+            raise self.error(f"the counts write more than {MAX_COPIES} items (a count of a count copies the first's "
+                             "items: (\"a\"{2000}){2000} reads them from one rule)")
+        seq += item * lo
         tail = None
         for _ in range(optional):
             rid = self.new_rule(name)
@@ -267,8 +273,9 @@ class Gbnf(ByteGrammar):
         self.firsts = {pos: masks.get(e) or masks.setdefault(e, lead_mask(e[1], e[2]))
                        for pos, e in enumerate(self.elements) if e[0] == CHARS}
         stacks: set = set()
+        seen: set = set()
         for s in self.starts[p.ids[root]]:
-            self.push(None, s, stacks)
+            self.push(None, s, stacks, seen)
         self.start = self.intern(frozenset(stacks), b"")
 
     def intern(self, stacks: frozenset, partial: bytes):
@@ -280,12 +287,18 @@ class Gbnf(ByteGrammar):
         state = (stacks, partial, first)
         return self.interned.setdefault(state, state)
 
-    def push(self, rest, pos: int, out: set) -> None:
+    def push(self, rest, pos: int, out: set, seen: set) -> None:
         """Into out: the stacks that read the sequence from element pos on, then what the stack `rest` reads, each
-        down to a character set on top (or None: the end)."""
+        down to a character set on top (or None: the end). seen: the (rest, pos) pairs pushed into out before,
+        skipped (the stacks they give are there): with it, reading past k nullable items (`("a"?){2000}`) from each
+        of k stacks costs k steps, not k * k."""
         work = [(rest, pos)]
         while work:
-            rest, pos = work.pop()
+            item = work.pop()
+            if item in seen:
+                continue
+            seen.add(item)
+            rest, pos = item
             e = self.elements[pos]
             if e[0] == CHARS:
                 out.add((pos, rest))
@@ -370,9 +383,10 @@ class Gbnf(ByteGrammar):
             return self.intern(stacks, data)
         c = ord(data.decode("utf-8"))
         out: set = set()
+        seen: set = set()
         for s in stacks:
             if s is not None and self.matches(s[0], c, c):
-                self.push(s[1], s[0] + 1, out)
+                self.push(s[1], s[0] + 1, out, seen)
         if len(out) > MAX_STACKS:
             raise HotcoldError(f"grammar: more than {MAX_STACKS} ways to read the text at once (an ambiguous "
                                "grammar, such as two alternatives that go on alike)")
