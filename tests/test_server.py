@@ -373,6 +373,68 @@ def test_server_context_shift(smollm):
         srv.server_close()
 
 
+def scrape(srv) -> dict[str, float]:
+    """GET /metrics as {name: value}; each metric with its HELP and TYPE lines, in Prometheus' text format."""
+    with urllib.request.urlopen(srv.url + "/metrics", timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        lines = r.read().decode().splitlines()
+    out = {}
+    for help_, type_, line in zip(lines[::3], lines[1::3], lines[2::3]):
+        name, value = line.split(" ")
+        assert help_.startswith(f"# HELP {name} ") and type_ in (f"# TYPE {name} counter", f"# TYPE {name} gauge")
+        out[name] = float(value)
+    return out
+
+
+def test_server_metrics(smollm, server):
+    """--metrics: llama-server's Prometheus metrics, the totals of the replies' tokens and times (as their timings),
+    throughput since the last scrape, the KV cache, and requests waiting for the model; without it a 501."""
+    from tools.metrics import METRICS, Metrics
+    status, got = call(server, "/metrics")
+    assert status == 501 and "Start it with `--metrics`" in got["error"]["message"]
+    srv = Server(smollm, build_parser("server").parse_args(["server", "--metrics"]), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        first = scrape(srv)
+        assert list(first) == list(METRICS) and first["llamacpp:tokens_predicted_total"] == 0
+        ask = {"prompt": "The history of the Roman Empire is long.", "n_predict": 8, "temperature": 0,
+               "ignore_eos": True}
+        replies = [call(srv, "/completion", ask)[1] for _ in range(2)]  # the second from the cache but its last token
+        m = scrape(srv)
+        t = [r["timings"] for r in replies]
+        assert m["llamacpp:prompt_tokens_total"] == sum(r["tokens_evaluated"] - r["tokens_cached"] for r in replies)
+        assert replies[1]["tokens_evaluated"] - replies[1]["tokens_cached"] == 1
+        assert m["llamacpp:tokens_predicted_total"] == 16 and m["llamacpp:n_decode_total"] == 2 * (1 + 7)
+        assert m["llamacpp:prompt_seconds_total"] == pytest.approx(sum(x["prompt_ms"] for x in t) / 1e3)
+        assert m["llamacpp:tokens_predicted_seconds_total"] == pytest.approx(sum(x["predicted_ms"] for x in t) / 1e3)
+        assert m["llamacpp:predicted_tokens_seconds"] == pytest.approx(14 / sum(x["predicted_ms"] / 1e3 for x in t))
+        assert m["llamacpp:kv_cache_tokens"] == len(smollm.kv_ids) > 0
+        assert m["llamacpp:kv_cache_usage_ratio"] == pytest.approx(len(smollm.kv_ids) / smollm.n_ctx)
+        assert m["llamacpp:requests_processing"] == m["llamacpp:requests_deferred"] == m["hotcold:ffn_sparsity"] == 0
+        again = scrape(srv)  # a new bucket: no reply since the last scrape
+        assert again["llamacpp:predicted_tokens_seconds"] == again["llamacpp:prompt_tokens_seconds"] == 0
+        assert again["llamacpp:tokens_predicted_total"] == 16
+        with srv.lock:  # the model busy: a request waits for it
+            waiting = threading.Thread(target=call, args=(srv, "/completion", ask))
+            waiting.start()
+            deadline = time.monotonic() + 60
+            while scrape(srv)["llamacpp:requests_deferred"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = scrape(srv)
+            assert busy["llamacpp:requests_deferred"] == 1 and busy["llamacpp:requests_processing"] == 1
+        waiting.join(60)
+        assert scrape(srv)["llamacpp:tokens_predicted_total"] == 24
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    stats = {"prompt_tokens": 5, "cached_tokens": 5, "generated_tokens": 1, "prefill_s": 0.1, "decode_s": 0.0,
+             "predicted_sparsity": 0.625}
+    m = Metrics()
+    m.record(stats)  # one token from the prefill, no pass after it: throughput 0, not a division by zero
+    assert "hotcold:ffn_sparsity 0.625\n" in (text := m.scrape(3, 8, False)) and "llamacpp:n_decode_total 0\n" in text
+    assert "llamacpp:predicted_tokens_seconds 0\n" in text and "llamacpp:kv_cache_usage_ratio 0.375\n" in text
+
+
 def test_server_slots_save_restore_and_erase(smollm, server, tmp_path):
     """llama-server's /slots actions: the KV cache's tokens saved to a file in --slot-save-path, erased, restored, and
     a request then takes its prompt from the cache; bad names, slots and actions are a 400, no directory a 501."""

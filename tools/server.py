@@ -29,6 +29,7 @@ from engine.gbnf import Gbnf
 from engine.sampling import finite
 from engine.schema import grammar_for
 from tools import tool_calls
+from tools.metrics import Metrics
 from tools.cli import SAMPLING, at_least, between, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
@@ -410,6 +411,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, {"default_generation_settings": {"n_ctx": model.n_ctx, "params": settings(
                 model, generate_options({}, args, model, chat=False))},  # a request that gives nothing
                 "total_slots": 1, "model_path": str(model.ckpt.path), "chat_template": model.tokenizer.chat_template})
+        elif path == "/metrics":
+            if not self.server.args.metrics:
+                self.fail(501, "This server does not support metrics endpoint. Start it with `--metrics`", False)
+                return
+            model = self.server.model
+            data = self.server.metrics.scrape(len(model.kv_ids), model.n_ctx, self.server.lock.locked()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")  # Prometheus' text format
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif path == "/slots":  # llama-server's one slot, as it lists its slots
             model, args = self.server.model, self.server.args
             self.send_json(200, [{"id": 0, "n_ctx": model.n_ctx, "is_processing": self.server.lock.locked(),
@@ -480,8 +492,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # its body is left unread
                 raise BadRequest(f"no endpoint POST {path}", 404)
             body = self.read_body(empty_ok=bool(slot))
-            with self.server.lock:  # one request at a time: the model and its cache are one
-                routes[path](body)
+            with self.server.metrics.turn(self.server.lock):  # one request at a time: the model and its cache
+                routes[path](body)  # are one
         except BadRequest as e:
             self.fail(e.status, str(e), self.streaming)
         except HotcoldError as e:  # the model's refusal: a prompt longer than the context, a token id, a template
@@ -693,8 +705,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return tools
 
     def log_reply(self, ids: list[int], out) -> None:
-        """Before the answer is sent: the client's next request may come at once."""
+        """Before the answer is sent: the client's next request may come at once. Counted in /metrics."""
         s = out.stats
+        self.server.metrics.record(s)
         rate = "n/a" if s["decode_tok_s"] is None else f"{s['decode_tok_s']:.1f} tok/s"
         self.log(200, f"prompt {len(ids)} tokens, {s['cached_tokens']} from the cache | reply "
                  f"{len(out.token_ids)} tokens, {rate}, {s['stop']}")
@@ -754,7 +767,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self, model, args, host: str = "127.0.0.1", port: int = 8080):
         """model: a loaded Model; args: the server's flags (`-n` and the sampling options: a request's defaults)."""
-        self.model, self.args, self.lock = model, args, threading.Lock()
+        self.model, self.args, self.lock, self.metrics = model, args, threading.Lock(), Metrics()
         self.name = os.path.basename(str(model.ckpt.path))
         self.card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "hotcold",
                      "n_ctx": model.n_ctx}  # /v1/models' entry
@@ -812,6 +825,8 @@ def add_command(sub) -> None:
     p.add_argument("--context-shift", action="store_true", help="at the end of the context, forget half of what "
                    "follows a request's first n_keep prompt tokens (default 0, -1: all) and go on (llama-server's; "
                    "off by default, as there: it can cut a chat template's structure)")
+    p.add_argument("--metrics", action="store_true", help="GET /metrics: llama-server's Prometheus metrics (tokens, "
+                   "times, throughput, KV cache, requests) and hotcold's FFN sparsity (off by default, as there)")
     p.add_argument("--pooling", choices=POOLINGS[:3], default="mean", help="the embeddings' (/v1/embeddings): the "
                    "mean of the tokens' hidden states (default), the last token's, or the first's (cls)")
     add_runtime_args(p)
