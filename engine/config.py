@@ -44,6 +44,7 @@ class ModelConfig:
     arch: str = "llama"
     rope_scale: float = 1.0  # linear rope scaling: positions divided by it (GGUF rope.scaling.factor)
     rope_freqs: tuple[float, ...] | None = None  # per rotary pair, its frequency divided by it (Llama 3.1's rope_freqs)
+    attn_bias: bool = False  # biases added to q, k and v (Qwen2's)
 
     @property
     def head_dim(self) -> int:
@@ -163,7 +164,7 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
             bad(f, f"is {v}, expected at least 1")
         if f in FLOATS and not finite_number(v):
             bad(f, f"is {v!r}, expected a finite number")
-        if f in ("ffn_gated", "tied_embeddings") and not isinstance(v, bool):
+        if f in ("ffn_gated", "tied_embeddings", "attn_bias") and not isinstance(v, bool):
             bad(f, f"is {v!r}, expected true or false")
     c = ModelConfig(**{f: int(v) if f in COUNTS else float(v) if f in FLOATS else v for f, v in values.items()})
     for f in ("rms_eps", "rope_base", "rope_scale"):
@@ -183,8 +184,8 @@ def checked_config(where: str, keys: dict[str, str], **values) -> ModelConfig:
 
 
 # --- GGUF tensor names are the canonical names inside the engine -------------------------------------------
-def blk(i: int, name: str) -> str:
-    return f"blk.{i}.{name}.weight"
+def blk(i: int, name: str, part: str = "weight") -> str:
+    return f"blk.{i}.{name}.{part}"
 
 
 def layer_of(name: str) -> int | None:
@@ -195,6 +196,7 @@ def layer_of(name: str) -> int | None:
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down")
+QKV = ("attn_q", "attn_k", "attn_v")  # with ModelConfig.attn_bias, each has a bias blk.N.NAME.bias
 
 
 def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -213,6 +215,8 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["output.weight"] = (c.n_vocab, c.n_embd)
     for i in range(c.n_layer):
         shapes.update({blk(i, k): v for k, v in per_layer.items()})
+        if c.attn_bias:
+            shapes.update({blk(i, k, "bias"): per_layer[k][:1] for k in QKV})
     return shapes
 
 
@@ -233,7 +237,7 @@ HF_LAYER = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # -> arch
 
 
 def hf_to_gguf_name(name: str) -> str | None:

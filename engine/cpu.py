@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import kernels as K
-from .config import CACHE_TYPES, ModelConfig, blk
+from .config import CACHE_TYPES, QKV, ModelConfig, blk
 from .qtensor import QTensor
 
 ACT_CODES = {"silu": K.ACT_SILU, "relu": K.ACT_RELU, "fatrelu": K.ACT_FATRELU, "drelu": K.ACT_DRELU}
@@ -53,9 +53,10 @@ def rope_into(v, n_head, hd, cos, sin):
 
 
 @njit(**K._PARALLEL)
-def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos, sin, xn, qkv, att, scores,
+def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, bqkv, Wo, kc, vc, pos, cos, sin, xn, qkv, att, scores,
                    Xq, Xo):
-    """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, rotated;
+    """A decode step's attention block in one call, in place: q, k, v of xn = rms_norm(x) * attn_norm, plus their
+    biases bqkv (q's, k's, v's, end to end: zeros without attn_bias), rotated;
     k, v written to the cache at pos; x += o(attention of q over the cache); then xn = rms_norm(x) * ffn_norm.
     x, xn (E,); W* weights as KMatrix.W; kc (Hkv, n_ctx, hd), vc (Hkv, hd, n_ctx) this layer's cache (see
     ModelConfig.kv_shapes), float32 or f16 bits (uint16); cos, sin (hd/2,); scratch: qkv (H hd + 2 Hkv hd,),
@@ -68,13 +69,13 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, Wo, kc, vc, pos, cos
     for j in prange(qkv.size):
         if j < nq:
             K._prefetch_ahead(Wq, np.int64(j), nq)
-            qkv[j] = K._row_dot(Wq, np.int64(j), xn, Xq, False)
+            qkv[j] = K._row_dot(Wq, np.int64(j), xn, Xq, False) + bqkv[j]
         elif j < nq + nk:
             K._prefetch_ahead(Wk, np.int64(j - nq), nk)
-            qkv[j] = K._row_dot(Wk, np.int64(j - nq), xn, Xq, False)
+            qkv[j] = K._row_dot(Wk, np.int64(j - nq), xn, Xq, False) + bqkv[j]
         else:
             K._prefetch_ahead(Wv, np.int64(j - nq - nk), qkv.size - nq - nk)
-            qkv[j] = K._row_dot(Wv, np.int64(j - nq - nk), xn, Xq, False)
+            qkv[j] = K._row_dot(Wv, np.int64(j - nq - nk), xn, Xq, False) + bqkv[j]
     rope_into(qkv, n_head + n_kv, hd, cos, sin)  # q then k: both rotate, v is past them
     for g in range(n_kv):
         for d in range(hd):
@@ -131,6 +132,7 @@ def dequantize_ids(m: K.KMatrix, ids: np.ndarray) -> np.ndarray:
 class Layer:
     attn_norm: np.ndarray
     ffn_norm: np.ndarray
+    bqkv: np.ndarray  # (n_head hd + 2 n_head_kv hd,): the q, k and v biases end to end, zeros without attn_bias
     q: K.KMatrix
     k: K.KMatrix
     v: K.KMatrix
@@ -180,6 +182,8 @@ class KernelModel:
             given = tensors.get(blk(i, "ffn_down_t"))  # else transposed on first use, block types to Q8_0
             L = Layer(
                 attn_norm=vector(tensors[blk(i, "attn_norm")]), ffn_norm=vector(tensors[blk(i, "ffn_norm")]),
+                bqkv=np.concatenate([vector(tensors[blk(i, n, "bias")]) if c.attn_bias else
+                                     np.zeros(prep[n].rows, np.float32) for n in QKV]),
                 q=prep["attn_q"], k=prep["attn_k"], v=prep["attn_v"], o=prep["attn_output"],
                 gate=prep.get("ffn_gate"), up=prep["ffn_up"], down=prep.get("ffn_down"),
                 down_src=tensors.get(blk(i, "ffn_down")), built_down_t=None if given is None else K.prepare(given))
@@ -217,7 +221,7 @@ class KernelModel:
         self.scores = np.zeros((c.n_head, n_ctx), np.float32)  # (n_head, n_ctx)
         self.logits = np.zeros(c.n_vocab, np.float32)  # (n_vocab,)
         # attention_into's arguments but x, pos, cos, sin, per layer (bound once: 1-2 us a call less)
-        self.attn_args = [(L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.o.W, self.k_cache[i],
+        self.attn_args = [(L.attn_norm, L.ffn_norm, c.rms_eps, L.q.W, L.k.W, L.v.W, L.bqkv, L.o.W, self.k_cache[i],
                            self.v_cache[i]) for i, L in enumerate(self.layers)]
         self.attn_scratch = [(self.xn, self.qkv, self.att, self.scores, L.q.X, L.o.X) for L in self.layers]
 

@@ -34,7 +34,7 @@ from numba import njit
 from gguf import GGMLQuantizationType as QT
 
 from . import kernels as K
-from .config import AUDIT_KEYS, HotcoldError, blk, layer_of, torch_threads
+from .config import AUDIT_KEYS, QKV, HotcoldError, blk, layer_of, torch_threads
 from .model import TorchModel, apply_rope, ffn_activation, rms_norm
 from .qtensor import QTensor
 
@@ -345,8 +345,12 @@ class LayerOffload:
         mine = [n for n in net.mats if layer_of(n) in range(k)]  # layers 0..k-1's matrices
         tensors = {n: QTensor.from_float(net.dequant_rows(n, 0, net.mats[n].rows).numpy(), QT.F32) for n in mine}
         for i in range(k):
-            tensors[blk(i, "attn_norm")] = QTensor.from_float(net.layers[i].attn_norm, QT.F32)
-            tensors[blk(i, "ffn_norm")] = QTensor.from_float(net.layers[i].ffn_norm, QT.F32)
+            L = net.layers[i]
+            tensors[blk(i, "attn_norm")] = QTensor.from_float(L.attn_norm, QT.F32)
+            tensors[blk(i, "ffn_norm")] = QTensor.from_float(L.ffn_norm, QT.F32)
+            if net.c.attn_bias:  # bqkv: q's, k's and v's biases end to end
+                parts = np.split(L.bqkv, np.cumsum([L.q.rows, L.k.rows]))
+                tensors.update({blk(i, n, "bias"): QTensor.from_float(b, QT.F32) for n, b in zip(QKV, parts)})
         tm = TorchModel(dataclasses.replace(net.c, n_layer=k), tensors, net.n_ctx)
         tm.w = {n: w.to(self.dev, self.dtype) for n, w in tm.w.items()}
         tm.cos, tm.sin = tm.cos.to(self.dev, self.dtype), tm.sin.to(self.dev, self.dtype)
@@ -401,9 +405,7 @@ class LayerOffload:
         x = self.x_in.to(self.dev, non_blocking=True)
         for i in range(self.k):
             h = rms_norm(x, tm.w[blk(i, "attn_norm")], c.rms_eps).to(dt)
-            q = tm.mm(h, blk(i, "attn_q")).view(1, c.n_head, c.head_dim)  # (1, H, hd)
-            kk = tm.mm(h, blk(i, "attn_k")).view(1, c.n_head_kv, c.head_dim)  # (1, Hkv, hd)
-            v = tm.mm(h, blk(i, "attn_v")).view(1, c.n_head_kv, c.head_dim)
+            q, kk, v = tm.qkv(i, h)  # (1, H, hd), (1, Hkv, hd), (1, Hkv, hd)
             q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
             tm.k_cache[i].index_copy_(1, pos, kk.transpose(0, 1))  # k_cache[i] (Hkv, n_ctx, hd)
             tm.v_cache[i].index_copy_(2, pos, v.permute(1, 2, 0))  # v_cache[i] (Hkv, hd, n_ctx)

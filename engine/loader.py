@@ -1,8 +1,9 @@
 """Loading edge: GGUF files, Hugging Face directories and the default model, into one in-memory form.
 
 Both loaders produce a `Checkpoint`: a `ModelConfig`, tensors under GGUF names as `QTensor`s in their stored
-format, and a tokenizer. Q and K rows follow GGUF's rotary layout (adjacent pairs): HF checkpoints, which
-rotate halves, are permuted here and nowhere else. Files written by `hotcold export` load here too: PowerInfer's
+format, and a tokenizer. Q and K rows follow GGUF's rotary layout (adjacent pairs): HF checkpoints and Qwen2 GGUF
+files (llama.cpp's converter leaves Qwen2's rows as they are and rotates halves), which rotate halves, are permuted
+here and nowhere else, their q and k biases with them. Files written by `hotcold export` load here too: PowerInfer's
 `ffn_down_t` stands in for ffn_down, and the predictors they carry become `Checkpoint.predictors`.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ PWRI = b"PWRI"  # PowerInfer's magic in place of GGUF: switches its sparse path 
 PWRI_INT_TYPES = {16: QT.I8, 17: QT.I16, 18: QT.I32}
 GGUF_MAGICS = (b"GGUF", PWRI)
 # architecture -> FFN activation when the file has no hotcold.ffn_act, in a GGUF file and in PowerInfer's (PWRI)
-ARCH_ACT = {"llama": "silu"}
+ARCH_ACT = {"llama": "silu", "qwen2": "silu"}
+HALVES_ARCHS = ("qwen2",)  # GGUF architectures whose Q/K rows rotate halves (llama.cpp's NEOX rope), as HF's
 POWERINFER_ACT = {"llama": "relu", "bamboo": "drelu"}  # PowerInfer's graphs: ReLU on the gate; on gate and up
 GPU_INDEX_ARCH = "generic.gpu_index"  # general.architecture of PowerInfer's .gpuidx (tools/split.py)
 KEY_VRAM_CAPACITY = "split.vram_capacity"  # u64 in a .gpuidx: the bytes of its hot FFN rows
@@ -288,7 +290,8 @@ def load_gguf(path: str) -> Checkpoint:
     pwri = r.data[:4].tobytes() == PWRI
     acts = POWERINFER_ACT if pwri else ARCH_ACT
     if arch not in acts:
-        raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: llama; bamboo in PowerInfer files)")
+        raise HotcoldError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCH_ACT)}; bamboo in "
+                           "PowerInfer files)")
 
     tensors = {}
     for t in r.tensors:
@@ -329,6 +332,7 @@ def load_gguf(path: str) -> Checkpoint:
         act=act, act_threshold=field_value(r, KEY_ACT_THRESHOLD, 0.0),
         ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
         tied_embeddings="output.weight" not in tensors, arch=arch, rope_scale=gguf_rope_scale(r, arch, path),
+        attn_bias=blk(0, "attn_q", "bias") in tensors,
         rope_freqs=None if freqs is None else tuple(float(v) for v in freqs.dequantize().ravel()))
     for key, want in (("expert_count", 0), ("rope.dimension_count", cfg.head_dim),
                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim)):
@@ -341,6 +345,8 @@ def load_gguf(path: str) -> Checkpoint:
     if tokens is not None and len(tokens.data) != cfg.n_vocab:  # ids past the list would vanish from the text
         raise HotcoldError(f"{path}: tokenizer.ggml.tokens holds {len(tokens.data)} tokens, the model's vocabulary "
                            f"{cfg.n_vocab} (token_embd.weight's rows): llama.cpp refuses such a file too")
+    if arch in HALVES_ARCHS:
+        halves_to_pairs(tensors, cfg, path)
     meta = {k: field_value(r, k) for k in r.fields
             if not k.startswith(("GGUF.", "tokenizer.ggml."))}
     try:
@@ -434,15 +440,29 @@ def rotary_halves_to_pairs(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def halves_to_pairs(tensors: dict[str, QTensor], cfg: ModelConfig, path: str) -> None:
+    """Q and K rows (weights and biases, of any stored type: a row's blocks move whole) from the rotate-half layout
+    to GGUF's pairs, in place."""
+    for name, t in tensors.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            heads = cfg.n_head if ".attn_q." in name else cfg.n_head_kv
+            if t.shape[0] % (2 * heads):
+                raise HotcoldError(f"{path}: tensor {name} has shape {t.shape}, not a whole number of heads")
+            t.data = np.ascontiguousarray(rotary_halves_to_pairs(t.data, heads))
+
+
 def hf_config(path: str, c: dict) -> ModelConfig:
     where = f"{path}/config.json"
     if not isinstance(c, dict):
         raise HotcoldError(f"{where}: a JSON {type(c).__name__}, expected an object of keys")
     archs = c.get("architectures") or []
     if not isinstance(archs, list):
-        raise HotcoldError(f"{where}: architectures is {archs!r}, expected a list such as [\"{HF_ARCHS[0]}\"]")
-    if not any(a in HF_ARCHS for a in archs):
+        raise HotcoldError(f"{where}: architectures is {archs!r}, expected a list such as [\"LlamaForCausalLM\"]")
+    arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
+    if arch is None:
         raise HotcoldError(f"{where}: unsupported architecture {archs} (supported: {', '.join(HF_ARCHS)})")
+    if c.get("use_sliding_window"):  # Qwen2's: attention over a window in its upper layers
+        raise HotcoldError(f"{where}: use_sliding_window is true; hotcold computes attention over the whole context")
     hidden_act = c.get("hidden_act", "silu")
     act = HF_ACT.get(hidden_act) if isinstance(hidden_act, str) else None
     if act is None:
@@ -458,7 +478,7 @@ def hf_config(path: str, c: dict) -> ModelConfig:
         keys["act_threshold"] = "act_threshold"
         vals["act_threshold"] = c.get("act_threshold", 0.0)
     vals["act_threshold"] = vals["act_threshold"] or 0.0  # null: none
-    cfg = checked_config(where, keys, **vals, act=act, arch="llama")
+    cfg = checked_config(where, keys, **vals, act=act, arch=arch, attn_bias=arch == "qwen2")
     if c.get("head_dim") not in (None, cfg.head_dim):
         raise HotcoldError(f"{where}: head_dim is {c['head_dim']!r}; hotcold computes heads of hidden_size / "
                            f"num_attention_heads = {cfg.head_dim} dimensions")
@@ -522,11 +542,6 @@ def load_hf(path: str) -> Checkpoint:
     if cfg.tied_embeddings or "output.weight" not in tensors:
         tensors.pop("output.weight", None)
         cfg = ModelConfig(**{**cfg.to_dict(), "tied_embeddings": True})
-    for name, t in tensors.items():
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.n_head if name.endswith("attn_q.weight") else cfg.n_head_kv
-            if t.shape[0] % (2 * heads):
-                raise HotcoldError(f"{path}: tensor {name} has shape {t.shape}, not a whole number of heads")
-            t.data = np.ascontiguousarray(rotary_halves_to_pairs(t.data, heads))
+    halves_to_pairs(tensors, cfg, path)
     tok = Tokenizer.from_hf_dir(path)
     return Checkpoint(path, cfg, tensors, tok, {})

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, blk, torch_threads
+from .config import QKV, ModelConfig, blk, torch_threads
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,12 +146,18 @@ class TorchModel:
             return self.w["token_embd.weight"][torch.as_tensor(tokens)]
         return torch.from_numpy(self.q["token_embd.weight"].rows(np.asarray(tokens)).dequantize())
 
+    def qkv(self, i: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """q (T, H, hd), k and v (T, Hkv, hd) of layer i for normed x (T, n_embd), biases added (attn_bias)."""
+        c, T = self.c, x.shape[0]
+        out = []
+        for name, heads in zip(QKV, (c.n_head, c.n_head_kv, c.n_head_kv)):
+            y = self.mm(x, blk(i, name))
+            out.append((y + self.w[blk(i, name, "bias")] if c.attn_bias else y).view(T, heads, c.head_dim))
+        return out
+
     def attention(self, i: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         c, T = self.c, x.shape[0]
-        hd = c.head_dim
-        q = self.mm(x, blk(i, "attn_q")).view(T, c.n_head, hd)  # (T, H, hd)
-        k = self.mm(x, blk(i, "attn_k")).view(T, c.n_head_kv, hd)  # (T, Hkv, hd)
-        v = self.mm(x, blk(i, "attn_v")).view(T, c.n_head_kv, hd)
+        q, k, v = self.qkv(i, x)  # (T, H, hd), (T, Hkv, hd), (T, Hkv, hd)
         cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         self.k_cache[i, :, pos:pos + T], self.v_cache[i, :, :, pos:pos + T] = k.transpose(0, 1), v.permute(1, 2, 0)

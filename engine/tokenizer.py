@@ -21,6 +21,7 @@ TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2's: digits one by one
 # llama.cpp's splits for `default` (and a GGUF without tokenizer.ggml.pre), each applied to the pieces of the last
 DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
                   r"\p{N}+", r"[0-9][0-9][0-9]")
@@ -37,13 +38,15 @@ PRE_TOKENIZERS = {
     "gpt-2": lambda: BYTE_LEVEL,
     "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), BYTE_LEVEL]),
     "llama-bpe": lambda: split_then_bytes(LLAMA3_SPLIT),
+    "qwen2": lambda: split_then_bytes(QWEN2_SPLIT),
     "default": lambda: split_then_bytes(*DEFAULT_SPLITS),
 }
 # other names llama.cpp gives these pre-tokenizers (ones it splits text alike with; gpt2: what hotcold's exports
 # wrote before, which llama.cpp does not know); the llama-bpe family adds BOS where the file does not say
 PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "falcon-h1": "llama-bpe",
                "pixtral": "llama-bpe", "midm-2.0": "llama-bpe", "lfm2": "llama-bpe", "gpt2": "gpt-2",
-               "phi-2": "gpt-2", "gigachat": "gpt-2", "a.x-4.0": "gpt-2", "mellum": "gpt-2", "exaone4": "gpt-2"}
+               "phi-2": "gpt-2", "gigachat": "gpt-2", "a.x-4.0": "gpt-2", "mellum": "gpt-2", "exaone4": "gpt-2",
+               "deepseek-r1-qwen": "qwen2"}
 # names of tokens that end generation besides EOS, as llama.cpp finds them (and its eot/eom keys)
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
                "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>", "<|return|>",

@@ -831,8 +831,10 @@ def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path, capsys):
     c = tiny_config()
     w = tiny_weights(c, seed=4)
     good = write_gguf(str(tmp_path / "good.gguf"), c, w)
-    bias = write_gguf(str(tmp_path / "bias.gguf"), c, {**w, "blk.0.attn_q.bias": np.ones(c.n_embd, np.float32)})
-    assert_one_line(*run_cli(capsys, "tokenize", "-m", bias, "hi"), "tensor blk.0.attn_q.bias has no place")
+    bias = write_gguf(str(tmp_path / "bias.gguf"), c, {**w, "blk.0.attn_output.bias": np.ones(c.n_embd, np.float32)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", bias, "hi"), "tensor blk.0.attn_output.bias has no place")
+    q_only = write_gguf(str(tmp_path / "q.gguf"), c, {**w, "blk.0.attn_q.bias": np.ones(c.n_embd, np.float32)})
+    assert_one_line(*run_cli(capsys, "tokenize", "-m", q_only, "hi"), "missing tensor blk.0.attn_k.bias")  # q, k, v
     assert main(["inspect", bias]) == 0  # what hotcold refuses to run, inspect still shows, saying why
     assert "hotcold does not run it: " in capsys.readouterr().out
     for key, value, words in (("expert_count", 4, "no mixture of experts"),

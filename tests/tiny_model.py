@@ -41,7 +41,9 @@ def tiny_weights(c: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     w = {}
     for name, shape in expected_shapes(c).items():
-        if len(shape) == 1:
+        if name.endswith(".bias"):  # q, k, v biases (attn_bias)
+            w[name] = (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        elif len(shape) == 1:
             w[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             w[name] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
@@ -84,13 +86,22 @@ HF_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", 
 def gguf_to_hf_name(name: str) -> str:
     if name in HF_NAMES:
         return HF_NAMES[name]
-    _, i, key, _ = name.split(".")
-    return f"model.layers.{i}.{HF_LAYER_NAMES[key]}.weight"
+    _, i, key, part = name.split(".")
+    return f"model.layers.{i}.{HF_LAYER_NAMES[key]}.{part}"
+
+
+def halves(name: str, a: np.ndarray, c: ModelConfig) -> np.ndarray:
+    """A Q or K weight's or bias's rows in the rotate-half layout (HF's, and Qwen2 GGUF files'); others as they are."""
+    if ".attn_q." in name or ".attn_k." in name:
+        return a[hf_rotary_rows(a.shape[0], c.n_head if ".attn_q." in name else c.n_head_kv)]
+    return a
 
 
 def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
     os.makedirs(path, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.n_vocab,
+    qwen = c.arch == "qwen2"
+    cfg = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+           "model_type": "qwen2" if qwen else "llama", "vocab_size": c.n_vocab,
            "hidden_size": c.n_embd, "intermediate_size": c.n_ff, "num_hidden_layers": c.n_layer,
            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head_kv,
            "max_position_embeddings": c.n_ctx_train, "rope_theta": c.rope_base, "rms_norm_eps": c.rms_eps,
@@ -102,9 +113,7 @@ def write_hf(path: str, c: ModelConfig, w: dict[str, np.ndarray]) -> str:
         json.dump(cfg, fh)
     tensors = {}
     for name, a in w.items():
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            a = a[hf_rotary_rows(a.shape[0], c.n_head if "attn_q" in name else c.n_head_kv)]
-        tensors[gguf_to_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(a))
+        tensors[gguf_to_hf_name(name)] = torch.from_numpy(np.ascontiguousarray(halves(name, a, c)))
     names = sorted(tensors)  # two shards, as big checkpoints come
     half = len(names) // 2
     save_file({k: tensors[k] for k in names[:half]}, os.path.join(path, "model-00001-of-00002.safetensors"))
@@ -146,7 +155,8 @@ def rewrite_gguf(src: str, dst: str, keys: dict | None = None, tensor=None) -> s
 
 def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = QT.F32,
                arch: str = "llama", drop: str | None = None, reshape: str | None = None) -> str:
-    """The same model as GGUF; 2-D weights stored as `qtype`. `drop`/`reshape` break one tensor for error tests."""
+    """The same model as GGUF; 2-D weights stored as `qtype`. `drop`/`reshape` break one tensor for error tests.
+    arch qwen2: Q and K rows rotate halves, as llama.cpp's converter leaves Qwen2's."""
     vocab, merges = tiny_vocab()
     wr = GGUFWriter(path, arch)
     wr.add_block_count(c.n_layer)
@@ -169,6 +179,7 @@ def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = 
     wr.add_eos_token_id(1)
     wr.add_add_bos_token(True)
     for name, a in w.items():
+        a = halves(name, a, c) if arch == "qwen2" else a
         if name == drop:
             continue
         if name == reshape:

@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LlamaFileType, RopeScalingType
 from gguf import GGMLQuantizationType as QT
 
-from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, HotcoldError, blk
+from engine.config import KEY_ACT, KEY_ACT_THRESHOLD, LAYER_TENSORS, QKV, HotcoldError, blk
 from engine.files import check_writable, exists_error, refuse_directories, write_all
 from engine.fingerprint import fingerprint
 from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
@@ -105,6 +105,8 @@ def plan(ckpt: Checkpoint, qtype: QT, powerinfer: bool, predictors: list | None 
         items.append(out("output.weight", t.get("output.weight", t["token_embd.weight"])))
     for i in range(ckpt.config.n_layer):
         items += [out(blk(i, n), t[blk(i, n)]) for n in LAYER_TENSORS if n != "ffn_down" and blk(i, n) in t]
+        items += [out(blk(i, n, "bias"), t[blk(i, n, "bias")]) for n in QKV if blk(i, n, "bias") in t]  # Qwen2's,
+        # which llama.cpp's llama graph adds where a file has them (the rows in its pair layout, as the weights')
         stored_t = blk(i, "ffn_down_t") in t  # the source may itself be a PowerInfer file
         down = t[blk(i, "ffn_down_t" if stored_t else "ffn_down")]
         items.append(out(blk(i, "ffn_down_t" if powerinfer else "ffn_down"), down, transpose=stored_t != powerinfer))
@@ -292,6 +294,9 @@ def check_powerinfer(ckpt: Checkpoint) -> None:
                            f"ReLU output is exactly zero, and {why}; use --format gguf")
     if not c.ffn_gated:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama graph needs a gated FFN (ffn_gate)")
+    if c.attn_bias:
+        raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: hotcold writes attention biases (Qwen2's) "
+                           "for llama.cpp only; use --format gguf")
     if c.rope_freqs is not None:
         raise HotcoldError(f"{ckpt.path}: cannot export for PowerInfer: its llama.cpp predates the rope frequency "
                            "factors (rope_freqs) of this model")
