@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
@@ -104,15 +104,21 @@ class Completion:
 
 def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, threads: int | None = None,
          sparsity: str | SparsityConfig | None = None, backend: str = "kernels", predictors=None,
-         cache_type: str = "f16") -> Model:
+         cache_type: str = "f16", lora: list[tuple[str, float]] = ()) -> Model:
     """model: a GGUF file, a model directory, the default's name or None, or a Checkpoint already loaded from one.
     n_ctx: the context in tokens (default: DEFAULT_CTX, or the model's training context if shorter; longer than
     that is refused: RoPE past it is not what the model learned); predictors: a bundle path or
     predictors.bundle.Bundle (default: the one embedded in an exported model; False: none, or the caller's own
     `set_predictors` with a split); cache_type: the kernel backend's KV cache, "f16"
-    or "f32" (the torch backend's is float32)."""
+    or "f32" (the torch backend's is float32); lora: (adapter path, scale) pairs merged into the weights
+    (engine.lora; a Checkpoint given keeps its own tensors)."""
     set_threads(threads)
-    m = Model(model if isinstance(model, Checkpoint) else load_checkpoint(model), n_ctx, sparsity, backend, cache_type)
+    ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+    if lora:
+        from .lora import apply_lora
+        ckpt = replace(ckpt, tensors=dict(ckpt.tensors))
+        apply_lora(ckpt, list(lora))
+    m = Model(ckpt, n_ctx, sparsity, backend, cache_type)
     predictors = predictors if predictors is not None else getattr(m.ckpt, "predictors", None)
     if predictors is not False and predictors is not None:
         m.set_predictors(predictors)

@@ -197,6 +197,8 @@ def time_to_first_token(args, n_ctx: int) -> float:
            str(n_ctx)]
     cmd += (["-m", given("model")] if args.model else []) + ["-t", str(args.threads)]
     cmd += ["--no-predictors"] if args.no_predictors else []
+    for f, scale in [(f, "1") for f in args.lora] + args.lora_scaled:
+        cmd += ["--lora-scaled", os.path.abspath(f), scale]
     for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:

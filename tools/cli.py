@@ -142,6 +142,10 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
                        "activations rounded as ggml rounds them)")
         p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                        help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
+        p.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA adapter (llama.cpp's GGUF "
+                       "adapter, or a PEFT directory) merged into the weights at load; repeatable")
+        p.add_argument("--lora-scaled", action="append", nargs=2, default=[], metavar=("FILE", "SCALE"),
+                       help="--lora with its delta scaled by SCALE; repeatable")
     if ctx:
         p.add_argument("-c", "--ctx", type=at_least(2), default=None,
                        help=f"context size in tokens (default {DEFAULT_CTX}, or the model's training context if "
@@ -292,6 +296,19 @@ def note_compiles(stream=None) -> None:
     event.register("numba:compile", Note())
 
 
+def adapters(args) -> list[tuple[str, float]]:
+    """--lora and --lora-scaled as (path, scale) pairs."""
+    out = [(f, 1.0) for f in getattr(args, "lora", [])]  # (commands without --backend load no adapter)
+    for f, scale in getattr(args, "lora_scaled", []):
+        try:
+            out.append((f, float(scale)))
+        except ValueError:
+            raise HotcoldError(f"--lora-scaled {f} {scale}: the scale is not a number") from None
+        if not math.isfinite(out[-1][1]):
+            raise HotcoldError(f"--lora-scaled {f} {scale}: a finite scale")
+    return out
+
+
 def load_model(args, n_ctx: int | None = None):
     """-m with the command's options. The commands with the runtime's options (add_runtime_args) decode through
     predictors, --predictors' or those the model file carries (not with --no-predictors), set once with the split;
@@ -300,7 +317,7 @@ def load_model(args, n_ctx: int | None = None):
     note_compiles()
     model = load(args.model, n_ctx=n_ctx or args.ctx, threads=args.threads,
                  backend=args.backend, sparsity=getattr(args, "sparsity", None), cache_type=args.cache_type,
-                 predictors=False)
+                 predictors=False, lora=adapters(args))
     if not hasattr(args, "predictors"):
         return model
     bundle = None if args.no_predictors else args.predictors if args.predictors is not None else model.ckpt.predictors
