@@ -435,6 +435,23 @@ def test_server_metrics(smollm, server):
     assert "llamacpp:predicted_tokens_seconds 0\n" in text and "llamacpp:kv_cache_usage_ratio 0.375\n" in text
 
 
+def test_server_lists_its_lora_adapters(smollm, server):
+    """GET /lora-adapters lists the adapters merged at load (llama-server's fields); POST, which sets their scales
+    there, is a 501: merged adapters are changed by a restart."""
+    assert call(server, "/lora-adapters") == (200, [])
+    args = build_parser("server").parse_args(["server", "--lora", "a.gguf", "--lora-scaled", "peft", "0.5"])
+    srv = Server(smollm, args, "127.0.0.1", 0)  # (the adapters are merged by load_model, which this test skips)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert call(srv, "/lora-adapters") == (200, [{"id": 0, "path": "a.gguf", "scale": 1.0},
+                                                     {"id": 1, "path": "peft", "scale": 0.5}])
+        status, got = call(srv, "/lora-adapters", [{"id": 0, "scale": 0.2}])
+        assert status == 501 and "restart the server with other --lora-scaled scales" in got["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_server_slots_save_restore_and_erase(smollm, server, tmp_path):
     """llama-server's /slots actions: the KV cache's tokens saved to a file in --slot-save-path, erased, restored, and
     a request then takes its prompt from the cache; bad names, slots and actions are a 400, no directory a 501."""

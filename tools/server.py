@@ -30,7 +30,7 @@ from engine.sampling import finite
 from engine.schema import grammar_for
 from tools import tool_calls
 from tools.metrics import Metrics
-from tools.cli import SAMPLING, at_least, between, sampler_of, strict
+from tools.cli import SAMPLING, adapters, at_least, between, sampler_of, strict
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
@@ -427,6 +427,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, [{"id": 0, "n_ctx": model.n_ctx, "is_processing": self.server.lock.locked(),
                                   "params": settings(model, generate_options({}, args, model, chat=False)),
                                   "n_cached": len(model.kv_ids)}])
+        elif path == "/lora-adapters":  # llama-server's list: what was merged at load
+            self.send_json(200, [{"id": i, "path": f, "scale": scale} for i, (f, scale) in
+                                 enumerate(adapters(self.server.args))])
         elif path in ("/v1/models", "/models"):
             self.send_json(200, {"object": "list", "data": [self.server.card]})
         elif path in (f"/v1/models/{self.server.name}", f"/models/{self.server.name}"):
@@ -488,6 +491,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.authorized():
             return
         try:
+            if path == "/lora-adapters":
+                self.close_connection = True
+                raise BadRequest("hotcold merges LoRA adapters into the weights at load: restart the server with "
+                                 "other --lora-scaled scales", 501)
             if path not in routes:
                 self.close_connection = True  # its body is left unread
                 raise BadRequest(f"no endpoint POST {path}", 404)
