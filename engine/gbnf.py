@@ -17,7 +17,8 @@ from .grammar import FIRST_RANGE, RANGES, ByteGrammar
 
 END, REF, CHARS = range(3)  # element kinds: (END,), (REF, rule id), (CHARS, ((lo, hi), ...), negated)
 MAX_REPEAT = 2000  # the largest count in {m,n}, as llama.cpp's
-MAX_COPIES = 100_000  # items the counts may write in all: "a"{2000}{2000} would be 4 million (a group is one item)
+MAX_COPIES = 100_000  # items one count may write: "a"{2000}{2000} would be 4 million (a group is one item)
+MAX_COPIES_ALL = 400_000  # items all counts may write together (4 elements each: 1.6 million, some 400 MB and 4 s)
 MAX_UNICODE = 0x10FFFF
 ESCAPES = {"t": "\t", "r": "\r", "n": "\n", "\\": "\\", '"': '"', "[": "[", "]": "]"}
 MEMO_MAX = 1 << 20  # transitions kept before the memo and the interned states start over
@@ -51,7 +52,7 @@ class Parser:
         self.ids: dict[str, int] = {}
         self.names: list[str] = []
         self.rules: dict[int, list[list[tuple]]] = {}
-        self.copies = 0  # items written by counts (MAX_COPIES at most)
+        self.copies = 0  # items written by counts (MAX_COPIES_ALL at most)
         self.space(True)
         while self.pos < len(text):
             self.rule()
@@ -233,10 +234,14 @@ class Parser:
         item = seq[last:]
         del seq[last:]
         optional = 1 if hi < 0 else hi - lo
-        self.copies += len(item) * (lo + optional)
-        if self.copies > MAX_COPIES:
-            raise self.error(f"the counts write more than {MAX_COPIES} items (a count of a count copies the first's "
-                             "items: (\"a\"{2000}){2000} reads them from one rule)")
+        copies = len(item) * (lo + optional)
+        self.copies += copies
+        if copies > MAX_COPIES:
+            raise self.error(f"a count that writes more than {MAX_COPIES} items (a count of a count copies the "
+                             "first's items: (\"a\"{2000}){2000} reads them from one rule)")
+        if self.copies > MAX_COPIES_ALL:
+            raise self.error(f"the counts write more than {MAX_COPIES_ALL} items in all (a schema's maxLength and "
+                             "maxItems are counts too)")
         seq += item * lo
         tail = None
         for _ in range(optional):

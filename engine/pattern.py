@@ -142,9 +142,9 @@ class Pattern:
             out, end = f"{expr}{{{lo},{'' if hi is None else hi}}}" if m[2] else f"{expr}{{{lo}}}", m.end()
         else:
             return atom
-        if empty and hi is None:  # GBNF's rewrite (S ::= x S | ) would be left-recursive
-            raise self.fail("a repetition without a largest count of a part that can match nothing; write the part "
-                            "so that it matches at least one character")
+        if empty and (hi is None or hi > 1):  # GBNF's rewrite would be left-recursive, or ambiguous past counting
+            raise self.fail("a repetition of a part that can match nothing; write the part so that it matches at "
+                            "least one character")
         self.pos = end
         self.pos += self.peek() == "?"  # lazy: the same strings
         if self.peek() in ("*", "+", "?") or QUANTIFIER.match(self.text, self.pos):
