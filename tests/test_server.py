@@ -400,14 +400,17 @@ def test_server_metrics(smollm, server):
         ask = {"prompt": "The history of the Roman Empire is long.", "n_predict": 8, "temperature": 0,
                "ignore_eos": True}
         replies = [call(srv, "/completion", ask)[1] for _ in range(2)]  # the second from the cache but its last token
-        m = scrape(srv)
+        deadline = time.monotonic() + 60  # the answer is sent before the handler lets go of the model
+        while srv.lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        m = scrape(srv)  # (a scrape starts a new bucket of throughput: one here)
         t = [r["timings"] for r in replies]
         assert m["llamacpp:prompt_tokens_total"] == sum(r["tokens_evaluated"] - r["tokens_cached"] for r in replies)
         assert replies[1]["tokens_evaluated"] - replies[1]["tokens_cached"] == 1
         assert m["llamacpp:tokens_predicted_total"] == 16 and m["llamacpp:n_decode_total"] == 2 * (1 + 7)
         assert m["llamacpp:prompt_seconds_total"] == pytest.approx(sum(x["prompt_ms"] for x in t) / 1e3)
         assert m["llamacpp:tokens_predicted_seconds_total"] == pytest.approx(sum(x["predicted_ms"] for x in t) / 1e3)
-        assert m["llamacpp:predicted_tokens_seconds"] == pytest.approx(14 / sum(x["predicted_ms"] / 1e3 for x in t))
+        assert m["llamacpp:predicted_tokens_seconds"] == pytest.approx(16 / sum(x["predicted_ms"] / 1e3 for x in t))
         assert m["llamacpp:kv_cache_tokens"] == len(smollm.kv_ids) > 0
         assert m["llamacpp:kv_cache_usage_ratio"] == pytest.approx(len(smollm.kv_ids) / smollm.n_ctx)
         assert m["llamacpp:requests_processing"] == m["llamacpp:requests_deferred"] == m["hotcold:ffn_sparsity"] == 0
@@ -433,6 +436,10 @@ def test_server_metrics(smollm, server):
     m.record(stats)  # one token from the prefill, no pass after it: throughput 0, not a division by zero
     assert "hotcold:ffn_sparsity 0.625\n" in (text := m.scrape(3, 8, False)) and "llamacpp:n_decode_total 0\n" in text
     assert "llamacpp:predicted_tokens_seconds 0\n" in text and "llamacpp:kv_cache_usage_ratio 0.375\n" in text
+    m.record({**stats, "predicted_sparsity": None})  # no decode step measured it: the last value stays
+    assert "hotcold:ffn_sparsity 0.625\n" in m.scrape(3, 8, False)
+    m.record({k: v for k, v in stats.items() if k != "predicted_sparsity"})  # a dense reply
+    assert "hotcold:ffn_sparsity 0\n" in m.scrape(3, 8, False)
 
 
 def test_server_lists_its_lora_adapters(smollm, server):

@@ -19,8 +19,8 @@ METRICS = {
     "llamacpp:kv_cache_tokens": ("gauge", "KV-cache tokens."),
     "llamacpp:requests_processing": ("gauge", "Number of requests processing."),
     "llamacpp:requests_deferred": ("gauge", "Number of requests deferred."),
-    "hotcold:ffn_sparsity": ("gauge", "Share of FFN neurons the last reply's decode steps skipped (predictors or a "
-                             "sparsity config; 0 dense)."),
+    "hotcold:ffn_sparsity": ("gauge", "Share of FFN neurons the decode steps of the last reply with any skipped "
+                             "(predictors or a sparsity config; 0 dense)."),
 }
 
 
@@ -31,7 +31,7 @@ class Metrics:
     def __init__(self):
         self.lock = threading.Lock()
         self.total = dict.fromkeys(("prompt_tokens", "prompt_s", "predicted", "predicted_s", "decodes"), 0.0)
-        self.bucket = dict.fromkeys(("prompt_tokens", "prompt_s", "steps", "predicted_s"), 0.0)
+        self.bucket = dict.fromkeys(("prompt_tokens", "prompt_s", "predicted", "predicted_s"), 0.0)
         self.sparsity = 0.0
         self.waiting = 0  # requests waiting for the model: the deferred ones
 
@@ -61,9 +61,11 @@ class Metrics:
             self.total["predicted"] += stats["generated_tokens"]
             self.total["predicted_s"] += stats["decode_s"]
             self.total["decodes"] += (computed > 0) + steps
-            self.bucket["steps"] += steps
+            self.bucket["predicted"] += stats["generated_tokens"]
             self.bucket["predicted_s"] += stats["decode_s"]
-            self.sparsity = stats.get("predicted_sparsity", stats.get("sparsity")) or 0.0
+            measured = [stats[k] for k in ("predicted_sparsity", "sparsity") if k in stats]  # none: a dense model
+            if not measured or measured[0] is not None:  # null: no decode step to measure, the last value stays
+                self.sparsity = measured[0] if measured else 0.0
 
     def scrape(self, kv_tokens: int, n_ctx: int, processing: bool) -> str:
         """The Prometheus text exposition of every metric; starts a new bucket."""
@@ -71,7 +73,7 @@ class Metrics:
             t, b = self.total, self.bucket
             values = [t["prompt_tokens"], t["prompt_s"], t["predicted"], t["predicted_s"], t["decodes"],
                       b["prompt_tokens"] / b["prompt_s"] if b["prompt_s"] else 0.0,
-                      b["steps"] / b["predicted_s"] if b["steps"] else 0.0,
+                      b["predicted"] / b["predicted_s"] if b["predicted_s"] else 0.0,  # as llama-server's
                       kv_tokens / n_ctx, kv_tokens, int(processing), self.waiting, self.sparsity]
             self.bucket = dict.fromkeys(b, 0.0)
         lines = []
