@@ -21,8 +21,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 
-from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, HotcoldError, ModelConfig,
-                     blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name, layer_of)
+from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, QKV, HotcoldError,
+                     ModelConfig, blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name,
+                     layer_of)
 from .files import JSON_ERRORS, error_text, read_json
 from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
@@ -113,8 +114,8 @@ def check_tensors(ckpt: Checkpoint, values: bool = True) -> None:
     extra = {blk(i, t) for i in range(n) for t in ("ffn_down_t", "fc1", "fc2")}  # PowerInfer's layout, predictors
     stray = next((name for name in ckpt.tensors if name not in shapes and name not in extra), None)
     if stray is not None:  # as llama.cpp refuses it: computing without it would be another model
-        raise HotcoldError(f"{ckpt.path}: tensor {stray} has no place in hotcold's llama graph (biases, experts and "
-                           "the like are not supported)")
+        raise HotcoldError(f"{ckpt.path}: tensor {stray} has no place in hotcold's llama graph (biases but q, k and "
+                           "v's, experts and the like are not supported)")
     transposed = any(name.endswith("ffn_down_t.weight") for name in ckpt.tensors)  # PowerInfer's layout
     for name, shape in shapes.items():
         if transposed and name.endswith("ffn_down.weight") and name not in ckpt.tensors:
@@ -332,7 +333,7 @@ def load_gguf(path: str) -> Checkpoint:
         act=act, act_threshold=field_value(r, KEY_ACT_THRESHOLD, 0.0),
         ffn_gated="blk.0.ffn_gate.weight" in tensors or "blk.0.ffn_up.weight" not in tensors,
         tied_embeddings="output.weight" not in tensors, arch=arch, rope_scale=gguf_rope_scale(r, arch, path),
-        attn_bias=blk(0, "attn_q", "bias") in tensors,
+        attn_bias=any(blk(0, n, "bias") in tensors for n in QKV),  # (then all three: check_tensors)
         rope_freqs=None if freqs is None else tuple(float(v) for v in freqs.dequantize().ravel()))
     for key, want in (("expert_count", 0), ("rope.dimension_count", cfg.head_dim),
                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim)):
@@ -461,6 +462,9 @@ def hf_config(path: str, c: dict) -> ModelConfig:
     arch = next((HF_ARCHS[a] for a in archs if a in HF_ARCHS), None)
     if arch is None:
         raise HotcoldError(f"{where}: unsupported architecture {archs} (supported: {', '.join(HF_ARCHS)})")
+    if c.get("attention_bias"):  # a llama's: q, k, v and o biases
+        raise HotcoldError(f"{where}: attention_bias is true; hotcold computes q, k and v biases (Qwen2's), not "
+                           "o_proj's")
     if c.get("use_sliding_window"):  # Qwen2's: attention over a window in its upper layers
         raise HotcoldError(f"{where}: use_sliding_window is true; hotcold computes attention over the whole context")
     hidden_act = c.get("hidden_act", "silu")

@@ -96,7 +96,8 @@ def test_quantized_qwen2_and_its_llama_export(qwen, capsys):
 
 
 def test_qwen2_pre_tokenizer_and_refusals(qwen, capsys):
-    """Qwen2's pre-tokenizer splits digits one by one (llama-bpe's up to three); a sliding window is refused."""
+    """Qwen2's pre-tokenizer splits digits one by one (llama-bpe's up to three); a sliding window, a llama's o_proj
+    bias, a file with some of q, k and v's biases, and relufy of a biased model are refused in one line."""
     def pieces(pre, text):
         return [p for p, _ in PRE_TOKENIZERS[pre]().pre_tokenize_str(text)]
     assert pieces("qwen2", "I've 12345 cats") == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġcats"]
@@ -107,9 +108,27 @@ def test_qwen2_pre_tokenizer_and_refusals(qwen, capsys):
     with open(path, "w") as fh:
         json.dump({**cfg, "use_sliding_window": True}, fh)
     try:
-        assert main(["generate", "-m", qwen["hf"], "-p", "hi", "-n", "1"]) == 2
-        assert "use_sliding_window is true; hotcold computes attention over the whole context" in \
-            capsys.readouterr().err
+        for key, why in (("use_sliding_window", "use_sliding_window is true; hotcold computes attention over the whole "
+                          "context"), ("attention_bias", "attention_bias is true; hotcold computes q, k and v biases "
+                                       "(Qwen2's), not o_proj's")):
+            with open(path, "w") as fh:
+                json.dump({**cfg, key: True}, fh)
+            assert main(["generate", "-m", qwen["hf"], "-p", "hi", "-n", "1"]) == 2
+            assert why in capsys.readouterr().err
     finally:
         with open(path, "w") as fh:
             json.dump(cfg, fh)
+    c, w = qwen["config"], qwen["weights"]
+    k_only = write_gguf(str(qwen["dir"] / "k.gguf"), c, {n: a for n, a in w.items() if n != "blk.0.attn_q.bias"},
+                        arch="qwen2")
+    assert main(["generate", "-m", k_only, "-p", "hi", "-n", "1"]) == 2
+    assert "missing tensor blk.0.attn_q.bias" in capsys.readouterr().err  # q, k and v's, or none
+    corpus = qwen["dir"] / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 50)
+    assert main(["relufy", "-m", qwen["gguf"], "-f", str(corpus), "-o", str(qwen["dir"] / "r.gguf")]) == 2
+    assert "relufy takes a llama model" in capsys.readouterr().err
+    assert main(["export", "-m", qwen["gguf"], "--format", "gguf", "-o", str(qwen["dir"] / "as_llama")]) == 0
+    capsys.readouterr()
+    assert main(["relufy", "-m", str(qwen["dir"] / "as_llama.gguf"), "-f", str(corpus), "-o",
+                 str(qwen["dir"] / "r.gguf")]) == 2  # a llama, but with the biases relufy's training has no place for
+    assert "relufy trains llama models without attention biases" in capsys.readouterr().err

@@ -89,6 +89,9 @@ def check_source(ckpt: Checkpoint) -> None:
     c = ckpt.config
     if c.arch != "llama" or not c.ffn_gated or any("ffn_down_t" in k for k in ckpt.tensors):
         raise HotcoldError(f"{ckpt.path}: relufy takes a llama model with a gated FFN in llama.cpp's layout")
+    if c.attn_bias:  # its training forward has none
+        raise HotcoldError(f"{ckpt.path}: relufy trains llama models without attention biases (this one has q, k and "
+                           "v biases, a Qwen2's)")
     if c.act != "silu":  # it would only train a sparse model into ReLU, dropping a dReLU's or FATReLU's own rule
         raise HotcoldError(f"{ckpt.path}: a {c.act} model, already exactly sparse; relufy fine-tunes a SiLU model")
 
