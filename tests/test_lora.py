@@ -78,6 +78,11 @@ def test_adapters_merge_into_the_model_they_describe(tmp_path, arch, capsys):
                  "-n", "8", "--temperature", "0", "--json"]) == 0
     b = json.loads(capsys.readouterr().out)["token_ids"]
     assert a == b == want.generate(want.tokenize("the cat"), 8).token_ids
+    # export --lora writes the merged model, as llama.cpp's llama-export-lora
+    assert main(["export", "-m", base, "--lora-scaled", gg, "0.5", "--format", "gguf", "--outtype", "f16", "-o",
+                 str(tmp_path / "out")]) == 0
+    out = load(str(tmp_path / "out.gguf"), n_ctx=64, backend="torch")
+    assert np.abs(out.logits(IDS).numpy() - ref).max() < 1e-2  # stored as F16
 
 
 def test_a_quantized_model_keeps_its_other_matrices(tmp_path):
@@ -94,6 +99,29 @@ def test_a_quantized_model_keeps_its_other_matrices(tmp_path):
     merged = {**wq, **{n: wq[n] + ALPHA / RANK * b @ a for n, (a, b) in mats.items()}}
     ref = load(write_gguf(str(tmp_path / "m.gguf"), c, merged), n_ctx=64).logits(IDS)
     assert float((m.logits(IDS) - ref).norm() / ref.norm()) < 0.05  # activations in 8 bits, merged rows in Q8_0
+
+
+def test_export_keeps_carried_predictors_only_where_the_adapter_leaves_the_ffn(tmp_path, capsys):
+    """A file that carries predictors: export --lora writes them on with an attention adapter, and refuses them with
+    one that changes the FFN they were trained on."""
+    from predictors.bundle import Bundle, model_fingerprint
+    from predictors.model import Predictor
+    c = tiny_config("relu")
+    w = tiny_weights(c, 2)
+    m = load(write_gguf(str(tmp_path / "relu.gguf"), c, w), n_ctx=64)
+    preds = [Predictor.from_weights(torch.zeros(4, c.n_embd), torch.ones(c.n_ff, 4)) for _ in range(c.n_layer)]
+    Bundle(preds, [0.0] * c.n_layer, model_fingerprint(m.ckpt)).save(str(tmp_path / "b"))
+    assert main(["export", "-m", m.ckpt.path, "--predictors", str(tmp_path / "b"), "--format", "gguf", "-o",
+                 str(tmp_path / "carry")]) == 0
+    carry = str(tmp_path / "carry.gguf")
+    attn = {n: ab for n, ab in lora_mats(w).items() if ".attn_" in n}
+    for mats, code in ((attn, 0), (lora_mats(w), 2)):
+        adapter = write_gguf_adapter(str(tmp_path / f"a{code}.gguf"), "llama", mats, c)
+        capsys.readouterr()
+        assert main(["export", "-m", carry, "--lora", adapter, "--format", "gguf", "--force", "-o",
+                     str(tmp_path / "out")]) == code
+    assert "the predictors it carries were trained without the adapter" in capsys.readouterr().err
+    assert load(str(tmp_path / "out.gguf"), n_ctx=64).ckpt.predictors is not None  # the attention adapter's export
 
 
 def test_bad_adapters_are_one_line(tmp_path, capsys):

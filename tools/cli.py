@@ -142,10 +142,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx: bool = True, backend: bool =
                        "activations rounded as ggml rounds them)")
         p.add_argument("--cache-type", choices=tuple(CACHE_TYPES), default="f16",
                        help="KV cache of the kernel backend: f16 (default, as llama.cpp) or f32")
-        p.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA adapter (llama.cpp's GGUF "
-                       "adapter, or a PEFT directory) merged into the weights at load; repeatable")
-        p.add_argument("--lora-scaled", action="append", nargs=2, default=[], metavar=("FILE", "SCALE"),
-                       help="--lora with its delta scaled by SCALE; repeatable")
+        add_lora_args(p)
     if ctx:
         p.add_argument("-c", "--ctx", type=at_least(2), default=None,
                        help=f"context size in tokens (default {DEFAULT_CTX}, or the model's training context if "
@@ -294,6 +291,13 @@ def note_compiles(stream=None) -> None:
 
     note_compiles.on, note_compiles.said = True, False
     event.register("numba:compile", Note())
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE", help="a LoRA adapter (llama.cpp's GGUF "
+                   "adapter, or a PEFT directory) merged into the weights at load; repeatable")
+    p.add_argument("--lora-scaled", action="append", nargs=2, default=[], metavar=("FILE", "SCALE"),
+                   help="--lora with its delta scaled by SCALE; repeatable")
 
 
 def adapters(args) -> list[tuple[str, float]]:

@@ -37,7 +37,7 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
 from engine.qtensor import QTensor
 from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL,
                               TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer)
-from tools.cli import MODEL_HELP, emit_json
+from tools.cli import MODEL_HELP, add_lora_args, adapters, emit_json
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
@@ -325,6 +325,13 @@ def write_split_file(path: str, split: dict) -> None:
 def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     ckpt = load_checkpoint(args.model)
+    if adapters(args):  # llama-export-lora's merge
+        from engine.lora import apply_lora
+        apply_lora(ckpt, adapters(args))
+        carried = ckpt.predictors
+        if carried is not None and not args.predictors and carried.fingerprint != model_fingerprint(ckpt):
+            raise HotcoldError(f"{ckpt.path}: the predictors it carries were trained without the adapter, whose FFN "
+                               "it changes; give --predictors trained with it")
     powerinfer = args.format == "powerinfer"
     base = args.out.removesuffix(".gguf").removesuffix(".powerinfer")  # -o out/model.gguf: out/model's files
     check_out_prefix(base, "out/model")
@@ -503,6 +510,7 @@ def add_command(sub) -> None:
                    help="powerinfer: PowerInfer's sparse GGUF (default); gguf: llama.cpp's, predictors in hotcold keys")
     p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="matrix storage (default f16)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_lora_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="metadata, tensors and predictors of a GGUF file or a predictor bundle")
