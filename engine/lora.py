@@ -31,6 +31,9 @@ def gguf_adapter(path: str, arch: str) -> tuple[dict[str, tuple[np.ndarray, np.n
     if kind != "adapter" or lora != "lora":
         raise HotcoldError(f"{path}: not a LoRA adapter (general.type {kind!r}, adapter.type {lora!r}; llama.cpp's "
                            "convert_lora_to_gguf.py writes one)")
+    if field_value(r, "adapter.alora.invocation_tokens") is not None:
+        raise HotcoldError(f"{path}: an activated LoRA (adapter.alora.invocation_tokens), which applies from its "
+                           "invocation tokens on; hotcold merges plain LoRA into the weights")
     its = field_value(r, "general.architecture")
     if its != arch:
         raise HotcoldError(f"{path}: an adapter of a {its} model; this model is {arch}")
@@ -55,9 +58,9 @@ def peft_adapter(path: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
     kind = cfg.get("peft_type", "LORA") if isinstance(cfg, dict) else cfg
     if kind != "LORA":
         raise HotcoldError(f"{where}: not a LoRA adapter (peft_type {kind!r})")
-    for key in ("use_dora", "fan_in_fan_out"):
+    for key in ("use_dora", "fan_in_fan_out", "alora_invocation_tokens", "layer_replication"):
         if cfg.get(key):
-            raise HotcoldError(f"{where}: {key} is true; hotcold merges plain LoRA (B @ A)")
+            raise HotcoldError(f"{where}: {key} is set; hotcold merges plain LoRA (B @ A) into the weights")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if cfg.get(key):
             raise HotcoldError(f"{where}: {key} is set; hotcold takes one rank and alpha for every module and no "
@@ -84,8 +87,12 @@ def peft_adapter(path: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
         raise
     except Exception as e:
         raise HotcoldError(f"{weights}: unreadable safetensors file ({error_text(e)})") from None
+    mats = pairs(parts, weights, "lora_A", "lora_B")
+    odd = next((n for n, (a, _) in mats.items() if a.shape[0] != rank), None)
+    if odd is not None:
+        raise HotcoldError(f"{weights}: {odd}'s rank is {mats[odd][0].shape[0]}, its config's r {rank}")
     alpha = alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha  # rsLoRA scales by alpha / sqrt(rank)
-    return pairs(parts, weights, "lora_A", "lora_B"), float(alpha), True
+    return mats, float(alpha), True
 
 
 def pairs(parts: dict, path: str, a: str, b: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -102,19 +109,36 @@ def pairs(parts: dict, path: str, a: str, b: str) -> dict[str, tuple[np.ndarray,
     return out
 
 
+def check_carried(ckpt: Checkpoint) -> None:
+    """The predictors ckpt's file carries, once adapters are merged into ckpt: refused where they changed the FFN the
+    predictors were trained on (their fingerprint: every layer's gate and up)."""
+    from predictors.bundle import model_fingerprint
+    if ckpt.predictors is not None and ckpt.predictors.fingerprint != model_fingerprint(ckpt):
+        raise HotcoldError(f"{ckpt.path}: the predictors it carries were trained without the LoRA adapter, which "
+                           "changes their FFN; --no-predictors, or --predictors trained with it")
+
+
 def merged_type(t: QTensor) -> QT:
     return t.qtype if t.qtype in (QT.F32, QT.F16) else QT.F32 if t.qtype == QT.BF16 else QT.Q8_0
 
 
 def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
-    """Merge each (path, scale) adapter into ckpt.tensors, in place (llama.cpp sums several the same way)."""
-    c, delta = ckpt.config, {}
+    """Merge each (path, scale) adapter into ckpt.tensors, in place (llama.cpp sums several the same way), one
+    matrix at a time (float32: its weights and the sum of its deltas). Scale 0 leaves a matrix as it is."""
+    c, terms = ckpt.config, {}  # tensor name -> [(factor, A, B)]
     for path, scale in adapters:
+        if not isinstance(path, (str, os.PathLike)) or not finite_number(scale):
+            raise HotcoldError(f"LoRA adapter {path!r} at scale {scale!r}: a path and a finite number")
         if not os.path.exists(path):
             raise HotcoldError(f"{path}: no such file or directory")
         mats, alpha, halves = peft_adapter(path) if os.path.isdir(path) else gguf_adapter(path, c.arch)
         for name, (A, B) in mats.items():
             t = ckpt.tensors.get(name)
+            flip = t is None and name.endswith("ffn_down.weight") and name + "_t" not in ckpt.tensors and \
+                name.replace("ffn_down", "ffn_down_t") in ckpt.tensors  # PowerInfer's layout: down transposed
+            if flip:
+                name, A, B = name.replace("ffn_down", "ffn_down_t"), B.T, A.T  # (B A).T = A.T B.T
+                t = ckpt.tensors[name]
             if t is None or name == "token_embd.weight":
                 why = (" (this model ties output.weight to token_embd.weight)" if name == "output.weight" else
                        " (embeddings: not a matrix product)" if name == "token_embd.weight" else "")
@@ -124,8 +148,12 @@ def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
                                    f"{t.shape}: an adapter of another model")
             if halves and (".attn_q." in name or ".attn_k." in name):
                 B = rotary_halves_to_pairs(B, c.n_head if ".attn_q." in name else c.n_head_kv)
-            k = scale * alpha / A.shape[0] if alpha else scale
-            delta[name] = delta.get(name, 0) + k * (B @ A)  # (rows, cols)
-    for name, d in delta.items():
+            k = scale * alpha / A.shape[0] if alpha else scale  # A: (rank, cols)
+            if k:
+                terms.setdefault(name, []).append((k, A, B))
+    for name, ts in terms.items():
         t = ckpt.tensors[name]
-        ckpt.tensors[name] = QTensor.from_float(t.dequantize() + d, merged_type(t))
+        w = np.array(t.dequantize(), np.float32)  # (rows, cols), a copy
+        for k, A, B in ts:
+            w += k * (B @ A)
+        ckpt.tensors[name] = QTensor.from_float(w, merged_type(t))

@@ -120,8 +120,47 @@ def test_export_keeps_carried_predictors_only_where_the_adapter_leaves_the_ffn(t
         capsys.readouterr()
         assert main(["export", "-m", carry, "--lora", adapter, "--format", "gguf", "--force", "-o",
                      str(tmp_path / "out")]) == code
-    assert "the predictors it carries were trained without the adapter" in capsys.readouterr().err
+    assert "the predictors it carries were trained without the LoRA adapter" in capsys.readouterr().err
+    assert main(["generate", "-m", carry, "--lora", adapter, "-p", "hi", "-n", "1"]) == 2  # nor run with it
+    assert "the predictors it carries were trained without the LoRA adapter" in capsys.readouterr().err
+    with pytest.raises(HotcoldError, match="trained without the LoRA adapter"):
+        load(carry, n_ctx=64, lora=[(adapter, 1.0)])
     assert load(str(tmp_path / "out.gguf"), n_ctx=64).ckpt.predictors is not None  # the attention adapter's export
+    # a PowerInfer file holds down transposed (ffn_down_t): an adapter of ffn_down goes there, transposed
+    assert main(["export", "-m", m.ckpt.path, "--predictors", str(tmp_path / "b"), "-o", str(tmp_path / "pi")]) == 0
+    rng = np.random.default_rng(3)
+    down = {"blk.0.ffn_down.weight": ((0.3 * rng.standard_normal((RANK, c.n_ff))).astype(np.float32),
+                                      (0.3 * rng.standard_normal((c.n_embd, RANK))).astype(np.float32))}
+    adapter = [(write_gguf_adapter(str(tmp_path / "down.gguf"), "llama", down, c), 1.0)]
+    pi = load(str(tmp_path / "pi.powerinfer.gguf"), n_ctx=64, backend="torch", predictors=False, lora=adapter)
+    ref = load(m.ckpt.path, n_ctx=64, backend="torch", lora=adapter).logits(IDS)
+    assert "blk.0.ffn_down_t.weight" in pi.ckpt.tensors and float((pi.logits(IDS) - ref).abs().max()) < 1e-2
+
+
+def test_predictors_for_an_adapted_model(tmp_path, capsys):
+    """profile --lora, then train-predictors: with the same --lora it trains them for the merged model; without it the
+    profile, made on other weights past layer 0 (which the fingerprint reads), is refused."""
+    from tiny_model import CAT_TEXT
+    c = tiny_config("relu")
+    w = tiny_weights(c, 2)
+    base = write_gguf(str(tmp_path / "relu.gguf"), c, w)
+    rng = np.random.default_rng(1)  # layer 1's FFN: past what the fingerprint reads, within what the bundle's does
+    up = ((0.3 * rng.standard_normal((RANK, c.n_embd))).astype(np.float32),
+          (0.3 * rng.standard_normal((c.n_ff, RANK))).astype(np.float32))
+    adapter = write_gguf_adapter(str(tmp_path / "a.gguf"), "llama", {"blk.1.ffn_up.weight": up}, c)
+    (tmp_path / "corpus.txt").write_text(CAT_TEXT * 4)
+    assert main(["profile", "-m", base, "--lora", adapter, "-f", str(tmp_path / "corpus.txt"), "--ctx", "64",
+                 "-o", str(tmp_path / "prof")]) == 0
+    capsys.readouterr()
+    assert main(["train-predictors", "--profile", str(tmp_path / "prof"), "-o", str(tmp_path / "b")]) == 2
+    assert "profiled on other weights than" in capsys.readouterr().err
+    assert main(["train-predictors", "--profile", str(tmp_path / "prof"), "--lora", adapter, "-o",
+                 str(tmp_path / "b"), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "-m", base, "--lora", adapter, "--predictors", str(tmp_path / "b"), "-p", "the cat",
+                 "-n", "4"]) == 0  # the bundle is the merged model's
+    assert main(["generate", "-m", base, "--predictors", str(tmp_path / "b"), "-p", "the cat", "-n", "4"]) == 2
+    assert "of another model" in capsys.readouterr().err
 
 
 def test_bad_adapters_are_one_line(tmp_path, capsys):
@@ -137,7 +176,9 @@ def test_bad_adapters_are_one_line(tmp_path, capsys):
          "an adapter of a qwen2 model; this model is llama"),
         (write_gguf_adapter(str(tmp_path / "o.gguf"), "llama", lora_mats(tiny_weights(other, 2)), other),
          "blk.0.attn_q.weight's B @ A is (32, 32), the model's blk.0.attn_q.weight (64, 64): an adapter of another"),
-        (write_peft(str(tmp_path / "dora"), mats, c, use_dora=True), "use_dora is true"),
+        (write_peft(str(tmp_path / "dora"), mats, c, use_dora=True), "use_dora is set"),
+        (write_peft(str(tmp_path / "alora"), mats, c, alora_invocation_tokens=[5]), "alora_invocation_tokens is set"),
+        (write_peft(str(tmp_path / "r8"), mats, c, r=8), "'s rank is 4, its config's r 8"),
         (write_gguf_adapter(str(tmp_path / "e.gguf"), "llama", {"token_embd.weight": (
             np.ones((RANK, c.n_embd), np.float32), np.ones((c.n_vocab, RANK), np.float32))}, c),
          "adapts token_embd.weight, which this model has no place for (embeddings: not a matrix product)"),
@@ -157,3 +198,6 @@ def test_bad_adapters_are_one_line(tmp_path, capsys):
     assert "the scale is not a number" in capsys.readouterr().err
     with pytest.raises(HotcoldError, match="the model's blk.0.attn_q.weight"):  # the API says it too
         load(base, n_ctx=64, lora=[(cases[3][0], 1.0)])
+    for lora in ("a.gguf", [("a.gguf", float("nan"))], [(None, 1.0)], [("a.gguf", "1")]):
+        with pytest.raises(HotcoldError, match="pairs|a path and a finite number"):
+            load(base, n_ctx=64, lora=lora)

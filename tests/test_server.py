@@ -454,6 +454,8 @@ def test_server_lists_its_lora_adapters(smollm, server):
                                                      {"id": 1, "path": "peft", "scale": 0.5}])
         status, got = call(srv, "/lora-adapters", [{"id": 0, "scale": 0.2}])
         assert status == 501 and "restart the server with other --lora-scaled scales" in got["error"]["message"]
+        status, got = call(srv, "/completion", {"prompt": "Hi", "n_predict": 1, "lora": [{"id": 0, "scale": 0.2}]})
+        assert status == 400 and "lora: not supported by hotcold server" in got["error"]["message"]  # not ignored
     finally:
         srv.shutdown()
         srv.server_close()

@@ -226,6 +226,7 @@ def bench_model(args, n_ctx: int):
 
 
 def run_bench(args) -> dict:
+    from tools.cli import adapters
     import engine.cpu  # noqa: F401  (numba and torch imported before the baseline: loading a model with predictors
     import torch  # noqa: F401           or a sparsity config imports torch, and its libraries are not the model's)
     import numba
@@ -256,7 +257,8 @@ def run_bench(args) -> dict:
                + (sum(m.nbytes for m in rt.fc1 + rt.fc2t) if rt else 0))
     path = model.ckpt.path
     res = {"model": path, "backend": model.backend, "threads": args.threads,
-           "kv_cache": model.cache_type, "prompt_tokens": len(ids),
+           "kv_cache": model.cache_type, "lora": [{"path": f, "scale": s} for f, s in adapters(args)],
+           "prompt_tokens": len(ids),
            "decode_tokens": stats["generated_tokens"], "repetitions": args.repetitions or REPETITIONS,
            "prefill_tok_s": speeds["prefill_tok_s"]["mean"], "prefill_tok_s_sd": speeds["prefill_tok_s"]["sd"],
            "decode_tok_s": speeds["decode_tok_s"]["mean"], "decode_tok_s_sd": speeds["decode_tok_s"]["sd"],

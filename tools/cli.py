@@ -325,6 +325,9 @@ def load_model(args, n_ctx: int | None = None):
     if not hasattr(args, "predictors"):
         return model
     bundle = None if args.no_predictors else args.predictors if args.predictors is not None else model.ckpt.predictors
+    if bundle is not None and bundle is model.ckpt.predictors and adapters(args):
+        from engine.lora import check_carried
+        check_carried(model.ckpt)
     if bundle is None:
         given = runtime_flags_given(args, ("--split", "--gpu-budget", "--audit-recall", "--hot-device",
                                            "--predictor-type"))

@@ -326,12 +326,10 @@ def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     ckpt = load_checkpoint(args.model)
     if adapters(args):  # llama-export-lora's merge
-        from engine.lora import apply_lora
+        from engine.lora import apply_lora, check_carried
         apply_lora(ckpt, adapters(args))
-        carried = ckpt.predictors
-        if carried is not None and not args.predictors and carried.fingerprint != model_fingerprint(ckpt):
-            raise HotcoldError(f"{ckpt.path}: the predictors it carries were trained without the adapter, whose FFN "
-                               "it changes; give --predictors trained with it")
+        if not args.predictors:
+            check_carried(ckpt)
     powerinfer = args.format == "powerinfer"
     base = args.out.removesuffix(".gguf").removesuffix(".powerinfer")  # -o out/model.gguf: out/model's files
     check_out_prefix(base, "out/model")

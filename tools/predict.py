@@ -44,7 +44,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.config import PREDICTOR_TYPES, HotcoldError, as_int, blk
 from engine.files import check_writable, read_json, write_atomic, write_json
-from engine.fingerprint import check_fingerprint
+from engine.fingerprint import check_fingerprint, weights_sha256
 from engine.sparsity import EXACT_ACTS, SparsityConfig
 from predictors.bundle import PARTIAL
 from tools.profile import finished_manifest, load_chunk, profiled_model
@@ -245,6 +245,10 @@ def train_predictors(ckpt, profile: str, out: str, recall: float = 0.99, rank="a
     manifest = load_profile(profile)
     engine_fp = fingerprint(c, ckpt.tensors)
     check_fingerprint(manifest.get("fingerprint", {}), engine_fp, profile, "profile")
+    profiled = manifest.get("settings", {}).get("weights_sha256")
+    if profiled is not None and profiled != weights_sha256(ckpt.tensors):  # the fingerprint reads layer 0's FFN only
+        raise HotcoldError(f"{profile}: profiled on other weights than {ckpt.path}'s (a fine-tune, or LoRA adapters: "
+                           "give the -m and --lora the profile was made with)")
     rows = manifest["samples"].get("rows")
     few = isinstance(rows, int) and rows < MIN_SAMPLES  # a tenth is held out to validate: the metrics need rows
     more = "profile more --tokens (or raise --samples-per-layer)"
@@ -404,11 +408,20 @@ def rank_arg(text: str) -> str | int:
     return text if text == "auto" else int(text)
 
 
+def lora_merged(ckpt, args):
+    """ckpt with --lora's adapters merged."""
+    from tools.cli import adapters
+    if adapters(args):
+        from engine.lora import apply_lora
+        apply_lora(ckpt, adapters(args))
+    return ckpt
+
+
 def cmd_train(args) -> None:
     from engine.loader import load_checkpoint
     manifest = load_profile(args.profile)
     model = profiled_model(manifest, args.profile, args.model)
-    ckpt = load_checkpoint(model)
+    ckpt = lora_merged(load_checkpoint(model), args)
     res = train_predictors(ckpt, args.profile, args.out, args.recall, args.rank, args.epochs, args.device,
                            args.layers, args.sparsity, progress=not args.json, threads=args.threads,
                            qtype=args.predictor_type, weighting=args.weighting, force=args.force)
@@ -426,10 +439,12 @@ def cmd_eval(args) -> None:
     from predictors.metrics import format_table
     from tools.profile import corpus_tokens
     set_threads(args.threads)
-    ckpt = load_checkpoint(args.model)
+    ckpt = lora_merged(load_checkpoint(args.model), args)
     if args.bundle is not None:
         bundle = load_bundle(args.bundle, model_fingerprint(ckpt))
     elif ckpt.predictors is not None:  # an export's own predictors, as they ship
+        from engine.lora import check_carried
+        check_carried(ckpt)  # (with --lora: unless the adapters leave their FFN)
         bundle = ckpt.predictors
     else:
         raise HotcoldError(f"{ckpt.path}: holds no predictors; give --bundle BUNDLE")
@@ -448,11 +463,12 @@ def cmd_eval(args) -> None:
 
 def add_command(sub) -> None:
     from predictors.train import WEIGHTINGS
-    from tools.cli import add_model_args, at_least, share
+    from tools.cli import add_lora_args, add_model_args, at_least, share
     p = sub.add_parser("train-predictors", help="train per-layer activation predictors from a profile")
     p.add_argument("--profile", required=True, help="profile directory (hotcold profile -o)")
     p.add_argument("-o", "--out", required=True, help="bundle directory (resumed when it holds finished layers)")
     p.add_argument("-m", "--model", default=None, help="model (default: the one the profile recorded)")
+    add_lora_args(p)
     p.add_argument("--recall", type=share, default=0.99, help="recall target on validation (default 0.99)")
     p.add_argument("--rank", type=rank_arg, default="auto", help="auto (default: the smallest good rank within the "
                    "budget) or a number >= 2, even for ReLU-family models")
@@ -476,6 +492,7 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("eval-predictors", help="recall and sparsity of a predictor bundle on new text")
     add_model_args(p, ctx=False, backend=False)  # it runs the torch reference, batched
+    add_lora_args(p)
     p.add_argument("--bundle", help="predictor bundle directory (default: the predictors inside the model file, "
                    "an export's)")
     p.add_argument("-f", "--file", dest="files", nargs="+", required=True, metavar="CORPUS",

@@ -38,7 +38,7 @@ FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "cont
 # (OpenAI's, then llama-server's samplers)
 # (null, false, "", [] and {} mean it too)
 UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "functions": None, "function_call": "none", "n_probs": 0,
-               "tfs_z": 1, "n_indent": 0, "min_keep": 0}
+               "tfs_z": 1, "n_indent": 0, "min_keep": 0, "lora": None}
 CHAIN = ["penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc", "temperature"]  # llama.cpp's
 # default --samplers, the order hotcold's Sampler runs (a request's "samplers": that list, its letters, or refused)
 TOP_LOGPROBS = 20  # the most likeliest tokens a request may ask for each token's (OpenAI's limit)
