@@ -75,6 +75,8 @@ def peft_adapter(path: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], f
     try:
         with safe_open(weights, framework="pt") as st:
             for name in st.keys():
+                if name.endswith(".base_layer.weight"):  # the layer itself (PEFT saves lm_head's): the model has it,
+                    continue  # as llama.cpp's converter skips it
                 base, ab = name.removeprefix("base_model.model."), None
                 for tag in ("lora_A", "lora_B"):
                     if f".{tag}." in base:

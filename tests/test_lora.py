@@ -47,6 +47,7 @@ def write_peft(path: str, mats: dict, c, **cfg) -> str:
         hf = gguf_to_hf_name(n).removesuffix(".weight")
         st[f"base_model.model.{hf}.lora_A.weight"] = torch.from_numpy(a)
         st[f"base_model.model.{hf}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(halves(n, b, c)))
+    st["base_model.model.lm_head.base_layer.weight"] = torch.zeros(3, 3)  # as PEFT saves a targeted lm_head: skipped
     save_file(st, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as fh:
         json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, **cfg}, fh)
