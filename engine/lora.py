@@ -141,9 +141,11 @@ def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
             if flip:
                 name, A, B = name.replace("ffn_down", "ffn_down_t"), B.T, A.T  # (B A).T = A.T B.T
                 t = ckpt.tensors[name]
-            if t is None or name == "token_embd.weight":
-                why = (" (this model ties output.weight to token_embd.weight)" if name == "output.weight" else
-                       " (embeddings: not a matrix product)" if name == "token_embd.weight" else "")
+            if name == "token_embd.weight":
+                raise HotcoldError(f"{path}: adapts token_embd.weight; hotcold merges no adapter into the token "
+                                   "embeddings")
+            if t is None:
+                why = " (this model ties output.weight to token_embd.weight)" if name == "output.weight" else ""
                 raise HotcoldError(f"{path}: adapts {name}, which this model has no place for{why}")
             if (B.shape[0], A.shape[1]) != t.shape:
                 raise HotcoldError(f"{path}: {name}'s B @ A is {(B.shape[0], A.shape[1])}, the model's {name} "

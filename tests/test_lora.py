@@ -182,7 +182,7 @@ def test_bad_adapters_are_one_line(tmp_path, capsys):
         (write_peft(str(tmp_path / "r8"), mats, c, r=8), "'s rank is 4, its config's r 8"),
         (write_gguf_adapter(str(tmp_path / "e.gguf"), "llama", {"token_embd.weight": (
             np.ones((RANK, c.n_embd), np.float32), np.ones((c.n_vocab, RANK), np.float32))}, c),
-         "adapts token_embd.weight, which this model has no place for (embeddings: not a matrix product)"),
+         "adapts token_embd.weight; hotcold merges no adapter into the token embeddings"),
     ]
     half = {n + ".lora_a": a for n, (a, _) in mats.items()}
     wr = GGUFWriter(str(tmp_path / "half.gguf"), "llama")
