@@ -6,7 +6,7 @@ NAME.lora_a (rank, cols) and NAME.lora_b (rows, rank), as convert_lora_to_gguf.p
 0: scale alone, as llama.cpp; PEFT's use_rslora: alpha / sqrt(rank)). B's rows follow the model's Q/K layout as its
 weights do: PEFT's and Qwen2 GGUF adapters' rotate halves and are turned to pairs here, as the loader turns the weights.
 A merged block-quantized matrix is stored as Q8_0 (finer than the 4-bit types: requantizing W + delta adds less than
-its own rounding), F16 and F32 ones as they were.
+its own rounding), F16 and F32 ones as they were, BF16 ones as F32.
 """
 from __future__ import annotations
 

@@ -313,6 +313,15 @@ def adapters(args) -> list[tuple[str, float]]:
     return out
 
 
+def lora_merged(ckpt, args):
+    """ckpt (an engine.loader.Checkpoint) with --lora's adapters merged into its tensors, for the commands that load
+    a checkpoint rather than a model (export, train-predictors, eval-predictors)."""
+    if adapters(args):
+        from engine.lora import apply_lora
+        apply_lora(ckpt, adapters(args))
+    return ckpt
+
+
 def load_model(args, n_ctx: int | None = None):
     """-m with the command's options. The commands with the runtime's options (add_runtime_args) decode through
     predictors, --predictors' or those the model file carries (not with --no-predictors), set once with the split;

@@ -37,7 +37,7 @@ from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSO
 from engine.qtensor import QTensor
 from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL,
                               TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer)
-from tools.cli import MODEL_HELP, add_lora_args, adapters, emit_json
+from tools.cli import MODEL_HELP, add_lora_args, adapters, emit_json, lora_merged
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
 OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
@@ -324,12 +324,10 @@ def write_split_file(path: str, split: dict) -> None:
 # --- commands ------------------------------------------------------------------------------------------------
 def cmd_export(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
-    ckpt = load_checkpoint(args.model)
-    if adapters(args):  # llama-export-lora's merge
-        from engine.lora import apply_lora, check_carried
-        apply_lora(ckpt, adapters(args))
-        if not args.predictors:
-            check_carried(ckpt)
+    ckpt = lora_merged(load_checkpoint(args.model), args)  # llama-export-lora's merge
+    if adapters(args) and not args.predictors:
+        from engine.lora import check_carried
+        check_carried(ckpt)
     powerinfer = args.format == "powerinfer"
     base = args.out.removesuffix(".gguf").removesuffix(".powerinfer")  # -o out/model.gguf: out/model's files
     check_out_prefix(base, "out/model")

@@ -408,17 +408,9 @@ def rank_arg(text: str) -> str | int:
     return text if text == "auto" else int(text)
 
 
-def lora_merged(ckpt, args):
-    """ckpt with --lora's adapters merged."""
-    from tools.cli import adapters
-    if adapters(args):
-        from engine.lora import apply_lora
-        apply_lora(ckpt, adapters(args))
-    return ckpt
-
-
 def cmd_train(args) -> None:
     from engine.loader import load_checkpoint
+    from tools.cli import lora_merged
     manifest = load_profile(args.profile)
     model = profiled_model(manifest, args.profile, args.model)
     ckpt = lora_merged(load_checkpoint(model), args)
@@ -438,6 +430,7 @@ def cmd_eval(args) -> None:
     from predictors.bundle import load_bundle, model_fingerprint
     from predictors.metrics import format_table
     from tools.profile import corpus_tokens
+    from tools.cli import lora_merged
     set_threads(args.threads)
     ckpt = lora_merged(load_checkpoint(args.model), args)
     if args.bundle is not None:

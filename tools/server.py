@@ -29,8 +29,8 @@ from engine.gbnf import Gbnf
 from engine.sampling import finite
 from engine.schema import grammar_for
 from tools import tool_calls
-from tools.metrics import Metrics
 from tools.cli import SAMPLING, adapters, at_least, between, sampler_of, strict
+from tools.metrics import Metrics
 
 MAX_BODY = 16 * 2**20  # bytes of a request's JSON
 FINISH = {"stop_token": "stop", "stop_string": "stop", "length": "length", "context": "length"}  # OpenAI's names
