@@ -209,6 +209,25 @@ def test_cli_chat_keeps_the_conversation_and_its_cache(smollm, monkeypatch, caps
         f"{cached} of them from the cache" in err
 
 
+def test_cli_chat_prompt_cache_keeps_the_system_prompt(smollm, monkeypatch, capsys, tmp_path):
+    """chat --prompt-cache: the first run writes what the template and --system write before the first message; the
+    next takes it from the file (all but its last token) and says the same; with -ro it is read, not written."""
+    cache = str(tmp_path / "system.cache")
+    system = "You are a careful assistant who answers in one short sentence. " * 6
+    args = ("-n", "8", "--system", system, "--prompt-cache", cache)
+    rc, (first,), err = chat(monkeypatch, capsys, "What is 2+2?\n", *args)
+    a, b = (smollm.tokenize(smollm.tokenizer.apply_chat_template(t, system)) for t in ("a", "b"))
+    head = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert rc == 0 and head > 60 and first["stats"]["cached_tokens"] == head and os.path.exists(cache)
+    assert first["prompt_token_ids"][:head] == a[:head]
+    stamp = os.stat(cache).st_mtime_ns
+    for ro in ((), ("--prompt-cache-ro",)):
+        rc, (again,), err = chat(monkeypatch, capsys, "What is 2+2?\n", *args, *ro)
+        assert rc == 0 and again["token_ids"] == first["token_ids"] and again["stats"]["cached_tokens"] == head
+        assert f"prompt cache: {cache} holds {head} tokens, of which the prompt begins with {head} (of its {head})" \
+            in err and os.stat(cache).st_mtime_ns == stamp
+
+
 def test_cli_chat_drops_the_oldest_exchange_to_fit_and_refuses_a_message_too_long(smollm, monkeypatch, capsys):
     """A conversation that would leave its reply less than a quarter of the context loses its oldest exchange (said
     on stderr); a message the context cannot hold alone ends a piped chat in one line, exit code 2."""

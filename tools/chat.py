@@ -64,13 +64,20 @@ def conversation_ids(model, history: list[dict], user: dict, system: str | None,
 def cmd_chat(args) -> None:
     from engine.config import HotcoldError
     from engine.tokenizer import valid_text
-    from tools.cli import Terminated, checked_sampler, emit_json, load_model
+    from tools.cli import Terminated, checked_sampler, emit_json, load_model, prompt_cache
     model = load_model(args)
     system = None if args.system is None else valid_text(args.system)
     bare = model.tokenize(model.tokenizer.apply_chat_template("", system))  # no chat template: refused here
     if len(bare) >= model.n_ctx:
         raise HotcoldError(f"the chat template{' and --system' if system else ''} alone take {len(bare)} tokens, "
                            f"the whole context of {model.n_ctx} (raise --ctx)")
+    if args.prompt_cache is not None or args.prompt_cache_ro:  # what every conversation begins with: the template's
+        a, b = (model.tokenize(model.tokenizer.apply_chat_template(t, system)) for t in ("a", "b"))  # tokens before
+        head = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))  # the first message
+        if not head:
+            raise HotcoldError(f"--prompt-cache: the chat template{' and --system' if system else ''} write "
+                               "nothing before the first message, nothing to keep")
+        prompt_cache(model, args, a[:head])
     tty = sys.stdin.isatty()
     if tty:
         print(f"hotcold chat ({model.ckpt.path}, context {model.n_ctx} tokens): a line that ends in \\ continues on "
@@ -160,5 +167,9 @@ def add_command(sub) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message before the conversation")
     p.add_argument("--json", action="store_true", help="print each reply as one line of JSON (generate --json's "
                    "object) instead of streaming")
+    p.add_argument("--prompt-cache", metavar="FILE", default=None, help="keep the keys and values of what the chat "
+                   "template and --system write before the first message in FILE, and take them from it the next "
+                   "time (llama.cpp's): a long system prompt computed once")
+    p.add_argument("--prompt-cache-ro", action="store_true", help="read --prompt-cache, do not write it")
     add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
