@@ -228,6 +228,38 @@ def test_cli_chat_prompt_cache_keeps_the_system_prompt(smollm, monkeypatch, caps
             in err and os.stat(cache).st_mtime_ns == stamp
 
 
+def test_hellaswag_picks_the_true_continuation(smollm, data_dir, tmp_path, capsys):
+    """perplexity --hellaswag on tasks made from wikitext: 25 words of a paragraph, then its next 8 words among 3 spans
+    of other paragraphs. SmolLM2 picks the true one far above chance (1 in 4); each ending is scored by its tokens'
+    mean log-probability after the tokens the four share, as a forward over the whole sequence gives it."""
+    import torch
+    from tools.hellaswag import ending_scores
+    with open(os.path.join(data_dir, "wiki.test.raw"), encoding="utf-8") as fh:
+        paras = [p.split() for p in fh.read().split("\n") if len(p.split()) > 60 and not p.strip().startswith("=")]
+    lines = []
+    for k in range(24):
+        gold, ends = k % 4, [" ".join(paras[k * 3 + 100 + j][40:48]) for j in range(3)]
+        ends.insert(gold, " ".join(paras[k * 3][25:33]))
+        lines += [" ".join(paras[k * 3][:25]), str(gold)] + ends
+    path = tmp_path / "tasks.txt"
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["perplexity", "-f", str(path), "--hellaswag", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tasks"] == 24 and res["accuracy"] > 0.6 and len(res["choices"]) == 24
+    context, endings = lines[0], lines[2:6]
+    seqs = [smollm.tokenize(context + " " + e, special=False) for e in endings]
+    shared = next(k for k in range(min(map(len, seqs))) if len({s[k] for s in seqs}) > 1)
+    want = []
+    for s in seqs:
+        logp = torch.log_softmax(smollm.logits(s).double(), -1)  # (len, n_vocab): position p predicts s[p + 1]
+        want.append(float(logp[torch.arange(shared - 1, len(s) - 1), torch.tensor(s[shared:])].mean()))
+    assert ending_scores(smollm, context, endings) == pytest.approx(want, abs=0.02)  # batched once, or in two
+    for text, why in (("a\n0\nb\n", "come as 6 lines each"), ("a\n7\nb\nc\nd\ne\n", "line 2: '7', expected the")):
+        path.write_text(text)
+        assert main(["perplexity", "-f", str(path), "--hellaswag"]) == 2
+        assert why in capsys.readouterr().err
+
+
 def test_cli_chat_drops_the_oldest_exchange_to_fit_and_refuses_a_message_too_long(smollm, monkeypatch, capsys):
     """A conversation that would leave its reply less than a quarter of the context loses its oldest exchange (said
     on stderr); a message the context cannot hold alone ends a piped chat in one line, exit code 2."""

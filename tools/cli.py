@@ -475,11 +475,42 @@ def cmd_tokenize(args) -> None:
         print(" ".join(map(str, ids)))
 
 
+def hellaswag_cmd(args) -> None:
+    """perplexity -f FILE --hellaswag (tools/hellaswag.py)."""
+    from tqdm import tqdm
+
+    from tools.hellaswag import hellaswag, read_tasks
+    given = [f for f, v in (("--chunks", args.chunks), ("--first-chunk", args.first_chunk),
+                            ("--kl-divergence-base", args.kl_divergence_base), ("--kl-divergence", args.kl_divergence))
+             if v]
+    if given or not args.file or len(args.file) > 1:
+        raise HotcoldError(f"{given[0] if given else '-f'}: --hellaswag scores the tasks of one file, -f FILE"
+                           + (f", not {given[0]}" if given else ""))
+    tasks = read_tasks(args.file[0])[:args.hellaswag_tasks]
+    model = load_model(args, n_ctx=args.ctx or 512)
+    bar = tqdm(total=len(tasks), desc="hellaswag", unit="task", disable=args.json or None, file=sys.stderr)
+
+    def progress(k, acc):
+        bar.update(1)
+        bar.set_postfix(acc=f"{acc:.2%}")
+
+    res = hellaswag(model, tasks, progress)
+    bar.close()
+    if args.json:
+        emit_json(res)
+    else:
+        ci = f" ± {res['ci95']:.2%}" if res["ci95"] is not None else ""
+        sparsity = f", FFN sparsity {res['sparsity']:.1%}" if "sparsity" in res else ""
+        print(f"hellaswag: {res['accuracy']:.2%}{ci} over {res['tasks']} tasks{sparsity}")
+
+
 def cmd_perplexity(args) -> None:
     from tqdm import tqdm
 
     from tools import kld
     from tools.profile import read_corpus
+    if args.hellaswag:
+        return hellaswag_cmd(args)
     base = args.kl_divergence_base
     if args.kl_divergence:  # the text, ctx and chunks are the base's
         if base is None:
@@ -605,8 +636,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    "scored position's log-probabilities to FILE; with --kl-divergence: compare with them")
     p.add_argument("--kl-divergence", action="store_true", help="the KL divergence of this model's next-token "
                    "distributions from --kl-divergence-base's, over its text and chunks (as llama.cpp's)")
+    p.add_argument("--hellaswag", action="store_true", help="-f FILE holds HellaSwag tasks (llama.cpp's format: "
+                   "6 lines each): print the multiple-choice accuracy, as llama.cpp's --hellaswag")
+    p.add_argument("--hellaswag-tasks", type=at_least(1), default=400, metavar="N",
+                   help="the first N tasks of the file (default 400, as llama.cpp's)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "chunks", "scored_tokens"}, and "sparsity" '
-                   'with --sparsity, "stats" with --predictors, "kld" with --kl-divergence')
+                   'with --sparsity, "stats" with --predictors, "kld" with --kl-divergence; with --hellaswag '
+                   '{"tasks", "accuracy", "ci95", "choices"}')
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 
