@@ -89,9 +89,8 @@ class RandomActive:
 
 
 def decode_speed(model, ids: list[int], n: int) -> dict:
-    model.generate(ids, 4, ignore_stop=True)  # warm-up: the same prefill path (steps or torch), then decode
-    out = model.generate(ids, n, ignore_stop=True)
-    return out.stats
+    """The stats of one timed run after the warm-up (repeated_speed's)."""
+    return repeated_speed(model, ids, n, 1)[0]
 
 
 def spread(xs: list[float]) -> tuple[float, float]:
@@ -100,9 +99,9 @@ def spread(xs: list[float]) -> tuple[float, float]:
 
 
 def repeated_speed(model, ids: list[int], n: int, reps: int) -> tuple[dict, dict]:
-    """decode_speed's warm-up, then reps runs of n >= 2 tokens: the last run's stats, and the runs' prefill and
-    decode tok/s (mean, sd, samples), llama-bench's -r."""
-    model.generate(ids, 4, ignore_stop=True)
+    """A warm-up, then reps runs of n >= 2 tokens: the last run's stats, and the runs' prefill and decode tok/s
+    (mean, sd, samples), llama-bench's -r."""
+    model.generate(ids, 4, ignore_stop=True)  # warm-up: the same prefill path (steps or torch), then decode
     runs = [model.generate(ids, n, ignore_stop=True).stats for _ in range(reps)]
     speeds = {}
     for key in ("prefill_tok_s", "decode_tok_s"):
