@@ -116,10 +116,8 @@ def load(model: str | Checkpoint | None = None, n_ctx: int | None = None, thread
     ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
     if lora:
         from .lora import apply_lora, check_carried
-        if isinstance(lora, (str, bytes)) or not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in lora):
-            raise HotcoldError(f"lora = {lora!r}: a list of (adapter path, scale) pairs")
         ckpt = replace(ckpt, tensors=dict(ckpt.tensors))
-        apply_lora(ckpt, list(lora))
+        apply_lora(ckpt, lora)
         if predictors is None:  # the file's own, as below
             check_carried(ckpt)
     m = Model(ckpt, n_ctx, sparsity, backend, cache_type)

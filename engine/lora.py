@@ -127,6 +127,8 @@ def merged_type(t: QTensor) -> QT:
 def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
     """Merge each (path, scale) adapter into ckpt.tensors, in place (llama.cpp sums several the same way), one
     matrix at a time (float32: its weights and the sum of its deltas). Scale 0 leaves a matrix as it is."""
+    if isinstance(adapters, (str, bytes)) or not all(isinstance(a, (tuple, list)) and len(a) == 2 for a in adapters):
+        raise HotcoldError(f"lora = {adapters!r}: a list of (adapter path, scale) pairs")
     c, terms = ckpt.config, {}  # tensor name -> [(factor, A, B)]
     for path, scale in adapters:
         if not isinstance(path, (str, os.PathLike)) or not finite_number(scale):
