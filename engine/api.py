@@ -536,15 +536,18 @@ class Model:
         chunk, bos = tokens[k * ctx:(k + 1) * ctx], self.tokenizer.bos_id
         return [bos] + chunk[1:] if self.tokenizer.add_bos and bos is not None else chunk
 
-    def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None) -> torch.Tensor:
+    def scored_logits(self, chunk: list[int], start: int, steps: bool | None = None,
+                      prefix_held: bool = False) -> torch.Tensor:
         """Logits at positions start .. len(chunk)-2 of a teacher-forced chunk: (len(chunk) - 1 - start, n_vocab).
         The prefix chunk[:start] batched, then with steps (default: with predictors), as generation runs, one decode
         step per scored token (each counted in the runtime's statistics), else the scored positions in one more
         batch: the output matrix runs on those alone (half the chunk's logits, which the whole chunk in one batch
-        computed and dropped)."""
+        computed and dropped). prefix_held: the caller's last call had this prefix (another continuation after it),
+        whose keys and values the cache still holds: not computed again."""
         import torch
-        self.kv_ids = []
-        self.net.forward(chunk[:start], 0)  # ids checked by the caller
+        if not prefix_held:
+            self.kv_ids = []
+            self.net.forward(chunk[:start], 0)  # ids checked by the caller
         if not (self.runtime is not None if steps is None else steps):
             return self.net.forward(chunk[start:-1], start, all_logits=True)
         return torch.stack([self.net.forward([chunk[p]], p) for p in range(start, len(chunk) - 1)])

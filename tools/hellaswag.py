@@ -45,9 +45,10 @@ def ending_scores(model, context: str, endings: list[str]) -> np.ndarray:
     while all(len(s) > shared + 1 for s in seqs) and len({s[shared] for s in seqs}) == 1:
         shared += 1
     out = []
-    for s in seqs:
-        start = max(shared, 2)  # (a context of one token: its first ending token, read after it alone, is not scored)
-        logp = torch.log_softmax(model.scored_logits(s, start - 1).double(), -1)  # (len - start, n_vocab)
+    start = max(shared, 2)  # (a context of one token: its first ending token, read after it alone, is not scored)
+    for k, s in enumerate(seqs):  # the prefix s[:start - 1], the same in all four where shared >= 1: computed once
+        logits = model.scored_logits(s, start - 1, prefix_held=k > 0 and shared >= 1)  # (len - start, n_vocab)
+        logp = torch.log_softmax(logits.double(), -1)
         out.append(float(logp[torch.arange(len(s) - start), torch.tensor(s[start:])].mean()))
     return np.array(out)
 
