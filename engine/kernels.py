@@ -47,6 +47,7 @@ import warnings
 
 import numba
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
@@ -1022,3 +1023,96 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     _check(x, up.cols, "x")
     _check(out, up.cols, "out")
     ffn_runner(gate, up, down_t, act, threshold, down, nt, exact)(x, out, active)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversions at load (`QTensor.native`): block types the kernels do not read, written into ones they do, block
+# by block with nothing in between (numpy's versions held several temporaries a tensor, which the allocator kept:
+# 150 MB more resident for a 105 MB Q4_K_M file, and ran at 17-30 MB/s). Each takes the blocks as bytes and as
+# u16 (the same memory) to read and write the f16 scales. No fastmath: the arithmetic is ggml's, in its order.
+_CONVERTING = dict(_PARALLEL, fastmath=False)
+
+@njit(inline="always", **_SERIAL)
+def _s8(v):
+    """A stored byte as int8."""
+    return np.int32(v) - 256 if v > 127 else np.int32(v)
+
+
+@njit(**_CONVERTING)
+def _k_q4_k_as_q4_1(src, src16, out, out16):
+    """(n, 144) Q4_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins, 128 of quants) -> (8 n, 20) Q4_1
+    blocks: sub-block k's 32 values d sc_k q - dmin m_k are the Q4_1 block of scale d sc_k and offset -dmin m_k,
+    both rounded to f16. Quant byte j of chunk c holds value j of sub-block 2c (low nibble) and of 2c + 1 (high)."""
+    for i in prange(src.shape[0]):
+        d, dmin = _widen(src16[i, 0]), _widen(src16[i, 1])
+        s = src[i, 4:16]  # bytes 0-3: scales 0-3 (low 6 bits), 4-7: mins 0-3, 8-11: scale and min 4-7 (nibbles)
+        for k in range(8):
+            if k < 4:
+                sc, m = s[k] & 63, s[k + 4] & 63
+            else:  # the top two bits of bytes k - 4 and k
+                sc, m = (s[k + 4] & 15) | ((s[k - 4] >> 6) << 4), (s[k + 4] >> 4) | ((s[k] >> 6) << 4)
+            r, q = 8 * i + k, 16 + 32 * (k // 2)  # out block, its quants' chunk
+            out16[r, 0] = _stored(d * np.float32(sc), out16)
+            out16[r, 1] = _stored(-(dmin * np.float32(m)), out16)
+            for j in range(16):  # Q4_1 byte j: values j and j + 16
+                a, b = src[i, q + j], src[i, q + 16 + j]
+                out[r, 4 + j] = np.uint8((a >> 4) | (b & 0xF0) if k % 2 else (a & 15) | ((b & 15) << 4))
+
+
+@njit(**_CONVERTING)
+def _k_q5_0_as_q8_0(src, src16, out, out16):
+    """(n, 22) Q5_0 blocks (d, 32 high bits, 16 bytes of low nibbles: values j and j + 16) -> (n, 34) Q8_0 blocks
+    of the same values: the 5-bit q - 16 fits in int8."""
+    for i in prange(src.shape[0]):
+        out16[i, 0] = src16[i, 0]
+        qh = np.uint32(src16[i, 1]) | (np.uint32(src16[i, 2]) << 16)
+        for j in range(16):
+            q = src[i, 6 + j]
+            out[i, 2 + j] = np.uint8(((q & 15) | (((qh >> j) & 1) << 4)) - 16 & 255)
+            out[i, 18 + j] = np.uint8(((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16 & 255)
+
+
+@njit(**_CONVERTING)
+def _k_q6_k_as_q8_0(src, src16, out, out16):
+    """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 34)
+    Q8_0 blocks re-quantized from the values d sc q (q 6-bit - 32; sc per 16 values, so a 32-block can hold two):
+    scale max|x| / 127, quants rounded half away from zero, as ggml's quantize_row_q8_0 (and gguf-py's, to the bit)."""
+    for i in prange(src.shape[0]):
+        d = _widen(src16[i, 104])
+        y = np.empty(256, np.float32)
+        for h in range(2):  # two halves of 128 values, in ggml's dequantize_row_q6_K order
+            for j in range(32):
+                lo, hi, hb = src[i, 64 * h + j], src[i, 64 * h + 32 + j], src[i, 128 + 32 * h + j]
+                s = 192 + 8 * h + j // 16
+                y[128 * h + j] = d * np.float32(_s8(src[i, s])) * np.float32(((lo & 15) | ((hb & 3) << 4)) - 32)
+                y[128 * h + 32 + j] = d * np.float32(_s8(src[i, s + 2])) * np.float32(
+                    ((hi & 15) | (((hb >> 2) & 3) << 4)) - 32)
+                y[128 * h + 64 + j] = d * np.float32(_s8(src[i, s + 4])) * np.float32(
+                    ((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32)
+                y[128 * h + 96 + j] = d * np.float32(_s8(src[i, s + 6])) * np.float32(
+                    ((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+        for k in range(8):
+            r = 8 * i + k
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(y[32 * k + j]))
+            dq = amax / np.float32(127.0)
+            inv = np.float32(1.0) / dq if dq > 0 else np.float32(0.0)
+            out16[r, 0] = _stored(dq, out16)
+            for j in range(32):
+                v = abs(y[32 * k + j] * inv)
+                q = np.int32(np.floor(v) + np.floor(np.float32(2.0) * (v - np.floor(v))))  # roundf
+                out[r, 2 + j] = np.uint8((-q if y[32 * k + j] < 0 else q) & 255)
+
+
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_0: (1, _k_q5_0_as_q8_0), QT.Q6_K: (8, _k_q6_k_as_q8_0)}
+# type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
+
+
+def convert(qtype: QT, blocks: np.ndarray, to: QT) -> np.ndarray:
+    """(n, block bytes) blocks of a CONVERT type -> (n * per, block bytes of `to`) blocks of the type it becomes."""
+    per, kernel = CONVERT[qtype]
+    src = np.ascontiguousarray(blocks, np.uint8)
+    out = np.empty((len(src) * per, GGML_QUANT_SIZES[to][1]), np.uint8)
+    kernel(src, src.view(np.uint16), out, out.view(np.uint16))
+    return out

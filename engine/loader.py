@@ -25,7 +25,7 @@ from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESH
                      ModelConfig, blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name,
                      layer_of)
 from .files import JSON_ERRORS, error_text, read_json
-from .qtensor import NATIVE_TYPES, SCALES, QTensor
+from .qtensor import AS_NATIVE, NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def tensor_from_reader(t) -> QTensor:
     if qtype == QT.BF16:
         data = np.asarray(data).view(np.uint16).reshape(shape)
     if qtype not in NATIVE_TYPES:
-        return QTensor(qtype, shape, data).with_dequantized()
+        return QTensor(qtype, shape, data).native()
     if qtype in (QT.F32, QT.F16):
         data = np.asarray(data).reshape(shape)
     return QTensor(qtype, shape, data)
@@ -306,9 +306,15 @@ def load_gguf(path: str) -> Checkpoint:
         except Exception as e:
             raise HotcoldError(f"{path}: truncated or corrupt GGUF: tensor {t.name} ({type(e).__name__}: {e})") \
                 from None
-    converted = sorted({QT(int(t.tensor_type)).name for t in r.tensors} - {q.name for q in NATIVE_TYPES})
+    converted = {}  # stored type -> the types it became
+    for t in r.tensors:
+        if QT(int(t.tensor_type)) not in NATIVE_TYPES:
+            converted.setdefault(QT(int(t.tensor_type)), set()).add(tensors[t.name].qtype)
     if converted:
-        print(f"hotcold: note: {', '.join(converted)} tensors dequantized to F32 at load", file=sys.stderr)
+        said = (f"{q.name} as {'/'.join(sorted(n.name for n in to))}"
+                f"{'' if q in AS_NATIVE or to == {QT.F32} else ' (re-quantized)'}"
+                for q, to in sorted(converted.items()))
+        print(f"hotcold: note: tensors converted at load: {', '.join(said)}", file=sys.stderr)
 
     keys = {f: f"{arch}.{k}" for f, (k, _) in GGUF_KEYS.items()}
     vals = {f: field_value(r, keys[f], default) for f, (_, default) in GGUF_KEYS.items()}

@@ -13,8 +13,11 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf import quants
 
-# types kept in their stored form (others are dequantized to F32 at load, with a notice)
+# types kept in their stored form (others are converted at load, `QTensor.native`, with a notice)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+# block types whose values a native type holds: Q4_K's 32-value sub-blocks are Q4_1 blocks (their scale d * sc and
+# offset -dmin * m rounded to f16, within 2^-11 of them), Q5_0's 5-bit values fit in Q8_0's int8 (the same values)
+AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.Q5_0: QT.Q8_0}
 # the 16-bit floats at the start of each block that scale its values: d (Q8_0, Q4_0), d and m (Q4_1)
 SCALES = {QT.Q8_0: 1, QT.Q4_0: 1, QT.Q4_1: 2}
 
@@ -59,6 +62,29 @@ class QTensor:
 
     def with_dequantized(self) -> QTensor:
         return QTensor(QT.F32, self.shape, self.dequantize())
+
+    def native(self, rows: int = 4096) -> QTensor:
+        """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
+        block type (Q6_K, Q5_K, Q5_1, IQ4_NL, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not
+        a matrix, or rows not whole 32-value blocks). The kernels convert Q4_K, Q5_0 and Q6_K (`kernels.CONVERT`);
+        the other types go through gguf-py's dequantization, `rows` rows at a time."""
+        if self.qtype in NATIVE_TYPES:
+            return self
+        if len(self.shape) != 2 or self.shape[1] % 32:
+            return self.with_dequantized()
+        from . import kernels  # numba's, on first use
+        qtype = AS_NATIVE.get(self.qtype, QT.Q8_0)
+        n, cols = self.shape
+        blocks = np.asarray(self.data, np.uint8).reshape(n, -1)  # (rows, row bytes)
+        if self.qtype in kernels.CONVERT:
+            size = GGML_QUANT_SIZES[self.qtype][1]
+            out = kernels.convert(self.qtype, blocks.reshape(-1, size), qtype)
+            return QTensor(qtype, self.shape, out.reshape(n, -1))
+        out = np.empty((n, cols // 32 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
+        for r in range(0, n, rows):
+            part = blocks[r:r + rows]
+            out[r:r + rows] = quants.quantize(quants.dequantize(part, self.qtype).reshape(len(part), cols), qtype)
+        return QTensor(qtype, self.shape, out)
 
     def rows(self, idx: np.ndarray) -> QTensor:
         """A QTensor of the selected rows (row permutation is exact for every type)."""

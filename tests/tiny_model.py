@@ -154,9 +154,10 @@ def rewrite_gguf(src: str, dst: str, keys: dict | None = None, tensor=None) -> s
 
 
 def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = QT.F32,
-               arch: str = "llama", drop: str | None = None, reshape: str | None = None) -> str:
+               arch: str = "llama", drop: str | None = None, reshape: str | None = None, pre: str = "gpt2") -> str:
     """The same model as GGUF; 2-D weights stored as `qtype`. `drop`/`reshape` break one tensor for error tests.
-    arch qwen2: Q and K rows rotate halves, as llama.cpp's converter leaves Qwen2's."""
+    arch qwen2: Q and K rows rotate halves, as llama.cpp's converter leaves Qwen2's. pre: the pre-tokenizer's name
+    (llama.cpp itself knows GPT-2's as "gpt-2")."""
     vocab, merges = tiny_vocab()
     wr = GGUFWriter(path, arch)
     wr.add_block_count(c.n_layer)
@@ -171,7 +172,7 @@ def write_gguf(path: str, c: ModelConfig, w: dict[str, np.ndarray], qtype: QT = 
     wr.add_string(KEY_ACT, c.act)
     wr.add_float32(KEY_ACT_THRESHOLD, c.act_threshold)
     wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("gpt2")
+    wr.add_tokenizer_pre(pre)
     wr.add_token_list(list(vocab))
     wr.add_token_types([3 if t in SPECIALS else 1 for t in vocab])
     wr.add_token_merges([f"{a} {b}" for a, b in merges])
