@@ -17,11 +17,12 @@ from typing import Callable
 
 import numba
 import numpy as np
+from gguf import GGMLQuantizationType as QT
 from numba import njit, prange
 
 from . import kernels as K
 from .config import CACHE_TYPES, QKV, ModelConfig, blk
-from .qtensor import QTensor
+from .qtensor import AS_NATIVE, QTensor
 
 ACT_CODES = {"silu": K.ACT_SILU, "relu": K.ACT_RELU, "fatrelu": K.ACT_FATRELU, "drelu": K.ACT_DRELU}
 # called per layer with (layer, x_resid (n_embd,), xn (n_embd,)); returns active neuron ids (int32) or None
@@ -165,19 +166,30 @@ class KernelModel:
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
         self.c, self.n_ctx = c, n_ctx
-        widened = sorted({t.qtype.name for t in tensors.values()
-                          if len(t.shape) == 2 and t.qtype not in K.KERNEL_TYPES})
+        mats = [t for t in tensors.values() if len(t.shape) == 2]
+        converted = {}  # stored type -> the types the kernels read it as (QTensor.native)
+        for t in mats:
+            if t.native_type != t.qtype:
+                converted.setdefault(t.qtype, set()).add(t.native_type)
+        if converted:
+            said = (f"{q.name} as {'/'.join(sorted(n.name for n in to))}"
+                    f"{'' if q in AS_NATIVE or to == {QT.F32} else ' (re-quantized)'}"
+                    for q, to in sorted(converted.items()))
+            print(f"hotcold: note: the kernels read {', '.join(said)}", file=sys.stderr)
+        widened = sorted({t.native_type.name for t in mats if t.native_type not in K.KERNEL_TYPES})
         if widened:
             print(f"hotcold: note: the kernels widen {', '.join(widened)} matrices to F32 (twice their memory); "
                   "`hotcold export --outtype f16` keeps them at their size", file=sys.stderr)
-        tensors = {k: t if len(t.shape) == 1 or t.qtype in K.KERNEL_TYPES else t.with_dequantized()
-                   for k, t in tensors.items()}
+
+        def prepare(t: QTensor) -> K.KMatrix:  # one at a time: a converted copy goes before the next is made
+            t = t.native()
+            return K.prepare(t if t.qtype in K.KERNEL_TYPES else t.with_dequantized())
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
-        keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].qtype in K.BLOCK_TYPES
+        keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].native_type in K.BLOCK_TYPES
                         for i in range(c.n_layer))
         for i in range(c.n_layer):
-            prep = {n: K.prepare(tensors[blk(i, n)]) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up")
+            prep = {n: prepare(tensors[blk(i, n)]) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up")
                     + (("ffn_gate",) if c.ffn_gated else ()) + (("ffn_down",) if keep_down else ())}
             given = tensors.get(blk(i, "ffn_down_t"))  # else transposed on first use, block types to Q8_0
             L = Layer(
@@ -186,13 +198,13 @@ class KernelModel:
                                      np.zeros(prep[n].rows, np.float32) for n in QKV]),
                 q=prep["attn_q"], k=prep["attn_k"], v=prep["attn_v"], o=prep["attn_output"],
                 gate=prep.get("ffn_gate"), up=prep["ffn_up"], down=prep.get("ffn_down"),
-                down_src=tensors.get(blk(i, "ffn_down")), built_down_t=None if given is None else K.prepare(given))
+                down_src=tensors.get(blk(i, "ffn_down")), built_down_t=None if given is None else prepare(given))
             self.mats.update({blk(i, n): m for n, m in prep.items()})
             if not keep_down:  # the prefill reads down_t then
                 self.mats[blk(i, "ffn_down_t")] = L.down_t
             self.layers.append(L)
-        self.embd = tensors["token_embd.weight"]
-        self.lm_head = K.prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
+        self.embd = tensors["token_embd.weight"]  # rows looked up as stored
+        self.lm_head = prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
         self.mats["output.weight"] = self.lm_head
         self.out_norm = vector(tensors["output_norm.weight"])
         # what the torch prefill reads (`torch`): the same prepared matrices, dequantized in row chunks

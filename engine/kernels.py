@@ -899,8 +899,8 @@ def prepare(qt: QTensor) -> KMatrix:
 
 def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
-    re-quantized: the same type for F32/F16, Q8_0 otherwise."""
-    qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.Q8_0
+    re-quantized: the same type for F32/F16, F32 for BF16, Q8_0 otherwise."""
+    qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.F32 if qt.qtype == QT.BF16 else QT.Q8_0
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
     return prepare(QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), qtype))

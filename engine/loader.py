@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, quants
 
 from .config import (ACTS, GGUF_KEYS, HF_ARCHS, HF_KEYS, KEY_ACT, KEY_ACT_THRESHOLD, QKV, HotcoldError,
                      ModelConfig, blk, checked_config, expected_shapes, finite_number, first_line, hf_to_gguf_name,
                      layer_of)
 from .files import JSON_ERRORS, error_text, read_json
-from .qtensor import AS_NATIVE, NATIVE_TYPES, SCALES, QTensor
+from .qtensor import NATIVE_TYPES, SCALES, QTensor
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -266,10 +266,10 @@ def tensor_from_reader(t) -> QTensor:
     data = t.data
     if qtype == QT.BF16:
         data = np.asarray(data).view(np.uint16).reshape(shape)
-    if qtype not in NATIVE_TYPES:
-        return QTensor(qtype, shape, data).native()
     if qtype in (QT.F32, QT.F16):
         data = np.asarray(data).reshape(shape)
+    if qtype not in NATIVE_TYPES:  # kept as stored (the kernels convert it: QTensor.native) if gguf-py can read it
+        quants.dequantize(np.asarray(data).reshape(-1)[:GGML_QUANT_SIZES[qtype][1]], qtype)
     return QTensor(qtype, shape, data)
 
 
@@ -306,15 +306,6 @@ def load_gguf(path: str) -> Checkpoint:
         except Exception as e:
             raise HotcoldError(f"{path}: truncated or corrupt GGUF: tensor {t.name} ({type(e).__name__}: {e})") \
                 from None
-    converted = {}  # stored type -> the types it became
-    for t in r.tensors:
-        if QT(int(t.tensor_type)) not in NATIVE_TYPES:
-            converted.setdefault(QT(int(t.tensor_type)), set()).add(tensors[t.name].qtype)
-    if converted:
-        said = (f"{q.name} as {'/'.join(sorted(n.name for n in to))}"
-                f"{'' if q in AS_NATIVE or to == {QT.F32} else ' (re-quantized)'}"
-                for q, to in sorted(converted.items()))
-        print(f"hotcold: note: tensors converted at load: {', '.join(said)}", file=sys.stderr)
 
     keys = {f: f"{arch}.{k}" for f, (k, _) in GGUF_KEYS.items()}
     vals = {f: field_value(r, keys[f], default) for f, (_, default) in GGUF_KEYS.items()}

@@ -13,13 +13,15 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf import quants
 
-# types kept in their stored form (others are converted at load, `QTensor.native`, with a notice)
+# types the kernels read as stored (BF16 widened); they convert the others as they prepare a model (`QTensor.native`)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
 # block types whose values a native type holds: Q4_K's 32-value sub-blocks are Q4_1 blocks (their scale d * sc and
 # offset -dmin * m rounded to f16, within 2^-11 of them), Q5_0's 5-bit values fit in Q8_0's int8 (the same values)
 AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.Q5_0: QT.Q8_0}
-# the 16-bit floats at the start of each block that scale its values: d (Q8_0, Q4_0), d and m (Q4_1)
-SCALES = {QT.Q8_0: 1, QT.Q4_0: 1, QT.Q4_1: 2}
+# byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
+# small integers): d (Q8_0, Q4_0, Q5_0, IQ4_NL, Q6_K, Q3_K), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K)
+SCALES = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.IQ4_NL: (0,),
+          QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q3_K: (108,), QT.Q2_K: (80, 82)}
 
 
 @dataclass
@@ -37,18 +39,24 @@ class QTensor:
         return GGML_QUANT_SIZES[self.qtype][0]
 
     def finite(self, chunk: int = 1 << 22) -> bool:
-        """No NaN or infinity among the values (block types: among the block scales, from which every value comes),
-        read `chunk` floats at a time."""
+        """No NaN or infinity among the values (SCALES types: among the block scales, from which every value comes;
+        other block types: their values), read about `chunk` floats at a time."""
         if self.qtype == QT.F32:
             flat = self.data.reshape(-1)
             return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
-        if self.qtype in SCALES:  # (blocks, n scales) float16 bits
-            bits = self.data.reshape(-1, GGML_QUANT_SIZES[self.qtype][1])[:, :2 * SCALES[self.qtype]].view(np.uint16)
-        else:  # F16, BF16
-            bits = self.data.reshape(-1).view(np.uint16)[:, None]
-        top = np.uint16(0x7F80 if self.qtype == QT.BF16 else 0x7C00)  # exponent all ones: infinity or NaN
-        step = max(1, chunk // bits.shape[1])
-        return not any(((bits[i:i + step] & top) == top).any() for i in range(0, len(bits), step))
+        if self.qtype in (QT.F16, QT.BF16):
+            top = np.uint16(0x7F80 if self.qtype == QT.BF16 else 0x7C00)  # exponent all ones: infinity or NaN
+            flat = self.data.reshape(-1).view(np.uint16)
+            return not any(((flat[i:i + chunk] & top) == top).any() for i in range(0, flat.size, chunk))
+        n, size = GGML_QUANT_SIZES[self.qtype]
+        blocks = np.asarray(self.data, np.uint8).reshape(-1, size)
+        if self.qtype not in SCALES:
+            step = max(1, chunk // n)
+            return all(np.isfinite(quants.dequantize(blocks[i:i + step], self.qtype)).all()
+                       for i in range(0, len(blocks), step))
+        top = np.uint16(0x7C00)
+        return not any(((blocks[i:i + chunk, o:o + 2].view(np.uint16) & top) == top).any()
+                       for o in SCALES[self.qtype] for i in range(0, len(blocks), chunk))
 
     def dequantize(self) -> np.ndarray:
         """float32 array of `shape`."""
@@ -63,17 +71,24 @@ class QTensor:
     def with_dequantized(self) -> QTensor:
         return QTensor(QT.F32, self.shape, self.dequantize())
 
+    @property
+    def native_type(self) -> QT:
+        """The type `native` gives."""
+        if self.qtype in NATIVE_TYPES:
+            return self.qtype
+        return QT.F32 if len(self.shape) != 2 or self.shape[1] % 32 else AS_NATIVE.get(self.qtype, QT.Q8_0)
+
     def native(self, rows: int = 4096) -> QTensor:
         """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
         block type (Q6_K, Q5_K, Q5_1, IQ4_NL, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not
         a matrix, or rows not whole 32-value blocks). The kernels convert Q4_K, Q5_0 and Q6_K (`kernels.CONVERT`);
         the other types go through gguf-py's dequantization, `rows` rows at a time."""
-        if self.qtype in NATIVE_TYPES:
+        qtype = self.native_type
+        if qtype == self.qtype:
             return self
-        if len(self.shape) != 2 or self.shape[1] % 32:
+        if qtype == QT.F32:
             return self.with_dequantized()
         from . import kernels  # numba's, on first use
-        qtype = AS_NATIVE.get(self.qtype, QT.Q8_0)
         n, cols = self.shape
         blocks = np.asarray(self.data, np.uint8).reshape(n, -1)  # (rows, row bytes)
         if self.qtype in kernels.CONVERT:

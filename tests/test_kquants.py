@@ -6,11 +6,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
-from engine.qtensor import QTensor
+from engine.qtensor import NATIVE_TYPES, SCALES, QTensor
 
-# byte offsets of each type's f16 scales in its block: set to small finite values, the other bytes random
-F16_AT = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q5_0: (0,),
-          QT.Q5_1: (0, 2), QT.IQ4_NL: (0,)}
+# the block types converted, and the byte offsets of their f16 scales: set to small finite values, the other bytes
+# random (IQ4_XS, whose values `finite` reads through gguf-py, has its d first too)
+F16_AT = {q: at for q, at in SCALES.items() if q not in NATIVE_TYPES} | {QT.IQ4_XS: (0,)}
 
 
 @pytest.fixture
@@ -52,6 +52,19 @@ def test_native_holds_the_values(qtype, rng):
         assert (err <= (0.5 + 127 * 2.0 ** -11) * amax / 127 + 127 * 2.0 ** -25).all()
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q5_0, QT.IQ4_XS], ids=lambda q: q.name)
+def test_finite_reads_each_type_s_scales(qtype, rng):
+    """`finite` (the loader's check) finds a NaN or infinite scale in any block of a type kept as stored."""
+    t = random_blocks(qtype, 6, 512, rng)
+    assert t.finite() and t.finite(chunk=3)
+    blocks = t.data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    for bad in (0x7E00, 0xFC00):  # NaN, -inf
+        at = F16_AT[qtype][-1]
+        blocks[7, at:at + 2] = np.array([bad], np.uint16).view(np.uint8)
+        assert not t.finite() and not t.finite(chunk=3)
+        blocks[7, at:at + 2] = blocks[6, at:at + 2]
+
+
 def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
     q = QTensor.from_float(rng.standard_normal((4, 64)).astype(np.float32), QT.Q4_1)
     assert q.native() is q
@@ -64,7 +77,8 @@ def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
 def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     """tiny_q4_k_m.gguf is llama.cpp's Q4_K_M of a tiny random llama (tiny_config("silu", n_embd=256, n_ff=512),
     tiny_weights seed 3, written with pre="gpt-2"), made by llama-cpp-python 0.3.36's llama_model_quantize; its
-    Q4_K and Q6_K tensors become Q4_1 and Q8_0. tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
+    Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them as Q4_1 and Q8_0 (the torch
+    reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
     48 tokens. Both engines follow llama.cpp's within 5% (measured 3.5%; the same values in F32: 2.9%, the part
     that llama.cpp's own 8-bit activations make) and agree with its top token at 90% of the positions or more; the
     unquantized model is 29% away, which the check tells apart."""
@@ -78,9 +92,10 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
         return np.linalg.norm(got - want) / np.linalg.norm(want), (got.argmax(-1) == want.argmax(-1)).mean()
     for backend in ("kernels", "torch"):
         m = load(f"{data_dir}/tiny_q4_k_m.gguf", n_ctx=64, backend=backend)
-        assert "tensors converted at load: Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in capsys.readouterr().err
-        types = {t.qtype for t in m.ckpt.tensors.values()}
-        assert types == {QT.F32, QT.Q4_1, QT.Q8_0}, types
+        assert {t.qtype for t in m.ckpt.tensors.values()} == {QT.F32, QT.Q4_K, QT.Q6_K}  # as stored
+        if backend == "kernels":  # which read them as Q4_1 and Q8_0, and say so
+            assert "the kernels read Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in capsys.readouterr().err
+            assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_1, QT.Q8_0}
         rel, top = distance(m)
         assert rel < 0.05 and top >= 0.9, (backend, rel, top)
     c = tiny_config("silu", n_embd=256, n_ff=512)
