@@ -26,8 +26,8 @@ from tools.split import plan, write_split
 
 TEXT = "hello there, the cat in a hat sat on the mat"
 THRESHOLDS = [0.5, 2.0]  # per layer; powers of two, so folding them into F16 fc2 is exact
-TOLERANCE = {"f16": 0.01, "q8_0": 0.08, "q4_0": 0.6}  # relative logit error against the float32 source
-OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+TOLERANCE = {"f16": 0.01, "q8_0": 0.08, "q4_0": 0.6, "q4_1": 0.6}  # relative logit error against the float32 source
+OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
 
 
 @pytest.fixture(scope="module")

@@ -101,3 +101,21 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     c = tiny_config("silu", n_embd=256, n_ff=512)
     rel, _ = distance(load(write_gguf(str(tmp_path / "f32.gguf"), c, tiny_weights(c, seed=3)), n_ctx=64))
     assert rel > 0.2
+
+
+def test_export_q4_1_keeps_the_q4_k_blocks_as_the_kernels_read_them(data_dir, tmp_path, capsys):
+    """`export --outtype q4_1` of a Q4_K_M file writes each Q4_K matrix as the kernels' Q4_1 form of it, to the bit
+    (not re-quantized from its values: that would round it twice); Q6_K ones are quantized from their values."""
+    from engine.loader import load_checkpoint
+    from tools.cli import main
+    src = load_checkpoint(f"{data_dir}/tiny_q4_k_m.gguf")
+    assert main(["export", "-m", f"{data_dir}/tiny_q4_k_m.gguf", "--format", "gguf", "--outtype", "q4_1",
+                 "-o", str(tmp_path / "out")]) == 0
+    out = load_checkpoint(str(tmp_path / "out.gguf"))
+    for name, t in src.tensors.items():
+        if t.qtype == QT.Q4_K:
+            assert out.tensors[name].qtype == QT.Q4_1
+            np.testing.assert_array_equal(out.tensors[name].data, t.native().data)
+        elif t.qtype == QT.Q6_K:
+            assert out.tensors[name].qtype == QT.Q4_1
+            np.testing.assert_array_equal(out.tensors[name].data, QTensor.from_float(t.dequantize(), QT.Q4_1).data)

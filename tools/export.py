@@ -40,8 +40,9 @@ from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, 
 from tools.cli import MODEL_HELP, add_lora_args, adapters, emit_json, lora_merged
 from tools.split import check_out_prefix, read_gpuidx, read_model_split, write_gpuidx
 
-OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
-FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0}
+OUTTYPES = {"f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1}
+FILE_TYPES = {QT.F16: LlamaFileType.MOSTLY_F16, QT.Q8_0: LlamaFileType.MOSTLY_Q8_0, QT.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+              QT.Q4_1: LlamaFileType.MOSTLY_Q4_1}
 POWERINFER_ARCH = {act: arch for arch, act in POWERINFER_ACT.items()}  # FFN activation -> PowerInfer's graph
 # the types PowerInfer's sparse FFN kernels take (its CUDA ones assert on others) for ffn_gate, ffn_up, ffn_down_t:
 # other --outtypes store these three as F16
@@ -74,9 +75,10 @@ class Out:
         return int(np.prod(self.shape)) // block * size
 
     def data(self) -> np.ndarray:
-        """The stored form: the source's own bytes when type and layout stay (nothing rounded twice)."""
-        if self.src.qtype == self.qtype and not self.transpose:
-            return np.ascontiguousarray(self.src.data)
+        """The stored form: the source's own bytes when type and layout stay, or the kernels' form of them when it is
+        of the type (Q4_K as Q4_1, Q5_0 as Q8_0: `QTensor.native`), so nothing is rounded twice."""
+        if self.src.native_type == self.qtype and not self.transpose:
+            return np.ascontiguousarray(self.src.native().data)
         a = self.src.dequantize()
         return QTensor.from_float(a.T if self.transpose else a, self.qtype).data
 
