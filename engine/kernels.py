@@ -1038,6 +1038,15 @@ def _s8(v):
     return np.int32(v) - 256 if v > 127 else np.int32(v)
 
 
+@njit(inline="always", **_SERIAL)
+def _scale_min(s, k):
+    """Sub-block k's 6-bit scale and min from a Q4_K / Q5_K block's 12 bytes s: bytes 0-3 hold scales 0-3 (low 6
+    bits), 4-7 mins 0-3, 8-11 scale and min 4-7 (nibbles), whose top two bits are those of bytes k - 4 and k."""
+    if k < 4:
+        return s[k] & 63, s[k + 4] & 63
+    return (s[k + 4] & 15) | ((s[k - 4] >> 6) << 4), (s[k + 4] >> 4) | ((s[k] >> 6) << 4)
+
+
 @njit(**_CONVERTING)
 def _k_q4_k_as_q4_1(src, src16, out, out16):
     """(n, 144) Q4_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins, 128 of quants) -> (8 n, 20) Q4_1
@@ -1045,12 +1054,8 @@ def _k_q4_k_as_q4_1(src, src16, out, out16):
     both rounded to f16. Quant byte j of chunk c holds value j of sub-block 2c (low nibble) and of 2c + 1 (high)."""
     for i in prange(src.shape[0]):
         d, dmin = _widen(src16[i, 0]), _widen(src16[i, 1])
-        s = src[i, 4:16]  # bytes 0-3: scales 0-3 (low 6 bits), 4-7: mins 0-3, 8-11: scale and min 4-7 (nibbles)
         for k in range(8):
-            if k < 4:
-                sc, m = s[k] & 63, s[k + 4] & 63
-            else:  # the top two bits of bytes k - 4 and k
-                sc, m = (s[k + 4] & 15) | ((s[k - 4] >> 6) << 4), (s[k + 4] >> 4) | ((s[k] >> 6) << 4)
+            sc, m = _scale_min(src[i, 4:16], k)
             r, q = 8 * i + k, 16 + 32 * (k // 2)  # out block, its quants' chunk
             out16[r, 0] = _stored(d * np.float32(sc), out16)
             out16[r, 1] = _stored(-(dmin * np.float32(m)), out16)
@@ -1072,11 +1077,27 @@ def _k_q5_0_as_q8_0(src, src16, out, out16):
             out[i, 18 + j] = np.uint8(((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16 & 255)
 
 
+@njit(inline="always", **dict(_SERIAL, fastmath=False))
+def _as_q8_0(y, out, out16, r):
+    """The 256 values y as Q8_0 blocks r..r+7: scale max|x| / 127, quants rounded half away from zero, as ggml's
+    quantize_row_q8_0 (and gguf-py's, to the bit)."""
+    for k in range(8):
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(y[32 * k + j]))
+        dq = amax / np.float32(127.0)
+        inv = np.float32(1.0) / dq if dq > 0 else np.float32(0.0)
+        out16[r + k, 0] = _stored(dq, out16)
+        for j in range(32):
+            v = abs(y[32 * k + j] * inv)
+            q = np.int32(np.floor(v) + np.floor(np.float32(2.0) * (v - np.floor(v))))  # roundf
+            out[r + k, 2 + j] = np.uint8((-q if y[32 * k + j] < 0 else q) & 255)
+
+
 @njit(**_CONVERTING)
 def _k_q6_k_as_q8_0(src, src16, out, out16):
     """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 34)
-    Q8_0 blocks re-quantized from the values d sc q (q 6-bit - 32; sc per 16 values, so a 32-block can hold two):
-    scale max|x| / 127, quants rounded half away from zero, as ggml's quantize_row_q8_0 (and gguf-py's, to the bit)."""
+    Q8_0 blocks re-quantized from the values d sc q (q 6-bit - 32; sc per 16 values, so a 32-block can hold two)."""
     for i in prange(src.shape[0]):
         d = _widen(src16[i, 104])
         y = np.empty(256, np.float32)
@@ -1091,21 +1112,29 @@ def _k_q6_k_as_q8_0(src, src16, out, out16):
                     ((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32)
                 y[128 * h + 96 + j] = d * np.float32(_s8(src[i, s + 6])) * np.float32(
                     ((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+        _as_q8_0(y, out, out16, 8 * i)
+
+
+@njit(**_CONVERTING)
+def _k_q5_k_as_q8_0(src, src16, out, out16):
+    """(n, 176) Q5_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins as Q4_K's, 32 bytes of high bits, 128
+    of low nibbles) -> (8 n, 34) Q8_0 blocks re-quantized from the values d sc_k q - dmin m_k: value j of sub-block k
+    takes the nibble of byte 32 (k // 2) + j (low for even k) and bit k of high byte j."""
+    for i in prange(src.shape[0]):
+        d, dmin = _widen(src16[i, 0]), _widen(src16[i, 1])
+        y = np.empty(256, np.float32)
         for k in range(8):
-            r = 8 * i + k
-            amax = np.float32(0.0)
+            sc, m = _scale_min(src[i, 4:16], k)
+            dk, mk = d * np.float32(sc), dmin * np.float32(m)
             for j in range(32):
-                amax = max(amax, abs(y[32 * k + j]))
-            dq = amax / np.float32(127.0)
-            inv = np.float32(1.0) / dq if dq > 0 else np.float32(0.0)
-            out16[r, 0] = _stored(dq, out16)
-            for j in range(32):
-                v = abs(y[32 * k + j] * inv)
-                q = np.int32(np.floor(v) + np.floor(np.float32(2.0) * (v - np.floor(v))))  # roundf
-                out[r, 2 + j] = np.uint8((-q if y[32 * k + j] < 0 else q) & 255)
+                lo, hi = np.int32(src[i, 48 + 32 * (k // 2) + j]), np.int32(src[i, 16 + j])
+                q = ((lo >> 4) if k % 2 else (lo & 15)) | (((hi >> k) & 1) << 4)
+                y[32 * k + j] = dk * np.float32(q) - mk
+        _as_q8_0(y, out, out16, 8 * i)
 
 
-CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_0: (1, _k_q5_0_as_q8_0), QT.Q6_K: (8, _k_q6_k_as_q8_0)}
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_0: (1, _k_q5_0_as_q8_0), QT.Q5_K: (8, _k_q5_k_as_q8_0),
+           QT.Q6_K: (8, _k_q6_k_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
 
 

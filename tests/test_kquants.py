@@ -9,8 +9,8 @@ from gguf import quants
 from engine.qtensor import NATIVE_TYPES, SCALES, QTensor
 
 # the block types converted, and the byte offsets of their f16 scales: set to small finite values, the other bytes
-# random (IQ4_XS, whose values `finite` reads through gguf-py, has its d first too)
-F16_AT = {q: at for q, at in SCALES.items() if q not in NATIVE_TYPES} | {QT.IQ4_XS: (0,)}
+# random
+F16_AT = {q: at for q, at in SCALES.items() if q not in NATIVE_TYPES}
 
 
 @pytest.fixture
@@ -21,19 +21,21 @@ def rng():
 def random_blocks(qtype, rows, cols, rng):
     n = rows * cols // GGML_QUANT_SIZES[qtype][0]
     b = rng.integers(0, 256, (n, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
-    for at in F16_AT[qtype]:
+    for at in F16_AT.get(qtype, ()):
         b[:, at:at + 2] = (rng.uniform(0.5, 2, (n, 1)) * 10.0 ** rng.integers(-6, -1, (n, 1))).astype(
             np.float16).view(np.uint8)
+    if qtype == QT.MXFP4:  # a power-of-two scale's exponent byte first
+        b[:, 0] = rng.integers(110, 126, n)
     return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
 
 
 @pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
     """Q5_0 becomes Q8_0 with the same values; Q4_K becomes Q4_1 within the f16 rounding of its scale products
-    (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K becomes gguf-py's Q8_0 of its
-    values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0 step and
-    127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and within 2^-25 below 2^-14
-    (subnormals), hence the absolute terms."""
+    (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K and Q5_K become gguf-py's Q8_0 of
+    their values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0
+    step and 127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and within 2^-25 below
+    2^-14 (subnormals), hence the absolute terms."""
     rows, cols = 13, 768
     t = random_blocks(qtype, rows, cols, rng)
     ref = quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float64)
@@ -44,7 +46,7 @@ def test_native_holds_the_values(qtype, rng):
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=2, keepdims=True)
     if qtype == QT.Q5_0:
         assert err.max() == 0
-    elif qtype == QT.Q6_K:  # the kernel's re-quantization is gguf-py's (ggml's), to the bit
+    elif qtype in (QT.Q6_K, QT.Q5_K):  # the kernels' re-quantization is gguf-py's (ggml's), to the bit
         np.testing.assert_array_equal(nat.data, quants.quantize(ref.astype(np.float32), QT.Q8_0))
     elif qtype == QT.Q4_K:
         assert (err <= 2.0 ** -9 * amax + 16 * 2.0 ** -25).all() and err.max() > 0
@@ -52,17 +54,30 @@ def test_native_holds_the_values(qtype, rng):
         assert (err <= (0.5 + 127 * 2.0 ** -11) * amax / 127 + 127 * 2.0 ** -25).all()
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q5_0, QT.IQ4_XS], ids=lambda q: q.name)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("qtype", list(F16_AT) + [QT.MXFP4], ids=lambda q: q.name)
 def test_finite_reads_each_type_s_scales(qtype, rng):
-    """`finite` (the loader's check) finds a NaN or infinite scale in any block of a type kept as stored."""
+    """`finite` (the loader's check) finds a NaN or infinite scale in any block of a type kept as stored: SCALES
+    names bytes whose NaN makes gguf-py's values NaN; MXFP4, whose scale is not an f16, is read through its values."""
     t = random_blocks(qtype, 6, 512, rng)
     assert t.finite() and t.finite(chunk=3)
     blocks = t.data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
-    for bad in (0x7E00, 0xFC00):  # NaN, -inf
-        at = F16_AT[qtype][-1]
-        blocks[7, at:at + 2] = np.array([bad], np.uint16).view(np.uint8)
+    for at, n, bad in [(at, 2, v) for at in F16_AT.get(qtype, ()) for v in (0x7E00, 0xFC00)] or [(0, 1, 0xFF)]:
+        blocks[7, at:at + n] = np.array([bad], np.uint16 if n == 2 else np.uint8).view(np.uint8)  # NaN, -inf
+        assert not np.isfinite(quants.dequantize(blocks[7:8], qtype)).all()
         assert not t.finite() and not t.finite(chunk=3)
-        blocks[7, at:at + 2] = blocks[6, at:at + 2]
+        blocks[7, at:at + n] = blocks[6, at:at + n]
+
+
+def test_a_scale_past_f16_once_converted_falls_back_to_f32(rng):
+    """Q4_K's d * sc can pass f16's 65504 where d alone does not (d 2000, sc up to 63): such a tensor is read
+    as F32 (its values as gguf-py gives them) rather than as Q4_1 scales of infinity."""
+    t = random_blocks(QT.Q4_K, 2, 256, rng)
+    t.data.reshape(-1, 144)[:, 0:2] = np.array([2000.0], np.float16).view(np.uint8)
+    assert t.finite() and t.native_type == QT.Q4_1
+    nat = t.native()
+    assert nat.qtype == QT.F32
+    np.testing.assert_array_equal(nat.data, quants.dequantize(t.data, QT.Q4_K).reshape(2, 256))
 
 
 def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
