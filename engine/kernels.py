@@ -49,6 +49,7 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
+from gguf import quants
 from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
 from numba.core import caching, cgutils
@@ -1133,8 +1134,43 @@ def _k_q5_k_as_q8_0(src, src16, out, out16):
         _as_q8_0(y, out, out16, 8 * i)
 
 
+_IQ4 = np.array(quants.IQ4_NL.kvalues, np.int32)  # IQ4_NL's and IQ4_XS's 16 values of a nibble (int8)
+
+
+@njit(inline="always", **_SERIAL)
+def _iq4_quants(src, i, o, out, r):
+    """Q8_0 block r's quants: the 32 IQ4 values of bytes o..o+15 of block i (value j the low nibble of byte j,
+    value j + 16 the high one)."""
+    for j in range(16):
+        q = src[i, o + j]
+        out[r, 2 + j] = np.uint8(_IQ4[q & 15] & 255)
+        out[r, 18 + j] = np.uint8(_IQ4[q >> 4] & 255)
+
+
+@njit(**_CONVERTING)
+def _k_iq4_nl_as_q8_0(src, src16, out, out16):
+    """(n, 18) IQ4_NL blocks (d, 16 bytes of nibbles indexing a table of int8 values) -> (n, 34) Q8_0 blocks of the
+    same values d * value."""
+    for i in prange(src.shape[0]):
+        out16[i, 0] = src16[i, 0]
+        _iq4_quants(src, i, 2, out, i)
+
+
+@njit(**_CONVERTING)
+def _k_iq4_xs_as_q8_0(src, src16, out, out16):
+    """(n, 136) IQ4_XS super-blocks (d, 16 high bits and 4 bytes of low nibbles of eight 6-bit scales, 128 bytes of
+    IQ4 nibbles) -> (8 n, 34) Q8_0 blocks: sub-block k is IQ4_NL's with the scale d (ls_k - 32) rounded to f16."""
+    for i in prange(src.shape[0]):
+        d, high = _widen(src16[i, 0]), np.int32(src16[i, 1])
+        for k in range(8):
+            low = np.int32(src[i, 4 + k // 2])
+            ls = (((low >> 4) if k % 2 else (low & 15)) | (((high >> (2 * k)) & 3) << 4)) - 32
+            out16[8 * i + k, 0] = _stored(d * np.float32(ls), out16)
+            _iq4_quants(src, i, 8 + 16 * k, out, 8 * i + k)
+
+
 CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_0: (1, _k_q5_0_as_q8_0), QT.Q5_K: (8, _k_q5_k_as_q8_0),
-           QT.Q6_K: (8, _k_q6_k_as_q8_0)}
+           QT.Q6_K: (8, _k_q6_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
 
 

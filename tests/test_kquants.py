@@ -31,7 +31,8 @@ def random_blocks(qtype, rows, cols, rng):
 
 @pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
-    """Q5_0 becomes Q8_0 with the same values; Q4_K becomes Q4_1 within the f16 rounding of its scale products
+    """Q5_0 and IQ4_NL become Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
+    scales; Q4_K becomes Q4_1 within the f16 rounding of its scale products
     (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K and Q5_K become gguf-py's Q8_0 of
     their values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0
     step and 127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and within 2^-25 below
@@ -44,8 +45,10 @@ def test_native_holds_the_values(qtype, rng):
     assert nat.data.shape == (rows, cols // 32 * GGML_QUANT_SIZES[nat.qtype][1])
     err = np.abs(nat.dequantize() - ref).reshape(rows, -1, 32)
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=2, keepdims=True)
-    if qtype == QT.Q5_0:
+    if qtype in (QT.Q5_0, QT.IQ4_NL):
         assert err.max() == 0
+    elif qtype == QT.IQ4_XS:  # a scale d * (ls - 32) rounded to f16, times int8 values up to 127
+        assert (err <= 2.0 ** -10 * amax + 127 * 2.0 ** -25).all() and err.max() > 0
     elif qtype in (QT.Q6_K, QT.Q5_K):  # the kernels' re-quantization is gguf-py's (ggml's), to the bit
         np.testing.assert_array_equal(nat.data, quants.quantize(ref.astype(np.float32), QT.Q8_0))
     elif qtype == QT.Q4_K:
