@@ -166,24 +166,17 @@ class KernelModel:
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
         self.c, self.n_ctx = c, n_ctx
-        mats = [t for t in tensors.values() if len(t.shape) == 2]
-        converted = {}  # stored type -> the types the kernels read it as (QTensor.native)
-        for t in mats:
-            if t.native_type != t.qtype:
-                converted.setdefault(t.qtype, set()).add(t.native_type)
-        if converted:
-            said = (f"{q.name} as {'/'.join(sorted(n.name for n in to))}"
-                    f"{'' if q in AS_NATIVE or to == {QT.F32} else ' (re-quantized)'}"
-                    for q, to in sorted(converted.items()))
-            print(f"hotcold: note: the kernels read {', '.join(said)}", file=sys.stderr)
-        widened = sorted({t.native_type.name for t in mats if t.native_type not in K.KERNEL_TYPES})
+        widened = sorted({t.qtype.name for t in tensors.values() if t.native_type not in K.KERNEL_TYPES})
         if widened:
             print(f"hotcold: note: the kernels widen {', '.join(widened)} matrices to F32 (twice their memory); "
                   "`hotcold export --outtype f16` keeps them at their size", file=sys.stderr)
+        read_as = set()  # (stored type, the type the kernels read it as: QTensor.native), for the note below
 
         def prepare(t: QTensor) -> K.KMatrix:  # one at a time: a converted copy goes before the next is made
-            t = t.native()
-            return K.prepare(t if t.qtype in K.KERNEL_TYPES else t.with_dequantized())
+            n = t.native()
+            if n.qtype != t.qtype:
+                read_as.add((t.qtype, n.qtype))
+            return K.prepare(n if n.qtype in K.KERNEL_TYPES else n.with_dequantized())
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
         keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].native_type in K.BLOCK_TYPES
@@ -206,6 +199,11 @@ class KernelModel:
         self.embd = tensors["token_embd.weight"]  # rows looked up as stored
         self.lm_head = prepare(tensors["token_embd.weight" if c.tied_embeddings else "output.weight"])
         self.mats["output.weight"] = self.lm_head
+        if read_as:
+            said = (f"{q.name} as {to.name}"
+                    f"{'' if to == AS_NATIVE.get(q) else ' (re-quantized)' if to == QT.Q8_0 else ' (widened)'}"
+                    for q, to in sorted(read_as))
+            print(f"hotcold: note: the kernels read {', '.join(said)}", file=sys.stderr)
         self.out_norm = vector(tensors["output_norm.weight"])
         # what the torch prefill reads (`torch`): the same prepared matrices, dequantized in row chunks
         small = {k: t for k, t in tensors.items() if len(t.shape) == 1 or k == "token_embd.weight"}

@@ -900,11 +900,15 @@ def prepare(qt: QTensor) -> KMatrix:
 
 def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
-    re-quantized: the same type for F32/F16, F32 for BF16, Q8_0 otherwise."""
+    re-quantized: the same type for F32/F16, F32 for BF16, Q8_0 otherwise (F32 where a Q8_0 scale would pass f16's
+    range, as `QTensor.native` does)."""
     qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.F32 if qt.qtype == QT.BF16 else QT.Q8_0
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
-    return prepare(QTensor.from_float(np.ascontiguousarray(qt.dequantize().T), qtype))
+    a = np.ascontiguousarray(qt.dequantize().T)
+    with np.errstate(over="ignore"):  # an f16 scale past 65504: infinity, which the F32 fallback replaces
+        t = QTensor.from_float(a, qtype)
+    return prepare(t if qtype != QT.Q8_0 or t.finite() else QTensor.from_float(a))
 
 
 def _exact(exact: bool) -> tuple:

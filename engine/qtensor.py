@@ -20,7 +20,8 @@ NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
 # in Q8_0's int8 (the same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16)
 AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.Q5_0: QT.Q8_0, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
 # byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
-# small integers): d (Q8_0, Q4_0, Q5_0, IQ4_NL, Q6_K, Q3_K), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K)
+# small numbers): d (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, the IQ and TQ types), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K,
+# Q2_K); `finite` reads these, and the values of types not here
 SCALES = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.IQ4_NL: (0,),
           QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,), QT.Q3_K: (108,), QT.Q2_K: (80, 82), QT.IQ4_XS: (0,),
           QT.IQ3_S: (0,), QT.IQ3_XXS: (0,), QT.IQ2_S: (0,), QT.IQ2_XS: (0,), QT.IQ2_XXS: (0,), QT.IQ1_S: (0,),
@@ -83,7 +84,7 @@ class QTensor:
 
     def native(self, rows: int = 4096) -> QTensor:
         """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
-        block type (Q6_K, Q5_K, Q5_1, IQ4_NL, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not
+        block type (Q6_K, Q5_K, Q5_1, Q3_K, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not
         a matrix, or rows not whole 32-value blocks, or a scale of the result past f16's range, not the source's). The
         kernels convert Q4_K, Q5_0, Q5_K, Q6_K, IQ4_NL and IQ4_XS (`kernels.CONVERT`); the other types go through
         gguf-py's dequantization, `rows` rows at a time."""
@@ -102,7 +103,9 @@ class QTensor:
             out = np.empty((n, cols // 32 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
             for r in range(0, n, rows):
                 part = blocks[r:r + rows]
-                out[r:r + rows] = quants.quantize(quants.dequantize(part, self.qtype).reshape(len(part), cols), qtype)
+                with np.errstate(over="ignore"):  # a scale past f16's range: infinity, which the F32 fallback replaces
+                    out[r:r + rows] = quants.quantize(quants.dequantize(part, self.qtype).reshape(len(part), cols),
+                                                      qtype)
         done = QTensor(qtype, self.shape, out)
         return done if done.finite() else self.with_dequantized()  # a scale past f16's range (absurd weights): F32
 

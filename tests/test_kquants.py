@@ -137,3 +137,30 @@ def test_export_q4_1_keeps_the_q4_k_blocks_as_the_kernels_read_them(data_dir, tm
         elif t.qtype == QT.Q6_K:
             assert out.tensors[name].qtype == QT.Q4_1
             np.testing.assert_array_equal(out.tensors[name].data, QTensor.from_float(t.dequantize(), QT.Q4_1).data)
+
+
+def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
+    """A Q4_K block of blk.0.ffn_down with d 60000 (d * sc past 65504): the kernels read that matrix as F32 and say
+    so, the sparse path's transposed down is F32 too (its Q8_0 scales would pass 65504 as well), and an export to a
+    type that cannot hold its values stops with one line naming the tensor."""
+    import gguf
+
+    from engine import kernels as K
+    from engine.api import load
+    from tools.cli import main
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(open(f"{data_dir}/tiny_q4_k_m.gguf", "rb").read())
+    t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type == QT.Q4_K
+    with open(path, "r+b") as fh:
+        fh.seek(int(t.data_offset))
+        fh.write(np.array([60000.0], np.float16).tobytes())
+    m = load(str(path), n_ctx=64)
+    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in capsys.readouterr().err
+    L = m.net.layers[0]
+    assert L.down.qtype == QT.F32 and K.transpose(L.down_src).qtype == QT.F32 and L.down_t.qtype == QT.F32
+    assert np.isfinite(m.logits(list(range(2, 12))).numpy()).all()
+    code = main(["export", "-m", str(path), "--format", "gguf", "--outtype", "q4_1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "tensor blk.0.ffn_down.weight: values up to" in err, err
+    assert not list(tmp_path.glob("out*"))

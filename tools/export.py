@@ -76,11 +76,19 @@ class Out:
 
     def data(self) -> np.ndarray:
         """The stored form: the source's own bytes when type and layout stay, or the kernels' form of them when it is
-        of the type (Q4_K as Q4_1, Q5_0 as Q8_0: `QTensor.native`), so nothing is rounded twice."""
-        if self.src.native_type == self.qtype and not self.transpose:
-            return np.ascontiguousarray(self.src.native().data)
+        of the type (Q4_K as Q4_1, Q5_0 and IQ4 as Q8_0: `QTensor.native`), so nothing is rounded twice. Values past
+        the range of the type's f16 scales: one line naming the tensor."""
+        if not self.transpose:
+            n = self.src.native() if self.src.native_type == self.qtype else self.src
+            if n.qtype == self.qtype:
+                return np.ascontiguousarray(n.data)
         a = self.src.dequantize()
-        return QTensor.from_float(a.T if self.transpose else a, self.qtype).data
+        with np.errstate(over="ignore"):  # said below, in one line
+            out = QTensor.from_float(a.T if self.transpose else a, self.qtype)
+        if self.qtype != QT.F32 and not out.finite():
+            raise HotcoldError(f"tensor {self.name}: values up to {np.abs(a).max():.4g} pass what {self.qtype.name} "
+                               "holds (its f16 numbers end at 65504)")
+        return out.data
 
 
 def stored_type(shape: tuple[int, ...], qtype: QT) -> QT:
