@@ -475,10 +475,20 @@ def cmd_tokenize(args) -> None:
         print(" ".join(map(str, ids)))
 
 
+def running_bar(total: int, desc: str, unit: str, quiet: bool, name: str, fmt: str):
+    """A progress bar on stderr (none when quiet: --json) and its callback(k, value): a step, the running value
+    shown as name=value."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=quiet or None, file=sys.stderr)
+
+    def step(k, value):
+        bar.update(1)
+        bar.set_postfix({name: format(value, fmt)})
+    return bar, step
+
+
 def hellaswag_cmd(args) -> None:
     """perplexity -f FILE --hellaswag (tools/hellaswag.py)."""
-    from tqdm import tqdm
-
     from tools.hellaswag import hellaswag, read_tasks
     given = [f for f, v in (("--chunks", args.chunks), ("--first-chunk", args.first_chunk),
                             ("--kl-divergence-base", args.kl_divergence_base), ("--kl-divergence", args.kl_divergence))
@@ -488,12 +498,7 @@ def hellaswag_cmd(args) -> None:
                            + (f", not {given[0]}" if given else ""))
     tasks = read_tasks(args.file[0])[:args.hellaswag_tasks]
     model = load_model(args, n_ctx=args.ctx or 512)
-    bar = tqdm(total=len(tasks), desc="hellaswag", unit="task", disable=args.json or None, file=sys.stderr)
-
-    def progress(k, acc):
-        bar.update(1)
-        bar.set_postfix(acc=f"{acc:.2%}")
-
+    bar, progress = running_bar(len(tasks), "hellaswag", "task", args.json, "acc", ".2%")
     res = hellaswag(model, tasks, progress)
     bar.close()
     if args.json:
@@ -505,8 +510,6 @@ def hellaswag_cmd(args) -> None:
 
 
 def cmd_perplexity(args) -> None:
-    from tqdm import tqdm
-
     from tools import kld
     from tools.profile import read_corpus
     if args.hellaswag:
@@ -535,11 +538,7 @@ def cmd_perplexity(args) -> None:
         model = load_model(args, n_ctx=ctx)
         tokens = model.tokenize(text, special=False)  # BOS first where the model adds one, as llama.cpp
         scored = model.chunk_range(len(tokens), ctx, args.chunks, args.first_chunk or 0, ", ".join(args.file))
-    bar = tqdm(total=len(scored), desc="perplexity", unit="chunk", disable=args.json or None, file=sys.stderr)
-
-    def progress(k, ppl):
-        bar.update(1)
-        bar.set_postfix(ppl=f"{ppl:.4f}")
+    bar, progress = running_bar(len(scored), "perplexity", "chunk", args.json, "ppl", ".4f")
 
     def run(each=None):
         return model.perplexity(tokens, ctx, len(scored), scored.start, progress, each)
