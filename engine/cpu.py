@@ -166,7 +166,8 @@ class KernelModel:
 
     def __init__(self, c: ModelConfig, tensors: dict[str, QTensor], n_ctx: int, cache_type: str = "f16"):
         self.c, self.n_ctx = c, n_ctx
-        widened = sorted({t.qtype.name for t in tensors.values() if t.native_type not in K.KERNEL_TYPES})
+        widened = sorted({t.qtype.name for t in tensors.values()
+                          if len(t.shape) == 2 and t.native_type not in K.KERNEL_TYPES})
         if widened:
             print(f"hotcold: note: the kernels widen {', '.join(widened)} matrices to F32 (twice their memory); "
                   "`hotcold export --outtype f16` keeps them at their size", file=sys.stderr)

@@ -1032,10 +1032,11 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
 
 # ---------------------------------------------------------------------------------------------------------
 # Conversions at load (`QTensor.native`): block types the kernels do not read, written into ones they do, block
-# by block with nothing in between (numpy's versions held several temporaries a tensor, which the allocator kept:
-# 150 MB more resident for a 105 MB Q4_K_M file, and ran at 17-30 MB/s). Each takes the blocks as bytes and as
-# u16 (the same memory) to read and write the f16 scales. No fastmath: the arithmetic is ggml's, in its order.
+# by block with nothing in between (numpy's versions made several temporaries a tensor and ran at 17-30 MB/s; these
+# 350-750 MB/s). Each takes the blocks as bytes and as u16 (the same memory) to read and write the f16 scales. No
+# fastmath: the arithmetic is ggml's, in its order.
 _CONVERTING = dict(_PARALLEL, fastmath=False)
+
 
 @njit(inline="always", **_SERIAL)
 def _s8(v):

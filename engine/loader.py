@@ -269,7 +269,8 @@ def tensor_from_reader(t) -> QTensor:
     if qtype in (QT.F32, QT.F16):
         data = np.asarray(data).reshape(shape)
     if qtype not in NATIVE_TYPES:  # kept as stored (the kernels convert it: QTensor.native) if gguf-py can read it
-        quants.dequantize(np.asarray(data).reshape(-1)[:GGML_QUANT_SIZES[qtype][1]], qtype)
+        with np.errstate(all="ignore"):  # a bad scale is `finite`'s to name, in one line
+            quants.dequantize(np.asarray(data).reshape(-1)[:GGML_QUANT_SIZES[qtype][1]], qtype)
     return QTensor(qtype, shape, data)
 
 

@@ -156,7 +156,8 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
         fh.seek(int(t.data_offset))
         fh.write(np.array([60000.0], np.float16).tobytes())
     m = load(str(path), n_ctx=64)
-    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in err, err
     L = m.net.layers[0]
     assert L.down.qtype == QT.F32 and K.transpose(L.down_src).qtype == QT.F32 and L.down_t.qtype == QT.F32
     assert np.isfinite(m.logits(list(range(2, 12))).numpy()).all()
