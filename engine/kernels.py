@@ -900,9 +900,9 @@ def prepare(qt: QTensor) -> KMatrix:
 
 def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
-    re-quantized: the same type for F32/F16, F32 for BF16, Q8_0 otherwise (F32 where a Q8_0 scale would pass f16's
-    range, as `QTensor.native` does)."""
-    qtype = qt.qtype if qt.qtype in (QT.F32, QT.F16) else QT.F32 if qt.qtype == QT.BF16 else QT.Q8_0
+    re-quantized as `QTensor.remade_type` says (F32 where a Q8_0 scale would pass f16's range, as `QTensor.native`
+    does)."""
+    qtype = qt.remade_type
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
     a = np.ascontiguousarray(qt.dequantize().T)

@@ -14,7 +14,6 @@ import math
 import os
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
 from .config import HotcoldError, finite_number, hf_to_gguf_name
 from .files import error_text, read_json
@@ -120,10 +119,6 @@ def check_carried(ckpt: Checkpoint) -> None:
                            "changes their FFN; --no-predictors, or --predictors trained with it")
 
 
-def merged_type(t: QTensor) -> QT:
-    return t.qtype if t.qtype in (QT.F32, QT.F16) else QT.F32 if t.qtype == QT.BF16 else QT.Q8_0
-
-
 def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
     """Merge each (path, scale) adapter into ckpt.tensors, in place (llama.cpp sums several the same way), one
     matrix at a time (float32: its weights and the sum of its deltas). Scale 0 leaves a matrix as it is."""
@@ -162,4 +157,4 @@ def apply_lora(ckpt: Checkpoint, adapters: list[tuple[str, float]]) -> None:
         w = np.array(t.dequantize(), np.float32)  # (rows, cols), a copy
         for k, A, B in ts:
             w += k * (B @ A)
-        ckpt.tensors[name] = QTensor.from_float(w, merged_type(t))
+        ckpt.tensors[name] = QTensor.from_float(w, t.remade_type)

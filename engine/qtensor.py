@@ -76,6 +76,13 @@ class QTensor:
         return QTensor(QT.F32, self.shape, self.dequantize())
 
     @property
+    def remade_type(self) -> QT:
+        """The type a matrix computed from this one's values is stored in (a LoRA merge, the sparse path's transpose):
+        F32 and F16 as they are, BF16 as F32, block types as Q8_0 (finer than the 4-bit ones: requantizing adds less
+        than their own rounding)."""
+        return self.qtype if self.qtype in (QT.F32, QT.F16) else QT.F32 if self.qtype == QT.BF16 else QT.Q8_0
+
+    @property
     def native_type(self) -> QT:
         """The type `native` gives."""
         if self.qtype in NATIVE_TYPES:
