@@ -1109,15 +1109,12 @@ def _k_q6_k_as_q8_0(src, src16, out, out16):
         y = np.empty(256, np.float32)
         for h in range(2):  # two halves of 128 values, in ggml's dequantize_row_q6_K order
             for j in range(32):
-                lo, hi, hb = src[i, 64 * h + j], src[i, 64 * h + 32 + j], src[i, 128 + 32 * h + j]
-                s = 192 + 8 * h + j // 16
-                y[128 * h + j] = d * np.float32(_s8(src[i, s])) * np.float32(((lo & 15) | ((hb & 3) << 4)) - 32)
-                y[128 * h + 32 + j] = d * np.float32(_s8(src[i, s + 2])) * np.float32(
-                    ((hi & 15) | (((hb >> 2) & 3) << 4)) - 32)
-                y[128 * h + 64 + j] = d * np.float32(_s8(src[i, s + 4])) * np.float32(
-                    ((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32)
-                y[128 * h + 96 + j] = d * np.float32(_s8(src[i, s + 6])) * np.float32(
-                    ((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32)
+                hb = np.int32(src[i, 128 + 32 * h + j])  # bit pair p: value 32 p + j's high bits
+                for p in range(4):  # low nibbles of bytes j and 32 + j (p 0, 1), then their high nibbles (2, 3)
+                    q = ((np.int32(src[i, 64 * h + 32 * (p % 2) + j]) >> (4 * (p // 2))) & 15) | (
+                        ((hb >> (2 * p)) & 3) << 4)
+                    sc = _s8(src[i, 192 + 8 * h + j // 16 + 2 * p])
+                    y[128 * h + 32 * p + j] = d * np.float32(sc) * np.float32(q - 32)
         _as_q8_0(y, out, out16, 8 * i)
 
 
