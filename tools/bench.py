@@ -188,6 +188,8 @@ def llamacpp_here(path: str, threads: int, ids: list[int], n: int) -> dict | Non
 def time_to_first_token(args, n_ctx: int) -> float:
     """Seconds from starting a new `hotcold generate -n 1` process (JIT cache warm: this run compiled) to its exit:
     imports, loading, prefill and the first token."""
+    from tools.cli import adapters
+
     def given(key: str) -> str:  # the child runs in the checkout: files named relative to the user's folder made whole
         v = str(getattr(args, key))
         return os.path.abspath(v) if key in ("model", "sparsity", "predictors", "split") and os.path.exists(v) else v
@@ -196,8 +198,8 @@ def time_to_first_token(args, n_ctx: int) -> float:
            str(n_ctx)]
     cmd += (["-m", given("model")] if args.model else []) + ["-t", str(args.threads)]
     cmd += ["--no-predictors"] if args.no_predictors else []
-    for f, scale in [(f, "1") for f in args.lora] + args.lora_scaled:
-        cmd += ["--lora-scaled", os.path.abspath(f), scale]
+    for f, scale in adapters(args):
+        cmd += ["--lora-scaled", os.path.abspath(f), repr(scale)]
     for key in ("backend", "cache_type", "sparsity", "predictors", "split", "gpu_budget", "hot_device",
                 "predictor_type"):  # the model as this bench runs it (no --audit-recall: it only slows the step)
         if getattr(args, key, None) is not None:

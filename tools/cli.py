@@ -316,9 +316,10 @@ def adapters(args) -> list[tuple[str, float]]:
 def lora_merged(ckpt, args):
     """ckpt (an engine.loader.Checkpoint) with --lora's adapters merged into its tensors, for the commands that load
     a checkpoint rather than a model (export, train-predictors, eval-predictors)."""
-    if adapters(args):
+    given = adapters(args)
+    if given:
         from engine.lora import apply_lora
-        apply_lora(ckpt, adapters(args))
+        apply_lora(ckpt, given)
     return ckpt
 
 
