@@ -1,16 +1,19 @@
 """Numba CPU kernels on weights in their GGUF block formats: dense and row-subset matvec, axpy over rows of a
 transposed matrix, and the fused sparse FFN of the decode path.
 
-Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1).
-`prepare` only splits each row's blocks into structure-of-arrays form, which costs no extra bytes:
+Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0,
+Q5_1). `prepare` only splits each row's blocks into structure-of-arrays form, which costs no extra bytes:
 
     F32 / F16   w  f32 | u16 (f16 bits)  (rows, cols)
-    Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                    value = d * q
-    Q4_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    value = d * (q - 8)
-    Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  value = d * q + m
+    Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                                        value = d * q
+    Q4_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                                        value = d * (q - 8)
+    Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)                      value = d * q + m
+    Q5_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    h u8 (rows, 4 nb)  value = d * (q - 16)
+    Q5_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  h u8 (rows, 4 nb)  value = d * q + m
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
-nibble and element j + 16 in its high nibble).
+nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit, bit j of a block's 4 bytes of h
+(little-endian) for element j, and the kernels put it back in the block's quants as they load them (`_quants`).
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -64,7 +67,7 @@ BLOCK = 32  # weights per block, for every block type here
 PREFETCH = 4  # the sparse FFN fetches the rows of the neuron this many places ahead (into L2)
 AHEAD = 4096  # bytes: loops over consecutive rows fetch the row about this far ahead (into L2)
 DENSE_FROM = 0.75  # ffn with `down`: active sets of at least this share of n_ff go through the untransposed down
-BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
+BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
@@ -212,8 +215,9 @@ def _splat(builder, v, n):
     return builder.shuffle_vector(vec, vec, ir.Constant(_vec(_I32, n), [0] * n))
 
 
-def _quants(context, builder, qty, q, b, n=1):
-    """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order: Q8_0 bytes (i8), or Q4 nibbles (u8)."""
+def _quants(context, builder, qty, q, b, n=1, hty=types.none, hb=None):
+    """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order: Q8_0 bytes (i8), Q4 nibbles (u8), or Q5
+    nibbles (u8) with 16 added where the row's high bits hb (hty a u8 row, 4 bytes a block) set element j's bit j."""
     if qty.dtype == types.int8:
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
     h = BLOCK // 2
@@ -221,7 +225,15 @@ def _quants(context, builder, qty, q, b, n=1):
     lo = builder.and_(half, ir.Constant(half.type, [15] * h * n))  # elements 0..15 of each block
     hi = builder.lshr(half, ir.Constant(half.type, [4] * h * n))  # elements 16..31
     order = [o + k * h + j for k in range(n) for o in (0, h * n) for j in range(h)]  # block k: lo k, then hi k
-    return builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
+    nib = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
+    if hty is types.none:
+        return nib
+    bits = _load(context, builder, hty, hb, builder.mul(b, ir.Constant(b.type, 4)), 4 * n)  # <4 n x i8>
+    lanes = [(k, j) for k in range(n) for j in range(BLOCK)]
+    byte = builder.shuffle_vector(bits, bits, ir.Constant(_vec(_I32, BLOCK * n), [4 * k + j // 8 for k, j in lanes]))
+    mask = ir.Constant(nib.type, [1 << j % 8 for _, j in lanes])  # element j's bit of its byte
+    on = builder.icmp_unsigned("!=", builder.and_(byte, mask), ir.Constant(nib.type, None))
+    return builder.or_(nib, builder.select(on, ir.Constant(nib.type, [16] * BLOCK * n), ir.Constant(nib.type, None)))
 
 
 def _extend(builder, qty, q, ty):
@@ -241,6 +253,11 @@ def _reduce(builder, v):
 
 def _is_row(ty, dtypes):
     return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype in dtypes
+
+
+def _high_ok(hb):
+    """A row of Q5 high bits (u8), or None."""
+    return hb is types.none or _is_row(hb, (types.uint8,))
 
 
 def _like(v, t):
@@ -369,20 +386,21 @@ def _stored(typingctx, v, a):
 
 
 @intrinsic
-def _dot_row(typingctx, q, d, x, xd):
-    """sum_b f16(d[b]) * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0 or u8 Q4),
-    d its u16 scales. x f32, or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x).
-    Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per block. With
-    vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one Xeon core, in cache: a Q4_1 row of
-    576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block goes alone."""
-    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(d, (types.uint16,))
+def _dot_row(typingctx, q, hb, d, x, xd):
+    """sum_b f16(d[b]) * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0 or u8 Q4/Q5)
+    with hb its Q5 high bits (None for the others, see `_quants`), d its u16 scales. x f32, or int8/int16 with
+    per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two, alternating blocks)
+    and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step takes two blocks in
+    512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against
+    int16 x 148.9 -> 107.6 ns); an odd last block goes alone."""
+    if not (_is_row(q, (types.int8, types.uint8)) and _high_ok(hb) and _is_row(d, (types.uint16,))
             and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
-        qty, dty, xty, xdty = sig.args
-        q, d, x, xd = args
+        qty, hty, dty, xty, xdty = sig.args
+        q, hb, d, x, xd = args
         nb = context.make_array(dty)(context, builder, d).nitems
         one = ir.Constant(nb.type, 1)
         n = 1 if exact or ISA != "vnni512" else 2  # blocks a step
@@ -393,7 +411,7 @@ def _dot_row(typingctx, q, d, x, xd):
             w = BLOCK if exact else 8 * k
             s = _f16_to_f32(builder, _load(context, builder, dty, d, b, k) if k > 1 else
                             builder.load(_ptr(context, builder, dty, d, b)))
-            qv = _quants(context, builder, qty, q, b, k)
+            qv = _quants(context, builder, qty, q, b, k, hty, hb)
             xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * k)
             if exact:
                 v = builder.fmul(_extend(builder, qty, qv, _vec(_F32, BLOCK)), xv, flags=_FAST)
@@ -424,7 +442,7 @@ def _dot_row(typingctx, q, d, x, xd):
         with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, one), ir.Constant(nb.type, 0))):
             step(builder.sub(nb, one), accs[n - 1], 1)
         return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
-    return types.float32(q, d, x, xd), codegen
+    return types.float32(q, hb, d, x, xd), codegen
 
 
 @intrinsic
@@ -480,22 +498,22 @@ def _dot(typingctx, a, b, n):
 
 
 @intrinsic
-def _axpy_block(typingctx, q, b, scale, offset, out):
-    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q."""
-    if not (_is_row(q, (types.int8, types.uint8)) and _is_row(out, (types.float32,))):
+def _axpy_block(typingctx, q, hb, b, scale, offset, out):
+    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its Q5 high bits, or None)."""
+    if not (_is_row(q, (types.int8, types.uint8)) and _high_ok(hb) and _is_row(out, (types.float32,))):
         return None
 
     def codegen(context, builder, sig, args):
-        qty, _, _, _, oty = sig.args
-        q, b, scale, offset, out = args
-        qv = _extend(builder, qty, _quants(context, builder, qty, q, b), _vec(_F32, BLOCK))
+        qty, hty, _, _, _, oty = sig.args
+        q, hb, b, scale, offset, out = args
+        qv = _extend(builder, qty, _quants(context, builder, qty, q, b, 1, hty, hb), _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
         ov = _load(context, builder, oty, out, i, BLOCK)
         upd = builder.fadd(builder.fmul(qv, _splat(builder, scale, BLOCK), flags=_FAST),
                            _splat(builder, offset, BLOCK), flags=_FAST)
         p = _ptr(context, builder, oty, out, i)
         builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
-    return types.void(q, b, types.float32, types.float32, out), codegen
+    return types.void(q, hb, b, types.float32, types.float32, out), codegen
 
 
 @intrinsic
@@ -517,9 +535,9 @@ def _prefetch(typingctx, a, i):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-row helpers. A weight W = (w, d, m) as in KMatrix.W, with d = m = None for F32/F16 and m = None
-# for Q8_0/Q4_0; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at typing time
-# (one compiled version per combination) and the helpers are inlined into the kernels.
+# Per-row helpers. A weight W = (w, d, m, h) as in KMatrix.W: d = m = h = None for F32/F16, m None but for
+# Q4_1/Q5_1, h None but for Q5_0/Q5_1; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at
+# typing time (one compiled version per combination) and the helpers are inlined into the kernels.
 
 @njit(inline="always", **_SERIAL)
 def _prep_x(x, X):
@@ -559,7 +577,15 @@ def _row_axpy(W, r, s, out):
 
 
 def _block_min(W, r, b, db):
-    """The offset m of block b of row r: stored (Q4_1), -8 d (Q4_0) or 0 (Q8_0)."""
+    """The offset m of block b of row r: stored (Q4_1, Q5_1), -16 d (Q5_0), -8 d (Q4_0) or 0 (Q8_0)."""
+
+
+def _high(W, r):
+    """Row r of W's Q5 high bits, or None."""
+
+
+def _prefetch_rows(a, r):
+    """`_prefetch_row` where a is an array (None: nothing)."""
 
 
 def _row_prefetch(W, r):
@@ -572,11 +598,20 @@ def _row_hidden(G, U, i, x, X, act, threshold, exact):
 
 @overload(_block_min, inline="always")
 def _block_min_impl(W, r, b, db):
-    if not isinstance(W[2], types.NoneType):  # Q4_1
+    if not isinstance(W[2], types.NoneType):  # Q4_1, Q5_1
         return lambda W, r, b, db: _widen(W[2][r, b])
+    if not isinstance(W[3], types.NoneType):  # Q5_0
+        return lambda W, r, b, db: np.float32(-16.0) * db
     if W[0].dtype == types.uint8:  # Q4_0
         return lambda W, r, b, db: np.float32(-8.0) * db
     return lambda W, r, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
+
+
+@overload(_high, inline="always")
+def _high_impl(W, r):
+    if isinstance(W[3], types.NoneType):
+        return lambda W, r: None
+    return lambda W, r: W[3][r]
 
 
 @overload(_row_dot, inline="always")
@@ -592,10 +627,10 @@ def _row_dot_impl(W, r, x, X, exact):
         if exact:
             for b in range(d.size):
                 off += _block_min(W, r, b, _widen(d[b])) * xs[b]
-            return _dot_row(wr, d, x, xd) + off
+            return _dot_row(wr, _high(W, r), d, x, xd) + off
         for b in range(d.size):
             off += _block_min(W, r, b, _widen(d[b])) * xqs[b]
-        return _dot_row(wr, d, xq, xd) + off
+        return _dot_row(wr, _high(W, r), d, xq, xd) + off
     return blocks
 
 
@@ -612,7 +647,7 @@ def _row_axpy_impl(W, r, s, out):
         wr, d = W[0][r], W[1]
         for b in range(d.shape[1]):
             db = _widen(d[r, b])
-            _axpy_block(wr, b, s * db, s * _block_min(W, r, b, db), out)
+            _axpy_block(wr, _high(W, r), b, s * db, s * _block_min(W, r, b, db), out)
     return blocks
 
 
@@ -647,23 +682,24 @@ def _prefetch_next(W, rows, j, n):
         _row_prefetch(W, np.int64(rows[j + PREFETCH]))
 
 
+@overload(_prefetch_rows, inline="always")
+def _prefetch_rows_impl(a, r):
+    if isinstance(a, types.NoneType):
+        return lambda a, r: None
+    return lambda a, r: _prefetch_row(a, r)
+
+
 @overload(_row_prefetch, inline="always")
 def _row_prefetch_impl(W, r):
     if isinstance(W, types.NoneType):  # no gate
         return lambda W, r: None
-    if _dense(W):
-        return lambda W, r: _prefetch_row(W[0], r)
-    if isinstance(W[2], types.NoneType):
-        def wd(W, r):
-            _prefetch_row(W[0], r)
-            _prefetch_row(W[1], r)
-        return wd
 
-    def wdm(W, r):
-        _prefetch_row(W[0], r)
-        _prefetch_row(W[1], r)
-        _prefetch_row(W[2], r)
-    return wdm
+    def rows(W, r):
+        _prefetch_rows(W[0], r)
+        _prefetch_rows(W[1], r)
+        _prefetch_rows(W[2], r)
+        _prefetch_rows(W[3], r)
+    return rows
 
 
 @overload(_row_hidden, inline="always")
@@ -851,10 +887,10 @@ def _k_ffn_scored(G, U, DT, D, x, act, threshold, norms, t, dense_from, ids, h, 
 class KMatrix:
     """A weight matrix in kernel layout (see the module docstring), built once at load by `prepare`."""
 
-    def __init__(self, qtype: QT, rows: int, cols: int, w, d=None, m=None):
+    def __init__(self, qtype: QT, rows: int, cols: int, w, d=None, m=None, h=None):
         self.qtype, self.rows, self.cols = qtype, rows, cols
-        self.W = (w, d, m)  # what the kernels read
-        self.nbytes = sum(int(a.nbytes) for a in (w, d, m) if a is not None)
+        self.W = (w, d, m, h)  # what the kernels read
+        self.nbytes = sum(int(a.nbytes) for a in self.W if a is not None)
         nb = cols // BLOCK if cols % BLOCK == 0 else 0  # x scratch: per-block sums and quants (see _prep_x)
         self.X, self.X16 = ((np.zeros(nb, np.float32), np.zeros(nb * BLOCK, t), np.zeros(nb, np.float32),
                              np.zeros(nb, np.float32)) for t in (np.int8, np.int16))  # X16: the dense FFN's h
@@ -868,7 +904,7 @@ class KMatrix:
 
 
 def prepare(qt: QTensor) -> KMatrix:
-    """A KMatrix from a 2-D QTensor of type F32, F16, Q8_0, Q4_0 or Q4_1 (same bytes, blocks split into arrays)."""
+    """A KMatrix from a 2-D QTensor of one of KERNEL_TYPES (same bytes, blocks split into arrays)."""
     if qt.qtype not in KERNEL_TYPES:
         raise ValueError(f"kernels: {qt.qtype.name} matrix {qt.shape}: type not supported "
                          f"({', '.join(t.name for t in KERNEL_TYPES)})")
@@ -888,14 +924,18 @@ def prepare(qt: QTensor) -> KMatrix:
     def f16s(a, b):  # header bytes a:b of every block -> (rows, nb) u16
         return np.ascontiguousarray(blocks[:, :, a:b]).view(np.uint16).reshape(rows, nb)
 
-    def quants(a, dtype):  # bytes a: of every block -> (rows, row quant bytes)
-        return np.ascontiguousarray(blocks[:, :, a:]).reshape(rows, -1).view(dtype)
+    def quants(a, dtype, b=None):  # bytes a:b of every block -> (rows, nb * (b - a))
+        return np.ascontiguousarray(blocks[:, :, a:b]).reshape(rows, -1).view(dtype)
 
     if qt.qtype == QT.Q8_0:
         return KMatrix(qt.qtype, rows, cols, quants(2, np.int8), f16s(0, 2))
     if qt.qtype == QT.Q4_0:
         return KMatrix(qt.qtype, rows, cols, quants(2, np.uint8), f16s(0, 2))
-    return KMatrix(qt.qtype, rows, cols, quants(4, np.uint8), f16s(0, 2), f16s(2, 4))
+    if qt.qtype == QT.Q4_1:
+        return KMatrix(qt.qtype, rows, cols, quants(4, np.uint8), f16s(0, 2), f16s(2, 4))
+    if qt.qtype == QT.Q5_0:
+        return KMatrix(qt.qtype, rows, cols, quants(6, np.uint8), f16s(0, 2), None, quants(2, np.uint8, 6))
+    return KMatrix(qt.qtype, rows, cols, quants(8, np.uint8), f16s(0, 2), f16s(2, 4), quants(4, np.uint8, 8))
 
 
 def transpose(qt: QTensor) -> KMatrix:
@@ -1070,19 +1110,6 @@ def _k_q4_k_as_q4_1(src, src16, out, out16):
                 out[r, 4 + j] = np.uint8((a >> 4) | (b & 0xF0) if k % 2 else (a & 15) | ((b & 15) << 4))
 
 
-@njit(**_CONVERTING)
-def _k_q5_0_as_q8_0(src, src16, out, out16):
-    """(n, 22) Q5_0 blocks (d, 32 high bits, 16 bytes of low nibbles: values j and j + 16) -> (n, 34) Q8_0 blocks
-    of the same values: the 5-bit q - 16 fits in int8."""
-    for i in prange(src.shape[0]):
-        out16[i, 0] = src16[i, 0]
-        qh = np.uint32(src16[i, 1]) | (np.uint32(src16[i, 2]) << 16)
-        for j in range(16):
-            q = src[i, 6 + j]
-            out[i, 2 + j] = np.uint8(((q & 15) | (((qh >> j) & 1) << 4)) - 16 & 255)
-            out[i, 18 + j] = np.uint8(((q >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16 & 255)
-
-
 @njit(inline="always", **dict(_SERIAL, fastmath=False))
 def _as_q8_0(y, out, out16, r):
     """The 256 values y as Q8_0 blocks r..r+7: scale max|x| / 127, quants rounded half away from zero, as ggml's
@@ -1171,8 +1198,8 @@ def _k_iq4_xs_as_q8_0(src, src16, out, out16):
             _iq4_quants(src, i, 8 + 16 * k, out, 8 * i + k)
 
 
-CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_0: (1, _k_q5_0_as_q8_0), QT.Q5_K: (8, _k_q5_k_as_q8_0),
-           QT.Q6_K: (8, _k_q6_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q8_0), QT.Q6_K: (8, _k_q6_k_as_q8_0),
+           QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
 
 

@@ -16,7 +16,7 @@ from engine import kernels as K
 from tiny_model import tiny_config, tiny_weights, write_gguf
 
 
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, *K.BLOCK_TYPES])
 @pytest.mark.parametrize("act", ["silu", "relu", "fatrelu", "drelu"])
 def test_kernel_decode_matches_torch_on_tiny(tmp_path, qtype, act):
     c = tiny_config(act, 0.05 if act == "fatrelu" else 0.0)
@@ -146,7 +146,7 @@ def test_dequantize_rows_and_ids_are_exact():
     from engine.qtensor import QTensor
     rng = np.random.default_rng(0)
     ids = np.array([36, 0, 7, 7, 12])  # the hot neurons' rows
-    for qtype in (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1):
+    for qtype in (QT.F32, QT.F16, *K.BLOCK_TYPES):
         qt = QTensor.from_float(rng.standard_normal((37, 96)).astype(np.float32), qtype)
         assert np.array_equal(dequantize_rows(K.prepare(qt), 5, 30), qt.dequantize()[5:30])
         assert np.array_equal(dequantize_ids(K.prepare(qt), ids), qt.dequantize()[ids])

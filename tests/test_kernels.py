@@ -15,7 +15,7 @@ from engine.qtensor import QTensor
 # numba's typed inliner reports the inlined helpers' loop variables from a pedantic internal check (see kernels)
 pytestmark = pytest.mark.filterwarnings("ignore:variable '_row_:numba.core.errors.NumbaIRAssumptionWarning")
 
-TYPES = [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1]
+TYPES = [QT.F32, QT.F16, *K.BLOCK_TYPES]  # Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
 EXACT_TOL, INT8_TOL = 1e-4, 1e-2  # relative error of the exact paths and of the int8-activation paths
 
 
@@ -79,7 +79,7 @@ def test_matvec(qtype, exact, rng):
     assert rel(out, ref @ x) < tol(qtype, exact)
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", K.BLOCK_TYPES, ids=lambda t: t.name)
 def test_matvec_of_a_block_too_small_to_scale(qtype, rng):
     """A block of x under 1e-30 counts as 0s (127 / its max overflowed to inf, and its quant sum went to INT_MIN:
     Q4 results of 1e8 where the truth is 1e-36); the other blocks as usual."""
@@ -135,7 +135,7 @@ def store(x, out):
 
 rng = np.random.default_rng(7)
 errors, errors16 = {}, {}
-for qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+for qtype in K.BLOCK_TYPES:
     for cols in (32, 64, 160, 192, 224):  # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks
         qt = (q8_with_min_quants(rng, 29, cols) if qtype == QT.Q8_0 else
               QTensor.from_float(rng.standard_normal((29, cols)).astype(np.float32), qtype))
@@ -190,7 +190,7 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout)
     errors = got["errors"]
-    assert set(errors) == {"Q8_0", "Q4_0", "Q4_1"}
+    assert set(errors) == {t.name for t in K.BLOCK_TYPES}
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
     assert set(got["errors16"]) == set(errors) and all(0 < e < 1e-4 for e in got["errors16"].values()), got
     assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
@@ -423,7 +423,7 @@ def test_rejects_unsupported(rng):
         K.prepare(QTensor.from_float(a, QT.BF16))
     with pytest.raises(ValueError, match="2-D"):
         K.prepare(QTensor.from_float(a[0], QT.F32))
-    for qtype, block_bytes in ((QT.Q8_0, 34), (QT.Q4_0, 18), (QT.Q4_1, 20)):
+    for qtype, block_bytes in ((QT.Q8_0, 34), (QT.Q4_0, 18), (QT.Q4_1, 20), (QT.Q5_0, 22), (QT.Q5_1, 24)):
         bad = QTensor(qtype, (4, 48), np.zeros((4, 2 * block_bytes), np.uint8))  # 48 cols: 1.5 blocks
         with pytest.raises(ValueError, match=f"{qtype.name}.*4x48"):
             K.prepare(bad)

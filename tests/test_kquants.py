@@ -1,4 +1,4 @@
-"""Block types the kernels do not read (llama.cpp's K-quants, Q5_0, ...) converted at load (`QTensor.native`):
+"""Block types the kernels do not read (llama.cpp's K-quants, IQ4, ...) converted at load (`QTensor.native`):
 checked against gguf-py's dequantization, and a model llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ def random_blocks(qtype, rows, cols, rng):
 
 @pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
-    """Q5_0 and IQ4_NL become Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
+    """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
     scales; Q4_K becomes Q4_1 within the f16 rounding of its scale products
     (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K and Q5_K become gguf-py's Q8_0 of
     their values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0
@@ -45,7 +45,7 @@ def test_native_holds_the_values(qtype, rng):
     assert nat.data.shape == (rows, cols // 32 * GGML_QUANT_SIZES[nat.qtype][1])
     err = np.abs(nat.dequantize() - ref).reshape(rows, -1, 32)
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=2, keepdims=True)
-    if qtype in (QT.Q5_0, QT.IQ4_NL):
+    if qtype == QT.IQ4_NL:
         assert err.max() == 0
     elif qtype == QT.IQ4_XS:  # a scale d * (ls - 32) rounded to f16, times int8 values up to 127
         assert (err <= 2.0 ** -10 * amax + 127 * 2.0 ** -25).all() and err.max() > 0
@@ -84,8 +84,9 @@ def test_a_scale_past_f16_once_converted_falls_back_to_f32(rng):
 
 
 def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
-    q = QTensor.from_float(rng.standard_normal((4, 64)).astype(np.float32), QT.Q4_1)
-    assert q.native() is q
+    for qtype in (QT.Q4_1, QT.Q5_0, QT.Q5_1):  # the kernels compute on these blocks as stored
+        q = QTensor.from_float(rng.standard_normal((4, 64)).astype(np.float32), qtype)
+        assert q.native() is q and q.native_type == qtype
     odd = random_blocks(QT.Q4_K, 1, 256, rng)
     vec = QTensor(QT.Q4_K, (256,), odd.data.reshape(-1))  # not a matrix: F32
     assert vec.native().qtype == QT.F32

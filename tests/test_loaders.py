@@ -47,7 +47,7 @@ def test_rotary_rows_written_out():
     assert np.arange(16)[hf_rotary_rows(16, 2)][pairs].tolist() == list(range(16))
 
 
-@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1])
 def test_quantized_gguf_close_to_f32(tmp_path, qtype):
     c = tiny_config("relu")
     w = tiny_weights(c, seed=2)
@@ -56,7 +56,7 @@ def test_quantized_gguf_close_to_f32(tmp_path, qtype):
     assert q.ckpt.tensors["blk.0.ffn_up.weight"].qtype == qtype  # kept in its stored form
     ids = ref.tokenize(TEXT)
     la, lb = ref.logits(ids), q.logits(ids)
-    tol = {QT.F16: 0.01, QT.Q8_0: 0.08, QT.Q4_0: 0.4, QT.Q4_1: 0.4}[qtype]
+    tol = {QT.F16: 0.01, QT.Q8_0: 0.08, QT.Q4_0: 0.4, QT.Q4_1: 0.4, QT.Q5_0: 0.2, QT.Q5_1: 0.2}[qtype]
     assert float((la - lb).norm() / la.norm()) < tol
 
 
@@ -248,7 +248,7 @@ def test_misaligned_tensor_offset_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf's quantize on NaN and infinity
-@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1])
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1])
 def test_non_finite_weights_are_found(qtype):
     """QTensor.finite: a NaN or infinity anywhere (for block types it makes the block's scale one) is found, also
     when the chunks read at a time split the tensor."""

@@ -76,7 +76,7 @@ class Out:
 
     def data(self) -> np.ndarray:
         """The stored form: the source's own bytes when type and layout stay, or the kernels' form of them when it is
-        of the type (Q4_K as Q4_1, Q5_0 and IQ4 as Q8_0: `QTensor.native`), so nothing is rounded twice. Values past
+        of the type (Q4_K as Q4_1, IQ4 as Q8_0: `QTensor.native`), so nothing is rounded twice. Values past
         the range of the type's f16 scales: one line naming the tensor."""
         if not self.transpose:
             n = self.src.native() if self.src.native_type == self.qtype else self.src
