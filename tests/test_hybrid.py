@@ -224,6 +224,11 @@ def test_perplexity_runs_the_decode_path(tmp_path):
     assert s["stats"]["tokens"] == 3 * 15 and s["sparsity"] == s["stats"]["predicted_sparsity"] > 0.3  # every scored
     short = sparse.perplexity(tokens, 4, chunks=1)  # token through a decode step, the first too (--ctx 4 had none)
     assert short["scored_tokens"] == short["stats"]["tokens"] == 1 and 0 <= short["sparsity"] < 1
+    from tools.hellaswag import hellaswag
+    task = (sparse.detokenize(tokens[:12]), 0, [sparse.detokenize(tokens[12 + 4 * k:16 + 4 * k]) for k in range(4)])
+    h = hellaswag(sparse, [task])
+    assert h["stats"]["tokens"] > 0 and h["sparsity"] == h["stats"]["predicted_sparsity"] > 0.3  # as perplexity's
+    assert "stats" not in hellaswag(dense, [task]) and "sparsity" not in hellaswag(dense, [task])
     sparse.generate(tokens[:60], n=1)  # a long prompt is prefilled batched: no step, so no statistics, not 100%
     assert sparse.runtime.stats()["tokens"] == 0 and sparse.runtime.stats()["predicted_sparsity"] is None
     assert s["ppl"] != d["ppl"]

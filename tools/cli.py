@@ -642,7 +642,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="the first N tasks of the file (default 400, as llama.cpp's)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "chunks", "scored_tokens"}, and "sparsity" '
                    'with --sparsity, "stats" with --predictors, "kld" with --kl-divergence; with --hellaswag '
-                   '{"tasks", "accuracy", "ci95", "choices"}')
+                   '{"tasks", "accuracy", "ci95", "choices"} and the same "sparsity" and "stats"')
     add_runtime_args(p)
     p.set_defaults(func=cmd_perplexity)
 

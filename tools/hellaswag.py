@@ -67,6 +67,7 @@ def hellaswag(model, tasks: list, progress=None) -> dict:
     acc = right / n
     res = {"tasks": n, "accuracy": acc,
            "ci95": 1.96 * math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None, "choices": chosen}
-    if model.sparsity is not None:
-        res["sparsity"] = model.sparsity.sparsity()
-    return res
+    if model.runtime is not None:
+        res["stats"] = model.runtime.stats()
+    sparsity = model.measured_sparsity()  # the sparsity config's, or the predictors' predicted one
+    return res if sparsity is None else {**res, "sparsity": sparsity}
