@@ -956,8 +956,9 @@ def prepare(qt: QTensor) -> KMatrix:
             parts.append(None)
             continue
         a, b, dtype = part
-        buf[:, o:o + nb * (b - a)] = blocks[:, :, a:b].reshape(rows, -1)
-        parts.append(buf[:, o:o + nb * (b - a)].view(dtype))
+        dst = buf[:, o:o + nb * (b - a)]
+        dst.reshape(rows, nb, b - a)[...] = blocks[:, :, a:b]  # a view of dst: no temporary copy of the part
+        parts.append(dst.view(dtype))
         o += nb * (b - a)
     return KMatrix(qt.qtype, rows, cols, *parts)
 
