@@ -248,7 +248,7 @@ def _quants(context, builder, qty, q, b, n=1, hty=types.none, hb=None):
 
 
 def _extend(builder, qty, q, ty):
-    """Widen the block's quants to vector type ty (int or float), signed for Q8_0, unsigned for Q4."""
+    """Widen the block's quants to vector type ty (int or float), signed for Q8_0, unsigned for Q4 and Q5."""
     signed = qty.dtype == types.int8
     if isinstance(ty.element, ir.FloatType):
         return builder.sitofp(q, ty) if signed else builder.uitofp(q, ty)
@@ -340,8 +340,8 @@ def _widened_dot(builder, q, xv):
 
 
 def _i8_dot(builder, qty, qv, xv):
-    """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 nibbles or signed
-    Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic);
+    """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 or Q5 quants or
+    signed Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic);
     <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512 only)."""
     i8s, i32s = _vec(ir.IntType(8), qv.type.count), _vec(_I32, qv.type.count // 4)
     if ISA == "generic":
@@ -529,9 +529,10 @@ def _axpy_block(typingctx, q, hb, b, scale, offset, out):
 
 @intrinsic
 def _row(typingctx, a, r):
-    """Row r of a 2-D array whose rows are contiguous, as a C-layout 1-D array: a KMatrix's parts are views of the
-    columns of one buffer (`prepare`), layout A to numba, whose rows would be read through their strides (LLVM
-    then left a Q4_1 matvec's loop over block offsets scalar: 576 x 1536 took 38 us against 19)."""
+    """Row r of a 2-D array whose rows are contiguous, as a C-layout 1-D array (r < 0 counts from the end, as
+    numpy's): a KMatrix's parts are views of the columns of one buffer (`prepare`), layout A to numba, whose rows
+    would be read through their strides (LLVM then left a Q4_1 matvec's loop over block offsets scalar: 576 x 1536
+    took 38 us against 19)."""
     if not (isinstance(a, types.Array) and a.ndim == 2 and isinstance(r, types.Integer)):
         return None
     row = types.Array(a.dtype, 1, "C")
@@ -540,6 +541,9 @@ def _row(typingctx, a, r):
         aty, rty = sig.args
         src = context.make_array(aty)(context, builder, args[0])
         i = context.cast(builder, args[1], rty, types.intp)
+        if rty.signed:
+            i = builder.select(builder.icmp_signed("<", i, ir.Constant(i.type, 0)),
+                               builder.add(i, builder.extract_value(src.shape, 0)), i)
         i8p = ir.IntType(8).as_pointer()
         start = builder.gep(builder.bitcast(src.data, i8p), [builder.mul(i, builder.extract_value(src.strides, 0))])
         out = context.make_array(row)(context, builder)
@@ -933,7 +937,8 @@ class KMatrix:
 
 
 def prepare(qt: QTensor) -> KMatrix:
-    """A KMatrix from a 2-D QTensor of one of KERNEL_TYPES (same bytes, blocks split into arrays)."""
+    """A KMatrix from a 2-D QTensor of one of KERNEL_TYPES: the same bytes, a block type's regrouped into its parts
+    (`PARTS`), each row's end to end in one buffer."""
     if qt.qtype not in KERNEL_TYPES:
         raise ValueError(f"kernels: {qt.qtype.name} matrix {qt.shape}: type not supported "
                          f"({', '.join(t.name for t in KERNEL_TYPES)})")
@@ -956,9 +961,9 @@ def prepare(qt: QTensor) -> KMatrix:
             parts.append(None)
             continue
         a, b, dtype = part
-        dst = buf[:, o:o + nb * (b - a)]
-        dst.reshape(rows, nb, b - a)[...] = blocks[:, :, a:b]  # a view of dst: no temporary copy of the part
-        parts.append(dst.view(dtype))
+        # the part's bytes of every block, straight into buf's columns (no temporary copy of the part)
+        np.ndarray((rows, nb, b - a), np.uint8, buf, o, (buf.strides[0], b - a, 1))[...] = blocks[:, :, a:b]
+        parts.append(buf[:, o:o + nb * (b - a)].view(dtype))
         o += nb * (b - a)
     return KMatrix(qt.qtype, rows, cols, *parts)
 
@@ -1015,7 +1020,7 @@ def matvec(w: KMatrix, x: np.ndarray, out: np.ndarray, exact: bool = False) -> N
 
 
 def matvec_rows(w: KMatrix, rows: np.ndarray, x: np.ndarray, out: np.ndarray, exact: bool = False) -> None:
-    """out[j] = W[rows[j]] @ x.   rows i32[k] (not bounds-checked), x f32[cols], out f32[k]."""
+    """out[j] = W[rows[j]] @ x.   rows i32[k] (not bounds-checked; negative: from the end), x f32[cols], out f32[k]."""
     _check(x, w.cols, "x")
     _check(out, rows.size, "out")
     _k_matvec(w.W, rows, x, out, w.X, *_exact(exact))

@@ -116,6 +116,17 @@ class QTensor:
         done = QTensor(qtype, self.shape, out)
         return done if done.finite() else self.with_dequantized()  # a scale past f16's range (absurd weights): F32
 
+    def as_q8_0(self) -> QTensor:
+        """Q4_0 or Q5_0 blocks as Q8_0 blocks of the same values: each block's d, and its q - 8 or q - 16 as int8
+        (gguf-py's values are d times those integers, exact in float32, so dividing by d gives them back)."""
+        assert self.qtype in (QT.Q4_0, QT.Q5_0), self.qtype
+        blocks = np.asarray(self.data, np.uint8).reshape(-1, GGML_QUANT_SIZES[self.qtype][1])
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d != 0, quants.dequantize(blocks, self.qtype).reshape(-1, 32) / d, 0)
+        out = np.concatenate([blocks[:, :2], np.rint(q).astype(np.int8).view(np.uint8)], axis=1)
+        return QTensor(QT.Q8_0, self.shape, out.reshape(self.data.shape[:-1] + (-1,)))
+
     def rows(self, idx: np.ndarray) -> QTensor:
         """A QTensor of the selected rows (row permutation is exact for every type)."""
         return QTensor(self.qtype, (len(idx),) + tuple(self.shape[1:]), np.ascontiguousarray(self.data[idx]))

@@ -166,3 +166,23 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "tensor blk.0.ffn_down.weight: values up to" in err, err
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0], ids=lambda q: q.name)
+def test_export_q8_0_keeps_q4_0_and_q5_0_values(qtype, tmp_path):
+    """Q8_0 holds every Q4_0 and Q5_0 value (the block's d times an integer of -16..15): `export --outtype q8_0`
+    writes them as they are, where quantizing their values again moved them by up to half a Q8_0 step."""
+    from engine.loader import load_checkpoint
+    from tiny_model import tiny_config, tiny_weights, write_gguf
+    from tools.cli import main
+    c = tiny_config("silu")
+    src = write_gguf(str(tmp_path / "src.gguf"), c, tiny_weights(c, seed=3), qtype)
+    assert main(["export", "-m", src, "--format", "gguf", "--outtype", "q8_0", "-o", str(tmp_path / "out")]) == 0
+    out = load_checkpoint(str(tmp_path / "out.gguf"))
+    n = 0
+    for name, t in load_checkpoint(src).tensors.items():
+        if t.qtype == qtype:
+            assert out.tensors[name].qtype == QT.Q8_0
+            np.testing.assert_array_equal(out.tensors[name].dequantize(), t.dequantize())
+            n += 1
+    assert n >= 7
