@@ -1141,6 +1141,30 @@ def _k_q4_k_as_q4_1(src, src16, out, out16):
                 out[r, 4 + j] = np.uint8((a >> 4) | (b & 0xF0) if k % 2 else (a & 15) | ((b & 15) << 4))
 
 
+@njit(**_CONVERTING)
+def _k_q3_k_as_q8_0(src, src16, out, out16):
+    """(n, 110) Q3_K super-blocks (32 bytes of high bits, 64 of 2-bit quants, 12 of sixteen 6-bit scales, d) ->
+    (8 n, 34) Q8_0 blocks of the same values: value d (sc - 32) (q - 4) is -d times the integer -(sc - 32) (q - 4),
+    in -128..124 (negated, so that (-32)(-4) = 128 is not one). Q8_0 block k holds sub-blocks 2 k and 2 k + 1:
+    value l of sub-block 2 k + s is bits 2 j of quant byte 32 h + 16 s + l, less 4 unless bit 4 h + j of high byte
+    16 s + l is set (k = 4 h + j); scale t is the nibble t // 8 of byte t % 8, and bits 2 (t // 4) of byte 8 + t % 4
+    above it."""
+    for i in prange(src.shape[0]):
+        neg_d = src16[i, 54] ^ np.uint16(0x8000)
+        for k in range(8):
+            h, j = k // 4, k % 4
+            out16[8 * i + k, 0] = neg_d
+            for s in range(2):
+                t = 2 * k + s
+                sc = ((np.int32(src[i, 96 + t % 8]) >> (4 * (t // 8))) & 15) | (
+                    ((np.int32(src[i, 104 + t % 4]) >> (2 * (t // 4))) & 3) << 4)
+                for l in range(16):
+                    q = (np.int32(src[i, 32 + 32 * h + 16 * s + l]) >> (2 * j)) & 3
+                    if not (np.int32(src[i, 16 * s + l]) >> (4 * h + j)) & 1:
+                        q -= 4
+                    out[8 * i + k, 2 + 16 * s + l] = np.uint8((-(sc - 32) * q) & 255)
+
+
 @njit(inline="always", **dict(_SERIAL, fastmath=False))
 def _as_q8_0(y, out, out16, r):
     """The 256 values y as Q8_0 blocks r..r+7: scale max|x| / 127, quants rounded half away from zero, as ggml's
@@ -1230,7 +1254,7 @@ def _k_iq4_xs_as_q8_0(src, src16, out, out16):
 
 
 CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q8_0), QT.Q6_K: (8, _k_q6_k_as_q8_0),
-           QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
+           QT.Q3_K: (8, _k_q3_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
 
 

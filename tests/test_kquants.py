@@ -31,7 +31,7 @@ def random_blocks(qtype, rows, cols, rng):
 
 @pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
-    """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
+    """IQ4_NL and Q3_K become Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
     scales; Q4_K becomes Q4_1 within the f16 rounding of its scale products
     (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K and Q5_K become gguf-py's Q8_0 of
     their values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0
@@ -45,7 +45,7 @@ def test_native_holds_the_values(qtype, rng):
     assert nat.data.shape == (rows, cols // 32 * GGML_QUANT_SIZES[nat.qtype][1])
     err = np.abs(nat.dequantize() - ref).reshape(rows, -1, 32)
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=2, keepdims=True)
-    if qtype == QT.IQ4_NL:
+    if qtype in (QT.IQ4_NL, QT.Q3_K):
         assert err.max() == 0
     elif qtype == QT.IQ4_XS:  # a scale d * (ls - 32) rounded to f16, times int8 values up to 127
         assert (err <= 2.0 ** -10 * amax + 127 * 2.0 ** -25).all() and err.max() > 0
