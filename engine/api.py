@@ -490,11 +490,8 @@ class Model:
                 each(k, logp)
             if progress is not None:
                 progress(k, perplexity_of(nll, count))
-        res = {"ppl": perplexity_of(nll, count), "chunks": list(scored), "scored_tokens": count}
-        if self.runtime is not None:
-            res["stats"] = self.runtime.stats()
-        sparsity = self.measured_sparsity()
-        return res if sparsity is None else {**res, "sparsity": sparsity}
+        return {"ppl": perplexity_of(nll, count), "chunks": list(scored), "scored_tokens": count,
+                **self.sparsity_stats()}
 
     def chunk_range(self, n_tokens: int, ctx: int, chunks: int | None = None, first_chunk: int = 0,
                     source: str = "the text") -> range:
@@ -523,6 +520,13 @@ class Model:
         if self.runtime is not None:
             return self.runtime.stats()["predicted_sparsity"]
         return self.sparsity.sparsity() if self.sparsity is not None else None
+
+    def sparsity_stats(self) -> dict:
+        """What perplexity and hellaswag report of the FFN since reset_counts: the runtime's "stats" (predictors) and
+        the "sparsity" of measured_sparsity, each where there is one."""
+        res = {} if self.runtime is None else {"stats": self.runtime.stats()}
+        sparsity = self.measured_sparsity()
+        return res if sparsity is None else {**res, "sparsity": sparsity}
 
     def reset_counts(self) -> None:
         """Zero the sparsity config's and the runtime's counts: each generate or perplexity reports its own."""

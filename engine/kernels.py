@@ -619,12 +619,8 @@ def _block_min(W, m, b, db):
     (Q4_0) or 0 (Q8_0)."""
 
 
-def _mins(W, r):
-    """Row r of W's block offsets (Q4_1, Q5_1), or None."""
-
-
-def _high(W, r):
-    """Row r of W's Q5 high bits, or None."""
+def _part_row(a, r):
+    """Row r of a part of W that a block type may lack (W[2] the offsets m, W[3] the Q5 high bits), or None."""
 
 
 def _row_prefetch(W, r):
@@ -646,18 +642,11 @@ def _block_min_impl(W, m, b, db):
     return lambda W, m, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
 
 
-@overload(_high, inline="always")
-def _high_impl(W, r):
-    if isinstance(W[3], types.NoneType):
-        return lambda W, r: None
-    return lambda W, r: _row(W[3], r)
-
-
-@overload(_mins, inline="always")
-def _mins_impl(W, r):
-    if isinstance(W[2], types.NoneType):
-        return lambda W, r: None
-    return lambda W, r: _row(W[2], r)
+@overload(_part_row, inline="always")
+def _part_row_impl(a, r):
+    if isinstance(a, types.NoneType):
+        return lambda a, r: None
+    return lambda a, r: _row(a, r)
 
 
 @overload(_row_dot, inline="always")
@@ -666,17 +655,17 @@ def _row_dot_impl(W, r, x, X, exact):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
 
     def blocks(W, r, x, X, exact):
-        wr, d, m = _row(W[0], r), _row(W[1], r), _mins(W, r)  # (row quant bytes,), (nb,), (nb,) or None
+        wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
         xs, xq, xd, xqs = X
         off = np.float32(0.0)  # sum_b m_b * sum(x_b)
         # one loop per path, not one loop over `xs if exact else xqs`: that form made matvec 1.2-1.5x slower
         if exact:
             for b in range(d.size):
                 off += _block_min(W, m, b, _widen(d[b])) * xs[b]
-            return _dot_row(wr, _high(W, r), d, x, xd) + off
+            return _dot_row(wr, _part_row(W[3], r), d, x, xd) + off
         for b in range(d.size):
             off += _block_min(W, m, b, _widen(d[b])) * xqs[b]
-        return _dot_row(wr, _high(W, r), d, xq, xd) + off
+        return _dot_row(wr, _part_row(W[3], r), d, xq, xd) + off
     return blocks
 
 
@@ -690,7 +679,7 @@ def _row_axpy_impl(W, r, s, out):
         return dense
 
     def blocks(W, r, s, out):
-        wr, hr, d, m = _row(W[0], r), _high(W, r), _row(W[1], r), _mins(W, r)
+        wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
         for b in range(d.size):
             db = _widen(d[b])
             _axpy_block(wr, hr, b, s * db, s * _block_min(W, m, b, db), out)

@@ -65,9 +65,5 @@ def hellaswag(model, tasks: list, progress=None) -> dict:
             progress(k, right / (k + 1))
     n = len(tasks)
     acc = right / n
-    res = {"tasks": n, "accuracy": acc,
-           "ci95": 1.96 * math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None, "choices": chosen}
-    if model.runtime is not None:
-        res["stats"] = model.runtime.stats()
-    sparsity = model.measured_sparsity()  # the sparsity config's, or the predictors' predicted one
-    return res if sparsity is None else {**res, "sparsity": sparsity}
+    return {"tasks": n, "accuracy": acc, "ci95": 1.96 * math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
+            "choices": chosen, **model.sparsity_stats()}
