@@ -180,7 +180,8 @@ class KernelModel:
             return K.prepare(n if n.qtype in K.KERNEL_TYPES else n.with_dequantized())
         self.mats: dict[str, K.KMatrix] = {}  # GGUF name -> prepared matrix (what the torch prefill reads)
         self.layers = []
-        keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].native_type in K.BLOCK_TYPES
+        blocks = K.BLOCK_TYPES + K.SUPER_TYPES
+        keep_down = all(blk(i, "ffn_down") in tensors and tensors[blk(i, "ffn_down")].native_type in blocks
                         for i in range(c.n_layer))
         for i in range(c.n_layer):
             prep = {n: prepare(tensors[blk(i, n)]) for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_up")

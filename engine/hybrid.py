@@ -158,7 +158,7 @@ class HotPart:
         self.dtype = dtype
         # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too, and so
         # does `launch`, on the CPU, for the hot rows (per layer: a converted file can mix types)
-        self.x8 = [L.up.qtype in K.BLOCK_TYPES for L in net.layers]
+        self.x8 = [L.up.qtype in K.BLOCK_TYPES + K.SUPER_TYPES for L in net.layers]
         self.X = tuple(np.zeros_like(a) for a in net.layers[0].up.X)  # its own scratch (kernels own theirs)
         # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back (and numpy views)
         self.in_host = [torch.zeros(c.n_embd + len(ids), pin_memory=pin) for ids in self.ids]

@@ -2,10 +2,11 @@
 transposed matrix, and the fused sparse FFN of the decode path.
 
 Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1). `prepare` only regroups each row's blocks into parts, which costs no extra bytes: a block type's parts
-(`PARTS`) are views of the columns of one buffer, so a row is one run of bytes (quants, scales, ...), and a
-scattered row of the sparse FFN is fetched as one (as separate arrays, a Q4_1 row was three runs in three places;
-one run made a 49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2 threads):
+Q5_1; Q6_K and Q3_K in blocks of 32, below). `prepare` only regroups each row's blocks into parts, which costs no
+extra bytes: a block type's parts (`PARTS`) are views of the columns of one buffer, so a row is one run of bytes
+(quants, scales, ...), and a scattered row of the sparse FFN is fetched as one (as separate arrays, a Q4_1 row
+was three runs in three places; one run made a 49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2
+threads):
 
     F32 / F16   w  f32 | u16 (f16 bits)  (rows, cols)
     Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                                        value = d * q
@@ -13,10 +14,17 @@ one run made a 49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2 t
     Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)                      value = d * q + m
     Q5_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    h u8 (rows, 4 nb)  value = d * (q - 16)
     Q5_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  h u8 (rows, 4 nb)  value = d * q + m
+    Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u8 (rows, 8 nb)  value = d sc (q - 32)
+    Q3_K        w  u64 (rows, nb)          d u32 (rows, nb)                    h u8 (rows, 4 nb)  value = d sc (q - 4)
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
 nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit, bit j of a block's 4 bytes of h
 (little-endian) for element j, and the kernels put it back in the block's quants as they load them (`_quants`).
+The K-quants Q6_K and Q3_K scale each 16 values of their 256-value super-blocks on their own; `prepare` re-lays
+them in blocks of 32 with the same values (7 and 4 bits a weight, against 6.56 and 3.44 in the file; their Q8_0
+copies took 8.5): d holds the two int8 sub-scales sc of a block in bytes 0 and 1 and the super-block's f16 d in
+bytes 2-3, so their products are exact; Q6 takes bits 4 and 5 from two planes of h, Q3 its low 2 bits from a u64
+a block (element j: bits 2 (j // 8) of byte j % 8) and bit 2 from h.
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -79,8 +87,13 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q4_0: ((2, 18, np.uint8), (0, 2, np.uint16), None, None),
          QT.Q4_1: ((4, 20, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), None),
          QT.Q5_0: ((6, 22, np.uint8), (0, 2, np.uint16), None, (2, 6, np.uint8)),
-         QT.Q5_1: ((8, 24, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), (4, 8, np.uint8))}
-KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES  # what the kernels read; anything else (BF16) is widened
+         QT.Q5_1: ((8, 24, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), (4, 8, np.uint8)),
+         # K-quants of 256-value super-blocks whose sub-blocks of 16 have scales of their own, re-laid by `prepare` in
+         # blocks of 32 with the same values (`RELAYOUT`: their bytes there): two scales a block, in one u32 word
+         QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint8)),
+         QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8))}
+SUPER_TYPES = (QT.Q6_K, QT.Q3_K)
+KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
 def host_isa() -> str:
@@ -227,30 +240,64 @@ def _splat(builder, v, n):
     return builder.shuffle_vector(vec, vec, ir.Constant(_vec(_I32, n), [0] * n))
 
 
-def _quants(context, builder, qty, q, b, n=1, hty=types.none, hb=None):
-    """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order: Q8_0 bytes (i8), Q4 nibbles (u8), or Q5
-    nibbles (u8) with 16 added where the row's high bits hb (hty a u8 row, 4 bytes a block) set element j's bit j."""
+def _kind(qty, hty, per16: bool) -> str:
+    """A block row's format from its parts' types (the module docstring's table): "q8" (i8 quants), "q4" (u8
+    nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (per16) "q6" (nibbles and two
+    planes) or "q3" (u64 words of 2-bit quants and a plane of third bits)."""
+    if per16:
+        return "q3" if qty.dtype == types.uint64 else "q6"
     if qty.dtype == types.int8:
+        return "q8"
+    return "q4" if hty is types.none else "q5"
+
+
+SIGNED = ("q8", "q6", "q3")  # kinds whose quants `_quants` gives as int8 values (zero points taken off)
+ZERO = {"q6": 32, "q3": 4}  # the value of a stored quant that stands for 0
+
+
+def _plane(context, builder, hty, hb, b, n, per, k):
+    """<32 n x i1>: bit plane k of blocks b..b+n-1 (per bytes of planes a block, 4 a plane): lane 32 i + j is bit
+    j of the block's 4 little-endian bytes, one bit a quant (a mask register, kmov, on AVX-512, where spreading
+    the bytes over the lanes (vpshufb, vptestmb) made a 49152 x 576 Q5_0 matvec 669 us against 642, 2 threads)."""
+    bits = _load(context, builder, hty, hb, builder.mul(b, ir.Constant(b.type, per)), per * n)  # <per n x i8>
+    if per != 4:
+        pick = [per * i + 4 * k + j for i in range(n) for j in range(4)]
+        bits = builder.shuffle_vector(bits, bits, ir.Constant(_vec(_I32, 4 * n), pick))
+    return builder.bitcast(builder.bitcast(bits, ir.IntType(BLOCK * n)), _vec(ir.IntType(1), BLOCK * n))
+
+
+def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None):
+    """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order (`_kind`): Q8_0 bytes; Q4 nibbles; Q5's
+    with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with 16 and 32
+    from two planes (8 bytes a block), less 32; Q3's 2-bit quants (element j: bits 2 (j // 8) of byte j % 8 of the
+    block's u64) with 4 from a plane, less 4."""
+    if kind == "q8":
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
-    h = BLOCK // 2
-    half = _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, h)), h * n)
-    lo = builder.and_(half, ir.Constant(half.type, [15] * h * n))  # elements 0..15 of each block
-    hi = builder.lshr(half, ir.Constant(half.type, [4] * h * n))  # elements 16..31
-    order = [o + k * h + j for k in range(n) for o in (0, h * n) for j in range(h)]  # block k: lo k, then hi k
-    nib = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
-    if hty is types.none:
-        return nib
-    bits = _load(context, builder, hty, hb, builder.mul(b, ir.Constant(b.type, 4)), 4 * n)  # <4 n x i8>
-    # lane 32 k + j, element j of block k, is bit 32 k + j of the little-endian word: a mask register (kmov) on
-    # AVX-512, where spreading the bytes over the lanes (vpshufb, vptestmb) made a 49152 x 576 Q5_0 matvec 669 us
-    # against 642 (2 threads)
-    on = builder.bitcast(builder.bitcast(bits, ir.IntType(BLOCK * n)), _vec(ir.IntType(1), BLOCK * n))
-    return builder.or_(nib, builder.select(on, ir.Constant(nib.type, [16] * BLOCK * n), ir.Constant(nib.type, None)))
+    i8s = _vec(ir.IntType(8), BLOCK * n)
+    if kind == "q3":
+        words = _load(context, builder, qty, q, b, n)  # <n x i64>
+        i64s = _vec(ir.IntType(64), 4 * n)
+        spread = builder.shuffle_vector(words, words, ir.Constant(_vec(_I32, 4 * n), [k // 4 for k in range(4 * n)]))
+        shifted = builder.lshr(spread, ir.Constant(i64s, [2 * (k % 4) for k in range(4 * n)]))  # vpsrlvq
+        base = builder.and_(builder.bitcast(shifted, i8s), ir.Constant(i8s, [3] * BLOCK * n))
+    else:
+        h = BLOCK // 2
+        half = _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, h)), h * n)
+        lo = builder.and_(half, ir.Constant(half.type, [15] * h * n))  # elements 0..15 of each block
+        hi = builder.lshr(half, ir.Constant(half.type, [4] * h * n))  # elements 16..31
+        order = [o + k * h + j for k in range(n) for o in (0, h * n) for j in range(h)]  # block k: lo k, then hi k
+        base = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
+    if kind == "q4":
+        return base
+    adds = {"q5": (16,), "q6": (16, 32), "q3": (4,)}[kind]
+    for k, add in enumerate(adds):
+        on = _plane(context, builder, hty, hb, b, n, 4 * len(adds), k)
+        base = builder.or_(base, builder.select(on, ir.Constant(i8s, [add] * BLOCK * n), ir.Constant(i8s, None)))
+    return builder.sub(base, ir.Constant(i8s, [ZERO[kind]] * BLOCK * n)) if kind in ZERO else base
 
 
-def _extend(builder, qty, q, ty):
-    """Widen the block's quants to vector type ty (int or float), signed for Q8_0, unsigned for Q4 and Q5."""
-    signed = qty.dtype == types.int8
+def _extend(builder, signed, q, ty):
+    """Widen a block's quants to vector type ty (int or float), signed (`SIGNED` kinds) or unsigned."""
     if isinstance(ty.element, ir.FloatType):
         return builder.sitofp(q, ty) if signed else builder.uitofp(q, ty)
     return builder.sext(q, ty) if signed else builder.zext(q, ty)
@@ -331,25 +378,28 @@ def _widen(typingctx, v):
     return None
 
 
-def _widened_dot(builder, q, xv):
+def _widened_dot(builder, q, xv, per16=False):
     """<8 x i32> partial sums of the products q_j * x_j, q <32 x i32> and x <32 x i8 or i16> sign-extended: the
-    generic path of `_i8_dot` and `_i16_dot` (any LLVM target)."""
+    generic path of `_i8_dot` and `_i16_dot` (any LLVM target). per16: lane l sums products 4 l..4 l+3, as the x86
+    paths' lanes do (lanes 0-3 the block's first 16 values), else products l, l + 8, l + 16, l + 24."""
     p = builder.mul(q, builder.sext(xv, q.type))
     i32x8 = _vec(_I32, 8)
-    parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, list(range(8 * k, 8 * k + 8)))) for k in range(4)]
+    lanes = (lambda k: [4 * j + k for j in range(8)]) if per16 else (lambda k: list(range(8 * k, 8 * k + 8)))
+    parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, lanes(k))) for k in range(4)]
     return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
 
 
-def _i8_dot(builder, qty, qv, xv):
+def _i8_dot(builder, signed, qv, xv, per16=False):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 or Q5 quants or
-    signed Q8_0 bytes, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened products (generic);
-    <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512 only)."""
+    signed values of the other kinds, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened
+    products (generic); <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512
+    only). Lane l of a block holds products 4 l..4 l+3 on x86 (and on the generic path with per16)."""
     i8s, i32s = _vec(ir.IntType(8), qv.type.count), _vec(_I32, qv.type.count // 4)
     if ISA == "generic":
-        return _widened_dot(builder, _extend(builder, qty, qv, _vec(_I32, BLOCK)), xv)
+        return _widened_dot(builder, _extend(builder, signed, qv, _vec(_I32, BLOCK)), xv, per16)
     # both instructions take unsigned q and signed x; x is never -128 (_prep_x), so negating it cannot wrap and
     # pairs of products fit vpmaddubsw's i16: 128 * 127 * 2 < 2^15
-    if qty.dtype == types.int8:  # Q8_0: |q| * (x with q's sign); |-128| wraps to 0x80, read as 128
+    if signed:  # |q| * (x with q's sign); |-128| (Q8_0) wraps to 0x80, read as 128
         neg = builder.icmp_signed("<", qv, ir.Constant(i8s, None))
         xv = builder.select(neg, builder.sub(ir.Constant(i8s, None), xv), xv)
         qv = builder.select(neg, builder.sub(ir.Constant(i8s, None), qv), qv)
@@ -365,14 +415,15 @@ def _i8_dot(builder, qty, qv, xv):
     return builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
 
 
-def _i16_dot(builder, qty, qv, xv):
+def _i16_dot(builder, signed, qv, xv, per16=False):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j, q as in `_i8_dot` and x <32 x i16>: vpmaddwd
     on AVX2 and VNNI hosts, widened products elsewhere. |q x| <= 128 * 32767: a block's sum fits in i32. Two
-    blocks (<64 x ...>, vnni512 only): <16 x i32> by 512-bit vpmaddwd, lanes 0-7 the first block."""
+    blocks (<64 x ...>, vnni512 only): <16 x i32> by 512-bit vpmaddwd, lanes 0-7 the first block. per16: lane l
+    of a block sums products 4 l..4 l+3 (adjacent pairs of vpmaddwd's lanes), so lanes 0-3 hold its first 16."""
     n = qv.type.count
-    qw = _extend(builder, qty, qv, _vec(ir.IntType(16), n))
+    qw = _extend(builder, signed, qv, _vec(ir.IntType(16), n))
     if ISA == "generic":
-        return _widened_dot(builder, builder.sext(qw, _vec(_I32, n)), xv)
+        return _widened_dot(builder, builder.sext(qw, _vec(_I32, n)), xv, per16)
     w = 16 if n == BLOCK else 32  # i16 lanes of one vpmaddwd
     i16s, i32s = _vec(ir.IntType(16), w), _vec(_I32, w // 2)
     maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16s, i16s]),
@@ -381,10 +432,26 @@ def _i16_dot(builder, qty, qv, xv):
     def part(v, k):
         return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, w), list(range(w * k, w * k + w))))
     a, b = (builder.call(maddwd, [part(qw, k), part(xv, k)]) for k in (0, 1))
+    if per16:  # adjacent lanes of a (block 0, or its first half) then of b
+        pairs = lambda o: ir.Constant(_vec(_I32, w // 2), list(range(o, w, 2)))  # noqa: E731
+        return builder.add(builder.shuffle_vector(a, b, pairs(0)), builder.shuffle_vector(a, b, pairs(1)))
     if w == 16:
         return builder.add(a, b)
     lanes = lambda o: ir.Constant(_vec(_I32, 16), list(range(o, o + 8)) + list(range(16 + o, 24 + o)))  # noqa: E731
     return builder.add(builder.shuffle_vector(a, b, lanes(0)), builder.shuffle_vector(a, b, lanes(8)))
+
+
+def _scale_pair(builder, raw):
+    """<2 k x f32> from <k x i32> blocks' scale words (per-16 kinds): d sc_0, d sc_1 of each, sc_h the int8 in byte h
+    and d the f16 in bytes 2-3 (products exact in f32: 11 bits of d times 8 of sc)."""
+    k = raw.type.count
+    sub = builder.shuffle_vector(*[builder.bitcast(raw, _vec(ir.IntType(8), 4 * k))] * 2, ir.Constant(
+        _vec(_I32, 2 * k), [4 * (i // 2) + i % 2 for i in range(2 * k)]))
+    halves = builder.bitcast(raw, _vec(ir.IntType(16), 2 * k))
+    dd = _f16_to_f32(builder, builder.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, k),
+                                                                              [2 * i + 1 for i in range(k)])))
+    spread = builder.shuffle_vector(dd, dd, ir.Constant(_vec(_I32, 2 * k), [i // 2 for i in range(2 * k)]))
+    return builder.fmul(builder.sitofp(sub, _vec(_F32, 2 * k)), spread, flags=_FAST)
 
 
 @intrinsic
@@ -399,43 +466,57 @@ def _stored(typingctx, v, a):
 
 @intrinsic
 def _dot_row(typingctx, q, hb, d, x, xd):
-    """sum_b f16(d[b]) * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0 or u8 Q4/Q5)
-    with hb its Q5 high bits (None for the others, see `_quants`), d its u16 scales. x f32, or int8/int16 with
-    per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two, alternating blocks)
-    and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step takes two blocks in
-    512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against
-    int16 x 148.9 -> 107.6 ns); an odd last block goes alone."""
-    if not (_is_row(q, (types.int8, types.uint8)) and _high_ok(hb) and _is_row(d, (types.uint16,))
-            and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))):
+    """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
+    Q3 words) with hb its bit planes (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
+    block, or u32 two a block (`_scale_pair`). x f32, or int8/int16 with per-block scales xd (one more factor xd[b];
+    unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per
+    block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one Xeon core, in cache: a
+    Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block
+    goes alone."""
+    if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
+            and _is_row(d, (types.uint16, types.uint32)) and _is_row(x, (types.float32, types.int8, types.int16))
+            and _is_row(xd, (types.float32,))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
         qty, hty, dty, xty, xdty = sig.args
         q, hb, d, x, xd = args
+        per16 = dty.dtype == types.uint32
+        kind = _kind(qty, hty, per16)
         nb = context.make_array(dty)(context, builder, d).nitems
         one = ir.Constant(nb.type, 1)
         n = 1 if exact or ISA != "vnni512" else 2  # blocks a step
         width = BLOCK if exact else 8 * n
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
 
-        def step(b, acc, k):  # blocks b..b+k-1 into acc
-            w = BLOCK if exact else 8 * k
+        def scales(b, k, w):  # <w x f32>: each lane's weight scale, times x's block scale unless exact
+            if per16:  # 2 k scales: lanes w / (2 k) apart (the dot products' lanes 0-3 are a block's first 16)
+                s = _scale_pair(builder, _load(context, builder, dty, d, b, k))
+                if not exact:
+                    xs = _load(context, builder, xdty, xd, b, k)
+                    s = builder.fmul(s, builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * k), [
+                        i // 2 for i in range(2 * k)])), flags=_FAST)
+                return builder.shuffle_vector(s, s, ir.Constant(_vec(_I32, w), [j // (w // (2 * k))
+                                                                               for j in range(w)]))
             s = _f16_to_f32(builder, _load(context, builder, dty, d, b, k) if k > 1 else
                             builder.load(_ptr(context, builder, dty, d, b)))
-            qv = _quants(context, builder, qty, q, b, k, hty, hb)
+            if not exact:
+                s = builder.fmul(s, _load(context, builder, xdty, xd, b, k) if k > 1 else
+                                 builder.load(_ptr(context, builder, xdty, xd, b)), flags=_FAST)
+            return _splat(builder, s, w) if k == 1 else builder.shuffle_vector(
+                s, s, ir.Constant(_vec(_I32, w), [j // 8 for j in range(w)]))  # lanes 8k..8k+7: block k's scale
+
+        def step(b, acc, k):  # blocks b..b+k-1 into acc
+            w = BLOCK if exact else 8 * k
+            qv = _quants(context, builder, kind, qty, q, b, k, hty, hb)
             xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * k)
             if exact:
-                v = builder.fmul(_extend(builder, qty, qv, _vec(_F32, BLOCK)), xv, flags=_FAST)
+                v = builder.fmul(_extend(builder, kind in SIGNED, qv, _vec(_F32, BLOCK)), xv, flags=_FAST)
             else:
-                xs = (_load(context, builder, xdty, xd, b, k) if k > 1 else
-                      builder.load(_ptr(context, builder, xdty, xd, b)))
-                s = builder.fmul(s, xs, flags=_FAST)
                 dot = _i8_dot if xty.dtype == types.int8 else _i16_dot
-                v = builder.sitofp(dot(builder, qty, qv, xv), _vec(_F32, w))
-            scale = _splat(builder, s, w) if k == 1 else builder.shuffle_vector(
-                s, s, ir.Constant(_vec(_I32, w), [j // 8 for j in range(w)]))  # lanes 8k..8k+7: block k's scale
-            upd = builder.fmul(v, scale, flags=_FAST)
+                v = builder.sitofp(dot(builder, kind in SIGNED, qv, xv, per16), _vec(_F32, w))
+            upd = builder.fmul(v, scales(b, k, w), flags=_FAST)
             if w < width:  # the upper lanes of acc take zeros
                 upd = builder.shuffle_vector(upd, ir.Constant(upd.type, None), ir.Constant(_vec(_I32, width),
                                                                                        list(range(width))))
@@ -510,22 +591,29 @@ def _dot(typingctx, a, b, n):
 
 
 @intrinsic
-def _axpy_block(typingctx, q, hb, b, scale, offset, out):
-    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its Q5 high bits, or None)."""
-    if not (_is_row(q, (types.int8, types.uint8)) and _high_ok(hb) and _is_row(out, (types.float32,))):
+def _axpy_block(typingctx, q, hb, b, scale, scale2, offset, out):
+    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its bit planes, or None);
+    scale2 None, or float32: the scale of q_16..q_31 (per-16 kinds; `_kind`)."""
+    if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb) and _is_row(out, (types.float32,))
+            and scale2 in (types.none, types.float32)):
         return None
 
     def codegen(context, builder, sig, args):
-        qty, hty, _, _, _, oty = sig.args
-        q, hb, b, scale, offset, out = args
-        qv = _extend(builder, qty, _quants(context, builder, qty, q, b, 1, hty, hb), _vec(_F32, BLOCK))
+        qty, hty, _, _, s2ty, _, oty = sig.args
+        q, hb, b, scale, scale2, offset, out = args
+        kind = _kind(qty, hty, s2ty is not types.none)
+        qv = _extend(builder, kind in SIGNED, _quants(context, builder, kind, qty, q, b, 1, hty, hb),
+                     _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
         ov = _load(context, builder, oty, out, i, BLOCK)
-        upd = builder.fadd(builder.fmul(qv, _splat(builder, scale, BLOCK), flags=_FAST),
-                           _splat(builder, offset, BLOCK), flags=_FAST)
+        sv = _splat(builder, scale, BLOCK)
+        if s2ty is not types.none:
+            sv = builder.shuffle_vector(sv, _splat(builder, scale2, BLOCK), ir.Constant(
+                _vec(_I32, BLOCK), list(range(16)) + list(range(BLOCK + 16, 2 * BLOCK))))
+        upd = builder.fadd(builder.fmul(qv, sv, flags=_FAST), _splat(builder, offset, BLOCK), flags=_FAST)
         p = _ptr(context, builder, oty, out, i)
         builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
-    return types.void(q, hb, b, types.float32, types.float32, out), codegen
+    return types.void(q, hb, b, types.float32, scale2, types.float32, out), codegen
 
 
 @intrinsic
@@ -606,6 +694,11 @@ def _dense(W):
     return isinstance(W[1], types.NoneType)
 
 
+def _per16(W):
+    """Two scales a block (Q6_K, Q3_K): d u32."""
+    return W[1].dtype == types.uint32
+
+
 def _row_dot(W, r, x, X, exact):
     """W[r] @ x as float32 (exact: f32 x for block types, else the int8 x of X)."""
 
@@ -620,7 +713,7 @@ def _block_min(W, m, b, db):
 
 
 def _part_row(a, r):
-    """Row r of a part of W that a block type may lack (W[2] the offsets m, W[3] the Q5 high bits), or None."""
+    """Row r of a part of W that a block type may lack (W[2] the offsets m, W[3] the bit planes), or None."""
 
 
 def _row_prefetch(W, r):
@@ -653,6 +746,13 @@ def _part_row_impl(a, r):
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
+    if _per16(W):  # signed values: no offset terms
+        def signed(W, r, x, X, exact):
+            wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
+            if exact:
+                return _dot_row(wr, hr, d, x, X[2])
+            return _dot_row(wr, hr, d, X[1], X[2])
+        return signed
 
     def blocks(W, r, x, X, exact):
         wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
@@ -678,11 +778,21 @@ def _row_axpy_impl(W, r, s, out):
                 out[c] += s * _widen(wr[c])
         return dense
 
+    if _per16(W):
+        def signed(W, r, s, out):
+            wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
+            for b in range(d.size):
+                v = d[b]  # int8 scales in bytes 0 and 1, the f16 d in bytes 2-3
+                sd = s * _widen(np.uint16(v >> 16))
+                _axpy_block(wr, hr, b, sd * np.float32(_s8(v & 255)), sd * np.float32(_s8((v >> 8) & 255)),
+                            np.float32(0.0), out)
+        return signed
+
     def blocks(W, r, s, out):
         wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
         for b in range(d.size):
             db = _widen(d[b])
-            _axpy_block(wr, hr, b, s * db, s * _block_min(W, m, b, db), out)
+            _axpy_block(wr, hr, b, s * db, None, s * _block_min(W, m, b, db), out)
     return blocks
 
 
@@ -928,7 +1038,7 @@ class KMatrix:
 
 def prepare(qt: QTensor) -> KMatrix:
     """A KMatrix from a 2-D QTensor of one of KERNEL_TYPES: the same bytes, a block type's regrouped into its parts
-    (`PARTS`), each row's end to end in one buffer."""
+    (`PARTS`), each row's end to end in one buffer (SUPER_TYPES: the same values, in blocks of 32 first)."""
     if qt.qtype not in KERNEL_TYPES:
         raise ValueError(f"kernels: {qt.qtype.name} matrix {qt.shape}: type not supported "
                          f"({', '.join(t.name for t in KERNEL_TYPES)})")
@@ -940,10 +1050,16 @@ def prepare(qt: QTensor) -> KMatrix:
     if qt.qtype == QT.F16:
         f16 = np.ascontiguousarray(qt.data, np.float16).reshape(rows, cols)
         return KMatrix(qt.qtype, rows, cols, f16.view(np.uint16))
-    if cols % BLOCK:
-        raise ValueError(f"kernels: {qt.qtype.name} matrix {rows}x{cols}: cols not a multiple of {BLOCK}")
+    size = GGML_QUANT_SIZES[qt.qtype][0]
+    if cols % size:
+        raise ValueError(f"kernels: {qt.qtype.name} matrix {rows}x{cols}: cols not a multiple of {size}")
     nb = cols // BLOCK
-    blocks = np.asarray(qt.data, np.uint8).reshape(rows, nb, -1)  # (rows, nb, block bytes)
+    blocks = np.asarray(qt.data, np.uint8)
+    if qt.qtype in RELAYOUT:  # super-blocks -> blocks of 32 (a transient copy, about the matrix's size)
+        src = np.ascontiguousarray(blocks.reshape(-1, GGML_QUANT_SIZES[qt.qtype][1]))
+        blocks = np.empty((len(src) * 8, RELAYOUT[qt.qtype][0]), np.uint8)
+        RELAYOUT[qt.qtype][1](src, src.view(np.uint16), blocks, blocks.view(np.uint16))
+    blocks = blocks.reshape(rows, nb, -1)  # (rows, nb, block bytes)
     buf = np.empty((rows, blocks.shape[1] * blocks.shape[2]), np.uint8)  # a row's parts end to end, as PARTS lists
     parts, o = [], 0
     for part in PARTS[qt.qtype]:
@@ -1171,22 +1287,66 @@ def _as_q8_0(y, out, out16, r):
             out[r + k, 2 + j] = np.uint8((-q if y[32 * k + j] < 0 else q) & 255)
 
 
+@njit(inline="always", **_SERIAL)
+def _put_bits(out, r, o, n, bits):
+    """Bytes o..o+n-1 of block r: the low 8 n bits of bits, little-endian."""
+    for t in range(n):
+        out[r, o + t] = np.uint8((bits >> (8 * t)) & 255)
+
+
 @njit(**_CONVERTING)
-def _k_q6_k_as_q8_0(src, src16, out, out16):
-    """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 34)
-    Q8_0 blocks re-quantized from the values d sc q (q 6-bit - 32; sc per 16 values, so a 32-block can hold two)."""
+def _k_q6_k_blocks(src, src16, out, out16):
+    """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 28)
+    blocks as PARTS lays Q6_K: the scale word (sc_2k, sc_2k+1, d), the planes of the quants' bits 4 and 5, their
+    nibbles as Q4's. Value 32 p + j of half h (ggml's dequantize_row_q6_K order) is element j of block k = 4 h + p:
+    the nibble of byte 64 h + 32 (p % 2) + j (its high one for p >= 2), bits 2 p of byte 128 + 32 h + j above it;
+    its scale is sc_(2 k + j // 16)."""
     for i in prange(src.shape[0]):
-        d = _widen(src16[i, 104])
-        y = np.empty(256, np.float32)
-        for h in range(2):  # two halves of 128 values, in ggml's dequantize_row_q6_K order
+        for k in range(8):
+            h, p, r = k // 4, k % 4, 8 * i + k
+            out[r, 0], out[r, 1], out16[r, 1] = src[i, 192 + 2 * k], src[i, 193 + 2 * k], src16[i, 104]
+            planes = np.zeros(2, np.int64)
             for j in range(32):
-                hb = np.int32(src[i, 128 + 32 * h + j])  # bit pair p: value 32 p + j's high bits
-                for p in range(4):  # low nibbles of bytes j and 32 + j (p 0, 1), then their high nibbles (2, 3)
-                    q = ((np.int32(src[i, 64 * h + 32 * (p % 2) + j]) >> (4 * (p // 2))) & 15) | (
-                        ((hb >> (2 * p)) & 3) << 4)
-                    sc = _s8(src[i, 192 + 8 * h + j // 16 + 2 * p])
-                    y[128 * h + 32 * p + j] = d * np.float32(sc) * np.float32(q - 32)
-        _as_q8_0(y, out, out16, 8 * i)
+                nib = (np.int64(src[i, 64 * h + 32 * (p % 2) + j]) >> (4 * (p // 2))) & 15
+                top = (np.int64(src[i, 128 + 32 * h + j]) >> (2 * p)) & 3
+                planes[0] |= (top & 1) << j
+                planes[1] |= (top >> 1) << j
+                if j < 16:
+                    out[r, 12 + j] = np.uint8(nib)
+                else:
+                    out[r, j - 4] |= np.uint8(nib << 4)
+            _put_bits(out, r, 4, 4, planes[0])
+            _put_bits(out, r, 8, 4, planes[1])
+
+
+@njit(**_CONVERTING)
+def _k_q3_k_blocks(src, src16, out, out16):
+    """(n, 110) Q3_K super-blocks (32 bytes of high bits, 64 of 2-bit quants, 12 of sixteen 6-bit scales, d) ->
+    (8 n, 16) blocks as PARTS lays Q3_K: the scale word (sc_2k - 32, sc_2k+1 - 32, d), the plane of the quants'
+    third bits, a u64 of their low 2 bits (element e at bits 2 (e // 8) of byte e % 8). Element 16 s + l of block
+    k = 4 h + j (sub-block t = 2 k + s): bits 2 j of quant byte 32 + 32 h + 16 s + l, third bit bit k of byte
+    16 s + l (value d (sc_t - 32) (q - 4)); sc_t is the nibble t // 8 of byte 96 + t % 8, and bits 2 (t // 4) of
+    byte 104 + t % 4 above it."""
+    for i in prange(src.shape[0]):
+        for k in range(8):
+            h, j, r = k // 4, k % 4, 8 * i + k
+            out16[r, 1] = src16[i, 54]
+            plane, low = np.int64(0), np.zeros(8, np.int64)
+            for s in range(2):
+                t = 2 * k + s
+                sc = ((np.int32(src[i, 96 + t % 8]) >> (4 * (t // 8))) & 15) | (
+                    ((np.int32(src[i, 104 + t % 4]) >> (2 * (t // 4))) & 3) << 4)
+                out[r, s] = np.uint8((sc - 32) & 255)
+                for l in range(16):
+                    e = 16 * s + l
+                    low[e % 8] |= ((np.int64(src[i, 32 + 32 * h + e]) >> (2 * j)) & 3) << (2 * (e // 8))
+                    plane |= ((np.int64(src[i, e]) >> k) & 1) << e
+            _put_bits(out, r, 4, 4, plane)
+            for t in range(8):
+                out[r, 8 + t] = np.uint8(low[t])
+
+
+RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks)}  # type -> (bytes a block of 32, kernel)
 
 
 @njit(**_CONVERTING)
@@ -1242,9 +1402,10 @@ def _k_iq4_xs_as_q8_0(src, src16, out, out16):
             _iq4_quants(src, i, 8 + 16 * k, out, 8 * i + k)
 
 
-CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q8_0), QT.Q6_K: (8, _k_q6_k_as_q8_0),
-           QT.Q3_K: (8, _k_q3_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0), QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0)}
-# type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native`
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0),
+           QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0), QT.Q3_K: (8, _k_q3_k_as_q8_0)}
+# type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native` (Q3_K's Q8_0 blocks of the
+# same values: `QTensor.as_q8_0`, for export)
 
 
 def convert(qtype: QT, blocks: np.ndarray, to: QT) -> np.ndarray:

@@ -13,13 +13,13 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf import quants
 
-# types the kernels read as stored (BF16 widened); they convert the others as they prepare a model (`QTensor.native`)
-NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
+# types the kernels read as stored (BF16 widened; Q6_K and Q3_K re-laid in blocks of 32 with the same values); they
+# convert the others as they prepare a model (`QTensor.native`)
+NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q6_K, QT.Q3_K)
 # block types whose values a native type holds: Q4_K's 32-value sub-blocks are Q4_1 blocks (their scale d * sc and
 # offset -dmin * m rounded to f16, within 2^-11 of them), IQ4_NL's table of int8 values fits in Q8_0's int8 (the
-# same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16), Q3_K's values are
-# its d times integers (sc - 32) (q - 4) that fit in int8 (the same values)
-AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0, QT.Q3_K: QT.Q8_0}
+# same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16)
+AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
 # byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
 # small numbers): d (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, the IQ and TQ types), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K,
 # Q2_K); `finite` reads these, and the values of types not here
@@ -118,8 +118,13 @@ class QTensor:
         return done if done.finite() else self.with_dequantized()  # a scale past f16's range (absurd weights): F32
 
     def as_q8_0(self) -> QTensor:
-        """Q4_0 or Q5_0 blocks as Q8_0 blocks of the same values: each block's d, and its q - 8 or q - 16 as int8
-        (gguf-py's values are d times those integers, exact in float32, so dividing by d gives them back)."""
+        """Q4_0, Q5_0 or Q3_K blocks as Q8_0 blocks of the same values: each block's d, and its q - 8 or q - 16 as
+        int8 (gguf-py's values are d times those integers, exact in float32, so dividing by d gives them back); Q3_K's
+        values are its d times integers (sc - 32) (q - 4) that fit in int8 (`kernels.CONVERT`)."""
+        if self.qtype == QT.Q3_K:
+            from . import kernels  # numba's, on first use
+            blocks = np.asarray(self.data, np.uint8).reshape(-1, GGML_QUANT_SIZES[QT.Q3_K][1])
+            return QTensor(QT.Q8_0, self.shape, kernels.convert(QT.Q3_K, blocks, QT.Q8_0).reshape(self.shape[0], -1))
         assert self.qtype in (QT.Q4_0, QT.Q5_0), self.qtype
         blocks = np.asarray(self.data, np.uint8).reshape(-1, GGML_QUANT_SIZES[self.qtype][1])
         d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n, 1)

@@ -7,10 +7,12 @@ import sys
 import numba
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from engine import kernels as K
-from engine.qtensor import QTensor
+from engine.cpu import dequantize_ids
+from engine.qtensor import SCALES, QTensor
 
 # numba's typed inliner reports the inlined helpers' loop variables from a pedantic internal check (see kernels)
 pytestmark = pytest.mark.filterwarnings("ignore:variable '_row_:numba.core.errors.NumbaIRAssumptionWarning")
@@ -47,6 +49,17 @@ def weight(rng, rows: int, cols: int, qtype: QT) -> tuple[K.KMatrix, np.ndarray]
     """A prepared random matrix and its float64 dequantized reference."""
     qt = QTensor.from_float(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
     return K.prepare(qt), qt.dequantize().astype(np.float64)
+
+
+def super_source(rng, rows: int, cols: int, qtype: QT) -> QTensor:
+    """A random matrix of a K-quant type the kernels re-lay (K.SUPER_TYPES): random quant and sub-scale bytes, the
+    super-blocks' f16 d small and positive (values up to about 4)."""
+    size, nbytes = GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
+    at = SCALES[qtype][0]
+    b[:, at:at + 2] = (rng.uniform(0.5, 1.0, (len(b), 1)) * {QT.Q6_K: 1e-3, QT.Q3_K: 2e-2}[qtype]).astype(
+        np.float16).view(np.uint8)
+    return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
 
 
 def row_sets(rng, n: int) -> dict[str, np.ndarray]:
@@ -126,7 +139,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from engine import kernels as K
 from engine.qtensor import QTensor
-from tests.test_kernels import _rows_dot, q8_with_min_quants, rel
+from tests.test_kernels import _rows_dot, q8_with_min_quants, rel, super_source
 from numba import njit
 K.ISA = sys.argv[1]
 
@@ -145,10 +158,12 @@ def store(x, out):
 
 rng = np.random.default_rng(7)
 errors, errors16 = {}, {}
-for qtype in K.BLOCK_TYPES:
-    for cols in (32, 64, 160, 192, 224):  # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks
-        qt = (q8_with_min_quants(rng, 29, cols) if qtype == QT.Q8_0 else
-              QTensor.from_float(rng.standard_normal((29, cols)).astype(np.float32), qtype))
+for qtype in K.BLOCK_TYPES + K.SUPER_TYPES:
+    # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks; super-blocks are 8 and 16
+    for cols in (256, 512) if qtype in K.SUPER_TYPES else (32, 64, 160, 192, 224):
+        qt = (q8_with_min_quants(rng, 29, cols) if qtype == QT.Q8_0 else super_source(rng, 29, cols, qtype)
+              if qtype in K.SUPER_TYPES else QTensor.from_float(rng.standard_normal((29, cols)).astype(np.float32),
+                                                               qtype))
         x = rng.standard_normal(cols).astype(np.float32)
         out = np.zeros(29, np.float32)
         km, ref = K.prepare(qt), qt.dequantize().astype(np.float64) @ x
@@ -200,7 +215,7 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout)
     errors = got["errors"]
-    assert set(errors) == {t.name for t in K.BLOCK_TYPES}
+    assert set(errors) == {t.name for t in K.BLOCK_TYPES + K.SUPER_TYPES}
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
     assert set(got["errors16"]) == set(errors) and all(0 < e < 1e-4 for e in got["errors16"].values()), got
     assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
@@ -323,6 +338,48 @@ def test_int16_x_dot_products(qtype, rng):
         _rows_dot(m.W, x, m.X16, out)
         _rows_dot(m.W, x, m.X, out8)
         assert rel(out, ref @ x) < 1e-4 < rel(out8, ref @ x) / 10
+
+
+@pytest.mark.parametrize("qtype", K.SUPER_TYPES, ids=lambda t: t.name)
+def test_super_types(qtype, rng):
+    """Q6_K and Q3_K, re-laid in blocks of 32 with two scales each: the values gguf-py dequantizes, to the bit (the
+    axpy path reads them), in 7 and 4 bits a weight (6.56 and 3.44 stored); matvec exact, and with int8 x against
+    the emulated int8 x at float32 rounding; row subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate,
+    up and down are of the type, through down_t (sparse) and through the stored down (dense)."""
+    qt = super_source(rng, 37, 512, qtype)
+    w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
+    assert (w.qtype, w.rows, w.cols, w.nbytes) == (qtype, 37, 512, 37 * 512 // 32 * {QT.Q6_K: 28, QT.Q3_K: 16}[qtype])
+    assert qt.native() is qt
+    np.testing.assert_array_equal(dequantize_ids(w, np.arange(37)), ref)
+    x = rng.standard_normal(512).astype(np.float32)
+    for exact in (True, False):
+        out = np.full(37, np.nan, np.float32)
+        K.matvec(w, x, out, exact=exact)
+        xe, t = emulated(qtype, exact, x)
+        assert rel(out, ref @ xe) < t and rel(out, ref @ x) < tol(qtype, exact), exact
+        for name, rows in row_sets(rng, 37).items():
+            out = np.full(rows.size, np.nan, np.float32)
+            K.matvec_rows(w, rows, x, out, exact=exact)
+            assert rel(out, ref[rows] @ xe) < t, (name, exact)
+    out = np.zeros(37, np.float32)
+    _rows_dot(w.W, x, w.X16, out)
+    assert rel(out, ref @ x) < 1e-4
+    (gate, g), (up, u) = (weight(rng, 512, 256, QT.Q4_1) for _ in range(2))
+    down = super_source(rng, 256, 512, qtype)
+    d = down.dequantize().T.astype(np.float64)  # (n_ff, n_embd)
+    down_t = K.transpose(down)
+    d_t = QTensor.from_float(np.ascontiguousarray(down.dequantize().T), QT.Q8_0).dequantize()
+    x = (rng.standard_normal(256) / 16).astype(np.float32)
+    for name, active in {"all (None)": None, **row_sets(rng, 512)}.items():
+        for exact in (True, False):
+            bound = tol(qtype, exact) * (1 if exact else 2)  # int8 x in gate and up, 16-bit h in down
+            sparse, dense = np.full(256, np.nan, np.float32), np.full(256, np.nan, np.float32)
+            K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, sparse, active, exact=exact)
+            K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, dense, active, exact=exact, down=K.prepare(down))
+            if active is None or active.size == 512:  # the dense path reads the stored down
+                assert rel(dense, ffn_reference(g, u, d, x, K.ACT_SILU, 0.0, active)) < bound, (name, exact)
+            if active is not None and active.size:  # down_t: Q8_0 rows of the same values, re-quantized
+                assert rel(sparse, ffn_reference(g, u, d_t, x, K.ACT_SILU, 0.0, active)) < bound, (name, exact)
 
 
 def test_exp_against_numpy():

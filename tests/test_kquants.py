@@ -1,16 +1,19 @@
-"""Block types the kernels do not read (llama.cpp's K-quants, IQ4, ...) converted at load (`QTensor.native`):
-checked against gguf-py's dequantization, and a model llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
+"""Block types the kernels do not read as GGUF stores them (llama.cpp's K-quants, IQ4, ...), converted at load
+(`QTensor.native`) or re-laid (Q6_K, Q3_K: `kernels.prepare`): checked against gguf-py's dequantization, and a model
+llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
+from engine.kernels import SUPER_TYPES
 from engine.qtensor import NATIVE_TYPES, SCALES, QTensor
 
-# the block types converted, and the byte offsets of their f16 scales: set to small finite values, the other bytes
-# random
-F16_AT = {q: at for q, at in SCALES.items() if q not in NATIVE_TYPES}
+# the block types kept as stored in a checkpoint (converted or re-laid by the kernels), and the byte offsets of
+# their f16 scales: set to small finite values, the other bytes random
+F16_AT = {q: at for q, at in SCALES.items() if q not in NATIVE_TYPES or q in SUPER_TYPES}
+CONVERTED = [q for q in F16_AT if q not in NATIVE_TYPES]
 
 
 @pytest.fixture
@@ -29,14 +32,13 @@ def random_blocks(qtype, rows, cols, rng):
     return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
 
 
-@pytest.mark.parametrize("qtype", list(F16_AT), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", CONVERTED, ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
-    """IQ4_NL and Q3_K become Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block
-    scales; Q4_K becomes Q4_1 within the f16 rounding of its scale products
-    (2^-11 of each term, so within 2^-9 of a 32-value block's largest value); Q6_K and Q5_K become gguf-py's Q8_0 of
-    their values, to the bit; the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0
-    step and 127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and within 2^-25 below
-    2^-14 (subnormals), hence the absolute terms."""
+    """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block scales; Q4_K
+    becomes Q4_1 within the f16 rounding of its scale products (2^-11 of each term, so within 2^-9 of a 32-value
+    block's largest value); Q5_K becomes gguf-py's Q8_0 of its values, to the bit; the others (through gguf-py, 5
+    rows at a time) Q8_0 re-quantized, within half a Q8_0 step and 127 times the f16 rounding of its scale. f16
+    rounds within 2^-11 of a value, and within 2^-25 below 2^-14 (subnormals), hence the absolute terms."""
     rows, cols = 13, 768
     t = random_blocks(qtype, rows, cols, rng)
     ref = quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float64)
@@ -45,16 +47,25 @@ def test_native_holds_the_values(qtype, rng):
     assert nat.data.shape == (rows, cols // 32 * GGML_QUANT_SIZES[nat.qtype][1])
     err = np.abs(nat.dequantize() - ref).reshape(rows, -1, 32)
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=2, keepdims=True)
-    if qtype in (QT.IQ4_NL, QT.Q3_K):
+    if qtype == QT.IQ4_NL:
         assert err.max() == 0
     elif qtype == QT.IQ4_XS:  # a scale d * (ls - 32) rounded to f16, times int8 values up to 127
         assert (err <= 2.0 ** -10 * amax + 127 * 2.0 ** -25).all() and err.max() > 0
-    elif qtype in (QT.Q6_K, QT.Q5_K):  # the kernels' re-quantization is gguf-py's (ggml's), to the bit
+    elif qtype == QT.Q5_K:  # the kernels' re-quantization is gguf-py's (ggml's), to the bit
         np.testing.assert_array_equal(nat.data, quants.quantize(ref.astype(np.float32), QT.Q8_0))
     elif qtype == QT.Q4_K:
         assert (err <= 2.0 ** -9 * amax + 16 * 2.0 ** -25).all() and err.max() > 0
     else:
         assert (err <= (0.5 + 127 * 2.0 ** -11) * amax / 127 + 127 * 2.0 ** -25).all()
+
+
+def test_q3_k_as_q8_0_holds_its_values(rng):
+    """Q3_K's values are its d times integers (sc - 32) (q - 4) that int8 holds: `as_q8_0` (export --outtype q8_0)
+    gives Q8_0 blocks of the same values, where quantizing them again would round them."""
+    t = random_blocks(QT.Q3_K, 13, 768, rng)
+    q8 = t.as_q8_0()
+    assert q8.qtype == QT.Q8_0 and q8.data.shape == (13, 768 // 32 * 34)
+    np.testing.assert_array_equal(q8.dequantize(), t.dequantize())
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -96,8 +107,8 @@ def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
 def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     """tiny_q4_k_m.gguf is llama.cpp's Q4_K_M of a tiny random llama (tiny_config("silu", n_embd=256, n_ff=512),
     tiny_weights seed 3, written with pre="gpt-2"), made by llama-cpp-python 0.3.36's llama_model_quantize; its
-    Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them as Q4_1 and Q8_0 (the torch
-    reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
+    Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them as Q4_1 and as Q6_K re-laid
+    (the torch reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
     48 tokens. Both engines follow llama.cpp's within 5% (measured 3.5%; the same values in F32: 2.9%, the part
     that llama.cpp's own 8-bit activations make) and agree with its top token at 90% of the positions or more; the
     unquantized model is 29% away, which the check tells apart."""
@@ -112,9 +123,9 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     for backend in ("kernels", "torch"):
         m = load(f"{data_dir}/tiny_q4_k_m.gguf", n_ctx=64, backend=backend)
         assert {t.qtype for t in m.ckpt.tensors.values()} == {QT.F32, QT.Q4_K, QT.Q6_K}  # as stored
-        if backend == "kernels":  # which read them as Q4_1 and Q8_0, and say so
-            assert "the kernels read Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in capsys.readouterr().err
-            assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_1, QT.Q8_0}
+        if backend == "kernels":  # which read them as Q4_1 and Q6_K, and say so
+            assert "the kernels read Q4_K as Q4_1\n" in capsys.readouterr().err
+            assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_1, QT.Q6_K}
         rel, top = distance(m)
         assert rel < 0.05 and top >= 0.9, (backend, rel, top)
     c = tiny_config("silu", n_embd=256, n_ff=512)
@@ -158,7 +169,7 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
         fh.write(np.array([60000.0], np.float16).tobytes())
     m = load(str(path), n_ctx=64)
     err = capsys.readouterr().err
-    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1, Q6_K as Q8_0 (re-quantized)" in err, err
+    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1\n" in err, err
     L = m.net.layers[0]
     assert L.down.qtype == QT.F32 and K.transpose(L.down_src).qtype == QT.F32 and L.down_t.qtype == QT.F32
     assert np.isfinite(m.logits(list(range(2, 12))).numpy()).all()

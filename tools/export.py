@@ -76,12 +76,12 @@ class Out:
 
     def data(self) -> np.ndarray:
         """The stored form: the source's own bytes when type and layout stay, or the kernels' form of them when it is
-        of the type (Q4_K as Q4_1, IQ4 as Q8_0: `QTensor.native`), or Q4_0 and Q5_0 blocks as the Q8_0 blocks of
-        the same values (`QTensor.as_q8_0`), so nothing is rounded twice. Values past the range of the type's f16
+        of the type (Q4_K as Q4_1, IQ4 as Q8_0: `QTensor.native`), or Q4_0, Q5_0 and Q3_K blocks as the Q8_0 blocks
+        of the same values (`QTensor.as_q8_0`), so nothing is rounded twice. Values past the range of the type's f16
         scales: one line naming the tensor."""
         if not self.transpose:
             n = self.src.native() if self.src.native_type == self.qtype else self.src
-            if self.qtype == QT.Q8_0 and n.qtype in (QT.Q4_0, QT.Q5_0):
+            if self.qtype == QT.Q8_0 and n.qtype in (QT.Q4_0, QT.Q5_0, QT.Q3_K):
                 n = n.as_q8_0()
             if n.qtype == self.qtype:
                 return np.ascontiguousarray(n.data)
