@@ -1270,23 +1270,6 @@ def _k_q3_k_as_q8_0(src, src16, out, out16):
                     out[8 * i + k, 2 + 16 * s + l] = np.uint8((-(sc - 32) * q) & 255)
 
 
-@njit(inline="always", **dict(_SERIAL, fastmath=False))
-def _as_q8_0(y, out, out16, r):
-    """The 256 values y as Q8_0 blocks r..r+7: scale max|x| / 127, quants rounded half away from zero, as ggml's
-    quantize_row_q8_0 (and gguf-py's, to the bit)."""
-    for k in range(8):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(y[32 * k + j]))
-        dq = amax / np.float32(127.0)
-        inv = np.float32(1.0) / dq if dq > 0 else np.float32(0.0)
-        out16[r + k, 0] = _stored(dq, out16)
-        for j in range(32):
-            v = abs(y[32 * k + j] * inv)
-            q = np.int32(np.floor(v) + np.floor(np.float32(2.0) * (v - np.floor(v))))  # roundf
-            out[r + k, 2 + j] = np.uint8((-q if y[32 * k + j] < 0 else q) & 255)
-
-
 @njit(inline="always", **_SERIAL)
 def _put_bits(out, r, o, n, bits):
     """Bytes o..o+n-1 of block r: the low 8 n bits of bits, little-endian."""
@@ -1350,21 +1333,28 @@ RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks)}  # typ
 
 
 @njit(**_CONVERTING)
-def _k_q5_k_as_q8_0(src, src16, out, out16):
+def _k_q5_k_as_q5_1(src, src16, out, out16):
     """(n, 176) Q5_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins as Q4_K's, 32 bytes of high bits, 128
-    of low nibbles) -> (8 n, 34) Q8_0 blocks re-quantized from the values d sc_k q - dmin m_k: value j of sub-block k
-    takes the nibble of byte 32 (k // 2) + j (low for even k) and bit k of high byte j."""
+    of low nibbles) -> (8 n, 24) Q5_1 blocks: sub-block k's 32 values d sc_k q - dmin m_k are the Q5_1 block of
+    scale d sc_k and offset -dmin m_k, both rounded to f16, as Q4_K's become Q4_1's. Value j of sub-block k takes
+    the nibble of byte 48 + 32 (k // 2) + j (low for even k) and bit k of high byte 16 + j."""
     for i in prange(src.shape[0]):
         d, dmin = _widen(src16[i, 0]), _widen(src16[i, 1])
-        y = np.empty(256, np.float32)
         for k in range(8):
             sc, m = _scale_min(src[i, 4:16], k)
-            dk, mk = d * np.float32(sc), dmin * np.float32(m)
+            r = 8 * i + k
+            out16[r, 0] = _stored(d * np.float32(sc), out16)
+            out16[r, 1] = _stored(-(dmin * np.float32(m)), out16)
+            high = np.int64(0)
             for j in range(32):
-                lo, hi = np.int32(src[i, 48 + 32 * (k // 2) + j]), np.int32(src[i, 16 + j])
-                q = ((lo >> 4) if k % 2 else (lo & 15)) | (((hi >> k) & 1) << 4)
-                y[32 * k + j] = dk * np.float32(q) - mk
-        _as_q8_0(y, out, out16, 8 * i)
+                lo = np.int64(src[i, 48 + 32 * (k // 2) + j])
+                q = (lo >> 4) if k % 2 else (lo & 15)
+                high |= ((np.int64(src[i, 16 + j]) >> k) & 1) << j
+                if j < 16:  # Q5_1 byte 8 + j: values j and j + 16
+                    out[r, 8 + j] = np.uint8(q)
+                else:
+                    out[r, j - 8] |= np.uint8(q << 4)
+            _put_bits(out, r, 4, 4, high)
 
 
 _IQ4 = np.array(quants.IQ4_NL.kvalues, np.int32)  # IQ4_NL's and IQ4_XS's 16 values of a nibble (int8)
@@ -1402,7 +1392,7 @@ def _k_iq4_xs_as_q8_0(src, src16, out, out16):
             _iq4_quants(src, i, 8 + 16 * k, out, 8 * i + k)
 
 
-CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q8_0), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0),
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q5_1), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0),
            QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0), QT.Q3_K: (8, _k_q3_k_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native` (Q3_K's Q8_0 blocks of the
 # same values: `QTensor.as_q8_0`, for export)

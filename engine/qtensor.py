@@ -16,10 +16,11 @@ from gguf import quants
 # types the kernels read as stored (BF16 widened; Q6_K and Q3_K re-laid in blocks of 32 with the same values); they
 # convert the others as they prepare a model (`QTensor.native`)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q6_K, QT.Q3_K)
-# block types whose values a native type holds: Q4_K's 32-value sub-blocks are Q4_1 blocks (their scale d * sc and
-# offset -dmin * m rounded to f16, within 2^-11 of them), IQ4_NL's table of int8 values fits in Q8_0's int8 (the
-# same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16)
-AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
+# block types whose values a native type holds: Q4_K's and Q5_K's 32-value sub-blocks are Q4_1 and Q5_1 blocks
+# (their scale d * sc and offset -dmin * m rounded to f16, within 2^-11 of them), IQ4_NL's table of int8 values
+# fits in Q8_0's int8 (the same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded
+# to f16)
+AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
 # byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
 # small numbers): d (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, the IQ and TQ types), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K,
 # Q2_K); `finite` reads these, and the values of types not here
@@ -92,10 +93,10 @@ class QTensor:
 
     def native(self, rows: int = 4096) -> QTensor:
         """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
-        block type (Q6_K, Q5_K, Q2_K, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not a
-        matrix, or rows not whole 32-value blocks, or a scale of the result past f16's range, not the source's). The
-        kernels convert Q4_K, Q3_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS (`kernels.CONVERT`); the other types go through
-        gguf-py's dequantization, `rows` rows at a time."""
+        block type (Q2_K, IQ3_S, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not a matrix,
+        or rows not whole 32-value blocks, or a scale of the result past f16's range, not the source's). The kernels
+        convert Q4_K, Q5_K, IQ4_NL and IQ4_XS (`kernels.CONVERT`); the other types go through gguf-py's
+        dequantization, `rows` rows at a time."""
         qtype = self.native_type
         if qtype == self.qtype:
             return self
