@@ -266,11 +266,11 @@ def _plane(context, builder, hty, hb, b, n, per, k):
     return builder.bitcast(builder.bitcast(bits, ir.IntType(BLOCK * n)), _vec(ir.IntType(1), BLOCK * n))
 
 
-def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None):
+def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, signed=True):
     """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order (`_kind`): Q8_0 bytes; Q4 nibbles; Q5's
     with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with 16 and 32
     from two planes (8 bytes a block), less 32; Q3's 2-bit quants (element j: bits 2 (j // 8) of byte j % 8 of the
-    block's u64) with 4 from a plane, less 4."""
+    block's u64) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63 and 0..7)."""
     if kind == "q8":
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
     i8s = _vec(ir.IntType(8), BLOCK * n)
@@ -293,7 +293,7 @@ def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None):
     for k, add in enumerate(adds):
         on = _plane(context, builder, hty, hb, b, n, 4 * len(adds), k)
         base = builder.or_(base, builder.select(on, ir.Constant(i8s, [add] * BLOCK * n), ir.Constant(i8s, None)))
-    return builder.sub(base, ir.Constant(i8s, [ZERO[kind]] * BLOCK * n)) if kind in ZERO else base
+    return builder.sub(base, ir.Constant(i8s, [ZERO[kind]] * BLOCK * n)) if kind in ZERO and signed else base
 
 
 def _extend(builder, signed, q, ty):
@@ -378,7 +378,7 @@ def _widen(typingctx, v):
     return None
 
 
-def _widened_dot(builder, q, xv, per16=False):
+def _widened_dot(builder, q, xv, per16=False, init=None):
     """<8 x i32> partial sums of the products q_j * x_j, q <32 x i32> and x <32 x i8 or i16> sign-extended: the
     generic path of `_i8_dot` and `_i16_dot` (any LLVM target). per16: lane l sums products 4 l..4 l+3, as the x86
     paths' lanes do (lanes 0-3 the block's first 16 values), else products l, l + 8, l + 16, l + 24."""
@@ -386,17 +386,19 @@ def _widened_dot(builder, q, xv, per16=False):
     i32x8 = _vec(_I32, 8)
     lanes = (lambda k: [4 * j + k for j in range(8)]) if per16 else (lambda k: list(range(8 * k, 8 * k + 8)))
     parts = [builder.shuffle_vector(p, p, ir.Constant(i32x8, lanes(k))) for k in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    out = builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+    return out if init is None else builder.add(out, init)
 
 
-def _i8_dot(builder, signed, qv, xv, per16=False):
+def _i8_dot(builder, signed, qv, xv, per16=False, init=None):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 or Q5 quants or
     signed values of the other kinds, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened
     products (generic); <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512
-    only). Lane l of a block holds products 4 l..4 l+3 on x86 (and on the generic path with per16)."""
+    only). Lane l of a block holds products 4 l..4 l+3 on x86 (and on the generic path with per16). init: the
+    lanes' start (None: 0)."""
     i8s, i32s = _vec(ir.IntType(8), qv.type.count), _vec(_I32, qv.type.count // 4)
     if ISA == "generic":
-        return _widened_dot(builder, _extend(builder, signed, qv, _vec(_I32, BLOCK)), xv, per16)
+        return _widened_dot(builder, _extend(builder, signed, qv, _vec(_I32, BLOCK)), xv, per16, init)
     # both instructions take unsigned q and signed x; x is never -128 (_prep_x), so negating it cannot wrap and
     # pairs of products fit vpmaddubsw's i16: 128 * 127 * 2 < 2^15
     if signed:  # |q| * (x with q's sign); |-128| (Q8_0) wraps to 0x80, read as 128
@@ -406,16 +408,18 @@ def _i8_dot(builder, signed, qv, xv, per16=False):
     if ISA in ("vnni", "vnni512"):  # declared with i32 operands as LLVM before 22 has it; LLVM 22 upgrades the call
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i32s, i32s, i32s]),
                                             f"llvm.x86.avx512.vpdpbusd.{i32s.count * 32}")
-        return builder.call(fn, [ir.Constant(i32s, None), builder.bitcast(qv, i32s), builder.bitcast(xv, i32s)])
+        start = ir.Constant(i32s, None) if init is None else init
+        return builder.call(fn, [start, builder.bitcast(qv, i32s), builder.bitcast(xv, i32s)])
     i16x16 = _vec(ir.IntType(16), 16)
     maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8s, i8s]),
                                              "llvm.x86.avx2.pmadd.ub.sw")
     maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16x16, i16x16]),
                                             "llvm.x86.avx2.pmadd.wd")
-    return builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
+    out = builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
+    return out if init is None else builder.add(out, init)
 
 
-def _i16_dot(builder, signed, qv, xv, per16=False):
+def _i16_dot(builder, signed, qv, xv, per16=False, init=None):
     """<8 x i32> partial sums of one block's 32 products q_j * x_j, q as in `_i8_dot` and x <32 x i16>: vpmaddwd
     on AVX2 and VNNI hosts, widened products elsewhere. |q x| <= 128 * 32767: a block's sum fits in i32. Two
     blocks (<64 x ...>, vnni512 only): <16 x i32> by 512-bit vpmaddwd, lanes 0-7 the first block. per16: lane l
@@ -423,7 +427,7 @@ def _i16_dot(builder, signed, qv, xv, per16=False):
     n = qv.type.count
     qw = _extend(builder, signed, qv, _vec(ir.IntType(16), n))
     if ISA == "generic":
-        return _widened_dot(builder, builder.sext(qw, _vec(_I32, n)), xv, per16)
+        return _widened_dot(builder, builder.sext(qw, _vec(_I32, n)), xv, per16, init)
     w = 16 if n == BLOCK else 32  # i16 lanes of one vpmaddwd
     i16s, i32s = _vec(ir.IntType(16), w), _vec(_I32, w // 2)
     maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16s, i16s]),
@@ -434,7 +438,8 @@ def _i16_dot(builder, signed, qv, xv, per16=False):
     a, b = (builder.call(maddwd, [part(qw, k), part(xv, k)]) for k in (0, 1))
     if per16:  # adjacent lanes of a (block 0, or its first half) then of b
         pairs = lambda o: ir.Constant(_vec(_I32, w // 2), list(range(o, w, 2)))  # noqa: E731
-        return builder.add(builder.shuffle_vector(a, b, pairs(0)), builder.shuffle_vector(a, b, pairs(1)))
+        out = builder.add(builder.shuffle_vector(a, b, pairs(0)), builder.shuffle_vector(a, b, pairs(1)))
+        return out if init is None else builder.add(out, init)
     if w == 16:
         return builder.add(a, b)
     lanes = lambda o: ir.Constant(_vec(_I32, 16), list(range(o, o + 8)) + list(range(16 + o, 24 + o)))  # noqa: E731
@@ -465,23 +470,25 @@ def _stored(typingctx, v, a):
 
 
 @intrinsic
-def _dot_row(typingctx, q, hb, d, x, xd):
+def _dot_row(typingctx, q, hb, d, x, xd, xl):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
     Q3 words) with hb its bit planes (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
     block, or u32 two a block (`_scale_pair`). x f32, or int8/int16 with per-block scales xd (one more factor xd[b];
     unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per
     block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one Xeon core, in cache: a
     Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block
-    goes alone."""
+    goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the zero point z through xl (x's
+    lane sums, `_prep_x`): each block's integer dot product starts from -z times them, so sum (q - z) x costs no
+    more than sum q x (subtracting z from the quants made them signed: 4 more instructions a block)."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
             and _is_row(d, (types.uint16, types.uint32)) and _is_row(x, (types.float32, types.int8, types.int16))
-            and _is_row(xd, (types.float32,))):
+            and _is_row(xd, (types.float32,)) and (xl is types.none or _is_row(xl, (types.int32,)))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
-        qty, hty, dty, xty, xdty = sig.args
-        q, hb, d, x, xd = args
+        qty, hty, dty, xty, xdty, xlty = sig.args
+        q, hb, d, x, xd, xl = args
         per16 = dty.dtype == types.uint32
         kind = _kind(qty, hty, per16)
         nb = context.make_array(dty)(context, builder, d).nitems
@@ -509,13 +516,18 @@ def _dot_row(typingctx, q, hb, d, x, xd):
 
         def step(b, acc, k):  # blocks b..b+k-1 into acc
             w = BLOCK if exact else 8 * k
-            qv = _quants(context, builder, kind, qty, q, b, k, hty, hb)
+            zero = per16 and not exact  # unsigned quants, the zero point in the dot product's start
+            qv = _quants(context, builder, kind, qty, q, b, k, hty, hb, signed=not zero)
             xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * k)
             if exact:
                 v = builder.fmul(_extend(builder, kind in SIGNED, qv, _vec(_F32, BLOCK)), xv, flags=_FAST)
             else:
                 dot = _i8_dot if xty.dtype == types.int8 else _i16_dot
-                v = builder.sitofp(dot(builder, kind in SIGNED, qv, xv, per16), _vec(_F32, w))
+                init = None
+                if zero:
+                    lanes = _load(context, builder, xlty, xl, builder.mul(b, ir.Constant(b.type, 8)), w)
+                    init = builder.mul(lanes, ir.Constant(lanes.type, [-ZERO[kind]] * w))
+                v = builder.sitofp(dot(builder, kind in SIGNED and not zero, qv, xv, per16, init), _vec(_F32, w))
             upd = builder.fmul(v, scales(b, k, w), flags=_FAST)
             if w < width:  # the upper lanes of acc take zeros
                 upd = builder.shuffle_vector(upd, ir.Constant(upd.type, None), ir.Constant(_vec(_I32, width),
@@ -535,7 +547,7 @@ def _dot_row(typingctx, q, hb, d, x, xd):
         with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, one), ir.Constant(nb.type, 0))):
             step(builder.sub(nb, one), accs[n - 1], 1)
         return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
-    return types.float32(q, hb, d, x, xd), codegen
+    return types.float32(q, hb, d, x, xd, xl), codegen
 
 
 @intrinsic
@@ -662,16 +674,18 @@ def _prefetch(typingctx, a, i):
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-row helpers. A weight W = (w, d, m, h) as in KMatrix.W: d = m = h = None for F32/F16, m None but for
-# Q4_1/Q5_1, h None but for Q5_0/Q5_1; the prepared x X = (xs, xq, xd, xqs) from _prep_x. The layout is chosen at
+# Q4_1/Q5_1, h None but for Q5_0/Q5_1; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout is chosen at
 # typing time (one compiled version per combination) and the helpers are inlined into the kernels.
 
 @njit(inline="always", **_SERIAL)
 def _prep_x(x, X):
-    """Into X = (xs, xq, xd, xqs), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq with scale xd,
-    and xqs = xd * sum xq. xq int8 (|xq| <= 127, never -128: the int8 products of `_i8_dot` rely on it) or int16
-    (|xq| <= 32767). A block below 1e-30 in size quantizes to 0s (top / amax would overflow); NaN and inf to 0, sum
-    included (an int32 conversion of NaN is INT_MIN, whose low bits the stored quant keeps: 0)."""
-    xs, xq, xd, xqs = X
+    """Into X = (xs, xq, xd, xqs, xl), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq with scale
+    xd, xqs = xd * sum xq, and xl the sums of xq's quads (xl[8 b + l] = xq[32 b + 4 l] + ... + xq[32 b + 4 l + 3]:
+    lane l of the block's integer dot product, see `_dot_row`'s zero points). xq int8 (|xq| <= 127, never -128: the
+    int8 products of `_i8_dot` rely on it) or int16 (|xq| <= 32767). A block below 1e-30 in size quantizes to 0s
+    (top / amax would overflow); NaN and inf to 0, sum included (an int32 conversion of NaN is INT_MIN, whose low
+    bits the stored quant keeps: 0)."""
+    xs, xq, xd, xqs, xl = X
     top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
     for b in range(xs.size):
         o = b * BLOCK
@@ -685,6 +699,9 @@ def _prep_x(x, X):
         for j in range(BLOCK):
             xq[o + j] = np.int32(np.rint(x[o + j] * inv))  # |xq| <= top
             qsum += np.int32(xq[o + j])
+        for lane in range(8):
+            o4 = o + 4 * lane
+            xl[8 * b + lane] = np.int32(xq[o4]) + np.int32(xq[o4 + 1]) + np.int32(xq[o4 + 2]) + np.int32(xq[o4 + 3])
         xs[b] = s
         xd[b] = amax / top
         xqs[b] = xd[b] * np.float32(qsum)
@@ -750,22 +767,22 @@ def _row_dot_impl(W, r, x, X, exact):
         def signed(W, r, x, X, exact):
             wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
             if exact:
-                return _dot_row(wr, hr, d, x, X[2])
-            return _dot_row(wr, hr, d, X[1], X[2])
+                return _dot_row(wr, hr, d, x, X[2], None)
+            return _dot_row(wr, hr, d, X[1], X[2], X[4])
         return signed
 
     def blocks(W, r, x, X, exact):
         wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
-        xs, xq, xd, xqs = X
+        xs, xq, xd, xqs, _ = X
         off = np.float32(0.0)  # sum_b m_b * sum(x_b)
         # one loop per path, not one loop over `xs if exact else xqs`: that form made matvec 1.2-1.5x slower
         if exact:
             for b in range(d.size):
                 off += _block_min(W, m, b, _widen(d[b])) * xs[b]
-            return _dot_row(wr, _part_row(W[3], r), d, x, xd) + off
+            return _dot_row(wr, _part_row(W[3], r), d, x, xd, None) + off
         for b in range(d.size):
             off += _block_min(W, m, b, _widen(d[b])) * xqs[b]
-        return _dot_row(wr, _part_row(W[3], r), d, xq, xd) + off
+        return _dot_row(wr, _part_row(W[3], r), d, xq, xd, None) + off
     return blocks
 
 
@@ -1026,7 +1043,8 @@ class KMatrix:
         self.nbytes = sum(int(a.nbytes) for a in self.W if a is not None)
         nb = cols // BLOCK if cols % BLOCK == 0 else 0  # x scratch: per-block sums and quants (see _prep_x)
         self.X, self.X16 = ((np.zeros(nb, np.float32), np.zeros(nb * BLOCK, t), np.zeros(nb, np.float32),
-                             np.zeros(nb, np.float32)) for t in (np.int8, np.int16))  # X16: the dense FFN's h
+                             np.zeros(nb, np.float32), np.zeros(nb * 8, np.int32))
+                            for t in (np.int8, np.int16))  # X16: the dense FFN's h
         self.part = np.zeros((0, cols), np.float32)  # per-thread partial sums of axpy_rows / ffn, grown on use (rows
         # padded to whole cache lines: `_thread_rows`)
         self.hs = np.zeros((0, rows), np.float32)  # per-thread h of ffn (as down_t: rows = n_ff), grown on use

@@ -90,7 +90,7 @@ def test_stage_x_rounds_as_the_kernels_do():
     for scale in (1e-3, 1.0, 300.0):
         x = (rng.standard_normal(576) * scale).astype(np.float32)
         K.matvec(w, x, np.zeros(8, np.float32))
-        _, xq, xd, _ = w.X
+        _, xq, xd, _, _ = w.X
         got = np.zeros(576, np.float32)
         stage_x(x, X, True, got)
         assert np.array_equal(got, xq.astype(np.float32) * np.repeat(xd, 32)) and not np.array_equal(got, x)
