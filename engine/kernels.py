@@ -14,7 +14,7 @@ threads):
     Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)                      value = d * q + m
     Q5_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    h u8 (rows, 4 nb)  value = d * (q - 16)
     Q5_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  h u8 (rows, 4 nb)  value = d * q + m
-    Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u8 (rows, 8 nb)  value = d sc (q - 32)
+    Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u64 (rows, nb)   value = d sc (q - 32)
     Q3_K        w  u64 (rows, nb)          d u32 (rows, nb)                    h u8 (rows, 4 nb)  value = d sc (q - 4)
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
@@ -23,8 +23,8 @@ nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit,
 The K-quants Q6_K and Q3_K scale each 16 values of their 256-value super-blocks on their own; `prepare` re-lays
 them in blocks of 32 with the same values (7 and 4 bits a weight, against 6.56 and 3.44 in the file; their Q8_0
 copies took 8.5): d holds the two int8 sub-scales sc of a block in bytes 0 and 1 and the super-block's f16 d in
-bytes 2-3, so their products are exact; Q6 takes bits 4 and 5 from two planes of h, Q3 its low 2 bits from a u64
-a block (element j: bits 2 (j // 8) of byte j % 8) and bit 2 from h.
+bytes 2-3, so their products are exact; Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at bits
+2 (j // 8) of byte j % 8), Q3 its low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h.
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -90,7 +90,7 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q5_1: ((8, 24, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), (4, 8, np.uint8)),
          # K-quants of 256-value super-blocks whose sub-blocks of 16 have scales of their own, re-laid by `prepare` in
          # blocks of 32 with the same values (`RELAYOUT`: their bytes there): two scales a block, in one u32 word
-         QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint8)),
+         QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint64)),
          QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8))}
 SUPER_TYPES = (QT.Q6_K, QT.Q3_K)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
@@ -255,31 +255,41 @@ SIGNED = ("q8", "q6", "q3")  # kinds whose quants `_quants` gives as int8 values
 ZERO = {"q6": 32, "q3": 4}  # the value of a stored quant that stands for 0
 
 
-def _plane(context, builder, hty, hb, b, n, per, k):
-    """<32 n x i1>: bit plane k of blocks b..b+n-1 (per bytes of planes a block, 4 a plane): lane 32 i + j is bit
-    j of the block's 4 little-endian bytes, one bit a quant (a mask register, kmov, on AVX-512, where spreading
-    the bytes over the lanes (vpshufb, vptestmb) made a 49152 x 576 Q5_0 matvec 669 us against 642, 2 threads)."""
-    bits = _load(context, builder, hty, hb, builder.mul(b, ir.Constant(b.type, per)), per * n)  # <per n x i8>
-    if per != 4:
-        pick = [per * i + 4 * k + j for i in range(n) for j in range(4)]
-        bits = builder.shuffle_vector(bits, bits, ir.Constant(_vec(_I32, 4 * n), pick))
+def _plane(context, builder, hty, hb, b, n):
+    """<32 n x i1>: the bit plane of blocks b..b+n-1 (4 bytes a block): lane 32 i + j is bit j of the block's 4
+    little-endian bytes, one bit a quant (a mask register, kmov, on AVX-512, where spreading the bytes over the
+    lanes (vpshufb, vptestmb) made a 49152 x 576 Q5_0 matvec 669 us against 642, 2 threads)."""
+    bits = _load(context, builder, hty, hb, builder.mul(b, ir.Constant(b.type, 4)), 4 * n)  # <4 n x i8>
     return builder.bitcast(builder.bitcast(bits, ir.IntType(BLOCK * n)), _vec(ir.IntType(1), BLOCK * n))
+
+
+def _pairs(context, builder, words, b, n, rotate):
+    """<32 n x i8>: the 2-bit fields of blocks b..b+n-1's u64 words (element j's at bits 2 (j // 8) of byte
+    j % 8), each moved to bits 0-1 (rotate False) or 4-5 (True) of its lane: a word spread over 4 lanes of i64,
+    each shifted (vpsrlvq) or rotated (vprolvq) by its own count, then masked."""
+    ty, q = words
+    w = _load(context, builder, ty, q, b, n)  # <n x i64>
+    i64s, i8s = _vec(ir.IntType(64), 4 * n), _vec(ir.IntType(8), BLOCK * n)
+    spread = builder.shuffle_vector(w, w, ir.Constant(_vec(_I32, 4 * n), [k // 4 for k in range(4 * n)]))
+    if rotate:  # left by 4, 2, 0, 62: bits 2 s..2 s+1 of each byte to bits 4-5
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64s, [i64s] * 3),
+                                            f"llvm.fshl.v{4 * n}i64")
+        moved = builder.call(fn, [spread, spread, ir.Constant(i64s, [(4 - 2 * (k % 4)) % 64 for k in range(4 * n)])])
+    else:
+        moved = builder.lshr(spread, ir.Constant(i64s, [2 * (k % 4) for k in range(4 * n)]))
+    return builder.and_(builder.bitcast(moved, i8s), ir.Constant(i8s, [0x30 if rotate else 3] * BLOCK * n))
 
 
 def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, signed=True):
     """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order (`_kind`): Q8_0 bytes; Q4 nibbles; Q5's
-    with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with 16 and 32
-    from two planes (8 bytes a block), less 32; Q3's 2-bit quants (element j: bits 2 (j // 8) of byte j % 8 of the
-    block's u64) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63 and 0..7)."""
+    with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with bits 4 and
+    5 from hb's u64 a block (element j's at bits 2 (j // 8) of byte j % 8), less 32; Q3's 2-bit quants (the same
+    layout, in q's u64 words) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63, 0..7)."""
     if kind == "q8":
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
     i8s = _vec(ir.IntType(8), BLOCK * n)
     if kind == "q3":
-        words = _load(context, builder, qty, q, b, n)  # <n x i64>
-        i64s = _vec(ir.IntType(64), 4 * n)
-        spread = builder.shuffle_vector(words, words, ir.Constant(_vec(_I32, 4 * n), [k // 4 for k in range(4 * n)]))
-        shifted = builder.lshr(spread, ir.Constant(i64s, [2 * (k % 4) for k in range(4 * n)]))  # vpsrlvq
-        base = builder.and_(builder.bitcast(shifted, i8s), ir.Constant(i8s, [3] * BLOCK * n))
+        base = _pairs(context, builder, (qty, q), b, n, False)
     else:
         h = BLOCK // 2
         half = _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, h)), h * n)
@@ -287,11 +297,11 @@ def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, sig
         hi = builder.lshr(half, ir.Constant(half.type, [4] * h * n))  # elements 16..31
         order = [o + k * h + j for k in range(n) for o in (0, h * n) for j in range(h)]  # block k: lo k, then hi k
         base = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
-    if kind == "q4":
-        return base
-    adds = {"q5": (16,), "q6": (16, 32), "q3": (4,)}[kind]
-    for k, add in enumerate(adds):
-        on = _plane(context, builder, hty, hb, b, n, 4 * len(adds), k)
+    if kind == "q6":  # bits 4 and 5 from the u64 words of pairs (a plane of each took 1.3x as long)
+        base = builder.or_(base, _pairs(context, builder, (hty, hb), b, n, True))
+    elif kind != "q4":
+        on = _plane(context, builder, hty, hb, b, n)
+        add = {"q5": 16, "q3": 4}[kind]
         base = builder.or_(base, builder.select(on, ir.Constant(i8s, [add] * BLOCK * n), ir.Constant(i8s, None)))
     return builder.sub(base, ir.Constant(i8s, [ZERO[kind]] * BLOCK * n)) if kind in ZERO and signed else base
 
@@ -315,8 +325,8 @@ def _is_row(ty, dtypes):
 
 
 def _high_ok(hb):
-    """A row of Q5 high bits (u8), or None."""
-    return hb is types.none or _is_row(hb, (types.uint8,))
+    """A row of high bits (u8 planes, or Q6's u64 words), or None."""
+    return hb is types.none or _is_row(hb, (types.uint8, types.uint64))
 
 
 def _like(v, t):
@@ -1298,26 +1308,24 @@ def _put_bits(out, r, o, n, bits):
 @njit(**_CONVERTING)
 def _k_q6_k_blocks(src, src16, out, out16):
     """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 28)
-    blocks as PARTS lays Q6_K: the scale word (sc_2k, sc_2k+1, d), the planes of the quants' bits 4 and 5, their
-    nibbles as Q4's. Value 32 p + j of half h (ggml's dequantize_row_q6_K order) is element j of block k = 4 h + p:
-    the nibble of byte 64 h + 32 (p % 2) + j (its high one for p >= 2), bits 2 p of byte 128 + 32 h + j above it;
-    its scale is sc_(2 k + j // 16)."""
+    blocks as PARTS lays Q6_K: the scale word (sc_2k, sc_2k+1, d), a u64 of the quants' bits 4-5 (element e's at
+    bits 2 (e // 8) of byte e % 8), their nibbles as Q4's. Value 32 p + j of half h (ggml's dequantize_row_q6_K
+    order) is element j of block k = 4 h + p: the nibble of byte 64 h + 32 (p % 2) + j (its high one for p >= 2),
+    bits 2 p of byte 128 + 32 h + j above it; its scale is sc_(2 k + j // 16)."""
     for i in prange(src.shape[0]):
         for k in range(8):
             h, p, r = k // 4, k % 4, 8 * i + k
             out[r, 0], out[r, 1], out16[r, 1] = src[i, 192 + 2 * k], src[i, 193 + 2 * k], src16[i, 104]
-            planes = np.zeros(2, np.int64)
+            top = np.zeros(8, np.int64)
             for j in range(32):
                 nib = (np.int64(src[i, 64 * h + 32 * (p % 2) + j]) >> (4 * (p // 2))) & 15
-                top = (np.int64(src[i, 128 + 32 * h + j]) >> (2 * p)) & 3
-                planes[0] |= (top & 1) << j
-                planes[1] |= (top >> 1) << j
+                top[j % 8] |= ((np.int64(src[i, 128 + 32 * h + j]) >> (2 * p)) & 3) << (2 * (j // 8))
                 if j < 16:
                     out[r, 12 + j] = np.uint8(nib)
                 else:
                     out[r, j - 4] |= np.uint8(nib << 4)
-            _put_bits(out, r, 4, 4, planes[0])
-            _put_bits(out, r, 8, 4, planes[1])
+            for t in range(8):
+                out[r, 4 + t] = np.uint8(top[t])
 
 
 @njit(**_CONVERTING)
