@@ -273,6 +273,7 @@ class KernelModel:
         net = TorchModel(self.c, self.batched_tensors, self.n_ctx, dequant_rows=self.dequant_rows,
                          kv=(self.k_cache, self.v_cache))
         net.alias = {}
+        net.x8 |= {k for k, m in self.mats.items() if m.qtype in K.SUPER_TYPES}  # 8-bit x, as their decode steps
         return net
 
     def dequant_rows(self, name: str, r0: int, r1: int):

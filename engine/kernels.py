@@ -242,8 +242,8 @@ def _splat(builder, v, n):
 
 def _kind(qty, hty, per16: bool) -> str:
     """A block row's format from its parts' types (the module docstring's table): "q8" (i8 quants), "q4" (u8
-    nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (per16) "q6" (nibbles and two
-    planes) or "q3" (u64 words of 2-bit quants and a plane of third bits)."""
+    nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (per16) "q6" (nibbles and a
+    u64 of bit pairs a block) or "q3" (u64 words of 2-bit quants and a plane of third bits)."""
     if per16:
         return "q3" if qty.dtype == types.uint64 else "q6"
     if qty.dtype == types.int8:
@@ -401,8 +401,8 @@ def _widened_dot(builder, q, xv, per16=False, init=None):
 
 
 def _i8_dot(builder, signed, qv, xv, per16=False, init=None):
-    """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned Q4 or Q5 quants or
-    signed values of the other kinds, x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened
+    """<8 x i32> partial sums of one block's 32 products q_j * x_j (<32 x i8> each; q unsigned (Q4, Q5, and Q6 and
+    Q3 as stored) or signed (Q8_0), x signed), by ISA: vpdpbusd (VNNI), vpmaddubsw + vpmaddwd (AVX2), or widened
     products (generic); <16 x i32> of two blocks' 64 (lanes 0-7 the first block) with 512-bit vpdpbusd (vnni512
     only). Lane l of a block holds products 4 l..4 l+3 on x86 (and on the generic path with per16). init: the
     lanes' start (None: 0)."""
@@ -482,7 +482,7 @@ def _stored(typingctx, v, a):
 @intrinsic
 def _dot_row(typingctx, q, hb, d, x, xd, xl):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
-    Q3 words) with hb its bit planes (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
+    Q3 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
     block, or u32 two a block (`_scale_pair`). x f32, or int8/int16 with per-block scales xd (one more factor xd[b];
     unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per
     block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one Xeon core, in cache: a
@@ -684,8 +684,8 @@ def _prefetch(typingctx, a, i):
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-row helpers. A weight W = (w, d, m, h) as in KMatrix.W: d = m = h = None for F32/F16, m None but for
-# Q4_1/Q5_1, h None but for Q5_0/Q5_1; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout is chosen at
-# typing time (one compiled version per combination) and the helpers are inlined into the kernels.
+# Q4_1/Q5_1, h None but for Q5_0/Q5_1/Q6_K/Q3_K; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout
+# is chosen at typing time (one compiled version per combination) and the helpers are inlined into the kernels.
 
 @njit(inline="always", **_SERIAL)
 def _prep_x(x, X):
@@ -774,12 +774,12 @@ def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
     if _per16(W):  # signed values: no offset terms
-        def signed(W, r, x, X, exact):
+        def halves(W, r, x, X, exact):
             wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
             if exact:
                 return _dot_row(wr, hr, d, x, X[2], None)
             return _dot_row(wr, hr, d, X[1], X[2], X[4])
-        return signed
+        return halves
 
     def blocks(W, r, x, X, exact):
         wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
@@ -806,14 +806,14 @@ def _row_axpy_impl(W, r, s, out):
         return dense
 
     if _per16(W):
-        def signed(W, r, s, out):
+        def halves(W, r, s, out):
             wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
             for b in range(d.size):
                 v = d[b]  # int8 scales in bytes 0 and 1, the f16 d in bytes 2-3
                 sd = s * _widen(np.uint16(v >> 16))
                 _axpy_block(wr, hr, b, sd * np.float32(_s8(v & 255)), sd * np.float32(_s8((v >> 8) & 255)),
                             np.float32(0.0), out)
-        return signed
+        return halves
 
     def blocks(W, r, s, out):
         wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)

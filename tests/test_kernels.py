@@ -52,13 +52,17 @@ def weight(rng, rows: int, cols: int, qtype: QT) -> tuple[K.KMatrix, np.ndarray]
 
 
 def super_source(rng, rows: int, cols: int, qtype: QT) -> QTensor:
-    """A random matrix of a K-quant type the kernels re-lay (K.SUPER_TYPES): random quant and sub-scale bytes, the
-    super-blocks' f16 d small and positive (values up to about 4)."""
+    """A random matrix of a K-quant type the kernels re-lay (K.SUPER_TYPES): random quant and sub-scale bytes (Q6_K's
+    sub-scales -128 and 127 in some blocks), the super-blocks' f16 d small, of either sign, subnormal in some
+    (values up to about 4)."""
     size, nbytes = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
     at = SCALES[qtype][0]
-    b[:, at:at + 2] = (rng.uniform(0.5, 1.0, (len(b), 1)) * {QT.Q6_K: 1e-3, QT.Q3_K: 2e-2}[qtype]).astype(
-        np.float16).view(np.uint8)
+    d = rng.uniform(0.5, 1.0, (len(b), 1)) * {QT.Q6_K: 1e-3, QT.Q3_K: 2e-2}[qtype] * rng.choice([-1, 1], (len(b), 1))
+    d[::7] *= 1e-3  # below 2^-14: f16 subnormals
+    b[:, at:at + 2] = d.astype(np.float16).view(np.uint8)
+    if qtype == QT.Q6_K:
+        b[::5, 192:208:2], b[::5, 193:208:2] = 0x80, 0x7F
     return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
 
 

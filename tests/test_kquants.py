@@ -36,8 +36,9 @@ def random_blocks(qtype, rows, cols, rng):
 def test_native_holds_the_values(qtype, rng):
     """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block scales; Q4_K
     and Q5_K become Q4_1 and Q5_1 within the f16 rounding of their scale products (2^-11 of each term, so within
-    2^-9 of a 32-value block's largest value); the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0 step and 127 times the f16 rounding of its scale. f16
-    rounds within 2^-11 of a value, and within 2^-25 below 2^-14 (subnormals), hence the absolute terms."""
+    2^-9 of a 32-value block's largest value); the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized,
+    within half a Q8_0 step and 127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and
+    within 2^-25 below 2^-14 (subnormals), hence the absolute terms."""
     rows, cols = 13, 768
     t = random_blocks(qtype, rows, cols, rng)
     ref = quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float64)
@@ -107,8 +108,9 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them as Q4_1 and as Q6_K re-laid
     (the torch reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
     48 tokens. Both engines follow llama.cpp's within 5% (measured 3.5%; the same values in F32: 2.9%, the part
-    that llama.cpp's own 8-bit activations make) and agree with its top token at 90% of the positions or more; the
-    unquantized model is 29% away, which the check tells apart."""
+    that llama.cpp's own 8-bit activations make) and agree with its top token at 90% of the positions or more, the
+    kernels through their decode steps too (a prompt of 48 tokens is prefilled batched in torch); the unquantized
+    model is 29% away, which the check tells apart."""
     from engine.api import load
     from tiny_model import tiny_config, tiny_weights, write_gguf
     ref = np.load(f"{data_dir}/tiny_q4_k_m_llamacpp.npz")
@@ -125,6 +127,10 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
             assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_1, QT.Q6_K}
         rel, top = distance(m)
         assert rel < 0.05 and top >= 0.9, (backend, rel, top)
+        if backend == "kernels":  # the decode steps' dot products on the re-laid Q6_K blocks
+            steps = np.stack([m.net.step(t, p).copy() for p, t in enumerate(ids)]).astype(np.float64)
+            rel = np.linalg.norm(steps - want) / np.linalg.norm(want)
+            assert rel < 0.05 and (steps.argmax(-1) == want.argmax(-1)).mean() >= 0.9, rel
     c = tiny_config("silu", n_embd=256, n_ff=512)
     rel, _ = distance(load(write_gguf(str(tmp_path / "f32.gguf"), c, tiny_weights(c, seed=3)), n_ctx=64))
     assert rel > 0.2
