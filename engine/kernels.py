@@ -614,7 +614,7 @@ def _dot(typingctx, a, b, n):
 
 @intrinsic
 def _axpy_block(typingctx, q, hb, b, scale, scale2, offset, out):
-    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its bit planes, or None);
+    """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its high bits, or None);
     scale2 None, or float32: the scale of q_16..q_31 (per-16 kinds; `_kind`)."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb) and _is_row(out, (types.float32,))
             and scale2 in (types.none, types.float32)):
@@ -773,7 +773,7 @@ def _part_row_impl(a, r):
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
-    if _per16(W):  # signed values: no offset terms
+    if _per16(W):  # no offset terms: the zero points are in the integer dot products (`_dot_row`)
         def halves(W, r, x, X, exact):
             wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
             if exact:
@@ -1274,14 +1274,21 @@ def _k_q4_k_as_q4_1(src, src16, out, out16):
                 out[r, 4 + j] = np.uint8((a >> 4) | (b & 0xF0) if k % 2 else (a & 15) | ((b & 15) << 4))
 
 
+@njit(inline="always", **_SERIAL)
+def _q3_scale(src, i, t):
+    """Q3_K super-block i's 6-bit scale t (0..15, before its offset 32): the nibble t // 8 of byte 96 + t % 8, and
+    bits 2 (t // 4) of byte 104 + t % 4 above it."""
+    return ((np.int32(src[i, 96 + t % 8]) >> (4 * (t // 8))) & 15) | (
+        ((np.int32(src[i, 104 + t % 4]) >> (2 * (t // 4))) & 3) << 4)
+
+
 @njit(**_CONVERTING)
 def _k_q3_k_as_q8_0(src, src16, out, out16):
     """(n, 110) Q3_K super-blocks (32 bytes of high bits, 64 of 2-bit quants, 12 of sixteen 6-bit scales, d) ->
     (8 n, 34) Q8_0 blocks of the same values: value d (sc - 32) (q - 4) is -d times the integer -(sc - 32) (q - 4),
     in -128..124 (negated, so that (-32)(-4) = 128 is not one). Q8_0 block k holds sub-blocks 2 k and 2 k + 1:
     value l of sub-block 2 k + s is bits 2 j of quant byte 32 h + 16 s + l, less 4 unless bit 4 h + j of high byte
-    16 s + l is set (k = 4 h + j); scale t is the nibble t // 8 of byte t % 8, and bits 2 (t // 4) of byte 8 + t % 4
-    above it."""
+    16 s + l is set (k = 4 h + j); sc is sub-block 2 k + s's scale (`_q3_scale`)."""
     for i in prange(src.shape[0]):
         neg_d = src16[i, 54] ^ np.uint16(0x8000)
         for k in range(8):
@@ -1289,8 +1296,7 @@ def _k_q3_k_as_q8_0(src, src16, out, out16):
             out16[8 * i + k, 0] = neg_d
             for s in range(2):
                 t = 2 * k + s
-                sc = ((np.int32(src[i, 96 + t % 8]) >> (4 * (t // 8))) & 15) | (
-                    ((np.int32(src[i, 104 + t % 4]) >> (2 * (t // 4))) & 3) << 4)
+                sc = _q3_scale(src, i, t)
                 for l in range(16):
                     q = (np.int32(src[i, 32 + 32 * h + 16 * s + l]) >> (2 * j)) & 3
                     if not (np.int32(src[i, 16 * s + l]) >> (4 * h + j)) & 1:
@@ -1334,8 +1340,7 @@ def _k_q3_k_blocks(src, src16, out, out16):
     (8 n, 16) blocks as PARTS lays Q3_K: the scale word (sc_2k - 32, sc_2k+1 - 32, d), the plane of the quants'
     third bits, a u64 of their low 2 bits (element e at bits 2 (e // 8) of byte e % 8). Element 16 s + l of block
     k = 4 h + j (sub-block t = 2 k + s): bits 2 j of quant byte 32 + 32 h + 16 s + l, third bit bit k of byte
-    16 s + l (value d (sc_t - 32) (q - 4)); sc_t is the nibble t // 8 of byte 96 + t % 8, and bits 2 (t // 4) of
-    byte 104 + t % 4 above it."""
+    16 s + l (value d (sc_t - 32) (q - 4), sc_t from `_q3_scale`)."""
     for i in prange(src.shape[0]):
         for k in range(8):
             h, j, r = k // 4, k % 4, 8 * i + k
@@ -1343,8 +1348,7 @@ def _k_q3_k_blocks(src, src16, out, out16):
             plane, low = np.int64(0), np.zeros(8, np.int64)
             for s in range(2):
                 t = 2 * k + s
-                sc = ((np.int32(src[i, 96 + t % 8]) >> (4 * (t // 8))) & 15) | (
-                    ((np.int32(src[i, 104 + t % 4]) >> (2 * (t // 4))) & 3) << 4)
+                sc = _q3_scale(src, i, t)
                 out[r, s] = np.uint8((sc - 32) & 255)
                 for l in range(16):
                     e = 16 * s + l
