@@ -93,6 +93,7 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint64)),
          QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8))}
 SUPER_TYPES = (QT.Q6_K, QT.Q3_K)
+SUPER = 8  # blocks a super-block of SUPER_TYPES (their rows are whole super-blocks)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
@@ -489,7 +490,8 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
     Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block
     goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the zero point z through xl (x's
     lane sums, `_prep_x`): each block's integer dot product starts from -z times them, so sum (q - z) x costs no
-    more than sum q x (subtracting z from the quants made them signed: 4 more instructions a block)."""
+    more than sum q x (subtracting z from the quants made them signed: 4 more instructions a block). Their rows
+    are whole super-blocks, whose 16 scales (times x's) are computed together, then taken a step at a time."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
             and _is_row(d, (types.uint16, types.uint32)) and _is_row(x, (types.float32, types.int8, types.int16))
             and _is_row(xd, (types.float32,)) and (xl is types.none or _is_row(xl, (types.int32,)))):
@@ -507,15 +509,19 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
         width = BLOCK if exact else 8 * n
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
 
-        def scales(b, k, w):  # <w x f32>: each lane's weight scale, times x's block scale unless exact
-            if per16:  # 2 k scales: lanes w / (2 k) apart (the dot products' lanes 0-3 are a block's first 16)
-                s = _scale_pair(builder, _load(context, builder, dty, d, b, k))
-                if not exact:
-                    xs = _load(context, builder, xdty, xd, b, k)
-                    s = builder.fmul(s, builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * k), [
-                        i // 2 for i in range(2 * k)])), flags=_FAST)
-                return builder.shuffle_vector(s, s, ir.Constant(_vec(_I32, w), [j // (w // (2 * k))
-                                                                               for j in range(w)]))
+        def super_scales(b):  # <16 x f32>: the scales of blocks b..b+7's halves, times x's block scales unless exact
+            s = _scale_pair(builder, _load(context, builder, dty, d, b, SUPER))
+            if exact:
+                return s
+            xs = _load(context, builder, xdty, xd, b, SUPER)
+            return builder.fmul(s, builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * SUPER), [
+                i // 2 for i in range(2 * SUPER)])), flags=_FAST)
+
+        def scales(b, k, w, sup=None, j=0):  # <w x f32>: each lane's weight scale, times x's block scale unless exact
+            if per16:  # from sup, the super-block's, block b its j-th: 2 k scales, lanes w / (2 k) apart (the dot
+                # products' lanes 0-3 are a block's first 16)
+                return builder.shuffle_vector(sup, sup, ir.Constant(_vec(_I32, w), [
+                    2 * j + i // (w // (2 * k)) for i in range(w)]))
             s = _f16_to_f32(builder, _load(context, builder, dty, d, b, k) if k > 1 else
                             builder.load(_ptr(context, builder, dty, d, b)))
             if not exact:
@@ -524,7 +530,7 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
             return _splat(builder, s, w) if k == 1 else builder.shuffle_vector(
                 s, s, ir.Constant(_vec(_I32, w), [j // 8 for j in range(w)]))  # lanes 8k..8k+7: block k's scale
 
-        def step(b, acc, k):  # blocks b..b+k-1 into acc
+        def step(b, acc, k, sup=None, j=0):  # blocks b..b+k-1 into acc (per16: the j-th.. of sup's super-block)
             w = BLOCK if exact else 8 * k
             zero = per16 and not exact  # unsigned quants, the zero point in the dot product's start
             qv = _quants(context, builder, kind, qty, q, b, k, hty, hb, signed=not zero)
@@ -538,12 +544,19 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
                     lanes = _load(context, builder, xlty, xl, builder.mul(b, ir.Constant(b.type, 8)), w)
                     init = builder.mul(lanes, ir.Constant(lanes.type, [-ZERO[kind]] * w))
                 v = builder.sitofp(dot(builder, kind in SIGNED and not zero, qv, xv, per16, init), _vec(_F32, w))
-            upd = builder.fmul(v, scales(b, k, w), flags=_FAST)
+            upd = builder.fmul(v, scales(b, k, w, sup, j), flags=_FAST)
             if w < width:  # the upper lanes of acc take zeros
                 upd = builder.shuffle_vector(upd, ir.Constant(upd.type, None), ir.Constant(_vec(_I32, width),
                                                                                        list(range(width))))
             builder.store(builder.fadd(builder.load(acc), upd, flags=_FAST), acc)
 
+        if per16:  # rows of whole super-blocks: their scales once for 8 blocks, then steps of n blocks in turns
+            with cgutils.for_range(builder, builder.lshr(nb, ir.Constant(nb.type, 3))) as loop:
+                b = builder.shl(loop.index, ir.Constant(nb.type, 3))
+                sup = super_scales(b)
+                for j in range(0, SUPER, n):
+                    step(builder.add(b, ir.Constant(nb.type, j)), accs[j // n % 2], n, sup, j)
+            return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
         shift = ir.Constant(nb.type, n)  # an iteration: 2 n blocks, a step per accumulator
         iters = builder.lshr(nb, shift)
         with cgutils.for_range(builder, iters) as loop:
@@ -613,29 +626,32 @@ def _dot(typingctx, a, b, n):
 
 
 @intrinsic
-def _axpy_block(typingctx, q, hb, b, scale, scale2, offset, out):
+def _axpy_block(typingctx, q, hb, b, scale, word, offset, out):
     """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its high bits, or None);
-    scale2 None, or float32: the scale of q_16..q_31 (per-16 kinds; `_kind`)."""
+    word None, or the block's u32 scale word (per-16 kinds, `_kind`): then scale times the word's scale of each half
+    (`_scale_pair`)."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb) and _is_row(out, (types.float32,))
-            and scale2 in (types.none, types.float32)):
+            and word in (types.none, types.uint32)):
         return None
 
     def codegen(context, builder, sig, args):
-        qty, hty, _, _, s2ty, _, oty = sig.args
-        q, hb, b, scale, scale2, offset, out = args
-        kind = _kind(qty, hty, s2ty is not types.none)
+        qty, hty, _, _, wty, _, oty = sig.args
+        q, hb, b, scale, word, offset, out = args
+        kind = _kind(qty, hty, wty is not types.none)
         qv = _extend(builder, kind in SIGNED, _quants(context, builder, kind, qty, q, b, 1, hty, hb),
                      _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
         ov = _load(context, builder, oty, out, i, BLOCK)
         sv = _splat(builder, scale, BLOCK)
-        if s2ty is not types.none:
-            sv = builder.shuffle_vector(sv, _splat(builder, scale2, BLOCK), ir.Constant(
-                _vec(_I32, BLOCK), list(range(16)) + list(range(BLOCK + 16, 2 * BLOCK))))
+        if wty is not types.none:
+            pair = _scale_pair(builder, builder.insert_element(ir.Constant(_vec(_I32, 1), None), word,
+                                                               ir.Constant(_I32, 0)))
+            sv = builder.fmul(sv, builder.shuffle_vector(pair, pair, ir.Constant(
+                _vec(_I32, BLOCK), [i // 16 for i in range(BLOCK)])), flags=_FAST)
         upd = builder.fadd(builder.fmul(qv, sv, flags=_FAST), _splat(builder, offset, BLOCK), flags=_FAST)
         p = _ptr(context, builder, oty, out, i)
         builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
-    return types.void(q, hb, b, types.float32, scale2, types.float32, out), codegen
+    return types.void(q, hb, b, types.float32, word, types.float32, out), codegen
 
 
 @intrinsic
@@ -809,10 +825,7 @@ def _row_axpy_impl(W, r, s, out):
         def halves(W, r, s, out):
             wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
             for b in range(d.size):
-                v = d[b]  # int8 scales in bytes 0 and 1, the f16 d in bytes 2-3
-                sd = s * _widen(np.uint16(v >> 16))
-                _axpy_block(wr, hr, b, sd * np.float32(_s8(v & 255)), sd * np.float32(_s8((v >> 8) & 255)),
-                            np.float32(0.0), out)
+                _axpy_block(wr, hr, b, s, d[b], np.float32(0.0), out)
         return halves
 
     def blocks(W, r, s, out):
@@ -1240,12 +1253,6 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
 # 350-750 MB/s). Each takes the blocks as bytes and as u16 (the same memory) to read and write the f16 scales. No
 # fastmath: the arithmetic is ggml's, in its order.
 _CONVERTING = dict(_PARALLEL, fastmath=False)
-
-
-@njit(inline="always", **_SERIAL)
-def _s8(v):
-    """A stored byte as int8."""
-    return np.int32(v) - 256 if v > 127 else np.int32(v)
 
 
 @njit(inline="always", **_SERIAL)
