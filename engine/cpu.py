@@ -104,31 +104,6 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, bqkv, Wo, kc, vc, po
     rms_norm_into(x, ffn_norm, eps, xn)
 
 
-def dequantize_rows(m: K.KMatrix, r0: int, r1: int) -> np.ndarray:
-    """float32 rows r0:r1 of a prepared matrix (the batched prefill's weights, one chunk at a time; predictor
-    weights as they run)."""
-    return dequantize_ids(m, np.arange(r0, r1))
-
-
-@njit(**K._PARALLEL)
-def _dequant_ids(W, ids, out):
-    """out[j] = row ids[j] of W, float32 (cols,)."""
-    for j in prange(ids.size):
-        row = out[j]  # (cols,)
-        row[:] = 0.0
-        K._row_axpy(W, np.int64(ids[j]), np.float32(1.0), row)
-
-
-def dequantize_ids(m: K.KMatrix, ids: np.ndarray) -> np.ndarray:
-    """float32 rows `ids` of a prepared matrix (the hot neurons' rows), (len(ids), cols)."""
-    ids = np.asarray(ids, np.int64)
-    if ids.size and not (0 <= ids.min() and ids.max() < m.rows):
-        raise ValueError(f"row ids outside 0..{m.rows - 1}")
-    out = np.empty((ids.size, m.cols), np.float32)
-    _dequant_ids(m.W, ids, out)
-    return out
-
-
 @dataclass
 class Layer:
     attn_norm: np.ndarray
@@ -278,7 +253,7 @@ class KernelModel:
 
     def dequant_rows(self, name: str, r0: int, r1: int):
         import torch
-        return torch.from_numpy(dequantize_rows(self.mats[name], r0, r1))
+        return torch.from_numpy(K.dequantize_rows(self.mats[name], r0, r1))
 
     def forward(self, tokens: list[int], pos: int, all_logits: bool = False):
         """torch logits, as TorchModel.forward: (T, n_vocab) for all positions, or (n_vocab,) for the last."""
@@ -333,7 +308,7 @@ class KernelModel:
         if first == 0:
             if c.tied_embeddings:  # the prepared lm_head holds the embedding rows: the token's row by a kernel
                 self.token[0] = token
-                _dequant_ids(self.lm_head.W, self.token, self.x_row)
+                K._dequant_ids(self.lm_head.W, self.token, self.x_row)
             else:
                 x[:] = self.embd.rows(np.array([token])).dequantize()[0]
         cos, sin = self.cos[pos], self.sin[pos]

@@ -87,9 +87,8 @@ def predictor_matrix(w: torch.Tensor, qtype: str = "F16") -> K.KMatrix:
 @torch.no_grad()
 def load_kernel_weights(p, fc1: K.KMatrix, fc2t: K.KMatrix):
     """Predictor p, in place, with the weights the kernels read (fc1 and fc2^T as predictor_matrix, dequantized)."""
-    from .cpu import dequantize_rows
-    p.fc1.weight.copy_(torch.from_numpy(dequantize_rows(fc1, 0, fc1.rows)))
-    p.fc2.weight.copy_(torch.from_numpy(dequantize_rows(fc2t, 0, fc2t.rows)).T)
+    p.fc1.weight.copy_(torch.from_numpy(K.dequantize_rows(fc1, 0, fc1.rows)))
+    p.fc2.weight.copy_(torch.from_numpy(K.dequantize_rows(fc2t, 0, fc2t.rows)).T)
     return p
 
 
@@ -140,7 +139,6 @@ class HotPart:
     """The hot neurons' gate, up and down rows on a torch device, and the FFN over them for one token."""
 
     def __init__(self, net, hot: list[np.ndarray], device: str):
-        from .cpu import dequantize_ids
         c = net.c
         self.c, self.dev = c, torch.device(device)
         dtype = torch.float16 if self.dev.type == "cuda" else torch.float32
@@ -151,7 +149,7 @@ class HotPart:
         self.gate_up, self.down = [], []
         for L, ids in zip(net.layers, self.ids):
             def rows(m):
-                return torch.from_numpy(dequantize_ids(m, ids))
+                return torch.from_numpy(K.dequantize_ids(m, ids))
             gu = [rows(L.gate), rows(L.up)] if self.gated else [rows(L.up)]
             self.gate_up.append(torch.cat(gu).to(self.dev, dtype))
             self.down.append(rows(L.down_t).to(self.dev, dtype))

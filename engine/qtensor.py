@@ -140,6 +140,9 @@ class QTensor:
 
     @staticmethod
     def from_float(a: np.ndarray, qtype: QT = QT.F32) -> QTensor:
+        if qtype == QT.Q8_0 and a.ndim == 2:  # a transposed view as it is
+            from . import kernels  # numba's, on first use: gguf-py's bytes (test_q8_0_quantizer_is_gguf_pys)
+            return QTensor(qtype, a.shape, kernels.quantize_q8_0(a))
         a = np.ascontiguousarray(a, dtype=np.float32)
         if qtype == QT.F32:
             return QTensor(qtype, a.shape, a)

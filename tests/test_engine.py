@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as QT
 
 from engine.api import Sampler, load
 from engine.config import HotcoldError
-from engine.cpu import KernelModel, dequantize_rows
+from engine.cpu import KernelModel
 from engine import kernels as K
 from tiny_model import tiny_config, tiny_weights, write_gguf
 
@@ -142,17 +142,17 @@ def test_a_context_that_does_not_fit_in_memory_is_one_line(tmp_path, monkeypatch
 
 
 def test_dequantize_rows_and_ids_are_exact():
-    from engine.cpu import dequantize_ids
     from engine.qtensor import QTensor
     rng = np.random.default_rng(0)
     ids = np.array([36, 0, 7, 7, 12])  # the hot neurons' rows
     for qtype in (QT.F32, QT.F16, *K.BLOCK_TYPES):
         qt = QTensor.from_float(rng.standard_normal((37, 96)).astype(np.float32), qtype)
-        assert np.array_equal(dequantize_rows(K.prepare(qt), 5, 30), qt.dequantize()[5:30])
-        assert np.array_equal(dequantize_ids(K.prepare(qt), ids), qt.dequantize()[ids])
-    assert dequantize_ids(K.prepare(qt), []).shape == (0, 96)
+        assert np.array_equal(K.dequantize_rows(K.prepare(qt), 5, 30), qt.dequantize()[5:30])
+        assert np.array_equal(K.dequantize_ids(K.prepare(qt), ids), qt.dequantize()[ids])
+        assert np.array_equal(K.values(qt), qt.dequantize())  # what transposes and exports read
+    assert K.dequantize_ids(K.prepare(qt), []).shape == (0, 96)
     with pytest.raises(ValueError, match="outside 0..36"):
-        dequantize_ids(K.prepare(qt), [37])
+        K.dequantize_ids(K.prepare(qt), [37])
 
 
 @pytest.mark.parametrize("dense_from", [0.0, 1.1], ids=["via-down", "via-down_t"])

@@ -190,7 +190,7 @@ def test_predict_split_against_float64(qtype):
     """The decode step's predictor kernel against float64 over the same (dequantized) weights: z = relu(fc1 x),
     logits = fc2 z, and the split of the predicted set into cold ids and the hot mask. x has a mean far from 0,
     so that Q4_1's per-block offsets (which need the sums of x per block) weigh."""
-    from engine.cpu import dequantize_rows
+    from engine import kernels as K
     from engine.hybrid import predict_split, predictor_matrix
     rng = np.random.default_rng(3)
     r, E, F = 40, 96, 160
@@ -205,8 +205,8 @@ def test_predict_split_against_float64(qtype):
         x = (rng.standard_normal(E) + 2.0).astype(np.float32)
         thr = np.float32(np.median(logit)) if logit.any() else np.float32(0.0)
         nc, nh = predict_split(fc1.W, fc1.X, fc2t.W, thr, x, hot_pos, z, logit, cold, hot_mask)
-        z_ref = np.maximum(dequantize_rows(fc1, 0, r).astype(np.float64) @ x, 0)
-        logit_ref = dequantize_rows(fc2t, 0, r).astype(np.float64).T @ z_ref
+        z_ref = np.maximum(K.dequantize_rows(fc1, 0, r).astype(np.float64) @ x, 0)
+        logit_ref = K.dequantize_rows(fc2t, 0, r).astype(np.float64).T @ z_ref
         np.testing.assert_allclose(z, z_ref, rtol=0, atol=1e-5 * np.abs(z_ref).max())
         np.testing.assert_allclose(logit, logit_ref, rtol=0, atol=1e-5 * np.abs(logit_ref).max())
         active = np.flatnonzero(logit >= thr)

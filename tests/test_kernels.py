@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
+from gguf import quants
 
 from engine import kernels as K
-from engine.cpu import dequantize_ids
 from engine.qtensor import SCALES, QTensor
 
 # numba's typed inliner reports the inlined helpers' loop variables from a pedantic internal check (see kernels)
@@ -344,6 +344,25 @@ def test_int16_x_dot_products(qtype, rng):
         assert rel(out, ref @ x) < 1e-4 < rel(out8, ref @ x) / 10
 
 
+def test_q8_0_quantizer_is_gguf_pys(rng):
+    """The numba Q8_0 quantizer (`QTensor.from_float`, transposes, exports) writes gguf-py's bytes: rows over a wide
+    range of magnitudes, a block of zeros, of -0.0, of values on rounding ties, of subnormals, one at f16's edge."""
+    a = rng.standard_normal((64, 96)).astype(np.float32) * np.exp(rng.uniform(-30, 12, (64, 1))).astype(np.float32)
+    a[0, :32], a[1, :32], a[2, :32] = 0.0, -0.0, 1e-40
+    a[3, :32] = (np.arange(32) - 15.5) / 2  # with -63.5: d = 0.5, so a / d is on a tie (-14.5 ... 15.5)
+    a[3, 0] = -63.5
+    a[5, 32:64] = np.float32(65504 * 127)
+    with np.errstate(over="ignore", invalid="ignore"):  # gguf-py's 1 / d of the subnormals' d: inf, then 0 quants
+        want, want64 = quants.quantize(a, QT.Q8_0), quants.quantize(a[:, :64], QT.Q8_0)
+    np.testing.assert_array_equal(K.quantize_q8_0(a), want)
+    np.testing.assert_array_equal(QTensor.from_float(a, QT.Q8_0).data, want)
+    t = np.ascontiguousarray(a.T)  # a transposed view is read in place
+    np.testing.assert_array_equal(QTensor.from_float(t.T, QT.Q8_0).data, want)
+    np.testing.assert_array_equal(K.quantize_q8_0(a[:, :64]), want64)  # a view with rows apart
+    with pytest.raises(ValueError, match="not whole blocks"):
+        K.quantize_q8_0(a[:, :40])
+
+
 @pytest.mark.parametrize("qtype", K.SUPER_TYPES, ids=lambda t: t.name)
 def test_super_types(qtype, rng):
     """Q6_K and Q3_K, re-laid in blocks of 32 with two scales each: the values gguf-py dequantizes, to the bit (the
@@ -354,7 +373,8 @@ def test_super_types(qtype, rng):
     w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
     assert (w.qtype, w.rows, w.cols, w.nbytes) == (qtype, 37, 512, 37 * 512 // 32 * {QT.Q6_K: 28, QT.Q3_K: 16}[qtype])
     assert qt.native() is qt
-    np.testing.assert_array_equal(dequantize_ids(w, np.arange(37)), ref)
+    np.testing.assert_array_equal(K.dequantize_ids(w, np.arange(37)), ref)
+    np.testing.assert_array_equal(K.values(qt), ref)
     x = rng.standard_normal(512).astype(np.float32)
     for exact in (True, False):
         out = np.full(37, np.nan, np.float32)
