@@ -2,7 +2,7 @@
 transposed matrix, and the fused sparse FFN of the decode path.
 
 Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1; Q6_K and Q3_K in blocks of 32, below). `prepare` only regroups each row's blocks into parts, which costs no
+Q5_1; Q6_K, Q3_K and Q2_K in blocks of 32, below). `prepare` only regroups each row's blocks into parts, which costs no
 extra bytes: a block type's parts (`PARTS`) are views of the columns of one buffer, so a row is one run of bytes
 (quants, scales, ...), and a scattered row of the sparse FFN is fetched as one (as separate arrays, a Q4_1 row
 was three runs in three places; one run made a 49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2
@@ -16,15 +16,18 @@ threads):
     Q5_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  h u8 (rows, 4 nb)  value = d * q + m
     Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u64 (rows, nb)   value = d sc (q - 32)
     Q3_K        w  u64 (rows, nb)          d u32 (rows, nb)                    h u8 (rows, 4 nb)  value = d sc (q - 4)
+    Q2_K        w  u64 (rows, nb)          d u32 (rows, nb)  m u16 (rows, nb)                   value = d sc q - dmin m
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
 nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit, bit j of a block's 4 bytes of h
 (little-endian) for element j, and the kernels put it back in the block's quants as they load them (`_quants`).
-The K-quants Q6_K and Q3_K scale each 16 values of their 256-value super-blocks on their own; `prepare` re-lays
-them in blocks of 32 with the same values (7 and 4 bits a weight, against 6.56 and 3.44 in the file; their Q8_0
-copies took 8.5): d holds the two int8 sub-scales sc of a block in bytes 0 and 1 and the super-block's f16 d in
-bytes 2-3, so their products are exact; Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at bits
-2 (j // 8) of byte j % 8), Q3 its low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h.
+The K-quants Q6_K, Q3_K and Q2_K scale each 16 values of their 256-value super-blocks on their own; `prepare`
+re-lays them in blocks of 32 with the same values (7, 4 and 3.5 bits a weight, against 6.56, 3.44 and 2.63 in the
+file; Q8_0 copies took 8.5): d holds the two int8 sub-scales sc of a block in bytes 0 and 1 (Q2: 4-bit sc in the
+low nibbles, 4-bit mins m in the high ones) and the super-block's f16 d in bytes 2-3, so their products are
+exact; Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at bits 2 (j // 8) of byte j % 8), Q3 its
+low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h, Q2 its 2 bits from w alone, and m holds
+its super-block's f16 dmin.
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -91,8 +94,10 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          # K-quants of 256-value super-blocks whose sub-blocks of 16 have scales of their own, re-laid by `prepare` in
          # blocks of 32 with the same values (`RELAYOUT`: their bytes there): two scales a block, in one u32 word
          QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint64)),
-         QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8))}
-SUPER_TYPES = (QT.Q6_K, QT.Q3_K)
+         QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8)),
+         # Q2_K: the two scales' and mins' 4 bits in the word's two bytes, the super-block's f16 dmin in m
+         QT.Q2_K: ((6, 14, np.uint64), (0, 4, np.uint32), (4, 6, np.uint16), None)}
+SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K)
 SUPER = 8  # blocks a super-block of SUPER_TYPES (their rows are whole super-blocks)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
@@ -244,9 +249,12 @@ def _splat(builder, v, n):
 def _kind(qty, hty, per16: bool) -> str:
     """A block row's format from its parts' types (the module docstring's table): "q8" (i8 quants), "q4" (u8
     nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (per16) "q6" (nibbles and a
-    u64 of bit pairs a block) or "q3" (u64 words of 2-bit quants and a plane of third bits)."""
+    u64 of bit pairs a block), "q3" (u64 words of 2-bit quants and a plane of third bits) or "q2" (the u64 words
+    alone)."""
     if per16:
-        return "q3" if qty.dtype == types.uint64 else "q6"
+        if qty.dtype != types.uint64:
+            return "q6"
+        return "q2" if hty is types.none else "q3"
     if qty.dtype == types.int8:
         return "q8"
     return "q4" if hty is types.none else "q5"
@@ -285,11 +293,12 @@ def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, sig
     """<32 n x i8> quants of blocks b..b+n-1 of one row, in element order (`_kind`): Q8_0 bytes; Q4 nibbles; Q5's
     with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with bits 4 and
     5 from hb's u64 a block (element j's at bits 2 (j // 8) of byte j % 8), less 32; Q3's 2-bit quants (the same
-    layout, in q's u64 words) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63, 0..7)."""
+    layout, in q's u64 words) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63, 0..7);
+    Q2's 2-bit quants as Q3's, 0..3 (no zero point: its mins are apart, `_min_pair`)."""
     if kind == "q8":
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
     i8s = _vec(ir.IntType(8), BLOCK * n)
-    if kind == "q3":
+    if kind in ("q3", "q2"):
         base = _pairs(context, builder, (qty, q), b, n, False)
     else:
         h = BLOCK // 2
@@ -300,7 +309,7 @@ def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, sig
         base = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_I32, BLOCK * n), order))
     if kind == "q6":  # bits 4 and 5 from the u64 words of pairs (a plane of each took 1.3x as long)
         base = builder.or_(base, _pairs(context, builder, (hty, hb), b, n, True))
-    elif kind != "q4":
+    elif kind not in ("q4", "q2"):
         on = _plane(context, builder, hty, hb, b, n)
         add = {"q5": 16, "q3": 4}[kind]
         base = builder.or_(base, builder.select(on, ir.Constant(i8s, [add] * BLOCK * n), ir.Constant(i8s, None)))
@@ -457,17 +466,39 @@ def _i16_dot(builder, signed, qv, xv, per16=False, init=None):
     return builder.add(builder.shuffle_vector(a, b, lanes(0)), builder.shuffle_vector(a, b, lanes(8)))
 
 
-def _scale_pair(builder, raw):
-    """<2 k x f32> from <k x i32> blocks' scale words (per-16 kinds): d sc_0, d sc_1 of each, sc_h the int8 in byte h
-    and d the f16 in bytes 2-3 (products exact in f32: 11 bits of d times 8 of sc)."""
+def _sub_bytes(builder, raw):
+    """<2 k x i8>: bytes 0 and 1 of each of <k x i32> scale words."""
     k = raw.type.count
-    sub = builder.shuffle_vector(*[builder.bitcast(raw, _vec(ir.IntType(8), 4 * k))] * 2, ir.Constant(
+    return builder.shuffle_vector(*[builder.bitcast(raw, _vec(ir.IntType(8), 4 * k))] * 2, ir.Constant(
         _vec(_I32, 2 * k), [4 * (i // 2) + i % 2 for i in range(2 * k)]))
+
+
+def _times_f16(builder, v, f16):
+    """<2 k x f32> v times <k x i16> f16 numbers, each over two lanes."""
+    k = f16.type.count
+    f = _f16_to_f32(builder, f16)
+    return builder.fmul(v, builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 2 * k), [i // 2 for i in range(2 * k)])),
+                        flags=_FAST)
+
+
+def _scale_pair(builder, raw, low4=False):
+    """<2 k x f32> from <k x i32> blocks' scale words (per-16 kinds): d sc_0, d sc_1 of each, sc_h the int8 in byte h
+    (low4, Q2_K: its low 4 bits) and d the f16 in bytes 2-3 (products exact in f32: 11 bits of d times 8 of sc)."""
+    k = raw.type.count
+    sub = _sub_bytes(builder, raw)
+    if low4:
+        sub = builder.and_(sub, ir.Constant(sub.type, [15] * 2 * k))
     halves = builder.bitcast(raw, _vec(ir.IntType(16), 2 * k))
-    dd = _f16_to_f32(builder, builder.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, k),
-                                                                              [2 * i + 1 for i in range(k)])))
-    spread = builder.shuffle_vector(dd, dd, ir.Constant(_vec(_I32, 2 * k), [i // 2 for i in range(2 * k)]))
-    return builder.fmul(builder.sitofp(sub, _vec(_F32, 2 * k)), spread, flags=_FAST)
+    d = builder.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, k), [2 * i + 1 for i in range(k)]))
+    return _times_f16(builder, builder.sitofp(sub, _vec(_F32, 2 * k)), d)
+
+
+def _min_pair(builder, raw, dmin):
+    """<2 k x f32>: -dmin m_0, -dmin m_1 of <k x i32> Q2_K scale words and their <k x i16> f16 dmins, m_h the high 4
+    bits of byte h: what each half's values have added (exact products)."""
+    m = builder.lshr(_sub_bytes(builder, raw), ir.Constant(_vec(ir.IntType(8), 2 * raw.type.count),
+                                                           [4] * 2 * raw.type.count))
+    return builder.fneg(_times_f16(builder, builder.uitofp(m, _vec(_F32, 2 * raw.type.count)), dmin))
 
 
 @intrinsic
@@ -481,26 +512,29 @@ def _stored(typingctx, v, a):
 
 
 @intrinsic
-def _dot_row(typingctx, q, hb, d, x, xd, xl):
+def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
-    Q3 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
-    block, or u32 two a block (`_scale_pair`). x f32, or int8/int16 with per-block scales xd (one more factor xd[b];
-    unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum per row, not one per
-    block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one Xeon core, in cache: a
-    Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block
-    goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the zero point z through xl (x's
-    lane sums, `_prep_x`): each block's integer dot product starts from -z times them, so sum (q - z) x costs no
-    more than sum q x (subtracting z from the quants made them signed: 4 more instructions a block). Their rows
-    are whole super-blocks, whose 16 scales (times x's) are computed together, then taken a step at a time."""
+    Q3 and Q2 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
+    block, or u32 two a block (`_scale_pair`); mn None, or Q2_K's f16 dmins (each half's min, `_min_pair`, times the
+    sum of x over it: over each lane's 4 values of x, xl, with int x). x f32, or int8/int16 with per-block scales xd
+    (one more factor xd[b]; unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum
+    per row, not one per block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one
+    Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6
+    ns); an odd last block goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the zero
+    point z through xl (x's lane sums, `_prep_x`): each block's integer dot product starts from -z times them, so
+    sum (q - z) x costs no more than sum q x (subtracting z from the quants made them signed: 4 more instructions a
+    block). Their rows are whole super-blocks, whose 16 scales (times x's) are computed together, then taken a step
+    at a time."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
-            and _is_row(d, (types.uint16, types.uint32)) and _is_row(x, (types.float32, types.int8, types.int16))
+            and _is_row(d, (types.uint16, types.uint32)) and (mn is types.none or _is_row(mn, (types.uint16,)))
+            and _is_row(x, (types.float32, types.int8, types.int16))
             and _is_row(xd, (types.float32,)) and (xl is types.none or _is_row(xl, (types.int32,)))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
-        qty, hty, dty, xty, xdty, xlty = sig.args
-        q, hb, d, x, xd, xl = args
+        qty, hty, dty, mty, xty, xdty, xlty = sig.args
+        q, hb, d, mn, x, xd, xl = args
         per16 = dty.dtype == types.uint32
         kind = _kind(qty, hty, per16)
         nb = context.make_array(dty)(context, builder, d).nitems
@@ -509,19 +543,27 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
         width = BLOCK if exact else 8 * n
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
 
-        def super_scales(b):  # <16 x f32>: the scales of blocks b..b+7's halves, times x's block scales unless exact
-            s = _scale_pair(builder, _load(context, builder, dty, d, b, SUPER))
-            if exact:
-                return s
-            xs = _load(context, builder, xdty, xd, b, SUPER)
-            return builder.fmul(s, builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * SUPER), [
-                i // 2 for i in range(2 * SUPER)])), flags=_FAST)
+        def super_scales(b):  # <16 x f32> the scales of blocks b..b+7's halves, and (Q2) their mins, or None; times
+            # x's block scales unless exact
+            words = _load(context, builder, dty, d, b, SUPER)
+            out = [_scale_pair(builder, words, kind == "q2")]
+            if kind == "q2":
+                out.append(_min_pair(builder, words, _load(context, builder, mty, mn, b, SUPER)))
+            if not exact:
+                xs = _load(context, builder, xdty, xd, b, SUPER)
+                xs = builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * SUPER), [
+                    i // 2 for i in range(2 * SUPER)]))
+                out = [builder.fmul(v, xs, flags=_FAST) for v in out]
+            return out + [None] * (2 - len(out))
+
+        def spread(v, k, w, j):  # <w x f32> from <16 x f32> one value a half-block: lanes w / (2 k) apart a value,
+            # from block j of the super-block (the dot products' lanes 0-3 are a block's first 16)
+            return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, w), [2 * j + i // (w // (2 * k))
+                                                                           for i in range(w)]))
 
         def scales(b, k, w, sup=None, j=0):  # <w x f32>: each lane's weight scale, times x's block scale unless exact
-            if per16:  # from sup, the super-block's, block b its j-th: 2 k scales, lanes w / (2 k) apart (the dot
-                # products' lanes 0-3 are a block's first 16)
-                return builder.shuffle_vector(sup, sup, ir.Constant(_vec(_I32, w), [
-                    2 * j + i // (w // (2 * k)) for i in range(w)]))
+            if per16:  # from sup, the super-block's (`super_scales`), block b its j-th
+                return spread(sup[0], k, w, j)
             s = _f16_to_f32(builder, _load(context, builder, dty, d, b, k) if k > 1 else
                             builder.load(_ptr(context, builder, dty, d, b)))
             if not exact:
@@ -532,7 +574,7 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
 
         def step(b, acc, k, sup=None, j=0):  # blocks b..b+k-1 into acc (per16: the j-th.. of sup's super-block)
             w = BLOCK if exact else 8 * k
-            zero = per16 and not exact  # unsigned quants, the zero point in the dot product's start
+            zero = per16 and not exact and kind in ZERO  # unsigned quants, the zero point in the dot's start
             qv = _quants(context, builder, kind, qty, q, b, k, hty, hb, signed=not zero)
             xv = _load(context, builder, xty, x, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * k)
             if exact:
@@ -540,11 +582,15 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
             else:
                 dot = _i8_dot if xty.dtype == types.int8 else _i16_dot
                 init = None
-                if zero:
+                if per16:
                     lanes = _load(context, builder, xlty, xl, builder.mul(b, ir.Constant(b.type, 8)), w)
+                if zero:
                     init = builder.mul(lanes, ir.Constant(lanes.type, [-ZERO[kind]] * w))
                 v = builder.sitofp(dot(builder, kind in SIGNED and not zero, qv, xv, per16, init), _vec(_F32, w))
             upd = builder.fmul(v, scales(b, k, w, sup, j), flags=_FAST)
+            if kind == "q2":  # each lane's min times the sum of the values of x its products took
+                xsum = xv if exact else builder.sitofp(lanes, _vec(_F32, w))
+                upd = builder.fadd(upd, builder.fmul(xsum, spread(sup[1], k, w, j), flags=_FAST), flags=_FAST)
             if w < width:  # the upper lanes of acc take zeros
                 upd = builder.shuffle_vector(upd, ir.Constant(upd.type, None), ir.Constant(_vec(_I32, width),
                                                                                        list(range(width))))
@@ -570,7 +616,7 @@ def _dot_row(typingctx, q, hb, d, x, xd, xl):
         with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, one), ir.Constant(nb.type, 0))):
             step(builder.sub(nb, one), accs[n - 1], 1)
         return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
-    return types.float32(q, hb, d, x, xd, xl), codegen
+    return types.float32(q, hb, d, mn, x, xd, xl), codegen
 
 
 @intrinsic
@@ -629,29 +675,36 @@ def _dot(typingctx, a, b, n):
 def _axpy_block(typingctx, q, hb, b, scale, word, offset, out):
     """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its high bits, or None);
     word None, or the block's u32 scale word (per-16 kinds, `_kind`): then scale times the word's scale of each half
-    (`_scale_pair`)."""
+    (`_scale_pair`), and offset float32 0, or Q2's f16 dmin (uint16): then scale times each half's min
+    (`_min_pair`)."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb) and _is_row(out, (types.float32,))
-            and word in (types.none, types.uint32)):
+            and word in (types.none, types.uint32) and offset in (types.float32, types.uint16)):
         return None
 
     def codegen(context, builder, sig, args):
-        qty, hty, _, _, wty, _, oty = sig.args
+        qty, hty, _, _, wty, offty, oty = sig.args
         q, hb, b, scale, word, offset, out = args
         kind = _kind(qty, hty, wty is not types.none)
         qv = _extend(builder, kind in SIGNED, _quants(context, builder, kind, qty, q, b, 1, hty, hb),
                      _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
         ov = _load(context, builder, oty, out, i, BLOCK)
-        sv = _splat(builder, scale, BLOCK)
+        sv, offv = _splat(builder, scale, BLOCK), _splat(builder, offset, BLOCK) if offty == types.float32 else None
         if wty is not types.none:
-            pair = _scale_pair(builder, builder.insert_element(ir.Constant(_vec(_I32, 1), None), word,
-                                                               ir.Constant(_I32, 0)))
-            sv = builder.fmul(sv, builder.shuffle_vector(pair, pair, ir.Constant(
-                _vec(_I32, BLOCK), [i // 16 for i in range(BLOCK)])), flags=_FAST)
-        upd = builder.fadd(builder.fmul(qv, sv, flags=_FAST), _splat(builder, offset, BLOCK), flags=_FAST)
+            def one(v, ty):
+                return builder.insert_element(ir.Constant(_vec(ty, 1), None), v, ir.Constant(_I32, 0))
+
+            def halves(pair):  # <32 x f32>: lanes 0-15 pair[0], 16-31 pair[1], times scale
+                return builder.fmul(sv, builder.shuffle_vector(pair, pair, ir.Constant(
+                    _vec(_I32, BLOCK), [i // 16 for i in range(BLOCK)])), flags=_FAST)
+            w1 = one(word, _I32)
+            if offv is None:
+                offv = halves(_min_pair(builder, w1, one(offset, ir.IntType(16))))
+            sv = halves(_scale_pair(builder, w1, kind == "q2"))
+        upd = builder.fadd(builder.fmul(qv, sv, flags=_FAST), offv, flags=_FAST)
         p = _ptr(context, builder, oty, out, i)
         builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
-    return types.void(q, hb, b, types.float32, word, types.float32, out), codegen
+    return types.void(q, hb, b, types.float32, word, offset, out), codegen
 
 
 @intrinsic
@@ -778,6 +831,17 @@ def _block_min_impl(W, m, b, db):
     return lambda W, m, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
 
 
+def _min_of(m, b):
+    """m[b], Q2_K's f16 dmin bits, or float32 0 where m is None (Q6_K, Q3_K): `_axpy_block`'s offset."""
+
+
+@overload(_min_of, inline="always")
+def _min_of_impl(m, b):
+    if isinstance(m, types.NoneType):
+        return lambda m, b: np.float32(0.0)
+    return lambda m, b: m[b]
+
+
 @overload(_part_row, inline="always")
 def _part_row_impl(a, r):
     if isinstance(a, types.NoneType):
@@ -791,10 +855,10 @@ def _row_dot_impl(W, r, x, X, exact):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
     if _per16(W):  # no offset terms: the zero points are in the integer dot products (`_dot_row`)
         def halves(W, r, x, X, exact):
-            wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
             if exact:
-                return _dot_row(wr, hr, d, x, X[2], None)
-            return _dot_row(wr, hr, d, X[1], X[2], X[4])
+                return _dot_row(wr, hr, d, m, x, X[2], None)
+            return _dot_row(wr, hr, d, m, X[1], X[2], X[4])
         return halves
 
     def blocks(W, r, x, X, exact):
@@ -805,10 +869,10 @@ def _row_dot_impl(W, r, x, X, exact):
         if exact:
             for b in range(d.size):
                 off += _block_min(W, m, b, _widen(d[b])) * xs[b]
-            return _dot_row(wr, _part_row(W[3], r), d, x, xd, None) + off
+            return _dot_row(wr, _part_row(W[3], r), d, None, x, xd, None) + off
         for b in range(d.size):
             off += _block_min(W, m, b, _widen(d[b])) * xqs[b]
-        return _dot_row(wr, _part_row(W[3], r), d, xq, xd, None) + off
+        return _dot_row(wr, _part_row(W[3], r), d, None, xq, xd, None) + off
     return blocks
 
 
@@ -823,9 +887,9 @@ def _row_axpy_impl(W, r, s, out):
 
     if _per16(W):
         def halves(W, r, s, out):
-            wr, hr, d = _row(W[0], r), _part_row(W[3], r), _row(W[1], r)
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
             for b in range(d.size):
-                _axpy_block(wr, hr, b, s, d[b], np.float32(0.0), out)
+                _axpy_block(wr, hr, b, s, d[b], _min_of(m, b), out)
         return halves
 
     def blocks(W, r, s, out):
@@ -1400,7 +1464,26 @@ def _k_q3_k_blocks(src, src16, out, out16):
                 out[r, 8 + t] = np.uint8(low[t])
 
 
-RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks)}  # type -> (bytes a block of 32, kernel)
+@njit(**_CONVERTING)
+def _k_q2_k_blocks(src, src16, out, out16):
+    """(n, 84) Q2_K super-blocks (16 bytes of sub-block scales (low 4 bits) and mins (high 4), 64 of 2-bit quants, d,
+    dmin) -> (8 n, 14) blocks as PARTS lays Q2_K: the scale word (the sub-blocks' bytes 2 k and 2 k + 1 as they are,
+    d), dmin, a u64 of the quants (element e at bits 2 (e // 8) of byte e % 8). Element e of block k = 4 h + j is
+    bits 2 j of quant byte 16 + 32 h + e (value d sc q - dmin m of its sub-block 2 k + e // 16)."""
+    for i in prange(src.shape[0]):
+        for k in range(8):
+            h, j, r = k // 4, k % 4, 8 * i + k
+            out[r, 0], out[r, 1] = src[i, 2 * k], src[i, 2 * k + 1]
+            out16[r, 1], out16[r, 2] = src16[i, 40], src16[i, 41]
+            low = np.zeros(8, np.int64)
+            for e in range(32):
+                low[e % 8] |= ((np.int64(src[i, 16 + 32 * h + e]) >> (2 * j)) & 3) << (2 * (e // 8))
+            for t in range(8):
+                out[r, 6 + t] = np.uint8(low[t])
+
+
+RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks)}
+# type -> (bytes a block of 32, kernel)
 
 
 @njit(**_CONVERTING)

@@ -13,9 +13,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf import quants
 
-# types the kernels read as stored (BF16 widened; Q6_K and Q3_K re-laid in blocks of 32 with the same values); they
-# convert the others as they prepare a model (`QTensor.native`)
-NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q6_K, QT.Q3_K)
+# types the kernels read as stored (BF16 widened; Q6_K, Q3_K and Q2_K re-laid in blocks of 32 with the same values);
+# they convert the others as they prepare a model (`QTensor.native`)
+NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q6_K, QT.Q3_K,
+                QT.Q2_K)
 # block types whose values a native type holds: Q4_K's and Q5_K's 32-value sub-blocks are Q4_1 and Q5_1 blocks
 # (their scale d * sc and offset -dmin * m rounded to f16, within 2^-11 of them), IQ4_NL's table of int8 values
 # fits in Q8_0's int8 (the same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded

@@ -57,10 +57,11 @@ def super_source(rng, rows: int, cols: int, qtype: QT) -> QTensor:
     (values up to about 4)."""
     size, nbytes = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (rows * cols // size, nbytes), dtype=np.uint8)
-    at = SCALES[qtype][0]
-    d = rng.uniform(0.5, 1.0, (len(b), 1)) * {QT.Q6_K: 1e-3, QT.Q3_K: 2e-2}[qtype] * rng.choice([-1, 1], (len(b), 1))
-    d[::7] *= 1e-3  # below 2^-14: f16 subnormals
-    b[:, at:at + 2] = d.astype(np.float16).view(np.uint8)
+    for at in SCALES[qtype]:  # d (Q2_K: and dmin)
+        d = rng.uniform(0.5, 1.0, (len(b), 1)) * {QT.Q6_K: 1e-3, QT.Q3_K: 2e-2, QT.Q2_K: 0.1}[qtype]
+        d *= rng.choice([-1, 1], (len(b), 1))
+        d[::7] *= 1e-3  # below 2^-14: f16 subnormals
+        b[:, at:at + 2] = d.astype(np.float16).view(np.uint8)
     if qtype == QT.Q6_K:
         b[::5, 192:208:2], b[::5, 193:208:2] = 0x80, 0x7F
     return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
@@ -365,13 +366,15 @@ def test_q8_0_quantizer_is_gguf_pys(rng):
 
 @pytest.mark.parametrize("qtype", K.SUPER_TYPES, ids=lambda t: t.name)
 def test_super_types(qtype, rng):
-    """Q6_K and Q3_K, re-laid in blocks of 32 with two scales each: the values gguf-py dequantizes, to the bit (the
-    axpy path reads them), in 7 and 4 bits a weight (6.56 and 3.44 stored); matvec exact, and with int8 x against
+    """Q6_K, Q3_K and Q2_K, re-laid in blocks of 32 with two scales each (Q2_K: and two mins): the values gguf-py
+    dequantizes, to the bit (the axpy path reads them), in 7, 4 and 3.5 bits a weight (6.56, 3.44 and 2.63 stored);
+    matvec exact, and with int8 x against
     the emulated int8 x at float32 rounding; row subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate,
     up and down are of the type, through down_t (sparse) and through the stored down (dense)."""
     qt = super_source(rng, 37, 512, qtype)
     w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
-    assert (w.qtype, w.rows, w.cols, w.nbytes) == (qtype, 37, 512, 37 * 512 // 32 * {QT.Q6_K: 28, QT.Q3_K: 16}[qtype])
+    block = {QT.Q6_K: 28, QT.Q3_K: 16, QT.Q2_K: 14}[qtype]
+    assert (w.qtype, w.rows, w.cols, w.nbytes) == (qtype, 37, 512, 37 * 512 // 32 * block)
     assert qt.native() is qt
     np.testing.assert_array_equal(K.dequantize_ids(w, np.arange(37)), ref)
     np.testing.assert_array_equal(K.values(qt), ref)

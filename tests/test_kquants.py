@@ -1,6 +1,6 @@
 """Block types the kernels do not read as GGUF stores them (llama.cpp's K-quants, IQ4, ...), converted at load
-(`QTensor.native`) or re-laid (Q6_K, Q3_K: `kernels.prepare`): checked against gguf-py's dequantization, and a model
-llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
+(`QTensor.native`) or re-laid (Q6_K, Q3_K, Q2_K: `kernels.prepare`): checked against gguf-py's dequantization, and
+a model llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
