@@ -753,7 +753,7 @@ def _prefetch(typingctx, a, i):
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-row helpers. A weight W = (w, d, m, h) as in KMatrix.W: d = m = h = None for F32/F16, m None but for
-# Q4_1/Q5_1, h None but for Q5_0/Q5_1/Q6_K/Q3_K; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout
+# Q4_1/Q5_1/Q2_K, h None but for Q5_0/Q5_1/Q6_K/Q3_K; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout
 # is chosen at typing time (one compiled version per combination) and the helpers are inlined into the kernels.
 
 @njit(inline="always", **_SERIAL)
@@ -791,7 +791,7 @@ def _dense(W):
 
 
 def _per16(W):
-    """Two scales a block (Q6_K, Q3_K): d u32."""
+    """Two scales a block (SUPER_TYPES): d u32."""
     return W[1].dtype == types.uint32
 
 
@@ -853,7 +853,7 @@ def _part_row_impl(a, r):
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
-    if _per16(W):  # no offset terms: the zero points are in the integer dot products (`_dot_row`)
+    if _per16(W):  # no offset terms: the zero points (and Q2_K's mins) are in the dot products (`_dot_row`)
         def halves(W, r, x, X, exact):
             wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
             if exact:
@@ -1205,9 +1205,9 @@ def dequantize_ids(m: KMatrix, ids: np.ndarray) -> np.ndarray:
 
 
 def values(qt: QTensor) -> np.ndarray:
-    """qt's float32 values: `QTensor.dequantize`'s to the bit (test_dequantize_rows_and_ids_are_exact,
-    test_super_types), through the kernels for the block types they read (a 32000 x 2048 Q6_K matrix: 0.88 s by
-    gguf-py)."""
+    """qt's float32 values: `QTensor.dequantize`'s (test_dequantize_rows_and_ids_are_exact, test_super_types; a zero
+    may lose its sign), through the kernels for the block types they read (a 32000 x 2048 Q6_K matrix 0.25 s, 2
+    threads beside a test run; gguf-py's 0.41-0.88 s)."""
     if qt.qtype not in BLOCK_TYPES + SUPER_TYPES or len(qt.shape) != 2:
         return qt.dequantize()
     return dequantize_rows(prepare(qt), 0, qt.shape[0])
@@ -1216,7 +1216,8 @@ def values(qt: QTensor) -> np.ndarray:
 def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
     re-quantized as `QTensor.remade_type` says (F32 where a Q8_0 scale would pass f16's range, as `QTensor.native`
-    does). A CONVERT type's values as the dense path reads them (`QTensor.native`: Q4_K's as Q4_1)."""
+    does). Q4_K, Q5_K and IQ4 from the values the dense path reads (`QTensor.native`: Q4_K's as Q4_1, within 2^-11
+    of the file's, then re-quantized to Q8_0 all the same), which the kernels give faster than gguf-py the file's."""
     qtype = qt.remade_type
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
@@ -1416,6 +1417,17 @@ def _put_bits(out, r, o, n, bits):
         out[r, o + t] = np.uint8((bits >> (8 * t)) & 255)
 
 
+@njit(inline="always", **_SERIAL)
+def _put_pairs(out, r, o, src, i, start, shift):
+    """Bytes o..o+7 of block r: the u64 of 2-bit quants (element e's at bits 2 (e // 8) of byte e % 8), element e
+    bits shift..shift+1 of byte start + e of super-block i."""
+    for t in range(8):
+        v = 0
+        for g in range(4):
+            v |= ((np.int32(src[i, start + 8 * g + t]) >> shift) & 3) << (2 * g)
+        out[r, o + t] = np.uint8(v)
+
+
 @njit(**_CONVERTING)
 def _k_q6_k_blocks(src, src16, out, out16):
     """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 28)
@@ -1450,18 +1462,16 @@ def _k_q3_k_blocks(src, src16, out, out16):
         for k in range(8):
             h, j, r = k // 4, k % 4, 8 * i + k
             out16[r, 1] = src16[i, 54]
-            plane, low = np.int64(0), np.zeros(8, np.int64)
+            plane = np.int64(0)
             for s in range(2):
                 t = 2 * k + s
                 sc = _q3_scale(src, i, t)
                 out[r, s] = np.uint8((sc - 32) & 255)
                 for l in range(16):
                     e = 16 * s + l
-                    low[e % 8] |= ((np.int64(src[i, 32 + 32 * h + e]) >> (2 * j)) & 3) << (2 * (e // 8))
                     plane |= ((np.int64(src[i, e]) >> k) & 1) << e
             _put_bits(out, r, 4, 4, plane)
-            for t in range(8):
-                out[r, 8 + t] = np.uint8(low[t])
+            _put_pairs(out, r, 8, src, i, 32 + 32 * h, 2 * j)
 
 
 @njit(**_CONVERTING)
@@ -1475,11 +1485,7 @@ def _k_q2_k_blocks(src, src16, out, out16):
             h, j, r = k // 4, k % 4, 8 * i + k
             out[r, 0], out[r, 1] = src[i, 2 * k], src[i, 2 * k + 1]
             out16[r, 1], out16[r, 2] = src16[i, 40], src16[i, 41]
-            low = np.zeros(8, np.int64)
-            for e in range(32):
-                low[e % 8] |= ((np.int64(src[i, 16 + 32 * h + e]) >> (2 * j)) & 3) << (2 * (e // 8))
-            for t in range(8):
-                out[r, 6 + t] = np.uint8(low[t])
+            _put_pairs(out, r, 6, src, i, 16 + 32 * h, 2 * j)
 
 
 RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks)}
@@ -1566,9 +1572,10 @@ def _k_q8_0_columns(c, out, out16):
         for b in range(nb):
             o = b * BLOCK
             inv[:] = 0.0
-            for j in range(BLOCK):  # inv: amax first
+            for j in range(BLOCK):  # inv: amax first (NaN once a NaN is met, as numpy's max: d NaN, then F32)
                 for i in range(i0, i1):
-                    inv[i - i0] = max(inv[i - i0], abs(c[o + j, i]))
+                    a, m = abs(c[o + j, i]), inv[i - i0]
+                    inv[i - i0] = a if a > m or a != a else m
             for i in range(i0, i1):
                 d = inv[i - i0] / np.float32(127.0)
                 out16[i, 17 * b] = _stored(d, out16)

@@ -362,15 +362,20 @@ def test_q8_0_quantizer_is_gguf_pys(rng):
     np.testing.assert_array_equal(K.quantize_q8_0(a[:, :64]), want64)  # a view with rows apart
     with pytest.raises(ValueError, match="not whole blocks"):
         K.quantize_q8_0(a[:, :40])
+    a[6, 3] = np.nan  # its block's d NaN, as gguf-py's (`finite` then says so: F32 in a transpose, an error in export)
+    q = QTensor.from_float(a, QT.Q8_0)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(q.data[6, :2], quants.quantize(a[6:7, :32], QT.Q8_0)[0, :2]) and not q.finite()
+    assert np.array_equal(q.data[6, 34:], want[6, 34:])  # the row's other blocks as they were
 
 
 @pytest.mark.parametrize("qtype", K.SUPER_TYPES, ids=lambda t: t.name)
 def test_super_types(qtype, rng):
     """Q6_K, Q3_K and Q2_K, re-laid in blocks of 32 with two scales each (Q2_K: and two mins): the values gguf-py
-    dequantizes, to the bit (the axpy path reads them), in 7, 4 and 3.5 bits a weight (6.56, 3.44 and 2.63 stored);
-    matvec exact, and with int8 x against
-    the emulated int8 x at float32 rounding; row subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate,
-    up and down are of the type, through down_t (sparse) and through the stored down (dense)."""
+    dequantizes (to the bit but for a zero's sign) (the axpy path reads them), in 7, 4 and 3.5 bits a weight (6.56,
+    3.44 and 2.63 stored); matvec exact, and with int8 x against the emulated int8 x at float32 rounding; row
+    subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate, up and down are of the type, through down_t
+    (sparse) and through the stored down (dense)."""
     qt = super_source(rng, 37, 512, qtype)
     w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
     block = {QT.Q6_K: 28, QT.Q3_K: 16, QT.Q2_K: 14}[qtype]

@@ -182,6 +182,17 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("out*"))
 
 
+def test_transpose_reads_the_values_the_dense_path_reads(rng):
+    """The sparse path's ffn_down_t of a Q4_K ffn_down holds the Q8_0 rows of the Q4_1 values the dense path reads
+    (within 2^-11 of the file's; the kernels give them faster than gguf-py the file's)."""
+    from engine import kernels as K
+    t = random_blocks(QT.Q4_K, 64, 256, rng)
+    got = K.transpose(t)
+    want = QTensor.from_float(np.ascontiguousarray(t.native().dequantize().T), QT.Q8_0)
+    assert (got.qtype, got.rows, got.cols) == (QT.Q8_0, 256, 64)
+    np.testing.assert_array_equal(K.dequantize_rows(got, 0, 256), want.dequantize())
+
+
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_0], ids=lambda q: q.name)
 def test_export_q8_0_keeps_q4_0_and_q5_0_values(qtype, tmp_path):
     """Q8_0 holds every Q4_0 and Q5_0 value (the block's d times an integer of -16..15): `export --outtype q8_0`
