@@ -2,11 +2,11 @@
 transposed matrix, and the fused sparse FFN of the decode path.
 
 Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0,
-Q5_1; Q6_K, Q3_K and Q2_K in blocks of 32, below). `prepare` only regroups each row's blocks into parts, which costs no
-extra bytes: a block type's parts (`PARTS`) are views of the columns of one buffer, so a row is one run of bytes
-(quants, scales, ...), and a scattered row of the sparse FFN is fetched as one (as separate arrays, a Q4_1 row
-was three runs in three places; one run made a 49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2
-threads):
+Q5_1; the K-quants Q6_K, Q5_K, Q4_K, Q3_K and Q2_K in blocks of 32, below). `prepare` only regroups each row's
+blocks into parts, which costs no extra bytes: a block type's parts (`PARTS`) are views of the columns of one
+buffer, so a row is one run of bytes (quants, scales, ...), and a scattered row of the sparse FFN is fetched as
+one (as separate arrays, a Q4_1 row was three runs in three places; one run made a 49152 x 576 Q4_1 matvec 537 ->
+465 us, Q5_0 634 -> 555 us, on 2 threads):
 
     F32 / F16   w  f32 | u16 (f16 bits)  (rows, cols)
     Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                                        value = d * q
@@ -17,6 +17,8 @@ threads):
     Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u64 (rows, nb)   value = d sc (q - 32)
     Q3_K        w  u64 (rows, nb)          d u32 (rows, nb)                    h u8 (rows, 4 nb)  value = d sc (q - 4)
     Q2_K        w  u64 (rows, nb)          d u32 (rows, nb)  m u16 (rows, nb)                   value = d sc q - dmin m
+    Q4_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)                 value = d sc q - dmin m
+    Q5_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)  h u8 (rows, 4 nb)  (as Q4_K)
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
 nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit, bit j of a block's 4 bytes of h
@@ -27,7 +29,10 @@ file; Q8_0 copies took 8.5): d holds the two int8 sub-scales sc of a block in by
 low nibbles, 4-bit mins m in the high ones) and the super-block's f16 d in bytes 2-3, so their products are
 exact; Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at bits 2 (j // 8) of byte j % 8), Q3 its
 low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h, Q2 its 2 bits from w alone, and m holds
-its super-block's f16 dmin.
+its super-block's f16 dmin. Q4_K and Q5_K scale each 32 values on their own with 6-bit sc and m: their quants
+are laid as Q4_1's and Q5_1's, d holds a block's sc (low byte) and m (high byte), and m the super-block's f16 d
+and dmin, once for 8 blocks (4.625 and 5.625 bits a weight, against 4.5 and 5.5; read as Q4_1 and Q5_1 they took
+5 and 6, their scale products rounded to f16).
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -75,7 +80,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import populate_array
 
-from engine.qtensor import QTensor
+from engine.qtensor import AS_NATIVE, QTensor
 
 ACT_SILU, ACT_RELU, ACT_FATRELU, ACT_DRELU = 0, 1, 2, 3  # FFN activation codes
 
@@ -96,8 +101,12 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint64)),
          QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8)),
          # Q2_K: the two scales' and mins' 4 bits in the word's two bytes, the super-block's f16 dmin in m
-         QT.Q2_K: ((6, 14, np.uint64), (0, 4, np.uint32), (4, 6, np.uint16), None)}
-SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K)
+         QT.Q2_K: ((6, 14, np.uint64), (0, 4, np.uint32), (4, 6, np.uint16), None),
+         # Q4_K and Q5_K, one scale and min a block of 32: their 6-bit sc and m in d (a byte each), the super-block's
+         # f16 d and dmin in m, one u32 a super-block (a part marked "super": its first block's bytes alone)
+         QT.Q4_K: ((6, 22, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), None),
+         QT.Q5_K: ((10, 26, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), (6, 10, np.uint8))}
+SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.Q4_K, QT.Q5_K)
 SUPER = 8  # blocks a super-block of SUPER_TYPES (their rows are whole super-blocks)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
@@ -501,6 +510,23 @@ def _min_pair(builder, raw, dmin):
     return builder.fneg(_times_f16(builder, builder.uitofp(m, _vec(_F32, 2 * raw.type.count)), dmin))
 
 
+def _scale_mins(builder, words, dd):
+    """(<16 x f32> d sc of a Q4_K / Q5_K super-block's 8 blocks, each over its block's two halves, <8 x f32> their
+    -dmin m) from their <8 x i16> words (sc in the low byte, m in the high one) and the super-block's i32 of f16 d
+    (low half) and dmin (high); exact products (11 bits of d times 6 of sc)."""
+    pair = builder.bitcast(builder.insert_element(ir.Constant(_vec(_I32, 1), None), dd, ir.Constant(_I32, 0)),
+                           _vec(ir.IntType(16), 2))
+    dv = _f16_to_f32(builder, pair)  # <2 x f32>: d, dmin
+    b8 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))  # sc_0, m_0, sc_1, m_1, ...
+
+    def times(lanes, h):  # the bytes at lanes times d (h 0) or dmin (h 1)
+        v = builder.uitofp(builder.shuffle_vector(b8, b8, ir.Constant(_vec(_I32, len(lanes)), lanes)),
+                           _vec(_F32, len(lanes)))
+        return builder.fmul(v, builder.shuffle_vector(dv, dv, ir.Constant(_vec(_I32, len(lanes)), [h] * len(lanes))),
+                            flags=_FAST)
+    return times([2 * (i // 2) for i in range(2 * SUPER)], 0), builder.fneg(times(list(range(1, 2 * SUPER, 2)), 1))
+
+
 @intrinsic
 def _stored(typingctx, v, a):
     """float32 v as array a holds it: f16 bits (vcvtps2ph, round to nearest even) in a uint16 array, else v."""
@@ -514,21 +540,23 @@ def _stored(typingctx, v, a):
 @intrinsic
 def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
-    Q3 and Q2 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits) a
-    block, or u32 two a block (`_scale_pair`); mn None, or Q2_K's f16 dmins (each half's min, `_min_pair`, times the
-    sum of x over it: over each lane's 4 values of x, xl, with int x). x f32, or int8/int16 with per-block scales xd
-    (one more factor xd[b]; unused for f32 x). Vector accumulators (two, alternating blocks) and one horizontal sum
-    per row, not one per block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors (one
-    Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 -> 107.6
-    ns); an odd last block goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the zero
-    point z through xl (x's lane sums, `_prep_x`): each block's integer dot product starts from -z times them, so
-    sum (q - z) x costs no more than sum q x (subtracting z from the quants made them signed: 4 more instructions a
-    block). Their rows are whole super-blocks, whose 16 scales (times x's) are computed together, then taken a step
-    at a time."""
+    Q3 and Q2 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits)
+    a block, or u32 two a block (`_scale_pair`); mn None, or Q2_K's f16 dmins (each half's min, `_min_pair`, times
+    the sum of x over it: over each lane's 4 values of x, xl, with int x); or (Q4_K, Q5_K) d a block's u16 of sc and
+    m and mn a super-block's u32 of f16 d and dmin (`_scale_mins`), the mins times xl, x's float32 block sums. x
+    f32, or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two,
+    alternating blocks) and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step
+    takes two blocks in 512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns,
+    of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block goes alone. Per-16 kinds with int x take their
+    quants unsigned, as stored, and the zero point z through xl (x's lane sums, `_prep_x`): each block's integer dot
+    product starts from -z times them, so sum (q - z) x costs no more than sum q x (subtracting z from the quants
+    made them signed: 4 more instructions a block). Their rows are whole super-blocks, whose 16 scales (times x's)
+    are computed together, then taken a step at a time."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
-            and _is_row(d, (types.uint16, types.uint32)) and (mn is types.none or _is_row(mn, (types.uint16,)))
-            and _is_row(x, (types.float32, types.int8, types.int16))
-            and _is_row(xd, (types.float32,)) and (xl is types.none or _is_row(xl, (types.int32,)))):
+            and _is_row(d, (types.uint16, types.uint32))
+            and (mn is types.none or _is_row(mn, (types.uint16,) if d.dtype == types.uint32 else (types.uint32,)))
+            and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))
+            and (xl is types.none or _is_row(xl, (types.float32,) if _is_row(mn, (types.uint32,)) else (types.int32,)))):
         return None
     exact = x.dtype == types.float32
 
@@ -536,17 +564,29 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
         qty, hty, dty, mty, xty, xdty, xlty = sig.args
         q, hb, d, mn, x, xd, xl = args
         per16 = dty.dtype == types.uint32
+        k4 = mty is not types.none and mty.dtype == types.uint32  # Q4_K, Q5_K: a scale and min a block
         kind = _kind(qty, hty, per16)
+        supers = per16 or k4  # rows of whole super-blocks, their scales computed once for 8 blocks
         nb = context.make_array(dty)(context, builder, d).nitems
         one = ir.Constant(nb.type, 1)
         n = 1 if exact or ISA != "vnni512" else 2  # blocks a step
         width = BLOCK if exact else 8 * n
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, width), None)) for _ in range(2)]
+        if k4:  # the blocks' mins times x's block sums (xl), 8 blocks a step
+            mins = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, SUPER), None))
 
         def super_scales(b):  # <16 x f32> the scales of blocks b..b+7's halves, and (Q2) their mins, or None; times
             # x's block scales unless exact
             words = _load(context, builder, dty, d, b, SUPER)
-            out = [_scale_pair(builder, words, kind == "q2")]
+            if k4:
+                sc, mv = _scale_mins(builder, words, builder.load(_ptr(context, builder, mty, mn, builder.lshr(
+                    b, ir.Constant(b.type, 3)))))
+                out = [sc]
+                sums = _load(context, builder, xlty, xl, b, SUPER)
+                builder.store(builder.fadd(builder.load(mins), builder.fmul(mv, sums, flags=_FAST), flags=_FAST),
+                              mins)
+            else:
+                out = [_scale_pair(builder, words, kind == "q2")]
             if kind == "q2":
                 out.append(_min_pair(builder, words, _load(context, builder, mty, mn, b, SUPER)))
             if not exact:
@@ -562,7 +602,7 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
                                                                            for i in range(w)]))
 
         def scales(b, k, w, sup=None, j=0):  # <w x f32>: each lane's weight scale, times x's block scale unless exact
-            if per16:  # from sup, the super-block's (`super_scales`), block b its j-th
+            if supers:  # from sup, the super-block's (`super_scales`), block b its j-th
                 return spread(sup[0], k, w, j)
             s = _f16_to_f32(builder, _load(context, builder, dty, d, b, k) if k > 1 else
                             builder.load(_ptr(context, builder, dty, d, b)))
@@ -596,13 +636,18 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
                                                                                        list(range(width))))
             builder.store(builder.fadd(builder.load(acc), upd, flags=_FAST), acc)
 
-        if per16:  # rows of whole super-blocks: their scales once for 8 blocks, then steps of n blocks in turns
+        if supers:  # rows of whole super-blocks: their scales once for 8 blocks, then steps of n blocks in turns
             with cgutils.for_range(builder, builder.lshr(nb, ir.Constant(nb.type, 3))) as loop:
                 b = builder.shl(loop.index, ir.Constant(nb.type, 3))
                 sup = super_scales(b)
                 for j in range(0, SUPER, n):
                     step(builder.add(b, ir.Constant(nb.type, j)), accs[j // n % 2], n, sup, j)
-            return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
+            total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
+            if k4:  # width >= 8 lanes: the mins' 8 into the first
+                m = builder.load(mins)
+                total = builder.fadd(total, builder.shuffle_vector(m, ir.Constant(m.type, None), ir.Constant(
+                    _vec(_I32, width), [i if i < SUPER else SUPER for i in range(width)])), flags=_FAST)
+            return _reduce(builder, total)
         shift = ir.Constant(nb.type, n)  # an iteration: 2 n blocks, a step per accumulator
         iters = builder.lshr(nb, shift)
         with cgutils.for_range(builder, iters) as loop:
@@ -791,8 +836,13 @@ def _dense(W):
 
 
 def _per16(W):
-    """Two scales a block (SUPER_TYPES): d u32."""
+    """Two scales a block (Q6_K, Q3_K, Q2_K): d u32."""
     return W[1].dtype == types.uint32
+
+
+def _k4(W):
+    """A scale and min a block, d and dmin a super-block (Q4_K, Q5_K): m u32."""
+    return not isinstance(W[2], types.NoneType) and W[2].dtype == types.uint32
 
 
 def _row_dot(W, r, x, X, exact):
@@ -853,6 +903,13 @@ def _part_row_impl(a, r):
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
+    if _k4(W):  # the mins times x's block sums in the dot products (`_dot_row`)
+        def split(W, r, x, X, exact):
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
+            if exact:
+                return _dot_row(wr, hr, d, m, x, X[2], X[0])
+            return _dot_row(wr, hr, d, m, X[1], X[2], X[3])
+        return split
     if _per16(W):  # no offset terms: the zero points (and Q2_K's mins) are in the dot products (`_dot_row`)
         def halves(W, r, x, X, exact):
             wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
@@ -891,6 +948,15 @@ def _row_axpy_impl(W, r, s, out):
             for b in range(d.size):
                 _axpy_block(wr, hr, b, s, d[b], _min_of(m, b), out)
         return halves
+
+    if _k4(W):  # each block as a Q4_1 / Q5_1 block of scale d sc and offset -dmin m (exact products)
+        def split(W, r, s, out):
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
+            for t in range(m.size):
+                ds, dm = s * _widen(np.uint16(m[t] & 0xFFFF)), s * _widen(np.uint16(m[t] >> 16))
+                for b in range(SUPER * t, SUPER * t + SUPER):
+                    _axpy_block(wr, hr, b, ds * np.float32(d[b] & 0xFF), None, -(dm * np.float32(d[b] >> 8)), out)
+        return split
 
     def blocks(W, r, s, out):
         wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
@@ -1165,17 +1231,19 @@ def prepare(qt: QTensor) -> KMatrix:
         blocks = np.empty((len(src) * 8, RELAYOUT[qt.qtype][0]), np.uint8)
         RELAYOUT[qt.qtype][1](src, src.view(np.uint16), blocks, blocks.view(np.uint16))
     blocks = blocks.reshape(rows, nb, -1)  # (rows, nb, block bytes)
-    buf = np.empty((rows, blocks.shape[1] * blocks.shape[2]), np.uint8)  # a row's parts end to end, as PARTS lists
+    width = sum((p[1] - p[0]) * (nb // SUPER if p[3:] else nb) for p in PARTS[qt.qtype] if p)
+    buf = np.empty((rows, width), np.uint8)  # a row's parts end to end, as PARTS lists
     parts, o = [], 0
     for part in PARTS[qt.qtype]:
         if part is None:
             parts.append(None)
             continue
-        a, b, dtype = part
+        a, b, dtype = part[:3]
+        src, n = (blocks[:, ::SUPER], nb // SUPER) if part[3:] == ("super",) else (blocks, nb)
         # the part's bytes of every block, straight into buf's columns (no temporary copy of the part)
-        np.ndarray((rows, nb, b - a), np.uint8, buf, o, (buf.strides[0], b - a, 1))[...] = blocks[:, :, a:b]
-        parts.append(buf[:, o:o + nb * (b - a)].view(dtype))
-        o += nb * (b - a)
+        np.ndarray((rows, n, b - a), np.uint8, buf, o, (buf.strides[0], b - a, 1))[...] = src[:, :, a:b]
+        parts.append(buf[:, o:o + n * (b - a)].view(dtype))
+        o += n * (b - a)
     return KMatrix(qt.qtype, rows, cols, *parts)
 
 
@@ -1216,12 +1284,12 @@ def values(qt: QTensor) -> np.ndarray:
 def transpose(qt: QTensor) -> KMatrix:
     """The transposed matrix (ffn_down -> ffn_down_t: one contiguous row per neuron), dequantized and
     re-quantized as `QTensor.remade_type` says (F32 where a Q8_0 scale would pass f16's range, as `QTensor.native`
-    does). Q4_K, Q5_K and IQ4 from the values the dense path reads (`QTensor.native`: Q4_K's as Q4_1, within 2^-11
-    of the file's, then re-quantized to Q8_0 all the same), which the kernels give faster than gguf-py the file's."""
+    does). IQ4 from the values the dense path reads (`QTensor.native`: the same values as Q8_0 blocks, IQ4_XS's
+    scales rounded to f16), which the kernels give faster than gguf-py the file's."""
     qtype = qt.remade_type
     if len(qt.shape) != 2:
         raise ValueError(f"kernels: {qt.qtype.name} tensor {qt.shape}: need a 2-D matrix")
-    a = values(qt.native() if qt.qtype in CONVERT else qt).T  # a view: Q8_0's quantizer reads it in place
+    a = values(qt.native() if qt.qtype in AS_NATIVE else qt).T  # a view: Q8_0's quantizer reads it in place
     with np.errstate(over="ignore"):  # an f16 scale past 65504: infinity, which the F32 fallback replaces
         t = QTensor.from_float(a, qtype)
     return prepare(t if qtype != QT.Q8_0 or t.finite() else QTensor.from_float(a))
@@ -1488,7 +1556,45 @@ def _k_q2_k_blocks(src, src16, out, out16):
             _put_pairs(out, r, 6, src, i, 16 + 32 * h, 2 * j)
 
 
-RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks)}
+@njit(**_CONVERTING)
+def _k_q4_k_blocks(src, src16, out, out16):
+    """(n, 144) Q4_K super-blocks -> (8 n, 22) blocks as PARTS lays Q4_K: sub-block k's 6-bit scale and min
+    (`_scale_min`), the super-block's d and dmin, its 32 quants as a Q4_1 block's (`_k_q4_k_as_q4_1`'s)."""
+    for i in prange(src.shape[0]):
+        for k in range(8):
+            sc, m = _scale_min(src[i, 4:16], k)
+            r, q = 8 * i + k, 16 + 32 * (k // 2)  # out block, its quants' chunk
+            out[r, 0], out[r, 1] = np.uint8(sc), np.uint8(m)
+            out16[r, 1], out16[r, 2] = src16[i, 0], src16[i, 1]
+            for j in range(16):  # byte j: values j and j + 16
+                a, b = src[i, q + j], src[i, q + 16 + j]
+                out[r, 6 + j] = np.uint8((a >> 4) | (b & 0xF0) if k % 2 else (a & 15) | ((b & 15) << 4))
+
+
+@njit(**_CONVERTING)
+def _k_q5_k_blocks(src, src16, out, out16):
+    """(n, 176) Q5_K super-blocks -> (8 n, 26) blocks as PARTS lays Q5_K: Q4_K's scale, min, d and dmin, the plane of
+    the quants' fifth bits and their nibbles as a Q5_1 block's (`_k_q5_k_as_q5_1`'s)."""
+    for i in prange(src.shape[0]):
+        for k in range(8):
+            sc, m = _scale_min(src[i, 4:16], k)
+            r = 8 * i + k
+            out[r, 0], out[r, 1] = np.uint8(sc), np.uint8(m)
+            out16[r, 1], out16[r, 2] = src16[i, 0], src16[i, 1]
+            high = np.int64(0)
+            for j in range(32):
+                lo = np.int64(src[i, 48 + 32 * (k // 2) + j])
+                q = (lo >> 4) if k % 2 else (lo & 15)
+                high |= ((np.int64(src[i, 16 + j]) >> k) & 1) << j
+                if j < 16:  # byte 10 + j: values j and j + 16
+                    out[r, 10 + j] = np.uint8(q)
+                else:
+                    out[r, j - 6] |= np.uint8(q << 4)
+            _put_bits(out, r, 6, 4, high)
+
+
+RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks),
+            QT.Q4_K: (22, _k_q4_k_blocks), QT.Q5_K: (26, _k_q5_k_blocks)}
 # type -> (bytes a block of 32, kernel)
 
 

@@ -13,15 +13,16 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf import quants
 
-# types the kernels read as stored (BF16 widened; Q6_K, Q3_K and Q2_K re-laid in blocks of 32 with the same values);
-# they convert the others as they prepare a model (`QTensor.native`)
+# types the kernels read as stored (BF16 widened; the K-quants re-laid in blocks of 32 with the same values); they
+# convert the others as they prepare a model (`QTensor.native`)
 NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q6_K, QT.Q3_K,
-                QT.Q2_K)
-# block types whose values a native type holds: Q4_K's and Q5_K's 32-value sub-blocks are Q4_1 and Q5_1 blocks
-# (their scale d * sc and offset -dmin * m rounded to f16, within 2^-11 of them), IQ4_NL's table of int8 values
-# fits in Q8_0's int8 (the same values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded
-# to f16)
-AS_NATIVE = {QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1, QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
+                QT.Q2_K, QT.Q4_K, QT.Q5_K)
+# block types whose values a native type holds: IQ4_NL's table of int8 values fits in Q8_0's int8 (the same
+# values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16)
+AS_NATIVE = {QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
+# what an export to Q4_1 or Q5_1 writes of Q4_K and Q5_K (`QTensor.converted`): their 32-value sub-blocks are Q4_1
+# and Q5_1 blocks (scale d * sc and offset -dmin * m rounded to f16, within 2^-11 of them)
+AS_BLOCKS = {QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1}
 # byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
 # small numbers): d (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, the IQ and TQ types), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K,
 # Q2_K); `finite` reads these, and the values of types not here
@@ -96,28 +97,34 @@ class QTensor:
         """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
         block type (Q2_K, IQ3_S, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not a matrix,
         or rows not whole 32-value blocks, or a scale of the result past f16's range, not the source's). The kernels
-        convert Q4_K, Q5_K, IQ4_NL and IQ4_XS (`kernels.CONVERT`); the other types go through gguf-py's
-        dequantization, `rows` rows at a time."""
+        convert IQ4_NL and IQ4_XS (`converted`); the other types go through gguf-py's dequantization, `rows` rows at
+        a time."""
         qtype = self.native_type
         if qtype == self.qtype:
             return self
         if qtype == QT.F32:
             return self.with_dequantized()
-        from . import kernels  # numba's, on first use
+        if self.qtype in AS_NATIVE:
+            return self.converted()
         n, cols = self.shape
         blocks = np.asarray(self.data, np.uint8).reshape(n, -1)  # (rows, row bytes)
-        if self.qtype in kernels.CONVERT:
-            size = GGML_QUANT_SIZES[self.qtype][1]
-            out = kernels.convert(self.qtype, blocks.reshape(-1, size), qtype).reshape(n, -1)
-        else:
-            out = np.empty((n, cols // 32 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
-            for r in range(0, n, rows):
-                part = blocks[r:r + rows]
-                with np.errstate(over="ignore"):  # a scale past f16's range: infinity, which the F32 fallback replaces
-                    out[r:r + rows] = quants.quantize(quants.dequantize(part, self.qtype).reshape(len(part), cols),
-                                                      qtype)
+        out = np.empty((n, cols // 32 * GGML_QUANT_SIZES[qtype][1]), np.uint8)
+        for r in range(0, n, rows):
+            part = blocks[r:r + rows]
+            with np.errstate(over="ignore"):  # a scale past f16's range: infinity, which the F32 fallback replaces
+                out[r:r + rows] = quants.quantize(quants.dequantize(part, self.qtype).reshape(len(part), cols), qtype)
         done = QTensor(qtype, self.shape, out)
         return done if done.finite() else self.with_dequantized()  # a scale past f16's range (absurd weights): F32
+
+    def converted(self) -> QTensor:
+        """An AS_NATIVE or AS_BLOCKS matrix as the blocks of the type it maps to, by the kernels (`kernels.CONVERT`);
+        F32 where a scale of the result would pass f16's range (not the source's)."""
+        from . import kernels  # numba's, on first use
+        qtype = AS_NATIVE.get(self.qtype) or AS_BLOCKS[self.qtype]
+        size = GGML_QUANT_SIZES[self.qtype][1]
+        out = kernels.convert(self.qtype, np.asarray(self.data, np.uint8).reshape(-1, size), qtype)
+        done = QTensor(qtype, self.shape, out.reshape(self.shape[0], -1))
+        return done if done.finite() else self.with_dequantized()
 
     def as_q8_0(self) -> QTensor:
         """Q4_0, Q5_0 or Q3_K blocks as Q8_0 blocks of the same values: each block's d, and its q - 8 or q - 16 as

@@ -1,6 +1,6 @@
 """Block types the kernels do not read as GGUF stores them (llama.cpp's K-quants, IQ4, ...), converted at load
-(`QTensor.native`) or re-laid (Q6_K, Q3_K, Q2_K: `kernels.prepare`): checked against gguf-py's dequantization, and
-a model llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
+(`QTensor.native`) or re-laid (the K-quants: `kernels.prepare`): checked against gguf-py's dequantization, and a
+model llama.cpp quantized to Q4_K_M against llama.cpp's logits."""
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from engine.kernels import SUPER_TYPES
-from engine.qtensor import NATIVE_TYPES, SCALES, QTensor
+from engine.qtensor import AS_BLOCKS, NATIVE_TYPES, SCALES, QTensor
 
 # the block types kept as stored in a checkpoint (converted or re-laid by the kernels), and the byte offsets of
 # their f16 scales: set to small finite values, the other bytes random
@@ -32,17 +32,18 @@ def random_blocks(qtype, rows, cols, rng):
     return QTensor(qtype, (rows, cols), b.reshape(rows, -1))
 
 
-@pytest.mark.parametrize("qtype", CONVERTED, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", CONVERTED + list(AS_BLOCKS), ids=lambda q: q.name)
 def test_native_holds_the_values(qtype, rng):
-    """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block scales; Q4_K
-    and Q5_K become Q4_1 and Q5_1 within the f16 rounding of their scale products (2^-11 of each term, so within
-    2^-9 of a 32-value block's largest value); the others (through gguf-py, 5 rows at a time) Q8_0 re-quantized,
-    within half a Q8_0 step and 127 times the f16 rounding of its scale. f16 rounds within 2^-11 of a value, and
-    within 2^-25 below 2^-14 (subnormals), hence the absolute terms."""
+    """IQ4_NL becomes Q8_0 with the same values, IQ4_XS too but for the f16 rounding of its sub-block scales; the
+    others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0 step and 127 times the f16
+    rounding of its scale. Q4_K and Q5_K, which the kernels read as stored, convert (`converted`: export --outtype
+    q4_1 or q5_1) to Q4_1 and Q5_1 within the f16 rounding of their scale products (2^-11 of each term, so within
+    2^-9 of a 32-value block's largest value). f16 rounds within 2^-11 of a value, and within 2^-25 below 2^-14
+    (subnormals), hence the absolute terms."""
     rows, cols = 13, 768
     t = random_blocks(qtype, rows, cols, rng)
     ref = quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float64)
-    nat = t.native(rows=5)
+    nat = t.converted() if qtype in AS_BLOCKS else t.native(rows=5)
     assert nat.qtype == {QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1}.get(qtype, QT.Q8_0) and nat.shape == (rows, cols)
     assert nat.data.shape == (rows, cols // 32 * GGML_QUANT_SIZES[nat.qtype][1])
     err = np.abs(nat.dequantize() - ref).reshape(rows, -1, 32)
@@ -82,12 +83,13 @@ def test_finite_reads_each_type_s_scales(qtype, rng):
 
 
 def test_a_scale_past_f16_once_converted_falls_back_to_f32(rng):
-    """Q4_K's d * sc can pass f16's 65504 where d alone does not (d 2000, sc up to 63): such a tensor is read
-    as F32 (its values as gguf-py gives them) rather than as Q4_1 scales of infinity."""
+    """Q4_K's d * sc can pass f16's 65504 where d alone does not (d 2000, sc up to 63): converted to Q4_1 (an
+    export), such a tensor becomes F32 (its values as gguf-py gives them) rather than Q4_1 scales of infinity; the
+    kernels read it as stored, their products in float32."""
     t = random_blocks(QT.Q4_K, 2, 256, rng)
     t.data.reshape(-1, 144)[:, 0:2] = np.array([2000.0], np.float16).view(np.uint8)
-    assert t.finite() and t.native_type == QT.Q4_1
-    nat = t.native()
+    assert t.finite() and t.native() is t
+    nat = t.converted()
     assert nat.qtype == QT.F32
     np.testing.assert_array_equal(nat.data, quants.dequantize(t.data, QT.Q4_K).reshape(2, 256))
 
@@ -96,17 +98,17 @@ def test_native_keeps_native_types_and_widens_what_blocks_cannot_hold(rng):
     for qtype in (QT.Q4_1, QT.Q5_0, QT.Q5_1):  # the kernels compute on these blocks as stored
         q = QTensor.from_float(rng.standard_normal((4, 64)).astype(np.float32), qtype)
         assert q.native() is q and q.native_type == qtype
-    odd = random_blocks(QT.Q4_K, 1, 256, rng)
-    vec = QTensor(QT.Q4_K, (256,), odd.data.reshape(-1))  # not a matrix: F32
+    odd = random_blocks(QT.IQ4_NL, 1, 256, rng)
+    vec = QTensor(QT.IQ4_NL, (256,), odd.data.reshape(-1))  # not a matrix: F32
     assert vec.native().qtype == QT.F32
-    np.testing.assert_array_equal(vec.native().data, quants.dequantize(odd.data, QT.Q4_K).reshape(-1))
+    np.testing.assert_array_equal(vec.native().data, quants.dequantize(odd.data, QT.IQ4_NL).reshape(-1))
 
 
 def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     """tiny_q4_k_m.gguf is llama.cpp's Q4_K_M of a tiny random llama (tiny_config("silu", n_embd=256, n_ff=512),
     tiny_weights seed 3, written with pre="gpt-2"), made by llama-cpp-python 0.3.36's llama_model_quantize; its
-    Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them as Q4_1 and as Q6_K re-laid
-    (the torch reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
+    Q4_K and Q6_K tensors stay as stored in the checkpoint, and the kernels read them re-laid, with the same
+    values (the torch reference dequantizes them). tiny_q4_k_m_llamacpp.npz: llama.cpp's logits at every position of
     48 tokens. Both engines follow llama.cpp's within 5% (measured 3.5%; the same values in F32: 2.9%, the part
     that llama.cpp's own 8-bit activations make) and agree with its top token at 90% of the positions or more, the
     kernels through their decode steps too (a prompt of 48 tokens is prefilled batched in torch); the unquantized
@@ -122,12 +124,12 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
     for backend in ("kernels", "torch"):
         m = load(f"{data_dir}/tiny_q4_k_m.gguf", n_ctx=64, backend=backend)
         assert {t.qtype for t in m.ckpt.tensors.values()} == {QT.F32, QT.Q4_K, QT.Q6_K}  # as stored
-        if backend == "kernels":  # which read them as Q4_1 and Q6_K, and say so
-            assert "the kernels read Q4_K as Q4_1\n" in capsys.readouterr().err
-            assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_1, QT.Q6_K}
+        if backend == "kernels":  # which read them as they are, with nothing to say
+            assert "the kernels read" not in capsys.readouterr().err
+            assert {w.qtype for w in m.net.mats.values()} == {QT.Q4_K, QT.Q6_K}
         rel, top = distance(m)
         assert rel < 0.05 and top >= 0.9, (backend, rel, top)
-        if backend == "kernels":  # the decode steps' dot products on the re-laid Q6_K blocks
+        if backend == "kernels":  # the decode steps' dot products on the re-laid Q4_K and Q6_K blocks
             steps = np.stack([m.net.step(t, p).copy() for p, t in enumerate(ids)]).astype(np.float64)
             rel = np.linalg.norm(steps - want) / np.linalg.norm(want)
             assert rel < 0.05 and (steps.argmax(-1) == want.argmax(-1)).mean() >= 0.9, rel
@@ -137,8 +139,9 @@ def test_llamacpp_q4_k_m_file_against_llamacpp(data_dir, tmp_path, capsys):
 
 
 def test_export_q4_1_keeps_the_q4_k_blocks_as_the_kernels_read_them(data_dir, tmp_path, capsys):
-    """`export --outtype q4_1` of a Q4_K_M file writes each Q4_K matrix as the kernels' Q4_1 form of it, to the bit
-    (not re-quantized from its values: that would round it twice); Q6_K ones are quantized from their values."""
+    """`export --outtype q4_1` of a Q4_K_M file writes each Q4_K matrix as the kernels' Q4_1 form of it
+    (`converted`), to the bit (not re-quantized from its values: that would round it twice); Q6_K ones are quantized
+    from their values."""
     from engine.loader import load_checkpoint
     from tools.cli import main
     src = load_checkpoint(f"{data_dir}/tiny_q4_k_m.gguf")
@@ -148,16 +151,16 @@ def test_export_q4_1_keeps_the_q4_k_blocks_as_the_kernels_read_them(data_dir, tm
     for name, t in src.tensors.items():
         if t.qtype == QT.Q4_K:
             assert out.tensors[name].qtype == QT.Q4_1
-            np.testing.assert_array_equal(out.tensors[name].data, t.native().data)
+            np.testing.assert_array_equal(out.tensors[name].data, t.converted().data)
         elif t.qtype == QT.Q6_K:
             assert out.tensors[name].qtype == QT.Q4_1
             np.testing.assert_array_equal(out.tensors[name].data, QTensor.from_float(t.dequantize(), QT.Q4_1).data)
 
 
-def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
-    """A Q4_K block of blk.0.ffn_down with d 60000 (d * sc past 65504): the kernels read that matrix as F32 and say
-    so, the sparse path's transposed down is F32 too (its Q8_0 scales would pass 65504 as well), and an export to a
-    type that cannot hold its values stops with one line naming the tensor."""
+def test_a_file_whose_scale_products_pass_f16(data_dir, tmp_path, capsys):
+    """A Q4_K block of blk.0.ffn_down with d 60000 (d * sc past 65504): the kernels read that matrix as stored (their
+    products in float32), the sparse path's transposed down is F32 (its Q8_0 scales would pass 65504), and an export
+    to a type that cannot hold its values (Q4_1's scales) stops with one line naming the tensor."""
     import gguf
 
     from engine import kernels as K
@@ -172,9 +175,9 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
         fh.write(np.array([60000.0], np.float16).tobytes())
     m = load(str(path), n_ctx=64)
     err = capsys.readouterr().err
-    assert "the kernels read Q4_K as F32 (widened), Q4_K as Q4_1\n" in err, err
+    assert "the kernels read" not in err, err
     L = m.net.layers[0]
-    assert L.down.qtype == QT.F32 and K.transpose(L.down_src).qtype == QT.F32 and L.down_t.qtype == QT.F32
+    assert L.down.qtype == QT.Q4_K and K.transpose(L.down_src).qtype == QT.F32 and L.down_t.qtype == QT.F32
     assert np.isfinite(m.logits(list(range(2, 12))).numpy()).all()
     code = main(["export", "-m", str(path), "--format", "gguf", "--outtype", "q4_1", "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
@@ -183,12 +186,12 @@ def test_a_file_whose_converted_scales_pass_f16(data_dir, tmp_path, capsys):
 
 
 def test_transpose_reads_the_values_the_dense_path_reads(rng):
-    """The sparse path's ffn_down_t of a Q4_K ffn_down holds the Q8_0 rows of the Q4_1 values the dense path reads
-    (within 2^-11 of the file's; the kernels give them faster than gguf-py the file's)."""
+    """The sparse path's ffn_down_t of a Q4_K ffn_down holds the Q8_0 rows of the values the dense path reads, the
+    file's (the kernels give them faster than gguf-py)."""
     from engine import kernels as K
     t = random_blocks(QT.Q4_K, 64, 256, rng)
     got = K.transpose(t)
-    want = QTensor.from_float(np.ascontiguousarray(t.native().dequantize().T), QT.Q8_0)
+    want = QTensor.from_float(np.ascontiguousarray(t.dequantize().T), QT.Q8_0)
     assert (got.qtype, got.rows, got.cols) == (QT.Q8_0, 256, 64)
     np.testing.assert_array_equal(K.dequantize_rows(got, 0, 256), want.dequantize())
 

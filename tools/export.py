@@ -34,7 +34,7 @@ from engine.fingerprint import fingerprint
 from engine.loader import (GPU_INDEX_ARCH, KEY_BUNDLE_MANIFEST, KEY_BUNDLE_TENSORS, KEY_SPARSE_THRESHOLD,
                            POWERINFER_ACT, POWERINFER_SUFFIX, PWRI, Checkpoint, field_value, gpuidx_paths,
                            load_checkpoint, open_gguf, resolve)
-from engine.qtensor import QTensor
+from engine.qtensor import AS_BLOCKS, AS_NATIVE, QTensor
 from engine.tokenizer import (END_KEYS, END_NAMES, PRE_ALIASES, PRE_TOKENIZERS, TOKEN_CONTROL, TOKEN_NORMAL,
                               TOKEN_UNUSED, TOKEN_USER_DEFINED, Tokenizer)
 from tools.cli import MODEL_HELP, add_lora_args, adapters, emit_json, lora_merged
@@ -76,11 +76,13 @@ class Out:
 
     def data(self) -> np.ndarray:
         """The stored form: the source's own bytes when type and layout stay, or the kernels' form of them when it is
-        of the type (Q4_K as Q4_1, IQ4 as Q8_0: `QTensor.native`), or Q4_0, Q5_0 and Q3_K blocks as the Q8_0 blocks
-        of the same values (`QTensor.as_q8_0`), so nothing is rounded twice. Values past the range of the type's f16
-        scales: one line naming the tensor."""
+        of the type (Q4_K as Q4_1, IQ4 as Q8_0: `QTensor.converted`), or Q4_0, Q5_0 and Q3_K blocks as the Q8_0
+        blocks of the same values (`QTensor.as_q8_0`), so nothing is rounded twice. Values past the range of the
+        type's f16 scales: one line naming the tensor."""
         if not self.transpose:
-            n = self.src.native() if self.src.native_type == self.qtype else self.src
+            n = self.src
+            if self.qtype in (AS_NATIVE.get(n.qtype), AS_BLOCKS.get(n.qtype)) and len(n.shape) == 2:
+                n = n.converted()
             if self.qtype == QT.Q8_0 and n.qtype in (QT.Q4_0, QT.Q5_0, QT.Q3_K):
                 n = n.as_q8_0()
             if n.qtype == self.qtype:
