@@ -14,25 +14,26 @@ one (as separate arrays, a Q4_1 row was three runs in three places; one run made
     Q4_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)                      value = d * q + m
     Q5_0        w  u8  (rows, cols / 2)    d u16 (rows, nb)                    h u8 (rows, 4 nb)  value = d * (q - 16)
     Q5_1        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u16 (rows, nb)  h u8 (rows, 4 nb)  value = d * q + m
-    Q6_K        w  u8  (rows, cols / 2)    d u32 (rows, nb)                    h u64 (rows, nb)   value = d sc (q - 32)
-    Q3_K        w  u64 (rows, nb)          d u32 (rows, nb)                    h u8 (rows, 4 nb)  value = d sc (q - 4)
-    Q2_K        w  u64 (rows, nb)          d u32 (rows, nb)  m u16 (rows, nb)                   value = d sc q - dmin m
-    Q4_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)                 value = d sc q - dmin m
+    Q6_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)  h u64 (rows, nb)  value = d sc (q - 32)
+    Q3_K        w  u64 (rows, nb)          d u16 (rows, nb)  m u32 (rows, nb/8)  h u8 (rows, 4 nb)  value = d sc (q - 4)
+    Q2_K        w  u64 (rows, nb)          d u16 (rows, nb)  m u32 (rows, nb/8)                  value = d sc q - dmin m
+    Q4_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)                  value = d sc q - dmin m
     Q5_K        w  u8  (rows, cols / 2)    d u16 (rows, nb)  m u32 (rows, nb/8)  h u8 (rows, 4 nb)  (as Q4_K)
 
 with nb = cols / 32 blocks per row and Q4 bytes as in GGUF (byte j of a block holds element j in its low
 nibble and element j + 16 in its high nibble); Q5 adds each element's fifth bit, bit j of a block's 4 bytes of h
 (little-endian) for element j, and the kernels put it back in the block's quants as they load them (`_quants`).
-The K-quants Q6_K, Q3_K and Q2_K scale each 16 values of their 256-value super-blocks on their own; `prepare`
-re-lays them in blocks of 32 with the same values (7, 4 and 3.5 bits a weight, against 6.56, 3.44 and 2.63 in the
-file; Q8_0 copies took 8.5): d holds the two int8 sub-scales sc of a block in bytes 0 and 1 (Q2: 4-bit sc in the
-low nibbles, 4-bit mins m in the high ones) and the super-block's f16 d in bytes 2-3, so their products are
-exact; Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at bits 2 (j // 8) of byte j % 8), Q3 its
-low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h, Q2 its 2 bits from w alone, and m holds
-its super-block's f16 dmin. Q4_K and Q5_K scale each 32 values on their own with 6-bit sc and m: their quants
-are laid as Q4_1's and Q5_1's, d holds a block's sc (low byte) and m (high byte), and m the super-block's f16 d
-and dmin, once for 8 blocks (4.625 and 5.625 bits a weight, against 4.5 and 5.5; read as Q4_1 and Q5_1 they took
-5 and 6, their scale products rounded to f16).
+The K-quants' 256-value super-blocks `prepare` re-lays in blocks of 32 with the same values (`RELAYOUT`; Q8_0
+copies took 8.5 bits a weight): d holds a block's two bytes of scales and m its super-block's f16 d (low half) and
+dmin (high; 0 for Q6_K and Q3_K), once for 8 blocks, so the products of scales and d are exact in float32. Q6_K,
+Q3_K and Q2_K scale each 16 values on their own: d holds the two int8 sub-scales sc of a block (Q2: 4-bit sc in
+the low nibbles, 4-bit mins m in the high ones); Q6 takes bits 4 and 5 from a u64 of h a block (element j's two at
+bits 2 (j // 8) of byte j % 8), Q3 its low 2 bits from a u64 of w laid out alike and bit 2 from a plane of h, Q2
+its 2 bits from w alone. Q4_K and Q5_K scale each 32 values with 6-bit sc and m: their quants are laid as Q4_1's
+and Q5_1's, d holds a block's sc (low byte) and m (high byte). Bits a weight: Q6_K 6.625, Q5_K 5.625, Q4_K 4.625,
+Q3_K 3.625, Q2_K 2.625, against 6.5625, 5.5, 4.5, 3.4375 and 2.625 in the file (with d in each block of 32 Q6_K,
+Q3_K and Q2_K took 7, 4 and 3.5; Q4_K and Q5_K read as Q4_1 and Q5_1, 5 and 6, their scale products rounded to
+f16).
 
 Numba cannot type float16 and its integer arithmetic widens to int64, which LLVM will not vectorize; left to
 itself it vectorizes the loop over blocks instead of the 32 weights inside one (2-4 Gweights/s). So the work
@@ -96,14 +97,13 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q4_1: ((4, 20, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), None),
          QT.Q5_0: ((6, 22, np.uint8), (0, 2, np.uint16), None, (2, 6, np.uint8)),
          QT.Q5_1: ((8, 24, np.uint8), (0, 2, np.uint16), (2, 4, np.uint16), (4, 8, np.uint8)),
-         # K-quants of 256-value super-blocks whose sub-blocks of 16 have scales of their own, re-laid by `prepare` in
-         # blocks of 32 with the same values (`RELAYOUT`: their bytes there): two scales a block, in one u32 word
-         QT.Q6_K: ((12, 28, np.uint8), (0, 4, np.uint32), None, (4, 12, np.uint64)),
-         QT.Q3_K: ((8, 16, np.uint64), (0, 4, np.uint32), None, (4, 8, np.uint8)),
-         # Q2_K: the two scales' and mins' 4 bits in the word's two bytes, the super-block's f16 dmin in m
-         QT.Q2_K: ((6, 14, np.uint64), (0, 4, np.uint32), (4, 6, np.uint16), None),
-         # Q4_K and Q5_K, one scale and min a block of 32: their 6-bit sc and m in d (a byte each), the super-block's
-         # f16 d and dmin in m, one u32 a super-block (a part marked "super": its first block's bytes alone)
+         # the K-quants, re-laid by `prepare` in blocks of 32 with the same values (`RELAYOUT`: their bytes there):
+         # a block's two bytes of scales in d, the super-block's f16 d and dmin (0 for Q6_K and Q3_K) in m, one u32
+         # a super-block (a part marked "super": its first block's bytes alone). Q6_K, Q3_K: two int8 sub-scales
+         # (sub-blocks of 16); Q2_K: two bytes of a 4-bit scale and min; Q4_K, Q5_K: a 6-bit scale and min
+         QT.Q6_K: ((14, 30, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), (6, 14, np.uint64)),
+         QT.Q3_K: ((10, 18, np.uint64), (0, 2, np.uint16), (2, 6, np.uint32, "super"), (6, 10, np.uint8)),
+         QT.Q2_K: ((6, 14, np.uint64), (0, 2, np.uint16), (2, 6, np.uint32, "super"), None),
          QT.Q4_K: ((6, 22, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), None),
          QT.Q5_K: ((10, 26, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), (6, 10, np.uint8))}
 SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.Q4_K, QT.Q5_K)
@@ -255,21 +255,22 @@ def _splat(builder, v, n):
     return builder.shuffle_vector(vec, vec, ir.Constant(_vec(_I32, n), [0] * n))
 
 
-def _kind(qty, hty, per16: bool) -> str:
+def _kind(qty, hty) -> str:
     """A block row's format from its parts' types (the module docstring's table): "q8" (i8 quants), "q4" (u8
-    nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (per16) "q6" (nibbles and a
+    nibbles), "q5" (nibbles and a plane of fifth bits), and with two scales a block (`PER16`) "q6" (nibbles and a
     u64 of bit pairs a block), "q3" (u64 words of 2-bit quants and a plane of third bits) or "q2" (the u64 words
     alone)."""
-    if per16:
-        if qty.dtype != types.uint64:
-            return "q6"
+    if qty.dtype == types.uint64:
         return "q2" if hty is types.none else "q3"
+    if hty is not types.none and hty.dtype == types.uint64:
+        return "q6"
     if qty.dtype == types.int8:
         return "q8"
     return "q4" if hty is types.none else "q5"
 
 
 SIGNED = ("q8", "q6", "q3")  # kinds whose quants `_quants` gives as int8 values (zero points taken off)
+PER16 = ("q6", "q3", "q2")  # kinds with two scales a block (sub-blocks of 16)
 ZERO = {"q6": 32, "q3": 4}  # the value of a stored quant that stands for 0
 
 
@@ -510,20 +511,46 @@ def _min_pair(builder, raw, dmin):
     return builder.fneg(_times_f16(builder, builder.uitofp(m, _vec(_F32, 2 * raw.type.count)), dmin))
 
 
+def _f16_pair(builder, dd):
+    """<2 x f32>: the f16 numbers in the low and high halves of an i32 (a super-block's d and dmin)."""
+    pair = builder.bitcast(builder.insert_element(ir.Constant(_vec(_I32, 1), None), dd, ir.Constant(_I32, 0)),
+                           _vec(ir.IntType(16), 2))
+    return _f16_to_f32(builder, pair)
+
+
+def _times_lane(builder, v, dv, h):
+    """Float vector v times lane h of dv."""
+    n = v.type.count
+    return builder.fmul(v, builder.shuffle_vector(dv, dv, ir.Constant(_vec(_I32, n), [h] * n)), flags=_FAST)
+
+
+def _sub_scales(builder, words, dd, q2):
+    """[<16 x f32> d sc] of a Q6_K / Q3_K / Q2_K super-block's 8 blocks' halves (lane 2 j + h: block j's half h),
+    from their <8 x i16> words (the halves' int8 sub-scales, bytes 0 and 1; Q2_K: a 4-bit scale in each byte's low
+    nibble, its min in the high one) and the super-block's i32 of f16 d (low half) and dmin (high); Q2_K also
+    [<16 x f32> -dmin m]. Exact products (11 bits of d times 8 of sc)."""
+    dv = _f16_pair(builder, dd)
+    b16 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))
+    f16s = _vec(_F32, 2 * SUPER)
+    if not q2:
+        return [_times_lane(builder, builder.sitofp(b16, f16s), dv, 0)]
+    low = builder.and_(b16, ir.Constant(b16.type, [15] * 2 * SUPER))
+    high = builder.lshr(b16, ir.Constant(b16.type, [4] * 2 * SUPER))
+    return [_times_lane(builder, builder.uitofp(low, f16s), dv, 0),
+            builder.fneg(_times_lane(builder, builder.uitofp(high, f16s), dv, 1))]
+
+
 def _scale_mins(builder, words, dd):
     """(<16 x f32> d sc of a Q4_K / Q5_K super-block's 8 blocks, each over its block's two halves, <8 x f32> their
     -dmin m) from their <8 x i16> words (sc in the low byte, m in the high one) and the super-block's i32 of f16 d
     (low half) and dmin (high); exact products (11 bits of d times 6 of sc)."""
-    pair = builder.bitcast(builder.insert_element(ir.Constant(_vec(_I32, 1), None), dd, ir.Constant(_I32, 0)),
-                           _vec(ir.IntType(16), 2))
-    dv = _f16_to_f32(builder, pair)  # <2 x f32>: d, dmin
+    dv = _f16_pair(builder, dd)
     b8 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))  # sc_0, m_0, sc_1, m_1, ...
 
     def times(lanes, h):  # the bytes at lanes times d (h 0) or dmin (h 1)
         v = builder.uitofp(builder.shuffle_vector(b8, b8, ir.Constant(_vec(_I32, len(lanes)), lanes)),
                            _vec(_F32, len(lanes)))
-        return builder.fmul(v, builder.shuffle_vector(dv, dv, ir.Constant(_vec(_I32, len(lanes)), [h] * len(lanes))),
-                            flags=_FAST)
+        return _times_lane(builder, v, dv, h)
     return times([2 * (i // 2) for i in range(2 * SUPER)], 0), builder.fneg(times(list(range(1, 2 * SUPER, 2)), 1))
 
 
@@ -553,20 +580,19 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
     made them signed: 4 more instructions a block). Their rows are whole super-blocks, whose 16 scales (times x's)
     are computed together, then taken a step at a time."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
-            and _is_row(d, (types.uint16, types.uint32))
-            and (mn is types.none or _is_row(mn, (types.uint16,) if d.dtype == types.uint32 else (types.uint32,)))
+            and _is_row(d, (types.uint16,)) and (mn is types.none or _is_row(mn, (types.uint32,)))
             and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))
-            and (xl is types.none or _is_row(xl, (types.float32,) if _is_row(mn, (types.uint32,)) else (types.int32,)))):
+            and (xl is types.none or _is_row(xl, (types.float32, types.int32)))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
         qty, hty, dty, mty, xty, xdty, xlty = sig.args
         q, hb, d, mn, x, xd, xl = args
-        per16 = dty.dtype == types.uint32
-        k4 = mty is not types.none and mty.dtype == types.uint32  # Q4_K, Q5_K: a scale and min a block
-        kind = _kind(qty, hty, per16)
-        supers = per16 or k4  # rows of whole super-blocks, their scales computed once for 8 blocks
+        supers = mty is not types.none  # K-quants: rows of whole super-blocks, their scales once for 8 blocks
+        kind = _kind(qty, hty)
+        per16 = kind in PER16
+        k4 = supers and not per16  # Q4_K, Q5_K: a scale and min a block
         nb = context.make_array(dty)(context, builder, d).nitems
         one = ir.Constant(nb.type, 1)
         n = 1 if exact or ISA != "vnni512" else 2  # blocks a step
@@ -578,17 +604,15 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
         def super_scales(b):  # <16 x f32> the scales of blocks b..b+7's halves, and (Q2) their mins, or None; times
             # x's block scales unless exact
             words = _load(context, builder, dty, d, b, SUPER)
+            dd = builder.load(_ptr(context, builder, mty, mn, builder.lshr(b, ir.Constant(b.type, 3))))
             if k4:
-                sc, mv = _scale_mins(builder, words, builder.load(_ptr(context, builder, mty, mn, builder.lshr(
-                    b, ir.Constant(b.type, 3)))))
+                sc, mv = _scale_mins(builder, words, dd)
                 out = [sc]
                 sums = _load(context, builder, xlty, xl, b, SUPER)
                 builder.store(builder.fadd(builder.load(mins), builder.fmul(mv, sums, flags=_FAST), flags=_FAST),
                               mins)
             else:
-                out = [_scale_pair(builder, words, kind == "q2")]
-            if kind == "q2":
-                out.append(_min_pair(builder, words, _load(context, builder, mty, mn, b, SUPER)))
+                out = _sub_scales(builder, words, dd, kind == "q2")
             if not exact:
                 xs = _load(context, builder, xdty, xd, b, SUPER)
                 xs = builder.shuffle_vector(xs, xs, ir.Constant(_vec(_I32, 2 * SUPER), [
@@ -729,7 +753,7 @@ def _axpy_block(typingctx, q, hb, b, scale, word, offset, out):
     def codegen(context, builder, sig, args):
         qty, hty, _, _, wty, offty, oty = sig.args
         q, hb, b, scale, word, offset, out = args
-        kind = _kind(qty, hty, wty is not types.none)
+        kind = _kind(qty, hty)
         qv = _extend(builder, kind in SIGNED, _quants(context, builder, kind, qty, q, b, 1, hty, hb),
                      _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
@@ -835,14 +859,25 @@ def _dense(W):
     return isinstance(W[1], types.NoneType)
 
 
+def _super(W):
+    """The K-quants (SUPER_TYPES): m a u32 a super-block."""
+    return not isinstance(W[2], types.NoneType) and W[2].dtype == types.uint32
+
+
 def _per16(W):
-    """Two scales a block (Q6_K, Q3_K, Q2_K): d u32."""
-    return W[1].dtype == types.uint32
+    """Two scales a block (Q6_K, Q3_K, Q2_K): a K-quant whose quants are u64 words or whose high bits are."""
+    return _super(W) and (W[0].dtype == types.uint64 or (not isinstance(W[3], types.NoneType)
+                                                          and W[3].dtype == types.uint64))
+
+
+def _q2(W):
+    """Q2_K: u64 words of quants and no high bits."""
+    return W[0].dtype == types.uint64 and isinstance(W[3], types.NoneType)
 
 
 def _k4(W):
-    """A scale and min a block, d and dmin a super-block (Q4_K, Q5_K): m u32."""
-    return not isinstance(W[2], types.NoneType) and W[2].dtype == types.uint32
+    """A scale and min a block, d and dmin a super-block (Q4_K, Q5_K)."""
+    return _super(W) and not _per16(W)
 
 
 def _row_dot(W, r, x, X, exact):
@@ -881,15 +916,15 @@ def _block_min_impl(W, m, b, db):
     return lambda W, m, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
 
 
-def _min_of(m, b):
-    """m[b], Q2_K's f16 dmin bits, or float32 0 where m is None (Q6_K, Q3_K): `_axpy_block`'s offset."""
+def _dmin_of(W, dd):
+    """Q2_K's f16 dmin bits from a super-block's u32 dd, or float32 0 (Q6_K, Q3_K): `_axpy_block`'s offset."""
 
 
-@overload(_min_of, inline="always")
-def _min_of_impl(m, b):
-    if isinstance(m, types.NoneType):
-        return lambda m, b: np.float32(0.0)
-    return lambda m, b: m[b]
+@overload(_dmin_of, inline="always")
+def _dmin_of_impl(W, dd):
+    if _q2(W):
+        return lambda W, dd: np.uint16(dd >> 16)
+    return lambda W, dd: np.float32(0.0)
 
 
 @overload(_part_row, inline="always")
@@ -912,7 +947,7 @@ def _row_dot_impl(W, r, x, X, exact):
         return split
     if _per16(W):  # no offset terms: the zero points (and Q2_K's mins) are in the dot products (`_dot_row`)
         def halves(W, r, x, X, exact):
-            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
             if exact:
                 return _dot_row(wr, hr, d, m, x, X[2], None)
             return _dot_row(wr, hr, d, m, X[1], X[2], X[4])
@@ -942,11 +977,13 @@ def _row_axpy_impl(W, r, s, out):
                 out[c] += s * _widen(wr[c])
         return dense
 
-    if _per16(W):
+    if _per16(W):  # each block's two scale bytes and d as one u32 scale word (`_scale_pair`)
         def halves(W, r, s, out):
-            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
-            for b in range(d.size):
-                _axpy_block(wr, hr, b, s, d[b], _min_of(m, b), out)
+            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
+            for t in range(m.size):
+                d16, dmin = (m[t] & 0xFFFF) << 16, _dmin_of(W, m[t])
+                for b in range(SUPER * t, SUPER * t + SUPER):
+                    _axpy_block(wr, hr, b, s, np.uint32(d[b] | d16), dmin, out)
         return halves
 
     if _k4(W):  # each block as a Q4_1 / Q5_1 block of scale d sc and offset -dmin m (exact products)
@@ -1498,38 +1535,39 @@ def _put_pairs(out, r, o, src, i, start, shift):
 
 @njit(**_CONVERTING)
 def _k_q6_k_blocks(src, src16, out, out16):
-    """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 28)
-    blocks as PARTS lays Q6_K: the scale word (sc_2k, sc_2k+1, d), a u64 of the quants' bits 4-5 (element e's at
-    bits 2 (e // 8) of byte e % 8), their nibbles as Q4's. Value 32 p + j of half h (ggml's dequantize_row_q6_K
-    order) is element j of block k = 4 h + p: the nibble of byte 64 h + 32 (p % 2) + j (its high one for p >= 2),
-    bits 2 p of byte 128 + 32 h + j above it; its scale is sc_(2 k + j // 16)."""
+    """(n, 210) Q6_K super-blocks (128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d) -> (8 n, 30)
+    blocks as PARTS lays Q6_K: sc_2k, sc_2k+1, the u32 of d (and a dmin of 0), a u64 of the quants' bits 4-5
+    (element e's at bits 2 (e // 8) of byte e % 8), their nibbles as Q4's. Value 32 p + j of half h (ggml's
+    dequantize_row_q6_K order) is element j of block k = 4 h + p: the nibble of byte 64 h + 32 (p % 2) + j (its high
+    one for p >= 2), bits 2 p of byte 128 + 32 h + j above it; its scale is sc_(2 k + j // 16)."""
     for i in prange(src.shape[0]):
         for k in range(8):
             h, p, r = k // 4, k % 4, 8 * i + k
-            out[r, 0], out[r, 1], out16[r, 1] = src[i, 192 + 2 * k], src[i, 193 + 2 * k], src16[i, 104]
+            out[r, 0], out[r, 1] = src[i, 192 + 2 * k], src[i, 193 + 2 * k]
+            out16[r, 1], out16[r, 2] = src16[i, 104], 0
             top = np.zeros(8, np.int64)
             for j in range(32):
                 nib = (np.int64(src[i, 64 * h + 32 * (p % 2) + j]) >> (4 * (p // 2))) & 15
                 top[j % 8] |= ((np.int64(src[i, 128 + 32 * h + j]) >> (2 * p)) & 3) << (2 * (j // 8))
                 if j < 16:
-                    out[r, 12 + j] = np.uint8(nib)
+                    out[r, 14 + j] = np.uint8(nib)
                 else:
-                    out[r, j - 4] |= np.uint8(nib << 4)
+                    out[r, j - 2] |= np.uint8(nib << 4)
             for t in range(8):
-                out[r, 4 + t] = np.uint8(top[t])
+                out[r, 6 + t] = np.uint8(top[t])
 
 
 @njit(**_CONVERTING)
 def _k_q3_k_blocks(src, src16, out, out16):
-    """(n, 110) Q3_K super-blocks (32 bytes of high bits, 64 of 2-bit quants, 12 of sixteen 6-bit scales, d) ->
-    (8 n, 16) blocks as PARTS lays Q3_K: the scale word (sc_2k - 32, sc_2k+1 - 32, d), the plane of the quants'
-    third bits, a u64 of their low 2 bits (element e at bits 2 (e // 8) of byte e % 8). Element 16 s + l of block
-    k = 4 h + j (sub-block t = 2 k + s): bits 2 j of quant byte 32 + 32 h + 16 s + l, third bit bit k of byte
+    """(n, 110) Q3_K super-blocks (32 bytes of high bits, 64 of 2-bit quants, 12 of sixteen 6-bit scales, d) -> (8
+    n, 18) blocks as PARTS lays Q3_K: sc_2k - 32, sc_2k+1 - 32, the u32 of d (and a dmin of 0), the plane of the
+    quants' third bits, a u64 of their low 2 bits (element e at bits 2 (e // 8) of byte e % 8). Element 16 s + l of
+    block k = 4 h + j (sub-block t = 2 k + s): bits 2 j of quant byte 32 + 32 h + 16 s + l, third bit bit k of byte
     16 s + l (value d (sc_t - 32) (q - 4), sc_t from `_q3_scale`)."""
     for i in prange(src.shape[0]):
         for k in range(8):
             h, j, r = k // 4, k % 4, 8 * i + k
-            out16[r, 1] = src16[i, 54]
+            out16[r, 1], out16[r, 2] = src16[i, 54], 0
             plane = np.int64(0)
             for s in range(2):
                 t = 2 * k + s
@@ -1538,16 +1576,16 @@ def _k_q3_k_blocks(src, src16, out, out16):
                 for l in range(16):
                     e = 16 * s + l
                     plane |= ((np.int64(src[i, e]) >> k) & 1) << e
-            _put_bits(out, r, 4, 4, plane)
-            _put_pairs(out, r, 8, src, i, 32 + 32 * h, 2 * j)
+            _put_bits(out, r, 6, 4, plane)
+            _put_pairs(out, r, 10, src, i, 32 + 32 * h, 2 * j)
 
 
 @njit(**_CONVERTING)
 def _k_q2_k_blocks(src, src16, out, out16):
-    """(n, 84) Q2_K super-blocks (16 bytes of sub-block scales (low 4 bits) and mins (high 4), 64 of 2-bit quants, d,
-    dmin) -> (8 n, 14) blocks as PARTS lays Q2_K: the scale word (the sub-blocks' bytes 2 k and 2 k + 1 as they are,
-    d), dmin, a u64 of the quants (element e at bits 2 (e // 8) of byte e % 8). Element e of block k = 4 h + j is
-    bits 2 j of quant byte 16 + 32 h + e (value d sc q - dmin m of its sub-block 2 k + e // 16)."""
+    """(n, 84) Q2_K super-blocks (16 bytes of sub-block scales (low 4 bits) and mins (high 4), 64 of 2-bit quants,
+    d, dmin) -> (8 n, 14) blocks as PARTS lays Q2_K: the sub-blocks' bytes 2 k and 2 k + 1 as they are, d, dmin, a
+    u64 of the quants (element e at bits 2 (e // 8) of byte e % 8). Element e of block k = 4 h + j is bits 2 j of
+    quant byte 16 + 32 h + e (value d sc q - dmin m of its sub-block 2 k + e // 16)."""
     for i in prange(src.shape[0]):
         for k in range(8):
             h, j, r = k // 4, k % 4, 8 * i + k
@@ -1593,7 +1631,7 @@ def _k_q5_k_blocks(src, src16, out, out16):
             _put_bits(out, r, 6, 4, high)
 
 
-RELAYOUT = {QT.Q6_K: (28, _k_q6_k_blocks), QT.Q3_K: (16, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks),
+RELAYOUT = {QT.Q6_K: (30, _k_q6_k_blocks), QT.Q3_K: (18, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks),
             QT.Q4_K: (22, _k_q4_k_blocks), QT.Q5_K: (26, _k_q5_k_blocks)}
 # type -> (bytes a block of 32, kernel)
 
