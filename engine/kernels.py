@@ -3,10 +3,10 @@ transposed matrix, and the fused sparse FFN of the decode path.
 
 Decode is memory-bandwidth bound, so weights stay in their stored formats (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0,
 Q5_1; the K-quants Q6_K, Q5_K, Q4_K, Q3_K and Q2_K in blocks of 32, below). `prepare` only regroups each row's
-blocks into parts, which costs no extra bytes: a block type's parts (`PARTS`) are views of the columns of one
-buffer, so a row is one run of bytes (quants, scales, ...), and a scattered row of the sparse FFN is fetched as
-one (as separate arrays, a Q4_1 row was three runs in three places; one run made a 49152 x 576 Q4_1 matvec 537 ->
-465 us, Q5_0 634 -> 555 us, on 2 threads):
+blocks into parts, which costs no extra bytes (the K-quants' scales a few, below): a block type's parts (`PARTS`)
+are views of the columns of one buffer, so a row is one run of bytes (quants, scales, ...), and a scattered row of
+the sparse FFN is fetched as one (as separate arrays, a Q4_1 row was three runs in three places; one run made a
+49152 x 576 Q4_1 matvec 537 -> 465 us, Q5_0 634 -> 555 us, on 2 threads):
 
     F32 / F16   w  f32 | u16 (f16 bits)  (rows, cols)
     Q8_0        w  i8  (rows, cols)        d u16 (rows, nb)                                        value = d * q
@@ -1612,7 +1612,8 @@ def _k_q4_k_blocks(src, src16, out, out16):
 @njit(**_CONVERTING)
 def _k_q5_k_blocks(src, src16, out, out16):
     """(n, 176) Q5_K super-blocks -> (8 n, 26) blocks as PARTS lays Q5_K: Q4_K's scale, min, d and dmin, the plane of
-    the quants' fifth bits and their nibbles as a Q5_1 block's (`_k_q5_k_as_q5_1`'s)."""
+    the quants' fifth bits and their nibbles as a Q5_1 block's: value j of sub-block k takes the nibble of byte 48 +
+    32 (k // 2) + j (low for even k) and bit k of high byte 16 + j."""
     for i in prange(src.shape[0]):
         for k in range(8):
             sc, m = _scale_min(src[i, 4:16], k)
@@ -1634,31 +1635,6 @@ def _k_q5_k_blocks(src, src16, out, out16):
 RELAYOUT = {QT.Q6_K: (30, _k_q6_k_blocks), QT.Q3_K: (18, _k_q3_k_blocks), QT.Q2_K: (14, _k_q2_k_blocks),
             QT.Q4_K: (22, _k_q4_k_blocks), QT.Q5_K: (26, _k_q5_k_blocks)}
 # type -> (bytes a block of 32, kernel)
-
-
-@njit(**_CONVERTING)
-def _k_q5_k_as_q5_1(src, src16, out, out16):
-    """(n, 176) Q5_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins as Q4_K's, 32 bytes of high bits, 128
-    of low nibbles) -> (8 n, 24) Q5_1 blocks: sub-block k's 32 values d sc_k q - dmin m_k are the Q5_1 block of
-    scale d sc_k and offset -dmin m_k, both rounded to f16, as Q4_K's become Q4_1's. Value j of sub-block k takes
-    the nibble of byte 48 + 32 (k // 2) + j (low for even k) and bit k of high byte 16 + j."""
-    for i in prange(src.shape[0]):
-        d, dmin = _widen(src16[i, 0]), _widen(src16[i, 1])
-        for k in range(8):
-            sc, m = _scale_min(src[i, 4:16], k)
-            r = 8 * i + k
-            out16[r, 0] = _stored(d * np.float32(sc), out16)
-            out16[r, 1] = _stored(-(dmin * np.float32(m)), out16)
-            high = np.int64(0)
-            for j in range(32):
-                lo = np.int64(src[i, 48 + 32 * (k // 2) + j])
-                q = (lo >> 4) if k % 2 else (lo & 15)
-                high |= ((np.int64(src[i, 16 + j]) >> k) & 1) << j
-                if j < 16:  # Q5_1 byte 8 + j: values j and j + 16
-                    out[r, 8 + j] = np.uint8(q)
-                else:
-                    out[r, j - 8] |= np.uint8(q << 4)
-            _put_bits(out, r, 4, 4, high)
 
 
 _IQ4 = np.array(quants.IQ4_NL.kvalues, np.int32)  # IQ4_NL's and IQ4_XS's 16 values of a nibble (int8)
@@ -1696,7 +1672,7 @@ def _k_iq4_xs_as_q8_0(src, src16, out, out16):
             _iq4_quants(src, i, 8 + 16 * k, out, 8 * i + k)
 
 
-CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.Q5_K: (8, _k_q5_k_as_q5_1), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0),
+CONVERT = {QT.Q4_K: (8, _k_q4_k_as_q4_1), QT.IQ4_NL: (1, _k_iq4_nl_as_q8_0),
            QT.IQ4_XS: (8, _k_iq4_xs_as_q8_0), QT.Q3_K: (8, _k_q3_k_as_q8_0)}
 # type -> (blocks out per block in, kernel); the type each becomes: `QTensor.native` (Q3_K's Q8_0 blocks of the
 # same values: `QTensor.as_q8_0`, for export)

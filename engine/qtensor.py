@@ -20,9 +20,9 @@ NATIVE_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.
 # block types whose values a native type holds: IQ4_NL's table of int8 values fits in Q8_0's int8 (the same
 # values), IQ4_XS's sub-blocks are IQ4_NL blocks (their scale d * (ls - 32) rounded to f16)
 AS_NATIVE = {QT.IQ4_NL: QT.Q8_0, QT.IQ4_XS: QT.Q8_0}
-# what an export to Q4_1 or Q5_1 writes of Q4_K and Q5_K (`QTensor.converted`): their 32-value sub-blocks are Q4_1
-# and Q5_1 blocks (scale d * sc and offset -dmin * m rounded to f16, within 2^-11 of them)
-AS_BLOCKS = {QT.Q4_K: QT.Q4_1, QT.Q5_K: QT.Q5_1}
+# what an export to Q4_1 writes of Q4_K (`QTensor.converted`): its 32-value sub-blocks are Q4_1 blocks (scale d * sc
+# and offset -dmin * m rounded to f16, within 2^-11 of them)
+AS_BLOCKS = {QT.Q4_K: QT.Q4_1}
 # byte offsets of the f16 numbers in each block that scale its values (every value is one of them times or plus
 # small numbers): d (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, the IQ and TQ types), d and m or dmin (Q4_1, Q5_1, Q4_K, Q5_K,
 # Q2_K); `finite` reads these, and the values of types not here
@@ -94,11 +94,11 @@ class QTensor:
         return QT.F32 if len(self.shape) != 2 or self.shape[1] % 32 else AS_NATIVE.get(self.qtype, QT.Q8_0)
 
     def native(self, rows: int = 4096) -> QTensor:
-        """This tensor in one of NATIVE_TYPES: itself if it is one; an AS_NATIVE type as its native type; any other
-        block type (Q2_K, IQ3_S, ...) re-quantized to Q8_0 from its values; F32 where that cannot be (not a matrix,
-        or rows not whole 32-value blocks, or a scale of the result past f16's range, not the source's). The kernels
-        convert IQ4_NL and IQ4_XS (`converted`); the other types go through gguf-py's dequantization, `rows` rows at
-        a time."""
+        """This tensor in one of NATIVE_TYPES: itself if it is one (of any shape); an AS_NATIVE type as its native
+        type; any other block type (IQ3_S, IQ2_XS, ...) re-quantized to Q8_0 from its values; F32 where that cannot
+        be (not a matrix, or rows not whole 32-value blocks, or a scale of the result past f16's range, not the
+        source's). The kernels convert IQ4_NL and IQ4_XS (`converted`); the other types go through gguf-py's
+        dequantization, `rows` rows at a time."""
         qtype = self.native_type
         if qtype == self.qtype:
             return self

@@ -375,9 +375,9 @@ def test_super_types(qtype, rng):
     """Q6_K, Q3_K and Q2_K, re-laid in blocks of 32 with two scales each (Q2_K: and two mins), Q4_K and Q5_K with a
     scale and min each, all with the super-block's d (and dmin) once: the values gguf-py dequantizes (to the bit but
     for a zero's sign) (the axpy path reads them), in 6.625, 3.625, 2.625, 4.625 and 5.625 bits a weight (6.5625,
-    3.4375, 2.625, 4.5 and 5.5 stored); matvec exact, and with int8 x against the emulated int8 x at float32 rounding; row
-    subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate, up and down are of the type, through down_t
-    (sparse) and through the stored down (dense)."""
+    3.4375, 2.625, 4.5 and 5.5 stored); matvec exact, and with int8 x against the emulated int8 x at float32
+    rounding; row subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate, up and down are of the type,
+    through down_t (sparse) and through the stored down (dense)."""
     qt = super_source(rng, 37, 512, qtype)
     w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
     block = {QT.Q6_K: 26.5, QT.Q3_K: 14.5, QT.Q2_K: 10.5, QT.Q4_K: 18.5, QT.Q5_K: 22.5}[qtype]  # bytes a block of 32
