@@ -956,16 +956,28 @@ def _row_dot_impl(W, r, x, X, exact):
     def blocks(W, r, x, X, exact):
         wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
         xs, xq, xd, xqs, _ = X
-        off = np.float32(0.0)  # sum_b m_b * sum(x_b)
-        # one loop per path, not one loop over `xs if exact else xqs`: that form made matvec 1.2-1.5x slower
         if exact:
-            for b in range(d.size):
-                off += _block_min(W, m, b, _widen(d[b])) * xs[b]
-            return _dot_row(wr, _part_row(W[3], r), d, None, x, xd, None) + off
-        for b in range(d.size):
-            off += _block_min(W, m, b, _widen(d[b])) * xqs[b]
-        return _dot_row(wr, _part_row(W[3], r), d, None, xq, xd, None) + off
+            return _dot_row(wr, _part_row(W[3], r), d, None, x, xd, None) + _offsets(W, d, m, xs)
+        return _dot_row(wr, _part_row(W[3], r), d, None, xq, xd, None) + _offsets(W, d, m, xqs)
     return blocks
+
+
+def _offsets(W, d, m, sums):
+    """sum_b (block b's offset, `_block_min`) * sums[b] over a row of a block type W (d, m its scales and offsets),
+    through `_dot`: one summation order in every compiled copy of a kernel. (A plain loop with the kernels'
+    fast-math was vectorized as LLVM saw fit, and a compiling run's copy of the attention's o-projection summed it
+    otherwise than the cached copy: their logits differed in the last bits from position 1 on, on an AVX-512 host.)"""
+
+
+@overload(_offsets, inline="always")
+def _offsets_impl(W, d, m, sums):
+    if not isinstance(W[2], types.NoneType):  # Q4_1, Q5_1: the stored offsets
+        return lambda W, d, m, sums: _dot(sums, m, d.size)
+    if not isinstance(W[3], types.NoneType):  # Q5_0: -16 d
+        return lambda W, d, m, sums: np.float32(-16.0) * _dot(sums, d, d.size)
+    if W[0].dtype == types.uint8:  # Q4_0: -8 d
+        return lambda W, d, m, sums: np.float32(-8.0) * _dot(sums, d, d.size)
+    return lambda W, d, m, sums: np.float32(0.0)  # Q8_0
 
 
 @overload(_row_axpy, inline="always")
