@@ -38,8 +38,8 @@ def test_native_holds_the_values(qtype, rng):
     others (through gguf-py, 5 rows at a time) Q8_0 re-quantized, within half a Q8_0 step and 127 times the f16
     rounding of its scale. Q4_K, which the kernels read as stored, converts (`converted`: export --outtype q4_1) to
     Q4_1 within the f16 rounding of its scale products (2^-11 of each term, so within 2^-9 of a 32-value block's
-    largest value). f16 rounds within 2^-11 of a value, and within 2^-25 below 2^-14
-    (subnormals), hence the absolute terms."""
+    largest value). f16 rounds within 2^-11 of a value, and within 2^-25 below 2^-14 (subnormals), hence the
+    absolute terms."""
     rows, cols = 13, 768
     t = random_blocks(qtype, rows, cols, rng)
     ref = quants.dequantize(t.data, qtype).reshape(rows, cols).astype(np.float64)
