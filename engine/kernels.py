@@ -304,7 +304,7 @@ def _quants(context, builder, kind, qty, q, b, n=1, hty=types.none, hb=None, sig
     with 16 added where the plane of fifth bits (hb, 4 bytes a block) sets the element's bit; Q6's with bits 4 and
     5 from hb's u64 a block (element j's at bits 2 (j // 8) of byte j % 8), less 32; Q3's 2-bit quants (the same
     layout, in q's u64 words) with 4 from a plane, less 4 (signed False: Q6's and Q3's as stored, 0..63, 0..7);
-    Q2's 2-bit quants as Q3's, 0..3 (no zero point: its mins are apart, `_min_pair`)."""
+    Q2's 2-bit quants as Q3's, 0..3 (no zero point: its mins are apart, `_sub_scales`)."""
     if kind == "q8":
         return _load(context, builder, qty, q, builder.mul(b, ir.Constant(b.type, BLOCK)), BLOCK * n)
     i8s = _vec(ir.IntType(8), BLOCK * n)
@@ -476,41 +476,6 @@ def _i16_dot(builder, signed, qv, xv, per16=False, init=None):
     return builder.add(builder.shuffle_vector(a, b, lanes(0)), builder.shuffle_vector(a, b, lanes(8)))
 
 
-def _sub_bytes(builder, raw):
-    """<2 k x i8>: bytes 0 and 1 of each of <k x i32> scale words."""
-    k = raw.type.count
-    return builder.shuffle_vector(*[builder.bitcast(raw, _vec(ir.IntType(8), 4 * k))] * 2, ir.Constant(
-        _vec(_I32, 2 * k), [4 * (i // 2) + i % 2 for i in range(2 * k)]))
-
-
-def _times_f16(builder, v, f16):
-    """<2 k x f32> v times <k x i16> f16 numbers, each over two lanes."""
-    k = f16.type.count
-    f = _f16_to_f32(builder, f16)
-    return builder.fmul(v, builder.shuffle_vector(f, f, ir.Constant(_vec(_I32, 2 * k), [i // 2 for i in range(2 * k)])),
-                        flags=_FAST)
-
-
-def _scale_pair(builder, raw, low4=False):
-    """<2 k x f32> from <k x i32> blocks' scale words (per-16 kinds): d sc_0, d sc_1 of each, sc_h the int8 in byte h
-    (low4, Q2_K: its low 4 bits) and d the f16 in bytes 2-3 (products exact in f32: 11 bits of d times 8 of sc)."""
-    k = raw.type.count
-    sub = _sub_bytes(builder, raw)
-    if low4:
-        sub = builder.and_(sub, ir.Constant(sub.type, [15] * 2 * k))
-    halves = builder.bitcast(raw, _vec(ir.IntType(16), 2 * k))
-    d = builder.shuffle_vector(halves, halves, ir.Constant(_vec(_I32, k), [2 * i + 1 for i in range(k)]))
-    return _times_f16(builder, builder.sitofp(sub, _vec(_F32, 2 * k)), d)
-
-
-def _min_pair(builder, raw, dmin):
-    """<2 k x f32>: -dmin m_0, -dmin m_1 of <k x i32> Q2_K scale words and their <k x i16> f16 dmins, m_h the high 4
-    bits of byte h: what each half's values have added (exact products)."""
-    m = builder.lshr(_sub_bytes(builder, raw), ir.Constant(_vec(ir.IntType(8), 2 * raw.type.count),
-                                                           [4] * 2 * raw.type.count))
-    return builder.fneg(_times_f16(builder, builder.uitofp(m, _vec(_F32, 2 * raw.type.count)), dmin))
-
-
 def _f16_pair(builder, dd):
     """<2 x f32>: the f16 numbers in the low and high halves of an i32 (a super-block's d and dmin)."""
     pair = builder.bitcast(builder.insert_element(ir.Constant(_vec(_I32, 1), None), dd, ir.Constant(_I32, 0)),
@@ -525,33 +490,35 @@ def _times_lane(builder, v, dv, h):
 
 
 def _sub_scales(builder, words, dd, q2):
-    """[<16 x f32> d sc] of a Q6_K / Q3_K / Q2_K super-block's 8 blocks' halves (lane 2 j + h: block j's half h),
-    from their <8 x i16> words (the halves' int8 sub-scales, bytes 0 and 1; Q2_K: a 4-bit scale in each byte's low
+    """[<2 k x f32> d sc] of k blocks' halves of a Q6_K / Q3_K / Q2_K super-block (lane 2 j + h: block j's half h),
+    from their <k x i16> words (the halves' int8 sub-scales, bytes 0 and 1; Q2_K: a 4-bit scale in each byte's low
     nibble, its min in the high one) and the super-block's i32 of f16 d (low half) and dmin (high); Q2_K also
-    [<16 x f32> -dmin m]. Exact products (11 bits of d times 8 of sc)."""
+    [<2 k x f32> -dmin m]. Exact products (11 bits of d times 8 of sc)."""
+    k = words.type.count
     dv = _f16_pair(builder, dd)
-    b16 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))
-    f16s = _vec(_F32, 2 * SUPER)
+    b16 = builder.bitcast(words, _vec(ir.IntType(8), 2 * k))
+    f16s = _vec(_F32, 2 * k)
     if not q2:
         return [_times_lane(builder, builder.sitofp(b16, f16s), dv, 0)]
-    low = builder.and_(b16, ir.Constant(b16.type, [15] * 2 * SUPER))
-    high = builder.lshr(b16, ir.Constant(b16.type, [4] * 2 * SUPER))
+    low = builder.and_(b16, ir.Constant(b16.type, [15] * 2 * k))
+    high = builder.lshr(b16, ir.Constant(b16.type, [4] * 2 * k))
     return [_times_lane(builder, builder.uitofp(low, f16s), dv, 0),
             builder.fneg(_times_lane(builder, builder.uitofp(high, f16s), dv, 1))]
 
 
 def _scale_mins(builder, words, dd):
-    """(<16 x f32> d sc of a Q4_K / Q5_K super-block's 8 blocks, each over its block's two halves, <8 x f32> their
-    -dmin m) from their <8 x i16> words (sc in the low byte, m in the high one) and the super-block's i32 of f16 d
+    """(<2 k x f32> d sc of k blocks of a Q4_K / Q5_K super-block, each over its block's two halves, <k x f32> their
+    -dmin m) from their <k x i16> words (sc in the low byte, m in the high one) and the super-block's i32 of f16 d
     (low half) and dmin (high); exact products (11 bits of d times 6 of sc)."""
+    k = words.type.count
     dv = _f16_pair(builder, dd)
-    b8 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))  # sc_0, m_0, sc_1, m_1, ...
+    b8 = builder.bitcast(words, _vec(ir.IntType(8), 2 * k))  # sc_0, m_0, sc_1, m_1, ...
 
     def times(lanes, h):  # the bytes at lanes times d (h 0) or dmin (h 1)
         v = builder.uitofp(builder.shuffle_vector(b8, b8, ir.Constant(_vec(_I32, len(lanes)), lanes)),
                            _vec(_F32, len(lanes)))
         return _times_lane(builder, v, dv, h)
-    return times([2 * (i // 2) for i in range(2 * SUPER)], 0), builder.fneg(times(list(range(1, 2 * SUPER, 2)), 1))
+    return times([2 * (i // 2) for i in range(2 * k)], 0), builder.fneg(times(list(range(1, 2 * k, 2)), 1))
 
 
 @intrinsic
@@ -568,10 +535,10 @@ def _stored(typingctx, v, a):
 def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
     Q3 and Q2 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits)
-    a block, or u32 two a block (`_scale_pair`); mn None, or Q2_K's f16 dmins (each half's min, `_min_pair`, times
-    the sum of x over it: over each lane's 4 values of x, xl, with int x); or (Q4_K, Q5_K) d a block's u16 of sc and
-    m and mn a super-block's u32 of f16 d and dmin (`_scale_mins`), the mins times xl, x's float32 block sums. x
-    f32, or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two,
+    a block; mn None, or (K-quants) a super-block's u32 of f16 d and dmin, with d a block's two scale bytes
+    (`_sub_scales`: Q6_K, Q3_K, Q2_K, whose Q2_K mins of each half multiply x's sum over it: over each lane's 4
+    values of x, xl, with int x; `_scale_mins`: Q4_K, Q5_K, whose mins multiply xl, x's float32 block sums). x f32,
+    or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two,
     alternating blocks) and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step
     takes two blocks in 512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns,
     of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block goes alone. Per-16 kinds with int x take their
@@ -743,33 +710,33 @@ def _dot(typingctx, a, b, n):
 @intrinsic
 def _axpy_block(typingctx, q, hb, b, scale, word, offset, out):
     """out[32 b + j] += scale * q_j + offset for the 32 quants of block b of row q (hb: its high bits, or None);
-    word None, or the block's u32 scale word (per-16 kinds, `_kind`): then scale times the word's scale of each half
-    (`_scale_pair`), and offset float32 0, or Q2's f16 dmin (uint16): then scale times each half's min
-    (`_min_pair`)."""
+    word None, or a K-quant block's u16 of scale bytes with offset its super-block's u32 of f16 d and dmin: then
+    scale times each half's d sc, plus scale times each half's -dmin m (Q2_K, Q4_K, Q5_K), decoded as the dot
+    products decode them (`_sub_scales`, `_scale_mins`)."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb) and _is_row(out, (types.float32,))
-            and word in (types.none, types.uint32) and offset in (types.float32, types.uint16)):
+            and (word, offset) in ((types.none, types.float32), (types.uint16, types.uint32))):
         return None
 
     def codegen(context, builder, sig, args):
-        qty, hty, _, _, wty, offty, oty = sig.args
+        qty, hty, _, _, wty, _, oty = sig.args
         q, hb, b, scale, word, offset, out = args
         kind = _kind(qty, hty)
         qv = _extend(builder, kind in SIGNED, _quants(context, builder, kind, qty, q, b, 1, hty, hb),
                      _vec(_F32, BLOCK))
         i = builder.mul(b, ir.Constant(b.type, BLOCK))
         ov = _load(context, builder, oty, out, i, BLOCK)
-        sv, offv = _splat(builder, scale, BLOCK), _splat(builder, offset, BLOCK) if offty == types.float32 else None
-        if wty is not types.none:
-            def one(v, ty):
-                return builder.insert_element(ir.Constant(_vec(ty, 1), None), v, ir.Constant(_I32, 0))
-
-            def halves(pair):  # <32 x f32>: lanes 0-15 pair[0], 16-31 pair[1], times scale
-                return builder.fmul(sv, builder.shuffle_vector(pair, pair, ir.Constant(
-                    _vec(_I32, BLOCK), [i // 16 for i in range(BLOCK)])), flags=_FAST)
-            w1 = one(word, _I32)
-            if offv is None:
-                offv = halves(_min_pair(builder, w1, one(offset, ir.IntType(16))))
-            sv = halves(_scale_pair(builder, w1, kind == "q2"))
+        sv = _splat(builder, scale, BLOCK)
+        if wty is types.none:
+            offv = _splat(builder, offset, BLOCK)
+        else:
+            def halves(v):  # <32 x f32>: v's 2 (or 1) lanes over the block's halves, times scale
+                return builder.fmul(sv, builder.shuffle_vector(v, v, ir.Constant(
+                    _vec(_I32, BLOCK), [i * v.type.count // BLOCK for i in range(BLOCK)])), flags=_FAST)
+            w1 = builder.insert_element(ir.Constant(_vec(ir.IntType(16), 1), None), word, ir.Constant(_I32, 0))
+            pairs = (_sub_scales(builder, w1, offset, kind == "q2") if kind in PER16 else
+                     _scale_mins(builder, w1, offset))
+            offv = halves(pairs[1]) if len(pairs) > 1 else ir.Constant(_vec(_F32, BLOCK), None)
+            sv = halves(pairs[0])
         upd = builder.fadd(builder.fmul(qv, sv, flags=_FAST), offv, flags=_FAST)
         p = _ptr(context, builder, oty, out, i)
         builder.store(builder.fadd(ov, upd, flags=_FAST), builder.bitcast(p, ov.type.as_pointer()), align=1)
@@ -870,11 +837,6 @@ def _per16(W):
                                                           and W[3].dtype == types.uint64))
 
 
-def _q2(W):
-    """Q2_K: u64 words of quants and no high bits."""
-    return W[0].dtype == types.uint64 and isinstance(W[3], types.NoneType)
-
-
 def _k4(W):
     """A scale and min a block, d and dmin a super-block (Q4_K, Q5_K)."""
     return _super(W) and not _per16(W)
@@ -914,17 +876,6 @@ def _block_min_impl(W, m, b, db):
     if W[0].dtype == types.uint8:  # Q4_0
         return lambda W, m, b, db: np.float32(-8.0) * db
     return lambda W, m, b, db: np.float32(0.0)  # Q8_0: LLVM drops the offset terms
-
-
-def _dmin_of(W, dd):
-    """Q2_K's f16 dmin bits from a super-block's u32 dd, or float32 0 (Q6_K, Q3_K): `_axpy_block`'s offset."""
-
-
-@overload(_dmin_of, inline="always")
-def _dmin_of_impl(W, dd):
-    if _q2(W):
-        return lambda W, dd: np.uint16(dd >> 16)
-    return lambda W, dd: np.float32(0.0)
 
 
 @overload(_part_row, inline="always")
@@ -989,23 +940,13 @@ def _row_axpy_impl(W, r, s, out):
                 out[c] += s * _widen(wr[c])
         return dense
 
-    if _per16(W):  # each block's two scale bytes and d as one u32 scale word (`_scale_pair`)
-        def halves(W, r, s, out):
+    if _super(W):  # each block's scale bytes with its super-block's d and dmin
+        def supers(W, r, s, out):
             wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
             for t in range(m.size):
-                d16, dmin = (m[t] & 0xFFFF) << 16, _dmin_of(W, m[t])
                 for b in range(SUPER * t, SUPER * t + SUPER):
-                    _axpy_block(wr, hr, b, s, np.uint32(d[b] | d16), dmin, out)
-        return halves
-
-    if _k4(W):  # each block as a Q4_1 / Q5_1 block of scale d sc and offset -dmin m (exact products)
-        def split(W, r, s, out):
-            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
-            for t in range(m.size):
-                ds, dm = s * _widen(np.uint16(m[t] & 0xFFFF)), s * _widen(np.uint16(m[t] >> 16))
-                for b in range(SUPER * t, SUPER * t + SUPER):
-                    _axpy_block(wr, hr, b, ds * np.float32(d[b] & 0xFF), None, -(dm * np.float32(d[b] >> 8)), out)
-        return split
+                    _axpy_block(wr, hr, b, s, d[b], m[t], out)
+        return supers
 
     def blocks(W, r, s, out):
         wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _part_row(W[2], r)
