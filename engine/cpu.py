@@ -66,7 +66,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, bqkv, Wo, kc, vc, po
     nq, nk = Wq[0].shape[0], Wk[0].shape[0]
     n_head = nq // hd
     rms_norm_into(x, attn_norm, eps, xn)
-    K._prep_x(xn, Xq)
+    K._prep_x(xn, Xq, max(K._x_per(Wq, Xq), K._x_per(Wk, Xq), K._x_per(Wv, Xq)))
     for j in prange(qkv.size):
         if j < nq:
             K._prefetch_ahead(Wq, np.int64(j), nq)
@@ -97,7 +97,7 @@ def attention_into(x, attn_norm, ffn_norm, eps, Wq, Wk, Wv, bqkv, Wo, kc, vc, po
         inv = np.float32(1.0) / K._dot(sc, None, pos + 1)
         for d in range(hd):
             oh[d] = K._dot(sc, vg[d], pos + 1) * inv  # vg[d]: (n_ctx,)
-    K._prep_x(att, Xo)
+    K._prep_x(att, Xo, K._x_per(Wo, Xo))
     for r in prange(x.size):
         K._prefetch_ahead(Wo, np.int64(r), x.size)
         x[r] += K._row_dot(Wo, np.int64(r), att, Xo, False)
@@ -248,7 +248,8 @@ class KernelModel:
         net = TorchModel(self.c, self.batched_tensors, self.n_ctx, dequant_rows=self.dequant_rows,
                          kv=(self.k_cache, self.v_cache))
         net.alias = {}
-        net.x8 |= {k for k, m in self.mats.items() if m.qtype in K.SUPER_TYPES}  # 8-bit x, as their decode steps
+        net.x8 |= {k: 256 for k, m in self.mats.items() if m.qtype in K.SUPER_TYPES}  # 8-bit x a super-block, as
+        # their decode steps
         return net
 
     def dequant_rows(self, name: str, r0: int, r1: int):

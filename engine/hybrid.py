@@ -123,13 +123,14 @@ class Graphed:
 
 
 @njit(**K._SERIAL)  # the kernels' flags: _prep_x's scale then rounds as theirs does, to the bit
-def stage_x(xn, X, x8, dst):
-    """dst = xn (n_embd,), rounded as the CPU kernels round it for block-quantized rows when x8 (8 bits per 32-block,
-    float32 scale); X: scratch shaped as a KMatrix's X, for `kernels._prep_x`."""
-    if not x8:
+def stage_x(xn, X, per, dst):
+    """dst = xn (n_embd,), rounded as the CPU kernels round it for block-quantized rows when per > 0 (8 bits, a
+    float32 scale for each per blocks of 32: `kernels.x_blocks`); X: scratch shaped as a KMatrix's X, for
+    `kernels._prep_x`."""
+    if per == 0:
         dst[:] = xn
         return
-    K._prep_x(xn, X)
+    K._prep_x(xn, X, per)
     xq, xd = X[1], X[2]
     for j in range(dst.size):
         dst[j] = np.float32(xq[j]) * xd[j // K.BLOCK]
@@ -156,7 +157,8 @@ class HotPart:
         self.dtype = dtype
         # ggml rounds x to 8 bits per block before a block-quantized dot product; the CPU kernels do too, and so
         # does `launch`, on the CPU, for the hot rows (per layer: a converted file can mix types)
-        self.x8 = [L.up.qtype in K.BLOCK_TYPES + K.SUPER_TYPES for L in net.layers]
+        self.per = [K.x_blocks(L.gate, L.up) if L.up.qtype in K.BLOCK_TYPES + K.SUPER_TYPES else 0
+                    for L in net.layers]
         self.X = tuple(np.zeros_like(a) for a in net.layers[0].up.X)  # its own scratch (kernels own theirs)
         # staging buffers, allocated once: per layer x then the hot mask, sent in one copy; y back (and numpy views)
         self.in_host = [torch.zeros(c.n_embd + len(ids), pin_memory=pin) for ids in self.ids]
@@ -179,7 +181,7 @@ class HotPart:
         copy in, gate and up in one matrix product, the activation, the mask, down, one copy out): a replayed node
         still costs microseconds (80 us a layer's round trip with x rounded and the mask sent on the device, 45 us
         so)."""
-        stage_x(xn, self.X, self.x8[i], self.x_np[i])
+        stage_x(xn, self.X, self.per[i], self.x_np[i])
         self.steps[i]()
         if self.done is not None:
             self.done.record(torch.cuda.current_stream(self.dev))  # the stream the replay went to

@@ -47,7 +47,11 @@ x86). Around them everything is plain numba; the per-row helpers are typed `over
 
 Block types have two paths for `W @ x`:
   fast (default)  x is quantized once per call to int8 per 32-block (ggml's Q8_0 activations) and each block is
-                  an integer dot with int32 accumulation; relative error ~5e-3 on random data.
+                  an integer dot with int32 accumulation; relative error ~5e-3 on random data. For the K-quants
+                  each block's scale is a whole multiple (1..32) of a unit shared by its super-block (`_prep_x`),
+                  so a super-block's products times their sub-scales and multiples sum in integers, converted
+                  and scaled once (`_dot_row`), as ggml's Q8_K activations do with one scale for 256 values
+                  (whose error on normal x is 1.2x ours).
   exact           f32 x; error at f32 rounding.
 Per-block sums of x are precomputed once per call, so the Q4 offset costs one fma per block:
   sum_j (d q_j + m) x_j = d * sum_j q_j x_j + m * sum_j x_j.
@@ -108,6 +112,7 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
          QT.Q5_K: ((10, 26, np.uint8), (0, 2, np.uint16), (2, 6, np.uint32, "super"), (6, 10, np.uint8))}
 SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.Q4_K, QT.Q5_K)
 SUPER = 8  # blocks a super-block of SUPER_TYPES (their rows are whole super-blocks)
+XM = 32  # int8 x of the K-quants' integer sums: a block's scale is 1..XM times its super-block's unit (`_prep_x`)
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
@@ -476,6 +481,41 @@ def _i16_dot(builder, signed, qv, xv, per16=False, init=None):
     return builder.add(builder.shuffle_vector(a, b, lanes(0)), builder.shuffle_vector(a, b, lanes(8)))
 
 
+def _scaled_dot(builder, qv, xv, sv, acc):
+    """acc + <8 n x i32>: the products q_j x_j of n blocks (q <32 n x i8> unsigned, below 64; x signed int8) in
+    pairs, each pair times its lane of sv <16 n x i16> (its scale): vpmaddubsw then vpdpwssd (VNNI) or vpmaddwd and
+    an add (AVX2); widened products elsewhere (n = 1). Pairs stay below 2 * 63 * 127 (no saturation); lane l of a
+    block sums its products 4 l..4 l+3."""
+    n = qv.type.count // BLOCK
+    i32s = _vec(_I32, 8 * n)
+    if ISA == "generic":
+        s = builder.sext(builder.shuffle_vector(sv, sv, ir.Constant(i32s, list(range(0, 16, 2)))), i32s)
+        return builder.add(acc, builder.mul(_widened_dot(builder, builder.zext(qv, _vec(_I32, BLOCK)), xv, True), s))
+    i16s = _vec(ir.IntType(16), 16 * n)
+    name = "llvm.x86.avx2.pmadd.ub.sw" if n == 1 else "llvm.x86.avx512.pmaddubs.w.512"
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16s, [qv.type, xv.type]), name)
+    p = builder.call(maddubs, [qv, xv])
+    if ISA in ("vnni", "vnni512"):  # i32 operands, as `_i8_dot`'s vpdpbusd
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i32s, i32s, i32s]),
+                                            f"llvm.x86.avx512.vpdpwssd.{256 * n}")
+        return builder.call(fn, [acc, builder.bitcast(p, i32s), builder.bitcast(sv, i32s)])
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16s, i16s]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    return builder.add(acc, builder.call(maddwd, [p, sv]))
+
+
+def _pair_dot(builder, a, b):
+    """<8 x i32>: a_2k b_2k + a_2k+1 b_2k+1 of two <16 x i16> (vpmaddwd on x86)."""
+    if ISA == "generic":
+        p = builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16)))
+        return builder.add(*(builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 8), list(range(o, 16, 2))))
+                             for o in (0, 1)))
+    i16x16, i32x8 = _vec(ir.IntType(16), 16), _vec(_I32, 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8, [i16x16, i16x16]),
+                                        "llvm.x86.avx2.pmadd.wd")
+    return builder.call(fn, [a, b])
+
+
 def _f16_pair(builder, dd):
     """<2 x f32>: the f16 numbers in the low and high halves of an i32 (a super-block's d and dmin)."""
     pair = builder.bitcast(builder.insert_element(ir.Constant(_vec(_I32, 1), None), dd, ir.Constant(_I32, 0)),
@@ -532,13 +572,15 @@ def _stored(typingctx, v, a):
 
 
 @intrinsic
-def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
+def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
     """sum_b d_b * sum_j q_bj x[32 b + j] over one row's blocks b < d.size: q its quants (i8 Q8_0, u8 nibbles, u64
     Q3 and Q2 words) with hb its high bits (None where there are none, see `_quants`), d its scales: u16 (f16 bits)
     a block; mn None, or (K-quants) a super-block's u32 of f16 d and dmin, with d a block's two scale bytes
     (`_sub_scales`: Q6_K, Q3_K, Q2_K, whose Q2_K mins of each half multiply x's sum over it: over each lane's 4
     values of x, xl, with int x; `_scale_mins`: Q4_K, Q5_K, whose mins multiply xl, x's float32 block sums). x f32,
-    or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x). Vector accumulators (two,
+    or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x); xm None, or (K-quants, int8
+    x: `int_super`) x's multiples of a unit a super-block, xd[t] then super-block t's unit and xl, for Q6_K, Q3_K
+    and Q2_K, x's int16 sums over each half-block. Vector accumulators (two,
     alternating blocks) and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step
     takes two blocks in 512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns,
     of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block goes alone. Per-16 kinds with int x take their
@@ -549,17 +591,19 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
             and _is_row(d, (types.uint16,)) and (mn is types.none or _is_row(mn, (types.uint32,)))
             and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))
-            and (xl is types.none or _is_row(xl, (types.float32, types.int32)))):
+            and (xl is types.none or _is_row(xl, (types.float32, types.int32, types.int16)))
+            and (xm is types.none or _is_row(xm, (types.int16,)))):
         return None
     exact = x.dtype == types.float32
 
     def codegen(context, builder, sig, args):
-        qty, hty, dty, mty, xty, xdty, xlty = sig.args
-        q, hb, d, mn, x, xd, xl = args
+        qty, hty, dty, mty, xty, xdty, xlty, xmty = sig.args
+        q, hb, d, mn, x, xd, xl, xm = args
         supers = mty is not types.none  # K-quants: rows of whole super-blocks, their scales once for 8 blocks
         kind = _kind(qty, hty)
         per16 = kind in PER16
         k4 = supers and not per16  # Q4_K, Q5_K: a scale and min a block
+        ints = xmty is not types.none  # x in whole multiples xm of a unit a super-block: integer sums (`int_super`)
         nb = context.make_array(dty)(context, builder, d).nitems
         one = ir.Constant(nb.type, 1)
         n = 1 if exact or ISA != "vnni512" else 2  # blocks a step
@@ -586,6 +630,60 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
                     i // 2 for i in range(2 * SUPER)]))
                 out = [builder.fmul(v, xs, flags=_FAST) for v in out]
             return out + [None] * (2 - len(out))
+
+        def int_super(b):  # blocks b..b+7 (a super-block) against x in multiples xm of one unit for them: the
+            # quants' products times their sub-scales times x's multiples summed in integers (`_scaled_dot`), times
+            # d and x's unit once; the zero points z of Q6 and Q3 (-z sum_h sc_h xm_h x_h) and Q2's mins (sum_h m_h
+            # xm_h x_h, times -dmin) from x's sums x_h over the 16 halves (xl: `_prep_x`'s xh), Q4_K's and Q5_K's
+            # mins in float as `super_scales`. Integers: |sc xm| <= 128 * 32 fits i16, a lane's sum
+            # < 2^31 (8 steps of 2 pairs of 16002 * 4096, and the zero point's 2 * 32 * 2032 * 4096)
+            words = _load(context, builder, dty, d, b, SUPER)  # <8 x i16>
+            t = builder.lshr(b, ir.Constant(b.type, 3))  # the super-block
+            dd = builder.load(_ptr(context, builder, mty, mn, t))
+            mult = _load(context, builder, xmty, xm, b, SUPER)  # <8 x i16> x's multipliers, 1..XM
+            i16x16 = _vec(ir.IntType(16), 16)
+            if k4:
+                super_scales(b)  # the mins
+                sc = builder.mul(builder.and_(words, ir.Constant(words.type, [255] * SUPER)), mult)
+                per = 16  # i16 lanes (pairs of products) a scale
+            else:
+                b16 = builder.bitcast(words, _vec(ir.IntType(8), 2 * SUPER))
+                mult = builder.shuffle_vector(mult, mult, ir.Constant(_vec(_I32, 16), [i // 2 for i in range(16)]))
+                if kind == "q2":
+                    sc = builder.zext(builder.and_(b16, ir.Constant(b16.type, [15] * 16)), i16x16)
+                    mv = builder.mul(builder.zext(builder.lshr(b16, ir.Constant(b16.type, [4] * 16)), i16x16), mult)
+                else:
+                    sc = builder.sext(b16, i16x16)
+                sc = builder.mul(sc, mult)
+                per = 8
+            isum = ir.Constant(_vec(_I32, 8 * n), None)
+            for j in range(0, SUPER, n):
+                bj = builder.add(b, ir.Constant(b.type, j))
+                qv = _quants(context, builder, kind, qty, q, bj, n, hty, hb, signed=False)
+                xv = _load(context, builder, xty, x, builder.mul(bj, ir.Constant(b.type, BLOCK)), BLOCK * n)
+                first = j * 16 // per  # scale of block j's first pair of products
+                sv = builder.shuffle_vector(sc, sc, ir.Constant(_vec(_I32, 16 * n),
+                                                                [first + i // per for i in range(16 * n)]))
+                isum = _scaled_dot(builder, qv, xv, sv, isum)
+            dv = _f16_pair(builder, dd)
+            xs = builder.load(_ptr(context, builder, xdty, xd, t))  # x's unit
+
+            def add(iv, h):  # acc += float(iv) * d (h 0) or dmin (h 1) * x's scale
+                f = builder.fmul(builder.extract_element(dv, ir.Constant(_I32, h)), xs, flags=_FAST)
+                if iv.type.count < 8 * n:
+                    iv = builder.shuffle_vector(iv, ir.Constant(iv.type, None), ir.Constant(
+                        _vec(_I32, 8 * n), [i if i < iv.type.count else iv.type.count for i in range(8 * n)]))
+                upd = builder.fmul(builder.sitofp(iv, _vec(_F32, 8 * n)), _splat(builder, f, 8 * n), flags=_FAST)
+                builder.store(builder.fadd(builder.load(accs[0]), upd, flags=_FAST), accs[0])
+            if per16:
+                xh = _load(context, builder, xlty, xl, builder.shl(b, ir.Constant(b.type, 1)), 16)  # <16 x i16>
+                if kind in ZERO:
+                    z = builder.mul(_pair_dot(builder, xh, sc), ir.Constant(_vec(_I32, 8), [-ZERO[kind]] * 8))
+                    isum = builder.add(isum, z) if n == 1 else builder.add(isum, builder.shuffle_vector(
+                        z, ir.Constant(z.type, None), ir.Constant(_vec(_I32, 16), list(range(8)) + [8] * 8)))
+                if kind == "q2":
+                    add(builder.sub(ir.Constant(_vec(_I32, 8), None), _pair_dot(builder, xh, mv)), 1)
+            add(isum, 0)
 
         def spread(v, k, w, j):  # <w x f32> from <16 x f32> one value a half-block: lanes w / (2 k) apart a value,
             # from block j of the super-block (the dot products' lanes 0-3 are a block's first 16)
@@ -630,9 +728,12 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
         if supers:  # rows of whole super-blocks: their scales once for 8 blocks, then steps of n blocks in turns
             with cgutils.for_range(builder, builder.lshr(nb, ir.Constant(nb.type, 3))) as loop:
                 b = builder.shl(loop.index, ir.Constant(nb.type, 3))
-                sup = super_scales(b)
-                for j in range(0, SUPER, n):
-                    step(builder.add(b, ir.Constant(nb.type, j)), accs[j // n % 2], n, sup, j)
+                if ints:
+                    int_super(b)
+                else:
+                    sup = super_scales(b)
+                    for j in range(0, SUPER, n):
+                        step(builder.add(b, ir.Constant(nb.type, j)), accs[j // n % 2], n, sup, j)
             total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST)
             if k4:  # width >= 8 lanes: the mins' 8 into the first
                 m = builder.load(mins)
@@ -652,7 +753,7 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl):
         with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nb, one), ir.Constant(nb.type, 0))):
             step(builder.sub(nb, one), accs[n - 1], 1)
         return _reduce(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]), flags=_FAST))
-    return types.float32(q, hb, d, mn, x, xd, xl), codegen
+    return types.float32(q, hb, d, mn, x, xd, xl, xm), codegen
 
 
 @intrinsic
@@ -793,33 +894,70 @@ def _prefetch(typingctx, a, i):
 # is chosen at typing time (one compiled version per combination) and the helpers are inlined into the kernels.
 
 @njit(inline="always", **_SERIAL)
-def _prep_x(x, X):
-    """Into X = (xs, xq, xd, xqs, xl), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq with scale
-    xd, xqs = xd * sum xq, and xl the sums of xq's quads (xl[8 b + l] = xq[32 b + 4 l] + ... + xq[32 b + 4 l + 3]:
-    lane l of the block's integer dot product, see `_dot_row`'s zero points). xq int8 (|xq| <= 127, never -128: the
-    int8 products of `_i8_dot` rely on it) or int16 (|xq| <= 32767). A block below 1e-30 in size quantizes to 0s
-    (top / amax would overflow); NaN and inf to 0, sum included (an int32 conversion of NaN is INT_MIN, whose low
-    bits the stored quant keeps: 0)."""
-    xs, xq, xd, xqs, xl = X
+def _prep_x(x, X, per=1):
+    """Into X = (xs, xq, xd, xqs, xl, xh, xm, xu), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq
+    with scale xd, xqs = xd * sum xq, xl the sums of xq's quads (xl[8 b + l] = xq[32 b + 4 l] + ... +
+    xq[32 b + 4 l + 3]: lane l of the block's integer dot product, see `_dot_row`'s zero points) and xh those of its
+    halves (xh[2 b + h] over xq[32 b + 16 h..]). xq int8 (|xq| <= 127, never -128: the int8 products of `_i8_dot`
+    rely on it) or int16 (|xq| <= 32767); the scale amax / top of the block (top 127 or 32767), or with per = 8
+    (`_x_per`: x of the K-quants' integer sums) a whole multiple xm of a unit xu shared by the super-block of 8
+    blocks: xu = A / (XM top) with A the super-block's amax, xm = ceil(XM amax / A), 1..XM, so one integer sum runs
+    over the super-block (ggml's Q8_K takes one scale for 256 values: 1.2x the error on normal x, measured). A
+    block (a super-block with per = 8) below 1e-30 in size quantizes to 0s (top / amax would overflow); NaN and
+    inf to 0, sum included (an int32 conversion of NaN is INT_MIN, whose low bits the stored quant keeps: 0)."""
+    xs, xq, xd, xqs, xl, xh, xm, xu = X
     top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
-    for b in range(xs.size):
-        o = b * BLOCK
-        amax = np.float32(0.0)
-        s = np.float32(0.0)
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[o + j]))
-            s += x[o + j]
-        inv = top / amax if amax > np.float32(1e-30) else np.float32(0.0)
-        qsum = np.int32(0)
-        for j in range(BLOCK):
-            xq[o + j] = np.int32(np.rint(x[o + j] * inv))  # |xq| <= top
-            qsum += np.int32(xq[o + j])
-        for lane in range(8):
-            o4 = o + 4 * lane
-            xl[8 * b + lane] = np.int32(xq[o4]) + np.int32(xq[o4 + 1]) + np.int32(xq[o4 + 2]) + np.int32(xq[o4 + 3])
-        xs[b] = s
-        xd[b] = amax / top
-        xqs[b] = xd[b] * np.float32(qsum)
+    for g in range(0, xs.size, per):
+        end = min(g + per, xs.size)
+        big = np.float32(0.0)  # A
+        for b in range(g, end):  # the blocks' amax into xd for now
+            amax = np.float32(0.0)
+            for j in range(b * BLOCK, (b + 1) * BLOCK):
+                amax = max(amax, abs(x[j]))
+            xd[b] = amax
+            big = max(big, amax)
+        unit = big / (np.float32(XM) * top)
+        if per > 1:
+            xu[g // per] = unit
+        for b in range(g, end):
+            o = b * BLOCK
+            amax = xd[b]
+            if per == 1:
+                scale = amax / top
+                inv = top / amax if amax > np.float32(1e-30) else np.float32(0.0)
+            else:
+                m = np.float32(1.0)
+                if big > np.float32(1e-30) and big <= np.float32(3e38):
+                    m = min(np.float32(XM), max(np.float32(1.0), np.ceil(np.float32(XM) * amax / big)))
+                xm[b] = np.int16(m)
+                scale = unit * m
+                inv = np.float32(1.0) / scale if big > np.float32(1e-30) else np.float32(0.0)
+            s = np.float32(0.0)
+            qsum = np.int32(0)
+            for j in range(BLOCK):
+                s += x[o + j]
+                xq[o + j] = np.int32(np.rint(x[o + j] * inv))  # |xq| <= top
+                qsum += np.int32(xq[o + j])
+            for lane in range(8):
+                o4 = o + 4 * lane
+                xl[8 * b + lane] = (np.int32(xq[o4]) + np.int32(xq[o4 + 1]) + np.int32(xq[o4 + 2])
+                                    + np.int32(xq[o4 + 3]))
+            xh[2 * b] = xl[8 * b] + xl[8 * b + 1] + xl[8 * b + 2] + xl[8 * b + 3]
+            xh[2 * b + 1] = xl[8 * b + 4] + xl[8 * b + 5] + xl[8 * b + 6] + xl[8 * b + 7]
+            xs[b] = s
+            xd[b] = scale
+            xqs[b] = scale * np.float32(qsum)
+
+
+def _x_per(W, X):
+    """Blocks of x a scale for the rows of W (`_prep_x`): 8 (a super-block) where W is a K-quant and x int8 (their
+    integer sums in `_dot_row`), else 1; W None: 1."""
+
+
+@overload(_x_per, inline="always")
+def _x_per_impl(W, X):
+    per = SUPER if not isinstance(W, types.NoneType) and _super(W) and X[1].dtype == types.int8 else 1
+    return lambda W, X: per
 
 
 def _dense(W):
@@ -889,28 +1027,44 @@ def _part_row_impl(a, r):
 def _row_dot_impl(W, r, x, X, exact):
     if _dense(W):
         return lambda W, r, x, X, exact: _dot(x, _row(W[0], r), x.size)
-    if _k4(W):  # the mins times x's block sums in the dot products (`_dot_row`)
-        def split(W, r, x, X, exact):
+    if _super(W):  # no offset terms: Q4_K's and Q5_K's mins times x's block sums, the others' zero points (and
+        # Q2_K's mins) through x's sums over halves (int8 x) or quads (int16), in the dot products (`_dot_row`)
+        sums = 3 if _k4(W) else 5 if X[1].dtype == types.int8 else 4
+
+        def supers(W, r, x, X, exact):
             wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
             if exact:
-                return _dot_row(wr, hr, d, m, x, X[2], X[0])
-            return _dot_row(wr, hr, d, m, X[1], X[2], X[3])
-        return split
-    if _per16(W):  # no offset terms: the zero points (and Q2_K's mins) are in the dot products (`_dot_row`)
-        def halves(W, r, x, X, exact):
-            wr, hr, d, m = _row(W[0], r), _part_row(W[3], r), _row(W[1], r), _row(W[2], r)
-            if exact:
-                return _dot_row(wr, hr, d, m, x, X[2], None)
-            return _dot_row(wr, hr, d, m, X[1], X[2], X[4])
-        return halves
+                return _dot_row(wr, hr, d, m, x, X[2], _exact_sums(W, X), None)
+            xd, xm = _x_scales(X)
+            return _dot_row(wr, hr, d, m, X[1], xd, X[sums], xm)
+        return supers
 
     def blocks(W, r, x, X, exact):
         wr, d, m = _row(W[0], r), _row(W[1], r), _part_row(W[2], r)  # (row quant bytes,), (nb,), (nb,) or None
-        xs, xq, xd, xqs, _ = X
+        xs, xq, xd, xqs = X[0], X[1], X[2], X[3]
         if exact:
-            return _dot_row(wr, _part_row(W[3], r), d, None, x, xd, None) + _offsets(W, d, m, xs)
-        return _dot_row(wr, _part_row(W[3], r), d, None, xq, xd, None) + _offsets(W, d, m, xqs)
+            return _dot_row(wr, _part_row(W[3], r), d, None, x, xd, None, None) + _offsets(W, d, m, xs)
+        return _dot_row(wr, _part_row(W[3], r), d, None, xq, xd, None, None) + _offsets(W, d, m, xqs)
     return blocks
+
+
+def _exact_sums(W, X):
+    """x's exact block sums for a K-quant's f32 dot products: Q4_K's and Q5_K's mins take them, the others none."""
+
+
+@overload(_exact_sums, inline="always")
+def _exact_sums_impl(W, X):
+    return (lambda W, X: X[0]) if _k4(W) else (lambda W, X: None)
+
+
+def _x_scales(X):
+    """(x's scales, multipliers) for a K-quant's dot products: int8 x a unit a super-block and the blocks' whole
+    multiples of it (`_prep_x`'s xu, xm), int16 x (xd, None)."""
+
+
+@overload(_x_scales, inline="always")
+def _x_scales_impl(X):
+    return (lambda X: (X[7], X[6])) if X[1].dtype == types.int8 else (lambda X: (X[2], None))
 
 
 def _offsets(W, d, m, sums):
@@ -1051,7 +1205,7 @@ def _act(g, act, threshold):
 @njit(**_PARALLEL)
 def _k_matvec(W, rows, x, out, X, exact=False):
     """out[j] = W[rows[j]] @ x (rows None: all rows)."""
-    _prep_x(x, X)
+    _prep_x(x, X, _x_per(W, X))
     for j in prange(out.size):
         r = np.int64(j) if rows is None else np.int64(rows[j])
         if rows is None:
@@ -1092,7 +1246,7 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False
     the dot products of one pass do not wait on each other. Scattered rows are latency bound, so the first pass
     fetches all three rows of the neuron PREFETCH places ahead (the second finds its down rows in L2), and the
     second fetches ahead again in case they left."""
-    _prep_x(x, X)
+    _prep_x(x, X, max(_x_per(G, X), _x_per(U, X)))
     n = U[0].shape[0] if active is None else active.size
     for t in prange(nt):
         acc, h = part[t], hs[t]  # (n_embd,), (n_ff,)
@@ -1117,7 +1271,7 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False
 def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact=False):
     """out = D @ h with D the untransposed down (n_embd, n_ff): h_i for i in active (None: all), 0 elsewhere.
     Streams the same bytes as the file's ffn_down (down_t's rows are re-quantized to Q8_0: more bytes)."""
-    _prep_x(x, X)
+    _prep_x(x, X, max(_x_per(G, X), _x_per(U, X)))
     if active is None:
         for i in prange(h.size):
             if G is not None:
@@ -1131,8 +1285,9 @@ def _k_ffn_dense(G, U, D, x, act, threshold, active, h, out, X, Xh, exact=False)
             _prefetch_next(U, active, j, active.size)
             i = np.int64(active[j])
             h[i] = _row_hidden(G, U, i, x, X, act, threshold, exact)
-    _prep_x(h, Xh)
-    for r in prange(out.size):  # h in 16 bits: 8 bits flipped greedy tokens against llama.cpp, f32 took 2.4x longer
+    _prep_x(h, Xh, _x_per(D, Xh))
+    for r in prange(out.size):  # h in 16 bits (Xh, but for the K-quants): 8 bits flipped greedy tokens against
+        # llama.cpp on a Q4_1 model, f32 took 2.4x longer
         _prefetch_ahead(D, np.int64(r), out.size)
         out[r] = _row_dot(D, np.int64(r), h, Xh, exact)
 
@@ -1144,7 +1299,7 @@ def _k_ffn_scored(G, U, DT, D, x, act, threshold, norms, t, dense_from, ids, h, 
     down_t DT, summed as `_k_ffn` sums an active set (the same slices of ids in the same order), or with D (the
     untransposed down, None if absent) D @ h once at least dense_from neurons are active, as `_k_ffn_dense` does.
     Returns the active count; ids[:count] are the active ids, increasing."""
-    _prep_x(x, X)
+    _prep_x(x, X, max(_x_per(G, X), _x_per(U, X)))
     for i in prange(h.size):
         if G is not None:
             _prefetch_ahead(G, np.int64(i), h.size)
@@ -1158,7 +1313,7 @@ def _k_ffn_scored(G, U, DT, D, x, act, threshold, norms, t, dense_from, ids, h, 
         else:
             h[i] = 0.0
     if D is not None and n >= dense_from:
-        _prep_x(h, Xh)
+        _prep_x(h, Xh, _x_per(D, Xh))
         for r in prange(out.size):
             _prefetch_ahead(D, np.int64(r), out.size)
             out[r] = _row_dot(D, np.int64(r), h, Xh, exact)
@@ -1186,8 +1341,11 @@ class KMatrix:
         self.nbytes = sum(int(a.nbytes) for a in self.W if a is not None)
         nb = cols // BLOCK if cols % BLOCK == 0 else 0  # x scratch: per-block sums and quants (see _prep_x)
         self.X, self.X16 = ((np.zeros(nb, np.float32), np.zeros(nb * BLOCK, t), np.zeros(nb, np.float32),
-                             np.zeros(nb, np.float32), np.zeros(nb * 8, np.int32))
-                            for t in (np.int8, np.int16))  # X16: the dense FFN's h
+                             np.zeros(nb, np.float32), np.zeros(nb * 8, np.int32), np.zeros(nb * 2, np.int16),
+                             np.zeros(nb, np.int16), np.zeros(-(-nb // SUPER), np.float32))
+                            for t in (np.int8, np.int16))
+        self.Xh = self.X if qtype in SUPER_TYPES else self.X16  # the dense FFN's h for this down: 16 bits a block,
+        # the K-quants' 8 bits a super-block (their integer sums, `_dot_row`)
         self.part = np.zeros((0, cols), np.float32)  # per-thread partial sums of axpy_rows / ffn, grown on use (rows
         # padded to whole cache lines: `_thread_rows`)
         self.hs = np.zeros((0, rows), np.float32)  # per-thread h of ffn (as down_t: rows = n_ff), grown on use
@@ -1316,6 +1474,12 @@ def _thread_rows(nt: int, n: int) -> np.ndarray:
     return buf[off:off + nt * stride].reshape(nt, stride)
 
 
+def x_blocks(*ms: KMatrix | None) -> int:
+    """Blocks of 32 values of x under one scale where the int8 x of matrices ms (None: left out) is prepared once
+    for all of them, as the kernels do (`_x_per`): 8 if any is a K-quant, else 1."""
+    return SUPER if any(m is not None and m.qtype in SUPER_TYPES for m in ms) else 1
+
+
 def matvec(w: KMatrix, x: np.ndarray, out: np.ndarray, exact: bool = False) -> None:
     """out = W @ x.   x f32[cols], out f32[rows]. exact: f32 x instead of int8 x for block types."""
     _check(x, w.cols, "x")
@@ -1358,7 +1522,7 @@ def ffn_runner(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, act: i
 
     def run(x: np.ndarray, out: np.ndarray, active: np.ndarray | None = None) -> None:
         if down is not None and (active is None or active.size >= dense_from):
-            _k_ffn_dense(G, U, down.W, x, act, thr, active, down.vec, out, up.X, down.X16, *ex)
+            _k_ffn_dense(G, U, down.W, x, act, thr, active, down.vec, out, up.X, down.Xh, *ex)
         elif down_t is None:
             raise ValueError("kernels: ffn needs down_t for a sparse active set")
         else:
@@ -1377,7 +1541,7 @@ def scored_ffn_runner(gate: KMatrix | None, up: KMatrix, down_t: KMatrix, act: i
             up.cols, up.rows):
         raise ValueError(f"kernels: ffn shapes disagree: up {up}, down_t {down_t}, down {down}")
     G, U, DT, thr, ex = None if gate is None else gate.W, up.W, down_t.W, np.float32(threshold), _exact(exact)
-    D, Xh = (None, down_t.X16) if down is None else (down.W, down.X16)
+    D, Xh = (None, down_t.X16) if down is None else (down.W, down.Xh)
     dense_from = DENSE_FROM * up.rows if down is not None else float(up.rows + 1)
     nt = _parts(down_t, nt)
 
@@ -1396,7 +1560,8 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     x f32[n_embd], out f32[n_embd] (overwritten), active i32[k] (distinct ids, not bounds-checked; sorted is
     fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
-    h and then down @ h with h in 16 bits per block, f32 if exact (fewer bytes than down_t's Q8_0 rows when down is
+    h and then down @ h with h in 16 bits per block (a K-quant down: 8 bits, its integer sums), f32 if exact
+    (fewer bytes than down_t's Q8_0 rows when down is
     block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default:
     numba's thread count, which costs a microsecond to ask; any nt gives the same result up to summation order)."""
     _check(x, up.cols, "x")

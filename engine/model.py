@@ -36,11 +36,17 @@ def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) 
     return h if u is None else h * u
 
 
-def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32, fp16 scale."""
+def quantize_rows_q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32 with an fp16 scale
+    (Q8_0); block 256 (the K-quants): as the kernels round it for their integer sums, each block's scale a whole
+    multiple, 1..32, of its 256 values' amax / (32 * 127) (`kernels._prep_x`)."""
     xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    d = (amax / 127).clamp(max=65504).half().float()  # past f16's range ggml's scale is inf (NaN values): kept finite
+    if block == 256:
+        big = amax.unflatten(-2, (-1, 8)).amax(-2).repeat_interleave(8, -2)  # (..., n/32, 1): its super-block's
+        d = big / (32 * 127) * torch.ceil(32 * amax / big.clamp(min=1e-30)).clamp(1, 32)
+    else:
+        d = (amax / 127).clamp(max=65504).half().float()  # past f16's range ggml's scale is inf (NaN values): finite
     q = torch.round(xb / torch.where(d > 0, d, torch.ones_like(d)))
     return (q * d).flatten(-2)
 
@@ -85,11 +91,11 @@ class TorchModel:
         self.w = {k: torch.from_numpy(t.dequantize().copy()) for k, t in tensors.items()
                   if dequant_rows is None or len(t.shape) == 1}
         # ggml multiplies block-quantized weights with 8-bit activations; doing the same tracks llama.cpp closer
-        self.x8 = {k for k, t in tensors.items() if t.block_size == 32}
+        self.x8 = {k: 32 for k, t in tensors.items() if t.block_size == 32}  # name: values an activation scale
         if c.tied_embeddings:
             self.alias = {"output.weight": "token_embd.weight"}
             if "token_embd.weight" in self.x8:
-                self.x8.add("output.weight")
+                self.x8["output.weight"] = self.x8["token_embd.weight"]
         else:
             self.alias = {}
         self.down_t = blk(0, "ffn_down_t") in tensors
@@ -125,7 +131,7 @@ class TorchModel:
 
     def mm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x (T, cols) @ W.T -> (T, rows)."""
-        x = quantize_rows_q8(x) if name in self.x8 else x
+        x = quantize_rows_q8(x, self.x8[name]) if name in self.x8 else x
         n = self.q[self.alias.get(name, name)].shape[0]
         if self.dequant_rows is None:
             return x @ self.rows(name, 0, n).T

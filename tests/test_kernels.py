@@ -29,9 +29,18 @@ def tol(qtype: QT, exact: bool) -> float:
     return EXACT_TOL if exact or qtype in (QT.F32, QT.F16) else INT8_TOL
 
 
-def int8_x(x: np.ndarray) -> np.ndarray:
+def int8_x(x: np.ndarray, k: bool = False) -> np.ndarray:
     """x (float32) as the int8 activation paths see it, float64: per 32-block, quants rint(x * (127 / amax)) (round
-    half to even, float32 steps) times the block's scale amax / 127. Truncating instead is off by about 1e-2."""
+    half to even, float32 steps) times the block's scale amax / 127 (truncating instead is off by about 1e-2); k
+    (the K-quants' integer sums): the scale a whole multiple m = ceil(32 amax / A), 1..32, of A / (32 127), A the
+    amax of its super-block of 8 blocks, and the quants rint(x * (1 / scale))."""
+    if k:
+        b = x.reshape(-1, 8, 32)
+        amax = np.abs(b).max(2, keepdims=True)  # (n/256, 8, 1)
+        big = amax.max(1, keepdims=True)
+        m = np.clip(np.ceil(np.float32(K.XM) * amax / big), 1, K.XM).astype(np.float32)
+        scale = big / np.float32(K.XM * 127) * m
+        return (np.rint(b * (np.float32(1) / scale)).astype(np.float64) * scale).reshape(-1)
     b = x.reshape(-1, 32)
     amax = np.abs(b).max(1, keepdims=True)  # (nb, 1)
     q = np.rint(b * (np.float32(127) / amax))  # integers in [-127, 127]
@@ -42,7 +51,8 @@ def emulated(qtype: QT, exact: bool, x: np.ndarray) -> tuple[np.ndarray, float]:
     """The x a matvec of qtype multiplies, and the tolerance against it: int8 x emulated to float32 rounding."""
     if exact or qtype in (QT.F32, QT.F16):
         return x.astype(np.float64), EXACT_TOL
-    return int8_x(x), 2e-6  # measured at most 4.4e-7 over 200 random matrices per type
+    return int8_x(x, qtype in K.SUPER_TYPES), 2e-6  # measured at most 4.4e-7 over 200 random
+    # matrices per type
 
 
 def weight(rng, rows: int, cols: int, qtype: QT) -> tuple[K.KMatrix, np.ndarray]:
@@ -145,7 +155,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from engine import kernels as K
 from engine.qtensor import QTensor
-from tests.test_kernels import _rows_dot, q8_with_min_quants, rel, super_source
+from tests.test_kernels import _rows_dot, int8_x, q8_with_min_quants, rel, super_source
 from numba import njit
 K.ISA = sys.argv[1]
 
@@ -163,7 +173,7 @@ def store(x, out):
 
 
 rng = np.random.default_rng(7)
-errors, errors16 = {}, {}
+errors, errors16, emulated = {}, {}, {}
 for qtype in K.BLOCK_TYPES + K.SUPER_TYPES:
     # 1, 2, 5, 6, 7 blocks: every tail of vnni512's steps of 2 x 2 blocks; super-blocks are 8 and 16
     for cols in (256, 512) if qtype in K.SUPER_TYPES else (32, 64, 160, 192, 224):
@@ -175,6 +185,9 @@ for qtype in K.BLOCK_TYPES + K.SUPER_TYPES:
         km, ref = K.prepare(qt), qt.dequantize().astype(np.float64) @ x
         K.matvec(km, x, out)
         errors[qtype.name] = max(errors.get(qtype.name, 0.0), rel(out, ref))
+        if qtype in K.SUPER_TYPES:  # their integer sums against x quantized per super-block
+            e = rel(out, qt.dequantize().astype(np.float64) @ int8_x(x, True))
+            emulated[qtype.name] = max(emulated.get(qtype.name, 0.0), e)
         _rows_dot(km.W, x, km.X16, out)  # rows against 16-bit x: the dense FFN's down @ h
         errors16[qtype.name] = max(errors16.get(qtype.name, 0.0), rel(out, ref))
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
@@ -190,8 +203,8 @@ stored = np.zeros(x.size, np.uint16)
 store(x, stored)
 with np.errstate(invalid="ignore", over="ignore"):
     want = x.astype(np.float16)
-print(json.dumps({"errors": errors, "errors16": errors16, "vpdpbusd": "vpdpbusd" in asm,
-                  "vpmaddubsw": "vpmaddubsw" in asm,
+print(json.dumps({"errors": errors, "errors16": errors16, "emulated": emulated, "vpdpbusd": "vpdpbusd" in asm,
+                  "vpmaddubsw": "vpmaddubsw" in asm, "vpdpwssd": "vpdpwssd" in asm,
                   "zmm_dot": any("vpdpbusd" in line and "zmm" in line for line in asm.splitlines()),
                   "vpmaddwd16": sorted({r for line in asm16.splitlines() if "vpmaddwd" in line
                                         for r in ("ymm", "zmm") if r in line}),
@@ -206,7 +219,8 @@ print(json.dumps({"errors": errors, "errors16": errors16, "vpdpbusd": "vpdpbusd"
 @pytest.mark.parametrize("isa", ["vnni512", "vnni", "avx2", "generic"])
 def test_int8_dot_product_of_each_isa(isa, tmp_path):
     """Each host-dependent int8 block dot product (K.ISA), and the int16 one of the dense FFN's down @ h, compiled
-    in a new process with its own numba cache (a process compiles one of them), against float64; the host must
+    in a new process with its own numba cache (a process compiles one of them), against float64 (the K-quants'
+    integer sums also against x quantized per super-block, to float32 rounding); the host must
     support the instructions. Also the f16 conversions of each path (`_widen`, `_stored`) against numpy, on every
     f16 value and on float32 values around them. The generic path compiles for NUMBA_CPU_NAME=generic, where
     LLVM's f16 conversions call compiler-rt functions numba cannot link (the process aborted before the integer
@@ -224,10 +238,15 @@ def test_int8_dot_product_of_each_isa(isa, tmp_path):
     assert set(errors) == {t.name for t in K.BLOCK_TYPES + K.SUPER_TYPES}
     assert all(0 < e < INT8_TOL for e in errors.values()), errors
     assert set(got["errors16"]) == set(errors) and all(0 < e < 1e-4 for e in got["errors16"].values()), got
+    emulated = got["emulated"]
+    assert set(emulated) == {t.name for t in K.SUPER_TYPES} and all(e < 2e-6 for e in emulated.values()), emulated
     assert got["stored"] > 2**17 and (got["widen_wrong"], got["store_wrong"]) == (0, 0), got
     if isa != "generic":  # the path asked for is the one compiled (x86 hosts)
-        assert (got["vpdpbusd"], got["vpmaddubsw"], got["zmm_dot"]) == (isa.startswith("vnni"), isa == "avx2",
-                                                                        isa == "vnni512")
+        # vpmaddubsw: the block types' products on AVX2, the K-quants' pairs on every path, then vpdpwssd with VNNI
+        # (LLVM fuses AVX2's vpmaddwd and add into it too where the host has it)
+        vnni = isa.startswith("vnni")
+        assert (got["vpdpbusd"], got["vpmaddubsw"], got["zmm_dot"]) == (vnni, True, isa == "vnni512")
+        assert got["vpdpwssd"] or not vnni
         # the 16-bit x path's products: 512-bit over two blocks with vnni512 (256-bit for an odd last block)
         assert got["vpmaddwd16"] == (["ymm", "zmm"] if isa == "vnni512" else ["ymm"]), got
 
@@ -328,7 +347,7 @@ def test_ffn_activations(act, gated, rng):
 
 @numba.njit
 def _rows_dot(W, x, X, out):
-    K._prep_x(x, X)
+    K._prep_x(x, X, K._x_per(W, X))
     for r in range(out.size):
         out[r] = K._row_dot(W, np.int64(r), x, X, False)
 

@@ -118,7 +118,7 @@ def measure_costs(model, stats: Stats, window: list[int]) -> None:
     """Greedy's costs: KL(dense || one layer sparsified) at COST_LEVELS, with exact (unquantized) activations
     so that a tiny change does not flip 8-bit roundings downstream; in between, KL ~ alpha * CETT^2."""
     c, net = model.config, batched_net(model.net)
-    x8, net.x8 = net.x8, set()
+    x8, net.x8 = net.x8, {}
     try:
         model.set_sparsity(None)
         dense = torch.log_softmax(net.forward(window, 0, all_logits=True).double(), -1)  # (T, n_vocab)
