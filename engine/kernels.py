@@ -612,16 +612,19 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
         if k4:  # the blocks' mins times x's block sums (xl), 8 blocks a step
             mins = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, SUPER), None))
 
+        def add_mins(b, words, dd):  # Q4_K, Q5_K: mins += blocks b..b+7's -dmin m times x's block sums (xl); their
+            # <16 x f32> d sc (`_scale_mins`)
+            sc, mv = _scale_mins(builder, words, dd)
+            sums = _load(context, builder, xlty, xl, b, SUPER)
+            builder.store(builder.fadd(builder.load(mins), builder.fmul(mv, sums, flags=_FAST), flags=_FAST), mins)
+            return sc
+
         def super_scales(b):  # <16 x f32> the scales of blocks b..b+7's halves, and (Q2) their mins, or None; times
             # x's block scales unless exact
             words = _load(context, builder, dty, d, b, SUPER)
             dd = builder.load(_ptr(context, builder, mty, mn, builder.lshr(b, ir.Constant(b.type, 3))))
             if k4:
-                sc, mv = _scale_mins(builder, words, dd)
-                out = [sc]
-                sums = _load(context, builder, xlty, xl, b, SUPER)
-                builder.store(builder.fadd(builder.load(mins), builder.fmul(mv, sums, flags=_FAST), flags=_FAST),
-                              mins)
+                out = [add_mins(b, words, dd)]
             else:
                 out = _sub_scales(builder, words, dd, kind == "q2")
             if not exact:
@@ -635,7 +638,7 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
             # quants' products times their sub-scales times x's multiples summed in integers (`_scaled_dot`), times
             # d and x's unit once; the zero points z of Q6 and Q3 (-z sum_h sc_h xm_h x_h) and Q2's mins (sum_h m_h
             # xm_h x_h, times -dmin) from x's sums x_h over the 16 halves (xl: `_prep_x`'s xh), Q4_K's and Q5_K's
-            # mins in float as `super_scales`. Integers: |sc xm| <= 128 * 32 fits i16, a lane's sum
+            # mins in float (`add_mins`). Integers: |sc xm| <= 128 * 32 fits i16, a lane's sum
             # < 2^31 (8 steps of 2 pairs of 16002 * 4096, and the zero point's 2 * 32 * 2032 * 4096)
             words = _load(context, builder, dty, d, b, SUPER)  # <8 x i16>
             t = builder.lshr(b, ir.Constant(b.type, 3))  # the super-block
@@ -643,7 +646,7 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
             mult = _load(context, builder, xmty, xm, b, SUPER)  # <8 x i16> x's multipliers, 1..XM
             i16x16 = _vec(ir.IntType(16), 16)
             if k4:
-                super_scales(b)  # the mins
+                add_mins(b, words, dd)
                 sc = builder.mul(builder.and_(words, ir.Constant(words.type, [255] * SUPER)), mult)
                 per = 16  # i16 lanes (pairs of products) a scale
             else:
