@@ -248,8 +248,14 @@ class KernelModel:
         net = TorchModel(self.c, self.batched_tensors, self.n_ctx, dequant_rows=self.dequant_rows,
                          kv=(self.k_cache, self.v_cache))
         net.alias = {}
-        net.x8 |= {k: 256 for k, m in self.mats.items() if m.qtype in K.SUPER_TYPES}  # 8-bit x a super-block, as
-        # their decode steps
+        for i in range(self.c.n_layer):  # 8-bit x a super-block where a decode step rounds it so: a K-quant's, and
+            # that of the matrices that share its x
+            for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"), ("attn_output",), ("ffn_down",)):
+                names = [blk(i, n) for n in group if blk(i, n) in self.mats]
+                if K.x_blocks(*(self.mats[n] for n in names)) > 1:
+                    net.x8.update(dict.fromkeys(names, 256))
+        if self.lm_head.qtype in K.SUPER_TYPES:
+            net.x8["output.weight"] = 256
         return net
 
     def dequant_rows(self, name: str, r0: int, r1: int):

@@ -113,6 +113,7 @@ PARTS = {QT.Q8_0: ((2, 34, np.int8), (0, 2, np.uint16), None, None),
 SUPER_TYPES = (QT.Q6_K, QT.Q3_K, QT.Q2_K, QT.Q4_K, QT.Q5_K)
 SUPER = 8  # blocks a super-block of SUPER_TYPES (their rows are whole super-blocks)
 XM = 32  # int8 x of the K-quants' integer sums: a block's scale is 1..XM times its super-block's unit (`_prep_x`)
+assert 128 * XM < 2**15 and 8 * 2 * 16002 * 128 * XM + 32 * 2 * 2032 * 128 * XM < 2**31  # int16 scales, int32 sums
 KERNEL_TYPES = (QT.F32, QT.F16) + BLOCK_TYPES + SUPER_TYPES  # what the kernels read; anything else (BF16) is widened
 
 
@@ -580,14 +581,14 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
     values of x, xl, with int x; `_scale_mins`: Q4_K, Q5_K, whose mins multiply xl, x's float32 block sums). x f32,
     or int8/int16 with per-block scales xd (one more factor xd[b]; unused for f32 x); xm None, or (K-quants, int8
     x: `int_super`) x's multiples of a unit a super-block, xd[t] then super-block t's unit and xl, for Q6_K, Q3_K
-    and Q2_K, x's int16 sums over each half-block. Vector accumulators (two,
-    alternating blocks) and one horizontal sum per row, not one per block. With vnni512 and int8 or int16 x, a step
-    takes two blocks in 512-bit vectors (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns,
-    of 1536 against int16 x 148.9 -> 107.6 ns); an odd last block goes alone. Per-16 kinds with int x take their
-    quants unsigned, as stored, and the zero point z through xl (x's lane sums, `_prep_x`): each block's integer dot
-    product starts from -z times them, so sum (q - z) x costs no more than sum q x (subtracting z from the quants
-    made them signed: 4 more instructions a block). Their rows are whole super-blocks, whose 16 scales (times x's)
-    are computed together, then taken a step at a time."""
+    and Q2_K, x's int16 sums over each half-block. Vector accumulators (two, alternating blocks) and one horizontal
+    sum per row, not one per block. With vnni512 and int8 or int16 x, a step takes two blocks in 512-bit vectors
+    (one Xeon core, in cache: a Q4_1 row of 576 against int8 x 28.6 -> 22.8 ns, of 1536 against int16 x 148.9 ->
+    107.6 ns); an odd last block goes alone. Per-16 kinds with int x take their quants unsigned, as stored, and the
+    zero point z through xl (x's lane sums, `_prep_x`; with xm, its half-block sums, once a super-block:
+    `int_super`): each block's integer dot product starts from -z times them, so sum (q - z) x costs no more than
+    sum q x (subtracting z from the quants made them signed: 4 more instructions a block). Their rows are whole
+    super-blocks, whose 16 scales (times x's) are computed together, then taken a step at a time."""
     if not (_is_row(q, (types.int8, types.uint8, types.uint64)) and _high_ok(hb)
             and _is_row(d, (types.uint16,)) and (mn is types.none or _is_row(mn, (types.uint32,)))
             and _is_row(x, (types.float32, types.int8, types.int16)) and _is_row(xd, (types.float32,))
@@ -893,21 +894,23 @@ def _prefetch(typingctx, a, i):
 
 # ---------------------------------------------------------------------------------------------------------
 # Per-row helpers. A weight W = (w, d, m, h) as in KMatrix.W: d = m = h = None for F32/F16, m None but for
-# Q4_1/Q5_1/Q2_K, h None but for Q5_0/Q5_1/Q6_K/Q3_K; the prepared x X = (xs, xq, xd, xqs, xl) from _prep_x. The layout
-# is chosen at typing time (one compiled version per combination) and the helpers are inlined into the kernels.
+# Q4_1/Q5_1/Q2_K, h None but for Q5_0/Q5_1/Q6_K/Q3_K; the prepared x X = (xs, xq, xd, xqs, xl, xh, xm, xu) from
+# _prep_x. The layout is chosen at typing time (one compiled version per combination) and the helpers are inlined
+# into the kernels.
 
 @njit(inline="always", **_SERIAL)
 def _prep_x(x, X, per=1):
     """Into X = (xs, xq, xd, xqs, xl, xh, xm, xu), per 32-block of x (nothing for nb = 0): exact sum xs, quants xq
     with scale xd, xqs = xd * sum xq, xl the sums of xq's quads (xl[8 b + l] = xq[32 b + 4 l] + ... +
-    xq[32 b + 4 l + 3]: lane l of the block's integer dot product, see `_dot_row`'s zero points) and xh those of its
-    halves (xh[2 b + h] over xq[32 b + 16 h..]). xq int8 (|xq| <= 127, never -128: the int8 products of `_i8_dot`
-    rely on it) or int16 (|xq| <= 32767); the scale amax / top of the block (top 127 or 32767), or with per = 8
-    (`_x_per`: x of the K-quants' integer sums) a whole multiple xm of a unit xu shared by the super-block of 8
-    blocks: xu = A / (XM top) with A the super-block's amax, xm = ceil(XM amax / A), 1..XM, so one integer sum runs
-    over the super-block (ggml's Q8_K takes one scale for 256 values: 1.2x the error on normal x, measured). A
-    block (a super-block with per = 8) below 1e-30 in size quantizes to 0s (top / amax would overflow); NaN and
-    inf to 0, sum included (an int32 conversion of NaN is INT_MIN, whose low bits the stored quant keeps: 0)."""
+    xq[32 b + 4 l + 3]: lane l of the block's integer dot product, see `_dot_row`'s zero points) and xh those of
+    its halves (xh[2 b + h] over xq[32 b + 16 h..]; int8 xq only). xq int8 (|xq| <= 127, never -128: the int8
+    products of `_i8_dot` rely on it) or int16 (|xq| <= 32767). The scale: amax / top of the block (top 127 or
+    32767), or with per = 8 (`_x_per`: x of the K-quants' integer sums) a whole multiple xm of a unit xu shared by
+    the super-block of 8 blocks: xu = A / (XM top) with A the super-block's amax, xm = ceil(XM amax / A), 1..XM,
+    so one integer sum runs over the super-block (ggml's Q8_K takes one scale for 256 values: 1.2x the error on
+    normal x, measured). A block (with per = 8, a super-block) below 1e-30 in size quantizes to 0s (top / amax
+    would overflow), a super-block past 3e38 in steps of A / top (xm = XM); NaN and inf to 0 (with per = 8, their
+    super-block), sum included (an int32 conversion of NaN is INT_MIN, whose low bits the stored quant keeps: 0)."""
     xs, xq, xd, xqs, xl, xh, xm, xu = X
     top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
     for g in range(0, xs.size, per):
@@ -929,7 +932,7 @@ def _prep_x(x, X, per=1):
                 scale = amax / top
                 inv = top / amax if amax > np.float32(1e-30) else np.float32(0.0)
             else:
-                m = np.float32(1.0)
+                m = np.float32(XM)  # a super-block past 3e38 (8-bit steps of big / 127), inf or NaN (0s)
                 if big > np.float32(1e-30) and big <= np.float32(3e38):
                     m = min(np.float32(XM), max(np.float32(1.0), np.ceil(np.float32(XM) * amax / big)))
                 xm[b] = np.int16(m)
@@ -945,8 +948,9 @@ def _prep_x(x, X, per=1):
                 o4 = o + 4 * lane
                 xl[8 * b + lane] = (np.int32(xq[o4]) + np.int32(xq[o4 + 1]) + np.int32(xq[o4 + 2])
                                     + np.int32(xq[o4 + 3]))
-            xh[2 * b] = xl[8 * b] + xl[8 * b + 1] + xl[8 * b + 2] + xl[8 * b + 3]
-            xh[2 * b + 1] = xl[8 * b + 4] + xl[8 * b + 5] + xl[8 * b + 6] + xl[8 * b + 7]
+            if xq.itemsize == 1:  # (int16 x would overflow them; no kernel reads them there)
+                xh[2 * b] = xl[8 * b] + xl[8 * b + 1] + xl[8 * b + 2] + xl[8 * b + 3]
+                xh[2 * b + 1] = xl[8 * b + 4] + xl[8 * b + 5] + xl[8 * b + 6] + xl[8 * b + 7]
             xs[b] = s
             xd[b] = scale
             xqs[b] = scale * np.float32(qsum)

@@ -38,8 +38,8 @@ def ffn_activation(g: torch.Tensor, u: torch.Tensor | None, act: str, t: float) 
 
 def quantize_rows_q8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """x rounded as ggml rounds activations before a quantized dot product: int8 per block of 32 with an fp16 scale
-    (Q8_0); block 256 (the K-quants): as the kernels round it for their integer sums, each block's scale a whole
-    multiple, 1..32, of its 256 values' amax / (32 * 127) (`kernels._prep_x`)."""
+    (Q8_0); block 256 (the K-quants): as the kernels round it for their integer sums (to an ulp of a scale), each
+    block's scale a whole multiple, 1..32, of its 256 values' amax / (32 * 127) (`kernels._prep_x`)."""
     xb = x.unflatten(-1, (-1, 32))  # (..., n/32, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     if block == 256:

@@ -80,22 +80,30 @@ def hot_part_error(model, hot: list[np.ndarray], device: str) -> float:
 
 def test_stage_x_rounds_as_the_kernels_do():
     """The hot part's x, rounded on the CPU (stage_x), is the kernels' own 8-bit x to the bit: the values their
-    x scratch holds after a matvec on a block-quantized matrix (q times the block's scale); unrounded for F16."""
+    x scratch holds after a matvec on a block-quantized matrix (q times the block's scale; a K-quant's scales are
+    multiples of a unit a super-block: `kernels.x_blocks`); unrounded for F16 (per 0)."""
     from engine import kernels as K
     from engine.hybrid import stage_x
     from engine.qtensor import QTensor
+    from tests.test_kernels import super_source
     rng = np.random.default_rng(3)
-    w = K.prepare(QTensor.from_float(rng.standard_normal((8, 576)), QT.Q8_0))
-    X = tuple(np.zeros_like(a) for a in w.X)
-    for scale in (1e-3, 1.0, 300.0):
-        x = (rng.standard_normal(576) * scale).astype(np.float32)
-        K.matvec(w, x, np.zeros(8, np.float32))
-        _, xq, xd, _, _ = w.X
-        got = np.zeros(576, np.float32)
-        stage_x(x, X, True, got)
-        assert np.array_equal(got, xq.astype(np.float32) * np.repeat(xd, 32)) and not np.array_equal(got, x)
-        stage_x(x, X, False, got)
-        assert np.array_equal(got, x)
+    for qtype in (QT.Q8_0, QT.Q4_K):
+        qt = super_source(rng, 8, 512, qtype) if qtype == QT.Q4_K else QTensor.from_float(
+            rng.standard_normal((8, 512)), qtype)
+        w = K.prepare(qt)
+        per = K.x_blocks(w)
+        assert per == (8 if qtype == QT.Q4_K else 1)
+        X = tuple(np.zeros_like(a) for a in w.X)
+        for scale in (1e-3, 1.0, 300.0):
+            x = (rng.standard_normal(512) * scale).astype(np.float32)
+            x[:64] *= np.float32(0.01)  # (two blocks of a K-quant's x well under their super-block's unit's 32)
+            K.matvec(w, x, np.zeros(8, np.float32))
+            xq, xd = w.X[1], w.X[2]
+            got = np.zeros(512, np.float32)
+            stage_x(x, X, per, got)
+            assert np.array_equal(got, xq.astype(np.float32) * np.repeat(xd, 32)) and not np.array_equal(got, x)
+            stage_x(x, X, 0, got)
+            assert np.array_equal(got, x)
 
 
 def test_hot_part_of_a_plain_ffn(tmp_path):

@@ -130,6 +130,24 @@ def test_matvec_of_a_block_too_small_to_scale(qtype, rng):
     assert rel(out, ref @ x) < INT8_TOL
 
 
+def test_k_quant_x_of_tiny_and_huge_super_blocks(rng):
+    """x for the K-quants' integer sums (`_prep_x` with per 8): a super-block under 1e-30 quantizes to 0s, one near
+    float32's largest values to its 8-bit steps (its multiples at 32: 1 made quants of 4064, wrapped in int8), a
+    small block in an ordinary super-block to a small multiple of the unit."""
+    w = K.prepare(super_source(rng, 4, 768, QT.Q4_K))
+    x = rng.standard_normal(768).astype(np.float32)
+    x[:256] *= np.float32(1e-36)
+    x[256:512] = np.float32(3.2e38) * np.sign(x[256:512])
+    x[512:544] *= np.float32(0.01)
+    K._prep_x(x, w.X, 8)
+    xq, xd, xm, xu = w.X[1].astype(np.float64), w.X[2], w.X[6], w.X[7]
+    assert not xq[:256].any() and np.abs(xq).max() == 127
+    np.testing.assert_allclose(xq[256:512] * np.repeat(xd[8:16], 32), x[256:512], rtol=1e-6)
+    assert xm[8] == K.XM and 1 <= xm[16] < 4 and xm[17:].max() == K.XM and xu[2] == np.abs(x[512:]).max() / 4064
+    step = np.repeat(xd[16:], 32)
+    assert (np.abs(xq[512:] * step - x[512:]) <= step / 2 * 1.001).all() and step[0] < 4 * xu[2]
+
+
 def q8_with_min_quants(rng, rows: int, cols: int) -> QTensor:
     """A random Q8_0 matrix with some quants at -128 (no quantizer writes them; a file may hold them)."""
     qt = QTensor.from_float(rng.standard_normal((rows, cols)).astype(np.float32), QT.Q8_0)
@@ -188,7 +206,7 @@ for qtype in K.BLOCK_TYPES + K.SUPER_TYPES:
         if qtype in K.SUPER_TYPES:  # their integer sums against x quantized per super-block
             e = rel(out, qt.dequantize().astype(np.float64) @ int8_x(x, True))
             emulated[qtype.name] = max(emulated.get(qtype.name, 0.0), e)
-        _rows_dot(km.W, x, km.X16, out)  # rows against 16-bit x: the dense FFN's down @ h
+        _rows_dot(km.W, x, km.X16, out)  # rows against 16-bit x: the dense FFN's down @ h (but a K-quant's)
         errors16[qtype.name] = max(errors16.get(qtype.name, 0.0), rel(out, ref))
 asm = "\\n".join(K._k_matvec.inspect_asm().values()) if sys.argv[1] != "generic" else ""
 asm16 = "\\n".join(_rows_dot.inspect_asm().values()) if sys.argv[1] != "generic" else ""
@@ -395,8 +413,8 @@ def test_super_types(qtype, rng):
     scale and min each, all with the super-block's d (and dmin) once: the values gguf-py dequantizes (to the bit but
     for a zero's sign) (the axpy path reads them), in 6.625, 3.625, 2.625, 4.625 and 5.625 bits a weight (6.5625,
     3.4375, 2.625, 4.5 and 5.5 stored); matvec exact, and with int8 x against the emulated int8 x at float32
-    rounding; row subsets; 16-bit x (the dense FFN's down @ h); an FFN whose gate, up and down are of the type,
-    through down_t (sparse) and through the stored down (dense)."""
+    rounding; row subsets; 16-bit x (what a block type's down @ h takes in the dense FFN; a K-quant's takes 8-bit h);
+    an FFN whose gate, up and down are of the type, through down_t (sparse) and through the stored down (dense)."""
     qt = super_source(rng, 37, 512, qtype)
     w, ref = K.prepare(qt), qt.dequantize().astype(np.float64)
     block = {QT.Q6_K: 26.5, QT.Q3_K: 14.5, QT.Q2_K: 10.5, QT.Q4_K: 18.5, QT.Q5_K: 22.5}[qtype]  # bytes a block of 32
@@ -425,7 +443,7 @@ def test_super_types(qtype, rng):
     x = (rng.standard_normal(256) / 16).astype(np.float32)
     for name, active in {"all (None)": None, **row_sets(rng, 512)}.items():
         for exact in (True, False):
-            bound = tol(qtype, exact) * (1 if exact else 2)  # int8 x in gate and up, 16-bit h in down
+            bound = tol(qtype, exact) * (1 if exact else 2)  # int8 x in gate and up, and 8-bit h in down
             sparse, dense = np.full(256, np.nan, np.float32), np.full(256, np.nan, np.float32)
             K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, sparse, active, exact=exact)
             K.ffn(gate, up, down_t, x, K.ACT_SILU, 0.0, dense, active, exact=exact, down=K.prepare(down))
