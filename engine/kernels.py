@@ -449,9 +449,7 @@ def _i8_dot(builder, signed, qv, xv, per16=False, init=None):
     i16x16 = _vec(ir.IntType(16), 16)
     maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16x16, [i8s, i8s]),
                                              "llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16x16, i16x16]),
-                                            "llvm.x86.avx2.pmadd.wd")
-    out = builder.call(maddwd, [builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16)])
+    out = _pair_dot(builder, builder.call(maddubs, [qv, xv]), ir.Constant(i16x16, [1] * 16))
     return out if init is None else builder.add(out, init)
 
 
@@ -500,13 +498,12 @@ def _scaled_dot(builder, qv, xv, sv, acc):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i32s, i32s, i32s]),
                                             f"llvm.x86.avx512.vpdpwssd.{256 * n}")
         return builder.call(fn, [acc, builder.bitcast(p, i32s), builder.bitcast(sv, i32s)])
-    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32s, [i16s, i16s]),
-                                            "llvm.x86.avx2.pmadd.wd")
-    return builder.add(acc, builder.call(maddwd, [p, sv]))
+    return builder.add(acc, _pair_dot(builder, p, sv))
 
 
 def _pair_dot(builder, a, b):
-    """<8 x i32>: a_2k b_2k + a_2k+1 b_2k+1 of two <16 x i16> (vpmaddwd on x86)."""
+    """<8 x i32>: a_2k b_2k + a_2k+1 b_2k+1 of two <16 x i16> (vpmaddwd on x86; the AVX2 int8 products' second
+    step)."""
     if ISA == "generic":
         p = builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16)))
         return builder.add(*(builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, 8), list(range(o, 16, 2))))
@@ -672,21 +669,21 @@ def _dot_row(typingctx, q, hb, d, mn, x, xd, xl, xm):
             dv = _f16_pair(builder, dd)
             xs = builder.load(_ptr(context, builder, xdty, xd, t))  # x's unit
 
+            def wide(iv):  # <8 n x i32>: <8 x i32> iv, zeros above
+                return iv if n == 1 else builder.shuffle_vector(iv, ir.Constant(iv.type, None), ir.Constant(
+                    _vec(_I32, 8 * n), [min(i, 8) for i in range(8 * n)]))
+
             def add(iv, h):  # acc += float(iv) * d (h 0) or dmin (h 1) * x's scale
                 f = builder.fmul(builder.extract_element(dv, ir.Constant(_I32, h)), xs, flags=_FAST)
-                if iv.type.count < 8 * n:
-                    iv = builder.shuffle_vector(iv, ir.Constant(iv.type, None), ir.Constant(
-                        _vec(_I32, 8 * n), [i if i < iv.type.count else iv.type.count for i in range(8 * n)]))
                 upd = builder.fmul(builder.sitofp(iv, _vec(_F32, 8 * n)), _splat(builder, f, 8 * n), flags=_FAST)
                 builder.store(builder.fadd(builder.load(accs[0]), upd, flags=_FAST), accs[0])
             if per16:
                 xh = _load(context, builder, xlty, xl, builder.shl(b, ir.Constant(b.type, 1)), 16)  # <16 x i16>
                 if kind in ZERO:
                     z = builder.mul(_pair_dot(builder, xh, sc), ir.Constant(_vec(_I32, 8), [-ZERO[kind]] * 8))
-                    isum = builder.add(isum, z) if n == 1 else builder.add(isum, builder.shuffle_vector(
-                        z, ir.Constant(z.type, None), ir.Constant(_vec(_I32, 16), list(range(8)) + [8] * 8)))
+                    isum = builder.add(isum, wide(z))
                 if kind == "q2":
-                    add(builder.sub(ir.Constant(_vec(_I32, 8), None), _pair_dot(builder, xh, mv)), 1)
+                    add(wide(builder.sub(ir.Constant(_vec(_I32, 8), None), _pair_dot(builder, xh, mv))), 1)
             add(isum, 0)
 
         def spread(v, k, w, j):  # <w x f32> from <16 x f32> one value a half-block: lanes w / (2 k) apart a value,
