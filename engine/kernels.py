@@ -1146,6 +1146,14 @@ def _prefetch_next(W, rows, j, n):
         _row_prefetch(W, np.int64(rows[j + PREFETCH]))
 
 
+@njit(inline="always", **_SERIAL)
+def _prefetch_first(W, rows, j0, j1):
+    """Hint rows rows[j0:j0 + PREFETCH] of W (those below j1) into cache: a thread's first gathered rows, which
+    `_prefetch_next` fetches for no one (2 threads, SmolLM2's sparse FFN at 90%: 12.5 -> 11.7 us a layer)."""
+    for j in range(j0, min(j0 + PREFETCH, j1)):
+        _row_prefetch(W, np.int64(rows[j]))
+
+
 @overload(_row_prefetch, inline="always")
 def _row_prefetch_impl(W, r):
     if isinstance(W, types.NoneType):  # no gate
@@ -1256,6 +1264,10 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False
         acc, h = part[t], hs[t]  # (n_embd,), (n_ff,)
         acc[:] = 0.0
         j0, j1 = t * n // nt, (t + 1) * n // nt
+        if active is not None:
+            _prefetch_first(G, active, j0, j1)
+            _prefetch_first(U, active, j0, j1)
+            _prefetch_first(D, active, j0, j1)
         for j in range(j0, j1):
             if active is not None:
                 _prefetch_next(G, active, j, j1)
@@ -1326,6 +1338,7 @@ def _k_ffn_scored(G, U, DT, D, x, act, threshold, norms, t, dense_from, ids, h, 
         acc = part[q]  # (n_embd,)
         acc[:] = 0.0
         j0, j1 = q * n // nt, (q + 1) * n // nt
+        _prefetch_first(DT, ids, j0, j1)
         for j in range(j0, j1):
             _prefetch_next(DT, ids, j, j1)
             _row_axpy(DT, np.int64(ids[j]), h[ids[j]], acc)
