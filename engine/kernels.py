@@ -90,7 +90,8 @@ from engine.qtensor import AS_NATIVE, QTensor
 ACT_SILU, ACT_RELU, ACT_FATRELU, ACT_DRELU = 0, 1, 2, 3  # FFN activation codes
 
 BLOCK = 32  # weights per block, for every block type here
-PREFETCH = 4  # the sparse FFN fetches the rows of the neuron this many places ahead (into L2)
+PREFETCH = 4  # the sparse FFN fetches the rows of the neuron this many places ahead (into L2), a thread's first
+# this many before its loop
 AHEAD = 4096  # bytes: loops over consecutive rows fetch the row about this far ahead (into L2)
 DENSE_FROM = 0.75  # ffn with `down`: active sets of at least this share of n_ff go through the untransposed down
 BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
@@ -1257,8 +1258,8 @@ def _k_ffn(G, U, D, x, act, threshold, active, out, X, part, hs, nt, exact=False
     """out = sum_{i in active} h_i * D[i]; each of nt threads takes a slice of the neurons, first computing their
     h into its row of hs, then summing their down rows into its row of part. Two passes, not one per neuron:
     the dot products of one pass do not wait on each other. Scattered rows are latency bound, so the first pass
-    fetches all three rows of the neuron PREFETCH places ahead (the second finds its down rows in L2), and the
-    second fetches ahead again in case they left."""
+    fetches all three rows of the neuron PREFETCH places ahead (the second finds its down rows in L2), the slice's
+    first PREFETCH neurons before it (`_prefetch_first`), and the second fetches ahead again in case they left."""
     _prep_x(x, X, max(_x_per(G, X), _x_per(U, X)))
     n = U[0].shape[0] if active is None else active.size
     for t in prange(nt):
