@@ -1581,9 +1581,9 @@ def ffn(gate: KMatrix | None, up: KMatrix, down_t: KMatrix | None, x: np.ndarray
     fastest); exact as in matvec, for the gate and up rows (and down).
     down: the untransposed ffn_down (n_embd, n_ff); given it, all-active and dense active sets (DENSE_FROM) compute
     h and then down @ h with h in 16 bits per block (a K-quant down: 8 bits, its integer sums), f32 if exact
-    (fewer bytes than down_t's Q8_0 rows when down is
-    block-quantized); down_t may be None then. nt: the slices of a sparse active set, one a thread (default:
-    numba's thread count, which costs a microsecond to ask; any nt gives the same result up to summation order)."""
+    (fewer bytes than down_t's Q8_0 rows when down is block-quantized); down_t may be None then. nt: the slices of
+    a sparse active set, one a thread (default: numba's thread count, which costs a microsecond to ask; any nt gives
+    the same result up to summation order)."""
     _check(x, up.cols, "x")
     _check(out, up.cols, "out")
     ffn_runner(gate, up, down_t, act, threshold, down, nt, exact)(x, out, active)
